@@ -1,0 +1,1 @@
+"""Benchmarks: each writes JSON and updates docs/benchmarks.md."""

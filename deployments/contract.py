@@ -1,0 +1,171 @@
+"""The frame-batch contract between an SFU bridge and a codec replica.
+
+A bridge sends ONE `FrameBatch` per tick per replica carrying every frame it has for that
+replica's streams; the replica answers with one `BatchResult` giving every frame exactly one
+outcome: `ai` (codes for encode, PCM for decode) or `fallback` with a `FallbackReason`.
+
+Arrays are numpy, column-wise (one array per field, B rows) so that a batch of thousands of
+frames pickles as a handful of buffers, never one object per frame.
+
+Epoch rule (see docs/protocol.md): encoder and decoder state of a stream advance together.
+Each frame carries its stream's `epoch` and `epoch_seq` (0 = first frame of that epoch). A
+replica resets a stream's slot when it sees a new epoch; a frame that would continue an
+epoch the replica does not hold (after a restart or a move) is answered `fallback/reset`, and
+the bridge starts a new epoch. Any fallback of a stream makes the bridge start a new epoch on
+its next frame, so no decoder ever runs on a state that its encoder did not produce.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SAMPLE_RATE = 24_000
+FRAME_SAMPLES = 320  # one EnCodec frame (hop) at 24 kHz = 13.33 ms
+CHUNK_SAMPLES = 960  # one bridge chunk: 40 ms = 3 EnCodec frames
+CHUNK_FRAMES = CHUNK_SAMPLES // FRAME_SAMPLES
+CODEBOOK_SIZE = 1024
+BANDWIDTHS_KBPS = (1.5, 3.0, 6.0, 12.0, 24.0)
+
+
+class Op(str, enum.Enum):
+    ENCODE = "encode"
+    DECODE = "decode"
+
+
+class Outcome(str, enum.Enum):
+    AI = "ai"
+    FALLBACK = "fallback"
+
+
+class FallbackReason(str, enum.Enum):
+    DEADLINE = "deadline"  # could not (or did not) finish before the frame's deadline
+    OVERLOAD = "overload"  # no slot / queue full on the replica
+    ERROR = "error"  # bad frame or model error
+    UNHEALTHY = "unhealthy"  # supervisor turned AI off for the stream
+    OPTED_OUT = "opted_out"  # the user opted out: never touches the AI
+    RESET = "reset"  # the replica does not hold this epoch's state; start a new epoch
+    RATE_LIMITED = "rate_limited"  # reserved for control-plane limits
+
+
+# Compact wire codes for outcome arrays (uint8): 0 = ai, 1.. = fallback reasons in order.
+REASON_CODES: tuple[FallbackReason, ...] = tuple(FallbackReason)
+AI_CODE = 0
+
+
+def reason_code(reason: FallbackReason) -> int:
+    return REASON_CODES.index(reason) + 1
+
+
+def decode_reason(code: int) -> FallbackReason | None:
+    return None if code == AI_CODE else REASON_CODES[code - 1]
+
+
+def bandwidth_codebooks(bandwidth_kbps: float) -> int:
+    """Number of RVQ codebooks for a bandwidth: 1.5 kbps = 2 books of 10 bits at 75 Hz."""
+    if bandwidth_kbps not in BANDWIDTHS_KBPS:
+        raise ValueError(f"bandwidth {bandwidth_kbps} kbps not in {BANDWIDTHS_KBPS}")
+    return int(round(bandwidth_kbps * 1000 / (75 * 10)))
+
+
+@dataclass
+class FrameBatch:
+    """All frames one bridge sends one replica in one tick (B rows)."""
+
+    op: Op
+    bridge_id: str
+    stream_ids: list[str]  # [B], unique within a batch
+    epochs: np.ndarray  # int64 [B]
+    epoch_seqs: np.ndarray  # int64 [B]; 0 = first frame of the epoch
+    deadlines: np.ndarray  # float64 [B], absolute time.time() seconds
+    sent_at: float  # time.time() when the bridge sent the batch
+    pcm: np.ndarray | None = None  # encode: float32 or int16 [B, T], T % 320 == 0
+    codes: np.ndarray | None = None  # decode: int [B, n_q, F]
+    bandwidth_kbps: float = 6.0
+
+    def __len__(self) -> int:
+        return len(self.stream_ids)
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first problem; a replica answers it per frame."""
+        b = len(self.stream_ids)
+        if not isinstance(self.op, Op):
+            raise ValueError(f"unknown op {self.op!r}; expected one of {[o.value for o in Op]}")
+        if len(set(self.stream_ids)) != b:
+            raise ValueError("duplicate stream id in one batch")
+        for name in ("epochs", "epoch_seqs", "deadlines"):
+            arr = getattr(self, name)
+            if not isinstance(arr, np.ndarray) or arr.shape != (b,):
+                raise ValueError(f"{name} must be an array of shape ({b},)")
+        bandwidth_codebooks(self.bandwidth_kbps)
+        if self.op is Op.ENCODE:
+            pcm = self.pcm
+            if not isinstance(pcm, np.ndarray) or pcm.ndim != 2 or pcm.shape[0] != b:
+                raise ValueError(f"encode needs pcm of shape ({b}, T)")
+            if pcm.dtype not in (np.float32, np.int16):
+                raise ValueError(f"pcm dtype must be float32 or int16, got {pcm.dtype}")
+            if pcm.shape[1] == 0 or pcm.shape[1] % FRAME_SAMPLES:
+                raise ValueError(f"pcm length {pcm.shape[1]} is not a multiple of {FRAME_SAMPLES}")
+        else:
+            codes = self.codes
+            if not isinstance(codes, np.ndarray) or codes.ndim != 3 or codes.shape[0] != b:
+                raise ValueError(f"decode needs codes of shape ({b}, n_q, F)")
+            if not np.issubdtype(codes.dtype, np.integer):
+                raise ValueError(f"codes must be integers, got {codes.dtype}")
+
+    def pcm_float(self) -> np.ndarray:
+        """PCM as float32 in [-1, 1] (int16 input is scaled by 1/32768)."""
+        assert self.pcm is not None
+        if self.pcm.dtype == np.int16:
+            return self.pcm.astype(np.float32) / 32768.0
+        return self.pcm
+
+
+@dataclass
+class BatchResult:
+    """One outcome per frame of a `FrameBatch`, in the same row order."""
+
+    stream_ids: list[str]
+    outcome_codes: np.ndarray  # uint8 [B]: 0 = ai, else reason_code(reason)
+    epochs: np.ndarray  # int64 [B], echoed
+    queue_ms: np.ndarray  # float32 [B]: arrival at replica -> compute start (or decision)
+    compute_ms: np.ndarray  # float32 [B]: compute time of the step the frame ran in (0 if none)
+    codes: np.ndarray | None = None  # encode: int16 [B, n_q, F]; rows valid where ai
+    pcm: np.ndarray | None = None  # decode: float32 [B, T]; rows valid where ai
+    replica_id: str = ""
+    errors: dict[str, str] = field(default_factory=dict)  # stream id -> message for `error`
+
+    def __len__(self) -> int:
+        return len(self.stream_ids)
+
+    def outcome(self, i: int) -> tuple[Outcome, FallbackReason | None]:
+        reason = decode_reason(int(self.outcome_codes[i]))
+        return (Outcome.AI, None) if reason is None else (Outcome.FALLBACK, reason)
+
+    def counts(self) -> dict[str, int]:
+        """Frames by outcome key: 'ai' or 'fallback/<reason>'."""
+        out: dict[str, int] = {}
+        codes, n = np.unique(self.outcome_codes, return_counts=True)
+        for c, k in zip(codes.tolist(), n.tolist()):
+            r = decode_reason(c)
+            out["ai" if r is None else f"fallback/{r.value}"] = k
+        return out
+
+    @classmethod
+    def all_fallback(
+        cls, batch: FrameBatch, reason: FallbackReason, replica_id: str = "", error: str = ""
+    ) -> BatchResult:
+        b = len(batch.stream_ids)
+        res = cls(
+            stream_ids=list(batch.stream_ids),
+            outcome_codes=np.full(b, reason_code(reason), np.uint8),
+            epochs=np.asarray(batch.epochs, np.int64).copy() if len(batch.epochs) == b else np.zeros(b, np.int64),
+            queue_ms=np.zeros(b, np.float32),
+            compute_ms=np.zeros(b, np.float32),
+            replica_id=replica_id,
+        )
+        if error:
+            res.errors = {s: error for s in batch.stream_ids}
+        return res
