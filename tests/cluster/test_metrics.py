@@ -1,0 +1,137 @@
+"""Metrics: local registry semantics, real Ray export to Prometheus, Grafana dashboard names."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cluster import metrics as m
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "cluster" / "grafana" / "auralink.json"
+
+
+@pytest.fixture()
+def local() -> m.LocalRegistry:
+    reg = m.local_registry()
+    reg.clear()
+    yield reg
+    reg.clear()
+
+
+def test_frames_by_outcome_and_reason(local: m.LocalRegistry) -> None:
+    m.record_frames("encode", {"ai": 7, "fallback/deadline": 2, "fallback/overload": 0})
+    m.record_frame_outcome("encode", "fallback", "deadline")
+    assert local.counter(m.FRAMES, op="encode", outcome="ai") == 7
+    assert local.counter(m.FRAMES, op="encode", outcome="fallback", reason="deadline") == 3
+    # zero counts create no series (Ray counters reject 0 increments)
+    assert local.counter(m.FRAMES, reason="overload") == 0
+    assert local.counter(m.FRAMES) == 10
+
+
+def test_bad_outcome_key_and_tags_rejected(local: m.LocalRegistry) -> None:
+    with pytest.raises(ValueError, match="is not 'ai' or 'fallback/<reason>'"):
+        m.record_frames("encode", {"dropped": 1})
+    with pytest.raises(ValueError, match=r"takes tags \['op'\]"):
+        local.inc(m.SPECS[m.BATCH_SIZE], 1, {"op": "encode", "x": "y"})
+    with pytest.raises(ValueError, match="not a valid HintVerdict"):
+        m.record_hints("lost")
+
+
+def test_histogram_buckets_and_gauges(local: m.LocalRegistry) -> None:
+    for ms in (0.2, 4.0, 4.5, 1000.0):
+        m.observe_step_latency("decode", ms, device="cuda")
+    m.observe_deadline_slack("encode", [5.0, -1.0])  # the miss is not a slack sample
+    m.set_slots("replica-a", 12, 64)
+    m.set_slots("replica-a", 10, 64)
+    snap = local.snapshot()
+    h = snap["histograms"]["auralink_step_latency_ms,op=decode,device=cuda"]
+    assert h["count"] == 4 and h["buckets"][0] == 1 and h["buckets"][-1] == 1
+    assert h["buckets"][m._LATENCY_MS.index(5)] == 2
+    assert local.histogram_count(m.DEADLINE_SLACK, op="encode") == 1
+    assert local.gauge(m.SLOTS_IN_USE, replica="replica-a") == 10
+    assert json.loads(json.dumps(snap)) == snap
+
+
+def test_hints_and_wire_bytes(local: m.LocalRegistry) -> None:
+    m.record_hints(m.HintVerdict.LIMITED, 5)
+    m.record_hints("forged")
+    m.record_hints("replayed", 0)
+    m.record_wire_bytes(m.WirePath.AI, 60)
+    m.record_wire_bytes("native", 160)
+    assert local.counter(m.HINTS, verdict="limited") == 5
+    assert local.counter(m.HINTS, verdict="forged") == 1
+    assert local.counter(m.HINTS, verdict="replayed") == 0
+    assert local.counter(m.WIRE_BYTES, path="ai") == 60
+    assert local.counter(m.WIRE_BYTES, path="native") == 160
+
+
+def _dashboard_metric_names() -> set[str]:
+    text = DASHBOARD.read_text()
+    return set(re.findall(r"\bray_auralink_[a-z_]+", text))
+
+
+def test_grafana_dashboard_uses_only_defined_metrics() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    panels = [p for p in dash["panels"] if p.get("type") != "row"]
+    assert panels, "dashboard has no panels"
+    exported = m.prometheus_names()
+    for panel in panels:
+        exprs = [t["expr"] for t in panel.get("targets", [])]
+        assert exprs, f"panel {panel['title']!r} has no query"
+        for expr in exprs:
+            names = set(re.findall(r"\bray_auralink_[a-z_]+", expr))
+            assert names, f"panel {panel['title']!r} queries no AuraLink metric: {expr}"
+            assert names <= exported, f"{panel['title']!r}: unknown {sorted(names - exported)}"
+    # every issue-listed metric family is on the dashboard
+    used = _dashboard_metric_names()
+    for name in (m.FRAMES, m.STEP_LATENCY, m.BATCH_SIZE, m.SLOTS_IN_USE, m.HINTS, m.WIRE_BYTES):
+        assert set(m.SPECS[name].prometheus_names()) & used, f"{name} not charted"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+def test_ray_exports_metrics_to_prometheus(local: m.LocalRegistry) -> None:
+    ray = pytest.importorskip("ray")
+    port = _free_port()
+    os.environ["RAY_metrics_report_interval_ms"] = "500"  # read by the processes ray.init starts
+    ray.init(num_cpus=1, include_dashboard=False, _metrics_export_port=port)
+    try:
+        m.record_frames("encode", {"ai": 5, "fallback/deadline": 2})
+        m.observe_batch_size("encode", 7)
+        m.set_slots("replica-x", 3, 64)
+        m.record_hints("replayed", 4)
+        assert not m._ray_failed
+        want = {
+            r'ray_auralink_frames_total\{[^}]*outcome="fallback"[^}]*reason="deadline"[^}]*\} 2\.0',
+            r'ray_auralink_hints_total\{[^}]*verdict="replayed"[^}]*\} 4\.0',
+            r'ray_auralink_slots_in_use\{[^}]*replica="replica-x"[^}]*\} 3\.0',
+            r'ray_auralink_batch_size_count\{[^}]*op="encode"[^}]*\} 1\.0',
+        }
+        deadline, body = time.monotonic() + 45, ""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    body = r.read().decode()
+            except (urllib.error.URLError, ConnectionError):
+                body = ""
+            if all(re.search(w, body) for w in want):
+                break
+            time.sleep(0.25)  # polling a scrape endpoint, bounded by the deadline above
+        missing = [w for w in want if not re.search(w, body)]
+        assert not missing, f"not exported: {missing}"
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_metrics_report_interval_ms", None)
