@@ -1,0 +1,92 @@
+"""LatencyModel: conservative, monotone, learns from measured steps, round-trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deployments.latency_model import LatencyModel, bucket_of, bucket_sizes
+
+
+def test_bucket_grid_is_geometric_and_floor():
+    assert bucket_sizes(16) == [1, 2, 3, 4, 6, 8, 12, 16]
+    assert bucket_of(1) == 1
+    assert bucket_of(5) == 4  # a step of 5 is recorded where it over- (never under-) states cost
+    assert bucket_of(16) == 16
+    assert bucket_of(100) == 96
+    with pytest.raises(ValueError, match="batch size must be >= 1"):
+        bucket_of(0)
+
+
+def test_profile_seeds_p99_and_margin_applies():
+    m = LatencyModel.from_profile({"1": {"p50": 2.0, "p99": 3.0}, "8": {"p50": 6.0, "p99": 8.0}},
+                                  rel_margin=0.1)
+    assert m.estimate(1) == 3.0
+    assert m.predict(1) == pytest.approx(3.3)
+    assert m.estimate(8) == 8.0
+    # interpolated between buckets, constant below the first
+    assert m.estimate(4) == pytest.approx(3.0 + 5.0 * 3 / 7)
+
+
+def test_extrapolation_is_never_cheaper_than_per_frame_average():
+    m = LatencyModel.from_profile({1: 5.0, 2: 5.5}, rel_margin=0.0)
+    # last segment slope is 0.5 ms/frame but average per frame at B=2 is 2.75 ms
+    assert m.estimate(10) == pytest.approx(5.5 + 8 * 2.75)
+
+
+def test_unseeded_model_is_pessimistic_and_linear():
+    m = LatencyModel(rel_margin=0.0)
+    assert m.estimate(1) == 10.0
+    assert m.estimate(3) == 30.0
+
+
+def test_prediction_is_monotone_even_with_noisy_buckets():
+    m = LatencyModel.from_profile({1: 4.0, 2: 3.0, 4: 6.0, 8: 5.0}, rel_margin=0.0)
+    preds = [m.estimate(b) for b in range(1, 40)]
+    assert all(a <= b for a, b in zip(preds, preds[1:], strict=False))
+
+
+def test_observations_replace_the_seed_and_track_a_high_quantile():
+    m = LatencyModel.from_profile({4: 20.0}, quantile=0.9, window=50, rel_margin=0.0)
+    for i in range(100):
+        m.observe(4, 5.0 + (i % 10) * 0.1)  # 5.0 .. 5.9, seed long pushed out
+    assert 5.7 <= m.estimate(4) <= 5.9
+    # a slower device: measurements above the estimate lift it at once
+    m.observe(4, 30.0)
+    m2 = LatencyModel.from_profile({4: 5.0}, quantile=1.0, rel_margin=0.0)
+    m2.observe(4, 30.0)
+    assert m2.estimate(4) == 30.0
+    assert m.observed_steps == 101
+
+
+def test_bad_measurements_are_ignored():
+    m = LatencyModel.from_profile({1: 2.0}, rel_margin=0.0)
+    m.observe(0, 5.0)
+    m.observe(1, float("nan"))
+    m.observe(1, -1.0)
+    assert m.estimate(1) == 2.0 and m.observed_steps == 0
+    with pytest.raises(ValueError, match="positive number"):
+        LatencyModel.from_profile({1: 0.0})
+
+
+def test_max_batch_within():
+    m = LatencyModel.from_profile({1: 2.0, 16: 17.0}, rel_margin=0.0)  # 1 ms/frame + 1 ms
+    assert m.max_batch_within(1.5) == 0
+    assert m.max_batch_within(2.0) == 1
+    assert m.max_batch_within(10.0) == 9
+    assert m.max_batch_within(1000.0, limit=64) == 64
+    for budget in (2.0, 7.3, 12.0, 30.0):
+        b = m.max_batch_within(budget)
+        assert m.predict(b) <= budget < m.predict(b + 1)
+
+
+def test_to_dict_round_trip_is_json_and_equal():
+    m = LatencyModel.from_profile({1: 2.0, 8: 9.0, 32: 30.0}, quantile=0.9, rel_margin=0.2)
+    for _ in range(5):
+        m.observe(8, 8.5)
+    d = json.loads(json.dumps(m.to_dict()))
+    m2 = LatencyModel.from_profile(d)
+    assert m2.quantile == 0.9 and m2.rel_margin == 0.2
+    for b in (1, 3, 8, 20, 32, 100):
+        assert m2.predict(b) == pytest.approx(m.predict(b), rel=1e-6)
