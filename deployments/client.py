@@ -1,0 +1,288 @@
+"""The bridge side of the frame-batch contract: `CodecClient` and `EpochTracker`.
+
+`CodecClient.process(batch)` splits a tick's `FrameBatch` by the replica that owns each
+stream (stream affinity, see router.py), sends ONE request per replica, and merges the
+replies back in row order. It never raises: a malformed batch, a dead replica, a timeout or
+any transport failure becomes a per-frame fallback, so every frame gets exactly one outcome.
+
+`EpochTracker` is the bridge's half of the epoch rule: it numbers each stream's frames
+within an epoch and starts a new epoch after any fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from deployments.affinity import local_view
+from deployments.contract import (
+    BatchResult,
+    FallbackReason,
+    FrameBatch,
+    Op,
+    reason_code,
+)
+
+logger = logging.getLogger(__name__)
+
+# A request still unanswered this long after its latest deadline is abandoned: its frames
+# are worthless by then, and the media path must not wait on a stuck replica.
+RESPONSE_GRACE_S = 1.0
+
+
+@dataclass
+class ClientCounters:
+    requests: int = 0
+    transport_errors: int = 0
+    timeouts: int = 0
+    malformed: int = 0
+    frames_by_outcome: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+def _take(batch: FrameBatch, rows: np.ndarray) -> FrameBatch:
+    return FrameBatch(
+        op=batch.op,
+        bridge_id=batch.bridge_id,
+        stream_ids=[batch.stream_ids[i] for i in rows.tolist()],
+        epochs=batch.epochs[rows],
+        epoch_seqs=batch.epoch_seqs[rows],
+        deadlines=batch.deadlines[rows],
+        sent_at=batch.sent_at,
+        pcm=None if batch.pcm is None else batch.pcm[rows],
+        codes=None if batch.codes is None else batch.codes[rows],
+        bandwidth_kbps=batch.bandwidth_kbps,
+    )
+
+
+def merge_results(batch: FrameBatch, parts: list[tuple[np.ndarray, BatchResult]]) -> BatchResult:
+    """Scatter per-replica results back into the batch's row order."""
+    b = len(batch)
+    out = BatchResult(
+        stream_ids=list(batch.stream_ids),
+        outcome_codes=np.zeros(b, np.uint8),
+        epochs=np.asarray(batch.epochs, np.int64).copy(),
+        queue_ms=np.zeros(b, np.float32),
+        compute_ms=np.zeros(b, np.float32),
+    )
+    seen = np.zeros(b, bool)
+    replica_ids = []
+    for rows, res in parts:
+        out.outcome_codes[rows] = res.outcome_codes
+        out.queue_ms[rows] = res.queue_ms
+        out.compute_ms[rows] = res.compute_ms
+        seen[rows] = True
+        if res.replica_id:
+            replica_ids.append(res.replica_id)
+        out.errors.update(res.errors)
+        if res.codes is not None:
+            if out.codes is None:
+                out.codes = np.zeros((b,) + res.codes.shape[1:], res.codes.dtype)
+            if out.codes.shape[1:] == res.codes.shape[1:]:
+                out.codes[rows] = res.codes
+        if res.pcm is not None:
+            if out.pcm is None:
+                out.pcm = np.zeros((b,) + res.pcm.shape[1:], res.pcm.dtype)
+            if out.pcm.shape[1:] == res.pcm.shape[1:]:
+                out.pcm[rows] = res.pcm
+    assert seen.all(), "every row must come back from exactly one part"
+    out.replica_id = ",".join(sorted(set(replica_ids)))
+    return out
+
+
+def _fallback_part(sub: FrameBatch, reason: FallbackReason, message: str) -> BatchResult:
+    return BatchResult.all_fallback(sub, reason, error=message)
+
+
+class CodecClient:
+    """Sends a bridge's frame batches to the codec replicas; one request per replica per tick.
+
+    `handle` is a `DeploymentHandle` to the `CodecReplica` deployment. Construct it once per
+    bridge process and reuse it: the handle's router keeps the replica set up to date.
+    """
+
+    def __init__(self, handle, *, response_grace_s: float = RESPONSE_GRACE_S) -> None:
+        self._handle = handle
+        self._grace = response_grace_s
+        self._app = handle.app_name
+        self._deployment = handle.deployment_name
+        self.counters = ClientCounters()
+
+    async def ready(self, timeout_s: float = 60.0) -> bool:
+        """Waits until the handle's router knows the replicas (so ticks group by owner)."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            try:
+                await asyncio.wait_for(
+                    self._handle.options(method_name="ping").remote(), max(0.1, end - time.monotonic())
+                )
+            except Exception as exc:  # noqa: BLE001 - readiness is polled, not raised
+                logger.debug("codec replicas not ready yet: %s", exc)
+                await asyncio.sleep(0.2)
+                continue
+            view = local_view(self._app, self._deployment)
+            if view is not None and view.replica_uids():
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    def group_rows(self, stream_ids: list[str]) -> list[tuple[str, np.ndarray]]:
+        """(routing key, rows) per owning replica. Without a router view yet (first tick of a
+        fresh process), everything goes in one request keyed by its first stream."""
+        view = local_view(self._app, self._deployment)
+        if view is None or not view.replica_uids():
+            return [(stream_ids[0], np.arange(len(stream_ids)))] if stream_ids else []
+        groups: dict[str, list[int]] = defaultdict(list)
+        keys: dict[str, str] = {}
+        for i, sid in enumerate(stream_ids):
+            uid = view.owner(sid) or ""
+            groups[uid].append(i)
+            keys.setdefault(uid, sid)
+        return [(keys[uid], np.asarray(rows, np.int64)) for uid, rows in groups.items()]
+
+    async def process(self, batch: FrameBatch) -> BatchResult:
+        try:
+            batch.validate()
+        except ValueError as exc:
+            self.counters.malformed += 1
+            return self._count(malformed_result(batch, str(exc)))
+        if len(batch) == 0:
+            return self._count(BatchResult.all_fallback(batch, FallbackReason.ERROR))
+        groups = self.group_rows(batch.stream_ids)
+        timeout = max(0.05, float(np.max(batch.deadlines)) - time.time() + self._grace)
+        subs = [(key, rows, _take(batch, rows)) for key, rows in groups]
+        results = await asyncio.gather(*(self._send(key, sub, timeout) for key, _, sub in subs))
+        return self._count(merge_results(batch, [(rows, res) for (_, rows, _), res in zip(subs, results, strict=True)]))
+
+    async def _send(self, key: str, sub: FrameBatch, timeout: float) -> BatchResult:
+        self.counters.requests += 1
+        response = self._handle.options(method_name="process", session_id=key).remote(sub)
+        try:
+            res = await asyncio.wait_for(response, timeout)
+        except asyncio.TimeoutError:
+            response.cancel()
+            self.counters.timeouts += 1
+            return _fallback_part(sub, FallbackReason.DEADLINE, "")
+        except Exception as exc:  # noqa: BLE001 - the media path never sees an exception
+            self.counters.transport_errors += 1
+            reason = _transport_reason(exc)
+            logger.warning("codec request for %d frames failed (%s): %s", len(sub), reason.value, type(exc).__name__)
+            return _fallback_part(sub, reason, f"{type(exc).__name__}: {exc}"[:300])
+        if not isinstance(res, BatchResult) or len(res) != len(sub) or res.stream_ids != sub.stream_ids:
+            self.counters.transport_errors += 1
+            return _fallback_part(sub, FallbackReason.ERROR, "replica answered a different batch")
+        return res
+
+    async def leave(self, stream_ids: list[str]) -> int:
+        """Frees the streams' slots on their replicas; returns how many were freed."""
+        freed = 0
+        for key, rows in self.group_rows(list(stream_ids)):
+            ids = [stream_ids[i] for i in rows.tolist()]
+            try:
+                freed += int(await self._handle.options(method_name="leave", session_id=key).remote(ids))
+            except Exception as exc:  # noqa: BLE001 - a dead replica has freed them already
+                logger.info("leave for %d streams not delivered: %s", len(ids), type(exc).__name__)
+        return freed
+
+    def _count(self, res: BatchResult) -> BatchResult:
+        for k, n in res.counts().items():
+            self.counters.frames_by_outcome[k] += n
+        return res
+
+
+def _transport_reason(exc: BaseException) -> FallbackReason:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    if isinstance(exc, (ActorDiedError, RayActorError, ActorUnavailableError)):
+        # The replica and the streams' state on it are gone: the next frame starts an epoch.
+        return FallbackReason.RESET
+    return FallbackReason.ERROR
+
+
+def malformed_result(batch: Any, message: str) -> BatchResult:
+    """A batch whose rows cannot be trusted still gets one `fallback/error` per listed stream."""
+    raw_ids = getattr(batch, "stream_ids", None)
+    ids = [str(s) for s in raw_ids] if isinstance(raw_ids, list) else []
+    b = len(ids)
+    raw_epochs = getattr(batch, "epochs", None)
+    ok = isinstance(raw_epochs, np.ndarray) and raw_epochs.shape == (b,)
+    epochs = np.asarray(raw_epochs, np.int64) if ok else np.zeros(b, np.int64)
+    return BatchResult(
+        stream_ids=ids,
+        outcome_codes=np.full(b, reason_code(FallbackReason.ERROR), np.uint8),
+        epochs=epochs,
+        queue_ms=np.zeros(b, np.float32),
+        compute_ms=np.zeros(b, np.float32),
+        errors={s: f"malformed batch: {message}" for s in ids},
+    )
+
+
+@dataclass
+class _StreamEpoch:
+    epoch: int = 0
+    next_seq: int = 0
+
+
+class EpochTracker:
+    """Per-stream (epoch, epoch_seq) numbering for the frames a bridge sends.
+
+    A stream's first frame opens epoch 1 with seq 0; each frame answered `ai` lets the next
+    continue the epoch; any fallback (or a leave) makes the next frame open a new epoch.
+    """
+
+    def __init__(self) -> None:
+        self._streams: dict[str, _StreamEpoch] = {}
+
+    def next_frame(self, stream_id: str) -> tuple[int, int]:
+        st = self._streams.get(stream_id)
+        if st is None:
+            st = self._streams[stream_id] = _StreamEpoch(epoch=1, next_seq=0)
+        seq = st.next_seq
+        st.next_seq += 1
+        return st.epoch, seq
+
+    def observe(self, stream_id: str, epoch: int, ai: bool) -> None:
+        st = self._streams.get(stream_id)
+        if st is None or epoch != st.epoch:
+            return  # an answer for an epoch already abandoned
+        if not ai:
+            st.epoch += 1
+            st.next_seq = 0
+
+    def observe_result(self, result: BatchResult) -> None:
+        ai = result.outcome_codes == 0
+        for i, sid in enumerate(result.stream_ids):
+            self.observe(sid, int(result.epochs[i]), bool(ai[i]))
+
+    def forget(self, stream_id: str) -> None:
+        self._streams.pop(stream_id, None)
+
+    def make_batch(
+        self,
+        op: Op,
+        bridge_id: str,
+        stream_ids: list[str],
+        payload: np.ndarray,
+        deadline_ms: float,
+        bandwidth_kbps: float = 6.0,
+    ) -> FrameBatch:
+        """A FrameBatch for one tick with each stream's next (epoch, seq) filled in."""
+        now = time.time()
+        pairs = [self.next_frame(s) for s in stream_ids]
+        return FrameBatch(
+            op=op,
+            bridge_id=bridge_id,
+            stream_ids=list(stream_ids),
+            epochs=np.asarray([p[0] for p in pairs], np.int64),
+            epoch_seqs=np.asarray([p[1] for p in pairs], np.int64),
+            deadlines=np.full(len(stream_ids), now + deadline_ms / 1000.0),
+            sent_at=now,
+            pcm=payload if op is Op.ENCODE else None,
+            codes=payload if op is Op.DECODE else None,
+            bandwidth_kbps=bandwidth_kbps,
+        )
