@@ -1,0 +1,132 @@
+"""AIC RTP payload: EnCodec RVQ codes of one stream for one RTP packet.
+
+The payload follows the RTP payload-format conventions of RFC 3550 section 5.1 (one
+payload per RTP packet, the RTP header carries timestamp and sequence number) and is
+negotiated as a dynamic payload type (RFC 8866 ``a=rtpmap:<pt> AIC/48000``; the 48 kHz
+clock matches Opus, so a stream can switch between AIC and Opus packets on one SSRC
+without a timestamp jump). The layout, in network byte order:
+
+```
+ 0                   1                   2                   3
+ 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
++-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+| V |S| BW  | R |   frames (F)  |            epoch              |
++-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+|      packed codes: F x n_q x 10 bits, frame-major, MSB first  |
+|                       ...                     | zero padding  |
++-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+```
+
+- ``V`` (2 bits): payload version, 1.
+- ``S`` (1 bit): start of epoch; set on the first packet of an epoch (its first frame is
+  epoch_seq 0). Decoders reset their state on any new epoch (deployments/contract.py).
+- ``BW`` (3 bits): bandwidth index into ``BANDWIDTHS_KBPS`` (0 = 1.5 kbps ... 4 = 24 kbps),
+  which fixes n_q = 2, 4, 8, 16, 32 codebooks; 5-7 are invalid.
+- ``R`` (2 bits): reserved, zero on send, rejected if set (a newer sender needs a new V).
+- ``F`` (8 bits): EnCodec frames in the packet, 1..255 (a 40 ms bridge tick is 3).
+- ``epoch`` (16 bits): the stream's epoch modulo 2**16.
+- codes: ``models.bitpack.pack_codes`` layout, ceil(F * n_q * 10 / 8) bytes, zero padded.
+
+A parser checks lengths before touching fields and raises ``ValueError`` naming the
+problem; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.bitpack import pack_codes, packed_size, unpack_codes
+
+VERSION = 1
+HEADER_BYTES = 4
+ENCODING_NAME = "AIC"
+CLOCK_RATE = 48_000
+BANDWIDTHS_KBPS = (1.5, 3.0, 6.0, 12.0, 24.0)
+N_Q_BY_INDEX = (2, 4, 8, 16, 32)
+MAX_FRAMES = 255
+EPOCH_MODULUS = 1 << 16
+# Keep one packet below a conservative path MTU (1200 B payload, like WebRTC data channels).
+MAX_PAYLOAD_BYTES = 1200
+
+_HEADER = struct.Struct("!BBH")
+
+
+def payload_size(n_q: int, n_frames: int) -> int:
+    """Bytes of a payload carrying [n_q, n_frames] codes, header included."""
+    return HEADER_BYTES + packed_size(n_q, n_frames)
+
+
+def bandwidth_index(n_q: int) -> int:
+    if n_q not in N_Q_BY_INDEX:
+        raise ValueError(f"n_q {n_q} is not one of {N_Q_BY_INDEX}")
+    return N_Q_BY_INDEX.index(n_q)
+
+
+@dataclass
+class AicPayload:
+    """One RTP payload of EnCodec codes: ``codes`` is int [n_q, F] with values in [0, 1024)."""
+
+    epoch: int
+    n_q: int
+    codes: np.ndarray
+    start: bool = False  # first packet of its epoch (S bit)
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def bandwidth_kbps(self) -> float:
+        return BANDWIDTHS_KBPS[bandwidth_index(self.n_q)]
+
+    @classmethod
+    def parse(cls, data: bytes) -> AicPayload:
+        if len(data) < HEADER_BYTES:
+            raise ValueError(f"AIC payload is truncated: {len(data)} bytes, header needs {HEADER_BYTES}")
+        if len(data) > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"AIC payload is oversized: {len(data)} bytes > {MAX_PAYLOAD_BYTES}")
+        first, n_frames, epoch = _HEADER.unpack_from(data, 0)
+        version = first >> 6
+        if version != VERSION:
+            raise ValueError(f"AIC payload version {version} is not supported (expected {VERSION})")
+        bw = (first >> 2) & 0x07
+        if bw >= len(N_Q_BY_INDEX):
+            raise ValueError(f"AIC payload bandwidth index {bw} is invalid (0..{len(N_Q_BY_INDEX) - 1})")
+        if first & 0x03:
+            raise ValueError("AIC payload reserved bits are set")
+        if n_frames == 0:
+            raise ValueError("AIC payload carries 0 frames")
+        n_q = N_Q_BY_INDEX[bw]
+        expected = payload_size(n_q, n_frames)
+        if len(data) < expected:
+            raise ValueError(
+                f"AIC payload is truncated: {len(data)} bytes, expected {expected} "
+                f"for n_q={n_q}, frames={n_frames}"
+            )
+        if len(data) > expected:
+            raise ValueError(
+                f"AIC payload is oversized: {len(data)} bytes, expected {expected} "
+                f"for n_q={n_q}, frames={n_frames}"
+            )
+        codes = unpack_codes(data[HEADER_BYTES:], n_q, n_frames)
+        return cls(epoch=epoch, n_q=n_q, codes=codes, start=bool(first & 0x20))
+
+    def __bytes__(self) -> bytes:
+        bw = bandwidth_index(self.n_q)
+        if not 0 <= self.epoch < EPOCH_MODULUS:
+            raise ValueError(f"epoch {self.epoch} out of range [0, {EPOCH_MODULUS})")
+        codes = np.asarray(self.codes)
+        if codes.ndim != 2 or codes.shape[0] != self.n_q:
+            raise ValueError(f"codes must have shape [n_q={self.n_q}, F], got {codes.shape}")
+        n_frames = codes.shape[1]
+        if not 1 <= n_frames <= MAX_FRAMES:
+            raise ValueError(f"frame count {n_frames} out of range [1, {MAX_FRAMES}]")
+        size = payload_size(self.n_q, n_frames)
+        if size > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"AIC payload would be oversized: {size} bytes > {MAX_PAYLOAD_BYTES}")
+        # pack_codes rejects non-integer codes and values outside [0, CODEBOOK_SIZE).
+        first = (VERSION << 6) | (int(self.start) << 5) | (bw << 2)
+        return _HEADER.pack(first, n_frames, self.epoch) + pack_codes(codes)
