@@ -1,0 +1,277 @@
+"""Per-stream AI on/off decisions with hysteresis: the pure logic of the fallback supervisor.
+
+Bridges report, about once a second, each stream's outcome counts since the last report. The
+policy turns AI *off* for a stream when
+
+- its deadline misses + errors exceed `max_bad_rate` (1%) over a sliding `window_s` (2 s), or
+- a quality probe on its audio failed,
+
+and back *on* after an exponential, capped backoff (1 s, 2 s, 4 s, ... 30 s). The backoff
+level resets once the stream has stayed healthy for `healthy_reset_s` after coming back.
+Opt-outs (per user or per stream) always win, whatever the health says, and survive
+`snapshot()` / `restore()`, so a restarted supervisor never turns AI on for an opted-out user.
+
+Small samples: at 25 frames/s a 2 s window holds ~50 frames, so one miss is already 2%. A
+rate over a handful of frames is noise, so a stream is turned off only when (a) the window
+holds at least `min_bad` (2) bad frames, and (b) the Wilson score lower bound (one-sided 95%)
+of its bad-frame rate exceeds 1%. One miss in 10 frames on a new stream therefore keeps AI on
+(one event is not evidence); 2 in 10 (lower bound ~7%) or 2 in 50 (~1.3%) turns it off, while
+a steady 1% (2 in 100) does not. Frames that never tried the AI (`opted_out`, `unhealthy`)
+do not count either way; `overload` and `reset` count as attempts but not as the stream's
+fault (capacity is the autoscaler's problem, not a reason to stop AI on one stream).
+
+Pure Python: the caller passes `now` (seconds; wall-clock time if snapshots must survive a
+restart) and gets decisions back. The Ray actor around it is thin.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployments.contract import FallbackReason
+
+SNAPSHOT_VERSION = 1
+
+# Fallback reasons that are the stream's AI path failing (count as bad).
+BAD_REASONS = frozenset({FallbackReason.DEADLINE.value, FallbackReason.ERROR.value})
+# Fallback reasons for frames that never tried the AI (not counted at all).
+NOT_ATTEMPTED = frozenset({FallbackReason.OPTED_OUT.value, FallbackReason.UNHEALTHY.value,
+                           FallbackReason.RATE_LIMITED.value})
+
+
+class OffCause(str, enum.Enum):
+    BAD_RATE = "bad_rate"  # deadline misses + errors over the window
+    QUALITY_PROBE = "quality_probe"
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    window_s: float = 2.0
+    max_bad_rate: float = 0.01
+    min_bad: int = 2  # never judge on a single bad frame
+    z: float = 1.645  # one-sided 95% for the Wilson lower bound
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    healthy_reset_s: float = 10.0  # on and untripped this long -> backoff starts over
+
+    def backoff_s(self, level: int) -> float:
+        return min(self.backoff_max_s, self.backoff_initial_s * (2.0 ** max(0, level)))
+
+
+def wilson_lower_bound(bad: int, total: int, z: float) -> float:
+    """Lower end of the Wilson score interval for a proportion bad/total."""
+    if total <= 0:
+        return 0.0
+    p = bad / total
+    z2 = z * z
+    centre = p + z2 / (2 * total)
+    spread = z * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total))
+    return max(0.0, (centre - spread) / (1 + z2 / total))
+
+
+@dataclass
+class StreamHealth:
+    """What the policy remembers about one stream."""
+
+    user_id: str | None = None
+    window: deque[tuple[float, int, int]] = field(default_factory=deque)  # (t, attempts, bad)
+    off_until: float | None = None  # AI off until then (None = on)
+    off_cause: OffCause | None = None
+    level: int = 0  # backoff exponent of the next trip
+    on_since: float | None = None  # when AI last came (back) on
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "window": [list(w) for w in self.window],
+            "off_until": self.off_until,
+            "off_cause": self.off_cause.value if self.off_cause else None,
+            "level": self.level,
+            "on_since": self.on_since,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StreamHealth:
+        return cls(
+            user_id=d.get("user_id"),
+            window=deque((float(t), int(a), int(b)) for t, a, b in d.get("window", [])),
+            off_until=d.get("off_until"),
+            off_cause=OffCause(d["off_cause"]) if d.get("off_cause") else None,
+            level=int(d.get("level", 0)),
+            on_since=d.get("on_since"),
+        )
+
+
+class SupervisorPolicy:
+    """Decides, stream by stream, whether the AI path is used."""
+
+    def __init__(self, config: SupervisorConfig | None = None) -> None:
+        self.config = config if config is not None else SupervisorConfig()
+        self._streams: dict[str, StreamHealth] = {}
+        self._opted_users: set[str] = set()
+        self._opted_streams: set[str] = set()
+        self.counters: Counter[str] = Counter()
+
+    # ----------------------------------------------------------------------------- inputs
+    def register(self, stream_id: str, user_id: str | None) -> None:
+        """Tie a stream to its user, so a user's opt-out covers all of their streams."""
+        self._state(stream_id).user_id = user_id
+
+    def report(
+        self,
+        stream_id: str,
+        ai: int,
+        fallback_by_reason: Mapping[str, int],
+        now: float,
+        user_id: str | None = None,
+    ) -> bool:
+        """Outcome counts of one stream since its last report. Returns the decision."""
+        st = self._state(stream_id)
+        if user_id is not None:
+            st.user_id = user_id
+        bad = attempts = 0
+        for reason, n in fallback_by_reason.items():
+            key = reason.value if isinstance(reason, FallbackReason) else str(reason)
+            if key in NOT_ATTEMPTED or n <= 0:
+                continue
+            attempts += n
+            if key in BAD_REASONS:
+                bad += n
+        attempts += max(0, ai)
+        self.counters["reports"] += 1
+        if attempts:
+            st.window.append((now, attempts, bad))
+        self._evict(st, now)
+        if self._is_on(st, now) and self._window_unhealthy(st):
+            self._trip(stream_id, st, now, OffCause.BAD_RATE)
+        return self.decision(stream_id, now)
+
+    def quality_probe_failed(self, stream_id: str, now: float) -> None:
+        st = self._state(stream_id)
+        if self._is_on(st, now):
+            self._trip(stream_id, st, now, OffCause.QUALITY_PROBE)
+
+    def opt_out(self, *, user_id: str | None = None, stream_id: str | None = None) -> None:
+        if user_id is None and stream_id is None:
+            raise ValueError("opt_out needs a user_id or a stream_id")
+        if user_id is not None:
+            self._opted_users.add(user_id)
+        if stream_id is not None:
+            self._opted_streams.add(stream_id)
+        self.counters["opt_outs"] += 1
+
+    def opt_in(self, *, user_id: str | None = None, stream_id: str | None = None) -> None:
+        if user_id is None and stream_id is None:
+            raise ValueError("opt_in needs a user_id or a stream_id")
+        if user_id is not None:
+            self._opted_users.discard(user_id)
+        if stream_id is not None:
+            self._opted_streams.discard(stream_id)
+
+    def forget(self, stream_id: str) -> None:
+        """The stream ended: drop its health (a stream-level opt-out stays)."""
+        self._streams.pop(stream_id, None)
+
+    # ----------------------------------------------------------------------------- outputs
+    def decision(self, stream_id: str, now: float) -> bool:
+        """True: use the AI for this stream now."""
+        return self.reason(stream_id, now) is None
+
+    def reason(self, stream_id: str, now: float) -> FallbackReason | None:
+        """None if AI is on, else why not (`opted_out` wins over `unhealthy`)."""
+        st = self._streams.get(stream_id)
+        if self.is_opted_out(stream_id):
+            return FallbackReason.OPTED_OUT
+        if st is None:
+            return None
+        if st.off_until is not None:
+            if now < st.off_until:
+                return FallbackReason.UNHEALTHY
+            # Backoff over: retry the AI with a clean window.
+            st.off_until, st.off_cause = None, None
+            st.window.clear()
+            st.on_since = now
+            self.counters["retries"] += 1
+        return None
+
+    def is_opted_out(self, stream_id: str) -> bool:
+        if stream_id in self._opted_streams:
+            return True
+        st = self._streams.get(stream_id)
+        return st is not None and st.user_id is not None and st.user_id in self._opted_users
+
+    def stream_status(self, stream_id: str, now: float) -> dict[str, Any]:
+        """For the dashboard: on/off, why, until when, current window."""
+        r = self.reason(stream_id, now)
+        st = self._streams.get(stream_id) or StreamHealth()
+        attempts = sum(a for _, a, _ in st.window)
+        bad = sum(b for _, _, b in st.window)
+        return {
+            "stream_id": stream_id,
+            "ai": r is None,
+            "reason": r.value if r else None,
+            "off_cause": st.off_cause.value if st.off_cause else None,
+            "off_until": st.off_until,
+            "backoff_level": st.level,
+            "window_frames": attempts,
+            "window_bad": bad,
+        }
+
+    # ----------------------------------------------------------------------------- persistence
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able state; opt-outs first, as they must never be lost."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "opted_out_users": sorted(self._opted_users),
+            "opted_out_streams": sorted(self._opted_streams),
+            "streams": {sid: st.to_dict() for sid, st in self._streams.items()},
+            "counters": dict(self.counters),
+        }
+
+    @classmethod
+    def restore(cls, snap: Mapping[str, Any], config: SupervisorConfig | None = None) -> SupervisorPolicy:
+        if snap.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(f"unsupported supervisor snapshot version {snap.get('version')!r}")
+        p = cls(config)
+        p._opted_users = set(snap.get("opted_out_users", []))
+        p._opted_streams = set(snap.get("opted_out_streams", []))
+        p._streams = {sid: StreamHealth.from_dict(d) for sid, d in snap.get("streams", {}).items()}
+        p.counters.update(snap.get("counters", {}))
+        return p
+
+    # ----------------------------------------------------------------------------- internals
+    def _state(self, stream_id: str) -> StreamHealth:
+        st = self._streams.get(stream_id)
+        if st is None:
+            st = self._streams[stream_id] = StreamHealth()
+        return st
+
+    def _evict(self, st: StreamHealth, now: float) -> None:
+        horizon = now - self.config.window_s
+        while st.window and st.window[0][0] <= horizon:
+            st.window.popleft()
+
+    def _is_on(self, st: StreamHealth, now: float) -> bool:
+        return st.off_until is None or now >= st.off_until
+
+    def _window_unhealthy(self, st: StreamHealth) -> bool:
+        cfg = self.config
+        attempts = sum(a for _, a, _ in st.window)
+        bad = sum(b for _, _, b in st.window)
+        return bad >= cfg.min_bad and wilson_lower_bound(bad, attempts, cfg.z) > cfg.max_bad_rate
+
+    def _trip(self, stream_id: str, st: StreamHealth, now: float, cause: OffCause) -> None:
+        cfg = self.config
+        if st.on_since is not None and now - st.on_since >= cfg.healthy_reset_s:
+            st.level = 0  # it was healthy long enough: start the backoff over
+        st.off_until = now + cfg.backoff_s(st.level)
+        st.off_cause = cause
+        st.level += 1
+        st.window.clear()
+        st.on_since = None
+        self.counters[f"off/{cause.value}"] += 1
