@@ -1,0 +1,158 @@
+"""Accounting for a simulation run and the JSON report built from it (pure numpy).
+
+Every frame the simulated bridge produces is counted once when it is produced (`frames_total`)
+and once when its outcome is known (`ai` or `fallback/<reason>`); `frames_unaccounted` is the
+difference, so a lost answer shows up instead of disappearing. Latency is the bridge's view:
+batch sent -> outcome back, in simulated milliseconds (wall time divided by the run's time
+dilation), kept in a fixed-width histogram so a 60 s, 10,000-stream run needs no per-frame list.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from deployments.contract import REASON_CODES, decode_reason
+
+LAT_BIN_MS = 0.05
+LAT_MAX_MS = 2000.0
+N_CODES = len(REASON_CODES) + 1
+
+
+def percentile_from_hist(hist: np.ndarray, q: float, bin_ms: float = LAT_BIN_MS) -> float | None:
+    total = hist.sum()
+    if total == 0:
+        return None
+    idx = int(np.searchsorted(np.cumsum(hist), q / 100.0 * total, side="left"))
+    return round((idx + 0.5) * bin_ms, 3)
+
+
+@dataclass
+class TickRecord:
+    t: float  # simulated seconds at the tick's start
+    frames: int
+    ai: int
+    fallback: int
+    unaccounted: int
+    live: int
+    replicas: int
+    ai_bytes: int
+    native_bytes: int
+    native_all_bytes: int  # what the same frames would cost all in the native codec
+
+
+@dataclass
+class Accounting:
+    """Counters the driver updates each tick; `report()` turns them into the JSON report."""
+
+    frames_total: int = 0
+    by_code: np.ndarray = field(default_factory=lambda: np.zeros(N_CODES, np.int64))
+    latency_hist: np.ndarray = field(
+        default_factory=lambda: np.zeros(int(LAT_MAX_MS / LAT_BIN_MS) + 1, np.int64)
+    )
+    replica_latency_hist: np.ndarray = field(
+        default_factory=lambda: np.zeros(int(LAT_MAX_MS / LAT_BIN_MS) + 1, np.int64)
+    )
+    ticks: list[TickRecord] = field(default_factory=list)
+    per_second_reasons: dict[int, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    hints: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bridge_frames_by_reason: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def produced(self, n: int) -> None:
+        self.frames_total += n
+
+    def outcomes(self, t_sim: float, codes: np.ndarray, latency_ms: np.ndarray | float | None = None,
+                 replica_ms: np.ndarray | None = None) -> tuple[int, int]:
+        """Counts outcome codes (uint8, 0 = ai); latency only for frames answered `ai`."""
+        codes = np.asarray(codes, np.uint8)
+        counts = np.bincount(codes, minlength=N_CODES)
+        self.by_code += counts
+        sec = int(t_sim)
+        for c in np.flatnonzero(counts).tolist():
+            self.per_second_reasons[sec][_key(c)] += int(counts[c])
+        ai = codes == 0
+        n_ai = int(ai.sum())
+        if latency_ms is not None and n_ai:
+            lat = np.broadcast_to(np.asarray(latency_ms, np.float64), codes.shape)[ai]
+            self._hist(self.latency_hist, lat)
+        if replica_ms is not None and n_ai:
+            self._hist(self.replica_latency_hist, np.asarray(replica_ms, np.float64)[ai])
+        return n_ai, int(codes.size - n_ai)
+
+    @staticmethod
+    def _hist(hist: np.ndarray, values: np.ndarray) -> None:
+        idx = np.clip((values / LAT_BIN_MS).astype(np.int64), 0, hist.size - 1)
+        hist += np.bincount(idx, minlength=hist.size)
+
+    @property
+    def frames_ai(self) -> int:
+        return int(self.by_code[0])
+
+    @property
+    def frames_fallback(self) -> int:
+        return int(self.by_code[1:].sum())
+
+    @property
+    def frames_unaccounted(self) -> int:
+        return self.frames_total - self.frames_ai - self.frames_fallback
+
+    def fallback_by_reason(self) -> dict[str, int]:
+        return {
+            decode_reason(c).value: int(self.by_code[c])  # type: ignore[union-attr]
+            for c in range(1, N_CODES)
+            if self.by_code[c]
+        }
+
+    def tick_arrays(self) -> dict[str, np.ndarray]:
+        cols = TickRecord.__dataclass_fields__
+        return {k: np.asarray([getattr(r, k) for r in self.ticks]) for k in cols}
+
+
+def _key(code: int) -> str:
+    r = decode_reason(code)
+    return "ai" if r is None else r.value
+
+
+def recovery_time(t: np.ndarray, frames: np.ndarray, fallback: np.ndarray, fault_t: float,
+                  threshold: float = 0.01, hold_s: float = 1.0, baseline: float = 0.0) -> dict:
+    """How long after `fault_t` the fallback rate took to get back under `threshold` (plus the
+    pre-fault baseline) and stay there for `hold_s`. Returns peak and recovery in seconds."""
+    after = t >= fault_t
+    if not after.any():
+        return {"fault_at_s": fault_t, "peak_fallback_rate": None, "recovered_after_s": None}
+    rate = np.where(frames > 0, fallback / np.maximum(frames, 1), 0.0)
+    limit = threshold + baseline
+    ta, ra = t[after], rate[after]
+    peak = float(ra.max())
+    recovered = None
+    bad = ra > limit
+    if not bad.any():
+        recovered = 0.0
+    else:
+        last_bad = int(np.flatnonzero(bad)[-1])
+        if last_bad + 1 < ta.size and ta[-1] - ta[last_bad + 1] >= hold_s - 1e-9:
+            recovered = float(ta[last_bad + 1] - fault_t)
+    first_bad = float(ta[np.flatnonzero(bad)[0]] - fault_t) if bad.any() else None
+    return {
+        "fault_at_s": fault_t,
+        "first_fallback_after_s": first_bad,
+        "peak_fallback_rate": round(peak, 4),
+        "recovered_after_s": None if recovered is None else round(recovered, 3),
+        "recovery_threshold": round(limit, 4),
+    }
+
+
+def summarize_rates(rates: dict[str, float], target: float) -> dict:
+    vals = np.asarray(list(rates.values()), np.float64)
+    if vals.size == 0:
+        return {"count": 0}
+    return {
+        "count": int(vals.size),
+        "target_per_s": target,
+        "min_per_s": round(float(vals.min()), 2),
+        "max_per_s": round(float(vals.max()), 2),
+        "mean_per_s": round(float(vals.mean()), 2),
+        "per_stream": {k: round(v, 2) for k, v in sorted(rates.items())},
+    }
