@@ -1,0 +1,41 @@
+"""Bridge settings: one dataclass, filled from CLI flags or environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from deployments.contract import CHUNK_SAMPLES, SAMPLE_RATE
+
+
+@dataclass
+class BridgeConfig:
+    host: str = "0.0.0.0"
+    port: int = 8088
+    bridge_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    tick_ms: float = 1000.0 * CHUNK_SAMPLES / SAMPLE_RATE  # 40 ms: one chunk per stream per tick
+    deadline_ms: float = 20.0  # bridge send -> codes back
+    bandwidth_kbps: float = 6.0  # EnCodec bandwidth for AIC subscribers
+    opus_bitrate: int = 32_000  # Opus for legacy subscribers and fallback frames
+    max_body_bytes: int = 64 * 1024  # SDP offers are a few KB; anything bigger is refused
+    max_backlog_chunks: int = 3  # per stream; older chunks are answered fallback/overload
+    max_streams: int = 2_000  # published streams one worker accepts (503 beyond)
+    public_url: str = ""  # base URL for Location headers; empty = relative paths
+    opted_out_users: frozenset[str] = frozenset()  # users whose streams never touch the AI
+
+    @classmethod
+    def from_env(cls, **overrides) -> BridgeConfig:
+        env = os.environ
+        cfg = cls(
+            host=env.get("AURALINK_BRIDGE_HOST", cls.host),
+            port=int(env.get("AURALINK_BRIDGE_PORT", cls.port)),
+            deadline_ms=float(env.get("AURALINK_DEADLINE_MS", cls.deadline_ms)),
+            bandwidth_kbps=float(env.get("AURALINK_BANDWIDTH_KBPS", cls.bandwidth_kbps)),
+            opted_out_users=frozenset(
+                u for u in env.get("AURALINK_OPTED_OUT_USERS", "").split(",") if u
+            ),
+        )
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        return cfg

@@ -1,0 +1,461 @@
+"""The tick batcher: every 40 ms, ONE `FrameBatch` with every stream's chunk goes to the codec.
+
+Per tick (`TickBatcher.tick`):
+1. take at most one pending 40 ms chunk per stream; chunks beyond the backlog limit are
+   answered `fallback/overload` locally, opted-out streams `fallback/opted_out` locally
+   (they never reach the AI);
+2. number each AI frame with its stream's (epoch, epoch_seq) - a stream whose previous frame
+   fell back starts a new epoch (deployments/contract.py, the epoch rule);
+3. send one batch to the codec client (any object with `async process(FrameBatch) ->
+   BatchResult`: the Serve `CodecClient`, or `InProcessCodec` below), bounded by the frames'
+   deadline plus a grace, so a stuck client yields `fallback/deadline` instead of a stall;
+4. check the tick's hints (parse + tag + replay) and count them into the limiter in one call;
+5. give every frame exactly one `FrameOutcome`, counted by outcome/reason.
+
+The batcher is network-free: the media layer (media.py) pushes chunks in and sends the
+outcomes to subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from deployments.contract import (
+    CHUNK_SAMPLES,
+    CODEBOOK_SIZE,
+    BatchResult,
+    FallbackReason,
+    FrameBatch,
+    Op,
+    Outcome,
+    bandwidth_codebooks,
+    reason_code,
+)
+
+logger = logging.getLogger(__name__)
+
+# How long past the frames' deadline the bridge still waits for an answer: the replica
+# should have answered `deadline` itself by then; beyond, the client is stuck.
+DEADLINE_GRACE_S = 0.010
+
+
+class CodecClientLike(Protocol):
+    async def process(self, batch: FrameBatch) -> BatchResult: ...
+
+
+@dataclass
+class Chunk:
+    """40 ms of one stream's audio, as the media layer hands it in."""
+
+    stream_id: str
+    pcm24: np.ndarray  # float32 [960] in [-1, 1], 24 kHz mono (codec input)
+    rtp_timestamp: int = 0  # 48 kHz clock, first sample of the chunk
+    pcm48: np.ndarray | None = None  # int16 [1920] 48 kHz mono, for Opus output
+    received_at: float = 0.0
+
+
+@dataclass
+class FrameOutcome:
+    chunk: Chunk
+    outcome: Outcome
+    reason: FallbackReason | None
+    epoch: int  # the epoch the frame ran in (0 = never sent to the AI)
+    epoch_seq: int
+    codes: np.ndarray | None = None  # int16 [n_q, 3] when outcome is ai
+
+    @property
+    def key(self) -> str:
+        return "ai" if self.reason is None else f"fallback/{self.reason.value}"
+
+
+class HintDrop(str, enum.Enum):
+    INVALID = "invalid"  # failed parse, tag, replay or stream binding
+    RATE_LIMITED = "rate_limited"
+
+
+@dataclass
+class TickReport:
+    tick: int
+    started_at: float
+    frames: list[FrameOutcome]
+    batch_size: int  # frames sent to the codec client
+    codec_wait_ms: float  # time awaiting the codec client (not bridge cost)
+    overhead_ms: float = 0.0  # bridge-side cost of the tick; media.py adds its send time
+    hints_accepted: int = 0
+    hints_dropped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class StreamState:
+    stream_id: str
+    opted_out: bool = False
+    epoch: int = 0
+    next_seq: int = 0
+    new_epoch: bool = True  # the next AI frame opens a new epoch
+    backlog: deque = field(default_factory=deque)
+    hints: list[bytes] = field(default_factory=list)
+    last_hint: Any = None  # the latest accepted hint (parsed), for the media layer
+
+
+HintChecker = Callable[[str, bytes], Any]  # (stream_id, raw) -> parsed hint; raises ValueError
+
+
+class TickBatcher:
+    def __init__(
+        self,
+        codec: CodecClientLike,
+        *,
+        bridge_id: str = "bridge",
+        deadline_ms: float = 20.0,
+        bandwidth_kbps: float = 6.0,
+        max_backlog: int = 3,
+        hint_checker: HintChecker | None = None,
+        limiter: Any = None,
+        max_hints_per_tick: int = 16,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        bandwidth_codebooks(bandwidth_kbps)  # validates
+        self.codec = codec
+        self.bridge_id = bridge_id
+        self.deadline_ms = deadline_ms
+        self.bandwidth_kbps = bandwidth_kbps
+        self.max_backlog = max_backlog
+        self.hint_checker = hint_checker
+        self.limiter = limiter
+        self.max_hints_per_tick = max_hints_per_tick
+        self.clock = clock
+        self.streams: dict[str, StreamState] = {}
+        self.counters: Counter[str] = Counter()  # frames by "ai" / "fallback/<reason>"
+        self.hint_counters: Counter[str] = Counter()  # "accepted" / "dropped/<why>"
+        self.ticks = 0
+        self._started = asyncio.Event()
+        self._exited = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    # -- streams ---------------------------------------------------------------------------
+    def join(self, stream_id: str, opted_out: bool = False) -> StreamState:
+        st = self.streams.get(stream_id)
+        if st is None:
+            st = self.streams[stream_id] = StreamState(stream_id, opted_out=opted_out)
+        return st
+
+    def leave(self, stream_id: str) -> list[FrameOutcome]:
+        """Forget a stream; its still-pending chunks get `fallback/overload` outcomes."""
+        st = self.streams.pop(stream_id, None)
+        if st is None:
+            return []
+        out = [self._local(c, FallbackReason.OVERLOAD) for c in st.backlog]
+        st.backlog.clear()
+        return out
+
+    def push(self, chunk: Chunk) -> None:
+        if chunk.pcm24.shape != (CHUNK_SAMPLES,):
+            raise ValueError(f"chunk must hold {CHUNK_SAMPLES} samples, got {chunk.pcm24.shape}")
+        self.join(chunk.stream_id).backlog.append(chunk)
+
+    def add_hint(self, stream_id: str, raw: bytes) -> None:
+        st = self.streams.get(stream_id)
+        if st is None:
+            return
+        if len(st.hints) >= self.max_hints_per_tick:
+            # a flood beyond one tick's worth is dropped before any crypto work
+            self.hint_counters[f"dropped/{HintDrop.RATE_LIMITED.value}"] += 1
+            return
+        st.hints.append(raw)
+
+    # -- one tick --------------------------------------------------------------------------
+    def _local(self, chunk: Chunk, reason: FallbackReason) -> FrameOutcome:
+        st = self.streams.get(chunk.stream_id)
+        if st is not None and reason is not FallbackReason.OPTED_OUT:
+            st.new_epoch = True
+        fo = FrameOutcome(chunk, Outcome.FALLBACK, reason, 0, 0)
+        self.counters[fo.key] += 1
+        return fo
+
+    async def tick(self) -> TickReport:
+        t0 = time.perf_counter()
+        started_at = self.clock()
+        self.ticks += 1
+        frames: list[FrameOutcome] = []
+        send: list[tuple[StreamState, Chunk]] = []
+        for st in self.streams.values():
+            while len(st.backlog) > self.max_backlog:
+                frames.append(self._local(st.backlog.popleft(), FallbackReason.OVERLOAD))
+            if not st.backlog:
+                continue
+            chunk = st.backlog.popleft()
+            if st.opted_out:
+                frames.append(self._local(chunk, FallbackReason.OPTED_OUT))
+            else:
+                send.append((st, chunk))
+
+        hint_task = asyncio.ensure_future(self._check_hints())
+        codec_wait_ms = 0.0
+        if send:
+            batch = self._make_batch(send)
+            t_send = time.perf_counter()
+            result = await self._call_codec(batch)
+            codec_wait_ms = (time.perf_counter() - t_send) * 1000.0
+            frames.extend(self._apply(batch, result, send))
+        accepted, dropped = await hint_task
+        overhead_ms = (time.perf_counter() - t0) * 1000.0 - codec_wait_ms
+        return TickReport(
+            tick=self.ticks, started_at=started_at, frames=frames, batch_size=len(send),
+            codec_wait_ms=codec_wait_ms, overhead_ms=overhead_ms,
+            hints_accepted=accepted, hints_dropped=dropped,
+        )
+
+    def _make_batch(self, send: list[tuple[StreamState, Chunk]]) -> FrameBatch:
+        b = len(send)
+        epochs = np.empty(b, np.int64)
+        seqs = np.empty(b, np.int64)
+        pcm = np.empty((b, CHUNK_SAMPLES), np.float32)
+        for i, (st, chunk) in enumerate(send):
+            if st.new_epoch:
+                st.epoch += 1
+                st.next_seq = 0
+                st.new_epoch = False
+            epochs[i] = st.epoch
+            seqs[i] = st.next_seq
+            st.next_seq += 1
+            pcm[i] = chunk.pcm24
+        now = self.clock()
+        return FrameBatch(
+            op=Op.ENCODE,
+            bridge_id=self.bridge_id,
+            stream_ids=[st.stream_id for st, _ in send],
+            epochs=epochs,
+            epoch_seqs=seqs,
+            deadlines=np.full(b, now + self.deadline_ms / 1000.0),
+            sent_at=now,
+            pcm=pcm,
+            bandwidth_kbps=self.bandwidth_kbps,
+        )
+
+    async def _call_codec(self, batch: FrameBatch) -> BatchResult:
+        timeout = self.deadline_ms / 1000.0 + DEADLINE_GRACE_S
+        try:
+            return await asyncio.wait_for(self.codec.process(batch), timeout)
+        except asyncio.TimeoutError:
+            return BatchResult.all_fallback(batch, FallbackReason.DEADLINE)
+        except Exception as exc:  # the client promises not to raise; the media path must not stop
+            logger.warning(
+                "codec client raised %s; %d frames fall back", type(exc).__name__, len(batch)
+            )
+            return BatchResult.all_fallback(batch, FallbackReason.ERROR)
+
+    def _apply(
+        self, batch: FrameBatch, result: BatchResult, send: list[tuple[StreamState, Chunk]]
+    ) -> list[FrameOutcome]:
+        rows = {sid: i for i, sid in enumerate(result.stream_ids)} if result is not None else {}
+        n_q = bandwidth_codebooks(self.bandwidth_kbps)
+        out = []
+        for i, (st, chunk) in enumerate(send):
+            j = rows.get(st.stream_id)
+            epoch, seq = int(batch.epochs[i]), int(batch.epoch_seqs[i])
+            if j is None:
+                outcome, reason = Outcome.FALLBACK, FallbackReason.ERROR  # missing row
+            else:
+                outcome, reason = result.outcome(j)
+            codes = None
+            if outcome is Outcome.AI:
+                codes = None if result.codes is None else result.codes[j]
+                if codes is None or codes.shape[0] < n_q or not _codes_in_range(codes):
+                    outcome, reason, codes = Outcome.FALLBACK, FallbackReason.ERROR, None
+                else:
+                    codes = np.ascontiguousarray(codes[:n_q], dtype=np.int16)
+            if outcome is not Outcome.AI and st.stream_id in self.streams:
+                st.new_epoch = True  # the epoch rule: any fallback starts a new epoch
+            fo = FrameOutcome(chunk, outcome, reason, epoch, seq, codes)
+            self.counters[fo.key] += 1
+            out.append(fo)
+        return out
+
+    async def _check_hints(self) -> tuple[int, dict[str, int]]:
+        dropped: Counter[str] = Counter()
+        valid: dict[str, list[Any]] = {}
+        for st in self.streams.values():
+            if not st.hints:
+                continue
+            raws, st.hints = st.hints, []
+            for raw in raws:
+                if self.hint_checker is None:
+                    dropped[HintDrop.INVALID.value] += 1
+                    continue
+                try:
+                    valid.setdefault(st.stream_id, []).append(self.hint_checker(st.stream_id, raw))
+                except ValueError as exc:  # parse, tag, replay or stream binding failed
+                    why = getattr(exc, "reason", HintDrop.INVALID)
+                    dropped[getattr(why, "value", str(why))] += 1
+        accepted = 0
+        if valid:
+            ids = list(valid)
+            allowed = await self._allow(ids, [len(valid[s]) for s in ids])
+            for sid, n_ok in zip(ids, allowed, strict=False):
+                hints = valid[sid]
+                n_ok = max(0, min(int(n_ok), len(hints)))
+                accepted += n_ok
+                if len(hints) > n_ok:
+                    dropped[HintDrop.RATE_LIMITED.value] += len(hints) - n_ok
+                if n_ok and sid in self.streams:
+                    self.streams[sid].last_hint = hints[n_ok - 1]
+        self.hint_counters["accepted"] += accepted
+        for k, v in dropped.items():
+            self.hint_counters[f"dropped/{k}"] += v
+        return accepted, dict(dropped)
+
+    async def _allow(self, stream_ids: list[str], counts: list[int]) -> list[int]:
+        """One limiter call for all of the tick's hints; no limiter = everything allowed."""
+        if self.limiter is None:
+            return counts
+        res = self.limiter.allow(stream_ids, counts)
+        if inspect.isawaitable(res):
+            res = await res
+        allowed = getattr(res, "allowed", res)
+        return [int(a) for a in allowed]
+
+    # -- the periodic loop -----------------------------------------------------------------
+    async def run(self, on_report: Callable[[TickReport], Any], tick_s: float = 0.040) -> None:
+        """Tick every `tick_s` on a fixed schedule (a slow tick is not followed by a burst)."""
+        self._started.set()
+        try:
+            loop = asyncio.get_running_loop()
+            next_at = loop.time()
+            while True:
+                report = await self.tick()
+                res = on_report(report)
+                if inspect.isawaitable(res):
+                    await res
+                next_at += tick_s
+                now = loop.time()
+                if next_at < now:  # overran: skip missed slots, chunks wait in the backlog
+                    next_at = now
+                await asyncio.sleep(next_at - now)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._exited.set()
+
+    def start(self, on_report: Callable[[TickReport], Any], tick_s: float = 0.040) -> None:
+        self._task = asyncio.ensure_future(self.run(on_report, tick_s))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await self._started.wait()
+            self._task.cancel()
+            await self._exited.wait()
+            self._task = None
+
+
+def _codes_in_range(codes: np.ndarray) -> bool:
+    return codes.size == 0 or (int(codes.min()) >= 0 and int(codes.max()) < CODEBOOK_SIZE)
+
+
+class InProcessCodec:
+    """The codec-client contract served in-process by `models.StreamingEncodec` (tests, bench).
+
+    Same per-frame rules as a replica: a stream holds a state slot; `epoch_seq == 0` resets
+    it; a frame continuing an epoch this codec does not hold is answered `reset`; no free
+    slot is `overload`; a frame computed after its deadline is `deadline`.
+    """
+
+    def __init__(self, codec: Any, replica_id: str = "in-process") -> None:
+        self.codec = codec  # models.streaming.StreamingEncodec
+        self.replica_id = replica_id
+        self._slots: dict[str, int] = {}
+        self._epochs: dict[str, int] = {}
+        self._free = list(range(codec.capacity - 1, -1, -1))
+        # One worker thread: requests run in arrival order, so a request the bridge gave up
+        # on (deadline) still finishes before the next one touches the same slots.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec")
+
+    async def process(self, batch: FrameBatch) -> BatchResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.process_sync, batch)
+
+    async def leave(self, stream_ids: list[str]) -> None:
+        for s in stream_ids:
+            self._release(s)
+
+    def _release(self, stream_id: str) -> None:
+        self._epochs.pop(stream_id, None)
+        slot = self._slots.pop(stream_id, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def process_sync(self, batch: FrameBatch) -> BatchResult:
+        t_arrive = time.time()
+        try:
+            batch.validate()
+        except ValueError as exc:
+            return BatchResult.all_fallback(batch, FallbackReason.ERROR, self.replica_id, str(exc))
+        b = len(batch)
+        outcome = np.zeros(b, np.uint8)
+        run, fresh = [], []
+        for i, sid in enumerate(batch.stream_ids):
+            ep, seq = int(batch.epochs[i]), int(batch.epoch_seqs[i])
+            if seq == 0:
+                if sid not in self._slots:
+                    if not self._free:
+                        outcome[i] = reason_code(FallbackReason.OVERLOAD)
+                        continue
+                    self._slots[sid] = self._free.pop()
+                self._epochs[sid] = ep
+                fresh.append(self._slots[sid])
+                run.append(i)
+            elif self._epochs.get(sid) == ep:
+                run.append(i)
+            else:
+                outcome[i] = reason_code(FallbackReason.RESET)
+        n_q = bandwidth_codebooks(batch.bandwidth_kbps)
+        codes = np.zeros((b, n_q, batch.pcm.shape[1] // 320), np.int16)
+        t0 = time.time()
+        compute_ms = 0.0
+        if run:
+            idx = np.asarray(run)
+            slots = np.asarray([self._slots[batch.stream_ids[i]] for i in run], np.int64)
+            if fresh:
+                self.codec.reset_encoder(np.asarray(fresh, np.int64))
+            out = self.codec.encode(slots, batch.pcm_float()[idx], batch.bandwidth_kbps)
+            codes[idx] = np.asarray(out, np.int16)
+            t1 = time.time()
+            compute_ms = (t1 - t0) * 1000.0
+            late = idx[batch.deadlines[idx] < t1]
+            outcome[late] = reason_code(FallbackReason.DEADLINE)
+        for i in np.flatnonzero(outcome).tolist():
+            sid = batch.stream_ids[i]
+            if self._epochs.get(sid) == int(batch.epochs[i]):
+                del self._epochs[sid]  # the epoch is abandoned on fallback
+        return BatchResult(
+            stream_ids=list(batch.stream_ids),
+            outcome_codes=outcome,
+            epochs=batch.epochs.copy(),
+            queue_ms=np.full(b, (t0 - t_arrive) * 1000.0, np.float32),
+            compute_ms=np.full(b, compute_ms, np.float32),
+            codes=codes,
+            replica_id=self.replica_id,
+        )
+
+
+def random_streaming_codec(capacity: int, bandwidth_kbps: float = 6.0, seed: int = 1234) -> Any:
+    """`models.StreamingEncodec` over the 24 kHz EnCodec with random weights from `seed`
+    (tests and load tests: real compute, noise audio; nothing is downloaded)."""
+    import torch
+    from encodec import EncodecModel
+
+    from models.streaming import StreamingEncodec
+
+    torch.manual_seed(seed)
+    model = EncodecModel.encodec_model_24khz(pretrained=False).eval()
+    return StreamingEncodec(model, capacity=capacity, bandwidth_kbps=bandwidth_kbps)

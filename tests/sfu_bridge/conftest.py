@@ -1,0 +1,36 @@
+"""Fixtures for the bridge tests: one random-weight streaming codec per session, a secret."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sfu_bridge import rtp_ext
+
+rtp_ext.install()
+
+CLUSTER_SECRET = b"test-cluster-secret-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def streaming_codec():
+    """`models.StreamingEncodec` over random weights (seed 1234), 16 slots, 6 kbps."""
+    from sfu_bridge.tick import random_streaming_codec
+
+    return random_streaming_codec(capacity=16, bandwidth_kbps=6.0)
+
+
+@pytest.fixture(scope="session")
+def secret() -> bytes:
+    return CLUSTER_SECRET
+
+
+def _sine_chunk(freq: float, index: int, amp: float = 0.3, n: int = 960, rate: int = 24_000):
+    t = (np.arange(n) + index * n) / rate
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def sine_chunk():
+    """sine_chunk(freq, index) -> float32 [960]: chunk `index` of a continuous 24 kHz sine."""
+    return _sine_chunk

@@ -1,0 +1,170 @@
+"""Tick batcher: one batch per tick, one outcome per frame, the epoch rule, hint checks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from deployments.contract import BatchResult, FallbackReason, FrameBatch, Outcome
+from sfu_bridge.hint_auth import HintSigner, HintVerifier
+from sfu_bridge.hint_ext import Hint
+from sfu_bridge.tick import Chunk, InProcessCodec, TickBatcher
+
+
+class CountingClient:
+    """Wraps a real codec client and records the batches it was sent."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.batches: list[FrameBatch] = []
+
+    async def process(self, batch: FrameBatch) -> BatchResult:
+        self.batches.append(batch)
+        return await self.inner.process(batch)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_every_frame_gets_exactly_one_outcome(streaming_codec, sine_chunk):
+    client = CountingClient(InProcessCodec(streaming_codec))
+    tb = TickBatcher(client, deadline_ms=5_000, max_backlog=2)
+    tb.join("alice")
+    tb.join("bob")
+    tb.join("carol", opted_out=True)
+    pushed = 0
+    for i in range(2):
+        for sid in ("alice", "bob", "carol"):
+            tb.push(Chunk(sid, sine_chunk(440, i)))
+            pushed += 1
+    # bob floods: 5 more chunks, beyond the backlog of 2 -> the oldest are shed as overload
+    for i in range(5):
+        tb.push(Chunk("bob", sine_chunk(330, 10 + i)))
+        pushed += 1
+
+    async def ticks():
+        out = []
+        for _ in range(4):
+            out.append(await tb.tick())
+        return out
+
+    reports = run(ticks())
+    frames = [f for r in reports for f in r.frames]
+    assert len(frames) == pushed == sum(tb.counters.values())
+    # one codec request per tick with frames, never one per frame
+    assert len(client.batches) == sum(1 for r in reports if r.batch_size)
+    assert all(len(set(b.stream_ids)) == len(b.stream_ids) for b in client.batches)
+    assert "carol" not in {s for b in client.batches for s in b.stream_ids}
+    assert tb.counters["fallback/opted_out"] == 2
+    assert tb.counters["fallback/overload"] == 7 - 2  # 7 bob chunks, a backlog of 2 kept
+    for f in frames:
+        if f.outcome is Outcome.AI:
+            assert f.codes is not None and f.codes.shape == (8, 3)
+            assert f.codes.min() >= 0 and f.codes.max() < 1024
+        else:
+            assert f.codes is None and f.reason is not None
+
+
+def test_streaming_through_batcher_equals_one_pass(streaming_codec, sine_chunk):
+    """Three ticks of one stream give the codes of encoding the whole signal in one call."""
+    tb = TickBatcher(InProcessCodec(streaming_codec), deadline_ms=5_000)
+    chunks = [sine_chunk(220, i) for i in range(3)]
+
+    async def go():
+        codes = []
+        for c in chunks:
+            tb.push(Chunk("s", c))
+            (f,) = (await tb.tick()).frames
+            assert f.outcome is Outcome.AI, f.key
+            codes.append(f.codes)
+        return np.concatenate(codes, axis=1)
+
+    got = run(go())
+    streaming_codec.reset(np.array([15]))
+    want = np.asarray(streaming_codec.encode(np.array([15]), np.concatenate(chunks)[None, :]))[0]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_fallback_bumps_the_epoch_and_a_restarted_codec_answers_reset(streaming_codec, sine_chunk):
+    tb = TickBatcher(InProcessCodec(streaming_codec), deadline_ms=5_000)
+
+    async def step(i: int):
+        tb.push(Chunk("s", sine_chunk(440, i)))
+        (f,) = (await tb.tick()).frames
+        return f
+
+    async def go():
+        seen = [await step(0), await step(1)]
+        tb.deadline_ms = 0.0  # nothing can meet a zero deadline
+        seen.append(await step(2))
+        tb.deadline_ms = 5_000
+        seen.append(await step(3))
+        seen.append(await step(4))
+        tb.codec = InProcessCodec(streaming_codec, replica_id="restarted")  # holds no epoch
+        seen.append(await step(5))
+        seen.append(await step(6))
+        return seen
+
+    f = run(go())
+    assert [(x.epoch, x.epoch_seq, x.key) for x in f[:2]] == [(1, 0, "ai"), (1, 1, "ai")]
+    assert f[2].reason is FallbackReason.DEADLINE and f[2].epoch == 1
+    assert (f[3].epoch, f[3].epoch_seq, f[3].key) == (2, 0, "ai")  # new epoch after fallback
+    assert (f[4].epoch, f[4].epoch_seq) == (2, 1)
+    assert f[5].reason is FallbackReason.RESET and f[5].epoch == 2
+    assert (f[6].epoch, f[6].epoch_seq, f[6].key) == (3, 0, "ai")
+
+
+class RaisingClient:
+    async def process(self, batch):
+        raise ConnectionError("replica gone")
+
+
+class StuckClient:
+    async def process(self, batch):
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize(
+    "client,reason",
+    [(RaisingClient(), FallbackReason.ERROR), (StuckClient(), FallbackReason.DEADLINE)],
+)
+def test_broken_clients_become_fallbacks(client, reason, sine_chunk):
+    tb = TickBatcher(client, deadline_ms=5.0)
+    for s in ("a", "b"):
+        tb.push(Chunk(s, sine_chunk(100, 0)))
+    frames = run(tb.tick()).frames
+    assert [(f.outcome, f.reason) for f in frames] == [(Outcome.FALLBACK, reason)] * 2
+
+
+def test_hints_verified_and_counted_once_per_tick(streaming_codec, secret):
+    verifiers = {s: HintVerifier(secret, s) for s in ("a", "b")}
+    signer = HintSigner(secret)
+
+    class Limiter:  # counts calls; grants at most 2 hints per stream per call
+        calls = 0
+
+        def allow(self, ids, counts):
+            Limiter.calls += 1
+            return [min(c, 2) for c in counts]
+
+    tb = TickBatcher(
+        InProcessCodec(streaming_codec), deadline_ms=5_000,
+        hint_checker=lambda sid, raw: verifiers[sid].verify(sid, raw), limiter=Limiter(),
+    )
+    tb.join("a")
+    tb.join("b")
+    hint = Hint(model_id=1, bandwidth_kbps=6.0, epoch=1, seq=1)
+    good = [signer.sign("a", Hint(1, 6.0, 1, seq=i)) for i in range(1, 5)]
+    for raw in good:
+        tb.add_hint("a", raw)
+    tb.add_hint("a", good[0])  # replay
+    tb.add_hint("b", signer.sign("a", hint))  # signed for another stream
+    tb.add_hint("b", b"\x00" * 3)  # garbage
+    report = run(tb.tick())
+    assert Limiter.calls == 1
+    assert report.hints_accepted == 2
+    assert report.hints_dropped == {"rate_limited": 2, "replay": 1, "tag": 1, "size": 1}
+    assert tb.streams["a"].last_hint.seq == 2
