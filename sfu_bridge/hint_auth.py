@@ -1,0 +1,214 @@
+"""Authentication and replay protection of AIC hints (layout in hint_ext.py).
+
+- **Per-stream key** (RFC 5869 HKDF-SHA256): ``key = HKDF(salt=HKDF_SALT,
+  info=HKDF_INFO_PREFIX + stream_id (UTF-8), length=32)(cluster_secret)``. The key binds
+  the stream: a hint signed for stream A fails the tag on stream B. A publisher is given
+  its stream's key (never the cluster secret), so it can sign only its own stream.
+- **Tag**: the first 80 bits of ``HMAC-SHA256(key, index (6 bytes, big endian) || body)``
+  where ``body`` is the element's 6 bytes before the tag and ``index`` the 48-bit hint
+  index, of which only the low 24 bits travel (like SRTP's ROC, RFC 3711 section 3.3.1,
+  the high bits are authenticated but implicit). Compared in constant time.
+- **Replay** (RFC 3711 section 3.3.2): a sliding window of the last ``window`` indices
+  (default 128, at least 64) below the highest authenticated index, kept as a bitmask.
+  A hint is accepted once; older than the window or seen before is a replay. The window
+  moves only after the tag verified, so forged hints cannot advance it.
+
+Nothing here raises into the media path: ``HintVerifier.check`` returns the hint or None
+and counts the rejection by reason; ``verify`` is the raising form for tests and tools.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from sfu_bridge.hint_ext import (
+    HINT_BODY_BYTES,
+    HINT_BYTES,
+    HINT_INDEX_BITS,
+    HINT_SEQ_BITS,
+    HINT_SEQ_MASK,
+    HINT_TAG_BYTES,
+    Hint,
+    HintElement,
+)
+
+HKDF_SALT = b"auralink/aic-hint/v1"
+HKDF_INFO_PREFIX = b"auralink aic-hint v1 stream="
+KEY_BYTES = 32
+MIN_WINDOW = 64
+DEFAULT_WINDOW = 128
+_INDEX_BYTES = HINT_INDEX_BITS // 8
+_HALF = 1 << (HINT_SEQ_BITS - 1)
+_SPAN = 1 << HINT_SEQ_BITS
+_MAX_INDEX = (1 << HINT_INDEX_BITS) - 1
+
+
+def derive_stream_key(cluster_secret: bytes, stream_id: str) -> bytes:
+    """The stream's 256-bit hint key (HKDF-SHA256 with the stream id in `info`)."""
+    if not cluster_secret:
+        raise ValueError("cluster secret is empty")
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=KEY_BYTES,
+        salt=HKDF_SALT,
+        info=HKDF_INFO_PREFIX + stream_id.encode("utf-8"),
+    )
+    return hkdf.derive(cluster_secret)
+
+
+def compute_tag(key: bytes, index: int, body: bytes) -> bytes:
+    """80-bit truncated HMAC-SHA256 over the 48-bit index and the 6-byte body."""
+    mac = hmac.digest(key, index.to_bytes(_INDEX_BYTES, "big") + body, "sha256")
+    return mac[:HINT_TAG_BYTES]
+
+
+def estimate_index(highest: int | None, seq24: int) -> int:
+    """The 48-bit index nearest to `highest` whose low 24 bits are `seq24` (RFC 3711 A).
+
+    A receiver that has accepted nothing yet assumes the high bits are zero.
+    """
+    if highest is None:
+        return seq24
+    roc, s_l = highest >> HINT_SEQ_BITS, highest & HINT_SEQ_MASK
+    if s_l < _HALF:
+        v = roc - 1 if seq24 - s_l > _HALF and roc > 0 else roc
+    else:
+        v = roc + 1 if s_l - _HALF > seq24 else roc
+    return min((v << HINT_SEQ_BITS) | seq24, _MAX_INDEX)
+
+
+class HintRejection(str, enum.Enum):
+    SIZE = "size"  # the element is not exactly 16 bytes (or not bytes at all)
+    TAG = "tag"  # bad tag: forged, corrupted, or signed for another stream
+    FIELD = "field"  # authentic but a field value is invalid (e.g. bandwidth index 7)
+    REPLAY = "replay"  # index already seen or older than the window
+    STREAM = "stream"  # presented to the verifier of a different stream
+
+
+class HintRejected(ValueError):
+    def __init__(self, reason: HintRejection, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class ReplayWindow:
+    """RFC 3711 section 3.3.2 replay list: highest index and a bitmask of the ones below."""
+
+    size: int = DEFAULT_WINDOW
+    highest: int | None = None
+    mask: int = 0  # bit i set = index (highest - i) was accepted
+
+    def __post_init__(self) -> None:
+        if self.size < MIN_WINDOW:
+            raise ValueError(f"replay window {self.size} is below the minimum {MIN_WINDOW}")
+
+    def seen(self, index: int) -> bool:
+        """True if `index` must be rejected as a replay."""
+        if self.highest is None or index > self.highest:
+            return False
+        delta = self.highest - index
+        return delta >= self.size or bool((self.mask >> delta) & 1)
+
+    def accept(self, index: int) -> None:
+        if self.highest is None:
+            self.highest, self.mask = index, 1
+        elif index > self.highest:
+            shift = index - self.highest
+            self.mask = ((self.mask << shift) | 1) & ((1 << self.size) - 1) if shift < self.size else 1
+            self.highest = index
+        else:
+            self.mask |= 1 << (self.highest - index)
+
+
+class HintSigner:
+    """Signs hints: with the cluster secret (bridge, tools) or given stream keys (SDK)."""
+
+    def __init__(
+        self, cluster_secret: bytes | None = None, stream_keys: dict[str, bytes] | None = None
+    ) -> None:
+        self._secret = cluster_secret
+        self._keys: dict[str, bytes] = dict(stream_keys or {})
+
+    def stream_key(self, stream_id: str) -> bytes:
+        key = self._keys.get(stream_id)
+        if key is None:
+            if self._secret is None:
+                raise ValueError(f"no hint key for stream {stream_id!r} and no cluster secret")
+            key = self._keys[stream_id] = derive_stream_key(self._secret, stream_id)
+        return key
+
+    def sign(self, stream_id: str, hint: Hint) -> bytes:
+        """The 16-byte element data for `hint` (its `seq` is the 48-bit index)."""
+        element = HintElement.from_hint(hint)
+        body = element.body()
+        tag = compute_tag(self.stream_key(stream_id), hint.seq, body)
+        return body + tag
+
+
+@dataclass
+class HintVerifier:
+    """Verifies the hints of one stream: tag under its key, then its replay window.
+
+    Build it with the cluster secret (the key is derived) or with the stream key itself.
+    """
+
+    cluster_secret: bytes | None
+    stream_id: str
+    window: int = DEFAULT_WINDOW
+    key: bytes | None = None
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.key is None:
+            if self.cluster_secret is None:
+                raise ValueError("HintVerifier needs a cluster secret or a stream key")
+            self.key = derive_stream_key(self.cluster_secret, self.stream_id)
+        self.cluster_secret = None  # only the stream key is needed from here on
+        self.replay = ReplayWindow(self.window)
+        self.counters = {"accepted": 0, **{r.value: 0 for r in HintRejection}}
+
+    def verify(self, stream_id: str, data: bytes) -> Hint:
+        """The authentic, fresh hint in `data`, or HintRejected (a ValueError) with a reason."""
+        if stream_id != self.stream_id:
+            raise HintRejected(HintRejection.STREAM, "hint presented for another stream")
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise HintRejected(HintRejection.SIZE, f"hint data must be bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if len(data) != HINT_BYTES:
+            raise HintRejected(
+                HintRejection.SIZE, f"hint element is {len(data)} bytes, expected {HINT_BYTES}"
+            )
+        body, tag = data[:HINT_BODY_BYTES], data[HINT_BODY_BYTES:]
+        seq24 = int.from_bytes(body[3:6], "big")
+        index = estimate_index(self.replay.highest, seq24)
+        assert self.key is not None
+        if not hmac.compare_digest(compute_tag(self.key, index, body), tag):
+            raise HintRejected(HintRejection.TAG, "hint tag does not verify")
+        try:
+            element = HintElement.parse(data)
+        except ValueError as exc:
+            raise HintRejected(HintRejection.FIELD, str(exc)) from None
+        if self.replay.seen(index):
+            raise HintRejected(HintRejection.REPLAY, f"hint index {index} was already seen or is too old")
+        self.replay.accept(index)
+        return element.to_hint(index)
+
+    def check(self, stream_id: str, data: bytes) -> Hint | None:
+        """Counting form for the media path: the hint, or None with the reason counted."""
+        try:
+            hint = self.verify(stream_id, data)
+        except HintRejected as exc:
+            self.counters[exc.reason.value] += 1
+            return None
+        self.counters["accepted"] += 1
+        return hint
+
+    @property
+    def rejected(self) -> int:
+        return sum(v for k, v in self.counters.items() if k != "accepted")

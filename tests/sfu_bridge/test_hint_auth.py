@@ -1,0 +1,150 @@
+"""Hint keys, tags and the replay window: vectors computed independently, every rejection."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import pytest
+
+from sfu_bridge.hint_auth import (
+    HKDF_INFO_PREFIX,
+    HKDF_SALT,
+    HintRejected,
+    HintRejection,
+    HintSigner,
+    HintVerifier,
+    ReplayWindow,
+    derive_stream_key,
+    estimate_index,
+)
+from sfu_bridge.hint_ext import Hint
+
+SECRET = b"hint-test-cluster-secret-0123456789"
+
+
+def _hkdf_reference(secret: bytes, stream_id: str) -> bytes:
+    """RFC 5869 written out with hmac: extract, then one expand block (32 bytes)."""
+    prk = hmac.new(HKDF_SALT, secret, hashlib.sha256).digest()
+    info = HKDF_INFO_PREFIX + stream_id.encode()
+    return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
+
+
+def _hint(seq: int, epoch: int = 9) -> Hint:
+    return Hint(model_id=1, bandwidth_kbps=6.0, epoch=epoch, reset=False, seq=seq)
+
+
+def test_key_derivation_matches_rfc5869_and_binds_the_stream():
+    key_a = derive_stream_key(SECRET, "stream-a")
+    assert key_a == _hkdf_reference(SECRET, "stream-a")
+    assert key_a != derive_stream_key(SECRET, "stream-b")
+    assert key_a != derive_stream_key(SECRET + b"x", "stream-a")
+
+
+def test_tag_is_truncated_hmac_over_index_and_body():
+    key = derive_stream_key(SECRET, "s1")
+    data = HintSigner(SECRET).sign("s1", _hint(seq=(2 << 24) | 5))
+    body = data[:6]
+    expected = hmac.new(key, (2 << 24 | 5).to_bytes(6, "big") + body, hashlib.sha256).digest()[:10]
+    assert len(data) == 16 and data[6:] == expected
+    assert body[3:6] == (5).to_bytes(3, "big")  # only the low 24 bits travel
+
+
+def test_sign_verify_round_trip_and_stream_key_signer():
+    signer = HintSigner(SECRET)
+    client = HintSigner(stream_keys={"s1": derive_stream_key(SECRET, "s1")})
+    v = HintVerifier(SECRET, "s1")
+    for seq in range(5):
+        assert signer.sign("s1", _hint(seq)) == client.sign("s1", _hint(seq))
+        assert v.verify("s1", client.sign("s1", _hint(seq))) == _hint(seq)
+    with pytest.raises(ValueError, match="no hint key for stream 's2' and no cluster secret"):
+        client.sign("s2", _hint(0))
+
+
+def test_hint_for_another_stream_fails_the_tag():
+    v = HintVerifier(SECRET, "s1")
+    forged = HintSigner(SECRET).sign("s2", _hint(0))
+    with pytest.raises(HintRejected) as err:
+        v.verify("s1", forged)
+    assert err.value.reason is HintRejection.TAG and str(err.value) == "hint tag does not verify"
+
+
+@pytest.mark.parametrize(
+    "mutate, reason, message",
+    [
+        (lambda d: d[:-1], HintRejection.SIZE, "hint element is 15 bytes, expected 16"),
+        (lambda d: d + b"\x00", HintRejection.SIZE, "hint element is 17 bytes, expected 16"),
+        (lambda d: b"", HintRejection.SIZE, "hint element is 0 bytes, expected 16"),
+        (lambda d: d[:15] + bytes([d[15] ^ 1]), HintRejection.TAG, "hint tag does not verify"),
+        (lambda d: bytes([d[0] ^ 0x10]) + d[1:], HintRejection.TAG, "hint tag does not verify"),
+    ],
+)
+def test_rejections(mutate, reason, message):
+    v = HintVerifier(SECRET, "s1")
+    with pytest.raises(HintRejected) as err:
+        v.verify("s1", mutate(HintSigner(SECRET).sign("s1", _hint(0))))
+    assert err.value.reason is reason and str(err.value) == message
+
+
+def test_authentic_but_invalid_field_is_rejected():
+    key = derive_stream_key(SECRET, "s1")
+    body = bytes([0x1E, 0, 1, 0, 0, 0])  # bandwidth index 7
+    tag = hmac.new(key, (0).to_bytes(6, "big") + body, hashlib.sha256).digest()[:10]
+    with pytest.raises(HintRejected) as err:
+        HintVerifier(SECRET, "s1").verify("s1", body + tag)
+    assert err.value.reason is HintRejection.FIELD
+    assert str(err.value) == "hint bandwidth index 7 is invalid (0..4)"
+
+
+def test_stream_mismatch_and_non_bytes():
+    v = HintVerifier(SECRET, "s1")
+    data = HintSigner(SECRET).sign("s1", _hint(0))
+    with pytest.raises(HintRejected) as err:
+        v.verify("s2", data)
+    assert err.value.reason is HintRejection.STREAM
+    assert v.check("s1", None) is None and v.counters["size"] == 1  # type: ignore[arg-type]
+
+
+def test_replay_window_semantics():
+    signer, v = HintSigner(SECRET), HintVerifier(SECRET, "s1", window=64)
+    data = {i: signer.sign("s1", _hint(i)) for i in range(0, 200)}
+    assert v.check("s1", data[100]) is not None
+    assert v.check("s1", data[100]) is None  # exact replay
+    assert v.check("s1", data[37]) is not None  # 63 behind: inside the window, first time
+    assert v.check("s1", data[36]) is None  # 64 behind: too old
+    assert v.check("s1", data[99]) is not None and v.check("s1", data[99]) is None
+    assert v.check("s1", data[150]) is not None  # jump ahead
+    assert v.check("s1", data[100]) is None  # now 50 behind and already seen
+    assert v.check("s1", data[120]) is not None
+    assert v.counters == {"accepted": 5, "size": 0, "tag": 0, "field": 0, "replay": 4, "stream": 0}
+    assert v.rejected == 4
+
+
+def test_window_size_configurable_with_minimum():
+    w = ReplayWindow(128)
+    w.accept(1000)
+    assert not w.seen(1000 - 127) and w.seen(1000 - 128) and w.seen(1000)
+    with pytest.raises(ValueError, match="replay window 32 is below the minimum 64"):
+        ReplayWindow(32)
+
+
+def test_forged_hints_do_not_move_the_window():
+    v = HintVerifier(SECRET, "s1")
+    signer = HintSigner(SECRET)
+    assert v.check("s1", signer.sign("s1", _hint(10))) is not None
+    forged = HintSigner(b"wrong-secret-wrong-secret").sign("s1", _hint(5000))
+    assert v.check("s1", forged) is None and v.counters["tag"] == 1
+    assert v.replay.highest == 10
+    assert v.check("s1", signer.sign("s1", _hint(11))) is not None
+
+
+def test_index_estimation_across_the_24_bit_wrap():
+    top = (1 << 24) - 3  # just below a wrap of the low 24 bits
+    assert estimate_index(top, 1) == (1 << 24) + 1  # next roll-over
+    assert estimate_index(top, (1 << 24) - 10) == (1 << 24) - 10
+    assert estimate_index((1 << 24) + 2, (1 << 24) - 5) == (1 << 24) - 5  # late, previous roll
+    assert estimate_index(None, 77) == 77
+    signer, v = HintSigner(SECRET), HintVerifier(SECRET, "s1")
+    for seq in range((1 << 24) - 3, (1 << 24) + 3):
+        got = v.check("s1", signer.sign("s1", _hint(seq)))
+        assert got is not None and got.seq == seq
