@@ -48,7 +48,7 @@ class SchedulerConfig:
     margin_ms: float = 1.0  # slack kept between the predicted end of a step and a deadline
     max_queue: int = 4096  # frames waiting; beyond it new frames are shed `overload`
     # Skip up to this many head frames to form a more productive batch under overload.
-    max_head_skip: int = 64
+    max_head_skip: int = 128
 
     def __post_init__(self) -> None:
         if self.deadline_ms <= 0 or self.max_batch < 1 or self.margin_ms < 0 or self.max_queue < 1:
@@ -283,20 +283,27 @@ class EdfScheduler:
     def _choose_batch(
         self, cands: list[PendingFrame], now: float, margin_s: float
     ) -> tuple[int, int]:
-        """(start, size): run cands[start:start+size]. Start at the head unless skipping a few
-        head frames finishes more frames per ms of compute (only when the head limits)."""
+        """(start, size): run cands[start:start+size].
+
+        Default: the head-limited batch, cands[0:fit(0)]. Only when that batch is smaller than
+        the work waiting AND running it first would also shrink the next step (a cascade of
+        small steps, i.e. overload) are head frames skipped, and only if the skip finishes
+        clearly more frames per ms of compute."""
         cfg = self.config
         model = self.model
+        n = len(cands)
 
-        def fit(i: int) -> int:
-            # Largest k with now + L(k) + margin <= min deadline of cands[i:i+k]. In EDF order
+        def fit(i: int, at: float = now) -> int:
+            # Largest k with at + L(k) + margin <= min deadline of cands[i:i+k]. In EDF order
             # the min is cands[i]; a FIFO queue needs the running min, and feasibility stays
             # monotone in k, so a binary search over k works for both.
-            hi_k = min(len(cands) - i, cfg.max_batch)
+            hi_k = min(n - i, cfg.max_batch)
+            if hi_k <= 0:
+                return 0
             mins = list(itertools.accumulate((f.deadline for f in cands[i : i + hi_k]), min))
 
             def ok(k: int) -> bool:
-                return now + model.predict(k) / 1000.0 + margin_s <= mins[k - 1]
+                return at + model.predict(k) / 1000.0 + margin_s <= mins[k - 1]
 
             if not ok(1):
                 return 0
@@ -309,20 +316,40 @@ class EdfScheduler:
                     hi = mid
             return lo
 
-        best_start, best_size = 0, fit(0)
-        if best_size >= min(len(cands), cfg.max_batch):
-            return best_start, best_size  # the head does not limit the batch
-        best_rate = best_size / model.predict(best_size) if best_size else 0.0
-        # Try skipping 1, 2, 4, ... head frames (geometric: a step stays O(log n) model calls).
-        skip = 1
-        while skip < len(cands) and skip <= cfg.max_head_skip:
+        def full(i: int) -> int:
+            return min(n - i, cfg.max_batch)
+
+        k0 = fit(0)
+        if k0 >= full(0):
+            return 0, k0  # the head does not limit the batch
+        if k0 and fit(k0, now + model.predict(k0) / 1000.0) >= full(k0):
+            return 0, k0  # serving the head first costs the next step nothing
+        best_start, best_size = 0, k0
+        best_rate = k0 / model.predict(k0) if k0 else 0.0
+        # Skip points: geometric (1, 2, 4, ...) plus the first skip that yields a full batch
+        # (binary search; fit(s) grows with s as deadlines grow), all within max_head_skip.
+        limit = min(n - 1, cfg.max_head_skip)
+        skips = set()
+        s = 1
+        while s <= limit:
+            skips.add(s)
+            s *= 2
+        lo, hi = 0, limit + 1  # find the smallest s in [1, limit] with fit(s) >= full(s)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fit(mid) >= full(mid):
+                hi = mid
+            else:
+                lo = mid
+        if hi <= limit:
+            skips.add(hi)
+        for skip in sorted(skips):
             size = fit(skip)
             if size:
                 rate = size / model.predict(size)
                 # Require a clear gain so noise does not skip urgent frames.
                 if rate > best_rate * 1.1:
                     best_start, best_size, best_rate = skip, size, rate
-            skip *= 2
         return best_start, best_size
 
     def _forget(self, f: PendingFrame) -> None:

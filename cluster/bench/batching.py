@@ -1,0 +1,572 @@
+"""`auralink bench batching`: EDF deadline-aware batching vs Ray Serve `@serve.batch` vs none.
+
+One trace, one device, one model, every scheduler side by side:
+
+- Trace: N streams, one 960-sample chunk per stream every 40 ms. Streams are spread over
+  `--bridges` bridges with random tick phases; a bridge sends all its streams' chunks in one
+  request per tick, which reaches the replica after a transit jitter (uniform 0..`--jitter-ms`).
+  A frame's deadline is its bridge send time + `--deadline-ms`. To hit a load exactly with a
+  whole number of streams, each chunk is present with probability p (voice activity / DTX).
+- Schedulers:
+  `edf`          `deployments.scheduler.EdfScheduler`, its latency model seeded from the profile
+                 and updated from every measured step; late frames are answered fallback at once.
+  `serve_batch`  Ray Serve's `@serve.batch` semantics (ray 2.60 `serve/batching.py`), emulated
+                 in the same event loop: FIFO; a batch opens when the batcher takes its first
+                 item and closes at `max_batch_size` items or `batch_wait_timeout_s` after it
+                 opened; batches form while the previous one runs (compute off the event loop)
+                 and run one at a time (`max_concurrent_batches=1`). Items are single frames,
+                 its most favourable granularity. It has no notion of deadlines, so every frame
+                 is computed. The best (`max_batch_size`, `batch_wait_timeout_s`) of a grid is
+                 reported per load (highest goodput).
+  `none`         one frame per step, FIFO.
+- Compute:
+  `emulated`  a virtual clock; a step of B frames takes a time drawn from a log-normal fitted
+              to the profile's p50/p99 at B (interpolated). Deterministic given `--seed`, fast
+              for thousands of streams. The profile comes from `--profile` (a codec bench JSON
+              with `latency_profile_ms`) or is measured here from the real model.
+  `real`      the real `models.StreamingEncodec` encodes each batch on this machine; the same
+              virtual clock is advanced by the measured wall time of the step (and of the
+              scheduler's own decision), so idle gaps cost nothing but every step is real.
+- Capacity: the best throughput (frames/s at the mean step time) among batch sizes whose p99
+  step fits the deadline: max over B <= max_batch with p99(B) + margin + jitter <= deadline of
+  B / mean(B). No scheduler can answer more frames on time than that, so loads are fractions
+  of it.
+- Metrics per scheduler and load: miss_rate (frames not answered `ai` within their deadline,
+  of all frames), goodput_fps, p50/p99 latency (bridge send -> codes, frames answered `ai`),
+  wasted_compute_s (step time spent on frames that missed their deadline anyway, pro rata),
+  queue_max / queue_end (frames waiting, max over the run / when arrivals stop). The run stops
+  one deadline after the last arrival; frames still waiting then count as misses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cluster.bench.report import git_revision, machine_description, update_docs_section, write_json
+from deployments.contract import CHUNK_SAMPLES
+from deployments.latency_model import LatencyModel
+from deployments.scheduler import EdfScheduler, PendingFrame, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.040
+Z99 = 2.3263478740408408  # standard normal 99th percentile
+DEFAULT_JSON = Path(__file__).resolve().parents[2] / "docs" / "bench" / "batching.json"
+DEFAULT_PROFILE = Path(__file__).resolve().parents[2] / "docs" / "bench" / "codec.json"
+
+# Outcome codes per frame.
+AI_ON_TIME, AI_LATE, EXPIRED, SHED, UNANSWERED = range(5)
+
+
+# ------------------------------------------------------------------------------------ profile
+@dataclass
+class Profile:
+    """Step time by batch size: p50 and p99 in ms, measured on `device`."""
+
+    p50: dict[int, float]
+    p99: dict[int, float]
+    device: str
+    source: str
+    weights: str = "random"
+
+    def __post_init__(self) -> None:
+        self._sizes = sorted(self.p50)
+        if not self._sizes:
+            raise ValueError("empty latency profile")
+
+    def _interp(self, table: dict[int, float], b: int) -> float:
+        sizes = self._sizes
+        if b <= sizes[0]:
+            return table[sizes[0]]
+        if b >= sizes[-1]:
+            if len(sizes) == 1:
+                return table[sizes[0]] * b / sizes[0]
+            b0, b1 = sizes[-2], sizes[-1]
+        else:
+            i = bisect.bisect_right(sizes, b)
+            b0, b1 = sizes[i - 1], sizes[i]
+        m0, m1 = table[b0], table[b1]
+        return m0 + (m1 - m0) * (b - b0) / (b1 - b0)
+
+    def p50_ms(self, b: int) -> float:
+        return self._interp(self.p50, b)
+
+    def p99_ms(self, b: int) -> float:
+        return max(self._interp(self.p99, b), self.p50_ms(b))
+
+    def sigma(self, b: int) -> float:
+        return math.log(self.p99_ms(b) / self.p50_ms(b)) / Z99
+
+    def mean_ms(self, b: int) -> float:
+        return self.p50_ms(b) * math.exp(self.sigma(b) ** 2 / 2)
+
+    def sample_ms(self, b: int, rng: np.random.Generator) -> float:
+        return self.p50_ms(b) * math.exp(self.sigma(b) * rng.standard_normal())
+
+    def as_json(self) -> dict[str, dict[str, float]]:
+        return {str(b): {"p50": round(self.p50[b], 4), "p99": round(self.p99[b], 4)} for b in self._sizes}
+
+    @classmethod
+    def load(cls, path: Path) -> Profile:
+        """From a codec bench JSON: `latency_profile_ms` {batch: {"p50", "p99"}} (or {batch: ms})."""
+        data = json.loads(Path(path).read_text())
+        prof = data.get("latency_profile_ms")
+        if not isinstance(prof, dict) or not prof:
+            raise ValueError(f"{path} has no `latency_profile_ms` object")
+        p50, p99 = {}, {}
+        for k, v in prof.items():
+            b = int(k)
+            if isinstance(v, dict):
+                p50[b] = float(v["p50"])
+                p99[b] = float(v.get("p99", v["p50"]))
+            else:
+                p50[b] = p99[b] = float(v)
+        device = str(data.get("device", "unknown device"))
+        weights = str(data.get("weights", "unknown"))
+        return cls(p50, p99, device, f"{path}", weights)
+
+
+def build_codec(threads: int | None, capacity: int):
+    """The real streaming codec on CPU (random weights unless a checkpoint is installed)."""
+    try:
+        import torch
+
+        from models import StreamingEncodec, load_encodec
+    except ImportError as e:  # pragma: no cover - depends on the models package
+        raise SystemExit(f"real compute needs models.StreamingEncodec: {e}") from e
+    if threads:
+        torch.set_num_threads(threads)
+    model, info = load_encodec(allow_random=True, device="cpu")
+    codec = StreamingEncodec(model, capacity=capacity, device="cpu", bandwidth_kbps=6.0)
+    return codec, str(getattr(info.kind, "value", info.kind))
+
+
+class RealCompute:
+    """Encodes B chunks of noise with the real model; returns the measured step time (ms)."""
+
+    def __init__(self, codec: Any, max_batch: int, seed: int) -> None:
+        self.codec = codec
+        rng = np.random.default_rng(seed)
+        self.pcm = (0.1 * rng.standard_normal((max_batch, CHUNK_SAMPLES))).astype(np.float32)
+        self.slots = np.arange(max_batch)
+
+    def __call__(self, b: int) -> float:
+        # Slots 0..B-1: which slot a row uses does not change the step's cost.
+        t = time.perf_counter()
+        self.codec.encode(self.slots[:b], self.pcm[:b])
+        return (time.perf_counter() - t) * 1000.0
+
+
+def measure_profile(
+    compute: RealCompute, batches: list[int], reps: int, device: str, weights: str,
+    budget_s: float = 90.0,
+) -> Profile:
+    """p50/p99 of real steps per batch size (after warm-up); stops growing B past the budget."""
+    for b in batches[:2]:
+        for _ in range(3):
+            compute(b)
+    p50, p99 = {}, {}
+    t_end = time.monotonic() + budget_s
+    for b in batches:
+        xs = np.array([compute(b) for _ in range(reps)])
+        p50[b] = float(np.percentile(xs, 50))
+        p99[b] = float(np.percentile(xs, 99))
+        log.info("profile B=%d p50=%.2f ms p99=%.2f ms", b, p50[b], p99[b])
+        if time.monotonic() > t_end:
+            break
+    return Profile(p50, p99, device, "measured by `auralink bench batching`", weights)
+
+
+def capacity(profile: Profile, deadline_ms: float, margin_ms: float, jitter_ms: float,
+             max_batch: int, steps_in_deadline: int = 1) -> tuple[float, int]:
+    """(frames/s, B): best B / mean(B) among B whose p99 step fits the deadline."""
+    best, best_b = 0.0, 0
+    for b in range(1, max_batch + 1):
+        if steps_in_deadline * profile.p99_ms(b) + margin_ms + jitter_ms > deadline_ms:
+            break
+        fps = b / profile.mean_ms(b) * 1000.0
+        if fps > best:
+            best, best_b = fps, b
+    return best, best_b
+
+
+# ------------------------------------------------------------------------------------ trace
+@dataclass
+class Trace:
+    send: np.ndarray  # float64 [F] bridge send time (s)
+    arrival: np.ndarray  # float64 [F] arrival at the replica (s), non-decreasing
+    deadline: np.ndarray  # float64 [F]
+    stream: np.ndarray  # int64 [F]
+    seq: np.ndarray  # int64 [F]
+    duration_s: float
+    n_streams: int
+    offered_fps: float
+
+
+def make_trace(rate_fps: float, duration_s: float, bridges: int, jitter_ms: float,
+               deadline_ms: float, seed: int) -> Trace:
+    n_streams = max(1, math.ceil(rate_fps * TICK_S))
+    p_present = rate_fps * TICK_S / n_streams
+    rng = np.random.default_rng(seed)
+    bridge_of = np.arange(n_streams) % max(1, bridges)
+    phase = rng.uniform(0, TICK_S, size=max(1, bridges))
+    ticks = int(duration_s / TICK_S)
+    sends, arrs, streams, seqs = [], [], [], []
+    for k in range(ticks):
+        present = rng.random(n_streams) < p_present
+        for br in range(max(1, bridges)):
+            members = np.nonzero(present & (bridge_of == br))[0]
+            if not len(members):
+                continue
+            t_send = phase[br] + k * TICK_S
+            t_arr = t_send + rng.uniform(0, jitter_ms / 1000.0)
+            sends.append(np.full(len(members), t_send))
+            arrs.append(np.full(len(members), t_arr))
+            streams.append(members)
+            seqs.append(np.full(len(members), k))
+    send = np.concatenate(sends)
+    arr = np.concatenate(arrs)
+    order = np.argsort(arr, kind="stable")
+    send, arr = send[order], arr[order]
+    stream, seq = np.concatenate(streams)[order], np.concatenate(seqs)[order]
+    return Trace(send, arr, send + deadline_ms / 1000.0, stream, seq, ticks * TICK_S,
+                 n_streams, len(send) / (ticks * TICK_S))
+
+
+# ------------------------------------------------------------------------------------ runs
+@dataclass
+class RunLog:
+    """What happened to every frame, and the steps that ran."""
+
+    n: int
+    outcome: np.ndarray = field(init=False)
+    answer: np.ndarray = field(init=False)
+    steps: list[tuple[float, float, int, int]] = field(default_factory=list)  # start, end, B, late
+    wasted_s: float = 0.0
+    busy_s: float = 0.0
+    queue_max: int = 0
+    queue_end: int = 0
+
+    def __post_init__(self) -> None:
+        self.outcome = np.full(self.n, UNANSWERED, np.int8)
+        self.answer = np.full(self.n, np.nan)
+
+    def ran(self, idx: list[int] | np.ndarray, start: float, end: float, deadline: np.ndarray) -> None:
+        idx = np.asarray(idx, np.int64)
+        late = end > deadline[idx]
+        self.outcome[idx] = np.where(late, AI_LATE, AI_ON_TIME)
+        self.answer[idx] = end
+        n_late = int(late.sum())
+        self.steps.append((start, end, len(idx), n_late))
+        self.busy_s += end - start
+        self.wasted_s += (end - start) * n_late / len(idx)
+
+
+StepCost = Callable[[int], float]
+
+
+def run_edf(tr: Trace, step_ms: StepCost, profile: Profile, cfg: SchedulerConfig,
+            add_overhead: bool) -> RunLog:
+    rl = RunLog(len(tr.arrival))
+    model = LatencyModel.from_profile(profile.as_json())
+    sched = EdfScheduler(model, cfg)
+    t_stop = tr.duration_s + cfg.deadline_ms / 1000.0
+    k, n = 0, len(tr.arrival)
+    t = 0.0
+    queue_end_set = False
+    while t < t_stop:
+        while k < n and tr.arrival[k] <= t:
+            sched.add(PendingFrame(str(tr.stream[k]), 1, int(tr.seq[k]), float(tr.deadline[k]),
+                                   float(tr.arrival[k]), ref=k))
+            k += 1
+        if not queue_end_set and k == n:
+            rl.queue_end, queue_end_set = len(sched), True
+        rl.queue_max = max(rl.queue_max, len(sched))
+        c0 = time.perf_counter()
+        plan = sched.schedule(t)
+        overhead_s = time.perf_counter() - c0 if add_overhead else 0.0
+        for f in plan.expired:
+            rl.outcome[f.ref], rl.answer[f.ref] = EXPIRED, t
+        for f, _reason in plan.shed:
+            rl.outcome[f.ref], rl.answer[f.ref] = SHED, t
+        t += overhead_s
+        if plan.run:
+            ms = step_ms(len(plan.run))
+            end = t + ms / 1000.0
+            rl.ran([f.ref for f in plan.run], t, end, tr.deadline)
+            sched.complete(plan, ms)
+            t = end
+        elif k < n:
+            t = max(t, float(tr.arrival[k]))
+        elif not len(sched):
+            break
+        else:  # only frames waiting behind their stream's earlier frame: next decision
+            t += 0.0005
+    rl.queue_max = max(rl.queue_max, len(sched))
+    return rl
+
+
+def serve_batches(arrival: np.ndarray, max_batch_size: int, wait_s: float) -> list[tuple[float, int, int]]:
+    """@serve.batch's batch formation over a FIFO of items: (close time, first, end) per batch.
+
+    The batcher takes the first queued item (or waits for one), opens the batch then, and
+    closes it when it holds `max_batch_size` items or `wait_s` after opening, taking what has
+    arrived by then. It loops at once (batches queue for the executor), so formation depends
+    on arrivals only.
+    """
+    out = []
+    n = len(arrival)
+    i = 0
+    prev_close = 0.0
+    while i < n:
+        start = max(float(arrival[i]), prev_close)
+        full_at = float(arrival[i + max_batch_size - 1]) if i + max_batch_size - 1 < n else math.inf
+        close = max(start, full_at) if full_at <= start + wait_s else start + wait_s
+        j = min(bisect.bisect_right(arrival, close, lo=i), i + max_batch_size)
+        j = max(j, i + 1)
+        out.append((close, i, j))
+        prev_close = close
+        i = j
+    return out
+
+
+def run_fifo_batches(tr: Trace, step_ms: StepCost, batches: list[tuple[float, int, int]],
+                     deadline_ms: float) -> RunLog:
+    """Run formed batches one at a time in order; every frame is computed, late or not."""
+    rl = RunLog(len(tr.arrival))
+    t_stop = tr.duration_s + deadline_ms / 1000.0
+    free = 0.0
+    starts = []
+    for ready, i, j in batches:
+        start = max(free, ready)
+        if start >= t_stop:
+            break
+        ms = step_ms(j - i)
+        free = start + ms / 1000.0
+        rl.ran(np.arange(i, j), start, free, tr.deadline)
+        starts.append((start, j))
+    # Queue = frames arrived but not started, sampled at each step start and at the end of arrivals.
+    if starts:
+        st = np.array([s for s, _ in starts])
+        started = np.array([0] + [j for _, j in starts[:-1]])
+        arrived = np.searchsorted(tr.arrival, st, side="right")
+        rl.queue_max = int(max(0, (arrived - started).max()))
+    t_end_arr = float(tr.arrival[-1])
+    started_by_end = max((j for s, j in starts if s <= t_end_arr), default=0)
+    rl.queue_end = int(len(tr.arrival) - started_by_end)
+    return rl
+
+
+def summarize(rl: RunLog, tr: Trace) -> dict[str, Any]:
+    oc = rl.outcome
+    n = len(oc)
+    counts = {name: int((oc == code).sum()) for code, name in
+              ((AI_ON_TIME, "ai_on_time"), (AI_LATE, "ai_late"), (EXPIRED, "fallback_deadline"),
+               (SHED, "fallback_overload"), (UNANSWERED, "unanswered"))}
+    ai = (oc == AI_ON_TIME) | (oc == AI_LATE)
+    lat = (rl.answer[ai] - tr.send[ai]) * 1000.0
+    answered = ~np.isnan(rl.answer)
+    ans_lat = (rl.answer[answered] - tr.send[answered]) * 1000.0
+    sizes = [s[2] for s in rl.steps]
+    return {
+        "miss_rate": round(1.0 - counts["ai_on_time"] / n, 5) if n else 0.0,
+        "goodput_fps": round(counts["ai_on_time"] / tr.duration_s, 2),
+        "p50_ms": round(float(np.percentile(lat, 50)), 3) if len(lat) else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 3) if len(lat) else None,
+        "wasted_compute_s": round(rl.wasted_s, 4),
+        "answer_p99_ms": round(float(np.percentile(ans_lat, 99)), 3) if len(ans_lat) else None,
+        "busy_s": round(rl.busy_s, 3),
+        "mean_batch": round(float(np.mean(sizes)), 2) if sizes else 0.0,
+        "steps": len(sizes),
+        "queue_max": rl.queue_max,
+        "queue_end": rl.queue_end,
+        "frames": n,
+        **counts,
+    }
+
+
+# ------------------------------------------------------------------------------------ driver
+@dataclass
+class BenchConfig:
+    compute: str = "emulated"
+    loads: tuple[float, ...] = (0.5, 0.8, 0.95, 1.2)
+    duration_s: float = 10.0
+    deadline_ms: float = 20.0
+    margin_ms: float = 1.0
+    max_batch: int = 128
+    bridges: int = 8
+    jitter_ms: float = 2.0
+    seed: int = 0
+    serve_max_batch_sizes: tuple[int, ...] = ()  # empty: derived from the capacity batch
+    serve_wait_ms: tuple[float, ...] = (0.0, 2.0, 5.0, 10.0)
+
+
+def serve_grid(cfg: BenchConfig, cap_batch: int) -> list[tuple[int, float]]:
+    sizes = cfg.serve_max_batch_sizes or tuple(sorted({max(1, cap_batch // 2), max(1, cap_batch),
+                                                        min(cfg.max_batch, 2 * max(1, cap_batch))}))
+    return [(s, w / 1000.0) for s in sizes for w in cfg.serve_wait_ms]
+
+
+def run_bench(cfg: BenchConfig, profile: Profile, real: RealCompute | None) -> dict[str, Any]:
+    cap_fps, cap_b = capacity(profile, cfg.deadline_ms, cfg.margin_ms, cfg.jitter_ms, cfg.max_batch)
+    if cap_fps <= 0:
+        raise SystemExit(
+            f"no batch size fits a {cfg.deadline_ms} ms deadline on this profile "
+            f"(p99 at B=1 is {profile.p99_ms(1):.1f} ms): raise --deadline-ms or use a faster device")
+    half_fps, _ = capacity(profile, cfg.deadline_ms, cfg.margin_ms, cfg.jitter_ms, cfg.max_batch, 2)
+    peak = max(b / profile.mean_ms(b) * 1000.0 for b in range(1, cfg.max_batch + 1))
+    sched_cfg = SchedulerConfig(deadline_ms=cfg.deadline_ms, max_batch=cfg.max_batch,
+                                margin_ms=cfg.margin_ms, max_queue=1 << 20)
+    results: list[dict[str, Any]] = []
+    grid = serve_grid(cfg, cap_b)
+    for li, load in enumerate(cfg.loads):
+        tr = make_trace(load * cap_fps, cfg.duration_s, cfg.bridges, cfg.jitter_ms,
+                        cfg.deadline_ms, cfg.seed + li)
+
+        def step_fn(tag: int, li: int = li) -> StepCost:
+            if real is not None:
+                return real
+            rng = np.random.default_rng(cfg.seed * 1000 + li * 10 + tag)
+            return lambda b: profile.sample_ms(b, rng)
+
+        common = {"load": load, "offered_fps": round(tr.offered_fps, 2), "n_streams": tr.n_streams}
+        t0 = time.perf_counter()
+        edf = summarize(run_edf(tr, step_fn(0), profile, sched_cfg, add_overhead=real is not None), tr)
+        results.append({"scheduler": "edf", **common, **edf})
+        best: dict[str, Any] | None = None
+        for gi, (mbs, wait_s) in enumerate(grid):
+            rl = run_fifo_batches(tr, step_fn(1 + gi), serve_batches(tr.arrival, mbs, wait_s), cfg.deadline_ms)
+            s = summarize(rl, tr)
+            s["max_batch_size"], s["batch_wait_timeout_s"] = mbs, wait_s
+            if best is None or (s["goodput_fps"], -s["miss_rate"]) > (best["goodput_fps"], -best["miss_rate"]):
+                best = s
+        assert best is not None
+        best["grid"] = [[m, w] for m, w in grid]
+        results.append({"scheduler": "serve_batch", **common, **best})
+        none = summarize(run_fifo_batches(tr, step_fn(99), serve_batches(tr.arrival, 1, 0.0),
+                                          cfg.deadline_ms), tr)
+        results.append({"scheduler": "none", **common, **none})
+        log.info("load %.2f: %d streams, %.0f fps offered, edf miss %.4f goodput %.1f; "
+                 "serve_batch miss %.4f (bs=%d wait=%.3f); none miss %.4f  [%.1fs]",
+                 load, tr.n_streams, tr.offered_fps, edf["miss_rate"], edf["goodput_fps"],
+                 best["miss_rate"], best["max_batch_size"], best["batch_wait_timeout_s"],
+                 none["miss_rate"], time.perf_counter() - t0)
+    return {
+        "device": profile.device if real is None else machine_description(),
+        "compute": cfg.compute,
+        "weights": profile.weights,
+        "profile_source": profile.source,
+        "latency_profile_ms": profile.as_json(),
+        "capacity_fps": round(cap_fps, 2),
+        "capacity_batch": cap_b,
+        "capacity_definition": "max over B <= max_batch with p99(B) + margin + jitter <= deadline of B / mean step time(B)",
+        "half_deadline_capacity_fps": round(half_fps, 2),
+        "peak_fps": round(peak, 2),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "host": machine_description(),
+        "git": git_revision(),
+        "results": results,
+    }
+
+
+# ------------------------------------------------------------------------------------ docs
+def markdown(data: dict[str, Any], command: str) -> str:
+    c = data["config"]
+    lines = [
+        "## batching",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"- compute: **{data['compute']}**; step times from {data['device']} "
+        f"({data['profile_source']}); weights: {data['weights']}; run on {data['host']} at {data['git']}",
+        f"- trace: 40 ms chunks, {c['bridges']} bridges with random phases, transit jitter "
+        f"0-{c['jitter_ms']} ms, deadline {c['deadline_ms']} ms from bridge send, {c['duration_s']} s per run, seed {c['seed']}",
+        f"- capacity {data['capacity_fps']} frames/s (B={data['capacity_batch']}): "
+        f"{data['capacity_definition']}; device peak without deadline {data['peak_fps']} frames/s",
+        "- `serve_batch`: Ray Serve `@serve.batch` semantics emulated in the same loop, best "
+        "(max_batch_size, batch_wait_timeout_s) per load; `none`: one frame per step",
+        "",
+        "| load | scheduler | streams | miss rate | goodput fps | p50 ms | p99 ms | wasted compute s | mean batch | queue max / at end | params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["results"]:
+        params = (f"bs={r['max_batch_size']}, wait={r['batch_wait_timeout_s'] * 1000:g} ms"
+                  if r["scheduler"] == "serve_batch" else "")
+        lines.append(
+            f"| {r['load']:.0%} | {r['scheduler']} | {r['n_streams']} | {r['miss_rate']:.2%} | "
+            f"{r['goodput_fps']:.1f} | {r['p50_ms']} | {r['p99_ms']} | {r['wasted_compute_s']:.3f} | "
+            f"{r['mean_batch']} | {r['queue_max']} / {r['queue_end']} | {params} |")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
+    p.add_argument("--compute", choices=("emulated", "real"), default="emulated")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="codec bench JSON with latency_profile_ms (emulated; default: "
+                        "docs/bench/codec.json if present, else measure one here)")
+    p.add_argument("--loads", default="0.5,0.8,0.95,1.2", help="comma-separated fractions of capacity")
+    p.add_argument("--duration-s", type=float, default=None, help="trace length (default 10 emulated, 3 real)")
+    p.add_argument("--deadline-ms", type=float, default=20.0)
+    p.add_argument("--margin-ms", type=float, default=1.0)
+    p.add_argument("--max-batch", type=int, default=None, help="default 128 emulated, 16 real")
+    p.add_argument("--bridges", type=int, default=8)
+    p.add_argument("--jitter-ms", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads for real compute")
+    p.add_argument("--profile-reps", type=int, default=30, help="steps per batch size when measuring")
+    p.add_argument("--serve-wait-ms", default="0,2,5,10", help="batch_wait_timeout grid (ms)")
+    p.add_argument("--serve-max-batch", default="", help="max_batch_size grid (default from capacity)")
+    p.add_argument("--no-docs", action="store_true", help="do not refresh docs/benchmarks.md")
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in s.split(",") if x.strip())
+
+
+def run(args: argparse.Namespace) -> int:
+    real_mode = args.compute == "real"
+    max_batch = args.max_batch or (16 if real_mode else 128)
+    cfg = BenchConfig(
+        compute=args.compute, loads=_floats(args.loads),
+        duration_s=args.duration_s or (3.0 if real_mode else 10.0),
+        deadline_ms=args.deadline_ms, margin_ms=args.margin_ms, max_batch=max_batch,
+        bridges=args.bridges, jitter_ms=args.jitter_ms, seed=args.seed,
+        serve_max_batch_sizes=tuple(int(x) for x in _floats(args.serve_max_batch)),
+        serve_wait_ms=_floats(args.serve_wait_ms),
+    )
+    real: RealCompute | None = None
+    profile: Profile | None = None
+    profile_path = args.profile or (DEFAULT_PROFILE if DEFAULT_PROFILE.exists() and not real_mode else None)
+    if profile_path is not None and not real_mode:
+        profile = Profile.load(profile_path)
+    if profile is None or real_mode:
+        codec, weights = build_codec(args.threads, max_batch)
+        real = RealCompute(codec, max_batch, args.seed)
+        sizes = [b for b in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128) if b <= max_batch]
+        profile = measure_profile(real, sizes, args.profile_reps, machine_description(), weights)
+        if not real_mode:
+            real = None  # emulated: replay the profile just measured
+    data = run_bench(cfg, profile, real)
+    write_json(args.json, data)
+    cmd = "auralink bench batching --compute " + args.compute + (
+        f" --profile {args.profile}" if args.profile else "")
+    if not args.no_docs:
+        update_docs_section("batching", markdown(data, cmd))
+    for r in data["results"]:
+        print(f"{r['load']:>5.0%} {r['scheduler']:<12} miss {r['miss_rate']:.4f} goodput "
+              f"{r['goodput_fps']:.1f} p99 {r['p99_ms']} wasted {r['wasted_compute_s']:.3f} "
+              f"queue {r['queue_max']}/{r['queue_end']}")
+    print(f"capacity {data['capacity_fps']} fps; wrote {args.json}")
+    return 0
