@@ -1,0 +1,290 @@
+"""Hint rate limiter: GCRA (generic cell rate algorithm, ITU-T I.371), 100 hints/s per stream.
+
+Strategy and storage are separate:
+
+- `gcra_allow` is the math, shared by `MemoryGCRA` (explicit clock, for unit tests and
+  simulations) and mirrored line for line by ``lua/gcra.lua``;
+- `HintLimiter` runs that script on Redis for *all* of a bridge's streams in ONE call per
+  tick (``EVALSHA``; KEYS = per-stream keys, ARGV = interval, tolerance, per-stream counts).
+  Time comes from the server (``TIME``), never from a client clock.
+
+GCRA with emission interval ``T = 1/rate`` and tolerance ``tau = burst * T``: a stream's
+state is its theoretical arrival time ``tat``; at time ``now`` it may send
+``floor((tau - (max(tat, now) - now)) / T)`` hints, and each one sent adds ``T`` to ``tat``.
+A stream offering more than the rate gets exactly ``rate`` per second after an initial
+burst of ``burst``. Granting k hints in one step equals granting them one at a time at the
+same instant, so batching a tick changes no decision. ``T`` is rounded to whole
+microseconds (exact for 100/s).
+
+Keys are ``<prefix>:{<bridge_id>}:<stream_id>``. Redis Cluster runs a multi-key script
+only when all keys hash to one slot, so the hash tag is the *bridge*, not the stream: one
+call per tick stays legal, at the cost of placing one bridge's limiter keys on one shard
+(bounded: a bridge holds a few thousand streams; bridges spread over slots). A stream that
+moves to another bridge starts with fresh state (one extra burst at most), which is
+acceptable for a soft limit on hints.
+
+When Redis is unreachable the limiter never raises into the media path: ``fail_open=True``
+(default) lets every hint through, ``False`` drops them; either way it is counted, Redis is
+not retried for a short back-off (0.25 s doubling to 5 s) so a dead server costs one failed
+call per back-off rather than one per tick, and the next successful call closes the
+circuit. The connection pool reconnects by itself, and a ``NOSCRIPT`` reply (a restarted
+or flushed server) loads the script again and repeats the call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import redis
+from redis.exceptions import NoScriptError
+
+log = logging.getLogger(__name__)
+
+SCRIPT_VERSION = 1
+SCRIPT_PATH = Path(__file__).with_name("lua") / "gcra.lua"
+KEY_PREFIX = f"auralink:gcra{SCRIPT_VERSION}"
+DEFAULT_RATE_PER_S = 100.0
+DEFAULT_BURST = 10
+_MAX_CACHED_KEYS = 200_000
+_MAX_COUNT = 0xFFFF  # counts travel as uint16; more in one call are refused
+
+
+@dataclass(frozen=True)
+class GcraParams:
+    """Rate and burst in the integer microseconds the Lua script uses."""
+
+    interval_us: int
+    tolerance_us: int
+
+    @classmethod
+    def from_rate(cls, rate_per_s: float, burst: int) -> GcraParams:
+        if rate_per_s <= 0 or rate_per_s > 1_000_000:
+            raise ValueError(f"rate must be in (0, 1e6] per second, got {rate_per_s}")
+        if burst < 1:
+            raise ValueError(f"burst must be >= 1, got {burst}")
+        interval = max(1, round(1_000_000 / rate_per_s))
+        return cls(interval_us=interval, tolerance_us=interval * int(burst))
+
+
+def gcra_allow(
+    tat: np.ndarray, now_us: int, offered: np.ndarray, params: GcraParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised GCRA step: -> (allowed per stream, new tat). `tat` int64 µs, 0 = none."""
+    tat = np.maximum(np.asarray(tat, np.int64), now_us)
+    room = (params.tolerance_us - (tat - now_us)) // params.interval_us
+    allowed = np.clip(np.asarray(offered, np.int64), 0, np.maximum(room, 0))
+    return allowed, tat + allowed * params.interval_us
+
+
+class MemoryGCRA:
+    """The same GCRA in process memory with an explicit clock (tests, simulations)."""
+
+    def __init__(self, rate_per_s: float = DEFAULT_RATE_PER_S, burst: int = DEFAULT_BURST) -> None:
+        self.params = GcraParams.from_rate(rate_per_s, burst)
+        self._tat: dict[str, int] = {}
+
+    def allow(self, stream_ids: Sequence[str], counts: Sequence[int], now_s: float) -> np.ndarray:
+        now_us = int(round(now_s * 1_000_000))
+        tat = np.array([self._tat.get(s, 0) for s in stream_ids], np.int64)
+        allowed, new_tat = gcra_allow(tat, now_us, np.asarray(counts, np.int64), self.params)
+        for s, t, a in zip(stream_ids, new_tat.tolist(), allowed.tolist(), strict=True):
+            if a:
+                self._tat[s] = t
+        return allowed
+
+
+@dataclass
+class LimiterCounters:
+    calls: int = 0  # script calls that reached Redis
+    allowed: int = 0  # hints let through by a Redis decision
+    limited: int = 0  # hints refused by a Redis decision
+    errors: int = 0  # failed Redis calls (each opens the circuit)
+    skipped_calls: int = 0  # ticks decided without Redis because the circuit was open
+    fail_open: int = 0  # hints let through because Redis was unreachable
+    fail_closed: int = 0  # hints dropped because Redis was unreachable
+    recoveries: int = 0  # successful calls after a failure
+    last_error: str = ""
+    by_error: dict[str, int] = field(default_factory=dict)
+
+
+def _bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+class HintLimiter:
+    """Redis GCRA for all of one bridge's streams, one EVALSHA per `allow()` call.
+
+    `redis_client` should come from `sfu_bridge.redis_store.connect()` (short timeouts, no
+    retry back-off); any standalone redis-py client works (not a RedisCluster object: give
+    it a client for the node that owns the bridge's slot).
+
+    The call is packed by hand from cached per-stream key fragments and sent on a pooled
+    redis-py connection, because redis-py's generic packer costs microseconds per argument
+    and a tick carries thousands of streams.
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        rate_per_s: float = DEFAULT_RATE_PER_S,
+        burst: int = DEFAULT_BURST,
+        fail_open: bool = True,
+        bridge_id: str = "bridge",
+        prefix: str = KEY_PREFIX,
+        retry_after_s: float = 0.25,
+        max_retry_after_s: float = 5.0,
+    ) -> None:
+        if "{" in bridge_id or "}" in bridge_id or not bridge_id:
+            raise ValueError(f"bridge id {bridge_id!r} must be non-empty without braces (it is the hash tag)")
+        self.redis = redis_client
+        self.params = GcraParams.from_rate(rate_per_s, burst)
+        self.rate_per_s, self.burst = rate_per_s, burst
+        self.fail_open = fail_open
+        self.bridge_id = bridge_id
+        self.key_prefix = f"{prefix}:{{{bridge_id}}}:"
+        self.retry_after_s, self.max_retry_after_s = retry_after_s, max_retry_after_s
+        self.counters = LimiterCounters()
+        self.script = SCRIPT_PATH.read_text()
+        self.sha = hashlib.sha1(self.script.encode()).hexdigest()
+        self._params_frag = _bulk(b"%d" % self.params.interval_us) + _bulk(b"%d" % self.params.tolerance_us)
+        self._key_frags: dict[str, bytes] = {}
+        self._backoff_s = retry_after_s
+        self._retry_at = 0.0  # monotonic time before which Redis is not tried
+        self._failing = False
+        try:  # register once up front; NOSCRIPT later (restart, SCRIPT FLUSH) loads it again
+            self._load_script()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("hint limiter: could not load the GCRA script yet (%s); will retry", type(exc).__name__)
+
+    def _load_script(self) -> None:
+        sha = self.redis.script_load(self.script)
+        if isinstance(sha, bytes):
+            sha = sha.decode()
+        if sha != self.sha:
+            raise redis.ResponseError(f"SCRIPT LOAD returned {sha}, expected {self.sha}")
+
+    def key(self, stream_id: str) -> str:
+        return self.key_prefix + stream_id
+
+    def _key_frag(self, stream_id: str) -> bytes:
+        frag = self._key_frags.get(stream_id)
+        if frag is None:
+            if len(self._key_frags) >= _MAX_CACHED_KEYS:
+                self._key_frags.clear()
+            frag = self._key_frags[stream_id] = _bulk(self.key(stream_id).encode("utf-8"))
+        return frag
+
+    def pack_call(self, stream_ids: Sequence[str], offered: np.ndarray) -> bytes:
+        """The RESP bytes of one EVALSHA deciding `offered[i]` hints of `stream_ids[i]`."""
+        n = len(stream_ids)
+        counts = np.minimum(offered, _MAX_COUNT).astype(">u2").tobytes()
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (n + 6) + _bulk(self.sha.encode()) + _bulk(b"%d" % n)
+        frags = [self._key_frag(s) for s in stream_ids]
+        return b"".join((head, *frags, self._params_frag, _bulk(counts)))
+
+    def _roundtrip(self, packed: bytes, n_replies: int) -> list:
+        """Send pipelined commands on one pooled connection; replies or ResponseErrors."""
+        pool = self.redis.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([packed])
+            replies: list = []
+            for _ in range(n_replies):
+                try:
+                    replies.append(conn.read_response(disable_decoding=True))
+                except redis.ResponseError as exc:  # e.g. NOSCRIPT: keep reading the others
+                    replies.append(exc)
+            return replies
+        finally:
+            pool.release(conn)
+
+    def _evaluate(self, calls: list[tuple[Sequence[str], np.ndarray]]) -> list[np.ndarray]:
+        """Run several calls in one round trip (raises on Redis failure)."""
+        packed = b"".join(self.pack_call(ids, off) for ids, off in calls)
+        replies = self._roundtrip(packed, len(calls))
+        if any(isinstance(r, NoScriptError) for r in replies):
+            # A restarted or flushed server: load once, then redo only the failed calls.
+            self._load_script()
+            redo = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            again = self._roundtrip(b"".join(self.pack_call(*calls[i]) for i in redo), len(redo))
+            for i, r in zip(redo, again, strict=True):
+                replies[i] = r
+        out = []
+        for (ids, _), r in zip(calls, replies, strict=True):
+            if isinstance(r, Exception):
+                raise r
+            allowed = np.frombuffer(r, ">u2").astype(np.int64)
+            if allowed.shape != (len(ids),):
+                raise redis.ResponseError(f"gcra returned {allowed.shape[0]} decisions for {len(ids)} streams")
+            out.append(allowed)
+        return out
+
+    def allow(self, stream_ids: Sequence[str], counts: Sequence[int]) -> np.ndarray:
+        """How many of each stream's `counts` hints pass (int64 array). Never raises on I/O."""
+        return self.allow_ticks([(stream_ids, counts)])[0]
+
+    def allow_ticks(self, ticks: Sequence[tuple[Sequence[str], Sequence[int]]]) -> list[np.ndarray]:
+        """Several calls (e.g. ticks, or bridges' worth of streams) in ONE round trip."""
+        calls = []
+        for stream_ids, counts in ticks:
+            n = len(stream_ids)
+            if n != len(counts):
+                raise ValueError(f"{n} stream ids but {len(counts)} counts")  # caller bug, not I/O
+            calls.append((stream_ids, np.maximum(np.asarray(counts, np.int64).reshape(n), 0)))
+        todo = [c for c in calls if len(c[0])]
+        if not todo:
+            return [off for _, off in calls]
+        if time.monotonic() < self._retry_at:
+            self.counters.skipped_calls += 1
+            return [self._unreachable(off) for _, off in calls]
+        try:
+            results = iter(self._evaluate(todo))
+        except (redis.RedisError, OSError) as exc:
+            self._failed(exc)
+            return [self._unreachable(off) for _, off in calls]
+        out = []
+        for ids, off in calls:
+            allowed = next(results) if len(ids) else off
+            self.counters.calls += 1 if len(ids) else 0
+            total = int(allowed.sum())
+            self.counters.allowed += total
+            self.counters.limited += int(off.sum()) - total
+            out.append(allowed)
+        if self._failing:
+            self._failing = False
+            self._backoff_s = self.retry_after_s
+            self.counters.recoveries += 1
+            log.info("hint limiter: Redis reachable again")
+        return out
+
+    def _failed(self, exc: Exception) -> None:
+        name = type(exc).__name__
+        self.counters.errors += 1
+        self.counters.by_error[name] = self.counters.by_error.get(name, 0) + 1
+        self.counters.last_error = name
+        if not self._failing:
+            log.warning(
+                "hint limiter: Redis unreachable (%s); failing %s, retrying in %.2f s",
+                name, "open" if self.fail_open else "closed", self._backoff_s,
+            )
+        self._failing = True
+        self._retry_at = time.monotonic() + self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, self.max_retry_after_s)
+
+    def _unreachable(self, offered: np.ndarray) -> np.ndarray:
+        total = int(offered.sum())
+        if self.fail_open:
+            self.counters.fail_open += total
+            return offered.copy()
+        self.counters.fail_closed += total
+        return np.zeros_like(offered)
+
+    def retry_now(self) -> None:
+        """End the back-off so the next call tries Redis (operators, tests)."""
+        self._retry_at = 0.0

@@ -1,0 +1,215 @@
+"""GCRA hint limiter: the math on an explicit clock, then the Lua script on a real Redis."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from sfu_bridge import redis_store
+from sfu_bridge.limiter import (
+    KEY_PREFIX,
+    GcraParams,
+    HintLimiter,
+    MemoryGCRA,
+    gcra_allow,
+)
+from sfu_bridge.redis_store import EmbeddedRedis
+
+
+def _wait_for(cond, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+    return cond()
+
+
+# ---- the math (in-memory strategy, explicit clock) ------------------------------------------
+
+
+def test_memory_gcra_150_offered_gives_exactly_100_per_second():
+    lim = MemoryGCRA(rate_per_s=100, burst=10)
+    per_second = np.zeros(10, np.int64)
+    for tick in range(250):  # 10 s of 40 ms ticks, 6 hints each = 150/s
+        now = tick * 0.040
+        per_second[int(now)] += lim.allow(["s"], [6], now_s=1000 + now)[0]
+    assert per_second[0] == 10 + 96  # the burst, then 100/s over the 0.96 s its ticks span
+    assert per_second[1:].tolist() == [100] * 9
+
+
+def test_batch_equals_one_at_a_time():
+    params = GcraParams.from_rate(100, burst=7)
+    rng = np.random.default_rng(0)
+    tat = rng.integers(0, 200_000, size=50) + 1_000_000
+    offered = rng.integers(0, 12, size=50)
+    now = 1_050_000
+    batch, batch_tat = gcra_allow(tat, now, offered, params)
+    one_tat, one_allowed = tat.copy(), np.zeros(50, np.int64)
+    for i in range(50):
+        for _ in range(offered[i]):
+            a, t = gcra_allow(one_tat[i : i + 1], now, np.array([1]), params)
+            one_allowed[i] += a[0]
+            one_tat[i] = t[0] if a[0] else one_tat[i]
+    np.testing.assert_array_equal(batch, one_allowed)
+    np.testing.assert_array_equal(np.where(batch > 0, batch_tat, 0), np.where(batch > 0, np.maximum(one_tat, now), 0))
+
+
+@pytest.mark.parametrize(
+    "rate, burst, message",
+    [(0, 5, "rate must be in (0, 1e6] per second, got 0"), (100, 0, "burst must be >= 1, got 0")],
+)
+def test_params_rejected(rate, burst, message):
+    with pytest.raises(ValueError) as err:
+        GcraParams.from_rate(rate, burst)
+    assert str(err.value) == message
+
+
+# ---- the Lua script on a real (embedded) Redis ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = EmbeddedRedis().start()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture()
+def client(server):
+    c = server.client(socket_timeout=5.0)
+    c.flushall()
+    yield c
+    c.close()
+
+
+def test_redis_batch_equals_per_hint(client):
+    # 1 hint/s: the clock moves far less than one interval during the test, so both agree exactly
+    batch = HintLimiter(client, rate_per_s=1, burst=5, bridge_id="batch")
+    single = HintLimiter(client, rate_per_s=1, burst=5, bridge_id="single")
+    ids, offered = ["a", "b", "c", "d"], [3, 10, 0, 7]
+    got = batch.allow(ids, offered)
+    assert got.tolist() == [3, 5, 0, 5]
+    one = [sum(int(single.allow([s], [1])[0]) for _ in range(n)) for s, n in zip(ids, offered, strict=True)]
+    assert one == got.tolist()
+    assert batch.allow(ids, offered).tolist() == [2, 0, 0, 0]
+    assert batch.counters.calls == 2 and batch.counters.allowed == 15 and batch.counters.limited == 25
+
+
+def test_keys_are_prefixed_hash_tagged_and_expire(client):
+    lim = HintLimiter(client, rate_per_s=100, burst=10, bridge_id="bridge-7")
+    lim.allow(["s1", "s2"], [10, 1])
+    assert sorted(client.keys("*")) == [f"{KEY_PREFIX}:{{bridge-7}}:s1".encode(), f"{KEY_PREFIX}:{{bridge-7}}:s2".encode()]
+    assert 0 < client.pttl(lim.key("s1")) <= 100  # 10 hints x 10 ms of debt
+    assert 0 < client.pttl(lim.key("s2")) <= 10
+    with pytest.raises(ValueError, match="must be non-empty without braces"):
+        HintLimiter(client, bridge_id="a{b}")
+
+
+def test_redis_accuracy_150_offered_100_allowed_per_second(client):
+    """Offer 150 hints/s on Redis's clock for ~1.2 s: allowed = burst + 100/s x elapsed, +-2.
+
+    The script reads TIME itself, so elapsed time is bracketed by TIME reads around the
+    first and the last call (a descheduled test process widens the bracket, not the error).
+    """
+    lim = HintLimiter(client, rate_per_s=100, burst=10, bridge_id="acc")
+    ids = ["x", "y", "z"]
+
+    def redis_now() -> float:
+        s, us = client.time()
+        return s + us / 1e6
+
+    s0 = redis_now()
+    allowed = lim.allow(ids, [1] * 3)
+    s1 = redis_now()
+    offered = 1
+    while (elapsed := redis_now() - s0) < 1.2:
+        due = int(150 * elapsed) + 1
+        if due > offered:
+            allowed += lim.allow(ids, [due - offered] * 3)
+            offered = due
+    t_a = redis_now()
+    allowed += lim.allow(ids, [20] * 3)  # more than is due: the count shows the limit itself
+    t_b = redis_now()
+    low, high = 10 + 100 * (t_a - s1), 10 + 100 * (t_b - s0)
+    assert np.all(allowed >= low - 2) and np.all(allowed <= high + 2), (allowed, low, high)
+    assert lim.counters.limited > 0.25 * lim.counters.allowed  # 150 offered: a third refused
+
+
+def test_counts_above_uint16_are_refused(client):
+    lim = HintLimiter(client, rate_per_s=1_000_000, burst=100_000, bridge_id="big")
+    assert lim.allow(["s"], [70_000]).tolist() == [65_535]
+    assert lim.allow([], []).tolist() == []
+    with pytest.raises(ValueError, match="2 stream ids but 1 counts"):
+        lim.allow(["a", "b"], [1])
+
+
+def test_pipelined_ticks_in_one_round_trip(client):
+    lim = HintLimiter(client, rate_per_s=1, burst=4, bridge_id="pipe")
+    out = lim.allow_ticks([(["a"], [3]), ([], []), (["a", "b"], [3, 1])])
+    assert [o.tolist() for o in out] == [[3], [], [1, 1]]
+
+
+def test_noscript_reloads_the_script(client):
+    lim = HintLimiter(client, rate_per_s=1, burst=3, bridge_id="flush")
+    assert lim.allow(["s"], [1]).tolist() == [1]
+    client.script_flush()
+    assert lim.allow(["s"], [5]).tolist() == [2]
+    assert lim.counters.errors == 0 and client.script_exists(lim.sha) == [True]
+
+
+# ---- Redis unreachable: fail-open / fail-closed, recovery ----------------------------------
+
+
+@pytest.fixture()
+def own_server(tmp_path):
+    srv = EmbeddedRedis(tmp_path / "r").start()
+    yield srv
+    srv.close()
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+def test_unreachable_redis_is_counted_never_raised_and_recovers(own_server, fail_open):
+    lim = HintLimiter(own_server.client(), rate_per_s=1, burst=2, fail_open=fail_open, retry_after_s=0.05)
+    assert lim.allow(["s"], [5]).tolist() == [2]
+    own_server.stop()
+    got = lim.allow(["s", "t"], [3, 4])
+    assert got.tolist() == ([3, 4] if fail_open else [0, 0])
+    assert lim.counters.errors == 1
+    assert lim.allow(["s"], [1]).tolist() == ([1] if fail_open else [0])  # inside the back-off
+    assert lim.counters.skipped_calls == 1
+    key = "fail_open" if fail_open else "fail_closed"
+    assert getattr(lim.counters, key) == 8
+
+    own_server.start()  # a fresh server: empty script cache, empty state
+    assert _wait_for(lambda: lim.allow(["s"], [5]).tolist() == [2])
+    assert lim.counters.recoveries == 1 and lim.counters.last_error
+
+
+def test_limiter_built_while_redis_is_down(tmp_path):
+    srv = EmbeddedRedis(tmp_path / "late")
+    try:
+        lim = HintLimiter(srv.client(), rate_per_s=1, burst=2, retry_after_s=0.01)
+        assert lim.allow(["s"], [3]).tolist() == [3]  # fail-open
+        srv.start()
+        assert _wait_for(lambda: lim.allow(["s"], [3]).tolist() == [2])
+    finally:
+        srv.close()
+
+
+def test_connect_uses_redis_url_else_embedded(monkeypatch, server):
+    monkeypatch.setenv("REDIS_URL", server.url)
+    c = redis_store.connect()
+    assert c.ping() and c.connection_pool.connection_kwargs["path"] == server.socket_path
+    monkeypatch.delenv("REDIS_URL")
+    monkeypatch.setattr(redis_store, "_embedded", None)
+    c2 = redis_store.connect()
+    try:
+        assert c2.ping() and redis_store._embedded is not None
+        assert redis_store._embedded.socket_path != server.socket_path
+    finally:
+        redis_store._embedded.close()
+    with pytest.raises(redis.ConnectionError):
+        c2.ping()
