@@ -1,0 +1,1 @@
+"""Versioned Redis Lua scripts (package data, loaded by path at run time)."""
