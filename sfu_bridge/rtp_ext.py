@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiortc import codecs as _codecs
 from aiortc import rtcrtpreceiver as _receiver
@@ -133,6 +134,24 @@ def install() -> None:
         )
     _receiver.get_decoder = _get_decoder
     _installed = True
+
+
+def tap_receiver(receiver: Any, on_packet: Callable[[_rtp.RtpPacket], bool]) -> None:
+    """Let `on_packet` see each RTP packet a receiver gets, before aiortc's jitter buffer;
+    a packet it returns True for is consumed there.
+
+    Needed by a subscriber that gets AIC and Opus packets interleaved on one SSRC: aiortc's
+    audio path assigns each reassembled frame the payload type of the packet that completed
+    it (the next one), so frames at a codec switch would reach the wrong decoder.
+    """
+    original = receiver._handle_rtp_packet
+
+    async def handle(packet: _rtp.RtpPacket, arrival_time_ms: int) -> None:
+        if on_packet(packet):
+            return
+        await original(packet, arrival_time_ms=arrival_time_ms)
+
+    receiver._handle_rtp_packet = handle
 
 
 def transport_extensions_map(pc_transceiver) -> AicHeaderExtensionsMap:

@@ -327,21 +327,28 @@ class TickBatcher:
 
     # -- the periodic loop -----------------------------------------------------------------
     async def run(self, on_report: Callable[[TickReport], Any], tick_s: float = 0.040) -> None:
-        """Tick every `tick_s` on a fixed schedule (a slow tick is not followed by a burst)."""
+        """Tick every `tick_s` on a fixed schedule; a late tick is caught up, a stall is not."""
         self._started.set()
         try:
             loop = asyncio.get_running_loop()
             next_at = loop.time()
             while True:
                 report = await self.tick()
-                res = on_report(report)
-                if inspect.isawaitable(res):
-                    await res
+                try:
+                    res = on_report(report)
+                    if inspect.isawaitable(res):
+                        await res
+                except Exception:  # one bad tick must not stop the media path
+                    self.counters["tick_errors"] += 1
+                    logger.exception("tick %d: delivering outcomes failed", report.tick)
                 next_at += tick_s
                 now = loop.time()
-                if next_at < now:  # overran: skip missed slots, chunks wait in the backlog
+                if next_at < now - self.max_backlog * tick_s:
+                    # far behind (a stall): resume the schedule from now; the backlog limit
+                    # already shed what could not be caught up
                     next_at = now
-                await asyncio.sleep(next_at - now)
+                # a little behind: the next tick runs at once, catching up one chunk per tick
+                await asyncio.sleep(max(0.0, next_at - now))
         except asyncio.CancelledError:
             pass
         finally:

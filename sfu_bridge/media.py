@@ -1,0 +1,408 @@
+"""The bridge's media path on aiortc.
+
+publisher track (aiortc decodes Opus to 48 kHz PCM)
+  -> `Chunker`: 48 kHz mono (for Opus out) and 24 kHz mono float (codec in), 40 ms chunks
+  -> `TickBatcher` (tick.py): one FrameBatch per tick, one outcome per frame
+  -> `MediaBridge.dispatch`: per stream, AIC subscribers get an AIC RTP payload for `ai`
+     frames; legacy subscribers, and everyone on fallback frames, get Opus (32 kbps, 20 ms).
+
+Outbound RTP is written by `RtpOut` straight onto the connection's DTLS transport: aiortc's
+own sender sends one codec from one track, while a subscriber here switches between AIC and
+Opus packet by packet on one SSRC (both use a 48 kHz RTP clock, so timestamps run on). The
+transceiver's aiortc sender stays trackless: it owns the SSRC announced in SDP and RTCP.
+
+`UdpMeter` counts the bytes that cross a peer connection's UDP sockets (RTP, RTCP, STUN),
+which is what the wire-bitrate figures report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+import numpy as np
+from aiortc import RTCPeerConnection
+from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcrtpparameters import RTCRtpParameters
+from aiortc.rtp import RtpPacket
+from aiortc.utils import random16, random32
+
+from deployments.contract import CHUNK_SAMPLES, Outcome, bandwidth_codebooks
+from models.opus import OpusCodec
+from sfu_bridge import rtp_ext
+from sfu_bridge.aic_payload import AicPayload
+from sfu_bridge.tick import Chunk, FrameOutcome, TickBatcher, TickReport
+
+logger = logging.getLogger(__name__)
+
+RTP_CLOCK = 48_000
+CHUNK_48K = CHUNK_SAMPLES * 2  # 1920 samples = 40 ms at 48 kHz
+OPUS_FRAME_48K = 960  # 20 ms Opus packets, as WebRTC sends them
+IP_UDP_HEADER_BYTES = 28  # IPv4 (20) + UDP (8), added to UDP payload bytes for wire rates
+
+
+class Chunker:
+    """aiortc audio frames (any rate/layout) -> 40 ms `Chunk`s at 24 kHz and 48 kHz mono."""
+
+    def __init__(self, stream_id: str) -> None:
+        self.stream_id = stream_id
+        self._r24 = av.AudioResampler(format="flt", layout="mono", rate=24_000)
+        self._r48 = av.AudioResampler(format="flt", layout="mono", rate=RTP_CLOCK)
+        self._b24: list[np.ndarray] = []
+        self._b48: list[np.ndarray] = []
+        self._n24 = 0
+        self._n48 = 0
+        self.chunks = 0
+
+    def add(self, frame: av.AudioFrame) -> list[Chunk]:
+        for f in self._r24.resample(frame):
+            a = f.to_ndarray().reshape(-1)
+            self._b24.append(a)
+            self._n24 += a.size
+        for f in self._r48.resample(frame):
+            a = f.to_ndarray().reshape(-1)
+            self._b48.append(a)
+            self._n48 += a.size
+        out = []
+        while self._n24 >= CHUNK_SAMPLES and self._n48 >= CHUNK_48K:
+            pcm24 = self._take(self._b24, CHUNK_SAMPLES)
+            pcm48 = self._take(self._b48, CHUNK_48K)
+            self._n24 -= CHUNK_SAMPLES
+            self._n48 -= CHUNK_48K
+            out.append(Chunk(self.stream_id, pcm24, self.chunks * CHUNK_48K, pcm48, time.time()))
+            self.chunks += 1
+        return out
+
+    @staticmethod
+    def _take(buf: list[np.ndarray], n: int) -> np.ndarray:
+        joined = np.concatenate(buf) if len(buf) > 1 else buf[0]
+        buf.clear()
+        if joined.size > n:
+            buf.append(joined[n:])
+        return np.ascontiguousarray(joined[:n], dtype=np.float32)
+
+
+class RtpOut:
+    """Writes one outbound audio stream (one SSRC) onto a negotiated transceiver's transport."""
+
+    def __init__(self, transceiver: Any) -> None:
+        self.transceiver = transceiver
+        self.ssrc: int = transceiver.sender._ssrc
+        self.mid: str | None = transceiver.mid
+        codecs = transceiver._codecs
+        self.opus_pt = next((c.payloadType for c in codecs if c.name.lower() == "opus"), None)
+        self.aic_pt = next((c.payloadType for c in codecs if rtp_ext.is_aic(c)), None)
+        self.ext_map = rtp_ext.AicHeaderExtensionsMap()
+        self.ext_map.configure(RTCRtpParameters(headerExtensions=list(transceiver._headerExtensions)))
+        self._seq = random16() % 32768  # lower half: avoids an early wrap, like aiortc
+        self._ts0 = random32()
+        self.packets = 0
+        self.payload_bytes = 0
+
+    @property
+    def aic(self) -> bool:
+        return self.aic_pt is not None
+
+    async def send(
+        self, payload_type: int, payload: bytes, timestamp: int, hint: bytes | None = None
+    ) -> bool:
+        pkt = RtpPacket(
+            payload_type=payload_type,
+            sequence_number=self._seq,
+            timestamp=(self._ts0 + timestamp) & 0xFFFFFFFF,
+            ssrc=self.ssrc,
+            payload=payload,
+        )
+        pkt.extensions.mid = self.mid
+        pkt.extensions.aic_hint = hint
+        self._seq = (self._seq + 1) & 0xFFFF
+        try:
+            await self.transceiver.sender.transport._send_rtp(pkt.serialize(self.ext_map))
+        except ConnectionError:
+            return False
+        self.packets += 1
+        self.payload_bytes += len(payload)
+        return True
+
+
+def datagram_kind(data: bytes) -> str:
+    """Classify a UDP datagram of a WebRTC connection (RFC 7983 demux): 'rtp/<pt>', 'rtcp',
+    'dtls' or 'stun'. SRTP leaves the RTP header in the clear, so the payload type is
+    readable on the wire."""
+    if len(data) >= 2 and 128 <= data[0] <= 191:
+        pt = data[1] & 0x7F
+        return "rtcp" if 64 <= pt <= 95 else f"rtp/{pt}"
+    if data and 20 <= data[0] <= 63:
+        return "dtls"
+    return "stun"
+
+
+class UdpMeter:
+    """Counts datagrams and bytes on a peer connection's UDP sockets, by kind (`datagram_kind`)."""
+
+    def __init__(self) -> None:
+        self.rx: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # kind -> [datagrams, bytes]
+        self.tx: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        self._t0 = time.monotonic()
+
+    def attach(self, pc: RTCPeerConnection) -> UdpMeter:
+        seen: set[int] = set()
+        for t in pc.getTransceivers():
+            conn = t.receiver.transport.transport._connection  # aioice.Connection
+            if id(conn) in seen:
+                continue
+            seen.add(id(conn))
+            for proto in conn._protocols:
+                self._wrap(proto)
+        return self
+
+    def _wrap(self, proto: Any) -> None:
+        recv, transport = proto.datagram_received, proto.transport
+        send = transport.sendto
+
+        def datagram_received(data: bytes, addr: Any) -> None:
+            c = self.rx[datagram_kind(data)]
+            c[0] += 1
+            c[1] += len(data)
+            recv(data, addr)
+
+        def sendto(data: bytes, addr: Any = None) -> None:
+            c = self.tx[datagram_kind(data)]
+            c[0] += 1
+            c[1] += len(data)
+            send(data, addr)
+
+        proto.datagram_received = datagram_received
+        transport.sendto = sendto
+
+    def reset(self) -> None:
+        self.rx.clear()
+        self.tx.clear()
+        self._t0 = time.monotonic()
+
+    def totals(self, direction: str = "rx", kinds: tuple[str, ...] | None = None) -> tuple[int, int]:
+        """(datagrams, bytes incl. IPv4+UDP headers) of the given kinds (None = all)."""
+        table = self.rx if direction == "rx" else self.tx
+        n = b = 0
+        for kind, (dn, db) in table.items():
+            if kinds is None or kind in kinds:
+                n += dn
+                b += db + dn * IP_UDP_HEADER_BYTES
+        return n, b
+
+    def kbps(self, direction: str = "rx", kinds: tuple[str, ...] | None = None) -> float:
+        """Average wire rate since attach/reset in kbit/s, IPv4+UDP headers included."""
+        elapsed = max(time.monotonic() - self._t0, 1e-9)
+        return self.totals(direction, kinds)[1] * 8 / elapsed / 1000.0
+
+    def bytes_per_datagram(self, direction: str, kind: str) -> float:
+        n, b = self.totals(direction, (kind,))
+        return b / n if n else 0.0
+
+
+@dataclass
+class Subscriber:
+    session_id: str
+    stream_id: str
+    user: str
+    pc: RTCPeerConnection | None
+    out: RtpOut
+    sent_by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    @property
+    def aic(self) -> bool:
+        return self.out.aic
+
+
+@dataclass
+class Publisher:
+    session_id: str
+    stream_id: str
+    user: str
+    pc: RTCPeerConnection | None
+    opus_slot: int
+    chunker: Chunker
+    task: asyncio.Task | None = None
+
+
+class MediaBridge:
+    """One worker's media plane: publishers, subscribers, the tick loop and the fan-out."""
+
+    def __init__(
+        self,
+        batcher: TickBatcher,
+        *,
+        max_streams: int = 2_000,
+        opus_bitrate: int = 32_000,
+        tick_s: float = 0.040,
+    ) -> None:
+        rtp_ext.install()
+        self.batcher = batcher
+        self.tick_s = tick_s
+        self.n_q = bandwidth_codebooks(batcher.bandwidth_kbps)
+        self.opus = OpusCodec(max_streams, sample_rate=RTP_CLOCK, frame_ms=20, bitrate=opus_bitrate)
+        self._free_slots = list(range(max_streams - 1, -1, -1))
+        self.publishers: dict[str, Publisher] = {}  # by stream id
+        self.subscribers: dict[str, dict[str, Subscriber]] = defaultdict(dict)  # stream -> sid -> sub
+        self.sessions: dict[str, Publisher | Subscriber] = {}
+        self.packets_by_kind: dict[str, int] = defaultdict(int)  # "aic" / "opus"
+        self.last_reports: list[TickReport] = []
+        self.overheads_ms: list[float] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.batcher.start(self.dispatch, self.tick_s)
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        for sid in list(self.sessions):
+            await self.end_session(sid)
+
+    @property
+    def full(self) -> bool:
+        return not self._free_slots
+
+    # -- publishers ------------------------------------------------------------------------
+    def add_publisher(
+        self, stream_id: str, user: str, pc: RTCPeerConnection | None, opted_out: bool = False
+    ) -> Publisher:
+        if stream_id in self.publishers:
+            raise KeyError(f"stream {stream_id!r} already has a publisher")
+        if not self._free_slots:
+            raise OverflowError("this worker holds its maximum number of streams")
+        pub = Publisher(uuid.uuid4().hex, stream_id, user, pc, self._free_slots.pop(), Chunker(stream_id))
+        self.batcher.join(stream_id, opted_out=opted_out)
+        self.publishers[stream_id] = pub
+        self.sessions[pub.session_id] = pub
+        return pub
+
+    def attach_track(self, pub: Publisher, track: Any) -> None:
+        pub.task = asyncio.ensure_future(self._pump(pub, track))
+
+    async def _pump(self, pub: Publisher, track: Any) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                for chunk in pub.chunker.add(frame):
+                    self.batcher.push(chunk)
+        except (MediaStreamError, asyncio.CancelledError):
+            pass
+
+    def push_pcm48(self, stream_id: str, frame: av.AudioFrame) -> None:
+        """Feed a publisher's decoded audio directly (bench, tools)."""
+        for chunk in self.publishers[stream_id].chunker.add(frame):
+            self.batcher.push(chunk)
+
+    # -- subscribers -----------------------------------------------------------------------
+    def add_subscriber(self, stream_id: str, user: str, pc: RTCPeerConnection | None, out: RtpOut) -> Subscriber:
+        sub = Subscriber(uuid.uuid4().hex, stream_id, user, pc, out)
+        self.subscribers[stream_id][sub.session_id] = sub
+        self.sessions[sub.session_id] = sub
+        return sub
+
+    # -- sessions --------------------------------------------------------------------------
+    async def end_session(self, session_id: str) -> bool:
+        s = self.sessions.pop(session_id, None)
+        if s is None:
+            return False
+        if isinstance(s, Publisher):
+            self.publishers.pop(s.stream_id, None)
+            self.batcher.leave(s.stream_id)  # its pending chunks are answered and counted
+            leave = getattr(self.batcher.codec, "leave", None)
+            if leave is not None:
+                try:
+                    await leave([s.stream_id])
+                except Exception as exc:  # a departing stream must not break the others
+                    logger.warning("codec leave failed: %s", type(exc).__name__)
+            self.opus.reset([s.opus_slot])
+            self._free_slots.append(s.opus_slot)
+            if s.task is not None:
+                s.task.cancel()
+        else:
+            self.subscribers[s.stream_id].pop(session_id, None)
+            if not self.subscribers[s.stream_id]:
+                del self.subscribers[s.stream_id]
+        if s.pc is not None:
+            await s.pc.close()
+        return True
+
+    # -- fan-out ---------------------------------------------------------------------------
+    async def dispatch(self, report: TickReport) -> None:
+        """Send a tick's outcomes to subscribers: AIC codes where possible, else Opus."""
+        t0 = time.perf_counter()
+        todo: list[tuple[FrameOutcome, list[Subscriber]]] = []
+        opus_rows: list[FrameOutcome] = []
+        for fo in report.frames:
+            subs = list(self.subscribers.get(fo.chunk.stream_id, {}).values())
+            if not subs or fo.chunk.stream_id not in self.publishers:
+                continue
+            todo.append((fo, subs))
+            if fo.outcome is not Outcome.AI or any(not s.aic for s in subs):
+                opus_rows.append(fo)
+        opus_packets = self._encode_opus(opus_rows)
+        sends = []
+        for fo, subs in todo:
+            aic_bytes = None
+            if fo.outcome is Outcome.AI and fo.codes is not None:
+                aic_bytes = bytes(AicPayload(
+                    epoch=fo.epoch % 65536, n_q=self.n_q, codes=fo.codes, start=fo.epoch_seq == 0
+                ))
+            ts = fo.chunk.rtp_timestamp
+            for sub in subs:
+                if aic_bytes is not None and sub.aic:
+                    sends.append(self._send(sub, "aic", sub.out.aic_pt, [aic_bytes], ts))
+                elif sub.out.opus_pt is not None:
+                    sends.append(self._send(sub, "opus", sub.out.opus_pt, opus_packets[id(fo)], ts))
+        if sends:
+            await asyncio.gather(*sends)
+        report.overhead_ms += (time.perf_counter() - t0) * 1000.0
+        self.overheads_ms.append(report.overhead_ms)
+        if len(self.overheads_ms) > 10_000:
+            del self.overheads_ms[:5_000]
+
+    def _encode_opus(self, rows: list[FrameOutcome]) -> dict[int, list[bytes]]:
+        """Opus packets per frame; one encoder call per round (a stream's k-th frame of the
+        tick in round k: a stream with a shed backlog has several frames, in order)."""
+        out: dict[int, list[bytes]] = {}
+        rounds: list[list[FrameOutcome]] = []
+        seen: dict[str, int] = defaultdict(int)
+        for fo in rows:
+            k = seen[fo.chunk.stream_id]
+            seen[fo.chunk.stream_id] += 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(fo)
+        for batch in rounds:
+            slots = [self.publishers[fo.chunk.stream_id].opus_slot for fo in batch]
+            pcm = np.stack([
+                fo.chunk.pcm48 if fo.chunk.pcm48 is not None else np.repeat(fo.chunk.pcm24, 2)
+                for fo in batch
+            ])
+            for fo, packets in zip(batch, self.opus.encode(slots, pcm), strict=True):
+                out[id(fo)] = packets
+        return out
+
+    async def _send(self, sub: Subscriber, kind: str, pt: int, payloads: list[bytes], ts: int) -> None:
+        for k, payload in enumerate(payloads):
+            if await sub.out.send(pt, payload, ts + k * OPUS_FRAME_48K):
+                sub.sent_by_kind[kind] += 1
+                self.packets_by_kind[kind] += 1
+
+    def stats(self) -> dict[str, Any]:
+        ov = np.asarray(self.overheads_ms[-1500:]) if self.overheads_ms else np.zeros(1)
+        return {
+            "publishers": len(self.publishers),
+            "subscribers": sum(len(v) for v in self.subscribers.values()),
+            "frames": dict(self.batcher.counters),
+            "hints": dict(self.batcher.hint_counters),
+            "packets": dict(self.packets_by_kind),
+            "ticks": self.batcher.ticks,
+            "tick_overhead_ms_p50": float(np.percentile(ov, 50)),
+            "tick_overhead_ms_p99": float(np.percentile(ov, 99)),
+        }

@@ -1,0 +1,315 @@
+"""AIC SDK client on aiortc: a publisher that signs hints, a subscriber that decodes codes.
+
+`AicPublisher` publishes over WHIP: Opus packets (20 ms, 48 kHz clock) from a PCM source,
+each carrying a signed AIC hint in the RFC 8285 header extension (sfu_bridge.hint_ext,
+hint_auth) under the stream key the token service handed out.
+
+`AicSubscriber` subscribes over WHEP. With `aic=True` its offer lists the AIC payload type,
+so the bridge sends EnCodec codes for `ai` frames and Opus for fallback frames; it decodes
+the codes with `models.StreamingEncodec` under the epoch rule: a payload with a new epoch
+(or the start bit) resets the decoder state before decoding, so the decoder never runs on
+state its encoder did not produce. With `aic=False` it is a plain WebRTC Opus receiver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+from models.opus import OpusCodec
+from sfu_bridge import rtp_ext
+from sfu_bridge.aic_payload import AicPayload
+from sfu_bridge.hint_auth import HintSigner
+from sfu_bridge.hint_ext import Hint
+from sfu_bridge.media import OPUS_FRAME_48K, RtpOut, UdpMeter
+
+logger = logging.getLogger(__name__)
+
+PcmSource = Callable[[int, int], np.ndarray]  # (first sample index, n) -> float32 [n] at 48 kHz
+
+
+def sine_source(freq: float = 440.0, amp: float = 0.3, rate: int = 48_000) -> PcmSource:
+    def src(start: int, n: int) -> np.ndarray:
+        t = (np.arange(n) + start) / rate
+        return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+    return src
+
+
+class WhipError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+async def _post_offer(url: str, token: str, sdp: str) -> tuple[str, str]:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/sdp"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=sdp.encode(), headers=headers) as resp:
+            text = await resp.text()
+            if resp.status != 201:
+                raise WhipError(resp.status, text.strip())
+            location = resp.headers["Location"]
+    return location, text
+
+
+async def _delete(base_url: str, location: str, token: str) -> int:
+    url = location if location.startswith("http") else base_url.rstrip("/") + location
+    async with aiohttp.ClientSession() as http:
+        async with http.delete(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+            return resp.status
+
+
+async def wait_connected(pc: RTCPeerConnection, timeout_s: float = 20.0) -> None:
+    end = time.monotonic() + timeout_s
+    while pc.connectionState != "connected":
+        if pc.connectionState in ("failed", "closed") or time.monotonic() > end:
+            raise ConnectionError(f"peer connection {pc.connectionState}")
+        await asyncio.sleep(0.02)
+
+
+class AicPublisher:
+    def __init__(
+        self,
+        base_url: str,
+        stream_id: str,
+        token: str,
+        *,
+        hint_key: bytes | None = None,
+        source: PcmSource | None = None,
+        opus_bitrate: int = 32_000,
+        bandwidth_kbps: float = 6.0,
+        hints: bool = True,
+    ) -> None:
+        rtp_ext.install()
+        self.base_url = base_url.rstrip("/")
+        self.stream_id = stream_id
+        self.token = token
+        self.signer = HintSigner(stream_keys={stream_id: hint_key}) if hint_key else None
+        self.source = source or sine_source()
+        self.opus = OpusCodec(1, sample_rate=48_000, frame_ms=20, bitrate=opus_bitrate)
+        self.bandwidth_kbps = bandwidth_kbps
+        self.hints = hints and self.signer is not None
+        self.pc = RTCPeerConnection()
+        self.meter = UdpMeter()
+        self.location: str | None = None
+        self.packets = 0
+        self.hints_sent = 0
+        self.epoch = 1
+        self._task: asyncio.Task | None = None
+        self._out: RtpOut | None = None
+
+    async def start(self) -> None:
+        transceiver = self.pc.addTransceiver("audio", direction="sendonly")
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        self.meter.attach(self.pc)
+        self.location, answer = await _post_offer(
+            f"{self.base_url}/whip/{self.stream_id}", self.token, self.pc.localDescription.sdp
+        )
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        await wait_connected(self.pc)
+        self._out = RtpOut(transceiver)
+        self._task = asyncio.ensure_future(self._send_loop())
+
+    def next_hint(self) -> bytes | None:
+        if not self.hints:
+            return None
+        self.hints_sent += 1
+        hint = Hint(model_id=0, bandwidth_kbps=self.bandwidth_kbps, epoch=self.epoch, seq=self.hints_sent)
+        return self.signer.sign(self.stream_id, hint)
+
+    async def _send_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        sample = 0
+        assert self._out is not None and self._out.opus_pt is not None
+        try:
+            while True:
+                pcm = self.source(sample, OPUS_FRAME_48K)
+                (packets,) = self.opus.encode([0], pcm[None, :])
+                for p in packets:
+                    await self._out.send(self._out.opus_pt, p, sample, hint=self.next_hint())
+                    self.packets += 1
+                sample += OPUS_FRAME_48K
+                next_at += OPUS_FRAME_48K / 48_000
+                await asyncio.sleep(max(0.0, next_at - loop.time()))
+        except asyncio.CancelledError:
+            pass
+
+    async def stop(self) -> int | None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        status = None
+        if self.location:
+            try:
+                status = await _delete(self.base_url, self.location, self.token)
+            except aiohttp.ClientError:
+                status = None
+        await self.pc.close()
+        return status
+
+
+@dataclass
+class SubscriberStats:
+    aic_frames: int = 0
+    opus_frames: int = 0
+    bad_payloads: int = 0
+    decoder_resets: int = 0
+    epochs: list[int] = field(default_factory=list)
+    decoded_samples: int = 0  # 24 kHz samples out of the EnCodec decoder
+    first_frame_at: float | None = None
+
+
+class AicSubscriber:
+    def __init__(
+        self,
+        base_url: str,
+        stream_id: str,
+        token: str,
+        *,
+        aic: bool = True,
+        codec: Any = None,
+        slot: int = 0,
+    ) -> None:
+        rtp_ext.install()
+        self.base_url = base_url.rstrip("/")
+        self.stream_id = stream_id
+        self.token = token
+        self.aic = aic
+        self.codec = codec  # models.StreamingEncodec (decode side); None = count, don't decode
+        self.slot = slot
+        self.pc = RTCPeerConnection()
+        self.meter = UdpMeter()
+        self.stats = SubscriberStats()
+        self.location: str | None = None
+        self.pcm: list[np.ndarray] = []  # decoded 24 kHz audio (AIC frames)
+        self._epoch: int | None = None
+        self._aic_pt: int | None = None
+        self._task: asyncio.Task | None = None
+        self.frame_event = asyncio.Event()
+
+    async def start(self) -> None:
+        transceiver = self.pc.addTransceiver("audio", direction="recvonly")
+        if self.aic:
+            # AIC and Opus packets interleave on one SSRC: take them before aiortc's jitter
+            # buffer (see rtp_ext.tap_receiver) and decode both here, in arrival order.
+            self._opus = OpusCodec(1, sample_rate=24_000, frame_ms=20)
+            self._queue: asyncio.Queue = asyncio.Queue()
+            rtp_ext.tap_receiver(transceiver.receiver, self._on_packet)
+            self._task = asyncio.ensure_future(self._decode_loop())
+        else:  # a plain WebRTC receiver: Opus only, no AIC payload type, aiortc's decoder
+            caps = RTCRtpSender.getCapabilities("audio").codecs
+            transceiver.setCodecPreferences([c for c in caps if c.mimeType.lower() == "audio/opus"])
+
+            @self.pc.on("track")
+            def _on_track(track: Any) -> None:
+                self._task = asyncio.ensure_future(self._track_loop(track))
+
+        self._transceiver = transceiver
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        self.meter.attach(self.pc)
+        self.location, answer = await _post_offer(
+            f"{self.base_url}/whep/{self.stream_id}", self.token, self.pc.localDescription.sdp
+        )
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        codecs = transceiver._codecs
+        self._aic_pt = next((c.payloadType for c in codecs if rtp_ext.is_aic(c)), None)
+        await wait_connected(self.pc)
+
+    @property
+    def aic_negotiated(self) -> bool:
+        return self._aic_pt is not None
+
+    def _on_packet(self, packet: Any) -> bool:
+        kind = "aic" if packet.payload_type == self._aic_pt else "opus"
+        self._queue.put_nowait((kind, bytes(packet.payload)))
+        return True
+
+    async def _decode_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                kind, payload = await self._queue.get()
+                if self.stats.first_frame_at is None:
+                    self.stats.first_frame_at = time.monotonic()
+                if kind == "aic":
+                    await loop.run_in_executor(None, self._on_aic, payload)
+                else:
+                    self._on_opus(payload)
+                self.frame_event.set()
+        except asyncio.CancelledError:
+            pass
+
+    async def _track_loop(self, track: Any) -> None:
+        try:
+            while True:
+                await track.recv()
+                if self.stats.first_frame_at is None:
+                    self.stats.first_frame_at = time.monotonic()
+                self.stats.opus_frames += 1
+                self.frame_event.set()
+        except (MediaStreamError, asyncio.CancelledError):
+            pass
+
+    def _on_opus(self, payload: bytes) -> None:
+        self.stats.opus_frames += 1
+        try:
+            self.pcm.append(self._opus.decode([0], [[payload]])[0])
+        except ValueError:
+            self.stats.bad_payloads += 1
+
+    def _on_aic(self, data: bytes) -> None:
+        try:
+            payload = AicPayload.parse(data)
+        except ValueError:
+            self.stats.bad_payloads += 1
+            return
+        self.stats.aic_frames += 1
+        if payload.start or payload.epoch != self._epoch:
+            # the epoch rule: a new epoch means a fresh encoder state on the bridge side
+            self._epoch = payload.epoch
+            self.stats.epochs.append(payload.epoch)
+            self.stats.decoder_resets += 1
+            if self.codec is not None:
+                self.codec.reset_decoder(np.array([self.slot]))
+        if self.codec is not None:
+            codes = payload.codes[None].astype(np.int64)
+            pcm = np.asarray(self.codec.decode(np.array([self.slot]), codes))
+            self.pcm.append(pcm[0])
+            self.stats.decoded_samples += pcm.shape[1]
+
+    async def wait_frames(self, n_aic: int = 0, n_opus: int = 0, timeout_s: float = 20.0) -> bool:
+        end = time.monotonic() + timeout_s
+        while self.stats.aic_frames < n_aic or self.stats.opus_frames < n_opus:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.frame_event.clear()
+            try:
+                await asyncio.wait_for(self.frame_event.wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+    async def stop(self) -> int | None:
+        status = None
+        if self.location:
+            try:
+                status = await _delete(self.base_url, self.location, self.token)
+            except aiohttp.ClientError:
+                status = None
+        await self.pc.close()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        return status
