@@ -387,11 +387,17 @@ class EdfScheduler:
         assert sum(len(h) for h in self._pending.values()) == queued, "stream order index out of sync"
 
     # ----------------------------------------------------------------------------- feedback
-    def complete(self, plan: Plan, measured_ms: float) -> None:
-        """Feed the measured step time of `plan.run` back into the latency model."""
+    def complete(self, plan: Plan, measured_ms: float, computed: int | None = None) -> None:
+        """Feed the measured step time back into the latency model.
+
+        `computed` is how many frames the step really ran when the replica dropped some of
+        `plan.run` before compute (e.g. `reset` answers); a step that ran nothing
+        (`measured_ms <= 0` or `computed == 0`) teaches the model nothing."""
         if not plan.run:
             return
-        self.model.observe(len(plan.run), measured_ms)
+        n = len(plan.run) if computed is None else computed
+        if n > 0 and measured_ms > 0:
+            self.model.observe(n, measured_ms)
         if measured_ms > plan.predicted_ms:
             self.counters["steps_over_prediction"] += 1
         end = plan.now + measured_ms / 1000.0

@@ -216,6 +216,9 @@ def test_every_frame_gets_exactly_one_outcome(work, max_batch, max_queue, fifo):
             last_run_seq[f.stream_id] = f.epoch_seq
             # predicted to finish before every deadline in the batch
             assert plan.now + plan.predicted_ms * MS + 0.5 * MS <= f.deadline + 1e-12
+        for f in plan.expired:
+            # expired only if it could not finish alone now, or after the chosen batch
+            assert plan.now + (plan.predicted_ms + s.model.predict(1) + 0.5) * MS > f.deadline
         for key, group in (("run", ids), ("expired", [id(f) for f in plan.expired]),
                            ("shed", [id(f) for f, _ in plan.shed])):
             for i in group:
@@ -243,6 +246,18 @@ def test_every_frame_gets_exactly_one_outcome(work, max_batch, max_queue, fifo):
             now += plan.predicted_ms * MS
     assert len(s) == 0
     assert set(outcome) == {id(f) for f in added}
-    # expired frames really could not have made it alone
     c = s.counters
     assert c["ai_planned"] + c["fallback/deadline"] + c["fallback/overload"] == len(added)
+
+
+def test_complete_ignores_steps_that_computed_nothing_and_uses_computed_count():
+    s = sched()
+    for i in range(4):
+        s.add(frame(f"s{i}", 30))
+    plan = s.schedule(0.0)
+    s.complete(plan, 0.0)
+    s.complete(plan, 5.0, computed=0)
+    assert s.model.observed_steps == 0
+    s.complete(plan, 2.5, computed=1)
+    assert s.model.observed_steps == 1
+    assert s.model.to_dict()["samples"]["1"] == 2  # seed + the one real step of 1 frame
