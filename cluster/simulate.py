@@ -1,0 +1,117 @@
+"""`auralink simulate`: N publishers through the real bridge batching, limiter, replicas and
+supervisor, without WebRTC sockets; writes a JSON report and PNG plots.
+
+    auralink simulate                                   # 200 streams, 20 s, emulated, local
+    auralink simulate --streams 10000 --duration 60 --compute emulated
+    auralink simulate --streams 2000 --fault kill-replica@20 --fault stop-redis@40
+    auralink simulate --compute real --streams 4 --duration 10
+    auralink simulate --address ray://head:10001        # an existing cluster (serve deploy)
+
+See cluster/simulator/driver.py for what is real, what is simulated, time dilation and the
+compact frames of emulated compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+from cluster.simulator.driver import SimConfig, Simulation, choose_dilation
+from cluster.simulator.faults import FaultPlan
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--streams", type=int, default=200, help="expected live streams (default 200)")
+    p.add_argument("--duration", type=float, default=20.0, help="simulated seconds (default 20)")
+    p.add_argument("--compute", choices=("emulated", "real"), default="emulated",
+                   help="replicas run the model (real) or spend its measured latency profile (emulated)")
+    p.add_argument("--address", default=None, help="existing Ray cluster (else local Ray + embedded Redis)")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default runs/sim-<timestamp>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fault", action="append", default=[], metavar="KIND@SECONDS",
+                   help="kill-replica@T, stop-redis@T or slow-replica@T (repeatable)")
+    p.add_argument("--time-dilation", type=float, default=None,
+                   help="wall seconds per simulated second (default: from the stream count)")
+    p.add_argument("--replicas", type=int, default=None, help="codec replicas (default: from the profile)")
+    p.add_argument("--bridges", type=int, default=None, help="simulated bridge workers (default: streams/2000)")
+    p.add_argument("--deadline-ms", type=float, default=20.0)
+    p.add_argument("--flooders", type=int, default=None)
+    p.add_argument("--forgers", type=int, default=None)
+    p.add_argument("--replayers", type=int, default=None)
+    p.add_argument("--profile", type=Path, default=None,
+                   help="codec benchmark JSON with latency_profile_ms (default docs/bench/codec.json)")
+    p.add_argument("--weights-dir", default=None, help="EnCodec checkpoint folder (else random weights)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    out = args.out or Path("runs") / f"sim-{time.strftime('%Y%m%d-%H%M%S')}"
+    FaultPlan.parse(args.fault, args.duration)  # fail on a bad --fault before starting Ray
+    profile = device = None
+    if args.profile is not None:
+        from cluster.simulator.environment import load_profile
+
+        loaded = load_profile(args.profile)
+        if loaded is None:
+            raise SystemExit(f"{args.profile}: no latency_profile_ms in it")
+        profile, device = loaded
+    return SimConfig(
+        streams=args.streams, duration_s=args.duration, compute=args.compute, address=args.address,
+        out=out, seed=args.seed, faults=list(args.fault), time_dilation=args.time_dilation,
+        deadline_ms=args.deadline_ms, replicas=args.replicas, bridges=args.bridges,
+        flooders=args.flooders, forgers=args.forgers, replayers=args.replayers,
+        latency_profile=profile, profile_device=device, weights_dir=args.weights_dir,
+        progress=not args.no_progress,
+    )
+
+
+async def simulate(cfg: SimConfig) -> dict:
+    """Runs one simulation and writes report.json + plots under `cfg.out`; returns the report."""
+    from cluster.simulator.environment import Environment
+    from cluster.simulator.plots import write_plots
+
+    dilation = cfg.time_dilation or choose_dilation(cfg.streams, cfg.compute)
+    cfg.time_dilation = dilation
+    env = await Environment.start(cfg, dilation)
+    try:
+        if env.dashboard_url:
+            logger.info("operator dashboard: %s", env.dashboard_url)
+        sim = Simulation(cfg, env)
+        await sim.run()
+        report = sim.report()
+        report["dashboard_url"] = env.dashboard_url
+    finally:
+        await env.close()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    label = f"{cfg.streams} streams, {report['compute_label']}, weights {report['weights']}, x{dilation:g} dilation"
+    plots = write_plots(sim.acc, out, label, [(str(f.kind.value), at) for f, at, _ in sim.faults.fired])
+    report["plots"] = plots
+    report["report_path"] = str(out / "report.json")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    report = asyncio.run(simulate(cfg))
+    keys = ("streams", "duration_s", "compute", "weights", "time_dilation", "frames_total", "frames_ai",
+            "frames_fallback", "frames_unaccounted", "fallback_rate", "fallback_by_reason", "p50_ms",
+            "p99_ms", "hints_sent", "hints_limited", "hints_rejected_forged", "hints_rejected_replay",
+            "wire_kbps_ai", "wire_kbps_native", "fault_recovery_s")
+    print(json.dumps({k: report.get(k) for k in keys}, indent=2))
+    fl = report.get("flooder_allowed_hints_per_s", {})
+    if fl.get("count"):
+        print(f"flooders: {fl['count']} held to {fl['min_per_s']}-{fl['max_per_s']} hints/s (limit {fl['target_per_s']:g})")
+    print(f"compute: {report['compute_label']}")
+    print(f"report: {report['report_path']}")
+    for name, path in report["plots"].items():
+        print(f"plot {name}: {path}")
+    logging.getLogger(__name__).debug("done")
+    return 0 if report["frames_unaccounted"] == 0 else 1

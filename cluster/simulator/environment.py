@@ -1,0 +1,366 @@
+"""The live components a simulation drives: Ray + Serve app, Redis + limiter, supervisor.
+
+Local by default (a local Ray, the AuraLink Serve app started here with the replica settings
+of the run, an embedded redis-server); `--address` joins an existing cluster whose app was
+deployed with `serve deploy` and uses it as it is (its replicas' compute mode is read back and
+reported, not assumed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cluster.simulator.audio import SpeechSource
+from deployments.config import (
+    APP_NAME,
+    DEFAULT_LATENCY_PROFILE,
+    DEFAULT_PROFILE_DEVICE,
+    RAY_NAMESPACE,
+    REPLICA_DEPLOYMENT,
+    profile_ms,
+)
+from deployments.contract import CHUNK_SAMPLES, SAMPLE_RATE
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+CODEC_BENCH_JSON = REPO / "docs" / "bench" / "codec.json"
+MAX_LOCAL_REPLICAS = 12
+TRANSPORT_ALLOWANCE_MS = 4.0  # bridge -> replica -> bridge, per tick, on top of L(B)
+
+
+def load_profile(path: Path = CODEC_BENCH_JSON) -> tuple[dict[int, float], str] | None:
+    """The latency profile (p50 step ms by batch) and device name from `auralink bench codec`."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    prof = doc.get("latency_profile_ms")
+    if not isinstance(prof, dict) or not prof:
+        return None
+    out = {}
+    for b, v in prof.items():
+        out[int(b)] = float(v["p50"] if isinstance(v, dict) else v)
+    device = doc.get("device") or doc.get("machine") or "unknown device"
+    return out, str(device)
+
+
+def streams_per_replica(profile: dict[int, float], deadline_ms: float, margin_ms: float) -> int:
+    """Largest batch whose step fits the deadline with the margin and a transport allowance,
+    with 20% headroom for Poisson bursts."""
+    budget = deadline_ms - margin_ms - TRANSPORT_ALLOWANCE_MS
+    best = 0
+    b = 1
+    while b <= 65536 and profile_ms(profile, b) <= budget:
+        best = b
+        b = b + 1 if b < 64 else int(b * 1.1)
+    return max(1, int(best * 0.8))
+
+
+def native_frame_bytes(bitrate: int, seed: int = 0, seconds: float = 2.0) -> float:
+    """Mean Opus bytes per 40 ms of the simulator's speech-like audio, by really encoding it."""
+    from models.opus import OpusCodec
+
+    n = 4
+    src = SpeechSource(n, seed=seed)
+    codec = OpusCodec(n, sample_rate=SAMPLE_RATE, frame_ms=20, bitrate=bitrate)
+    rows = np.arange(n)
+    total = 0
+    chunks = int(seconds * SAMPLE_RATE / CHUNK_SAMPLES)
+    for _ in range(chunks):
+        pkts = codec.encode(rows, src.next(rows))
+        total += sum(len(p) for per in pkts for p in per)
+    return total / (n * chunks)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Environment:
+    def __init__(self) -> None:
+        self.client = None
+        self.limiter = None
+        self.limiter_label = "none"
+        self.redis = None
+        self.embedded = None
+        self.supervisor = None
+        self.supervisor_label = "none"
+        self.hint_secret = b""
+        self.native_frame_bytes = 0.0
+        self.profile: dict[int, float] = {}
+        self.profile_device = ""
+        self.compute_label = ""
+        self.weights = "unknown"
+        self.dashboard_url: str | None = None
+        self.board = None
+        self.replicas = 0
+        self._own_ray = False
+        self._own_app = False
+        self._redis_pid: int | None = None
+
+    # -- start / stop
+    @classmethod
+    async def start(cls, cfg, dilation: float) -> Environment:
+        import ray
+        from ray import serve
+
+        env = cls()
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if cfg.address:
+            ray.init(address=cfg.address, namespace=RAY_NAMESPACE, log_to_driver=False)
+        else:
+            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+                     namespace=RAY_NAMESPACE, log_to_driver=False)
+            env._own_ray = True
+        from sfu_bridge.tokens import load_secret
+
+        env.hint_secret = load_secret()
+        # Profile: given, else the codec benchmark's, else the built-in CPU one.
+        if cfg.latency_profile:
+            env.profile, env.profile_device = dict(cfg.latency_profile), cfg.profile_device or "given"
+        else:
+            loaded = load_profile()
+            env.profile, env.profile_device = loaded or (dict(DEFAULT_LATENCY_PROFILE), DEFAULT_PROFILE_DEVICE)
+        if cfg.address:
+            await env._attach_app()
+        else:
+            env._start_app(cfg, dilation)
+        from deployments.client import CodecClient
+
+        handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, APP_NAME)
+        env.client = CodecClient(handle)
+        if not await env.client.ready(timeout_s=120):
+            raise RuntimeError("codec replicas did not become ready within 120 s")
+        info = await handle.options(method_name="info").remote()
+        env.weights = info.get("weights", "unknown")
+        env.compute_label = (
+            f"{info.get('compute')}: replicas spend L(B) of the latency profile measured on "
+            f"'{info.get('latency_profile_device')}'" if info.get("compute") == "emulated"
+            else f"real: EnCodec on {info.get('device')} ({info.get('backend')})"
+        )
+        env._start_redis(dilation)
+        env._start_supervisor()
+        env.native_frame_bytes = native_frame_bytes(_opus_bitrate(), seed=cfg.seed)
+        return env
+
+    def _start_app(self, cfg, dilation: float) -> None:
+        from ray import serve
+
+        from deployments.app import Ingress
+        from deployments.config import SupervisorSettings
+        from deployments.replica import CodecReplica
+
+        emulated = cfg.compute == "emulated"
+        margin = 2.0
+        per = streams_per_replica(self.profile, cfg.deadline_ms, margin)
+        want = cfg.replicas or max(1, math.ceil(cfg.streams / per))
+        if cfg.replicas is None and want > MAX_LOCAL_REPLICAS:
+            logger.warning(
+                "the latency profile (%s) serves about %d streams per replica: %d streams need %d "
+                "replicas, more than the %d this machine runs; expect deadline fallbacks",
+                self.profile_device, per, cfg.streams, want, MAX_LOCAL_REPLICAS)
+            want = MAX_LOCAL_REPLICAS
+        self.replicas = want
+        streams_each = math.ceil(cfg.streams / want)
+        replica = {
+            "compute": cfg.compute,
+            # Every time constant the replica sees is in wall time: scale by the dilation.
+            "latency_profile": {int(b): v * dilation for b, v in self.profile.items()},
+            "latency_profile_device": self.profile_device,
+            "deadline_ms": cfg.deadline_ms * dilation,
+            "margin_ms": margin * dilation,
+            "max_batch": max(64, 2 * streams_each),
+            "capacity": max(64, int(streams_each * 2)),
+            "max_queue": max(4096, 8 * streams_each),
+            "allow_random_weights": cfg.weights_dir is None,
+            "weights_dir": cfg.weights_dir,
+        }
+        if not emulated:
+            replica["torch_threads"] = 1
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        rep = CodecReplica.options(
+            num_replicas=want,
+            # Emulated replicas sleep; they need no reserved core.
+            ray_actor_options={"num_cpus": 0.01 if emulated else 1.0, "num_gpus": 0},
+        ).bind(replica)
+        app = Ingress.bind(rep, os.environ.get("AURALINK_API_TOKEN", ""), _asdict(SupervisorSettings()))
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        self._own_app = True
+        self.dashboard_url = f"http://127.0.0.1:{port}/dashboard/"
+
+    async def _attach_app(self) -> None:
+        self.replicas = self.replica_count()
+
+    def _start_redis(self, dilation: float) -> None:
+        from sfu_bridge import redis_store
+
+        self.redis = redis_store.connect()
+        self.embedded = redis_store._embedded if not os.environ.get(redis_store.REDIS_URL_ENV) else None
+        if self.embedded is not None and self.embedded._proc is not None:
+            self._redis_pid = self.embedded._proc.pid
+        try:
+            from sfu_bridge.limiter import HintLimiter
+        except ImportError as exc:
+            logger.warning("hint limiter not installed (%s): hints are not rate limited", exc)
+            return
+        rate = 100.0 / dilation  # 100 hints per simulated second
+        self.limiter = _make_limiter(HintLimiter, self.redis, rate)
+        self.limiter_label = f"GCRA in Redis, {100.0:g} hints/s per stream (simulated time)"
+
+    def _start_supervisor(self) -> None:
+        from deployments.supervisor import get_or_create_supervisor
+
+        self.supervisor = get_or_create_supervisor()
+        self.supervisor_label = "FallbackSupervisor actor (named, detached)"
+
+    async def close(self) -> None:
+        import ray
+        from ray import serve
+
+        if self._own_app:
+            try:
+                serve.shutdown()
+            except Exception as exc:  # noqa: BLE001 - shutting down: report, keep going
+                logger.info("serve shutdown: %s", exc)
+        for actor in (self.supervisor, self.board):
+            if actor is None or not self._own_ray:
+                continue
+            try:
+                ray.kill(actor)
+            except Exception as exc:  # noqa: BLE001
+                logger.info("actor kill: %s", exc)
+        if self._own_ray:
+            ray.shutdown()
+        if self.embedded is not None:
+            self.embedded.close()
+
+    # -- what the loop asks for
+    def replica_count(self) -> int:
+        from deployments.affinity import local_view
+
+        view = local_view(APP_NAME, REPLICA_DEPLOYMENT)
+        return len(view.replica_uids()) if view is not None else self.replicas
+
+    def _replica_actors(self) -> list[tuple[str, str]]:
+        import ray
+
+        out = []
+        for a in ray.util.list_named_actors(all_namespaces=True):
+            name = a["name"] if isinstance(a, dict) else a
+            ns = a.get("namespace", "serve") if isinstance(a, dict) else "serve"
+            if "SERVE_REPLICA" in name and REPLICA_DEPLOYMENT in name:
+                out.append((name, ns))
+        return sorted(out)
+
+    def kill_replica(self) -> str:
+        import ray
+
+        actors = self._replica_actors()
+        if not actors:
+            return "no replica actor found"
+        name, ns = actors[0]
+        ray.kill(ray.get_actor(name, namespace=ns), no_restart=True)
+        return f"killed {name.split('#')[-1]} ({len(actors)} replicas before)"
+
+    def replica_pid(self) -> int | None:
+        from ray.util.state import list_actors
+
+        actors = self._replica_actors()
+        if not actors:
+            return None
+        name = actors[0][0]
+        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+            if getattr(a, "name", "") == name:
+                return int(a.pid)
+        return None
+
+    def stop_redis(self) -> str:
+        if self.embedded is None:
+            return "Redis is external (REDIS_URL): not stopped by the simulator"
+        self.embedded.stop()
+        return "embedded redis-server stopped; the limiter's unreachable-Redis policy applies"
+
+    def redis_cpu_s(self) -> float | None:
+        if self._redis_pid is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self._redis_pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return getattr(self, "_redis_cpu_last", None)
+
+    def publish_stats(self, bridge_id: str, stats: dict[str, Any]) -> None:
+        """The dashboard's data source: the bridge's snapshot to the `StatsBoard` actor
+        (deployments/dashboard.py), fire and forget."""
+        self._redis_cpu_last = self.redis_cpu_s()
+        if self.board is None:
+            from deployments.dashboard import get_or_create_board
+
+            self.board = get_or_create_board()
+        self.board.publish.remote(bridge_id, stats)
+
+    def supervisor_register(self, stream_id: str, user_id: str) -> None:
+        self._pending_users = getattr(self, "_pending_users", {})
+        self._pending_users[stream_id] = user_id
+
+    def supervisor_forget(self, stream_ids: list[str]) -> None:
+        if self.supervisor is not None and stream_ids:
+            self.supervisor.forget.remote(list(stream_ids))
+
+    async def supervisor_exchange(self, per_stream: dict[str, dict]) -> dict | None:
+        """One report for all streams; returns the supervisor's AI-off streams {sid: reason}."""
+        if self.supervisor is None:
+            return None
+        users = getattr(self, "_pending_users", {})
+        for sid, user in users.items():
+            per_stream.setdefault(sid, {"ai": 0, "fallback": {}})["user_id"] = user
+        self._pending_users = {}
+        try:
+            off = await asyncio.wait_for(self.supervisor.report.remote(per_stream), 2.0)
+        except Exception as exc:  # noqa: BLE001 - the media path keeps its last decisions
+            logger.info("supervisor report failed: %s", type(exc).__name__)
+            self._pending_users = {**users, **self._pending_users}
+            return None
+        return off
+
+
+def _asdict(obj) -> dict:
+    from dataclasses import asdict
+
+    return asdict(obj)
+
+
+def _opus_bitrate() -> int:
+    from sfu_bridge.config import BridgeConfig
+
+    return int(BridgeConfig.opus_bitrate)
+
+
+def _make_limiter(cls, redis_client, rate: float):
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {}
+    for name in ("rate", "rate_per_s", "hints_per_s"):
+        if name in params:
+            kwargs[name] = rate
+            break
+    return cls(redis_client, **kwargs)
+
+
+def wall_now() -> float:
+    return time.time()

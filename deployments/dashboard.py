@@ -1,0 +1,189 @@
+"""Operator dashboard: a FastAPI router (mounted by the ingress under /dashboard) + one page.
+
+- `GET  /dashboard/`                       the page (static HTML/JS, no data, nothing from a CDN)
+- `GET  /dashboard/api/stats`              live streams, bitrate AI vs native, fallback rate and
+                                           reasons, replicas, per-user AI state (operator token)
+- `POST /dashboard/api/users/{user}/ai`    `{"enabled": false}` opts the user out of AI
+                                           compression, `true` back in (operator token)
+
+Auth: `Authorization: Bearer <token>` with the `operator` scope (`auralink token --scope
+operator --stream '*' ...`); 401 without or with a bad token, 403 without the scope. The page
+takes the token from its URL fragment (`/dashboard/#token=...`, never sent to the server) or
+a prompt, keeps it in sessionStorage, and sends it on every API call.
+
+Data source: bridges (and `auralink simulate`) publish one stats snapshot per bridge about
+once a second to `StatsBoard`, a small named Ray actor (`auralink-dashboard-stats` in the
+`auralink` namespace). A Ray actor rather than Redis because every process that needs it -
+bridges, the ingress replica - is already in the Ray cluster, while the limiter's Redis is
+optional and fail-open (the dashboard must not go dark when it is down). The dashboard sums
+the snapshots that are fresher than `STALE_S`.
+
+Opt-outs go to the `FallbackSupervisor` actor (persisted in the GCS KV). Bridges report to
+the supervisor every second and get back the streams whose AI is off, opted-out ones
+included, so a toggle reaches the media path within about a second.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Header, HTTPException
+from fastapi.responses import FileResponse
+from pydantic import BaseModel
+
+STATIC = Path(__file__).with_name("static")
+BOARD_NAME = "auralink-dashboard-stats"
+BOARD_NAMESPACE = "auralink"
+STALE_S = 5.0
+
+
+# ----------------------------------------------------------------------------- stats board
+class StatsBoardCore:
+    """Latest snapshot per bridge; pure, so it is tested without Ray."""
+
+    def __init__(self) -> None:
+        self.snapshots: dict[str, dict[str, Any]] = {}
+
+    def publish(self, bridge_id: str, snapshot: dict[str, Any], now: float | None = None) -> None:
+        snap = dict(snapshot)
+        snap["received_at"] = time.time() if now is None else now
+        self.snapshots[bridge_id] = snap
+
+    def fresh(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        now = time.time() if now is None else now
+        return {b: s for b, s in self.snapshots.items() if now - s["received_at"] <= STALE_S}
+
+
+def aggregate(snapshots: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One cluster view from per-bridge snapshots (sums, and the max of replica counts)."""
+    out: dict[str, Any] = {
+        "bridges": sorted(snapshots),
+        "streams_live": 0,
+        "replicas": 0,
+        "frames_last_s": 0,
+        "fallback_frames_last_s": 0,
+        "kbps_ai": 0.0,
+        "kbps_native": 0.0,
+        "kbps_all_native": 0.0,
+        "fallback_by_reason": {},
+        "users": [],
+        "compute": None,
+        "time_dilation": None,
+        "at": time.time(),
+    }
+    reasons: dict[str, int] = {}
+    for snap in snapshots.values():
+        out["streams_live"] += int(snap.get("streams_live", 0))
+        out["replicas"] = max(out["replicas"], int(snap.get("replicas", 0)))
+        frames = int(snap.get("frames_last_s", 0))
+        out["frames_last_s"] += frames
+        out["fallback_frames_last_s"] += int(round(frames * float(snap.get("fallback_rate", 0.0))))
+        for k in ("kbps_ai", "kbps_native", "kbps_all_native"):
+            out[k] += float(snap.get(k, 0.0))
+        for r, n in (snap.get("fallback_by_reason") or {}).items():
+            reasons[r] = reasons.get(r, 0) + int(n)
+        out["users"].extend(snap.get("users") or [])
+        out["compute"] = out["compute"] or snap.get("compute")
+        out["time_dilation"] = out["time_dilation"] or snap.get("time_dilation")
+    out["fallback_by_reason"] = reasons
+    out["fallback_rate"] = out["fallback_frames_last_s"] / out["frames_last_s"] if out["frames_last_s"] else 0.0
+    out["users"].sort(key=lambda u: u.get("user", ""))
+    return out
+
+
+def _board_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StatsBoard:
+        def __init__(self) -> None:
+            self.core = StatsBoardCore()
+
+        def publish(self, bridge_id: str, snapshot: dict[str, Any]) -> None:
+            self.core.publish(bridge_id, snapshot)
+
+        def fresh(self) -> dict[str, dict[str, Any]]:
+            return self.core.fresh()
+
+    return StatsBoard
+
+
+def get_or_create_board():
+    """The cluster's one stats board (detached: it outlives the process that made it)."""
+    return _board_class().options(
+        name=BOARD_NAME, namespace=BOARD_NAMESPACE, lifetime="detached", get_if_exists=True,
+    ).remote()
+
+
+# ----------------------------------------------------------------------------- API
+class AiToggle(BaseModel):
+    enabled: bool
+
+
+def _default_authorize(header: str | None) -> None:
+    from sfu_bridge.tokens import Scope, TokenAuthority, TokenError
+
+    try:
+        TokenAuthority.from_env().authorize_header(header, Scope.OPERATOR)
+    except TokenError as exc:
+        raise HTTPException(exc.status, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+def _default_supervisor():
+    from deployments.supervisor import get_or_create_supervisor
+
+    return get_or_create_supervisor()
+
+
+def make_router(
+    board: Callable[[], Any] = get_or_create_board,
+    supervisor: Callable[[], Any] = _default_supervisor,
+    authorize: Callable[[str | None], None] = _default_authorize,
+) -> APIRouter:
+    """The dashboard's routes; `board`/`supervisor` return Ray actor handles (made lazily,
+    on first use, inside whatever process serves the router)."""
+    r = APIRouter()
+    handles: dict[str, Any] = {}
+
+    def _get(name: str, make: Callable[[], Any]):
+        if name not in handles:
+            handles[name] = make()
+        return handles[name]
+
+    @r.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "dashboard.html", media_type="text/html")
+
+    @r.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> FileResponse:
+        allowed = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+        if name not in allowed:
+            raise HTTPException(404, "no such file")
+        return FileResponse(STATIC / name, media_type=allowed[name])
+
+    @r.get("/api/stats")
+    async def stats(authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        authorize(authorization)
+        snaps = await _get("board", board).fresh.remote()
+        return aggregate(snaps)
+
+    @r.post("/api/users/{user_id}/ai")
+    async def toggle(user_id: str, body: AiToggle,
+                     authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        authorize(authorization)
+        if not user_id or len(user_id) > 200:
+            raise HTTPException(422, "user id must be 1-200 characters")
+        sup = _get("supervisor", supervisor)
+        if body.enabled:
+            await sup.opt_in.remote(user_id=user_id)
+        else:
+            await sup.opt_out.remote(user_id=user_id)
+        return {"user": user_id, "ai_enabled": body.enabled, "at": time.time()}
+
+    return r
+
+
+router = make_router()
