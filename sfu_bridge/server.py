@@ -6,6 +6,7 @@
 - ``POST /whep/{stream}``: the same for subscribers (``subscribe`` scope). An offer that lists
   the AIC payload type (``a=rtpmap:<pt> AIC/48000``) gets EnCodec codes; others get Opus.
 - ``PATCH`` on a session: 405 (no trickle ICE: send a complete offer, as WHIP allows).
+- ``OPTIONS``: CORS preflight for browser clients on another origin.
 - ``GET /health``: liveness and the worker's counters (no media content).
 
 Errors are 4xx with a one-line text message: 400 malformed SDP or stream id, 401/403 token,
@@ -92,6 +93,10 @@ class BridgeServer:
             web.delete("/whep/{stream}/{session}", self.delete),
             web.patch("/whip/{stream}/{session}", self.patch),
             web.patch("/whep/{stream}/{session}", self.patch),
+            web.route("OPTIONS", "/whip/{stream}", self.options),
+            web.route("OPTIONS", "/whep/{stream}", self.options),
+            web.route("OPTIONS", "/whip/{stream}/{session}", self.options),
+            web.route("OPTIONS", "/whep/{stream}/{session}", self.options),
             web.get("/health", self.health),
         ])
         self.app.on_startup.append(self._on_startup)
@@ -106,6 +111,13 @@ class BridgeServer:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        resp = await self._handle(request, handler)
+        # browsers on another origin (RFC 9725 section 4.1 expects CORS support)
+        resp.headers["Access-Control-Allow-Origin"] = "*"
+        resp.headers["Access-Control-Expose-Headers"] = "Location"
+        return resp
+
+    async def _handle(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
             return await handler(request)
         except SignalingError as exc:
@@ -236,6 +248,13 @@ class BridgeServer:
         if isinstance(s, Publisher):
             self.verifiers.pop(stream, None)
         return web.Response(status=200, text="session ended\n")
+
+    async def options(self, request: web.Request) -> web.Response:
+        return web.Response(status=204, headers={
+            "Access-Control-Allow-Methods": "POST, DELETE, OPTIONS",
+            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+            "Accept-Post": SDP_TYPE,
+        })
 
     async def patch(self, request: web.Request) -> web.Response:
         return web.Response(

@@ -34,3 +34,47 @@ def _sine_chunk(freq: float, index: int, amp: float = 0.3, n: int = 960, rate: i
 def sine_chunk():
     """sine_chunk(freq, index) -> float32 [960]: chunk `index` of a continuous 24 kHz sine."""
     return _sine_chunk
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def running_bridge(secret):
+    """running_bridge(codec, **config) -> async context manager yielding (server, base_url)."""
+    import contextlib
+
+    from aiohttp import web
+
+    from sfu_bridge.config import BridgeConfig
+    from sfu_bridge.server import make_server
+
+    @contextlib.asynccontextmanager
+    async def run(codec, extra_routes=None, **overrides):
+        cfg = BridgeConfig(host="127.0.0.1", port=free_port(), bridge_id="test-bridge")
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        server = make_server(cfg, codec, secret, hint_secret=secret)
+        for method, path, handler in extra_routes or []:
+            server.app.router.add_route(method, path, handler)
+        runner = web.AppRunner(server.app)
+        await runner.setup()
+        await web.TCPSite(runner, cfg.host, cfg.port).start()
+        try:
+            yield server, f"http://{cfg.host}:{cfg.port}"
+        finally:
+            await runner.cleanup()
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tokens(secret):
+    from sfu_bridge.tokens import TokenAuthority
+
+    return TokenAuthority(secret)
