@@ -72,6 +72,7 @@ def merge_results(batch: FrameBatch, parts: list[tuple[np.ndarray, BatchResult]]
     )
     seen = np.zeros(b, bool)
     replica_ids = []
+    modes = {getattr(res, "compute", None) for _, res in parts} - {None}
     for rows, res in parts:
         out.outcome_codes[rows] = res.outcome_codes
         out.queue_ms[rows] = res.queue_ms
@@ -92,6 +93,9 @@ def merge_results(batch: FrameBatch, parts: list[tuple[np.ndarray, BatchResult]]
                 out.pcm[rows] = res.pcm
     assert seen.all(), "every row must come back from exactly one part"
     out.replica_id = ",".join(sorted(set(replica_ids)))
+    if modes:
+        # "real", "emulated", or both ("emulated,real") if replicas disagree mid-reconfigure.
+        out.compute = ",".join(sorted(modes))  # type: ignore[attr-defined]
     return out
 
 

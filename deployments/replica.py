@@ -377,7 +377,9 @@ class CodecReplicaCore:
             st = slot.ops[batch.op] if slot is not None else None
             if st is None or st.admitted_epoch != epoch or st.admitted_next != seq:
                 # Continuing an epoch this replica does not hold (moved, restarted, or a gap).
-                if st is not None:
+                # A gap inside the current epoch ends it; a stale frame of an older epoch is
+                # refused without touching the current one.
+                if st is not None and (st.admitted_epoch is None or epoch >= st.admitted_epoch):
                     st.break_epoch()
                 return FallbackReason.RESET, ""
             st.admitted_next += 1

@@ -1,0 +1,284 @@
+"""CodecReplica on real Ray Serve: outcomes, bad input, epochs, affinity, replica death.
+
+One 2-CPU cluster and one 2-replica app for the whole module (replicas take no CPU
+reservation so both fit). Deadlines are generous: a shared 2-core CPU is slow, and speed
+targets live in the benchmarks, not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from deployments.client import CodecClient, EpochTracker
+from deployments.contract import (
+    CHUNK_SAMPLES,
+    BatchResult,
+    FallbackReason,
+    FrameBatch,
+    Op,
+    reason_code,
+)
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+
+APP = "auralink"
+DEADLINE_MS = 8000.0  # generous: correctness, not speed
+# Small pool, one torch thread, random weights from the fixed seed.
+TEST_REPLICA = {"capacity": 64, "allow_random_weights": True, "torch_threads": 1,
+                "bandwidth_kbps": 6.0, "max_batch": 16}
+
+
+def chunks(n_streams: int, seed: int = 0) -> np.ndarray:
+    """Deterministic 40 ms test chunks: a tone plus noise, float32 in about [-0.6, 0.6]."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(CHUNK_SAMPLES, dtype=np.float32) / 24_000
+    tone = 0.3 * np.sin(2 * np.pi * (220 + 40 * seed) * t)
+    return (tone[None, :] + 0.1 * rng.standard_normal((n_streams, CHUNK_SAMPLES))).astype(np.float32)
+
+
+async def await_until(pred, timeout_s: float, what: str) -> None:
+    """Waits for an async condition with a bound."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if await pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def codec_handle(ray_local):
+    from ray import serve
+
+    from deployments.replica import CodecReplica
+
+    serve.start(proxy_location="Disabled")
+    app = CodecReplica.options(
+        num_replicas=2, ray_actor_options={"num_cpus": 0}, health_check_period_s=2.0
+    ).bind(TEST_REPLICA)
+    handle = serve.run(app, name=APP, route_prefix=None)
+    yield handle
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def client(codec_handle, loop):
+    c = CodecClient(codec_handle)
+    assert loop.run_until_complete(c.ready(60)), "router never saw the replicas"
+    return c
+
+
+def _batch(tracker: EpochTracker, ids: list[str], seed: int = 0, deadline_ms: float = DEADLINE_MS) -> FrameBatch:
+    return tracker.make_batch(Op.ENCODE, "bridge-test", ids, chunks(len(ids), seed), deadline_ms)
+
+
+def _assert_one_outcome_each(batch: FrameBatch, res: BatchResult) -> None:
+    assert isinstance(res, BatchResult)
+    assert res.stream_ids == batch.stream_ids
+    assert res.outcome_codes.shape == (len(batch),)
+    valid = {0} | {reason_code(r) for r in FallbackReason}
+    assert set(res.outcome_codes.tolist()) <= valid
+    assert sum(res.counts().values()) == len(batch)
+
+
+def test_every_frame_gets_exactly_one_outcome(client, loop):
+    tr = EpochTracker()
+    ids = [f"one-{i}" for i in range(6)]
+    b = _batch(tr, ids)
+    # Row 1: continues an epoch no replica holds. Row 2: deadline already past.
+    # Row 3: NaN samples. The rest are fine.
+    b.epoch_seqs[1] = 7
+    b.deadlines[2] = time.time() - 1.0
+    b.pcm[3, 10] = np.nan
+    res = loop.run_until_complete(client.process(b))
+    _assert_one_outcome_each(b, res)
+    out = [res.outcome(i) for i in range(len(b))]
+    assert out[1][1] is FallbackReason.RESET
+    assert out[2][1] is FallbackReason.DEADLINE
+    assert out[3][1] is FallbackReason.ERROR and "NaN" in res.errors[ids[3]]
+    for i in (0, 4, 5):
+        assert out[i][1] is None, out[i]
+    assert res.codes.shape == (6, 8, 3)
+    assert 0 <= res.codes.min() and res.codes.max() < 1024
+    assert (res.compute_ms[[0, 4, 5]] > 0).all() and (res.queue_ms >= 0).all()
+    assert getattr(res, "compute", None) == "real"
+
+
+def _raw(batch) -> BatchResult:
+    """Straight to a replica, bypassing the client's own validation."""
+    from ray import serve
+
+    h = serve.get_deployment_handle("CodecReplica", APP)
+    return h.options(method_name="process").remote(batch).result(timeout_s=60)
+
+
+def _good(ids: list[str]) -> FrameBatch:
+    return EpochTracker().make_batch(Op.ENCODE, "raw", ids, chunks(len(ids), 3), DEADLINE_MS)
+
+
+@pytest.mark.parametrize(
+    "breaker, message",
+    [
+        (lambda b: setattr(b, "stream_ids", ["a", "a"]), "duplicate stream id"),
+        (lambda b: setattr(b, "epochs", np.zeros(3, np.int64)), "epochs must be an array of shape (2,)"),
+        (lambda b: setattr(b, "op", "transcode"), "unknown op"),
+        (lambda b: setattr(b, "pcm", b.pcm.astype(np.float64)), "pcm dtype must be float32 or int16"),
+        (lambda b: setattr(b, "pcm", b.pcm[:, :500]), "not a multiple of 320"),
+        (lambda b: setattr(b, "bandwidth_kbps", 7.0), "bandwidth 7.0 kbps"),
+        (lambda b: setattr(b, "codes", np.zeros((2, 8, 3), np.float32)) or setattr(b, "op", Op.DECODE),
+         "codes must be integers"),
+    ],
+)
+def test_malformed_batches_get_clear_errors_and_replica_keeps_serving(codec_handle, breaker, message):
+    b = _good(["m-a", "m-b"])
+    breaker(b)
+    res = _raw(b)
+    assert set(res.outcome_codes.tolist()) == {reason_code(FallbackReason.ERROR)}
+    assert all(message in e for e in res.errors.values()), res.errors
+    ok = _raw(_good(["m-ok"]))
+    assert ok.outcome_codes.tolist() == [0], ok.errors
+
+
+def test_not_a_frame_batch_is_an_error_not_a_crash(codec_handle):
+    res = _raw({"op": "encode"})
+    assert len(res) == 0 and res.counts() == {}
+    ok = _raw(_good(["m-ok2"]))
+    assert ok.outcome_codes.tolist() == [0]
+
+
+def test_epoch_rule_decode_across_gap_equals_fresh_start(client, loop):
+    from models.streaming import StreamingEncodec
+    from models.weights import load_encodec
+
+    model, _ = load_encodec(None, allow_random=True)
+    ref = StreamingEncodec(model, capacity=2, bandwidth_kbps=6.0)
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 1024, size=(7, 1, 8, 3)).astype(np.int16)
+    sid = "dec-gap"
+
+    def send(epoch: int, seq: int, k: int, deadline_s: float | None = None) -> BatchResult:
+        now = time.time()
+        b = FrameBatch(Op.DECODE, "bridge-test", [sid], np.array([epoch]), np.array([seq]),
+                       np.array([deadline_s if deadline_s is not None else now + DEADLINE_MS / 1000]),
+                       now, codes=codes[k], bandwidth_kbps=6.0)
+        return loop.run_until_complete(client.process(b))
+
+    for k in range(3):  # epoch 1: frames 0..2 decode
+        assert send(1, k, k).outcome_codes.tolist() == [0]
+    gap = send(1, 3, 3, deadline_s=time.time() - 0.5)  # the gap: a fallback
+    assert gap.outcome(0)[1] is FallbackReason.DEADLINE
+    # Continuing the broken epoch is refused; the stale frame touches no state.
+    assert send(1, 4, 4).outcome(0)[1] is FallbackReason.RESET
+    fresh = [send(2, i, k) for i, k in enumerate((4, 5, 6))]  # new epoch after the gap
+    assert [r.outcome_codes.tolist() for r in fresh] == [[0]] * 3, [r.counts() for r in fresh]
+    got = [r.pcm[0] for r in fresh]
+    # A stale epoch-1 frame arriving late is never decoded...
+    assert send(1, 5, 5).outcome(0)[1] is FallbackReason.RESET
+    # ...and the epoch-2 stream carries on undisturbed.
+    got.append(send(2, 3, 0).pcm[0])
+    want = [ref.decode([0], codes[k])[0] for k in (4, 5, 6, 0)]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def _owner_streams(handle, sid: str) -> tuple[str, list[str]]:
+    info = handle.options(method_name="info", session_id=sid).remote().result(timeout_s=60)
+    return info["replica_id"], info["streams"]
+
+
+def test_affinity_streams_stay_on_one_replica(codec_handle, client, loop):
+    tr = EpochTracker()
+    ids = [f"aff-{i}" for i in range(12)]
+    replicas_seen: set[str] = set()
+    for tick in range(5):
+        b = _batch(tr, ids, seed=tick)
+        res = loop.run_until_complete(client.process(b))
+        _assert_one_outcome_each(b, res)
+        # A stream reaching another replica mid-epoch would be answered `reset`.
+        assert res.counts() == {"ai": len(ids)}, res.counts()
+        tr.observe_result(res)
+        replicas_seen |= set(res.replica_id.split(","))
+    assert len(replicas_seen) == 2, "streams should spread over both replicas"
+    assert client.counters.requests >= 5
+    # Each stream's slot lives on the replica its routing key owns, and only there.
+    holders = {}
+    for sid in ids:
+        rid, streams = _owner_streams(codec_handle, sid)
+        assert sid in streams
+        holders[sid] = rid
+    assert len(set(holders.values())) == 2
+
+
+def test_replica_death_every_frame_answered_and_streams_resume(ray_local, codec_handle, client, loop):
+    import ray
+
+    tr = EpochTracker()
+    ids = [f"kill-{i}" for i in range(8)]
+    for tick in range(2):
+        res = loop.run_until_complete(client.process(_batch(tr, ids, seed=tick)))
+        assert res.counts() == {"ai": len(ids)}
+        tr.observe_result(res)
+
+    victim_uid, victim_streams = _owner_streams(codec_handle, ids[0])
+    victim_streams = [s for s in victim_streams if s in ids]
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::") and a["name"].endswith(victim_uid)]
+    assert len(names) == 1, names
+    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+    killed_at = time.monotonic()
+
+    affected_fallback = set()
+    recovered_at = None
+    ticks = 0
+    while time.monotonic() - killed_at < 150:
+        b = _batch(tr, ids, seed=ticks)
+        res = loop.run_until_complete(client.process(b))
+        _assert_one_outcome_each(b, res)
+        tr.observe_result(res)
+        ticks += 1
+        fell = {s for s, c in zip(res.stream_ids, res.outcome_codes.tolist(), strict=True) if c}
+        affected_fallback |= fell
+        if not fell and affected_fallback:
+            recovered_at = time.monotonic()
+            break
+        loop.run_until_complete(asyncio.sleep(0.04))  # one bridge tick
+    assert recovered_at is not None, f"streams never resumed AI after {ticks} ticks"
+    assert affected_fallback & set(victim_streams), "the dead replica's streams should have fallen back"
+    took = recovered_at - killed_at
+    print(f"\nreplica killed: {len(victim_streams)} of {len(ids)} streams affected; all streams "
+          f"back on AI after {took:.1f} s ({ticks} ticks), every frame answered")
+    # Every stream's state now lives on the live replica its key routes to.
+    for sid in ids:
+        assert sid in _owner_streams(codec_handle, sid)[1]
+
+
+def test_leave_frees_slots(codec_handle, client, loop):
+    tr = EpochTracker()
+    ids = ["leave-a", "leave-b"]
+    res = loop.run_until_complete(client.process(_batch(tr, ids)))
+    assert res.counts() == {"ai": 2}
+    assert loop.run_until_complete(client.leave(ids)) == 2
+    for sid in ids:
+        assert sid not in _owner_streams(codec_handle, sid)[1]
+    # The next frame of the left stream continues nothing: reset, then a new epoch works.
+    res = loop.run_until_complete(client.process(_batch(tr, ids)))
+    assert set(res.outcome_codes.tolist()) == {reason_code(FallbackReason.RESET)}
+    tr.observe_result(res)
+
+    async def back_on() -> bool:
+        r = await client.process(_batch(tr, ids))
+        tr.observe_result(r)
+        return r.counts() == {"ai": 2}
+
+    loop.run_until_complete(await_until(back_on, 30, "streams back on AI after leave"))
