@@ -1,0 +1,139 @@
+"""Operator dashboard: snapshot aggregation, bearer-token auth, the opt-out toggle reaching the
+real supervisor actor, and a page that loads nothing from the internet."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from deployments.dashboard import STATIC, StatsBoardCore, aggregate
+
+SECRET = "dashboard-test-secret-0123456789"
+
+
+def test_aggregate_sums_bridges_and_drops_stale_snapshots():
+    core = StatsBoardCore()
+    now = 1000.0
+    core.publish("b1", {"streams_live": 10, "replicas": 2, "frames_last_s": 250, "fallback_rate": 0.04,
+                        "kbps_ai": 68.0, "kbps_native": 12.4, "kbps_all_native": 310.0,
+                        "fallback_by_reason": {"deadline": 10}, "users": [{"user": "u2"}]}, now=now)
+    core.publish("b2", {"streams_live": 5, "replicas": 3, "frames_last_s": 125, "fallback_rate": 0.0,
+                        "kbps_ai": 34.0, "fallback_by_reason": {"deadline": 1, "overload": 2},
+                        "users": [{"user": "u1"}]}, now=now)
+    core.publish("old", {"streams_live": 99}, now=now - 60)
+    agg = aggregate(core.fresh(now=now))
+    assert agg["bridges"] == ["b1", "b2"]
+    assert agg["streams_live"] == 15
+    assert agg["replicas"] == 3
+    assert agg["fallback_by_reason"] == {"deadline": 11, "overload": 2}
+    assert agg["fallback_rate"] == pytest.approx(10 / 375)
+    assert agg["kbps_ai"] == pytest.approx(102.0)
+    assert [u["user"] for u in agg["users"]] == ["u1", "u2"]
+    assert aggregate({})["fallback_rate"] == 0.0
+
+
+def test_page_loads_nothing_from_elsewhere():
+    for name in ("dashboard.html", "dashboard.js", "dashboard.css"):
+        text = (STATIC / name).read_text()
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), name
+    html = (STATIC / "dashboard.html").read_text()
+    assert "experimental" in html
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real Ray (stats board + supervisor actors) and the router served by uvicorn."""
+    import os
+
+    import ray
+    import uvicorn
+    from fastapi import FastAPI
+
+    from deployments.config import SupervisorSettings
+    from deployments.dashboard import make_router
+    from deployments.supervisor import get_or_create_supervisor
+
+    os.environ["AURALINK_SECRET"] = SECRET
+    ray.init(num_cpus=1, include_dashboard=False, namespace="auralink-dashboard-test")
+    board_cls = __import__("deployments.dashboard", fromlist=["_board_class"])._board_class()
+    board = board_cls.remote()
+    sup = get_or_create_supervisor(SupervisorSettings(name="dash-test-supervisor", kv_namespace="dash-test"))
+    app = FastAPI()
+    app.include_router(make_router(board=lambda: board, supervisor=lambda: sup), prefix="/dashboard")
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (srv.started and srv.servers):
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        thread.join(0.05)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    yield {"base": f"http://127.0.0.1:{port}/dashboard", "board": board, "sup": sup}
+    srv.should_exit = True
+    thread.join(10)
+    ray.kill(sup)
+    ray.shutdown()
+
+
+def _call(url: str, token: str | None = None, body: dict | None = None) -> tuple[int, dict | str]:
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 method="GET" if body is None else "POST")
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as res:
+            raw = res.read().decode()
+            return res.status, json.loads(raw) if res.headers.get_content_type() == "application/json" else raw
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def _token(scope: str) -> str:
+    from sfu_bridge.tokens import TokenAuthority
+
+    return TokenAuthority(SECRET.encode()).issue("ops", "*", [scope], ttl_s=600)
+
+
+def test_api_needs_an_operator_token(server):
+    base = server["base"]
+    assert _call(f"{base}/api/stats")[0] == 401
+    assert _call(f"{base}/api/stats", token="al1.bogus.token")[0] == 401
+    assert _call(f"{base}/api/stats", token=_token("publish"))[0] == 403
+    assert _call(f"{base}/api/users/u1/ai", body={"enabled": False})[0] == 401
+    status, page = _call(f"{base}/")
+    assert status == 200 and "AuraLink" in page  # the page itself holds no data
+    assert _call(f"{base}/static/dashboard.js")[0] == 200
+    assert _call(f"{base}/static/secret.txt")[0] == 404
+
+
+def test_stats_come_from_the_board(server):
+    import ray
+
+    ray.get(server["board"].publish.remote("bridge-x", {"streams_live": 7, "replicas": 2, "frames_last_s": 175,
+                                                        "fallback_rate": 0.0, "kbps_ai": 47.6}))
+    status, stats = _call(f"{server['base']}/api/stats", token=_token("operator"))
+    assert status == 200
+    assert stats["bridges"] == ["bridge-x"] and stats["streams_live"] == 7 and stats["replicas"] == 2
+
+
+def test_toggle_reaches_the_supervisor(server):
+    import ray
+
+    sup = server["sup"]
+    ray.get(sup.register.remote("u00042-0", "u00042"))
+    op = _token("operator")
+    status, body = _call(f"{server['base']}/api/users/u00042/ai", token=op, body={"enabled": False})
+    assert status == 200 and body["ai_enabled"] is False
+    off = ray.get(sup.report.remote({"u00042-0": {"ai": 25, "fallback": {}, "user_id": "u00042"}}))
+    assert off == {"u00042-0": "opted_out"}
+    assert _call(f"{server['base']}/api/users/u00042/ai", token=op, body={"enabled": True})[0] == 200
+    assert ray.get(sup.report.remote({"u00042-0": {"ai": 25, "fallback": {}, "user_id": "u00042"}})) == {}
