@@ -180,6 +180,7 @@ class AicSubscriber:
         aic: bool = True,
         codec: Any = None,
         slot: int = 0,
+        keep_payloads: int = 0,
     ) -> None:
         rtp_ext.install()
         self.base_url = base_url.rstrip("/")
@@ -192,7 +193,9 @@ class AicSubscriber:
         self.meter = UdpMeter()
         self.stats = SubscriberStats()
         self.location: str | None = None
-        self.pcm: list[np.ndarray] = []  # decoded 24 kHz audio (AIC frames)
+        self.pcm: list[np.ndarray] = []  # decoded 24 kHz audio (AIC and Opus frames)
+        self.keep_payloads = keep_payloads  # keep the first N AIC payloads (tests inspect them)
+        self.payloads: list[bytes] = []
         self._epoch: int | None = None
         self._aic_pt: int | None = None
         self._task: asyncio.Task | None = None
@@ -275,6 +278,8 @@ class AicSubscriber:
             self.stats.bad_payloads += 1
             return
         self.stats.aic_frames += 1
+        if len(self.payloads) < self.keep_payloads:
+            self.payloads.append(data)
         if payload.start or payload.epoch != self._epoch:
             # the epoch rule: a new epoch means a fresh encoder state on the bridge side
             self._epoch = payload.epoch

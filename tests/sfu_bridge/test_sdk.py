@@ -1,0 +1,117 @@
+"""End to end over real aiortc connections: SDK publisher -> bridge -> AIC and Opus subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+
+import numpy as np
+
+from sfu_bridge.hint_auth import HintSigner, derive_stream_key
+from sfu_bridge.hint_ext import Hint
+from sfu_bridge.sdk import AicPublisher, AicSubscriber
+from sfu_bridge.tick import InProcessCodec
+
+# Generous: the codec runs for real on a shared CPU; these tests check behaviour, not speed.
+CONFIG = dict(deadline_ms=2_000.0, max_backlog_chunks=200, opted_out_users=frozenset({"dave"}))
+
+
+class SeenStreams:
+    """The real in-process codec, recording which streams reached it."""
+
+    def __init__(self, inner: InProcessCodec) -> None:
+        self.inner = inner
+        self.seen: set[str] = set()
+
+    async def process(self, batch):
+        self.seen.update(batch.stream_ids)
+        return await self.inner.process(batch)
+
+
+def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, streaming_codec, secret, caplog):
+    caplog.set_level(logging.DEBUG)
+    codec = SeenStreams(InProcessCodec(streaming_codec))
+
+    async def go():
+        async with running_bridge(codec, **CONFIG) as (server, base):
+            pub = AicPublisher(
+                base, "room1", tokens.issue("alice", "room1", ["publish"]),
+                hint_key=derive_stream_key(secret, "room1"),
+            )
+            await pub.start()
+            aic = AicSubscriber(
+                base, "room1", tokens.issue("bob", "room1", ["subscribe"]),
+                codec=streaming_codec, slot=0, keep_payloads=5,
+            )
+            plain = AicSubscriber(base, "room1", tokens.issue("carol", "room1", ["subscribe"]), aic=False)
+            await aic.start()
+            await plain.start()
+            assert aic.aic_negotiated and not plain.aic_negotiated
+            ok = await aic.wait_frames(n_aic=8, timeout_s=90)
+            ok_plain = await plain.wait_frames(n_opus=16, timeout_s=90)
+            stats = server.media.stats()
+            statuses = [await aic.stop(), await plain.stop(), await pub.stop()]
+            return ok, ok_plain, aic, plain, pub, stats, statuses
+
+    ok, ok_plain, aic, plain, pub, stats, statuses = asyncio.run(go())
+    assert ok and ok_plain, (aic.stats, plain.stats)
+    assert statuses == [200, 200, 200]
+    # the AIC subscriber decoded every AIC frame to 40 ms of 24 kHz audio, epoch by epoch
+    assert aic.stats.bad_payloads == 0
+    assert aic.stats.decoded_samples == 960 * aic.stats.aic_frames
+    assert aic.stats.decoder_resets == len(aic.stats.epochs) >= 1
+    assert aic.stats.epochs == sorted(set(aic.stats.epochs))  # epochs only move forward
+    assert all(np.isfinite(p).all() for p in aic.pcm)
+    # the plain subscriber never saw an AIC packet
+    assert plain.stats.aic_frames == 0 and plain.meter.totals("rx", ("rtp/120",))[0] == 0
+    # hints were signed, verified and counted; none rejected
+    assert stats["hints"].get("accepted", 0) > 0
+    assert not any(k.startswith("dropped/") and k != "dropped/rate_limited" for k in stats["hints"])
+    assert stats["frames"].get("ai", 0) >= aic.stats.aic_frames
+    # wire: an AIC packet (40 ms) is smaller than one Opus packet (20 ms), headers included
+    aic_pt = aic._aic_pt
+    aic_bytes = aic.meter.bytes_per_datagram("rx", f"rtp/{aic_pt}")
+    opus_kind = next(k for k in plain.meter.rx if k.startswith("rtp/"))
+    opus_bytes = plain.meter.bytes_per_datagram("rx", opus_kind)
+    assert 0 < aic_bytes < opus_bytes
+    assert aic_bytes * 25 < opus_bytes * 50 / 2  # AIC needs < half of Opus's wire rate
+    # privacy: no hint, code or audio bytes in any log record (DEBUG, all loggers)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert any(r.name.startswith("aiortc") and r.levelno == logging.DEBUG for r in caplog.records)
+    signer = HintSigner(secret)
+    secrets = [signer.sign("room1", Hint(0, 6.0, 1, seq=i)) for i in range(1, 4)] + aic.payloads
+    assert secrets
+    for blob in secrets:
+        for form in (blob.hex(), repr(blob)[2:-1], base64.b64encode(blob).decode()):
+            assert form not in text
+    for samples in (aic.pcm[0][:4], pub.source(0, 4)):  # audio, as numpy would print it
+        assert str(samples)[1:-1].strip() not in text and repr(samples) not in text
+
+
+def test_opted_out_stream_never_reaches_the_ai_and_forged_hints_are_dropped(
+    running_bridge, tokens, streaming_codec, secret
+):
+    codec = SeenStreams(InProcessCodec(streaming_codec))
+
+    async def go():
+        async with running_bridge(codec, **CONFIG) as (server, base):
+            pub = AicPublisher(
+                base, "room2", tokens.issue("dave", "room2", ["publish"]),
+                hint_key=derive_stream_key(b"not-the-cluster-secret-at-all!!!", "room2"),
+            )
+            await pub.start()
+            sub = AicSubscriber(base, "room2", tokens.issue("bob", "room2", ["subscribe"]), codec=None)
+            await sub.start()
+            ok = await sub.wait_frames(n_opus=20, timeout_s=90)
+            stats = server.media.stats()
+            await sub.stop()
+            await pub.stop()
+            return ok, sub, stats
+
+    ok, sub, stats = asyncio.run(go())
+    assert ok
+    assert "room2" not in codec.seen  # opted out: no inference, ever
+    assert sub.stats.aic_frames == 0 and sub.stats.opus_frames >= 20
+    assert stats["frames"].get("fallback/opted_out", 0) > 0 and "ai" not in stats["frames"]
+    assert stats["hints"].get("dropped/tag", 0) > 0 and stats["hints"].get("accepted", 0) == 0
