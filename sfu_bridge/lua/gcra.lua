@@ -24,14 +24,15 @@ local n = #KEYS
 if string.len(counts) ~= 2 * n then
   return redis.error_reply('gcra: counts must be 2 bytes per key')
 end
-local byte, char, floor = string.byte, string.char, math.floor
+local byte, char, floor, ceil, fmt = string.byte, string.char, math.floor, math.ceil, string.format
+local call = redis.call
 local out = {}
 -- MGET in slices: Lua's unpack() is bounded by the C stack (a few thousand values).
 local slice = 4000
 local first = 1
 while first <= n do
   local last = math.min(first + slice - 1, n)
-  local stored = redis.call('MGET', unpack(KEYS, first, last))
+  local stored = call('MGET', unpack(KEYS, first, last))
   for i = first, last do
     local hi, lo = byte(counts, 2 * i - 1, 2 * i)
     local allowed = hi * 256 + lo
@@ -43,7 +44,7 @@ while first <= n do
     if allowed > 0 then
       tat = tat + allowed * interval
       -- '%d' keeps all 16 digits (tostring would round to 14 significant digits).
-      redis.call('SET', KEYS[i], string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000))
+      call('SET', KEYS[i], fmt('%d', tat), 'PX', ceil((tat - now) / 1000))
     end
     out[i] = char(floor(allowed / 256), allowed % 256)
   end
