@@ -33,6 +33,7 @@ or flushed server) loads the script again and repeats the call.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -117,21 +118,12 @@ def _bulk(data: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
-class HintLimiter:
-    """Redis GCRA for all of one bridge's streams, one EVALSHA per `allow()` call.
-
-    `redis_client` should come from `sfu_bridge.redis_store.connect()` (short timeouts, no
-    retry back-off); any standalone redis-py client works (not a RedisCluster object: give
-    it a client for the node that owns the bridge's slot).
-
-    The call is packed by hand from cached per-stream key fragments and sent on a pooled
-    redis-py connection, because redis-py's generic packer costs microseconds per argument
-    and a tick carries thousands of streams.
-    """
+class _GcraClient:
+    """What the sync and asyncio limiters share: keys, packing, decoding, counters, back-off."""
 
     def __init__(
         self,
-        redis_client: redis.Redis,
+        redis_client,
         rate_per_s: float = DEFAULT_RATE_PER_S,
         burst: int = DEFAULT_BURST,
         fail_open: bool = True,
@@ -157,17 +149,10 @@ class HintLimiter:
         self._backoff_s = retry_after_s
         self._retry_at = 0.0  # monotonic time before which Redis is not tried
         self._failing = False
-        try:  # register once up front; NOSCRIPT later (restart, SCRIPT FLUSH) loads it again
-            self._load_script()
-        except (redis.RedisError, OSError) as exc:
-            log.warning("hint limiter: could not load the GCRA script yet (%s); will retry", type(exc).__name__)
+        self._preload()
 
-    def _load_script(self) -> None:
-        sha = self.redis.script_load(self.script)
-        if isinstance(sha, bytes):
-            sha = sha.decode()
-        if sha != self.sha:
-            raise redis.ResponseError(f"SCRIPT LOAD returned {sha}, expected {self.sha}")
+    def _preload(self) -> None:
+        """Register the script up front where that can be done synchronously."""
 
     def key(self, stream_id: str) -> str:
         return self.key_prefix + stream_id
@@ -188,6 +173,111 @@ class HintLimiter:
         frags = [self._key_frag(s) for s in stream_ids]
         return b"".join((head, *frags, self._params_frag, _bulk(counts)))
 
+    def _check_sha(self, sha: str | bytes) -> None:
+        if isinstance(sha, bytes):
+            sha = sha.decode()
+        if sha != self.sha:
+            raise redis.ResponseError(f"SCRIPT LOAD returned {sha}, expected {self.sha}")
+
+    @staticmethod
+    def _prepare(ticks: Sequence[tuple[Sequence[str], Sequence[int]]]) -> list[tuple[Sequence[str], np.ndarray]]:
+        calls = []
+        for stream_ids, counts in ticks:
+            n = len(stream_ids)
+            if n != len(counts):
+                raise ValueError(f"{n} stream ids but {len(counts)} counts")  # caller bug, not I/O
+            calls.append((stream_ids, np.maximum(np.asarray(counts, np.int64).reshape(n), 0)))
+        return calls
+
+    @staticmethod
+    def _decode(calls: list[tuple[Sequence[str], np.ndarray]], replies: list) -> list[np.ndarray]:
+        out = []
+        for (ids, _), r in zip(calls, replies, strict=True):
+            if isinstance(r, Exception):
+                raise r
+            allowed = np.frombuffer(r, ">u2").astype(np.int64)
+            if allowed.shape != (len(ids),):
+                raise redis.ResponseError(f"gcra returned {allowed.shape[0]} decisions for {len(ids)} streams")
+            out.append(allowed)
+        return out
+
+    def _skip(self) -> bool:
+        if time.monotonic() < self._retry_at:
+            self.counters.skipped_calls += 1
+            return True
+        return False
+
+    def _succeeded(self, calls: list[tuple[Sequence[str], np.ndarray]], results: list[np.ndarray]) -> list[np.ndarray]:
+        it = iter(results)
+        out = []
+        for ids, off in calls:
+            allowed = next(it) if len(ids) else off
+            self.counters.calls += 1 if len(ids) else 0
+            total = int(allowed.sum())
+            self.counters.allowed += total
+            self.counters.limited += int(off.sum()) - total
+            out.append(allowed)
+        if self._failing:
+            self._failing = False
+            self._backoff_s = self.retry_after_s
+            self.counters.recoveries += 1
+            log.info("hint limiter: Redis reachable again")
+        return out
+
+    def _failed(self, exc: BaseException, calls: list[tuple[Sequence[str], np.ndarray]]) -> list[np.ndarray]:
+        name = type(exc).__name__
+        self.counters.errors += 1
+        self.counters.by_error[name] = self.counters.by_error.get(name, 0) + 1
+        self.counters.last_error = name
+        if not self._failing:
+            log.warning(
+                "hint limiter: Redis unreachable (%s); failing %s, retrying in %.2f s",
+                name, "open" if self.fail_open else "closed", self._backoff_s,
+            )
+        self._failing = True
+        self._retry_at = time.monotonic() + self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, self.max_retry_after_s)
+        return self._unreachable(calls)
+
+    def _unreachable(self, calls: list[tuple[Sequence[str], np.ndarray]]) -> list[np.ndarray]:
+        out = []
+        for _, off in calls:
+            total = int(off.sum())
+            if self.fail_open:
+                self.counters.fail_open += total
+                out.append(off.copy())
+            else:
+                self.counters.fail_closed += total
+                out.append(np.zeros_like(off))
+        return out
+
+    def retry_now(self) -> None:
+        """End the back-off so the next call tries Redis (operators, tests)."""
+        self._retry_at = 0.0
+
+
+class HintLimiter(_GcraClient):
+    """Redis GCRA for all of one bridge's streams, one EVALSHA per `allow()` call.
+
+    `redis_client` should come from `sfu_bridge.redis_store.connect()` (short timeouts, no
+    retry back-off); any standalone redis-py client works (not a RedisCluster object: give
+    it a client for the node that owns the bridge's slot). `AsyncHintLimiter` is the same
+    for asyncio code that must not block its loop on Redis.
+
+    The call is packed by hand from cached per-stream key fragments and sent on a pooled
+    redis-py connection, because redis-py's generic packer costs microseconds per argument
+    and a tick carries thousands of streams.
+    """
+
+    def _preload(self) -> None:
+        try:  # register once up front; NOSCRIPT later (restart, SCRIPT FLUSH) loads it again
+            self._load_script()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("hint limiter: could not load the GCRA script yet (%s); will retry", type(exc).__name__)
+
+    def _load_script(self) -> None:
+        self._check_sha(self.redis.script_load(self.script))
+
     def _roundtrip(self, packed: bytes, n_replies: int) -> list:
         """Send pipelined commands on one pooled connection; replies or ResponseErrors."""
         pool = self.redis.connection_pool
@@ -206,24 +296,14 @@ class HintLimiter:
 
     def _evaluate(self, calls: list[tuple[Sequence[str], np.ndarray]]) -> list[np.ndarray]:
         """Run several calls in one round trip (raises on Redis failure)."""
-        packed = b"".join(self.pack_call(ids, off) for ids, off in calls)
-        replies = self._roundtrip(packed, len(calls))
-        if any(isinstance(r, NoScriptError) for r in replies):
-            # A restarted or flushed server: load once, then redo only the failed calls.
+        replies = self._roundtrip(b"".join(self.pack_call(*c) for c in calls), len(calls))
+        redo = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if redo:  # a restarted or flushed server: load once, then redo only those calls
             self._load_script()
-            redo = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
             again = self._roundtrip(b"".join(self.pack_call(*calls[i]) for i in redo), len(redo))
             for i, r in zip(redo, again, strict=True):
                 replies[i] = r
-        out = []
-        for (ids, _), r in zip(calls, replies, strict=True):
-            if isinstance(r, Exception):
-                raise r
-            allowed = np.frombuffer(r, ">u2").astype(np.int64)
-            if allowed.shape != (len(ids),):
-                raise redis.ResponseError(f"gcra returned {allowed.shape[0]} decisions for {len(ids)} streams")
-            out.append(allowed)
-        return out
+        return self._decode(calls, replies)
 
     def allow(self, stream_ids: Sequence[str], counts: Sequence[int]) -> np.ndarray:
         """How many of each stream's `counts` hints pass (int64 array). Never raises on I/O."""
@@ -231,60 +311,72 @@ class HintLimiter:
 
     def allow_ticks(self, ticks: Sequence[tuple[Sequence[str], Sequence[int]]]) -> list[np.ndarray]:
         """Several calls (e.g. ticks, or bridges' worth of streams) in ONE round trip."""
-        calls = []
-        for stream_ids, counts in ticks:
-            n = len(stream_ids)
-            if n != len(counts):
-                raise ValueError(f"{n} stream ids but {len(counts)} counts")  # caller bug, not I/O
-            calls.append((stream_ids, np.maximum(np.asarray(counts, np.int64).reshape(n), 0)))
+        calls = self._prepare(ticks)
         todo = [c for c in calls if len(c[0])]
         if not todo:
             return [off for _, off in calls]
-        if time.monotonic() < self._retry_at:
-            self.counters.skipped_calls += 1
-            return [self._unreachable(off) for _, off in calls]
+        if self._skip():
+            return self._unreachable(calls)
         try:
-            results = iter(self._evaluate(todo))
+            results = self._evaluate(todo)
         except (redis.RedisError, OSError) as exc:
-            self._failed(exc)
-            return [self._unreachable(off) for _, off in calls]
-        out = []
-        for ids, off in calls:
-            allowed = next(results) if len(ids) else off
-            self.counters.calls += 1 if len(ids) else 0
-            total = int(allowed.sum())
-            self.counters.allowed += total
-            self.counters.limited += int(off.sum()) - total
-            out.append(allowed)
-        if self._failing:
-            self._failing = False
-            self._backoff_s = self.retry_after_s
-            self.counters.recoveries += 1
-            log.info("hint limiter: Redis reachable again")
-        return out
+            return self._failed(exc, calls)
+        return self._succeeded(calls, results)
 
-    def _failed(self, exc: Exception) -> None:
-        name = type(exc).__name__
-        self.counters.errors += 1
-        self.counters.by_error[name] = self.counters.by_error.get(name, 0) + 1
-        self.counters.last_error = name
-        if not self._failing:
-            log.warning(
-                "hint limiter: Redis unreachable (%s); failing %s, retrying in %.2f s",
-                name, "open" if self.fail_open else "closed", self._backoff_s,
-            )
-        self._failing = True
-        self._retry_at = time.monotonic() + self._backoff_s
-        self._backoff_s = min(self._backoff_s * 2, self.max_retry_after_s)
 
-    def _unreachable(self, offered: np.ndarray) -> np.ndarray:
-        total = int(offered.sum())
-        if self.fail_open:
-            self.counters.fail_open += total
-            return offered.copy()
-        self.counters.fail_closed += total
-        return np.zeros_like(offered)
+class AsyncHintLimiter(_GcraClient):
+    """`HintLimiter` for asyncio: `await allow(...)`; Redis I/O never blocks the event loop.
 
-    def retry_now(self) -> None:
-        """End the back-off so the next call tries Redis (operators, tests)."""
-        self._retry_at = 0.0
+    Takes a `redis.asyncio.Redis` (e.g. ``redis.asyncio.Redis.from_url(url,
+    **media_path_options())``). The script is loaded on first use (NOSCRIPT -> SCRIPT LOAD).
+    """
+
+    async def _load_script(self) -> None:
+        self._check_sha(await self.redis.script_load(self.script))
+
+    async def _roundtrip(self, packed: bytes, n_replies: int) -> list:
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command([packed])
+            replies: list = []
+            for _ in range(n_replies):
+                try:
+                    replies.append(await conn.read_response(disable_decoding=True))
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except asyncio.CancelledError:
+            await conn.disconnect()  # replies may be half read: never reuse this connection
+            raise
+        finally:
+            await pool.release(conn)
+
+    async def _evaluate(self, calls: list[tuple[Sequence[str], np.ndarray]]) -> list[np.ndarray]:
+        replies = await self._roundtrip(b"".join(self.pack_call(*c) for c in calls), len(calls))
+        redo = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if redo:
+            await self._load_script()
+            again = await self._roundtrip(b"".join(self.pack_call(*calls[i]) for i in redo), len(redo))
+            for i, r in zip(redo, again, strict=True):
+                replies[i] = r
+        return self._decode(calls, replies)
+
+    async def allow(self, stream_ids: Sequence[str], counts: Sequence[int]) -> np.ndarray:
+        return (await self.allow_ticks([(stream_ids, counts)]))[0]
+
+    async def allow_ticks(self, ticks: Sequence[tuple[Sequence[str], Sequence[int]]]) -> list[np.ndarray]:
+        calls = self._prepare(ticks)
+        todo = [c for c in calls if len(c[0])]
+        if not todo:
+            return [off for _, off in calls]
+        if self._skip():
+            return self._unreachable(calls)
+        try:
+            results = await self._evaluate(todo)
+        except (redis.RedisError, OSError) as exc:
+            return self._failed(exc, calls)
+        return self._succeeded(calls, results)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()

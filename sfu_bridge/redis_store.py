@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import redis
+import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -44,6 +45,13 @@ def media_path_options() -> dict:
         "socket_connect_timeout": SOCKET_TIMEOUT_S,
         "retry": Retry(NoBackoff(), 1),
     }
+
+
+def media_path_options_async() -> dict:
+    """`media_path_options` for `redis.asyncio` clients."""
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    return {**media_path_options(), "retry": AsyncRetry(NoBackoff(), 1)}
 
 
 def _runtime_base() -> Path:
@@ -144,6 +152,11 @@ class EmbeddedRedis:
     def client(self, **overrides) -> redis.Redis:
         return redis.Redis(unix_socket_path=self.socket_path, **{**media_path_options(), **overrides})
 
+    def async_client(self, **overrides) -> redis.asyncio.Redis:
+        return redis.asyncio.Redis(
+            unix_socket_path=self.socket_path, **{**media_path_options_async(), **overrides}
+        )
+
 
 _embedded: EmbeddedRedis | None = None
 
@@ -158,3 +171,15 @@ def connect(url: str | None = None, **overrides) -> redis.Redis:
         _embedded = EmbeddedRedis().start()
         log.info("%s is not set: using an embedded redis at %s", REDIS_URL_ENV, _embedded.url)
     return _embedded.client(**overrides)
+
+
+def connect_async(url: str | None = None, **overrides) -> redis.asyncio.Redis:
+    """`connect` for asyncio code (e.g. `AsyncHintLimiter`); same choice of server."""
+    global _embedded
+    url = url or os.environ.get(REDIS_URL_ENV)
+    if url:
+        return redis.asyncio.Redis.from_url(url, **{**media_path_options_async(), **overrides})
+    if _embedded is None or not _embedded.running:
+        _embedded = EmbeddedRedis().start()
+        log.info("%s is not set: using an embedded redis at %s", REDIS_URL_ENV, _embedded.url)
+    return _embedded.async_client(**overrides)

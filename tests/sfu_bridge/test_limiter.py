@@ -11,6 +11,7 @@ import redis
 from sfu_bridge import redis_store
 from sfu_bridge.limiter import (
     KEY_PREFIX,
+    AsyncHintLimiter,
     GcraParams,
     HintLimiter,
     MemoryGCRA,
@@ -213,3 +214,33 @@ def test_connect_uses_redis_url_else_embedded(monkeypatch, server):
         redis_store._embedded.close()
     with pytest.raises(redis.ConnectionError):
         c2.ping()
+
+
+# ---- asyncio variant --------------------------------------------------------------------------
+
+
+def test_async_limiter_same_decisions_fail_open_and_recovery(tmp_path):
+    import asyncio
+
+    srv = EmbeddedRedis(tmp_path / "a").start()
+
+    async def scenario() -> None:
+        lim = AsyncHintLimiter(srv.async_client(), rate_per_s=1, burst=5, retry_after_s=0.01)
+        assert (await lim.allow(["a", "b", "c"], [3, 10, 0])).tolist() == [3, 5, 0]  # loads on NOSCRIPT
+        assert (await lim.allow(["a"], [9])).tolist() == [2]
+        srv.stop()
+        assert (await lim.allow(["a", "b"], [4, 1])).tolist() == [4, 1]  # fail-open, counted
+        assert lim.counters.errors == 1 and lim.counters.fail_open == 5
+        srv.start()
+        deadline = time.monotonic() + 10
+        while lim.counters.recoveries == 0 and time.monotonic() < deadline:
+            await lim.allow(["z"], [1])
+            await asyncio.sleep(0)
+        assert lim.counters.recoveries == 1
+        assert (await lim.allow(["a"], [9])).tolist() == [5]  # a fresh server: fresh state
+        await lim.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        srv.close()
