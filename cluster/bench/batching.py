@@ -45,6 +45,8 @@ import bisect
 import json
 import logging
 import math
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -63,6 +65,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.040
 Z99 = 2.3263478740408408  # standard normal 99th percentile
 DEFAULT_JSON = Path(__file__).resolve().parents[2] / "docs" / "bench" / "batching.json"
+DEFAULT_REAL_JSON = DEFAULT_JSON.with_name("batching_real.json")
 DEFAULT_PROFILE = Path(__file__).resolve().parents[2] / "docs" / "bench" / "codec.json"
 
 # Outcome codes per frame.
@@ -218,9 +221,10 @@ def make_trace(rate_fps: float, duration_s: float, bridges: int, jitter_ms: floa
                deadline_ms: float, seed: int) -> Trace:
     n_streams = max(1, math.ceil(rate_fps * TICK_S))
     p_present = rate_fps * TICK_S / n_streams
-    rng = np.random.default_rng(seed)
+    # Bridge tick phases depend on the seed only, so every load sees the same bridges.
+    phase = np.random.default_rng(seed).uniform(0, TICK_S, size=max(1, bridges))
+    rng = np.random.default_rng([seed, round(rate_fps * 1000)])
     bridge_of = np.arange(n_streams) % max(1, bridges)
-    phase = rng.uniform(0, TICK_S, size=max(1, bridges))
     ticks = int(duration_s / TICK_S)
     sends, arrs, streams, seqs = [], [], [], []
     for k in range(ticks):
@@ -410,6 +414,7 @@ class BenchConfig:
     seed: int = 0
     serve_max_batch_sizes: tuple[int, ...] = ()  # empty: derived from the capacity batch
     serve_wait_ms: tuple[float, ...] = (0.0, 2.0, 5.0, 10.0)
+    torch_threads: int | None = None
 
 
 def serve_grid(cfg: BenchConfig, cap_batch: int) -> list[tuple[int, float]]:
@@ -432,7 +437,7 @@ def run_bench(cfg: BenchConfig, profile: Profile, real: RealCompute | None) -> d
     grid = serve_grid(cfg, cap_b)
     for li, load in enumerate(cfg.loads):
         tr = make_trace(load * cap_fps, cfg.duration_s, cfg.bridges, cfg.jitter_ms,
-                        cfg.deadline_ms, cfg.seed + li)
+                        cfg.deadline_ms, cfg.seed)
 
         def step_fn(tag: int, li: int = li) -> StepCost:
             if real is not None:
@@ -463,7 +468,8 @@ def run_bench(cfg: BenchConfig, profile: Profile, real: RealCompute | None) -> d
                  best["miss_rate"], best["max_batch_size"], best["batch_wait_timeout_s"],
                  none["miss_rate"], time.perf_counter() - t0)
     return {
-        "device": profile.device if real is None else machine_description(),
+        "targets": targets(results, cap_fps),
+        "device": profile.device,
         "compute": cfg.compute,
         "weights": profile.weights,
         "profile_source": profile.source,
@@ -475,27 +481,80 @@ def run_bench(cfg: BenchConfig, profile: Profile, real: RealCompute | None) -> d
         "peak_fps": round(peak, 2),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "host": machine_description(),
+        "host_load_avg_1m": round(os.getloadavg()[0], 2),
+        "torch_threads": cfg.torch_threads if real is not None or cfg.compute == "real" else None,
         "git": git_revision(),
         "results": results,
     }
 
 
+def targets(results: list[dict[str, Any]], cap_fps: float) -> dict[str, Any]:
+    """The issue's targets, checked on this run's EDF rows (None where a load was not run)."""
+    edf = {r["load"]: r for r in results if r["scheduler"] == "edf"}
+    out: dict[str, Any] = {}
+    if 0.95 in edf:
+        out["edf_miss_rate_at_95"] = edf[0.95]["miss_rate"]
+        out["edf_miss_at_95_le_1pct"] = edf[0.95]["miss_rate"] <= 0.01
+    if 1.2 in edf:
+        r = edf[1.2]
+        out["edf_goodput_over_capacity_at_120"] = round(r["goodput_fps"] / cap_fps, 4)
+        out["edf_goodput_at_120_ge_95pct"] = r["goodput_fps"] >= 0.95 * cap_fps
+        out["edf_wasted_compute_s_at_120"] = r["wasted_compute_s"]
+        out["edf_queue_end_at_120"] = r["queue_end"]
+    return out
+
+
 # ------------------------------------------------------------------------------------ docs
-def markdown(data: dict[str, Any], command: str) -> str:
+SECTION_INTRO = """## batching
+
+EDF deadline-aware batching (`deployments/scheduler.py`) against Ray Serve's `@serve.batch`
+policy and no batching, on the same trace, device and model. Rows per offered load (fraction
+of capacity). Definitions (module docstring of `cluster/bench/batching.py`):
+
+- **capacity**: max over B <= max_batch with p99 step(B) + margin + jitter <= deadline of
+  B / mean step(B) - no scheduler can answer more frames on time.
+- **miss rate**: frames not answered `ai` within their deadline (late, fallback, or still
+  queued when the run ends), of all frames. **goodput**: frames answered `ai` in time per s.
+- **p50/p99**: bridge send -> codes, frames answered `ai`. **wasted compute**: step time spent
+  on frames that missed anyway (pro rata). **queue**: frames waiting, max / when arrivals stop.
+- `serve_batch` emulates `@serve.batch` (ray 2.60) in the same event loop: FIFO, a batch
+  closes at `max_batch_size` or `batch_wait_timeout_s` after it opens, batches form while the
+  previous one runs and run one at a time; it computes every frame. The best grid point per load
+  is shown. `none`: one frame per step, FIFO.
+"""
+
+
+def markdown_run(data: dict[str, Any]) -> str:
     c = data["config"]
+    title = "emulated compute (virtual clock)" if data["compute"] == "emulated" else "real compute"
     lines = [
-        "## batching",
+        f"### {title}",
         "",
-        f"Command: `{command}`",
+        f"Command: `{data.get('command', 'auralink bench batching')}`",
         "",
         f"- compute: **{data['compute']}**; step times from {data['device']} "
-        f"({data['profile_source']}); weights: {data['weights']}; run on {data['host']} at {data['git']}",
+        f"({data['profile_source']}); weights: **{data['weights']}**; run on {data['host']} "
+        f"(1-min load average {data.get('host_load_avg_1m')}) at {data['git']}",
         f"- trace: 40 ms chunks, {c['bridges']} bridges with random phases, transit jitter "
-        f"0-{c['jitter_ms']} ms, deadline {c['deadline_ms']} ms from bridge send, {c['duration_s']} s per run, seed {c['seed']}",
-        f"- capacity {data['capacity_fps']} frames/s (B={data['capacity_batch']}): "
-        f"{data['capacity_definition']}; device peak without deadline {data['peak_fps']} frames/s",
-        "- `serve_batch`: Ray Serve `@serve.batch` semantics emulated in the same loop, best "
-        "(max_batch_size, batch_wait_timeout_s) per load; `none`: one frame per step",
+        f"0-{c['jitter_ms']} ms, deadline {c['deadline_ms']} ms from bridge send, margin "
+        f"{c['margin_ms']} ms, max batch {c['max_batch']}, {c['duration_s']} s per run, seed {c['seed']}",
+        f"- capacity {data['capacity_fps']} frames/s at B={data['capacity_batch']}; if every frame "
+        f"had to fit one step in half the deadline: {data['half_deadline_capacity_fps']} frames/s; "
+        f"device peak ignoring deadlines: {data['peak_fps']} frames/s",
+        "- step-time profile (ms): " + ", ".join(
+            f"B={b}: p50 {v['p50']:.2f} / p99 {v['p99']:.2f}" for b, v in data["latency_profile_ms"].items()),
+    ]
+    t = data.get("targets", {})
+    if "edf_miss_rate_at_95" in t:
+        lines.append(f"- target at 95% load, EDF misses <= 1%: **{t['edf_miss_rate_at_95']:.2%}** "
+                     f"({'met' if t['edf_miss_at_95_le_1pct'] else 'not met'})")
+    if "edf_goodput_over_capacity_at_120" in t:
+        lines.append(f"- target at 120% load, EDF goodput >= 95% of capacity: "
+                     f"**{t['edf_goodput_over_capacity_at_120']:.1%}** "
+                     f"({'met' if t['edf_goodput_at_120_ge_95pct'] else 'not met'}); wasted compute "
+                     f"{t['edf_wasted_compute_s_at_120']} s; queue when arrivals stop "
+                     f"{t['edf_queue_end_at_120']} frames")
+    lines += [
         "",
         "| load | scheduler | streams | miss rate | goodput fps | p50 ms | p99 ms | wasted compute s | mean batch | queue max / at end | params |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -510,8 +569,21 @@ def markdown(data: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
+def markdown(runs: list[dict[str, Any]]) -> str:
+    return "\n\n".join([SECTION_INTRO.rstrip()] + [markdown_run(d) for d in runs])
+
+
+def refresh_docs() -> None:
+    """Rebuild the section from the committed JSON of both modes (whichever exist)."""
+    runs = [json.loads(p.read_text()) for p in (DEFAULT_JSON, DEFAULT_REAL_JSON) if p.exists()]
+    if runs:
+        update_docs_section("batching", markdown(runs))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
+    p.add_argument("--json", type=Path, default=None,
+                   help="where to write the results (default docs/bench/batching.json, "
+                        "batching_real.json for --compute real)")
     p.add_argument("--compute", choices=("emulated", "real"), default="emulated")
     p.add_argument("--profile", type=Path, default=None,
                    help="codec bench JSON with latency_profile_ms (emulated; default: "
@@ -524,7 +596,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bridges", type=int, default=8)
     p.add_argument("--jitter-ms", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads for real compute")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for real compute (1: several threads thrash on a shared CPU)")
     p.add_argument("--profile-reps", type=int, default=30, help="steps per batch size when measuring")
     p.add_argument("--serve-wait-ms", default="0,2,5,10", help="batch_wait_timeout grid (ms)")
     p.add_argument("--serve-max-batch", default="", help="max_batch_size grid (default from capacity)")
@@ -544,7 +617,7 @@ def run(args: argparse.Namespace) -> int:
         deadline_ms=args.deadline_ms, margin_ms=args.margin_ms, max_batch=max_batch,
         bridges=args.bridges, jitter_ms=args.jitter_ms, seed=args.seed,
         serve_max_batch_sizes=tuple(int(x) for x in _floats(args.serve_max_batch)),
-        serve_wait_ms=_floats(args.serve_wait_ms),
+        serve_wait_ms=_floats(args.serve_wait_ms), torch_threads=args.threads,
     )
     real: RealCompute | None = None
     profile: Profile | None = None
@@ -555,18 +628,23 @@ def run(args: argparse.Namespace) -> int:
         codec, weights = build_codec(args.threads, max_batch)
         real = RealCompute(codec, max_batch, args.seed)
         sizes = [b for b in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128) if b <= max_batch]
-        profile = measure_profile(real, sizes, args.profile_reps, machine_description(), weights)
+        device = f"{machine_description()}, torch threads {args.threads}"
+        profile = measure_profile(real, sizes, args.profile_reps, device, weights)
         if not real_mode:
             real = None  # emulated: replay the profile just measured
     data = run_bench(cfg, profile, real)
-    write_json(args.json, data)
-    cmd = "auralink bench batching --compute " + args.compute + (
-        f" --profile {args.profile}" if args.profile else "")
+    data["command"] = "auralink " + " ".join(sys.argv[1:])
+    default_path = DEFAULT_REAL_JSON if real_mode else DEFAULT_JSON
+    out = args.json or default_path
+    write_json(out, data)
     if not args.no_docs:
-        update_docs_section("batching", markdown(data, cmd))
+        if Path(out).resolve() == default_path.resolve():
+            refresh_docs()
+        else:
+            print("docs/benchmarks.md not refreshed: it is built from the default JSON paths")
     for r in data["results"]:
         print(f"{r['load']:>5.0%} {r['scheduler']:<12} miss {r['miss_rate']:.4f} goodput "
               f"{r['goodput_fps']:.1f} p99 {r['p99_ms']} wasted {r['wasted_compute_s']:.3f} "
               f"queue {r['queue_max']}/{r['queue_end']}")
-    print(f"capacity {data['capacity_fps']} fps; wrote {args.json}")
+    print(f"capacity {data['capacity_fps']} fps; wrote {out}")
     return 0
