@@ -115,6 +115,8 @@ class FrameQueue(Protocol):
 class EdfQueue:
     """Heap on (deadline, arrival); ties broken by insertion order."""
 
+    deadline_ordered = True  # pops come out by deadline: a batch's earliest deadline is its first
+
     def __init__(self) -> None:
         self._heap: list[tuple[float, float, int, PendingFrame]] = []
         self._seq = itertools.count()
@@ -193,6 +195,7 @@ class EdfScheduler:
         self._queue: FrameQueue = queue if queue is not None else EdfQueue()
         # Per stream: heap of (epoch, epoch_seq) still queued, to keep a stream's frames in order.
         self._pending: dict[str, list[tuple[int, int]]] = {}
+        self._pending_n = 0  # total entries in _pending (checked against the queue length)
         self._overload: list[tuple[PendingFrame, ShedReason]] = []  # shed in add(), reported next plan
         self.counters: Counter[str] = Counter()  # added, ai_planned, fallback/<reason>, steps
         self.batch_sizes: Counter[int] = Counter()
@@ -214,6 +217,7 @@ class EdfScheduler:
             return frame
         self._queue.push(frame)
         heapq.heappush(self._pending.setdefault(frame.stream_id, []), frame.order)
+        self._pending_n += 1
         return None
 
     def __len__(self) -> int:
@@ -270,8 +274,11 @@ class EdfScheduler:
         seen: set[str] = set()
         # Bound the scan: a queue full of one stream's frames must not make a step O(queue).
         scan_budget = 4 * limit + 64
-        while len(self._queue) and len(candidates) < limit and len(popped) < scan_budget:
-            f = self._queue.pop()
+        queue = self._queue
+        remaining = len(queue)
+        while remaining and len(candidates) < limit and len(popped) < scan_budget:
+            f = queue.pop()
+            remaining -= 1
             popped.append(f)
             sid = f.stream_id
             if sid in seen or self._pending[sid][0] != f.order:
@@ -292,6 +299,7 @@ class EdfScheduler:
         cfg = self.config
         model = self.model
         n = len(cands)
+        edf = getattr(self._queue, "deadline_ordered", False)
 
         def fit(i: int, at: float = now) -> int:
             # Largest k with at + L(k) + margin <= min deadline of cands[i:i+k]. In EDF order
@@ -300,6 +308,9 @@ class EdfScheduler:
             hi_k = min(n - i, cfg.max_batch)
             if hi_k <= 0:
                 return 0
+            if edf:
+                budget_ms = (cands[i].deadline - at - margin_s) * 1000.0
+                return model.max_batch_within(budget_ms, hi_k)
             mins = list(itertools.accumulate((f.deadline for f in cands[i : i + hi_k]), min))
 
             def ok(k: int) -> bool:
@@ -362,6 +373,7 @@ class EdfScheduler:
             heapq.heapify(h)
         if not h:
             del self._pending[f.stream_id]
+        self._pending_n -= 1
 
     def _account(self, plan: Plan) -> None:
         self._planned_run += len(plan.run)
@@ -384,7 +396,7 @@ class EdfScheduler:
             f"pending_shed={len(self._overload)} run={self._planned_run} "
             f"expired={self._planned_expired} shed={self._planned_shed}"
         )
-        assert sum(len(h) for h in self._pending.values()) == queued, "stream order index out of sync"
+        assert self._pending_n == queued, "stream order index out of sync"
 
     # ----------------------------------------------------------------------------- feedback
     def complete(self, plan: Plan, measured_ms: float, computed: int | None = None) -> None:
