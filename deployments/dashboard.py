@@ -23,8 +23,8 @@ the supervisor every second and get back the streams whose AI is off, opted-out 
 included, so a toggle reaches the media path within about a second.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Serve pickles the ingress app, and string
+# annotations (the request model) would not resolve in the replica that unpickles it.
 import time
 from collections.abc import Callable
 from pathlib import Path

@@ -5,6 +5,7 @@
   const HISTORY = 120; // points kept on the graph (one per poll)
   const points = []; // {t, sent, native}
   const pinned = new Set(); // users looked up by id, kept in the table
+  const desired = new Map(); // user -> AI wanted, until a snapshot from the bridge agrees
   let token = null;
 
   function readToken() {
@@ -103,7 +104,9 @@
       st.textContent = state;
       st.className = "state " + (u.live && !u.bridge_opted_out ? "state-on" : "state-off");
       const box = tr.querySelector(".ai-toggle");
-      box.checked = u.ai_enabled !== false;
+      const known = u.ai_enabled !== false;
+      if (desired.has(u.user) && desired.get(u.user) === known) desired.delete(u.user);
+      box.checked = desired.has(u.user) ? desired.get(u.user) : known;
       box.setAttribute("aria-label", "AI compression for " + u.user);
       box.addEventListener("change", () => toggle(u.user, box.checked, box));
       body.appendChild(tr);
@@ -111,6 +114,7 @@
   }
 
   async function toggle(user, enabled, box) {
+    desired.set(user, enabled);
     box.disabled = true;
     try {
       await api("users/" + encodeURIComponent(user) + "/ai", {
@@ -119,6 +123,7 @@
       });
       setStatus("AI compression " + (enabled ? "on" : "off") + " for " + user, true);
     } catch (e) {
+      desired.delete(user);
       box.checked = !enabled;
       setStatus("toggle failed: " + e.message, false);
     } finally {
