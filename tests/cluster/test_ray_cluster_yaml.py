@@ -1,0 +1,80 @@
+"""ray_cluster.yaml validates offline: Ray's shipped JSON schema and Ray's own config checks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = Path(ray.autoscaler.__file__).with_name("ray-schema.json")
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+
+
+def test_matches_the_schema_shipped_in_the_ray_wheel(config: dict) -> None:
+    jsonschema.validate(config, json.loads(SCHEMA.read_text()))
+
+
+def test_ray_prepares_and_validates_it(config: dict) -> None:
+    prepared = prepare_config(copy.deepcopy(config))  # merges AWS defaults, checks docker
+    validate_config(prepared)  # schema + node-type and min/max-worker rules
+    types = prepared["available_node_types"]
+    assert prepared["head_node_type"] == "head_cpu"
+    assert types["head_cpu"]["max_workers"] == 0
+    assert sum(t["min_workers"] for t in types.values()) <= prepared["max_workers"]
+    # setup_commands run on both head and workers after Ray merges them
+    assert any("auralink_aic-" in c for c in prepared["worker_setup_commands"])
+
+
+def test_cpu_head_and_l4_and_h100_workers(config: dict) -> None:
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    by_instance = {t["node_config"]["InstanceType"]: t for t in types.values()}
+    assert by_instance["g6.xlarge"]["resources"]["GPU"] == 1  # NVIDIA L4
+    assert by_instance["p5.48xlarge"]["resources"]["GPU"] == 8  # NVIDIA H100
+    for t in (by_instance["g6.xlarge"], by_instance["p5.48xlarge"]):
+        assert 0 <= t["min_workers"] <= t["max_workers"] <= config["max_workers"]
+
+
+def test_images_and_pins_match_the_project(config: dict) -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    torch_pin = re.search(r'"torch==([^"]+)"', pyproject).group(1)
+    ray_pin = re.search(r'"ray\[serve\]==([^"]+)"', pyproject).group(1)
+    docker = config["docker"]
+    assert re.fullmatch(rf"rayproject/ray:{re.escape(ray_pin)}-py311-cu\d+", docker["worker_image"])
+    assert docker["head_image"].startswith(f"rayproject/ray:{ray_pin}-py311")
+    setup = " ".join(config["setup_commands"])
+    assert f"torch=={torch_pin}" in setup
+    assert "/home/ray/dist/auralink_aic-*.whl" in setup
+    assert config["file_mounts"]["/home/ray/dist"] == "./dist"
+
+
+def test_tls_hook_precedes_every_ray_start(config: dict) -> None:
+    setup = " ".join(config["setup_commands"])
+    assert "auralink certs --ca-dir /home/ray/auralink-ca" in setup
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if "ray start" in c)
+        assert start.index("ray-tls.env") < start.index("ray start"), key
+
+
+def test_validation_catches_a_broken_config(config: dict) -> None:
+    bad = copy.deepcopy(config)
+    bad["available_node_types"]["gpu_l4"]["max_worker"] = 3  # typo for max_workers
+    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
+        jsonschema.validate(bad, json.loads(SCHEMA.read_text()))
+    bad = copy.deepcopy(config)
+    bad["head_node_type"] = "head_gpu"
+    with pytest.raises(ValueError, match="head_node_type"):
+        validate_config(prepare_config(bad))
