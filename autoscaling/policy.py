@@ -41,12 +41,17 @@ from autoscaling.forecast import HoltParams, holt_fit
 
 
 class ReplicaMetric(str, enum.Enum):
-    """Keys a codec replica returns from `record_autoscaling_stats()` (all floats)."""
+    """Keys a codec replica returns from `record_autoscaling_stats()` (all floats).
 
-    STREAMS = "streams"  # distinct streams that sent frames here in the last second
+    `deployments/replica.py` reports these; `slot_capacity` is optional (derived from
+    `slots_in_use / slot_occupancy` when absent).
+    """
+
+    STREAMS = "slots_in_use"  # streams holding state on this replica
+    SLOT_OCCUPANCY = "slot_occupancy"  # slots_in_use / slot capacity
     SLOT_CAPACITY = "slot_capacity"  # stream slots this replica has
-    MISS_RATE = "miss_rate"  # share of recent frames answered fallback/deadline or /overload
-    DEADLINE_SLACK_MS = "deadline_slack_ms"  # low percentile (p10) of deadline - completion
+    MISS_RATE = "miss_rate"  # share of recent frames that missed their deadline
+    DEADLINE_SLACK_MS = "deadline_slack_p10_ms"  # p10 of (deadline - completion), met frames
 
 
 class DecisionReason(str, enum.Enum):
@@ -206,6 +211,8 @@ def sample_from_metrics(
         t_max, streams, n = max(t_max, t), streams + s, n + 1
         if (v := _latest(per_metric[ReplicaMetric.SLOT_CAPACITY].get(rid))) is not None:
             slots = min(slots, v[1])
+        elif (v := _latest(per_metric[ReplicaMetric.SLOT_OCCUPANCY].get(rid))) is not None and v[1] > 0:
+            slots = min(slots, round(s / v[1]))
         if (v := _latest(per_metric[ReplicaMetric.MISS_RATE].get(rid))) is not None:
             weighted_miss += v[1] * s
         if (v := _latest(per_metric[ReplicaMetric.DEADLINE_SLACK_MS].get(rid))) is not None:

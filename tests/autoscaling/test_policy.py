@@ -130,10 +130,12 @@ def _raw(replicas: list[ReplicaID], t: float, streams_each: float, miss: float =
         return {r: [TimeStampedValue(t - 1, v), TimeStampedValue(t, v)] for r in replicas}
 
     return {
-        ReplicaMetric.STREAMS.value: series(streams_each),
-        ReplicaMetric.SLOT_CAPACITY.value: series(512.0),
-        ReplicaMetric.MISS_RATE.value: series(miss),
-        ReplicaMetric.DEADLINE_SLACK_MS.value: series(8.0),
+        # the keys deployments/replica.py reports; slot capacity comes from the occupancy
+        "slots_in_use": series(streams_each),
+        "slot_occupancy": series(streams_each / 512.0),
+        "queue_len": series(0.0),
+        "miss_rate": series(miss),
+        "deadline_slack_p10_ms": series(8.0),
     }
 
 
@@ -143,6 +145,9 @@ def test_sample_from_serve_metrics() -> None:
     s = sample_from_metrics(raw, reps)
     assert s == ClusterSample(100.0, 150.0, 3, 512.0, pytest.approx(0.1), 8.0)
     assert sample_from_metrics({}, reps) is None
+    # an explicit slot_capacity wins over the derived one
+    raw[ReplicaMetric.SLOT_CAPACITY.value] = {r: [TimeStampedValue(100.0, 300.0)] for r in reps}
+    assert sample_from_metrics(raw, reps).slot_capacity == 300.0
     assert sample_from_metrics(raw, [ReplicaID("gone", DEP)]) is None
 
 
