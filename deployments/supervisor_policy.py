@@ -84,6 +84,7 @@ class StreamHealth:
     off_cause: OffCause | None = None
     level: int = 0  # backoff exponent of the next trip
     on_since: float | None = None  # when AI last came (back) on
+    last_report: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +94,7 @@ class StreamHealth:
             "off_cause": self.off_cause.value if self.off_cause else None,
             "level": self.level,
             "on_since": self.on_since,
+            "last_report": self.last_report,
         }
 
     @classmethod
@@ -104,6 +106,7 @@ class StreamHealth:
             off_cause=OffCause(d["off_cause"]) if d.get("off_cause") else None,
             level=int(d.get("level", 0)),
             on_since=d.get("on_since"),
+            last_report=d.get("last_report"),
         )
 
 
@@ -143,6 +146,7 @@ class SupervisorPolicy:
             if key in BAD_REASONS:
                 bad += n
         attempts += max(0, ai)
+        st.last_report = now
         self.counters["reports"] += 1
         if attempts:
             st.window.append((now, attempts, bad))
@@ -176,6 +180,19 @@ class SupervisorPolicy:
     def forget(self, stream_id: str) -> None:
         """The stream ended: drop its health (a stream-level opt-out stays)."""
         self._streams.pop(stream_id, None)
+
+    def sweep(self, now: float, idle_s: float = 60.0) -> int:
+        """Forget streams with no report for `idle_s` that are not in a backoff; returns how
+        many. Keeps the state (and snapshots) bounded when bridges never say goodbye."""
+        gone = [
+            sid for sid, st in self._streams.items()
+            if (st.off_until is None or now >= st.off_until)
+            and (not st.window or now - st.window[-1][0] >= idle_s)
+            and (st.last_report is None or now - st.last_report >= idle_s)
+        ]
+        for sid in gone:
+            del self._streams[sid]
+        return len(gone)
 
     # ----------------------------------------------------------------------------- outputs
     def decision(self, stream_id: str, now: float) -> bool:

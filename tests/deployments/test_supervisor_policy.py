@@ -170,3 +170,18 @@ def test_forget_drops_health_but_not_stream_opt_out():
     p.forget("t")
     assert not p.decision("s", 0.0)
     assert p.decision("t", 0.0)
+
+
+def test_sweep_forgets_idle_streams_but_not_backoffs_or_opt_outs():
+    p = SupervisorPolicy()
+    p.report("idle", 25, {}, 0.0)
+    p.report("active", 25, {}, 0.0)
+    p.report("active", 25, {}, 59.0)
+    p.quality_probe_failed("backoff", 59.5)  # off until 60.5: still in its backoff at 60
+    p.register("u", "carol")
+    p.opt_out(user_id="carol")
+    assert p.sweep(60.0, idle_s=60.0) == 1 + 1  # "idle" and the never-reporting "u"
+    assert p.stream_status("active", 60.0)["window_frames"] == 25
+    assert set(p.snapshot()["streams"]) == {"active", "backoff"}
+    assert not p.decision("backoff", 60.0)
+    assert p.snapshot()["opted_out_users"] == ["carol"]
