@@ -49,7 +49,10 @@ def write_plots(acc: Accounting, out: Path, label: str, faults: list[tuple[str, 
     ax.set_ylabel("fraction of AI frames")
     ax.set_title(f"Latency CDF - {label}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no frame was answered with AI codes", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(out / "latency_cdf.png", dpi=110)
     plt.close(fig)
@@ -108,6 +111,7 @@ def write_plots(acc: Accounting, out: Path, label: str, faults: list[tuple[str, 
     ax.set_ylabel("egress per copy (Mbit/s)")
     ax.set_title(f"Bandwidth AI vs native - {label}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if t.size:
+        ax.legend(fontsize=8)
     finish(fig, "bandwidth.png", ax)
     return paths

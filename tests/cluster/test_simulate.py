@@ -1,0 +1,113 @@
+"""`auralink simulate` end to end at a tiny size, against the real components: the tick
+batcher, hint verification, Redis limiter, Serve codec replicas and supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster.simulator.faults import Fault, FaultKind, FaultPlan
+from cluster.simulator.report import Accounting, percentile_from_hist, recovery_time
+from cluster.simulator.traces import StreamKind, StreamPopulation, TraceConfig
+
+REQUIRED_KEYS = (
+    "streams", "duration_s", "compute", "weights", "frames_total", "frames_ai", "frames_fallback",
+    "frames_unaccounted", "fallback_by_reason", "p50_ms", "p99_ms", "hints_sent", "hints_limited",
+    "hints_rejected_forged", "hints_rejected_replay", "wire_kbps_ai", "wire_kbps_native",
+    "control_plane_cpu", "flooder_allowed_hints_per_s", "fault_recovery_s", "time_dilation",
+)
+
+
+# ----------------------------------------------------------------------------- pure parts
+def test_population_keeps_the_expected_number_live_and_abusers_stay():
+    pop = StreamPopulation(TraceConfig(streams=2000, mean_session_s=20, mean_gap_s=2, flooders=5,
+                                       forgers=3, replayers=2, seed=3))
+    abusers = np.flatnonzero(pop.kind != StreamKind.NORMAL)
+    counts = []
+    for k in range(1, 301):
+        ch = pop.step(k * 0.1)
+        assert not set(ch.left.tolist()) & set(abusers.tolist())
+        counts.append(int(pop.active.sum()))
+    assert abs(np.mean(counts) - 2000) < 100
+    assert pop.joins > 0 and pop.leaves > 0
+    # A rejoining user gets a fresh stream id, the user id stays.
+    again = np.flatnonzero(pop.sessions > 1)
+    assert again.size and pop.stream_ids[again[0]].startswith(pop.user_ids[again[0]] + "-")
+
+
+def test_fault_parsing_names_the_accepted_forms():
+    assert FaultPlan.parse(["kill-replica@20", "stop-redis@5"], 60).faults[0] == Fault(FaultKind.STOP_REDIS, 5.0)
+    with pytest.raises(ValueError, match="unknown fault 'explode'"):
+        Fault.parse("explode@3")
+    with pytest.raises(ValueError, match="KIND@SECONDS"):
+        Fault.parse("kill-replica")
+    with pytest.raises(ValueError, match="after the end"):
+        FaultPlan.parse(["kill-replica@70"], 60)
+
+
+def test_accounting_and_recovery():
+    acc = Accounting()
+    acc.produced(5)
+    acc.outcomes(0.0, np.array([0, 0, 1, 0, 6], np.uint8), latency_ms=10.0)
+    assert (acc.frames_ai, acc.frames_fallback, acc.frames_unaccounted) == (3, 2, 0)
+    assert acc.fallback_by_reason() == {"deadline": 1, "reset": 1}
+    assert percentile_from_hist(acc.latency_hist, 50) == pytest.approx(10.025)
+    t = np.arange(0, 10, 0.04)
+    fb = np.where((t >= 5) & (t < 6.5), 50, 0)
+    rec = recovery_time(t, np.full(t.size, 100), fb, fault_t=5.0)
+    assert rec["recovered_after_s"] == pytest.approx(1.5, abs=0.05)
+    assert rec["peak_fallback_rate"] == 0.5
+
+
+# ----------------------------------------------------------------------------- end to end
+def _run(tmp_path: Path, **kw) -> dict:
+    from cluster.simulate import simulate
+    from cluster.simulator.driver import SimConfig
+
+    cfg = SimConfig(out=tmp_path / "sim", progress=False, **kw)
+    report = asyncio.run(simulate(cfg))
+    on_disk = json.loads((tmp_path / "sim" / "report.json").read_text())
+    assert on_disk["frames_total"] == report["frames_total"]
+    return report
+
+
+@pytest.mark.ray
+def test_simulate_emulated_with_abusers_and_a_killed_replica(tmp_path):
+    rep = _run(tmp_path, streams=20, duration_s=4.0, compute="emulated", replicas=2, flooders=1,
+               forgers=1, replayers=1, faults=["kill-replica@1.5"], seed=1)
+    for k in REQUIRED_KEYS:
+        assert k in rep, k
+    assert rep["compute"] == "emulated" and "emulated" in rep["compute_label"]
+    assert rep["frames_total"] > 20 * 4 / 0.04 * 0.8
+    assert rep["frames_unaccounted"] == 0
+    assert rep["frames_ai"] + rep["frames_fallback"] == rep["frames_total"]
+    # Every forged and every replayed hint was rejected; the flooder was held to its limit.
+    kinds = rep["hints_sent_by_kind"]
+    assert kinds["forged"] > 0 and rep["hints_rejected_forged"] == kinds["forged"]
+    assert kinds["replay"] > 0 and rep["hints_rejected_replay"] == kinds["replay"]
+    assert rep["hints_limited"] > 0
+    fl = rep["flooder_allowed_hints_per_s"]
+    assert fl["count"] == 1
+    # 100/s plus the limiter's burst (10) spread over the run.
+    assert fl["max_per_s"] <= 100 + 10 / 4.0 + 5
+    assert fl["min_per_s"] >= 100 - 5
+    # The fault fired and is reported.
+    assert [f["fault"] for f in rep["faults"]] == ["kill-replica@1.5"]
+    assert "killed" in rep["faults"][0]["detail"]
+    for name in ("latency_cdf", "outcomes", "replicas", "bandwidth"):
+        assert Path(rep["plots"][name]).stat().st_size > 5000
+
+
+@pytest.mark.ray
+def test_simulate_real_compute_few_streams(tmp_path):
+    rep = _run(tmp_path, streams=3, duration_s=3.0, compute="real", replicas=1, flooders=0,
+               forgers=0, replayers=0, time_dilation=1.0)
+    assert rep["compute"] == "real" and rep["compute_label"].startswith("real")
+    assert rep["weights"] == "random"
+    assert rep["frames_unaccounted"] == 0
+    assert rep["frames_total"] >= 3 * 3 / 0.04 * 0.8
+    assert rep["compact_frames"] is False
