@@ -158,10 +158,10 @@ class HintVerifier:
     Build it with the cluster secret (the key is derived) or with the stream key itself.
     """
 
-    cluster_secret: bytes | None
+    cluster_secret: bytes | None = field(repr=False)
     stream_id: str
     window: int = DEFAULT_WINDOW
-    key: bytes | None = None
+    key: bytes | None = field(default=None, repr=False)  # never in logs or reprs
     counters: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

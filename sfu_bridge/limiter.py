@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import redis
+import redis.asyncio
 from redis.exceptions import NoScriptError
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class _GcraClient:
 
     def __init__(
         self,
-        redis_client,
+        redis_client: redis.Redis | redis.asyncio.Redis,
         rate_per_s: float = DEFAULT_RATE_PER_S,
         burst: int = DEFAULT_BURST,
         fail_open: bool = True,

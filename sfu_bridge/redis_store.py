@@ -93,6 +93,10 @@ class EmbeddedRedis:
         return f"unix://{self.socket_path}"
 
     @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

@@ -148,3 +148,10 @@ def test_index_estimation_across_the_24_bit_wrap():
     for seq in range((1 << 24) - 3, (1 << 24) + 3):
         got = v.check("s1", signer.sign("s1", _hint(seq)))
         assert got is not None and got.seq == seq
+
+
+def test_verifier_repr_holds_no_key_material():
+    v = HintVerifier(SECRET, "s1")
+    key = derive_stream_key(SECRET, "s1")
+    text = repr(v)
+    assert "s1" in text and repr(key) not in text and repr(SECRET) not in text
