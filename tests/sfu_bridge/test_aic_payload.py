@@ -9,6 +9,7 @@ from sfu_bridge.aic_payload import (
     HEADER_BYTES,
     MAX_PAYLOAD_BYTES,
     AicPayload,
+    pack_payloads,
     payload_size,
 )
 
@@ -89,3 +90,17 @@ def test_build_rejections(payload, message):
     with pytest.raises(ValueError) as err:
         bytes(payload)
     assert str(err.value) == message
+
+
+def test_pack_payloads_equals_one_at_a_time():
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 1024, size=(6, 8, 3))
+    epochs = np.array([0, 1, 255, 256, 4660, 65535])
+    starts = np.array([True, False, True, False, False, True])
+    batch = pack_payloads(epochs, 8, codes, starts)
+    assert batch == [bytes(AicPayload(int(e), 8, c, bool(s))) for e, c, s in zip(epochs, codes, starts, strict=True)]
+    assert pack_payloads(np.zeros(0, int), 8, np.zeros((0, 8, 3), int), np.zeros(0, bool)) == []
+    with pytest.raises(ValueError, match="epochs must be in"):
+        pack_payloads(np.array([65536]), 8, codes[:1], starts[:1])
+    with pytest.raises(ValueError, match=r"codes must have shape \[B, n_q=4, F\]"):
+        pack_payloads(epochs, 4, codes, starts)
