@@ -1,0 +1,130 @@
+"""Real browser: headless Chromium publishes over WHIP (fake microphone); an SDK subscriber
+receives AIC codes and a plain aiortc subscriber receives Opus."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+
+import pytest
+from aiohttp import web
+
+from sfu_bridge.sdk import AicSubscriber
+from sfu_bridge.tick import InProcessCodec
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+]
+
+PAGE = """<!doctype html><meta charset="utf-8"><title>WHIP publisher</title>
+<script>
+window.publish = async (stream, token) => {
+  const media = await navigator.mediaDevices.getUserMedia({audio: true});
+  const pc = new RTCPeerConnection();
+  pc.addTransceiver(media.getAudioTracks()[0], {direction: "sendonly"});
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((ok) => {
+    if (pc.iceGatheringState === "complete") return ok();
+    pc.addEventListener("icegatheringstatechange",
+      () => pc.iceGatheringState === "complete" && ok());
+  });
+  const resp = await fetch("/whip/" + stream, {method: "POST", body: pc.localDescription.sdp,
+    headers: {"Content-Type": "application/sdp", "Authorization": "Bearer " + token}});
+  if (resp.status !== 201) return {status: resp.status, text: await resp.text()};
+  await pc.setRemoteDescription({type: "answer", sdp: await resp.text()});
+  window.whip = {pc, location: resp.headers.get("Location")};
+  for (let i = 0; i < 400 && pc.connectionState !== "connected"; i++)
+    await new Promise((ok) => setTimeout(ok, 50));
+  return {status: resp.status, state: pc.connectionState, location: window.whip.location};
+};
+window.sentBytes = async () => {
+  let bytes = 0;
+  (await window.whip.pc.getStats()).forEach((r) => {
+    if (r.type === "outbound-rtp") bytes += r.bytesSent; });
+  return bytes;
+};
+</script>"""
+
+
+def require_chromium() -> None:
+    if shutil.which("chromium") is None and not os.path.exists(CHROMIUM):
+        pytest.fail(
+            "Debian chromium is not installed: run `bash scripts/setup.sh --test` "
+            "(the browser tests need it; they never download a browser)"
+        )
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        pytest.fail("playwright is not installed: run `bash scripts/setup.sh --test`")
+
+
+def test_chromium_publishes_over_whip_to_aic_and_opus_subscribers(
+    running_bridge, tokens, streaming_codec
+):
+    require_chromium()
+    from playwright.async_api import async_playwright
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(text=PAGE, content_type="text/html")
+
+    async def go():
+        routes = [("GET", "/publish.html", page)]
+        async with running_bridge(
+            InProcessCodec(streaming_codec), extra_routes=routes,
+            deadline_ms=2_000.0, max_backlog_chunks=200,
+        ) as (server, base):
+            with tempfile.TemporaryDirectory() as profile:
+                async with async_playwright() as pw:
+                    ctx = await pw.chromium.launch_persistent_context(
+                        profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+                    )
+                    try:
+                        tab = await ctx.new_page()
+                        await tab.goto(f"{base}/publish.html")
+                        token = tokens.issue("erin", "browser-room", ["publish"])
+                        result = await tab.evaluate(
+                            "([s, t]) => window.publish(s, t)", ["browser-room", token]
+                        )
+                        assert result["status"] == 201, result
+                        assert result["state"] == "connected", result
+                        aic = AicSubscriber(
+                            base, "browser-room", tokens.issue("bob", "browser-room", ["subscribe"]),
+                            codec=streaming_codec, slot=1,
+                        )
+                        plain = AicSubscriber(
+                            base, "browser-room",
+                            tokens.issue("carol", "browser-room", ["subscribe"]), aic=False,
+                        )
+                        await aic.start()
+                        await plain.start()
+                        ok = await aic.wait_frames(n_aic=5, timeout_s=90)
+                        ok_plain = await plain.wait_frames(n_opus=10, timeout_s=90)
+                        sent = await tab.evaluate("window.sentBytes()")
+                        stats = server.media.stats()
+                        await aic.stop()
+                        await plain.stop()
+                    finally:
+                        await ctx.close()
+        return result, ok, ok_plain, aic, plain, sent, stats
+
+    result, ok, ok_plain, aic, plain, sent, stats = asyncio.run(go())
+    assert result["location"].startswith("/whip/browser-room/")
+    assert sent > 0
+    assert ok, aic.stats
+    assert ok_plain, plain.stats
+    assert aic.stats.decoded_samples == 960 * aic.stats.aic_frames
+    assert plain.stats.aic_frames == 0
+    assert stats["frames"].get("ai", 0) >= 5
+    # same browser audio, two subscribers: wire cost per second from the packets on their
+    # UDP sockets (SRTP, RTP header + extensions, UDP/IPv4 headers included)
+    aic_wire = aic.meter.bytes_per_datagram("rx", f"rtp/{aic._aic_pt}") * 25 * 8 / 1000
+    opus_kind = next(k for k in plain.meter.rx if k.startswith("rtp/"))
+    opus_wire = plain.meter.bytes_per_datagram("rx", opus_kind) * 50 * 8 / 1000
+    assert 0 < aic_wire < opus_wire / 2, (aic_wire, opus_wire)
