@@ -6,7 +6,8 @@ Strategy and storage are separate:
   simulations) and mirrored line for line by ``lua/gcra.lua``;
 - `HintLimiter` runs that script on Redis for *all* of a bridge's streams in ONE call per
   tick (``EVALSHA``; KEYS = per-stream keys, ARGV = interval, tolerance, per-stream counts).
-  Time comes from the server (``TIME``), never from a client clock.
+  Time comes from the server (``TIME``), never from a client clock. `AsyncHintLimiter` is
+  the same on ``redis.asyncio`` for code that must not block its event loop.
 
 GCRA with emission interval ``T = 1/rate`` and tolerance ``tau = burst * T``: a stream's
 state is its theoretical arrival time ``tat``; at time ``now`` it may send
@@ -94,7 +95,8 @@ class MemoryGCRA:
     def allow(self, stream_ids: Sequence[str], counts: Sequence[int], now_s: float) -> np.ndarray:
         now_us = int(round(now_s * 1_000_000))
         tat = np.array([self._tat.get(s, 0) for s in stream_ids], np.int64)
-        allowed, new_tat = gcra_allow(tat, now_us, np.asarray(counts, np.int64), self.params)
+        offered = np.minimum(np.asarray(counts, np.int64), _MAX_COUNT)  # as the Redis call does
+        allowed, new_tat = gcra_allow(tat, now_us, offered, self.params)
         for s, t, a in zip(stream_ids, new_tat.tolist(), allowed.tolist(), strict=True):
             if a:
                 self._tat[s] = t
