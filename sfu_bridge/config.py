@@ -13,7 +13,10 @@ from deployments.contract import CHUNK_SAMPLES, SAMPLE_RATE
 class BridgeConfig:
     host: str = "0.0.0.0"
     port: int = 8088
-    bridge_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # also the limiter's Redis hash tag: no braces
+    bridge_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}".replace("{", "").replace("}", "")
+    )
     tick_ms: float = 1000.0 * CHUNK_SAMPLES / SAMPLE_RATE  # 40 ms: one chunk per stream per tick
     deadline_ms: float = 20.0  # bridge send -> codes back
     bandwidth_kbps: float = 6.0  # EnCodec bandwidth for AIC subscribers
@@ -23,6 +26,7 @@ class BridgeConfig:
     max_streams: int = 2_000  # published streams one worker accepts (503 beyond)
     public_url: str = ""  # base URL for Location headers; empty = relative paths
     opted_out_users: frozenset[str] = frozenset()  # users whose streams never touch the AI
+    limiter_fail_open: bool = True  # Redis unreachable: let hints through (counted) or drop
 
     @classmethod
     def from_env(cls, **overrides) -> BridgeConfig:
@@ -35,6 +39,7 @@ class BridgeConfig:
             opted_out_users=frozenset(
                 u for u in env.get("AURALINK_OPTED_OUT_USERS", "").split(",") if u
             ),
+            limiter_fail_open=env.get("AURALINK_LIMITER_FAIL", "open").lower() != "closed",
         )
         for k, v in overrides.items():
             setattr(cfg, k, v)

@@ -283,13 +283,24 @@ def build_codec(kind: str, capacity: int, bandwidth_kbps: float) -> Any:
     return InProcessCodec(random_streaming_codec(capacity, bandwidth_kbps))
 
 
+def make_limiter(config: BridgeConfig) -> Any:
+    """The Redis GCRA hint limiter ($REDIS_URL, else an embedded Redis), one call per tick."""
+    from sfu_bridge.limiter import AsyncHintLimiter
+    from sfu_bridge.redis_store import connect_async
+
+    return AsyncHintLimiter(connect_async(), bridge_id=config.bridge_id, fail_open=config.limiter_fail_open)
+
+
 def make_server(
-    config: BridgeConfig, codec: Any, secret: bytes, hint_secret: bytes | None = None
+    config: BridgeConfig, codec: Any, secret: bytes, hint_secret: bytes | None = None,
+    limiter: Any = None,
 ) -> BridgeServer:
+    """A bridge worker: signaling + media plane. `limiter` None = hints are not rate limited."""
     rtp_ext.install()
     batcher = TickBatcher(
         codec, bridge_id=config.bridge_id, deadline_ms=config.deadline_ms,
         bandwidth_kbps=config.bandwidth_kbps, max_backlog=config.max_backlog_chunks,
+        limiter=limiter,
     )
     media = MediaBridge(
         batcher, max_streams=config.max_streams, opus_bitrate=config.opus_bitrate,
@@ -322,7 +333,7 @@ def _serve_worker(args: argparse.Namespace, port: int) -> None:
     )
     secret = load_secret()
     server = make_server(config, build_codec(args.codec, args.max_streams, args.bandwidth_kbps),
-                         secret, hint_secret=secret)
+                         secret, hint_secret=secret, limiter=make_limiter(config))
     logger.info("bridge worker listening on %s:%d", config.host, port)
     web.run_app(server.app, host=config.host, port=port, print=None)
 

@@ -55,11 +55,11 @@ def running_bridge(secret):
     from sfu_bridge.server import make_server
 
     @contextlib.asynccontextmanager
-    async def run(codec, extra_routes=None, **overrides):
+    async def run(codec, extra_routes=None, limiter=None, **overrides):
         cfg = BridgeConfig(host="127.0.0.1", port=free_port(), bridge_id="test-bridge")
         for k, v in overrides.items():
             setattr(cfg, k, v)
-        server = make_server(cfg, codec, secret, hint_secret=secret)
+        server = make_server(cfg, codec, secret, hint_secret=secret, limiter=limiter)
         for method, path, handler in extra_routes or []:
             server.app.router.add_route(method, path, handler)
         runner = web.AppRunner(server.app)

@@ -10,6 +10,8 @@ import numpy as np
 
 from sfu_bridge.hint_auth import HintSigner, derive_stream_key
 from sfu_bridge.hint_ext import Hint
+from sfu_bridge.limiter import AsyncHintLimiter
+from sfu_bridge.redis_store import connect_async
 from sfu_bridge.sdk import AicPublisher, AicSubscriber
 from sfu_bridge.tick import InProcessCodec
 
@@ -34,7 +36,8 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
     codec = SeenStreams(InProcessCodec(streaming_codec))
 
     async def go():
-        async with running_bridge(codec, **CONFIG) as (server, base):
+        limiter = AsyncHintLimiter(connect_async(), bridge_id="test-sdk")  # embedded Redis
+        async with running_bridge(codec, limiter=limiter, **CONFIG) as (server, base):
             pub = AicPublisher(
                 base, "room1", tokens.issue("alice", "room1", ["publish"]),
                 hint_key=derive_stream_key(secret, "room1"),
@@ -52,9 +55,11 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
             ok_plain = await plain.wait_frames(n_opus=16, timeout_s=90)
             stats = server.media.stats()
             statuses = [await aic.stop(), await plain.stop(), await pub.stop()]
-            return ok, ok_plain, aic, plain, pub, stats, statuses
+            ticks = server.media.batcher.ticks
+        await limiter.aclose()
+        return ok, ok_plain, aic, plain, pub, stats, statuses, limiter.counters, ticks
 
-    ok, ok_plain, aic, plain, pub, stats, statuses = asyncio.run(go())
+    ok, ok_plain, aic, plain, pub, stats, statuses, lim, ticks = asyncio.run(go())
     assert ok and ok_plain, (aic.stats, plain.stats)
     assert statuses == [200, 200, 200]
     # the AIC subscriber decoded every AIC frame to 40 ms of 24 kHz audio, epoch by epoch
@@ -67,6 +72,9 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
     assert plain.stats.aic_frames == 0 and plain.meter.totals("rx", ("rtp/120",))[0] == 0
     # hints were signed, verified and counted; none rejected
     assert stats["hints"].get("accepted", 0) > 0
+    # ... through the Redis limiter: one call per tick that had hints, never one per hint
+    assert 0 < lim.calls <= ticks and lim.allowed == stats["hints"]["accepted"]
+    assert lim.calls < lim.allowed
     assert not any(k.startswith("dropped/") and k != "dropped/rate_limited" for k in stats["hints"])
     assert stats["frames"].get("ai", 0) >= aic.stats.aic_frames
     # wire: an AIC packet (40 ms) is smaller than one Opus packet (20 ms), headers included
