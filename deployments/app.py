@@ -11,8 +11,8 @@ Bridges do not go through the ingress for media: they hold a `DeploymentHandle` 
 `deployments.client.CodecClient`, and talk to the supervisor actor directly.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the endpoint annotations of the
+# Serve ingress class at run time and must see real types, not strings.
 import hmac
 import logging
 from dataclasses import asdict, dataclass, field
@@ -42,6 +42,16 @@ class OptRequest(BaseModel):
     stream_id: str | None = None
 
 
+def _operator_authority():
+    """Signed-token verifier when a cluster secret is configured, else None."""
+    try:
+        from sfu_bridge.tokens import TokenAuthority
+
+        return TokenAuthority.from_env()
+    except (ImportError, ValueError):
+        return None
+
+
 def mount_dashboard(app: FastAPI) -> bool:
     """Operator dashboard: `deployments.dashboard` exposes a FastAPI `router`, mounted under
     /dashboard when that module is installed. Returns whether it was mounted."""
@@ -66,18 +76,30 @@ class Ingress:
         self.codec = codec
         self.settings = IngressSettings(api_token=api_token or IngressSettings.from_env().api_token)
         self.supervisor = get_or_create_supervisor(SupervisorSettings(**(supervisor or {})))
-        if not self.settings.api_token:
-            logger.warning("no API token configured: the control API refuses every call")
+        self._authority = _operator_authority()
+        if not self.settings.api_token and self._authority is None:
+            logger.warning("no API token or cluster secret configured: the control API refuses every call")
 
     def _auth(self, authorization: str | None) -> None:
+        """The static API token, or an `operator`-scope token signed with the cluster secret
+        (the same tokens the dashboard takes)."""
         token = self.settings.api_token
-        if not token:
+        if not token and self._authority is None:
             raise HTTPException(503, "control API disabled: no API token configured")
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not given:
             raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(403, "invalid token")
+        if token and hmac.compare_digest(given.encode(), token.encode()):
+            return
+        if self._authority is not None:
+            from sfu_bridge.tokens import Scope, TokenError
+
+            try:
+                self._authority.authorize_header(authorization, Scope.OPERATOR)
+                return
+            except TokenError as exc:
+                raise HTTPException(exc.status, str(exc)) from None
+        raise HTTPException(403, "invalid token")
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:

@@ -185,7 +185,10 @@ def _load_codec(settings: ReplicaSettings):
 
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
-    model, info = _load_weights(settings)
+    from models.weights import load_encodec
+
+    model, info = load_encodec(settings.weights_dir, allow_random=settings.allow_random_weights,
+                               device=settings.device)
     kind = str(getattr(getattr(info, "kind", info), "value", info))
     if kind != "pretrained":
         logger.warning(
@@ -204,20 +207,6 @@ def _load_codec(settings: ReplicaSettings):
         codec = StreamingEncodec(model, capacity, device=settings.device,
                                  bandwidth_kbps=settings.bandwidth_kbps)
     return codec, kind
-
-
-def _load_weights(settings: ReplicaSettings):
-    try:
-        from models.weights import load_encodec
-    except ImportError:  # weights loader not installed: only an explicit random request runs
-        if not settings.allow_random_weights:
-            raise
-        import torch
-        from encodec import EncodecModel
-
-        torch.manual_seed(1234)
-        return EncodecModel.encodec_model_24khz(pretrained=False).eval(), "random"
-    return load_encodec(settings.weights_dir, allow_random=settings.allow_random_weights)
 
 
 @dataclass
@@ -265,12 +254,15 @@ class CodecReplicaCore:
     Bound to the event loop it first runs on; `stop()` ends the step loop deterministically.
     """
 
-    def __init__(self, settings: ReplicaSettings | None = None, replica_id: str = "local") -> None:
+    def __init__(self, settings: ReplicaSettings | None = None, replica_id: str = "local",
+                 build: bool = True) -> None:
         self.settings = settings or ReplicaSettings()
         self.replica_id = replica_id
         self.weights_kind = "none"
         self._codec = None
-        self._build(self.settings)
+        self._fresh_state(self.settings)
+        if build:
+            self._codec, self.weights_kind = _load_codec(self.settings)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="codec-step")
         self._loop_task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
@@ -283,8 +275,7 @@ class CodecReplicaCore:
         self.counters: dict[str, int] = {}
 
     # -- configuration
-    def _build(self, settings: ReplicaSettings) -> None:
-        self._codec, self.weights_kind = _load_codec(settings)
+    def _fresh_state(self, settings: ReplicaSettings) -> None:
         self.pool = SlotPool(settings.capacity)
         self.latency = LatencyModel.from_profile(settings.latency_profile)
         self.scheduler = EdfScheduler(self.latency, self._scheduler_config(settings))
@@ -294,14 +285,30 @@ class CodecReplicaCore:
         return SchedulerConfig(deadline_ms=s.deadline_ms, max_batch=s.max_batch,
                                margin_ms=s.margin_ms, max_queue=s.max_queue)
 
+    async def _rebuild(self, settings: ReplicaSettings) -> None:
+        """Loads the model runtime in the executor (the loop keeps answering); caller holds
+        the step lock."""
+        loop = asyncio.get_running_loop()
+        codec, kind = await loop.run_in_executor(self._executor, _load_codec, settings)
+        self._codec, self.weights_kind = codec, kind
+        self._fresh_state(settings)
+
+    async def ensure_built(self) -> None:
+        """The runtime is built by the first `reconfigure` (Serve applies `user_config`
+        before the replica takes traffic) or, without one, on first use."""
+        if self._codec is None:
+            async with self._step_lock:
+                if self._codec is None:
+                    await self._rebuild(self.settings)
+
     async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         new = ReplicaSettings.from_dict(user_config, base=self.settings)
         async with self._step_lock:
-            if new.needs_rebuild(self.settings):
+            if self._codec is None or new.needs_rebuild(self.settings):
                 # Queued frames are answered `reset` and every stream starts a new epoch on
                 # the new runtime: no state crosses a backend or capacity change.
                 self._drain(FallbackReason.RESET, "replica runtime reconfigured")
-                self._build(new)
+                await self._rebuild(new)
             elif new.latency_profile != self.settings.latency_profile or new.compute != self.settings.compute:
                 self.latency = LatencyModel.from_profile(new.latency_profile)
                 self.scheduler.model = self.latency
@@ -326,6 +333,7 @@ class CodecReplicaCore:
             _label(res, self.settings.compute.value)
             metrics.record_frames(getattr(getattr(batch, "op", None), "value", "unknown"), res.counts())
             return res
+        await self.ensure_built()
         self._ensure_loop()
         loop = asyncio.get_running_loop()
         req = _Request(batch, arrival, self.replica_id, self.settings.compute.value, n_q, loop)
@@ -576,6 +584,7 @@ class CodecReplicaCore:
         """Runs one real 320-sample encode on the reserved health slot; raises if it fails."""
         if self._loop_task is not None and self._loop_task.done() and not self._stopping:
             raise RuntimeError("codec step loop is not running")
+        await self.ensure_built()
         health = self.settings.capacity  # reserved slot index
         codec = self._codec
 
@@ -659,7 +668,10 @@ class CodecReplica:
             replica_id = serve.get_replica_context().replica_id.unique_id
         except RuntimeError:
             replica_id = "local"
-        self._core = CodecReplicaCore(ReplicaSettings.from_dict(settings, base), replica_id)
+        # The model is loaded by the first reconfigure(user_config), which Serve runs before
+        # the replica takes traffic, so init-time defaults never load the wrong runtime.
+        self._core = CodecReplicaCore(ReplicaSettings.from_dict(settings, base), replica_id,
+                                      build=False)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         await self._core.reconfigure(user_config)
@@ -674,6 +686,7 @@ class CodecReplica:
         return self._core.replica_id
 
     async def info(self) -> dict[str, Any]:
+        await self._core.ensure_built()
         return self._core.info()
 
     async def check_health(self) -> None:

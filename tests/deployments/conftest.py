@@ -7,10 +7,16 @@ import socket
 import pytest
 
 
-def free_port() -> int:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    """A function returning a currently free local TCP port (others run Ray here too)."""
+    return _free_port
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,307 @@
+"""`auralink up`: a local Ray cluster running the AuraLink Serve app; `auralink up --down`.
+
+`up` starts a Ray head node (`ray start --head`, dashboard on, every port chosen free unless
+given, its own temp dir so several clusters can share a machine), then deploys
+serve_config.yaml through the real `serve deploy`, waits until the app is RUNNING, and prints
+how to check it (`serve status`) and how to stop it. It writes a small state file (ports,
+temp dir, API token) that `--down` uses to stop exactly this cluster's processes.
+
+Weights: if pretrained EnCodec weights are not found locally, the replicas run random
+weights, and this command says so loudly (timings are real, audio is noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "serve_config.yaml"
+DEFAULT_STATE = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "auralink" / "up.json"
+APP = "auralink"
+
+
+@dataclass
+class UpState:
+    gcs_address: str
+    dashboard_url: str
+    http_url: str
+    temp_dir: str
+    api_token: str
+    config: str
+    weights: str  # "pretrained" | "random"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--down", action="store_true", help="stop the cluster `auralink up` started")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config (serve_config.yaml)")
+    parser.add_argument("--state-file", default=str(DEFAULT_STATE), help="where up/down keep ports and token")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--port", type=int, default=0, help="GCS port (0 = a free one)")
+    parser.add_argument("--dashboard-port", type=int, default=0, help="0 = a free one")
+    parser.add_argument("--http-port", type=int, default=0, help="Serve HTTP port (0 = a free one)")
+    parser.add_argument("--weights-dir", default=None, help="EnCodec checkpoint directory")
+    parser.add_argument("--timeout-s", type=float, default=300.0, help="wait this long for RUNNING")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    """The CLI next to this interpreter (the venv's), else on PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def _weights_available(weights_dir: str | None) -> bool:
+    from models.weights import WeightsUnavailable, load_encodec
+
+    try:
+        load_encodec(weights_dir, allow_random=False)
+    except WeightsUnavailable:
+        return False
+    return True
+
+
+def _loud(lines: list[str]) -> None:
+    bar = "!" * 78
+    print("\n".join([bar, *(f"!! {line}" for line in lines), bar]), file=sys.stderr, flush=True)
+
+
+def render_config(path: str, http_port: int, api_token: str, allow_random: bool,
+                  weights_dir: str | None) -> dict:
+    """serve_config.yaml with this cluster's port, token and weights choice filled in."""
+    cfg = yaml.safe_load(Path(path).read_text())
+    cfg.setdefault("http_options", {})["port"] = http_port
+    for app in cfg["applications"]:
+        if app.get("name") != APP:
+            continue
+        app.setdefault("args", {})["api_token"] = api_token
+        for dep in app.get("deployments", []):
+            if dep.get("name") == "CodecReplica":
+                uc = dep.setdefault("user_config", {})
+                uc["allow_random_weights"] = allow_random
+                if weights_dir:
+                    uc["weights_dir"] = str(Path(weights_dir).resolve())
+    return cfg
+
+
+def serve_status(dashboard_url: str, timeout_s: float = 60.0) -> dict:
+    """`serve status` (the real CLI), parsed."""
+    out = subprocess.run([_bin("serve"), "status", "--address", dashboard_url],
+                         capture_output=True, text=True, timeout=timeout_s, env=_ray_env())
+    if out.returncode != 0:
+        raise RuntimeError(f"serve status failed: {out.stderr.strip()[-500:]}")
+    return yaml.safe_load(out.stdout) or {}
+
+
+def _app_status(status: dict) -> tuple[str, dict[str, str]]:
+    app = (status.get("applications") or {}).get(APP) or {}
+    deps = {name: d.get("status", "") for name, d in (app.get("deployments") or {}).items()}
+    return app.get("status", "NOT_STARTED"), deps
+
+
+def up(args: argparse.Namespace) -> int:
+    state_file = Path(args.state_file)
+    if state_file.exists():
+        print(f"a cluster from `auralink up` is recorded in {state_file}; run `auralink up --down` first",
+              file=sys.stderr)
+        return 1
+    gcs_port = args.port or _free_port()
+    dash_port = args.dashboard_port or _free_port()
+    http_port = args.http_port or _free_port()
+    # A short private temp dir: Unix socket paths must stay under ~100 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="auralink-ray-", dir="/tmp")
+    token = os.environ.get("AURALINK_API_TOKEN") or secrets.token_urlsafe(24)
+
+    pretrained = _weights_available(args.weights_dir)
+    if not pretrained:
+        _loud([
+            "No pretrained EnCodec weights found: the codec replicas run RANDOM weights.",
+            "Timings are real; the audio is noise. Put the checkpoint in the encodec cache",
+            "or pass --weights-dir DIR for real audio.",
+        ])
+
+    cmd = [
+        _bin("ray"), "start", "--head",
+        "--port", str(gcs_port),
+        "--num-cpus", str(args.num_cpus),
+        "--include-dashboard", "true",
+        "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dash_port),
+        "--ray-client-server-port", str(_free_port()),
+        "--dashboard-agent-listen-port", str(_free_port()),
+        "--dashboard-agent-grpc-port", str(_free_port()),
+        "--runtime-env-agent-port", str(_free_port()),
+        "--metrics-export-port", str(_free_port()),
+        "--temp-dir", temp_dir,
+        "--disable-usage-stats",
+    ]
+    print(f"starting Ray head: GCS 127.0.0.1:{gcs_port}, dashboard {dash_port}, temp {temp_dir}")
+    _ensure_ray_token()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_ray_env())
+    if res.returncode != 0:
+        print(res.stdout[-2000:], res.stderr[-2000:], file=sys.stderr)
+        return res.returncode
+    dashboard_url = f"http://127.0.0.1:{dash_port}"
+    state = UpState(
+        gcs_address=f"127.0.0.1:{gcs_port}", dashboard_url=dashboard_url,
+        http_url=f"http://127.0.0.1:{http_port}", temp_dir=temp_dir, api_token=token,
+        config=str(Path(args.config).resolve()), weights="pretrained" if pretrained else "random",
+    )
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps(asdict(state), indent=2))
+    state_file.chmod(0o600)  # it holds the API token
+
+    rendered = Path(temp_dir) / "serve_config.yaml"
+    rendered.write_text(yaml.safe_dump(render_config(args.config, http_port, token, not pretrained,
+                                                     args.weights_dir), sort_keys=False))
+    rendered.chmod(0o600)
+    deploy = _deploy_when_dashboard_ready(rendered, dashboard_url, args.timeout_s)
+    if deploy != 0:
+        print("deploy failed; stopping the cluster", file=sys.stderr)
+        down_state(state, state_file)
+        return deploy
+
+    end = time.monotonic() + args.timeout_s
+    app_status, deps = "NOT_STARTED", {}
+    while time.monotonic() < end:
+        try:
+            app_status, deps = _app_status(serve_status(dashboard_url))
+        except (RuntimeError, subprocess.TimeoutExpired):
+            pass
+        if app_status in ("RUNNING", "DEPLOY_FAILED"):
+            break
+        time.sleep(1.0)
+    if app_status != "RUNNING":
+        print(f"app is {app_status} ({deps}); see `serve status --address {dashboard_url}`",
+              file=sys.stderr)
+        return 1
+    print(f"""
+AuraLink is up ({'pretrained' if pretrained else 'RANDOM'} weights, {args.num_cpus} CPUs).
+  The cluster uses Ray token auth (~/.ray/auth_token): export RAY_AUTH_MODE=token first.
+  Ray:        ray status --address {state.gcs_address}
+  Serve:      serve status --address {dashboard_url}
+  Dashboard:  {dashboard_url}   (Ray)   {state.http_url}/dashboard/   (AuraLink)
+  Control API {state.http_url}/v1/...   Authorization: Bearer <token in {state_file}>
+  Bridges:    ray.init(address="{state.gcs_address}") and
+              serve.get_deployment_handle("CodecReplica", "{APP}")
+Stop it:      auralink up --down      (or `ray stop`, which stops EVERY Ray cluster on this machine)
+""")
+    return 0
+
+
+def _deploy_when_dashboard_ready(config: Path, dashboard_url: str, timeout_s: float) -> int:
+    """`serve deploy` once the dashboard's REST API answers (it starts after `ray start`)."""
+    import urllib.error
+    import urllib.request
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            urllib.request.urlopen(f"{dashboard_url}/api/version", timeout=5).close()
+            break
+        except urllib.error.HTTPError:
+            break  # it answers (e.g. 401 without the token): it is up
+        except OSError:
+            time.sleep(0.5)
+    res = None
+    for _ in range(3):  # the Serve REST endpoint can lag the dashboard by a moment
+        res = subprocess.run([_bin("serve"), "deploy", str(config), "--address", dashboard_url],
+                             capture_output=True, text=True, env=_ray_env())
+        if res.returncode == 0:
+            print(f"deployed {config.name} to {dashboard_url}")
+            return 0
+        if "Authentication" in (res.stderr or ""):
+            break
+        time.sleep(2.0)
+    assert res is not None
+    print(f"serve deploy failed: {(res.stderr or res.stdout)[-1500:]}", file=sys.stderr)
+    return 1
+
+
+def _ray_env() -> dict[str, str]:
+    """Ray CLIs run with token authentication on (the token lives in ~/.ray/auth_token)."""
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "token")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return env
+
+
+def _ensure_ray_token() -> None:
+    subprocess.run([_bin("ray"), "get-auth-token", "--generate"], capture_output=True, text=True,
+                   env=_ray_env())
+
+
+def _cluster_pids(temp_dir: str) -> list[int]:
+    """Processes of THIS cluster: every Ray process started by `ray start` carries its temp
+    or session dir on its command line. Other clusters on the machine are left alone."""
+    import psutil
+
+    me = os.getpid()
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline", "username"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if p.info["pid"] != me and temp_dir in cmd:
+            pids.append(p.info["pid"])
+            try:  # workers (replicas, actors) are the raylet's children
+                pids.extend(c.pid for c in p.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+    return sorted(set(pids) - {me})
+
+
+def down_state(state: UpState, state_file: Path, grace_s: float = 10.0) -> int:
+    import psutil
+
+    subprocess.run([_bin("serve"), "shutdown", "--address", state.dashboard_url, "--yes"],
+                   capture_output=True, text=True, timeout=120, env=_ray_env())
+    pids = _cluster_pids(state.temp_dir)
+    procs = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            proc.send_signal(signal.SIGTERM)
+            procs.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+    shutil.rmtree(state.temp_dir, ignore_errors=True)
+    state_file.unlink(missing_ok=True)
+    print(f"stopped the AuraLink cluster at {state.gcs_address} ({len(pids)} processes)")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    state_file = Path(args.state_file)
+    if args.down:
+        if not state_file.exists():
+            print(f"no cluster recorded in {state_file}", file=sys.stderr)
+            return 1
+        return down_state(UpState(**json.loads(state_file.read_text())), state_file)
+    return up(args)
