@@ -35,9 +35,17 @@ class HoltState:
     level: float  # smoothed stream count at `t`
     trend: float  # smoothed net arrivals (streams / s)
 
-    def forecast(self, horizon_s: float) -> float:
-        """Expected streams `horizon_s` seconds after `t` (never below zero)."""
-        return max(0.0, self.level + self.trend * horizon_s)
+    def forecast(self, horizon_s: float, damping_s: float | None = None) -> float:
+        """Expected streams `horizon_s` seconds after `t` (never below zero).
+
+        With `damping_s` the trend fades with that time constant (Gardner's damped trend):
+        the extrapolation reaches at most `trend * damping_s`, so a short burst of joins is
+        not projected a whole replica start-up ahead, while a sustained ramp still is, in part.
+        """
+        reach = horizon_s
+        if damping_s is not None:
+            reach = damping_s * (1.0 - math.exp(-horizon_s / damping_s))
+        return max(0.0, self.level + self.trend * reach)
 
 
 def holt_update(state: HoltState | None, t: float, value: float, params: HoltParams) -> HoltState:

@@ -83,8 +83,9 @@ class PolicyConfig:
     target_occupancy: float = 0.8  # fraction of that capacity to plan for
     headroom: float = 0.1  # extra capacity on top of the forecast
     warmup_s: float = 45.0  # decision -> replica ready (node start, model load, warm-up)
-    level_tau_s: float = 3.0
-    trend_tau_s: float = 15.0
+    level_tau_s: float = 3.0  # Holt level time constant
+    trend_tau_s: float = 30.0  # Holt trend time constant: longer = a burst moves it less
+    trend_damping_s: float | None = 45.0  # extrapolate at most trend * this (None: undamped)
     max_miss_rate: float = 0.005  # above this share of missed frames a replica is under pressure
     min_slack_ms: float = 2.0  # below this p10 deadline slack a replica is under pressure
     pressure_backoff: float = 0.85  # capacity estimate = observed per-replica load * backoff
@@ -157,7 +158,7 @@ def plan(window: MetricsWindow, current: int, config: PolicyConfig) -> Decision:
     assert holt is not None
     # Departures are not anticipated: a stream that leaves early costs nothing, one that
     # arrives without capacity falls back.
-    forecast = max(last.streams, holt.forecast(config.warmup_s))
+    forecast = max(last.streams, holt.forecast(config.warmup_s, config.trend_damping_s))
     cap = effective_capacity(window, config)
     need = forecast * (1.0 + config.headroom) / (cap * config.target_occupancy)
     desired = math.ceil(need - 1e-9)
@@ -170,11 +171,12 @@ def plan(window: MetricsWindow, current: int, config: PolicyConfig) -> Decision:
         if by_slots > desired:
             desired, reason = by_slots, DecisionReason.SLOTS
     if desired < current:
+        # Band [need, need * (1 + hysteresis)]: inside it, keep the current target; below
+        # it, go straight to `need` (not to the band's top, which would keep the margin
+        # as permanent over-provisioning).
         with_margin = math.ceil(need * (1.0 + config.downscale_hysteresis) - 1e-9)
         if with_margin >= current:
             desired, reason = current, DecisionReason.HOLD
-        else:
-            desired = max(desired, with_margin)
     return Decision(clamp(desired), forecast, cap, reason)
 
 

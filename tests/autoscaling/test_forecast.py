@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -68,3 +70,10 @@ def test_ewma_rate_of_a_counter() -> None:
     joins = [(float(t), 7.0 * t) for t in range(30)]
     assert ewma_rate(joins, tau_s=5.0) == pytest.approx(7.0)
     assert ewma_rate([(0.0, 1.0)], tau_s=5.0) == 0.0
+
+
+def test_damped_forecast_reach_is_bounded() -> None:
+    s = HoltState(t=0.0, level=1000.0, trend=10.0)
+    assert s.forecast(60.0) == pytest.approx(1600.0)
+    assert s.forecast(60.0, damping_s=30.0) == pytest.approx(1000 + 10 * 30 * (1 - math.exp(-2)))
+    assert s.forecast(1e6, damping_s=30.0) == pytest.approx(1300.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
@@ -36,20 +37,37 @@ def test_steady_load_plans_for_target_occupancy() -> None:
 
 
 def test_ramp_scales_ahead_of_arrivals() -> None:
-    # 10 streams/s arriving: the plan covers the streams expected one warm-up (30 s) later
-    window = [ClusterSample(float(t), 10.0 * t, 10) for t in range(121)]
-    d = plan(window, 10, CFG)
-    assert d.forecast_streams == pytest.approx(1500, rel=0.03)
-    reactive = math.ceil(1200 * 1.1 / 80)
-    assert d.replicas >= math.ceil(1450 * 1.1 / 80) > reactive
+    # 10 streams/s arriving: undamped, the plan covers the streams one warm-up (30 s) later
+    window = [ClusterSample(float(t), 10.0 * t, 10) for t in range(181)]
+    undamped = replace(CFG, trend_damping_s=None)
+    d = plan(window, 10, undamped)
+    assert d.forecast_streams == pytest.approx(1800 + 300, rel=0.03)
+    reactive = math.ceil(1800 * 1.1 / 80)
+    assert d.replicas >= math.ceil(2050 * 1.1 / 80) > reactive
+    # damped (default): the trend is followed for at most trend_damping_s
+    damped = plan(window, 10, CFG)
+    reach = CFG.trend_damping_s * (1 - math.exp(-CFG.warmup_s / CFG.trend_damping_s))
+    assert damped.forecast_streams == pytest.approx(1800 + 10 * reach, rel=0.03)
+    assert reactive < damped.replicas < d.replicas
+
+
+def test_short_burst_is_not_projected_a_whole_warmup_ahead() -> None:
+    # 500 streams join within 5 s on a flat load: the damped forecast stays well under what
+    # an undamped trend would project over a 60 s warm-up
+    cfg = replace(CFG, warmup_s=60)
+    window = [ClusterSample(float(t), 1000.0, 14) for t in range(60)]
+    window += [ClusterSample(60.0 + t, 1000.0 + 100 * (t + 1), 14) for t in range(5)]
+    damped = plan(window, 14, cfg).forecast_streams
+    undamped = plan(window, 14, replace(cfg, trend_damping_s=None)).forecast_streams
+    assert 1500 <= damped < undamped
 
 
 def test_departures_are_not_anticipated() -> None:
     window = [ClusterSample(float(t), 3000.0 - 10.0 * t, 40) for t in range(121)]
     d = plan(window, 40, CFG)
     assert d.forecast_streams == pytest.approx(1800)  # the count now, not the forecast
-    # and 40 replicas are more than needed, but inside the 15% downscale margin: keep 29
-    assert d.replicas == math.ceil(1800 * 1.1 / 80 * 1.15) == 29
+    # 40 replicas are more than the 15% downscale band allows: straight down to the need
+    assert d.replicas == math.ceil(1800 * 1.1 / 80) == 25
 
 
 def test_pressure_lowers_capacity_and_adds_a_replica() -> None:
@@ -87,10 +105,12 @@ def test_slots_bind_when_fewer_than_compute_capacity() -> None:
 
 
 def test_downscale_needs_hysteresis_margin() -> None:
-    # need = 1000*1.1/80 = 13.75; with 15% margin 15.8 -> holds 16, drops 20 to 16
+    # need = 1000*1.1/80 = 13.75 -> 14; band top 13.75*1.15 = 15.8 -> 16: 15 and 16 hold,
+    # 17 and above drop to 14
     assert plan(flat(1000, 16), 16, CFG).reason is DecisionReason.HOLD
     assert desired_replicas(flat(1000, 16), 16, CFG) == 16
-    assert desired_replicas(flat(1000, 20), 20, CFG) == 16
+    assert desired_replicas(flat(1000, 17), 17, CFG) == 14
+    assert desired_replicas(flat(1000, 20), 20, CFG) == 14
 
 
 def test_bounds_and_no_data() -> None:
@@ -167,8 +187,9 @@ def test_policy_loads_from_import_path_and_scales_a_ramp() -> None:
     for t in range(0, 91, 3):  # 10 streams/s joining, spread over the running replicas
         ctx = _ctx(reps, _raw(reps, 1000.0 + t, 10.0 * t / len(reps)), target, state, config)
         target, state = policy(ctx)
-    # 900 streams now, ~1200 expected one warm-up later: 1200*1.1/80 = 16.5
-    assert 15 <= target <= 19
+    # 900 streams now and 10/s arriving: more than the 13 replicas 900 streams need now,
+    # less than an undamped 30 s extrapolation (1200 streams -> 17)
+    assert 14 <= target <= 17
     assert state["auralink_last_decision"]["reason"] == "forecast"
     assert len(state["auralink_window"]) == 31
 
