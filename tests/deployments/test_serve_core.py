@@ -1,0 +1,236 @@
+"""CodecReplicaCore without Ray: slots, overload, idle timeout, epochs, emulated compute,
+reconfigure, health; plus the pure stream-affinity hashing and the client's merge."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from deployments import affinity
+from deployments.client import EpochTracker, merge_results
+from deployments.config import ComputeMode, ReplicaSettings, profile_ms
+from deployments.contract import (
+    CHUNK_SAMPLES,
+    BatchResult,
+    FallbackReason,
+    FrameBatch,
+    Op,
+    reason_code,
+)
+from deployments.replica import CodecReplicaCore, SlotPool
+
+SETTINGS = ReplicaSettings(capacity=3, allow_random_weights=True, torch_threads=1,
+                           bandwidth_kbps=6.0, max_batch=8)
+DEADLINE_MS = 8000.0
+
+
+def _pcm(n: int, seed: int = 0) -> np.ndarray:
+    return (0.1 * np.random.default_rng(seed).standard_normal((n, CHUNK_SAMPLES))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def codec_runtime():
+    """One model load for the module; each test gets a fresh core around it."""
+    from deployments.replica import _load_codec
+
+    return _load_codec(SETTINGS)
+
+
+@pytest.fixture
+def core(codec_runtime):
+    c = CodecReplicaCore(SETTINGS, "core-test", build=False)
+    c._codec, c.weights_kind = codec_runtime
+    c._codec.reset(np.arange(SETTINGS.capacity + 1))
+    return c
+
+
+run = asyncio.run
+
+
+def _tick(core: CodecReplicaCore, tr: EpochTracker, ids: list[str], seed: int = 0) -> BatchResult:
+    async def go():
+        res = await core.process(tr.make_batch(Op.ENCODE, "b", ids, _pcm(len(ids), seed), DEADLINE_MS))
+        tr.observe_result(res)
+        return res
+
+    return go()
+
+
+def test_full_pool_answers_overload_never_evicts(core):
+    async def go():
+        tr = EpochTracker()
+        first = await _tick(core, tr, ["a", "b", "c"])
+        assert first.counts() == {"ai": 3}
+        res = await _tick(core, tr, ["a", "b", "c", "d"])  # d finds no slot
+        assert res.outcome(3)[1] is FallbackReason.OVERLOAD
+        assert res.outcome_codes[:3].tolist() == [0, 0, 0]  # nobody was evicted for d
+        assert await core.leave(["b"]) == 1
+        res = await _tick(core, tr, ["d"])  # d's next frame opens a new epoch and gets b's slot
+        assert res.counts() == {"ai": 1}
+        assert sorted(core.pool.streams()) == ["a", "c", "d"]
+        await core.stop()
+
+    run(go())
+
+
+def test_idle_streams_are_freed(core):
+    async def go():
+        tr = EpochTracker()
+        await _tick(core, tr, ["x", "y"])
+        core.pool.get("x").last_seen -= SETTINGS.idle_timeout_s + 1
+        core._sweep_idle(time.time())
+        assert core.pool.streams() == ["y"]
+        assert core.counters["slots_idle_freed"] == 1
+        res = await _tick(core, tr, ["x"])  # its state is gone: the epoch cannot continue
+        assert res.outcome(0)[1] is FallbackReason.RESET
+        await core.stop()
+
+    run(go())
+
+
+def test_gap_in_an_epoch_resets_and_stale_frames_do_not_break_the_new_epoch(core):
+    async def go():
+        tr = EpochTracker()
+        assert (await _tick(core, tr, ["s"])).counts() == {"ai": 1}
+        now = time.time()
+
+        def frame(epoch: int, seq: int) -> FrameBatch:
+            return FrameBatch(Op.ENCODE, "b", ["s"], np.array([epoch]), np.array([seq]),
+                              np.array([now + 5.0]), now, pcm=_pcm(1))
+
+        assert (await core.process(frame(1, 2))).outcome(0)[1] is FallbackReason.RESET  # seq 1 skipped
+        assert (await core.process(frame(1, 3))).outcome(0)[1] is FallbackReason.RESET  # still broken
+        assert (await core.process(frame(2, 0))).counts() == {"ai": 1}
+        assert (await core.process(frame(1, 4))).outcome(0)[1] is FallbackReason.RESET  # stale
+        assert (await core.process(frame(2, 1))).counts() == {"ai": 1}  # epoch 2 unharmed
+        await core.stop()
+
+    run(go())
+
+
+def test_emulated_compute_costs_the_profile_and_says_so(core):
+    async def go():
+        profile = {1: 30.0, 4: 60.0}
+        await core.reconfigure({"compute": "emulated", "latency_profile": profile})
+        tr = EpochTracker()
+        res = await _tick(core, tr, ["e1", "e2"])
+        assert res.counts() == {"ai": 2} and res.compute == "emulated"
+        assert not res.codes.any()
+        want = profile_ms(profile, 2)  # 40 ms: linear between measured sizes
+        assert want == pytest.approx(40.0)
+        assert res.compute_ms[0] >= want * 0.95
+        assert core.info()["compute"] == "emulated"
+        await core.stop()
+
+    run(go())
+
+
+def test_reconfigure_knobs_apply_at_run_time_and_rebuild_only_when_needed(core):
+    async def go():
+        codec = core._codec
+        await core.reconfigure({"deadline_ms": 15.0, "max_batch": 4, "margin_ms": 3.0})
+        assert core._codec is codec  # scheduler knobs only: same runtime, slots kept
+        cfg = core.scheduler.config
+        assert (cfg.deadline_ms, cfg.max_batch, cfg.margin_ms) == (15.0, 4, 3.0)
+        with pytest.raises(ValueError, match="unknown replica settings"):
+            await core.reconfigure({"max_batch_size": 3})
+        with pytest.raises(ValueError):
+            await core.reconfigure({"max_batch": 0})
+        assert core.settings.max_batch == 4  # a bad config changes nothing
+        await core.stop()
+
+    run(go())
+
+
+def test_health_check_runs_a_real_step(core):
+    async def go():
+        await core.check_health()
+
+        def broken(*_a, **_k):
+            raise RuntimeError("device lost")
+
+        core._codec.encode, saved = broken, core._codec.encode
+        try:
+            with pytest.raises(RuntimeError, match="device lost"):
+                await core.check_health()
+        finally:
+            core._codec.encode = saved
+        await core.stop()
+
+    run(go())
+
+
+def test_model_error_answers_its_frames_and_the_loop_survives(core):
+    async def go():
+        tr = EpochTracker()
+
+        def broken(*_a, **_k):
+            raise RuntimeError("CUDA error: an illegal memory access")
+
+        saved = core._codec.encode
+        core._codec.encode = broken
+        res = await _tick(core, tr, ["m1", "m2"])
+        core._codec.encode = saved
+        assert res.counts() == {"fallback/error": 2}
+        assert "illegal memory access" in res.errors["m1"]
+        assert (await _tick(core, tr, ["m1", "m2"])).counts() == {"ai": 2}
+        await core.stop()
+
+    run(go())
+
+
+def test_autoscaling_stats_are_numbers(core):
+    async def go():
+        await _tick(core, EpochTracker(), ["q"])
+        stats = core.autoscaling_stats()
+        assert all(isinstance(v, float) for v in stats.values())
+        assert stats["slot_occupancy"] == pytest.approx(1 / 3) and stats["miss_rate"] == 0.0
+        await core.stop()
+
+    run(go())
+
+
+def test_slot_pool_reuses_freed_slots():
+    pool = SlotPool(2)
+    a, b = pool.acquire("a", 0.0), pool.acquire("b", 0.0)
+    assert {a.index, b.index} == {0, 1} and pool.acquire("c", 0.0) is None
+    pool.release("a")
+    assert pool.acquire("c", 0.0).index == a.index
+
+
+def test_rendezvous_owner_is_stable_and_moves_few_streams():
+    replicas = [f"r{i}" for i in range(4)]
+    streams = [f"stream-{i}" for i in range(2000)]
+    before = {s: affinity.owner(s, replicas) for s in streams}
+    assert before == {s: affinity.owner(s, list(reversed(replicas))) for s in streams}
+    counts = np.bincount([replicas.index(o) for o in before.values()])
+    assert counts.min() > 350  # roughly even: 500 each
+    after = {s: affinity.owner(s, replicas[:3]) for s in streams}  # r3 died
+    moved = [s for s in streams if before[s] != after[s]]
+    assert all(before[s] == "r3" for s in moved)  # only its streams move
+    assert affinity.owner("x", []) is None
+
+
+def test_merge_results_restores_row_order():
+    tr = EpochTracker()
+    batch = tr.make_batch(Op.ENCODE, "b", ["a", "b", "c"], _pcm(3), DEADLINE_MS)
+    part1 = BatchResult.all_fallback(batch, FallbackReason.DEADLINE)
+    part1.stream_ids, part1.outcome_codes = ["b"], np.array([reason_code(FallbackReason.DEADLINE)], np.uint8)
+    part1.epochs, part1.queue_ms, part1.compute_ms = np.array([1]), np.zeros(1, np.float32), np.zeros(1, np.float32)
+    part2 = BatchResult(["a", "c"], np.zeros(2, np.uint8), np.array([1, 1]), np.ones(2, np.float32),
+                        np.full(2, 5.0, np.float32), codes=np.full((2, 8, 3), 7, np.int16))
+    merged = merge_results(batch, [(np.array([1]), part1), (np.array([0, 2]), part2)])
+    assert merged.stream_ids == ["a", "b", "c"]
+    assert merged.outcome_codes.tolist() == [0, reason_code(FallbackReason.DEADLINE), 0]
+    assert merged.codes[0, 0, 0] == 7 and merged.codes[2, 0, 0] == 7 and merged.compute_ms[1] == 0
+
+
+def test_settings_from_env_and_compute_mode():
+    s = ReplicaSettings.from_env({"AURALINK_DEADLINE_MS": "15", "AURALINK_COMPUTE": "emulated",
+                                  "AURALINK_ALLOW_RANDOM_WEIGHTS": "yes", "AURALINK_CAPACITY": "32"})
+    assert (s.deadline_ms, s.compute, s.allow_random_weights, s.capacity) == (15.0, ComputeMode.EMULATED, True, 32)
+    with pytest.raises(ValueError, match="bandwidth_kbps"):
+        ReplicaSettings(bandwidth_kbps=5.0)
