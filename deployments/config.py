@@ -20,11 +20,12 @@ INGRESS_DEPLOYMENT = "Ingress"
 SUPERVISOR_NAME = "auralink-fallback-supervisor"
 RAY_NAMESPACE = "auralink"
 
-# EnCodec 24 kHz step time (ms) by batch size, 40 ms chunks, encode, random weights, measured
-# with `auralink bench codec` on CPU (2 cores). Emulated compute replays this profile; a
-# production deployment sets `latency_profile` from a run on its own accelerator.
+# Seed for the online latency model L(B) (ms by batch size, 40 ms chunks): deliberately slow,
+# CPU-like guesses, pushed out by measured steps as the replica runs. It is NOT a measurement:
+# emulated compute should be given a profile measured by `auralink bench codec` on a named
+# device (`latency_profile` + `latency_profile_device`); with this seed it says so loudly.
 DEFAULT_LATENCY_PROFILE: dict[int, float] = {1: 9.0, 2: 12.0, 4: 18.0, 8: 30.0, 16: 55.0}
-DEFAULT_PROFILE_DEVICE = "cpu: 2 cores (embedded default)"
+DEFAULT_PROFILE_DEVICE = "unmeasured seed"
 
 
 class ComputeMode(str, enum.Enum):
@@ -76,6 +77,10 @@ class ReplicaSettings:
             raise ValueError(f"bandwidth_kbps {self.bandwidth_kbps} not in {BANDWIDTHS_KBPS}")
         if not self.latency_profile or min(self.latency_profile) < 1:
             raise ValueError("latency_profile needs at least one batch size >= 1")
+
+    @property
+    def profile_is_measured(self) -> bool:
+        return self.latency_profile_device != DEFAULT_PROFILE_DEVICE
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, base: ReplicaSettings | None = None) -> ReplicaSettings:

@@ -314,6 +314,9 @@ class CodecReplicaCore:
                 self.scheduler.model = self.latency
             self.scheduler.reconfigure(self._scheduler_config(new))
             self.settings = new
+        if new.compute is ComputeMode.EMULATED and not new.profile_is_measured:
+            logger.warning("EMULATED compute on the unmeasured seed latency profile: step times "
+                           "are guesses; pass latency_profile from `auralink bench codec`")
         logger.info("replica settings: %s", {k: v for k, v in new.to_dict().items() if k != "latency_profile"})
 
     # -- intake

@@ -114,7 +114,9 @@ def test_gap_in_an_epoch_resets_and_stale_frames_do_not_break_the_new_epoch(core
 def test_emulated_compute_costs_the_profile_and_says_so(core):
     async def go():
         profile = {1: 30.0, 4: 60.0}
-        await core.reconfigure({"compute": "emulated", "latency_profile": profile})
+        await core.reconfigure({"compute": "emulated", "latency_profile": profile,
+                                "latency_profile_device": "test profile"})
+        assert core.info()["latency_profile_device"] == "test profile"
         tr = EpochTracker()
         res = await _tick(core, tr, ["e1", "e2"])
         assert res.counts() == {"ai": 2} and res.compute == "emulated"
@@ -230,7 +232,9 @@ def test_merge_results_restores_row_order():
 
 def test_settings_from_env_and_compute_mode():
     s = ReplicaSettings.from_env({"AURALINK_DEADLINE_MS": "15", "AURALINK_COMPUTE": "emulated",
+                                  "AURALINK_LATENCY_PROFILE_DEVICE": "cpu: test",
                                   "AURALINK_ALLOW_RANDOM_WEIGHTS": "yes", "AURALINK_CAPACITY": "32"})
     assert (s.deadline_ms, s.compute, s.allow_random_weights, s.capacity) == (15.0, ComputeMode.EMULATED, True, 32)
     with pytest.raises(ValueError, match="bandwidth_kbps"):
         ReplicaSettings(bandwidth_kbps=5.0)
+    assert s.profile_is_measured and not ReplicaSettings().profile_is_measured
