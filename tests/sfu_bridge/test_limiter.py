@@ -109,34 +109,51 @@ def test_keys_are_prefixed_hash_tagged_and_expire(client):
         HintLimiter(client, bridge_id="a{b}")
 
 
-def test_redis_accuracy_150_offered_100_allowed_per_second(client):
-    """Offer 150 hints/s on Redis's clock for ~1.2 s: allowed = burst + 100/s x elapsed, +-2.
+def _accuracy_run(client, lim: HintLimiter, ids: list[str], seconds: float) -> tuple[np.ndarray, float, float, float]:
+    """A backlogged stream (always offering more than is due) for `seconds` of Redis time.
 
-    The script reads TIME itself, so elapsed time is bracketed by TIME reads around the
-    first and the last call (a descheduled test process widens the bracket, not the error).
+    -> (allowed per stream, lower and upper bound of burst + rate x elapsed, longest gap
+    between two of our clock reads). The script reads TIME itself, so elapsed time is
+    bracketed by TIME reads around the first and the last call.
     """
-    lim = HintLimiter(client, rate_per_s=100, burst=10, bridge_id="acc")
-    ids = ["x", "y", "z"]
 
     def redis_now() -> float:
         s, us = client.time()
         return s + us / 1e6
 
+    backlog = [1000] * len(ids)
     s0 = redis_now()
-    allowed = lim.allow(ids, [1] * 3)
-    s1 = redis_now()
-    offered = 1
-    while (elapsed := redis_now() - s0) < 1.2:
-        due = int(150 * elapsed) + 1
-        if due > offered:
-            allowed += lim.allow(ids, [due - offered] * 3)
-            offered = due
+    allowed = lim.allow(ids, backlog)
+    s1 = last = redis_now()
+    max_gap = 0.0
+    while (now := redis_now()) - s0 < seconds:
+        max_gap, last = max(max_gap, now - last), now
+        allowed += lim.allow(ids, backlog)
     t_a = redis_now()
-    allowed += lim.allow(ids, [20] * 3)  # more than is due: the count shows the limit itself
+    allowed += lim.allow(ids, backlog)
     t_b = redis_now()
-    low, high = 10 + 100 * (t_a - s1), 10 + 100 * (t_b - s0)
-    assert np.all(allowed >= low - 2) and np.all(allowed <= high + 2), (allowed, low, high)
-    assert lim.counters.limited > 0.25 * lim.counters.allowed  # 150 offered: a third refused
+    rate, burst = lim.rate_per_s, lim.burst
+    return allowed, burst + rate * (t_a - s1), burst + rate * (t_b - s0), max(max_gap, t_a - last)
+
+
+def test_redis_accuracy_backlogged_stream_gets_exactly_the_rate(client):
+    """Offering more than 100 hints/s -> burst + 100/s x elapsed, +-2, on Redis's clock.
+
+    (The 150 hints/s case is the same GCRA: tests above check the math, `auralink bench
+    limiter` runs it in real ticks.) Never more than that in any run; not less unless this
+    process stalled longer than the burst lasts (GCRA then rightly forfeits the unused
+    time). The burst here covers 1 s so a busy shared machine does not decide the result.
+    """
+    lim = HintLimiter(client, rate_per_s=100, burst=100, bridge_id="acc")
+    for attempt in range(3):
+        ids = [f"x{attempt}", f"y{attempt}", f"z{attempt}"]
+        allowed, low, high, max_gap = _accuracy_run(client, lim, ids, seconds=1.0)
+        assert np.all(allowed <= high + 2), (allowed, high)
+        if max_gap < 0.5:
+            assert np.all(allowed >= low - 2), (allowed, low, max_gap)
+            assert lim.counters.limited > 0
+            return
+    pytest.skip(f"this process stalled > 0.5 s in every run (last {max_gap:.2f} s)")
 
 
 def test_counts_above_uint16_are_refused(client):
@@ -244,3 +261,26 @@ def test_async_limiter_same_decisions_fail_open_and_recovery(tmp_path):
         asyncio.run(scenario())
     finally:
         srv.close()
+
+
+def test_embedded_redis_stops_when_its_owner_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    code = (
+        "import sys; from sfu_bridge.redis_store import EmbeddedRedis; "
+        f"e = EmbeddedRedis({str(tmp_path / 'owned')!r}).start(); print(e.pid, flush=True); sys.stdin.read()"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        server = psutil.Process(int(owner.stdout.readline()))
+        assert "redis-server" in server.name()
+        owner.send_signal(signal.SIGKILL)  # no atexit, no cleanup: only the watchdog remains
+        owner.wait(timeout=10)
+        server.wait(timeout=10)  # raises psutil.TimeoutExpired if the server outlives its owner
+    finally:
+        owner.kill()
+        owner.wait(timeout=10)
