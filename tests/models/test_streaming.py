@@ -1,0 +1,374 @@
+"""Streaming EnCodec equals the reference package's offline pass, stream by stream.
+
+The reference is `encodec`'s own `model.encode`/`model.decode` over the whole signal with
+every SConv1d set to pad with zeros (`pad_mode="constant"`), which is what a stream that
+starts from silence sees. Models are random-init from fixed seeds; their codebooks are drawn
+from the model's own embeddings (like encodec's k-means init) so that codes are diverse and
+near-ties are as common as in a trained model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import StreamingEncodec
+from models.streaming import BANDWIDTH_CODEBOOKS
+
+SR = 24_000
+SECONDS = 3.0
+N_SIGNALS = 8
+BANDWIDTH = 6.0
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def speech_like(rng: np.random.Generator, seconds: float) -> np.ndarray:
+    """Harmonic voice with a gliding pitch, formant-like AM of the partials, syllable bursts."""
+    n = int(SR * seconds)
+    t = np.arange(n) / SR
+    f0 = rng.uniform(90, 220) * (1 + 0.15 * np.sin(2 * np.pi * rng.uniform(0.3, 1.0) * t))
+    phase = 2 * np.pi * np.cumsum(f0) / SR
+    formants = rng.uniform([300, 900, 2200], [800, 1800, 3200])
+    voice = np.zeros(n)
+    for k in range(1, 30):
+        fk = k * f0.mean()
+        if fk > 8000:
+            break
+        gain = sum(np.exp(-((fk - f) / 180.0) ** 2) for f in formants) + 0.02
+        am = 1 + 0.5 * np.sin(2 * np.pi * rng.uniform(2, 6) * t + rng.uniform(0, 2 * np.pi))
+        voice += gain * am * np.sin(k * phase) / k
+    syllables = np.clip(np.sin(2 * np.pi * rng.uniform(3, 5) * t), 0, None) ** 0.5
+    breath = 0.01 * rng.standard_normal(n)
+    x = voice * syllables + breath
+    return (0.5 * x / np.abs(x).max()).astype(np.float32)
+
+
+def noise_like(rng: np.random.Generator, seconds: float, kind: int) -> np.ndarray:
+    n = int(SR * seconds)
+    white = rng.standard_normal(n)
+    if kind == 0:
+        x = white
+    elif kind == 1:  # brown-ish: integrated, high-passed
+        x = np.cumsum(white)
+        x = x - np.convolve(x, np.ones(400) / 400, mode="same")
+    elif kind == 2:  # bursts
+        x = white * (rng.uniform(size=n // 2400 + 1).repeat(2400)[:n] > 0.5)
+    else:  # pink-ish: sum of octave-smoothed noises
+        x = sum(np.convolve(rng.standard_normal(n), np.ones(w) / w, mode="same")
+                for w in (1, 2, 4, 8, 16, 32))
+    return (0.3 * x / np.abs(x).max()).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def signals() -> np.ndarray:
+    rng = np.random.default_rng(2024)
+    sig = [speech_like(rng, SECONDS) for _ in range(N_SIGNALS // 2)]
+    sig += [noise_like(rng, SECONDS, k) for k in range(N_SIGNALS - len(sig))]
+    return np.stack(sig)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _fresh_24k():
+    from encodec import EncodecModel
+
+    return EncodecModel.encodec_model_24khz(pretrained=False).eval()
+
+
+@pytest.fixture(scope="module")
+def model(encodec_model_24k, signals):
+    """The shared random model with data-drawn codebooks (a copy: the fixture stays as is)."""
+    m = _fresh_24k()
+    m.load_state_dict(encodec_model_24k.state_dict())
+    gen = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        emb = m.encoder(torch.from_numpy(signals[:, None, :SR]))  # [N, D, 75]
+        # A random encoder's output is a large constant plus small input-driven changes;
+        # float32 distances to codes then tie often. Centre it through the last conv's bias,
+        # as a trained encoder roughly is.
+        centre = emb.mean(dim=(0, 2))
+        m.encoder.model[-1].conv.conv.bias.sub_(centre)
+        emb = emb - centre[:, None]
+        residual = emb.transpose(1, 2).reshape(-1, emb.shape[1])
+        for layer in m.quantizer.vq.layers:
+            # Entries drawn from the data's variations, so every book splits real data.
+            mean = residual.mean(0)
+            dev = residual - mean
+            pick = torch.randint(0, residual.shape[0], (1024,), generator=gen)
+            book = mean + dev[pick] + 0.6 * dev.std(0) * torch.randn(
+                1024, residual.shape[1], generator=gen)
+            layer._codebook.embed.copy_(book)
+            residual = residual - book[torch.cdist(residual, book).argmin(-1)]
+    return m
+
+
+def reference_copy(model):
+    """A copy of `model` whose convolutions pad with zeros, as a fresh stream sees."""
+    from encodec.modules import SConv1d
+
+    ref = _fresh_24k()
+    ref.load_state_dict(model.state_dict())
+    for mod in ref.modules():
+        if isinstance(mod, SConv1d):
+            mod.pad_mode = "constant"
+    return ref
+
+
+@pytest.fixture(scope="module")
+def reference(model, signals):
+    """Offline codes [N, n_q, F] and decoded audio [N, T] of the whole signals."""
+    ref = reference_copy(model)
+    ref.set_target_bandwidth(BANDWIDTH)
+    with torch.no_grad():
+        x = torch.from_numpy(signals[:, None, :])
+        codes = ref.encode(x)[0][0]
+        audio = ref.decode([(codes, None)])[:, 0]
+    return codes.numpy(), audio.numpy()
+
+
+def stream_encode(codec, slots, pcm: np.ndarray, chunk: int) -> np.ndarray:
+    out = [codec.encode(slots, pcm[:, i:i + chunk]) for i in range(0, pcm.shape[1], chunk)]
+    return np.concatenate(out, axis=-1)
+
+
+def stream_decode(codec, slots, codes: np.ndarray, frames: int) -> np.ndarray:
+    out = [codec.decode(slots, codes[:, :, i:i + frames])
+           for i in range(0, codes.shape[-1], frames)]
+    return np.concatenate(out, axis=-1)
+
+
+# --------------------------------------------------------------------------- equivalence
+
+
+def test_reference_codes_are_diverse(reference):
+    codes, _ = reference
+    # Guards the test's own power: degenerate codebooks would make code equality trivial.
+    assert len(np.unique(codes[:, 0])) > 100
+    assert len(np.unique(codes)) > 500
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("chunk", [320, 960, 1920])
+def test_streaming_equals_offline_reference(model, signals, reference, chunk, batch):
+    ref_codes, ref_audio = reference
+    codec = StreamingEncodec(model, capacity=16, device="cpu", bandwidth_kbps=BANDWIDTH)
+    # Slots in an arbitrary, non-contiguous order: mapping must not depend on position.
+    slots = [15 - 2 * i for i in range(batch)]
+    codes = stream_encode(codec, slots, signals[:batch], chunk)
+    assert codes.shape == ref_codes[:batch].shape
+    assert codes.dtype.kind == "i"
+    match = (codes == ref_codes[:batch]).mean()
+    assert match >= 0.999, f"only {match:.5f} of codes equal the reference"
+
+    audio = stream_decode(codec, slots, ref_codes[:batch], chunk // 320)
+    assert audio.dtype == np.float32 and audio.shape == ref_audio[:batch].shape
+    for i in range(batch):
+        peak = np.abs(ref_audio[i]).max()
+        err = np.abs(audio[i] - ref_audio[i]).max()
+        assert err <= 1e-4 * peak, f"stream {i}: max error {err:.3g} vs peak {peak:.3g}"
+
+
+def test_batch_equals_single_streams(model, signals):
+    pcm = signals[:3, : SR * 2]
+    batched = StreamingEncodec(model, capacity=4)
+    codes_b = stream_encode(batched, [0, 1, 2], pcm, 960)
+    audio_b = stream_decode(batched, [0, 1, 2], codes_b, 3)
+    for i in range(3):
+        alone = StreamingEncodec(model, capacity=4)
+        codes_1 = stream_encode(alone, [i], pcm[i:i + 1], 960)
+        assert (codes_1[0] == codes_b[i]).mean() >= 0.999
+        audio_1 = stream_decode(alone, [i], codes_b[i:i + 1], 3)
+        np.testing.assert_allclose(audio_1[0], audio_b[i], rtol=0,
+                                   atol=1e-5 * np.abs(audio_b[i]).max())
+
+
+def test_interleaved_streams_match_running_alone(model, signals):
+    rng = np.random.default_rng(5)
+    n, chunk = 4, 960
+    pcm = signals[[0, 4, 1, 5], : SR]
+    n_chunks = pcm.shape[1] // chunk
+    alone = []
+    for i in range(n):
+        solo = StreamingEncodec(model, capacity=1)
+        codes = stream_encode(solo, [0], pcm[i:i + 1], chunk)
+        alone.append((codes[0], stream_decode(solo, [0], codes, 3)[0]))
+
+    codec = StreamingEncodec(model, capacity=8)
+    slot_of = {0: 6, 1: 2, 2: 7, 3: 0}
+    progress = [0] * n
+    got_codes: list[list[np.ndarray]] = [[] for _ in range(n)]
+    got_audio: list[list[np.ndarray]] = [[] for _ in range(n)]
+    while min(progress) < n_chunks:
+        # Each tick a random subset of the unfinished streams, in random order.
+        live = [i for i in range(n) if progress[i] < n_chunks]
+        tick = [i for i in rng.permutation(live) if rng.uniform() < 0.7] or live[:1]
+        x = np.stack([pcm[i, progress[i] * chunk:(progress[i] + 1) * chunk] for i in tick])
+        slots = [slot_of[i] for i in tick]
+        codes = codec.encode(slots, x)
+        audio = codec.decode(np.array(slots[::-1]), codes[::-1].copy())[::-1]
+        for j, i in enumerate(tick):
+            got_codes[i].append(codes[j])
+            got_audio[i].append(audio[j])
+            progress[i] += 1
+    for i in range(n):
+        codes_i = np.concatenate(got_codes[i], axis=-1)
+        audio_i = np.concatenate(got_audio[i], axis=-1)
+        assert (codes_i == alone[i][0]).mean() >= 0.999
+        np.testing.assert_allclose(audio_i, alone[i][1], rtol=0,
+                                   atol=1e-5 * np.abs(alone[i][1]).max())
+
+
+def test_reset_slot_behaves_like_fresh(model, signals):
+    pcm = signals[:2, : 960 * 12]
+    codec = StreamingEncodec(model, capacity=4)
+    stream_decode(codec, [1, 3], stream_encode(codec, [1, 3], pcm, 960), 3)
+    assert codec.encoder_state[1].abs().sum() > 0 and codec.decoder_state[1].abs().sum() > 0
+    other_enc = codec.encoder_state[3].clone()
+    codec.reset([1])
+    assert codec.encoder_state[1].abs().sum() == 0 and codec.decoder_state[1].abs().sum() == 0
+    assert torch.equal(codec.encoder_state[3], other_enc), "reset touched another slot"
+
+    fresh = StreamingEncodec(model, capacity=4)
+    x = signals[4:5, : 960 * 12]
+    codes_a = stream_encode(codec, [1], x, 960)
+    codes_b = stream_encode(fresh, [1], x, 960)
+    np.testing.assert_array_equal(codes_a, codes_b)
+    np.testing.assert_array_equal(stream_decode(codec, [1], codes_a, 3),
+                                  stream_decode(fresh, [1], codes_b, 3))
+
+
+def test_reset_encoder_and_decoder_separately(model, signals):
+    codec = StreamingEncodec(model, capacity=2)
+    codes = codec.encode([0], signals[:1, :960])
+    codec.decode([0], codes)
+    codec.reset_encoder([0])
+    assert codec.encoder_state[0].abs().sum() == 0 and codec.decoder_state[0].abs().sum() > 0
+    codec.encode([0], signals[:1, :960])
+    codec.reset_decoder([0])
+    assert codec.encoder_state[0].abs().sum() > 0 and codec.decoder_state[0].abs().sum() == 0
+
+
+# --------------------------------------------------------------------------- API surface
+
+
+def test_attributes_and_bandwidth_override(model, signals):
+    codec = StreamingEncodec(model, capacity=3, bandwidth_kbps=6.0)
+    assert (codec.capacity, codec.sample_rate, codec.frame_samples) == (3, 24000, 320)
+    assert codec.bandwidth_kbps == 6.0 and codec.n_q == 8
+    x = signals[:2, :1920]
+    full = StreamingEncodec(model, capacity=3).encode([0, 1], x, bandwidth_kbps=24)
+    assert full.shape == (2, 32, 6)
+    for kbps, n_q in BANDWIDTH_CODEBOOKS.items():
+        fresh = StreamingEncodec(model, capacity=3)
+        codes = fresh.encode([0, 1], x, bandwidth_kbps=kbps)
+        assert codes.shape == (2, n_q, 6)
+        # Residual VQ: fewer books are a prefix of more books.
+        np.testing.assert_array_equal(codes, full[:, :n_q])
+        assert fresh.decode([0, 1], codes).shape == (2, 1920)
+
+
+def test_numpy_in_numpy_out_torch_in_torch_out(model, signals):
+    codec = StreamingEncodec(model, capacity=4)
+    codes_np = codec.encode(np.array([0, 1]), signals[:2, :960])
+    assert isinstance(codes_np, np.ndarray) and codes_np.shape == (2, 8, 3)
+    assert codes_np.min() >= 0 and codes_np.max() < 1024
+    codes_t = codec.encode(torch.tensor([2, 3]), torch.from_numpy(signals[:2, :960]))
+    assert isinstance(codes_t, torch.Tensor) and not codes_t.dtype.is_floating_point
+    np.testing.assert_array_equal(codes_t.numpy(), codes_np)
+    pcm_np = codec.decode([0, 1], codes_np.astype(np.int16))
+    pcm_t = codec.decode([2, 3], codes_t.to(torch.int32))
+    assert isinstance(pcm_np, np.ndarray) and pcm_np.dtype == np.float32
+    assert isinstance(pcm_t, torch.Tensor) and pcm_t.dtype == torch.float32
+    np.testing.assert_array_equal(pcm_t.numpy(), pcm_np)
+
+
+def test_callers_model_is_not_modified(encodec_model_24k):
+    before = {k: v.clone() for k, v in encodec_model_24k.state_dict().items()}
+    codec = StreamingEncodec(encodec_model_24k, capacity=2)
+    codec.encode([0], np.zeros((1, 960), np.float32))
+    after = encodec_model_24k.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in encodec_model_24k.parameters())
+
+
+# --------------------------------------------------------------------------- bad input
+
+GOOD_PCM = np.zeros((2, 960), np.float32)
+GOOD_CODES = np.zeros((2, 8, 3), np.int64)
+
+
+def _nan_pcm() -> np.ndarray:
+    x = GOOD_PCM.copy()
+    x[1, 5] = np.nan
+    return x
+
+
+def _inf_pcm() -> np.ndarray:
+    x = GOOD_PCM.copy()
+    x[0, 0] = np.inf
+    return x
+
+
+BAD_CALLS = [
+    ("encode", ([0, 1], GOOD_PCM.astype(np.float64)), "float32"),
+    ("encode", ([0, 1], torch.zeros(2, 960, dtype=torch.float16)), "float32"),
+    ("encode", ([0, 1], np.zeros((2, 1, 960), np.float32)), "shape"),
+    ("encode", ([0, 1], np.zeros((2, 1000), np.float32)), "multiple of 320"),
+    ("encode", ([0, 1], np.zeros((2, 0), np.float32)), "multiple of 320"),
+    ("encode", ([0, 1], _nan_pcm()), "NaN"),
+    ("encode", ([0, 1], _inf_pcm()), "inf"),
+    ("encode", ([0, 4], GOOD_PCM), "out of range"),
+    ("encode", ([-1, 0], GOOD_PCM), "out of range"),
+    ("encode", ([1, 1], GOOD_PCM), "repeated"),
+    ("encode", ([0], GOOD_PCM), "slots"),
+    ("encode", ([0.0, 1.0], GOOD_PCM), "integers"),
+    ("encode", (np.array([[0, 1]]), GOOD_PCM), "1-D"),
+    ("encode", ([0, 1], GOOD_PCM.tolist()), "numpy array or torch tensor"),
+    ("encode", ([0, 1], GOOD_PCM, 5.0), "bandwidth"),
+    ("decode", ([0, 1], GOOD_CODES + 1024), "outside [0, 1024)"),
+    ("decode", ([0, 1], GOOD_CODES - 1), "outside [0, 1024)"),
+    ("decode", ([0, 1], np.zeros((2, 7, 3), np.int64)), "codebooks"),
+    ("decode", ([0, 1], np.zeros((2, 64, 3), np.int64)), "codebooks"),
+    ("decode", ([0, 1], GOOD_CODES.astype(np.float32)), "integers"),
+    ("decode", ([0, 1], np.zeros((2, 8), np.int64)), "shape"),
+    ("decode", ([0, 1], np.zeros((2, 8, 0), np.int64)), "no frames"),
+    ("decode", ([2, 2], GOOD_CODES), "repeated"),
+    ("decode", ([0, 9], GOOD_CODES), "out of range"),
+    ("reset", ([0, 7],), "out of range"),
+    ("reset", ([3, 3],), "repeated"),
+]
+
+
+@pytest.fixture(scope="module")
+def busy_codec(model, signals):
+    """A codec whose four slots all hold non-zero state."""
+    codec = StreamingEncodec(model, capacity=4)
+    codes = codec.encode([0, 1, 2, 3], signals[:4, :1920])
+    codec.decode([0, 1, 2, 3], codes)
+    return codec
+
+
+@pytest.mark.parametrize(("method", "args", "message"), BAD_CALLS,
+                         ids=[f"{m}-{msg}-{i}" for i, (m, _, msg) in enumerate(BAD_CALLS)])
+def test_bad_input_raises_and_leaves_state_untouched(busy_codec, method, args, message):
+    enc = busy_codec.encoder_state.clone()
+    dec = busy_codec.decoder_state.clone()
+    assert enc.abs().sum() > 0 and dec.abs().sum() > 0
+    with pytest.raises(ValueError, match=__import__("re").escape(message)):
+        getattr(busy_codec, method)(*args)
+    assert torch.equal(busy_codec.encoder_state, enc)
+    assert torch.equal(busy_codec.decoder_state, dec)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"capacity": 0}, "capacity"),
+    ({"bandwidth_kbps": 7.0}, "bandwidth"),
+])
+def test_bad_construction(encodec_model_24k, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StreamingEncodec(encodec_model_24k, **kwargs)
