@@ -25,8 +25,10 @@ One trace, one device, one model, every scheduler side by side:
               for thousands of streams. The profile comes from `--profile` (a codec bench JSON
               with `latency_profile_ms`) or is measured here from the real model.
   `real`      the real `models.StreamingEncodec` encodes each batch on this machine; the same
-              virtual clock is advanced by the measured wall time of the step (and of the
+              virtual clock is advanced by the measured time of the step (and of the
               scheduler's own decision), so idle gaps cost nothing but every step is real.
+              `--clock wall` measures elapsed time; `--clock cpu` (with `--threads 1`) the
+              thread's CPU time, which leaves out time other processes took on a shared CPU.
 - Capacity: the best throughput (frames/s at the mean step time) among batch sizes whose p99
   step fits the deadline: max over B <= max_batch with p99(B) + margin + jitter <= deadline of
   B / mean(B). No scheduler can answer more frames on time than that, so loads are fractions
@@ -156,19 +158,24 @@ def build_codec(threads: int | None, capacity: int):
 
 
 class RealCompute:
-    """Encodes B chunks of noise with the real model; returns the measured step time (ms)."""
+    """Encodes B chunks of noise with the real model; returns the measured step time (ms).
 
-    def __init__(self, codec: Any, max_batch: int, seed: int) -> None:
+    clock "wall": elapsed time (a dedicated machine). clock "cpu": the calling thread's CPU
+    time, which with one torch thread is the step's own work without the time the OS gave
+    other processes - the usable measure on a shared machine."""
+
+    def __init__(self, codec: Any, max_batch: int, seed: int, clock: str = "wall") -> None:
         self.codec = codec
         rng = np.random.default_rng(seed)
         self.pcm = (0.1 * rng.standard_normal((max_batch, CHUNK_SAMPLES))).astype(np.float32)
         self.slots = np.arange(max_batch)
+        self.timer = time.thread_time if clock == "cpu" else time.perf_counter
 
     def __call__(self, b: int) -> float:
         # Slots 0..B-1: which slot a row uses does not change the step's cost.
-        t = time.perf_counter()
+        t = self.timer()
         self.codec.encode(self.slots[:b], self.pcm[:b])
-        return (time.perf_counter() - t) * 1000.0
+        return (self.timer() - t) * 1000.0
 
 
 def measure_profile(
@@ -283,6 +290,7 @@ StepCost = Callable[[int], float]
 def run_edf(tr: Trace, step_ms: StepCost, profile: Profile, cfg: SchedulerConfig,
             add_overhead: bool) -> RunLog:
     rl = RunLog(len(tr.arrival))
+    timer = getattr(step_ms, "timer", time.perf_counter)  # the scheduler's own time, same clock
     model = LatencyModel.from_profile(profile.as_json())
     sched = EdfScheduler(model, cfg)
     t_stop = tr.duration_s + cfg.deadline_ms / 1000.0
@@ -297,9 +305,9 @@ def run_edf(tr: Trace, step_ms: StepCost, profile: Profile, cfg: SchedulerConfig
         if not queue_end_set and k == n:
             rl.queue_end, queue_end_set = len(sched), True
         rl.queue_max = max(rl.queue_max, len(sched))
-        c0 = time.perf_counter()
+        c0 = timer()
         plan = sched.schedule(t)
-        overhead_s = time.perf_counter() - c0 if add_overhead else 0.0
+        overhead_s = timer() - c0 if add_overhead else 0.0
         for f in plan.expired:
             rl.outcome[f.ref], rl.answer[f.ref] = EXPIRED, t
         for f, _reason in plan.shed:
@@ -415,6 +423,7 @@ class BenchConfig:
     serve_max_batch_sizes: tuple[int, ...] = ()  # empty: derived from the capacity batch
     serve_wait_ms: tuple[float, ...] = (0.0, 2.0, 5.0, 10.0)
     torch_threads: int | None = None
+    clock: str = "wall"
 
 
 def serve_grid(cfg: BenchConfig, cap_batch: int) -> list[tuple[int, float]]:
@@ -598,6 +607,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for real compute (1: several threads thrash on a shared CPU)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="real step time: elapsed (wall) or this thread's CPU time (cpu, for a "
+                        "shared machine; needs --threads 1)")
     p.add_argument("--profile-reps", type=int, default=30, help="steps per batch size when measuring")
     p.add_argument("--serve-wait-ms", default="0,2,5,10", help="batch_wait_timeout grid (ms)")
     p.add_argument("--serve-max-batch", default="", help="max_batch_size grid (default from capacity)")
@@ -617,7 +629,7 @@ def run(args: argparse.Namespace) -> int:
         deadline_ms=args.deadline_ms, margin_ms=args.margin_ms, max_batch=max_batch,
         bridges=args.bridges, jitter_ms=args.jitter_ms, seed=args.seed,
         serve_max_batch_sizes=tuple(int(x) for x in _floats(args.serve_max_batch)),
-        serve_wait_ms=_floats(args.serve_wait_ms), torch_threads=args.threads,
+        serve_wait_ms=_floats(args.serve_wait_ms), torch_threads=args.threads, clock=args.clock,
     )
     real: RealCompute | None = None
     profile: Profile | None = None
@@ -626,9 +638,11 @@ def run(args: argparse.Namespace) -> int:
         profile = Profile.load(profile_path)
     if profile is None or real_mode:
         codec, weights = build_codec(args.threads, max_batch)
-        real = RealCompute(codec, max_batch, args.seed)
+        if args.clock == "cpu" and args.threads != 1:
+            raise SystemExit("--clock cpu measures one thread: use --threads 1")
+        real = RealCompute(codec, max_batch, args.seed, args.clock)
         sizes = [b for b in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128) if b <= max_batch]
-        device = f"{machine_description()}, torch threads {args.threads}"
+        device = f"{machine_description()}, torch threads {args.threads}, {args.clock} clock"
         profile = measure_profile(real, sizes, args.profile_reps, device, weights)
         if not real_mode:
             real = None  # emulated: replay the profile just measured
