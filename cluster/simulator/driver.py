@@ -292,7 +292,8 @@ class Simulation:
         self.sim_cpu_s = 0.0
         self.wall_s = 0.0
         self.stream_ticks = 0
-        self._second_outcomes: Counter[str] = Counter()
+        self._second_counts = np.zeros(len(FallbackReason) + 1, np.int64)
+        self._last_publish = time.monotonic()
         self._per_stream_second: dict[str, dict[str, int]] = {}
         self._produced_sec = np.zeros(self.pop.n_slots, np.int64)
         self.last_stats: dict[str, Any] = {}
@@ -336,6 +337,7 @@ class Simulation:
             f = frames[j]
             fb = per.setdefault(f.chunk.stream_id, {})
             fb[f.reason.value] = fb.get(f.reason.value, 0) + 1
+        self._second_counts += np.bincount(codes, minlength=self._second_counts.size)
         return self.acc.outcomes(t_sim, codes, latency_ms)
 
     # -- the loop
@@ -348,7 +350,8 @@ class Simulation:
         bar = _progress(n_ticks, cfg.progress, f"simulate {cfg.streams} streams ({cfg.compute}, x{self.dilation:g})")
         t0 = loop.time() + 0.05
         wall0 = time.time()
-        next_second = time.monotonic()
+        next_report = 0.0
+        next_publish = time.monotonic()
         try:
             for k in range(n_ticks):
                 target = t0 + k * wall_tick
@@ -360,9 +363,13 @@ class Simulation:
                 t_sim = k * TICK_S
                 await self._fire_faults(t_sim)
                 await self._tick(t_sim)
-                if time.monotonic() >= next_second:
-                    next_second = time.monotonic() + 1.0
+                if t_sim >= next_report:
+                    # The supervisor hears from the bridge once per simulated second.
+                    next_report = t_sim + 1.0
                     await self._each_second(t_sim)
+                if time.monotonic() >= next_publish:
+                    next_publish = time.monotonic() + 1.0
+                    self._publish(t_sim)
                 if bar is not None:
                     bar.update(1)
                     if k % 25 == 0:
@@ -414,8 +421,6 @@ class Simulation:
             a, f = self._count_frames(rep.frames, t_sim, rep.codec_wait_ms / self.dilation)
             ai += a
             fb += f
-            for fo in rep.frames:
-                self._second_outcomes[fo.key] += 1
         produced = int(live.size)
         replicas = self.env.replica_count()
         native_all = produced * self.native_frame_bytes
@@ -465,7 +470,6 @@ class Simulation:
         if off is not None:
             self._apply_off(off)
         self.control_cpu_s += time.thread_time() - c0
-        self._publish(t_sim)
 
     def _apply_off(self, off: dict[str, str]) -> None:
         opted_streams = {sid for sid, why in off.items() if why == FallbackReason.OPTED_OUT.value}
@@ -481,14 +485,17 @@ class Simulation:
         self.opted_out_users = users
 
     def _publish(self, t_sim: float) -> None:
-        sec = self._second_outcomes
-        self._second_outcomes = Counter()
-        total = sum(sec.values())
-        ai = sec.get("ai", 0)
-        reasons = {k.split("/", 1)[1]: v for k, v in sec.items() if k.startswith("fallback/")}
+        sec = self._second_counts
+        self._second_counts = np.zeros_like(sec)
+        now = time.monotonic()
+        span = max(1e-3, now - self._last_publish)
+        self._last_publish = now
+        total = int(sec.sum())
+        ai = int(sec[0])
+        reasons = {_REASON_OF[c].value: int(sec[c]) for c in range(1, sec.size) if sec[c]}
         fb = total - ai
-        # kbit/s of egress per copy over the last wall second, scaled to simulated time.
-        per_s = self.dilation / 1.0
+        # kbit/s of egress per copy since the last snapshot, in simulated time.
+        per_s = self.dilation / span
         ai_kbps = ai * self.ai_frame_bytes * 8 / 1000 * per_s
         native_kbps = fb * self.native_frame_bytes * 8 / 1000 * per_s
         users = self._user_rows()
@@ -672,6 +679,7 @@ class Simulation:
 
 
 _RCODE = {r: reason_code(r) for r in FallbackReason}
+_REASON_OF = {reason_code(r): r for r in FallbackReason}
 
 
 def _progress(total: int, enabled: bool, desc: str):

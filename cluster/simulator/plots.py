@@ -21,8 +21,11 @@ def _plt():
 def write_plots(acc: Accounting, out: Path, label: str, faults: list[tuple[str, float]],
                 replicas_t: np.ndarray | None = None, replicas_n: np.ndarray | None = None) -> dict[str, str]:
     """Writes latency_cdf.png, outcomes.png, replicas.png, bandwidth.png; returns their paths."""
+    import textwrap
+
     plt = _plt()
     out.mkdir(parents=True, exist_ok=True)
+    label = "\n".join(textwrap.wrap(label, 95))
     cols = acc.tick_arrays()
     t = cols["t"].astype(float) if len(acc.ticks) else np.zeros(0)
     paths: dict[str, str] = {}
@@ -47,7 +50,7 @@ def write_plots(acc: Accounting, out: Path, label: str, faults: list[tuple[str, 
             ax.plot(x[:top], cdf[:top], label=name)
     ax.set_xlabel("latency (simulated ms)")
     ax.set_ylabel("fraction of AI frames")
-    ax.set_title(f"Latency CDF - {label}", fontsize=9)
+    ax.set_title(f"Latency CDF\n{label}", fontsize=8)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
@@ -75,7 +78,7 @@ def write_plots(acc: Accounting, out: Path, label: str, faults: list[tuple[str, 
         ax.set_ylim(0, max(2.0, float(bottom.max()) * 1.2))
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("frames that fell back (%)")
-    ax.set_title(f"Fallback by reason over time - {label}", fontsize=9)
+    ax.set_title(f"Fallback by reason over time\n{label}", fontsize=8)
     ax.grid(alpha=0.3)
     if secs:
         ax.legend(fontsize=8, loc="upper right")
@@ -92,7 +95,7 @@ def write_plots(acc: Accounting, out: Path, label: str, faults: list[tuple[str, 
         ax2.set_ylim(0, max(1, int(cols["live"].max())) * 1.1)
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("codec replicas", color="C0")
-    ax.set_title(f"Replicas and streams - {label}", fontsize=9)
+    ax.set_title(f"Replicas and streams\n{label}", fontsize=8)
     ax.grid(alpha=0.3)
     finish(fig, "replicas.png", ax)
 
@@ -104,12 +107,13 @@ def write_plots(acc: Accounting, out: Path, label: str, faults: list[tuple[str, 
         dt = np.median(np.diff(t)) if t.size > 1 else 0.04
         sent = (cols["ai_bytes"] + cols["native_bytes"]) * 8 / dt / 1e6
         native_all = cols["native_all_bytes"] * 8 / dt / 1e6 if "native_all_bytes" in cols else None
-        ax.plot(t, np.convolve(sent, kern, "same"), label="sent (AI frames + native fallback)")
+        norm = np.convolve(np.ones_like(sent), kern, "same")  # true mean at the edges too
+        ax.plot(t, np.convolve(sent, kern, "same") / norm, label="sent (AI frames + native fallback)")
         if native_all is not None:
-            ax.plot(t, np.convolve(native_all, kern, "same"), label="all native (Opus)")
+            ax.plot(t, np.convolve(native_all, kern, "same") / norm, label="all native (Opus)")
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("egress per copy (Mbit/s)")
-    ax.set_title(f"Bandwidth AI vs native - {label}", fontsize=9)
+    ax.set_title(f"Bandwidth AI vs native\n{label}", fontsize=8)
     ax.grid(alpha=0.3)
     if t.size:
         ax.legend(fontsize=8)
