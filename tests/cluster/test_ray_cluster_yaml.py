@@ -59,6 +59,9 @@ def test_images_and_pins_match_the_project(config: dict) -> None:
     assert f"torch=={torch_pin}" in setup
     assert "/home/ray/dist/auralink_aic-*.whl" in setup
     assert config["file_mounts"]["/home/ray/dist"] == "./dist"
+    for local in config["file_mounts"].values():  # what `ray up` copies from the repo root
+        assert local.startswith("./")
+    assert (ROOT / config["file_mounts"]["/home/ray/serve_config.yaml"]).is_file()
 
 
 def test_tls_hook_precedes_every_ray_start(config: dict) -> None:
