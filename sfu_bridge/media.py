@@ -3,8 +3,12 @@
 publisher track (aiortc decodes Opus to 48 kHz PCM)
   -> `Chunker`: 48 kHz mono (for Opus out) and 24 kHz mono float (codec in), 40 ms chunks
   -> `TickBatcher` (tick.py): one FrameBatch per tick, one outcome per frame
-  -> `MediaBridge.dispatch`: per stream, AIC subscribers get an AIC RTP payload for `ai`
-     frames; legacy subscribers, and everyone on fallback frames, get Opus (32 kbps, 20 ms).
+  -> `MediaBridge.dispatch`: AIC subscribers get an AIC RTP payload for each `ai` frame, and
+     Opus (re-encoded at 32 kbps, 20 ms) for each fallback frame.
+
+Legacy (Opus-only) subscribers never wait for a tick: the publisher's own Opus packets are
+forwarded to them as they arrive (`MediaBridge.forward`), as a selective forwarding unit
+does - no transcoding, no added latency.
 
 Outbound RTP is written by `RtpOut` straight onto the connection's DTLS transport: aiortc's
 own sender sends one codec from one track, while a subscriber here switches between AIC and
@@ -229,6 +233,8 @@ class Publisher:
     opus_slot: int
     chunker: Chunker
     task: asyncio.Task | None = None
+    opus_pt: int | None = None  # the publisher's negotiated Opus payload type
+    ts_base: int | None = None  # first RTP timestamp seen (forwarded timestamps start at 0)
 
 
 class MediaBridge:
@@ -299,6 +305,20 @@ class MediaBridge:
         for chunk in self.publishers[stream_id].chunker.add(frame):
             self.batcher.push(chunk)
 
+    async def forward(self, stream_id: str, packet: RtpPacket) -> bool:
+        """A publisher's Opus packet -> every legacy subscriber of the stream, untouched.
+        Returns False: the packet also goes on to aiortc's decoder (the AIC path)."""
+        pub = self.publishers.get(stream_id)
+        if pub is None or packet.payload_type != pub.opus_pt or not packet.payload:
+            return False
+        if pub.ts_base is None:
+            pub.ts_base = packet.timestamp
+        ts = (packet.timestamp - pub.ts_base) & 0xFFFFFFFF
+        for sub in list(self.subscribers.get(stream_id, {}).values()):
+            if not sub.aic and sub.out.opus_pt is not None:
+                await self._send(sub, "opus", sub.out.opus_pt, [packet.payload], ts)
+        return False
+
     # -- subscribers -----------------------------------------------------------------------
     def add_subscriber(self, stream_id: str, user: str, pc: RTCPeerConnection | None, out: RtpOut) -> Subscriber:
         sub = Subscriber(uuid.uuid4().hex, stream_id, user, pc, out)
@@ -334,16 +354,17 @@ class MediaBridge:
 
     # -- fan-out ---------------------------------------------------------------------------
     async def dispatch(self, report: TickReport) -> None:
-        """Send a tick's outcomes to subscribers: AIC codes where possible, else Opus."""
+        """Send a tick's outcomes to AIC subscribers: codes for `ai` frames, else Opus."""
         t0 = time.perf_counter()
         todo: list[tuple[FrameOutcome, list[Subscriber]]] = []
         opus_rows: list[FrameOutcome] = []
         for fo in report.frames:
-            subs = list(self.subscribers.get(fo.chunk.stream_id, {}).values())
+            # legacy subscribers are served by `forward`, not by the tick
+            subs = [s for s in self.subscribers.get(fo.chunk.stream_id, {}).values() if s.aic]
             if not subs or fo.chunk.stream_id not in self.publishers:
                 continue
             todo.append((fo, subs))
-            if fo.outcome is not Outcome.AI or any(not s.aic for s in subs):
+            if fo.outcome is not Outcome.AI:
                 opus_rows.append(fo)
         opus_packets = self._encode_opus(opus_rows)
         sends = []
@@ -355,7 +376,7 @@ class MediaBridge:
                 ))
             ts = fo.chunk.rtp_timestamp
             for sub in subs:
-                if aic_bytes is not None and sub.aic:
+                if aic_bytes is not None:
                     sends.append(self._send(sub, "aic", sub.out.aic_pt, [aic_bytes], ts))
                 elif sub.out.opus_pt is not None:
                     sends.append(self._send(sub, "opus", sub.out.opus_pt, opus_packets[id(fo)], ts))

@@ -18,6 +18,7 @@ them in this one place, idempotently:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -136,9 +137,10 @@ def install() -> None:
     _installed = True
 
 
-def tap_receiver(receiver: Any, on_packet: Callable[[_rtp.RtpPacket], bool]) -> None:
-    """Let `on_packet` see each RTP packet a receiver gets, before aiortc's jitter buffer;
-    a packet it returns True for is consumed there.
+def tap_receiver(receiver: Any, on_packet: Callable[[_rtp.RtpPacket], Any]) -> None:
+    """Let `on_packet` (plain or async) see each RTP packet a receiver gets, before aiortc's
+    jitter buffer; a packet it returns True for is consumed there. Used by the bridge to
+    forward a publisher's Opus packets untouched, and by the SDK subscriber (below).
 
     Needed by a subscriber that gets AIC and Opus packets interleaved on one SSRC: aiortc's
     audio path assigns each reassembled frame the payload type of the packet that completed
@@ -147,7 +149,10 @@ def tap_receiver(receiver: Any, on_packet: Callable[[_rtp.RtpPacket], bool]) -> 
     original = receiver._handle_rtp_packet
 
     async def handle(packet: _rtp.RtpPacket, arrival_time_ms: int) -> None:
-        if on_packet(packet):
+        consumed = on_packet(packet)
+        if inspect.isawaitable(consumed):
+            consumed = await consumed
+        if consumed:
             return
         await original(packet, arrival_time_ms=arrival_time_ms)
 

@@ -205,6 +205,8 @@ class BridgeServer:
         except BaseException:
             await self.media.end_session(pub.session_id)
             raise
+        pub.opus_pt = next((c.payloadType for c in audio[0]._codecs if c.name.lower() == "opus"), None)
+        rtp_ext.tap_receiver(audio[0].receiver, lambda pkt, s=stream: self.media.forward(s, pkt))
         if self.hint_secret is not None:
             self.verifiers[stream] = HintVerifier(self.hint_secret, stream)
             rtp_ext.transport_extensions_map(audio[0]).hint_sink = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 
 import numpy as np
@@ -54,10 +55,11 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
             ok = await aic.wait_frames(n_aic=8, timeout_s=90)
             ok_plain = await plain.wait_frames(n_opus=16, timeout_s=90)
             stats = server.media.stats()
-            statuses = [await aic.stop(), await plain.stop(), await pub.stop()]
+            lim = dataclasses.replace(limiter.counters)  # snapshot with the stats
             ticks = server.media.batcher.ticks
+            statuses = [await aic.stop(), await plain.stop(), await pub.stop()]
         await limiter.aclose()
-        return ok, ok_plain, aic, plain, pub, stats, statuses, limiter.counters, ticks
+        return ok, ok_plain, aic, plain, pub, stats, statuses, lim, ticks
 
     ok, ok_plain, aic, plain, pub, stats, statuses, lim, ticks = asyncio.run(go())
     assert ok and ok_plain, (aic.stats, plain.stats)
