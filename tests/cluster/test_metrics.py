@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cluster import metrics as m
@@ -58,6 +59,20 @@ def test_histogram_buckets_and_gauges(local: m.LocalRegistry) -> None:
     assert local.histogram_count(m.DEADLINE_SLACK, op="encode") == 1
     assert local.gauge(m.SLOTS_IN_USE, replica="replica-a") == 10
     assert json.loads(json.dumps(snap)) == snap
+
+
+def test_batched_observations_match_one_by_one(local: m.LocalRegistry) -> None:
+    values = np.concatenate([np.linspace(0.0, 600.0, 997), [0.5, 1.0, 20.0]])  # bounds included
+    m.observe_frame_latency("encode", values)
+    for v in values.tolist():
+        m.observe_step_latency("encode", v)
+    snap = local.snapshot()["histograms"]
+    batched = snap["auralink_frame_latency_ms,op=encode"]
+    single = snap["auralink_step_latency_ms,op=encode,device=cpu"]
+    assert batched["buckets"] == single["buckets"] and batched["count"] == 1000
+    assert batched["sum"] == pytest.approx(single["sum"])
+    m.observe_frame_latency("encode", [])  # nothing to record is fine
+    assert local.histogram_count(m.FRAME_LATENCY) == 1000
 
 
 def test_hints_and_wire_bytes(local: m.LocalRegistry) -> None:
@@ -113,12 +128,14 @@ def test_ray_exports_metrics_to_prometheus(local: m.LocalRegistry) -> None:
         m.observe_batch_size("encode", 7)
         m.set_slots("replica-x", 3, 64)
         m.record_hints("replayed", 4)
+        m.observe_frame_latency("decode", np.full(1000, 7.0))  # Ray gets a uniform sample
         assert not m._ray_failed
         want = {
             r'ray_auralink_frames_total\{[^}]*outcome="fallback"[^}]*reason="deadline"[^}]*\} 2\.0',
             r'ray_auralink_hints_total\{[^}]*verdict="replayed"[^}]*\} 4\.0',
             r'ray_auralink_slots_in_use\{[^}]*replica="replica-x"[^}]*\} 3\.0',
             r'ray_auralink_batch_size_count\{[^}]*op="encode"[^}]*\} 1\.0',
+            rf'ray_auralink_frame_latency_ms_count\{{[^}}]*op="decode"[^}}]*\}} {m.RAY_HISTOGRAM_SAMPLE}\.0',
         }
         deadline, body = time.monotonic() + 45, ""
         while time.monotonic() < deadline:
