@@ -188,6 +188,16 @@ class LatencyModel:
         b0, b1, m0, m1 = sizes[i - 1], sizes[i], ms[i - 1], ms[i]
         return m0 + (m1 - m0) * (batch - b0) / (b1 - b0)
 
+    def typical(self, batch: int) -> float:
+        """Median of the recorded steps in `batch`'s bucket (or the nearest one below, else
+        the first): an optimistic estimate, for probing a model that may be stale."""
+        if not self._samples:
+            return self.estimate(batch)
+        b = bucket_of(max(1, batch))
+        below = [k for k in self._samples if k <= b]
+        key = max(below) if below else min(self._samples)
+        return _quantile(self._samples[key], 0.5)
+
     def predict(self, batch: int) -> float:
         """Conservative step time (ms) for `batch` frames: quantile estimate x (1 + margin)."""
         return self.estimate(batch) * (1.0 + self.rel_margin)

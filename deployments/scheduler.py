@@ -49,6 +49,8 @@ class SchedulerConfig:
     max_queue: int = 4096  # frames waiting; beyond it new frames are shed `overload`
     # Skip up to this many head frames to form a more productive batch under overload.
     max_head_skip: int = 128
+    # With frames expiring and no step for this long, run one as a probe of the model.
+    probe_after_s: float = 0.25
 
     def __post_init__(self) -> None:
         if self.deadline_ms <= 0 or self.max_batch < 1 or self.margin_ms < 0 or self.max_queue < 1:
@@ -203,6 +205,7 @@ class EdfScheduler:
         self._planned_run = 0
         self._planned_expired = 0
         self._planned_shed = 0
+        self._last_run_at = -math.inf
 
     # --------------------------------------------------------------------------------- intake
     def add(self, frame: PendingFrame) -> PendingFrame | None:
@@ -262,9 +265,42 @@ class EdfScheduler:
         else:
             self._queue.unpop(popped)
 
+        if not plan.run and plan.expired:
+            self._maybe_probe(plan, now, margin_s)
+        if plan.run:
+            self._last_run_at = now
         self._account(plan)
         self.check_invariants()
         return plan
+
+    def _maybe_probe(self, plan: Plan, now: float, margin_s: float) -> None:
+        """Run one expiring frame as a probe when nothing has run for `probe_after_s`.
+
+        The model only learns from steps that run. One outlier (a warm-up step, a GC pause)
+        can push L(1) past every frame's slack; then every frame would expire, no step would
+        run, and the model would never see the device is fast again. A probe runs the frame
+        with the most slack if the *typical* (median) step would still make it."""
+        cfg = self.config
+        if cfg.probe_after_s <= 0 or now - self._last_run_at < cfg.probe_after_s:
+            return
+        typical_s = self.model.typical(1) / 1000.0
+        earliest: dict[str, tuple[int, int]] = {}
+        for f in plan.expired:
+            if f.stream_id not in earliest or f.order < earliest[f.stream_id]:
+                earliest[f.stream_id] = f.order
+        best: PendingFrame | None = None
+        for f in plan.expired:
+            queued = self._pending.get(f.stream_id)
+            in_order = f.order == earliest[f.stream_id] and (not queued or queued[0] > f.order)
+            if in_order and now + typical_s + margin_s <= f.deadline:
+                if best is None or f.deadline > best.deadline:
+                    best = f
+        if best is None:
+            return
+        plan.expired.remove(best)
+        plan.run = [best]
+        plan.predicted_ms = self.model.predict(1)
+        self.counters["probes"] += 1
 
     def _eligible_prefix(self, limit: int) -> tuple[list[PendingFrame], list[PendingFrame]]:
         """Pop frames in queue order until `limit` eligible ones are found (a stream's

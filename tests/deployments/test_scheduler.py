@@ -207,7 +207,11 @@ def test_every_frame_gets_exactly_one_outcome(work, max_batch, max_queue, fifo):
     now = 0.0
     added = []
 
+    probes = [0]
+
     def account(plan):
+        probed = s.counters["probes"] > probes[0]  # a probe runs against the model's advice
+        probes[0] = s.counters["probes"]
         ids = [id(f) for f in plan.run]
         assert len({f.stream_id for f in plan.run}) == len(plan.run)  # one frame per stream
         for f in plan.run:
@@ -215,7 +219,7 @@ def test_every_frame_gets_exactly_one_outcome(work, max_batch, max_queue, fifo):
             assert f.epoch_seq > last_run_seq.get(f.stream_id, -1)
             last_run_seq[f.stream_id] = f.epoch_seq
             # predicted to finish before every deadline in the batch
-            assert plan.now + plan.predicted_ms * MS + 0.5 * MS <= f.deadline + 1e-12
+            assert probed or plan.now + plan.predicted_ms * MS + 0.5 * MS <= f.deadline + 1e-12
         for f in plan.expired:
             # expired only if it could not finish alone now, or after the chosen batch
             assert plan.now + (plan.predicted_ms + s.model.predict(1) + 0.5) * MS > f.deadline
@@ -261,3 +265,38 @@ def test_complete_ignores_steps_that_computed_nothing_and_uses_computed_count():
     s.complete(plan, 2.5, computed=1)
     assert s.model.observed_steps == 1
     assert s.model.to_dict()["samples"]["1"] == 2  # seed + the one real step of 1 frame
+
+
+def test_probe_unsticks_a_model_poisoned_by_one_outlier():
+    # One 500 ms warm-up step makes L(1) look hopeless for a 20 ms deadline: without probes
+    # every frame would expire forever and the model would never learn the device is fast.
+    model = LatencyModel.from_profile({1: 2.0, 4: 4.0}, rel_margin=0.0)
+    s = EdfScheduler(model, SchedulerConfig(margin_ms=1.0, probe_after_s=0.1))
+    for _ in range(3):
+        model.observe(1, 2.0)
+    model.observe(1, 500.0)
+    assert model.predict(1) == 500.0 and model.typical(1) == 2.0
+    t = 0.0
+    ran = 0
+    for i in range(400):  # 40 ms ticks, 4 streams, 20 ms deadlines
+        t = i * 0.040
+        for k in range(4):
+            s.add(frame(f"s{k}", (t + 0.020) / MS, seq=i, arrival_ms=t / MS))
+        while len(s):
+            plan = s.schedule(t)
+            if plan.run:
+                ran += len(plan.run)
+                s.complete(plan, 2.0 + 0.5 * len(plan.run))
+                t += (2.0 + 0.5 * len(plan.run)) * MS
+    assert s.counters["probes"] >= 1
+    assert model.predict(1) < 10.0  # the outlier has been pushed out of the quantile
+    assert ran > 0.8 * 1600  # and frames run again
+    assert s.counters["steps"] > s.counters["probes"]
+
+
+def test_no_probe_while_steps_run():
+    s = sched(margin_ms=1.0)
+    s.add(frame("hopeless", 2.5))
+    s.add(frame("ok", 20))
+    s.schedule(0.0)
+    assert s.counters["probes"] == 0
