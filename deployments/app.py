@@ -15,6 +15,7 @@ Bridges do not go through the ingress for media: they hold a `DeploymentHandle` 
 # Serve ingress class at run time and must see real types, not strings.
 import hmac
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,12 +44,18 @@ class OptRequest(BaseModel):
 
 
 def _operator_authority():
-    """Signed-token verifier when a cluster secret is configured, else None."""
+    """Signed-token verifier when a cluster secret is configured, else None. Never the
+    built-in development secret: tokens signed with a public key would open the control API."""
     try:
-        from sfu_bridge.tokens import TokenAuthority
-
+        from sfu_bridge.tokens import SECRET_ENV, SECRET_FILE_ENV, TokenAuthority
+    except ImportError:
+        return None
+    if not (os.environ.get(SECRET_ENV) or os.environ.get(SECRET_FILE_ENV)):
+        return None
+    try:
         return TokenAuthority.from_env()
-    except (ImportError, ValueError):
+    except ValueError as exc:
+        logger.error("cluster secret unusable, operator tokens refused: %s", exc)
         return None
 
 

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from deployments.affinity import local_view
 from deployments.client import CodecClient, EpochTracker
 from deployments.contract import (
     CHUNK_SAMPLES,
@@ -75,7 +76,7 @@ def loop():
 @pytest.fixture(scope="module")
 def client(codec_handle, loop):
     c = CodecClient(codec_handle)
-    assert loop.run_until_complete(c.ready(60)), "router never saw the replicas"
+    assert loop.run_until_complete(c.ready(120)), "router never saw the replicas"
     return c
 
 
@@ -261,6 +262,29 @@ def test_replica_death_every_frame_answered_and_streams_resume(ray_local, codec_
     # Every stream's state now lives on the live replica its key routes to.
     for sid in ids:
         assert sid in _owner_streams(codec_handle, sid)[1]
+
+    # Serve replaces the dead replica; when the router sees it, the streams hashed to it move
+    # there with one epoch reset each, and every frame still gets exactly one outcome.
+    view = local_view(APP, "CodecReplica")
+    moved, t_replaced = set(), None
+    while time.monotonic() - killed_at < 180:
+        b = _batch(tr, ids, seed=ticks)
+        res = loop.run_until_complete(client.process(b))
+        _assert_one_outcome_each(b, res)
+        tr.observe_result(res)
+        ticks += 1
+        fell = {s for s, c in zip(res.stream_ids, res.outcome_codes.tolist(), strict=True) if c}
+        if t_replaced is None and len(view.replica_uids()) == 2:
+            t_replaced = time.monotonic()
+        if t_replaced is not None:
+            moved |= fell
+            if not fell and res.counts() == {"ai": len(ids)} and time.monotonic() - t_replaced > 1.0:
+                break
+        loop.run_until_complete(asyncio.sleep(0.04))
+    assert t_replaced is not None, "Serve never replaced the dead replica"
+    assert res.counts() == {"ai": len(ids)}
+    print(f"replacement replica joined {t_replaced - killed_at:.1f} s after the kill; "
+          f"{len(moved)} streams moved to it with an epoch reset and resumed AI")
 
 
 def test_leave_frees_slots(codec_handle, client, loop):
