@@ -200,6 +200,11 @@ class EmbeddedRedis:
 _embedded: EmbeddedRedis | None = None
 
 
+def embedded_server() -> EmbeddedRedis | None:
+    """The embedded server `connect()` started in this process, if any (its url, pid)."""
+    return _embedded
+
+
 def connect(url: str | None = None, **overrides) -> redis.Redis:
     """A media-path Redis client: `url`, else $REDIS_URL, else this process's embedded Redis."""
     global _embedded

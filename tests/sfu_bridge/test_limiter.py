@@ -225,8 +225,9 @@ def test_connect_uses_redis_url_else_embedded(monkeypatch, server):
     monkeypatch.setattr(redis_store, "_embedded", None)
     c2 = redis_store.connect()
     try:
-        assert c2.ping() and redis_store._embedded is not None
-        assert redis_store._embedded.socket_path != server.socket_path
+        own = redis_store.embedded_server()
+        assert c2.ping() and own is not None and own.pid is not None
+        assert own.socket_path != server.socket_path
     finally:
         redis_store._embedded.close()
     with pytest.raises(redis.ConnectionError):
