@@ -553,6 +553,11 @@ def markdown_run(data: dict[str, Any]) -> str:
         "- step-time profile (ms): " + ", ".join(
             f"B={b}: p50 {v['p50']:.2f} / p99 {v['p99']:.2f}" for b, v in data["latency_profile_ms"].items()),
     ]
+    p1 = data["latency_profile_ms"].get("1")
+    if c["deadline_ms"] != 20.0 and p1:
+        lines.append(f"- the deadline is {c['deadline_ms']:g} ms, not the 20 ms default: on this "
+                     f"device one chunk alone takes p50 {p1['p50']:.1f} / p99 {p1['p99']:.1f} ms, so "
+                     f"at 20 ms no batch size fits")
     t = data.get("targets", {})
     if "edf_miss_rate_at_95" in t:
         lines.append(f"- target at 95% load, EDF misses <= 1%: **{t['edf_miss_rate_at_95']:.2%}** "
@@ -611,7 +616,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="real step time: elapsed (wall) or this thread's CPU time (cpu, for a "
                         "shared machine; needs --threads 1)")
     p.add_argument("--profile-reps", type=int, default=30, help="steps per batch size when measuring")
-    p.add_argument("--serve-wait-ms", default="0,2,5,10", help="batch_wait_timeout grid (ms)")
+    p.add_argument("--serve-wait-ms", default="",
+                   help="batch_wait_timeout grid in ms (default 0, 10, 25, 50%% of the deadline)")
     p.add_argument("--serve-max-batch", default="", help="max_batch_size grid (default from capacity)")
     p.add_argument("--no-docs", action="store_true", help="do not refresh docs/benchmarks.md")
 
@@ -629,7 +635,8 @@ def run(args: argparse.Namespace) -> int:
         deadline_ms=args.deadline_ms, margin_ms=args.margin_ms, max_batch=max_batch,
         bridges=args.bridges, jitter_ms=args.jitter_ms, seed=args.seed,
         serve_max_batch_sizes=tuple(int(x) for x in _floats(args.serve_max_batch)),
-        serve_wait_ms=_floats(args.serve_wait_ms), torch_threads=args.threads, clock=args.clock,
+        serve_wait_ms=_floats(args.serve_wait_ms) or tuple(
+            round(f * args.deadline_ms, 3) for f in (0.0, 0.1, 0.25, 0.5)), torch_threads=args.threads, clock=args.clock,
     )
     real: RealCompute | None = None
     profile: Profile | None = None
