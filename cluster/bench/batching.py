@@ -654,7 +654,7 @@ def run(args: argparse.Namespace) -> int:
         if not real_mode:
             real = None  # emulated: replay the profile just measured
     data = run_bench(cfg, profile, real)
-    data["command"] = "auralink " + " ".join(sys.argv[1:])
+    data["command"] = "auralink " + " ".join(a for a in sys.argv[1:] if a != "--no-docs")
     default_path = DEFAULT_REAL_JSON if real_mode else DEFAULT_JSON
     out = args.json or default_path
     write_json(out, data)
