@@ -19,6 +19,9 @@ Rules (why each exists):
 - A stream's frames run in order ((epoch, epoch_seq)) and never two of one stream in a batch:
   its streaming state advances one chunk per step. Later frames wait for the next step.
 - The queue is bounded (`max_queue`): a frame beyond it is shed `overload` on arrival.
+- The model learns only from steps that run, so when everything expires and nothing has run
+  for `probe_after_s`, one frame that the median step time would still finish is run as a
+  probe: a single outlier (warm-up, GC pause) cannot turn the AI off for good.
 
 Every frame ever added ends in exactly one place: the queue, a plan's run/expired/shed list;
 `check_invariants()` asserts it at the end of every step (cheap counters, not a scan).
