@@ -85,6 +85,50 @@ class EventTrace:
         return float(self.floor_streams)
 
 
+    def describe(self) -> str:
+        return (
+            f"{self.floor_streams:,} to {self.peak_streams - self.burst_streams:,} streams over "
+            f"{self.ramp_s:g} s, then {self.burst_streams:,} join within {self.burst_s:g} s "
+            f"(peak {self.peak_streams:,}), hold {self.hold_s:g} s, down to "
+            f"{self.floor_streams:,} over {self.ramp_down_s:g} s, {self.tail_s:g} s tail"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "duration_s": self.duration_s, "burst_at_s": self.burst_at_s}
+
+
+@dataclass(frozen=True)
+class ArrayTrace:
+    """Any stream-count series, one value per `dt` seconds (e.g. from the simulator)."""
+
+    values: tuple[float, ...]
+    dt: float = 1.0
+    burst_at_s: float = 0.0  # where to start measuring burst recovery
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.values) * self.dt
+
+    @property
+    def peak_streams(self) -> int:
+        return int(max(self.values, default=0))
+
+    def streams(self, t: float) -> float:
+        return float(self.values[min(int(t / self.dt), len(self.values) - 1)])
+
+    def describe(self) -> str:
+        return (f"{len(self.values)} samples every {self.dt:g} s, {self.values[0]:,.0f} to peak "
+                f"{self.peak_streams:,} streams, burst measured from {self.burst_at_s:g} s")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "array", "samples": len(self.values), "dt": self.dt,
+                "peak_streams": self.peak_streams, "duration_s": self.duration_s,
+                "burst_at_s": self.burst_at_s}
+
+
+Trace = EventTrace | ArrayTrace
+
+
 @dataclass(frozen=True)
 class WorldConfig:
     capacity: float  # streams one replica serves within the deadline
@@ -241,7 +285,7 @@ def queue_length_controller(world: WorldConfig, knobs: ServeKnobs, target_occupa
     return decide
 
 
-def simulate(trace: EventTrace, world: WorldConfig, name: str, knobs: dict[str, Any],
+def simulate(trace: Trace, world: WorldConfig, name: str, knobs: dict[str, Any],
              controller: Controller, initial_replicas: int | None = None) -> RunResult:
     res = RunResult(policy=name, knobs=knobs)
     ready = target = max(world.min_replicas, initial_replicas or 0)
@@ -289,7 +333,7 @@ def simulate(trace: EventTrace, world: WorldConfig, name: str, knobs: dict[str, 
     return res
 
 
-def oracle(trace: EventTrace, world: WorldConfig, target_occupancy: float) -> dict[str, Any]:
+def oracle(trace: Trace, world: WorldConfig, target_occupancy: float) -> dict[str, Any]:
     """Lower bound: replicas appear instantly, exactly enough at the target occupancy."""
     steps = int(trace.duration_s / world.dt)
     rs = sum(
@@ -336,7 +380,10 @@ def resolve_capacity(args: argparse.Namespace) -> tuple[float, str]:
 
 
 def evaluate(capacity: float, capacity_source: str, start_latency_s: float = 60.0,
-             trace: EventTrace | None = None, slots: int = 256) -> dict[str, Any]:
+             trace: Trace | None = None, slots: int = 256,
+             misconfigured_factor: float | None = 1.25) -> dict[str, Any]:
+    """Every policy on one trace; `misconfigured_factor` adds a forecast run whose
+    `streams_per_replica` is that much higher than what replicas really serve."""
     trace = trace or EventTrace()
     served = min(capacity, float(max(slots, math.ceil(capacity))))
     world = WorldConfig(capacity=capacity, slots=max(slots, int(math.ceil(capacity))),
@@ -357,6 +404,10 @@ def evaluate(capacity: float, capacity_source: str, start_latency_s: float = 60.
     matched = ServeKnobs(upscale_delay_s=10.0, downscale_delay_s=120.0, look_back_period_s=30.0)
     runs.append(("queue_length (Serve default policy, serve_config delays, same headroom as forecast)",
                  matched, queue_length_controller(world, matched, occ / (1.0 + policy_cfg.headroom))))
+    if misconfigured_factor:
+        wrong = replace(policy_cfg, streams_per_replica=policy_cfg.streams_per_replica * misconfigured_factor)
+        runs.append((f"forecast, streams_per_replica set {misconfigured_factor:g}x too high "
+                     "(pressure path)", ours, forecast_controller(world, wrong, ours)))
     # every policy starts from the replicas the pre-event load needs at the target occupancy
     initial = math.ceil(trace.streams(0.0) / (world.served_per_replica * occ))
     results = [simulate(trace, world, name, asdict(k), c, initial) for name, k, c in runs]
@@ -365,7 +416,8 @@ def evaluate(capacity: float, capacity_source: str, start_latency_s: float = 60.
         "capacity_per_replica": capacity,
         "capacity_source": capacity_source,
         "world": asdict(world),
-        "trace": {**asdict(trace), "duration_s": trace.duration_s, "burst_at_s": trace.burst_at_s},
+        "trace": trace.to_dict(),
+        "trace_description": trace.describe(),
         "forecast_policy_config": asdict(policy_cfg),
         "results": [r.summary() for r in results],
         "oracle": oracle(trace, world, occ),
@@ -374,7 +426,7 @@ def evaluate(capacity: float, capacity_source: str, start_latency_s: float = 60.
 
 
 def markdown(report: dict[str, Any], command: str) -> str:
-    tr, w = report["trace"], report["world"]
+    w = report["world"]
     lines = [
         "## autoscaling",
         "",
@@ -384,11 +436,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
         f"{report['capacity_per_replica']:g} streams within the deadline and holds {w['slots']} "
         f"stream slots; a replica asked for is ready {w['start_latency_s']:g} s later and "
         f"costs from the moment it is asked for; replica stats reach the controller every "
-        f"{w['metrics_interval_s']:g} s. Trace: {tr['floor_streams']:,} to "
-        f"{tr['peak_streams'] - tr['burst_streams']:,} "
-        f"streams over {tr['ramp_s']:g} s, then {tr['burst_streams']:,} join within "
-        f"{tr['burst_s']:g} s (peak {tr['peak_streams']:,}), hold {tr['hold_s']:g} s, down to "
-        f"{tr['floor_streams']:,} over {tr['ramp_down_s']:g} s, {tr['tail_s']:g} s tail; every "
+        f"{w['metrics_interval_s']:g} s. Trace: {report['trace_description']}; every "
         "policy starts with the replicas the first streams need. A frame (40 ms) falls back "
         "when its stream finds no ready capacity.",
         "",

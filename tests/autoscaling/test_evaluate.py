@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from autoscaling.evaluate import EventTrace, capacity_from_profile, evaluate, main, markdown
+from autoscaling.evaluate import (
+    ArrayTrace,
+    EventTrace,
+    capacity_from_profile,
+    evaluate,
+    main,
+    markdown,
+)
 
 SMALL = EventTrace(peak_streams=2_000, burst_streams=400, ramp_s=200, burst_s=5, hold_s=200,
                    ramp_down_s=100, floor_streams=100, tail_s=100)
@@ -59,3 +66,19 @@ def test_cli_writes_json(tmp_path: Path) -> None:
                  "--peak-streams", "1000", "--no-docs"]) == 0
     doc = json.loads(out.read_text())
     assert doc["capacity_per_replica"] == 128 and doc["trace"]["peak_streams"] == 1000
+
+
+def test_pressure_path_recovers_from_a_capacity_set_too_high(report: dict) -> None:
+    by = {r["policy"]: r for r in report["results"]}
+    wrong = next(r for name, r in by.items() if "too high" in name)
+    default = next(r for name, r in by.items() if "default delays" in name)
+    assert wrong["frames_fallback_capacity"] < default["frames_fallback_capacity"]
+
+
+def test_any_stream_series_can_be_evaluated() -> None:
+    values = tuple([100.0] * 60 + [100.0 + 20 * i for i in range(60)] + [1300.0] * 120)
+    trace = ArrayTrace(values, dt=1.0, burst_at_s=60.0)
+    assert trace.duration_s == 240 and trace.peak_streams == 1300 and trace.streams(1e9) == 1300
+    rep = evaluate(64.0, "test", start_latency_s=20.0, trace=trace, slots=64, misconfigured_factor=None)
+    assert len(rep["results"]) == 4
+    assert rep["trace"]["kind"] == "array" and "240 samples" in rep["trace_description"]
