@@ -148,6 +148,9 @@ class _Request:
         if b == 0:
             self.future.set_result(self.result)
 
+    def answered(self, row: int) -> bool:
+        return bool(self._answered[row])
+
     def answer(self, row: int, reason: FallbackReason | None, queue_ms: float = 0.0,
                compute_ms: float = 0.0, error: str = "") -> None:
         """Gives frame `row` its one outcome (None = ai); a second answer is a bug."""
@@ -452,7 +455,11 @@ class CodecReplicaCore:
                 async with self._step_lock:
                     plan = self.scheduler.schedule(time.time())
                     if plan:
-                        await self._execute(plan)
+                        try:
+                            await self._execute(plan)
+                        except Exception:  # noqa: BLE001 - a bug must not strand frames or the loop
+                            logger.exception("codec step failed; its frames are answered `error`")
+                            self._fail_plan(plan)
                 if not plan.run:
                     # Decision-only step: let intake run; back off briefly if frames remain
                     # that this instant could not batch, instead of spinning.
@@ -513,6 +520,14 @@ class CodecReplicaCore:
         if slacks:
             metrics.observe_deadline_slack(op_name, slacks[:64])
 
+    def _fail_plan(self, plan: Plan) -> None:
+        frames = [*plan.run, *plan.expired, *(f for f, _ in plan.shed)]
+        for f in frames:
+            ref: _FrameRef = f.ref
+            ref.slot.ops[ref.op].break_epoch()
+            if not ref.req.answered(ref.row):
+                ref.req.answer(ref.row, FallbackReason.ERROR, error="replica step failed")
+
     def _group(self, run: list[PendingFrame]) -> tuple[list[_Group], list[_FrameRef]]:
         """Run-time half of the epoch rule, then frames grouped into shared model calls."""
         groups: dict[tuple, _Group] = {}
@@ -565,7 +580,7 @@ class CodecReplicaCore:
         """Answers every queued frame (used when the runtime goes away)."""
         for f in self.scheduler.queued():
             ref: _FrameRef = f.ref
-            if not ref.req.future.done() and not ref.req._answered[ref.row]:
+            if not ref.req.answered(ref.row):
                 ref.req.answer(ref.row, reason, error=message if reason is FallbackReason.ERROR else "")
         self.scheduler = EdfScheduler(self.latency, self._scheduler_config(self.settings))
 
@@ -606,6 +621,7 @@ class CodecReplicaCore:
         return {
             "slot_occupancy": len(self.pool) / self.pool.capacity,
             "slots_in_use": float(len(self.pool)),
+            "slot_capacity": float(self.pool.capacity),
             "queue_len": float(len(self.scheduler)),
             "miss_rate": missed / len(recent) if recent else 0.0,
             "deadline_slack_p10_ms": slack[len(slack) // 10] if slack else float(self.settings.deadline_ms),

@@ -238,3 +238,24 @@ def test_settings_from_env_and_compute_mode():
     with pytest.raises(ValueError, match="bandwidth_kbps"):
         ReplicaSettings(bandwidth_kbps=5.0)
     assert s.profile_is_measured and not ReplicaSettings().profile_is_measured
+
+
+def test_a_failing_step_answers_its_frames_and_the_loop_goes_on(core, monkeypatch):
+    async def go():
+        tr = EpochTracker()
+        real_group = core._group
+
+        def boom(run):
+            raise KeyError("bug in grouping")
+
+        monkeypatch.setattr(core, "_group", boom)
+        res = await _tick(core, tr, ["f1", "f2"])
+        assert res.counts() == {"fallback/error": 2}
+        assert res.errors["f1"] == "replica step failed"
+        monkeypatch.setattr(core, "_group", real_group)
+        assert (await _tick(core, tr, ["f1", "f2"])).counts() == {"ai": 2}
+        stats = core.autoscaling_stats()
+        assert stats["slot_capacity"] == 3.0
+        await core.stop()
+
+    run(go())
