@@ -92,6 +92,8 @@ class PolicyConfig:
     pressure_memory_s: float = 120.0  # how long a pressure observation lowers capacity
     downscale_hysteresis: float = 0.15  # scale down only if the forecast fits with this margin
     window_s: float = 300.0  # history kept between calls
+    sample_interval_s: float = 0.5  # keep at most one sample per this interval (many replicas
+    # push at different moments; the control loop runs every 0.1 s)
     min_replicas: int = 1
     max_replicas: int = 1000
 
@@ -255,7 +257,7 @@ class StreamForecastPolicy:
             from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 
             return replica_queue_length_autoscaling_policy(ctx)
-        if sample is not None and (not window or sample.t > window[-1].t):
+        if sample is not None and (not window or sample.t >= window[-1].t + self.config.sample_interval_s):
             window.append(sample)
         horizon = window[-1].t - self.config.window_s
         window = [s for s in window if s.t >= horizon]

@@ -192,6 +192,10 @@ def test_policy_loads_from_import_path_and_scales_a_ramp() -> None:
     assert 14 <= target <= 17
     assert state["auralink_last_decision"]["reason"] == "forecast"
     assert len(state["auralink_window"]) == 31
+    # reports arriving more often than sample_interval_s do not grow the window
+    ctx = _ctx(reps, _raw(reps, 1000.0 + 90.2, 225.0), target, state, config)
+    _, state2 = policy(ctx)
+    assert len(state2["auralink_window"]) == 31
 
 
 def test_policy_without_custom_metrics_falls_back_to_queue_length() -> None:
