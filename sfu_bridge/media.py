@@ -1,10 +1,10 @@
 """The bridge's media path on aiortc.
 
 publisher track (aiortc decodes Opus to 48 kHz PCM)
-  -> `Chunker`: 48 kHz mono (for Opus out) and 24 kHz mono float (codec in), 40 ms chunks
+  -> `Chunker`: 24 kHz mono float, 40 ms chunks (codec input, and Opus input on fallback)
   -> `TickBatcher` (tick.py): one FrameBatch per tick, one outcome per frame
   -> `MediaBridge.dispatch`: AIC subscribers get an AIC RTP payload for each `ai` frame, and
-     Opus (re-encoded at 32 kbps, 20 ms) for each fallback frame.
+     Opus (encoded from the 24 kHz chunk at 32 kbps, 20 ms packets) for each fallback frame.
 
 Legacy (Opus-only) subscribers never wait for a tick: the publisher's own Opus packets are
 forwarded to them as they arrive (`MediaBridge.forward`), as a selective forwarding unit
@@ -52,16 +52,17 @@ IP_UDP_HEADER_BYTES = 28  # IPv4 (20) + UDP (8), added to UDP payload bytes for 
 
 
 class Chunker:
-    """aiortc audio frames (any rate/layout) -> 40 ms `Chunk`s at 24 kHz and 48 kHz mono."""
+    """aiortc audio frames (any rate/layout) -> 40 ms `Chunk`s of 24 kHz mono float PCM.
+
+    One resampler per stream: the codec takes 24 kHz, and Opus for fallback frames is encoded
+    from the same 24 kHz PCM (RFC 7587 keeps the RTP clock at 48 kHz whatever the input rate).
+    """
 
     def __init__(self, stream_id: str) -> None:
         self.stream_id = stream_id
         self._r24 = av.AudioResampler(format="flt", layout="mono", rate=24_000)
-        self._r48 = av.AudioResampler(format="flt", layout="mono", rate=RTP_CLOCK)
         self._b24: list[np.ndarray] = []
-        self._b48: list[np.ndarray] = []
         self._n24 = 0
-        self._n48 = 0
         self.chunks = 0
 
     def add(self, frame: av.AudioFrame) -> list[Chunk]:
@@ -69,17 +70,11 @@ class Chunker:
             a = f.to_ndarray().reshape(-1)
             self._b24.append(a)
             self._n24 += a.size
-        for f in self._r48.resample(frame):
-            a = f.to_ndarray().reshape(-1)
-            self._b48.append(a)
-            self._n48 += a.size
         out = []
-        while self._n24 >= CHUNK_SAMPLES and self._n48 >= CHUNK_48K:
+        while self._n24 >= CHUNK_SAMPLES:
             pcm24 = self._take(self._b24, CHUNK_SAMPLES)
-            pcm48 = self._take(self._b48, CHUNK_48K)
             self._n24 -= CHUNK_SAMPLES
-            self._n48 -= CHUNK_48K
-            out.append(Chunk(self.stream_id, pcm24, self.chunks * CHUNK_48K, pcm48, time.time()))
+            out.append(Chunk(self.stream_id, pcm24, self.chunks * CHUNK_48K, time.time()))
             self.chunks += 1
         return out
 
@@ -252,7 +247,7 @@ class MediaBridge:
         self.batcher = batcher
         self.tick_s = tick_s
         self.n_q = bandwidth_codebooks(batcher.bandwidth_kbps)
-        self.opus = OpusCodec(max_streams, sample_rate=RTP_CLOCK, frame_ms=20, bitrate=opus_bitrate)
+        self.opus = OpusCodec(max_streams, sample_rate=24_000, frame_ms=20, bitrate=opus_bitrate)
         self._free_slots = list(range(max_streams - 1, -1, -1))
         self.publishers: dict[str, Publisher] = {}  # by stream id
         self.subscribers: dict[str, dict[str, Subscriber]] = defaultdict(dict)  # stream -> sid -> sub
@@ -300,7 +295,7 @@ class MediaBridge:
         except (MediaStreamError, asyncio.CancelledError):
             pass
 
-    def push_pcm48(self, stream_id: str, frame: av.AudioFrame) -> None:
+    def push_audio(self, stream_id: str, frame: av.AudioFrame) -> None:
         """Feed a publisher's decoded audio directly (bench, tools)."""
         for chunk in self.publishers[stream_id].chunker.add(frame):
             self.batcher.push(chunk)
@@ -401,10 +396,7 @@ class MediaBridge:
             rounds[k].append(fo)
         for batch in rounds:
             slots = [self.publishers[fo.chunk.stream_id].opus_slot for fo in batch]
-            pcm = np.stack([
-                fo.chunk.pcm48 if fo.chunk.pcm48 is not None else np.repeat(fo.chunk.pcm24, 2)
-                for fo in batch
-            ])
+            pcm = np.stack([fo.chunk.pcm24 for fo in batch])
             for fo, packets in zip(batch, self.opus.encode(slots, pcm), strict=True):
                 out[id(fo)] = packets
         return out

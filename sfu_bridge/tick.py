@@ -60,8 +60,7 @@ class Chunk:
 
     stream_id: str
     pcm24: np.ndarray  # float32 [960] in [-1, 1], 24 kHz mono (codec input)
-    rtp_timestamp: int = 0  # 48 kHz clock, first sample of the chunk
-    pcm48: np.ndarray | None = None  # int16 [1920] 48 kHz mono, for Opus output
+    rtp_timestamp: int = 0  # 48 kHz RTP clock, first sample of the chunk
     received_at: float = 0.0
 
 
