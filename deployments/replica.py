@@ -203,7 +203,8 @@ def _load_codec(settings: ReplicaSettings):
         from models.onnx_step import OnnxStreamingEncodec
 
         codec = OnnxStreamingEncodec(model, capacity, device=settings.device,
-                                     bandwidth_kbps=settings.bandwidth_kbps)
+                                     bandwidth_kbps=settings.bandwidth_kbps,
+                                     threads=settings.torch_threads or None)
     else:
         from models.streaming import StreamingEncodec
 

@@ -259,3 +259,26 @@ def test_a_failing_step_answers_its_frames_and_the_loop_goes_on(core, monkeypatc
         await core.stop()
 
     run(go())
+
+
+def test_backend_switch_to_onnx_resets_streams_and_decodes_alike(core):
+    codes = np.random.default_rng(9).integers(0, 1024, size=(1, 8, 3))
+
+    async def decode(seq: int, epoch: int) -> BatchResult:
+        now = time.time()
+        return await core.process(FrameBatch(Op.DECODE, "b", ["d"], np.array([epoch]),
+                                             np.array([seq]), np.array([now + 30.0]), now,
+                                             codes=codes))
+
+    async def go():
+        torch_out = await decode(0, 1)
+        assert torch_out.counts() == {"ai": 1}
+        await core.reconfigure({"backend": "onnx"})
+        assert core.info()["backend"] == "onnx" and core.pool.streams() == []
+        assert (await decode(1, 1)).outcome(0)[1] is FallbackReason.RESET  # state did not cross
+        onnx_out = await decode(0, 2)
+        assert onnx_out.counts() == {"ai": 1}
+        np.testing.assert_allclose(onnx_out.pcm, torch_out.pcm, atol=1e-4)
+        await core.stop()
+
+    run(go())
