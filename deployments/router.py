@@ -9,9 +9,10 @@ only the streams that hashed to it (they land on a replica that does not hold th
 get `fallback/reset`, and start a new epoch there - see contract.py).
 
 A client groups its streams by owner so it sends one request per replica per tick; it asks
-the router instance living in its own process (`local_view`) for the current owners. That
-lookup is only an optimisation: the router routes by the key it is given, and a stale grouping
-costs a reset, never a wrong decode.
+the router instance living in its own process (`affinity.local_view`) for the current owners.
+That lookup is only an optimisation: the router routes by the key it is given, and a stale
+grouping costs a reset, never a wrong decode. The hashing and the per-process view live in
+affinity.py because Serve pickles this module by value when it ships the router class.
 """
 
 from __future__ import annotations

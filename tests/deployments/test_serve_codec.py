@@ -151,6 +151,15 @@ def test_malformed_batches_get_clear_errors_and_replica_keeps_serving(codec_hand
     assert ok.outcome_codes.tolist() == [0], ok.errors
 
 
+def test_client_answers_a_malformed_batch_without_raising(client, loop):
+    b = _good(["c-a", "c-b"])
+    b.deadlines = np.zeros(5)
+    res = loop.run_until_complete(client.process(b))
+    assert res.stream_ids == ["c-a", "c-b"]
+    assert res.counts() == {"fallback/error": 2}
+    assert "deadlines must be an array of shape (2,)" in res.errors["c-a"]
+
+
 def test_not_a_frame_batch_is_an_error_not_a_crash(codec_handle):
     res = _raw({"op": "encode"})
     assert len(res) == 0 and res.counts() == {}
