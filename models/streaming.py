@@ -107,10 +107,10 @@ class _StreamConv(nn.Module):
 
     def forward(self, x: torch.Tensor, state: torch.Tensor, new_states: list) -> torch.Tensor:
         if self.context:
-            b = x.shape[0]
+            # -1 for the batch axis keeps the ONNX export free of batch-size constants.
             prev = state[:, self.offset:self.offset + self.channels * self.context]
-            x = torch.cat([prev.reshape(b, self.channels, self.context), x], dim=-1)
-            new_states.append(x[:, :, x.shape[-1] - self.context:].reshape(b, -1))
+            x = torch.cat([prev.reshape(-1, self.channels, self.context), x], dim=-1)
+            new_states.append(x[:, :, x.shape[-1] - self.context:].flatten(1))
         return F.conv1d(x, self.weight, self.bias, self.stride, 0, self.dilation)
 
 
@@ -135,15 +135,15 @@ class _StreamConvTranspose(nn.Module):
         self.offset = layout.add(self.channels * self.tail)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor, new_states: list) -> torch.Tensor:
-        b, n = x.shape[0], x.shape[-1]
+        n = x.shape[-1]
         y = F.conv_transpose1d(x, self.weight, None, self.stride)
         emit = n * self.stride
         if self.tail:
             prev = state[:, self.offset:self.offset + self.channels * self.tail]
             y = torch.cat(
-                [y[:, :, :self.tail] + prev.reshape(b, self.channels, self.tail),
+                [y[:, :, :self.tail] + prev.reshape(-1, self.channels, self.tail),
                  y[:, :, self.tail:]], dim=-1)
-            new_states.append(y[:, :, emit:].reshape(b, -1))
+            new_states.append(y[:, :, emit:].flatten(1))
         y = y[:, :, :emit]
         return y if self.bias is None else y + self.bias
 
@@ -165,15 +165,14 @@ class _StreamLSTM(nn.Module):
         self.offset = layout.add(2 * self.layers * self.hidden)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor, new_states: list) -> torch.Tensor:
-        b = x.shape[0]
         n = 2 * self.layers * self.hidden
-        hc = state[:, self.offset:self.offset + n].reshape(b, 2, self.layers, self.hidden)
+        hc = state[:, self.offset:self.offset + n].reshape(-1, 2, self.layers, self.hidden)
         hc = hc.permute(1, 2, 0, 3)  # [2, layers, B, H]
         xt = x.permute(2, 0, 1)  # [T, B, C]
         y, (h, c) = self.lstm(xt, (hc[0].contiguous(), hc[1].contiguous()))
         if self.skip:
             y = y + xt
-        new_states.append(torch.stack([h, c]).permute(2, 0, 1, 3).reshape(b, -1))
+        new_states.append(torch.stack([h, c]).permute(2, 0, 1, 3).flatten(1))
         return y.permute(1, 2, 0).contiguous()
 
 
@@ -267,8 +266,8 @@ class EncoderCore(nn.Module):
         new_states: list[torch.Tensor] = []
         for layer in self.layers:
             x = layer(x, state, new_states)
-        b, d, frames = x.shape
-        residual = x.transpose(1, 2).reshape(b * frames, d)
+        d, frames = x.shape[1], x.shape[2]
+        residual = x.transpose(1, 2).reshape(-1, d)
         codes = []
         for q in range(self.n_q):
             # Same expression as encodec's EuclideanCodebook.quantize, for identical ties.
@@ -277,7 +276,7 @@ class EncoderCore(nn.Module):
             idx = dist.max(dim=-1).indices
             residual = residual - F.embedding(idx, self.codebooks[q])
             codes.append(idx)
-        out = torch.stack(codes, dim=1).reshape(b, frames, self.n_q).transpose(1, 2)
+        out = torch.stack(codes, dim=1).reshape(-1, frames, self.n_q).transpose(1, 2)
         return out, _cat_states(new_states, state)
 
 
@@ -532,3 +531,15 @@ class StreamingEncodec:
         """Encoder plus decoder state of one stream, in bytes."""
         return (self.encoder_state.shape[1] + self.decoder_state.shape[1]) * \
             self.encoder_state.element_size()
+
+
+def open_codec(model: nn.Module, backend: str = "torch", **kwargs: Any):
+    """A slot codec on the configured backend: ``"torch"`` (StreamingEncodec) or ``"onnx"``
+    (``models.onnx_step.OnnxStreamingEncodec``, onnxruntime). Same encode/decode/reset API."""
+    if backend == "torch":
+        return StreamingEncodec(model, **kwargs)
+    if backend == "onnx":
+        from models.onnx_step import OnnxStreamingEncodec
+
+        return OnnxStreamingEncodec(model, **kwargs)
+    raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")

@@ -1,0 +1,352 @@
+"""`auralink bench codec`: streaming EnCodec throughput and step latency vs offline.
+
+For each batch size B it measures, on the chosen device:
+
+* the streaming codec (`models.StreamingEncodec`) fed 40 ms chunks (960 samples) for B
+  streams: real-time streams sustained (audio-seconds per wall second) for encode, decode and
+  both, and the step latency p50/p99 (the numbers a scheduler calibrates from);
+* the reference `encodec` package offline on whole signals of the same length (the compute
+  floor: one call per batch, no per-chunk overhead);
+* the sliding-window approach without streaming state: an offline encode of the last 1 s of
+  context for every 40 ms chunk.
+
+On CPU it stops growing the batch once a step takes more than 1 s. Results go to JSON and to
+the "codec" section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cluster.bench.report import git_revision, machine_description, update_docs_section, write_json
+
+log = logging.getLogger(__name__)
+
+CHUNK = 960  # 40 ms at 24 kHz
+CHUNK_SECONDS = CHUNK / 24_000
+WINDOW = 24_000  # sliding window: 1 s of context per chunk
+CPU_STEP_LIMIT_S = 1.0
+DEFAULT_JSON = "runs/bench-codec.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", default=DEFAULT_JSON, help=f"output path (default {DEFAULT_JSON})")
+    parser.add_argument("--batches", default="1,8,32,128",
+                        help="comma-separated batch sizes (streams per step)")
+    parser.add_argument("--seconds", type=float, default=2.0,
+                        help="audio seconds per stream for the streaming and offline runs")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda if available, else cpu")
+    parser.add_argument("--weights", choices=["auto", "random", "pretrained"], default="auto",
+                        help="auto: pretrained if a checkpoint is found, else random (loudly)")
+    parser.add_argument("--bandwidth", type=float, default=6.0, help="kbps: 1.5, 3, 6, 12 or 24")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: one per core)")
+    parser.add_argument("--budget", type=float, default=15.0,
+                        help="max wall seconds of streaming steps per batch size (fewer steps "
+                             "are measured when a batch is slow; at least 5)")
+    parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+
+
+# --------------------------------------------------------------------------- model
+
+
+def random_codebooks_(model: Any, seed: int = 4321) -> None:
+    """Fill the RVQ codebooks with random entries.
+
+    A random-init `encodec` model has all-zero codebooks (they are set by k-means on the
+    first training batch), which would make every code 0; compute is the same either way,
+    but codes that vary keep the benchmark's decode input realistic.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.quantizer.vq.layers:
+            embed = layer._codebook.embed
+            embed.copy_(0.05 * torch.randn(embed.shape, generator=gen))
+
+
+def load_model(weights: str) -> tuple[Any, str]:
+    """(model, label): pretrained when asked for or found, else random with a loud warning."""
+    from models.weights import WeightsKind, WeightsUnavailable, load_encodec
+
+    if weights == "random":
+        model, _ = load_encodec(allow_random=True, repository=_nowhere())
+    else:
+        try:
+            model, info = load_encodec(allow_random=False)
+        except WeightsUnavailable:
+            if weights == "pretrained":
+                raise
+            model, info = load_encodec(allow_random=True, repository=_nowhere())
+        if info.kind == WeightsKind.PRETRAINED:
+            return model, "pretrained"
+    banner = "#" * 78
+    print(f"{banner}\n# WARNING: RANDOM EnCodec WEIGHTS. Timings are real, audio is noise.\n"
+          f"# Results are labelled \"weights\": \"random\".\n{banner}", file=sys.stderr, flush=True)
+    random_codebooks_(model)
+    return model, "random"
+
+
+def _nowhere() -> Path:
+    # A directory that holds no checkpoint, so load_encodec takes its random path.
+    return Path(os.devnull).parent / "auralink-no-checkpoint-here"
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def make_signals(batch: int, samples: int, seed: int = 0) -> np.ndarray:
+    """Speech-like test audio: harmonics with a wandering pitch, syllable AM, a little noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(samples) / 24_000
+    out = np.empty((batch, samples), np.float32)
+    for b in range(batch):
+        f0 = rng.uniform(90, 220) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(0.3, 1) * t))
+        phase = 2 * np.pi * np.cumsum(f0) / 24_000
+        x = sum(np.sin(k * phase) / k for k in range(1, 12))
+        x = x * np.clip(np.sin(2 * np.pi * rng.uniform(3, 5) * t), 0, None)
+        x = x + 0.01 * rng.standard_normal(samples)
+        out[b] = 0.4 * x / (np.abs(x).max() + 1e-9)
+    return out
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+class _Clock:
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def __call__(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def bench_streaming(model: Any, batch: int, seconds: float, device: str, bandwidth: float,
+                    budget: float) -> dict[str, Any]:
+    """Stream `batch` signals through encode then decode, one 40 ms step at a time."""
+    import torch
+
+    from models import StreamingEncodec
+
+    codec = StreamingEncodec(model, capacity=batch, device=device, bandwidth_kbps=bandwidth)
+    steps = max(1, int(round(seconds / CHUNK_SECONDS)))
+    pcm = torch.from_numpy(make_signals(batch, steps * CHUNK)).to(device)
+    slots = torch.arange(batch, device=device)
+    clock = _Clock(device)
+    # Warm-up: first calls allocate and pick kernels; then start the streams afresh.
+    for i in range(2):
+        codec.decode(slots, codec.encode(slots, pcm[:, i * CHUNK:(i + 1) * CHUNK]))
+    codec.reset(slots)
+
+    enc_ms: list[float] = []
+    dec_ms: list[float] = []
+    start = clock()
+    for i in range(steps):
+        chunk = pcm[:, i * CHUNK:(i + 1) * CHUNK]
+        t0 = clock()
+        codes = codec.encode(slots, chunk)
+        t1 = clock()
+        codec.decode(slots, codes)
+        t2 = clock()
+        enc_ms.append((t1 - t0) * 1e3)
+        dec_ms.append((t2 - t1) * 1e3)
+        if len(enc_ms) >= 5 and t2 - start > budget:
+            break
+    audio = batch * CHUNK_SECONDS * len(enc_ms)
+    enc_s, dec_s = sum(enc_ms) / 1e3, sum(dec_ms) / 1e3
+    both_ms = [e + d for e, d in zip(enc_ms, dec_ms, strict=True)]
+    return {
+        "steps": len(enc_ms),
+        "streams_realtime_encode": audio / enc_s,
+        "streams_realtime_decode": audio / dec_s,
+        "streams_realtime_both": audio / (enc_s + dec_s),
+        "p50_ms": _pct(enc_ms, 50),
+        "p99_ms": _pct(enc_ms, 99),
+        "decode_p50_ms": _pct(dec_ms, 50),
+        "decode_p99_ms": _pct(dec_ms, 99),
+        "both_p50_ms": _pct(both_ms, 50),
+        "both_p99_ms": _pct(both_ms, 99),
+        "state_bytes_per_stream": codec.state_bytes_per_stream,
+    }
+
+
+def bench_offline(model: Any, batch: int, seconds: float, device: str,
+                  bandwidth: float) -> dict[str, float]:
+    """The reference package on whole signals: one encode and one decode call per batch."""
+    import torch
+
+    model = model.to(device)
+    model.set_target_bandwidth(bandwidth)
+    samples = max(CHUNK, int(round(seconds / CHUNK_SECONDS)) * CHUNK)
+    x = torch.from_numpy(make_signals(batch, samples, seed=1)).to(device)[:, None]
+    clock = _Clock(device)
+    with torch.inference_mode():
+        model.decode(model.encode(x[:, :, :CHUNK * 5]))  # warm-up
+        t0 = clock()
+        frames = model.encode(x)
+        t1 = clock()
+        model.decode(frames)
+        t2 = clock()
+    audio = batch * samples / 24_000
+    return {
+        "offline_streams_realtime_encode": audio / (t1 - t0),
+        "offline_streams_realtime_decode": audio / (t2 - t1),
+        "offline_streams_realtime": audio / (t2 - t0),
+    }
+
+
+def bench_sliding_window(model: Any, batch: int, device: str, bandwidth: float,
+                         budget: float) -> dict[str, float]:
+    """Without state: every 40 ms chunk re-encodes the last 1 s of each stream."""
+    import torch
+
+    model = model.to(device)
+    model.set_target_bandwidth(bandwidth)
+    x = torch.from_numpy(make_signals(batch, WINDOW, seed=2)).to(device)[:, None]
+    clock = _Clock(device)
+    times: list[float] = []
+    with torch.inference_mode():
+        model.encode(x)  # warm-up
+        start = clock()
+        while len(times) < 3 or (len(times) < 10 and clock() - start < budget / 2):
+            t0 = clock()
+            model.encode(x)
+            times.append(clock() - t0)
+    per_chunk = float(np.median(times))
+    return {
+        "sliding_window_streams_realtime": batch * CHUNK_SECONDS / per_chunk,
+        "sliding_window_step_ms": per_chunk * 1e3,
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _docs_markdown(data: dict[str, Any], command: str) -> str:
+    lines = [
+        "## codec: streaming EnCodec vs offline and sliding window",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {data['machine']}; torch threads: {data['threads']}  ",
+        f"Weights: **{data['weights']}**"
+        + (" (timings are real, audio is noise)" if data["weights"] == "random" else "")
+        + f"; bandwidth {data['bandwidth_kbps']} kbps ({data['n_q']} codebooks); "
+        f"40 ms chunks; real compute (not emulated); revision {data['revision']}.",
+        "",
+        "Streams = audio-seconds processed per wall second (real-time streams sustained). "
+        "Latency is one 40 ms step for the whole batch. Offline = the `encodec` package on "
+        "whole signals (the compute floor); sliding window = offline encode of the last 1 s "
+        "for every chunk.",
+        "",
+        "| batch | enc streams | dec streams | enc+dec streams | enc p50 / p99 ms "
+        "| offline enc+dec streams | streaming / offline | sliding-window enc streams "
+        "| streaming / sliding |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["results"]:
+        lines.append(
+            f"| {r['batch']} | {r['streams_realtime_encode']:.1f} "
+            f"| {r['streams_realtime_decode']:.1f} | {r['streams_realtime_both']:.1f} "
+            f"| {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {r['offline_streams_realtime']:.1f} "
+            f"| {r['speedup_vs_offline']:.2f}x | {r['sliding_window_streams_realtime']:.2f} "
+            f"| {r['speedup_vs_sliding_window']:.1f}x |")
+    if data.get("stopped_early"):
+        lines += ["", f"Stopped growing the batch: {data['stopped_early']}."]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda asked for, but no CUDA device is available", file=sys.stderr)
+        return 2
+    try:
+        batches = sorted({int(b) for b in args.batches.split(",") if b.strip()})
+    except ValueError:
+        print(f"--batches must be comma-separated integers, got {args.batches!r}", file=sys.stderr)
+        return 2
+    if not batches or batches[0] < 1 or args.seconds <= 0:
+        print("need positive batch sizes and --seconds", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    model, weights = load_model(args.weights)
+    from models.streaming import check_bandwidth
+
+    n_q = check_bandwidth(args.bandwidth)
+    command = "auralink bench codec " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "codec"]
+                                                 else [])
+    print(f"bench codec: device={device} weights={weights} bandwidth={args.bandwidth} kbps "
+          f"threads={threads} batches={batches} seconds={args.seconds}", flush=True)
+
+    results: list[dict[str, Any]] = []
+    stopped = None
+    for batch in batches:
+        print(f"[B={batch}] streaming ...", flush=True)
+        row: dict[str, Any] = {"batch": batch}
+        row.update(bench_streaming(model, batch, args.seconds, device, args.bandwidth,
+                                   args.budget))
+        print(f"[B={batch}] streaming: enc {row['streams_realtime_encode']:.1f} streams, "
+              f"dec {row['streams_realtime_decode']:.1f}, p50 {row['p50_ms']:.1f} ms, "
+              f"p99 {row['p99_ms']:.1f} ms ({row['steps']} steps); offline ...", flush=True)
+        row.update(bench_offline(model, batch, args.seconds, device, args.bandwidth))
+        print(f"[B={batch}] offline: {row['offline_streams_realtime']:.1f} streams "
+              f"(enc+dec); sliding window ...", flush=True)
+        row.update(bench_sliding_window(model, batch, device, args.bandwidth, args.budget))
+        row["speedup_vs_offline"] = row["streams_realtime_both"] / row["offline_streams_realtime"]
+        row["speedup_vs_sliding_window"] = (row["streams_realtime_encode"]
+                                            / row["sliding_window_streams_realtime"])
+        print(f"[B={batch}] sliding window: {row['sliding_window_streams_realtime']:.2f} "
+              f"streams; streaming/offline {row['speedup_vs_offline']:.2f}x, "
+              f"streaming/sliding {row['speedup_vs_sliding_window']:.1f}x", flush=True)
+        results.append(row)
+        worst = max(row["p50_ms"] + row["decode_p50_ms"], row["p99_ms"])
+        if device == "cpu" and worst > CPU_STEP_LIMIT_S * 1e3 and batch != batches[-1]:
+            stopped = f"a step at batch {batch} took {worst:.0f} ms (> 1 s) on CPU"
+            print(f"stopping: {stopped}", flush=True)
+            break
+
+    data: dict[str, Any] = {
+        "device": device,
+        "machine": machine_description(),
+        "weights": weights,
+        "bandwidth_kbps": args.bandwidth,
+        "n_q": n_q,
+        "chunk_samples": CHUNK,
+        "seconds_per_stream": args.seconds,
+        "threads": threads,
+        "torch": torch.__version__,
+        "revision": git_revision(),
+        "command": command.strip(),
+        "results": results,
+        # batch -> encode-step latency; what the Serve scheduler and the simulator calibrate on.
+        "latency_profile_ms": {str(r["batch"]): {"p50": r["p50_ms"], "p99": r["p99_ms"]}
+                               for r in results},
+        "stopped_early": stopped,
+    }
+    path = write_json(args.json, data)
+    print(f"wrote {path}", flush=True)
+    if not args.no_docs:
+        update_docs_section("codec", _docs_markdown(data, data["command"]))
+        print("updated docs/benchmarks.md section 'codec'", flush=True)
+    return 0
