@@ -15,8 +15,9 @@ How it works (Clockwork-style predictability, kept small):
 - Between buckets the estimate is interpolated linearly; below the first it is the first
   bucket's value; above the last it is extrapolated with the steeper of the last segment's
   slope and the average per-frame cost (through the origin), so an unseen large batch is never
-  predicted cheap. The envelope is made non-decreasing in B, which lets `max_batch_within`
-  binary-search.
+  predicted cheap. The envelope is made non-decreasing in B with a suffix minimum (cost grows
+  with B, so a larger bucket's estimate bounds a smaller one's: an outlier in a small bucket
+  cannot inflate every prediction), which lets `max_batch_within` binary-search.
 
 Pure Python, no Ray, no clock: the caller passes measured milliseconds.
 """
@@ -164,10 +165,12 @@ class LatencyModel:
             env = _Envelope([1], [UNSEEDED_MS_PER_FRAME], UNSEEDED_MS_PER_FRAME)
         else:
             sizes = sorted(self._samples)
-            ms: list[float] = []
-            for b in sizes:
-                q = _quantile(self._samples[b], self.quantile)
-                ms.append(max(q, ms[-1]) if ms else q)  # non-decreasing in B
+            ms = [_quantile(self._samples[b], self.quantile) for b in sizes]
+            # Non-decreasing in B via a suffix minimum: a step of B frames costs no more than
+            # one of B' > B, so a larger bucket's estimate also bounds a smaller one. (A prefix
+            # maximum would let one outlier in a small bucket inflate every batch size.)
+            for i in range(len(ms) - 2, -1, -1):
+                ms[i] = min(ms[i], ms[i + 1])
             per_frame = ms[-1] / sizes[-1]
             seg = (ms[-1] - ms[-2]) / (sizes[-1] - sizes[-2]) if len(sizes) > 1 else per_frame
             env = _Envelope(sizes, ms, max(seg, per_frame))

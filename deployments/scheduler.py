@@ -98,6 +98,7 @@ class Plan:
     expired: list[PendingFrame] = field(default_factory=list)
     shed: list[tuple[PendingFrame, ShedReason]] = field(default_factory=list)
     predicted_ms: float = 0.0
+    probe: bool = False  # `run` is one frame run against the model's advice (see _maybe_probe)
 
     def __bool__(self) -> bool:
         return bool(self.run or self.expired or self.shed)
@@ -303,6 +304,7 @@ class EdfScheduler:
         plan.expired.remove(best)
         plan.run = [best]
         plan.predicted_ms = self.model.predict(1)
+        plan.probe = True
         self.counters["probes"] += 1
 
     def _eligible_prefix(self, limit: int) -> tuple[list[PendingFrame], list[PendingFrame]]:
@@ -455,6 +457,10 @@ class EdfScheduler:
         late = sum(1 for f in plan.run if end > f.deadline)
         if late:
             self.counters["ran_late"] += late
+        elif plan.probe:
+            # The probe made its deadline: the model is likely stale, probe again at once so
+            # it relearns in a few steps instead of one probe per probe_after_s.
+            self._last_run_at = -math.inf
 
     def snapshot_counters(self) -> dict[str, int]:
         return dict(self.counters)

@@ -90,3 +90,12 @@ def test_to_dict_round_trip_is_json_and_equal():
     assert m2.quantile == 0.9 and m2.rel_margin == 0.2
     for b in (1, 3, 8, 20, 32, 100):
         assert m2.predict(b) == pytest.approx(m.predict(b), rel=1e-6)
+
+
+def test_one_outlier_in_a_small_bucket_does_not_inflate_larger_batches():
+    m = LatencyModel.from_profile({1: 2.0, 4: 4.0, 16: 10.0}, quantile=0.95, rel_margin=0.0)
+    m.observe(1, 500.0)  # a warm-up step
+    assert m.estimate(16) == 10.0
+    assert m.estimate(4) == 4.0
+    # a step of 1 costs no more than one of 4: the larger bucket bounds it
+    assert m.estimate(1) == 4.0

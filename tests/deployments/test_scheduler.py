@@ -270,7 +270,7 @@ def test_complete_ignores_steps_that_computed_nothing_and_uses_computed_count():
 def test_probe_unsticks_a_model_poisoned_by_one_outlier():
     # One 500 ms warm-up step makes L(1) look hopeless for a 20 ms deadline: without probes
     # every frame would expire forever and the model would never learn the device is fast.
-    model = LatencyModel.from_profile({1: 2.0, 4: 4.0}, rel_margin=0.0)
+    model = LatencyModel.from_profile({1: 2.0}, rel_margin=0.0)  # only B=1 seen so far
     s = EdfScheduler(model, SchedulerConfig(margin_ms=1.0, probe_after_s=0.1))
     for _ in range(3):
         model.observe(1, 2.0)
@@ -290,7 +290,8 @@ def test_probe_unsticks_a_model_poisoned_by_one_outlier():
                 t += (2.0 + 0.5 * len(plan.run)) * MS
     assert s.counters["probes"] >= 1
     assert model.predict(1) < 10.0  # the outlier has been pushed out of the quantile
-    assert ran > 0.8 * 1600  # and frames run again
+    assert ran > 0.9 * 1600  # and frames run again
+    assert s.counters["probes"] < 40  # successful probes chain: recovery takes a few steps
     assert s.counters["steps"] > s.counters["probes"]
 
 
