@@ -116,6 +116,12 @@ class CodecClient:
         self._app = handle.app_name
         self._deployment = handle.deployment_name
         self.counters = ClientCounters()
+        # Any call makes the handle build its router, which then learns the replica set from
+        # the controller; by the first tick the client can usually group streams by owner.
+        try:
+            self._warm_up = handle.options(method_name="ping").remote()
+        except Exception as exc:  # noqa: BLE001 - warm-up only; process() copes without it
+            logger.info("codec client warm-up call failed: %s", exc)
 
     async def ready(self, timeout_s: float = 60.0) -> bool:
         """Waits until the handle's router knows the replicas (so ticks group by owner)."""
