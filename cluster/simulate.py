@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-dilation", type=float, default=None,
                    help="wall seconds per simulated second (default: from the stream count)")
     p.add_argument("--replicas", type=int, default=None, help="codec replicas (default: from the profile)")
-    p.add_argument("--bridges", type=int, default=None, help="simulated bridge workers (default: streams/2000)")
+    p.add_argument("--bridges", type=int, default=None, help="simulated bridges (default: one per 5000 streams)")
     p.add_argument("--deadline-ms", type=float, default=20.0)
     p.add_argument("--flooders", type=int, default=None)
     p.add_argument("--forgers", type=int, default=None)
@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="codec benchmark JSON with latency_profile_ms (default docs/bench/codec.json)")
     p.add_argument("--weights-dir", default=None, help="EnCodec checkpoint folder (else random weights)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--docs", action="store_true",
+                   help="also write docs/bench/simulate-<streams>.json and its docs/benchmarks.md section")
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
@@ -76,7 +78,9 @@ async def simulate(cfg: SimConfig) -> dict:
     from cluster.simulator.environment import Environment
     from cluster.simulator.plots import write_plots
 
-    dilation = cfg.time_dilation or choose_dilation(cfg.streams, cfg.compute)
+    dilation = cfg.time_dilation or choose_dilation(cfg.streams, cfg.compute, cfg.address)
+    if cfg.address and dilation != 1.0:
+        logger.warning("--time-dilation with --address: the cluster's replicas keep real-time deadlines and costs")
     cfg.time_dilation = dilation
     env = await Environment.start(cfg, dilation)
     try:
@@ -98,9 +102,45 @@ async def simulate(cfg: SimConfig) -> dict:
     return report
 
 
+def docs_markdown(r: dict, command: str) -> str:
+    fl = r.get("flooder_allowed_hints_per_s", {})
+    cp = r["control_plane_cpu"]
+    rec = ", ".join(f"{k}: {v} s" for k, v in r["fault_recovery_s"].items()) or "no fault injected"
+    lines = [
+        f"### Simulator: {r['streams']} streams, {r['duration_s']:g} s",
+        "",
+        f"`{command}` - {r['compute_label']}; weights: {r['weights']}; time dilation x{r['time_dilation']:g} "
+        f"(achieved x{r['achieved_dilation']:g}, {r['late_ticks']} late ticks); machine: {_machine()}.",
+        "",
+        "| frames | AI | fallback | unaccounted | fallback by reason | p50 / p99 ms | hints sent / limited / forged rejected / replays rejected | flooders allowed/s | wire kbps AI / Opus | control plane CPU | fault recovery |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {r['frames_total']:,} | {r['frames_ai']:,} | {r['frames_fallback']:,} ({100 * r['fallback_rate']:.2f}%) "
+        f"| {r['frames_unaccounted']} | {r['fallback_by_reason']} | {r['p50_ms']} / {r['p99_ms']} "
+        f"| {r['hints_sent']:,} / {r['hints_limited']:,} / {r['hints_rejected_forged']:,} / {r['hints_rejected_replay']:,} "
+        f"| {fl.get('min_per_s', '-')}-{fl.get('max_per_s', '-')} | {r['wire_kbps_ai']} / {r['wire_kbps_native']} "
+        f"| {cp['cpu_us_per_stream_tick']} us per stream-tick ({cp['cores_per_10k_streams']} cores / 10k streams) | {rec} |",
+    ]
+    return "\n".join(lines)
+
+
+def _machine() -> str:
+    from cluster.bench.report import machine_description
+
+    return machine_description()
+
+
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     cfg = config_from_args(args)
     report = asyncio.run(simulate(cfg))
+    if args.docs:
+        from cluster.bench.report import update_docs_section, write_json
+
+        name = f"simulate-{cfg.streams}" + ("-faults" if cfg.faults else "")
+        write_json(Path(__file__).resolve().parents[1] / "docs" / "bench" / f"{name}.json", report)
+        command = "auralink " + " ".join(a for a in sys.argv[1:] if a != "--no-progress")
+        update_docs_section(name, docs_markdown(report, command))
     keys = ("streams", "duration_s", "compute", "weights", "time_dilation", "frames_total", "frames_ai",
             "frames_fallback", "frames_unaccounted", "fallback_rate", "fallback_by_reason", "p50_ms",
             "p99_ms", "hints_sent", "hints_limited", "hints_rejected_forged", "hints_rejected_replay",

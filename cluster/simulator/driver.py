@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -70,9 +71,15 @@ logger = logging.getLogger(__name__)
 
 TICK_S = CHUNK_SAMPLES / SAMPLE_RATE  # 40 ms of audio per stream per tick
 HINT_LIMIT_PER_S = 100.0
-STREAMS_PER_BRIDGE = 2_000  # one bridge worker's published-stream limit (BridgeConfig)
-# Streams this machine's simulator keeps in real time (measured; see docs/simulator.md).
-REALTIME_STREAMS = 400
+# Streams per simulated bridge. A real bridge worker takes up to 2,000 (BridgeConfig); the
+# simulator packs up to 5,000 into one TickBatcher to spend fewer Serve calls per tick on a
+# 2-core machine (the codec still gets one request per replica per bridge per tick).
+STREAMS_PER_BRIDGE = 5_000
+# Streams per unit of time dilation on a 2-core machine: the bridge batching, the replicas'
+# per-frame bookkeeping and the Serve round trips of 250 streams fit one 40 ms tick with room
+# for the deadline (measured with `auralink simulate --streams 10000 --duration 8`; see
+# `achieved_dilation` and `late_ticks` in a report to check a run kept its pace).
+REALTIME_STREAMS = 250
 
 
 @dataclass
@@ -103,8 +110,10 @@ class SimConfig:
     publish_stats: bool = True
 
 
-def choose_dilation(streams: int, compute: str) -> float:
-    if compute == "real":
+def choose_dilation(streams: int, compute: str, address: str | None = None) -> float:
+    """1 for real compute and for an existing cluster (whose replicas keep their own, real-time
+    settings); else one unit per REALTIME_STREAMS streams."""
+    if compute == "real" or address:
         return 1.0
     return float(max(1.0, np.ceil(streams / REALTIME_STREAMS)))
 
@@ -248,7 +257,7 @@ class Simulation:
     def __init__(self, cfg: SimConfig, env) -> None:
         self.cfg = cfg
         self.env = env
-        self.dilation = cfg.time_dilation or choose_dilation(cfg.streams, cfg.compute)
+        self.dilation = cfg.time_dilation or choose_dilation(cfg.streams, cfg.compute, cfg.address)
         f, g, r = abuser_counts(cfg)
         self.trace_cfg = TraceConfig(streams=cfg.streams, mean_session_s=cfg.mean_session_s,
                                      flooders=f, forgers=g, replayers=r, seed=cfg.seed)
@@ -347,6 +356,14 @@ class Simulation:
         n_ticks = int(round(cfg.duration_s / TICK_S))
         wall_tick = TICK_S * self.dilation
         self._join(self.pop.live())
+        self._cpu0 = (self.env.redis_cpu_s(), self.env.supervisor_cpu_s())
+        # Thousands of small objects per tick (chunks, outcomes) would make the cyclic GC walk
+        # every long-lived stream state again and again: freeze what exists now, collect
+        # the young generation less often.
+        gc.collect()
+        gc.freeze()
+        old_threshold = gc.get_threshold()
+        gc.set_threshold(50_000, 20, 1000)
         bar = _progress(n_ticks, cfg.progress, f"simulate {cfg.streams} streams ({cfg.compute}, x{self.dilation:g})")
         t0 = loop.time() + 0.05
         wall0 = time.time()
@@ -378,11 +395,14 @@ class Simulation:
                                         fb=f"{st.get('fallback_rate', 0.0):.2%}", refresh=False)
             await self._drain(n_ticks * TICK_S)
         finally:
+            gc.set_threshold(*old_threshold)
+            gc.unfreeze()
             for s in self._slow:
                 s.stop()
             if bar is not None:
                 bar.close()
             self.wall_s = time.time() - wall0
+            self._cpu1 = (self.env.redis_cpu_s(), self.env.supervisor_cpu_s())
 
     async def _tick(self, t_sim: float) -> None:
         from sfu_bridge.tick import Chunk
@@ -595,8 +615,13 @@ class Simulation:
                 rec.update({"fault": str(f), "detail": detail})
                 faults.append(rec)
         stream_s = self.stream_ticks * TICK_S
-        control_ms_per_stream_s = 1000.0 * self.control_cpu_s / max(stream_s, 1e-9)
-        redis_cpu = self.env.redis_cpu_s()
+        cpu0 = getattr(self, "_cpu0", (None, None))
+        cpu1 = getattr(self, "_cpu1", (None, None))
+        redis_cpu, sup_cpu = (
+            None if a is None or b is None else max(0.0, b - a) for a, b in zip(cpu0, cpu1, strict=True)
+        )
+        total_cpu = self.control_cpu_s + (redis_cpu or 0.0) + (sup_cpu or 0.0)
+        control_ms_per_stream_s = 1000.0 * total_cpu / max(stream_s, 1e-9)
         rep = {
             "streams": cfg.streams,
             "duration_s": cfg.duration_s,
@@ -648,6 +673,11 @@ class Simulation:
             "limiter": self.env.limiter_label,
             "limiter_calls": self.limiter.calls if self.limiter else 0,
             "flooder_allowed_hints_per_s": summarize_rates(rates, HINT_LIMIT_PER_S),
+            # The limiter runs on Redis' clock: per wall second x D. Equal to the line above
+            # when no tick ran late; if ticks lagged, simulated time stretched past wall/D.
+            "flooder_allowed_hints_per_s_limiter_clock": summarize_rates(
+                {sid: self.limiter.allowed[sid] * self.dilation / max(self.wall_s, 1e-9)
+                 for sid in self.flooder_ids} if self.limiter else {}, HINT_LIMIT_PER_S),
             "wire_kbps_ai": round(self.ai_frame_bytes * 8 / TICK_S / 1000, 3),
             "wire_kbps_native": round(self.native_frame_bytes * 8 / TICK_S / 1000, 3),
             "wire_note": (
@@ -660,11 +690,14 @@ class Simulation:
             "control_plane_cpu": {
                 "bridge_cpu_s": round(self.control_cpu_s, 3),
                 "redis_cpu_s": None if redis_cpu is None else round(redis_cpu, 3),
+                "supervisor_cpu_s": None if sup_cpu is None else round(sup_cpu, 3),
+                "stream_seconds": round(stream_s, 1),
                 "cpu_ms_per_stream_second": round(control_ms_per_stream_s, 4),
                 "cpu_us_per_stream_tick": round(control_ms_per_stream_s * TICK_S * 1000, 2),
                 "cores_per_10k_streams": round(control_ms_per_stream_s * 10_000 / 1000, 3),
-                "note": "bridge-side batching, hint verification, limiter and supervisor calls "
-                        "(not the simulated publishers, not the codec replicas)",
+                "note": "bridge tick work (batching, epochs, outcomes, hint verification, limiter "
+                        "call, supervisor report) + Redis server + supervisor actor, per simulated "
+                        "stream-second; not the simulated publishers, not the codec replicas",
             },
             "simulator_cpu_s": round(self.sim_cpu_s, 3),
             "supervisor": self.env.supervisor_label,

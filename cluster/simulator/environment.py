@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 CODEC_BENCH_JSON = REPO / "docs" / "bench" / "codec.json"
-MAX_LOCAL_REPLICAS = 12
+MAX_LOCAL_REPLICAS = 8  # each replica process holds torch + a model (~1 GB RSS)
 TRANSPORT_ALLOWANCE_MS = 4.0  # bridge -> replica -> bridge, per tick, on top of L(B)
 
 
@@ -110,6 +110,7 @@ class Environment:
         self._own_ray = False
         self._own_app = False
         self._redis_pid: int | None = None
+        self._supervisor_pid: int | None = None
 
     # -- start / stop
     @classmethod
@@ -297,11 +298,24 @@ class Environment:
     def redis_cpu_s(self) -> float | None:
         if self._redis_pid is None:
             return None
-        try:
-            fields = Path(f"/proc/{self._redis_pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return getattr(self, "_redis_cpu_last", None)
+        cpu = _proc_cpu_s(self._redis_pid)
+        return cpu if cpu is not None else getattr(self, "_redis_cpu_last", None)
+
+    def supervisor_cpu_s(self) -> float | None:
+        """CPU seconds of the supervisor actor's process (local clusters only)."""
+        if self._supervisor_pid is None:
+            try:
+                from ray.util.state import list_actors
+
+                from deployments.config import SUPERVISOR_NAME
+
+                for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+                    if getattr(a, "name", "") == SUPERVISOR_NAME:
+                        self._supervisor_pid = int(a.pid)
+            except Exception as exc:  # noqa: BLE001 - state API unavailable: leave it out
+                logger.debug("supervisor pid lookup failed: %s", exc)
+                return None
+        return None if self._supervisor_pid is None else _proc_cpu_s(self._supervisor_pid)
 
     def publish_stats(self, bridge_id: str, stats: dict[str, Any]) -> None:
         """The dashboard's data source: the bridge's snapshot to the `StatsBoard` actor
@@ -336,6 +350,15 @@ class Environment:
             self._pending_users = {**users, **self._pending_users}
             return None
         return off
+
+
+def _proc_cpu_s(pid: int) -> float | None:
+    """user + system CPU seconds of a local process, from /proc (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _asdict(obj) -> dict:
