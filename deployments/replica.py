@@ -662,7 +662,7 @@ def _bad_rows(batch: FrameBatch) -> dict[int, str]:
 
 
 # ----------------------------------------------------------------------------- Serve
-from ray import serve  # noqa: E402 - the pure core above is importable without Serve
+from ray import serve  # noqa: E402 - the Serve face below; the core above does not use Serve
 from ray.serve.config import RequestRouterConfig  # noqa: E402
 
 from deployments.config import REPLICA_DEPLOYMENT  # noqa: E402
