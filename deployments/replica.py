@@ -462,11 +462,27 @@ class CodecReplicaCore:
                             logger.exception("codec step failed; its frames are answered `error`")
                             self._fail_plan(plan)
                 if not plan.run:
-                    # Decision-only step: let intake run; back off briefly if frames remain
-                    # that this instant could not batch, instead of spinning.
-                    await asyncio.sleep(0.001 if len(self.scheduler) else 0)
+                    await self._idle_after_decision(plan)
         finally:
             self._exited.set()
+
+    async def _idle_after_decision(self, plan: Plan) -> None:
+        """Nothing ran: let intake run. If the scheduler is holding frames for a fuller batch,
+        sleep until its `hold_until` or the next arrival; otherwise back off a millisecond
+        rather than spin on frames this instant could not batch."""
+        assert self._wake is not None
+        hold_until = getattr(plan, "hold_until", None)
+        if not len(self.scheduler):
+            await asyncio.sleep(0)
+            return
+        if hold_until is None:
+            await asyncio.sleep(0.001)
+            return
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), max(0.0, hold_until - time.time()))
+        except asyncio.TimeoutError:
+            pass
 
     async def _execute(self, plan: Plan) -> None:
         for f in plan.expired:
