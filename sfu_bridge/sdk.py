@@ -6,9 +6,12 @@ hint_auth) under the stream key the token service handed out.
 
 `AicSubscriber` subscribes over WHEP. With `aic=True` its offer lists the AIC payload type,
 so the bridge sends EnCodec codes for `ai` frames and Opus for fallback frames; it decodes
-the codes with `models.StreamingEncodec` under the epoch rule: a payload with a new epoch
-(or the start bit) resets the decoder state before decoding, so the decoder never runs on
-state its encoder did not produce. With `aic=False` it is a plain WebRTC Opus receiver.
+the codes with `models.StreamingEncodec` under the epoch rule: the decoder resets on a
+payload that starts an epoch (S bit) and decodes only payloads that continue the epoch it
+started, without a gap in RTP sequence numbers. Anything else (joined mid-epoch, a lost
+packet) is skipped and answered with an RTCP PLI, on which the bridge opens a new epoch: the
+decoder never runs on state its encoder did not produce. With `aic=False` it is a plain
+WebRTC Opus receiver.
 """
 
 from __future__ import annotations
@@ -167,6 +170,9 @@ class SubscriberStats:
     decoder_resets: int = 0
     epochs: list[int] = field(default_factory=list)
     decoded_samples: int = 0  # 24 kHz samples out of the EnCodec decoder
+    out_of_sync: int = 0  # AIC payloads skipped: not part of an epoch decoded from its start
+    pli_sent: int = 0
+    sequence_gaps: int = 0
     first_frame_at: float | None = None
 
 
@@ -197,6 +203,10 @@ class AicSubscriber:
         self.keep_payloads = keep_payloads  # keep the first N AIC payloads (tests inspect them)
         self.payloads: list[bytes] = []
         self._epoch: int | None = None
+        self._in_sync = False
+        self._reset_pending = False
+        self._last_seq: int | None = None
+        self._last_pli = 0.0
         self._aic_pt: int | None = None
         self._task: asyncio.Task | None = None
         self.frame_event = asyncio.Event()
@@ -235,18 +245,37 @@ class AicSubscriber:
 
     def _on_packet(self, packet: Any) -> bool:
         kind = "aic" if packet.payload_type == self._aic_pt else "opus"
-        self._queue.put_nowait((kind, bytes(packet.payload)))
+        gap = self._last_seq is not None and packet.sequence_number != (self._last_seq + 1) & 0xFFFF
+        self._last_seq = packet.sequence_number
+        if gap:
+            self.stats.sequence_gaps += 1
+        self._queue.put_nowait((kind, bytes(packet.payload), gap, packet.ssrc))
         return True
+
+    async def _request_epoch(self, ssrc: int) -> None:
+        now = time.monotonic()
+        if now - self._last_pli < 0.2:  # one request per 200 ms is plenty
+            return
+        self._last_pli = now
+        self.stats.pli_sent += 1
+        await self._transceiver.receiver._send_rtcp_pli(ssrc)
 
     async def _decode_loop(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                kind, payload = await self._queue.get()
+                kind, payload, gap, ssrc = await self._queue.get()
                 if self.stats.first_frame_at is None:
                     self.stats.first_frame_at = time.monotonic()
+                if gap:
+                    self._in_sync = False  # a lost packet: the decoder state is no longer the encoder's
                 if kind == "aic":
-                    await loop.run_in_executor(None, self._on_aic, payload)
+                    parsed = self._parse_aic(payload)
+                    if parsed is not None and self._accept(parsed):
+                        await loop.run_in_executor(None, self._decode_aic, parsed)
+                    elif parsed is not None:
+                        self.stats.out_of_sync += 1
+                        await self._request_epoch(ssrc)
                 else:
                     self._on_opus(payload)
                 self.frame_event.set()
@@ -271,27 +300,38 @@ class AicSubscriber:
         except ValueError:
             self.stats.bad_payloads += 1
 
-    def _on_aic(self, data: bytes) -> None:
+    def _parse_aic(self, data: bytes) -> AicPayload | None:
         try:
             payload = AicPayload.parse(data)
         except ValueError:
             self.stats.bad_payloads += 1
-            return
+            return None
         self.stats.aic_frames += 1
         if len(self.payloads) < self.keep_payloads:
             self.payloads.append(data)
-        if payload.start or payload.epoch != self._epoch:
-            # the epoch rule: a new epoch means a fresh encoder state on the bridge side
+        return payload
+
+    def _accept(self, payload: AicPayload) -> bool:
+        """The epoch rule: decode from an epoch's first payload on, in sequence, else wait."""
+        if payload.start:
             self._epoch = payload.epoch
+            self._in_sync = True
+            self._reset_pending = True
             self.stats.epochs.append(payload.epoch)
             self.stats.decoder_resets += 1
-            if self.codec is not None:
-                self.codec.reset_decoder(np.array([self.slot]))
-        if self.codec is not None:
-            codes = payload.codes[None].astype(np.int64)
-            pcm = np.asarray(self.codec.decode(np.array([self.slot]), codes))
-            self.pcm.append(pcm[0])
-            self.stats.decoded_samples += pcm.shape[1]
+            return True
+        return self._in_sync and payload.epoch == self._epoch
+
+    def _decode_aic(self, payload: AicPayload) -> None:
+        if self.codec is None:
+            return
+        slots = np.array([self.slot])
+        if self._reset_pending:
+            self.codec.reset_decoder(slots)  # a new epoch: a fresh encoder state on the bridge
+            self._reset_pending = False
+        pcm = np.asarray(self.codec.decode(slots, payload.codes[None].astype(np.int64)))
+        self.pcm.append(pcm[0])
+        self.stats.decoded_samples += pcm.shape[1]
 
     async def wait_frames(self, n_aic: int = 0, n_opus: int = 0, timeout_s: float = 20.0) -> bool:
         end = time.monotonic() + timeout_s

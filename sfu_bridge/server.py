@@ -232,6 +232,13 @@ class BridgeServer:
         except BaseException:
             await pc.close()
             raise
+        if out.aic:
+            # A decoder must start at an epoch start: open a new epoch now, and again whenever
+            # this subscriber loses sync and asks with RTCP PLI/FIR (its "keyframe request").
+            self.media.batcher.restart_epoch(stream)
+            transceiver.sender._send_keyframe = (
+                lambda s=stream: self.media.batcher.restart_epoch(s)
+            )
         sub = self.media.add_subscriber(stream, user, pc, out)
         self._watch(pc, sub.session_id)
         logger.info(

@@ -138,6 +138,7 @@ class TickBatcher:
         self.counters: Counter[str] = Counter()  # frames by "ai" / "fallback/<reason>"
         self.hint_counters: Counter[str] = Counter()  # "accepted" / "dropped/<why>"
         self.ticks = 0
+        self.epoch_restarts = 0  # requested by subscribers (join, RTCP PLI)
         self._started = asyncio.Event()
         self._exited = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -157,6 +158,13 @@ class TickBatcher:
         out = [self._local(c, FallbackReason.OVERLOAD) for c in st.backlog]
         st.backlog.clear()
         return out
+
+    def restart_epoch(self, stream_id: str) -> None:
+        """The stream's next AI frame opens a new epoch (a decoder joined or lost sync)."""
+        st = self.streams.get(stream_id)
+        if st is not None and not st.new_epoch:
+            st.new_epoch = True
+            self.epoch_restarts += 1
 
     def push(self, chunk: Chunk) -> None:
         if chunk.pcm24.shape != (CHUNK_SAMPLES,):

@@ -54,21 +54,38 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
             assert aic.aic_negotiated and not plain.aic_negotiated
             ok = await aic.wait_frames(n_aic=8, timeout_s=90)
             ok_plain = await plain.wait_frames(n_opus=16, timeout_s=90)
+            # a late AIC subscriber joins mid-epoch: it must start decoding at an epoch start
+            late = AicSubscriber(base, "room1", tokens.issue("dan", "room1", ["subscribe"]),
+                                 codec=streaming_codec, slot=2)
+            await late.start()
+            ok_late = await late.wait_frames(n_aic=8, timeout_s=90)
+            await late.stop()
+            ok = ok and ok_late and late.stats.decoded_samples > 0
+            restarts = server.media.batcher.epoch_restarts
+            received = aic.stats.aic_frames
             stats = server.media.stats()
+            stats["aic_received"] = received
             lim = dataclasses.replace(limiter.counters)  # snapshot with the stats
             ticks = server.media.batcher.ticks
             statuses = [await aic.stop(), await plain.stop(), await pub.stop()]
         await limiter.aclose()
-        return ok, ok_plain, aic, plain, pub, stats, statuses, lim, ticks
+        return ok, ok_plain, aic, plain, pub, stats, statuses, lim, ticks, late, restarts
 
-    ok, ok_plain, aic, plain, pub, stats, statuses, lim, ticks = asyncio.run(go())
+    ok, ok_plain, aic, plain, pub, stats, statuses, lim, ticks, late, restarts = asyncio.run(go())
     assert ok and ok_plain, (aic.stats, plain.stats)
     assert statuses == [200, 200, 200]
     # the AIC subscriber decoded every AIC frame to 40 ms of 24 kHz audio, epoch by epoch
     assert aic.stats.bad_payloads == 0
-    assert aic.stats.decoded_samples == 960 * aic.stats.aic_frames
-    assert aic.stats.decoder_resets == len(aic.stats.epochs) >= 1
-    assert aic.stats.epochs == sorted(set(aic.stats.epochs))  # epochs only move forward
+    for sub in (aic, late):  # decoded = every payload of the epochs it followed from the start
+        assert sub.stats.decoded_samples == 960 * (sub.stats.aic_frames - sub.stats.out_of_sync)
+        assert sub.stats.decoder_resets == len(sub.stats.epochs) >= 1
+        assert sub.stats.epochs == sorted(set(sub.stats.epochs))  # epochs only move forward
+        assert sub.stats.sequence_gaps == 0  # loopback: nothing lost
+    # each AIC join opened a new epoch; the first subscriber followed it (reset, in sync)
+    assert restarts >= 1 and len(aic.stats.epochs) >= 2
+    assert late.stats.epochs[0] > aic.stats.epochs[0]
+    # a subscriber that missed its epoch's first packet asked for a new one (RTCP PLI)
+    assert late.stats.out_of_sync == 0 or late.stats.pli_sent >= 1
     assert all(np.isfinite(p).all() for p in aic.pcm)
     # the plain subscriber never saw an AIC packet
     assert plain.stats.aic_frames == 0 and plain.meter.totals("rx", ("rtp/120",))[0] == 0
@@ -78,7 +95,7 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
     assert 0 < lim.calls <= ticks and lim.allowed == stats["hints"]["accepted"]
     assert lim.calls < lim.allowed
     assert not any(k.startswith("dropped/") and k != "dropped/rate_limited" for k in stats["hints"])
-    assert stats["frames"].get("ai", 0) >= aic.stats.aic_frames
+    assert stats["frames"].get("ai", 0) >= stats["aic_received"]  # sent before received
     # wire: an AIC packet (40 ms) is smaller than one Opus packet (20 ms), headers included
     aic_pt = aic._aic_pt
     aic_bytes = aic.meter.bytes_per_datagram("rx", f"rtp/{aic_pt}")
