@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 CODEC_BENCH_JSON = REPO / "docs" / "bench" / "codec.json"
-MAX_LOCAL_REPLICAS = 8  # each replica process holds torch + a model (~1 GB RSS)
+MAX_LOCAL_REPLICAS = 6  # each replica process holds torch + a model (~1 GB RSS)
 TRANSPORT_ALLOWANCE_MS = 4.0  # bridge -> replica -> bridge, per tick, on top of L(B)
 
 
@@ -278,16 +278,9 @@ class Environment:
         return f"killed {name.split('#')[-1]} ({len(actors)} replicas before)"
 
     def replica_pid(self) -> int | None:
-        from ray.util.state import list_actors
-
-        actors = self._replica_actors()
-        if not actors:
-            return None
-        name = actors[0][0]
-        for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-            if getattr(a, "name", "") == name:
-                return int(a.pid)
-        return None
+        """A codec replica process of this run's local cluster (None on a remote cluster)."""
+        pids = _descendants_named("ServeReplica", REPLICA_DEPLOYMENT)
+        return pids[0] if pids else None
 
     def stop_redis(self) -> str:
         if self.embedded is None:
@@ -304,17 +297,8 @@ class Environment:
     def supervisor_cpu_s(self) -> float | None:
         """CPU seconds of the supervisor actor's process (local clusters only)."""
         if self._supervisor_pid is None:
-            try:
-                from ray.util.state import list_actors
-
-                from deployments.config import SUPERVISOR_NAME
-
-                for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-                    if getattr(a, "name", "") == SUPERVISOR_NAME:
-                        self._supervisor_pid = int(a.pid)
-            except Exception as exc:  # noqa: BLE001 - state API unavailable: leave it out
-                logger.debug("supervisor pid lookup failed: %s", exc)
-                return None
+            pids = _descendants_named("FallbackSupervisor")
+            self._supervisor_pid = pids[0] if pids else None
         return None if self._supervisor_pid is None else _proc_cpu_s(self._supervisor_pid)
 
     def publish_stats(self, bridge_id: str, stats: dict[str, Any]) -> None:
@@ -350,6 +334,34 @@ class Environment:
             self._pending_users = {**users, **self._pending_users}
             return None
         return off
+
+
+def _descendants_named(*words: str) -> list[int]:
+    """Processes below this one (a local Ray started here: raylet -> workers) whose command
+    line holds all `words`; Ray names worker processes `ray::<Actor>...`. Other people's Ray
+    clusters on the same machine are not our descendants, so they are never touched."""
+    me = os.getpid()
+    parent: dict[int, int] = {}
+    cmd: dict[int, str] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            cmd[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+    out = []
+    for pid, line in cmd.items():
+        if not all(w in line for w in words):
+            continue
+        p, hops = parent.get(pid), 0
+        while p and p != me and hops < 16:
+            p, hops = parent.get(p), hops + 1
+        if p == me:
+            out.append(pid)
+    return sorted(out)
 
 
 def _proc_cpu_s(pid: int) -> float | None:
