@@ -168,3 +168,51 @@ def test_hints_verified_and_counted_once_per_tick(streaming_codec, secret):
     assert report.hints_accepted == 2
     assert report.hints_dropped == {"rate_limited": 2, "replay": 1, "tag": 1, "size": 1}
     assert tb.streams["a"].last_hint.seq == 2
+
+
+def test_chunker_turns_48k_stereo_frames_into_40ms_24k_chunks():
+    import av
+
+    from sfu_bridge.media import Chunker
+
+    ch = Chunker("s")
+    chunks = []
+    t = np.arange(960 * 12) / 48_000
+    tone = (0.5 * np.sin(2 * np.pi * 1_000 * t) * 32767).astype(np.int16)
+    for i in range(12):  # 240 ms of aiortc decoder output: 20 ms, s16, stereo, 48 kHz
+        part = tone[i * 960:(i + 1) * 960]
+        frame = av.AudioFrame.from_ndarray(np.repeat(part, 2)[None, :], format="s16", layout="stereo")
+        frame.sample_rate = 48_000
+        frame.pts = i * 960
+        chunks.extend(ch.add(frame))
+    assert 5 <= len(chunks) <= 6  # 240 ms minus the resampler's delay
+    assert [c.rtp_timestamp for c in chunks] == [1920 * i for i in range(len(chunks))]
+    for c in chunks:
+        assert c.pcm24.shape == (960,) and c.pcm24.dtype == np.float32
+    spectrum = np.abs(np.fft.rfft(chunks[-1].pcm24))
+    assert abs(np.argmax(spectrum) * 24_000 / 960 - 1_000) <= 25  # still the 1 kHz tone
+
+
+def test_tick_loop_delivers_reports_and_stops_deterministically(streaming_codec, sine_chunk):
+    async def go():
+        tb = TickBatcher(InProcessCodec(streaming_codec), deadline_ms=5_000)
+        reports = []
+        got3 = asyncio.Event()
+
+        def on_report(r):
+            reports.append(r)
+            if len(reports) >= 3:
+                got3.set()
+
+        tb.push(Chunk("s", sine_chunk(300, 0)))
+        tb.start(on_report, tick_s=0.01)
+        await asyncio.wait_for(got3.wait(), 60)
+        await tb.stop()
+        assert tb._exited.is_set() and tb._task is None  # the loop has exited, not just paused
+        return reports
+
+    reports = run(go())
+    n = len(reports)
+    assert n >= 3
+    assert [r.tick for r in reports] == list(range(1, n + 1))
+    assert sum(len(r.frames) for r in reports) == 1
