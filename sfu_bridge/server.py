@@ -25,6 +25,7 @@ import argparse
 import logging
 import multiprocessing
 import re
+import signal
 from typing import Any
 
 from aiohttp import web
@@ -353,6 +354,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_serve_worker, args=(args, args.port + i)) for i in range(args.workers)]
+
+    def _terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)  # a supervisor's stop ends the workers too
     for p in procs:
         p.start()
     try:
@@ -361,6 +367,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         for p in procs:
             p.terminate()
+        for p in procs:
+            p.join(timeout=10)
     return max((p.exitcode or 0) for p in procs)
 
 
