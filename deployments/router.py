@@ -53,7 +53,16 @@ class StreamAffinityRouter(RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        uids = tuple(sorted(r.replica_id.unique_id for r in replicas))
+        self._refresh_owners()
+
+    def on_replica_actor_died(self, replica_id) -> None:
+        # Serve stops routing to a dead replica before the controller's next broadcast; the
+        # ownership view must drop it at the same moment, or clients group by a dead owner.
+        super().on_replica_actor_died(replica_id)
+        self._refresh_owners()
+
+    def _refresh_owners(self) -> None:
+        uids = tuple(sorted(rid.unique_id for rid in self.curr_replicas))
         if uids != self._uids:
             self._uids = uids
             self._owner_cache = {}

@@ -283,7 +283,8 @@ def test_replica_death_every_frame_answered_and_streams_resume(ray_local, codec_
         tr.observe_result(res)
         ticks += 1
         fell = {s for s, c in zip(res.stream_ids, res.outcome_codes.tolist(), strict=True) if c}
-        if t_replaced is None and len(view.replica_uids()) == 2:
+        uids = view.replica_uids()
+        if t_replaced is None and len(uids) == 2 and victim_uid not in uids:
             t_replaced = time.monotonic()
         if t_replaced is not None:
             moved |= fell
