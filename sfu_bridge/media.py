@@ -40,7 +40,7 @@ from aiortc.utils import random16, random32
 from deployments.contract import CHUNK_SAMPLES, Outcome, bandwidth_codebooks
 from models.opus import OpusCodec
 from sfu_bridge import rtp_ext
-from sfu_bridge.aic_payload import AicPayload
+from sfu_bridge.aic_payload import pack_payloads
 from sfu_bridge.tick import Chunk, FrameOutcome, TickBatcher, TickReport
 
 logger = logging.getLogger(__name__)
@@ -362,21 +362,24 @@ class MediaBridge:
             if fo.outcome is not Outcome.AI:
                 opus_rows.append(fo)
         opus_packets = self._encode_opus(opus_rows)
-        sends = []
+        ai_rows = [fo for fo, _ in todo if fo.outcome is Outcome.AI and fo.codes is not None]
+        aic_payloads: dict[int, bytes] = {}
+        if ai_rows:  # the tick's AIC payloads in one vectorised packing pass
+            packed = pack_payloads(
+                np.asarray([fo.epoch % 65536 for fo in ai_rows], np.int64), self.n_q,
+                np.stack([fo.codes for fo in ai_rows]),
+                np.asarray([fo.epoch_seq == 0 for fo in ai_rows]),
+            )
+            aic_payloads = {id(fo): p for fo, p in zip(ai_rows, packed, strict=True)}
+        # sequential awaits: a send only hands a datagram to the socket, a task each would cost more
         for fo, subs in todo:
-            aic_bytes = None
-            if fo.outcome is Outcome.AI and fo.codes is not None:
-                aic_bytes = bytes(AicPayload(
-                    epoch=fo.epoch % 65536, n_q=self.n_q, codes=fo.codes, start=fo.epoch_seq == 0
-                ))
+            aic_bytes = aic_payloads.get(id(fo))
             ts = fo.chunk.rtp_timestamp
             for sub in subs:
                 if aic_bytes is not None:
-                    sends.append(self._send(sub, "aic", sub.out.aic_pt, [aic_bytes], ts))
+                    await self._send(sub, "aic", sub.out.aic_pt, [aic_bytes], ts)
                 elif sub.out.opus_pt is not None:
-                    sends.append(self._send(sub, "opus", sub.out.opus_pt, opus_packets[id(fo)], ts))
-        if sends:
-            await asyncio.gather(*sends)
+                    await self._send(sub, "opus", sub.out.opus_pt, opus_packets[id(fo)], ts)
         report.overhead_ms += (time.perf_counter() - t0) * 1000.0
         self.overheads_ms.append(report.overhead_ms)
         if len(self.overheads_ms) > 10_000:
