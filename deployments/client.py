@@ -72,7 +72,7 @@ def merge_results(batch: FrameBatch, parts: list[tuple[np.ndarray, BatchResult]]
     )
     seen = np.zeros(b, bool)
     replica_ids = []
-    modes = {getattr(res, "compute", None) for _, res in parts} - {None}
+    modes = {res.compute for _, res in parts}
     for rows, res in parts:
         out.outcome_codes[rows] = res.outcome_codes
         out.queue_ms[rows] = res.queue_ms
@@ -95,7 +95,7 @@ def merge_results(batch: FrameBatch, parts: list[tuple[np.ndarray, BatchResult]]
     out.replica_id = ",".join(sorted(set(replica_ids)))
     if modes:
         # "real", "emulated", or both ("emulated,real") if replicas disagree mid-reconfigure.
-        out.compute = ",".join(sorted(modes))  # type: ignore[attr-defined]
+        out.compute = ",".join(sorted(modes))
     return out
 
 

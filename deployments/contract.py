@@ -136,6 +136,7 @@ class BatchResult:
     pcm: np.ndarray | None = None  # decode: float32 [B, T]; rows valid where ai
     replica_id: str = ""
     errors: dict[str, str] = field(default_factory=dict)  # stream id -> message for `error`
+    compute: str = "real"  # "real" | "emulated" (load tests); merged results may say "emulated,real"
 
     def __len__(self) -> int:
         return len(self.stream_ids)
@@ -148,7 +149,7 @@ class BatchResult:
         """Frames by outcome key: 'ai' or 'fallback/<reason>'."""
         out: dict[str, int] = {}
         codes, n = np.unique(self.outcome_codes, return_counts=True)
-        for c, k in zip(codes.tolist(), n.tolist()):
+        for c, k in zip(codes.tolist(), n.tolist(), strict=True):
             r = decode_reason(c)
             out["ai" if r is None else f"fallback/{r.value}"] = k
         return out
@@ -161,7 +162,11 @@ class BatchResult:
         res = cls(
             stream_ids=list(batch.stream_ids),
             outcome_codes=np.full(b, reason_code(reason), np.uint8),
-            epochs=np.asarray(batch.epochs, np.int64).copy() if len(batch.epochs) == b else np.zeros(b, np.int64),
+            epochs=(
+                np.asarray(batch.epochs, np.int64).copy()
+                if len(batch.epochs) == b
+                else np.zeros(b, np.int64)
+            ),
             queue_ms=np.zeros(b, np.float32),
             compute_ms=np.zeros(b, np.float32),
             replica_id=replica_id,

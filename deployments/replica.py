@@ -178,7 +178,7 @@ class _FrameRef:
 def _label(result: BatchResult, compute: str) -> None:
     # The reply names the compute mode that produced it, so an emulated number is never
     # mistaken for a real one downstream.
-    result.compute = compute  # type: ignore[attr-defined]
+    result.compute = compute
 
 
 # ----------------------------------------------------------------------------- codec runtime
