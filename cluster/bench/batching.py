@@ -30,9 +30,13 @@ One trace, one device, one model, every scheduler side by side:
               `--clock wall` measures elapsed time; `--clock cpu` (with `--threads 1`) the
               thread's CPU time, which leaves out time other processes took on a shared CPU.
 - Capacity: the best throughput (frames/s at the mean step time) among batch sizes whose p99
-  step fits the deadline: max over B <= max_batch with p99(B) + margin + jitter <= deadline of
-  B / mean(B). No scheduler can answer more frames on time than that, so loads are fractions
+  step fits the deadline and whose mean step fits a 40 ms tick: max over B <= max_batch with
+  p99(B) + margin + jitter <= deadline and mean(B) <= 40 ms of B / mean(B). (A stream has at
+  most one chunk in a step, so longer steps leave every stream behind.) Loads are fractions
   of it.
+- Streaming state: a batch never holds two chunks of one stream. `@serve.batch` does not know
+  that, so a batch it forms with two chunks of a stream runs as sub-steps (the k-th chunk of
+  each stream in sub-step k), as a correct replica behind it would have to.
 - Metrics per scheduler and load: miss_rate (frames not answered `ai` within their deadline,
   of all frames), goodput_fps, p50/p99 latency (bridge send -> codes, frames answered `ai`),
   wasted_compute_s (step time spent on frames that missed their deadline anyway, pro rata),
@@ -200,10 +204,14 @@ def measure_profile(
 
 def capacity(profile: Profile, deadline_ms: float, margin_ms: float, jitter_ms: float,
              max_batch: int, steps_in_deadline: int = 1) -> tuple[float, int]:
-    """(frames/s, B): best B / mean(B) among B whose p99 step fits the deadline."""
+    """(frames/s, B): best B / mean(B) among B whose p99 step fits the deadline and whose
+    mean step fits one 40 ms tick (a stream has at most one frame in a step, so steps longer
+    than a tick leave every stream falling behind)."""
     best, best_b = 0.0, 0
     for b in range(1, max_batch + 1):
         if steps_in_deadline * profile.p99_ms(b) + margin_ms + jitter_ms > deadline_ms:
+            break
+        if profile.mean_ms(b) > TICK_S * 1000.0:
             break
         fps = b / profile.mean_ms(b) * 1000.0
         if fps > best:
@@ -364,9 +372,22 @@ def run_fifo_batches(tr: Trace, step_ms: StepCost, batches: list[tuple[float, in
         start = max(free, ready)
         if start >= t_stop:
             break
-        ms = step_ms(j - i)
-        free = start + ms / 1000.0
-        rl.ran(np.arange(i, j), start, free, tr.deadline)
+        # A stream's chunks must run one after another (streaming state), so a batch holding
+        # two chunks of one stream runs as sub-steps: the k-th chunk of each stream in step k.
+        rows = np.arange(i, j)
+        _, first = np.unique(tr.stream[rows], return_index=True)
+        rank = np.zeros(len(rows), np.int64)
+        if len(first) < len(rows):
+            seen: dict[int, int] = {}
+            for r, sid in enumerate(tr.stream[rows].tolist()):
+                rank[r] = seen.get(sid, 0)
+                seen[sid] = rank[r] + 1
+        free = start
+        for k in range(int(rank.max()) + 1):
+            sub = rows[rank == k]
+            sub_start = free
+            free = sub_start + step_ms(len(sub)) / 1000.0
+            rl.ran(sub, sub_start, free, tr.deadline)
         starts.append((start, j))
     # Queue = frames arrived but not started, sampled at each step start and at the end of arrivals.
     if starts:
@@ -485,7 +506,7 @@ def run_bench(cfg: BenchConfig, profile: Profile, real: RealCompute | None) -> d
         "latency_profile_ms": profile.as_json(),
         "capacity_fps": round(cap_fps, 2),
         "capacity_batch": cap_b,
-        "capacity_definition": "max over B <= max_batch with p99(B) + margin + jitter <= deadline of B / mean step time(B)",
+        "capacity_definition": "max over B <= max_batch with p99(B) + margin + jitter <= deadline and mean(B) <= 40 ms of B / mean step time(B)",
         "half_deadline_capacity_fps": round(half_fps, 2),
         "peak_fps": round(peak, 2),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
@@ -520,16 +541,17 @@ EDF deadline-aware batching (`deployments/scheduler.py`) against Ray Serve's `@s
 policy and no batching, on the same trace, device and model. Rows per offered load (fraction
 of capacity). Definitions (module docstring of `cluster/bench/batching.py`):
 
-- **capacity**: max over B <= max_batch with p99 step(B) + margin + jitter <= deadline of
-  B / mean step(B) - no scheduler can answer more frames on time.
+- **capacity**: max over B <= max_batch with p99 step(B) + margin + jitter <= deadline and
+  mean step(B) <= 40 ms (one chunk per stream per step) of B / mean step(B).
 - **miss rate**: frames not answered `ai` within their deadline (late, fallback, or still
   queued when the run ends), of all frames. **goodput**: frames answered `ai` in time per s.
 - **p50/p99**: bridge send -> codes, frames answered `ai`. **wasted compute**: step time spent
   on frames that missed anyway (pro rata). **queue**: frames waiting, max / when arrivals stop.
 - `serve_batch` emulates `@serve.batch` (ray 2.60) in the same event loop: FIFO, a batch
   closes at `max_batch_size` or `batch_wait_timeout_s` after it opens, batches form while the
-  previous one runs and run one at a time; it computes every frame. The best grid point per load
-  is shown. `none`: one frame per step, FIFO.
+  previous one runs and run one at a time; it computes every frame; a batch with two chunks of
+  one stream runs as sub-steps (streaming state). The best grid point per load is shown.
+  `none`: one frame per step, FIFO.
 """
 
 
