@@ -310,7 +310,7 @@ async def _wire(seconds: float) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the JSON report")
-    parser.add_argument("--ladder", default="5,10,20,40,80,160,320",
+    parser.add_argument("--ladder", default="5,10,20,30,40,50,60,80,120,160,240,320",
                         help="stream counts to try, ascending (stops after the first over budget)")
     parser.add_argument("--ticks", type=int, default=100, help="measured ticks per step")
     parser.add_argument("--aic-subs", type=int, default=1, help="AIC subscribers per stream")
