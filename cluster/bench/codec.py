@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: pretrained if a checkpoint is found, else random (loudly)")
     parser.add_argument("--bandwidth", type=float, default=6.0, help="kbps: 1.5, 3, 6, 12 or 24")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: one per core)")
+                        help="torch intra-op threads (default: 1 on CPU, where a 40 ms step's "
+                             "small ops gain nothing from more and replicas scale per core; "
+                             "torch's default on CUDA)")
     parser.add_argument("--budget", type=float, default=15.0,
                         help="max wall seconds of streaming steps per batch size (fewer steps "
                              "are measured when a batch is slow; at least 5)")
@@ -289,6 +291,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif device == "cpu":
+        torch.set_num_threads(1)
     threads = torch.get_num_threads()
     model, weights = load_model(args.weights)
     from models.streaming import check_bandwidth
