@@ -116,24 +116,33 @@ def _key(code: int) -> str:
 
 
 def recovery_time(t: np.ndarray, frames: np.ndarray, fallback: np.ndarray, fault_t: float,
-                  threshold: float = 0.01, hold_s: float = 1.0, baseline: float = 0.0) -> dict:
-    """How long after `fault_t` the fallback rate took to get back under `threshold` (plus the
-    pre-fault baseline) and stay there for `hold_s`. Returns peak and recovery in seconds."""
+                  threshold: float = 0.01, hold_s: float = 1.0, baseline: float = 0.0,
+                  window_s: float = 1.0) -> dict:
+    """How long after `fault_t` the fallback rate took to come back to normal and stay there
+    for `hold_s`. The rate is taken over a sliding `window_s` (one tick is too noisy), and
+    "normal" is the pre-fault baseline plus max(`threshold`, half the baseline)."""
     after = t >= fault_t
     if not after.any():
         return {"fault_at_s": fault_t, "peak_fallback_rate": None, "recovered_after_s": None}
-    rate = np.where(frames > 0, fallback / np.maximum(frames, 1), 0.0)
-    limit = threshold + baseline
+    dt = float(np.median(np.diff(t))) if t.size > 1 else 0.04
+    w = max(1, int(round(window_s / dt)))
+    kern = np.ones(w)
+    # Trailing window: the rate at tick i covers ticks i-w+1 .. i.
+    fb_w = np.convolve(fallback.astype(float), kern)[: t.size]
+    fr_w = np.convolve(frames.astype(float), kern)[: t.size]
+    rate = np.where(fr_w > 0, fb_w / np.maximum(fr_w, 1), 0.0)
+    limit = baseline + max(threshold, 0.5 * baseline)
     ta, ra = t[after], rate[after]
+    bad = ra > limit
     peak = float(ra.max())
     recovered = None
-    bad = ra > limit
     if not bad.any():
         recovered = 0.0
     else:
         last_bad = int(np.flatnonzero(bad)[-1])
         if last_bad + 1 < ta.size and ta[-1] - ta[last_bad + 1] >= hold_s - 1e-9:
-            recovered = float(ta[last_bad + 1] - fault_t)
+            # The window trails by window_s: the rate was back once the window cleared.
+            recovered = max(0.0, float(ta[last_bad + 1] - fault_t) - window_s + dt)
     first_bad = float(ta[np.flatnonzero(bad)[0]] - fault_t) if bad.any() else None
     return {
         "fault_at_s": fault_t,
@@ -141,6 +150,7 @@ def recovery_time(t: np.ndarray, frames: np.ndarray, fallback: np.ndarray, fault
         "peak_fallback_rate": round(peak, 4),
         "recovered_after_s": None if recovered is None else round(recovered, 3),
         "recovery_threshold": round(limit, 4),
+        "window_s": window_s,
     }
 
 

@@ -78,7 +78,7 @@ def _run(tmp_path: Path, **kw) -> dict:
 @pytest.mark.ray
 def test_simulate_emulated_with_abusers_and_a_killed_replica(tmp_path):
     rep = _run(tmp_path, streams=20, duration_s=4.0, compute="emulated", replicas=2, flooders=1,
-               forgers=1, replayers=1, faults=["kill-replica@1.5"], seed=1)
+               forgers=1, replayers=1, faults=["kill-replica@1.5"], seed=1, time_dilation=3.0)
     for k in REQUIRED_KEYS:
         assert k in rep, k
     assert rep["compute"] == "emulated" and "emulated" in rep["compute_label"]
