@@ -51,8 +51,10 @@ def load_profile(path: Path = CODEC_BENCH_JSON) -> tuple[dict[int, float], str] 
     out = {}
     for b, v in prof.items():
         out[int(b)] = float(v["p50"] if isinstance(v, dict) else v)
-    device = doc.get("device") or doc.get("machine") or "unknown device"
-    return out, str(device)
+    device = doc.get("machine") or doc.get("device") or "unknown device"
+    weights = doc.get("weights")
+    label = f"{device}, `auralink bench codec`" + (f", {weights} weights" if weights else "")
+    return out, label
 
 
 def streams_per_replica(profile: dict[int, float], deadline_ms: float, margin_ms: float) -> int:
@@ -133,7 +135,7 @@ class Environment:
         if cfg.latency_profile:
             env.profile, env.profile_device = dict(cfg.latency_profile), cfg.profile_device or "given"
         else:
-            loaded = load_profile()
+            loaded = load_profile() or load_profile(REPO / "runs" / "bench-codec.json")
             env.profile, env.profile_device = loaded or (dict(DEFAULT_LATENCY_PROFILE), DEFAULT_PROFILE_DEVICE)
         if cfg.address:
             await env._attach_app()
