@@ -150,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
     if fl.get("count"):
         print(f"flooders: {fl['count']} held to {fl['min_per_s']}-{fl['max_per_s']} hints/s (limit {fl['target_per_s']:g})")
     print(f"compute: {report['compute_label']}")
+    if report["compute"] == "emulated" and not report.get("latency_profile_measured", True):
+        print("WARNING: the latency profile is the built-in unmeasured seed; run `auralink bench codec "
+              "--json docs/bench/codec.json` on the target device (a GPU for 10,000 streams) or pass --profile")
     print(f"report: {report['report_path']}")
     for name, path in report["plots"].items():
         print(f"plot {name}: {path}")

@@ -63,6 +63,7 @@ from cluster.simulator.report import (
     summarize_rates,
 )
 from cluster.simulator.traces import StreamKind, StreamPopulation, TraceConfig
+from deployments.config import DEFAULT_PROFILE_DEVICE
 from deployments.contract import (
     CHUNK_FRAMES,
     CHUNK_SAMPLES,
@@ -646,6 +647,7 @@ class Simulation:
             "weights": self.env.weights,
             "latency_profile_device": self.env.profile_device,
             "latency_profile_ms": {str(k): v for k, v in sorted(self.env.profile.items())},
+            "latency_profile_measured": self.env.profile_device != DEFAULT_PROFILE_DEVICE,
             "time_dilation": self.dilation,
             "time_dilation_note": (
                 "a simulated 40 ms tick took 40*D ms of wall time; frame deadlines, emulated "

@@ -150,7 +150,7 @@ class Environment:
         info = await handle.options(method_name="info").remote()
         env.weights = info.get("weights", "unknown")
         env.compute_label = (
-            f"{info.get('compute')}: replicas spend L(B) of the latency profile measured on "
+            f"{info.get('compute')}: replicas spend L(B) of the latency profile from "
             f"'{info.get('latency_profile_device')}'" if info.get("compute") == "emulated"
             else f"real: EnCodec on {info.get('device')} ({info.get('backend')})"
         )
