@@ -127,6 +127,8 @@ class _StreamConvTranspose(nn.Module):
         if convtr.groups != 1 or convtr.padding != (0,) or convtr.dilation != (1,):
             raise ValueError("streaming transposed conv expects groups=1, no padding/dilation")
         self.register_buffer("weight", _plain_weight(convtr))
+        # [Cin, Cout, K] -> [Cin, Cout*K] for the matmul form.
+        self.register_buffer("weight_2d", self.weight.flatten(1).contiguous())
         bias = convtr.bias.detach().clone() if convtr.bias is not None else None
         self.register_buffer("bias", None if bias is None else bias.view(1, -1, 1))
         self.stride = convtr.stride[0]
@@ -135,6 +137,8 @@ class _StreamConvTranspose(nn.Module):
         self.offset = layout.add(self.channels * self.tail)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor, new_states: list) -> torch.Tensor:
+        if self.tail == self.stride:
+            return self._forward_matmul(x, state, new_states)
         n = x.shape[-1]
         y = F.conv_transpose1d(x, self.weight, None, self.stride)
         emit = n * self.stride
@@ -147,32 +151,73 @@ class _StreamConvTranspose(nn.Module):
         y = y[:, :, :emit]
         return y if self.bias is None else y + self.bias
 
+    def _forward_matmul(self, x: torch.Tensor, state: torch.Tensor,
+                        new_states: list) -> torch.Tensor:
+        """K == 2*stride (every EnCodec upsampler): one matmul plus a shifted add.
+
+        Each input frame j yields K samples: its first half lands in output block j, its
+        second half in block j+1. Block 0 also gets the previous call's last second half
+        (the tail); this call's last second half becomes the new tail. Small-input
+        ``conv_transpose1d`` takes a slow generic path on CPU; this is a single GEMM.
+        """
+        s, c_out = self.stride, self.channels
+        # [B, n, Cin] @ [Cin, Cout*K] -> [B, n, Cout, K]
+        z = torch.matmul(x.transpose(1, 2), self.weight_2d).unflatten(-1, (c_out, 2 * s))
+        first, second = z[..., :s], z[..., s:]
+        prev = state[:, self.offset:self.offset + c_out * s].reshape(-1, 1, c_out, s)
+        new_states.append(second[:, -1].flatten(1))
+        blocks = first + torch.cat([prev, second[:, :-1]], dim=1)  # [B, n, Cout, s]
+        y = blocks.permute(0, 2, 1, 3).flatten(2)  # [B, Cout, n*s]
+        return y if self.bias is None else y + self.bias
+
 
 class _StreamLSTM(nn.Module):
-    """SLSTM (``y = lstm(x) + x``) with per-stream ``h``/``c`` for every layer."""
+    """SLSTM (``y = lstm(x) + x``) with per-stream ``h``/``c`` for every layer.
+
+    Written out as matmuls rather than calling ``nn.LSTM``: for the 1-3 frames of a streaming
+    step the fused CPU kernel costs ~20 ms of setup per call, while the input projection of
+    all frames is one matmul and each frame then needs one small matmul.
+    """
 
     def __init__(self, lstm: nn.LSTM, skip: bool, layout: _StateLayout) -> None:
         super().__init__()
-        if lstm.bidirectional or lstm.batch_first or lstm.proj_size:
-            raise ValueError("streaming LSTM expects a plain unidirectional LSTM")
-        # A fresh LSTM with the same weights: the caller's module stays untouched.
-        self.lstm = nn.LSTM(lstm.input_size, lstm.hidden_size, lstm.num_layers, bias=lstm.bias)
-        self.lstm.load_state_dict(lstm.state_dict())
-        self.lstm.requires_grad_(False)
+        if lstm.bidirectional or lstm.batch_first or lstm.proj_size or not lstm.bias:
+            raise ValueError("streaming LSTM expects a plain unidirectional LSTM with bias")
         self.skip = skip
         self.layers = lstm.num_layers
         self.hidden = lstm.hidden_size
+        with torch.no_grad():
+            for k in range(self.layers):
+                w_ih = getattr(lstm, f"weight_ih_l{k}").detach().clone()
+                w_hh = getattr(lstm, f"weight_hh_l{k}").detach().clone()
+                bias = getattr(lstm, f"bias_ih_l{k}") + getattr(lstm, f"bias_hh_l{k}")
+                self.register_buffer(f"w_ih_t{k}", w_ih.t().contiguous())
+                self.register_buffer(f"w_hh_t{k}", w_hh.t().contiguous())
+                self.register_buffer(f"bias{k}", bias.detach().clone())
         self.offset = layout.add(2 * self.layers * self.hidden)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor, new_states: list) -> torch.Tensor:
         n = 2 * self.layers * self.hidden
         hc = state[:, self.offset:self.offset + n].reshape(-1, 2, self.layers, self.hidden)
-        hc = hc.permute(1, 2, 0, 3)  # [2, layers, B, H]
         xt = x.permute(2, 0, 1)  # [T, B, C]
-        y, (h, c) = self.lstm(xt, (hc[0].contiguous(), hc[1].contiguous()))
-        if self.skip:
-            y = y + xt
-        new_states.append(torch.stack([h, c]).permute(2, 0, 1, 3).flatten(1))
+        inp = xt
+        hs, cs = [], []
+        for k in range(self.layers):
+            h, c = hc[:, 0, k], hc[:, 1, k]
+            w_hh = getattr(self, f"w_hh_t{k}")
+            gates_x = torch.matmul(inp, getattr(self, f"w_ih_t{k}")) + getattr(self, f"bias{k}")
+            outs = []
+            for t in range(gates_x.shape[0]):
+                gates = torch.addmm(gates_x[t], h, w_hh)
+                i, f, g, o = gates.chunk(4, dim=1)  # PyTorch's gate order
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                outs.append(h)
+            inp = torch.stack(outs)
+            hs.append(h)
+            cs.append(c)
+        y = inp + xt if self.skip else inp
+        new_states.append(torch.stack([torch.stack(hs, 1), torch.stack(cs, 1)], 1).flatten(1))
         return y.permute(1, 2, 0).contiguous()
 
 
