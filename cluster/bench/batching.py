@@ -575,6 +575,10 @@ def markdown_run(data: dict[str, Any]) -> str:
         "- step-time profile (ms): " + ", ".join(
             f"B={b}: p50 {v['p50']:.2f} / p99 {v['p99']:.2f}" for b, v in data["latency_profile_ms"].items()),
     ]
+    if data["compute"] == "real":
+        lines.append("- schedulers run one after another on the same machine; on a shared CPU "
+                     "their step times move with other processes' load, so rows are not taken "
+                     "under identical conditions (the emulated table replays one profile for all)")
     p1 = data["latency_profile_ms"].get("1")
     if c["deadline_ms"] != 20.0 and p1:
         lines.append(f"- the deadline is {c['deadline_ms']:g} ms, not the 20 ms default: on this "
