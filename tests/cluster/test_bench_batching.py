@@ -70,3 +70,36 @@ def test_tiny_emulated_run_gives_every_frame_one_outcome_and_edf_wins_under_over
     assert over["goodput_fps"] > rows[("serve_batch", 1.2)]["goodput_fps"]
     assert over["goodput_fps"] > 0.9 * data["capacity_fps"]
     assert (AI_ON_TIME, AI_LATE, UNANSWERED) == (0, 1, 4)
+
+
+def test_serve_batch_with_two_chunks_of_one_stream_runs_them_as_sub_steps():
+    from cluster.bench.batching import Trace, run_fifo_batches
+
+    n = 3
+    tr = Trace(send=np.zeros(n), arrival=np.zeros(n), deadline=np.full(n, 1.0),
+               stream=np.array([7, 7, 8]), seq=np.array([0, 1, 0]), duration_s=1.0,
+               n_streams=2, offered_fps=3.0)
+    sizes = []
+
+    def step(b):
+        sizes.append(b)
+        return 10.0
+
+    rl = run_fifo_batches(tr, step, [(0.0, 0, 3)], deadline_ms=20.0)
+    assert sizes == [2, 1]  # (7#0, 8#0) then 7#1
+    assert [s[2] for s in rl.steps] == [2, 1]
+    assert rl.answer.tolist() == pytest.approx([0.010, 0.020, 0.010])
+
+
+def test_profile_loads_codec_bench_json_and_samples_around_its_quantiles(tmp_path):
+    import json
+
+    path = tmp_path / "codec.json"
+    path.write_text(json.dumps({"device": "cuda: test", "weights": "random",
+                                "latency_profile_ms": {"1": {"p50": 2.0, "p99": 4.0}, "8": 6.0}}))
+    p = Profile.load(path)
+    assert p.device == "cuda: test" and p.p99_ms(8) == 6.0 and p.p50_ms(4) == pytest.approx(2.0 + 4 * 3 / 7)
+    rng = np.random.default_rng(0)
+    xs = np.array([p.sample_ms(1, rng) for _ in range(20000)])
+    assert np.percentile(xs, 50) == pytest.approx(2.0, rel=0.03)
+    assert np.percentile(xs, 99) == pytest.approx(4.0, rel=0.08)
