@@ -59,17 +59,11 @@ def _operator_authority():
         return None
 
 
-def mount_dashboard(app: FastAPI) -> bool:
-    """Operator dashboard: `deployments.dashboard` exposes a FastAPI `router`, mounted under
-    /dashboard when that module is installed. Returns whether it was mounted."""
-    try:
-        from deployments import dashboard  # noqa: PLC0415 - optional part
-    except ModuleNotFoundError as exc:
-        if exc.name != "deployments.dashboard":
-            raise
-        return False
+def mount_dashboard(app: FastAPI) -> None:
+    """Operator dashboard (`deployments.dashboard`) under /dashboard, behind operator tokens."""
+    from deployments import dashboard
+
     app.include_router(dashboard.router, prefix="/dashboard")
-    return True
 
 
 mount_dashboard(api)
