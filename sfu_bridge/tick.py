@@ -24,7 +24,7 @@ import inspect
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -99,6 +99,8 @@ class TickReport:
 class StreamState:
     stream_id: str
     opted_out: bool = False
+    opted_out_locally: bool = False  # from the bridge's own config at join; never lifted remotely
+    unhealthy: bool = False  # the fallback supervisor turned AI off (it retries with backoff)
     epoch: int = 0
     next_seq: int = 0
     new_epoch: bool = True  # the next AI frame opens a new epoch
@@ -147,7 +149,9 @@ class TickBatcher:
     def join(self, stream_id: str, opted_out: bool = False) -> StreamState:
         st = self.streams.get(stream_id)
         if st is None:
-            st = self.streams[stream_id] = StreamState(stream_id, opted_out=opted_out)
+            st = self.streams[stream_id] = StreamState(
+                stream_id, opted_out=opted_out, opted_out_locally=opted_out
+            )
         return st
 
     def leave(self, stream_id: str) -> list[FrameOutcome]:
@@ -165,6 +169,14 @@ class TickBatcher:
         if st is not None and not st.new_epoch:
             st.new_epoch = True
             self.epoch_restarts += 1
+
+    def apply_decisions(self, off: Mapping[str, str]) -> None:
+        """Applies the fallback supervisor's verdicts, `{stream: "opted_out" | "unhealthy"}`;
+        a stream not named is AI-on. Opt-outs known locally (at join) always stay."""
+        for sid, st in self.streams.items():
+            why = off.get(sid)
+            st.opted_out = st.opted_out_locally or why == FallbackReason.OPTED_OUT.value
+            st.unhealthy = why == FallbackReason.UNHEALTHY.value
 
     def push(self, chunk: Chunk) -> None:
         if chunk.pcm24.shape != (CHUNK_SAMPLES,):
@@ -204,6 +216,8 @@ class TickBatcher:
             chunk = st.backlog.popleft()
             if st.opted_out:
                 frames.append(self._local(chunk, FallbackReason.OPTED_OUT))
+            elif st.unhealthy:
+                frames.append(self._local(chunk, FallbackReason.UNHEALTHY))
             else:
                 send.append((st, chunk))
 

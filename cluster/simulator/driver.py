@@ -330,7 +330,8 @@ class Simulation:
             sid = self.pop.stream_ids[i]
             user = self.pop.user_ids[i]
             br = self.bridges[self.bridge_of_slot[i]].batcher
-            br.join(sid, opted_out=user in self.opted_out_users)
+            # The supervisor's verdict, not a local pin: the user may opt back in.
+            br.join(sid).opted_out = user in self.opted_out_users
             self.gate.join(sid)
             self.env.supervisor_register(sid, user)
 
@@ -509,17 +510,11 @@ class Simulation:
         self.control_cpu_s += time.thread_time() - c0
 
     def _apply_off(self, off: dict[str, str]) -> None:
-        opted_streams = {sid for sid, why in off.items() if why == FallbackReason.OPTED_OUT.value}
-        self.ai_off_streams = {sid for sid, why in off.items() if why != FallbackReason.OPTED_OUT.value}
-        users = set()
+        opted = FallbackReason.OPTED_OUT.value
+        self.ai_off_streams = {sid for sid, why in off.items() if why != opted}
         for br in self.bridges:
-            for sid, st in br.batcher.streams.items():
-                want = sid in opted_streams
-                if st.opted_out != want:
-                    st.opted_out = want
-                if want:
-                    users.add(sid.split("-", 1)[0])
-        self.opted_out_users = users
+            br.batcher.apply_decisions(off)
+        self.opted_out_users = {sid.split("-", 1)[0] for sid, why in off.items() if why == opted}
 
     def _publish(self, t_sim: float) -> None:
         sec = self._second_counts

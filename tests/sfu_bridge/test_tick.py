@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from deployments.contract import BatchResult, FallbackReason, FrameBatch, Outcome
+from deployments.contract import CHUNK_SAMPLES, BatchResult, FallbackReason, FrameBatch, Outcome
 from sfu_bridge.hint_auth import HintSigner, HintVerifier
 from sfu_bridge.hint_ext import Hint
 from sfu_bridge.tick import Chunk, InProcessCodec, TickBatcher
@@ -216,3 +216,27 @@ def test_tick_loop_delivers_reports_and_stops_deterministically(streaming_codec,
     assert n >= 3
     assert [r.tick for r in reports] == list(range(1, n + 1))
     assert sum(len(r.frames) for r in reports) == 1
+
+
+def test_supervisor_decisions_switch_streams_off_and_back_on(streaming_codec):
+    """AI-off verdicts are answered locally (never reach the codec); a lifted verdict turns AI
+    back on with a new epoch; a local opt-out is never lifted by the supervisor."""
+    tb = TickBatcher(InProcessCodec(streaming_codec), deadline_ms=60_000.0)
+    for sid in ("a", "b"):
+        tb.join(sid)
+    tb.join("c", opted_out=True)
+
+    def tick(off):
+        tb.apply_decisions(off)
+        for sid in ("a", "b", "c"):
+            tb.push(Chunk(sid, np.zeros(CHUNK_SAMPLES, np.float32), 0))
+        report = asyncio.run(tb.tick())
+        return {f.chunk.stream_id: f.key for f in report.frames}
+
+    assert tick({}) == {"a": "ai", "b": "ai", "c": "fallback/opted_out"}
+    first_epoch = tb.streams["a"].epoch
+    assert tick({"a": "unhealthy", "b": "opted_out"}) == {
+        "a": "fallback/unhealthy", "b": "fallback/opted_out", "c": "fallback/opted_out",
+    }
+    assert tick({}) == {"a": "ai", "b": "ai", "c": "fallback/opted_out"}
+    assert tb.streams["a"].epoch > first_epoch  # the gap started a new epoch
