@@ -255,6 +255,8 @@ class MediaBridge:
         self.packets_by_kind: dict[str, int] = defaultdict(int)  # "aic" / "opus"
         self.last_reports: list[TickReport] = []
         self.overheads_ms: list[float] = []
+        self.stream_users: dict[str, str] = {}  # stream id -> publishing user (supervisor opt-outs)
+        self.supervision: Any = None  # sfu_bridge.supervision.SupervisorLink, when a cluster runs one
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -262,6 +264,8 @@ class MediaBridge:
 
     async def stop(self) -> None:
         await self.batcher.stop()
+        if self.supervision is not None:
+            await self.supervision.close()
         for sid in list(self.sessions):
             await self.end_session(sid)
 
@@ -280,6 +284,7 @@ class MediaBridge:
         pub = Publisher(uuid.uuid4().hex, stream_id, user, pc, self._free_slots.pop(), Chunker(stream_id))
         self.batcher.join(stream_id, opted_out=opted_out)
         self.publishers[stream_id] = pub
+        self.stream_users[stream_id] = user
         self.sessions[pub.session_id] = pub
         return pub
 
@@ -328,6 +333,7 @@ class MediaBridge:
             return False
         if isinstance(s, Publisher):
             self.publishers.pop(s.stream_id, None)
+            self.stream_users.pop(s.stream_id, None)
             self.batcher.leave(s.stream_id)  # its pending chunks are answered and counted
             leave = getattr(self.batcher.codec, "leave", None)
             if leave is not None:
@@ -351,6 +357,8 @@ class MediaBridge:
     async def dispatch(self, report: TickReport) -> None:
         """Send a tick's outcomes to AIC subscribers: codes for `ai` frames, else Opus."""
         t0 = time.perf_counter()
+        if self.supervision is not None:
+            self.supervision.observe(report)
         todo: list[tuple[FrameOutcome, list[Subscriber]]] = []
         opus_rows: list[FrameOutcome] = []
         for fo in report.frames:

@@ -319,6 +319,17 @@ def make_server(
     return BridgeServer(config, media, TokenAuthority(secret), hint_secret)
 
 
+def link_supervisor(media: MediaBridge) -> None:
+    """Report outcomes to the cluster's FallbackSupervisor each second and apply its AI-off
+    verdicts (needs a Ray connection, as the `serve` codec has)."""
+    from deployments.supervisor import get_or_create_supervisor
+    from sfu_bridge.supervision import SupervisorLink, ray_exchange
+
+    media.supervision = SupervisorLink(
+        media.batcher, ray_exchange(get_or_create_supervisor()), users=media.stream_users
+    )
+
+
 # ---- CLI: `auralink bridge` ------------------------------------------------------------
 
 
@@ -344,6 +355,8 @@ def _serve_worker(args: argparse.Namespace, port: int) -> None:
     secret = load_secret()
     server = make_server(config, build_codec(args.codec, args.max_streams, args.bandwidth_kbps),
                          secret, hint_secret=secret, limiter=make_limiter(config))
+    if args.codec == "serve":
+        link_supervisor(server.media)
     logger.info("bridge worker listening on %s:%d", config.host, port)
     web.run_app(server.app, host=config.host, port=port, print=None)
 

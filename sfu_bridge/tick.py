@@ -430,8 +430,12 @@ class InProcessCodec:
             return BatchResult.all_fallback(batch, FallbackReason.ERROR, self.replica_id, str(exc))
         b = len(batch)
         outcome = np.zeros(b, np.uint8)
+        # A frame the model cannot take (NaN/inf) is that frame's `error`, not its batch's.
+        outcome[~np.isfinite(batch.pcm).all(axis=1)] = reason_code(FallbackReason.ERROR)
         run, fresh = [], []
         for i, sid in enumerate(batch.stream_ids):
+            if outcome[i]:
+                continue
             ep, seq = int(batch.epochs[i]), int(batch.epoch_seqs[i])
             if seq == 0:
                 if sid not in self._slots:
