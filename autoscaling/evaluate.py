@@ -465,9 +465,8 @@ def markdown(report: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m autoscaling.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--json", required=True, help="where to write the JSON report")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", default="runs/bench-autoscaling.json", help="where to write the JSON report")
     p.add_argument("--capacity", type=float, default=None, help="streams per replica within the deadline")
     p.add_argument("--capacity-source", default=None, help="where --capacity comes from (printed in the report)")
     p.add_argument("--profile-json", default=None,
@@ -477,14 +476,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-latency-s", type=float, default=60.0)
     p.add_argument("--peak-streams", type=int, default=10_000)
     p.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, command: str | None = None) -> int:
     capacity, source = resolve_capacity(args)
     trace = EventTrace(peak_streams=args.peak_streams, burst_streams=args.peak_streams // 5)
     report = evaluate(capacity, source, args.start_latency_s, trace)
     from cluster.bench.report import update_docs_section, write_json
 
     write_json(args.json, report)
-    command = "python -m autoscaling.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command or "auralink bench autoscaling " + shlex.join(sys.argv[3:])
     for r in report["results"]:
         print(f"{r['policy']}: {r['replica_hours']:.2f} replica-h, "
               f"{r['frames_fallback_capacity']:,} frames fell back ({r['fallback_pct']:.3f}%), "
@@ -494,6 +495,13 @@ def main(argv: list[str] | None = None) -> int:
         update_docs_section("autoscaling", markdown(report, command))
     print(json.dumps({"json": args.json, "label": report["label"]}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m autoscaling.evaluate", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    argv = sys.argv[1:] if argv is None else argv
+    return run(p.parse_args(argv), "python -m autoscaling.evaluate " + shlex.join(argv))
 
 
 if __name__ == "__main__":
