@@ -9,12 +9,15 @@ near-ties are as common as in a trained model.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from models import StreamingEncodec
-from models.streaming import BANDWIDTH_CODEBOOKS
+from models.streaming import BANDWIDTH_CODEBOOKS, StreamingEncodec
 
 SR = 24_000
 SECONDS = 3.0
@@ -315,6 +318,14 @@ def test_callers_model_is_not_modified(encodec_model_24k):
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.requires_grad for p in encodec_model_24k.parameters())
+
+
+def test_public_import_path():
+    """`from models import StreamingEncodec` (the documented contract) from the repo root."""
+    root = Path(__file__).resolve().parents[2]
+    code = ("import models, models.streaming as s; from models import StreamingEncodec; "
+            "assert StreamingEncodec is s.StreamingEncodec")
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
 
 
 # --------------------------------------------------------------------------- bad input
