@@ -40,6 +40,8 @@ CODEBOOK_SIZE = 1024
 # Bandwidth (kbps) -> number of RVQ codebooks (10 bits each at 75 frames/s).
 BANDWIDTH_CODEBOOKS: dict[float, int] = {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}
 VALID_N_Q: frozenset[int] = frozenset(BANDWIDTH_CODEBOOKS.values())
+# Convolutions with at most this many output frames per call run as one GEMM.
+GEMM_MAX_FRAMES = 16
 
 SlotsLike = Sequence[int] | np.ndarray | torch.Tensor
 ArrayLike = np.ndarray | torch.Tensor
@@ -100,7 +102,10 @@ class _StreamConv(nn.Module):
         self.stride = conv.stride[0]
         self.dilation = conv.dilation[0]
         self.channels = conv.in_channels
-        self.context = (conv.kernel_size[0] - 1) * self.dilation + 1 - self.stride
+        self.kernel_span = (conv.kernel_size[0] - 1) * self.dilation + 1
+        self.context = self.kernel_span - self.stride
+        # [Cout, Cin, K] -> [Cin*K, Cout] for the GEMM form.
+        self.register_buffer("weight_cols", self.weight.flatten(1).t().contiguous())
         if self.context < 0:
             raise ValueError("kernel shorter than stride is not streamable")
         self.offset = layout.add(self.channels * self.context)
@@ -111,6 +116,18 @@ class _StreamConv(nn.Module):
             prev = state[:, self.offset:self.offset + self.channels * self.context]
             x = torch.cat([prev.reshape(-1, self.channels, self.context), x], dim=-1)
             new_states.append(x[:, :, x.shape[-1] - self.context:].flatten(1))
+        frames = (x.shape[-1] - self.kernel_span) // self.stride + 1
+        if frames <= GEMM_MAX_FRAMES and self.dilation == 1 and not torch.onnx.is_in_onnx_export():
+            # Few output frames (the deep, low-rate layers of a 40 ms step): one im2col GEMM
+            # beats the CPU convolution kernels, which are tuned for long sequences. (ONNX
+            # export keeps the Conv op: onnxruntime has its own kernels, and Unfold does not
+            # export with a dynamic batch.)
+            cols = x.unfold(-1, self.kernel_span, self.stride)  # [B, C, n, K]
+            cols = cols.permute(0, 2, 1, 3).reshape(-1, self.channels * self.kernel_span)
+            y = torch.mm(cols, self.weight_cols)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(-1, frames, y.shape[-1]).transpose(1, 2)
         return F.conv1d(x, self.weight, self.bias, self.stride, 0, self.dilation)
 
 
