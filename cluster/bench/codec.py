@@ -152,8 +152,8 @@ def bench_streaming(model: Any, batch: int, seconds: float, device: str, bandwid
     pcm = torch.from_numpy(make_signals(batch, steps * CHUNK)).to(device)
     slots = torch.arange(batch, device=device)
     clock = _Clock(device)
-    # Warm-up: first calls allocate and pick kernels; then start the streams afresh.
-    for i in range(2):
+    # Warm-up: the first few calls allocate and pick kernels; then start the streams afresh.
+    for i in range(min(5, steps)):
         codec.decode(slots, codec.encode(slots, pcm[:, i * CHUNK:(i + 1) * CHUNK]))
     codec.reset(slots)
 
