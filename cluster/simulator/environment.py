@@ -176,6 +176,15 @@ class Environment:
                 "replicas, more than the %d this machine runs; expect deadline fallbacks",
                 self.profile_device, per, cfg.streams, want, MAX_LOCAL_REPLICAS)
             want = MAX_LOCAL_REPLICAS
+        if not emulated:
+            # A real replica reserves a core; leave one for the bridges, Redis and Serve.
+            import ray
+
+            cores = int(ray.cluster_resources().get("CPU", 1))
+            if want > max(1, cores - 1):
+                logger.warning("real compute: %d replicas wanted, %d fit on %d cores", want,
+                               max(1, cores - 1), cores)
+                want = max(1, cores - 1)
         self.replicas = want
         streams_each = math.ceil(cfg.streams / want)
         replica = {
@@ -212,9 +221,9 @@ class Environment:
         from sfu_bridge import redis_store
 
         self.redis = redis_store.connect()
-        self.embedded = redis_store._embedded if not os.environ.get(redis_store.REDIS_URL_ENV) else None
-        if self.embedded is not None and self.embedded._proc is not None:
-            self._redis_pid = self.embedded._proc.pid
+        self.embedded = redis_store.embedded_server() if not os.environ.get(redis_store.REDIS_URL_ENV) else None
+        if self.embedded is not None:
+            self._redis_pid = self.embedded.pid
         try:
             from sfu_bridge.limiter import HintLimiter
         except ImportError as exc:
