@@ -59,7 +59,8 @@ def server():
     from deployments.dashboard import make_router
     from deployments.supervisor import get_or_create_supervisor
 
-    os.environ["AURALINK_SECRET"] = SECRET
+    previous = os.environ.get("AURALINK_SECRET")
+    os.environ["AURALINK_SECRET"] = SECRET  # module-scoped: monkeypatch is function-scoped
     ray.init(num_cpus=1, include_dashboard=False, namespace="auralink-dashboard-test")
     board_cls = __import__("deployments.dashboard", fromlist=["_board_class"])._board_class()
     board = board_cls.remote()
@@ -80,6 +81,10 @@ def server():
     thread.join(10)
     ray.kill(sup)
     ray.shutdown()
+    if previous is None:
+        os.environ.pop("AURALINK_SECRET", None)
+    else:
+        os.environ["AURALINK_SECRET"] = previous
 
 
 def _call(url: str, token: str | None = None, body: dict | None = None) -> tuple[int, dict | str]:
