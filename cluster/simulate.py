@@ -26,10 +26,24 @@ from cluster.simulator.faults import FaultPlan
 logger = logging.getLogger(__name__)
 
 
+# The design's per-chunk inference budget (bridge send -> codes back), met by GPU replicas.
+GPU_DEADLINE_MS = 20.0
+# Local CPU replicas: one 40 ms chunk costs ~25 ms end to end on 2 cores (`auralink simulate
+# --compute real --deadline-ms 60`: p50 25-30 ms), so 20 ms would answer every frame `deadline`.
+CPU_REAL_DEADLINE_MS = 60.0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--streams", type=int, default=200, help="expected live streams (default 200)")
+    p.add_argument("--streams", type=int, default=4,
+                   help="expected live streams (default 4: what one 2-core CPU machine sustains with real compute)")
     p.add_argument("--duration", type=float, default=20.0, help="simulated seconds (default 20)")
-    p.add_argument("--compute", choices=("emulated", "real"), default="emulated",
+    p.add_argument("--compute", choices=("emulated", "real"), default="real",
                    help="replicas run the model (real) or spend its measured latency profile (emulated)")
     p.add_argument("--address", default=None, help="existing Ray cluster (else local Ray + embedded Redis)")
     p.add_argument("--out", type=Path, default=None, help="report folder (default runs/sim-<timestamp>)")
@@ -40,7 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="wall seconds per simulated second (default: from the stream count)")
     p.add_argument("--replicas", type=int, default=None, help="codec replicas (default: from the profile)")
     p.add_argument("--bridges", type=int, default=None, help="simulated bridges (default: one per 5000 streams)")
-    p.add_argument("--deadline-ms", type=float, default=20.0)
+    p.add_argument("--deadline-ms", type=float, default=None,
+                   help=f"inference deadline per chunk (default {GPU_DEADLINE_MS:g} ms; {CPU_REAL_DEADLINE_MS:g} ms "
+                        "for real compute without a GPU, where one 40 ms chunk takes ~25 ms end to end)")
     p.add_argument("--flooders", type=int, default=None)
     p.add_argument("--forgers", type=int, default=None)
     p.add_argument("--replayers", type=int, default=None)
@@ -63,10 +79,17 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         if loaded is None:
             raise SystemExit(f"{args.profile}: no latency_profile_ms in it")
         profile, device = loaded
+    deadline_ms = args.deadline_ms
+    if deadline_ms is None:
+        deadline_ms = GPU_DEADLINE_MS
+        if args.compute == "real" and args.address is None and not _cuda_available():
+            deadline_ms = CPU_REAL_DEADLINE_MS
+            print(f"deadline {deadline_ms:g} ms: real compute on this machine's CPU "
+                  f"(the production budget, {GPU_DEADLINE_MS:g} ms, is for GPU replicas)")
     return SimConfig(
         streams=args.streams, duration_s=args.duration, compute=args.compute, address=args.address,
         out=out, seed=args.seed, faults=list(args.fault), time_dilation=args.time_dilation,
-        deadline_ms=args.deadline_ms, replicas=args.replicas, bridges=args.bridges,
+        deadline_ms=deadline_ms, replicas=args.replicas, bridges=args.bridges,
         flooders=args.flooders, forgers=args.forgers, replayers=args.replayers,
         latency_profile=profile, profile_device=device, weights_dir=args.weights_dir,
         progress=not args.no_progress,

@@ -75,6 +75,9 @@ def write_plots(acc: Accounting, out: Path, label: str, faults: list[tuple[str, 
                 continue
             ax.bar(x, frac * 100, bottom=bottom, width=0.9, label=f"fallback/{k}", align="edge")
             bottom += frac * 100
+        if not bottom.any():  # no fallback at all: say so over the whole run
+            ax.step(x, bottom, where="post", color="C2", label="no fallback")
+        ax.set_xlim(float(x.min()), float(x.max()) + 1.0)
         ax.set_ylim(0, max(2.0, float(bottom.max()) * 1.2))
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("frames that fell back (%)")

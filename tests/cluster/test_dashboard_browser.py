@@ -50,7 +50,7 @@ def test_dashboard_graph_and_toggle_in_chromium(tmp_path):
     env.pop("REDIS_URL", None)
     out = tmp_path / "sim"
     log = tmp_path / "simulate.log"
-    cmd = [sys.executable, "-m", "cluster.cli", "simulate", "--streams", "8", "--duration", "45", "--time-dilation", "1",
+    cmd = [sys.executable, "-m", "cluster.cli", "simulate", "--compute", "emulated", "--streams", "8", "--duration", "45", "--time-dilation", "1",
            "--replicas", "1", "--flooders", "0", "--forgers", "0", "--replayers", "0",
            "--no-progress", "--out", str(out)]
     with log.open("w") as fh:

@@ -104,10 +104,13 @@ def test_simulate_emulated_with_abusers_and_a_killed_replica(tmp_path):
 
 @pytest.mark.ray
 def test_simulate_real_compute_few_streams(tmp_path):
+    from cluster.simulate import CPU_REAL_DEADLINE_MS
+
     rep = _run(tmp_path, streams=3, duration_s=3.0, compute="real", replicas=1, flooders=0,
-               forgers=0, replayers=0, time_dilation=1.0)
+               forgers=0, replayers=0, time_dilation=1.0, deadline_ms=CPU_REAL_DEADLINE_MS)
     assert rep["compute"] == "real" and rep["compute_label"].startswith("real")
     assert rep["weights"] == "random"
     assert rep["frames_unaccounted"] == 0
     assert rep["frames_total"] >= 3 * 3 / 0.04 * 0.8
     assert rep["compact_frames"] is False
+    assert rep["frames_ai"] > 0  # the real model answered within the CPU deadline
