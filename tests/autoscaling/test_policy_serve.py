@@ -13,8 +13,8 @@ import pytest
 
 pytestmark = pytest.mark.ray
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})

@@ -119,7 +119,7 @@ def _free_port() -> int:
 
 @pytest.mark.ray
 def test_ray_exports_metrics_to_prometheus(local: m.LocalRegistry) -> None:
-    ray = pytest.importorskip("ray")
+    import ray
     port = _free_port()
     os.environ["RAY_metrics_report_interval_ms"] = "500"  # read by the processes ray.init starts
     ray.init(num_cpus=1, include_dashboard=False, _metrics_export_port=port)

@@ -18,12 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+import psutil
 import pytest
 
-grpc = pytest.importorskip("grpc")
-psutil = pytest.importorskip("psutil")
-
-from cluster.certs import TlsBundle, write_bundle  # noqa: E402
+from cluster.certs import TlsBundle, write_bundle
 
 pytestmark = pytest.mark.ray
 
