@@ -33,6 +33,7 @@ from models.streaming import (
     ArrayLike,
     DecoderCore,
     EncoderCore,
+    SlotResets,
     SlotsLike,
     build_cores,
     check_bandwidth,
@@ -124,7 +125,7 @@ def onnx_providers(device: str) -> list[str]:
 # --------------------------------------------------------------------------- runtime
 
 
-class OnnxStreamingEncodec:
+class OnnxStreamingEncodec(SlotResets):
     """`StreamingEncodec`'s API over slots, running the exported steps with onnxruntime.
 
     State lives in host arrays ``encoder_state``/``decoder_state`` ``[capacity, S]``; a call
@@ -232,15 +233,6 @@ class OnnxStreamingEncodec:
                 out.append(pcm)
             self.decoder_state[idx] = state
         return _like(np.concatenate(out, axis=-1), codes)
-
-    def reset(self, slots: SlotsLike) -> None:
-        self._zero(slots, encoder=True, decoder=True)
-
-    def reset_encoder(self, slots: SlotsLike) -> None:
-        self._zero(slots, encoder=True, decoder=False)
-
-    def reset_decoder(self, slots: SlotsLike) -> None:
-        self._zero(slots, encoder=False, decoder=True)
 
     def _zero(self, slots: SlotsLike, encoder: bool, decoder: bool) -> None:
         idx = check_slots(slots, self.capacity)

@@ -504,7 +504,24 @@ def _like(result: torch.Tensor, template: Any) -> ArrayLike:
 # --------------------------------------------------------------------------- public API
 
 
-class StreamingEncodec:
+class SlotResets:
+    """Stream (re)starts over slots; a backend implements `_zero(slots, encoder, decoder)`."""
+
+    def reset(self, slots: SlotsLike) -> None:
+        """A stream (re)starts: its encoder and decoder state go to zero."""
+        self._zero(slots, encoder=True, decoder=True)
+
+    def reset_encoder(self, slots: SlotsLike) -> None:
+        self._zero(slots, encoder=True, decoder=False)
+
+    def reset_decoder(self, slots: SlotsLike) -> None:
+        self._zero(slots, encoder=False, decoder=True)
+
+    def _zero(self, slots: SlotsLike, encoder: bool, decoder: bool) -> None:
+        raise NotImplementedError
+
+
+class StreamingEncodec(SlotResets):
     """Streaming EnCodec 24 kHz over ``capacity`` per-stream state slots.
 
     ``encode(slots, pcm)`` / ``decode(slots, codes)`` advance only the named slots' state;
@@ -562,16 +579,6 @@ class StreamingEncodec:
         return _like(pcm, codes)
 
     # -- stream lifecycle
-
-    def reset(self, slots: SlotsLike) -> None:
-        """A stream (re)starts: its encoder and decoder state go to zero."""
-        self._zero(slots, encoder=True, decoder=True)
-
-    def reset_encoder(self, slots: SlotsLike) -> None:
-        self._zero(slots, encoder=True, decoder=False)
-
-    def reset_decoder(self, slots: SlotsLike) -> None:
-        self._zero(slots, encoder=False, decoder=True)
 
     def _zero(self, slots: SlotsLike, encoder: bool, decoder: bool) -> None:
         idx = check_slots(slots, self.capacity)
