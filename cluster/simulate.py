@@ -71,14 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     out = args.out or Path("runs") / f"sim-{time.strftime('%Y%m%d-%H%M%S')}"
     FaultPlan.parse(args.fault, args.duration)  # fail on a bad --fault before starting Ray
-    profile = device = None
+    profile = device = weights = None
     if args.profile is not None:
         from cluster.simulator.environment import load_profile
 
         loaded = load_profile(args.profile)
         if loaded is None:
             raise SystemExit(f"{args.profile}: no latency_profile_ms in it")
-        profile, device = loaded
+        profile, device, weights = loaded
     deadline_ms = args.deadline_ms
     if deadline_ms is None:
         deadline_ms = GPU_DEADLINE_MS
@@ -91,7 +91,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         out=out, seed=args.seed, faults=list(args.fault), time_dilation=args.time_dilation,
         deadline_ms=deadline_ms, replicas=args.replicas, bridges=args.bridges,
         flooders=args.flooders, forgers=args.forgers, replayers=args.replayers,
-        latency_profile=profile, profile_device=device, weights_dir=args.weights_dir,
+        latency_profile=profile, profile_device=device, profile_weights=weights or "unknown",
+        weights_dir=args.weights_dir,
         progress=not args.no_progress,
     )
 
@@ -173,6 +174,9 @@ def run(args: argparse.Namespace) -> int:
     if fl.get("count"):
         print(f"flooders: {fl['count']} held to {fl['min_per_s']}-{fl['max_per_s']} hints/s (limit {fl['target_per_s']:g})")
     print(f"compute: {report['compute_label']}")
+    plan = report.get("capacity_plan")
+    if plan:
+        print(f"capacity plan: {plan['verdict']}")
     if report["compute"] == "emulated" and not report.get("latency_profile_measured", True):
         print("WARNING: the latency profile is the built-in unmeasured seed; run `auralink bench codec "
               "--json docs/bench/codec.json` on the target device (a GPU for 10,000 streams) or pass --profile")

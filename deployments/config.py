@@ -39,8 +39,9 @@ class Backend(str, enum.Enum):
 
 
 # Knobs whose change needs a new model/slot pool (slots are dropped; streams reset by epoch).
+# `compute` too: an emulated replica holds no model, a real one loads it.
 _REBUILD_KNOBS = ("backend", "capacity", "device", "bandwidth_kbps", "weights_dir",
-                  "allow_random_weights", "torch_threads")
+                  "allow_random_weights", "torch_threads", "compute")
 
 
 @dataclass(frozen=True)

@@ -182,8 +182,37 @@ def _label(result: BatchResult, compute: str) -> None:
 
 
 # ----------------------------------------------------------------------------- codec runtime
+class EmulatedRuntime:
+    """The runtime of `emulated` compute: no model, no torch. The replica spends the latency
+    profile's L(B) instead of a model call and answers zero codes; the health check still
+    runs a step through it. Keeps an emulated replica process small (no ~1 GB model)."""
+
+    def __init__(self, capacity: int, bandwidth_kbps: float) -> None:
+        self.capacity = capacity
+        self.n_q = bandwidth_codebooks(bandwidth_kbps)
+
+    def reset(self, slots: np.ndarray) -> None:
+        self._check(slots)
+
+    reset_encoder = reset_decoder = reset
+
+    def encode(self, slots: np.ndarray, pcm: np.ndarray, bandwidth_kbps: float | None = None) -> np.ndarray:
+        self._check(slots)
+        n_q = self.n_q if bandwidth_kbps is None else bandwidth_codebooks(bandwidth_kbps)
+        return np.zeros((len(slots), n_q, pcm.shape[1] // FRAME_SAMPLES), np.int64)
+
+    def _check(self, slots: np.ndarray) -> None:
+        if len(slots) and (int(np.min(slots)) < 0 or int(np.max(slots)) >= self.capacity):
+            raise ValueError(f"slot outside [0, {self.capacity})")
+
+
+EMULATED_WEIGHTS = "none (emulated compute)"
+
+
 def _load_codec(settings: ReplicaSettings):
     """(StreamingEncodec-like runtime with one extra health slot, weights kind)."""
+    if settings.compute is ComputeMode.EMULATED:
+        return EmulatedRuntime(settings.capacity + 1, settings.bandwidth_kbps), EMULATED_WEIGHTS
     import torch
 
     if settings.torch_threads > 0:
@@ -313,7 +342,7 @@ class CodecReplicaCore:
                 # the new runtime: no state crosses a backend or capacity change.
                 self._drain(FallbackReason.RESET, "replica runtime reconfigured")
                 await self._rebuild(new)
-            elif new.latency_profile != self.settings.latency_profile or new.compute != self.settings.compute:
+            elif new.latency_profile != self.settings.latency_profile:
                 self.latency = LatencyModel.from_profile(new.latency_profile)
                 self.scheduler.model = self.latency
             self.scheduler.reconfigure(self._scheduler_config(new))

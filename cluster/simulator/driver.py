@@ -118,6 +118,7 @@ class SimConfig:
     mean_session_s: float = 120.0
     latency_profile: dict[int, float] | None = None
     profile_device: str | None = None
+    profile_weights: str = "unknown"  # weights the given profile was measured with
     weights_dir: str | None = None
     progress: bool = True
     publish_stats: bool = True
@@ -643,6 +644,7 @@ class Simulation:
             "latency_profile_device": self.env.profile_device,
             "latency_profile_ms": {str(k): v for k, v in sorted(self.env.profile.items())},
             "latency_profile_measured": self.env.profile_device != DEFAULT_PROFILE_DEVICE,
+            "capacity_plan": self.env.capacity_plan,
             "time_dilation": self.dilation,
             "time_dilation_note": (
                 "a simulated 40 ms tick took 40*D ms of wall time; frame deadlines, emulated "

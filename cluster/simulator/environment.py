@@ -35,12 +35,13 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 CODEC_BENCH_JSON = REPO / "docs" / "bench" / "codec.json"
-MAX_LOCAL_REPLICAS = 6  # each replica process holds torch + a model (~1 GB RSS)
+MAX_LOCAL_REPLICAS = 6  # replica processes on one 2-core machine (a real one holds ~1 GB of model)
 TRANSPORT_ALLOWANCE_MS = 4.0  # bridge -> replica -> bridge, per tick, on top of L(B)
 
 
-def load_profile(path: Path = CODEC_BENCH_JSON) -> tuple[dict[int, float], str] | None:
-    """The latency profile (p50 step ms by batch) and device name from `auralink bench codec`."""
+def load_profile(path: Path = CODEC_BENCH_JSON) -> tuple[dict[int, float], str, str] | None:
+    """The latency profile (p50 step ms by batch), device label and the weights it was measured
+    with, from `auralink bench codec`."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -54,7 +55,7 @@ def load_profile(path: Path = CODEC_BENCH_JSON) -> tuple[dict[int, float], str] 
     device = doc.get("machine") or doc.get("device") or "unknown device"
     weights = doc.get("weights")
     label = f"{device}, `auralink bench codec`" + (f", {weights} weights" if weights else "")
-    return out, label
+    return out, label, str(weights or "unknown")
 
 
 def streams_per_replica(profile: dict[int, float], deadline_ms: float, margin_ms: float) -> int:
@@ -67,6 +68,31 @@ def streams_per_replica(profile: dict[int, float], deadline_ms: float, margin_ms
         best = b
         b = b + 1 if b < 64 else int(b * 1.1)
     return max(1, int(best * 0.8))
+
+
+def capacity_plan(profile: dict[int, float], device: str, streams: int, deadline_ms: float,
+                  margin_ms: float, replicas_run: int) -> dict[str, Any]:
+    """What the latency profile says about this load before a frame is sent: streams one
+    replica holds within the deadline, replicas the load needs, replicas this run has."""
+    per = streams_per_replica(profile, deadline_ms, margin_ms)
+    need = math.ceil(streams / per)
+    holds = replicas_run >= need
+    return {
+        "profile_device": device,
+        "deadline_ms": deadline_ms,
+        "streams_per_replica": per,
+        "replicas_needed": need,
+        "replicas_run": replicas_run,
+        "holds": holds,
+        "verdict": (
+            f"holds: {replicas_run} replicas for {streams} streams at {per} per replica" if holds else
+            f"does not hold: {streams} streams need {need} replicas of '{device}' at {per} per replica "
+            f"within {deadline_ms:g} ms; this run has {replicas_run}, so the rest falls back "
+            "(deadline/overload) by design"
+        ),
+        "note": "largest batch B with L(B) + margin + transport allowance within the deadline, "
+                "less 20% headroom for Poisson bursts",
+    }
 
 
 def native_frame_bytes(bitrate: int, seed: int = 0, seconds: float = 2.0) -> float:
@@ -109,6 +135,7 @@ class Environment:
         self.dashboard_url: str | None = None
         self.board = None
         self.replicas = 0
+        self.capacity_plan: dict[str, Any] | None = None
         self._own_ray = False
         self._own_app = False
         self._redis_pid: int | None = None
@@ -134,9 +161,11 @@ class Environment:
         # Profile: given, else the codec benchmark's, else the built-in CPU one.
         if cfg.latency_profile:
             env.profile, env.profile_device = dict(cfg.latency_profile), cfg.profile_device or "given"
+            profile_weights = cfg.profile_weights
         else:
             loaded = load_profile() or load_profile(REPO / "runs" / "bench-codec.json")
-            env.profile, env.profile_device = loaded or (dict(DEFAULT_LATENCY_PROFILE), DEFAULT_PROFILE_DEVICE)
+            env.profile, env.profile_device, profile_weights = loaded or (
+                dict(DEFAULT_LATENCY_PROFILE), DEFAULT_PROFILE_DEVICE, "unknown")
         if cfg.address:
             await env._attach_app()
         else:
@@ -149,6 +178,10 @@ class Environment:
             raise RuntimeError("codec replicas did not become ready within 120 s")
         info = await handle.options(method_name="info").remote()
         env.weights = info.get("weights", "unknown")
+        if info.get("compute") == "emulated":
+            # No model runs; the step costs are those of the model the profile was measured
+            # with, so that is the label (`random` unless the benchmark had a checkpoint).
+            env.weights = profile_weights
         env.compute_label = (
             f"{info.get('compute')}: replicas spend L(B) of the latency profile from "
             f"'{info.get('latency_profile_device')}'" if info.get("compute") == "emulated"
@@ -171,10 +204,6 @@ class Environment:
         per = streams_per_replica(self.profile, cfg.deadline_ms, margin)
         want = cfg.replicas or max(1, math.ceil(cfg.streams / per))
         if cfg.replicas is None and want > MAX_LOCAL_REPLICAS:
-            logger.warning(
-                "the latency profile (%s) serves about %d streams per replica: %d streams need %d "
-                "replicas, more than the %d this machine runs; expect deadline fallbacks",
-                self.profile_device, per, cfg.streams, want, MAX_LOCAL_REPLICAS)
             want = MAX_LOCAL_REPLICAS
         if not emulated:
             # A real replica reserves a core; leave one for the bridges, Redis and Serve.
@@ -186,6 +215,10 @@ class Environment:
                                max(1, cores - 1), cores)
                 want = max(1, cores - 1)
         self.replicas = want
+        self.capacity_plan = capacity_plan(self.profile, self.profile_device, cfg.streams, cfg.deadline_ms,
+                                           margin, want)
+        if not self.capacity_plan["holds"]:
+            logger.warning("capacity plan: %s", self.capacity_plan["verdict"])
         streams_each = math.ceil(cfg.streams / want)
         replica = {
             "compute": cfg.compute,

@@ -63,6 +63,18 @@ def test_accounting_and_recovery():
     assert rec["peak_fallback_rate"] == 0.5
 
 
+def test_capacity_plan_says_whether_the_profile_holds_the_load():
+    from cluster.simulator.environment import capacity_plan
+
+    profile = {1: 5.0, 8: 10.0, 64: 16.0}
+    # Budget 20 - 2 margin - 4 transport = 14 ms: B = 45 fits (10 + 37 * 6/56 = 13.96 ms),
+    # less 20% headroom = 36 streams per replica.
+    plan = capacity_plan(profile, "dev", 1000, 20.0, 2.0, 6)
+    assert plan["streams_per_replica"] == 36 and plan["replicas_needed"] == 28
+    assert not plan["holds"] and "need 28 replicas of 'dev'" in plan["verdict"]
+    assert capacity_plan(profile, "dev", 1000, 20.0, 2.0, 28)["holds"]
+
+
 # ----------------------------------------------------------------------------- end to end
 def _run(tmp_path: Path, **kw) -> dict:
     from cluster.simulate import simulate
@@ -82,6 +94,11 @@ def test_simulate_emulated_with_abusers_and_a_killed_replica(tmp_path):
     for k in REQUIRED_KEYS:
         assert k in rep, k
     assert rep["compute"] == "emulated" and "emulated" in rep["compute_label"]
+    # Emulated replicas run no model; the label is that of the model the profile timed.
+    assert rep["weights"] == json.loads(Path("docs/bench/codec.json").read_text())["weights"]
+    plan = rep["capacity_plan"]
+    assert plan["replicas_run"] == 2 and plan["streams_per_replica"] >= 1
+    assert plan["holds"] == (plan["replicas_needed"] <= 2)
     assert rep["frames_total"] > 20 * 4 / 0.04 * 0.8
     assert rep["frames_unaccounted"] == 0
     assert rep["frames_ai"] + rep["frames_fallback"] == rep["frames_total"]

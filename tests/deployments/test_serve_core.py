@@ -20,7 +20,7 @@ from deployments.contract import (
     Op,
     reason_code,
 )
-from deployments.replica import CodecReplicaCore, SlotPool
+from deployments.replica import EMULATED_WEIGHTS, CodecReplicaCore, EmulatedRuntime, SlotPool
 
 SETTINGS = ReplicaSettings(capacity=3, allow_random_weights=True, torch_threads=1,
                            bandwidth_kbps=6.0, max_batch=8)
@@ -125,6 +125,15 @@ def test_emulated_compute_costs_the_profile_and_says_so(core):
         assert want == pytest.approx(40.0)
         assert res.compute_ms[0] >= want * 0.95
         assert core.info()["compute"] == "emulated"
+        # No model behind an emulated replica, and it says so; the health step still runs.
+        assert core.info()["weights"] == EMULATED_WEIGHTS
+        assert isinstance(core._codec, EmulatedRuntime)
+        await core.check_health()
+        # Back to real compute: the model is loaded again and answers real codes.
+        await core.reconfigure({"compute": "real"})
+        assert core.info()["weights"] == "random" and not isinstance(core._codec, EmulatedRuntime)
+        res = await _tick(core, EpochTracker(), ["e3"])
+        assert res.counts() == {"ai": 1} and res.compute == "real"
         await core.stop()
 
     run(go())
