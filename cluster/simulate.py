@@ -129,7 +129,7 @@ async def simulate(cfg: SimConfig) -> dict:
 def docs_markdown(r: dict, command: str) -> str:
     fl = r.get("flooder_allowed_hints_per_s", {})
     cp = r["control_plane_cpu"]
-    rec = ", ".join(f"{k}: {v} s" for k, v in r["fault_recovery_s"].items()) or "no fault injected"
+    rec = ", ".join(_recovery_text(f) for f in r["faults"]) or "no fault injected"
     lines = [
         f"### Simulator: {r['streams']} streams, {r['duration_s']:g} s",
         "",
@@ -145,6 +145,12 @@ def docs_markdown(r: dict, command: str) -> str:
         f"| {cp['cpu_us_per_stream_tick']} us per stream-tick ({cp['cores_per_10k_streams']} cores / 10k streams) | {rec} |",
     ]
     return "\n".join(lines)
+
+
+def _recovery_text(f: dict) -> str:
+    if f.get("recovered_after_s") is not None:
+        return f"{f['fault']}: back under {100 * f['recovery_threshold']:.1f}% fallback after {f['recovered_after_s']} s"
+    return f"{f['fault']}: {f.get('note', 'not back to the pre-fault rate by the end of the run')}"
 
 
 def _machine() -> str:

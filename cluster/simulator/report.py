@@ -133,6 +133,13 @@ def recovery_time(t: np.ndarray, frames: np.ndarray, fallback: np.ndarray, fault
     rate = np.where(fr_w > 0, fb_w / np.maximum(fr_w, 1), 0.0)
     limit = baseline + max(threshold, 0.5 * baseline)
     ta, ra = t[after], rate[after]
+    if limit >= 1.0:
+        # Falling back before the fault already (a load the profile cannot hold): there is
+        # no healthy state to return to, and "recovered after 0 s" would be a false claim.
+        return {"fault_at_s": fault_t, "peak_fallback_rate": round(float(ra.max()), 4),
+                "recovered_after_s": None, "recovery_threshold": round(limit, 4),
+                "window_s": window_s,
+                "note": f"not measurable: {baseline:.1%} of frames fell back before the fault"}
     bad = ra > limit
     peak = float(ra.max())
     recovered = None

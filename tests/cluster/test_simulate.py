@@ -61,6 +61,9 @@ def test_accounting_and_recovery():
     rec = recovery_time(t, np.full(t.size, 100), fb, fault_t=5.0)
     assert rec["recovered_after_s"] == pytest.approx(1.5, abs=0.05)
     assert rec["peak_fallback_rate"] == 0.5
+    # Saturated before the fault: no recovery is claimed.
+    sat = recovery_time(t, np.full(t.size, 100), np.full(t.size, 95), fault_t=5.0, baseline=0.95)
+    assert sat["recovered_after_s"] is None and "not measurable" in sat["note"]
 
 
 def test_capacity_plan_says_whether_the_profile_holds_the_load():
