@@ -32,8 +32,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from deployments.contract import (
+    AI_CODE,
     CHUNK_SAMPLES,
     CODEBOOK_SIZE,
+    REASON_CODES,
     BatchResult,
     FallbackReason,
     FrameBatch,
@@ -239,25 +241,24 @@ class TickBatcher:
 
     def _make_batch(self, send: list[tuple[StreamState, Chunk]]) -> FrameBatch:
         b = len(send)
-        epochs = np.empty(b, np.int64)
-        seqs = np.empty(b, np.int64)
-        pcm = np.empty((b, CHUNK_SAMPLES), np.float32)
-        for i, (st, chunk) in enumerate(send):
+        epochs: list[int] = []
+        seqs: list[int] = []
+        for st, _ in send:
             if st.new_epoch:
                 st.epoch += 1
                 st.next_seq = 0
                 st.new_epoch = False
-            epochs[i] = st.epoch
-            seqs[i] = st.next_seq
+            epochs.append(st.epoch)
+            seqs.append(st.next_seq)
             st.next_seq += 1
-            pcm[i] = chunk.pcm24
+        pcm = np.stack([chunk.pcm24 for _, chunk in send]).astype(np.float32, copy=False)
         now = self.clock()
         return FrameBatch(
             op=Op.ENCODE,
             bridge_id=self.bridge_id,
             stream_ids=[st.stream_id for st, _ in send],
-            epochs=epochs,
-            epoch_seqs=seqs,
+            epochs=np.asarray(epochs, np.int64),
+            epoch_seqs=np.asarray(seqs, np.int64),
             deadlines=np.full(b, now + self.deadline_ms / 1000.0),
             sent_at=now,
             pcm=pcm,
@@ -279,28 +280,46 @@ class TickBatcher:
     def _apply(
         self, batch: FrameBatch, result: BatchResult, send: list[tuple[StreamState, Chunk]]
     ) -> list[FrameOutcome]:
-        rows = {sid: i for i, sid in enumerate(result.stream_ids)} if result is not None else {}
+        """One outcome per sent frame. The checks are array-wide (one pass over the batch,
+        not one numpy call per frame): a row the result lacks, an unknown outcome code, or
+        AI codes that are missing, too few or out of range all become `fallback/error`."""
+        b = len(send)
         n_q = bandwidth_codebooks(self.bandwidth_kbps)
-        out = []
-        for i, (st, chunk) in enumerate(send):
-            j = rows.get(st.stream_id)
-            epoch, seq = int(batch.epochs[i]), int(batch.epoch_seqs[i])
-            if j is None:
-                outcome, reason = Outcome.FALLBACK, FallbackReason.ERROR  # missing row
+        err = reason_code(FallbackReason.ERROR)
+        row = _result_rows(batch.stream_ids, result)  # -1 = no row for this frame
+        have = row >= 0
+        oc = np.full(b, err, np.int64)
+        if have.any():
+            oc[have] = np.asarray(result.outcome_codes)[row[have]]
+        oc[(oc < 0) | (oc > len(REASON_CODES))] = err
+        codes = None
+        ai = oc == AI_CODE
+        if ai.any():
+            rc = result.codes
+            if rc is None or rc.ndim != 3 or rc.shape[0] != len(result.stream_ids) or rc.shape[1] < n_q:
+                oc[ai] = err
             else:
-                outcome, reason = result.outcome(j)
-            codes = None
-            if outcome is Outcome.AI:
-                codes = None if result.codes is None else result.codes[j]
-                if codes is None or codes.shape[0] < n_q or not _codes_in_range(codes):
-                    outcome, reason, codes = Outcome.FALLBACK, FallbackReason.ERROR, None
-                else:
-                    codes = np.ascontiguousarray(codes[:n_q], dtype=np.int16)
-            if outcome is not Outcome.AI and st.stream_id in self.streams:
-                st.new_epoch = True  # the epoch rule: any fallback starts a new epoch
-            fo = FrameOutcome(chunk, outcome, reason, epoch, seq, codes)
-            self.counters[fo.key] += 1
-            out.append(fo)
+                codes = rc[np.where(have, row, 0), :n_q]
+                flat = codes.reshape(b, -1)
+                if flat.shape[1]:
+                    bad = (flat.min(axis=1) < 0) | (flat.max(axis=1) >= CODEBOOK_SIZE)
+                    oc[ai & bad] = err
+                codes = codes.astype(np.int16)
+        reasons = _REASON_OF_CODE
+        keys = _KEY_OF_CODE
+        out = []
+        append = out.append
+        counts = np.bincount(oc, minlength=len(keys))
+        for c in np.flatnonzero(counts).tolist():
+            self.counters[keys[c]] += int(counts[c])
+        for i, (c, (st, chunk)) in enumerate(zip(oc.tolist(), send, strict=True)):
+            epoch, seq = int(batch.epochs[i]), int(batch.epoch_seqs[i])
+            if c == AI_CODE:
+                append(FrameOutcome(chunk, Outcome.AI, None, epoch, seq, codes[i]))
+            else:
+                if st.stream_id in self.streams:
+                    st.new_epoch = True  # the epoch rule: any fallback starts a new epoch
+                append(FrameOutcome(chunk, Outcome.FALLBACK, reasons[c], epoch, seq))
         return out
 
     async def _check_hints(self) -> tuple[int, dict[str, int]]:
@@ -386,8 +405,20 @@ class TickBatcher:
             self._task = None
 
 
-def _codes_in_range(codes: np.ndarray) -> bool:
-    return codes.size == 0 or (int(codes.min()) >= 0 and int(codes.max()) < CODEBOOK_SIZE)
+_REASON_OF_CODE: list[FallbackReason | None] = [None, *REASON_CODES]
+_KEY_OF_CODE = ["ai", *(f"fallback/{r.value}" for r in REASON_CODES)]
+
+
+def _result_rows(stream_ids: list[str], result: BatchResult | None) -> np.ndarray:
+    """For each sent frame, its row in `result` (-1 where the result has none). Results
+    come back in the batch's order, so that case costs one list comparison."""
+    b = len(stream_ids)
+    if result is None or len(result.outcome_codes) != len(result.stream_ids):
+        return np.full(b, -1, np.int64)  # a malformed result answers nothing
+    if result.stream_ids == stream_ids:
+        return np.arange(b, dtype=np.int64)
+    where = {sid: j for j, sid in enumerate(result.stream_ids)}
+    return np.fromiter((where.get(sid, -1) for sid in stream_ids), np.int64, b)
 
 
 class InProcessCodec:

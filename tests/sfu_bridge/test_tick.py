@@ -139,6 +139,82 @@ def test_broken_clients_become_fallbacks(client, reason, sine_chunk):
     assert [(f.outcome, f.reason) for f in frames] == [(Outcome.FALLBACK, reason)] * 2
 
 
+class ScriptedClient:
+    """Answers with what `shape(batch)` builds: results as a faulty replica might send them."""
+
+    def __init__(self, shape) -> None:
+        self.shape = shape
+
+    async def process(self, batch: FrameBatch) -> BatchResult:
+        return self.shape(batch)
+
+
+def _answer(batch: FrameBatch, order=None, codes=None, outcome=None) -> BatchResult:
+    """All-AI answer; frame i's codes are all `i` unless given (8 books at 6 kbps)."""
+    b = len(batch)
+    order = list(range(b)) if order is None else order
+    if codes is None:
+        codes = np.broadcast_to(np.arange(b, dtype=np.int16)[:, None, None], (b, 8, 3)).copy()
+    oc = np.zeros(b, np.uint8) if outcome is None else np.asarray(outcome, np.uint8)
+    return BatchResult(
+        stream_ids=[batch.stream_ids[i] for i in order], outcome_codes=oc[order],
+        epochs=batch.epochs[order], queue_ms=np.zeros(len(order), np.float32),
+        compute_ms=np.zeros(len(order), np.float32),
+        codes=None if codes is False else codes[order], replica_id="scripted",
+    )
+
+
+def _codes_with(row: int, value: int) -> np.ndarray:
+    c = np.zeros((4, 8, 3), np.int16)
+    c[row, 2, 1] = value
+    return c
+
+
+@pytest.mark.parametrize(
+    "shape,want",
+    [
+        # Rows in another order: matched by stream id, each frame gets its own codes.
+        (lambda b: _answer(b, order=[3, 1, 0, 2]), ["ai"] * 4),
+        # A row the result lacks, an outcome code no reason has.
+        (lambda b: _answer(b, order=[0, 2, 3]), ["ai", "fallback/error", "ai", "ai"]),
+        (lambda b: _answer(b, outcome=[0, 250, 0, 0]), ["ai", "fallback/error", "ai", "ai"]),
+        # AI codes out of range (per row), missing, or with too few codebooks.
+        (lambda b: _answer(b, codes=_codes_with(2, 1024)), ["ai", "ai", "fallback/error", "ai"]),
+        (lambda b: _answer(b, codes=_codes_with(0, -1)), ["fallback/error", "ai", "ai", "ai"]),
+        (lambda b: _answer(b, codes=False), ["fallback/error"] * 4),
+        (lambda b: _answer(b, codes=np.zeros((4, 2, 3), np.int16)), ["fallback/error"] * 4),
+        # Outcome codes and stream ids of different lengths: nothing in it can be trusted.
+        (lambda b: BatchResult(stream_ids=list(b.stream_ids), outcome_codes=np.zeros(2, np.uint8),
+                               epochs=b.epochs, queue_ms=np.zeros(4, np.float32),
+                               compute_ms=np.zeros(4, np.float32), codes=None),
+         ["fallback/error"] * 4),
+    ],
+)
+def test_faulty_results_give_each_frame_one_checked_outcome(shape, want, sine_chunk):
+    tb = TickBatcher(ScriptedClient(shape), deadline_ms=500.0)
+    ids = ["s0", "s1", "s2", "s3"]
+    for sid in ids:
+        tb.push(Chunk(sid, sine_chunk(100, 0)))
+    frames = run(tb.tick()).frames
+    assert [f.chunk.stream_id for f in frames] == ids and [f.key for f in frames] == want
+    for f in frames:
+        if f.key == "ai":
+            assert f.codes.dtype == np.int16 and f.codes.shape == (8, 3)
+        else:
+            assert f.codes is None and tb.streams[f.chunk.stream_id].new_epoch
+    assert sum(tb.counters.values()) == 4
+    assert tb.counters["ai"] == want.count("ai")
+
+
+def test_reordered_result_rows_are_matched_by_stream(sine_chunk):
+    tb = TickBatcher(ScriptedClient(lambda b: _answer(b, order=[3, 1, 0, 2])), deadline_ms=500.0)
+    for sid in ("s0", "s1", "s2", "s3"):
+        tb.push(Chunk(sid, sine_chunk(100, 0)))
+    frames = run(tb.tick()).frames
+    assert [int(f.codes[0, 0]) for f in frames] == [0, 1, 2, 3]  # frame i's codes are all i
+    assert all((f.codes == i).all() for i, f in enumerate(frames))
+
+
 def test_hints_verified_and_counted_once_per_tick(streaming_codec, secret):
     verifiers = {s: HintVerifier(secret, s) for s in ("a", "b")}
     signer = HintSigner(secret)
