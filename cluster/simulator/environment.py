@@ -177,6 +177,11 @@ class Environment:
         if not await env.client.ready(timeout_s=120):
             raise RuntimeError("codec replicas did not become ready within 120 s")
         info = await handle.options(method_name="info").remote()
+        if cfg.address and info.get("compute") in ("real", "emulated") and info["compute"] != cfg.compute:
+            # An existing cluster runs what it was deployed with; the run follows and says so.
+            logger.warning("the cluster's replicas run %s compute (not %s): simulating with theirs",
+                           info["compute"], cfg.compute)
+            cfg.compute = info["compute"]
         env.weights = info.get("weights", "unknown")
         if info.get("compute") == "emulated":
             # No model runs; the step costs are those of the model the profile was measured

@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(480)]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+def _cli(*args: str, timeout: float = 400, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, dict]:
@@ -58,6 +58,16 @@ def test_auralink_up_serves_healthy_and_down_stops_it(tmp_path):
         assert code == 200 and info["compute"] == "real" and info["weights"] == state["weights"]
         # serve_config.yaml's user_config reached the replica.
         assert info["settings"]["deadline_ms"] == 20.0 and info["capacity"] == 256
+
+        # The cloud path's last step: the simulator against this existing cluster (its
+        # replicas as deployed, real compute; a CPU-sized deadline for the bridge's frames).
+        sim = _cli("simulate", "--address", state["gcs_address"], "--streams", "2", "--duration", "3",
+                   "--deadline-ms", "60", "--no-progress", "--out", str(tmp_path / "sim"), env=env)
+        assert sim.returncode == 0, sim.stderr[-3000:]
+        rep = json.loads((tmp_path / "sim" / "report.json").read_text())
+        assert rep["compute"] == "real" and rep["time_dilation"] == 1.0
+        assert rep["frames_total"] > 0 and rep["frames_unaccounted"] == 0
+        assert rep["frames_ai"] > 0  # the deployed replica answered
     finally:
         if state is not None:
             down = _cli("up", "--down", "--state-file", str(state_file), timeout=180)
