@@ -57,6 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline-ms", type=float, default=None,
                    help=f"inference deadline per chunk (default {GPU_DEADLINE_MS:g} ms; {CPU_REAL_DEADLINE_MS:g} ms "
                         "for real compute without a GPU, where one 40 ms chunk takes ~25 ms end to end)")
+    p.add_argument("--trace", choices=("steady", "ramp"), default="steady",
+                   help="steady: Poisson join/leave around --streams; ramp: an event - 10%% at the start, "
+                        "arrivals to half-time, then 20%% join within 2 s, peak --streams")
+    p.add_argument("--autoscale", choices=("off", "forecast", "queue-length"), default="off",
+                   help="let Serve scale the replicas: this project's StreamForecastPolicy or Serve's "
+                        "default queue-length policy (default off: a fixed replica count)")
+    p.add_argument("--max-replicas", type=int, default=6, help="autoscaled runs: most replicas (default 6)")
     p.add_argument("--flooders", type=int, default=None)
     p.add_argument("--forgers", type=int, default=None)
     p.add_argument("--replayers", type=int, default=None)
@@ -71,6 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     out = args.out or Path("runs") / f"sim-{time.strftime('%Y%m%d-%H%M%S')}"
     FaultPlan.parse(args.fault, args.duration)  # fail on a bad --fault before starting Ray
+    if args.autoscale != "off" and args.address:
+        raise SystemExit("--autoscale scales the app this command starts; an existing cluster "
+                         "scales as it was deployed (serve_config.yaml's autoscaling_config)")
+    if args.autoscale != "off" and args.replicas is not None:
+        raise SystemExit("--replicas fixes the replica count; with --autoscale use --max-replicas")
     profile = device = weights = None
     if args.profile is not None:
         from cluster.simulator.environment import load_profile
@@ -93,7 +105,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         flooders=args.flooders, forgers=args.forgers, replayers=args.replayers,
         latency_profile=profile, profile_device=device, profile_weights=weights or "unknown",
         weights_dir=args.weights_dir,
-        progress=not args.no_progress,
+        progress=not args.no_progress, trace=args.trace, autoscale=args.autoscale,
+        max_replicas=args.max_replicas,
     )
 
 
@@ -126,6 +139,16 @@ async def simulate(cfg: SimConfig) -> dict:
     return report
 
 
+def docs_name(r: dict) -> str:
+    """The run's docs/benchmarks.md section (and docs/bench/<name>.json)."""
+    name = f"simulate-{r['streams']}"
+    if r.get("trace", "steady") != "steady":
+        name += f"-{r['trace']}"
+    if r.get("autoscaling"):
+        name += f"-autoscale-{r['autoscaling']['policy']}"
+    return name + ("-faults" if r.get("faults") else "")
+
+
 def docs_markdown(r: dict, command: str) -> str:
     fl = r.get("flooder_allowed_hints_per_s", {})
     cp = r["control_plane_cpu"]
@@ -144,6 +167,20 @@ def docs_markdown(r: dict, command: str) -> str:
         f"| {fl.get('min_per_s', '-')}-{fl.get('max_per_s', '-')} | {r['wire_kbps_ai']} / {r['wire_kbps_native']} "
         f"| {cp['cpu_us_per_stream_tick']} us per stream-tick ({cp['cores_per_10k_streams']} cores / 10k streams) | {rec} |",
     ]
+    plan = r.get("capacity_plan")
+    if plan:
+        lines += ["", f"Capacity plan from the latency profile: {plan['verdict']}."]
+    auto = r.get("autoscaling")
+    if auto:
+        kw = (auto["serve_autoscaling_config"].get("policy") or {}).get("policy_kwargs")
+        lines += [
+            "",
+            f"Autoscaling ({auto['policy']}, trace {r['trace']}): {auto['replica_seconds']} replica-seconds, "
+            f"replicas {auto['replicas_start']} -> max {auto['replicas_max']} (end {auto['replicas_end']}), "
+            f"{auto['frames_fallback_capacity']:,} frames fell back for lack of capacity "
+            f"({100 * auto['fallback_capacity_rate']:.2f}%, reasons {'/'.join(auto['capacity_reasons'])})"
+            + (f"; policy_kwargs (wall seconds, x{r['time_dilation']:g}): {kw}" if kw else "") + ".",
+        ]
     return "\n".join(lines)
 
 
@@ -167,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     if args.docs:
         from cluster.bench.report import update_docs_section, write_json
 
-        name = f"simulate-{cfg.streams}" + ("-faults" if cfg.faults else "")
+        name = docs_name(report)
         write_json(Path(__file__).resolve().parents[1] / "docs" / "bench" / f"{name}.json", report)
         command = "auralink " + " ".join(a for a in sys.argv[1:] if a != "--no-progress")
         update_docs_section(name, docs_markdown(report, command))
@@ -183,6 +220,11 @@ def run(args: argparse.Namespace) -> int:
     plan = report.get("capacity_plan")
     if plan:
         print(f"capacity plan: {plan['verdict']}")
+    auto = report.get("autoscaling")
+    if auto:
+        print(f"autoscaling ({auto['policy']}): {auto['replica_seconds']} replica-seconds, replicas "
+              f"{auto['replicas_start']} -> max {auto['replicas_max']}, {auto['frames_fallback_capacity']} "
+              f"frames fell back for lack of capacity ({100 * auto['fallback_capacity_rate']:.2f}%)")
     if report["compute"] == "emulated" and not report.get("latency_profile_measured", True):
         print("WARNING: the latency profile is the built-in unmeasured seed; run `auralink bench codec "
               "--json docs/bench/codec.json` on the target device (a GPU for 10,000 streams) or pass --profile")

@@ -62,7 +62,7 @@ from cluster.simulator.report import (
     recovery_time,
     summarize_rates,
 )
-from cluster.simulator.traces import StreamKind, StreamPopulation, TraceConfig
+from cluster.simulator.traces import Ramp, StreamKind, StreamPopulation, TraceConfig
 from deployments.config import DEFAULT_PROFILE_DEVICE
 from deployments.contract import (
     CHUNK_FRAMES,
@@ -122,6 +122,10 @@ class SimConfig:
     weights_dir: str | None = None
     progress: bool = True
     publish_stats: bool = True
+    trace: str = "steady"  # "steady" (Poisson join/leave around `streams`) | "ramp" (an event)
+    ramp_floor_frac: float = 0.1  # ramp: share of `streams` there at the start
+    autoscale: str = "off"  # "off" | "forecast" (StreamForecastPolicy) | "queue-length" (Serve's)
+    max_replicas: int = 6  # autoscaled runs: the most replicas Serve may start
 
 
 def choose_dilation(streams: int, compute: str, address: str | None = None) -> float:
@@ -275,8 +279,9 @@ class Simulation:
         self.env = env
         self.dilation = cfg.time_dilation or choose_dilation(cfg.streams, cfg.compute, cfg.address)
         f, g, r = abuser_counts(cfg)
+        ramp = Ramp(cfg.duration_s, floor_frac=cfg.ramp_floor_frac) if cfg.trace == "ramp" else None
         self.trace_cfg = TraceConfig(streams=cfg.streams, mean_session_s=cfg.mean_session_s,
-                                     flooders=f, forgers=g, replayers=r, seed=cfg.seed)
+                                     flooders=f, forgers=g, replayers=r, seed=cfg.seed, ramp=ramp)
         self.pop = StreamPopulation(self.trace_cfg)
         self.acc = Accounting()
         self.faults = FaultPlan.parse(cfg.faults, cfg.duration_s)
@@ -645,6 +650,8 @@ class Simulation:
             "latency_profile_ms": {str(k): v for k, v in sorted(self.env.profile.items())},
             "latency_profile_measured": self.env.profile_device != DEFAULT_PROFILE_DEVICE,
             "capacity_plan": self.env.capacity_plan,
+            "trace": cfg.trace,
+            "autoscaling": self._autoscaling_summary(cols),
             "time_dilation": self.dilation,
             "time_dilation_note": (
                 "a simulated 40 ms tick took 40*D ms of wall time; frame deadlines, emulated "
@@ -725,6 +732,30 @@ class Simulation:
             "config": _jsonable(asdict(cfg)),
         }
         return rep
+
+
+    def _autoscaling_summary(self, cols: dict[str, np.ndarray]) -> dict[str, Any] | None:
+        """Replica-seconds used and frames that fell back for lack of capacity (deadline,
+        overload, and `unhealthy`: the supervisor's verdict after a stream's misses)."""
+        if self.cfg.autoscale == "off":
+            return None
+        by = self.acc.fallback_by_reason()
+        capacity = [FallbackReason.DEADLINE.value, FallbackReason.OVERLOAD.value, FallbackReason.UNHEALTHY.value]
+        lost = sum(by.get(k, 0) for k in capacity)
+        reps = cols["replicas"] if len(self.acc.ticks) else np.zeros(0)
+        return {
+            "policy": self.cfg.autoscale,
+            "serve_autoscaling_config": self.env.autoscaling,
+            "replica_seconds": round(float(reps.sum()) * TICK_S, 1),
+            "replicas_start": int(reps[0]) if reps.size else 0,
+            "replicas_max": int(reps.max()) if reps.size else 0,
+            "replicas_end": int(reps[-1]) if reps.size else 0,
+            "frames_fallback_capacity": int(lost),
+            "fallback_capacity_rate": round(lost / max(1, self.acc.frames_total), 6),
+            "capacity_reasons": capacity,
+            "note": "simulated seconds; every Serve duration (delays, look-back, metrics push, "
+                    "policy time constants) was scaled by the time dilation",
+        }
 
 
 _RCODE = {r: reason_code(r) for r in FallbackReason}

@@ -58,16 +58,70 @@ def load_profile(path: Path = CODEC_BENCH_JSON) -> tuple[dict[int, float], str, 
     return out, label, str(weights or "unknown")
 
 
-def streams_per_replica(profile: dict[int, float], deadline_ms: float, margin_ms: float) -> int:
-    """Largest batch whose step fits the deadline with the margin and a transport allowance,
-    with 20% headroom for Poisson bursts."""
+def max_batch_within(profile: dict[int, float], deadline_ms: float, margin_ms: float) -> int:
+    """Largest batch whose step fits the deadline with the margin and a transport allowance
+    (0 if not even one frame does)."""
     budget = deadline_ms - margin_ms - TRANSPORT_ALLOWANCE_MS
     best = 0
     b = 1
     while b <= 65536 and profile_ms(profile, b) <= budget:
         best = b
         b = b + 1 if b < 64 else int(b * 1.1)
-    return max(1, int(best * 0.8))
+    return best
+
+
+def streams_per_replica(profile: dict[int, float], deadline_ms: float, margin_ms: float) -> int:
+    """`max_batch_within`, with 20% headroom for Poisson bursts (at least 1)."""
+    return max(1, int(max_batch_within(profile, deadline_ms, margin_ms) * 0.8))
+
+
+# Serve's defaults for its queue-length policy (ray.serve.config.AutoscalingConfig).
+SERVE_DEFAULT_TARGET_ONGOING = 2.0
+SERVE_DEFAULT_UPSCALE_DELAY_S = 30.0
+SERVE_DEFAULT_DOWNSCALE_DELAY_S = 600.0
+SERVE_DEFAULT_LOOK_BACK_S = 30.0
+# The forecast policy's look-ahead: decision -> replica ready. A local emulated replica
+# process starts in a few wall seconds, well under 2 simulated seconds at x6 or more.
+SIM_REPLICA_WARMUP_S = 2.0
+# Time constants of the forecast policy (autoscaling.policy.PolicyConfig) that are durations.
+_POLICY_DURATIONS = ("warmup_s", "level_tau_s", "trend_tau_s", "trend_damping_s",
+                     "pressure_memory_s", "window_s", "sample_interval_s")
+
+
+def autoscaling_config(cfg, per: int, dilation: float, capacity: int | None = None) -> dict[str, Any]:
+    """Serve `autoscaling_config` for an autoscaled run, every duration in wall time (x D).
+
+    `per`: streams per replica to start with (with headroom); `capacity`: the most one replica
+    serves within the deadline (default `per`), which the forecast policy gets as its
+    `streams_per_replica` (it plans at `target_occupancy` of it itself).
+    `forecast`: this project's StreamForecastPolicy; `queue-length`: Serve's default policy
+    with Serve's default target and delays."""
+    from autoscaling.policy import PolicyConfig
+
+    floor = cfg.streams * (cfg.ramp_floor_frac if cfg.trace == "ramp" else 1.0)
+    initial = max(1, min(cfg.max_replicas, math.ceil(floor / per)))
+    common = {"min_replicas": 1, "initial_replicas": initial, "max_replicas": cfg.max_replicas}
+    if cfg.autoscale == "queue-length":
+        return {**common,
+                "target_ongoing_requests": SERVE_DEFAULT_TARGET_ONGOING,
+                "upscale_delay_s": SERVE_DEFAULT_UPSCALE_DELAY_S * dilation,
+                "downscale_delay_s": SERVE_DEFAULT_DOWNSCALE_DELAY_S * dilation,
+                "look_back_period_s": SERVE_DEFAULT_LOOK_BACK_S * dilation}
+    if cfg.autoscale != "forecast":
+        raise ValueError(f"unknown autoscale policy {cfg.autoscale!r}: off, forecast or queue-length")
+    cap = capacity or per
+    base = PolicyConfig(streams_per_replica=cap, warmup_s=SIM_REPLICA_WARMUP_S)
+    kwargs: dict[str, Any] = {"streams_per_replica": cap}
+    for name in _POLICY_DURATIONS:
+        v = getattr(base, name)
+        kwargs[name] = None if v is None else v * dilation
+    return {**common,
+            # As serve_config.yaml: the policy smooths and forecasts itself.
+            "upscale_delay_s": 0.0,
+            "downscale_delay_s": 120.0 * dilation,
+            "look_back_period_s": SERVE_DEFAULT_LOOK_BACK_S * dilation,
+            "policy": {"policy_function": "autoscaling.policy:StreamForecastPolicy",
+                       "policy_kwargs": kwargs}}
 
 
 def capacity_plan(profile: dict[int, float], device: str, streams: int, deadline_ms: float,
@@ -136,6 +190,7 @@ class Environment:
         self.board = None
         self.replicas = 0
         self.capacity_plan: dict[str, Any] | None = None
+        self.autoscaling: dict[str, Any] | None = None
         self._own_ray = False
         self._own_app = False
         self._redis_pid: int | None = None
@@ -149,6 +204,12 @@ class Environment:
 
         env = cls()
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if cfg.autoscale != "off" and not cfg.address:
+            # Replicas and handles report to the autoscaler once per simulated second (the
+            # workers of the local Ray started below inherit this environment).
+            for var in ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+                        "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
+                os.environ[var] = f"{dilation:g}"
         if cfg.address:
             ray.init(address=cfg.address, namespace=RAY_NAMESPACE, log_to_driver=False)
         else:
@@ -219,12 +280,23 @@ class Environment:
                 logger.warning("real compute: %d replicas wanted, %d fit on %d cores", want,
                                max(1, cores - 1), cores)
                 want = max(1, cores - 1)
+        auto = None
+        if cfg.autoscale != "off":
+            cap = max(1, max_batch_within(self.profile, cfg.deadline_ms, margin))
+            auto = autoscaling_config(cfg, per, dilation, capacity=cap)
+        if auto is not None:
+            if not emulated:
+                auto["max_replicas"] = min(auto["max_replicas"], want)  # the cores there are
+                auto["initial_replicas"] = min(auto["initial_replicas"], auto["max_replicas"])
+            want = auto["initial_replicas"]
+        self.autoscaling = auto
         self.replicas = want
         self.capacity_plan = capacity_plan(self.profile, self.profile_device, cfg.streams, cfg.deadline_ms,
-                                           margin, want)
+                                           margin, auto["max_replicas"] if auto else want)
         if not self.capacity_plan["holds"]:
             logger.warning("capacity plan: %s", self.capacity_plan["verdict"])
-        streams_each = math.ceil(cfg.streams / want)
+        # Autoscaled: each replica is sized for what the profile says it serves.
+        streams_each = per if auto is not None else math.ceil(cfg.streams / want)
         replica = {
             "compute": cfg.compute,
             # Every time constant the replica sees is in wall time: scale by the dilation.
@@ -242,8 +314,9 @@ class Environment:
             replica["torch_threads"] = 1
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        scale = {"autoscaling_config": auto} if auto is not None else {"num_replicas": want}
         rep = CodecReplica.options(
-            num_replicas=want,
+            **scale,
             # Emulated replicas sleep; they need no reserved core.
             ray_actor_options={"num_cpus": 0.01 if emulated else 1.0, "num_gpus": 0},
         ).bind(replica)

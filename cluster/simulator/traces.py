@@ -9,6 +9,11 @@ single stream, as they do for real callers.
 Abusive streams (hint flooders, forgers, replayers) join at the start and stay for the whole
 run, so that their per-stream hint rates are measured over the same window.
 
+`Ramp` (autoscaling runs) replaces the steady state with an event: `floor_frac` of the
+streams are there at the start, the rest trickle in (Poisson arrivals at a constant rate)
+until `burst_at_frac` of the run, then `burst_frac` of all streams join within `burst_s`,
+and everyone stays to the end.
+
 Everything is a numpy column over slots; a step costs a few vector operations, not a Python
 loop over streams.
 """
@@ -29,14 +34,48 @@ class StreamKind(enum.IntEnum):
 
 
 @dataclass(frozen=True)
+class Ramp:
+    """An event's arrivals over a run of `duration_s` (see the module docstring)."""
+
+    duration_s: float
+    floor_frac: float = 0.1
+    burst_at_frac: float = 0.5
+    burst_frac: float = 0.2
+    burst_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.duration_s <= 0 or self.burst_s <= 0:
+            raise ValueError("duration_s and burst_s must be > 0")
+        if not (0 <= self.floor_frac and 0 <= self.burst_frac and self.floor_frac + self.burst_frac <= 1):
+            raise ValueError("floor_frac and burst_frac must be >= 0 and sum to at most 1")
+        if not 0 < self.burst_at_frac < 1:
+            raise ValueError("burst_at_frac must be in (0, 1)")
+
+    def arrival_times(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Join times of `n` streams, sorted: floor at 0, trickle, burst."""
+        floor = int(round(n * self.floor_frac))
+        burst = int(round(n * self.burst_frac))
+        trickle = n - floor - burst
+        t_burst = self.burst_at_frac * self.duration_s
+        # Uniform order statistics = Poisson arrivals at a constant rate, given their number.
+        times = np.concatenate([
+            np.zeros(floor),
+            np.sort(rng.uniform(0.0, t_burst, trickle)),
+            t_burst + np.sort(rng.uniform(0.0, self.burst_s, burst)),
+        ])
+        return times
+
+
+@dataclass(frozen=True)
 class TraceConfig:
-    streams: int = 200  # expected live streams
+    streams: int = 200  # expected live streams (the peak, with a ramp)
     mean_session_s: float = 120.0
     mean_gap_s: float = 6.0
     flooders: int = 2
     forgers: int = 2
     replayers: int = 2
     seed: int = 0
+    ramp: Ramp | None = None
 
     def __post_init__(self) -> None:
         if self.streams < 1:
@@ -52,7 +91,10 @@ class TraceConfig:
 
     @property
     def slots(self) -> int:
-        """User slots so that the expected number connected equals `streams`."""
+        """User slots so that the expected number connected equals `streams` (with a ramp:
+        one slot per stream)."""
+        if self.ramp is not None:
+            return self.streams
         normal = self.streams - self.abusers
         on_frac = self.mean_session_s / (self.mean_session_s + self.mean_gap_s)
         return self.abusers + int(np.ceil(normal / on_frac))
@@ -92,6 +134,12 @@ class StreamPopulation:
             self.rng.exponential(config.mean_gap_s, n),
         )
         self.next_change[~normal] = np.inf
+        if config.ramp is not None:
+            # An event: every honest user joins once, at its arrival time, and stays.
+            honest = np.flatnonzero(normal)
+            at = config.ramp.arrival_times(honest.size, self.rng)
+            self.active[honest] = at <= 0.0
+            self.next_change[honest] = np.where(at <= 0.0, np.inf, at)
         self.stream_ids: list[str] = [""] * n
         self.joined_at = np.full(n, np.nan)
         for i in np.flatnonzero(self.active):
@@ -119,7 +167,9 @@ class StreamPopulation:
             self._start(i, t)
         cfg = self.config
         self.next_change[left] = t + self.rng.exponential(cfg.mean_gap_s, left.size)
-        self.next_change[joined] = t + self.rng.exponential(cfg.mean_session_s, joined.size)
+        self.next_change[joined] = (
+            np.inf if cfg.ramp is not None else t + self.rng.exponential(cfg.mean_session_s, joined.size)
+        )
         self.joins += int(joined.size)
         self.leaves += int(left.size)
         return Change(joined, left, left_ids)

@@ -66,6 +66,44 @@ def test_accounting_and_recovery():
     assert sat["recovered_after_s"] is None and "not measurable" in sat["note"]
 
 
+def test_ramp_population_is_an_event_floor_trickle_burst_and_nobody_leaves():
+    from cluster.simulator.traces import Ramp
+
+    ramp = Ramp(60.0, floor_frac=0.1, burst_at_frac=0.5, burst_frac=0.2, burst_s=2.0)
+    pop = StreamPopulation(TraceConfig(streams=1000, flooders=4, forgers=3, replayers=3, seed=5, ramp=ramp))
+    assert pop.n_slots == 1000
+    assert int(pop.active.sum()) == 10 + round(990 * 0.1)  # abusers + the floor
+    live = {}
+    for k in range(1, 1501):
+        t = k * 0.04
+        pop.step(t)
+        live[round(t, 2)] = int(pop.active.sum())
+    assert pop.leaves == 0 and live[60.0] == 1000
+    # 20% of the honest streams join within the 2 s burst at half-time.
+    assert live[32.0] - live[30.0] >= round(990 * 0.2)
+    # Before the burst, arrivals trickle in at a steady rate.
+    assert abs((live[20.0] - live[10.0]) - (live[30.0] - live[20.0])) < 60
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        Ramp(60.0, floor_frac=0.9, burst_frac=0.2)
+
+
+def test_autoscaling_config_scales_every_serve_duration_by_the_dilation():
+    from cluster.simulator.driver import SimConfig
+    from cluster.simulator.environment import autoscaling_config
+
+    cfg = SimConfig(streams=100, trace="ramp", autoscale="forecast", max_replicas=6)
+    fc = autoscaling_config(cfg, per=10, dilation=4.0)
+    assert (fc["initial_replicas"], fc["max_replicas"], fc["upscale_delay_s"]) == (1, 6, 0.0)
+    kw = fc["policy"]["policy_kwargs"]
+    assert fc["policy"]["policy_function"] == "autoscaling.policy:StreamForecastPolicy"
+    assert kw["streams_per_replica"] == 10 and kw["warmup_s"] == 8.0 and kw["trend_tau_s"] == 120.0
+    ql = autoscaling_config(SimConfig(streams=100, autoscale="queue-length"), per=10, dilation=4.0)
+    assert "policy" not in ql and ql["initial_replicas"] == 6  # steady trace: sized for all
+    assert (ql["target_ongoing_requests"], ql["upscale_delay_s"], ql["downscale_delay_s"]) == (2.0, 120.0, 2400.0)
+    with pytest.raises(ValueError, match="unknown autoscale policy"):
+        autoscaling_config(SimConfig(autoscale="magic"), per=10, dilation=1.0)
+
+
 def test_capacity_plan_says_whether_the_profile_holds_the_load():
     from cluster.simulator.environment import capacity_plan
 
@@ -134,3 +172,18 @@ def test_simulate_real_compute_few_streams(tmp_path):
     assert rep["frames_total"] >= 3 * 3 / 0.04 * 0.8
     assert rep["compact_frames"] is False
     assert rep["frames_ai"] > 0  # the real model answered within the CPU deadline
+
+
+@pytest.mark.ray
+def test_simulate_autoscales_a_ramp_with_the_forecast_policy(tmp_path):
+    """The real Serve controller runs StreamForecastPolicy on the replicas' stats while the
+    event's streams arrive: it starts more replicas, and every frame still has an outcome."""
+    rep = _run(tmp_path, streams=12, duration_s=12.0, compute="emulated", trace="ramp",
+               autoscale="forecast", max_replicas=3, deadline_ms=30.0, flooders=0, forgers=0,
+               replayers=0, time_dilation=3.0)
+    auto = rep["autoscaling"]
+    assert rep["trace"] == "ramp" and auto["policy"] == "forecast"
+    assert auto["serve_autoscaling_config"]["policy"]["policy_kwargs"]["warmup_s"] == 6.0
+    assert auto["replicas_start"] == 1 and auto["replicas_max"] >= 2
+    assert auto["replica_seconds"] > 12.0
+    assert rep["frames_unaccounted"] == 0 and rep["streams_peak"] == 12
