@@ -75,11 +75,6 @@ def streams_per_replica(profile: dict[int, float], deadline_ms: float, margin_ms
     return max(1, int(max_batch_within(profile, deadline_ms, margin_ms) * 0.8))
 
 
-# Serve's defaults for its queue-length policy (ray.serve.config.AutoscalingConfig).
-SERVE_DEFAULT_TARGET_ONGOING = 2.0
-SERVE_DEFAULT_UPSCALE_DELAY_S = 30.0
-SERVE_DEFAULT_DOWNSCALE_DELAY_S = 600.0
-SERVE_DEFAULT_LOOK_BACK_S = 30.0
 # The forecast policy's look-ahead: decision -> replica ready. A local emulated replica
 # process starts in a few wall seconds, well under 2 simulated seconds at x6 or more.
 SIM_REPLICA_WARMUP_S = 2.0
@@ -96,17 +91,21 @@ def autoscaling_config(cfg, per: int, dilation: float, capacity: int | None = No
     `streams_per_replica` (it plans at `target_occupancy` of it itself).
     `forecast`: this project's StreamForecastPolicy; `queue-length`: Serve's default policy
     with Serve's default target and delays."""
+    from ray.serve.config import AutoscalingConfig
+
     from autoscaling.policy import PolicyConfig
 
+    serve_default = AutoscalingConfig()  # Serve's own defaults for its queue-length policy
+    look_back = serve_default.look_back_period_s * dilation
     floor = cfg.streams * (cfg.ramp_floor_frac if cfg.trace == "ramp" else 1.0)
     initial = max(1, min(cfg.max_replicas, math.ceil(floor / per)))
     common = {"min_replicas": 1, "initial_replicas": initial, "max_replicas": cfg.max_replicas}
     if cfg.autoscale == "queue-length":
         return {**common,
-                "target_ongoing_requests": SERVE_DEFAULT_TARGET_ONGOING,
-                "upscale_delay_s": SERVE_DEFAULT_UPSCALE_DELAY_S * dilation,
-                "downscale_delay_s": SERVE_DEFAULT_DOWNSCALE_DELAY_S * dilation,
-                "look_back_period_s": SERVE_DEFAULT_LOOK_BACK_S * dilation}
+                "target_ongoing_requests": serve_default.target_ongoing_requests,
+                "upscale_delay_s": serve_default.upscale_delay_s * dilation,
+                "downscale_delay_s": serve_default.downscale_delay_s * dilation,
+                "look_back_period_s": look_back}
     if cfg.autoscale != "forecast":
         raise ValueError(f"unknown autoscale policy {cfg.autoscale!r}: off, forecast or queue-length")
     cap = capacity or per
@@ -119,7 +118,7 @@ def autoscaling_config(cfg, per: int, dilation: float, capacity: int | None = No
             # As serve_config.yaml: the policy smooths and forecasts itself.
             "upscale_delay_s": 0.0,
             "downscale_delay_s": 120.0 * dilation,
-            "look_back_period_s": SERVE_DEFAULT_LOOK_BACK_S * dilation,
+            "look_back_period_s": look_back,
             "policy": {"policy_function": "autoscaling.policy:StreamForecastPolicy",
                        "policy_kwargs": kwargs}}
 
@@ -191,6 +190,7 @@ class Environment:
         self.replicas = 0
         self.capacity_plan: dict[str, Any] | None = None
         self.autoscaling: dict[str, Any] | None = None
+        self._env_restore: dict[str, str | None] = {}
         self._own_ray = False
         self._own_app = False
         self._redis_pid: int | None = None
@@ -209,6 +209,7 @@ class Environment:
             # workers of the local Ray started below inherit this environment).
             for var in ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
                         "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
+                env._env_restore[var] = os.environ.get(var)
                 os.environ[var] = f"{dilation:g}"
         if cfg.address:
             ray.init(address=cfg.address, namespace=RAY_NAMESPACE, log_to_driver=False)
@@ -368,6 +369,11 @@ class Environment:
                 logger.info("actor kill: %s", exc)
         if self._own_ray:
             ray.shutdown()
+        for var, old in self._env_restore.items():
+            if old is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = old
         if self.embedded is not None:
             self.embedded.close()
 
