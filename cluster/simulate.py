@@ -153,8 +153,18 @@ def docs_markdown(r: dict, command: str) -> str:
     fl = r.get("flooder_allowed_hints_per_s", {})
     cp = r["control_plane_cpu"]
     rec = ", ".join(_recovery_text(f) for f in r["faults"]) or "no fault injected"
+    auto = r.get("autoscaling")
+    title = f"### Simulator: {r['streams']} streams, {r['duration_s']:g} s"
+    if r.get("trace", "steady") != "steady":
+        title += f", {r['trace']} trace"
+    if auto:
+        title += f", autoscaled by {auto['policy']}"
+    if r.get("faults"):
+        title += ", faults " + ", ".join(f["fault"] for f in r["faults"])
+    per_10k = (f" ({cp['cores_per_10k_streams']} cores / 10k streams)" if r["streams"] >= 1000
+               else " (at this size fixed per-tick costs dominate; see a 10k-stream run for the per-stream cost)")
     lines = [
-        f"### Simulator: {r['streams']} streams, {r['duration_s']:g} s",
+        title,
         "",
         f"`{command}` - {r['compute_label']}; weights: {r['weights']}; time dilation x{r['time_dilation']:g} "
         f"(achieved x{r['achieved_dilation']:g}, {r['late_ticks']} late ticks); machine: {_machine()}.",
@@ -165,12 +175,11 @@ def docs_markdown(r: dict, command: str) -> str:
         f"| {r['frames_unaccounted']} | {r['fallback_by_reason']} | {r['p50_ms']} / {r['p99_ms']} "
         f"| {r['hints_sent']:,} / {r['hints_limited']:,} / {r['hints_rejected_forged']:,} / {r['hints_rejected_replay']:,} "
         f"| {fl.get('min_per_s', '-')}-{fl.get('max_per_s', '-')} | {r['wire_kbps_ai']} / {r['wire_kbps_native']} "
-        f"| {cp['cpu_us_per_stream_tick']} us per stream-tick ({cp['cores_per_10k_streams']} cores / 10k streams) | {rec} |",
+        f"| {cp['cpu_us_per_stream_tick']} us per stream-tick{per_10k} | {rec} |",
     ]
     plan = r.get("capacity_plan")
     if plan:
         lines += ["", f"Capacity plan from the latency profile: {plan['verdict']}."]
-    auto = r.get("autoscaling")
     if auto:
         kw = (auto["serve_autoscaling_config"].get("policy") or {}).get("policy_kwargs")
         lines += [
