@@ -733,7 +733,6 @@ class Simulation:
         }
         return rep
 
-
     def _autoscaling_summary(self, cols: dict[str, np.ndarray]) -> dict[str, Any] | None:
         """Replica-seconds used and frames that fell back for lack of capacity (deadline,
         overload, and `unhealthy`: the supervisor's verdict after a stream's misses)."""
