@@ -138,7 +138,8 @@ def capacity_plan(profile: dict[int, float], device: str, streams: int, deadline
         "replicas_run": replicas_run,
         "holds": holds,
         "verdict": (
-            f"holds: {replicas_run} replicas for {streams} streams at {per} per replica" if holds else
+            f"holds: {replicas_run} replica{'s' if replicas_run != 1 else ''} for {streams} streams "
+            f"at {per} per replica" if holds else
             f"does not hold: {streams} streams need {need} replicas of '{device}' at {per} per replica "
             f"within {deadline_ms:g} ms; this run has {replicas_run}, so the rest falls back "
             "(deadline/overload) by design"
