@@ -312,8 +312,9 @@ class TickBatcher:
         counts = np.bincount(oc, minlength=len(keys))
         for c in np.flatnonzero(counts).tolist():
             self.counters[keys[c]] += int(counts[c])
+        epochs, seqs = batch.epochs.tolist(), batch.epoch_seqs.tolist()
         for i, (c, (st, chunk)) in enumerate(zip(oc.tolist(), send, strict=True)):
-            epoch, seq = int(batch.epochs[i]), int(batch.epoch_seqs[i])
+            epoch, seq = epochs[i], seqs[i]
             if c == AI_CODE:
                 append(FrameOutcome(chunk, Outcome.AI, None, epoch, seq, codes[i]))
             else:
