@@ -7,6 +7,13 @@ import socket
 from dataclasses import dataclass, field
 
 from deployments.contract import CHUNK_SAMPLES, SAMPLE_RATE
+from sfu_bridge.ice import (
+    ENV_ICE_SERVERS,
+    ENV_PUBLIC_IP,
+    IceServer,
+    check_public_ip,
+    parse_ice_servers,
+)
 
 
 @dataclass
@@ -27,6 +34,10 @@ class BridgeConfig:
     public_url: str = ""  # base URL for Location headers; empty = relative paths
     opted_out_users: frozenset[str] = frozenset()  # users whose streams never touch the AI
     limiter_fail_open: bool = True  # Redis unreachable: let hints through (counted) or drop
+    # STUN/TURN servers of the bridge's peer connections, announced to clients in Link
+    # headers; none = host candidates only, no traffic to any server (sfu_bridge/ice.py)
+    ice_servers: tuple[IceServer, ...] = ()
+    public_ip: str = ""  # 1:1 NAT: the address announced in place of host candidates
 
     @classmethod
     def from_env(cls, **overrides) -> BridgeConfig:
@@ -40,6 +51,8 @@ class BridgeConfig:
                 u for u in env.get("AURALINK_OPTED_OUT_USERS", "").split(",") if u
             ),
             limiter_fail_open=env.get("AURALINK_LIMITER_FAIL", "open").lower() != "closed",
+            ice_servers=parse_ice_servers(env.get(ENV_ICE_SERVERS, "")),
+            public_ip=check_public_ip(env[ENV_PUBLIC_IP]) if env.get(ENV_PUBLIC_IP) else "",
         )
         for k, v in overrides.items():
             setattr(cfg, k, v)

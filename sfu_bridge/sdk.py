@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from models.opus import OpusCodec
-from sfu_bridge import rtp_ext
+from sfu_bridge import ice, rtp_ext
 from sfu_bridge.aic_payload import AicPayload
 from sfu_bridge.hint_auth import HintSigner
 from sfu_bridge.hint_ext import Hint
@@ -92,6 +92,7 @@ class AicPublisher:
         opus_bitrate: int = 32_000,
         bandwidth_kbps: float = 6.0,
         hints: bool = True,
+        ice_servers: Sequence[ice.IceServer] = (),
     ) -> None:
         rtp_ext.install()
         self.base_url = base_url.rstrip("/")
@@ -102,7 +103,7 @@ class AicPublisher:
         self.opus = OpusCodec(1, sample_rate=48_000, frame_ms=20, bitrate=opus_bitrate)
         self.bandwidth_kbps = bandwidth_kbps
         self.hints = hints and self.signer is not None
-        self.pc = RTCPeerConnection()
+        self.pc = ice.peer_connection(ice_servers)  # none: host candidates, no STUN default
         self.meter = UdpMeter()
         self.location: str | None = None
         self.packets = 0
@@ -187,6 +188,7 @@ class AicSubscriber:
         codec: Any = None,
         slot: int = 0,
         keep_payloads: int = 0,
+        ice_servers: Sequence[ice.IceServer] = (),
     ) -> None:
         rtp_ext.install()
         self.base_url = base_url.rstrip("/")
@@ -195,7 +197,7 @@ class AicSubscriber:
         self.aic = aic
         self.codec = codec  # models.StreamingEncodec (decode side); None = count, don't decode
         self.slot = slot
-        self.pc = RTCPeerConnection()
+        self.pc = ice.peer_connection(ice_servers)  # none: host candidates, no STUN default
         self.meter = UdpMeter()
         self.stats = SubscriberStats()
         self.location: str | None = None

@@ -7,6 +7,10 @@
   the AIC payload type (``a=rtpmap:<pt> AIC/48000``) gets EnCodec codes; others get Opus.
 - ``PATCH`` on a session: 405 (no trickle ICE: send a complete offer, as WHIP allows).
 - ``OPTIONS``: CORS preflight for browser clients on another origin.
+- ICE: the bridge's connections use only the configured STUN/TURN servers (``--ice-server``,
+  ``$AURALINK_ICE_SERVERS``; none = host candidates only), announced to clients in ``Link``
+  headers (RFC 9725 section 4.6); ``--public-ip`` announces a 1:1 NAT's public address.
+  DTLS: the bridge is the DTLS server when the offer lets it choose (sfu_bridge/ice.py).
 - ``GET /health``: liveness and the worker's counters (no media content).
 
 Errors are 4xx with a one-line text message: 400 malformed SDP or stream id, 401/403 token,
@@ -31,8 +35,9 @@ from typing import Any
 from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import SessionDescription
+from multidict import CIMultiDict
 
-from sfu_bridge import rtp_ext
+from sfu_bridge import ice, rtp_ext
 from sfu_bridge.config import BridgeConfig
 from sfu_bridge.hint_auth import HintVerifier
 from sfu_bridge.media import MediaBridge, Publisher, RtpOut
@@ -115,7 +120,7 @@ class BridgeServer:
         resp = await self._handle(request, handler)
         # browsers on another origin (RFC 9725 section 4.1 expects CORS support)
         resp.headers["Access-Control-Allow-Origin"] = "*"
-        resp.headers["Access-Control-Expose-Headers"] = "Location"
+        resp.headers["Access-Control-Expose-Headers"] = "Location, Link"
         return resp
 
     async def _handle(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -166,7 +171,10 @@ class BridgeServer:
             raise SignalingError(400, f"unusable SDP offer: {exc}"[:200]) from None
         except Exception as exc:  # aiortc's OperationError etc.: nothing in common to answer with
             raise SignalingError(400, f"unusable SDP offer: {type(exc).__name__}: {exc}"[:200]) from None
-        await pc.setLocalDescription(await pc.createAnswer())
+        answer = await pc.createAnswer()
+        # the bridge is the DTLS server where the offer allows: see ice.prefer_dtls_server
+        sdp = ice.prefer_dtls_server(answer.sdp, offer)
+        await pc.setLocalDescription(RTCSessionDescription(sdp=sdp, type="answer"))
         return pc.localDescription.sdp
 
     def _watch(self, pc: RTCPeerConnection, session_id: str) -> None:
@@ -176,10 +184,13 @@ class BridgeServer:
                 await self.media.end_session(session_id)
 
     def _created(self, kind: str, stream: str, session: str, answer: str) -> web.Response:
-        return web.Response(
-            status=201, text=answer, content_type=SDP_TYPE,
-            headers={"Location": self._location(kind, stream, session)},
-        )
+        """201 with the answer, the session's Location and the ICE servers (RFC 9725 4.6)."""
+        headers = CIMultiDict(Location=self._location(kind, stream, session))
+        for link in ice.link_headers(self.config.ice_servers):
+            headers.add("Link", link)
+        if self.config.public_ip:
+            answer = ice.announce_address(answer, self.config.public_ip)
+        return web.Response(status=201, text=answer, content_type=SDP_TYPE, headers=headers)
 
     # -- handlers --------------------------------------------------------------------------
     async def whip(self, request: web.Request) -> web.Response:
@@ -188,7 +199,7 @@ class BridgeServer:
             raise SignalingError(409, "stream already has a publisher")
         if self.media.full:
             raise SignalingError(503, "this bridge worker is full")
-        pc = RTCPeerConnection()
+        pc = ice.peer_connection(self.config.ice_servers)
         pub = self.media.add_publisher(
             stream, user, pc, opted_out=user in self.config.opted_out_users
         )
@@ -221,7 +232,7 @@ class BridgeServer:
         stream, user, offer = await self._read_offer(request, Scope.SUBSCRIBE)
         if stream not in self.media.publishers:
             raise SignalingError(404, "stream has no publisher on this bridge")
-        pc = RTCPeerConnection()
+        pc = ice.peer_connection(self.config.ice_servers)
         transceiver = pc.addTransceiver("audio", direction="sendonly")
         try:
             answer = await self._negotiate(pc, offer)
@@ -261,7 +272,8 @@ class BridgeServer:
 
     async def options(self, request: web.Request) -> web.Response:
         return web.Response(status=204, headers={
-            "Access-Control-Allow-Methods": "POST, DELETE, OPTIONS",
+            # PATCH too: a browser must see its 405 (no trickle ICE), not a CORS failure
+            "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
             "Access-Control-Allow-Headers": "Authorization, Content-Type",
             "Accept-Post": SDP_TYPE,
         })
@@ -344,6 +356,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bandwidth-kbps", type=float, default=d.bandwidth_kbps)
     parser.add_argument("--max-streams", type=int, default=d.max_streams)
     parser.add_argument("--public-url", default="", help="base URL for Location headers")
+    parser.add_argument(
+        "--ice-server", action="append", metavar="URL", type=_ice_server,
+        help="STUN/TURN server of the bridge's connections, announced to clients (repeatable; "
+        f"replaces ${ice.ENV_ICE_SERVERS}; TURN credentials only there, as JSON). "
+        "None: host candidates only, no traffic to any server",
+    )
+    parser.add_argument(
+        "--public-ip", type=_public_ip, default=None,
+        help=f"1:1 NAT: announce this address in place of host candidates (${ice.ENV_PUBLIC_IP})",
+    )
+
+
+def _ice_server(url: str) -> ice.IceServer:
+    try:
+        return ice.IceServer((url,))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _public_ip(value: str) -> str:
+    try:
+        return ice.check_public_ip(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def ice_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """BridgeConfig fields set by `--ice-server` / `--public-ip` (else the environment's)."""
+    out: dict[str, Any] = {}
+    if args.ice_server:
+        out["ice_servers"] = tuple(args.ice_server)
+    if args.public_ip:
+        out["public_ip"] = args.public_ip
+    return out
 
 
 def _serve_worker(args: argparse.Namespace, port: int) -> None:
@@ -351,6 +397,7 @@ def _serve_worker(args: argparse.Namespace, port: int) -> None:
     config = BridgeConfig.from_env(
         host=args.host, port=port, deadline_ms=args.deadline_ms,
         bandwidth_kbps=args.bandwidth_kbps, max_streams=args.max_streams, public_url=args.public_url,
+        **ice_overrides(args),
     )
     secret = load_secret()
     server = make_server(config, build_codec(args.codec, args.max_streams, args.bandwidth_kbps),

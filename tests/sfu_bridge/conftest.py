@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from aiortc.rtcicetransport import RTCIceGatherer
 
 from sfu_bridge import rtp_ext
 
 rtp_ext.install()
+
+
+def _no_default_ice_servers(cls) -> list:
+    raise AssertionError(
+        "a peer connection without explicit ICE servers would use aiortc's public STUN "
+        "default and send traffic off this machine: make it with sfu_bridge.ice.peer_connection()"
+    )
+
+
+# Nothing leaves the machine: a test that forgets the explicit ICE configuration fails here
+# instead of asking a public STUN server (tests/sfu_bridge/test_ice.py checks the real path).
+RTCIceGatherer.getDefaultIceServers = classmethod(_no_default_ice_servers)
 
 CLUSTER_SECRET = b"test-cluster-secret-0123456789abcdef"
 

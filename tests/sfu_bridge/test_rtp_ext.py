@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aiortc import RTCPeerConnection, rtp
+from aiortc import rtp
 from aiortc.codecs import CODECS, HEADER_EXTENSIONS
 from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 
 from sfu_bridge import rtp_ext
 from sfu_bridge.hint_ext import HINT_URI
+from sfu_bridge.ice import peer_connection
 from sfu_bridge.media import RtpOut
 from sfu_bridge.sdk import wait_connected
 
@@ -69,7 +70,7 @@ def test_truncated_extension_is_a_parse_error_not_a_crash():
 
 def test_sdp_negotiates_hint_uri_and_aic_payload_type():
     async def go():
-        offerer, answerer = RTCPeerConnection(), RTCPeerConnection()
+        offerer, answerer = peer_connection(), peer_connection()
         offerer.addTransceiver("audio", direction="recvonly")
         answerer.addTransceiver("audio", direction="sendonly")
         await offerer.setLocalDescription(await offerer.createOffer())
@@ -92,7 +93,7 @@ def test_hint_and_aic_payload_cross_a_real_connection():
     map hands the hint bytes to its sink, and AIC frames reach the track undecoded."""
 
     async def go():
-        a, b = RTCPeerConnection(), RTCPeerConnection()
+        a, b = peer_connection(), peer_connection()
         ta = a.addTransceiver("audio", direction="sendonly")
         tb = b.addTransceiver("audio", direction="recvonly")
         got_track: asyncio.Future = asyncio.get_running_loop().create_future()

@@ -8,11 +8,12 @@ import aiohttp
 import pytest
 from aiortc import RTCPeerConnection
 
+from sfu_bridge.ice import peer_connection
 from sfu_bridge.tick import InProcessCodec
 
 
 async def aiortc_offer(direction: str = "sendonly") -> tuple[RTCPeerConnection, str]:
-    pc = RTCPeerConnection()
+    pc = peer_connection()
     pc.addTransceiver("audio", direction=direction)
     await pc.setLocalDescription(await pc.createOffer())
     return pc, pc.localDescription.sdp
@@ -151,7 +152,7 @@ def test_whep_answers_aic_only_to_offers_that_list_it(scenario, tokens):
             assert r.status == 201
         answers = {}
         for aic in (True, False):
-            pc = RTCPeerConnection()
+            pc = peer_connection()
             t = pc.addTransceiver("audio", direction="recvonly")
             if not aic:
                 caps = RTCRtpSender.getCapabilities("audio").codecs
