@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs AuraLink AIC into ./.venv (editable, with the dev tools).
 #   bash scripts/setup.sh          Python packages only (main job)
-#   bash scripts/setup.sh --test   also Debian's chromium for the browser tests
+#   bash scripts/setup.sh --test   also Debian's chromium (browser tests) and GStreamer (interop test)
 # Idempotent: a second run only checks what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,10 +21,21 @@ else
   echo "[setup] .venv is up to date"
 fi
 
-if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
-  echo "[setup] installing Debian chromium for the browser tests"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+if [ "${1:-}" = "--test" ]; then
+  # chromium: browser tests; GStreamer webrtcbin + PyGObject (system python3): interop test
+  missing=()
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  for pkg in gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+             gstreamer1.0-plugins-bad gstreamer1.0-nice python3-gi gir1.2-gstreamer-1.0 \
+             gir1.2-gst-plugins-base-1.0 gir1.2-gst-plugins-bad-1.0; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "[setup] installing Debian packages for the browser and interop tests: ${missing[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+      "${missing[@]}" >/dev/null
+  fi
 fi
 echo "[setup] done"

@@ -44,6 +44,15 @@ window.publish = async (stream, token) => {
     await new Promise((ok) => setTimeout(ok, 50));
   return {status: resp.status, state: pc.connectionState, location: window.whip.location};
 };
+window.trickleFrom = async (origin, token) => {
+  // a cross-origin PATCH (trickle ICE): the CORS preflight must let it through to the 405
+  try {
+    const r = await fetch(origin + window.whip.location, {method: "PATCH",
+      body: "a=end-of-candidates\\r\\n", headers: {"Content-Type": "application/trickle-ice-sdpfrag",
+      "Authorization": "Bearer " + token}});
+    return {status: r.status};
+  } catch (e) { return {error: String(e)}; }
+};
 window.sentBytes = async () => {
   let bytes = 0;
   (await window.whip.pc.getStats()).forEach((r) => {
@@ -94,6 +103,10 @@ def test_chromium_publishes_over_whip_to_aic_and_opus_subscribers(
                         )
                         assert result["status"] == 201, result
                         assert result["state"] == "connected", result
+                        other_origin = base.replace("127.0.0.1", "localhost")
+                        trickle = await tab.evaluate(
+                            "([o, t]) => window.trickleFrom(o, t)", [other_origin, token]
+                        )
                         aic = AicSubscriber(
                             base, "browser-room", tokens.issue("bob", "browser-room", ["subscribe"]),
                             codec=streaming_codec, slot=1,
@@ -112,10 +125,11 @@ def test_chromium_publishes_over_whip_to_aic_and_opus_subscribers(
                         await plain.stop()
                     finally:
                         await ctx.close()
-        return result, ok, ok_plain, aic, plain, sent, stats
+        return result, ok, ok_plain, aic, plain, sent, stats, trickle
 
-    result, ok, ok_plain, aic, plain, sent, stats = asyncio.run(go())
+    result, ok, ok_plain, aic, plain, sent, stats, trickle = asyncio.run(go())
     assert result["location"].startswith("/whip/browser-room/")
+    assert trickle == {"status": 405}, trickle  # not a CORS failure
     assert sent > 0
     assert ok, aic.stats
     assert ok_plain, plain.stats
