@@ -27,7 +27,7 @@ PAGE = """<!doctype html><meta charset="utf-8"><title>WHIP publisher</title>
 <script>
 window.publish = async (stream, token) => {
   const media = await navigator.mediaDevices.getUserMedia({audio: true});
-  const pc = new RTCPeerConnection();
+  const pc = new RTCPeerConnection({iceServers: []});  // nothing leaves the machine
   pc.addTransceiver(media.getAudioTracks()[0], {direction: "sendonly"});
   await pc.setLocalDescription(await pc.createOffer());
   await new Promise((ok) => {
