@@ -1,12 +1,9 @@
-"""The bridge side of the frame-batch contract: `CodecClient` and `EpochTracker`.
+"""The bridge side of the frame-batch contract: `CodecClient`.
 
 `CodecClient.process(batch)` splits a tick's `FrameBatch` by the replica that owns each
 stream (stream affinity, see router.py), sends ONE request per replica, and merges the
 replies back in row order. It never raises: a malformed batch, a dead replica, a timeout or
 any transport failure becomes a per-frame fallback, so every frame gets exactly one outcome.
-
-`EpochTracker` is the bridge's half of the epoch rule: it numbers each stream's frames
-within an epoch and starts a new epoch after any fallback.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ from deployments.contract import (
     BatchResult,
     FallbackReason,
     FrameBatch,
-    Op,
     reason_code,
 )
 
@@ -55,7 +51,6 @@ def _take(batch: FrameBatch, rows: np.ndarray) -> FrameBatch:
         deadlines=batch.deadlines[rows],
         sent_at=batch.sent_at,
         pcm=None if batch.pcm is None else batch.pcm[rows],
-        codes=None if batch.codes is None else batch.codes[rows],
         bandwidth_kbps=batch.bandwidth_kbps,
     )
 
@@ -86,11 +81,6 @@ def merge_results(batch: FrameBatch, parts: list[tuple[np.ndarray, BatchResult]]
                 out.codes = np.zeros((b,) + res.codes.shape[1:], res.codes.dtype)
             if out.codes.shape[1:] == res.codes.shape[1:]:
                 out.codes[rows] = res.codes
-        if res.pcm is not None:
-            if out.pcm is None:
-                out.pcm = np.zeros((b,) + res.pcm.shape[1:], res.pcm.dtype)
-            if out.pcm.shape[1:] == res.pcm.shape[1:]:
-                out.pcm[rows] = res.pcm
     assert seen.all(), "every row must come back from exactly one part"
     out.replica_id = ",".join(sorted(set(replica_ids)))
     if modes:
@@ -144,16 +134,21 @@ class CodecClient:
     def group_rows(self, stream_ids: list[str]) -> list[tuple[str, np.ndarray]]:
         """(routing key, rows) per owning replica. Without a router view yet (first tick of a
         fresh process), everything goes in one request keyed by its first stream."""
+        if not stream_ids:
+            return []
         view = local_view(self._app, self._deployment)
-        if view is None or not view.replica_uids():
-            return [(stream_ids[0], np.arange(len(stream_ids)))] if stream_ids else []
-        groups: dict[str, list[int]] = defaultdict(list)
-        keys: dict[str, str] = {}
-        for i, sid in enumerate(stream_ids):
-            uid = view.owner(sid) or ""
-            groups[uid].append(i)
-            keys.setdefault(uid, sid)
-        return [(keys[uid], np.asarray(rows, np.int64)) for uid, rows in groups.items()]
+        uids = view.replica_uids() if view is not None else []
+        if len(uids) <= 1:
+            return [(stream_ids[0], np.arange(len(stream_ids)))]
+        owner = view.owner
+        index: dict[str | None, int] = {}
+        owners = np.fromiter((index.setdefault(owner(s), len(index)) for s in stream_ids),
+                             np.int64, len(stream_ids))
+        if len(index) == 1:
+            return [(stream_ids[0], np.arange(len(stream_ids)))]
+        order = np.argsort(owners, kind="stable")
+        cuts = np.flatnonzero(np.diff(owners[order])) + 1
+        return [(stream_ids[int(rows[0])], rows) for rows in np.split(order, cuts)]
 
     async def process(self, batch: FrameBatch) -> BatchResult:
         try:
@@ -165,6 +160,8 @@ class CodecClient:
             return self._count(BatchResult.all_fallback(batch, FallbackReason.ERROR))
         groups = self.group_rows(batch.stream_ids)
         timeout = max(0.05, float(np.max(batch.deadlines)) - time.time() + self._grace)
+        if len(groups) == 1:  # one owner (or no view yet): the batch goes as it is
+            return self._count(await self._send(groups[0][0], batch, timeout))
         subs = [(key, rows, _take(batch, rows)) for key, rows in groups]
         results = await asyncio.gather(*(self._send(key, sub, timeout) for key, _, sub in subs))
         return self._count(merge_results(batch, [(rows, res) for (_, rows, _), res in zip(subs, results, strict=True)]))
@@ -230,69 +227,3 @@ def malformed_result(batch: Any, message: str) -> BatchResult:
         compute_ms=np.zeros(b, np.float32),
         errors={s: f"malformed batch: {message}" for s in ids},
     )
-
-
-@dataclass
-class _StreamEpoch:
-    epoch: int = 0
-    next_seq: int = 0
-
-
-class EpochTracker:
-    """Per-stream (epoch, epoch_seq) numbering for the frames a bridge sends.
-
-    A stream's first frame opens epoch 1 with seq 0; each frame answered `ai` lets the next
-    continue the epoch; any fallback (or a leave) makes the next frame open a new epoch.
-    """
-
-    def __init__(self) -> None:
-        self._streams: dict[str, _StreamEpoch] = {}
-
-    def next_frame(self, stream_id: str) -> tuple[int, int]:
-        st = self._streams.get(stream_id)
-        if st is None:
-            st = self._streams[stream_id] = _StreamEpoch(epoch=1, next_seq=0)
-        seq = st.next_seq
-        st.next_seq += 1
-        return st.epoch, seq
-
-    def observe(self, stream_id: str, epoch: int, ai: bool) -> None:
-        st = self._streams.get(stream_id)
-        if st is None or epoch != st.epoch:
-            return  # an answer for an epoch already abandoned
-        if not ai:
-            st.epoch += 1
-            st.next_seq = 0
-
-    def observe_result(self, result: BatchResult) -> None:
-        ai = result.outcome_codes == 0
-        for i, sid in enumerate(result.stream_ids):
-            self.observe(sid, int(result.epochs[i]), bool(ai[i]))
-
-    def forget(self, stream_id: str) -> None:
-        self._streams.pop(stream_id, None)
-
-    def make_batch(
-        self,
-        op: Op,
-        bridge_id: str,
-        stream_ids: list[str],
-        payload: np.ndarray,
-        deadline_ms: float,
-        bandwidth_kbps: float = 6.0,
-    ) -> FrameBatch:
-        """A FrameBatch for one tick with each stream's next (epoch, seq) filled in."""
-        now = time.time()
-        pairs = [self.next_frame(s) for s in stream_ids]
-        return FrameBatch(
-            op=op,
-            bridge_id=bridge_id,
-            stream_ids=list(stream_ids),
-            epochs=np.asarray([p[0] for p in pairs], np.int64),
-            epoch_seqs=np.asarray([p[1] for p in pairs], np.int64),
-            deadlines=np.full(len(stream_ids), now + deadline_ms / 1000.0),
-            sent_at=now,
-            pcm=payload if op is Op.ENCODE else None,
-            codes=payload if op is Op.DECODE else None,
-            bandwidth_kbps=bandwidth_kbps,
-        )

@@ -2,17 +2,14 @@
 
 A bridge sends ONE `FrameBatch` per tick per replica carrying every frame it has for that
 replica's streams; the replica answers with one `BatchResult` giving every frame exactly one
-outcome: `ai` (codes for encode, PCM for decode) or `fallback` with a `FallbackReason`.
+outcome: `ai` (the frame's codes) or `fallback` with a `FallbackReason`.
 
 Arrays are numpy, column-wise (one array per field, B rows) so that a batch of thousands of
 frames pickles as a handful of buffers, never one object per frame.
 
-Epoch rule (see docs/protocol.md): encoder and decoder state of a stream advance together.
-Each frame carries its stream's `epoch` and `epoch_seq` (0 = first frame of that epoch). A
-replica resets a stream's slot when it sees a new epoch; a frame that would continue an
-epoch the replica does not hold (after a restart or a move) is answered `fallback/reset`, and
-the bridge starts a new epoch. Any fallback of a stream makes the bridge start a new epoch on
-its next frame, so no decoder ever runs on a state that its encoder did not produce.
+Each frame carries its stream's `epoch` and `epoch_seq` (0 = first frame of that epoch); what
+the bridge, the replica and a decoder do with them is the epoch rule, written once in
+`deployments/epochs.py` (and described in docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -22,17 +19,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SAMPLE_RATE = 24_000
-FRAME_SAMPLES = 320  # one EnCodec frame (hop) at 24 kHz = 13.33 ms
-CHUNK_SAMPLES = 960  # one bridge chunk: 40 ms = 3 EnCodec frames
-CHUNK_FRAMES = CHUNK_SAMPLES // FRAME_SAMPLES
-CODEBOOK_SIZE = 1024
-BANDWIDTHS_KBPS = (1.5, 3.0, 6.0, 12.0, 24.0)
+from models.constants import (  # noqa: F401 - the contract's units, re-exported
+    BANDWIDTHS_KBPS,
+    CHUNK_FRAMES,
+    CHUNK_SAMPLES,
+    CODEBOOK_SIZE,
+    DEFAULT_BANDWIDTH_KBPS,
+    FRAME_SAMPLES,
+    SAMPLE_RATE,
+    bandwidth_codebooks,
+)
 
 
 class Op(str, enum.Enum):
+    """What a batch asks of the replica (the metrics' `op` label). Bridges encode; decoding
+    runs at the subscribers (the SDK), never on a replica."""
+
     ENCODE = "encode"
-    DECODE = "decode"
 
 
 class Outcome(str, enum.Enum):
@@ -63,13 +66,6 @@ def decode_reason(code: int) -> FallbackReason | None:
     return None if code == AI_CODE else REASON_CODES[code - 1]
 
 
-def bandwidth_codebooks(bandwidth_kbps: float) -> int:
-    """Number of RVQ codebooks for a bandwidth: 1.5 kbps = 2 books of 10 bits at 75 Hz."""
-    if bandwidth_kbps not in BANDWIDTHS_KBPS:
-        raise ValueError(f"bandwidth {bandwidth_kbps} kbps not in {BANDWIDTHS_KBPS}")
-    return int(round(bandwidth_kbps * 1000 / (75 * 10)))
-
-
 @dataclass
 class FrameBatch:
     """All frames one bridge sends one replica in one tick (B rows)."""
@@ -81,9 +77,8 @@ class FrameBatch:
     epoch_seqs: np.ndarray  # int64 [B]; 0 = first frame of the epoch
     deadlines: np.ndarray  # float64 [B], absolute time.time() seconds
     sent_at: float  # time.time() when the bridge sent the batch
-    pcm: np.ndarray | None = None  # encode: float32 or int16 [B, T], T % 320 == 0
-    codes: np.ndarray | None = None  # decode: int [B, n_q, F]
-    bandwidth_kbps: float = 6.0
+    pcm: np.ndarray | None = None  # float32 or int16 [B, T], T % 320 == 0
+    bandwidth_kbps: float = DEFAULT_BANDWIDTH_KBPS
 
     def __len__(self) -> int:
         return len(self.stream_ids)
@@ -100,20 +95,13 @@ class FrameBatch:
             if not isinstance(arr, np.ndarray) or arr.shape != (b,):
                 raise ValueError(f"{name} must be an array of shape ({b},)")
         bandwidth_codebooks(self.bandwidth_kbps)
-        if self.op is Op.ENCODE:
-            pcm = self.pcm
-            if not isinstance(pcm, np.ndarray) or pcm.ndim != 2 or pcm.shape[0] != b:
-                raise ValueError(f"encode needs pcm of shape ({b}, T)")
-            if pcm.dtype not in (np.float32, np.int16):
-                raise ValueError(f"pcm dtype must be float32 or int16, got {pcm.dtype}")
-            if pcm.shape[1] == 0 or pcm.shape[1] % FRAME_SAMPLES:
-                raise ValueError(f"pcm length {pcm.shape[1]} is not a multiple of {FRAME_SAMPLES}")
-        else:
-            codes = self.codes
-            if not isinstance(codes, np.ndarray) or codes.ndim != 3 or codes.shape[0] != b:
-                raise ValueError(f"decode needs codes of shape ({b}, n_q, F)")
-            if not np.issubdtype(codes.dtype, np.integer):
-                raise ValueError(f"codes must be integers, got {codes.dtype}")
+        pcm = self.pcm
+        if not isinstance(pcm, np.ndarray) or pcm.ndim != 2 or pcm.shape[0] != b:
+            raise ValueError(f"encode needs pcm of shape ({b}, T)")
+        if pcm.dtype not in (np.float32, np.int16):
+            raise ValueError(f"pcm dtype must be float32 or int16, got {pcm.dtype}")
+        if pcm.shape[1] == 0 or pcm.shape[1] % FRAME_SAMPLES:
+            raise ValueError(f"pcm length {pcm.shape[1]} is not a multiple of {FRAME_SAMPLES}")
 
     def pcm_float(self) -> np.ndarray:
         """PCM as float32 in [-1, 1] (int16 input is scaled by 1/32768)."""
@@ -132,8 +120,7 @@ class BatchResult:
     epochs: np.ndarray  # int64 [B], echoed
     queue_ms: np.ndarray  # float32 [B]: arrival at replica -> compute start (or decision)
     compute_ms: np.ndarray  # float32 [B]: compute time of the step the frame ran in (0 if none)
-    codes: np.ndarray | None = None  # encode: int16 [B, n_q, F]; rows valid where ai
-    pcm: np.ndarray | None = None  # decode: float32 [B, T]; rows valid where ai
+    codes: np.ndarray | None = None  # int16 [B, n_q, F]; rows valid where ai
     replica_id: str = ""
     errors: dict[str, str] = field(default_factory=dict)  # stream id -> message for `error`
     compute: str = "real"  # "real" | "emulated" (load tests); merged results may say "emulated,real"

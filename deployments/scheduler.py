@@ -1,8 +1,9 @@
 """Deadline-aware batching for a codec replica: a pure earliest-deadline-first scheduler.
 
-The replica `add`s every frame it receives, calls `schedule(now)` whenever the model is free,
-runs `plan.run` as one batch, answers `plan.expired` with `fallback/deadline` and `plan.shed`
-with their reasons *before* computing, then calls `complete(plan, measured_ms)`.
+The replica adds every frame it receives (`add_many`: one call per request, columns of the
+request's frames), calls `schedule(now)` whenever the model is free, runs `plan.run_refs` as
+one batch, answers `plan.expired_refs` with `fallback/deadline` and `plan.shed_refs` with
+`fallback/overload` *before* computing, then calls `complete(plan, measured_ms)`.
 
 Rules (why each exists):
 - The queue is ordered by (deadline, arrival): the frame closest to being useless goes first.
@@ -26,30 +27,46 @@ Rules (why each exists):
 Every frame ever added ends in exactly one place: the queue, a plan's run/expired/shed list;
 `check_invariants()` asserts it at the end of every step (cheap counters, not a scan).
 
-Pure Python: the caller passes `now` (seconds, same clock as deadlines) and measured times.
+Columnar: the queue is a set of numpy columns (deadline, arrival, stream key, epoch, seq, the
+caller's reference), and every rule above is an array operation over it, so a replica's
+bookkeeping costs a fraction of a microsecond per frame at thousands of frames per tick.
+Stream keys are small non-negative integers (a replica's state slots). `add(PendingFrame)`
+is the same queue one frame at a time, for callers that think in frames (the batching
+benchmark); its plans also list the frames as objects.
+
+Pure Python + numpy: the caller passes `now` (seconds, same clock as deadlines) and measured
+times.
 """
 
 from __future__ import annotations
 
 import enum
-import heapq
-import itertools
 import math
-from collections import Counter, deque
-from collections.abc import Iterator
+from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
+
+import numpy as np
 
 from deployments.contract import FallbackReason
 from deployments.latency_model import LatencyModel
+from models.constants import (
+    DEFAULT_DEADLINE_MS,
+    DEFAULT_MARGIN_MS,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUE,
+)
+
+_EMPTY = np.empty(0, np.int64)
+_EMPTY_F = np.empty(0, np.float64)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    deadline_ms: float = 20.0  # budget for a frame that arrives without its own deadline
-    max_batch: int = 128
-    margin_ms: float = 1.0  # slack kept between the predicted end of a step and a deadline
-    max_queue: int = 4096  # frames waiting; beyond it new frames are shed `overload`
+    deadline_ms: float = DEFAULT_DEADLINE_MS  # budget for a frame that arrives without one
+    max_batch: int = DEFAULT_MAX_BATCH
+    margin_ms: float = DEFAULT_MARGIN_MS  # slack kept between a step's predicted end and a deadline
+    max_queue: int = DEFAULT_MAX_QUEUE  # frames waiting; beyond it new frames are shed `overload`
     # Skip up to this many head frames to form a more productive batch under overload.
     max_head_skip: int = 128
     # With frames expiring and no step for this long, run one as a probe of the model.
@@ -67,7 +84,7 @@ class SchedulerConfig:
 
 @dataclass(eq=False)
 class PendingFrame:
-    """One frame waiting for compute. `ref` is the replica's handle to the row (opaque here)."""
+    """One frame, for `add()`. `ref` is the caller's handle to it (opaque here)."""
 
     stream_id: str
     epoch: int
@@ -91,118 +108,46 @@ class ShedReason(str, enum.Enum):
 
 @dataclass
 class Plan:
-    """What to do now. `expired` and `shed` are answered before `run` is computed."""
+    """What to do now. `expired_refs` and `shed_refs` are answered before `run_refs` is
+    computed. `run`/`expired`/`shed` list the same frames as objects for `add()` callers."""
 
     now: float
+    run_refs: np.ndarray = field(default_factory=lambda: _EMPTY)  # int64, EDF order
+    run_deadlines: np.ndarray = field(default_factory=lambda: _EMPTY_F)
+    expired_refs: np.ndarray = field(default_factory=lambda: _EMPTY)
+    shed_refs: np.ndarray = field(default_factory=lambda: _EMPTY)  # all `overload`
+    predicted_ms: float = 0.0
+    probe: bool = False  # the run is one frame run against the model's advice (_maybe_probe)
     run: list[PendingFrame] = field(default_factory=list)
     expired: list[PendingFrame] = field(default_factory=list)
     shed: list[tuple[PendingFrame, ShedReason]] = field(default_factory=list)
-    predicted_ms: float = 0.0
-    probe: bool = False  # `run` is one frame run against the model's advice (see _maybe_probe)
 
     def __bool__(self) -> bool:
-        return bool(self.run or self.expired or self.shed)
+        return bool(self.run_refs.size or self.expired_refs.size or self.shed_refs.size)
 
 
-# ------------------------------------------------------------------------------------ queues
-class FrameQueue(Protocol):
-    """The ordering a scheduler serves frames in."""
-
-    def push(self, frame: PendingFrame) -> None: ...
-    def pop(self) -> PendingFrame: ...
-    def peek(self) -> PendingFrame | None: ...
-    def pop_expired(self, cutoff: float) -> list[PendingFrame]: ...
-    def unpop(self, frames: list[PendingFrame]) -> None:
-        """Return frames popped (in pop order) and not used, to their places."""
-    def __len__(self) -> int: ...
-    def __iter__(self) -> Iterator[PendingFrame]: ...
-
-
-class EdfQueue:
-    """Heap on (deadline, arrival); ties broken by insertion order."""
-
-    deadline_ordered = True  # pops come out by deadline: a batch's earliest deadline is its first
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, float, int, PendingFrame]] = []
-        self._seq = itertools.count()
-
-    def push(self, frame: PendingFrame) -> None:
-        heapq.heappush(self._heap, (frame.deadline, frame.arrival, next(self._seq), frame))
-
-    def pop(self) -> PendingFrame:
-        return heapq.heappop(self._heap)[3]
-
-    def unpop(self, frames: list[PendingFrame]) -> None:
-        for f in frames:
-            self.push(f)
-
-    def peek(self) -> PendingFrame | None:
-        return self._heap[0][3] if self._heap else None
-
-    def pop_expired(self, cutoff: float) -> list[PendingFrame]:
-        """Frames whose deadline is before `cutoff`: all at the head of the heap."""
-        out = []
-        while self._heap and self._heap[0][0] < cutoff:
-            out.append(heapq.heappop(self._heap)[3])
-        return out
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def __iter__(self) -> Iterator[PendingFrame]:
-        return (e[3] for e in self._heap)
-
-
-class FifoQueue:
-    """Arrival order, for comparison (what a plain batching queue does)."""
-
-    def __init__(self) -> None:
-        self._q: deque[PendingFrame] = deque()
-
-    def push(self, frame: PendingFrame) -> None:
-        self._q.append(frame)
-
-    def pop(self) -> PendingFrame:
-        return self._q.popleft()
-
-    def unpop(self, frames: list[PendingFrame]) -> None:
-        self._q.extendleft(reversed(frames))
-
-    def peek(self) -> PendingFrame | None:
-        return self._q[0] if self._q else None
-
-    def pop_expired(self, cutoff: float) -> list[PendingFrame]:
-        if not any(f.deadline < cutoff for f in self._q):
-            return []
-        out = [f for f in self._q if f.deadline < cutoff]
-        self._q = deque(f for f in self._q if f.deadline >= cutoff)
-        return out
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def __iter__(self) -> Iterator[PendingFrame]:
-        return iter(self._q)
-
-
-# ------------------------------------------------------------------------------------ scheduler
 class EdfScheduler:
-    """Earliest-deadline-first batch former, sized by an online latency model."""
+    """Earliest-deadline-first batch former over a columnar queue, sized by a latency model."""
 
-    def __init__(
-        self,
-        latency_model: LatencyModel | None = None,
-        config: SchedulerConfig | None = None,
-        queue: FrameQueue | None = None,
-    ) -> None:
+    def __init__(self, latency_model: LatencyModel | None = None,
+                 config: SchedulerConfig | None = None) -> None:
         self.model = latency_model if latency_model is not None else LatencyModel()
         self.config = config if config is not None else SchedulerConfig()
-        self._queue: FrameQueue = queue if queue is not None else EdfQueue()
-        # Per stream: heap of (epoch, epoch_seq) still queued, to keep a stream's frames in order.
-        self._pending: dict[str, list[tuple[int, int]]] = {}
-        self._pending_n = 0  # total entries in _pending (checked against the queue length)
-        self._overload: list[tuple[PendingFrame, ShedReason]] = []  # shed in add(), reported next plan
+        self._cap = 0
+        self._n = 0  # columns in use (live and removed)
+        self._live_n = 0
+        self._dl = np.empty(0, np.float64)
+        self._arr = np.empty(0, np.float64)
+        self._key = np.empty(0, np.int64)
+        self._ep = np.empty(0, np.int64)
+        self._sq = np.empty(0, np.int64)
+        self._ref = np.empty(0, np.int64)
+        self._live = np.empty(0, bool)
+        self._kq = np.zeros(0, np.int64)  # frames queued per stream key
+        self._in_arrival_order = True  # columns were appended with non-decreasing arrivals
+        self._last_arrival = -math.inf
+        self._shed: list[np.ndarray] = []  # shed in add_many(), reported by the next plan
+        self._shed_n = 0
         self.counters: Counter[str] = Counter()  # added, ai_planned, fallback/<reason>, steps
         self.batch_sizes: Counter[int] = Counter()
         self._added = 0
@@ -210,28 +155,94 @@ class EdfScheduler:
         self._planned_expired = 0
         self._planned_shed = 0
         self._last_run_at = -math.inf
+        # add(PendingFrame): stream ids -> keys, refs -> the frames
+        self._key_of: dict[str, int] = {}
+        self._objects: dict[int, PendingFrame] = {}
+        self._next_ref = 0
 
     # --------------------------------------------------------------------------------- intake
+    def add_many(self, keys: np.ndarray, epochs: np.ndarray, seqs: np.ndarray,
+                 deadlines: np.ndarray, arrival: float, refs: np.ndarray) -> np.ndarray:
+        """Queue frames (keys >= 0, distinct within a call) that arrived at `arrival`.
+        Returns the refs shed `overload` (they are also in the next plan)."""
+        n = len(keys)
+        if n == 0:
+            return _EMPTY
+        self._added += n
+        self.counters["added"] += n
+        deadlines = np.array(deadlines, np.float64)
+        unset = ~np.isfinite(deadlines)
+        if unset.any():
+            deadlines[unset] = arrival + self.config.deadline_ms / 1000.0
+        room = max(0, self.config.max_queue - self._live_n)
+        shed = _EMPTY
+        if n > room:
+            shed = np.asarray(refs[room:], np.int64)
+            self._shed.append(shed)
+            self._shed_n += shed.size
+            self.counters["fallback/overload"] += int(shed.size)
+            n = room
+            if n == 0:
+                return shed
+        keys = np.asarray(keys[:n], np.int64)
+        self._reserve(n)
+        s = slice(self._n, self._n + n)
+        self._dl[s] = deadlines[:n]
+        self._arr[s] = arrival
+        self._key[s] = keys
+        self._ep[s] = np.asarray(epochs[:n], np.int64)
+        self._sq[s] = np.asarray(seqs[:n], np.int64)
+        self._ref[s] = np.asarray(refs[:n], np.int64)
+        self._live[s] = True
+        self._n += n
+        self._live_n += n
+        top = int(keys.max()) + 1
+        if top > self._kq.size:
+            grown = np.zeros(max(top, 2 * self._kq.size), np.int64)
+            grown[: self._kq.size] = self._kq
+            self._kq = grown
+        self._kq[keys] += 1
+        if arrival < self._last_arrival:
+            self._in_arrival_order = False
+        self._last_arrival = arrival
+        return shed
+
     def add(self, frame: PendingFrame) -> PendingFrame | None:
-        """Queue a frame. Returns it if it was shed `overload` (it is also in the next plan)."""
-        self._added += 1
-        self.counters["added"] += 1
+        """Queue one frame. Returns it if it was shed `overload` (it is also in the next plan)."""
         if not math.isfinite(frame.deadline):
             frame.deadline = frame.arrival + self.config.deadline_ms / 1000.0
-        if len(self._queue) >= self.config.max_queue:
-            self._overload.append((frame, ShedReason.OVERLOAD))
-            self.counters["fallback/overload"] += 1
-            return frame
-        self._queue.push(frame)
-        heapq.heappush(self._pending.setdefault(frame.stream_id, []), frame.order)
-        self._pending_n += 1
-        return None
+        key = self._key_of.setdefault(frame.stream_id, len(self._key_of))
+        ref = self._next_ref
+        self._next_ref += 1
+        self._objects[ref] = frame
+        shed = self.add_many(np.array([key]), np.array([frame.epoch]), np.array([frame.epoch_seq]),
+                             np.array([frame.deadline]), frame.arrival, np.array([ref]))
+        return frame if shed.size else None
+
+    def _reserve(self, n: int) -> None:
+        if self._n + n <= self._cap:
+            return
+        live = np.flatnonzero(self._live[: self._n])
+        cap = max(1024, 2 * (live.size + n))
+        cols = {}
+        for name in ("_dl", "_arr", "_key", "_ep", "_sq", "_ref", "_live"):
+            old = getattr(self, name)
+            new = np.zeros(cap, old.dtype)
+            new[: live.size] = old[live]  # compacted, insertion order kept
+            cols[name] = new
+        for name, arr in cols.items():
+            setattr(self, name, arr)
+        self._cap = cap
+        self._n = live.size
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return self._live_n
+
+    def queued_refs(self) -> np.ndarray:
+        return self._ref[np.flatnonzero(self._live[: self._n])]
 
     def queued(self) -> list[PendingFrame]:
-        return list(self._queue)
+        return [self._objects[r] for r in self.queued_refs().tolist() if r in self._objects]
 
     def reconfigure(self, config: SchedulerConfig) -> None:
         """New knobs apply from the next `schedule()`; queued frames keep their deadlines."""
@@ -242,96 +253,82 @@ class EdfScheduler:
         """Decide the next step at time `now` (seconds)."""
         cfg = self.config
         margin_s = cfg.margin_ms / 1000.0
-        plan = Plan(now=now, shed=self._overload)
-        self._overload = []
+        plan = Plan(now=now)
+        if self._shed:
+            plan.shed_refs = np.concatenate(self._shed)
+            self._shed, self._shed_n = [], 0
+        one_s = self.model.predict(1) / 1000.0
+        live = np.flatnonzero(self._live[: self._n])
+        expired = [_EMPTY]
 
         # 1. Expire what cannot finish even alone, before any compute.
-        one_s = self.model.predict(1) / 1000.0
-        for f in self._queue.pop_expired(now + one_s + margin_s):
-            self._forget(f)
-            plan.expired.append(f)
+        if live.size:
+            hopeless = self._dl[live] < now + one_s + margin_s
+            if hopeless.any():
+                gone = live[hopeless]
+                expired.append(gone[self._edf_order(gone)])
+                self._remove(gone)
+                live = live[~hopeless]
 
-        # 2. Eligible frames in queue order: a stream's earliest queued frame, once per batch.
-        popped, candidates = self._eligible_prefix(cfg.max_batch + cfg.max_head_skip)
-        if candidates:
-            start, size = self._choose_batch(candidates, now, margin_s)
+        # 2. Eligible frames: a stream's earliest queued frame, in EDF order.
+        run = _EMPTY
+        if live.size:
+            cands = self._eligible(live)[: cfg.max_batch + cfg.max_head_skip]
+            start, size = self._choose_batch(self._dl[cands], now, margin_s)
+            run = cands[start : start + size]
             # Head frames skipped for a better batch: keep the ones a later step can still
             # serve, expire the rest (they would only miss after waiting).
             after_s = now + self.model.predict(size) / 1000.0 if size else now
-            skipped = [f for f in candidates[:start] if after_s + one_s + margin_s > f.deadline]
-            plan.run = candidates[start : start + size]
-            plan.predicted_ms = self.model.predict(len(plan.run)) if plan.run else 0.0
-            leaving = {id(f) for f in itertools.chain(plan.run, skipped)}
-            self._queue.unpop([f for f in popped if id(f) not in leaving])
-            for f in itertools.chain(plan.run, skipped):
-                self._forget(f)
-            plan.expired.extend(skipped)
-        else:
-            self._queue.unpop(popped)
-
-        if not plan.run and plan.expired:
-            self._maybe_probe(plan, now, margin_s)
-        if plan.run:
+            head = cands[:start]
+            lost = head[after_s + one_s + margin_s > self._dl[head]]
+            self._remove(run)
+            self._remove(lost)
+            expired.append(lost)
+        exp = np.concatenate(expired)
+        if not run.size and exp.size:
+            run, exp = self._maybe_probe(run, exp, now, margin_s, plan)
+        if run.size:
             self._last_run_at = now
+            plan.predicted_ms = self.model.predict(int(run.size))
+        plan.run_refs = self._ref[run]
+        plan.run_deadlines = self._dl[run]
+        plan.expired_refs = self._ref[exp]
+        if self._objects:
+            self._materialize(plan)
         self._account(plan)
         self.check_invariants()
         return plan
 
-    def _maybe_probe(self, plan: Plan, now: float, margin_s: float) -> None:
-        """Run one expiring frame as a probe when nothing has run for `probe_after_s`.
+    def _edf_order(self, idx: np.ndarray) -> np.ndarray:
+        """Positions of `idx` (column indices, increasing = insertion order) sorted by
+        (deadline, arrival, insertion)."""
+        if self._in_arrival_order:
+            return np.argsort(self._dl[idx], kind="stable")
+        return np.lexsort((self._arr[idx], self._dl[idx]))
 
-        The model only learns from steps that run. One outlier (a warm-up step, a GC pause)
-        can push L(1) past every frame's slack; then every frame would expire, no step would
-        run, and the model would never see the device is fast again. A probe runs the frame
-        with the most slack if the *typical* (median) step would still make it."""
-        cfg = self.config
-        if cfg.probe_after_s <= 0 or now - self._last_run_at < cfg.probe_after_s:
+    def _eligible(self, live: np.ndarray) -> np.ndarray:
+        """Each stream's earliest queued frame (by epoch, seq), in EDF order."""
+        if (self._kq > 1).any():
+            o = np.lexsort((self._sq[live], self._ep[live], self._key[live]))
+            k = self._key[live[o]]
+            first = np.ones(o.size, bool)
+            first[1:] = k[1:] != k[:-1]
+            live = np.sort(live[o[first]])
+        return live[self._edf_order(live)]
+
+    def _remove(self, idx: np.ndarray) -> None:
+        if not idx.size:
             return
-        typical_s = self.model.typical(1) / 1000.0
-        earliest: dict[str, tuple[int, int]] = {}
-        for f in plan.expired:
-            if f.stream_id not in earliest or f.order < earliest[f.stream_id]:
-                earliest[f.stream_id] = f.order
-        best: PendingFrame | None = None
-        for f in plan.expired:
-            queued = self._pending.get(f.stream_id)
-            in_order = f.order == earliest[f.stream_id] and (not queued or queued[0] > f.order)
-            if in_order and now + typical_s + margin_s <= f.deadline:
-                if best is None or f.deadline > best.deadline:
-                    best = f
-        if best is None:
-            return
-        plan.expired.remove(best)
-        plan.run = [best]
-        plan.predicted_ms = self.model.predict(1)
-        plan.probe = True
-        self.counters["probes"] += 1
+        self._live[idx] = False
+        self._live_n -= int(idx.size)
+        np.subtract.at(self._kq, self._key[idx], 1)
+        if self._live_n == 0:
+            self._in_arrival_order = True
+            self._last_arrival = -math.inf
 
-    def _eligible_prefix(self, limit: int) -> tuple[list[PendingFrame], list[PendingFrame]]:
-        """Pop frames in queue order until `limit` eligible ones are found (a stream's
-        earliest queued frame, one per stream). Returns (all popped, eligible subset)."""
-        popped: list[PendingFrame] = []
-        candidates: list[PendingFrame] = []
-        seen: set[str] = set()
-        # Bound the scan: a queue full of one stream's frames must not make a step O(queue).
-        scan_budget = 4 * limit + 64
-        queue = self._queue
-        remaining = len(queue)
-        while remaining and len(candidates) < limit and len(popped) < scan_budget:
-            f = queue.pop()
-            remaining -= 1
-            popped.append(f)
-            sid = f.stream_id
-            if sid in seen or self._pending[sid][0] != f.order:
-                continue
-            seen.add(sid)
-            candidates.append(f)
-        return popped, candidates
-
-    def _choose_batch(
-        self, cands: list[PendingFrame], now: float, margin_s: float
-    ) -> tuple[int, int]:
-        """(start, size): run cands[start:start+size].
+    def _choose_batch(self, deadlines: np.ndarray, now: float, margin_s: float) -> tuple[int, int]:
+        """(start, size): run cands[start:start+size] (`deadlines` of the candidates, in EDF
+        order, so a window's earliest deadline is its first).
 
         Default: the head-limited batch, cands[0:fit(0)]. Only when that batch is smaller than
         the work waiting AND running it first would also shrink the next step (a cascade of
@@ -339,34 +336,14 @@ class EdfScheduler:
         clearly more frames per ms of compute."""
         cfg = self.config
         model = self.model
-        n = len(cands)
-        edf = getattr(self._queue, "deadline_ordered", False)
+        n = int(deadlines.size)
 
         def fit(i: int, at: float = now) -> int:
-            # Largest k with at + L(k) + margin <= min deadline of cands[i:i+k]. In EDF order
-            # the min is cands[i]; a FIFO queue needs the running min, and feasibility stays
-            # monotone in k, so a binary search over k works for both.
+            # Largest k with at + L(k) + margin <= deadline of cands[i] (the window's min).
             hi_k = min(n - i, cfg.max_batch)
             if hi_k <= 0:
                 return 0
-            if edf:
-                budget_ms = (cands[i].deadline - at - margin_s) * 1000.0
-                return model.max_batch_within(budget_ms, hi_k)
-            mins = list(itertools.accumulate((f.deadline for f in cands[i : i + hi_k]), min))
-
-            def ok(k: int) -> bool:
-                return at + model.predict(k) / 1000.0 + margin_s <= mins[k - 1]
-
-            if not ok(1):
-                return 0
-            lo, hi = 1, hi_k + 1  # ok(lo) holds; hi is past the end or fails
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if ok(mid):
-                    lo = mid
-                else:
-                    hi = mid
-            return lo
+            return model.max_batch_within((float(deadlines[i]) - at - margin_s) * 1000.0, hi_k)
 
         def full(i: int) -> int:
             return min(n - i, cfg.max_batch)
@@ -404,57 +381,94 @@ class EdfScheduler:
                     best_start, best_size, best_rate = skip, size, rate
         return best_start, best_size
 
-    def _forget(self, f: PendingFrame) -> None:
-        """Remove a frame leaving the queue from its stream's order heap."""
-        h = self._pending[f.stream_id]
-        if h[0] == f.order:
-            heapq.heappop(h)
-        else:  # an expired frame that was not its stream's head (rare)
-            h.remove(f.order)
-            heapq.heapify(h)
-        if not h:
-            del self._pending[f.stream_id]
-        self._pending_n -= 1
+    def _maybe_probe(self, run: np.ndarray, expired: np.ndarray, now: float, margin_s: float,
+                     plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+        """Run one expiring frame as a probe when nothing has run for `probe_after_s`.
+
+        The model only learns from steps that run. One outlier (a warm-up step, a GC pause)
+        can push L(1) past every frame's slack; then every frame would expire, no step would
+        run, and the model would never see the device is fast again. A probe runs the frame
+        with the most slack if the *typical* (median) step would still make it, provided it
+        is its stream's earliest frame (so the stream's order holds)."""
+        cfg = self.config
+        if cfg.probe_after_s <= 0 or now - self._last_run_at < cfg.probe_after_s:
+            return run, expired
+        typical_s = self.model.typical(1) / 1000.0
+        ok = self._dl[expired] >= now + typical_s + margin_s
+        if not ok.any():
+            return run, expired
+        # The stream's earliest frame among the expired ones, with none of its frames queued
+        # before it: rare path (nothing ran), so a loop over the few candidates is fine.
+        keys, orders = self._key[expired], list(zip(self._ep[expired].tolist(), self._sq[expired].tolist(),
+                                                     strict=True))
+        earliest: dict[int, tuple[int, int]] = {}
+        for k, o in zip(keys.tolist(), orders, strict=True):
+            if k not in earliest or o < earliest[k]:
+                earliest[k] = o
+        live = np.flatnonzero(self._live[: self._n])
+        best = -1
+        for j in np.flatnonzero(ok).tolist():
+            k, o = int(keys[j]), orders[j]
+            if o != earliest[k]:
+                continue
+            same = live[self._key[live] == k]
+            if same.size and min(zip(self._ep[same].tolist(), self._sq[same].tolist(), strict=True)) < o:
+                continue
+            if best < 0 or self._dl[expired[j]] > self._dl[expired[best]]:
+                best = j
+        if best < 0:
+            return run, expired
+        plan.probe = True
+        self.counters["probes"] += 1
+        return expired[best : best + 1], np.delete(expired, best)
+
+    def _materialize(self, plan: Plan) -> None:
+        objs = self._objects
+        plan.run = [objs.pop(r) for r in plan.run_refs.tolist() if r in objs]
+        plan.expired = [objs.pop(r) for r in plan.expired_refs.tolist() if r in objs]
+        plan.shed = [(objs.pop(r), ShedReason.OVERLOAD) for r in plan.shed_refs.tolist() if r in objs]
 
     def _account(self, plan: Plan) -> None:
-        self._planned_run += len(plan.run)
-        self._planned_expired += len(plan.expired)
-        self._planned_shed += len(plan.shed)
+        n_run, n_exp = int(plan.run_refs.size), int(plan.expired_refs.size)
+        self._planned_run += n_run
+        self._planned_expired += n_exp
+        self._planned_shed += int(plan.shed_refs.size)
         c = self.counters
-        if plan.run:
+        if n_run:
             c["steps"] += 1
-            c["ai_planned"] += len(plan.run)
-            self.batch_sizes[len(plan.run)] += 1
-        if plan.expired:
-            c["fallback/deadline"] += len(plan.expired)
+            c["ai_planned"] += n_run
+            self.batch_sizes[n_run] += 1
+        if n_exp:
+            c["fallback/deadline"] += n_exp
 
     def check_invariants(self) -> None:
         """Every frame ever added is in exactly one of: queue, a plan's run/expired/shed."""
-        queued = len(self._queue)
-        accounted = queued + len(self._overload) + self._planned_run + self._planned_expired + self._planned_shed
+        accounted = (self._live_n + self._shed_n + self._planned_run + self._planned_expired
+                     + self._planned_shed)
         assert accounted == self._added, (
-            f"frame accounting broken: added={self._added} queued={queued} "
-            f"pending_shed={len(self._overload)} run={self._planned_run} "
+            f"frame accounting broken: added={self._added} queued={self._live_n} "
+            f"pending_shed={self._shed_n} run={self._planned_run} "
             f"expired={self._planned_expired} shed={self._planned_shed}"
         )
-        assert self._pending_n == queued, "stream order index out of sync"
+        assert int(self._kq.sum()) == self._live_n, "stream order index out of sync"
 
     # ----------------------------------------------------------------------------- feedback
     def complete(self, plan: Plan, measured_ms: float, computed: int | None = None) -> None:
         """Feed the measured step time back into the latency model.
 
         `computed` is how many frames the step really ran when the replica dropped some of
-        `plan.run` before compute (e.g. `reset` answers); a step that ran nothing
+        the plan's run before compute (e.g. `reset` answers); a step that ran nothing
         (`measured_ms <= 0` or `computed == 0`) teaches the model nothing."""
-        if not plan.run:
+        n_run = int(plan.run_refs.size)
+        if not n_run:
             return
-        n = len(plan.run) if computed is None else computed
+        n = n_run if computed is None else computed
         if n > 0 and measured_ms > 0:
             self.model.observe(n, measured_ms)
         if measured_ms > plan.predicted_ms:
             self.counters["steps_over_prediction"] += 1
         end = plan.now + measured_ms / 1000.0
-        late = sum(1 for f in plan.run if end > f.deadline)
+        late = int(np.count_nonzero(end > plan.run_deadlines))
         if late:
             self.counters["ran_late"] += late
         elif plan.probe:

@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from deployments.contract import CHUNK_SAMPLES, SAMPLE_RATE
+from models.constants import DEFAULT_BANDWIDTH_KBPS, DEFAULT_DEADLINE_MS, TICK_S
 from sfu_bridge.ice import (
     ENV_ICE_SERVERS,
     ENV_PUBLIC_IP,
@@ -24,9 +24,9 @@ class BridgeConfig:
     bridge_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}".replace("{", "").replace("}", "")
     )
-    tick_ms: float = 1000.0 * CHUNK_SAMPLES / SAMPLE_RATE  # 40 ms: one chunk per stream per tick
-    deadline_ms: float = 20.0  # bridge send -> codes back
-    bandwidth_kbps: float = 6.0  # EnCodec bandwidth for AIC subscribers
+    tick_ms: float = 1000.0 * TICK_S  # 40 ms: one chunk per stream per tick
+    deadline_ms: float = DEFAULT_DEADLINE_MS  # bridge send -> codes back
+    bandwidth_kbps: float = DEFAULT_BANDWIDTH_KBPS  # EnCodec bandwidth for AIC subscribers
     opus_bitrate: int = 32_000  # Opus for legacy subscribers and fallback frames
     max_body_bytes: int = 64 * 1024  # SDP offers are a few KB; anything bigger is refused
     max_backlog_chunks: int = 3  # per stream; older chunks are answered fallback/overload

@@ -13,8 +13,9 @@
   A hint is accepted once; older than the window or seen before is a replay. The window
   moves only after the tag verified, so forged hints cannot advance it.
 
-Nothing here raises into the media path: ``HintVerifier.check`` returns the hint or None
-and counts the rejection by reason; ``verify`` is the raising form for tests and tools.
+``HintVerifier.verify`` returns the hint or raises `HintRejected` (a ValueError) naming the
+reason; the bridge core catches it, drops the hint and counts the reason, so nothing here
+raises into the media path.
 """
 
 from __future__ import annotations
@@ -162,7 +163,6 @@ class HintVerifier:
     stream_id: str
     window: int = DEFAULT_WINDOW
     key: bytes | None = field(default=None, repr=False)  # never in logs or reprs
-    counters: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.key is None:
@@ -171,7 +171,6 @@ class HintVerifier:
             self.key = derive_stream_key(self.cluster_secret, self.stream_id)
         self.cluster_secret = None  # only the stream key is needed from here on
         self.replay = ReplayWindow(self.window)
-        self.counters = {"accepted": 0, **{r.value: 0 for r in HintRejection}}
 
     def verify(self, stream_id: str, data: bytes) -> Hint:
         """The authentic, fresh hint in `data`, or HintRejected (a ValueError) with a reason."""
@@ -198,17 +197,3 @@ class HintVerifier:
             raise HintRejected(HintRejection.REPLAY, f"hint index {index} was already seen or is too old")
         self.replay.accept(index)
         return element.to_hint(index)
-
-    def check(self, stream_id: str, data: bytes) -> Hint | None:
-        """Counting form for the media path: the hint, or None with the reason counted."""
-        try:
-            hint = self.verify(stream_id, data)
-        except HintRejected as exc:
-            self.counters[exc.reason.value] += 1
-            return None
-        self.counters["accepted"] += 1
-        return hint
-
-    @property
-    def rejected(self) -> int:
-        return sum(v for k, v in self.counters.items() if k != "accepted")

@@ -2,9 +2,12 @@
 
 publisher track (aiortc decodes Opus to 48 kHz PCM)
   -> `Chunker`: 24 kHz mono float, 40 ms chunks (codec input, and Opus input on fallback)
-  -> `TickBatcher` (tick.py): one FrameBatch per tick, one outcome per frame
+  -> `BridgeCore` (core.py, network-free; the simulator drives the same object): one
+     FrameBatch per tick, hints, the supervisor link, one outcome per frame
   -> `MediaBridge.dispatch`: AIC subscribers get an AIC RTP payload for each `ai` frame, and
      Opus (encoded from the 24 kHz chunk at 32 kbps, 20 ms packets) for each fallback frame.
+
+This module is the thin aiortc adapter around the core: sessions, tracks, RTP out.
 
 Legacy (Opus-only) subscribers never wait for a tick: the publisher's own Opus packets are
 forwarded to them as they arrive (`MediaBridge.forward`), as a selective forwarding unit
@@ -37,22 +40,25 @@ from aiortc.rtcrtpparameters import RTCRtpParameters
 from aiortc.rtp import RtpPacket
 from aiortc.utils import random16, random32
 
-from deployments.contract import CHUNK_SAMPLES, Outcome, bandwidth_codebooks
+from models.constants import (
+    CHUNK_RTP_TICKS,
+    CHUNK_SAMPLES,
+    OPUS_FRAME_RTP_TICKS,
+    SAMPLE_RATE,
+    TICK_S,
+)
 from models.opus import OpusCodec
-from sfu_bridge import rtp_ext
+from sfu_bridge import aiortc_compat, rtp_ext
 from sfu_bridge.aic_payload import pack_payloads
-from sfu_bridge.tick import Chunk, FrameOutcome, TickBatcher, TickReport
+from sfu_bridge.core import BridgeCore, TickReport
 
 logger = logging.getLogger(__name__)
 
-RTP_CLOCK = 48_000
-CHUNK_48K = CHUNK_SAMPLES * 2  # 1920 samples = 40 ms at 48 kHz
-OPUS_FRAME_48K = 960  # 20 ms Opus packets, as WebRTC sends them
 IP_UDP_HEADER_BYTES = 28  # IPv4 (20) + UDP (8), added to UDP payload bytes for wire rates
 
 
 class Chunker:
-    """aiortc audio frames (any rate/layout) -> 40 ms `Chunk`s of 24 kHz mono float PCM.
+    """aiortc audio frames (any rate/layout) -> 40 ms chunks of 24 kHz mono float PCM.
 
     One resampler per stream: the codec takes 24 kHz, and Opus for fallback frames is encoded
     from the same 24 kHz PCM (RFC 7587 keeps the RTP clock at 48 kHz whatever the input rate).
@@ -60,12 +66,13 @@ class Chunker:
 
     def __init__(self, stream_id: str) -> None:
         self.stream_id = stream_id
-        self._r24 = av.AudioResampler(format="flt", layout="mono", rate=24_000)
+        self._r24 = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         self._b24: list[np.ndarray] = []
         self._n24 = 0
         self.chunks = 0
 
-    def add(self, frame: av.AudioFrame) -> list[Chunk]:
+    def add(self, frame: av.AudioFrame) -> list[tuple[np.ndarray, int]]:
+        """The chunks `frame` completes: (pcm24 float32 [960], RTP timestamp at 48 kHz)."""
         for f in self._r24.resample(frame):
             a = f.to_ndarray().reshape(-1)
             self._b24.append(a)
@@ -74,7 +81,7 @@ class Chunker:
         while self._n24 >= CHUNK_SAMPLES:
             pcm24 = self._take(self._b24, CHUNK_SAMPLES)
             self._n24 -= CHUNK_SAMPLES
-            out.append(Chunk(self.stream_id, pcm24, self.chunks * CHUNK_48K, time.time()))
+            out.append((pcm24, self.chunks * CHUNK_RTP_TICKS))
             self.chunks += 1
         return out
 
@@ -92,13 +99,14 @@ class RtpOut:
 
     def __init__(self, transceiver: Any) -> None:
         self.transceiver = transceiver
-        self.ssrc: int = transceiver.sender._ssrc
+        self.ssrc: int = aiortc_compat.sender_ssrc(transceiver)
         self.mid: str | None = transceiver.mid
-        codecs = transceiver._codecs
+        codecs = aiortc_compat.negotiated_codecs(transceiver)
         self.opus_pt = next((c.payloadType for c in codecs if c.name.lower() == "opus"), None)
         self.aic_pt = next((c.payloadType for c in codecs if rtp_ext.is_aic(c)), None)
         self.ext_map = rtp_ext.AicHeaderExtensionsMap()
-        self.ext_map.configure(RTCRtpParameters(headerExtensions=list(transceiver._headerExtensions)))
+        self.ext_map.configure(RTCRtpParameters(
+            headerExtensions=aiortc_compat.negotiated_header_extensions(transceiver)))
         self._seq = random16() % 32768  # lower half: avoids an early wrap, like aiortc
         self._ts0 = random32()
         self.packets = 0
@@ -122,7 +130,7 @@ class RtpOut:
         pkt.extensions.aic_hint = hint
         self._seq = (self._seq + 1) & 0xFFFF
         try:
-            await self.transceiver.sender.transport._send_rtp(pkt.serialize(self.ext_map))
+            await aiortc_compat.send_rtp(self.transceiver, pkt.serialize(self.ext_map))
         except ConnectionError:
             return False
         self.packets += 1
@@ -151,14 +159,8 @@ class UdpMeter:
         self._t0 = time.monotonic()
 
     def attach(self, pc: RTCPeerConnection) -> UdpMeter:
-        seen: set[int] = set()
-        for t in pc.getTransceivers():
-            conn = t.receiver.transport.transport._connection  # aioice.Connection
-            if id(conn) in seen:
-                continue
-            seen.add(id(conn))
-            for proto in conn._protocols:
-                self._wrap(proto)
+        for proto in aiortc_compat.ice_datagram_protocols(pc):
+            self._wrap(proto)
         return self
 
     def _wrap(self, proto: Any) -> None:
@@ -233,41 +235,37 @@ class Publisher:
 
 
 class MediaBridge:
-    """One worker's media plane: publishers, subscribers, the tick loop and the fan-out."""
+    """One worker's aiortc side: publishers' tracks into the core, the core's outcomes out
+    to the subscribers (the tick loop, batching, hints and supervisor link are the core's)."""
 
     def __init__(
         self,
-        batcher: TickBatcher,
+        core: BridgeCore,
         *,
         max_streams: int = 2_000,
         opus_bitrate: int = 32_000,
-        tick_s: float = 0.040,
+        tick_s: float = TICK_S,
     ) -> None:
         rtp_ext.install()
-        self.batcher = batcher
+        self.core = core
         self.tick_s = tick_s
-        self.n_q = bandwidth_codebooks(batcher.bandwidth_kbps)
-        self.opus = OpusCodec(max_streams, sample_rate=24_000, frame_ms=20, bitrate=opus_bitrate)
+        self.opus = OpusCodec(max_streams, sample_rate=SAMPLE_RATE, frame_ms=20, bitrate=opus_bitrate)
         self._free_slots = list(range(max_streams - 1, -1, -1))
         self.publishers: dict[str, Publisher] = {}  # by stream id
         self.subscribers: dict[str, dict[str, Subscriber]] = defaultdict(dict)  # stream -> sid -> sub
         self.sessions: dict[str, Publisher | Subscriber] = {}
         self.packets_by_kind: dict[str, int] = defaultdict(int)  # "aic" / "opus"
-        self.last_reports: list[TickReport] = []
         self.overheads_ms: list[float] = []
-        self.stream_users: dict[str, str] = {}  # stream id -> publishing user (supervisor opt-outs)
-        self.supervision: Any = None  # sfu_bridge.supervision.SupervisorLink, when a cluster runs one
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        self.batcher.start(self.dispatch, self.tick_s)
+        self.core.start(self.dispatch, self.tick_s)
 
     async def stop(self) -> None:
-        await self.batcher.stop()
-        if self.supervision is not None:
-            await self.supervision.close()
+        await self.core.stop()
         for sid in list(self.sessions):
             await self.end_session(sid)
+        await self.core.close()
 
     @property
     def full(self) -> bool:
@@ -282,9 +280,8 @@ class MediaBridge:
         if not self._free_slots:
             raise OverflowError("this worker holds its maximum number of streams")
         pub = Publisher(uuid.uuid4().hex, stream_id, user, pc, self._free_slots.pop(), Chunker(stream_id))
-        self.batcher.join(stream_id, opted_out=opted_out)
+        self.core.join(stream_id, user, opted_out=opted_out)
         self.publishers[stream_id] = pub
-        self.stream_users[stream_id] = user
         self.sessions[pub.session_id] = pub
         return pub
 
@@ -295,15 +292,15 @@ class MediaBridge:
         try:
             while True:
                 frame = await track.recv()
-                for chunk in pub.chunker.add(frame):
-                    self.batcher.push(chunk)
+                for pcm24, ts in pub.chunker.add(frame):
+                    self.core.push(pub.stream_id, pcm24, ts)
         except (MediaStreamError, asyncio.CancelledError):
             pass
 
     def push_audio(self, stream_id: str, frame: av.AudioFrame) -> None:
         """Feed a publisher's decoded audio directly (bench, tools)."""
-        for chunk in self.publishers[stream_id].chunker.add(frame):
-            self.batcher.push(chunk)
+        for pcm24, ts in self.publishers[stream_id].chunker.add(frame):
+            self.core.push(stream_id, pcm24, ts)
 
     async def forward(self, stream_id: str, packet: RtpPacket) -> bool:
         """A publisher's Opus packet -> every legacy subscriber of the stream, untouched.
@@ -333,14 +330,8 @@ class MediaBridge:
             return False
         if isinstance(s, Publisher):
             self.publishers.pop(s.stream_id, None)
-            self.stream_users.pop(s.stream_id, None)
-            self.batcher.leave(s.stream_id)  # its pending chunks are answered and counted
-            leave = getattr(self.batcher.codec, "leave", None)
-            if leave is not None:
-                try:
-                    await leave([s.stream_id])
-                except Exception as exc:  # a departing stream must not break the others
-                    logger.warning("codec leave failed: %s", type(exc).__name__)
+            # its pending chunks are answered in the next tick; its codec slot is freed
+            self.core.leave(s.stream_id)
             self.opus.reset([s.opus_slot])
             self._free_slots.append(s.opus_slot)
             if s.task is not None:
@@ -357,76 +348,76 @@ class MediaBridge:
     async def dispatch(self, report: TickReport) -> None:
         """Send a tick's outcomes to AIC subscribers: codes for `ai` frames, else Opus."""
         t0 = time.perf_counter()
-        if self.supervision is not None:
-            self.supervision.observe(report)
-        todo: list[tuple[FrameOutcome, list[Subscriber]]] = []
-        opus_rows: list[FrameOutcome] = []
-        for fo in report.frames:
-            # legacy subscribers are served by `forward`, not by the tick
-            subs = [s for s in self.subscribers.get(fo.chunk.stream_id, {}).values() if s.aic]
-            if not subs or fo.chunk.stream_id not in self.publishers:
+        # frames of streams with AIC subscribers (legacy ones are served by `forward`)
+        todo: list[tuple[int, list[Subscriber]]] = []
+        for i, sid in enumerate(report.stream_ids):
+            subs = self.subscribers.get(sid)
+            if not subs or sid not in self.publishers:
                 continue
-            todo.append((fo, subs))
-            if fo.outcome is not Outcome.AI:
-                opus_rows.append(fo)
-        opus_packets = self._encode_opus(opus_rows)
-        ai_rows = [fo for fo, _ in todo if fo.outcome is Outcome.AI and fo.codes is not None]
-        aic_payloads: dict[int, bytes] = {}
-        if ai_rows:  # the tick's AIC payloads in one vectorised packing pass
-            packed = pack_payloads(
-                np.asarray([fo.epoch % 65536 for fo in ai_rows], np.int64), self.n_q,
-                np.stack([fo.codes for fo in ai_rows]),
-                np.asarray([fo.epoch_seq == 0 for fo in ai_rows]),
-            )
-            aic_payloads = {id(fo): p for fo, p in zip(ai_rows, packed, strict=True)}
-        # sequential awaits: a send only hands a datagram to the socket, a task each would cost more
-        for fo, subs in todo:
-            aic_bytes = aic_payloads.get(id(fo))
-            ts = fo.chunk.rtp_timestamp
-            for sub in subs:
-                if aic_bytes is not None:
-                    await self._send(sub, "aic", sub.out.aic_pt, [aic_bytes], ts)
-                elif sub.out.opus_pt is not None:
-                    await self._send(sub, "opus", sub.out.opus_pt, opus_packets[id(fo)], ts)
+            aic = [s for s in subs.values() if s.aic]
+            if aic:
+                todo.append((i, aic))
+        if todo:
+            idx = np.asarray([i for i, _ in todo], np.int64)
+            ai = report.codes[idx] == 0
+            opus_packets = self._encode_opus(report, idx[~ai])
+            aic_payloads: dict[int, bytes] = {}
+            ai_idx = idx[ai]
+            if ai_idx.size and report.ai_codes is not None:  # one vectorised packing pass
+                packed = pack_payloads(report.epochs[ai_idx] % 65536, self.core.n_q,
+                                       report.ai_codes[ai_idx], report.epoch_seqs[ai_idx] == 0)
+                aic_payloads = dict(zip(ai_idx.tolist(), packed, strict=True))
+            # sequential awaits: a send only hands a datagram to the socket, a task each would cost more
+            for i, subs in todo:
+                aic_bytes = aic_payloads.get(i)
+                ts = int(report.rtp_ts[i])
+                for sub in subs:
+                    if aic_bytes is not None:
+                        await self._send(sub, "aic", sub.out.aic_pt, [aic_bytes], ts)
+                    elif sub.out.opus_pt is not None and i in opus_packets:
+                        await self._send(sub, "opus", sub.out.opus_pt, opus_packets[i], ts)
         report.overhead_ms += (time.perf_counter() - t0) * 1000.0
         self.overheads_ms.append(report.overhead_ms)
         if len(self.overheads_ms) > 10_000:
             del self.overheads_ms[:5_000]
 
-    def _encode_opus(self, rows: list[FrameOutcome]) -> dict[int, list[bytes]]:
+    def _encode_opus(self, report: TickReport, idx: np.ndarray) -> dict[int, list[bytes]]:
         """Opus packets per frame; one encoder call per round (a stream's k-th frame of the
         tick in round k: a stream with a shed backlog has several frames, in order)."""
         out: dict[int, list[bytes]] = {}
-        rounds: list[list[FrameOutcome]] = []
+        if not idx.size or report.pcm is None:
+            return out
+        rounds: list[list[int]] = []
         seen: dict[str, int] = defaultdict(int)
-        for fo in rows:
-            k = seen[fo.chunk.stream_id]
-            seen[fo.chunk.stream_id] += 1
+        for i in idx.tolist():
+            sid = report.stream_ids[i]
+            k = seen[sid]
+            seen[sid] += 1
             if k == len(rounds):
                 rounds.append([])
-            rounds[k].append(fo)
+            rounds[k].append(i)
         for batch in rounds:
-            slots = [self.publishers[fo.chunk.stream_id].opus_slot for fo in batch]
-            pcm = np.stack([fo.chunk.pcm24 for fo in batch])
-            for fo, packets in zip(batch, self.opus.encode(slots, pcm), strict=True):
-                out[id(fo)] = packets
+            slots = [self.publishers[report.stream_ids[i]].opus_slot for i in batch]
+            for i, packets in zip(batch, self.opus.encode(slots, report.pcm[batch]), strict=True):
+                out[i] = packets
         return out
 
     async def _send(self, sub: Subscriber, kind: str, pt: int, payloads: list[bytes], ts: int) -> None:
         for k, payload in enumerate(payloads):
-            if await sub.out.send(pt, payload, ts + k * OPUS_FRAME_48K):
+            if await sub.out.send(pt, payload, ts + k * OPUS_FRAME_RTP_TICKS):
                 sub.sent_by_kind[kind] += 1
                 self.packets_by_kind[kind] += 1
 
     def stats(self) -> dict[str, Any]:
         ov = np.asarray(self.overheads_ms[-1500:]) if self.overheads_ms else np.zeros(1)
+        core = self.core.stats()
         return {
             "publishers": len(self.publishers),
             "subscribers": sum(len(v) for v in self.subscribers.values()),
-            "frames": dict(self.batcher.counters),
-            "hints": dict(self.batcher.hint_counters),
+            "frames": core["frames"],
+            "hints": core["hints"],
             "packets": dict(self.packets_by_kind),
-            "ticks": self.batcher.ticks,
+            "ticks": core["ticks"],
             "tick_overhead_ms_p50": float(np.percentile(ov, 50)),
             "tick_overhead_ms_p99": float(np.percentile(ov, 99)),
         }

@@ -37,11 +37,10 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 from multidict import CIMultiDict
 
-from sfu_bridge import ice, rtp_ext
+from sfu_bridge import aiortc_compat, ice, rtp_ext
 from sfu_bridge.config import BridgeConfig
-from sfu_bridge.hint_auth import HintVerifier
+from sfu_bridge.core import BridgeCore
 from sfu_bridge.media import MediaBridge, Publisher, RtpOut
-from sfu_bridge.tick import TickBatcher
 from sfu_bridge.tokens import Scope, TokenAuthority, TokenError, load_secret
 
 logger = logging.getLogger(__name__)
@@ -80,17 +79,11 @@ def parse_offer(body: bytes) -> str:
 
 
 class BridgeServer:
-    def __init__(
-        self, config: BridgeConfig, media: MediaBridge, authority: TokenAuthority,
-        hint_secret: bytes | None = None,
-    ) -> None:
+    def __init__(self, config: BridgeConfig, media: MediaBridge, authority: TokenAuthority) -> None:
         self.config = config
         self.media = media
         self.authority = authority
-        self.hint_secret = hint_secret
-        self.verifiers: dict[str, HintVerifier] = {}
         self.http_errors: dict[int, int] = {}
-        media.batcher.hint_checker = self._check_hint
         self.app = web.Application(client_max_size=config.max_body_bytes, middlewares=[self._errors])
         self.app.add_routes([
             web.post("/whip/{stream}", self.whip),
@@ -141,12 +134,6 @@ class BridgeServer:
         self.http_errors[status] = self.http_errors.get(status, 0) + 1
         headers = {"WWW-Authenticate": 'Bearer realm="auralink"'} if bearer else None
         return web.Response(status=status, text=message + "\n", headers=headers)
-
-    def _check_hint(self, stream_id: str, raw: bytes) -> Any:
-        verifier = self.verifiers.get(stream_id)
-        if verifier is None:
-            raise ValueError("no hint key for this stream")
-        return verifier.verify(stream_id, raw)
 
     async def _read_offer(self, request: web.Request, scope: Scope) -> tuple[str, str, str]:
         stream = request.match_info["stream"]
@@ -200,9 +187,7 @@ class BridgeServer:
         if self.media.full:
             raise SignalingError(503, "this bridge worker is full")
         pc = ice.peer_connection(self.config.ice_servers)
-        pub = self.media.add_publisher(
-            stream, user, pc, opted_out=user in self.config.opted_out_users
-        )
+        pub = self.media.add_publisher(stream, user, pc)  # the core pins configured opt-outs
 
         @pc.on("track")
         def _on_track(track: Any) -> None:
@@ -217,13 +202,11 @@ class BridgeServer:
         except BaseException:
             await self.media.end_session(pub.session_id)
             raise
-        pub.opus_pt = next((c.payloadType for c in audio[0]._codecs if c.name.lower() == "opus"), None)
-        rtp_ext.tap_receiver(audio[0].receiver, lambda pkt, s=stream: self.media.forward(s, pkt))
-        if self.hint_secret is not None:
-            self.verifiers[stream] = HintVerifier(self.hint_secret, stream)
-            rtp_ext.transport_extensions_map(audio[0]).hint_sink = (
-                lambda raw, s=stream: self.media.batcher.add_hint(s, raw)
-            )
+        pub.opus_pt = next((c.payloadType for c in aiortc_compat.negotiated_codecs(audio[0])
+                            if c.name.lower() == "opus"), None)
+        aiortc_compat.tap_receiver(audio[0].receiver, lambda pkt, s=stream: self.media.forward(s, pkt))
+        # hints are checked by the core under the stream's key (none configured: dropped)
+        rtp_ext.hint_map(audio[0]).hint_sink = lambda raw, s=stream: self.media.core.add_hint(s, raw)
         self._watch(pc, pub.session_id)
         logger.info("publisher joined stream=%s session=%s", stream, pub.session_id[:8])
         return self._created("whip", stream, pub.session_id, answer)
@@ -247,10 +230,9 @@ class BridgeServer:
         if out.aic:
             # A decoder must start at an epoch start: open a new epoch now, and again whenever
             # this subscriber loses sync and asks with RTCP PLI/FIR (its "keyframe request").
-            self.media.batcher.restart_epoch(stream)
-            transceiver.sender._send_keyframe = (
-                lambda s=stream: self.media.batcher.restart_epoch(s)
-            )
+            self.media.core.restart_epoch(stream)
+            aiortc_compat.on_keyframe_request(
+                transceiver, lambda s=stream: self.media.core.restart_epoch(s))
         sub = self.media.add_subscriber(stream, user, pc, out)
         self._watch(pc, sub.session_id)
         logger.info(
@@ -266,8 +248,6 @@ class BridgeServer:
         if s is None or s.stream_id != stream or isinstance(s, Publisher) != (scope is Scope.PUBLISH):
             raise SignalingError(404, "no such session")
         await self.media.end_session(session)
-        if isinstance(s, Publisher):
-            self.verifiers.pop(stream, None)
         return web.Response(status=200, text="session ended\n")
 
     async def options(self, request: web.Request) -> web.Response:
@@ -289,7 +269,8 @@ class BridgeServer:
 
 
 def build_codec(kind: str, capacity: int, bandwidth_kbps: float) -> Any:
-    """The codec client: `serve` (the Ray Serve CodecReplica app) or `in-process`."""
+    """The codec client: `serve` (the Ray Serve CodecReplica app) or `in-process` (a
+    `CodecReplicaCore` in this process, random weights: a bridge without a cluster)."""
     if kind == "serve":
         import ray
         from ray import serve
@@ -299,10 +280,12 @@ def build_codec(kind: str, capacity: int, bandwidth_kbps: float) -> Any:
 
         ray.init(address="auto", ignore_reinit_error=True)
         return CodecClient(serve.get_deployment_handle(REPLICA_DEPLOYMENT, APP_NAME))
-    from sfu_bridge.tick import InProcessCodec, random_streaming_codec
+    from deployments.config import ReplicaSettings
+    from deployments.replica import CodecReplicaCore
 
     logger.warning("in-process codec with RANDOM weights: real timings, noise audio")
-    return InProcessCodec(random_streaming_codec(capacity, bandwidth_kbps))
+    return CodecReplicaCore(ReplicaSettings(capacity=capacity, max_batch=capacity,
+                                            allow_random_weights=True), "in-process")
 
 
 def make_limiter(config: BridgeConfig) -> Any:
@@ -317,29 +300,29 @@ def make_server(
     config: BridgeConfig, codec: Any, secret: bytes, hint_secret: bytes | None = None,
     limiter: Any = None,
 ) -> BridgeServer:
-    """A bridge worker: signaling + media plane. `limiter` None = hints are not rate limited."""
+    """A bridge worker: signaling + media plane. `limiter` None = hints are not rate
+    limited; `hint_secret` None = no hint keys, every hint is dropped (counted)."""
     rtp_ext.install()
-    batcher = TickBatcher(
+    core = BridgeCore(
         codec, bridge_id=config.bridge_id, deadline_ms=config.deadline_ms,
         bandwidth_kbps=config.bandwidth_kbps, max_backlog=config.max_backlog_chunks,
-        limiter=limiter,
+        hint_secret=hint_secret, limiter=limiter, opted_out_users=config.opted_out_users,
+        capacity=min(config.max_streams, 256),
     )
     media = MediaBridge(
-        batcher, max_streams=config.max_streams, opus_bitrate=config.opus_bitrate,
+        core, max_streams=config.max_streams, opus_bitrate=config.opus_bitrate,
         tick_s=config.tick_ms / 1000.0,
     )
-    return BridgeServer(config, media, TokenAuthority(secret), hint_secret)
+    return BridgeServer(config, media, TokenAuthority(secret))
 
 
 def link_supervisor(media: MediaBridge) -> None:
     """Report outcomes to the cluster's FallbackSupervisor each second and apply its AI-off
     verdicts (needs a Ray connection, as the `serve` codec has)."""
     from deployments.supervisor import get_or_create_supervisor
-    from sfu_bridge.supervision import SupervisorLink, ray_exchange
+    from sfu_bridge.core import ray_supervisor_link
 
-    media.supervision = SupervisorLink(
-        media.batcher, ray_exchange(get_or_create_supervisor()), users=media.stream_users
-    )
+    media.core.supervisor = ray_supervisor_link(get_or_create_supervisor())
 
 
 # ---- CLI: `auralink bridge` ------------------------------------------------------------

@@ -6,7 +6,7 @@ bridge's real per-tick work back to back for ``--ticks`` ticks:
 
   SRTP unprotect + RTP parse of the publisher's two 20 ms Opus packets -> forwarded to the
   legacy subscribers (RTP + SRTP protect + UDP ``sendto`` to a local sink socket) -> aiortc's
-  Opus decoder -> `Chunker` (24 kHz resampling, 40 ms chunks) -> `TickBatcher.tick`
+  Opus decoder -> `Chunker` (24 kHz resampling, 40 ms chunks) -> `BridgeCore.tick`
   (one FrameBatch) -> `MediaBridge.dispatch` (AIC payloads to the AIC subscribers).
 
 The codec is EMULATED (answers every frame ``ai`` after ``--codec-ms`` of sleep, no CPU):
@@ -167,8 +167,8 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
     from aiortc.jitterbuffer import JitterFrame
     from aiortc.rtp import RtpPacket
 
+    from sfu_bridge.core import BridgeCore
     from sfu_bridge.media import MediaBridge
-    from sfu_bridge.tick import TickBatcher
 
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
@@ -179,8 +179,8 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
     addr = sink.getsockname()
 
     codec = EmulatedCodec(codec_ms)
-    batcher = TickBatcher(codec, deadline_ms=20.0, max_backlog=3)
-    media = MediaBridge(batcher, max_streams=max(n, 1), opus_bitrate=32_000)
+    core = BridgeCore(codec, deadline_ms=20.0, max_backlog=3, capacity=max(n, 1))
+    media = MediaBridge(core, max_streams=max(n, 1), opus_bitrate=32_000)
     loop_packets = _opus_loop()
     feeds = {}
     for i in range(n):
@@ -206,7 +206,7 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
                     assert isinstance(frame, av.AudioFrame)
                     media.push_audio(sid, frame)
         ingest_ms = (time.perf_counter() - t0) * 1000.0
-        report = await batcher.tick()
+        report = await core.tick()
         await media.dispatch(report)
         total_ms = (time.perf_counter() - t0) * 1000.0
         cpu_ms = (time.thread_time() - c0) * 1000.0  # the emulated codec sleeps: no CPU
@@ -232,7 +232,7 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
         "cpu_ms_per_tick_p99": round(float(np.percentile(np.asarray(cpus), 99)), 3),
         "cpu_us_per_stream": round(float(np.mean(cpus)) * 1000.0 / max(n, 1), 1),
         "tick_wall_ms_p99": round(float(np.percentile(np.asarray(totals), 99)), 3),
-        "frames": dict(batcher.counters),
+        "frames": core.stats()["frames"],
     }
 
 
@@ -275,11 +275,11 @@ async def _wire(seconds: float) -> dict:
         await plain.wait_frames(n_opus=20, timeout_s=30)
         for m in (aic.meter, plain.meter, pub.meter):
             m.reset()
-        counts0 = dict(server.media.batcher.counters)
+        counts0 = server.media.core.stats()["frames"]
         outs = {s.aic: s.out for s in server.media.subscribers["bench"].values()}
         payload0 = {k: o.payload_bytes for k, o in outs.items()}
         await asyncio.sleep(seconds)
-        counts1 = dict(server.media.batcher.counters)
+        counts1 = server.media.core.stats()["frames"]
         payload_kbps = {
             k: (o.payload_bytes - payload0[k]) * 8 / seconds / 1000 for k, o in outs.items()
         }

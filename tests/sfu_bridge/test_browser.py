@@ -12,7 +12,6 @@ import pytest
 from aiohttp import web
 
 from sfu_bridge.sdk import AicSubscriber
-from sfu_bridge.tick import InProcessCodec
 
 pytestmark = pytest.mark.browser
 
@@ -75,7 +74,7 @@ def require_chromium() -> None:
 
 
 def test_chromium_publishes_over_whip_to_aic_and_opus_subscribers(
-    running_bridge, tokens, streaming_codec
+    running_bridge, tokens, streaming_codec, replica_core
 ):
     require_chromium()
     from playwright.async_api import async_playwright
@@ -86,7 +85,7 @@ def test_chromium_publishes_over_whip_to_aic_and_opus_subscribers(
     async def go():
         routes = [("GET", "/publish.html", page)]
         async with running_bridge(
-            InProcessCodec(streaming_codec), extra_routes=routes,
+            replica_core(), extra_routes=routes,
             deadline_ms=2_000.0, max_backlog_chunks=200,
         ) as (server, base):
             with tempfile.TemporaryDirectory() as profile:

@@ -14,7 +14,6 @@ from sfu_bridge.hint_ext import Hint
 from sfu_bridge.limiter import AsyncHintLimiter
 from sfu_bridge.redis_store import connect_async
 from sfu_bridge.sdk import AicPublisher, AicSubscriber
-from sfu_bridge.tick import InProcessCodec
 
 # Generous: the codec runs for real on a shared CPU; these tests check behaviour, not speed.
 CONFIG = dict(deadline_ms=2_000.0, max_backlog_chunks=200, opted_out_users=frozenset({"dave"}))
@@ -23,7 +22,7 @@ CONFIG = dict(deadline_ms=2_000.0, max_backlog_chunks=200, opted_out_users=froze
 class SeenStreams:
     """The real in-process codec, recording which streams reached it."""
 
-    def __init__(self, inner: InProcessCodec) -> None:
+    def __init__(self, inner) -> None:
         self.inner = inner
         self.seen: set[str] = set()
 
@@ -32,9 +31,9 @@ class SeenStreams:
         return await self.inner.process(batch)
 
 
-def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, streaming_codec, secret, caplog):
+def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, streaming_codec, replica_core, secret, caplog):
     caplog.set_level(logging.DEBUG)
-    codec = SeenStreams(InProcessCodec(streaming_codec))
+    codec = SeenStreams(replica_core())
 
     async def go():
         limiter = AsyncHintLimiter(connect_async(), bridge_id="test-sdk")  # embedded Redis
@@ -61,12 +60,12 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
             ok_late = await late.wait_frames(n_aic=8, timeout_s=90)
             await late.stop()
             ok = ok and ok_late and late.stats.decoded_samples > 0
-            restarts = server.media.batcher.epoch_restarts
+            restarts = server.media.core.epoch_restarts
             received = aic.stats.aic_frames
             stats = server.media.stats()
             stats["aic_received"] = received
             lim = dataclasses.replace(limiter.counters)  # snapshot with the stats
-            ticks = server.media.batcher.ticks
+            ticks = server.media.core.ticks
             statuses = [await aic.stop(), await plain.stop(), await pub.stop()]
         await limiter.aclose()
         return ok, ok_plain, aic, plain, pub, stats, statuses, lim, ticks, late, restarts
@@ -117,9 +116,9 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
 
 
 def test_opted_out_stream_never_reaches_the_ai_and_forged_hints_are_dropped(
-    running_bridge, tokens, streaming_codec, secret
+    running_bridge, tokens, streaming_codec, replica_core, secret
 ):
-    codec = SeenStreams(InProcessCodec(streaming_codec))
+    codec = SeenStreams(replica_core())
 
     async def go():
         async with running_bridge(codec, **CONFIG) as (server, base):

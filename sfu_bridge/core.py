@@ -1,0 +1,912 @@
+"""`BridgeCore`: the media plane of one bridge worker, without a network.
+
+Everything a bridge decides lives here, in one place, and both the WebRTC bridge
+(`sfu_bridge.media.MediaBridge`, an aiortc adapter that feeds chunks in and sends what comes
+out) and the load simulator (`cluster.simulator`, emulated publishers) drive this object:
+
+- the **stream table**: one row per published stream, numpy columns indexed by row - its
+  epoch (the bridge half of the epoch rule, `deployments.epochs.BridgeEpochs`), whether its
+  AI is off and why (the one opt-out table: the bridge's own config, pinned, and the fallback
+  supervisor's verdicts), its backlog of chunks, its hint budget, its outcome tallies;
+- **join / leave**: a leaving stream's pending chunks are answered `fallback/overload` in the
+  next tick, its codec slot is freed and the supervisor forgets it, in one batched call each;
+- the **tick** (every 40 ms): at most one chunk per stream; chunks beyond the backlog limit
+  are answered `fallback/overload`, streams with AI off `fallback/<why>`, locally; the rest go
+  to the codec in ONE `FrameBatch` (the Serve `CodecClient` splits it by replica), bounded by
+  the frames' deadline plus a grace, so a stuck client yields `fallback/deadline`, not a stall;
+- **hints**: checked (size, tag, replay: `sfu_bridge.hint_auth`, per-stream keys derived on
+  first use) and counted into the limiter in one call per tick, concurrently with the codec;
+- **outcomes**: every frame gets exactly one, counted by outcome code and tallied per stream;
+  the tallies go to the fallback supervisor once per `period_s` in one background call whose
+  verdicts switch streams' AI off and on (a slow supervisor delays decisions, never a tick).
+
+Per-tick work is array operations over the stream table, not a Python step per stream: a
+tick of thousands of streams costs a fraction of a microsecond of CPU per stream, and that
+CPU is counted (`cpu_s`) so the load test can report it. The only per-item Python is per
+hint (each one is an HMAC) and per stream whose state changes (join, leave, a verdict).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from deployments.contract import (
+    AI_CODE,
+    CHUNK_SAMPLES,
+    CODEBOOK_SIZE,
+    DEFAULT_BANDWIDTH_KBPS,
+    FRAME_SAMPLES,
+    REASON_CODES,
+    BatchResult,
+    FallbackReason,
+    FrameBatch,
+    Op,
+    Outcome,
+    bandwidth_codebooks,
+    decode_reason,
+    reason_code,
+)
+from deployments.epochs import BridgeEpochs
+from models.constants import DEFAULT_DEADLINE_MS, TICK_S
+from sfu_bridge.hint_auth import HintRejected, HintVerifier
+
+logger = logging.getLogger(__name__)
+
+# How long past the frames' deadline the bridge still waits for an answer: the replica
+# should have answered `deadline` itself by then; beyond, the client is stuck.
+DEADLINE_GRACE_S = 0.010
+N_CODES = len(REASON_CODES) + 1  # outcome codes: 0 = ai, 1.. = fallback reasons
+_OVERLOAD = reason_code(FallbackReason.OVERLOAD)
+_ERROR = reason_code(FallbackReason.ERROR)
+_DEADLINE = reason_code(FallbackReason.DEADLINE)
+_OPTED_OUT = reason_code(FallbackReason.OPTED_OUT)
+_UNHEALTHY = reason_code(FallbackReason.UNHEALTHY)
+_KEY_OF_CODE = ["ai", *(f"fallback/{r.value}" for r in REASON_CODES)]
+_EMPTY_I = np.empty(0, np.int64)
+
+
+class CodecClientLike(Protocol):
+    """What the core sends batches to: the Serve `CodecClient`, or a `CodecReplicaCore`."""
+
+    async def process(self, batch: FrameBatch) -> BatchResult: ...
+
+
+class HintDrop(str, enum.Enum):
+    """Why a hint was dropped other than by the verifier (whose reasons are
+    `sfu_bridge.hint_auth.HintRejection`)."""
+
+    INVALID = "invalid"  # no hint key configured on this bridge
+    RATE_LIMITED = "rate_limited"
+
+
+@dataclass
+class SupervisorLink:
+    """The fallback supervisor as the core sees it: `report` gets each stream's outcome
+    counts since the last call (`{stream: {"ai": n, "fallback": {reason: n}, "user_id"?}}`)
+    and returns the streams whose AI is off (`{stream: "opted_out" | "unhealthy"}`);
+    `forget` is told which streams ended."""
+
+    report: Callable[[dict[str, dict[str, Any]]], Awaitable[Mapping[str, str]]]
+    forget: Callable[[list[str]], Awaitable[Any]] | None = None
+    period_s: float = 1.0
+
+
+def ray_supervisor_link(actor: Any, period_s: float = 1.0) -> SupervisorLink:
+    """`SupervisorLink` over the `FallbackSupervisor` actor (deployments.supervisor)."""
+
+    async def report(reports: dict[str, dict[str, Any]]) -> Mapping[str, str]:
+        return await actor.report.remote(reports)
+
+    async def forget(stream_ids: list[str]) -> None:
+        await actor.forget.remote(stream_ids)
+
+    return SupervisorLink(report, forget, period_s)
+
+
+@dataclass
+class FrameOutcome:
+    """One frame's outcome, as an object (adapters and tests; the report is columnar)."""
+
+    stream_id: str
+    outcome: Outcome
+    reason: FallbackReason | None
+    epoch: int  # the epoch the frame ran in (0 = never sent to the AI)
+    epoch_seq: int
+    rtp_timestamp: int
+    pcm24: np.ndarray | None  # the chunk (None when publishers push no audio)
+    codes: np.ndarray | None = None  # int16 [n_q, F] when outcome is ai
+
+    @property
+    def key(self) -> str:
+        return "ai" if self.reason is None else f"fallback/{self.reason.value}"
+
+
+@dataclass
+class TickReport:
+    """Every frame decided in one tick, column by column (one entry per frame)."""
+
+    tick: int
+    started_at: float
+    stream_ids: list[str]
+    rows: np.ndarray  # int64: the stream's row (-1: the stream had left)
+    codes: np.ndarray  # uint8 outcome codes: 0 = ai, else deployments.contract.reason_code
+    epochs: np.ndarray  # int64 (0 = never sent to the AI)
+    epoch_seqs: np.ndarray  # int64
+    rtp_ts: np.ndarray  # int64, 48 kHz clock, first sample of the chunk
+    pcm: np.ndarray | None  # float32 [n, 960]; None when publishers push no audio
+    ai_codes: np.ndarray | None  # int16 [n, n_q, F], rows valid where codes == 0
+    batch_size: int  # frames sent to the codec client
+    codec_wait_ms: float  # awaiting the codec client (not bridge cost)
+    overhead_ms: float = 0.0  # wall time of the tick minus the codec wait; media.py adds its send time
+    cpu_ms: float = 0.0  # CPU time of the tick's bridge work
+    replica_ms: np.ndarray | None = None  # float32 [batch]: replica queue + compute of sent frames
+    hints_accepted: int = 0
+    hints_dropped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.stream_ids)
+
+    def counts(self) -> dict[str, int]:
+        """Frames by outcome key: 'ai' or 'fallback/<reason>'."""
+        n = np.bincount(self.codes, minlength=N_CODES)
+        return {_KEY_OF_CODE[c]: int(n[c]) for c in np.flatnonzero(n).tolist()}
+
+    def frames(self) -> list[FrameOutcome]:
+        out = []
+        for i, sid in enumerate(self.stream_ids):
+            c = int(self.codes[i])
+            reason = decode_reason(c)
+            out.append(FrameOutcome(
+                sid, Outcome.AI if reason is None else Outcome.FALLBACK, reason,
+                int(self.epochs[i]), int(self.epoch_seqs[i]), int(self.rtp_ts[i]),
+                None if self.pcm is None else self.pcm[i],
+                self.ai_codes[i] if reason is None and self.ai_codes is not None else None,
+            ))
+        return out
+
+
+@dataclass(frozen=True)
+class StreamView:
+    """One stream's state, read from the table (dashboards, tests)."""
+
+    stream_id: str
+    row: int
+    user: str | None
+    epoch: int
+    next_seq: int
+    opens_epoch: bool  # the next AI frame opens a new epoch
+    ai_off: FallbackReason | None  # None: AI on
+    pinned_off: bool  # opted out in the bridge's own config (never lifted remotely)
+    pending: int  # chunks waiting for a tick
+    last_hint: Any  # the latest accepted hint (parsed)
+
+
+class _Cpu:
+    """Thread CPU seconds spent inside the core (nested sections count once)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._depth = 0
+        self._t0 = 0.0
+
+    def __enter__(self) -> _Cpu:
+        if self._depth == 0:
+            self._t0 = time.thread_time()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.seconds += time.thread_time() - self._t0
+
+
+@dataclass
+class _Taken:
+    """A tick's frames before the codec answers: the locally answered parts (stream ids,
+    rows, codes, rtp timestamps, pcm) and the batch sent, with its rows."""
+
+    parts: list[tuple]
+    rows: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+    generation: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+    ts: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+    batch: FrameBatch | None = None
+
+
+@dataclass
+class _Spilled:
+    """Chunks answered `overload` outside a row's backlog (it overflowed, or its stream left)."""
+
+    stream_ids: list[str] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    ts: list[int] = field(default_factory=list)
+    pcm: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, sid: str, row: int, ts: int, pcm: np.ndarray | None) -> None:
+        self.stream_ids.append(sid)
+        self.rows.append(row)
+        self.ts.append(ts)
+        if pcm is not None:
+            self.pcm.append(pcm)
+
+
+class BridgeCore:
+    def __init__(
+        self,
+        codec: CodecClientLike,
+        *,
+        bridge_id: str = "bridge",
+        deadline_ms: float = DEFAULT_DEADLINE_MS,
+        bandwidth_kbps: float = DEFAULT_BANDWIDTH_KBPS,
+        max_backlog: int = 3,
+        hint_secret: bytes | None = None,
+        limiter: Any = None,
+        max_hints_per_tick: int = 16,
+        supervisor: SupervisorLink | None = None,
+        opted_out_users: frozenset[str] = frozenset(),
+        audio: bool = True,
+        capacity: int = 256,
+        clock: Callable[[], float] = time.time,
+        period_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.n_q = bandwidth_codebooks(bandwidth_kbps)  # validates
+        if max_backlog < 1:
+            raise ValueError("max_backlog must be >= 1")
+        self.codec = codec
+        self.bridge_id = bridge_id
+        self.deadline_ms = deadline_ms
+        self.bandwidth_kbps = bandwidth_kbps
+        self.max_backlog = max_backlog
+        self.hint_secret = hint_secret
+        self.limiter = limiter
+        self.max_hints_per_tick = max_hints_per_tick
+        self.supervisor = supervisor
+        self.opted_out_users = frozenset(opted_out_users)  # this bridge's own config: pinned
+        # Without audio (load generators against emulated replicas, which never read PCM) a
+        # batch carries one EnCodec frame of int16 silence per row: same rows, epochs and
+        # deadlines, a sixth of the bytes of 960 float samples.
+        self.audio = audio
+        self.clock = clock
+        self.period_clock = period_clock
+        self.cpu = _Cpu()
+        # -- the stream table
+        self._cap = 0
+        self._depth = max_backlog + 1  # chunks a row holds between ticks before spilling
+        self.ids = np.empty(0, object)
+        self._row_of: dict[str, int] = {}
+        self._free: list[int] = []
+        self._top = 0  # rows ever used
+        self.live = np.zeros(0, bool)
+        self.generation = np.zeros(0, np.int64)  # bumped on join and leave
+        self.users: list[str | None] = []
+        self.epochs = BridgeEpochs()
+        self.ai_off = np.zeros(0, np.uint8)  # 0 = AI on, else the reason code
+        self.pinned = np.zeros(0, bool)
+        self.q_n = np.zeros(0, np.int64)
+        self.q_head = np.zeros(0, np.int64)
+        self.q_ts = np.zeros((0, self._depth), np.int64)
+        self.q_pcm = np.zeros((0, self._depth, CHUNK_SAMPLES), np.float32) if audio else None
+        self.hint_n = np.zeros(0, np.int64)
+        self._verifiers: list[HintVerifier | None] = []
+        self.last_hint: list[Any] = []
+        self.tally = np.zeros((0, N_CODES), np.int64)  # outcomes since the last supervisor report
+        self._registered = np.zeros(0, bool)  # its user id went to the supervisor
+        self._grow(capacity)
+        # -- per-tick buffers
+        self._spilled = _Spilled()
+        self._hint_rows: list[int] = []
+        self._hint_gens: list[int] = []
+        self._hint_raws: list[bytes] = []
+        self._leaving: list[str] = []
+        self._forgetting: list[str] = []
+        self._remote_opted_users: set[str] = set()
+        # -- counters
+        self.counts = np.zeros(N_CODES, np.int64)  # frames by outcome code
+        self.hint_counters: Counter[str] = Counter()  # "accepted" / "dropped/<why>"
+        self.ticks = 0
+        self.epoch_restarts = 0  # requested by subscribers (join, RTCP PLI)
+        self.tick_errors = 0
+        self.exchanges = 0
+        self.exchange_failures = 0
+        self._last_exchange = period_clock()
+        self._inflight: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+        self._started = asyncio.Event()
+        self._exited = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------------ the table
+    def _grow(self, capacity: int) -> None:
+        if capacity <= self._cap:
+            return
+        cap = max(capacity, 2 * self._cap)
+
+        def grow(a: np.ndarray, fill: Any = 0) -> np.ndarray:
+            out = np.full((cap,) + a.shape[1:], fill, a.dtype)
+            out[: a.shape[0]] = a
+            return out
+
+        self.ids = grow(self.ids, None)
+        self.live = grow(self.live, False)
+        self.generation = grow(self.generation)
+        self.ai_off = grow(self.ai_off)
+        self.pinned = grow(self.pinned, False)
+        self.q_n = grow(self.q_n)
+        self.q_head = grow(self.q_head)
+        self.q_ts = grow(self.q_ts)
+        if self.q_pcm is not None:
+            self.q_pcm = grow(self.q_pcm)
+        self.hint_n = grow(self.hint_n)
+        self.tally = grow(self.tally)
+        self._registered = grow(self._registered, False)
+        self.epochs.ensure(cap)
+        extra = cap - self._cap
+        self.users.extend([None] * extra)
+        self._verifiers.extend([None] * extra)
+        self.last_hint.extend([None] * extra)
+        self._cap = cap
+
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    def __contains__(self, stream_id: str) -> bool:
+        return stream_id in self._row_of
+
+    def row(self, stream_id: str) -> int | None:
+        return self._row_of.get(stream_id)
+
+    def join(self, stream_id: str, user: str | None = None, opted_out: bool = False) -> int:
+        """Adds a stream (idempotent); returns its row. `opted_out`: this bridge's own,
+        pinned opt-out (as the users it was configured with)."""
+        with self.cpu:
+            row = self._row_of.get(stream_id)
+            if row is not None:
+                return row
+            if self._free:
+                row = self._free.pop()
+            else:
+                if self._top == self._cap:
+                    self._grow(self._cap + 1)
+                row = self._top
+                self._top += 1
+            self._row_of[stream_id] = row
+            self.ids[row] = stream_id
+            self.live[row] = True
+            self.generation[row] += 1
+            self.users[row] = user
+            self.epochs.join(row)
+            pinned = opted_out or (user is not None and user in self.opted_out_users)
+            self.pinned[row] = pinned
+            remote = user is not None and user in self._remote_opted_users
+            self.ai_off[row] = _OPTED_OUT if pinned or remote else 0
+            self.q_n[row] = 0
+            self.q_head[row] = 0
+            self.hint_n[row] = 0
+            self.tally[row] = 0
+            self._registered[row] = False
+            self._verifiers[row] = None
+            self.last_hint[row] = None
+            return row
+
+    def leave(self, stream_id: str) -> bool:
+        """Forgets a stream: its pending chunks are answered `fallback/overload` in the next
+        tick; its codec slot is freed and the supervisor forgets it (batched, in the
+        background)."""
+        with self.cpu:
+            row = self._row_of.pop(stream_id, None)
+            if row is None:
+                return False
+            for k in range(int(self.q_n[row])):
+                j = (int(self.q_head[row]) + k) % self._depth
+                pcm = self.q_pcm[row, j].copy() if self.q_pcm is not None else None
+                self._spilled.add(stream_id, -1, int(self.q_ts[row, j]), pcm)
+            self.q_n[row] = 0
+            self.live[row] = False
+            self.generation[row] += 1
+            self.ids[row] = None
+            self.users[row] = None
+            self._verifiers[row] = None
+            self.last_hint[row] = None
+            self.tally[row] = 0
+            self.ai_off[row] = 0
+            self._free.append(row)
+            self._leaving.append(stream_id)
+            if self.supervisor is not None and self.supervisor.forget is not None:
+                self._forgetting.append(stream_id)
+            return True
+
+    def restart_epoch(self, stream_id: str) -> None:
+        """The stream's next AI frame opens a new epoch (a decoder joined or lost sync)."""
+        row = self._row_of.get(stream_id)
+        if row is not None and self.epochs.restart(row):
+            self.epoch_restarts += 1
+
+    def stream(self, stream_id: str) -> StreamView | None:
+        row = self._row_of.get(stream_id)
+        if row is None:
+            return None
+        off = int(self.ai_off[row])
+        return StreamView(
+            stream_id, row, self.users[row], int(self.epochs.epoch[row]),
+            int(self.epochs.next_seq[row]), bool(self.epochs.fresh[row]),
+            decode_reason(off) if off else None, bool(self.pinned[row]), int(self.q_n[row]),
+            self.last_hint[row],
+        )
+
+    def apply_decisions(self, off: Mapping[str, str]) -> None:
+        """The fallback supervisor's verdicts, `{stream: "opted_out" | "unhealthy"}`; a stream
+        not named is AI-on. Opt-outs pinned by this bridge's config always stay; a user the
+        supervisor reports opted out stays off on the streams it starts later too."""
+        with self.cpu:
+            n = self._top
+            self.ai_off[:n] = np.where(self.pinned[:n], _OPTED_OUT, 0)
+            remote: set[str] = set()
+            for sid, why in off.items():
+                row = self._row_of.get(sid)
+                if row is None:
+                    continue
+                if why == FallbackReason.OPTED_OUT.value:
+                    self.ai_off[row] = _OPTED_OUT
+                    if self.users[row] is not None:
+                        remote.add(self.users[row])
+                elif why == FallbackReason.UNHEALTHY.value and not self.pinned[row]:
+                    self.ai_off[row] = _UNHEALTHY
+            self._remote_opted_users = remote
+
+    # ------------------------------------------------------------------------ intake
+    def push(self, stream_id: str, pcm24: np.ndarray | None, rtp_timestamp: int = 0) -> None:
+        """One 40 ms chunk of a stream (24 kHz mono float32 [960], or None without audio)."""
+        row = self._row_of.get(stream_id)
+        if row is None:
+            raise KeyError(f"stream {stream_id!r} has not joined")
+        if self.audio:
+            if pcm24 is None or pcm24.shape != (CHUNK_SAMPLES,):
+                raise ValueError(f"chunk must hold {CHUNK_SAMPLES} samples, got "
+                                 f"{None if pcm24 is None else pcm24.shape}")
+        with self.cpu:
+            self._push(np.array([row]), None if pcm24 is None else pcm24[None, :],
+                       np.array([rtp_timestamp], np.int64))
+
+    def push_rows(self, rows: np.ndarray, pcm: np.ndarray | None = None,
+                  rtp_ts: np.ndarray | None = None) -> None:
+        """One chunk for each of `rows` (distinct, joined): the simulator's publishers."""
+        with self.cpu:
+            if rtp_ts is None:
+                rtp_ts = np.zeros(rows.size, np.int64)
+            self._push(np.asarray(rows, np.int64), pcm, rtp_ts)
+
+    def _push(self, rows: np.ndarray, pcm: np.ndarray | None, ts: np.ndarray) -> None:
+        full = self.q_n[rows] >= self._depth
+        if full.any():  # a row that overflows between ticks spills its oldest chunk
+            for r in rows[full].tolist():
+                j = int(self.q_head[r])
+                old = self.q_pcm[r, j].copy() if self.q_pcm is not None else None
+                self._spilled.add(str(self.ids[r]), r, int(self.q_ts[r, j]), old)
+                self.q_head[r] = (j + 1) % self._depth
+                self.q_n[r] -= 1
+        slot = (self.q_head[rows] + self.q_n[rows]) % self._depth
+        self.q_ts[rows, slot] = ts
+        if self.q_pcm is not None and pcm is not None:
+            self.q_pcm[rows, slot] = pcm
+        self.q_n[rows] += 1
+
+    def add_hint(self, stream_id: str, raw: bytes) -> None:
+        """A hint element seen on the stream's packets; checked and limited at the next tick."""
+        row = self._row_of.get(stream_id)
+        if row is None:
+            return
+        with self.cpu:
+            self._add_hint(row, raw)
+
+    def add_hints(self, rows: list[int], raws: list[bytes]) -> None:
+        with self.cpu:
+            for row, raw in zip(rows, raws, strict=True):
+                self._add_hint(row, raw)
+
+    def _add_hint(self, row: int, raw: bytes) -> None:
+        if self.hint_n[row] >= self.max_hints_per_tick:
+            # a flood beyond one tick's worth is dropped before any crypto work
+            self.hint_counters[f"dropped/{HintDrop.RATE_LIMITED.value}"] += 1
+            return
+        self.hint_n[row] += 1
+        self._hint_rows.append(row)
+        self._hint_gens.append(int(self.generation[row]))
+        self._hint_raws.append(raw)
+
+    # ------------------------------------------------------------------------ one tick
+    async def tick(self) -> TickReport:
+        t0 = time.perf_counter()
+        c0 = self.cpu.seconds
+        with self.cpu:
+            self.ticks += 1
+            started_at = self.clock()
+            taken = self._take()
+            hint_task = asyncio.ensure_future(self._check_hints())
+        codec_wait_ms = 0.0
+        result: BatchResult | None = None
+        if taken.batch is not None:
+            t_send = time.perf_counter()
+            result = await self._call_codec(taken.batch)
+            codec_wait_ms = (time.perf_counter() - t_send) * 1000.0
+        accepted, dropped = await hint_task
+        with self.cpu:
+            report = self._finish(taken, result, started_at)
+            report.codec_wait_ms = codec_wait_ms
+            report.hints_accepted, report.hints_dropped = accepted, dropped
+            self._housekeeping()
+        report.overhead_ms = (time.perf_counter() - t0) * 1000.0 - codec_wait_ms
+        # the core's CPU while this tick ran (its hint checks included)
+        report.cpu_ms = (self.cpu.seconds - c0) * 1000.0
+        return report
+
+    def _take(self) -> _Taken:
+        """This tick's frames: spilled ones, one chunk per stream with a backlog (the rest
+        shed), AI-off ones answered locally; the others in one batch."""
+        parts: list[tuple] = []  # (stream ids, rows, codes, ts, pcm) of locally answered frames
+        sp, self._spilled = self._spilled, _Spilled()
+        if sp.stream_ids:
+            parts.append((sp.stream_ids, np.asarray(sp.rows, np.int64),
+                          np.full(len(sp.rows), _OVERLOAD, np.uint8), np.asarray(sp.ts, np.int64),
+                          np.stack(sp.pcm) if sp.pcm else None))
+        n = self._top
+        rows = np.flatnonzero(self.q_n[:n])
+        over = rows[self.q_n[rows] > self.max_backlog]
+        if over.size:  # the oldest chunks beyond the backlog limit: answered, not sent
+            shed_rows = np.repeat(over, self.q_n[over] - self.max_backlog)
+            k = np.concatenate([np.arange(m) for m in (self.q_n[over] - self.max_backlog).tolist()])
+            j = (self.q_head[shed_rows] + k) % self._depth
+            parts.append((self.ids[shed_rows].tolist(), shed_rows,
+                          np.full(shed_rows.size, _OVERLOAD, np.uint8), self.q_ts[shed_rows, j],
+                          self.q_pcm[shed_rows, j] if self.q_pcm is not None else None))
+            drop = self.q_n[over] - self.max_backlog
+            self.q_head[over] = (self.q_head[over] + drop) % self._depth
+            self.q_n[over] -= drop
+        if not rows.size:
+            return _Taken(parts)
+        head = self.q_head[rows]
+        ts = self.q_ts[rows, head]
+        pcm = self.q_pcm[rows, head] if self.q_pcm is not None else None
+        self.q_head[rows] = (head + 1) % self._depth
+        self.q_n[rows] -= 1
+        off = self.ai_off[rows]
+        local = off != 0
+        if local.any():
+            lr = rows[local]
+            self.epochs.fell_back(lr)  # the epoch rule: any fallback opens a new epoch
+            parts.append((self.ids[lr].tolist(), lr, off[local], ts[local],
+                          pcm[local] if pcm is not None else None))
+            keep = ~local
+            rows, ts = rows[keep], ts[keep]
+            pcm = pcm[keep] if pcm is not None else None
+        if not rows.size:
+            return _Taken(parts)
+        epochs, seqs = self.epochs.number(rows)
+        now = self.clock()
+        b = rows.size
+        batch = FrameBatch(
+            op=Op.ENCODE,
+            bridge_id=self.bridge_id,
+            stream_ids=self.ids[rows].tolist(),
+            epochs=epochs,
+            epoch_seqs=seqs,
+            deadlines=np.full(b, now + self.deadline_ms / 1000.0),
+            sent_at=now,
+            pcm=pcm if pcm is not None else np.zeros((b, FRAME_SAMPLES), np.int16),
+            bandwidth_kbps=self.bandwidth_kbps,
+        )
+        return _Taken(parts, rows, self.generation[rows].copy(), ts, batch)
+
+    async def _call_codec(self, batch: FrameBatch) -> BatchResult:
+        timeout = self.deadline_ms / 1000.0 + DEADLINE_GRACE_S
+        try:
+            return await asyncio.wait_for(self.codec.process(batch), timeout)
+        except asyncio.TimeoutError:
+            return BatchResult.all_fallback(batch, FallbackReason.DEADLINE)
+        except Exception as exc:  # the client promises not to raise; the media path must not stop
+            logger.warning(
+                "codec client raised %s; %d frames fall back", type(exc).__name__, len(batch)
+            )
+            return BatchResult.all_fallback(batch, FallbackReason.ERROR)
+
+    def _finish(self, taken: _Taken, result: BatchResult | None, started_at: float) -> TickReport:
+        """One outcome per frame, tallied; the epoch rule applied to what fell back."""
+        parts, rows, batch = taken.parts, taken.rows, taken.batch
+        ai_codes = None
+        replica_ms = None
+        if batch is not None:
+            oc, ai_codes = self._check_result(batch, result)
+            replica_ms = self._replica_ms(batch, result)
+            ids = batch.stream_ids
+            still = self.generation[rows] == taken.generation  # a stream that left meanwhile
+            fb = rows[(oc != AI_CODE) & still]
+            self.epochs.fell_back(fb)
+            rows_out = np.where(still, rows, -1)
+            parts.append((ids, rows_out, oc, taken.ts, batch.pcm if self.audio else None))
+            epochs, seqs = batch.epochs, batch.epoch_seqs
+        n_local = sum(len(p[0]) for p in parts) - (len(batch) if batch is not None else 0)
+        if len(parts) == 1:
+            sids, rr, codes, ts, pcm = parts[0]
+        elif parts:
+            sids = [s for p in parts for s in p[0]]
+            rr = np.concatenate([p[1] for p in parts])
+            codes = np.concatenate([p[2] for p in parts]).astype(np.uint8)
+            ts = np.concatenate([p[3] for p in parts])
+            pcm = np.concatenate([p[4] for p in parts]) if self.audio and all(
+                p[4] is not None for p in parts) else None
+        else:
+            sids, rr, codes, ts, pcm = [], _EMPTY_I, np.empty(0, np.uint8), _EMPTY_I, None
+        codes = np.asarray(codes, np.uint8)
+        ep = np.zeros(len(sids), np.int64)
+        sq = np.zeros(len(sids), np.int64)
+        if batch is not None:
+            ep[n_local:] = epochs
+            sq[n_local:] = seqs
+            if ai_codes is not None:
+                full = np.zeros((len(sids),) + ai_codes.shape[1:], np.int16)
+                full[n_local:] = ai_codes
+                ai_codes = full
+        self.counts += np.bincount(codes, minlength=N_CODES)
+        mine = rr >= 0
+        if mine.all():
+            np.add.at(self.tally, (rr, codes), 1)
+        else:
+            np.add.at(self.tally, (rr[mine], codes[mine]), 1)
+        return TickReport(
+            tick=self.ticks, started_at=started_at, stream_ids=sids, rows=rr, codes=codes,
+            epochs=ep, epoch_seqs=sq, rtp_ts=ts, pcm=pcm if self.audio else None,
+            ai_codes=ai_codes, batch_size=len(batch) if batch is not None else 0,
+            codec_wait_ms=0.0, replica_ms=replica_ms,
+        )
+
+    def _check_result(self, batch: FrameBatch, result: BatchResult | None
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The result's outcome code per sent frame, checked array-wide: a row the result
+        lacks, an unknown outcome code, or AI codes that are missing, too few or out of
+        range all become `fallback/error`. Also the AI frames' codes (int16 [b, n_q, F])."""
+        b = len(batch)
+        n_q = self.n_q
+        row = _result_rows(batch.stream_ids, result)  # -1 = no row for this frame
+        have = row >= 0
+        oc = np.full(b, _ERROR, np.int64)
+        if have.any():
+            oc[have] = np.asarray(result.outcome_codes)[row[have]]
+        oc[(oc < 0) | (oc > len(REASON_CODES))] = _ERROR
+        codes = None
+        ai = oc == AI_CODE
+        if ai.any():
+            rc = result.codes
+            if rc is None or rc.ndim != 3 or rc.shape[0] != len(result.stream_ids) or rc.shape[1] < n_q:
+                oc[ai] = _ERROR
+            else:
+                codes = rc[np.where(have, row, 0), :n_q] if not (row == np.arange(b)).all() else rc[:, :n_q]
+                flat = codes.reshape(b, -1)
+                if flat.shape[1]:
+                    bad = (flat.min(axis=1) < 0) | (flat.max(axis=1) >= CODEBOOK_SIZE)
+                    oc[ai & bad] = _ERROR
+                codes = codes.astype(np.int16, copy=False)
+        return oc.astype(np.uint8), codes
+
+    @staticmethod
+    def _replica_ms(batch: FrameBatch, result: BatchResult | None) -> np.ndarray | None:
+        """Replica-side time (queue + compute, ms) of each sent frame, when the result is in
+        the batch's order (load tests report it)."""
+        b = len(batch)
+        if (result is None or result.stream_ids != batch.stream_ids
+                or np.shape(result.queue_ms) != (b,) or np.shape(result.compute_ms) != (b,)):
+            return None
+        return np.asarray(result.queue_ms, np.float32) + np.asarray(result.compute_ms, np.float32)
+
+    # ------------------------------------------------------------------------ hints
+    async def _check_hints(self) -> tuple[int, dict[str, int]]:
+        """Verify the tick's hints, then one limiter call for all of them."""
+        with self.cpu:
+            rows, gens, raws = self._hint_rows, self._hint_gens, self._hint_raws
+            self._hint_rows, self._hint_gens, self._hint_raws = [], [], []
+            if not rows:
+                return 0, {}
+            self.hint_n[np.asarray(rows)] = 0
+            dropped: Counter[str] = Counter()
+            valid: dict[int, list[Any]] = {}
+            secret = self.hint_secret
+            for row, g, raw in zip(rows, gens, raws, strict=True):
+                if self.generation[row] != g:
+                    continue  # the stream left this tick: its hints go with it
+                if secret is None:
+                    dropped[HintDrop.INVALID.value] += 1
+                    continue
+                v = self._verifiers[row]
+                sid = self.ids[row]
+                if v is None:
+                    v = self._verifiers[row] = HintVerifier(secret, sid)
+                try:
+                    hint = v.verify(sid, raw)
+                except HintRejected as exc:  # size, tag, field or replay
+                    dropped[exc.reason.value] += 1
+                    continue
+                valid.setdefault(row, []).append(hint)
+            check_rows = list(valid)
+            counts = [len(valid[r]) for r in check_rows]
+        accepted = 0
+        if check_rows:
+            allowed = await self._allow([self.ids[r] for r in check_rows], counts)
+            with self.cpu:
+                for row, n_ok in zip(check_rows, allowed, strict=False):
+                    hints = valid[row]
+                    n_ok = max(0, min(int(n_ok), len(hints)))
+                    accepted += n_ok
+                    if len(hints) > n_ok:
+                        dropped[HintDrop.RATE_LIMITED.value] += len(hints) - n_ok
+                    if n_ok and self.live[row]:
+                        self.last_hint[row] = hints[n_ok - 1]
+        with self.cpu:
+            self.hint_counters["accepted"] += accepted
+            for k, v in dropped.items():
+                self.hint_counters[f"dropped/{k}"] += v
+        return accepted, dict(dropped)
+
+    async def _allow(self, stream_ids: list[str], counts: list[int]) -> list[int]:
+        """One limiter call for all of the tick's hints; no limiter = everything allowed."""
+        if self.limiter is None:
+            return counts
+        res = self.limiter.allow(stream_ids, counts)
+        if inspect.isawaitable(res):
+            res = await res
+        allowed = getattr(res, "allowed", res)
+        return [int(a) for a in allowed]
+
+    # ------------------------------------------------------------------------ background
+    def _housekeeping(self) -> None:
+        """Per tick, after the outcomes: the batched codec leave, supervisor forget, and the
+        supervisor report when one is due (all in the background)."""
+        if self._leaving:
+            ids, self._leaving = self._leaving, []
+            leave = getattr(self.codec, "leave", None)
+            if leave is not None:
+                self._spawn(self._codec_leave(leave, ids))
+        if self._forgetting and self.supervisor is not None and self.supervisor.forget is not None:
+            ids, self._forgetting = self._forgetting, []
+            self._spawn(self._forget(self.supervisor.forget, ids))
+        if (self.supervisor is not None
+                and self.period_clock() - self._last_exchange >= self.supervisor.period_s
+                and (self._inflight is None or self._inflight.done())):
+            self._inflight = asyncio.ensure_future(self.exchange())
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    async def _codec_leave(leave: Callable, ids: list[str]) -> None:
+        try:
+            res = leave(ids)
+            if inspect.isawaitable(res):
+                await res
+        except Exception as exc:  # noqa: BLE001 - a departing stream must not break the others
+            logger.warning("codec leave for %d streams failed: %s", len(ids), type(exc).__name__)
+
+    async def _forget(self, forget: Callable, ids: list[str]) -> None:
+        try:
+            await forget(ids)
+        except Exception as exc:  # noqa: BLE001 - the supervisor sweeps streams it never hears of
+            logger.info("supervisor forget for %d streams failed: %s", len(ids), type(exc).__name__)
+
+    def take_reports(self) -> dict[str, dict[str, Any]]:
+        """Each live stream's outcomes since the last call (and its user, the first time),
+        as the supervisor's `report` takes them; the tallies start over."""
+        with self.cpu:
+            n = self._top
+            rows = np.flatnonzero(self.live[:n] & (self.tally[:n].any(axis=1) | ~self._registered[:n]))
+            tallies = self.tally[rows]
+            self.tally[rows] = 0
+            ids = self.ids[rows].tolist()
+            ai = tallies[:, 0].tolist()
+            reports: dict[str, dict[str, Any]] = {sid: {"ai": n, "fallback": {}}
+                                                  for sid, n in zip(ids, ai, strict=True)}
+            for i in np.flatnonzero(tallies[:, 1:].any(axis=1)).tolist():
+                fb = reports[ids[i]]["fallback"]
+                for c in np.flatnonzero(tallies[i, 1:]).tolist():
+                    fb[REASON_CODES[c].value] = int(tallies[i, c + 1])
+            new = rows[~self._registered[rows]].tolist()
+            for r in new:
+                if self.users[r] is not None:
+                    reports[self.ids[r]]["user_id"] = self.users[r]
+            self._registered[rows] = True
+            self._last_exchange = self.period_clock()
+            return reports
+
+    async def exchange(self) -> None:
+        """One report to the supervisor; its verdicts are applied when they come back. A
+        failed exchange keeps the last decisions (counted)."""
+        assert self.supervisor is not None
+        reports = self.take_reports()
+        if not reports:
+            return
+        try:
+            off = await self.supervisor.report(reports)
+        except Exception as exc:  # noqa: BLE001 - any supervisor failure keeps media flowing
+            self.exchange_failures += 1
+            logger.warning("supervisor exchange failed (%s); keeping the last decisions", exc)
+            return
+        self.exchanges += 1
+        self.apply_decisions(off)
+
+    # ------------------------------------------------------------------------ the loop
+    async def run(self, on_report: Callable[[TickReport], Any], tick_s: float = TICK_S) -> None:
+        """Tick every `tick_s` on a fixed schedule; a late tick is caught up, a stall is not."""
+        self._started.set()
+        try:
+            loop = asyncio.get_running_loop()
+            next_at = loop.time()
+            while True:
+                report = await self.tick()
+                try:
+                    res = on_report(report)
+                    if inspect.isawaitable(res):
+                        await res
+                except Exception:  # one bad tick must not stop the media path
+                    self.tick_errors += 1
+                    logger.exception("tick %d: delivering outcomes failed", report.tick)
+                next_at += tick_s
+                now = loop.time()
+                if next_at < now - self.max_backlog * tick_s:
+                    # far behind (a stall): resume the schedule from now; the backlog limit
+                    # already shed what could not be caught up
+                    next_at = now
+                # a little behind: the next tick runs at once, catching up one chunk per tick
+                await asyncio.sleep(max(0.0, next_at - now))
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._exited.set()
+
+    def start(self, on_report: Callable[[TickReport], Any], tick_s: float = TICK_S) -> None:
+        self._task = asyncio.ensure_future(self.run(on_report, tick_s))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await self._started.wait()
+            self._task.cancel()
+            await self._exited.wait()
+            self._task = None
+        await self.close()
+
+    async def close(self) -> None:
+        """Waits for the background work (supervisor exchange, leave and forget calls)."""
+        pending = [t for t in (self._inflight, *self._background) if t is not None and not t.done()]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "streams": len(self._row_of),
+            "frames": {_KEY_OF_CODE[c]: int(self.counts[c]) for c in np.flatnonzero(self.counts).tolist()},
+            "hints": dict(self.hint_counters),
+            "ticks": self.ticks,
+            "epoch_restarts": self.epoch_restarts,
+            "supervisor_exchanges": self.exchanges,
+            "supervisor_failures": self.exchange_failures,
+            "cpu_s": round(self.cpu.seconds, 6),
+        }
+
+
+def _result_rows(stream_ids: list[str], result: BatchResult | None) -> np.ndarray:
+    """For each sent frame, its row in `result` (-1 where the result has none). Results
+    come back in the batch's order, so that case costs one list comparison."""
+    b = len(stream_ids)
+    if result is None or len(result.outcome_codes) != len(result.stream_ids):
+        return np.full(b, -1, np.int64)  # a malformed result answers nothing
+    if result.stream_ids is stream_ids or result.stream_ids == stream_ids:
+        return np.arange(b, dtype=np.int64)
+    where = {sid: j for j, sid in enumerate(result.stream_ids)}
+    return np.fromiter((where.get(sid, -1) for sid in stream_ids), np.int64, b)
