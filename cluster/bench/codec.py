@@ -160,8 +160,19 @@ def bench_streaming(model: Any, batch: int, seconds: float, device: str, bandwid
     """Stream `batch` signals through encode then decode, one 40 ms step at a time.
 
     The codec holds `batch` slots, so the masked step's bucket is the batch itself (a bucket
-    size): the figures are those of a full bucket.
+    size): the figures are those of a full bucket. On CUDA both paths run with TF32 as
+    `precision` says (on only for tf32), so they are compared at the same arithmetic.
     """
+    from models.streaming import tf32_scope
+
+    if device != "cuda":
+        return _bench_streaming(model, batch, seconds, device, bandwidth, budget, step, precision)
+    with tf32_scope(precision == "tf32"):
+        return _bench_streaming(model, batch, seconds, device, bandwidth, budget, step, precision)
+
+
+def _bench_streaming(model: Any, batch: int, seconds: float, device: str, bandwidth: float,
+                     budget: float, step: str, precision: str) -> dict[str, Any]:
     import torch
 
     from models import StreamingEncodec
