@@ -155,6 +155,15 @@ class CodecClient:
             keys.setdefault(uid, sid)
         return [(keys[uid], np.asarray(rows, np.int64)) for uid, rows in groups.items()]
 
+    def owner(self, stream_id: str) -> str | None:
+        """The replica (its unique id) this process routes the stream to now, or None while
+        the router does not know the replicas yet. Reported to the fallback supervisor so
+        it can tell a replica-wide stall from a stream's own failures."""
+        view = local_view(self._app, self._deployment)
+        if view is None or not view.replica_uids():
+            return None
+        return view.owner(stream_id)
+
     async def process(self, batch: FrameBatch) -> BatchResult:
         try:
             batch.validate()
