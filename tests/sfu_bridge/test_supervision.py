@@ -151,3 +151,54 @@ def test_a_shared_stall_keeps_streams_on_when_the_link_names_their_replica(strea
         assert core.policy.counters["excused/deadline"] >= 4 * 25
     else:
         assert unhealthy >= 4 * 10  # each stream off for its 1 s back-off at least
+
+
+@pytest.mark.parametrize("failure", ["errors", "stalled"])
+def test_a_replica_failing_every_step_has_its_streams_switched_off_within_the_window(
+    streaming_codec, failure
+):
+    """All four streams of one replica fail every step: with `error` (frames the model cannot
+    compute), each is switched off within `window_s`; with `deadline` on every frame (a
+    stopped replica), once reports have shown no AI answer for `replica_failure_s`: within
+    that plus the one report interval that still held the last AI answers."""
+    clock = Clock()
+    kv: dict[bytes, bytes] = {}
+    cfg = SupervisorConfig()
+    core = FallbackSupervisorCore(SupervisorSettings(), cfg, kv.__setitem__, kv.get)
+
+    async def exchange(reports):
+        return core.report(reports, now=clock.t)
+
+    codec = StallingCodec(InProcessCodec(streaming_codec))
+    tb = TickBatcher(codec, deadline_ms=60_000.0)
+    streams = ["a", "b", "c", "d"]
+    link = SupervisorLink(tb, exchange, period_s=1.0, clock=clock, replica_of=lambda sid: "replica-1")
+    first_off: dict[str, float] = {}
+
+    async def run_ticks(n: int, failing: bool) -> None:
+        for _ in range(n):
+            for sid in streams:
+                tb.push(Chunk(sid, np.zeros(CHUNK_SAMPLES, np.float32), 0))
+                if failing and failure == "errors":
+                    tb.streams[sid].backlog[-1].pcm24[:] = np.nan
+            report = await tb.tick()
+            for f in report.frames:
+                if f.key == "fallback/unhealthy":
+                    first_off.setdefault(f.chunk.stream_id, clock.t)
+            link.observe(report)
+            await asyncio.sleep(0)
+            clock.t += 0.04
+
+    async def scenario() -> float:
+        await run_ticks(30, failing=False)
+        start = clock.t
+        if failure == "stalled":
+            codec.stalled, tb.deadline_ms = True, 20.0
+        await run_ticks(int(3.2 / 0.04), failing=True)
+        await link.close()
+        return start
+
+    start = asyncio.run(scenario())
+    assert set(first_off) == set(streams)
+    window = cfg.window_s if failure == "errors" else cfg.replica_failure_s + link.period_s
+    assert max(first_off.values()) - start <= window + 0.1  # + the tick that applies it
