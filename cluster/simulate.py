@@ -229,6 +229,10 @@ def run(args: argparse.Namespace) -> int:
     plan = report.get("capacity_plan")
     if plan:
         print(f"capacity plan: {plan['verdict']}")
+    amp = report.get("fallback_amplification_detail") or {}
+    if amp.get("value") is not None:
+        print(f"fallback amplification: {amp['value']:g} fallback frames per failed AI attempt "
+              f"({amp['deadline']} deadline + {amp['error']} error, then {amp['unhealthy']} unhealthy)")
     auto = report.get("autoscaling")
     if auto:
         print(f"autoscaling ({auto['policy']}): {auto['replica_seconds']} replica-seconds, replicas "

@@ -4,7 +4,15 @@
 given, its own temp dir so several clusters can share a machine), then deploys
 serve_config.yaml through the real `serve deploy`, waits until the app is RUNNING, and prints
 how to check it (`serve status`) and how to stop it. It writes a small state file (ports,
-temp dir, API token) that `--down` uses to stop exactly this cluster's processes.
+temp dir, where the secret is) that `--down` uses to stop exactly this cluster's processes.
+
+The cluster secret (operator tokens, WHIP/WHEP tokens, hint keys) reaches the Serve app as a
+file path, ``AURALINK_SECRET_FILE`` in the application's runtime_env, never as a value: Serve
+and Ray log application arguments, `user_config` and runtime_env. With
+``AURALINK_SECRET_FILE`` set, that file is used; with ``AURALINK_SECRET`` set, its value is
+written to a 0600 file in the cluster's private temp dir (removed by `--down`) and kept out
+of the Ray processes' environment; with neither, `auth.secret.provision_secret` creates (or
+reuses) ``runs/cluster-secret``, which `auralink token` run from the same folder also finds.
 
 Weights: if pretrained EnCodec weights are not found locally, the replicas run random
 weights, and this command says so loudly (timings are real, audio is noise).
@@ -15,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -23,10 +30,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
+
+from auth.secret import (
+    SECRET_ENV,
+    SECRET_FILE_ENV,
+    SECRET_FILE_NAME,
+    SecretUnavailable,
+    load_secret,
+    provision_secret,
+    write_secret_file,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "serve_config.yaml"
@@ -40,15 +57,21 @@ class UpState:
     dashboard_url: str
     http_url: str
     temp_dir: str
-    api_token: str
     config: str
     weights: str  # "pretrained" | "random"
+    secret_file: str = ""  # the cluster secret's file (a path; the secret is never in here)
+    client_server_port: int = 0  # Ray Client server: the one Ray process without temp_dir
+
+    @classmethod
+    def from_json(cls, text: str) -> UpState:
+        known = {f.name for f in fields(cls)}  # tolerate state files of older versions
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--down", action="store_true", help="stop the cluster `auralink up` started")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config (serve_config.yaml)")
-    parser.add_argument("--state-file", default=str(DEFAULT_STATE), help="where up/down keep ports and token")
+    parser.add_argument("--state-file", default=str(DEFAULT_STATE), help="where up/down keep ports and paths")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--port", type=int, default=0, help="GCS port (0 = a free one)")
     parser.add_argument("--dashboard-port", type=int, default=0, help="0 = a free one")
@@ -84,15 +107,16 @@ def _loud(lines: list[str]) -> None:
     print("\n".join([bar, *(f"!! {line}" for line in lines), bar]), file=sys.stderr, flush=True)
 
 
-def render_config(path: str, http_port: int, api_token: str, allow_random: bool,
+def render_config(path: str, http_port: int, secret_file: str, allow_random: bool,
                   weights_dir: str | None) -> dict:
-    """serve_config.yaml with this cluster's port, token and weights choice filled in."""
+    """serve_config.yaml with this cluster's port, secret FILE and weights choice filled in."""
     cfg = yaml.safe_load(Path(path).read_text())
     cfg.setdefault("http_options", {})["port"] = http_port
     for app in cfg["applications"]:
         if app.get("name") != APP:
             continue
-        app.setdefault("args", {})["api_token"] = api_token
+        env_vars = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        env_vars[SECRET_FILE_ENV] = secret_file  # a path: runtime_env is logged
         for dep in app.get("deployments", []):
             if dep.get("name") == "CodecReplica":
                 uc = dep.setdefault("user_config", {})
@@ -128,7 +152,13 @@ def up(args: argparse.Namespace) -> int:
     http_port = args.http_port or _free_port()
     # A short private temp dir: Unix socket paths must stay under ~100 bytes.
     temp_dir = tempfile.mkdtemp(prefix="auralink-ray-", dir="/tmp")
-    token = os.environ.get("AURALINK_API_TOKEN") or secrets.token_urlsafe(24)
+    try:
+        secret_file = _secret_file_for(temp_dir)
+    except SecretUnavailable as exc:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        print(f"auralink up: {exc}", file=sys.stderr)
+        return 2
+    client_port = _free_port()
 
     pretrained = _weights_available(args.weights_dir)
     if not pretrained:
@@ -145,7 +175,7 @@ def up(args: argparse.Namespace) -> int:
         "--include-dashboard", "true",
         "--dashboard-host", "127.0.0.1",
         "--dashboard-port", str(dash_port),
-        "--ray-client-server-port", str(_free_port()),
+        "--ray-client-server-port", str(client_port),
         "--dashboard-agent-listen-port", str(_free_port()),
         "--dashboard-agent-grpc-port", str(_free_port()),
         "--runtime-env-agent-port", str(_free_port()),
@@ -162,17 +192,17 @@ def up(args: argparse.Namespace) -> int:
     dashboard_url = f"http://127.0.0.1:{dash_port}"
     state = UpState(
         gcs_address=f"127.0.0.1:{gcs_port}", dashboard_url=dashboard_url,
-        http_url=f"http://127.0.0.1:{http_port}", temp_dir=temp_dir, api_token=token,
+        http_url=f"http://127.0.0.1:{http_port}", temp_dir=temp_dir,
         config=str(Path(args.config).resolve()), weights="pretrained" if pretrained else "random",
+        secret_file=secret_file, client_server_port=client_port,
     )
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps(asdict(state), indent=2))
-    state_file.chmod(0o600)  # it holds the API token
+    state_file.chmod(0o600)
 
     rendered = Path(temp_dir) / "serve_config.yaml"
-    rendered.write_text(yaml.safe_dump(render_config(args.config, http_port, token, not pretrained,
-                                                     args.weights_dir), sort_keys=False))
-    rendered.chmod(0o600)
+    rendered.write_text(yaml.safe_dump(render_config(args.config, http_port, secret_file,
+                                                     not pretrained, args.weights_dir), sort_keys=False))
     deploy = _deploy_when_dashboard_ready(rendered, dashboard_url, args.timeout_s)
     if deploy != 0:
         print("deploy failed; stopping the cluster", file=sys.stderr)
@@ -199,7 +229,8 @@ AuraLink is up ({'pretrained' if pretrained else 'RANDOM'} weights, {args.num_cp
   Ray:        ray status --address {state.gcs_address}
   Serve:      serve status --address {dashboard_url}
   Dashboard:  {dashboard_url}   (Ray)   {state.http_url}/dashboard/   (AuraLink)
-  Control API {state.http_url}/v1/...   Authorization: Bearer <token in {state_file}>
+  Control API {state.http_url}/v1/...   Authorization: Bearer <operator token from
+              {SECRET_FILE_ENV}={secret_file} auralink token --user ops --stream '*' --scope operator>
   Bridges:    ray.init(address="{state.gcs_address}") and
               serve.get_deployment_handle("CodecReplica", "{APP}")
 Stop it:      auralink up --down      (or `ray stop`, which stops EVERY Ray cluster on this machine)
@@ -236,9 +267,24 @@ def _deploy_when_dashboard_ready(config: Path, dashboard_url: str, timeout_s: fl
     return 1
 
 
+def _secret_file_for(temp_dir: str) -> str:
+    """The path of the file the Serve app reads the cluster secret from (module docstring)."""
+    if os.environ.get(SECRET_ENV):
+        path = Path(temp_dir) / SECRET_FILE_NAME
+        write_secret_file(path, load_secret())
+        print(f"auralink up: the secret from {SECRET_ENV} reaches the cluster as the file {path} "
+              "(mode 0600, removed by --down)", file=sys.stderr)
+        return str(path)
+    path = provision_secret("auralink up")
+    assert path is not None  # None only for a secret given by value, handled above
+    return str(path.absolute())
+
+
 def _ray_env() -> dict[str, str]:
-    """Ray CLIs run with token authentication on (the token lives in ~/.ray/auth_token)."""
+    """Ray CLIs run with token authentication on (the token lives in ~/.ray/auth_token). The
+    secret's value stays out of every Ray process's environment: they get its file."""
     env = dict(os.environ)
+    env.pop(SECRET_ENV, None)
     env.setdefault("RAY_AUTH_MODE", "token")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     return env
@@ -249,11 +295,25 @@ def _ensure_ray_token() -> None:
                    env=_ray_env())
 
 
-def _cluster_pids(temp_dir: str) -> list[int]:
+def _is_client_server_of(cmd: str, gcs_port: str, client_port: int) -> bool:
+    """`ray start --head` also starts the Ray Client server (`python -m
+    ray.util.client.server --address=<node ip>:<gcs port> --port=<client port> ...`): the one
+    process whose command line has no temp dir in it, so it is recognised by its ports."""
+    if "ray.util.client.server" not in cmd:
+        return False
+    args = cmd.split()
+    if client_port and f"--port={client_port}" in args:
+        return True
+    return any(a.startswith("--address=") and a.endswith(f":{gcs_port}") for a in args)
+
+
+def _cluster_pids(temp_dir: str, gcs_address: str = "", client_port: int = 0) -> list[int]:
     """Processes of THIS cluster: every Ray process started by `ray start` carries its temp
-    or session dir on its command line. Other clusters on the machine are left alone."""
+    or session dir on its command line, except the Ray Client server (`_is_client_server_of`).
+    Other clusters on the machine are left alone."""
     import psutil
 
+    gcs_port = gcs_address.rpartition(":")[2]
     me = os.getpid()
     pids = []
     for p in psutil.process_iter(["pid", "cmdline", "username"]):
@@ -261,7 +321,8 @@ def _cluster_pids(temp_dir: str) -> list[int]:
             cmd = " ".join(p.info["cmdline"] or [])
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if p.info["pid"] != me and temp_dir in cmd:
+        ours = temp_dir in cmd or (gcs_port and _is_client_server_of(cmd, gcs_port, client_port))
+        if p.info["pid"] != me and ours:
             pids.append(p.info["pid"])
             try:  # workers (replicas, actors) are the raylet's children
                 pids.extend(c.pid for c in p.children(recursive=True))
@@ -275,7 +336,7 @@ def down_state(state: UpState, state_file: Path, grace_s: float = 10.0) -> int:
 
     subprocess.run([_bin("serve"), "shutdown", "--address", state.dashboard_url, "--yes"],
                    capture_output=True, text=True, timeout=120, env=_ray_env())
-    pids = _cluster_pids(state.temp_dir)
+    pids = _cluster_pids(state.temp_dir, state.gcs_address, state.client_server_port)
     procs = []
     for pid in pids:
         try:
@@ -303,5 +364,5 @@ def run(args: argparse.Namespace) -> int:
         if not state_file.exists():
             print(f"no cluster recorded in {state_file}", file=sys.stderr)
             return 1
-        return down_state(UpState(**json.loads(state_file.read_text())), state_file)
+        return down_state(UpState.from_json(state_file.read_text()), state_file)
     return up(args)

@@ -3,19 +3,23 @@
 `build_app(args)` is the import path `serve deploy` uses (see serve_config.yaml):
 
     CodecReplica  x N   streaming EnCodec, EDF batching, stream-affinity routing
-    Ingress       x 1   FastAPI control API (bearer token) + operator dashboard mount point
+    Ingress       x 1   FastAPI control API + operator dashboard, one authorizer (operator
+                        tokens under the cluster secret, `deployments.operator_auth`)
     FallbackSupervisor  named detached Ray actor, created by the ingress if absent
 
 Bridges do not go through the ingress for media: they hold a `DeploymentHandle` to
 `CodecReplica` (`serve.get_deployment_handle(REPLICA_DEPLOYMENT, APP_NAME)`) wrapped in
 `deployments.client.CodecClient`, and talk to the supervisor actor directly.
+
+No secret travels in the application's arguments or `user_config` (Serve logs both): the
+ingress reads the cluster secret from its environment (``AURALINK_SECRET_FILE``, a path).
+The API schema and its docs pages (`/docs`, `/redoc`, `/openapi.json`) are not served: they
+would be unauthenticated, and FastAPI's docs pages load their scripts from a CDN.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations of the
 # Serve ingress class at run time and must see real types, not strings.
-import hmac
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,39 +28,20 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import (
-    INGRESS_DEPLOYMENT,
-    IngressSettings,
-    ReplicaSettings,
-    SupervisorSettings,
-)
+from auth.operator import OPERATOR_AUTHORIZER, AuthDenied
+from deployments.config import INGRESS_DEPLOYMENT, ReplicaSettings, SupervisorSettings
+from deployments.operator_auth import require_operator
 from deployments.replica import CodecReplica
 from deployments.supervisor import get_or_create_supervisor
 
 logger = logging.getLogger(__name__)
 
-api = FastAPI(title="AuraLink AIC control API")
+api = FastAPI(title="AuraLink AIC control API", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 class OptRequest(BaseModel):
     user_id: str | None = None
     stream_id: str | None = None
-
-
-def _operator_authority():
-    """Signed-token verifier when a cluster secret is configured, else None. Never the
-    built-in development secret: tokens signed with a public key would open the control API."""
-    try:
-        from sfu_bridge.tokens import SECRET_ENV, SECRET_FILE_ENV, TokenAuthority
-    except ImportError:
-        return None
-    if not (os.environ.get(SECRET_ENV) or os.environ.get(SECRET_FILE_ENV)):
-        return None
-    try:
-        return TokenAuthority.from_env()
-    except ValueError as exc:
-        logger.error("cluster secret unusable, operator tokens refused: %s", exc)
-        return None
 
 
 def mount_dashboard(app: FastAPI) -> None:
@@ -72,35 +57,17 @@ mount_dashboard(api)
 @serve.deployment(name=INGRESS_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, codec: DeploymentHandle, api_token: str = "",
-                 supervisor: dict[str, Any] | None = None) -> None:
+    def __init__(self, codec: DeploymentHandle, supervisor: dict[str, Any] | None = None) -> None:
         self.codec = codec
-        self.settings = IngressSettings(api_token=api_token or IngressSettings.from_env().api_token)
         self.supervisor = get_or_create_supervisor(SupervisorSettings(**(supervisor or {})))
-        self._authority = _operator_authority()
-        if not self.settings.api_token and self._authority is None:
-            logger.warning("no API token or cluster secret configured: the control API refuses every call")
+        try:
+            OPERATOR_AUTHORIZER.authority()  # say at start-up whether operators can get in
+        except AuthDenied:
+            pass  # logged by the authorizer; every operator call answers 503 until fixed
 
     def _auth(self, authorization: str | None) -> None:
-        """The static API token, or an `operator`-scope token signed with the cluster secret
-        (the same tokens the dashboard takes)."""
-        token = self.settings.api_token
-        if not token and self._authority is None:
-            raise HTTPException(503, "control API disabled: no API token configured")
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        if token and hmac.compare_digest(given.encode(), token.encode()):
-            return
-        if self._authority is not None:
-            from sfu_bridge.tokens import Scope, TokenError
-
-            try:
-                self._authority.authorize_header(authorization, Scope.OPERATOR)
-                return
-            except TokenError as exc:
-                raise HTTPException(exc.status, str(exc)) from None
-        raise HTTPException(403, "invalid token")
+        """An `operator`-scope token under the cluster secret: the dashboard's very check."""
+        require_operator(authorization)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -149,7 +116,6 @@ class AppArgs:
     replica: dict[str, Any] = field(default_factory=dict)  # ReplicaSettings at construction
     num_cpus: float = 1.0  # per codec replica
     num_gpus: float = 0.0  # per codec replica: 1 on a GPU node, 0 locally
-    api_token: str = ""
     supervisor: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -158,8 +124,13 @@ class AppArgs:
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    if "api_token" in (args or {}):
+        # Serve logs application arguments: a secret there is a secret in the logs.
+        raise ValueError("args.api_token is not supported: operators use `auralink token --scope "
+                         "operator` tokens, checked under the cluster secret the ingress reads "
+                         "from AURALINK_SECRET_FILE (see docs/operations.md, Security model)")
     a = AppArgs(**(args or {}))
     replica = CodecReplica.options(
         ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus},
     ).bind(a.replica)
-    return Ingress.bind(replica, a.api_token, asdict(SupervisorSettings(**a.supervisor)))
+    return Ingress.bind(replica, asdict(SupervisorSettings(**a.supervisor)))

@@ -150,6 +150,24 @@ class CodecClient:
         cuts = np.flatnonzero(np.diff(owners[order])) + 1
         return [(stream_ids[int(rows[0])], rows) for rows in np.split(order, cuts)]
 
+    def owner(self, stream_id: str) -> str | None:
+        """The replica (its unique id) this process routes the stream to now, or None while
+        the router does not know the replicas yet. Reported to the fallback supervisor so
+        it can tell a replica-wide stall from a stream's own failures."""
+        return self.owners([stream_id]).get(stream_id)
+
+    def owners(self, stream_ids: list[str]) -> dict[str, str]:
+        """`owner` for many streams at once (one router lookup); unknown ones left out."""
+        view = local_view(self._app, self._deployment)
+        if view is None or not view.replica_uids():
+            return {}
+        out = {}
+        for sid in stream_ids:
+            uid = view.owner(sid)
+            if uid:
+                out[sid] = uid
+        return out
+
     async def process(self, batch: FrameBatch) -> BatchResult:
         try:
             batch.validate()

@@ -159,15 +159,3 @@ class SupervisorSettings:
     max_restarts: int = -1  # restart forever; state comes back from the KV
     kv_namespace: str = "auralink-supervisor"
     snapshot_interval_s: float = 5.0  # how often health state is persisted (opt-outs: always)
-
-
-@dataclass(frozen=True)
-class IngressSettings:
-    """Control API. The token is compared in constant time; empty token = API refuses all."""
-
-    api_token: str = ""
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> IngressSettings:
-        env = os.environ if environ is None else environ
-        return cls(api_token=env.get("AURALINK_API_TOKEN", ""))

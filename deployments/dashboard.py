@@ -7,9 +7,11 @@
                                            compression, `true` back in (operator token)
 
 Auth: `Authorization: Bearer <token>` with the `operator` scope (`auralink token --scope
-operator --stream '*' ...`); 401 without or with a bad token, 403 without the scope. The page
-takes the token from its URL fragment (`/dashboard/#token=...`, never sent to the server) or
-a prompt, keeps it in sessionStorage, and sends it on every API call.
+operator --stream '*' ...`), checked by `deployments.operator_auth.require_operator`, the
+control API's very check; 401 without or with a bad token, 403 without the scope, 503 when
+the server has no cluster secret. The page takes the token from its URL fragment
+(`/dashboard/#token=...`, never sent to the server) or a prompt, keeps it in sessionStorage,
+and sends it on every API call.
 
 Data source: bridges (and `auralink simulate`) publish one stats snapshot per bridge about
 once a second to `StatsBoard`, a small named Ray actor (`auralink-dashboard-stats` in the
@@ -33,6 +35,8 @@ from typing import Any
 from fastapi import APIRouter, Header, HTTPException
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
+
+from deployments.operator_auth import require_operator
 
 STATIC = Path(__file__).with_name("static")
 BOARD_NAME = "auralink-dashboard-stats"
@@ -123,15 +127,6 @@ class AiToggle(BaseModel):
     enabled: bool
 
 
-def _default_authorize(header: str | None) -> None:
-    from sfu_bridge.tokens import Scope, TokenAuthority, TokenError
-
-    try:
-        TokenAuthority.from_env().authorize_header(header, Scope.OPERATOR)
-    except TokenError as exc:
-        raise HTTPException(exc.status, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
-
-
 def _default_supervisor():
     from deployments.supervisor import get_or_create_supervisor
 
@@ -141,7 +136,7 @@ def _default_supervisor():
 def make_router(
     board: Callable[[], Any] = get_or_create_board,
     supervisor: Callable[[], Any] = _default_supervisor,
-    authorize: Callable[[str | None], None] = _default_authorize,
+    authorize: Callable[[str | None], Any] = require_operator,
 ) -> APIRouter:
     """The dashboard's routes; `board`/`supervisor` return Ray actor handles (made lazily,
     on first use, inside whatever process serves the router)."""

@@ -92,16 +92,20 @@ class HintDrop(str, enum.Enum):
 @dataclass
 class SupervisorLink:
     """The fallback supervisor as the core sees it: `report` gets each stream's outcome
-    counts since the last call (`{stream: {"ai": n, "fallback": {reason: n}, "user_id"?}}`)
-    and returns the streams whose AI is off (`{stream: "opted_out" | "unhealthy"}`);
-    `forget` is told which streams ended."""
+    counts since the last call (`{stream: {"ai": n, "fallback": {reason: n}, "user_id"?,
+    "replica"?}}`) and returns the streams whose AI is off (`{stream: "opted_out" |
+    "unhealthy"}`); `forget` is told which streams ended. `owners` (the codec client's, when
+    it knows them) names the replica each stream is routed to, so the supervisor can tell
+    misses a replica's streams share (a stall: kept on AI) from a stream's own."""
 
     report: Callable[[dict[str, dict[str, Any]]], Awaitable[Mapping[str, str]]]
     forget: Callable[[list[str]], Awaitable[Any]] | None = None
     period_s: float = 1.0
+    owners: Callable[[list[str]], Mapping[str, str]] | None = None
 
 
-def ray_supervisor_link(actor: Any, period_s: float = 1.0) -> SupervisorLink:
+def ray_supervisor_link(actor: Any, period_s: float = 1.0,
+                        owners: Callable[[list[str]], Mapping[str, str]] | None = None) -> SupervisorLink:
     """`SupervisorLink` over the `FallbackSupervisor` actor (deployments.supervisor)."""
 
     async def report(reports: dict[str, dict[str, Any]]) -> Mapping[str, str]:
@@ -110,7 +114,7 @@ def ray_supervisor_link(actor: Any, period_s: float = 1.0) -> SupervisorLink:
     async def forget(stream_ids: list[str]) -> None:
         await actor.forget.remote(stream_ids)
 
-    return SupervisorLink(report, forget, period_s)
+    return SupervisorLink(report, forget, period_s, owners)
 
 
 @dataclass
@@ -821,6 +825,11 @@ class BridgeCore:
             for r in new:
                 if self.users[r] is not None:
                     reports[self.ids[r]]["user_id"] = self.users[r]
+            owners = self.supervisor.owners if self.supervisor is not None else None
+            if owners is not None:
+                for sid, replica in owners(ids).items():
+                    if replica and sid in reports:
+                        reports[sid]["replica"] = replica
             self._registered[rows] = True
             self._last_exchange = self.period_clock()
             return reports

@@ -30,6 +30,7 @@ import logging
 import multiprocessing
 import re
 import signal
+import sys
 from typing import Any
 
 from aiohttp import web
@@ -37,6 +38,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 from multidict import CIMultiDict
 
+from auth.secret import SecretUnavailable, provision_secret
 from sfu_bridge import aiortc_compat, ice, rtp_ext
 from sfu_bridge.config import BridgeConfig
 from sfu_bridge.core import BridgeCore
@@ -322,7 +324,9 @@ def link_supervisor(media: MediaBridge) -> None:
     from deployments.supervisor import get_or_create_supervisor
     from sfu_bridge.core import ray_supervisor_link
 
-    media.core.supervisor = ray_supervisor_link(get_or_create_supervisor())
+    codec = media.core.codec
+    media.core.supervisor = ray_supervisor_link(
+        get_or_create_supervisor(), owners=getattr(codec, "owners", None))
 
 
 # ---- CLI: `auralink bridge` ------------------------------------------------------------
@@ -391,7 +395,41 @@ def _serve_worker(args: argparse.Namespace, port: int) -> None:
     web.run_app(server.app, host=config.host, port=port, print=None)
 
 
+def ray_cluster_problem() -> str | None:
+    """Why `--codec serve` cannot reach a Ray cluster (None: one answers at the address that
+    `ray.init(address="auto")` would use). Checked before any worker starts, so a missing
+    cluster is a one-line error instead of a traceback per worker."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    try:
+        address = canonicalize_bootstrap_address_or_die("auto")
+    except (ConnectionError, ValueError) as exc:
+        return str(exc)
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3.0).close()
+    except (OSError, ValueError) as exc:
+        return f"no Ray cluster answers at {address} ({exc})"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.codec == "serve" and (problem := ray_cluster_problem()) is not None:
+        print(
+            f"auralink bridge: --codec serve needs a running AuraLink cluster: {problem}\n"
+            "Start one with `auralink up` (then export RAY_ADDRESS=<its GCS address> "
+            "RAY_AUTH_MODE=token), or run without one: `auralink bridge --codec in-process` "
+            "(random weights: real timings, noise audio).",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        provision_secret("auralink bridge")  # workers inherit AURALINK_SECRET_FILE
+    except SecretUnavailable as exc:
+        print(f"auralink bridge: {exc}", file=sys.stderr)
+        return 2
     if args.workers <= 1:
         _serve_worker(args, args.port)
         return 0

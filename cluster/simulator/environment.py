@@ -212,14 +212,17 @@ class Environment:
                         "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
                 env._env_restore[var] = os.environ.get(var)
                 os.environ[var] = f"{dilation:g}"
+        from auth.secret import SECRET_FILE_ENV, load_secret, provision_secret
+
+        # Before Ray starts: the ingress of a local cluster inherits AURALINK_SECRET_FILE.
+        env._env_restore.setdefault(SECRET_FILE_ENV, os.environ.get(SECRET_FILE_ENV))
+        provision_secret("auralink simulate")
         if cfg.address:
             ray.init(address=cfg.address, namespace=RAY_NAMESPACE, log_to_driver=False)
         else:
             ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
                      namespace=RAY_NAMESPACE, log_to_driver=False)
             env._own_ray = True
-        from sfu_bridge.tokens import load_secret
-
         env.hint_secret = load_secret()
         # Profile: given, else the codec benchmark's, else the built-in CPU one.
         if cfg.latency_profile:
@@ -322,7 +325,7 @@ class Environment:
             # Emulated replicas sleep; they need no reserved core.
             ray_actor_options={"num_cpus": 0.01 if emulated else 1.0, "num_gpus": 0},
         ).bind(replica)
-        app = Ingress.bind(rep, os.environ.get("AURALINK_API_TOKEN", ""), _asdict(SupervisorSettings()))
+        app = Ingress.bind(rep, _asdict(SupervisorSettings()))
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         self._own_app = True
         self.dashboard_url = f"http://127.0.0.1:{port}/dashboard/"

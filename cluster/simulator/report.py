@@ -173,3 +173,23 @@ def summarize_rates(rates: dict[str, float], target: float) -> dict:
         "mean_per_s": round(float(vals.mean()), 2),
         "per_stream": {k: round(v, 2) for k, v in sorted(rates.items())},
     }
+
+
+AMPLIFICATION_NOTE = (
+    "fallback frames per failed AI attempt, the failure itself included: (deadline + error + "
+    "unhealthy) / (deadline + error) over the run; 1.0 = the supervisor added no fallback, "
+    "N = each miss or error cost N frames in all (the other N-1 answered `unhealthy` while "
+    "the supervisor had the stream off AI); null when no attempt failed"
+)
+
+
+def fallback_amplification(by_reason: dict[str, int]) -> dict:
+    """How many fallback frames each failed AI attempt caused: the frame itself, plus the
+    frames its stream then spent switched off by the supervisor (`unhealthy`)."""
+    deadline = int(by_reason.get("deadline", 0))
+    error = int(by_reason.get("error", 0))
+    unhealthy = int(by_reason.get("unhealthy", 0))
+    failed = deadline + error
+    value = round((failed + unhealthy) / failed, 3) if failed else None
+    return {"value": value, "deadline": deadline, "error": error, "unhealthy": unhealthy,
+            "definition": AMPLIFICATION_NOTE}

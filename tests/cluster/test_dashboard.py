@@ -120,6 +120,42 @@ def test_api_needs_an_operator_token(server):
     assert _call(f"{base}/static/secret.txt")[0] == 404
 
 
+def _raw_status(url: str, authorization: bytes) -> int:
+    """Status for a request whose Authorization header carries these exact bytes."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    try:
+        conn.request("GET", u.path, headers={"Authorization": authorization})
+        res = conn.getresponse()
+        res.read()
+        return res.status
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("header", [
+    b"Bearer al1.\xc3\xa9t\xc3\xa9.sig", b"Bearer al1.e30.\xe9", b"Bearer \xff\xfe\xfd",
+])
+def test_non_ascii_token_is_401_not_500(server, header):
+    assert _raw_status(f"{server['base']}/api/stats", header) == 401
+
+
+def test_without_a_cluster_secret_nothing_opens(server, monkeypatch):
+    """No secret on the server: 503 to everyone, in particular to a token signed with the
+    development secret that earlier versions fell back to (it is printed in their source)."""
+    from sfu_bridge.tokens import TokenAuthority
+
+    monkeypatch.delenv("AURALINK_SECRET", raising=False)
+    monkeypatch.delenv("AURALINK_SECRET_FILE", raising=False)
+    forged = TokenAuthority(b"auralink-dev-secret-do-not-use-in-production").issue("mallory", "*", ["operator"])
+    status, body = _call(f"{server['base']}/api/stats", token=forged)
+    assert status == 503 and "no cluster secret" in body
+    assert _call(f"{server['base']}/api/users/u1/ai", token=forged, body={"enabled": False})[0] == 503
+
+
 def test_stats_come_from_the_board(server):
     import ray
 

@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 
 from cluster.simulator.faults import Fault, FaultKind, FaultPlan
-from cluster.simulator.report import Accounting, percentile_from_hist, recovery_time
+from cluster.simulator.report import (
+    Accounting,
+    fallback_amplification,
+    percentile_from_hist,
+    recovery_time,
+)
 from cluster.simulator.traces import StreamKind, StreamPopulation, TraceConfig
 
 REQUIRED_KEYS = (
@@ -19,6 +24,7 @@ REQUIRED_KEYS = (
     "frames_unaccounted", "fallback_by_reason", "p50_ms", "p99_ms", "hints_sent", "hints_limited",
     "hints_rejected_forged", "hints_rejected_replay", "wire_kbps_ai", "wire_kbps_native",
     "control_plane_cpu", "flooder_allowed_hints_per_s", "fault_recovery_s", "time_dilation",
+    "fallback_amplification",
 )
 
 
@@ -64,6 +70,16 @@ def test_accounting_and_recovery():
     # Saturated before the fault: no recovery is claimed.
     sat = recovery_time(t, np.full(t.size, 100), np.full(t.size, 95), fault_t=5.0, baseline=0.95)
     assert sat["recovered_after_s"] is None and "not measurable" in sat["note"]
+
+
+def test_fallback_amplification_counts_the_miss_and_what_the_supervisor_added():
+    # 25 misses, then every stream off for a while: 250 frames `unhealthy` -> 11 per miss.
+    amp = fallback_amplification({"deadline": 25, "unhealthy": 250, "reset": 3, "opted_out": 40})
+    assert amp["value"] == 11.0 and (amp["deadline"], amp["error"], amp["unhealthy"]) == (25, 0, 250)
+    # EDF answered the misses and nobody was switched off: 1, no amplification.
+    assert fallback_amplification({"deadline": 30, "overload": 9})["value"] == 1.0
+    assert fallback_amplification({"deadline": 3, "error": 1, "unhealthy": 2})["value"] == 1.5
+    assert fallback_amplification({"reset": 5})["value"] is None
 
 
 def test_ramp_population_is_an_event_floor_trickle_burst_and_nobody_leaves():

@@ -1,7 +1,9 @@
 """The whole Serve app: control API auth, supervisor decisions, supervisor restart.
 
 One 2-CPU cluster for the module with the app from `build_app` behind an HTTP proxy on a free
-port (other Ray clusters may run on this machine).
+port (other Ray clusters may run on this machine). The ingress reads the cluster secret from
+the file named by AURALINK_SECRET_FILE, inherited from this process (as `auralink up` gives
+it through the application's runtime_env).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
-TOKEN = "test-operator-token"
+SECRET = b"serve-app-test-secret-0123456789abcdef"
 SUPERVISOR = {"name": "auralink-supervisor-test", "namespace": "auralink-test",
               "kv_namespace": "auralink-supervisor-test", "snapshot_interval_s": 0.0}
 
@@ -24,6 +26,27 @@ def _wait(pred, timeout_s: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def _operator_token(scopes=("operator",)) -> str:
+    from auth.tokens import TokenAuthority
+
+    return TokenAuthority(SECRET).issue("ops", "*", list(scopes), ttl_s=600)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def secret_file(tmp_path_factory):
+    """Before `ray_local` starts Ray: its workers inherit the path, never the secret."""
+    import os
+
+    path = tmp_path_factory.mktemp("secret") / "cluster-secret"
+    path.write_bytes(SECRET)
+    path.chmod(0o600)
+    saved = {k: os.environ.pop(k, None) for k in ("AURALINK_SECRET", "AURALINK_SECRET_FILE")}
+    os.environ["AURALINK_SECRET_FILE"] = str(path)
+    yield path
+    os.environ.pop("AURALINK_SECRET_FILE")
+    os.environ.update({k: v for k, v in saved.items() if v is not None})
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +64,6 @@ def app_url(ray_local):
     app = build_app({
         "replica": {"capacity": 8, "allow_random_weights": True, "torch_threads": 1},
         "num_cpus": 0,
-        "api_token": TOKEN,
         "supervisor": SUPERVISOR,
     })
     serve.run(app, name="auralink", route_prefix="/")
@@ -52,33 +74,79 @@ def app_url(ray_local):
     ray.kill(ray.get_actor(SUPERVISOR["name"], namespace=SUPERVISOR["namespace"]), no_restart=True)
 
 
-def _http(method: str, url: str, token: str | None = TOKEN, body: dict | None = None):
+def _http(method: str, url: str, token: str | None = "operator", body: dict | None = None,
+          authorization: str | bytes | None = None):
+    """(status, JSON body); `token` "operator" = a fresh operator token; `authorization` = a raw
+    header value (bytes go on the wire as they are)."""
+    import http.client
     import json
-    import urllib.error
-    import urllib.request
+    from urllib.parse import urlsplit
 
-    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body else None)
-    req.add_header("Content-Type", "application/json")
-    if token is not None:
-        req.add_header("Authorization", f"Bearer {token}")
+    if token == "operator":
+        token = _operator_token()
+    headers: dict[str, str | bytes] = {"Content-Type": "application/json"}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    elif token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+        conn.request(method, u.path, body=json.dumps(body).encode() if body else None, headers=headers)
+        res = conn.getresponse()
+        raw = res.read()
+    finally:
+        conn.close()
+    try:
+        return res.status, json.loads(raw or b"{}")
+    except ValueError:
+        return res.status, raw.decode("utf-8", "replace")
 
 
-def test_control_api_requires_the_bearer_token(app_url):
+def test_control_api_requires_an_operator_token(app_url):
     assert _http("GET", f"{app_url}/healthz", token=None) == (200, {"ok": True})
     status, body = _http("GET", f"{app_url}/v1/replica", token=None)
-    assert status == 401 and body["detail"] == "missing bearer token"
+    assert status == 401 and body["detail"] == "missing Authorization: Bearer header"
     status, body = _http("GET", f"{app_url}/v1/replica", token="wrong")
-    assert status == 403 and body["detail"] == "invalid token"
+    assert status == 401 and body["detail"] == "malformed token: expected 'al1.<claims>.<signature>'"
+    status, body = _http("GET", f"{app_url}/v1/replica", token=_operator_token(["publish"]))
+    assert status == 403 and body["detail"] == "token lacks the 'operator' scope"
     status, info = _http("GET", f"{app_url}/v1/replica")
     assert status == 200
     assert info["compute"] == "real" and info["weights"] == "random" and info["capacity"] == 8
     status, body = _http("POST", f"{app_url}/v1/opt-out", body={})
     assert status == 422
+
+
+def test_control_api_and_dashboard_share_one_authorizer(app_url):
+    """Every credential gets the same answer from the control API and the dashboard API."""
+    from auth.tokens import TokenAuthority
+
+    former_dev = TokenAuthority(b"auralink-dev-secret-do-not-use-in-production")
+    cases = {
+        "none": dict(token=None),
+        "not bearer": dict(authorization="Basic b3BzOm9wcw=="),
+        "garbage": dict(token="wrong"),
+        "non-ascii bytes": dict(authorization=b"Bearer al1.\xc3\xa9t\xc3\xa9.sig"),
+        "non-ascii latin-1": dict(authorization=b"Bearer al1.e30.\xe9"),
+        "former dev secret": dict(token=former_dev.issue("mallory", "*", ["operator"])),
+        "publish scope": dict(token=_operator_token(["publish"])),
+        "operator": dict(token="operator"),
+    }
+    for name, kw in cases.items():
+        api_status, api_body = _http("GET", f"{app_url}/v1/supervisor", **kw)
+        dash_status, dash_body = _http("GET", f"{app_url}/dashboard/api/stats", **kw)
+        assert api_status == dash_status, (name, api_body, dash_body)
+        if api_status == 200:
+            assert name == "operator"
+        else:
+            assert api_status in (401, 403) and api_body == dash_body, (name, api_body, dash_body)
+    assert _http("GET", f"{app_url}/v1/supervisor", authorization=b"Bearer \xff\xfe")[0] == 401
+
+
+def test_no_unauthenticated_api_schema_or_cdn_docs(app_url):
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        assert _http("GET", f"{app_url}{path}", token=None)[0] == 404, path
 
 
 def test_supervisor_turns_unhealthy_streams_off_and_opt_outs_win(app_url):

@@ -497,3 +497,120 @@ def test_without_audio_a_batch_carries_one_silent_frame_per_stream():
     assert batch.pcm.shape == (3, 320) and batch.pcm.dtype == np.int16 and not batch.pcm.any()
     assert report.pcm is None and report.counts() == {"fallback/overload": 3}
     assert core.cpu.seconds > 0
+
+
+class StallingCodec:
+    """The in-process codec behind a replica that can be stalled: while `stalled`, a call
+    sleeps past the bridge's deadline, as a stopped replica process does."""
+
+    def __init__(self, codec) -> None:
+        self.codec = codec
+        self.stalled = False
+
+    async def process(self, batch):
+        if self.stalled:
+            await asyncio.sleep(0.05)
+        return await self.codec.process(batch)
+
+
+def _one_replica(ids: list[str]) -> dict[str, str]:
+    return dict.fromkeys(ids, "replica-1")
+
+
+@pytest.mark.parametrize("names_replica", [True, False])
+def test_a_shared_stall_keeps_streams_on_when_the_link_names_their_replica(replica_core, names_replica):
+    """Four streams on one replica miss every frame for 1.2 s together. Reported with their
+    replica, the supervisor sees a shared stall and keeps them on AI (the frames after it
+    are `ai`); reported without, it cannot tell and switches each of them off."""
+    clock = Clock()
+    kv: dict[bytes, bytes] = {}
+    sup = FallbackSupervisorCore(SupervisorSettings(), SupervisorConfig(), kv.__setitem__, kv.get)
+
+    async def report(reports):
+        return sup.report(reports, now=clock.t)
+
+    codec = StallingCodec(replica_core())
+    link = SupervisorLink(report, period_s=1.0, owners=_one_replica if names_replica else None)
+    core = BridgeCore(codec, deadline_ms=60_000.0, period_clock=clock, supervisor=link)
+    streams = ["a", "b", "c", "d"]
+    for sid in streams:
+        core.join(sid)
+
+    async def run_ticks(n: int) -> list[dict[str, str]]:
+        seen = []
+        for _ in range(n):
+            for sid in streams:
+                core.push(sid, SILENCE)
+            seen.append(keys(await core.tick()))
+            await asyncio.sleep(0)  # let a due exchange run, as the media loop would
+            clock.t += 0.04
+        return seen
+
+    async def scenario():
+        await run_ticks(30)
+        codec.stalled, core.deadline_ms = True, 20.0
+        stall = await run_ticks(30)
+        codec.stalled, core.deadline_ms = False, 60_000.0
+        after = await run_ticks(30)
+        await core.close()
+        return stall, after
+
+    stall, after = asyncio.run(scenario())
+    missed = sum(s.get(sid) == "fallback/deadline" for s in stall for sid in streams)
+    unhealthy = sum(s.get(sid) == "fallback/unhealthy" for s in stall + after for sid in streams)
+    if names_replica:
+        assert missed == 4 * 30  # EDF's answer, frame by frame, and nothing more
+        assert unhealthy == 0 and after[-1] == dict.fromkeys(streams, "ai")
+        assert sup.policy.counters["excused/deadline"] >= 4 * 25
+    else:
+        assert unhealthy >= 4 * 10  # each stream off for its 1 s back-off at least
+
+
+@pytest.mark.parametrize("failure", ["errors", "stalled"])
+def test_a_replica_failing_every_step_has_its_streams_switched_off_within_the_window(
+    replica_core, failure
+):
+    """All four streams of one replica fail every step: with `error` (frames the model cannot
+    compute), each is switched off within `window_s`; with `deadline` on every frame (a
+    stopped replica), once reports have shown no AI answer for `replica_failure_s`: within
+    that plus the one report interval that still held the last AI answers."""
+    clock = Clock()
+    kv: dict[bytes, bytes] = {}
+    cfg = SupervisorConfig()
+    sup = FallbackSupervisorCore(SupervisorSettings(), cfg, kv.__setitem__, kv.get)
+
+    async def report(reports):
+        return sup.report(reports, now=clock.t)
+
+    codec = StallingCodec(replica_core())
+    link = SupervisorLink(report, period_s=1.0, owners=_one_replica)
+    core = BridgeCore(codec, deadline_ms=60_000.0, period_clock=clock, supervisor=link)
+    streams = ["a", "b", "c", "d"]
+    for sid in streams:
+        core.join(sid)
+    first_off: dict[str, float] = {}
+    nan = np.full(CHUNK_SAMPLES, np.nan, np.float32)
+
+    async def run_ticks(n: int, failing: bool) -> None:
+        for _ in range(n):
+            for sid in streams:
+                core.push(sid, nan if failing and failure == "errors" else SILENCE)
+            for sid, key in keys(await core.tick()).items():
+                if key == "fallback/unhealthy":
+                    first_off.setdefault(sid, clock.t)
+            await asyncio.sleep(0)
+            clock.t += 0.04
+
+    async def scenario() -> float:
+        await run_ticks(30, failing=False)
+        start = clock.t
+        if failure == "stalled":
+            codec.stalled, core.deadline_ms = True, 20.0
+        await run_ticks(int(3.2 / 0.04), failing=True)
+        await core.close()
+        return start
+
+    start = asyncio.run(scenario())
+    assert set(first_off) == set(streams)
+    window = cfg.window_s if failure == "errors" else cfg.replica_failure_s + link.period_s
+    assert max(first_off.values()) - start <= window + 0.1  # + the tick that applies it

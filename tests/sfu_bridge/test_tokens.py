@@ -1,4 +1,4 @@
-"""Bearer tokens: issue/verify, 401/403 failures, secret loading and the CLI."""
+"""Bearer tokens: issue/verify, 401/403 failures, and the `auralink token` CLI."""
 
 from __future__ import annotations
 
@@ -6,19 +6,16 @@ import base64
 import hashlib
 import hmac
 import json
-import logging
 
 import pytest
 
 from cluster.cli import main as cli_main
 from sfu_bridge.hint_auth import derive_stream_key
 from sfu_bridge.tokens import (
-    DEV_SECRET,
     Scope,
     TokenAuthority,
     TokenError,
     TokenFailure,
-    load_secret,
 )
 
 SECRET = b"token-test-secret-0123456789abcdef"
@@ -61,7 +58,10 @@ def test_signature_uses_a_key_separate_from_the_raw_secret(authority):
         ("", TokenFailure.MISSING, "missing bearer token"),
         ("abc", TokenFailure.MALFORMED, "malformed token: expected 'al1.<claims>.<signature>'"),
         ("al2.x.y", TokenFailure.MALFORMED, "malformed token: expected 'al1.<claims>.<signature>'"),
-        ("x" * 5000, TokenFailure.MALFORMED, "malformed token: too long or not text"),
+        ("x" * 5000, TokenFailure.MALFORMED, "malformed token: too long or not ASCII text"),
+        ("al1.\u00e9t\u00e9.sig", TokenFailure.MALFORMED, "malformed token: too long or not ASCII text"),
+        ("al1.e30.\u00e9", TokenFailure.MALFORMED, "malformed token: too long or not ASCII text"),
+        ("al1.\udcc3\udca9.x", TokenFailure.MALFORMED, "malformed token: too long or not ASCII text"),
         ("al1.eyJ1IjoiYSJ9.AAAA", TokenFailure.BAD_SIGNATURE, "token signature does not verify"),
     ],
 )
@@ -126,24 +126,36 @@ def test_issue_rejections(authority, kwargs, message):
     assert str(err.value) == message
 
 
-def test_load_secret(tmp_path, caplog):
-    assert load_secret({"AURALINK_SECRET": "s" * 16}) == b"s" * 16
-    f = tmp_path / "secret"
-    f.write_bytes(b"file-secret-0123456789\n")
-    assert load_secret({"AURALINK_SECRET_FILE": str(f)}) == b"file-secret-0123456789"
-    with pytest.raises(ValueError, match="secret from AURALINK_SECRET is 5 bytes; at least 16 required"):
-        load_secret({"AURALINK_SECRET": "short"})
-    with pytest.raises(ValueError, match="cannot read AURALINK_SECRET_FILE="):
-        load_secret({"AURALINK_SECRET_FILE": str(tmp_path / "missing")})
-    with caplog.at_level(logging.WARNING, logger="sfu_bridge.tokens"):
-        assert load_secret({}) == DEV_SECRET
-    assert "development secret" in caplog.text
-
-
 def test_cli_prints_a_verifiable_token_and_hint_key(monkeypatch, capsys):
+    monkeypatch.delenv("AURALINK_SECRET_FILE", raising=False)
     monkeypatch.setenv("AURALINK_SECRET", SECRET.decode())
     rc = cli_main(["token", "--user", "u1", "--stream", "s1", "--scope", "publish", "--ttl", "60", "--hint-key"])
     assert rc == 0
     token, key = capsys.readouterr().out.split()
     assert TokenAuthority(SECRET).authorize(token, Scope.PUBLISH, "s1").user == "u1"
     assert bytes.fromhex(key) == derive_stream_key(SECRET, "s1")
+
+
+def test_cli_finds_the_secret_file_the_starting_commands_create(monkeypatch, capsys, tmp_path):
+    from auth.secret import provision_secret
+
+    monkeypatch.delenv("AURALINK_SECRET", raising=False)
+    monkeypatch.delenv("AURALINK_SECRET_FILE", raising=False)
+    monkeypatch.setenv("AURALINK_RUN_DIR", str(tmp_path / "runs"))
+    started = {"AURALINK_RUN_DIR": str(tmp_path / "runs")}  # what `auralink up` saw
+    path = provision_secret("auralink up", started)
+    capsys.readouterr()
+    assert cli_main(["token", "--user", "ops", "--stream", "*", "--scope", "operator"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert TokenAuthority(path.read_bytes().strip()).authorize(token, Scope.OPERATOR).user == "ops"
+
+
+def test_cli_without_any_secret_says_what_to_set(monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("AURALINK_SECRET", raising=False)
+    monkeypatch.delenv("AURALINK_SECRET_FILE", raising=False)
+    monkeypatch.setenv("AURALINK_RUN_DIR", str(tmp_path / "empty"))
+    assert cli_main(["token", "--user", "ops", "--stream", "*", "--scope", "operator"]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""  # no token, in particular none under a built-in secret
+    assert "no cluster secret" in out.err and "Set AURALINK_SECRET_FILE" in out.err
+    assert str(tmp_path / "empty" / "cluster-secret") in out.err
