@@ -24,6 +24,7 @@ from deployments.contract import (
     FrameBatch,
     reason_code,
 )
+from deployments.cpu_meter import CpuMeter
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,9 @@ class CodecClient:
         self._app = handle.app_name
         self._deployment = handle.deployment_name
         self.counters = ClientCounters()
+        # CPU of this client's own work (validating, splitting by replica, merging; not the
+        # Serve handle call, which is transport), for load tests' control-plane figures
+        self.cpu = CpuMeter()
         # Any call makes the handle build its router, which then learns the replica set from
         # the controller; by the first tick the client can usually group streams by owner.
         try:
@@ -169,23 +173,31 @@ class CodecClient:
         return out
 
     async def process(self, batch: FrameBatch) -> BatchResult:
-        try:
-            batch.validate()
-        except ValueError as exc:
-            self.counters.malformed += 1
-            return self._count(malformed_result(batch, str(exc)))
-        if len(batch) == 0:
-            return self._count(BatchResult.all_fallback(batch, FallbackReason.ERROR))
-        groups = self.group_rows(batch.stream_ids)
-        timeout = max(0.05, float(np.max(batch.deadlines)) - time.time() + self._grace)
-        if len(groups) == 1:  # one owner (or no view yet): the batch goes as it is
-            return self._count(await self._send(groups[0][0], batch, timeout))
-        subs = [(key, rows, _take(batch, rows)) for key, rows in groups]
-        results = await asyncio.gather(*(self._send(key, sub, timeout) for key, _, sub in subs))
-        return self._count(merge_results(batch, [(rows, res) for (_, rows, _), res in zip(subs, results, strict=True)]))
+        with self.cpu:
+            try:
+                batch.validate()
+            except ValueError as exc:
+                self.counters.malformed += 1
+                return self._count(malformed_result(batch, str(exc)))
+            if len(batch) == 0:
+                return self._count(BatchResult.all_fallback(batch, FallbackReason.ERROR))
+            groups = self.group_rows(batch.stream_ids)
+            timeout = max(0.05, float(np.max(batch.deadlines)) - time.time() + self._grace)
+            if len(groups) == 1:  # one owner (or no view yet): the batch goes as it is
+                sends = [self._send(groups[0][0], batch, timeout)]
+            else:
+                subs = [(key, rows, _take(batch, rows)) for key, rows in groups]
+                sends = [self._send(key, sub, timeout) for key, _, sub in subs]
+        results = await asyncio.gather(*sends)
+        with self.cpu:
+            if len(groups) == 1:
+                return self._count(results[0])
+            return self._count(merge_results(
+                batch, [(rows, res) for (_, rows, _), res in zip(subs, results, strict=True)]))
 
     async def _send(self, key: str, sub: FrameBatch, timeout: float) -> BatchResult:
         self.counters.requests += 1
+        # the handle call itself is transport (Serve's own budget), not this client's work
         response = self._handle.options(method_name="process", session_id=key).remote(sub)
         try:
             res = await asyncio.wait_for(response, timeout)

@@ -49,6 +49,7 @@ from deployments.contract import (
     bandwidth_codebooks,
     reason_code,
 )
+from deployments.cpu_meter import CpuMeter
 from deployments.epochs import ReplicaEpochs
 from deployments.latency_model import LatencyModel
 from deployments.scheduler import EdfScheduler, Plan, SchedulerConfig
@@ -87,8 +88,8 @@ class SlotPool:
 
     def lookup(self, stream_ids: list[str]) -> np.ndarray:
         """Slot of each stream, -1 where it holds none."""
-        get = self._slot_of.get
-        return np.fromiter((get(s, -1) for s in stream_ids), np.int64, len(stream_ids))
+        return np.fromiter(map(self._slot_of.get, stream_ids, itertools.repeat(-1)), np.int64,
+                           len(stream_ids))
 
     def acquire(self, stream_id: str, now: float) -> int | None:
         """The stream's slot, assigning a free one if needed; None if the pool is full."""
@@ -267,22 +268,6 @@ def _run_groups(codec, groups: list[_Group]) -> tuple[list[np.ndarray | Exceptio
     return outs, (time.perf_counter() - t0) * 1000.0
 
 
-class _CpuMeter:
-    """Thread CPU seconds spent in the replica's bookkeeping (intake, planning, answering);
-    the model's compute runs in the executor thread and is not counted."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._t0 = 0.0
-
-    def __enter__(self) -> _CpuMeter:
-        self._t0 = time.thread_time()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds += time.thread_time() - self._t0
-
-
 # ----------------------------------------------------------------------------- the replica
 class CodecReplicaCore:
     """Everything the Serve deployment does, without Serve: constructible in a plain test,
@@ -314,7 +299,7 @@ class CodecReplicaCore:
         self._recent_slack = np.zeros(STATS_WINDOW, np.float64)
         self._recent_n = 0
         self._recent_at = 0
-        self.cpu = _CpuMeter()
+        self.cpu = CpuMeter()  # bookkeeping: intake, planning, answering (not the model)
         self.frames_in = 0
         self.counters: dict[str, int] = {}
 

@@ -44,7 +44,7 @@ import math
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from deployments.contract import FallbackReason
 
@@ -128,9 +128,9 @@ class StreamHealth:
         )
 
 
-@dataclass(frozen=True)
-class Interval:
-    """One stream's outcomes in one report, as the shared-stall test needs them."""
+class Interval(NamedTuple):
+    """One stream's outcomes in one report, as the shared-stall test needs them (a tuple:
+    one is built per stream per report)."""
 
     t: float  # when it was reported
     attempts: int
@@ -151,8 +151,7 @@ class ReplicaGroup:
         return self.no_ai_since is not None and now - self.no_ai_since >= cfg.replica_failure_s
 
 
-@dataclass(frozen=True)
-class _Counts:
+class _Counts(NamedTuple):
     attempts: int
     bad: int
     misses: int
@@ -209,32 +208,57 @@ class SupervisorPolicy:
         """One bridge's report for all its streams: `{stream: {"ai": n, "fallback": {reason:
         n}, "user_id": optional, "replica": optional}}`. Every stream's outcomes are recorded
         before any is judged, so streams on one replica see each other's misses. Returns
-        `{stream: decision}`."""
+        `{stream: decision}`.
+
+        A bridge reports thousands of streams a second, nearly all of them all-AI: the loops
+        below do for each stream exactly what the helpers they inline do, with the helpers'
+        per-call overhead left out (and the cross-report tally built only when some stream
+        missed a deadline, the only case that reads it)."""
+        streams = self._streams
         counts: dict[str, _Counts] = {}
         starts: dict[str, float] = {}
         for sid, rep in reports.items():
-            st = self._state(sid)
-            if rep.get("user_id") is not None:
-                st.user_id = rep["user_id"]
-            c = counts[sid] = _count(int(rep.get("ai", 0)), rep.get("fallback") or {})
+            st = streams.get(sid)
+            if st is None:
+                st = streams[sid] = StreamHealth()
+            user_id = rep.get("user_id")
+            if user_id is not None:
+                st.user_id = user_id
+            fallback = rep.get("fallback")
+            if fallback:
+                c = _count(int(rep.get("ai", 0)), fallback)
+            else:  # all AI (or nothing): attempts = ai
+                ai = max(0, int(rep.get("ai", 0)))
+                c = _Counts(ai, 0, 0, ai)
+            counts[sid] = c
             starts[sid] = st.last_report if st.last_report is not None else now
             st.last_report = now
-            self.counters["reports"] += 1
             replica = rep.get("replica")
             self._place(sid, str(replica) if replica else None, Interval(now, c.attempts, c.ai, c.misses))
+        self.counters["reports"] += len(counts)
         self._update_liveness(counts, starts, now)
-        tally = self._tally(counts, now)
+        missed = any(c.misses for c in counts.values())
+        tally = self._tally(counts, now) if missed else {}
         decisions: dict[str, bool] = {}
+        cfg = self.config
+        horizon = now - cfg.window_s
+        min_bad = cfg.min_bad
         for sid, c in counts.items():
-            st = self._streams[sid]
-            excused = c.misses if self._shared_stall(sid, c, tally, now) else 0
+            st = streams[sid]
+            excused = c.misses if c.misses and self._shared_stall(sid, c, tally, now) else 0
             if excused:
                 self.counters["excused/deadline"] += excused
+            window = st.window
             if c.attempts - excused:
-                st.window.append((now, c.attempts - excused, c.bad - excused))
-            self._evict(st, now)
-            if self._is_on(st, now) and self._window_unhealthy(st):
-                self._trip(sid, st, now, OffCause.BAD_RATE)
+                window.append((now, c.attempts - excused, c.bad - excused))
+            while window and window[0][0] <= horizon:  # _evict
+                window.popleft()
+            if st.off_until is None or now >= st.off_until:  # _is_on, then _window_unhealthy
+                bad = 0
+                for entry in window:
+                    bad += entry[2]
+                if bad >= min_bad and self._window_unhealthy(st):
+                    self._trip(sid, st, now, OffCause.BAD_RATE)
             decisions[sid] = self.decision(sid, now)
         return decisions
 
@@ -282,6 +306,10 @@ class SupervisorPolicy:
     # ----------------------------------------------------------------------------- outputs
     def decision(self, stream_id: str, now: float) -> bool:
         """True: use the AI for this stream now."""
+        st = self._streams.get(stream_id)
+        if st is not None and st.off_until is None and stream_id not in self._opted_streams:
+            # on, unless its user opted out (what `reason` would find, without its calls)
+            return st.user_id is None or st.user_id not in self._opted_users
         return self.reason(stream_id, now) is None
 
     def reason(self, stream_id: str, now: float) -> FallbackReason | None:
@@ -369,6 +397,9 @@ class SupervisorPolicy:
 
     def _place(self, stream_id: str, replica: str | None, interval: Interval | None) -> None:
         """Record the stream's latest interval under its replica (None: under none)."""
+        if replica is not None and interval is not None and self._replica_of.get(stream_id) == replica:
+            self._replicas[replica].members[stream_id] = interval  # the common case: it stayed
+            return
         old = self._replica_of.pop(stream_id, None)
         if old is not None and old != replica:
             g = self._replicas.get(old)

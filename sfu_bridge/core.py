@@ -56,9 +56,12 @@ from deployments.contract import (
     decode_reason,
     reason_code,
 )
+from deployments.cpu_meter import CpuMeter
 from deployments.epochs import BridgeEpochs
 from models.constants import DEFAULT_DEADLINE_MS, TICK_S
 from sfu_bridge.hint_auth import HintRejected, HintVerifier
+from sfu_bridge.hint_ext import Hint, HintElement
+from sfu_bridge.limiter import DEFAULT_BURST, DEFAULT_RATE_PER_S, GcraParams, gcra_allow
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +108,17 @@ class SupervisorLink:
 
 
 def ray_supervisor_link(actor: Any, period_s: float = 1.0,
-                        owners: Callable[[list[str]], Mapping[str, str]] | None = None) -> SupervisorLink:
-    """`SupervisorLink` over the `FallbackSupervisor` actor (deployments.supervisor)."""
+                        owners: Callable[[list[str]], Mapping[str, str]] | None = None,
+                        clock: Callable[[], float] | None = None) -> SupervisorLink:
+    """`SupervisorLink` over the `FallbackSupervisor` actor (deployments.supervisor).
+    `clock`: the time the supervisor judges reports at (default: its own wall clock; a
+    dilated load test passes its simulated one, so windows and back-offs stay in simulated
+    seconds)."""
 
     async def report(reports: dict[str, dict[str, Any]]) -> Mapping[str, str]:
-        return await actor.report.remote(reports)
+        if clock is None:
+            return await actor.report.remote(reports)
+        return await actor.report.remote(reports, clock())
 
     async def forget(stream_ids: list[str]) -> None:
         await actor.forget.remote(stream_ids)
@@ -192,27 +201,7 @@ class StreamView:
     ai_off: FallbackReason | None  # None: AI on
     pinned_off: bool  # opted out in the bridge's own config (never lifted remotely)
     pending: int  # chunks waiting for a tick
-    last_hint: Any  # the latest accepted hint (parsed)
-
-
-class _Cpu:
-    """Thread CPU seconds spent inside the core (nested sections count once)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._depth = 0
-        self._t0 = 0.0
-
-    def __enter__(self) -> _Cpu:
-        if self._depth == 0:
-            self._t0 = time.thread_time()
-        self._depth += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            self.seconds += time.thread_time() - self._t0
+    last_hint: Hint | None  # the latest accepted hint
 
 
 @dataclass
@@ -256,6 +245,7 @@ class BridgeCore:
         hint_secret: bytes | None = None,
         limiter: Any = None,
         max_hints_per_tick: int = 16,
+        hint_guard_per_s: float = 1.25 * DEFAULT_RATE_PER_S,
         supervisor: SupervisorLink | None = None,
         opted_out_users: frozenset[str] = frozenset(),
         audio: bool = True,
@@ -274,6 +264,9 @@ class BridgeCore:
         self.hint_secret = hint_secret
         self.limiter = limiter
         self.max_hints_per_tick = max_hints_per_tick
+        # a bound on the HMACs a flood costs: above the limiter's own rate and burst, so it
+        # only drops what the limiter would (period_clock seconds: simulated in a load test)
+        self._guard_params = GcraParams.from_rate(hint_guard_per_s, DEFAULT_BURST)
         self.supervisor = supervisor
         self.opted_out_users = frozenset(opted_out_users)  # this bridge's own config: pinned
         # Without audio (load generators against emulated replicas, which never read PCM) a
@@ -282,7 +275,7 @@ class BridgeCore:
         self.audio = audio
         self.clock = clock
         self.period_clock = period_clock
-        self.cpu = _Cpu()
+        self.cpu = CpuMeter()
         # -- the stream table
         self._cap = 0
         self._depth = max_backlog + 1  # chunks a row holds between ticks before spilling
@@ -301,6 +294,7 @@ class BridgeCore:
         self.q_ts = np.zeros((0, self._depth), np.int64)
         self.q_pcm = np.zeros((0, self._depth, CHUNK_SAMPLES), np.float32) if audio else None
         self.hint_n = np.zeros(0, np.int64)
+        self._guard_tat = np.zeros(0, np.int64)
         self._verifiers: list[HintVerifier | None] = []
         self.last_hint: list[Any] = []
         self.tally = np.zeros((0, N_CODES), np.int64)  # outcomes since the last supervisor report
@@ -351,6 +345,7 @@ class BridgeCore:
         if self.q_pcm is not None:
             self.q_pcm = grow(self.q_pcm)
         self.hint_n = grow(self.hint_n)
+        self._guard_tat = grow(self._guard_tat)
         self.tally = grow(self.tally)
         self._registered = grow(self._registered, False)
         self.epochs.ensure(cap)
@@ -396,6 +391,7 @@ class BridgeCore:
             self.q_n[row] = 0
             self.q_head[row] = 0
             self.hint_n[row] = 0
+            self._guard_tat[row] = 0
             self.tally[row] = 0
             self._registered[row] = False
             self._verifiers[row] = None
@@ -444,7 +440,7 @@ class BridgeCore:
             stream_id, row, self.users[row], int(self.epochs.epoch[row]),
             int(self.epochs.next_seq[row]), bool(self.epochs.fresh[row]),
             decode_reason(off) if off else None, bool(self.pinned[row]), int(self.q_n[row]),
-            self.last_hint[row],
+            _parse_hint(self.last_hint[row]),
         )
 
     def apply_decisions(self, off: Mapping[str, str]) -> None:
@@ -512,10 +508,14 @@ class BridgeCore:
         with self.cpu:
             self._add_hint(row, raw)
 
-    def add_hints(self, rows: list[int], raws: list[bytes]) -> None:
+    def add_hints(self, stream_ids: list[str], raws: list[bytes]) -> None:
+        """`add_hint` for many (the simulator's publishers, once per tick)."""
         with self.cpu:
-            for row, raw in zip(rows, raws, strict=True):
-                self._add_hint(row, raw)
+            row_of = self._row_of
+            for sid, raw in zip(stream_ids, raws, strict=True):
+                row = row_of.get(sid)
+                if row is not None:
+                    self._add_hint(row, raw)
 
     def _add_hint(self, row: int, raw: bytes) -> None:
         if self.hint_n[row] >= self.max_hints_per_tick:
@@ -712,32 +712,43 @@ class BridgeCore:
 
     # ------------------------------------------------------------------------ hints
     async def _check_hints(self) -> tuple[int, dict[str, int]]:
-        """Verify the tick's hints, then one limiter call for all of them."""
+        """Verify the tick's hints, then one limiter call for all of them. Before any crypto
+        work, a per-stream GCRA guard at `hint_guard_per_s` (above the limiter's rate) drops
+        what the limiter would refuse anyway, so a flood costs its bridge a bounded number of
+        HMACs per stream; what passes the guard and verifies is what the limiter decides on."""
         with self.cpu:
             rows, gens, raws = self._hint_rows, self._hint_gens, self._hint_raws
             self._hint_rows, self._hint_gens, self._hint_raws = [], [], []
             if not rows:
                 return 0, {}
-            self.hint_n[np.asarray(rows)] = 0
             dropped: Counter[str] = Counter()
-            valid: dict[int, list[Any]] = {}
+            rows_a = np.asarray(rows, np.int64)
+            self.hint_n[rows_a] = 0
+            # the stream left this tick: its hints go with it
+            keep = self.generation[rows_a] == np.asarray(gens, np.int64)
+            keep &= self._guard(rows_a, dropped)
+            valid: dict[int, list[tuple[int, bytes]]] = {}  # row -> (index, raw) that verified
             secret = self.hint_secret
-            for row, g, raw in zip(rows, gens, raws, strict=True):
-                if self.generation[row] != g:
-                    continue  # the stream left this tick: its hints go with it
+            verifiers = self._verifiers
+            for row, ok, raw in zip(rows, keep.tolist(), raws, strict=True):
+                if not ok:
+                    continue
                 if secret is None:
                     dropped[HintDrop.INVALID.value] += 1
                     continue
-                v = self._verifiers[row]
-                sid = self.ids[row]
+                v = verifiers[row]
                 if v is None:
-                    v = self._verifiers[row] = HintVerifier(secret, sid)
+                    v = verifiers[row] = HintVerifier(secret, self.ids[row])
                 try:
-                    hint = v.verify(sid, raw)
+                    index = v.accept(v.stream_id, raw)
                 except HintRejected as exc:  # size, tag, field or replay
                     dropped[exc.reason.value] += 1
                     continue
-                valid.setdefault(row, []).append(hint)
+                hints = valid.get(row)
+                if hints is None:
+                    valid[row] = [(index, raw)]
+                else:
+                    hints.append((index, raw))
             check_rows = list(valid)
             counts = [len(valid[r]) for r in check_rows]
         accepted = 0
@@ -751,12 +762,28 @@ class BridgeCore:
                     if len(hints) > n_ok:
                         dropped[HintDrop.RATE_LIMITED.value] += len(hints) - n_ok
                     if n_ok and self.live[row]:
-                        self.last_hint[row] = hints[n_ok - 1]
+                        self.last_hint[row] = hints[n_ok - 1]  # (index, raw), parsed when read
         with self.cpu:
             self.hint_counters["accepted"] += accepted
             for k, v in dropped.items():
                 self.hint_counters[f"dropped/{k}"] += v
         return accepted, dict(dropped)
+
+    def _guard(self, rows: np.ndarray, dropped: Counter[str]) -> np.ndarray:
+        """True for the hints (in arrival order) the pre-crypto guard lets through."""
+        uniq, inv, counts = np.unique(rows, return_inverse=True, return_counts=True)
+        now_us = int(round(self.period_clock() * 1_000_000))
+        allowed, tat = gcra_allow(self._guard_tat[uniq], now_us, counts, self._guard_params)
+        self._guard_tat[uniq] = tat
+        if (allowed == counts).all():
+            return np.ones(rows.size, bool)
+        order = np.argsort(inv, kind="stable")
+        rank = np.empty(rows.size, np.int64)
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        rank[order] = np.arange(rows.size) - np.repeat(starts, counts)
+        ok = rank < allowed[inv]
+        dropped[HintDrop.RATE_LIMITED.value] += int(rows.size - ok.sum())
+        return ok
 
     async def _allow(self, stream_ids: list[str], counts: list[int]) -> list[int]:
         """One limiter call for all of the tick's hints; no limiter = everything allowed."""
@@ -907,6 +934,10 @@ class BridgeCore:
             "supervisor_failures": self.exchange_failures,
             "cpu_s": round(self.cpu.seconds, 6),
         }
+
+
+def _parse_hint(kept: tuple[int, bytes] | None) -> Hint | None:
+    return None if kept is None else HintElement.parse(kept[1]).to_hint(kept[0])
 
 
 def _result_rows(stream_ids: list[str], result: BatchResult | None) -> np.ndarray:

@@ -158,3 +158,14 @@ def test_verifier_repr_holds_no_key_material():
     key = derive_stream_key(SECRET, "s1")
     text = repr(v)
     assert "s1" in text and repr(key) not in text and repr(SECRET) not in text
+
+
+def test_the_verifiers_precomputed_hmac_equals_the_reference_tag():
+    from sfu_bridge.hint_auth import _TagMac, compute_tag
+
+    for key in (b"k" * 32, b"short", bytes(range(64)), bytes(range(100))):  # <, =, > one block
+        mac = _TagMac(key)
+        for index in (0, 1, (1 << 48) - 1):
+            body = index.to_bytes(8, "big")[:6]
+            assert mac.tag(index, body) == compute_tag(key, index, body) == hmac.digest(
+                key, index.to_bytes(6, "big") + body, "sha256")[:10]
