@@ -24,7 +24,7 @@ from typing import Any
 
 import ray
 
-from cluster import metrics
+from deployments import metrics
 from deployments.config import SupervisorSettings
 from deployments.supervisor_policy import SNAPSHOT_VERSION, SupervisorConfig, SupervisorPolicy
 
