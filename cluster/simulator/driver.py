@@ -25,7 +25,8 @@ the report; ticks that started late are counted (`late_ticks`), not hidden.
 
 Dashboard. About once a wall second the run publishes a stats snapshot (live streams,
 replicas, frames and fallback reasons over the last second, egress kbit/s AI vs all-native,
-the first users and every opted-out one) to the dashboard's `StatsBoard` actor
+the hint limiter's health, the first users and every opted-out one, each with the AI state
+the bridge applies) to the dashboard's `StatsBoard` actor
 (deployments/dashboard.py); the dashboard URL is logged at start.
 
 Compact frames. In emulated compute the replica never looks at the PCM, so the bridge's
@@ -590,6 +591,10 @@ class Simulation:
                 "live": bool(st is not None),
                 "ai_enabled": user not in self.opted_out_users,
                 "bridge_opted_out": bool(st.opted_out) if st is not None else None,
+                # What the bridge applies now (the dashboard shows the supervisor's decision,
+                # this when the supervisor cannot be asked).
+                "bridge_state": None if st is None else (
+                    "opted_out" if st.opted_out else "unhealthy" if st.unhealthy else "on"),
                 "kind": StreamKind(int(self.pop.kind[slot])).name.lower(),
             })
         return rows
