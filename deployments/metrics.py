@@ -354,7 +354,8 @@ def record_frame_outcome(op: str, outcome: str, reason: str | None = None, n: in
 RAY_HISTOGRAM_SAMPLE = 128
 
 
-def _observe_many(name: str, values: Iterable[float] | np.ndarray, tags: Mapping[str, str]) -> None:
+def _observe_many(name: str, values: Iterable[float] | np.ndarray, tags: Mapping[str, str],
+                  sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
     global _ray_failed
     arr = np.asarray(values if isinstance(values, np.ndarray) else list(values), np.float64).ravel()
     if arr.size == 0:
@@ -364,8 +365,8 @@ def _observe_many(name: str, values: Iterable[float] | np.ndarray, tags: Mapping
     sink = _ray_sink()
     if sink is None:
         return
-    if arr.size > RAY_HISTOGRAM_SAMPLE:
-        arr = arr[np.linspace(0, arr.size - 1, RAY_HISTOGRAM_SAMPLE).astype(np.int64)]
+    if arr.size > sample:
+        arr = arr[np.linspace(0, arr.size - 1, sample).astype(np.int64)]
     try:
         for v in arr.tolist():
             sink.observe(spec, v, tags)
@@ -374,9 +375,11 @@ def _observe_many(name: str, values: Iterable[float] | np.ndarray, tags: Mapping
         logger.warning("Ray metrics disabled in this process after error: %s", exc)
 
 
-def observe_frame_latency(op: str, latencies_ms: Iterable[float] | np.ndarray) -> None:
-    """Per-frame latencies of one batch (all kept locally; sampled for Ray)."""
-    _observe_many(FRAME_LATENCY, latencies_ms, {"op": op})
+def observe_frame_latency(op: str, latencies_ms: Iterable[float] | np.ndarray,
+                          sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
+    """Per-frame latencies of one batch (all kept locally; at most `sample` of them for Ray:
+    a caller whose frames share one latency per call can ask for fewer)."""
+    _observe_many(FRAME_LATENCY, latencies_ms, {"op": op}, max(1, int(sample)))
 
 
 def observe_step_latency(op: str, ms: float, device: str = "cpu") -> None:
