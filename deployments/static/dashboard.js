@@ -135,7 +135,9 @@
       st.textContent = s.text;
       st.className = "state " + (s.state === "on" ? "state-on" : "state-off");
       st.dataset.state = s.state;
+      st.dataset.bridge = u.bridge_state || ""; // what the media path applies (up to ~1 s behind)
       if (u.ai_state_from === "bridge") st.title = "the supervisor did not answer: what the bridge applies";
+      else if (u.bridge_state && u.bridge_state !== s.state && s.state !== "offline") st.title = "the bridge still applies: " + u.bridge_state;
       const box = tr.querySelector(".ai-toggle");
       const known = u.ai_enabled !== false;
       if (desired.has(u.user) && desired.get(u.user) === known) desired.delete(u.user);

@@ -78,10 +78,16 @@ def test_dashboard_graph_and_toggle_in_chromium(tmp_path):
     env.pop("REDIS_URL", None)
     out = tmp_path / "sim"
     log = tmp_path / "simulate.log"
-    # The one replica stalls from 4 s to 9 s (its streams miss deadlines: the supervisor turns
-    # their AI off as unhealthy, then back on), and Redis stops at 30 s.
+    # A latency profile one replica serves 8 streams with (the repository's CPU profile does
+    # not: its streams would be unhealthy all along). The replica stalls from 4 s to 9 s (its
+    # streams miss deadlines: the supervisor turns their AI off as unhealthy, then back on),
+    # and Redis stops at 30 s.
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"latency_profile_ms": {"1": 1.0, "8": 1.5, "64": 4.0},
+                                   "machine": "browser-test profile", "weights": "random"}))
     cmd = [sys.executable, "-m", "cluster.cli", "simulate", "--compute", "emulated", "--streams", "8", "--duration", "45", "--time-dilation", "1",
            "--replicas", "1", "--flooders", "0", "--forgers", "0", "--replayers", "0",
+           "--profile", str(profile), "--deadline-ms", "40",
            "--fault", "slow-replica@4", "--fault", "stop-redis@30",
            "--no-progress", "--out", str(out)]
     with log.open("w") as fh:
@@ -118,10 +124,13 @@ def test_dashboard_graph_and_toggle_in_chromium(tmp_path):
             user = page.get_attribute("#users tbody tr[data-user]:has(.state-on)", "data-user")
             row = f"#users tbody tr[data-user='{user}']"
             page.uncheck(f"{row} .ai-toggle")
-            # Off in the bridge: the bridge reports the stream opted out in its next snapshot.
+            # The supervisor's decision at once, then off in the bridge: the bridge reports the
+            # stream opted out in a later snapshot.
             page.wait_for_function(
                 f"document.querySelector(\"{row} .state\")?.textContent === 'AI off (opted out)'",
                 timeout=20_000)
+            page.wait_for_function(
+                f"document.querySelector(\"{row} .state\")?.dataset.bridge === 'opted_out'", timeout=20_000)
             page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
             shot = os.environ.get("AURALINK_DASHBOARD_SCREENSHOT")
             if shot:
@@ -129,6 +138,8 @@ def test_dashboard_graph_and_toggle_in_chromium(tmp_path):
             page.check(f"{row} .ai-toggle")
             page.wait_for_function(
                 f"document.querySelector(\"{row} .state\")?.textContent === 'AI on'", timeout=20_000)
+            page.wait_for_function(
+                f"document.querySelector(\"{row} .state\")?.dataset.bridge === 'on'", timeout=20_000)
             # Redis stops at 30 s: the page says the hint limit is not being enforced.
             page.wait_for_selector("#limiter:not([hidden])", timeout=40_000)
             warning = page.text_content("#limiter")
