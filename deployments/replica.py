@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster import metrics
+from deployments import metrics
 from deployments.client import malformed_result
 from deployments.config import (
     Backend,
