@@ -155,7 +155,15 @@ class Profile:
             threads = f", torch threads {data['threads']}" if data.get("threads") else ""
             device = f"{device} ({data['machine']}{threads})"
         weights = str(data.get("weights", "unknown"))
-        return cls(p50, p99, device, f"{path}", weights)
+        return cls(p50, p99, device, _repo_relative(Path(path)), weights)
+
+
+def _repo_relative(path: Path) -> str:
+    """`path` relative to the repository when inside it (what a reader can open), else as is."""
+    try:
+        return str(path.resolve().relative_to(DEFAULT_JSON.parents[2]))
+    except ValueError:
+        return str(path)
 
 
 def build_codec(threads: int | None, capacity: int):
@@ -643,15 +651,15 @@ def markdown_section(sec: dict[str, Any]) -> list[str]:
         f"{sec['peak_fps']} frames/s",
         f"- EDF goodput >= `serve_batch`'s at every load: **{'yes' if sec['edf_dominates'] else 'no'}**",
     ]
-    suffix = "" if applies else " (target does not apply: capacity below 8 streams)"
+    na = "does not apply: capacity below 8 streams"
     if "edf_miss_rate_at_95" in t:
-        verdict = ("met" if t["edf_miss_at_95_le_1pct"] else "not met") if applies else "n/a"
+        verdict = ("met" if t["edf_miss_at_95_le_1pct"] else "not met") if applies else na
         lines.append(f"- target at 95% load, EDF misses <= 1%: **{t['edf_miss_rate_at_95']:.2%}** "
-                     f"({verdict}){suffix}")
+                     f"({verdict})")
     if "edf_goodput_over_capacity_at_120" in t:
-        verdict = ("met" if t["edf_goodput_at_120_ge_95pct"] else "not met") if applies else "n/a"
+        verdict = ("met" if t["edf_goodput_at_120_ge_95pct"] else "not met") if applies else na
         lines.append(f"- target at 120% load, EDF goodput >= 95% of capacity: "
-                     f"**{t['edf_goodput_over_capacity_at_120']:.1%}** ({verdict}){suffix}; wasted "
+                     f"**{t['edf_goodput_over_capacity_at_120']:.1%}** ({verdict}); wasted "
                      f"compute {t['edf_wasted_compute_s_at_120']} s; queue when arrivals stop "
                      f"{t['edf_queue_end_at_120']} frames")
     lines += [
