@@ -12,6 +12,7 @@ signalling edge answers 400 instead of 500:
 - `m=`: `<media> <port> <proto> <fmt>...` with a port of 0-65535; for audio and video
   every format is an RTP payload type, 0-127 (RFC 3550 section 5.1: seven bits), not
   72-76 (RFC 5761 section 4: they collide with RTCP packet types), listed once;
+- every audio/video m-section states its direction (aiortc cannot answer one without);
 - `a=rtpmap`, `a=fmtp`, `a=rtcp-fb` name a payload type of their m-line; an `a=fmtp` needs
   that type's `a=rtpmap`; clock rates, channel counts and the integer `a=fmtp` parameters
   aiortc reads (`minptime`, `apt`, ...) are bounded decimal numbers;
@@ -42,6 +43,7 @@ MAX_MID_CHARS = 16  # RFC 8843 section 15: the mid travels in a one-byte header 
 INT_FMTP_PARAMETERS = frozenset(
     {"apt", "max-fr", "max-fs", "maxplaybackrate", "minptime", "stereo", "useinbandfec"}
 )
+DIRECTIONS = frozenset({"sendrecv", "sendonly", "recvonly", "inactive"})
 SETUP_ROLES = frozenset({"actpass", "active", "passive"})
 CANDIDATE_TYPES = frozenset({"host", "srflx", "prflx", "relay"})
 RTP_MEDIA = frozenset({"audio", "video"})
@@ -72,15 +74,25 @@ class SdpRejected(ValueError):
 class _Section:
     kind: str
     formats: list[int] | None  # payload types (audio/video), None for other media
+    line_no: int = 0
+    direction: bool = False
     rtpmap: set[int] = field(default_factory=set)
     fmtp: list[tuple[int, int]] = field(default_factory=list)  # (payload type, line number)
 
 
 def _close_section(section: _Section | None) -> None:
-    """aiortc reads a=fmtp after all of a section's a=rtpmap lines (Firefox sends them first)."""
-    for pt, no in section.fmtp if section is not None else ():
+    """Checks that need the whole m-section: aiortc reads a=fmtp after all of its a=rtpmap
+    lines (Firefox sends them first), and answers only m-sections that state a direction."""
+    if section is None or section.formats is None:
+        return
+    for pt, no in section.fmtp:
         if pt not in section.rtpmap:
             raise SdpRejected(f"line {no}: a=fmtp for payload type {pt}, which has no a=rtpmap")
+    if not section.direction:
+        raise SdpRejected(
+            f"line {section.line_no}: the m-section has no a=sendrecv, a=sendonly, a=recvonly"
+            " or a=inactive"
+        )
 
 
 def _number(text: str, what: str, lo: int, hi: int) -> int:
@@ -184,6 +196,8 @@ def _check_candidate(value: str) -> None:
 
 
 def _check_attribute(attr: str, value: str | None, section: _Section | None, line_no: int) -> None:
+    if attr in DIRECTIONS and section is not None:
+        section.direction = True
     if not value:
         if attr in VALUED_ATTRIBUTES:
             raise SdpRejected(f"a={attr} needs a value")
@@ -204,7 +218,7 @@ def _check_attribute(attr: str, value: str | None, section: _Section | None, lin
             raise SdpRejected("a=extmap is not '<id>[/<direction>] <uri>' (no extension attributes)")
         ext_id, slash, direction = bits[0].partition("/")
         _number(ext_id, "a=extmap id", 1, 255)
-        if slash and direction not in ("sendrecv", "sendonly", "recvonly", "inactive"):
+        if slash and direction not in DIRECTIONS:
             raise SdpRejected(f"a=extmap direction {direction[:10]!r} is not a direction")
     elif attr == "setup":
         if value not in SETUP_ROLES:
@@ -278,6 +292,7 @@ def check_offer(text: str) -> None:
                 if sections > MAX_MEDIA_SECTIONS:
                     raise SdpRejected(f"more than {MAX_MEDIA_SECTIONS} m-sections")
                 section = _check_m_line(line)
+                section.line_no = no
             elif kind == "c":
                 if not _CONNECTION.fullmatch(line[2:]):
                     raise SdpRejected("c= is not 'IN IP4|IP6 <address>'")

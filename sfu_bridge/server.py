@@ -43,6 +43,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
@@ -240,7 +241,12 @@ class BridgeServer:
             raise SignalingError(415, f"Content-Type must be {SDP_TYPE}")
         if request.content_length is not None and request.content_length > self.config.max_body_bytes:
             raise SignalingError(413, f"request body exceeds {self.config.max_body_bytes} bytes")
-        return OfferRequest(stream, token, bearer, parse_offer(await request.read()))
+        try:
+            body = await request.read()
+        except (ConnectionError, HttpProcessingError) as exc:
+            # the client left mid-body or broke its chunked encoding: nobody to answer, no 500
+            raise SignalingError(400, f"request body unreadable: {type(exc).__name__}") from None
+        return OfferRequest(stream, token, bearer, parse_offer(body))
 
     def _location(self, kind: str, stream: str, session: str) -> str:
         return f"{self.config.public_url.rstrip('/')}/{kind}/{stream}/{session}"

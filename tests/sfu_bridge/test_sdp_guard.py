@@ -133,7 +133,8 @@ BROKEN = [
     (_swap("s=-", "v=0"), "only its first line is v="),
     ("v=1\r\n", "starts with 'v=0'"),
     ("\r\n\r\n", "empty SDP"),
-    (AIORTC_OFFER + "m=audio 9 UDP/TLS/RTP/SAVPF 96\r\n" * 16, "more than 16 m-sections"),
+    (AIORTC_OFFER + "m=audio 9 UDP/TLS/RTP/SAVPF 96\r\na=sendrecv\r\n" * 16, "more than 16 m-sections"),
+    (_swap("a=sendonly\r\n", ""), "line 7: the m-section has no a=sendrecv"),  # found by the fuzzer
     (_swap("SAVPF 96 9 0 8 120", "SAVPF " + " ".join(str(i) for i in range(65))), "at most 64"),
 ]
 

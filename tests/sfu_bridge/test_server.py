@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import aiohttp
 import pytest
@@ -228,3 +229,27 @@ def test_token_with_non_ascii_bytes_is_401(scenario, tokens, method):
         assert "malformed token" in text
 
     scenario(body)
+
+
+def test_client_leaving_mid_body_is_a_counted_400_not_a_crash(scenario, tokens, caplog):
+    token = tokens.issue("alice", "room1", ["publish"])
+    caplog.set_level(logging.ERROR, logger="aiohttp.server")
+
+    async def body(http, base, server):
+        host, port = base.rsplit("/", 1)[1].split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /whip/room1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\n"
+            b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: 500\r\n\r\nv=0\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the server now waits for the rest of the body
+        writer.close()
+        for _ in range(100):
+            if server.http_errors.get(400):
+                break
+            await asyncio.sleep(0.05)
+        assert server.http_errors.get(400) == 1
+
+    scenario(body)
+    assert not [r for r in caplog.records if r.name == "aiohttp.server"], caplog.text
