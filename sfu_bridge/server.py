@@ -303,7 +303,9 @@ class BridgeServer:
 
     async def _take_stream(self, req: OfferRequest) -> bool:
         """Make room for a publish: end the stream's publisher if the same user (or an
-        operator) publishes again, else 409. True if a session was replaced."""
+        operator) publishes again, else 409. True if a session was replaced. The old session
+        ends before the new offer is negotiated (one stream, one slot); the offer has passed
+        the token and SDP checks by then."""
         old = self.media.publishers.get(req.stream)
         if old is None:
             return False

@@ -185,11 +185,13 @@ def test_same_user_replaces_a_stale_publisher_at_once(bridge, tokens, caplog):
     second = tokens.issue("alice", "r1", ["publish"])  # a restarted client's fresh token
     other = tokens.issue("bob", "r1", ["publish"])
     operator = tokens.issue("ops", "*", ["operator", "publish"])
+    viewer = tokens.issue("carol", "r1", ["subscribe"])
     caplog.set_level(logging.INFO, logger="sfu_bridge.server")
 
     async def body(http, base, server):
         s1, _, h1 = await ghost(http, base, "whip", "r1", first)
         assert s1 == 201 and "Auralink-Replaced" not in h1
+        assert (await ghost(http, base, "whep", "r1", viewer))[0] == 201
         s2, _, h2 = await ghost(http, base, "whip", "r1", second)
         assert s2 == 201 and h2["Auralink-Replaced"] == "publisher"
         assert h2["Location"] != h1["Location"]
@@ -199,7 +201,8 @@ def test_same_user_replaces_a_stale_publisher_at_once(bridge, tokens, caplog):
         assert s3 == 409 and "another user" in text
         s4, _, h4 = await ghost(http, base, "whip", "r1", operator)
         assert s4 == 201 and h4["Auralink-Replaced"] == "publisher"
-        assert list(server.media.publishers) == ["r1"] and len(server.media.sessions) == 1
+        assert list(server.media.publishers) == ["r1"] and len(server.media.sessions) == 2
+        assert len(server.media.subscribers["r1"]) == 1  # the viewer stays through replacements
         assert server.sessions.ended[EndReason.REPLACED] == 2
         assert server.sessions.refused[Refusal.STREAM_TAKEN] == 1
 
