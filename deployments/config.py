@@ -15,8 +15,10 @@ from typing import Any
 from models.constants import (
     BANDWIDTHS_KBPS,
     DEFAULT_DEADLINE_MS,
+    DEFAULT_FRAME_PERIOD_MS,
     DEFAULT_MARGIN_MS,
     DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_HOLD_MS,
     DEFAULT_MAX_QUEUE,
     MAX_BANDWIDTH_KBPS,
 )
@@ -59,6 +61,10 @@ class ReplicaSettings:
     max_batch: int = DEFAULT_MAX_BATCH
     margin_ms: float = DEFAULT_MARGIN_MS  # safety margin added to the latency model's prediction
     max_queue: int = DEFAULT_MAX_QUEUE  # frames waiting in the EDF queue before new ones are shed
+    # The scheduler may hold a batch this long for a frame its arrival forecast expects
+    # (0: never hold); streams are forecast to send one chunk per frame period.
+    max_hold_ms: float = DEFAULT_MAX_HOLD_MS
+    frame_period_ms: float = DEFAULT_FRAME_PERIOD_MS
     capacity: int = 256  # streaming slots (streams) per replica
     idle_timeout_s: float = 30.0  # a slot with no frame for this long is freed
     backend: Backend = Backend.TORCH
@@ -84,6 +90,8 @@ class ReplicaSettings:
             raise ValueError("deadline_ms must be > 0 and margin_ms >= 0")
         if self.max_batch < 1 or self.capacity < 1 or self.max_queue < 1:
             raise ValueError("max_batch, capacity and max_queue must be >= 1")
+        if self.max_hold_ms < 0 or self.frame_period_ms <= 0:
+            raise ValueError("max_hold_ms must be >= 0 and frame_period_ms > 0")
         if self.max_bandwidth_kbps not in BANDWIDTHS_KBPS:
             raise ValueError(f"max_bandwidth_kbps {self.max_bandwidth_kbps} not in {BANDWIDTHS_KBPS}")
         if not self.latency_profile or min(self.latency_profile) < 1:

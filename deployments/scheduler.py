@@ -5,42 +5,61 @@ request's frames), calls `schedule(now)` whenever the model is free, runs `plan.
 one batch, answers `plan.expired_refs` with `fallback/deadline` and `plan.shed_refs` with
 `fallback/overload` *before* computing, then calls `complete(plan, measured_ms)`.
 
+Decisions come from the latency model's *distribution* of step times T(B) (expected goodput),
+not from a worst case: a worst-case rule sheds frames that would very likely have made it.
 Rules (why each exists):
 - The queue is ordered by (deadline, arrival): the frame closest to being useless goes first.
-- A frame that cannot finish in time even if run now alone (now + L(1) + margin > deadline) is
-  expired at once: no compute is spent on a frame the call has already moved past.
-- The batch is the longest EDF prefix of eligible frames whose predicted step fits the earliest
-  deadline in it: now + L(B) + margin <= min deadline. Larger batches use the device better,
-  and every frame in the batch is then predicted on time.
-- Under overload the head of the queue can hold frames with just enough slack for a tiny
-  batch; serving them would starve throughput and push everything else late. When the queue
-  holds more than the head-limited batch, the scheduler may skip a few head frames if that
-  buys a batch that finishes more frames per millisecond; a skipped frame that can still fit a
-  later step stays queued, one that cannot is expired (Nexus-style early drop).
+- A frame whose chance of finishing in time even if run now alone is below `min_on_time_p`
+  (P(T(1) <= deadline - now - margin)) is expired at once, and a frame whose deadline is
+  already within the margin always is: no compute goes to a frame the call has moved past.
+- The batch is the window of eligible frames in queue order (at most `max_batch` long) with
+  the most expected on-time frames: those of this step, sum of P(T(B) <= slack_i), plus those
+  it leaves behind, in one following step that starts when this one is expected to end and
+  also holds the frames expected meanwhile. The lookahead keeps a large batch from stranding
+  the frames behind it, and an urgent head frame from costing the rest more than it gains.
+- Under overload (steps sized to their head frames cannot serve every frame at mean step
+  times) the window may skip up to `max_head_skip` head frames; otherwise it starts at the
+  head, since later steps can serve what this one leaves.
+- A frame of the chosen batch whose own chance in it is below `min_on_time_p` is not computed;
+  it and any skipped head frame stay queued if a later step can still serve them, and are
+  expired otherwise (Nexus-style early drop).
+- Bridges send one request per tick, so each stream's next chunk is due about one frame period
+  after its last (arrivals.py). When holding the batch until such an expected frame arrives
+  (at most `max_hold_ms`) is worth more expected on-time frames than running now, nothing
+  runs and `plan.hold_until` says when to decide again at the latest (an arrival earlier).
+  On a device whose single step takes most of the deadline, two chunks a millisecond apart
+  must share a step: run apart, the second waits a whole step.
 - A stream's frames run in order ((epoch, epoch_seq)) and never two of one stream in a batch:
-  its streaming state advances one chunk per step. Later frames wait for the next step.
+  its streaming state advances one chunk per step. Later frames wait for the next step. A
+  stream that has fallen behind (a newer frame queued) skips a head frame less than
+  `catch_up_p` likely to make it: one frame lost instead of a backlog that drains for ticks.
 - The queue is bounded (`max_queue`): a frame beyond it is shed `overload` on arrival.
 - The model learns only from steps that run, so when everything expires and nothing has run
-  for `probe_after_s`, one frame that the median step time would still finish is run as a
-  probe: a single outlier (warm-up, GC pause) cannot turn the AI off for good.
+  for `probe_after_s`, the expiring frame with the most slack that has not yet missed is run
+  as a probe: a stretch of slow steps (warm-up, a stall) cannot turn the AI off for good.
+- Whenever frames stay queued and nothing runs, the plan names `hold_until`: the caller sleeps
+  until then or the next arrival, never polls.
 
 Every frame ever added ends in exactly one place: the queue, a plan's run/expired/shed list;
 `check_invariants()` asserts it at the end of every step (cheap counters, not a scan).
 
 Columnar: the queue is a set of numpy columns (deadline, arrival, stream key, epoch, seq, the
-caller's reference), and every rule above is an array operation over it, so a replica's
-bookkeeping costs a fraction of a microsecond per frame at thousands of frames per tick.
-Stream keys are small non-negative integers (a replica's state slots). `add(PendingFrame)`
-is the same queue one frame at a time, for callers that think in frames (the batching
-benchmark); its plans also list the frames as objects.
+caller's reference), the forecast is columnar too (arrivals.py), and every rule above is an
+array operation over them, so a replica's bookkeeping costs a fraction of a microsecond per
+frame at thousands of frames per tick. A batch's value is computed over runs of frames with
+one deadline (a request's frames share one), not frame by frame: the same sums, in a few
+terms. Stream keys are small non-negative integers (a replica's state slots).
+`add(PendingFrame)` is the same queue one frame at a time, for callers that think in frames
+(the batching benchmark, tests); their plans also list the frames as objects.
 
-Pure Python + numpy: the caller passes `now` (seconds, same clock as deadlines) and measured
-times.
+Pure logic (numpy), no Ray, no clock: the caller passes `now` (seconds, the clock of the
+deadlines) and measured times.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -48,17 +67,36 @@ from typing import Any
 
 import numpy as np
 
+from deployments.arrivals import ArrivalForecast, Expected
 from deployments.contract import FallbackReason
 from deployments.latency_model import LatencyModel
 from models.constants import (
     DEFAULT_DEADLINE_MS,
+    DEFAULT_FRAME_PERIOD_MS,
     DEFAULT_MARGIN_MS,
     DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_HOLD_MS,
     DEFAULT_MAX_QUEUE,
 )
 
+ARRIVAL_WINDOW = 256  # recent arrivals kept to estimate the arrival rate
+MAX_HOLD_OPTIONS = 2  # expected arrival times a decision weighs holding for
+_BUDGET_ALPHA = 0.05  # EWMA weight of one frame's budget in the usual budget
 _EMPTY = np.empty(0, np.int64)
 _EMPTY_F = np.empty(0, np.float64)
+
+
+@functools.lru_cache(maxsize=256)
+def _size_grid(kmax: int) -> np.ndarray:
+    """Batch sizes the scheduler values: every size up to 16, then steps of ~12.5%, and kmax."""
+    sizes = list(range(1, min(16, kmax) + 1))
+    b = 16
+    while b < kmax:
+        b = min(kmax, math.ceil(b * 1.125))
+        sizes.append(b)
+    grid = np.asarray(sizes)
+    grid.flags.writeable = False  # shared by every call
+    return grid
 
 
 @dataclass(frozen=True)
@@ -71,9 +109,21 @@ class SchedulerConfig:
     max_head_skip: int = 128
     # With frames expiring and no step for this long, run one as a probe of the model.
     probe_after_s: float = 0.25
+    # A frame less likely than this to finish in time (alone, or in its batch) is not computed.
+    min_on_time_p: float = 0.05
+    # A stream with a newer frame queued skips its head frame when that is less likely than
+    # this to finish in time (0: never).
+    catch_up_p: float = 0.7
+    # Hold a batch at most this long for frames the arrival forecast expects (0: never hold).
+    max_hold_ms: float = DEFAULT_MAX_HOLD_MS
+    # A stream's chunk period, and how late its chunk may come before that tick counts as skipped.
+    frame_period_ms: float = DEFAULT_FRAME_PERIOD_MS
+    arrival_grace_ms: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.deadline_ms <= 0 or self.max_batch < 1 or self.margin_ms < 0 or self.max_queue < 1:
+        if (self.deadline_ms <= 0 or self.max_batch < 1 or self.margin_ms < 0 or self.max_queue < 1
+                or not 0.0 < self.min_on_time_p < 1.0 or self.max_hold_ms < 0
+                or self.frame_period_ms <= 0 or self.arrival_grace_ms < 0):
             raise ValueError(f"invalid scheduler config: {self}")
 
     def updated(self, **changes: Any) -> SchedulerConfig:
@@ -112,12 +162,16 @@ class Plan:
     computed. `run`/`expired`/`shed` list the same frames as objects for `add()` callers."""
 
     now: float
-    run_refs: np.ndarray = field(default_factory=lambda: _EMPTY)  # int64, EDF order
+    run_refs: np.ndarray = field(default_factory=lambda: _EMPTY)  # int64
     run_deadlines: np.ndarray = field(default_factory=lambda: _EMPTY_F)
     expired_refs: np.ndarray = field(default_factory=lambda: _EMPTY)
     shed_refs: np.ndarray = field(default_factory=lambda: _EMPTY)  # all `overload`
-    predicted_ms: float = 0.0
+    predicted_ms: float = 0.0  # conservative (high-quantile) step time of the run
+    expected_on_time: float = 0.0  # expected frames of the run finishing in time (model's view)
     probe: bool = False  # the run is one frame run against the model's advice (_maybe_probe)
+    # Nothing runs but frames stay queued: when the decision must be made again at the latest
+    # (the first moment a queued frame would expire). None when something runs or nothing waits.
+    hold_until: float | None = None
     run: list[PendingFrame] = field(default_factory=list)
     expired: list[PendingFrame] = field(default_factory=list)
     shed: list[tuple[PendingFrame, ShedReason]] = field(default_factory=list)
@@ -127,12 +181,14 @@ class Plan:
 
 
 class EdfScheduler:
-    """Earliest-deadline-first batch former over a columnar queue, sized by a latency model."""
+    """Earliest-deadline-first batch former over a columnar queue, valued by the latency
+    model's step-time distribution."""
 
     def __init__(self, latency_model: LatencyModel | None = None,
                  config: SchedulerConfig | None = None) -> None:
         self.model = latency_model if latency_model is not None else LatencyModel()
         self.config = config if config is not None else SchedulerConfig()
+        # -- the queue, column by column (live rows only count)
         self._cap = 0
         self._n = 0  # columns in use (live and removed)
         self._live_n = 0
@@ -148,6 +204,7 @@ class EdfScheduler:
         self._last_arrival = -math.inf
         self._shed: list[np.ndarray] = []  # shed in add_many(), reported by the next plan
         self._shed_n = 0
+        # -- what the decisions learn from
         self.counters: Counter[str] = Counter()  # added, ai_planned, fallback/<reason>, steps
         self.batch_sizes: Counter[int] = Counter()
         self._added = 0
@@ -155,7 +212,12 @@ class EdfScheduler:
         self._planned_expired = 0
         self._planned_shed = 0
         self._last_run_at = -math.inf
-        # add(PendingFrame): stream ids -> keys, refs -> the frames
+        self._arrivals = np.zeros(ARRIVAL_WINDOW, np.float64)  # a ring of recent arrivals
+        self._arrivals_n = 0
+        self._arrivals_at = 0
+        self._forecast = self._new_forecast(self.config)
+        self._budget_ms = self.config.deadline_ms  # the usual budget of a frame on arrival
+        # -- add(PendingFrame): stream ids -> keys, refs -> the frames
         self._key_of: dict[str, int] = {}
         self._objects: dict[int, PendingFrame] = {}
         self._next_ref = 0
@@ -170,10 +232,13 @@ class EdfScheduler:
             return _EMPTY
         self._added += n
         self.counters["added"] += n
+        keys = np.asarray(keys, np.int64)
         deadlines = np.array(deadlines, np.float64)
         unset = ~np.isfinite(deadlines)
         if unset.any():
             deadlines[unset] = arrival + self.config.deadline_ms / 1000.0
+        self._note_arrivals(arrival, n, (deadlines - arrival) * 1000.0)
+        self._forecast.observe(keys, arrival, deadlines)
         room = max(0, self.config.max_queue - self._live_n)
         shed = _EMPTY
         if n > room:
@@ -184,7 +249,7 @@ class EdfScheduler:
             n = room
             if n == 0:
                 return shed
-        keys = np.asarray(keys[:n], np.int64)
+        keys = keys[:n]
         self._reserve(n)
         s = slice(self._n, self._n + n)
         self._dl[s] = deadlines[:n]
@@ -219,19 +284,29 @@ class EdfScheduler:
                              np.array([frame.deadline]), frame.arrival, np.array([ref]))
         return frame if shed.size else None
 
+    def _note_arrivals(self, arrival: float, n: int, budgets_ms: np.ndarray) -> None:
+        """The arrival-rate window and the usual budget, as n one-by-one arrivals move them."""
+        k = min(n, ARRIVAL_WINDOW)
+        idx = (self._arrivals_at + np.arange(k)) % ARRIVAL_WINDOW
+        self._arrivals[idx] = arrival
+        self._arrivals_at = (self._arrivals_at + k) % ARRIVAL_WINDOW
+        self._arrivals_n = min(ARRIVAL_WINDOW, self._arrivals_n + n)
+        # b <- b + a (x - b) per frame, in closed form (older terms vanish: 0.95^700 ~ 1e-16)
+        tail = budgets_ms[-700:]
+        decay = (1.0 - _BUDGET_ALPHA) ** np.arange(tail.size - 1, -1, -1)
+        self._budget_ms = (self._budget_ms * (1.0 - _BUDGET_ALPHA) ** n
+                           + float(np.dot(_BUDGET_ALPHA * decay, tail)))
+
     def _reserve(self, n: int) -> None:
         if self._n + n <= self._cap:
             return
         live = np.flatnonzero(self._live[: self._n])
         cap = max(1024, 2 * (live.size + n))
-        cols = {}
         for name in ("_dl", "_arr", "_key", "_ep", "_sq", "_ref", "_live"):
             old = getattr(self, name)
             new = np.zeros(cap, old.dtype)
             new[: live.size] = old[live]  # compacted, insertion order kept
-            cols[name] = new
-        for name, arr in cols.items():
-            setattr(self, name, arr)
+            setattr(self, name, new)
         self._cap = cap
         self._n = live.size
 
@@ -246,7 +321,14 @@ class EdfScheduler:
 
     def reconfigure(self, config: SchedulerConfig) -> None:
         """New knobs apply from the next `schedule()`; queued frames keep their deadlines."""
+        if (config.frame_period_ms, config.arrival_grace_ms) != (
+                self.config.frame_period_ms, self.config.arrival_grace_ms):
+            self._forecast = self._new_forecast(config)
         self.config = config
+
+    @staticmethod
+    def _new_forecast(config: SchedulerConfig) -> ArrivalForecast:
+        return ArrivalForecast(config.frame_period_ms / 1000.0, config.arrival_grace_ms / 1000.0)
 
     # ------------------------------------------------------------------------------ deciding
     def schedule(self, now: float) -> Plan:
@@ -257,39 +339,41 @@ class EdfScheduler:
         if self._shed:
             plan.shed_refs = np.concatenate(self._shed)
             self._shed, self._shed_n = [], 0
-        one_s = self.model.predict(1) / 1000.0
-        live = np.flatnonzero(self._live[: self._n])
-        expired = [_EMPTY]
+        expired: list[np.ndarray] = [_EMPTY]
 
-        # 1. Expire what cannot finish even alone, before any compute.
+        # 1. Expire what is unlikely to finish even alone, before any compute.
+        hopeless_s = self._hopeless_s()
+        live = np.flatnonzero(self._live[: self._n])
         if live.size:
-            hopeless = self._dl[live] < now + one_s + margin_s
-            if hopeless.any():
-                gone = live[hopeless]
+            gone = live[self._dl[live] < now + margin_s + hopeless_s]
+            if gone.size:
                 expired.append(gone[self._edf_order(gone)])
                 self._remove(gone)
-                live = live[~hopeless]
 
-        # 2. Eligible frames: a stream's earliest queued frame, in EDF order.
+        # 2. Eligible frames in queue order: a stream's earliest queued frame, once per batch.
+        cands = self._candidates(expired, now, margin_s)
+
+        # 3. Run the most productive window of them now, or hold them all for expected frames.
         run = _EMPTY
-        if live.size:
-            cands = self._eligible(live)[: cfg.max_batch + cfg.max_head_skip]
-            start, size = self._choose_batch(self._dl[cands], now, margin_s)
-            run = cands[start : start + size]
-            # Head frames skipped for a better batch: keep the ones a later step can still
-            # serve, expire the rest (they would only miss after waiting).
-            after_s = now + self.model.predict(size) / 1000.0 if size else now
-            head = cands[:start]
-            lost = head[after_s + one_s + margin_s > self._dl[head]]
-            self._remove(run)
-            self._remove(lost)
-            expired.append(lost)
+        if cands.size:
+            start, size, hold_until = self._decide(cands, now, margin_s)
+            if hold_until is None:
+                run = self._take(plan, expired, cands, start, size, hopeless_s)
+            else:
+                plan.hold_until = hold_until
+                self.counters["holds"] += 1
+
         exp = np.concatenate(expired)
-        if not run.size and exp.size:
+        if not run.size and exp.size and plan.hold_until is None:
             run, exp = self._maybe_probe(run, exp, now, margin_s, plan)
         if run.size:
             self._last_run_at = now
             plan.predicted_ms = self.model.predict(int(run.size))
+        elif self._live_n and plan.hold_until is None:
+            # Frames wait and none can run yet: name the time to decide again, 1 us past the
+            # expiry cutoff of the earliest deadline (the decision then expires it).
+            head = float(self._dl[np.flatnonzero(self._live[: self._n])].min())
+            plan.hold_until = max(now, head - margin_s - hopeless_s + 1e-6)
         plan.run_refs = self._ref[run]
         plan.run_deadlines = self._dl[run]
         plan.expired_refs = self._ref[exp]
@@ -297,6 +381,7 @@ class EdfScheduler:
             self._materialize(plan)
         self._account(plan)
         self.check_invariants()
+        assert run.size or not self._live_n or plan.hold_until is not None, "frames kept without a time"
         return plan
 
     def _edf_order(self, idx: np.ndarray) -> np.ndarray:
@@ -306,15 +391,16 @@ class EdfScheduler:
             return np.argsort(self._dl[idx], kind="stable")
         return np.lexsort((self._arr[idx], self._dl[idx]))
 
-    def _eligible(self, live: np.ndarray) -> np.ndarray:
-        """Each stream's earliest queued frame (by epoch, seq), in EDF order."""
-        if (self._kq > 1).any():
+    def _eligible(self, limit: int) -> np.ndarray:
+        """Each stream's earliest queued frame (by epoch, seq), the first `limit` in EDF order."""
+        live = np.flatnonzero(self._live[: self._n])
+        if live.size and (self._kq > 1).any():
             o = np.lexsort((self._sq[live], self._ep[live], self._key[live]))
             k = self._key[live[o]]
             first = np.ones(o.size, bool)
             first[1:] = k[1:] != k[:-1]
             live = np.sort(live[o[first]])
-        return live[self._edf_order(live)]
+        return live[self._edf_order(live)][:limit]
 
     def _remove(self, idx: np.ndarray) -> None:
         if not idx.size:
@@ -326,89 +412,97 @@ class EdfScheduler:
             self._in_arrival_order = True
             self._last_arrival = -math.inf
 
-    def _choose_batch(self, deadlines: np.ndarray, now: float, margin_s: float) -> tuple[int, int]:
-        """(start, size): run cands[start:start+size] (`deadlines` of the candidates, in EDF
-        order, so a window's earliest deadline is its first).
+    def _slack_ms(self, idx: np.ndarray, now: float, margin_s: float) -> np.ndarray:
+        return (self._dl[idx] - now - margin_s) * 1000.0
 
-        Default: the head-limited batch, cands[0:fit(0)]. Only when that batch is smaller than
-        the work waiting AND running it first would also shrink the next step (a cascade of
-        small steps, i.e. overload) are head frames skipped, and only if the skip finishes
-        clearly more frames per ms of compute."""
-        cfg = self.config
-        model = self.model
-        n = int(deadlines.size)
+    def _candidates(self, expired: list[np.ndarray], now: float, margin_s: float) -> np.ndarray:
+        """The eligible frames, after streams that fell behind caught up."""
+        limit = self.config.max_batch + self.config.max_head_skip
+        cands = self._eligible(limit)
+        behind = self._behind(cands, now, margin_s)
+        if not behind.size:
+            return cands
+        # A stream that has fallen behind skips its frame least likely to make it, so its
+        # newer frame runs instead of waiting a step behind it (and the next one behind that):
+        # one frame lost instead of a backlog that takes many ticks to drain.
+        self._remove(behind)
+        expired.append(behind)
+        self.counters["caught_up"] += int(behind.size)
+        return self._eligible(limit)
 
-        def fit(i: int, at: float = now) -> int:
-            # Largest k with at + L(k) + margin <= deadline of cands[i] (the window's min).
-            hi_k = min(n - i, cfg.max_batch)
-            if hi_k <= 0:
-                return 0
-            return model.max_batch_within((float(deadlines[i]) - at - margin_s) * 1000.0, hi_k)
+    def _behind(self, cands: np.ndarray, now: float, margin_s: float) -> np.ndarray:
+        """Candidates whose stream has a newer frame queued and that are less than
+        `catch_up_p` likely to finish in a batch of every candidate."""
+        if self.config.catch_up_p <= 0 or not cands.size:
+            return _EMPTY
+        queued = cands[self._kq[self._key[cands]] > 1]
+        if not queued.size:
+            return _EMPTY
+        k = min(cands.size, self.config.max_batch)
+        p = self.model.p_within_matrix([k], self._slack_ms(queued, now, margin_s))[0]
+        return queued[p < self.config.catch_up_p]
 
-        def full(i: int) -> int:
-            return min(n - i, cfg.max_batch)
+    def _hopeless_s(self) -> float:
+        """Slack (s) below which a frame run alone now is less than `min_on_time_p` likely on time."""
+        return self.model.quantile_ms(1, self.config.min_on_time_p) / 1000.0
 
-        k0 = fit(0)
-        if k0 >= full(0):
-            return 0, k0  # the head does not limit the batch
-        if k0 and fit(k0, now + model.predict(k0) / 1000.0) >= full(k0):
-            return 0, k0  # serving the head first costs the next step nothing
-        best_start, best_size = 0, k0
-        best_rate = k0 / model.predict(k0) if k0 else 0.0
-        # Skip points: geometric (1, 2, 4, ...) plus the first skip that yields a full batch
-        # (binary search; fit(s) grows with s as deadlines grow), all within max_head_skip.
-        limit = min(n - 1, cfg.max_head_skip)
-        skips = set()
-        s = 1
-        while s <= limit:
-            skips.add(s)
-            s *= 2
-        lo, hi = 0, limit + 1  # find the smallest s in [1, limit] with fit(s) >= full(s)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if fit(mid) >= full(mid):
-                hi = mid
-            else:
-                lo = mid
-        if hi <= limit:
-            skips.add(hi)
-        for skip in sorted(skips):
-            size = fit(skip)
-            if size:
-                rate = size / model.predict(size)
-                # Require a clear gain so noise does not skip urgent frames.
-                if rate > best_rate * 1.1:
-                    best_start, best_size, best_rate = skip, size, rate
-        return best_start, best_size
+    def _take(self, plan: Plan, expired: list[np.ndarray], cands: np.ndarray, start: int, size: int,
+              hopeless_s: float) -> np.ndarray:
+        """Run cands[start:start+size] (less the frames unlikely to make it in it); frames
+        passed over stay queued if a later step can still serve them, else expire."""
+        margin_s = self.config.margin_ms / 1000.0
+        run, dropped, plan.expected_on_time = self._keep_likely(cands[start : start + size],
+                                                                plan.now, margin_s)
+        after_s = plan.now + float(self.model.mean_ms([run.size])[0]) / 1000.0 if run.size else plan.now
+        passed = np.concatenate([cands[:start], dropped])
+        lost = passed[self._dl[passed] < after_s + margin_s + hopeless_s]
+        self._remove(run)
+        self._remove(lost)
+        expired.append(lost)
+        return run
+
+    def _keep_likely(self, run: np.ndarray, now: float, margin_s: float
+                     ) -> tuple[np.ndarray, np.ndarray, float]:
+        """(kept, dropped, expected on-time frames of kept): frames of the batch less than
+        `min_on_time_p` likely to finish in it are not computed. Dropping one shortens the
+        step, so the rest are re-checked."""
+        dropped: list[np.ndarray] = [_EMPTY]
+        while run.size:
+            p = self.model.p_within_matrix([run.size], self._slack_ms(run, now, margin_s))[0]
+            low = p < self.config.min_on_time_p
+            if not low.any():
+                return run, np.concatenate(dropped), float(p.sum())
+            dropped.append(run[low])
+            run = run[~low]
+        return run, np.concatenate(dropped), 0.0
 
     def _maybe_probe(self, run: np.ndarray, expired: np.ndarray, now: float, margin_s: float,
                      plan: Plan) -> tuple[np.ndarray, np.ndarray]:
         """Run one expiring frame as a probe when nothing has run for `probe_after_s`.
 
-        The model only learns from steps that run. One outlier (a warm-up step, a GC pause)
-        can push L(1) past every frame's slack; then every frame would expire, no step would
-        run, and the model would never see the device is fast again. A probe runs the frame
-        with the most slack if the *typical* (median) step would still make it, provided it
-        is its stream's earliest frame (so the stream's order holds)."""
+        The model only learns from steps that run. A stretch of slow steps (a warm-up, a
+        stall) can fill the model's window until every frame looks hopeless; then every frame
+        would expire, no step would run, and the model would never see the device is fast
+        again. A probe runs the expiring frame with the most slack that has not yet missed:
+        at most one single-frame step per `probe_after_s` spent against the model's advice
+        (and it must be its stream's earliest frame, so the stream's order holds)."""
         cfg = self.config
         if cfg.probe_after_s <= 0 or now - self._last_run_at < cfg.probe_after_s:
             return run, expired
-        typical_s = self.model.typical(1) / 1000.0
-        ok = self._dl[expired] >= now + typical_s + margin_s
+        ok = self._dl[expired] > now + margin_s
         if not ok.any():
             return run, expired
-        # The stream's earliest frame among the expired ones, with none of its frames queued
-        # before it: rare path (nothing ran), so a loop over the few candidates is fine.
-        keys, orders = self._key[expired], list(zip(self._ep[expired].tolist(), self._sq[expired].tolist(),
-                                                     strict=True))
+        # rare path (nothing ran): a loop over the few expiring frames is fine
+        keys = self._key[expired].tolist()
+        orders = list(zip(self._ep[expired].tolist(), self._sq[expired].tolist(), strict=True))
         earliest: dict[int, tuple[int, int]] = {}
-        for k, o in zip(keys.tolist(), orders, strict=True):
+        for k, o in zip(keys, orders, strict=True):
             if k not in earliest or o < earliest[k]:
                 earliest[k] = o
         live = np.flatnonzero(self._live[: self._n])
         best = -1
         for j in np.flatnonzero(ok).tolist():
-            k, o = int(keys[j]), orders[j]
+            k, o = keys[j], orders[j]
             if o != earliest[k]:
                 continue
             same = live[self._key[live] == k]
@@ -421,6 +515,166 @@ class EdfScheduler:
         plan.probe = True
         self.counters["probes"] += 1
         return expired[best : best + 1], np.delete(expired, best)
+
+    def _decide(self, cands: np.ndarray, now: float, margin_s: float) -> tuple[int, int, float | None]:
+        """(start, size, hold_until): run cands[start:start+size] now, or (hold_until set) run
+        nothing and decide again then, because waiting for frames the arrival forecast expects
+        finishes more frames in time."""
+        cfg = self.config
+        slack = self._slack_ms(cands, now, margin_s)
+        ones = np.ones(cands.size)
+        expected: Expected | None = None
+        if cfg.max_hold_ms > 0 and cands.size < cfg.max_batch:
+            # A stream with a frame queued cannot add another to the next batch.
+            expected = self._forecast.expected(now, cfg.max_hold_ms / 1000.0, exclude=self._kq > 0)
+        n_exp = len(expected) if expected is not None else 0
+        exp_slack = (expected.deadline - now - margin_s) * 1000.0 if n_exp else _EMPTY_F
+        exp_weight = expected.weight if n_exp else _EMPTY_F
+        if not n_exp and cands.size == 1:
+            return 0, 1, None  # nothing to weigh: the one frame runs (expiry vetted it)
+        # Overload: steps sized to their head frames cannot serve every frame (expected ones
+        # and those the arrival rate brings meanwhile included) at mean step times. Then head
+        # frames may be skipped and device time is what a batch is valued against. Otherwise
+        # later steps can serve what this one leaves, which the one-step lookahead cannot see
+        # (it would trade head frames for more now), so the batch starts at the head.
+        overloaded = cands.size > 1 and not self._feasible(np.sort(np.concatenate(
+            [slack, exp_slack, self._unseen_slack(float(slack.max()), n_exp)])))
+        value, start, size = self._best_window(slack, ones, exp_slack, exp_weight, overloaded)
+        if not n_exp:
+            return start, size, None
+        # Holding until the i-th expected arrival: those frames join the candidates (weighted
+        # by how likely they are to come), every slack shrinks by the wait. Only arrivals before
+        # the batch chosen now would end are worth waiting for: a later one finds the device free.
+        step_end = now + float(self.model.mean_ms([size])[0]) / 1000.0
+        arrivals = np.unique(expected.arrival[expected.arrival < step_end])[:MAX_HOLD_OPTIONS]
+        best_hold, best_value = None, value * (1.0 + 1e-3) + 1e-3  # a clear gain, or run now
+        for t in arrivals.tolist():
+            wait_ms = (t - now) * 1000.0
+            joins = expected.arrival <= t
+            h_slack = np.concatenate([slack, exp_slack[joins]]) - wait_ms
+            h_weight = np.concatenate([ones, exp_weight[joins]])
+            order = np.argsort(h_slack, kind="stable")
+            v, _, _ = self._best_window(h_slack[order], h_weight[order], exp_slack[~joins] - wait_ms,
+                                        exp_weight[~joins], overloaded, wait_ms)
+            if v > best_value:
+                best_hold, best_value = t, v
+        if best_hold is None:
+            return start, size, None
+        # Wait for those frames at most until they are overdue; an arrival wakes the caller.
+        return 0, 0, float(expected.due_by[expected.arrival == best_hold].max())
+
+    def _best_window(
+        self, slack: np.ndarray, weight: np.ndarray, later_slack: np.ndarray, later_weight: np.ndarray,
+        overloaded: bool, wait_ms: float = 0.0,
+    ) -> tuple[float, int, int]:
+        """(value, start, size) of the best batch from frames with these slacks (ms, in queue
+        order) and weights (probability each frame is there at all).
+
+        Every window (start = head frames skipped, up to max_head_skip; size up to max_batch)
+        is valued by the expected number of frames finishing in time: this step's, sum of
+        w_i P(T(size) <= slack_i) over the window, plus the frames it leaves behind and the
+        `later` ones (frames that can only join a following step), each with
+        P(T(m) <= slack_i - E[T(size)]) in one following step of m frames (those left plus the
+        arrivals expected meanwhile). The lookahead is what stops a large batch from stranding
+        the frames behind it, and a head frame from costing the rest more than it gains.
+        Overloaded, windows may skip head frames and the value is per ms of device time
+        (`wait_ms` of holding included).
+
+        The sums run over runs of frames with one slack (a request's frames share a
+        deadline): P is evaluated once per distinct slack, and a prefix sum up to any frame
+        is the whole runs before it plus the part of its own run, by weight."""
+        cfg = self.config
+        model = self.model
+        n = len(slack)
+        ks = _size_grid(min(n, cfg.max_batch))
+        nk = len(ks)
+        tau = model.mean_ms(ks)  # expected length of this step, per size
+        later_total = float(later_weight.sum())
+        # Frames arriving during this step beyond the expected ones we know: they join the
+        # next step (with about the usual budget less half the step).
+        unknown = np.maximum(self._arrival_rate_per_ms() * tau - later_total, 0.0)
+        m = np.minimum(np.maximum(np.rint(n - ks + later_total + unknown), 1), cfg.max_batch).astype(int)
+        # runs of equal slack among the candidates, and the later frames by distinct slack
+        run_start = np.flatnonzero(np.concatenate(([True], slack[1:] != slack[:-1])))
+        run_slack = slack[run_start]
+        cw = np.concatenate(([0.0], np.cumsum(weight)))  # weight before each position
+        run_end = np.concatenate((run_start[1:], [n]))
+        run_w = cw[run_end] - cw[run_start]
+        lat_slack, lat_inv = np.unique(later_slack, return_inverse=True)
+        lat_w = np.bincount(lat_inv.ravel(), weights=later_weight, minlength=lat_slack.size)
+        u, v = run_slack.size, lat_slack.size
+        # One CDF evaluation for both steps: rows for this step's sizes, then the next one's.
+        all_slack = np.concatenate([run_slack, lat_slack, [0.0]])
+        budgets = np.empty((2 * nk, all_slack.size))
+        budgets[:nk] = all_slack
+        budgets[nk:] = all_slack[None, :] - tau[:, None]
+        budgets[nk:, -1] = self._budget_ms - cfg.margin_ms - tau / 2.0
+        p = model.p_within_matrix(np.concatenate([ks, m]), budgets)
+        now_run = p[:nk, :u]  # P per run, this step
+        next_run = p[nk:, :u]  # ... and the next one
+        nxt = next_run @ run_w + p[nk:, u : u + v] @ lat_w  # every frame next step, were none run now
+        if overloaded:
+            # ... and the unknown arrivals, which a full next step serves anyway under overload
+            # (frames left behind compete with them).
+            nxt = nxt + unknown * p[nk:, -1]
+        # A window's value = its frames' chances now + everyone else's in the next step
+        #                  = nxt + sum over the window of (now - next); ties (and near-ties)
+        # go to frames finished now (x 1.001): the lookahead is an estimate.
+        gain = now_run * 1.001 - next_run  # [nk, u] per unit of weight
+        starts = np.arange(min(n - 1, cfg.max_head_skip) + 1 if overloaded else 1)
+        end = starts[:, None] + ks[None, :]  # [S, K]
+        end_c = np.minimum(end, n)
+        window = _prefix(gain, run_start, run_w, cw, end_c) - _prefix(gain, run_start, run_w, cw, starts[:, None])
+        if nxt.max() > cfg.max_batch:
+            # The next step cannot take every frame left behind: cap its share.
+            in_window = (_prefix(next_run, run_start, run_w, cw, end_c)
+                         - _prefix(next_run, run_start, run_w, cw, starts[:, None]))
+            value = window + in_window + np.minimum(nxt - in_window, cfg.max_batch)
+        else:
+            value = window + nxt
+        if overloaded:
+            # Device time is the scarce thing: on-time frames per ms over both steps (and any
+            # wait before them), or a step of a few easy frames would look as good as a full one.
+            value = value / (wait_ms + tau + model.mean_ms(m))
+        value[end > n] = -np.inf
+        # First maximum in (start, size) order: then the head first.
+        si, kj = np.unravel_index(int(np.argmax(value)), value.shape)
+        return float(value[si, kj]), int(si), int(ks[kj])
+
+    def _unseen_slack(self, horizon_ms: float, known: int) -> np.ndarray:
+        """Slacks (ms from now) of the frames the arrival rate brings within `horizon_ms`,
+        beyond `known` expected ones: evenly spaced, each with the usual budget."""
+        rate = self._arrival_rate_per_ms()
+        count = int(rate * horizon_ms) - known
+        if count <= 0:
+            return _EMPTY_F
+        at = (np.arange(count) + 0.5) / rate
+        return at + self._budget_ms - self.config.margin_ms
+
+    def _feasible(self, slack_sorted: np.ndarray) -> bool:
+        """Can steps run back to back, each the largest deadline-order prefix whose mean step
+        time fits its first frame's slack, serve every frame? (An EDF fluid check.)"""
+        cap = self.config.max_batch
+        means = self.model.mean_ms(np.arange(1, min(cap, len(slack_sorted)) + 1))
+        t, i, n = 0.0, 0, len(slack_sorted)
+        while i < n:
+            k = min(int(np.searchsorted(means, slack_sorted[i] - t, side="right")), n - i)
+            if k == 0:
+                return False
+            t += float(means[k - 1])
+            i += k
+        return True
+
+    def _arrival_rate_per_ms(self) -> float:
+        """Frames per ms over the recent arrivals (0 until two distinct arrival times)."""
+        n = self._arrivals_n
+        if n < 2:
+            return 0.0
+        newest = self._arrivals[(self._arrivals_at - 1) % ARRIVAL_WINDOW]
+        oldest = self._arrivals[(self._arrivals_at - n) % ARRIVAL_WINDOW]
+        if newest <= oldest:
+            return 0.0
+        return (n - 1) / ((newest - oldest) * 1000.0)
 
     def _materialize(self, plan: Plan) -> None:
         objs = self._objects
@@ -478,3 +732,20 @@ class EdfScheduler:
 
     def snapshot_counters(self) -> dict[str, int]:
         return dict(self.counters)
+
+
+def _prefix(per_run: np.ndarray, run_start: np.ndarray, run_w: np.ndarray, cw: np.ndarray,
+            pos: np.ndarray) -> np.ndarray:
+    """For each row k of `per_run` ([K, U]: a value per unit weight of each run) and each
+    position in `pos` (any shape broadcasting against [..., K]: frames taken from the head),
+    the weighted sum over those frames: whole runs before the position plus the part of its
+    own run. Returns pos's shape with a trailing K axis folded in: [..., K]."""
+    k = per_run.shape[0]
+    whole = np.zeros((k, per_run.shape[1] + 1))
+    np.cumsum(per_run * run_w, axis=1, out=whole[:, 1:])
+    pos = np.broadcast_to(pos, np.broadcast_shapes(pos.shape, (1, k))) if pos.ndim == 2 else pos
+    r = np.searchsorted(run_start, pos, side="right") - 1  # the run a position falls in
+    rows = np.broadcast_to(np.arange(k), pos.shape)
+    r_c = np.minimum(r, per_run.shape[1] - 1)
+    partial = cw[pos] - cw[run_start[r_c]]
+    return whole[rows, r_c] + per_run[rows, r_c] * partial

@@ -37,6 +37,8 @@ DEFAULT_DEADLINE_MS = 20.0  # bridge send -> codes back
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MARGIN_MS = 2.0  # kept between the predicted end of a step and a deadline
 DEFAULT_MAX_QUEUE = 4096  # frames waiting on a replica before new ones are shed
+DEFAULT_MAX_HOLD_MS = 20.0  # the longest a batch is held for a frame the forecast expects
+DEFAULT_FRAME_PERIOD_MS = 1000.0 * TICK_S  # a stream's chunk period, as replicas forecast it
 
 
 def bandwidth_codebooks(bandwidth_kbps: float) -> int:

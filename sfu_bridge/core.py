@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from deployments import metrics
 from deployments.contract import (
     AI_CODE,
     CHUNK_SAMPLES,
@@ -76,6 +77,9 @@ _OPTED_OUT = reason_code(FallbackReason.OPTED_OUT)
 _UNHEALTHY = reason_code(FallbackReason.UNHEALTHY)
 _KEY_OF_CODE = ["ai", *(f"fallback/{r.value}" for r in REASON_CODES)]
 _EMPTY_I = np.empty(0, np.int64)
+# The AI frames of one tick share one latency (send -> answer), so Ray's histogram gets this
+# many copies of it per tick rather than the default sample: each costs a Ray call.
+LATENCY_SAMPLE_PER_TICK = 16
 
 
 class CodecClientLike(Protocol):
@@ -90,6 +94,19 @@ class HintDrop(str, enum.Enum):
 
     INVALID = "invalid"  # no hint key configured on this bridge
     RATE_LIMITED = "rate_limited"
+
+
+# A dropped hint's reason (HintDrop, or the verifier's rejection reason) -> metrics verdict.
+_HINT_VERDICT = {
+    HintDrop.RATE_LIMITED.value: metrics.HintVerdict.LIMITED,
+    "tag": metrics.HintVerdict.FORGED,
+    "replay": metrics.HintVerdict.REPLAYED,
+}
+
+
+def hint_verdict(reason: str) -> metrics.HintVerdict:
+    """Anything not rate-limited, forged or replayed failed a size/format/binding check."""
+    return _HINT_VERDICT.get(reason, metrics.HintVerdict.MALFORMED)
 
 
 @dataclass
@@ -310,6 +327,9 @@ class BridgeCore:
         self._remote_opted_users: set[str] = set()
         # -- counters
         self.counts = np.zeros(N_CODES, np.int64)  # frames by outcome code
+        # frames the bridge answered itself this tick (the replica counts what it answers)
+        self._decided = np.zeros(N_CODES, np.int64)
+        self._hints_dropped_early = 0  # beyond max_hints_per_tick, since the last tick
         self.hint_counters: Counter[str] = Counter()  # "accepted" / "dropped/<why>"
         self.ticks = 0
         self.epoch_restarts = 0  # requested by subscribers (join, RTCP PLI)
@@ -521,6 +541,7 @@ class BridgeCore:
         if self.hint_n[row] >= self.max_hints_per_tick:
             # a flood beyond one tick's worth is dropped before any crypto work
             self.hint_counters[f"dropped/{HintDrop.RATE_LIMITED.value}"] += 1
+            self._hints_dropped_early += 1
             return
         self.hint_n[row] += 1
         self._hint_rows.append(row)
@@ -547,6 +568,7 @@ class BridgeCore:
             report = self._finish(taken, result, started_at)
             report.codec_wait_ms = codec_wait_ms
             report.hints_accepted, report.hints_dropped = accepted, dropped
+            self._record_metrics(report)
             self._housekeeping()
         report.overhead_ms = (time.perf_counter() - t0) * 1000.0 - codec_wait_ms
         # the core's CPU while this tick ran (its hint checks included)
@@ -559,6 +581,7 @@ class BridgeCore:
         parts: list[tuple] = []  # (stream ids, rows, codes, ts, pcm) of locally answered frames
         sp, self._spilled = self._spilled, _Spilled()
         if sp.stream_ids:
+            self._decided[_OVERLOAD] += len(sp.stream_ids)
             parts.append((sp.stream_ids, np.asarray(sp.rows, np.int64),
                           np.full(len(sp.rows), _OVERLOAD, np.uint8), np.asarray(sp.ts, np.int64),
                           np.stack(sp.pcm) if sp.pcm else None))
@@ -567,6 +590,7 @@ class BridgeCore:
         over = rows[self.q_n[rows] > self.max_backlog]
         if over.size:  # the oldest chunks beyond the backlog limit: answered, not sent
             shed_rows = np.repeat(over, self.q_n[over] - self.max_backlog)
+            self._decided[_OVERLOAD] += shed_rows.size
             k = np.concatenate([np.arange(m) for m in (self.q_n[over] - self.max_backlog).tolist()])
             j = (self.q_head[shed_rows] + k) % self._depth
             parts.append((self.ids[shed_rows].tolist(), shed_rows,
@@ -587,6 +611,7 @@ class BridgeCore:
         if local.any():
             lr = rows[local]
             self.epochs.fell_back(lr)  # the epoch rule: any fallback opens a new epoch
+            self._decided += np.bincount(off[local], minlength=N_CODES)
             parts.append((self.ids[lr].tolist(), lr, off[local], ts[local],
                           pcm[local] if pcm is not None else None))
             keep = ~local
@@ -615,11 +640,13 @@ class BridgeCore:
         try:
             return await asyncio.wait_for(self.codec.process(batch), timeout)
         except asyncio.TimeoutError:
+            self._decided[_DEADLINE] += len(batch)
             return BatchResult.all_fallback(batch, FallbackReason.DEADLINE)
         except Exception as exc:  # the client promises not to raise; the media path must not stop
             logger.warning(
                 "codec client raised %s; %d frames fall back", type(exc).__name__, len(batch)
             )
+            self._decided[_ERROR] += len(batch)
             return BatchResult.all_fallback(batch, FallbackReason.ERROR)
 
     def _finish(self, taken: _Taken, result: BatchResult | None, started_at: float) -> TickReport:
@@ -684,6 +711,7 @@ class BridgeCore:
         oc = np.full(b, _ERROR, np.int64)
         if have.any():
             oc[have] = np.asarray(result.outcome_codes)[row[have]]
+        answered = oc.copy()  # what the other side said (error where it said nothing)
         oc[(oc < 0) | (oc > len(REASON_CODES))] = _ERROR
         codes = None
         ai = oc == AI_CODE
@@ -698,6 +726,9 @@ class BridgeCore:
                     bad = (flat.min(axis=1) < 0) | (flat.max(axis=1) >= CODEBOOK_SIZE)
                     oc[ai & bad] = _ERROR
                 codes = codes.astype(np.int16, copy=False)
+        overruled = (oc != answered) | ~have  # the bridge's own verdict: missing or bad answers
+        if overruled.any():
+            self._decided += np.bincount(oc[overruled], minlength=N_CODES)
         return oc.astype(np.uint8), codes
 
     @staticmethod
@@ -796,6 +827,27 @@ class BridgeCore:
         return [int(a) for a in allowed]
 
     # ------------------------------------------------------------------------ background
+    def _record_metrics(self, report: TickReport) -> None:
+        """What the bridge decided this tick, recorded where it decided it, once per tick:
+        the frames it answered itself (the replica counts those it answered), the send ->
+        answer latency of AI frames, hints by verdict, and the streams it carries."""
+        decided, self._decided = self._decided, np.zeros(N_CODES, np.int64)
+        if decided.any():
+            metrics.record_frames(Op.ENCODE.value, {_KEY_OF_CODE[c]: int(decided[c])
+                                                    for c in np.flatnonzero(decided).tolist()})
+        n_ai = int(np.count_nonzero(report.codes == AI_CODE))
+        if n_ai:
+            metrics.observe_frame_latency(Op.ENCODE.value, np.full(n_ai, report.codec_wait_ms),
+                                          sample=LATENCY_SAMPLE_PER_TICK)
+        if report.hints_accepted:
+            metrics.record_hints(metrics.HintVerdict.ACCEPTED, report.hints_accepted)
+        early, self._hints_dropped_early = self._hints_dropped_early, 0
+        if early:
+            metrics.record_hints(metrics.HintVerdict.LIMITED, early)
+        for k, v in report.hints_dropped.items():
+            metrics.record_hints(hint_verdict(k), v)
+        metrics.set_streams_active(self.bridge_id, len(self._row_of))
+
     def _housekeeping(self) -> None:
         """Per tick, after the outcomes: the batched codec leave, supervisor forget, and the
         supervisor report when one is due (all in the background)."""

@@ -19,7 +19,8 @@ Opus packet by packet on one SSRC (both use a 48 kHz RTP clock, so timestamps ru
 transceiver's aiortc sender stays trackless: it owns the SSRC announced in SDP and RTCP.
 
 `UdpMeter` counts the bytes that cross a peer connection's UDP sockets (RTP, RTCP, STUN),
-which is what the wire-bitrate figures report.
+which is what the wire-bitrate figures report. The payload bytes sent to subscribers, by codec
+path, go to the metrics (`auralink_wire_bytes`) once per tick.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from aiortc.rtcrtpparameters import RTCRtpParameters
 from aiortc.rtp import RtpPacket
 from aiortc.utils import random16, random32
 
+from deployments import metrics
 from models.constants import (
     CHUNK_RTP_TICKS,
     CHUNK_SAMPLES,
@@ -255,6 +257,7 @@ class MediaBridge:
         self.subscribers: dict[str, dict[str, Subscriber]] = defaultdict(dict)  # stream -> sid -> sub
         self.sessions: dict[str, Publisher | Subscriber] = {}
         self.packets_by_kind: dict[str, int] = defaultdict(int)  # "aic" / "opus"
+        self._unrecorded_bytes: dict[str, int] = defaultdict(int)  # payload bytes since last tick
         self.overheads_ms: list[float] = []
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -273,13 +276,16 @@ class MediaBridge:
 
     # -- publishers ------------------------------------------------------------------------
     def add_publisher(
-        self, stream_id: str, user: str, pc: RTCPeerConnection | None, opted_out: bool = False
+        self, stream_id: str, user: str, pc: RTCPeerConnection | None, opted_out: bool = False,
+        session_id: str | None = None,
     ) -> Publisher:
         if stream_id in self.publishers:
             raise KeyError(f"stream {stream_id!r} already has a publisher")
         if not self._free_slots:
             raise OverflowError("this worker holds its maximum number of streams")
-        pub = Publisher(uuid.uuid4().hex, stream_id, user, pc, self._free_slots.pop(), Chunker(stream_id))
+        pub = Publisher(
+            session_id or uuid.uuid4().hex, stream_id, user, pc, self._free_slots.pop(), Chunker(stream_id)
+        )
         self.core.join(stream_id, user, opted_out=opted_out)
         self.publishers[stream_id] = pub
         self.sessions[pub.session_id] = pub
@@ -317,8 +323,11 @@ class MediaBridge:
         return False
 
     # -- subscribers -----------------------------------------------------------------------
-    def add_subscriber(self, stream_id: str, user: str, pc: RTCPeerConnection | None, out: RtpOut) -> Subscriber:
-        sub = Subscriber(uuid.uuid4().hex, stream_id, user, pc, out)
+    def add_subscriber(
+        self, stream_id: str, user: str, pc: RTCPeerConnection | None, out: RtpOut,
+        session_id: str | None = None,
+    ) -> Subscriber:
+        sub = Subscriber(session_id or uuid.uuid4().hex, stream_id, user, pc, out)
         self.subscribers[stream_id][sub.session_id] = sub
         self.sessions[sub.session_id] = sub
         return sub
@@ -376,6 +385,7 @@ class MediaBridge:
                         await self._send(sub, "aic", sub.out.aic_pt, [aic_bytes], ts)
                     elif sub.out.opus_pt is not None and i in opus_packets:
                         await self._send(sub, "opus", sub.out.opus_pt, opus_packets[i], ts)
+        self._record_wire_bytes()
         report.overhead_ms += (time.perf_counter() - t0) * 1000.0
         self.overheads_ms.append(report.overhead_ms)
         if len(self.overheads_ms) > 10_000:
@@ -407,6 +417,13 @@ class MediaBridge:
             if await sub.out.send(pt, payload, ts + k * OPUS_FRAME_RTP_TICKS):
                 sub.sent_by_kind[kind] += 1
                 self.packets_by_kind[kind] += 1
+                self._unrecorded_bytes[kind] += len(payload)
+
+    def _record_wire_bytes(self) -> None:
+        """One metrics call per codec path per tick (legacy forwarding included)."""
+        for kind, n in self._unrecorded_bytes.items():
+            metrics.record_wire_bytes(metrics.WirePath.AI if kind == "aic" else metrics.WirePath.NATIVE, n)
+        self._unrecorded_bytes.clear()
 
     def stats(self) -> dict[str, Any]:
         ov = np.asarray(self.overheads_ms[-1500:]) if self.overheads_ms else np.zeros(1)

@@ -45,8 +45,11 @@ audio sends one EnCodec frame (320 samples) of int16 silence per stream instead 
 samples (640 B instead of 3,840 B a frame): the same batch sizes, epochs and deadlines, a
 sixth of the bytes. The report says so (`compact_frames`).
 
-Dashboard. About once a wall second each generator publishes its bridge's snapshot to the
-dashboard's `StatsBoard` actor (deployments/dashboard.py); the URL is logged at start.
+Dashboard. About once a wall second each generator publishes its bridge's snapshot (live
+streams, replicas, frames and fallback reasons over the last second, egress kbit/s AI vs
+all-native, the hint limiter's health, the first users and every opted-out one, each with the
+AI state the bridge applies) to the dashboard's `StatsBoard` actor (deployments/dashboard.py);
+the dashboard URL is logged at start.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ from cluster.simulator.report import (
     Accounting,
     TickRecord,
     fallback_amplification,
+    flooder_limit,
     percentile_from_hist,
     recovery_time,
     summarize_rates,
@@ -85,6 +89,7 @@ from models.constants import CHUNK_FRAMES, DEFAULT_BANDWIDTH_KBPS, DEFAULT_DEADL
 
 logger = logging.getLogger(__name__)
 
+HINT_BURST = 10  # the limiter's default burst (sfu_bridge.limiter.DEFAULT_BURST)
 SLOW_FOR_S = 5.0  # simulated seconds a slow-replica fault lasts
 # Streams per load generator (one bridge each). A real bridge worker takes up to 2,000
 # (BridgeConfig); a generator packs more into one core to spend fewer Serve calls per tick.
@@ -372,6 +377,7 @@ class Simulation:
         allowed = {sid: n for r in res for sid, n in r["flooder_allowed"].items()}
         # Flooders: allowed hints per simulated second over the run (the burst included).
         rates = {sid: n / max(sim_s, 1e-9) for sid, n in allowed.items()}
+        limiter_health = merge_limiter_health([r["limiter_health"] for r in res])
         frames_fb = acc.frames_fallback
         fallback_rate = frames_fb / acc.frames_total if acc.frames_total else 0.0
         # Frames the bridge itself switched off (opt-outs) are policy, not failure.
@@ -458,6 +464,12 @@ class Simulation:
             "limiter": self.env.limiter_label,
             "limiter_calls": sum(int(r["limiter_calls"]) for r in res),
             "flooder_allowed_hints_per_s": summarize_rates(rates, HINT_LIMIT_PER_S),
+            # Fail-open/closed decisions, Redis errors and the time without Redis (simulated
+            # seconds), and whether the limit held, computed from both.
+            "limiter_health": limiter_health,
+            "flooder_limit": flooder_limit(
+                rates, HINT_LIMIT_PER_S, HINT_BURST, sim_s, limiter_health,
+                flooders=sum(s.flooders for s in self.specs)),
             # The limiter runs on Redis' clock: per wall second x D. Equal to the line above
             # when no tick ran late; if ticks lagged, simulated time stretched past wall/D.
             "flooder_allowed_hints_per_s_limiter_clock": summarize_rates(
@@ -591,6 +603,26 @@ class Simulation:
             "note": "simulated seconds; every Serve duration (delays, look-back, metrics push, "
                     "policy time constants) was scaled by the time dilation",
         }
+
+
+def merge_limiter_health(healths: list[dict | None]) -> dict | None:
+    """One `HintLimiter.health()` for the run from each bridge's (seconds already simulated):
+    counts summed, the longest outage, available only if every bridge's limiter was."""
+    hs = [h for h in healths if h]
+    if not hs:
+        return None
+    out = dict(hs[0])
+    for k in ("outages", "calls_without_redis", "hints_fail_open", "hints_fail_closed", "errors"):
+        out[k] = sum(int(h.get(k, 0)) for h in hs)
+    for k in ("unavailable_s", "unavailable_wall_s"):
+        out[k] = max(float(h.get(k, 0.0)) for h in hs)
+    out["available"] = all(h.get("available", True) for h in hs)
+    by_type: Counter[str] = Counter()
+    for h in hs:
+        by_type.update(h.get("errors_by_type", {}))
+    out["errors_by_type"] = dict(by_type)
+    out["last_error"] = next((h["last_error"] for h in reversed(hs) if h.get("last_error")), "")
+    return out
 
 
 def _delta(a: float | None, b: float | None) -> float | None:

@@ -314,6 +314,7 @@ class LoadGenerator:
             "frames_total": self.acc.frames_total,
             "frames_ai": self.acc.frames_ai,
             "frames_fallback": self.acc.frames_fallback,
+            "limiter_health": self.limiter_health(),
             "users": self._user_rows(),
         }
         try:
@@ -344,9 +345,22 @@ class LoadGenerator:
                 "live": st is not None,
                 "ai_enabled": user not in opted,
                 "bridge_opted_out": (st.ai_off is FallbackReason.OPTED_OUT) if st is not None else None,
+                # What the bridge applies now (the dashboard shows the supervisor's decision,
+                # this when the supervisor cannot be asked).
+                "bridge_state": None if st is None else (st.ai_off.value if st.ai_off else "on"),
                 "kind": StreamKind(int(self.pop.kind[slot])).name.lower(),
             })
         return rows
+
+    def limiter_health(self) -> dict[str, Any] | None:
+        """The hint limiter's `health()` with its seconds in simulated time (None: no limiter)."""
+        lim = self.limiter
+        if lim is None or not hasattr(lim, "health"):
+            return None
+        h = lim.health()
+        h["unavailable_wall_s"] = h["unavailable_s"]
+        h["unavailable_s"] = round(h["unavailable_s"] / self.spec.dilation, 3)
+        return h
 
     async def progress(self) -> dict[str, Any]:
         fb = self.acc.frames_fallback
@@ -356,7 +370,7 @@ class LoadGenerator:
     def result(self, process_cpu_s: float) -> dict[str, Any]:
         core, acc = self.core, self.acc
         cols = acc.tick_arrays()
-        health = self.limiter.health() if self.limiter is not None and hasattr(self.limiter, "health") else None
+        health = self.limiter_health()
         return {
             "bridge_id": self.spec.bridge_id,
             "spec": asdict(self.spec),
