@@ -115,7 +115,8 @@ class ArrivalForecast:
                 quiet = now - self._last[od] > self.forget_after * self.period_s
                 self._known[od[quiet]] = False
                 late = od[~quiet]
-                skip = np.floor((now - self.grace_s - self._next[late]) / self.period_s) + 1
+                # (at least one tick: rounding can put an exactly-due tick a hair early)
+                skip = np.maximum(1.0, np.floor((now - self.grace_s - self._next[late]) / self.period_s) + 1)
                 self._next[late] += skip * self.period_s
                 cand = cand[self._known[cand] & (self._next[cand] <= now + horizon_s)]
         if exclude is not None and cand.size:

@@ -134,6 +134,7 @@ class LatencyModel:
         self._bucket_stats: dict[int, tuple[float, np.ndarray]] = {}
         self._rows: np.ndarray | None = None  # dist rows for B = 1..len(_rows), from _env
         self._row_means: np.ndarray | None = None  # their means
+        self._row_known: np.ndarray | None = None  # which of them are computed
         self._quantiles: dict[tuple[int, float], float] = {}
 
     # ----------------------------------------------------------------------------- building
@@ -208,7 +209,8 @@ class LatencyModel:
         d.append(ms)
         self._bucket_stats.pop(b, None)
         self._env = None
-        self._rows = self._row_means = None
+        if self._row_known is not None:
+            self._row_known.fill(False)  # the rows are recomputed when next asked for
         self._quantiles.clear()
 
     @property
@@ -299,14 +301,26 @@ class LatencyModel:
         return self._cached_rows(batches)[0]
 
     def _cached_rows(self, batches: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, means) for `batches`, from rows kept for every B up to the largest asked."""
+        """(rows, means) for `batches`. Rows are kept per B once computed, and only the B asked
+        for are computed (a replica asks for a few sizes up to thousands after every step)."""
         k = np.maximum(np.asarray(batches, int), 1)
         top = int(k.max()) if len(k) else 1
         if self._rows is None or len(self._rows) < top:
-            have = 0 if self._rows is None else len(self._rows)
-            self._rows = self._interpolate_rows(np.arange(1, max(top, 2 * have, 16) + 1))
-            self._row_means = self._rows[:, 1:-1].mean(axis=1)
-        assert self._row_means is not None
+            size = max(top, 16, 2 * (0 if self._rows is None else len(self._rows)))
+            rows = np.zeros((size, len(_LEVELS)))
+            means = np.zeros(size)
+            known = np.zeros(size, bool)
+            if self._rows is not None:
+                n = len(self._rows)
+                rows[:n], means[:n], known[:n] = self._rows, self._row_means, self._row_known
+            self._rows, self._row_means, self._row_known = rows, means, known
+        assert self._row_means is not None and self._row_known is not None
+        missing = np.unique(k[~self._row_known[k - 1]])
+        if missing.size:
+            fresh = self._interpolate_rows(missing)
+            self._rows[missing - 1] = fresh
+            self._row_means[missing - 1] = fresh[:, 1:-1].mean(axis=1)
+            self._row_known[missing - 1] = True
         return self._rows[k - 1], self._row_means[k - 1]
 
     def _interpolate_rows(self, batches: np.ndarray) -> np.ndarray:

@@ -655,13 +655,27 @@ class EdfScheduler:
         """Can steps run back to back, each the largest deadline-order prefix whose mean step
         time fits its first frame's slack, serve every frame? (An EDF fluid check.)"""
         cap = self.config.max_batch
-        means = self.model.mean_ms(np.arange(1, min(cap, len(slack_sorted)) + 1))
+        top = min(cap, len(slack_sorted))
+        mean_ms = self.model.mean_ms
         t, i, n = 0.0, 0, len(slack_sorted)
+        grid = _size_grid(top)
+        grid_means = mean_ms(grid)
         while i < n:
-            k = min(int(np.searchsorted(means, slack_sorted[i] - t, side="right")), n - i)
+            # the largest k <= top with mean(k) <= slack - t (means grow with k): bracketed on
+            # the size grid, then resolved among the sizes in the bracket, in two model calls
+            budget = slack_sorted[i] - t
+            j = int(np.searchsorted(grid_means, budget, side="right"))
+            if j == 0:
+                k = 0
+            elif j == grid.size:
+                k = int(grid[-1])
+            else:
+                ks = np.arange(grid[j - 1], grid[j])
+                k = int(ks[np.searchsorted(mean_ms(ks), budget, side="right") - 1])
+            k = min(k, n - i)
             if k == 0:
                 return False
-            t += float(means[k - 1])
+            t += float(mean_ms([k])[0])
             i += k
         return True
 

@@ -67,3 +67,14 @@ def test_a_request_of_many_streams_is_observed_and_listed_column_by_column():
     assert e.keys.tolist() == [*range(1, 1000, 2), *range(0, 1000, 2)]
     assert e.arrival[:500].tolist() == [P + 0.0005] * 500
     assert np.allclose(e.arrival[500:], 2 * P) and np.allclose(e.deadline[500:], 2 * P + 0.02)
+
+
+def test_a_tick_exactly_due_counts_as_skipped_whatever_the_rounding():
+    # 0.02140625 + 0.04 + 0.002 rounds so that (now - grace - next) / period is a hair below
+    # zero: the tick must still count as skipped (a scheduler holding for it would wait for
+    # a chunk that is never due again).
+    f = ArrivalForecast(period_s=0.04, grace_s=0.002)
+    observe(f, B, 0.02140625, 0.04)
+    due = 0.02140625 + 0.04 + 0.002
+    assert len(f.expected(due, 0.02)) == 0
+    assert f.expected(due + 0.001, 0.05).arrival[0] == pytest.approx(0.02140625 + 0.08)
