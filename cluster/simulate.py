@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="report folder (default runs/sim-<timestamp>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fault", action="append", default=[], metavar="KIND@SECONDS",
-                   help="kill-replica@T, stop-redis@T or slow-replica@T (repeatable)")
+                   help="kill-replica@T, stop-redis@T, slow-replica@T (late answers) or stall-replica@T (no answers for 5 s) (repeatable)")
     p.add_argument("--time-dilation", type=float, default=None,
                    help="wall seconds per simulated second (default: from the stream count)")
     p.add_argument("--replicas", type=int, default=None, help="codec replicas (default: from the profile)")

@@ -622,10 +622,14 @@ class Simulation:
         pid = self.env.replica_pid()
         if pid is None:
             return "no local replica process to slow down"
-        s = SlowReplica(pid, period_s=0.1 * self.dilation, for_s=SLOW_FOR_S * self.dilation)
+        # slow: the replica still answers, late (a shared stall: EDF answers frame by frame);
+        # stall: it answers nothing (a failing replica: the supervisor switches its streams off)
+        duty = 1.0 if fault.kind is FaultKind.STALL_REPLICA else 0.6
+        s = SlowReplica(pid, duty=duty, period_s=0.1 * self.dilation,
+                        for_s=SLOW_FOR_S * self.dilation)
         s.start()
         self._slow.append(s)
-        return f"one replica process stopped 60% of the time for {SLOW_FOR_S:g} s"
+        return f"one replica process stopped {duty:.0%} of the time for {SLOW_FOR_S:g} s"
 
     # -- report
     def report(self) -> dict[str, Any]:
