@@ -252,15 +252,14 @@ class TickBatcher:
             seqs.append(st.next_seq)
             st.next_seq += 1
         pcm = np.stack([chunk.pcm24 for _, chunk in send]).astype(np.float32, copy=False)
-        now = self.clock()
         return FrameBatch(
             op=Op.ENCODE,
             bridge_id=self.bridge_id,
             stream_ids=[st.stream_id for st, _ in send],
             epochs=np.asarray(epochs, np.int64),
             epoch_seqs=np.asarray(seqs, np.int64),
-            deadlines=np.full(b, now + self.deadline_ms / 1000.0),
-            sent_at=now,
+            # Relative: the replica stamps it on its own clock (hosts' clocks differ).
+            budgets_ms=np.full(b, self.deadline_ms),
             pcm=pcm,
             bandwidth_kbps=self.bandwidth_kbps,
         )
@@ -455,7 +454,7 @@ class InProcessCodec:
             self._free.append(slot)
 
     def process_sync(self, batch: FrameBatch) -> BatchResult:
-        t_arrive = time.time()
+        t_arrive = time.monotonic()
         try:
             batch.validate()
         except ValueError as exc:
@@ -484,7 +483,7 @@ class InProcessCodec:
                 outcome[i] = reason_code(FallbackReason.RESET)
         n_q = bandwidth_codebooks(batch.bandwidth_kbps)
         codes = np.zeros((b, n_q, batch.pcm.shape[1] // 320), np.int16)
-        t0 = time.time()
+        t0 = time.monotonic()
         compute_ms = 0.0
         if run:
             idx = np.asarray(run)
@@ -493,9 +492,9 @@ class InProcessCodec:
                 self.codec.reset_encoder(np.asarray(fresh, np.int64))
             out = self.codec.encode(slots, batch.pcm_float()[idx], batch.bandwidth_kbps)
             codes[idx] = np.asarray(out, np.int16)
-            t1 = time.time()
+            t1 = time.monotonic()
             compute_ms = (t1 - t0) * 1000.0
-            late = idx[batch.deadlines[idx] < t1]
+            late = idx[batch.deadlines(t_arrive)[idx] < t1]
             outcome[late] = reason_code(FallbackReason.DEADLINE)
         for i in np.flatnonzero(outcome).tolist():
             sid = batch.stream_ids[i]
