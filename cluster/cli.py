@@ -28,7 +28,7 @@ BENCHES: list[tuple[str, str, str]] = [
     ("batching", "cluster.bench.batching", "EDF scheduler vs @serve.batch vs no batching"),
     ("limiter", "cluster.bench.limiter", "Redis GCRA hint limiter: batched vs per-hint"),
     ("bridge", "cluster.bench.bridge", "streams per bridge worker and wire bitrate"),
-    ("autoscaling", "autoscaling.evaluate", "forecast policy vs Serve's default on a 10k-stream trace"),
+    ("autoscaling", "cluster.bench.autoscaling", "forecast policy vs Serve's default on a 10k-stream trace"),
 ]
 
 

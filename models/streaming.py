@@ -607,14 +607,3 @@ class StreamingEncodec(SlotResets):
         return (self.encoder_state.shape[1] + self.decoder_state.shape[1]) * \
             self.encoder_state.element_size()
 
-
-def open_codec(model: nn.Module, backend: str = "torch", **kwargs: Any):
-    """A slot codec on the configured backend: ``"torch"`` (StreamingEncodec) or ``"onnx"``
-    (``models.onnx_step.OnnxStreamingEncodec``, onnxruntime). Same encode/decode/reset API."""
-    if backend == "torch":
-        return StreamingEncodec(model, **kwargs)
-    if backend == "onnx":
-        from models.onnx_step import OnnxStreamingEncodec
-
-        return OnnxStreamingEncodec(model, **kwargs)
-    raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
