@@ -18,21 +18,34 @@ new_state)`` — which is also what the ONNX export (``models.onnx_step``) runs.
 Streaming equals the reference's offline pass over the whole signal with its convolutions
 padded by zeros (``pad_mode="constant"``), because zero-initialised context is exactly that
 left padding, and every chunk is a multiple of the 320-sample hop so no right padding occurs.
+
+Next to that gather step sits the graph-ready masked step (`MaskedStep`, moshi's exec-mask
+pattern): a call runs a fixed-shape bucket of rows, merges the new state of the rows that
+advance with ``torch.where`` and writes it back in place, so on CUDA each bucket is captured
+once as a CUDA graph and replayed. On the same rows it computes exactly what the gather step
+computes; which one ``encode``/``decode`` use is ``StreamingEncodec(step=...)``.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import copy
+import enum
+import logging
 import math
 import numbers
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24_000
 FRAME_SAMPLES = 320  # encoder hop: strides 2*4*5*8
@@ -328,10 +341,20 @@ class EncoderCore(nn.Module):
         return other
 
     def forward(self, pcm: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, new_state = self.features(pcm, state)
+        return self.quantize(x), new_state
+
+    def features(self, pcm: torch.Tensor,
+                 state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SEANet encoder: ``(pcm [B, T], state) -> (embeddings [B, D, T/320], state')``."""
         x = pcm.unsqueeze(1)
         new_states: list[torch.Tensor] = []
         for layer in self.layers:
             x = layer(x, state, new_states)
+        return x, _cat_states(new_states, state)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual VQ of embeddings ``[B, D, F]`` with ``n_q`` books -> codes ``[B, n_q, F]``."""
         d, frames = x.shape[1], x.shape[2]
         residual = x.transpose(1, 2).reshape(-1, d)
         codes = []
@@ -342,8 +365,7 @@ class EncoderCore(nn.Module):
             idx = dist.max(dim=-1).indices
             residual = residual - F.embedding(idx, self.codebooks[q])
             codes.append(idx)
-        out = torch.stack(codes, dim=1).reshape(-1, frames, self.n_q).transpose(1, 2)
-        return out, _cat_states(new_states, state)
+        return torch.stack(codes, dim=1).reshape(-1, frames, self.n_q).transpose(1, 2)
 
 
 class DecoderCore(nn.Module):
@@ -356,12 +378,20 @@ class DecoderCore(nn.Module):
         self.register_buffer("codebooks", codebooks.contiguous())
 
     def forward(self, codes: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.synthesize(self.embed(codes), state)
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``[B, n_q, F]`` -> the sum of their code vectors ``[B, D, F]``."""
         n_q = codes.shape[1]
         # Sum of the chosen code vectors, in the reference's order (book 0 first).
         emb = F.embedding(codes[:, 0], self.codebooks[0])
         for q in range(1, n_q):
             emb = emb + F.embedding(codes[:, q], self.codebooks[q])
-        x = emb.transpose(1, 2).contiguous()  # [B, D, F]
+        return emb.transpose(1, 2).contiguous()  # [B, D, F]
+
+    def synthesize(self, x: torch.Tensor,
+                   state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The SEANet decoder: ``(embeddings [B, D, F], state) -> (pcm [B, F*320], state')``."""
         new_states: list[torch.Tensor] = []
         for layer in self.layers:
             x = layer(x, state, new_states)
@@ -501,6 +531,321 @@ def _like(result: torch.Tensor, template: Any) -> ArrayLike:
     return result.to(template.device)
 
 
+def check_mask(mask: Any, capacity: int) -> torch.Tensor:
+    """bool [capacity] (which slots advance), as a CPU tensor; else ValueError."""
+    t = _as_tensor(mask, "mask")
+    if t.dtype != torch.bool:
+        raise ValueError(f"mask must be bool, got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != capacity:
+        raise ValueError(f"mask must have shape [{capacity}], got {tuple(t.shape)}")
+    return t.cpu()
+
+
+# --------------------------------------------------------------------------- masked step
+#
+# moshi's pattern (`CUDAGraphed`, `set_exec_mask`): streams advance at their own pace inside
+# a batch of fixed shape. The gather step's batch is as large as the call, so its shapes (and
+# its few hundred small kernels) change every step and cannot be captured in a CUDA graph;
+# the masked step always runs one of a few fixed shapes with a mask of the rows that advance.
+
+
+class StepMode(str, enum.Enum):
+    """How `StreamingEncodec.encode` / `decode` advance the slots they are given."""
+
+    GATHER = "gather"  # index_select the B named rows, run B rows, index_copy_ them back
+    MASKED = "masked"  # run a fixed-shape bucket of rows; an execution mask says which advance
+
+
+class StepPrecision(str, enum.Enum):
+    """Arithmetic of the masked step's SEANet layers. In every mode the state is stored in
+    float32 and codes are chosen with float32 distances (a near-tie flipped by rounding is a
+    different code, so the quantizer never runs in reduced precision).
+
+    Agreement with float32 that tests/models/test_masked_step.py holds each mode to (after
+    1 s of streaming): state within 1% (tf32) / 3% (bf16) of its largest value, decoded audio
+    within 10% of its peak. Codes agree only where the codebooks' cells are wider than the
+    rounding, which depends on the weights: with random ones as few as 25% (bf16) / 60%
+    (tf32) are required to be equal; `auralink bench codec --device cuda` reports the figures
+    for the weights it runs.
+    """
+
+    FP32 = "fp32"  # IEEE float32; on CUDA TF32 is switched off, cuDNN convolutions included
+    TF32 = "tf32"  # CUDA only: matmuls and convolutions in TF32
+    BF16 = "bf16"  # weights and activations in bfloat16
+
+
+# The CPU default, measured with `auralink bench codec` (docs/benchmarks.md, codec section):
+# without graphs the masked step runs the same compute plus its buffer copies and merge, and
+# neither path was faster beyond run-to-run spread, so the one doing less work stays.
+CPU_DEFAULT_STEP = StepMode.GATHER
+GRAPH_WARMUP_STEPS = 3  # eager runs on a side stream before capture (cuBLAS/cuDNN set-up)
+
+
+def default_step(device: str | torch.device) -> StepMode:
+    """CUDA runs the masked step (captured in graphs); CPU the measured faster one."""
+    return StepMode.MASKED if torch.device(device).type == "cuda" else CPU_DEFAULT_STEP
+
+
+def default_buckets(capacity: int, device: str | torch.device) -> tuple[int, ...] | None:
+    """Row counts the masked step runs: on CUDA the powers of two below ``capacity``, then
+    ``capacity`` (one CUDA graph each, at most twice the rows a call needs); on CPU ``None``:
+    each call is its own bucket, so no padded compute (there are no graphs to bound)."""
+    if torch.device(device).type != "cuda":
+        return None
+    sizes = []
+    b = 1
+    while b < capacity:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, capacity)
+
+
+def check_buckets(buckets: Any, capacity: int) -> tuple[int, ...]:
+    """Sorted distinct bucket sizes in [1, capacity], ending with ``capacity`` (every call
+    fits one); else ValueError."""
+    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Sequence):
+        raise ValueError(f"buckets must be a sequence of integers, got {type(buckets).__name__}")
+    sizes = set()
+    for b in buckets:
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+            raise ValueError(f"bucket sizes must be integers, got {b!r}")
+        if not 1 <= b <= capacity:
+            raise ValueError(f"bucket size {b} outside [1, {capacity}]")
+        sizes.add(int(b))
+    sizes.add(capacity)
+    return tuple(sorted(sizes))
+
+
+@contextlib.contextmanager
+def tf32_scope(enabled: bool) -> Iterator[None]:
+    """TF32 for CUDA matmuls and cuDNN convolutions on (or off) in the block, restored after.
+
+    PyTorch reads these process-wide flags when it launches a kernel, so kernels captured in
+    a CUDA graph keep the precision they were captured with.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+RowsFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class _BucketStep:
+    """One fixed-shape masked step over ``rows`` state rows: static index, mask and input
+    buffers, and on CUDA the graph that replays it.
+
+    ``old = state[index]; out, new = fn(input, old); state[index] = where(mask, new, old)``.
+    A row whose mask is off is written back bit for bit as it was read, so padding rows and
+    the warm-up runs before capture never move a stream.
+    """
+
+    def __init__(self, fn: RowsFn, state: torch.Tensor, rows: int, in_shape: tuple[int, ...],
+                 in_dtype: torch.dtype) -> None:
+        device = state.device
+        self.fn = fn
+        self.state = state  # the codec's [capacity, S] tensor: updated in place, never replaced
+        self.rows = rows
+        self.index = torch.arange(rows, device=device)  # distinct rows: a safe warm-up
+        self.mask = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.input = torch.zeros((rows, *in_shape), dtype=in_dtype, device=device)
+        self.output: torch.Tensor | None = None
+        self.graph: Any = None  # torch.cuda.CUDAGraph once captured
+        self.capture_ms = 0.0
+
+    def body(self) -> torch.Tensor:
+        old = self.state.index_select(0, self.index)
+        out, new = self.fn(self.input, old)
+        self.state.index_copy_(0, self.index, torch.where(self.mask.unsqueeze(1), new, old))
+        return out
+
+    def capture(self) -> None:
+        """Warm up on a side stream (the mask is all off: state-neutral), then capture."""
+        device = self.state.device
+        t0 = time.perf_counter()
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP_STEPS):
+                    self.body()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: CUDA work of other threads (another codec) cannot break the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                output = self.body()
+            torch.cuda.synchronize()
+        self.graph, self.output = graph, output
+        self.capture_ms = (time.perf_counter() - t0) * 1e3
+
+    def run(self, index: torch.Tensor, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Output rows ``[:len(x)]``, with ``x`` in the first rows of the input (rest zero)."""
+        n = x.shape[0]
+        self.index.copy_(index)
+        self.mask.copy_(mask)
+        self.input[:n].copy_(x)
+        if n < self.rows:
+            self.input[n:].zero_()
+        if self.graph is None:
+            return self.body()[:n]
+        self.graph.replay()
+        assert self.output is not None
+        return self.output[:n].clone()  # the static output is overwritten by the next replay
+
+
+class MaskedStep:
+    """The graph-ready step over a codec's slot state: fixed-shape buckets with a mask.
+
+    A call for B slots runs the smallest bucket of at least B rows: its first B rows are the
+    caller's slots in the caller's order, the rest padding slots that do not advance (the
+    lowest free ones). State rows are read by index and written back through
+    ``torch.where(mask, new, old)`` with ``index_copy_`` into the codec's preallocated
+    ``[capacity, S]`` tensors, so each bucket has one shape and, on CUDA, is captured once as
+    a CUDA graph (per op, chunk length and codebook count) and replayed. Callers hold the
+    codec's lock and inference mode.
+    """
+
+    def __init__(self, encoders: dict[int, EncoderCore], decoder: DecoderCore,
+                 encoder_state: torch.Tensor, decoder_state: torch.Tensor,
+                 buckets: tuple[int, ...] | None, precision: StepPrecision,
+                 cuda_graphs: bool) -> None:
+        self.capacity = encoder_state.shape[0]
+        self.device = encoder_state.device
+        self.buckets = buckets
+        self.precision = precision
+        self.cuda_graphs = cuda_graphs
+        self._encoders = encoders
+        self._decoder = decoder
+        self._encoder_state = encoder_state
+        self._decoder_state = decoder_state
+        self._dtype = torch.bfloat16 if precision is StepPrecision.BF16 else torch.float32
+        encoder = next(iter(encoders.values()))
+        if self._dtype == torch.float32:
+            self._enc_layers: EncoderCore = encoder
+            self._dec_layers: DecoderCore = decoder
+        else:  # reduced-precision copies of the SEANet layers; quantizer and codebooks stay fp32
+            self._enc_layers = copy.deepcopy(encoder).to(self._dtype)
+            self._dec_layers = copy.deepcopy(decoder).to(self._dtype)
+        self._steps: dict[tuple[str, int, int, int], _BucketStep] = {}
+        self.graph_failures = 0
+
+    # -- shapes
+
+    def bucket_for(self, n: int) -> int:
+        if self.buckets is None:
+            return n
+        return self.buckets[bisect.bisect_left(self.buckets, n)]
+
+    def rows_for(self, slots: np.ndarray) -> np.ndarray:
+        """The slots a call for ``slots`` computes, in row order: the caller's, then padding."""
+        pad = self.bucket_for(len(slots)) - len(slots)
+        if not pad:
+            return slots
+        free = np.ones(self.capacity, dtype=bool)
+        free[slots] = False
+        return np.concatenate([slots, np.flatnonzero(free)[:pad]])
+
+    # -- steps
+
+    def encode(self, slots: np.ndarray, pcm: torch.Tensor, n_q: int) -> torch.Tensor:
+        rows = self.rows_for(slots)
+        step = self._step(("encode", len(rows), pcm.shape[1], n_q))
+        return step.run(torch.from_numpy(rows), _first(len(rows), len(slots)), pcm)
+
+    def decode(self, slots: np.ndarray, codes: torch.Tensor) -> torch.Tensor:
+        rows = self.rows_for(slots)
+        step = self._step(("decode", len(rows), codes.shape[2], codes.shape[1]))
+        return step.run(torch.from_numpy(rows), _first(len(rows), len(slots)), codes)
+
+    def encode_all(self, mask: torch.Tensor, pcm: torch.Tensor, n_q: int) -> torch.Tensor:
+        step = self._step(("encode", self.capacity, pcm.shape[1], n_q))
+        return step.run(torch.arange(self.capacity), mask, pcm)
+
+    def decode_all(self, mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        step = self._step(("decode", self.capacity, codes.shape[2], codes.shape[1]))
+        return step.run(torch.arange(self.capacity), mask, codes)
+
+    @property
+    def graphs(self) -> int:
+        """CUDA graphs captured so far."""
+        return sum(s.graph is not None for s in self._steps.values())
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One entry per built step: op, rows, chunk samples or frames, n_q, graph, capture ms."""
+        return [{"op": op, "rows": rows, "length": length, "n_q": n_q,
+                 "graph": s.graph is not None, "capture_ms": round(s.capture_ms, 3)}
+                for (op, rows, length, n_q), s in sorted(self._steps.items())]
+
+    def prepare(self, op: str, rows: int, length: int, n_q: int) -> None:
+        """Build (on CUDA: capture) the step for ``op`` ("encode": ``length`` samples;
+        "decode": ``length`` frames) over ``rows`` rows, ahead of its first call."""
+        self._step((op, rows, length, n_q))
+
+    def _step(self, key: tuple[str, int, int, int]) -> _BucketStep:
+        step = self._steps.get(key)
+        if step is not None:
+            return step
+        op, rows, length, n_q = key
+        if op == "encode":
+            step = _BucketStep(self._encode_fn(n_q), self._encoder_state, rows, (length,),
+                               torch.float32)
+        else:
+            step = _BucketStep(self._decode_fn(), self._decoder_state, rows, (n_q, length),
+                               torch.int64)
+        if self.cuda_graphs:
+            try:
+                step.capture()
+            except RuntimeError as exc:
+                # The eager masked step computes the same thing; say so loudly and go on.
+                self.graph_failures += 1
+                step.graph = step.output = None
+                log.warning("CUDA graph capture failed for %s step of %d rows (%s); running "
+                            "it eagerly", op, rows, exc)
+        self._steps[key] = step
+        return step
+
+    def _layers_scope(self) -> contextlib.AbstractContextManager:
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return tf32_scope(self.precision is StepPrecision.TF32)
+
+    def _strict_scope(self) -> contextlib.AbstractContextManager:
+        return tf32_scope(False) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _encode_fn(self, n_q: int) -> RowsFn:
+        quantizer, layers, dtype = self._encoders[n_q], self._enc_layers, self._dtype
+
+        def run(pcm: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with self._layers_scope():
+                x, new_state = layers.features(pcm.to(dtype), state.to(dtype))
+            with self._strict_scope():
+                codes = quantizer.quantize(x.float())
+            return codes, new_state.float()
+
+        return run
+
+    def _decode_fn(self) -> RowsFn:
+        embed, layers, dtype = self._decoder, self._dec_layers, self._dtype
+
+        def run(codes: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = embed.embed(codes)  # float32 sum of code vectors
+            with self._layers_scope():
+                pcm, new_state = layers.synthesize(x.to(dtype), state.to(dtype))
+            return pcm.float(), new_state.float()
+
+        return run
+
+
+def _first(rows: int, n: int) -> torch.Tensor:
+    """A mask of ``rows`` entries, the first ``n`` on."""
+    return torch.arange(rows) < n
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -527,19 +872,40 @@ class StreamingEncodec(SlotResets):
     ``encode(slots, pcm)`` / ``decode(slots, codes)`` advance only the named slots' state;
     ``reset(slots)`` (re)starts streams. Bad input raises ``ValueError`` before any state is
     touched. Calls are serialised by a lock, so one object can serve several threads.
+
+    ``step`` chooses how a call runs (`StepMode`; default: masked on CUDA, the measured
+    faster one on CPU): the gather step runs exactly the named rows; the masked step
+    (`MaskedStep`) runs a fixed-shape bucket of rows (``buckets``, default
+    `default_buckets`) with an execution mask, captured as CUDA graphs when ``cuda_graphs``
+    (default: on CUDA), in ``precision`` (`StepPrecision`). ``encode_masked`` /
+    ``decode_masked`` are the masked step over every slot (moshi's exec mask).
     """
 
     sample_rate = SAMPLE_RATE
     frame_samples = FRAME_SAMPLES
 
     def __init__(self, model: nn.Module, capacity: int = 64, device: str | torch.device = "cpu",
-                 bandwidth_kbps: float = 6.0) -> None:
+                 bandwidth_kbps: float = 6.0, *, step: StepMode | str | None = None,
+                 buckets: Sequence[int] | None = None,
+                 precision: StepPrecision | str = StepPrecision.FP32,
+                 cuda_graphs: bool | None = None) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral) or capacity < 1:
             raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
         self.capacity = int(capacity)
         self.n_q = check_bandwidth(bandwidth_kbps)
         self.bandwidth_kbps = float(bandwidth_kbps)
         self.device = torch.device(device)
+        self.step = default_step(self.device) if step is None else _choice(StepMode, step, "step")
+        precision = _choice(StepPrecision, precision, "precision")
+        cuda = self.device.type == "cuda"
+        if precision is StepPrecision.TF32 and not cuda:
+            raise ValueError("precision tf32 needs a CUDA device")
+        if cuda_graphs is None:
+            cuda_graphs = cuda
+        elif cuda_graphs and not cuda:
+            raise ValueError("cuda_graphs needs a CUDA device")
+        bucket_sizes = (default_buckets(self.capacity, self.device) if buckets is None
+                        else check_buckets(buckets, self.capacity))
         encoder, decoder = build_cores(model)
         self._encoder = encoder.to(self.device)
         self._decoder = decoder.to(self.device)
@@ -547,6 +913,9 @@ class StreamingEncodec(SlotResets):
         self.encoder_state = torch.zeros(self.capacity, encoder.state_size, device=self.device)
         self.decoder_state = torch.zeros(self.capacity, decoder.state_size, device=self.device)
         self._lock = threading.Lock()
+        # Holds the state tensors above: they are updated in place from here on, never replaced.
+        self.masked = MaskedStep(self._encoders, self._decoder, self.encoder_state,
+                                 self.decoder_state, bucket_sizes, precision, bool(cuda_graphs))
 
     # -- streaming calls
 
@@ -559,10 +928,13 @@ class StreamingEncodec(SlotResets):
         if x.shape[0] == 0:
             return _like(torch.zeros(0, n_q, x.shape[1] // FRAME_SAMPLES, dtype=torch.int64), pcm)
         with self._lock, torch.inference_mode():
-            index = torch.from_numpy(idx).to(self.device)
-            state = self.encoder_state.index_select(0, index)
-            codes, new_state = self._encoders[n_q](x.to(self.device), state)
-            self.encoder_state.index_copy_(0, index, new_state)
+            if self.step is StepMode.MASKED:
+                codes = self.masked.encode(idx, x, n_q)
+            else:
+                index = torch.from_numpy(idx).to(self.device)
+                state = self.encoder_state.index_select(0, index)
+                codes, new_state = self._encoders[n_q](x.to(self.device), state)
+                self.encoder_state.index_copy_(0, index, new_state)
         return _like(codes, pcm)
 
     def decode(self, slots: SlotsLike, codes: ArrayLike) -> ArrayLike:
@@ -572,11 +944,55 @@ class StreamingEncodec(SlotResets):
         if c.shape[0] == 0:
             return _like(torch.zeros(0, c.shape[2] * FRAME_SAMPLES), codes)
         with self._lock, torch.inference_mode():
-            index = torch.from_numpy(idx).to(self.device)
-            state = self.decoder_state.index_select(0, index)
-            pcm, new_state = self._decoder(c.to(self.device), state)
-            self.decoder_state.index_copy_(0, index, new_state)
+            if self.step is StepMode.MASKED:
+                pcm = self.masked.decode(idx, c)
+            else:
+                index = torch.from_numpy(idx).to(self.device)
+                state = self.decoder_state.index_select(0, index)
+                pcm, new_state = self._decoder(c.to(self.device), state)
+                self.decoder_state.index_copy_(0, index, new_state)
         return _like(pcm, codes)
+
+    def encode_masked(self, mask: ArrayLike, pcm: ArrayLike,
+                      bandwidth_kbps: float | None = None) -> ArrayLike:
+        """The masked step over every slot: ``pcm [capacity, T]`` and ``mask [capacity]``
+        (bool, the slots that advance) -> codes ``[capacity, n_q, T // 320]``. Slots whose
+        mask is off keep their state bit for bit; their rows of codes mean nothing."""
+        n_q = self.n_q if bandwidth_kbps is None else check_bandwidth(bandwidth_kbps)
+        x = check_pcm(pcm, batch=self.capacity)
+        m = check_mask(mask, self.capacity)
+        with self._lock, torch.inference_mode():
+            codes = self.masked.encode_all(m, x, n_q)
+        return _like(codes, pcm)
+
+    def decode_masked(self, mask: ArrayLike, codes: ArrayLike) -> ArrayLike:
+        """The masked step over every slot: codes ``[capacity, n_q, F]``, ``mask [capacity]``
+        -> pcm ``[capacity, F * 320]`` (rows of slots whose mask is off mean nothing)."""
+        c = check_codes(codes, batch=self.capacity)
+        m = check_mask(mask, self.capacity)
+        with self._lock, torch.inference_mode():
+            pcm = self.masked.decode_all(m, c)
+        return _like(pcm, codes)
+
+    def warmup(self, chunk_samples: int = 960, decode_n_q: Sequence[int] | None = None) -> int:
+        """Build (on CUDA: capture) the masked steps of every bucket ahead of traffic, for
+        ``chunk_samples`` chunks, encoding at this codec's bandwidth and decoding at
+        ``decode_n_q`` codebooks (default: this codec's). Returns the CUDA graphs held.
+        State is untouched (the steps warm up with every row masked off)."""
+        if self.masked.buckets is None:
+            return self.masked.graphs  # exact buckets: nothing to prepare ahead of a call
+        check_pcm(torch.zeros(1, chunk_samples))
+        depths = [self.n_q] if decode_n_q is None else list(decode_n_q)
+        for n_q in depths:
+            if n_q not in VALID_N_Q:
+                raise ValueError(f"decode_n_q {n_q} not in {sorted(VALID_N_Q)}")
+        frames = chunk_samples // FRAME_SAMPLES
+        with self._lock, torch.inference_mode():
+            for rows in self.masked.buckets:
+                self.masked.prepare("encode", rows, chunk_samples, self.n_q)
+                for n_q in depths:
+                    self.masked.prepare("decode", rows, frames, n_q)
+        return self.masked.graphs
 
     # -- stream lifecycle
 
@@ -606,4 +1022,11 @@ class StreamingEncodec(SlotResets):
         """Encoder plus decoder state of one stream, in bytes."""
         return (self.encoder_state.shape[1] + self.decoder_state.shape[1]) * \
             self.encoder_state.element_size()
+
+
+def _choice(kind: type[enum.Enum], value: Any, what: str) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{what} must be one of {[k.value for k in kind]}, got {value!r}") from None
 

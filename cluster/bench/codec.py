@@ -4,14 +4,20 @@ For each batch size B it measures, on the chosen device:
 
 * the streaming codec (`models.StreamingEncodec`) fed 40 ms chunks (960 samples) for B
   streams: real-time streams sustained (audio-seconds per wall second) for encode, decode and
-  both, and the step latency p50/p99 (the numbers a scheduler calibrates from);
+  both, and the step latency p50/p99 (the numbers a scheduler calibrates from), once per step
+  path: `gather` (exactly the B rows) and `masked` (a fixed-shape bucket with an execution
+  mask; on CUDA replayed from CUDA graphs, one per bucket). The latency profile is the path
+  the device runs by default (`models.streaming.default_step`);
 * the reference `encodec` package offline on whole signals of the same length (the compute
   floor: one call per batch, no per-chunk overhead);
 * the sliding-window approach without streaming state: an offline encode of the last 1 s of
   context for every 40 ms chunk.
 
-On CPU it stops growing the batch once a step takes more than 1 s. Results go to JSON and to
-the "codec" section of docs/benchmarks.md.
+On CUDA it also measures how far TF32 and bf16 masked steps agree with float32 (codes and
+state); on CPU bf16 only, with `--agreement`. On CPU it stops growing the batch once a step
+takes more than 1 s. Results go to JSON and to the "codec" section of docs/benchmarks.md;
+`latency_profile_ms` is what `auralink simulate --profile` reads, `serve_user_config` the
+keys to copy into serve_config.yaml's `user_config`.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ CHUNK_SECONDS = CHUNK / 24_000
 WINDOW = 24_000  # sliding window: 1 s of context per chunk
 CPU_STEP_LIMIT_S = 1.0
 DEFAULT_JSON = "runs/bench-codec.json"
+STEP_PATHS = ("gather", "masked")
+AGREEMENT_STREAMS = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=10.0,
                         help="max wall seconds of streaming steps per batch size (fewer steps "
                              "are measured when a batch is slow; at least 5)")
+    parser.add_argument("--steps", default=",".join(STEP_PATHS),
+                        help="comma-separated step paths to measure: gather, masked")
+    parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                        help="arithmetic of the masked step (tf32: CUDA only)")
+    parser.add_argument("--agreement", action="store_true",
+                        help="also measure bf16 vs fp32 agreement on CPU (always on CUDA)")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
 
 
@@ -141,18 +155,36 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def bench_streaming(model: Any, batch: int, seconds: float, device: str, bandwidth: float,
-                    budget: float) -> dict[str, Any]:
-    """Stream `batch` signals through encode then decode, one 40 ms step at a time."""
+                    budget: float, step: str = "gather",
+                    precision: str = "fp32") -> dict[str, Any]:
+    """Stream `batch` signals through encode then decode, one 40 ms step at a time.
+
+    The codec holds `batch` slots, so the masked step's bucket is the batch itself (a bucket
+    size): the figures are those of a full bucket. On CUDA both paths run with TF32 as
+    `precision` says (on only for tf32), so they are compared at the same arithmetic.
+    """
+    from models.streaming import tf32_scope
+
+    if device != "cuda":
+        return _bench_streaming(model, batch, seconds, device, bandwidth, budget, step, precision)
+    with tf32_scope(precision == "tf32"):
+        return _bench_streaming(model, batch, seconds, device, bandwidth, budget, step, precision)
+
+
+def _bench_streaming(model: Any, batch: int, seconds: float, device: str, bandwidth: float,
+                     budget: float, step: str, precision: str) -> dict[str, Any]:
     import torch
 
     from models import StreamingEncodec
 
-    codec = StreamingEncodec(model, capacity=batch, device=device, bandwidth_kbps=bandwidth)
+    codec = StreamingEncodec(model, capacity=batch, device=device, bandwidth_kbps=bandwidth,
+                             step=step, precision=precision if step == "masked" else "fp32")
     steps = max(1, int(round(seconds / CHUNK_SECONDS)))
     pcm = torch.from_numpy(make_signals(batch, steps * CHUNK)).to(device)
     slots = torch.arange(batch, device=device)
     clock = _Clock(device)
-    # Warm-up: the first few calls allocate and pick kernels; then start the streams afresh.
+    # Warm-up: the first few calls allocate, pick kernels (and capture the masked step's CUDA
+    # graphs); then start the streams afresh.
     for i in range(min(5, steps)):
         codec.decode(slots, codec.encode(slots, pcm[:, i * CHUNK:(i + 1) * CHUNK]))
     codec.reset(slots)
@@ -186,7 +218,55 @@ def bench_streaming(model: Any, batch: int, seconds: float, device: str, bandwid
         "both_p50_ms": _pct(both_ms, 50),
         "both_p99_ms": _pct(both_ms, 99),
         "state_bytes_per_stream": codec.state_bytes_per_stream,
+        "precision": precision if step == "masked" else "fp32",
+        "cuda_graphs": codec.masked.graphs if step == "masked" else 0,
+        "graph_capture_ms": sum(d["capture_ms"] for d in codec.masked.describe()),
     }
+
+
+def precision_agreement(model: Any, device: str, bandwidth: float, seconds: float,
+                        precisions: list[str]) -> dict[str, dict[str, float]]:
+    """How far reduced-precision masked steps agree with the float32 one on the same audio.
+
+    Per precision: the fraction of codes equal to float32's, the encoder and decoder state's
+    largest difference relative to float32's largest value, and the decoded audio's largest
+    difference relative to its peak (decoding float32's codes, so the decoder alone is
+    compared).
+    """
+    import torch
+
+    from models import StreamingEncodec
+
+    n = AGREEMENT_STREAMS
+    steps = max(1, int(round(seconds / CHUNK_SECONDS)))
+    pcm = torch.from_numpy(make_signals(n, steps * CHUNK, seed=3)).to(device)
+    slots = torch.arange(n, device=device)
+
+    def run(precision: str) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        codec = StreamingEncodec(model, capacity=n, device=device, bandwidth_kbps=bandwidth,
+                                 step="masked", precision=precision)
+        codes = [codec.encode(slots, pcm[:, i * CHUNK:(i + 1) * CHUNK]) for i in range(steps)]
+        return torch.cat(codes, dim=-1), codec
+
+    ref_codes, ref = run("fp32")
+    ref_audio = torch.cat([ref.decode(slots, ref_codes[:, :, i * 3:(i + 1) * 3])
+                           for i in range(steps)], dim=-1)
+    out: dict[str, dict[str, float]] = {}
+    for precision in precisions:
+        codes, codec = run(precision)
+        audio = torch.cat([codec.decode(slots, ref_codes[:, :, i * 3:(i + 1) * 3])
+                           for i in range(steps)], dim=-1)
+        out[precision] = {
+            "codes_equal": float((codes == ref_codes).float().mean()),
+            "encoder_state_rel_err": _rel_err(codec.encoder_state, ref.encoder_state),
+            "decoder_state_rel_err": _rel_err(codec.decoder_state, ref.decoder_state),
+            "audio_rel_err": _rel_err(audio, ref_audio),
+        }
+    return out
+
+
+def _rel_err(x: Any, ref: Any) -> float:
+    return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
 def bench_offline(model: Any, batch: int, seconds: float, device: str,
@@ -269,6 +349,43 @@ def _docs_markdown(data: dict[str, Any], command: str) -> str:
             f"| {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | {r['offline_streams_realtime']:.1f} "
             f"| {r['speedup_vs_offline']:.2f}x | {r['sliding_window_streams_realtime']:.2f} "
             f"| {r['speedup_vs_sliding_window']:.1f}x |")
+    paths = data.get("steps_measured", [])
+    if paths:
+        lines += [
+            "",
+            f"Step paths ({', '.join(paths)}): `gather` runs exactly the batch's rows; "
+            "`masked` runs a fixed-shape bucket with an execution mask"
+            + (" replayed from CUDA graphs" if data["device"] == "cuda" else
+               " (no graphs on CPU)")
+            + f", {data['precision']}. The latency profile is the "
+            f"**{data['latency_profile_step']}** step, this device's default.",
+            "",
+            "| batch | " + " | ".join(f"{s} enc p50 / p99 ms | {s} dec p50 / p99 ms "
+                                       f"| {s} enc+dec streams" for s in paths) + " |",
+            "|---:|" + "---:|---:|---:|" * len(paths),
+        ]
+        for r in data["results"]:
+            cells = []
+            for name in paths:
+                m = r["paths"][name]
+                cells.append(f"{m['p50_ms']:.1f} / {m['p99_ms']:.1f} "
+                             f"| {m['decode_p50_ms']:.1f} / {m['decode_p99_ms']:.1f} "
+                             f"| {m['streams_realtime_both']:.1f}")
+            lines.append(f"| {r['batch']} | " + " | ".join(cells) + " |")
+    agreement = data.get("precision_agreement") or {}
+    if agreement:
+        lines += [
+            "",
+            "Masked step precision vs float32 (same audio, "
+            f"{AGREEMENT_STREAMS} streams; codes chosen with float32 distances in every mode):",
+            "",
+            "| precision | codes equal | encoder state max rel. diff | decoder state max rel. "
+            "diff | decoded audio max diff / peak |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, a in agreement.items():
+            lines.append(f"| {name} | {a['codes_equal']:.4f} | {a['encoder_state_rel_err']:.2e} "
+                         f"| {a['decoder_state_rel_err']:.2e} | {a['audio_rel_err']:.2e} |")
     if data.get("stopped_early"):
         lines += ["", f"Stopped growing the batch: {data['stopped_early']}."]
     return "\n".join(lines)
@@ -289,30 +406,47 @@ def run(args: argparse.Namespace) -> int:
     if not batches or batches[0] < 1 or args.seconds <= 0:
         print("need positive batch sizes and --seconds", file=sys.stderr)
         return 2
+    paths = [p.strip() for p in args.steps.split(",") if p.strip()]
+    if not paths or any(p not in STEP_PATHS for p in paths) or len(set(paths)) != len(paths):
+        print(f"--steps must name some of {', '.join(STEP_PATHS)}, got {args.steps!r}",
+              file=sys.stderr)
+        return 2
+    if args.precision == "tf32" and device != "cuda":
+        print("--precision tf32 needs --device cuda", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     elif device == "cpu":
         torch.set_num_threads(1)
     threads = torch.get_num_threads()
     model, weights = load_model(args.weights)
-    from models.streaming import check_bandwidth
+    from models.streaming import check_bandwidth, default_step
 
     n_q = check_bandwidth(args.bandwidth)
+    default = default_step(device).value
+    profile_step = default if default in paths else paths[0]
     command = "auralink bench codec " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["bench", "codec"]
                                                  else [])
     print(f"bench codec: device={device} weights={weights} bandwidth={args.bandwidth} kbps "
-          f"threads={threads} batches={batches} seconds={args.seconds}", flush=True)
+          f"threads={threads} batches={batches} seconds={args.seconds} steps={paths} "
+          f"(profile: {profile_step}) masked precision={args.precision}", flush=True)
 
     results: list[dict[str, Any]] = []
     stopped = None
     for batch in batches:
-        print(f"[B={batch}] streaming ...", flush=True)
-        row: dict[str, Any] = {"batch": batch}
-        row.update(bench_streaming(model, batch, args.seconds, device, args.bandwidth,
-                                   args.budget))
-        print(f"[B={batch}] streaming: enc {row['streams_realtime_encode']:.1f} streams, "
-              f"dec {row['streams_realtime_decode']:.1f}, p50 {row['p50_ms']:.1f} ms, "
-              f"p99 {row['p99_ms']:.1f} ms ({row['steps']} steps); offline ...", flush=True)
+        row: dict[str, Any] = {"batch": batch, "paths": {}}
+        for name in paths:
+            print(f"[B={batch}] streaming ({name}) ...", flush=True)
+            m = bench_streaming(model, batch, args.seconds, device, args.bandwidth, args.budget,
+                                step=name, precision=args.precision)
+            row["paths"][name] = m
+            print(f"[B={batch}] streaming ({name}): enc {m['streams_realtime_encode']:.1f} "
+                  f"streams, dec {m['streams_realtime_decode']:.1f}, p50 {m['p50_ms']:.1f} ms, "
+                  f"p99 {m['p99_ms']:.1f} ms ({m['steps']} steps)"
+                  + (f", {m['cuda_graphs']} CUDA graphs" if m["cuda_graphs"] else ""), flush=True)
+        # The top-level figures are the profile's path (what this device runs by default).
+        row.update(row["paths"][profile_step], step=profile_step)
+        print(f"[B={batch}] offline ...", flush=True)
         row.update(bench_offline(model, batch, args.seconds, device, args.bandwidth))
         print(f"[B={batch}] offline: {row['offline_streams_realtime']:.1f} streams "
               f"(enc+dec); sliding window ...", flush=True)
@@ -330,9 +464,22 @@ def run(args: argparse.Namespace) -> int:
             print(f"stopping: {stopped}", flush=True)
             break
 
+    agreement: dict[str, dict[str, float]] = {}
+    if device == "cuda" or args.agreement:
+        precisions = ["tf32", "bf16"] if device == "cuda" else ["bf16"]
+        print(f"precision agreement vs fp32 ({', '.join(precisions)}) ...", flush=True)
+        agreement = precision_agreement(model, device, args.bandwidth, args.seconds, precisions)
+        for name, a in agreement.items():
+            print(f"  {name}: codes equal {a['codes_equal']:.4f}, encoder state rel diff "
+                  f"{a['encoder_state_rel_err']:.2e}, decoder state rel diff "
+                  f"{a['decoder_state_rel_err']:.2e}, audio diff/peak {a['audio_rel_err']:.2e}",
+                  flush=True)
+
+    profile = {str(r["batch"]): {"p50": r["p50_ms"], "p99": r["p99_ms"]} for r in results}
+    machine = machine_description()
     data: dict[str, Any] = {
         "device": device,
-        "machine": machine_description(),
+        "machine": machine,
         "weights": weights,
         "bandwidth_kbps": args.bandwidth,
         "n_q": n_q,
@@ -342,10 +489,24 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "revision": git_revision(),
         "command": command.strip(),
+        "steps_measured": paths,
+        "precision": args.precision,
         "results": results,
-        # batch -> encode-step latency; what the Serve scheduler and the simulator calibrate on.
-        "latency_profile_ms": {str(r["batch"]): {"p50": r["p50_ms"], "p99": r["p99_ms"]}
-                               for r in results},
+        # batch -> encode-step latency of the device's default step path; what the Serve
+        # scheduler and the simulator (`auralink simulate --profile`) calibrate on.
+        "latency_profile_ms": profile,
+        "latency_profile_step": profile_step,
+        "latency_profile_ms_by_step": {
+            name: {str(r["batch"]): {"p50": r["paths"][name]["p50_ms"],
+                                     "p99": r["paths"][name]["p99_ms"]} for r in results}
+            for name in paths},
+        # The keys to copy into serve_config.yaml's user_config (a replica seeds its latency
+        # model with the conservative p99).
+        "serve_user_config": {
+            "latency_profile": {int(b): v["p99"] for b, v in profile.items()},
+            "latency_profile_device": f"{machine}, `auralink bench codec`, {weights} weights",
+        },
+        "precision_agreement": agreement,
         "stopped_early": stopped,
     }
     path = write_json(args.json, data)
