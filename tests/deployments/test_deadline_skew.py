@@ -5,7 +5,9 @@ travels as a relative budget (ms left when the batch is sent) and the replica st
 own clock on arrival, so a bridge clock 50 ms off in either direction changes nothing: frames
 the replica has time for are computed (no spurious `deadline`), and frames it has no time for
 are refused before any compute (none is computed after its real deadline, which would also
-advance the stream's state on a frame the bridge has already sent as Opus).
+advance the stream's state on a frame the bridge has already sent as Opus). The scheduler's
+one deliberate exception, a probe frame run against its model's advice when nothing has run
+for a while (deployments/scheduler.py), is counted and still answered `deadline`.
 
 The bridge is the real `TickBatcher` with a skewed injected clock; the replica is the real
 `CodecReplicaCore` in emulated compute (each step costs the profile's time), called in-process.
@@ -21,7 +23,14 @@ import pytest
 
 from deployments.client import TransitEstimate, _take
 from deployments.config import ReplicaSettings
-from deployments.contract import CHUNK_SAMPLES, BatchResult, FallbackReason, FrameBatch, Op
+from deployments.contract import (
+    CHUNK_SAMPLES,
+    BatchResult,
+    FallbackReason,
+    FrameBatch,
+    Op,
+    Outcome,
+)
 from deployments.replica import CodecReplicaCore
 from sfu_bridge.tick import Chunk, TickBatcher
 
@@ -32,9 +41,11 @@ TICKS = 5
 
 
 def _core(step_ms: float, **kw) -> CodecReplicaCore:
+    # No holding for expected arrivals: each tick's batch runs (or is refused) as it comes.
     settings = ReplicaSettings(
         compute="emulated", capacity=16, max_batch=16, margin_ms=1.0, bandwidth_kbps=6.0,
         latency_profile={1: step_ms, 16: step_ms}, latency_profile_device="test: fixed step",
+        max_hold_ms=0.0,
     )
     return CodecReplicaCore(settings, "skew-test", **kw)
 
@@ -55,42 +66,86 @@ class ReplicaLink:
         return await asyncio.shield(task)
 
 
-async def _run(core: CodecReplicaCore, bridge_skew_s: float) -> tuple[TickBatcher, ReplicaLink]:
+async def _run(core: CodecReplicaCore, bridge_skew_s: float) -> tuple[TickBatcher, ReplicaLink, int]:
+    """Ticks the bridge; returns it, the replica's answers and how many probes it ran."""
     link = ReplicaLink(core)
     bridge = TickBatcher(link, bridge_id="skewed", deadline_ms=DEADLINE_MS,
                          clock=lambda: time.time() + bridge_skew_s)
     ids = [f"s{i}" for i in range(STREAMS)]
-    for _ in range(TICKS):
+    loop = asyncio.get_running_loop()
+    for k in range(TICKS):
         for sid in ids:
             bridge.push(Chunk(sid, np.zeros(CHUNK_SAMPLES, np.float32)))
+        t0 = loop.time()
         await bridge.tick()
+        if k < TICKS - 1:  # one tick per 40 ms, as the bridge runs
+            await asyncio.sleep(max(0.0, 0.040 - (loop.time() - t0)))
     for _ in range(200):  # late answers (after the bridge's timeout) still come back
         if len(link.answers) == link.sent:
             break
         await asyncio.sleep(0.01)
+    probes = core.scheduler.snapshot_counters().get("probes", 0)
     await core.stop()
     assert len(link.answers) == link.sent == TICKS
-    return bridge, link
+    return bridge, link, probes
+
+
+def _computed(answers: list[BatchResult]) -> int:
+    return sum(int((r.compute_ms > 0).sum()) for r in answers)
+
+
+def _spurious_misses(answers: list[BatchResult], step_ms: float) -> list[str]:
+    """`deadline` verdicts the frame's real budget does not justify. The replica refuses a
+    frame once its deadline is within a step and the margin (1 ms), so a justified verdict has
+    spent at least budget - step - margin (less 1 ms of rounding) in the replica. This machine
+    is shared: a step may stall for tens of ms, which justifies its verdict; a spurious one
+    is a frame refused with its budget untouched."""
+    out = []
+    for r in answers:
+        spent = r.queue_ms.astype(np.float64) + r.compute_ms
+        for i in range(len(r)):
+            if r.outcome(i)[1] is FallbackReason.DEADLINE and spent[i] < DEADLINE_MS - step_ms - 2.0:
+                out.append(f"{r.stream_ids[i]}: deadline after {spent[i]:.1f} ms of {DEADLINE_MS} ms")
+    return out
+
+
+def _late_ai(answers: list[BatchResult]) -> list[str]:
+    """`ai` verdicts for frames that finished after their real deadline."""
+    out = []
+    for r in answers:
+        spent = r.queue_ms.astype(np.float64) + r.compute_ms
+        for i in range(len(r)):
+            if r.outcome(i)[0] is Outcome.AI and spent[i] > DEADLINE_MS + 0.5:
+                out.append(f"{r.stream_ids[i]}: ai after {spent[i]:.1f} ms of {DEADLINE_MS} ms")
+    return out
+
+
+def _check_time_to_spare(bridge: TickBatcher, answers: list[BatchResult], step_ms: float) -> None:
+    """Every verdict is right; and, stalls of this shared machine aside, the frames are `ai`."""
+    assert _spurious_misses(answers, step_ms) == []
+    assert _late_ai(answers) == []
+    assert set(bridge.counters) <= {"ai", "fallback/deadline"}
+    assert sum(bridge.counters.values()) == STREAMS * TICKS
+    assert bridge.counters["ai"] >= STREAMS * TICKS // 2, dict(bridge.counters)
 
 
 @pytest.mark.parametrize("skew_s", [-SKEW_S, SKEW_S])
 def test_frames_with_time_to_spare_are_computed_whatever_the_bridge_clock(skew_s):
-    """A 4 ms step fits a 20 ms budget: every frame is `ai`, however the bridge's clock is set."""
-    bridge, link = asyncio.run(_run(_core(step_ms=4.0), skew_s))
-    assert dict(bridge.counters) == {"ai": STREAMS * TICKS}
-    for res in link.answers:
-        assert res.counts() == {"ai": STREAMS}
+    """A 2 ms step fits a 20 ms budget: frames are `ai` and never refused with time left,
+    however the bridge's clock is set."""
+    bridge, link, _ = asyncio.run(_run(_core(step_ms=2.0), skew_s))
+    _check_time_to_spare(bridge, link.answers, step_ms=2.0)
 
 
 @pytest.mark.parametrize("skew_s", [-SKEW_S, SKEW_S])
 def test_frames_without_time_are_refused_not_computed_late(skew_s):
     """A 30 ms step cannot meet a 20 ms budget: the replica answers `deadline` before any
-    compute, whatever the bridge's clock says."""
-    bridge, link = asyncio.run(_run(_core(step_ms=30.0), skew_s))
+    compute (but for the scheduler's probes), whatever the bridge's clock says."""
+    bridge, link, probes = asyncio.run(_run(_core(step_ms=30.0), skew_s))
     assert dict(bridge.counters) == {"fallback/deadline": STREAMS * TICKS}
     for res in link.answers:
-        assert res.counts() == {"fallback/deadline": STREAMS}
-        assert float(res.compute_ms.max()) == 0.0  # refused, not computed
+        assert res.counts() == {"fallback/deadline": STREAMS}  # the replica's own verdict
+    assert _computed(link.answers) == probes <= 1  # refused, not computed
 
 
 @pytest.mark.parametrize("skew_s", [-SKEW_S, SKEW_S, 3600.0])
@@ -98,11 +153,12 @@ def test_the_replica_judges_on_its_own_clock(skew_s):
     """The replica's clock may be anywhere (another host, its own epoch): the budget is
     stamped on it at arrival, so only durations matter."""
     clock = lambda: time.monotonic() + skew_s  # noqa: E731 - a skewed host clock
-    bridge, _ = asyncio.run(_run(_core(step_ms=4.0, clock=clock), 0.0))
-    assert dict(bridge.counters) == {"ai": STREAMS * TICKS}
-    bridge, link = asyncio.run(_run(_core(step_ms=30.0, clock=clock), 0.0))
+    bridge, link, _ = asyncio.run(_run(_core(step_ms=2.0, clock=clock), 0.0))
+    _check_time_to_spare(bridge, link.answers, step_ms=2.0)
+    bridge, link, probes = asyncio.run(_run(_core(step_ms=30.0, clock=clock), 0.0))
     assert dict(bridge.counters) == {"fallback/deadline": STREAMS * TICKS}
-    assert all(float(r.compute_ms.max()) == 0.0 for r in link.answers)
+    assert all(r.counts() == {"fallback/deadline": STREAMS} for r in link.answers)
+    assert _computed(link.answers) == probes <= 1
 
 
 def test_a_budget_already_spent_on_arrival_is_a_deadline_fallback():
