@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from deployments import metrics
 from deployments.affinity import local_view
 from deployments.contract import (
     BatchResult,
@@ -39,6 +38,7 @@ from deployments.contract import (
     Op,
     reason_code,
 )
+from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 

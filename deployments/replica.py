@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 
-from deployments import metrics
 from deployments.client import malformed_result
 from deployments.config import (
     Backend,
@@ -47,6 +46,7 @@ from deployments.contract import (
 )
 from deployments.latency_model import LatencyModel
 from deployments.scheduler import EdfScheduler, PendingFrame, Plan, SchedulerConfig
+from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Per tick (`TickBatcher.tick`):
 4. check the tick's hints (parse + tag + replay) and count them into the limiter in one call;
 5. give every frame exactly one `FrameOutcome`, counted by outcome/reason.
 
-Metrics (`deployments.metrics`) are recorded here for what the bridge decides, once per tick:
+Metrics (`telemetry.metrics`) are recorded here for what the bridge decides, once per tick:
 frames the bridge answered itself (opted_out, unhealthy, overload, a stuck or failing codec
 client, a malformed answer; frames the replica answered are counted by the replica), the
 send-to-answer latency of AI frames, hints by verdict, and the streams the bridge carries.
@@ -36,7 +36,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from deployments import metrics
 from deployments.contract import (
     AI_CODE,
     CHUNK_SAMPLES,
@@ -50,6 +49,7 @@ from deployments.contract import (
     bandwidth_codebooks,
     reason_code,
 )
+from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 

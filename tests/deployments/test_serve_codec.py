@@ -152,7 +152,7 @@ def test_malformed_batches_get_clear_errors_and_replica_keeps_serving(codec_hand
 
 
 def test_client_answers_a_malformed_batch_without_raising(client, loop):
-    from deployments import metrics
+    from telemetry import metrics
 
     reg = metrics.local_registry()
     errors0 = reg.counter(metrics.FRAMES, op="encode", reason="error")
