@@ -5,6 +5,11 @@ stream (stream affinity, see router.py), sends ONE request per replica, and merg
 replies back in row order. It never raises: a malformed batch, a dead replica, a timeout or
 any transport failure becomes a per-frame fallback, so every frame gets exactly one outcome.
 
+Deadlines (contract.py): a batch arrives here with each frame's budget as of the tick; each
+request leaves with that budget less the time spent here since and less the estimated one-way
+transit to the replica (`TransitEstimate`), so the replica's deadline, stamped on its own
+clock on arrival, falls where the bridge's does whatever either host's clock says.
+
 The fallbacks the client decides itself (a replica that did not answer in time, a failed
 transport, an answer for a different batch, a malformed batch) are recorded in the metrics
 here; frames a replica answered are counted by that replica.
@@ -14,14 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections import defaultdict, deque
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from deployments import metrics
 from deployments.affinity import local_view
 from deployments.contract import (
     BatchResult,
@@ -30,6 +35,7 @@ from deployments.contract import (
     reason_code,
 )
 from deployments.cpu_meter import CpuMeter
+from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +53,36 @@ class ClientCounters:
     frames_by_outcome: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
-def _take(batch: FrameBatch, rows: np.ndarray) -> FrameBatch:
+class TransitEstimate:
+    """One-way bridge -> replica transit (ms), NTP-style: a request's round trip on the
+    bridge's clock less the time the replica held it on its own clock (`held_ms`), halved
+    (the path is taken as symmetric). Each side measures only a duration on its own clock, so
+    clock offsets cancel. The estimate is the median of recent requests (0 before the first)."""
+
+    def __init__(self, window: int = 32) -> None:
+        self._samples: deque[float] = deque(maxlen=window)
+        self._median = 0.0
+
+    def observe(self, round_trip_ms: float, held_ms: float) -> None:
+        if held_ms <= 0.0 or round_trip_ms < held_ms:
+            return  # a reply without a held time (or from a stopped clock) says nothing
+        self._samples.append((round_trip_ms - held_ms) / 2.0)
+        self._median = statistics.median(self._samples)
+
+    @property
+    def one_way_ms(self) -> float:
+        return self._median
+
+
+def _take(batch: FrameBatch, rows: np.ndarray, spent_ms: float = 0.0) -> FrameBatch:
+    """The rows of `batch` for one replica, their budgets less `spent_ms`."""
     return FrameBatch(
         op=batch.op,
         bridge_id=batch.bridge_id,
         stream_ids=[batch.stream_ids[i] for i in rows.tolist()],
         epochs=batch.epochs[rows],
         epoch_seqs=batch.epoch_seqs[rows],
-        deadlines=batch.deadlines[rows],
-        sent_at=batch.sent_at,
+        budgets_ms=np.asarray(batch.budgets_ms[rows], np.float64) - spent_ms,
         pcm=None if batch.pcm is None else batch.pcm[rows],
         bandwidth_kbps=batch.bandwidth_kbps,
     )
@@ -81,6 +108,7 @@ def merge_results(batch: FrameBatch, parts: list[tuple[np.ndarray, BatchResult]]
         seen[rows] = True
         if res.replica_id:
             replica_ids.append(res.replica_id)
+        out.held_ms = max(out.held_ms, res.held_ms)
         out.errors.update(res.errors)
         if res.codes is not None:
             if out.codes is None:
@@ -121,6 +149,7 @@ class CodecClient:
         # CPU of this client's own work (validating, splitting by replica, merging; not the
         # Serve handle call, which is transport), for load tests' control-plane figures
         self.cpu = CpuMeter()
+        self.transit = TransitEstimate()
         # Any call makes the handle build its router, which then learns the replica set from
         # the controller; by the first tick the client can usually group streams by owner.
         try:
@@ -185,6 +214,7 @@ class CodecClient:
 
     async def process(self, batch: FrameBatch) -> BatchResult:
         with self.cpu:
+            t0 = time.monotonic()
             try:
                 batch.validate()
             except ValueError as exc:
@@ -195,11 +225,16 @@ class CodecClient:
             if len(batch) == 0:
                 return self._count(BatchResult.all_fallback(batch, FallbackReason.ERROR))
             groups = self.group_rows(batch.stream_ids)
-            timeout = max(0.05, float(np.max(batch.deadlines)) - time.time() + self._grace)
-            if len(groups) == 1:  # one owner (or no view yet): the batch goes as it is
-                sends = [self._send(groups[0][0], batch, timeout)]
+            budgets = np.asarray(batch.budgets_ms, np.float64)
+            longest_s = float(np.nanmax(budgets)) / 1000.0 if not np.isnan(budgets).all() else 0.0
+            timeout = max(0.05, longest_s + self._grace)
+            # What the budgets lose before they reach a replica: this client's own work since
+            # the tick handed the batch over, and the way there.
+            spent_ms = (time.monotonic() - t0) * 1000.0 + self.transit.one_way_ms
+            if len(groups) == 1:  # one owner (or no view yet): the batch goes whole
+                sends = [self._send(groups[0][0], replace(batch, budgets_ms=budgets - spent_ms), timeout)]
             else:
-                subs = [(key, rows, _take(batch, rows)) for key, rows in groups]
+                subs = [(key, rows, _take(batch, rows, spent_ms)) for key, rows in groups]
                 sends = [self._send(key, sub, timeout) for key, _, sub in subs]
         results = await asyncio.gather(*sends)
         with self.cpu:
@@ -210,6 +245,7 @@ class CodecClient:
 
     async def _send(self, key: str, sub: FrameBatch, timeout: float) -> BatchResult:
         self.counters.requests += 1
+        sent = time.monotonic()
         # the handle call itself is transport (Serve's own budget), not this client's work
         response = self._handle.options(method_name="process", session_id=key).remote(sub)
         try:
@@ -226,6 +262,7 @@ class CodecClient:
         if not isinstance(res, BatchResult) or len(res) != len(sub) or res.stream_ids != sub.stream_ids:
             self.counters.transport_errors += 1
             return _fallback_part(sub, FallbackReason.ERROR, "replica answered a different batch")
+        self.transit.observe((time.monotonic() - sent) * 1000.0, float(res.held_ms))
         return res
 
     async def leave(self, stream_ids: list[str]) -> int:

@@ -10,6 +10,13 @@ frames pickles as a handful of buffers, never one object per frame.
 Each frame carries its stream's `epoch` and `epoch_seq` (0 = first frame of that epoch); what
 the bridge, the replica and a decoder do with them is the epoch rule, written once in
 `deployments/epochs.py` (and described in docs/protocol.md).
+
+Deadline rule: hosts' clocks differ, so no absolute time crosses the wire. Each frame carries
+its *budget*, the milliseconds left until its deadline when the batch is sent; the replica
+stamps it on its own monotonic clock on arrival (deadline = arrival + budget). The sender
+deducts what it knows was spent before the send (its own work since the tick, the estimated
+one-way transit to the replica, see client.py), so only durations measured on one clock each
+are ever combined.
 """
 
 from __future__ import annotations
@@ -75,8 +82,7 @@ class FrameBatch:
     stream_ids: list[str]  # [B], unique within a batch
     epochs: np.ndarray  # int64 [B]
     epoch_seqs: np.ndarray  # int64 [B]; 0 = first frame of the epoch
-    deadlines: np.ndarray  # float64 [B], absolute time.time() seconds
-    sent_at: float  # time.time() when the bridge sent the batch
+    budgets_ms: np.ndarray  # float [B]: ms left to each frame's deadline at send; NaN = default
     pcm: np.ndarray | None = None  # float32 or int16 [B, T], T % 320 == 0
     bandwidth_kbps: float = DEFAULT_BANDWIDTH_KBPS
 
@@ -90,10 +96,12 @@ class FrameBatch:
             raise ValueError(f"unknown op {self.op!r}; expected one of {[o.value for o in Op]}")
         if len(set(self.stream_ids)) != b:
             raise ValueError("duplicate stream id in one batch")
-        for name in ("epochs", "epoch_seqs", "deadlines"):
+        for name in ("epochs", "epoch_seqs", "budgets_ms"):
             arr = getattr(self, name)
             if not isinstance(arr, np.ndarray) or arr.shape != (b,):
                 raise ValueError(f"{name} must be an array of shape ({b},)")
+        if self.budgets_ms.dtype.kind not in "fiu" or np.isinf(self.budgets_ms).any():
+            raise ValueError("budgets_ms must be finite numbers of milliseconds (NaN = default)")
         bandwidth_codebooks(self.bandwidth_kbps)
         pcm = self.pcm
         if not isinstance(pcm, np.ndarray) or pcm.ndim != 2 or pcm.shape[0] != b:
@@ -102,6 +110,11 @@ class FrameBatch:
             raise ValueError(f"pcm dtype must be float32 or int16, got {pcm.dtype}")
         if pcm.shape[1] == 0 or pcm.shape[1] % FRAME_SAMPLES:
             raise ValueError(f"pcm length {pcm.shape[1]} is not a multiple of {FRAME_SAMPLES}")
+
+    def deadlines(self, arrival: float) -> np.ndarray:
+        """Each frame's deadline on the receiver's clock, stamped at `arrival` (same clock);
+        NaN where the frame left the budget to the receiver's default."""
+        return arrival + np.asarray(self.budgets_ms, np.float64) / 1000.0
 
     def pcm_float(self) -> np.ndarray:
         """PCM as float32 in [-1, 1] (int16 input is scaled by 1/32768)."""
@@ -124,6 +137,7 @@ class BatchResult:
     replica_id: str = ""
     errors: dict[str, str] = field(default_factory=dict)  # stream id -> message for `error`
     compute: str = "real"  # "real" | "emulated" (load tests); merged results may say "emulated,real"
+    held_ms: float = 0.0  # arrival at the replica -> its reply, on the replica's clock
 
     def __len__(self) -> int:
         return len(self.stream_ids)

@@ -26,12 +26,12 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from deployments import metrics
 from deployments.client import malformed_result
 from deployments.config import (
     Backend,
@@ -53,6 +53,7 @@ from deployments.cpu_meter import CpuMeter
 from deployments.epochs import ReplicaEpochs
 from deployments.latency_model import LatencyModel
 from deployments.scheduler import EdfScheduler, Plan, SchedulerConfig
+from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,8 @@ class _Request:
         self.arrival = arrival
         self.slots = np.full(b, -1, np.int64)
         self.generation = np.zeros(b, np.int64)  # of each frame's slot when it was admitted
+        # The frames' relative budgets stamped on this replica's clock (the deadline rule).
+        self.deadlines = batch.deadlines(arrival)
         self.result = BatchResult(
             stream_ids=list(batch.stream_ids),
             outcome_codes=np.zeros(b, np.uint8),
@@ -274,12 +277,15 @@ class CodecReplicaCore:
     and the in-process codec of the bridge tests and tools (`process(batch)`, `leave(ids)`).
 
     Bound to the event loop it first runs on; `stop()` ends the step loop deterministically.
+    Every time it keeps is on `clock` (monotonic by default): frames arrive with relative
+    budgets, stamped on this clock at arrival, so no other host's clock is ever compared.
     """
 
     def __init__(self, settings: ReplicaSettings | None = None, replica_id: str = "local",
-                 build: bool = True) -> None:
+                 build: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings or ReplicaSettings()
         self.replica_id = replica_id
+        self.clock = clock
         self.weights_kind = "none"
         self._codec = None
         self._fresh_state(self.settings)
@@ -292,7 +298,7 @@ class CodecReplicaCore:
         self._exited = asyncio.Event()
         self._stopping = False
         self._step_lock = asyncio.Lock()  # a rebuild never swaps the codec under a running step
-        self._last_sweep = time.time()
+        self._last_sweep = self.clock()
         self._rids = itertools.count(1)
         # recent frames for the autoscaling stats: (missed, slack ms) in a ring
         self._recent_missed = np.zeros(STATS_WINDOW, bool)
@@ -362,7 +368,7 @@ class CodecReplicaCore:
         return bandwidth_codebooks(batch.bandwidth_kbps)
 
     async def process(self, batch: FrameBatch) -> BatchResult:
-        arrival = time.time()
+        arrival = self.clock()
         try:
             with self.cpu:
                 n_q = self._check(batch)
@@ -382,6 +388,7 @@ class CodecReplicaCore:
                 self._wake.set()
         res = await req.future
         metrics.record_frames(Op.ENCODE.value, res.counts())
+        res.held_ms = (self.clock() - arrival) * 1000.0  # lets the sender measure the transit
         return res
 
     def _admit(self, req: _Request) -> int:
@@ -392,7 +399,7 @@ class CodecReplicaCore:
         self.frames_in += b
         epochs = np.asarray(batch.epochs, np.int64)
         seqs = np.asarray(batch.epoch_seqs, np.int64)
-        deadlines = np.asarray(batch.deadlines, np.float64)
+        deadlines = req.deadlines
         slots = self.pool.lookup(batch.stream_ids)
         todo = np.ones(b, bool)
         # A frame the model cannot take (NaN/inf) is that frame's `error`, not its batch's.
@@ -479,7 +486,7 @@ class CodecReplicaCore:
         assert self._wake is not None
         try:
             while not self._stopping:
-                now = time.time()
+                now = self.clock()
                 if now - self._last_sweep >= IDLE_SWEEP_S:
                     self._sweep_idle(now)
                 # Cleared before deciding: a frame queued from here on sets it again, so the
@@ -487,7 +494,7 @@ class CodecReplicaCore:
                 self._wake.clear()
                 async with self._step_lock:
                     with self.cpu:
-                        plan = self.scheduler.schedule(time.time())
+                        plan = self.scheduler.schedule(self.clock())
                     if plan:
                         try:
                             await self._execute(plan)
@@ -507,7 +514,7 @@ class CodecReplicaCore:
         assert self._wake is not None
         timeout = IDLE_SWEEP_S
         if plan.hold_until is not None:
-            timeout = min(IDLE_SWEEP_S, max(0.0, plan.hold_until - time.time()))
+            timeout = min(IDLE_SWEEP_S, max(0.0, plan.hold_until - self.clock()))
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
         except asyncio.TimeoutError:
@@ -558,15 +565,15 @@ class CodecReplicaCore:
                 self.scheduler.complete(plan, 0.0, computed=0)
                 return
             n = sum(g.size for g in groups)
-        start = time.time()
+        start = self.clock()
         if self.settings.compute is ComputeMode.EMULATED:
             await asyncio.sleep(profile_ms(self.settings.latency_profile, n) / 1000.0)
             outs: list[np.ndarray | Exception | None] = [None] * len(groups)
-            step_ms = (time.time() - start) * 1000.0
+            step_ms = (self.clock() - start) * 1000.0
         else:
             loop = asyncio.get_running_loop()
             outs, step_ms = await loop.run_in_executor(self._executor, _run_groups, self._codec, groups)
-        end = time.time()
+        end = self.clock()
         with self.cpu:
             # The model learns the cost of the frames computed, not of the plan's: frames
             # answered `reset` above took no compute.
@@ -600,7 +607,7 @@ class CodecReplicaCore:
         if out is not None:  # emulated: zero codes, already zero-filled
             n_q = req.result.codes.shape[1]
             req.result.codes[rows] = out[at : at + rows.size, :n_q].astype(np.int16)
-        slack = (np.asarray(req.batch.deadlines, np.float64)[rows] - end) * 1000.0
+        slack = (req.deadlines[rows] - end) * 1000.0
         late = slack < 0
         # Finished, but after the call moved on: the bridge has sent the native codec for
         # it, so the stream starts a new epoch.

@@ -25,10 +25,10 @@ from typing import Any
 
 import ray
 
-from deployments import metrics
 from deployments.config import SupervisorSettings
 from deployments.cpu_meter import CpuMeter
 from deployments.supervisor_policy import SNAPSHOT_VERSION, SupervisorConfig, SupervisorPolicy
+from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 

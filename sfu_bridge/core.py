@@ -40,7 +40,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from deployments import metrics
 from deployments.contract import (
     AI_CODE,
     CHUNK_SAMPLES,
@@ -63,6 +62,7 @@ from models.constants import DEFAULT_DEADLINE_MS, TICK_S
 from sfu_bridge.hint_auth import HintRejected, HintVerifier
 from sfu_bridge.hint_ext import Hint, HintElement
 from sfu_bridge.limiter import DEFAULT_BURST, DEFAULT_RATE_PER_S, GcraParams, gcra_allow
+from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -620,7 +620,6 @@ class BridgeCore:
         if not rows.size:
             return _Taken(parts)
         epochs, seqs = self.epochs.number(rows)
-        now = self.clock()
         b = rows.size
         batch = FrameBatch(
             op=Op.ENCODE,
@@ -628,8 +627,8 @@ class BridgeCore:
             stream_ids=self.ids[rows].tolist(),
             epochs=epochs,
             epoch_seqs=seqs,
-            deadlines=np.full(b, now + self.deadline_ms / 1000.0),
-            sent_at=now,
+            # Relative: the replica stamps it on its own clock (hosts' clocks differ).
+            budgets_ms=np.full(b, float(self.deadline_ms)),
             pcm=pcm if pcm is not None else np.zeros((b, FRAME_SAMPLES), np.int16),
             bandwidth_kbps=self.bandwidth_kbps,
         )

@@ -41,7 +41,6 @@ from aiortc.rtcrtpparameters import RTCRtpParameters
 from aiortc.rtp import RtpPacket
 from aiortc.utils import random16, random32
 
-from deployments import metrics
 from models.constants import (
     CHUNK_RTP_TICKS,
     CHUNK_SAMPLES,
@@ -53,6 +52,7 @@ from models.opus import OpusCodec
 from sfu_bridge import aiortc_compat, rtp_ext
 from sfu_bridge.aic_payload import pack_payloads
 from sfu_bridge.core import BridgeCore, TickReport
+from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
