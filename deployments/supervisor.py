@@ -27,7 +27,12 @@ import ray
 
 from deployments.config import SupervisorSettings
 from deployments.cpu_meter import CpuMeter
-from deployments.supervisor_policy import SNAPSHOT_VERSION, SupervisorConfig, SupervisorPolicy
+from deployments.supervisor_policy import (
+    SNAPSHOT_VERSION,
+    StreamReports,
+    SupervisorConfig,
+    SupervisorPolicy,
+)
 from telemetry import metrics
 
 logger = logging.getLogger(__name__)
@@ -93,30 +98,39 @@ class FallbackSupervisorCore:
             self._last_snapshot = now
             self._put(_SNAPSHOT_KEY, json.dumps(self.policy.snapshot()).encode())
 
-    def report(self, reports: Mapping[str, Mapping[str, Any]], now: float | None = None) -> dict[str, str]:
-        """`{stream_id: {"ai": n, "fallback": {reason: n}, "user_id": optional, "replica":
-        optional}}` since the last report -> `{stream_id: reason}` for every reported stream
+    def report(self, reports: StreamReports | Mapping[str, Mapping[str, Any]],
+               now: float | None = None) -> dict[str, str]:
+        """A bridge's outcome counts since its last report, in columns (`StreamReports`, what
+        bridges send) or as `{stream_id: {"ai": n, "fallback": {reason: n}, "user_id":
+        optional, "replica": optional}}` -> `{stream_id: reason}` for every reported stream
         whose AI is off. `replica` (the codec replica serving the stream) lets the policy
-        tell a replica-wide stall from a stream's own failures."""
+        tell a replica-wide stall from a stream's own failures. A malformed report is a
+        ValueError, and changes nothing."""
         with self.cpu:
-            return self._report(reports, time.time() if now is None else now)
+            batch = reports if isinstance(reports, StreamReports) else StreamReports.from_mapping(reports)
+            batch.validate()
+            return self._report(batch, time.time() if now is None else now)
 
-    def _report(self, reports: Mapping[str, Mapping[str, Any]], now: float) -> dict[str, str]:
-        off: dict[str, str] = {}
-        before = {sid: self.policy.decision(sid, now) for sid in reports}
-        excused = self.policy.counters["excused/deadline"]
-        decisions = self.policy.report_many(reports, now)
-        excused = self.policy.counters["excused/deadline"] - excused
+    def _report(self, batch: StreamReports, now: float) -> dict[str, str]:
+        policy = self.policy
+        # Streams already off (or opted out) before this report: nearly always a few, so the
+        # transitions are counted from them and the verdicts, not from a decision per stream.
+        streams, opted_s, opted_u = policy._streams, policy._opted_streams, policy._opted_users
+        was_off = {
+            sid for sid in batch.stream_ids
+            if sid in opted_s or ((st := streams.get(sid)) is not None and (
+                st.off_until is not None or (st.user_id is not None and st.user_id in opted_u)))
+        }
+        was_off = {sid for sid in was_off if not policy.decision(sid, now)}
+        excused = policy.counters["excused/deadline"]
+        reasons = policy.report_columns(batch, now)
+        excused = policy.counters["excused/deadline"] - excused
         if excused:
             logger.info("shared stall: %d deadline misses excused (streams kept on AI)", excused)
-        for sid, on in decisions.items():
-            if on != before[sid]:
-                metrics.record_supervisor_transition("on" if on else "off")
-            if not on:
-                reason = self.policy.reason(sid, now)
-                off[sid] = reason.value if reason is not None else "unhealthy"
+        metrics.record_supervisor_transition("off", sum(1 for sid in reasons if sid not in was_off))
+        metrics.record_supervisor_transition("on", sum(1 for sid in was_off if sid not in reasons))
         self._maybe_snapshot(now)
-        return off
+        return {sid: r.value for sid, r in reasons.items()}
 
     def opt_out(self, user_id: str | None = None, stream_id: str | None = None) -> None:
         self.policy.opt_out(user_id=user_id, stream_id=stream_id)
@@ -147,7 +161,8 @@ class FallbackSupervisor:
         self.core = FallbackSupervisorCore(self.settings, cfg, put, get)
         self.started_at = time.time()
 
-    def report(self, reports: dict[str, dict[str, Any]], now: float | None = None) -> dict[str, str]:
+    def report(self, reports: StreamReports | dict[str, dict[str, Any]],
+               now: float | None = None) -> dict[str, str]:
         return self.core.report(reports, now)
 
     def register(self, stream_id: str, user_id: str | None) -> None:

@@ -58,6 +58,7 @@ from deployments.contract import (
 )
 from deployments.cpu_meter import CpuMeter
 from deployments.epochs import BridgeEpochs
+from deployments.supervisor_policy import StreamReports
 from models.constants import DEFAULT_DEADLINE_MS, TICK_S
 from sfu_bridge.hint_auth import HintRejected, HintVerifier
 from sfu_bridge.hint_ext import Hint, HintElement
@@ -112,13 +113,13 @@ def hint_verdict(reason: str) -> metrics.HintVerdict:
 @dataclass
 class SupervisorLink:
     """The fallback supervisor as the core sees it: `report` gets each stream's outcome
-    counts since the last call (`{stream: {"ai": n, "fallback": {reason: n}, "user_id"?,
-    "replica"?}}`) and returns the streams whose AI is off (`{stream: "opted_out" |
-    "unhealthy"}`); `forget` is told which streams ended. `owners` (the codec client's, when
+    counts since the last call (`StreamReports`: one row per stream, a column per outcome
+    code, its user the first time, its replica when known) and returns the streams whose AI
+    is off (`{stream: "opted_out" | "unhealthy"}`); `forget` is told which streams ended. `owners` (the codec client's, when
     it knows them) names the replica each stream is routed to, so the supervisor can tell
     misses a replica's streams share (a stall: kept on AI) from a stream's own."""
 
-    report: Callable[[dict[str, dict[str, Any]]], Awaitable[Mapping[str, str]]]
+    report: Callable[[StreamReports], Awaitable[Mapping[str, str]]]
     forget: Callable[[list[str]], Awaitable[Any]] | None = None
     period_s: float = 1.0
     owners: Callable[[list[str]], Mapping[str, str]] | None = None
@@ -132,7 +133,7 @@ def ray_supervisor_link(actor: Any, period_s: float = 1.0,
     dilated load test passes its simulated one, so windows and back-offs stay in simulated
     seconds)."""
 
-    async def report(reports: dict[str, dict[str, Any]]) -> Mapping[str, str]:
+    async def report(reports: StreamReports) -> Mapping[str, str]:
         if clock is None:
             return await actor.report.remote(reports)
         return await actor.report.remote(reports, clock())
@@ -883,34 +884,26 @@ class BridgeCore:
         except Exception as exc:  # noqa: BLE001 - the supervisor sweeps streams it never hears of
             logger.info("supervisor forget for %d streams failed: %s", len(ids), type(exc).__name__)
 
-    def take_reports(self) -> dict[str, dict[str, Any]]:
+    def take_reports(self) -> StreamReports:
         """Each live stream's outcomes since the last call (and its user, the first time),
-        as the supervisor's `report` takes them; the tallies start over."""
+        in the columns the supervisor's `report` takes; the tallies start over."""
         with self.cpu:
             n = self._top
             rows = np.flatnonzero(self.live[:n] & (self.tally[:n].any(axis=1) | ~self._registered[:n]))
-            tallies = self.tally[rows]
+            outcomes = self.tally[rows]  # [rows, N_CODES]: column c = outcome code c
             self.tally[rows] = 0
             ids = self.ids[rows].tolist()
-            ai = tallies[:, 0].tolist()
-            reports: dict[str, dict[str, Any]] = {sid: {"ai": n, "fallback": {}}
-                                                  for sid, n in zip(ids, ai, strict=True)}
-            for i in np.flatnonzero(tallies[:, 1:].any(axis=1)).tolist():
-                fb = reports[ids[i]]["fallback"]
-                for c in np.flatnonzero(tallies[i, 1:]).tolist():
-                    fb[REASON_CODES[c].value] = int(tallies[i, c + 1])
-            new = rows[~self._registered[rows]].tolist()
-            for r in new:
-                if self.users[r] is not None:
-                    reports[self.ids[r]]["user_id"] = self.users[r]
+            users = {self.ids[r]: self.users[r] for r in rows[~self._registered[rows]].tolist()
+                     if self.users[r] is not None}
+            replicas = None
             owners = self.supervisor.owners if self.supervisor is not None else None
-            if owners is not None:
-                for sid, replica in owners(ids).items():
-                    if replica and sid in reports:
-                        reports[sid]["replica"] = replica
+            if owners is not None and ids:
+                known = owners(ids)
+                if known:
+                    replicas = [known.get(sid) for sid in ids]
             self._registered[rows] = True
             self._last_exchange = self.period_clock()
-            return reports
+            return StreamReports(ids, outcomes, users, replicas)
 
     async def exchange(self) -> None:
         """One report to the supervisor; its verdicts are applied when they come back. A

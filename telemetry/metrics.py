@@ -429,8 +429,9 @@ def record_limiter_error(error: str) -> None:
     _emit("inc", LIMITER_ERRORS, 1, {"error": error})
 
 
-def record_supervisor_transition(state: str) -> None:
-    _emit("inc", SUPERVISOR_TRANSITIONS, 1, {"state": state})
+def record_supervisor_transition(state: str, n: int = 1) -> None:
+    if n > 0:
+        _emit("inc", SUPERVISOR_TRANSITIONS, n, {"state": state})
 
 
 def set_autoscale_decision(deployment: str, forecast_streams: float, desired: int) -> None:
