@@ -333,9 +333,11 @@ class EdfScheduler:
     # ------------------------------------------------------------------------------ deciding
     def schedule(self, now: float) -> Plan:
         """Decide the next step at time `now` (seconds)."""
+        plan = Plan(now=now)
+        if not self._live_n and not self._shed:
+            return plan  # nothing queued, nothing to report: no decision to make
         cfg = self.config
         margin_s = cfg.margin_ms / 1000.0
-        plan = Plan(now=now)
         if self._shed:
             plan.shed_refs = np.concatenate(self._shed)
             self._shed, self._shed_n = [], 0
