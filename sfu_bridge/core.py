@@ -36,6 +36,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Protocol
 
 import numpy as np
@@ -69,7 +70,7 @@ logger = logging.getLogger(__name__)
 
 # How long past the frames' deadline the bridge still waits for an answer: the replica
 # should have answered `deadline` itself by then; beyond, the client is stuck.
-DEADLINE_GRACE_S = 0.010
+DEADLINE_GRACE_MS = 10.0
 N_CODES = len(REASON_CODES) + 1  # outcome codes: 0 = ai, 1.. = fallback reasons
 _OVERLOAD = reason_code(FallbackReason.OVERLOAD)
 _ERROR = reason_code(FallbackReason.ERROR)
@@ -258,6 +259,7 @@ class BridgeCore:
         *,
         bridge_id: str = "bridge",
         deadline_ms: float = DEFAULT_DEADLINE_MS,
+        deadline_grace_ms: float = DEADLINE_GRACE_MS,
         bandwidth_kbps: float = DEFAULT_BANDWIDTH_KBPS,
         max_backlog: int = 3,
         hint_secret: bytes | None = None,
@@ -277,6 +279,7 @@ class BridgeCore:
         self.codec = codec
         self.bridge_id = bridge_id
         self.deadline_ms = deadline_ms
+        self.deadline_grace_ms = deadline_grace_ms
         self.bandwidth_kbps = bandwidth_kbps
         self.max_backlog = max_backlog
         self.hint_secret = hint_secret
@@ -291,6 +294,7 @@ class BridgeCore:
         # batch carries one EnCodec frame of int16 silence per row: same rows, epochs and
         # deadlines, a sixth of the bytes of 960 float samples.
         self.audio = audio
+        self._zeros = np.zeros((0, FRAME_SAMPLES), np.int16)
         self.clock = clock
         self.period_clock = period_clock
         self.cpu = CpuMeter()
@@ -530,13 +534,28 @@ class BridgeCore:
             self._add_hint(row, raw)
 
     def add_hints(self, stream_ids: list[str], raws: list[bytes]) -> None:
-        """`add_hint` for many (the simulator's publishers, once per tick)."""
+        """`add_hint` for many at once (the simulator's publishers, once per tick)."""
+        if len(stream_ids) != len(raws):
+            raise ValueError("one hint element per stream id")
         with self.cpu:
-            row_of = self._row_of
-            for sid, raw in zip(stream_ids, raws, strict=True):
-                row = row_of.get(sid)
-                if row is not None:
-                    self._add_hint(row, raw)
+            n = len(stream_ids)
+            rows = np.fromiter(map(self._row_of.get, stream_ids, repeat(-1)), np.int64, n)
+            known = np.flatnonzero(rows >= 0)
+            if not known.size:
+                return
+            r = rows[known]
+            uniq, inv, counts, rank = _ranks(r)
+            # a flood beyond one tick's worth is dropped before any crypto work
+            ok = self.hint_n[r] + rank < self.max_hints_per_tick
+            self.hint_n[uniq] = np.minimum(self.hint_n[uniq] + counts, self.max_hints_per_tick)
+            over = int(known.size - np.count_nonzero(ok))
+            if over:
+                self.hint_counters[f"dropped/{HintDrop.RATE_LIMITED.value}"] += over
+                self._hints_dropped_early += over
+                known, r = known[ok], r[ok]
+            self._hint_rows.extend(r.tolist())
+            self._hint_gens.extend(self.generation[r].tolist())
+            self._hint_raws.extend([raws[i] for i in known.tolist()])
 
     def _add_hint(self, row: int, raw: bytes) -> None:
         if self.hint_n[row] >= self.max_hints_per_tick:
@@ -630,13 +649,21 @@ class BridgeCore:
             epoch_seqs=seqs,
             # Relative: the replica stamps it on its own clock (hosts' clocks differ).
             budgets_ms=np.full(b, float(self.deadline_ms)),
-            pcm=pcm if pcm is not None else np.zeros((b, FRAME_SAMPLES), np.int16),
+            pcm=pcm if pcm is not None else self._silence(b),
             bandwidth_kbps=self.bandwidth_kbps,
         )
         return _Taken(parts, rows, self.generation[rows].copy(), ts, batch)
 
+    def _silence(self, b: int) -> np.ndarray:
+        """b rows of one EnCodec frame of int16 silence (a batch without audio): a view of
+        one zero block, not b rows allocated every tick."""
+        if self._zeros.shape[0] < b:
+            self._zeros = np.zeros((max(b, 2 * self._zeros.shape[0]), FRAME_SAMPLES), np.int16)
+            self._zeros.flags.writeable = False
+        return self._zeros[:b]
+
     async def _call_codec(self, batch: FrameBatch) -> BatchResult:
-        timeout = self.deadline_ms / 1000.0 + DEADLINE_GRACE_S
+        timeout = (self.deadline_ms + self.deadline_grace_ms) / 1000.0
         try:
             return await asyncio.wait_for(self.codec.process(batch), timeout)
         except asyncio.TimeoutError:
@@ -682,16 +709,17 @@ class BridgeCore:
         if batch is not None:
             ep[n_local:] = epochs
             sq[n_local:] = seqs
-            if ai_codes is not None:
+            if ai_codes is not None and n_local:
                 full = np.zeros((len(sids),) + ai_codes.shape[1:], np.int16)
                 full[n_local:] = ai_codes
                 ai_codes = full
         self.counts += np.bincount(codes, minlength=N_CODES)
         mine = rr >= 0
-        if mine.all():
-            np.add.at(self.tally, (rr, codes), 1)
-        else:
-            np.add.at(self.tally, (rr[mine], codes[mine]), 1)
+        t_rows, t_codes = (rr, codes) if mine.all() else (rr[mine], codes[mine])
+        if t_rows.size:  # tally[row, code] += 1 per frame (a row may have several a tick)
+            top = int(t_rows.max()) + 1
+            self.tally[:top] += np.bincount(t_rows * N_CODES + t_codes,
+                                            minlength=top * N_CODES).reshape(top, N_CODES)
         return TickReport(
             tick=self.ticks, started_at=started_at, stream_ids=sids, rows=rr, codes=codes,
             epochs=ep, epoch_seqs=sq, rtp_ts=ts, pcm=pcm if self.audio else None,
@@ -721,11 +749,12 @@ class BridgeCore:
                 oc[ai] = _ERROR
             else:
                 codes = rc[np.where(have, row, 0), :n_q] if not (row == np.arange(b)).all() else rc[:, :n_q]
-                flat = codes.reshape(b, -1)
-                if flat.shape[1]:
-                    bad = (flat.min(axis=1) < 0) | (flat.max(axis=1) >= CODEBOOK_SIZE)
-                    oc[ai & bad] = _ERROR
                 codes = codes.astype(np.int16, copy=False)
+                # in range: 0 <= code < CODEBOOK_SIZE; as uint16 a negative one is >= 32768, so
+                # one pass over every code finds both (the rows only when there is one)
+                out = codes.reshape(b, -1).view(np.uint16) >= CODEBOOK_SIZE
+                if out.any():
+                    oc[ai & out.any(axis=1)] = _ERROR
         overruled = (oc != answered) | ~have  # the bridge's own verdict: missing or bad answers
         if overruled.any():
             self._decided += np.bincount(oc[overruled], minlength=N_CODES)
@@ -758,42 +787,45 @@ class BridgeCore:
             # the stream left this tick: its hints go with it
             keep = self.generation[rows_a] == np.asarray(gens, np.int64)
             keep &= self._guard(rows_a, dropped)
-            valid: dict[int, list[tuple[int, bytes]]] = {}  # row -> (index, raw) that verified
+            # the hints that verified, in arrival order: their rows, indexes and elements
+            v_rows: list[int] = []
+            v_hints: list[tuple[int, bytes]] = []
             secret = self.hint_secret
-            verifiers = self._verifiers
-            for row, ok, raw in zip(rows, keep.tolist(), raws, strict=True):
-                if not ok:
-                    continue
-                if secret is None:
-                    dropped[HintDrop.INVALID.value] += 1
-                    continue
-                v = verifiers[row]
-                if v is None:
-                    v = verifiers[row] = HintVerifier(secret, self.ids[row])
-                try:
-                    index = v.accept(v.stream_id, raw)
-                except HintRejected as exc:  # size, tag, field or replay
-                    dropped[exc.reason.value] += 1
-                    continue
-                hints = valid.get(row)
-                if hints is None:
-                    valid[row] = [(index, raw)]
-                else:
-                    hints.append((index, raw))
-            check_rows = list(valid)
-            counts = [len(valid[r]) for r in check_rows]
+            if secret is None:
+                dropped[HintDrop.INVALID.value] += int(np.count_nonzero(keep))
+            else:
+                verifiers, ids = self._verifiers, self.ids
+                for j in np.flatnonzero(keep).tolist():
+                    row, raw = rows[j], raws[j]
+                    v = verifiers[row]
+                    if v is None:
+                        v = verifiers[row] = HintVerifier(secret, ids[row])
+                    try:
+                        index = v.accept(v.stream_id, raw)
+                    except HintRejected as exc:  # size, tag, field or replay
+                        dropped[exc.reason.value] += 1
+                        continue
+                    v_rows.append(row)
+                    v_hints.append((index, raw))
+            if v_rows:
+                uniq, inv, counts, rank = _ranks(np.asarray(v_rows, np.int64))
         accepted = 0
-        if check_rows:
-            allowed = await self._allow([self.ids[r] for r in check_rows], counts)
+        if v_rows:
+            allowed = await self._allow(self.ids[uniq].tolist(), counts.tolist())
             with self.cpu:
-                for row, n_ok in zip(check_rows, allowed, strict=False):
-                    hints = valid[row]
-                    n_ok = max(0, min(int(n_ok), len(hints)))
-                    accepted += n_ok
-                    if len(hints) > n_ok:
-                        dropped[HintDrop.RATE_LIMITED.value] += len(hints) - n_ok
-                    if n_ok and self.live[row]:
-                        self.last_hint[row] = hints[n_ok - 1]  # (index, raw), parsed when read
+                # an answer short of streams allows none of the rest
+                n_ok = np.zeros(uniq.size, np.int64)
+                n_ok[: len(allowed)] = np.asarray(allowed[: uniq.size], np.int64)
+                n_ok = np.clip(n_ok, 0, counts)
+                accepted = int(n_ok.sum())
+                if accepted < len(v_rows):
+                    dropped[HintDrop.RATE_LIMITED.value] += len(v_rows) - accepted
+                # each stream's latest allowed hint: (index, raw), parsed when read
+                live = self.live
+                for j in np.flatnonzero(rank == n_ok[inv] - 1).tolist():
+                    row = v_rows[j]
+                    if live[row]:
+                        self.last_hint[row] = v_hints[j]
         with self.cpu:
             self.hint_counters["accepted"] += accepted
             for k, v in dropped.items():
@@ -802,18 +834,14 @@ class BridgeCore:
 
     def _guard(self, rows: np.ndarray, dropped: Counter[str]) -> np.ndarray:
         """True for the hints (in arrival order) the pre-crypto guard lets through."""
-        uniq, inv, counts = np.unique(rows, return_inverse=True, return_counts=True)
+        uniq, inv, counts, rank = _ranks(rows)
         now_us = int(round(self.period_clock() * 1_000_000))
         allowed, tat = gcra_allow(self._guard_tat[uniq], now_us, counts, self._guard_params)
         self._guard_tat[uniq] = tat
-        if (allowed == counts).all():
-            return np.ones(rows.size, bool)
-        order = np.argsort(inv, kind="stable")
-        rank = np.empty(rows.size, np.int64)
-        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        rank[order] = np.arange(rows.size) - np.repeat(starts, counts)
         ok = rank < allowed[inv]
-        dropped[HintDrop.RATE_LIMITED.value] += int(rows.size - ok.sum())
+        n_dropped = int(rows.size - np.count_nonzero(ok))
+        if n_dropped:
+            dropped[HintDrop.RATE_LIMITED.value] += n_dropped
         return ok
 
     async def _allow(self, stream_ids: list[str], counts: list[int]) -> list[int]:
@@ -978,6 +1006,17 @@ class BridgeCore:
             "supervisor_failures": self.exchange_failures,
             "cpu_s": round(self.cpu.seconds, 6),
         }
+
+
+def _ranks(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct rows, each entry's index into them, their counts, each entry's place among
+    the entries of its row in array order)."""
+    uniq, inv, counts = np.unique(rows, return_inverse=True, return_counts=True)
+    order = np.argsort(inv, kind="stable")
+    starts = np.cumsum(counts) - counts
+    rank = np.empty(rows.size, np.int64)
+    rank[order] = np.arange(rows.size) - np.repeat(starts, counts)
+    return uniq, inv, counts, rank
 
 
 def _parse_hint(kept: tuple[int, bytes] | None) -> Hint | None:

@@ -183,6 +183,7 @@ def generator_specs(cfg: SimConfig, dilation: float, redis_url: str | None,
             normal_hint_rate=cfg.normal_hint_rate, flood_rate=cfg.flood_rate,
             abuse_rate=cfg.abuse_rate, redis_url=redis_url, ai_frame_bytes=ai_bytes,
             native_frame_bytes=native_frame_bytes, publish_stats=cfg.publish_stats,
+            phase=i / n,
         )
         specs.append(spec)
         offset += TraceConfig(streams=spec.streams, mean_session_s=spec.mean_session_s,

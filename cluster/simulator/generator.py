@@ -72,6 +72,10 @@ class GeneratorSpec:
     ai_frame_bytes: int
     native_frame_bytes: float
     publish_stats: bool = True
+    # This generator's ticks start this fraction of a tick after the run's schedule: bridges
+    # are not synchronised, and on a few shared cores staggered ticks do not all compete for
+    # the CPU at the same instant.
+    phase: float = 0.0
     app_name: str = "auralink"
     replica_deployment: str = "CodecReplica"
 
@@ -126,7 +130,7 @@ class LoadGenerator:
         from auth.secret import load_secret
         from deployments.client import CodecClient
         from deployments.supervisor import get_or_create_supervisor
-        from sfu_bridge.core import BridgeCore, ray_supervisor_link
+        from sfu_bridge.core import DEADLINE_GRACE_MS, BridgeCore, ray_supervisor_link
 
         spec = self.spec
         secret = load_secret()
@@ -144,7 +148,8 @@ class LoadGenerator:
                                    owners=self.client.owners, clock=self.sim_clock)
         self.core = BridgeCore(
             self.client, bridge_id=spec.bridge_id,
-            deadline_ms=spec.deadline_ms * spec.dilation, bandwidth_kbps=spec.bandwidth_kbps,
+            deadline_ms=spec.deadline_ms * spec.dilation,
+            deadline_grace_ms=DEADLINE_GRACE_MS * spec.dilation, bandwidth_kbps=spec.bandwidth_kbps,
             hint_secret=secret, limiter=_CountingLimiter(self.limiter, self.flooder_allowed)
             if self.limiter is not None else None,
             supervisor=link, audio=spec.compute == "real", capacity=max(64, self.pop.n_slots),
@@ -180,12 +185,12 @@ class LoadGenerator:
 
     # ------------------------------------------------------------------------ the run
     async def run(self, t0_wall: float) -> dict[str, Any]:
-        """Every tick on the shared schedule (tick k at `t0_wall + k * 40 ms * dilation`),
-        then the queued chunks are answered and every stream leaves."""
+        """Every tick on the shared schedule (tick k at `t0_wall + (k + phase) * 40 ms *
+        dilation`), then the queued chunks are answered and every stream leaves."""
         loop = asyncio.get_running_loop()
         self._t0_wall = t0_wall
         wall_tick = TICK_S * self.spec.dilation
-        start = loop.time() + (t0_wall - time.time())
+        start = loop.time() + (t0_wall - time.time()) + self.spec.phase * wall_tick
         # Thousands of small objects per tick would make the cyclic GC walk every long-lived
         # object again and again: freeze what exists now, collect young objects less often.
         gc.collect()
