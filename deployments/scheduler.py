@@ -358,9 +358,9 @@ class EdfScheduler:
         # 3. Run the most productive window of them now, or hold them all for expected frames.
         run = _EMPTY
         if cands.size:
-            start, size, hold_until = self._decide(cands, now, margin_s)
+            start, size, hold_until, certain = self._decide(cands, now, margin_s)
             if hold_until is None:
-                run = self._take(plan, expired, cands, start, size, hopeless_s)
+                run = self._take(plan, expired, cands, start, size, hopeless_s, certain)
             else:
                 plan.hold_until = hold_until
                 self.counters["holds"] += 1
@@ -449,12 +449,16 @@ class EdfScheduler:
         return self.model.quantile_ms(1, self.config.min_on_time_p) / 1000.0
 
     def _take(self, plan: Plan, expired: list[np.ndarray], cands: np.ndarray, start: int, size: int,
-              hopeless_s: float) -> np.ndarray:
+              hopeless_s: float, certain: bool = False) -> np.ndarray:
         """Run cands[start:start+size] (less the frames unlikely to make it in it); frames
         passed over stay queued if a later step can still serve them, else expire."""
         margin_s = self.config.margin_ms / 1000.0
-        run, dropped, plan.expected_on_time = self._keep_likely(cands[start : start + size],
-                                                                plan.now, margin_s)
+        if certain:  # every frame of the window is sure to finish in it: none to drop
+            run, dropped = cands[start : start + size], _EMPTY
+            plan.expected_on_time = float(run.size)
+        else:
+            run, dropped, plan.expected_on_time = self._keep_likely(cands[start : start + size],
+                                                                    plan.now, margin_s)
         after_s = plan.now + float(self.model.mean_ms([run.size])[0]) / 1000.0 if run.size else plan.now
         passed = np.concatenate([cands[:start], dropped])
         lost = passed[self._dl[passed] < after_s + margin_s + hopeless_s]
@@ -518,10 +522,12 @@ class EdfScheduler:
         self.counters["probes"] += 1
         return expired[best : best + 1], np.delete(expired, best)
 
-    def _decide(self, cands: np.ndarray, now: float, margin_s: float) -> tuple[int, int, float | None]:
-        """(start, size, hold_until): run cands[start:start+size] now, or (hold_until set) run
-        nothing and decide again then, because waiting for frames the arrival forecast expects
-        finishes more frames in time."""
+    def _decide(self, cands: np.ndarray, now: float, margin_s: float
+                ) -> tuple[int, int, float | None, bool]:
+        """(start, size, hold_until, certain): run cands[start:start+size] now, or (hold_until
+        set) run nothing and decide again then, because waiting for frames the arrival
+        forecast expects finishes more frames in time. `certain`: every frame of the window is
+        sure to finish in time in it."""
         cfg = self.config
         slack = self._slack_ms(cands, now, margin_s)
         ones = np.ones(cands.size)
@@ -533,7 +539,7 @@ class EdfScheduler:
         exp_slack = (expected.deadline - now - margin_s) * 1000.0 if n_exp else _EMPTY_F
         exp_weight = expected.weight if n_exp else _EMPTY_F
         if not n_exp and cands.size == 1:
-            return 0, 1, None  # nothing to weigh: the one frame runs (expiry vetted it)
+            return 0, 1, None, False  # nothing to weigh: the one frame runs (expiry vetted it)
         # Overload: steps sized to their head frames cannot serve every frame (expected ones
         # and those the arrival rate brings meanwhile included) at mean step times. Then head
         # frames may be skipped and device time is what a batch is valued against. Otherwise
@@ -541,9 +547,11 @@ class EdfScheduler:
         # (it would trade head frames for more now), so the batch starts at the head.
         overloaded = cands.size > 1 and not self._feasible(np.sort(np.concatenate(
             [slack, exp_slack, self._unseen_slack(float(slack.max()), n_exp)])))
+        if not overloaded and self._all_on_time(slack, exp_slack, exp_weight):
+            return 0, cands.size, None, True
         value, start, size = self._best_window(slack, ones, exp_slack, exp_weight, overloaded)
         if not n_exp:
-            return start, size, None
+            return start, size, None, False
         # Holding until the i-th expected arrival: those frames join the candidates (weighted
         # by how likely they are to come), every slack shrinks by the wait. Only arrivals before
         # the batch chosen now would end are worth waiting for: a later one finds the device free.
@@ -561,9 +569,28 @@ class EdfScheduler:
             if v > best_value:
                 best_hold, best_value = t, v
         if best_hold is None:
-            return start, size, None
+            return start, size, None, False
         # Wait for those frames at most until they are overdue; an arrival wakes the caller.
-        return 0, 0, float(expected.due_by[expected.arrival == best_hold].max())
+        return 0, 0, float(expected.due_by[expected.arrival == best_hold].max()), False
+
+    def _all_on_time(self, slack: np.ndarray, later_slack: np.ndarray, later_weight: np.ndarray) -> bool:
+        """True when a batch of every candidate is certain to finish in time (each slack at
+        least the step's largest possible time) and every later frame certain in the step
+        after it. That batch is then the best window (a smaller one finishes no more frames)
+        and no hold can do better, so the valuation is skipped: the common case of a replica
+        with time to spare."""
+        n = slack.size
+        later_total = float(later_weight.sum())
+        if n > self.config.max_batch or n + later_total > self.config.max_batch:
+            return False
+        if float(slack.min()) < float(self.model.dist_rows([n])[0, -1]):
+            return False
+        if not later_slack.size:
+            return True
+        tau = float(self.model.mean_ms([n])[0])
+        unknown = max(self._arrival_rate_per_ms() * tau - later_total, 0.0)
+        m = min(max(round(later_total + unknown), 1), self.config.max_batch)
+        return float(later_slack.min()) - tau >= float(self.model.dist_rows([m])[0, -1])
 
     def _best_window(
         self, slack: np.ndarray, weight: np.ndarray, later_slack: np.ndarray, later_weight: np.ndarray,

@@ -417,3 +417,27 @@ def test_no_probe_while_steps_run():
     s.add(frame("ok", 20))
     s.schedule(0.0)
     assert s.counters["probes"] == 0
+
+
+def test_a_batch_certain_to_make_it_skips_the_valuation_and_decides_the_same():
+    """With time to spare for every frame (each slack above the step's largest possible time),
+    the decision is the whole batch at once, without valuing windows; and it is the batch
+    the valuation picks."""
+
+    def plan(fast: bool):
+        s = EdfScheduler(LatencyModel.from_profile({1: {"p50": 2.0, "p99": 3.0}, 64: {"p50": 4.0, "p99": 6.0}}),
+                         SchedulerConfig(max_batch=64, max_hold_ms=0.0))
+        if not fast:
+            s._all_on_time = lambda *a: False  # the full valuation
+        keys = np.arange(40)
+        s.add_many(keys, np.ones(40), np.zeros(40), np.full(40, 0.050), 0.0, keys)
+        return s.schedule(0.0)
+
+    fast, valued = plan(True), plan(False)
+    assert fast.run_refs.tolist() == valued.run_refs.tolist() == list(range(40))
+    assert fast.expected_on_time == pytest.approx(valued.expected_on_time) == pytest.approx(40.0)
+    # not certain (a slack within the step's spread): the valuation decides
+    s = EdfScheduler(LatencyModel.from_profile({1: {"p50": 2.0, "p99": 3.0}, 64: {"p50": 4.0, "p99": 6.0}}),
+                     SchedulerConfig(max_batch=64, max_hold_ms=0.0))
+    assert not s._all_on_time(np.full(40, 4.5), np.empty(0), np.empty(0))
+    assert s._all_on_time(np.full(40, 50.0), np.empty(0), np.empty(0))
