@@ -23,6 +23,7 @@ import statistics
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -74,12 +75,17 @@ class TransitEstimate:
         return self._median
 
 
-def _take(batch: FrameBatch, rows: np.ndarray, spent_ms: float = 0.0) -> FrameBatch:
-    """The rows of `batch` for one replica, their budgets less `spent_ms`."""
+Rows = np.ndarray | slice  # a replica's rows of a batch: indexes, or one contiguous range
+
+
+def _take(batch: FrameBatch, rows: Rows, spent_ms: float = 0.0) -> FrameBatch:
+    """The rows of `batch` for one replica, their budgets less `spent_ms`. A range of rows
+    (a batch ordered by owner) is taken as views, without copying its PCM."""
+    ids = batch.stream_ids[rows] if isinstance(rows, slice) else [batch.stream_ids[i] for i in rows.tolist()]
     return FrameBatch(
         op=batch.op,
         bridge_id=batch.bridge_id,
-        stream_ids=[batch.stream_ids[i] for i in rows.tolist()],
+        stream_ids=ids,
         epochs=batch.epochs[rows],
         epoch_seqs=batch.epoch_seqs[rows],
         budgets_ms=np.asarray(batch.budgets_ms[rows], np.float64) - spent_ms,
@@ -88,7 +94,7 @@ def _take(batch: FrameBatch, rows: np.ndarray, spent_ms: float = 0.0) -> FrameBa
     )
 
 
-def merge_results(batch: FrameBatch, parts: list[tuple[np.ndarray, BatchResult]]) -> BatchResult:
+def merge_results(batch: FrameBatch, parts: list[tuple[Rows, BatchResult]]) -> BatchResult:
     """Scatter per-replica results back into the batch's row order."""
     b = len(batch)
     out = BatchResult(
@@ -150,6 +156,8 @@ class CodecClient:
         # Serve handle call, which is transport), for load tests' control-plane figures
         self.cpu = CpuMeter()
         self.transit = TransitEstimate()
+        self._owner_uids: tuple[str, ...] = ()  # the replica set `_owner_ix` was computed for
+        self._owner_ix: dict[str, int] = {}  # stream id -> its owner's place in that set
         # Any call makes the handle build its router, which then learns the replica set from
         # the controller; by the first tick the client can usually group streams by owner.
         try:
@@ -175,24 +183,48 @@ class CodecClient:
             await asyncio.sleep(0.05)
         return False
 
-    def group_rows(self, stream_ids: list[str]) -> list[tuple[str, np.ndarray]]:
-        """(routing key, rows) per owning replica. Without a router view yet (first tick of a
-        fresh process), everything goes in one request keyed by its first stream."""
-        if not stream_ids:
+    def group_rows(self, stream_ids: list[str]) -> list[tuple[str, Rows]]:
+        """(routing key, rows) per owning replica: a range of rows each when the batch is
+        ordered by owner (a bridge orders it, see `owner_index`), else index arrays. Without a
+        router view yet (first tick of a fresh process), everything goes in one request keyed
+        by its first stream."""
+        n = len(stream_ids)
+        if not n:
             return []
-        view = local_view(self._app, self._deployment)
-        uids = view.replica_uids() if view is not None else []
-        if len(uids) <= 1:
-            return [(stream_ids[0], np.arange(len(stream_ids)))]
-        owner = view.owner
-        index: dict[str | None, int] = {}
-        owners = np.fromiter((index.setdefault(owner(s), len(index)) for s in stream_ids),
-                             np.int64, len(stream_ids))
-        if len(index) == 1:
-            return [(stream_ids[0], np.arange(len(stream_ids)))]
+        owners = self.owner_index(stream_ids)
+        if owners is None or (owners == owners[0]).all():
+            return [(stream_ids[0], slice(0, n))]
+        if (owners[1:] >= owners[:-1]).all():
+            bounds = [0, *(np.flatnonzero(np.diff(owners)) + 1).tolist(), n]
+            return [(stream_ids[a], slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         order = np.argsort(owners, kind="stable")
         cuts = np.flatnonzero(np.diff(owners[order])) + 1
         return [(stream_ids[int(rows[0])], rows) for rows in np.split(order, cuts)]
+
+    def owner_index(self, stream_ids: list[str]) -> np.ndarray | None:
+        """Each stream's owning replica, as its place in the router's replica set (streams
+        whose owner is unknown share one more), or None while at most one replica is known.
+        The router's answer is kept per stream until the replica set changes, so a tick costs
+        one dictionary lookup per stream. A bridge orders each tick's batch by it, so each
+        replica's frames go as one contiguous range of the batch."""
+        view = local_view(self._app, self._deployment)
+        uids = tuple(view.replica_uids()) if view is not None else ()
+        if len(uids) <= 1:
+            return None
+        n = len(stream_ids)
+        if uids != self._owner_uids or len(self._owner_ix) > 2 * n + 100_000:
+            # a new replica set moves streams; entries of streams long gone are dropped too
+            self._owner_uids, self._owner_ix = uids, {}
+        cache = self._owner_ix
+        out = np.fromiter(map(cache.get, stream_ids, repeat(-1)), np.int64, n)
+        missing = np.flatnonzero(out < 0)
+        if missing.size:
+            place = {u: i for i, u in enumerate(uids)}
+            owner = view.owner
+            for i in missing.tolist():
+                sid = stream_ids[i]
+                out[i] = cache[sid] = place.get(owner(sid), len(uids))
+        return out
 
     def owner(self, stream_id: str) -> str | None:
         """The replica (its unique id) this process routes the stream to now, or None while
@@ -202,15 +234,13 @@ class CodecClient:
 
     def owners(self, stream_ids: list[str]) -> dict[str, str]:
         """`owner` for many streams at once (one router lookup); unknown ones left out."""
-        view = local_view(self._app, self._deployment)
-        if view is None or not view.replica_uids():
-            return {}
-        out = {}
-        for sid in stream_ids:
-            uid = view.owner(sid)
-            if uid:
-                out[sid] = uid
-        return out
+        ix = self.owner_index(stream_ids)
+        if ix is None:  # one replica (or none known yet)
+            view = local_view(self._app, self._deployment)
+            uids = view.replica_uids() if view is not None else []
+            return dict.fromkeys(stream_ids, uids[0]) if len(uids) == 1 else {}
+        uids = self._owner_uids
+        return {sid: uids[k] for sid, k in zip(stream_ids, ix.tolist(), strict=True) if k < len(uids)}
 
     async def process(self, batch: FrameBatch) -> BatchResult:
         with self.cpu:
@@ -268,8 +298,9 @@ class CodecClient:
     async def leave(self, stream_ids: list[str]) -> int:
         """Frees the streams' slots on their replicas; returns how many were freed."""
         freed = 0
-        for key, rows in self.group_rows(list(stream_ids)):
-            ids = [stream_ids[i] for i in rows.tolist()]
+        stream_ids = list(stream_ids)
+        for key, rows in self.group_rows(stream_ids):
+            ids = stream_ids[rows] if isinstance(rows, slice) else [stream_ids[i] for i in rows.tolist()]
             try:
                 freed += int(await self._handle.options(method_name="leave", session_id=key).remote(ids))
             except Exception as exc:  # noqa: BLE001 - a dead replica has freed them already

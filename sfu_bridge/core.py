@@ -85,7 +85,11 @@ LATENCY_SAMPLE_PER_TICK = 16
 
 
 class CodecClientLike(Protocol):
-    """What the core sends batches to: the Serve `CodecClient`, or a `CodecReplicaCore`."""
+    """What the core sends batches to: the Serve `CodecClient`, or a `CodecReplicaCore`.
+
+    One that splits a batch by replica may also have `owner_index(stream_ids) -> array |
+    None` (each stream's owning replica as a small integer): the core then orders each
+    tick's batch by it, so every replica's frames are one contiguous range of the batch."""
 
     async def process(self, batch: FrameBatch) -> BatchResult: ...
 
@@ -621,6 +625,11 @@ class BridgeCore:
             self.q_n[over] -= drop
         if not rows.size:
             return _Taken(parts)
+        owner_index = getattr(self.codec, "owner_index", None)
+        if owner_index is not None:  # grouped by replica: the client splits it without copies
+            owners = owner_index(self.ids[rows].tolist())
+            if owners is not None and not (owners[1:] >= owners[:-1]).all():
+                rows = rows[np.argsort(owners, kind="stable")]
         head = self.q_head[rows]
         ts = self.q_ts[rows, head]
         pcm = self.q_pcm[rows, head] if self.q_pcm is not None else None

@@ -261,6 +261,24 @@ def test_merge_results_restores_row_order():
     assert merged.codes[0, 0, 0] == 7 and merged.codes[2, 0, 0] == 7 and merged.compute_ms[1] == 0
 
 
+def test_a_batch_ordered_by_owner_is_split_into_views():
+    """A bridge orders its batch by owning replica: each replica's part is a range of rows,
+    taken without copying the PCM, and the answers merge back in the batch's order."""
+    from deployments.client import _take
+
+    batch = _batch(["a", "b", "c", "d"])
+    first, second = _take(batch, slice(0, 1), spent_ms=2.0), _take(batch, slice(1, 4), spent_ms=2.0)
+    assert first.stream_ids == ["a"] and second.stream_ids == ["b", "c", "d"]
+    assert np.shares_memory(second.pcm, batch.pcm) and second.budgets_ms.tolist() == [DEADLINE_MS - 2.0] * 3
+    by_index = _take(batch, np.array([3, 1]))
+    assert by_index.stream_ids == ["d", "b"] and not np.shares_memory(by_index.pcm, batch.pcm)
+    parts = [(slice(0, 1), BatchResult.all_fallback(first, FallbackReason.OVERLOAD)),
+             (slice(1, 4), BatchResult(second.stream_ids, np.zeros(3, np.uint8), second.epochs,
+                                       np.zeros(3, np.float32), np.zeros(3, np.float32)))]
+    merged = merge_results(batch, parts)
+    assert merged.counts() == {"ai": 3, "fallback/overload": 1} and merged.outcome(0)[1] is FallbackReason.OVERLOAD
+
+
 def test_settings_from_env_and_compute_mode():
     s = ReplicaSettings.from_env({"AURALINK_DEADLINE_MS": "15", "AURALINK_COMPUTE": "emulated",
                                   "AURALINK_LATENCY_PROFILE_DEVICE": "cpu: test",

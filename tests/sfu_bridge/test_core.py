@@ -42,6 +42,30 @@ def keys(report) -> dict[str, str]:
     return {f.stream_id: f.key for f in report.frames()}
 
 
+class TwoReplicaClient(CountingClient):
+    """Says which of two replicas owns each stream (as the Serve codec client does)."""
+
+    def owner_index(self, stream_ids: list[str]) -> np.ndarray:
+        return np.array([hash(s) % 2 for s in stream_ids])
+
+
+def test_a_batch_is_ordered_by_owning_replica(replica_core):
+    client = TwoReplicaClient(replica_core())
+    core = BridgeCore(client, deadline_ms=5_000, audio=False)
+    ids = [f"s{i}" for i in range(12)]
+    for sid in ids:
+        core.join(sid)
+    for _ in range(2):
+        for sid in ids:
+            core.push(sid, None)
+        report = run(core.tick())
+        assert report.counts() == {"ai": 12}
+    for batch in client.batches:
+        owners = client.owner_index(batch.stream_ids)
+        assert sorted(batch.stream_ids) == sorted(ids) and (np.diff(owners) >= 0).all()
+    run(core.close())
+
+
 def test_every_frame_gets_exactly_one_outcome(replica_core, sine_chunk):
     client = CountingClient(replica_core())
     core = BridgeCore(client, deadline_ms=5_000, max_backlog=2)
