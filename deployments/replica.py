@@ -107,6 +107,23 @@ class SlotPool:
         self.epochs.end(np.array([slot]))
         return slot
 
+    def acquire_new(self, stream_ids: list[str], now: float) -> np.ndarray:
+        """`acquire` for streams (distinct) that hold no slot yet, all at once: their new
+        slots, in order, -1 for those the pool had no free slot left for."""
+        out = np.full(len(stream_ids), -1, np.int64)
+        k = min(len(stream_ids), len(self._free))
+        if k:
+            top = len(self._free) - k
+            slots = self._free[top:][::-1]  # popped off the stack's top, as `acquire` does
+            del self._free[top:]
+            self._slot_of.update(zip(stream_ids[:k], slots, strict=True))
+            got = np.asarray(slots, np.int64)
+            self.generation[got] += 1
+            self.last_seen[got] = now
+            self.epochs.end(got)
+            out[:k] = got
+        return out
+
     def release(self, stream_id: str) -> int | None:
         slot = self._slot_of.pop(stream_id, None)
         if slot is not None:
@@ -416,16 +433,13 @@ class CodecReplicaCore:
         todo &= ~negative
         # A stream's first frame of an epoch takes a slot (a new stream: a free one, if any).
         need = np.flatnonzero(todo & (seqs == 0) & (slots < 0))
-        full = []
-        for r in need.tolist():
-            slot = self.pool.acquire(batch.stream_ids[r], now)
-            if slot is None:
-                full.append(r)
-            else:
-                slots[r] = slot
-        full_rows = np.asarray(full, np.int64)
-        req.answer(full_rows, _OVERLOAD)
-        todo[full_rows] = False
+        if need.size:
+            ids = batch.stream_ids
+            got = self.pool.acquire_new([ids[r] for r in need.tolist()], now)
+            slots[need] = got
+            full_rows = need[got < 0]
+            req.answer(full_rows, _OVERLOAD)
+            todo[full_rows] = False
         # Continuing an epoch this replica does not hold (moved, restarted, or a gap).
         orphan = todo & (slots < 0)
         req.answer(np.flatnonzero(orphan), _RESET)

@@ -341,6 +341,9 @@ class Simulation:
         return {
             "replicas": {r["replica_id"]: (r.get("bookkeeping_cpu_s"), r.get("process_cpu_s"))
                          for r in replicas},
+            # what the replicas' schedulers and intake decided (summed at the end of the run)
+            "replica_counters": _sum_counters([{**r.get("scheduler", {}), **r.get("counters", {})}
+                                               for r in replicas]),
             "redis": self.env.redis_cpu_s(),
             "supervisor": sup,
             "supervisor_process": sup_process,
@@ -496,6 +499,8 @@ class Simulation:
             "control_plane_us_per_stream_tick": cp["cpu_us_per_stream_tick"],
             "control_plane_cpu": cp,
             "transport_and_runtime_cpu": self._transport(stream_ticks),
+            "replica_counters": {k: v - self._cpu0.get("replica_counters", {}).get(k, 0)
+                                 for k, v in self._cpu1.get("replica_counters", {}).items()},
             "simulator_cpu_s": round(sum(float(r["cpu"]["simulator_s"]) for r in res), 3),
             "supervisor": self.env.supervisor_label,
             "supervisor_calls": sum(int(r["supervisor_calls"]) for r in res),
@@ -632,6 +637,13 @@ def merge_limiter_health(healths: list[dict | None]) -> dict | None:
     out["errors_by_type"] = dict(by_type)
     out["last_error"] = next((h["last_error"] for h in reversed(hs) if h.get("last_error")), "")
     return out
+
+
+def _sum_counters(dicts: list[dict[str, Any]]) -> dict[str, int]:
+    out: Counter[str] = Counter()
+    for d in dicts:
+        out.update({k: int(v) for k, v in d.items() if isinstance(v, int | float)})
+    return dict(sorted(out.items()))
 
 
 def _delta(a: float | None, b: float | None) -> float | None:
