@@ -27,6 +27,11 @@ How it works (Clockwork-style predictability, kept small):
   cannot inflate every prediction), which lets `max_batch_within` binary-search. The
   distribution is built the same way, level by level (quantile functions interpolated in B).
 
+A scheduler reads the model before every step, and a rebuild after every measured step would
+cost more than the decision it serves: measured steps are applied every `refresh_every` (8)
+steps (at once for a bucket's first one, and before `to_dict`); one step moves a 128-sample
+window's quantiles by one order statistic at most. `version` changes with every rebuild.
+
 Pure logic (numpy for the distribution), no Ray, no clock: the caller passes measured ms.
 """
 
@@ -36,7 +41,7 @@ import bisect
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
 
@@ -45,6 +50,7 @@ import numpy as np
 DEFAULT_QUANTILE = 0.95
 DEFAULT_WINDOW = 128
 DEFAULT_REL_MARGIN = 0.05
+DEFAULT_REFRESH_EVERY = 8  # measured steps between rebuilds of the distribution (see above)
 # With nothing measured yet, assume a slow device: 10 ms per frame, linear. The scheduler then
 # runs small batches until real steps teach it better.
 UNSEEDED_MS_PER_FRAME = 10.0
@@ -107,6 +113,13 @@ class _Envelope:
     tail_slope: float  # ms per extra frame beyond the last size
     dist: np.ndarray  # [len(sizes), len(_LEVELS)] quantile rows, non-decreasing along both axes
     dist_tail: np.ndarray  # [len(_LEVELS)] ms per extra frame beyond the last size, per level
+    # (sizes, their rows' means, the tail's mean slope): a row is linear in B between sizes
+    # and beyond the last, so its mean is too (see `LatencyModel.mean_ms`)
+    mean_line: tuple[np.ndarray, np.ndarray, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean_line", (np.asarray(self.sizes, float), self.dist[:, 1:-1].mean(axis=1),
+                                               float(self.dist_tail[1:-1].mean())))
 
 
 class LatencyModel:
@@ -117,7 +130,10 @@ class LatencyModel:
         quantile: float = DEFAULT_QUANTILE,
         window: int = DEFAULT_WINDOW,
         rel_margin: float = DEFAULT_REL_MARGIN,
+        refresh_every: int = DEFAULT_REFRESH_EVERY,
     ) -> None:
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
         if not 0.0 < quantile <= 1.0:
             raise ValueError(f"quantile must be in (0, 1], got {quantile}")
         if window < 1:
@@ -127,13 +143,17 @@ class LatencyModel:
         self.quantile = quantile
         self.window = window
         self.rel_margin = rel_margin
+        self.refresh_every = refresh_every
+        self.version = 0  # bumped by every rebuild: callers may cache what they derive
+        self._dirty = False  # samples recorded since the last rebuild
+        self._unapplied = 0  # measured steps among them
+        self._new_bucket = False  # a bucket appeared since the last rebuild: rebuild at once
         self._samples: dict[int, deque[float]] = {}
         self._observed = 0
         self._env: _Envelope | None = None
         # Per bucket (estimate, distribution row), recomputed only for the bucket that changed.
         self._bucket_stats: dict[int, tuple[float, np.ndarray]] = {}
         self._rows: np.ndarray | None = None  # dist rows for B = 1..len(_rows), from _env
-        self._row_means: np.ndarray | None = None  # their means
         self._row_known: np.ndarray | None = None  # which of them are computed
         self._quantiles: dict[tuple[int, float], float] = {}
 
@@ -176,6 +196,8 @@ class LatencyModel:
 
     def to_dict(self) -> dict[str, Any]:
         """Current estimates (without the margin) per bucket; `from_profile` reads it back."""
+        if self._dirty:
+            self._refresh()  # every recorded step, not only those applied so far
         env = self._envelope()
         return {
             "quantile": self.quantile,
@@ -197,21 +219,36 @@ class LatencyModel:
             # A bucket's first measurement joins a prior: the distribution interpolated there
             # so far. One sample alone would make the bucket's distribution a single point,
             # so one slow step would look like the only possible outcome at that size.
+            self._refresh()  # the prior includes every step measured so far
             for prior_ms in self.dist_rows([b])[0, 1:-1]:
                 self._record(b, float(prior_ms))
         self._record(batch, ms)
+        self._unapplied += 1
 
     def _record(self, batch: int, ms: float) -> None:
         b = bucket_of(batch)
         d = self._samples.get(b)
         if d is None:
             d = self._samples[b] = deque(maxlen=self.window)
+            self._new_bucket = True
         d.append(ms)
         self._bucket_stats.pop(b, None)
+        self._dirty = True
+
+    def _stale(self) -> bool:
+        """Samples wait and are due: nothing built yet, a new bucket, or `refresh_every`
+        measured steps since the last rebuild."""
+        return self._dirty and (self._env is None or self._new_bucket
+                                or self._unapplied >= self.refresh_every)
+
+    def _refresh(self) -> None:
+        """Apply the samples recorded so far: everything derived is rebuilt when next read."""
+        self._dirty, self._unapplied, self._new_bucket = False, 0, False
         self._env = None
         if self._row_known is not None:
-            self._row_known.fill(False)  # the rows are recomputed when next asked for
+            self._row_known.fill(False)
         self._quantiles.clear()
+        self.version += 1
 
     @property
     def observed_steps(self) -> int:
@@ -219,6 +256,8 @@ class LatencyModel:
 
     # ----------------------------------------------------------------------------- predicting
     def _envelope(self) -> _Envelope:
+        if self._stale():
+            self._refresh()
         if self._env is not None:
             return self._env
         if not self._samples:
@@ -298,30 +337,29 @@ class LatencyModel:
         """Quantile rows of T(B) for each B in `batches`: [len(batches), len(levels)], at the
         levels 0 (min), (m + 0.5) / DIST_LEVELS, 1 (max) of the samples. Linear in B between
         buckets, the first bucket's row below it, extrapolated per level above the last."""
-        return self._cached_rows(batches)[0]
+        return self._cached_rows(batches)
 
-    def _cached_rows(self, batches: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, means) for `batches`. Rows are kept per B once computed, and only the B asked
-        for are computed (a replica asks for a few sizes up to thousands after every step)."""
+    def _cached_rows(self, batches: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows for `batches`. Rows are kept per B once computed, and only the B asked for
+        are computed (a replica asks for a few sizes up to thousands after every step)."""
+        if self._stale():
+            self._refresh()
         k = np.maximum(np.asarray(batches, int), 1)
         top = int(k.max()) if len(k) else 1
         if self._rows is None or len(self._rows) < top:
             size = max(top, 16, 2 * (0 if self._rows is None else len(self._rows)))
             rows = np.zeros((size, len(_LEVELS)))
-            means = np.zeros(size)
             known = np.zeros(size, bool)
             if self._rows is not None:
                 n = len(self._rows)
-                rows[:n], means[:n], known[:n] = self._rows, self._row_means, self._row_known
-            self._rows, self._row_means, self._row_known = rows, means, known
-        assert self._row_means is not None and self._row_known is not None
+                rows[:n], known[:n] = self._rows, self._row_known
+            self._rows, self._row_known = rows, known
+        assert self._row_known is not None
         missing = np.unique(k[~self._row_known[k - 1]])
         if missing.size:
-            fresh = self._interpolate_rows(missing)
-            self._rows[missing - 1] = fresh
-            self._row_means[missing - 1] = fresh[:, 1:-1].mean(axis=1)
+            self._rows[missing - 1] = self._interpolate_rows(missing)
             self._row_known[missing - 1] = True
-        return self._rows[k - 1], self._row_means[k - 1]
+        return self._rows[k - 1]
 
     def _interpolate_rows(self, batches: np.ndarray) -> np.ndarray:
         env = self._envelope()
@@ -372,14 +410,25 @@ class LatencyModel:
         """The p-quantile of T(batch) (ms), without the margin."""
         if batch <= 0:
             return 0.0
+        if self._stale():
+            self._refresh()
         q = self._quantiles.get((batch, p))
         if q is None:
             q = self._quantiles[(batch, p)] = float(np.interp(p, _LEVELS, self.dist_rows([batch])[0]))
         return q
 
     def mean_ms(self, batches: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Mean step time (ms) for each B in `batches` (the average of its quantile row)."""
-        return self._cached_rows(batches)[1]
+        """Mean step time (ms) for each B in `batches` (the average of its quantile row).
+        Rows are linear in B between buckets and beyond the last, so the means are read off
+        the buckets' means directly: any number of sizes at the cost of one interpolation."""
+        env = self._envelope()
+        k = np.maximum(np.asarray(batches, float), 1.0)
+        sizes, means, tail = env.mean_line
+        out = np.interp(k, sizes, means)
+        beyond = k > sizes[-1]
+        if beyond.any():
+            out[beyond] = means[-1] + (k[beyond] - sizes[-1]) * tail
+        return out
 
     def max_batch_within(self, budget_ms: float, limit: int = 1 << 16) -> int:
         """Largest B <= limit with predict(B) <= budget_ms; 0 if not even one frame fits."""
