@@ -78,27 +78,36 @@ class ArrivalForecast:
         if not keys.size:
             return
         self._grow(int(keys.max()) + 1)
-        deadlines = np.asarray(deadlines, np.float64)
+        budget = np.asarray(deadlines, np.float64) - arrival
         known = self._known[keys]
-        new = keys[~known]
-        if new.size:
+        if known.all():  # the usual tick: every stream seen before
+            old, old_budget = keys, budget
+        else:
+            new = keys[~known]
             self._known[new] = True
             self._last[new] = arrival
-            self._budget[new] = deadlines[~known] - arrival
+            self._budget[new] = budget[~known]
             self._presence[new] = 1.0
             self._next[new] = arrival + self.period_s
-        old = keys[known]
-        if old.size:
-            gap = arrival - self._last[old]
-            # the same tick (a late duplicate or a burst) leaves the forecast as it stands
-            step = gap >= 0.5 * self.period_s
-            old, gap = old[step], gap[step]
-            ticks = np.maximum(1, np.rint(gap / self.period_s))
-            # ticks skipped (DTX) lower the presence; this tick's chunk raises it
-            self._presence[old] = self._presence[old] * (1.0 - self.alpha) ** ticks + self.alpha
-            self._last[old] = arrival
-            self._budget[old] = deadlines[known][step] - arrival
-            self._next[old] = arrival + self.period_s
+            old, old_budget = keys[known], budget[known]
+        if not old.size:
+            return
+        gap = arrival - self._last[old]
+        # the same tick (a late duplicate or a burst) leaves the forecast as it stands
+        step = gap >= 0.5 * self.period_s
+        if not step.all():
+            old, gap, old_budget = old[step], gap[step], old_budget[step]
+        # ticks skipped (DTX) lower the presence; this tick's chunk raises it
+        keep = 1.0 - self.alpha
+        presence = self._presence[old]
+        ticks = np.rint(gap / self.period_s)
+        skipped = ticks > 1
+        if skipped.any():  # decay by keep ** ticks (at least one), computed where it is not 1
+            presence[skipped] *= keep ** (ticks[skipped] - 1.0)
+        self._presence[old] = presence * keep + self.alpha
+        self._last[old] = arrival
+        self._budget[old] = old_budget
+        self._next[old] = arrival + self.period_s
 
     def expected(self, now: float, horizon_s: float, exclude: np.ndarray | None = None) -> Expected:
         """Frames expected from now to now + horizon_s (one per stream, earliest first), except

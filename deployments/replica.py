@@ -419,6 +419,18 @@ class CodecReplicaCore:
         seqs = np.asarray(batch.epoch_seqs, np.int64)
         deadlines = req.deadlines
         slots = self.pool.lookup(batch.stream_ids)
+        if ((batch.pcm.dtype != np.float32 or np.isfinite(batch.pcm).all())
+                and not (deadlines <= now).any()
+                and int(slots.min(initial=0)) >= 0 and int(seqs.min(initial=0)) >= 0
+                and int(epochs.min(initial=0)) >= 0):
+            # The usual request: known streams, budgets left, nothing malformed. Only the
+            # epoch rule can refuse a frame (the full path below does the same, check by check).
+            ok = self.pool.epochs.admit(slots, epochs, seqs)
+            if ok.all():
+                return self._queue(req, np.arange(b), slots, epochs, seqs, deadlines, now)
+            req.answer(np.flatnonzero(~ok), _RESET)
+            rows = np.flatnonzero(ok)
+            return self._queue(req, rows, slots[rows], epochs[rows], seqs[rows], deadlines[rows], now)
         todo = np.ones(b, bool)
         # A frame the model cannot take (NaN/inf) is that frame's `error`, not its batch's.
         bad = ~np.isfinite(batch.pcm).all(axis=1) if batch.pcm.dtype == np.float32 else np.zeros(b, bool)
@@ -448,15 +460,20 @@ class CodecReplicaCore:
         ok = self.pool.epochs.admit(slots[rows], epochs[rows], seqs[rows])
         req.answer(rows[~ok], _RESET)
         rows = rows[ok]
+        return self._queue(req, rows, slots[rows], epochs[rows], seqs[rows], deadlines[rows], now)
+
+    def _queue(self, req: _Request, rows: np.ndarray, slots: np.ndarray, epochs: np.ndarray,
+               seqs: np.ndarray, deadlines: np.ndarray, now: float) -> int:
+        """Queues the admitted frames (`rows` of the request, with their slots, epochs,
+        seqs and deadlines); returns how many."""
         if not rows.size:
             return 0
-        s = slots[rows]
-        req.slots[rows] = s
-        req.generation[rows] = self.pool.generation[s]
-        self.pool.last_seen[s] = now
+        req.slots[rows] = slots
+        req.generation[rows] = self.pool.generation[slots]
+        self.pool.last_seen[slots] = now
         self._requests[req.rid] = req
         refs = (req.rid << _ROW_BITS) | rows
-        self.scheduler.add_many(s, epochs[rows], seqs[rows], deadlines[rows], now, refs)
+        self.scheduler.add_many(slots, epochs, seqs, deadlines, now, refs)
         return int(rows.size)
 
     async def leave(self, stream_ids: list[str]) -> int:

@@ -82,6 +82,9 @@ from models.constants import (
 ARRIVAL_WINDOW = 256  # recent arrivals kept to estimate the arrival rate
 MAX_HOLD_OPTIONS = 2  # expected arrival times a decision weighs holding for
 _BUDGET_ALPHA = 0.05  # EWMA weight of one frame's budget in the usual budget
+# the weights of the last 700 frames' budgets in it, oldest first (older ones: < 1e-16)
+_BUDGET_TAIL = _BUDGET_ALPHA * (1.0 - _BUDGET_ALPHA) ** np.arange(699, -1, -1)
+_BUDGET_TAIL.flags.writeable = False
 _EMPTY = np.empty(0, np.int64)
 _EMPTY_F = np.empty(0, np.float64)
 
@@ -292,10 +295,9 @@ class EdfScheduler:
         self._arrivals_at = (self._arrivals_at + k) % ARRIVAL_WINDOW
         self._arrivals_n = min(ARRIVAL_WINDOW, self._arrivals_n + n)
         # b <- b + a (x - b) per frame, in closed form (older terms vanish: 0.95^700 ~ 1e-16)
-        tail = budgets_ms[-700:]
-        decay = (1.0 - _BUDGET_ALPHA) ** np.arange(tail.size - 1, -1, -1)
+        tail = budgets_ms[-_BUDGET_TAIL.size:]
         self._budget_ms = (self._budget_ms * (1.0 - _BUDGET_ALPHA) ** n
-                           + float(np.dot(_BUDGET_ALPHA * decay, tail)))
+                           + float(np.dot(_BUDGET_TAIL[_BUDGET_TAIL.size - tail.size:], tail)))
 
     def _reserve(self, n: int) -> None:
         if self._n + n <= self._cap:
