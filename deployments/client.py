@@ -183,15 +183,20 @@ class CodecClient:
             await asyncio.sleep(0.05)
         return False
 
-    def group_rows(self, stream_ids: list[str]) -> list[tuple[str, Rows]]:
+    def group_rows(self, stream_ids: list[str], owners: tuple[Any, np.ndarray] | None = None
+                   ) -> list[tuple[str, Rows]]:
         """(routing key, rows) per owning replica: a range of rows each when the batch is
         ordered by owner (a bridge orders it, see `owner_index`), else index arrays. Without a
         router view yet (first tick of a fresh process), everything goes in one request keyed
-        by its first stream."""
+        by its first stream. `owners`: (replica set, owner of each row) as the caller knows
+        them; used while that is still the replica set."""
         n = len(stream_ids)
         if not n:
             return []
-        owners = self.owner_index(stream_ids)
+        if owners is not None and owners[0] == self.owners_version() and len(owners[1]) == n:
+            owners = owners[1]
+        else:
+            owners = self.owner_index(stream_ids)
         if owners is None or (owners == owners[0]).all():
             return [(stream_ids[0], slice(0, n))]
         if (owners[1:] >= owners[:-1]).all():
@@ -200,6 +205,13 @@ class CodecClient:
         order = np.argsort(owners, kind="stable")
         cuts = np.flatnonzero(np.diff(owners[order])) + 1
         return [(stream_ids[int(rows[0])], rows) for rows in np.split(order, cuts)]
+
+    def owners_version(self) -> tuple[str, ...] | None:
+        """The replica set `owner_index` answers for: the router's replica ids, or None
+        while it knows at most one (nothing to split)."""
+        view = local_view(self._app, self._deployment)
+        uids = tuple(view.replica_uids()) if view is not None else ()
+        return uids if len(uids) > 1 else None
 
     def owner_index(self, stream_ids: list[str]) -> np.ndarray | None:
         """Each stream's owning replica, as its place in the router's replica set (streams
@@ -242,7 +254,9 @@ class CodecClient:
         uids = self._owner_uids
         return {sid: uids[k] for sid, k in zip(stream_ids, ix.tolist(), strict=True) if k < len(uids)}
 
-    async def process(self, batch: FrameBatch) -> BatchResult:
+    async def process(self, batch: FrameBatch, owners: tuple[Any, np.ndarray] | None = None) -> BatchResult:
+        """One tick's batch -> one result, one request per owning replica. `owners`: (replica
+        set, owner of each row) when the caller keeps them (see `group_rows`)."""
         with self.cpu:
             t0 = time.monotonic()
             try:
@@ -254,7 +268,7 @@ class CodecClient:
                 return self._count(res)
             if len(batch) == 0:
                 return self._count(BatchResult.all_fallback(batch, FallbackReason.ERROR))
-            groups = self.group_rows(batch.stream_ids)
+            groups = self.group_rows(batch.stream_ids, owners)
             budgets = np.asarray(batch.budgets_ms, np.float64)
             longest_s = float(np.nanmax(budgets)) / 1000.0 if not np.isnan(budgets).all() else 0.0
             timeout = max(0.05, longest_s + self._grace)

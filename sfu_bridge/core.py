@@ -87,9 +87,12 @@ LATENCY_SAMPLE_PER_TICK = 16
 class CodecClientLike(Protocol):
     """What the core sends batches to: the Serve `CodecClient`, or a `CodecReplicaCore`.
 
-    One that splits a batch by replica may also have `owner_index(stream_ids) -> array |
-    None` (each stream's owning replica as a small integer): the core then orders each
-    tick's batch by it, so every replica's frames are one contiguous range of the batch."""
+    One that splits a batch by replica may also have `owners_version()` (its replica set, or
+    None while there is one) and `owner_index(stream_ids)` (each stream's owning replica as a
+    small integer), and take `process(batch, owners=(version, owner per row))`: the core then
+    keeps each stream's owner in its table until the replica set changes, orders each tick's
+    batch by it (every replica's frames one contiguous range of the batch) and hands the
+    owners over, so neither side looks a stream up per tick."""
 
     async def process(self, batch: FrameBatch) -> BatchResult: ...
 
@@ -237,6 +240,7 @@ class _Taken:
     generation: np.ndarray = field(default_factory=lambda: _EMPTY_I)
     ts: np.ndarray = field(default_factory=lambda: _EMPTY_I)
     batch: FrameBatch | None = None
+    owners: tuple[Any, np.ndarray] | None = None  # (replica set, owner of each batch row)
 
 
 @dataclass
@@ -325,6 +329,8 @@ class BridgeCore:
         self.last_hint: list[Any] = []
         self.tally = np.zeros((0, N_CODES), np.int64)  # outcomes since the last supervisor report
         self._registered = np.zeros(0, bool)  # its user id went to the supervisor
+        self._owner = np.zeros(0, np.int64)  # its codec replica (owner_index), -1 = not known
+        self._owners_version: Any = None  # the replica set `_owner` holds owners for
         self._grow(capacity)
         # -- per-tick buffers
         self._spilled = _Spilled()
@@ -377,6 +383,7 @@ class BridgeCore:
         self._guard_tat = grow(self._guard_tat)
         self.tally = grow(self.tally)
         self._registered = grow(self._registered, False)
+        self._owner = grow(self._owner, -1)
         self.epochs.ensure(cap)
         extra = cap - self._cap
         self.users.extend([None] * extra)
@@ -423,6 +430,7 @@ class BridgeCore:
             self._guard_tat[row] = 0
             self.tally[row] = 0
             self._registered[row] = False
+            self._owner[row] = -1
             self._verifiers[row] = None
             self.last_hint[row] = None
             return row
@@ -585,7 +593,7 @@ class BridgeCore:
         result: BatchResult | None = None
         if taken.batch is not None:
             t_send = time.perf_counter()
-            result = await self._call_codec(taken.batch)
+            result = await self._call_codec(taken.batch, taken.owners)
             codec_wait_ms = (time.perf_counter() - t_send) * 1000.0
         accepted, dropped = await hint_task
         with self.cpu:
@@ -625,10 +633,14 @@ class BridgeCore:
             self.q_n[over] -= drop
         if not rows.size:
             return _Taken(parts)
-        owner_index = getattr(self.codec, "owner_index", None)
-        if owner_index is not None:  # grouped by replica: the client splits it without copies
-            owners = owner_index(self.ids[rows].tolist())
-            if owners is not None and not (owners[1:] >= owners[:-1]).all():
+        version = self._owners_now()
+        if version is not None:  # grouped by replica: the client splits it without copies
+            owners = self._owner[rows]
+            unknown = owners < 0
+            if unknown.any():
+                new = rows[unknown]
+                owners[unknown] = self._owner[new] = self.codec.owner_index(self.ids[new].tolist())
+            if not (owners[1:] >= owners[:-1]).all():
                 rows = rows[np.argsort(owners, kind="stable")]
         head = self.q_head[rows]
         ts = self.q_ts[rows, head]
@@ -661,7 +673,18 @@ class BridgeCore:
             pcm=pcm if pcm is not None else self._silence(b),
             bandwidth_kbps=self.bandwidth_kbps,
         )
-        return _Taken(parts, rows, self.generation[rows].copy(), ts, batch)
+        owners = None if version is None else (version, self._owner[rows])
+        return _Taken(parts, rows, self.generation[rows].copy(), ts, batch, owners)
+
+    def _owners_now(self) -> Any:
+        """The codec client's replica set if it splits batches by owner (None: it does not,
+        or there is one replica); a new set forgets every stream's owner."""
+        owners_version = getattr(self.codec, "owners_version", None)
+        version = owners_version() if owners_version is not None else None
+        if version != self._owners_version:
+            self._owners_version = version
+            self._owner[:] = -1
+        return version
 
     def _silence(self, b: int) -> np.ndarray:
         """b rows of one EnCodec frame of int16 silence (a batch without audio): a view of
@@ -671,10 +694,11 @@ class BridgeCore:
             self._zeros.flags.writeable = False
         return self._zeros[:b]
 
-    async def _call_codec(self, batch: FrameBatch) -> BatchResult:
+    async def _call_codec(self, batch: FrameBatch, owners: tuple[Any, np.ndarray] | None) -> BatchResult:
         timeout = (self.deadline_ms + self.deadline_grace_ms) / 1000.0
+        call = self.codec.process(batch) if owners is None else self.codec.process(batch, owners=owners)
         try:
-            return await asyncio.wait_for(self.codec.process(batch), timeout)
+            return await asyncio.wait_for(call, timeout)
         except asyncio.TimeoutError:
             self._decided[_DEADLINE] += len(batch)
             return BatchResult.all_fallback(batch, FallbackReason.DEADLINE)

@@ -45,8 +45,21 @@ def keys(report) -> dict[str, str]:
 class TwoReplicaClient(CountingClient):
     """Says which of two replicas owns each stream (as the Serve codec client does)."""
 
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.handed: list[tuple] = []
+        self.looked_up = 0
+
+    def owners_version(self) -> tuple[str, ...]:
+        return ("r0", "r1")
+
     def owner_index(self, stream_ids: list[str]) -> np.ndarray:
+        self.looked_up += len(stream_ids)
         return np.array([hash(s) % 2 for s in stream_ids])
+
+    async def process(self, batch: FrameBatch, owners=None) -> BatchResult:
+        self.handed.append(owners)
+        return await super().process(batch)
 
 
 def test_a_batch_is_ordered_by_owning_replica(replica_core):
@@ -60,9 +73,11 @@ def test_a_batch_is_ordered_by_owning_replica(replica_core):
             core.push(sid, None)
         report = run(core.tick())
         assert report.counts() == {"ai": 12}
-    for batch in client.batches:
+    assert client.looked_up == 12  # each stream's owner looked up once, then kept
+    for batch, (version, handed) in zip(client.batches, client.handed, strict=True):
         owners = client.owner_index(batch.stream_ids)
         assert sorted(batch.stream_ids) == sorted(ids) and (np.diff(owners) >= 0).all()
+        assert version == ("r0", "r1") and handed.tolist() == owners.tolist()
     run(core.close())
 
 
