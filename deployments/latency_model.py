@@ -92,6 +92,18 @@ def bucket_of(batch: int) -> int:
     return _BUCKETS[bisect.bisect_right(_BUCKETS, batch) - 1]
 
 
+def _on_line(line: tuple[np.ndarray, np.ndarray, float], batches: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Values at batch sizes of a quantity linear in B between bucket sizes (the first one's
+    below them) and with the given slope beyond the last."""
+    sizes, values, tail = line
+    k = np.maximum(np.asarray(batches, float), 1.0)
+    out = np.interp(k, sizes, values)
+    beyond = k > sizes[-1]
+    if beyond.any():
+        out[beyond] = values[-1] + (k[beyond] - sizes[-1]) * tail
+    return out
+
+
 def _quantile(samples: Iterable[float], q: float) -> float:
     """Nearest-rank-above quantile (conservative: never interpolates below a sample)."""
     xs = sorted(samples)
@@ -114,12 +126,16 @@ class _Envelope:
     dist: np.ndarray  # [len(sizes), len(_LEVELS)] quantile rows, non-decreasing along both axes
     dist_tail: np.ndarray  # [len(_LEVELS)] ms per extra frame beyond the last size, per level
     # (sizes, their rows' means, the tail's mean slope): a row is linear in B between sizes
-    # and beyond the last, so its mean is too (see `LatencyModel.mean_ms`)
+    # and beyond the last, so its mean is too (see `LatencyModel.mean_ms`); and the same for
+    # the rows' largest values (`LatencyModel.max_ms`)
     mean_line: tuple[np.ndarray, np.ndarray, float] = field(init=False)
+    max_line: tuple[np.ndarray, np.ndarray, float] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mean_line", (np.asarray(self.sizes, float), self.dist[:, 1:-1].mean(axis=1),
+        sizes = np.asarray(self.sizes, float)
+        object.__setattr__(self, "mean_line", (sizes, self.dist[:, 1:-1].mean(axis=1),
                                                float(self.dist_tail[1:-1].mean())))
+        object.__setattr__(self, "max_line", (sizes, self.dist[:, -1].copy(), float(self.dist_tail[-1])))
 
 
 class LatencyModel:
@@ -421,14 +437,13 @@ class LatencyModel:
         """Mean step time (ms) for each B in `batches` (the average of its quantile row).
         Rows are linear in B between buckets and beyond the last, so the means are read off
         the buckets' means directly: any number of sizes at the cost of one interpolation."""
-        env = self._envelope()
-        k = np.maximum(np.asarray(batches, float), 1.0)
-        sizes, means, tail = env.mean_line
-        out = np.interp(k, sizes, means)
-        beyond = k > sizes[-1]
-        if beyond.any():
-            out[beyond] = means[-1] + (k[beyond] - sizes[-1]) * tail
-        return out
+        return _on_line(self._envelope().mean_line, batches)
+
+    def max_ms(self, batches: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The largest step time (ms) the distribution of T(B) allows, for each B in
+        `batches` (its row's top level, read off the buckets as `mean_ms` does): a budget
+        at least this long is certain to be met."""
+        return _on_line(self._envelope().max_line, batches)
 
     def max_batch_within(self, budget_ms: float, limit: int = 1 << 16) -> int:
         """Largest B <= limit with predict(B) <= budget_ms; 0 if not even one frame fits."""

@@ -78,6 +78,7 @@ class SlotPool:
         self.capacity = capacity
         self._free = list(range(capacity - 1, -1, -1))  # a stack: freed slots are reused first
         self._slot_of: dict[str, int] = {}
+        self._sid = np.full(capacity, None, object)  # slot -> its stream id (None: free)
         self.last_seen = np.zeros(capacity, np.float64)
         self.generation = np.zeros(capacity, np.int64)
         self.epochs = ReplicaEpochs(capacity)
@@ -102,6 +103,7 @@ class SlotPool:
             return None
         slot = self._free.pop()
         self._slot_of[stream_id] = slot
+        self._sid[slot] = stream_id
         self.generation[slot] += 1
         self.last_seen[slot] = now
         self.epochs.end(np.array([slot]))
@@ -118,6 +120,7 @@ class SlotPool:
             del self._free[top:]
             self._slot_of.update(zip(stream_ids[:k], slots, strict=True))
             got = np.asarray(slots, np.int64)
+            self._sid[got] = stream_ids[:k]
             self.generation[got] += 1
             self.last_seen[got] = now
             self.epochs.end(got)
@@ -127,14 +130,16 @@ class SlotPool:
     def release(self, stream_id: str) -> int | None:
         slot = self._slot_of.pop(stream_id, None)
         if slot is not None:
+            self._sid[slot] = None
             self.generation[slot] += 1
             self.epochs.end(np.array([slot]))
             self._free.append(slot)
         return slot
 
     def idle(self, now: float, timeout_s: float) -> list[str]:
-        last = self.last_seen
-        return [s for s, slot in self._slot_of.items() if now - last[slot] > timeout_s]
+        """Streams with no frame for longer than `timeout_s`."""
+        gone = np.flatnonzero((now - self.last_seen > timeout_s) & (self._sid != None))  # noqa: E711
+        return self._sid[gone].tolist()
 
     def streams(self) -> list[str]:
         return list(self._slot_of)

@@ -585,14 +585,14 @@ class EdfScheduler:
         later_total = float(later_weight.sum())
         if n > self.config.max_batch or n + later_total > self.config.max_batch:
             return False
-        if float(slack.min()) < float(self.model.dist_rows([n])[0, -1]):
+        if float(slack.min()) < float(self.model.max_ms([n])[0]):
             return False
         if not later_slack.size:
             return True
         tau = float(self.model.mean_ms([n])[0])
         unknown = max(self._arrival_rate_per_ms() * tau - later_total, 0.0)
         m = min(max(round(later_total + unknown), 1), self.config.max_batch)
-        return float(later_slack.min()) - tau >= float(self.model.dist_rows([m])[0, -1])
+        return float(later_slack.min()) - tau >= float(self.model.max_ms([m])[0])
 
     def _best_window(
         self, slack: np.ndarray, weight: np.ndarray, later_slack: np.ndarray, later_weight: np.ndarray,

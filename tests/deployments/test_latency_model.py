@@ -172,3 +172,4 @@ def test_mean_step_times_are_the_means_of_the_rows():
         m.observe(20, 5.0 + i % 3)
     k = np.arange(1, 300)
     assert np.allclose(m.mean_ms(k), m.dist_rows(k)[:, 1:-1].mean(axis=1), rtol=1e-12, atol=1e-12)
+    assert np.allclose(m.max_ms(k), m.dist_rows(k)[:, -1], rtol=1e-12, atol=1e-12)
