@@ -70,6 +70,21 @@ def bandwidth_codebooks(bandwidth_kbps: float) -> int:
     return int(round(bandwidth_kbps * 1000 / (75 * 10)))
 
 
+VALID_N_Q = (2, 4, 8, 16, 32)  # codebooks of BANDWIDTHS_KBPS, in order
+
+
+def codebooks_bandwidth(n_q: int) -> float:
+    """The bandwidth (kbps) of `n_q` codebooks; the inverse of `bandwidth_codebooks`."""
+    if n_q not in VALID_N_Q:
+        raise ValueError(f"{n_q} codebooks is not one of {VALID_N_Q}")
+    return BANDWIDTHS_KBPS[VALID_N_Q.index(n_q)]
+
+
+# Models a replica can run, by the hint's 4-bit model id (sfu_bridge/hint_ext.py). A hint
+# naming an id not listed here is dropped and counted (`dropped/unknown_model`).
+MODEL_REGISTRY: dict[int, str] = {0: "encodec_24khz"}
+
+
 @dataclass
 class FrameBatch:
     """All frames one bridge sends one replica in one tick (B rows)."""
@@ -84,6 +99,10 @@ class FrameBatch:
     pcm: np.ndarray | None = None  # encode: float32 or int16 [B, T], T % 320 == 0
     codes: np.ndarray | None = None  # decode: int [B, n_q, F]
     bandwidth_kbps: float = 6.0
+    # encode: codebooks per stream (int [B], each in VALID_N_Q): how deep the replica
+    # quantizes that row, the deepest any subscriber of the stream needs; None = every row
+    # at `bandwidth_kbps`. Result rows carry codes up to their depth, zeros below it.
+    n_q: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.stream_ids)
@@ -100,6 +119,11 @@ class FrameBatch:
             if not isinstance(arr, np.ndarray) or arr.shape != (b,):
                 raise ValueError(f"{name} must be an array of shape ({b},)")
         bandwidth_codebooks(self.bandwidth_kbps)
+        if self.n_q is not None:
+            if not isinstance(self.n_q, np.ndarray) or self.n_q.shape != (b,):
+                raise ValueError(f"n_q must be an array of shape ({b},)")
+            if b and not np.isin(self.n_q, VALID_N_Q).all():
+                raise ValueError(f"n_q values must be in {VALID_N_Q}")
         if self.op is Op.ENCODE:
             pcm = self.pcm
             if not isinstance(pcm, np.ndarray) or pcm.ndim != 2 or pcm.shape[0] != b:
@@ -114,6 +138,12 @@ class FrameBatch:
                 raise ValueError(f"decode needs codes of shape ({b}, n_q, F)")
             if not np.issubdtype(codes.dtype, np.integer):
                 raise ValueError(f"codes must be integers, got {codes.dtype}")
+
+    def depths(self) -> np.ndarray:
+        """Codebooks per row: `n_q` when given, else `bandwidth_kbps`'s for every row."""
+        if self.n_q is not None:
+            return np.asarray(self.n_q, np.int64)
+        return np.full(len(self.stream_ids), bandwidth_codebooks(self.bandwidth_kbps), np.int64)
 
     def pcm_float(self) -> np.ndarray:
         """PCM as float32 in [-1, 1] (int16 input is scaled by 1/32768)."""

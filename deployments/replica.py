@@ -42,6 +42,7 @@ from deployments.contract import (
     FrameBatch,
     Op,
     bandwidth_codebooks,
+    codebooks_bandwidth,
     reason_code,
 )
 from deployments.latency_model import LatencyModel
@@ -125,6 +126,7 @@ class _Request:
                  n_q: int, loop: asyncio.AbstractEventLoop) -> None:
         b = len(batch)
         self.batch = batch
+        self.depths = batch.depths()  # codebooks per row (encode)
         self.arrival = arrival
         self.result = BatchResult(
             stream_ids=list(batch.stream_ids),
@@ -244,12 +246,18 @@ def _load_codec(settings: ReplicaSettings):
 
 @dataclass
 class _Group:
-    """Frames of one step that can share a model call (same op, shape and bandwidth)."""
+    """Frames of one step that share a model call (same op and shape). An encode group
+    quantizes as deep as its deepest row (`n_q`): the SEANet encoder, most of the cost,
+    runs once for all rows, and each row keeps the prefix its stream needs."""
 
     op: Op
-    bandwidth_kbps: float
+    n_q: int
     refs: list[_FrameRef]
     reset_rows: list[int]  # rows that open a new epoch (state zeroed before the call)
+
+    @property
+    def bandwidth_kbps(self) -> float:
+        return codebooks_bandwidth(self.n_q)
 
 
 def _run_groups(codec, groups: list[_Group]) -> tuple[list[np.ndarray | Exception], float]:
@@ -359,7 +367,8 @@ class CodecReplicaCore:
             if not isinstance(batch, FrameBatch):
                 raise ValueError(f"expected a FrameBatch, got {type(batch).__name__}")
             batch.validate()
-            n_q = bandwidth_codebooks(batch.bandwidth_kbps)
+            depths = batch.depths()
+            n_q = int(depths.max()) if len(depths) else bandwidth_codebooks(batch.bandwidth_kbps)
             if batch.op is Op.DECODE and batch.codes is not None and batch.codes.shape[1] not in (2, 4, 8, 16, 32):
                 raise ValueError(f"codes have {batch.codes.shape[1]} codebooks; expected 2, 4, 8, 16 or 32")
         except ValueError as exc:
@@ -596,10 +605,12 @@ class CodecReplicaCore:
                 continue
             batch = ref.req.batch
             shape = batch.pcm.shape[1] if ref.op is Op.ENCODE else batch.codes.shape[1:]
-            key = (ref.op, shape, batch.bandwidth_kbps)
+            key = (ref.op, shape)
+            depth = int(ref.req.depths[ref.row]) if ref.op is Op.ENCODE else int(batch.codes.shape[1])
             g = groups.get(key)
             if g is None:
-                g = groups[key] = _Group(ref.op, batch.bandwidth_kbps, [], [])
+                g = groups[key] = _Group(ref.op, depth, [], [])
+            g.n_q = max(g.n_q, depth)
             if new_epoch:
                 g.reset_rows.append(len(g.refs))
             g.refs.append(ref)
@@ -611,7 +622,8 @@ class CodecReplicaCore:
             return
         if g.op is Op.ENCODE:
             assert res.codes is not None
-            res.codes[ref.row] = out[i].astype(np.int16)
+            depth = int(ref.req.depths[ref.row])
+            res.codes[ref.row, :depth] = out[i, :depth].astype(np.int16)
         else:
             assert res.pcm is not None
             res.pcm[ref.row] = out[i]

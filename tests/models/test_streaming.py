@@ -404,3 +404,46 @@ def test_bad_input_raises_and_leaves_state_untouched(busy_codec, method, args, m
 def test_bad_construction(encodec_model_24k, kwargs, message):
     with pytest.raises(ValueError, match=message):
         StreamingEncodec(encodec_model_24k, **kwargs)
+
+
+def test_decoding_a_changing_depth_equals_decoding_each_frames_prefix(encodec_model_24k):
+    """A subscriber's depth (codebooks) may change on any packet without an epoch change:
+    the streaming decoder fed the first k_t books of chunk t equals the offline reference
+    decoder run once over the whole signal on each frame's k_t-book embedding. (Random codes
+    on random codebooks whose books all weigh alike, so every depth changes the audio.)"""
+    model = _fresh_24k()
+    model.load_state_dict(encodec_model_24k.state_dict())
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in model.quantizer.vq.layers:
+            layer._codebook.embed.copy_(torch.randn(layer._codebook.embed.shape, generator=gen))
+    frames, n_chunks = 3, 40
+    rng = np.random.default_rng(11)
+    codes = rng.integers(0, 1024, (2, 32, frames * n_chunks))
+    depths, k = [], 32
+    while len(depths) < n_chunks:  # a new depth every 1-3 chunks
+        k = int(rng.choice([d for d in (2, 4, 8, 16, 32) if d != k]))
+        depths += [k] * int(rng.integers(1, 4))
+    depths = depths[:n_chunks]
+    codec = StreamingEncodec(model, capacity=2)
+    got = np.concatenate(
+        [codec.decode([0, 1], codes[:, : depths[t], t * frames:(t + 1) * frames])
+         for t in range(n_chunks)], axis=-1)
+
+    ref = reference_copy(model)
+    with torch.no_grad():
+        emb = torch.cat([
+            ref.quantizer.decode(torch.from_numpy(
+                codes[:, : depths[t], t * frames:(t + 1) * frames]).transpose(0, 1))
+            for t in range(n_chunks)], dim=-1)
+        want = ref.decoder(emb)[:, 0].numpy()
+    assert len(set(depths)) >= 4
+    for i in range(2):
+        peak = np.abs(want[i]).max()
+        assert np.abs(got[i] - want[i]).max() <= 1e-4 * peak
+    # ...and differs from decoding one fixed depth throughout by far more than that tolerance
+    fixed = StreamingEncodec(model, capacity=1)
+    for depth in (2, 32):
+        other = stream_decode(fixed, [0], codes[:1, :depth], frames)
+        fixed.reset([0])
+        assert np.abs(other[0] - want[0]).max() > 1e-2 * np.abs(want[0]).max()
