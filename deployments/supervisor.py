@@ -24,7 +24,7 @@ from typing import Any
 
 import ray
 
-from cluster import metrics
+from deployments import metrics
 from deployments.config import SupervisorSettings
 from deployments.supervisor_policy import SNAPSHOT_VERSION, SupervisorConfig, SupervisorPolicy
 
@@ -89,15 +89,20 @@ class FallbackSupervisorCore:
             self._put(_SNAPSHOT_KEY, json.dumps(self.policy.snapshot()).encode())
 
     def report(self, reports: Mapping[str, Mapping[str, Any]], now: float | None = None) -> dict[str, str]:
-        """`{stream_id: {"ai": n, "fallback": {reason: n}, "user_id": optional}}` since the
-        last report -> `{stream_id: reason}` for every reported stream whose AI is off."""
+        """`{stream_id: {"ai": n, "fallback": {reason: n}, "user_id": optional, "replica":
+        optional}}` since the last report -> `{stream_id: reason}` for every reported stream
+        whose AI is off. `replica` (the codec replica serving the stream) lets the policy
+        tell a replica-wide stall from a stream's own failures."""
         now = time.time() if now is None else now
         off: dict[str, str] = {}
-        for sid, rep in reports.items():
-            before = self.policy.decision(sid, now)
-            on = self.policy.report(sid, int(rep.get("ai", 0)), rep.get("fallback", {}), now,
-                                    user_id=rep.get("user_id"))
-            if on != before:
+        before = {sid: self.policy.decision(sid, now) for sid in reports}
+        excused = self.policy.counters["excused/deadline"]
+        decisions = self.policy.report_many(reports, now)
+        excused = self.policy.counters["excused/deadline"] - excused
+        if excused:
+            logger.info("shared stall: %d deadline misses excused (streams kept on AI)", excused)
+        for sid, on in decisions.items():
+            if on != before[sid]:
                 metrics.record_supervisor_transition("on" if on else "off")
             if not on:
                 reason = self.policy.reason(sid, now)
@@ -159,6 +164,11 @@ class FallbackSupervisor:
     def stream_status(self, stream_id: str) -> dict[str, Any]:
         return self.core.policy.stream_status(stream_id, time.time())
 
+    def streams_status(self, stream_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """`stream_status` of many streams in one call (the operator dashboard's users)."""
+        now = time.time()
+        return {sid: self.core.policy.stream_status(sid, now) for sid in stream_ids}
+
     def snapshot(self) -> dict[str, Any]:
         self.core._maybe_snapshot(time.time(), force=True)
         return self.core.policy.snapshot()
@@ -171,6 +181,7 @@ class FallbackSupervisor:
             "opted_out_users": len(snap["opted_out_users"]),
             "opted_out_streams": len(snap["opted_out_streams"]),
             "counters": snap["counters"],
+            "replicas": self.core.policy.replica_status(time.time()),
             "settings": asdict(self.settings),
         }
 

@@ -20,6 +20,19 @@ a steady 1% (2 in 100) does not. Frames that never tried the AI (`opted_out`, `u
 do not count either way; `overload` and `reset` count as attempts but not as the stream's
 fault (capacity is the autoscaler's problem, not a reason to stop AI on one stream).
 
+Shared stalls. A replica that stalls (a noisy neighbour, a GC pause, a stopped process) makes
+every stream it serves miss deadlines in the same second; EDF already answers those frames
+one by one, and switching every stream off for a back-off would turn a 0.5 s stall into
+seconds of fallback for everyone. So a report may name the stream's `replica`, and a stream's
+deadline misses in a report are *excused* (counted neither as attempts nor as bad) when at
+least `shared_frac` (half) of the OTHER streams on the same replica also missed: those in the
+same report, or those in all reports of the last `correlation_s` (other bridges'). A stream that misses while the others on its replica are fine
+is failing on its own and is judged as above; a stream alone on its replica, or reported
+without one, cannot be told apart from a stall and is judged as above too. Errors are never
+excused: an exception is not a stall. A replica that answered no frame with codes in any
+report for `replica_failure_s` (2 s) is failing, not stalled: its streams' misses count
+again, so they are switched off within that window as well.
+
 Pure Python: the caller passes `now` (seconds; wall-clock time if snapshots must survive a
 restart) and gets decisions back. The Ray actor around it is thin.
 """
@@ -58,6 +71,11 @@ class SupervisorConfig:
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 30.0
     healthy_reset_s: float = 10.0  # on and untripped this long -> backoff starts over
+    # Shared stalls: a stream's misses are excused when this share of the other streams on
+    # its replica, reported within `correlation_s`, missed too.
+    shared_frac: float = 0.5
+    correlation_s: float = 1.5  # > one report period (1 s), so other bridges' reports count
+    replica_failure_s: float = 2.0  # a replica with no AI answer this long is failing
 
     def backoff_s(self, level: int) -> float:
         return min(self.backoff_max_s, self.backoff_initial_s * (2.0 ** max(0, level)))
@@ -110,6 +128,52 @@ class StreamHealth:
         )
 
 
+@dataclass(frozen=True)
+class Interval:
+    """One stream's outcomes in one report, as the shared-stall test needs them."""
+
+    t: float  # when it was reported
+    attempts: int
+    ai: int
+    misses: int  # `deadline` frames
+
+
+@dataclass
+class ReplicaGroup:
+    """The streams last reported on one replica (not persisted: it spans seconds)."""
+
+    members: dict[str, Interval] = field(default_factory=dict)
+    no_ai_since: float | None = None  # start of the run of reports without one AI answer
+    attempted_at: float | None = None  # last report in which its streams tried the AI
+    stalled_at: float | None = None  # last report whose misses were excused as shared
+
+    def failing(self, now: float, cfg: SupervisorConfig) -> bool:
+        return self.no_ai_since is not None and now - self.no_ai_since >= cfg.replica_failure_s
+
+
+@dataclass(frozen=True)
+class _Counts:
+    attempts: int
+    bad: int
+    misses: int
+    ai: int
+
+
+def _count(ai: int, fallback_by_reason: Mapping[str, int]) -> _Counts:
+    bad = attempts = misses = 0
+    for reason, n in fallback_by_reason.items():
+        key = reason.value if isinstance(reason, FallbackReason) else str(reason)
+        if key in NOT_ATTEMPTED or n <= 0:
+            continue
+        attempts += n
+        if key in BAD_REASONS:
+            bad += n
+        if key == FallbackReason.DEADLINE.value:
+            misses += n
+    ai = max(0, ai)
+    return _Counts(attempts + ai, bad, misses, ai)
+
+
 class SupervisorPolicy:
     """Decides, stream by stream, whether the AI path is used."""
 
@@ -118,6 +182,8 @@ class SupervisorPolicy:
         self._streams: dict[str, StreamHealth] = {}
         self._opted_users: set[str] = set()
         self._opted_streams: set[str] = set()
+        self._replicas: dict[str, ReplicaGroup] = {}
+        self._replica_of: dict[str, str] = {}  # stream id -> replica of its last report
         self.counters: Counter[str] = Counter()
 
     # ----------------------------------------------------------------------------- inputs
@@ -132,28 +198,45 @@ class SupervisorPolicy:
         fallback_by_reason: Mapping[str, int],
         now: float,
         user_id: str | None = None,
+        replica: str | None = None,
     ) -> bool:
         """Outcome counts of one stream since its last report. Returns the decision."""
-        st = self._state(stream_id)
-        if user_id is not None:
-            st.user_id = user_id
-        bad = attempts = 0
-        for reason, n in fallback_by_reason.items():
-            key = reason.value if isinstance(reason, FallbackReason) else str(reason)
-            if key in NOT_ATTEMPTED or n <= 0:
-                continue
-            attempts += n
-            if key in BAD_REASONS:
-                bad += n
-        attempts += max(0, ai)
-        st.last_report = now
-        self.counters["reports"] += 1
-        if attempts:
-            st.window.append((now, attempts, bad))
-        self._evict(st, now)
-        if self._is_on(st, now) and self._window_unhealthy(st):
-            self._trip(stream_id, st, now, OffCause.BAD_RATE)
-        return self.decision(stream_id, now)
+        rep: dict[str, Any] = {"ai": ai, "fallback": fallback_by_reason, "user_id": user_id,
+                               "replica": replica}
+        return self.report_many({stream_id: rep}, now)[stream_id]
+
+    def report_many(self, reports: Mapping[str, Mapping[str, Any]], now: float) -> dict[str, bool]:
+        """One bridge's report for all its streams: `{stream: {"ai": n, "fallback": {reason:
+        n}, "user_id": optional, "replica": optional}}`. Every stream's outcomes are recorded
+        before any is judged, so streams on one replica see each other's misses. Returns
+        `{stream: decision}`."""
+        counts: dict[str, _Counts] = {}
+        starts: dict[str, float] = {}
+        for sid, rep in reports.items():
+            st = self._state(sid)
+            if rep.get("user_id") is not None:
+                st.user_id = rep["user_id"]
+            c = counts[sid] = _count(int(rep.get("ai", 0)), rep.get("fallback") or {})
+            starts[sid] = st.last_report if st.last_report is not None else now
+            st.last_report = now
+            self.counters["reports"] += 1
+            replica = rep.get("replica")
+            self._place(sid, str(replica) if replica else None, Interval(now, c.attempts, c.ai, c.misses))
+        self._update_liveness(counts, starts, now)
+        tally = self._tally(counts, now)
+        decisions: dict[str, bool] = {}
+        for sid, c in counts.items():
+            st = self._streams[sid]
+            excused = c.misses if self._shared_stall(sid, c, tally, now) else 0
+            if excused:
+                self.counters["excused/deadline"] += excused
+            if c.attempts - excused:
+                st.window.append((now, c.attempts - excused, c.bad - excused))
+            self._evict(st, now)
+            if self._is_on(st, now) and self._window_unhealthy(st):
+                self._trip(sid, st, now, OffCause.BAD_RATE)
+            decisions[sid] = self.decision(sid, now)
+        return decisions
 
     def quality_probe_failed(self, stream_id: str, now: float) -> None:
         st = self._state(stream_id)
@@ -180,6 +263,7 @@ class SupervisorPolicy:
     def forget(self, stream_id: str) -> None:
         """The stream ended: drop its health (a stream-level opt-out stays)."""
         self._streams.pop(stream_id, None)
+        self._place(stream_id, None, None)
 
     def sweep(self, now: float, idle_s: float = 60.0) -> int:
         """Forget streams with no report for `idle_s` that are not in a backoff; returns how
@@ -192,6 +276,7 @@ class SupervisorPolicy:
         ]
         for sid in gone:
             del self._streams[sid]
+            self._place(sid, None, None)
         return len(gone)
 
     # ----------------------------------------------------------------------------- outputs
@@ -215,6 +300,20 @@ class SupervisorPolicy:
             st.on_since = now
             self.counters["retries"] += 1
         return None
+
+    def replica_status(self, now: float) -> dict[str, dict[str, Any]]:
+        """Per replica (as named in reports): streams last reported on it, whether it is
+        failing, and when misses there were last excused as a shared stall."""
+        cfg = self.config
+        return {
+            r: {
+                "streams": len(g.members),
+                "failing": g.failing(now, cfg),
+                "no_ai_since": g.no_ai_since,
+                "shared_stall_at": g.stalled_at,
+            }
+            for r, g in self._replicas.items()
+        }
 
     def is_opted_out(self, stream_id: str) -> bool:
         if stream_id in self._opted_streams:
@@ -267,6 +366,86 @@ class SupervisorPolicy:
         if st is None:
             st = self._streams[stream_id] = StreamHealth()
         return st
+
+    def _place(self, stream_id: str, replica: str | None, interval: Interval | None) -> None:
+        """Record the stream's latest interval under its replica (None: under none)."""
+        old = self._replica_of.pop(stream_id, None)
+        if old is not None and old != replica:
+            g = self._replicas.get(old)
+            if g is not None:
+                g.members.pop(stream_id, None)
+                if not g.members:
+                    del self._replicas[old]
+        if replica is not None and interval is not None:
+            self._replicas.setdefault(replica, ReplicaGroup()).members[stream_id] = interval
+            self._replica_of[stream_id] = replica
+
+    def _update_liveness(self, counts: Mapping[str, _Counts], starts: Mapping[str, float],
+                         now: float) -> None:
+        """Per replica named in this report: did it answer any frame with codes? A run of
+        reports without one, from whichever bridges, is how a failing replica looks."""
+        seen: dict[str, tuple[int, int, float]] = {}  # replica -> (attempts, ai, earliest start)
+        for sid, c in counts.items():
+            r = self._replica_of.get(sid)
+            if r is None or not c.attempts:
+                continue
+            a, ai, start = seen.get(r, (0, 0, now))
+            seen[r] = (a + c.attempts, ai + c.ai, min(start, starts[sid]))
+        for r, (_, ai, start) in seen.items():
+            g = self._replicas[r]
+            if g.attempted_at is not None and start - g.attempted_at > self.config.correlation_s:
+                g.no_ai_since = None  # nothing was tried there for a while: start over
+            g.attempted_at = now
+            if ai:
+                g.no_ai_since = None
+            elif g.no_ai_since is None:
+                g.no_ai_since = start
+                self.counters["replica_no_ai"] += 1
+
+    def _tally(self, counts: Mapping[str, _Counts], now: float) -> dict[str, tuple[int, int, int, int]]:
+        """Per replica in this report: (streams that tried the AI, those that missed) in this
+        report, then the same among all reports within `correlation_s` (other bridges').
+        Once per report, so judging n streams stays O(n)."""
+        horizon = now - self.config.correlation_s
+        here: dict[str, list[int]] = {}
+        for sid, c in counts.items():
+            r = self._replica_of.get(sid)
+            if r is not None and c.attempts:
+                h = here.setdefault(r, [0, 0])
+                h[0] += 1
+                h[1] += c.misses > 0
+        out: dict[str, tuple[int, int, int, int]] = {}
+        for r, (tried_here, missed_here) in here.items():
+            tried = missed = 0
+            for iv in self._replicas[r].members.values():
+                if iv.t > horizon and iv.attempts:
+                    tried += 1
+                    missed += iv.misses > 0
+            out[r] = (tried_here, missed_here, tried, missed)
+        return out
+
+    def _shared_stall(self, stream_id: str, c: _Counts,
+                      tally: Mapping[str, tuple[int, int, int, int]], now: float) -> bool:
+        """True if the stream's misses in this report are its replica's, not its own: at
+        least `shared_frac` of the other streams that tried the AI there missed too, among
+        this report's streams (the same interval) or among all recent reports (other
+        bridges report at other moments; the first to report a stall still sees their
+        intervals from before it)."""
+        r = self._replica_of.get(stream_id)
+        if r is None or not c.misses or not c.attempts:
+            return False
+        g = self._replicas[r]
+        if g.failing(now, self.config):
+            return False
+        tally_r = tally[r]
+        frac = self.config.shared_frac
+        shared = False
+        for tried, missed in (tally_r[:2], tally_r[2:]):
+            others, others_missed = tried - 1, missed - 1  # this stream tried and missed
+            shared = shared or (others >= 1 and others_missed >= frac * others)
+        if shared:
+            g.stalled_at = now
+        return shared
 
     def _evict(self, st: StreamHealth, now: float) -> None:
         horizon = now - self.config.window_s

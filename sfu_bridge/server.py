@@ -340,7 +340,8 @@ def link_supervisor(media: MediaBridge) -> None:
     from sfu_bridge.supervision import SupervisorLink, ray_exchange
 
     media.supervision = SupervisorLink(
-        media.batcher, ray_exchange(get_or_create_supervisor()), users=media.stream_users
+        media.batcher, ray_exchange(get_or_create_supervisor()), users=media.stream_users,
+        replica_of=getattr(media.batcher.codec, "owner", None),
     )
 
 

@@ -3,8 +3,11 @@
 Each tick's outcomes are tallied per stream; once per `period_s` the tallies go to the
 supervisor in ONE call (`exchange`), whose answer - `{stream: "opted_out" | "unhealthy"}` for
 every stream with AI off - is applied to the tick batcher, which then answers those streams'
-frames locally. The exchange runs in the background: a slow or restarting supervisor delays
-decisions, never a tick, and a failed exchange keeps the last decisions (counted).
+frames locally. Each stream's tally names the codec replica it is routed to when the codec
+client knows it (`replica_of`), so the supervisor can tell misses a replica's streams share
+(a stall: kept on AI) from a stream's own. The exchange runs in the background: a slow or
+restarting supervisor delays decisions, never a tick, and a failed exchange keeps the last
+decisions (counted).
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ class SupervisorLink:
         *,
         period_s: float = 1.0,
         users: Mapping[str, str] | None = None,
+        replica_of: Callable[[str], str | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.batcher = batcher
         self.exchange = exchange
         self.period_s = period_s
         self.users = users if users is not None else {}  # stream id -> user id, for opt-outs
+        self.replica_of = replica_of  # stream id -> the codec replica it is routed to
         self.clock = clock
         self._ai: dict[str, int] = defaultdict(int)
         self._fallback: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -68,6 +73,8 @@ class SupervisorLink:
             }
             if sid in self.users:
                 rep["user_id"] = self.users[sid]
+            if self.replica_of is not None and (replica := self.replica_of(sid)):
+                rep["replica"] = replica
             reports[sid] = rep
         self._ai.clear()
         self._fallback.clear()

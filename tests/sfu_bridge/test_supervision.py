@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
 from deployments.config import SupervisorSettings
 from deployments.contract import CHUNK_SAMPLES
@@ -86,3 +87,118 @@ def test_a_failing_exchange_keeps_media_flowing(streaming_codec):
 
     asyncio.run(scenario())
     assert link.failures >= 1 and tb.counters["ai"] == 3
+
+
+class StallingCodec:
+    """The in-process codec behind a replica that can be stalled: while `stalled`, a call
+    sleeps past the bridge's deadline, as a stopped replica process does."""
+
+    def __init__(self, codec: InProcessCodec) -> None:
+        self.codec = codec
+        self.stalled = False
+
+    async def process(self, batch):
+        if self.stalled:
+            await asyncio.sleep(0.05)
+        return await self.codec.process(batch)
+
+
+@pytest.mark.parametrize("names_replica", [True, False])
+def test_a_shared_stall_keeps_streams_on_when_the_link_names_their_replica(streaming_codec, names_replica):
+    """Four streams on one replica miss every frame for 1.2 s together. Reported with their
+    replica, the supervisor sees a shared stall and keeps them on AI (the frames after it
+    are `ai`); reported without, it cannot tell and switches each of them off."""
+    clock = Clock()
+    kv: dict[bytes, bytes] = {}
+    core = FallbackSupervisorCore(SupervisorSettings(), SupervisorConfig(), kv.__setitem__, kv.get)
+
+    async def exchange(reports):
+        return core.report(reports, now=clock.t)
+
+    codec = StallingCodec(InProcessCodec(streaming_codec))
+    tb = TickBatcher(codec, deadline_ms=60_000.0)
+    streams = ["a", "b", "c", "d"]
+    link = SupervisorLink(tb, exchange, period_s=1.0, clock=clock,
+                          replica_of=(lambda sid: "replica-1") if names_replica else None)
+
+    async def run_ticks(n: int) -> list[dict[str, str]]:
+        seen = []
+        for _ in range(n):
+            for sid in streams:
+                tb.push(Chunk(sid, np.zeros(CHUNK_SAMPLES, np.float32), 0))
+            report = await tb.tick()
+            seen.append({f.chunk.stream_id: f.key for f in report.frames})
+            link.observe(report)
+            await asyncio.sleep(0)  # let a due exchange run, as the media loop would
+            clock.t += 0.04
+        return seen
+
+    async def scenario():
+        await run_ticks(30)
+        codec.stalled, tb.deadline_ms = True, 20.0
+        stall = await run_ticks(30)
+        codec.stalled, tb.deadline_ms = False, 60_000.0
+        after = await run_ticks(30)
+        await link.close()
+        return stall, after
+
+    stall, after = asyncio.run(scenario())
+    missed = sum(s.get(sid) == "fallback/deadline" for s in stall for sid in streams)
+    unhealthy = sum(s.get(sid) == "fallback/unhealthy" for s in stall + after for sid in streams)
+    if names_replica:
+        assert missed == 4 * 30  # EDF's answer, frame by frame, and nothing more
+        assert unhealthy == 0 and after[-1] == dict.fromkeys(streams, "ai")
+        assert core.policy.counters["excused/deadline"] >= 4 * 25
+    else:
+        assert unhealthy >= 4 * 10  # each stream off for its 1 s back-off at least
+
+
+@pytest.mark.parametrize("failure", ["errors", "stalled"])
+def test_a_replica_failing_every_step_has_its_streams_switched_off_within_the_window(
+    streaming_codec, failure
+):
+    """All four streams of one replica fail every step: with `error` (frames the model cannot
+    compute), each is switched off within `window_s`; with `deadline` on every frame (a
+    stopped replica), once reports have shown no AI answer for `replica_failure_s`: within
+    that plus the one report interval that still held the last AI answers."""
+    clock = Clock()
+    kv: dict[bytes, bytes] = {}
+    cfg = SupervisorConfig()
+    core = FallbackSupervisorCore(SupervisorSettings(), cfg, kv.__setitem__, kv.get)
+
+    async def exchange(reports):
+        return core.report(reports, now=clock.t)
+
+    codec = StallingCodec(InProcessCodec(streaming_codec))
+    tb = TickBatcher(codec, deadline_ms=60_000.0)
+    streams = ["a", "b", "c", "d"]
+    link = SupervisorLink(tb, exchange, period_s=1.0, clock=clock, replica_of=lambda sid: "replica-1")
+    first_off: dict[str, float] = {}
+
+    async def run_ticks(n: int, failing: bool) -> None:
+        for _ in range(n):
+            for sid in streams:
+                tb.push(Chunk(sid, np.zeros(CHUNK_SAMPLES, np.float32), 0))
+                if failing and failure == "errors":
+                    tb.streams[sid].backlog[-1].pcm24[:] = np.nan
+            report = await tb.tick()
+            for f in report.frames:
+                if f.key == "fallback/unhealthy":
+                    first_off.setdefault(f.chunk.stream_id, clock.t)
+            link.observe(report)
+            await asyncio.sleep(0)
+            clock.t += 0.04
+
+    async def scenario() -> float:
+        await run_ticks(30, failing=False)
+        start = clock.t
+        if failure == "stalled":
+            codec.stalled, tb.deadline_ms = True, 20.0
+        await run_ticks(int(3.2 / 0.04), failing=True)
+        await link.close()
+        return start
+
+    start = asyncio.run(scenario())
+    assert set(first_off) == set(streams)
+    window = cfg.window_s if failure == "errors" else cfg.replica_failure_s + link.period_s
+    assert max(first_off.values()) - start <= window + 0.1  # + the tick that applies it
