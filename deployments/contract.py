@@ -38,6 +38,7 @@ class Op(str, enum.Enum):
 class Outcome(str, enum.Enum):
     AI = "ai"
     FALLBACK = "fallback"
+    DTX = "dtx"  # bridge only: the stream is silent (DTX); no AI frame, no replica compute
 
 
 class FallbackReason(str, enum.Enum):

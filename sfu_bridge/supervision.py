@@ -57,7 +57,7 @@ class SupervisorLink:
             sid = fo.chunk.stream_id
             if fo.outcome is Outcome.AI:
                 self._ai[sid] += 1
-            else:
+            elif fo.reason is not None:  # DTX frames say nothing about the AI path's health
                 self._fallback[sid][fo.reason.value] += 1
         if self.clock() - self._last >= self.period_s and (
             self._inflight is None or self._inflight.done()

@@ -9,8 +9,14 @@ Per tick (`TickBatcher.tick`):
 3. send one batch to the codec client (any object with `async process(FrameBatch) ->
    BatchResult`: the Serve `CodecClient`, or `InProcessCodec` below), bounded by the frames'
    deadline plus a grace, so a stuck client yields `fallback/deadline` instead of a stall;
-4. check the tick's hints (parse + tag + replay) and count them into the limiter in one call;
+4. check the tick's hints (parse + tag + replay + model id) and count them into the limiter
+   in one call; accepted hints take effect (adaptation.py): BW from the next tick, R now;
 5. give every frame exactly one `FrameOutcome`, counted by outcome/reason.
+
+Before step 2, a stream with DTX on whose talk spurt has ended (vad.py) is answered `dtx`
+locally: no AI frame, no replica compute; its next AI frame opens a new epoch. Each AI
+frame is quantized as deep as its stream needs (`StreamAdaptation.depth`: the deepest AIC
+subscriber, capped by the publisher's requested bandwidth and the operator's cap).
 
 Metrics (`deployments.metrics`) are recorded here for what the bridge decides, once per tick:
 frames the bridge answered itself (opted_out, unhealthy, overload, a stuck or failing codec
@@ -48,8 +54,10 @@ from deployments.contract import (
     Op,
     Outcome,
     bandwidth_codebooks,
+    codebooks_bandwidth,
     reason_code,
 )
+from sfu_bridge.adaptation import DtxDetector, HintRejected, StreamAdaptation, check_model
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +95,14 @@ class FrameOutcome:
 
     @property
     def key(self) -> str:
+        if self.outcome is Outcome.DTX:
+            return "dtx"
         return "ai" if self.reason is None else f"fallback/{self.reason.value}"
+
+    @property
+    def n_q(self) -> int:
+        """Codebooks this frame's codes hold (0 unless ai)."""
+        return 0 if self.codes is None else int(self.codes.shape[0])
 
 
 class HintDrop(str, enum.Enum):
@@ -98,6 +113,7 @@ class HintDrop(str, enum.Enum):
 # A dropped hint's reason (HintDrop, or the verifier's rejection reason) -> metrics verdict.
 _HINT_VERDICT = {
     HintDrop.RATE_LIMITED.value: metrics.HintVerdict.LIMITED,
+    "unknown_model": metrics.HintVerdict.UNKNOWN_MODEL,
     "tag": metrics.HintVerdict.FORGED,
     "replay": metrics.HintVerdict.REPLAYED,
 }
@@ -132,6 +148,7 @@ class StreamState:
     backlog: deque = field(default_factory=deque)
     hints: list[bytes] = field(default_factory=list)
     last_hint: Any = None  # the latest accepted hint (parsed), for the media layer
+    adapt: StreamAdaptation | None = None  # requested bandwidth, caps, depth need, DTX
 
 
 HintChecker = Callable[[str, bytes], Any]  # (stream_id, raw) -> parsed hint; raises ValueError
@@ -149,6 +166,7 @@ class TickBatcher:
         hint_checker: HintChecker | None = None,
         limiter: Any = None,
         max_hints_per_tick: int = 16,
+        dtx: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         bandwidth_codebooks(bandwidth_kbps)  # validates
@@ -160,6 +178,8 @@ class TickBatcher:
         self.hint_checker = hint_checker
         self.limiter = limiter
         self.max_hints_per_tick = max_hints_per_tick
+        self.dtx = dtx  # default for new streams (BridgeConfig.dtx); operator policy per user
+        self.dtx_detector = DtxDetector()
         self.clock = clock
         self.streams: dict[str, StreamState] = {}
         self.counters: Counter[str] = Counter()  # frames by "ai" / "fallback/<reason>"
@@ -167,6 +187,8 @@ class TickBatcher:
         self.hint_counters: Counter[str] = Counter()  # "accepted" / "dropped/<why>"
         self.ticks = 0
         self.epoch_restarts = 0  # requested by subscribers (join, RTCP PLI)
+        self.hint_resets = 0  # epochs restarted by a hint's R flag
+        self.encodes = 0  # AI frames sent to the codec: one per stream per chunk
         self._started = asyncio.Event()
         self._exited = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -176,7 +198,9 @@ class TickBatcher:
         st = self.streams.get(stream_id)
         if st is None:
             st = self.streams[stream_id] = StreamState(
-                stream_id, opted_out=opted_out, opted_out_locally=opted_out
+                stream_id, opted_out=opted_out, opted_out_locally=opted_out,
+                adapt=StreamAdaptation(self.bandwidth_kbps, dtx_enabled=self.dtx,
+                                       spurt=self.dtx_detector.new_spurt()),
             )
         return st
 
@@ -254,6 +278,8 @@ class TickBatcher:
                 frames.append(self._local(chunk, FallbackReason.UNHEALTHY))
             else:
                 send.append((st, chunk))
+        if send:
+            send = self._drop_silence(send, frames)
 
         hint_task = asyncio.ensure_future(self._check_hints())
         codec_wait_ms = 0.0
@@ -277,6 +303,26 @@ class TickBatcher:
             codec_wait_ms=codec_wait_ms, overhead_ms=overhead_ms,
             hints_accepted=accepted, hints_dropped=dropped,
         )
+
+    def _drop_silence(self, send: list[tuple[StreamState, Chunk]],
+                      frames: list[FrameOutcome]) -> list[tuple[StreamState, Chunk]]:
+        """DTX: chunks of streams whose talk spurt has ended are answered `dtx` here."""
+        on = [i for i, (st, _) in enumerate(send) if st.adapt is not None and st.adapt.dtx_enabled]
+        if not on:
+            return send
+        pcm = np.stack([send[i][1].pcm24 for i in on])
+        silent = self.dtx_detector.silent([send[i][0].adapt.spurt for i in on], pcm)
+        if not silent.any():
+            return send
+        quiet = {on[j] for j in np.flatnonzero(silent).tolist()}
+        for i in sorted(quiet):
+            st, chunk = send[i]
+            st.new_epoch = True  # speech resumes in a new epoch: both ends reset
+            fo = FrameOutcome(chunk, Outcome.DTX, None, 0, 0)
+            self.counters[fo.key] += 1
+            frames.append(fo)
+        metrics.record_dtx_seconds(len(quiet) * CHUNK_SAMPLES / 24_000)
+        return [x for i, x in enumerate(send) if i not in quiet]
 
     def _make_batch(self, send: list[tuple[StreamState, Chunk]]) -> FrameBatch:
         b = len(send)
@@ -302,6 +348,9 @@ class TickBatcher:
             sent_at=now,
             pcm=pcm,
             bandwidth_kbps=self.bandwidth_kbps,
+            n_q=np.fromiter((st.adapt.depth() if st.adapt is not None
+                             else bandwidth_codebooks(self.bandwidth_kbps) for st, _ in send),
+                            np.int64, b),
         )
 
     async def _call_codec(self, batch: FrameBatch) -> BatchResult:
@@ -325,7 +374,8 @@ class TickBatcher:
         not one numpy call per frame): a row the result lacks, an unknown outcome code, or
         AI codes that are missing, too few or out of range all become `fallback/error`."""
         b = len(send)
-        n_q = bandwidth_codebooks(self.bandwidth_kbps)
+        depths = batch.depths()
+        n_q = int(depths.max()) if b else bandwidth_codebooks(self.bandwidth_kbps)
         err = reason_code(FallbackReason.ERROR)
         row = _result_rows(batch.stream_ids, result)  # -1 = no row for this frame
         have = row >= 0
@@ -360,10 +410,12 @@ class TickBatcher:
             for c in np.flatnonzero(mine).tolist():
                 self._decided[keys[c]] += int(mine[c])
         epochs, seqs = batch.epochs.tolist(), batch.epoch_seqs.tolist()
-        for i, (c, (st, chunk)) in enumerate(zip(oc.tolist(), send, strict=True)):
+        self.encodes += int(counts[AI_CODE])
+        for i, (c, (st, chunk), d) in enumerate(zip(oc.tolist(), send, depths.tolist(), strict=True)):
             epoch, seq = epochs[i], seqs[i]
             if c == AI_CODE:
-                append(FrameOutcome(chunk, Outcome.AI, None, epoch, seq, codes[i]))
+                # each stream's own depth: a view of the rows' first d books
+                append(FrameOutcome(chunk, Outcome.AI, None, epoch, seq, codes[i, :d]))
             else:
                 if st.stream_id in self.streams:
                     st.new_epoch = True  # the epoch rule: any fallback starts a new epoch
@@ -382,7 +434,11 @@ class TickBatcher:
                     dropped[HintDrop.INVALID.value] += 1
                     continue
                 try:
-                    valid.setdefault(st.stream_id, []).append(self.hint_checker(st.stream_id, raw))
+                    hint = self.hint_checker(st.stream_id, raw)
+                    check_model(hint)
+                    valid.setdefault(st.stream_id, []).append(hint)
+                except HintRejected as exc:  # authentic, but names no model a replica runs
+                    dropped[exc.reason.value] += 1
                 except ValueError as exc:  # parse, tag, replay or stream binding failed
                     why = getattr(exc, "reason", HintDrop.INVALID)
                     dropped[getattr(why, "value", str(why))] += 1
@@ -396,8 +452,16 @@ class TickBatcher:
                 accepted += n_ok
                 if len(hints) > n_ok:
                     dropped[HintDrop.RATE_LIMITED.value] += len(hints) - n_ok
-                if n_ok and sid in self.streams:
-                    self.streams[sid].last_hint = hints[n_ok - 1]
+                st = self.streams.get(sid)
+                if n_ok and st is not None:
+                    st.last_hint = hints[n_ok - 1]
+                    reset = False
+                    for h in hints[:n_ok]:  # in order: the last BW wins, any R resets
+                        if st.adapt is not None:
+                            reset |= st.adapt.apply_hint(h, self.ticks)
+                    if reset:
+                        st.new_epoch = True  # R: the stream's next AI frame opens an epoch
+                        self.hint_resets += 1
         self.hint_counters["accepted"] += accepted
         metrics.record_hints(metrics.HintVerdict.ACCEPTED, accepted)
         for k, v in dropped.items():
@@ -531,7 +595,8 @@ class InProcessCodec:
                 run.append(i)
             else:
                 outcome[i] = reason_code(FallbackReason.RESET)
-        n_q = bandwidth_codebooks(batch.bandwidth_kbps)
+        depths = batch.depths()
+        n_q = int(depths.max()) if b else bandwidth_codebooks(batch.bandwidth_kbps)
         codes = np.zeros((b, n_q, batch.pcm.shape[1] // 320), np.int16)
         t0 = time.time()
         compute_ms = 0.0
@@ -540,8 +605,11 @@ class InProcessCodec:
             slots = np.asarray([self._slots[batch.stream_ids[i]] for i in run], np.int64)
             if fresh:
                 self.codec.reset_encoder(np.asarray(fresh, np.int64))
-            out = self.codec.encode(slots, batch.pcm_float()[idx], batch.bandwidth_kbps)
-            codes[idx] = np.asarray(out, np.int16)
+            # one encode at the deepest row's depth; each row keeps its own prefix
+            out = np.asarray(self.codec.encode(slots, batch.pcm_float()[idx],
+                                               codebooks_bandwidth(n_q)), np.int16)
+            for j, i in enumerate(run):
+                codes[i, : depths[i]] = out[j, : depths[i]]
             t1 = time.time()
             compute_ms = (t1 - t0) * 1000.0
             late = idx[batch.deadlines[idx] < t1]

@@ -232,8 +232,8 @@ def test_hints_verified_and_counted_once_per_tick(streaming_codec, secret):
     )
     tb.join("a")
     tb.join("b")
-    hint = Hint(model_id=1, bandwidth_kbps=6.0, epoch=1, seq=1)
-    good = [signer.sign("a", Hint(1, 6.0, 1, seq=i)) for i in range(1, 5)]
+    hint = Hint(model_id=0, bandwidth_kbps=6.0, epoch=1, seq=1)
+    good = [signer.sign("a", Hint(0, 6.0, 1, seq=i)) for i in range(1, 5)]
     for raw in good:
         tb.add_hint("a", raw)
     tb.add_hint("a", good[0])  # replay
@@ -351,7 +351,7 @@ def test_bridge_decisions_reach_the_metrics(secret, sine_chunk):
         tb.push(Chunk(sid, sine_chunk(100, 0)))
     for i in range(3):  # two beyond the backlog limit: shed as overload
         tb.push(Chunk("busy", sine_chunk(100, i)))
-    good = [signer.sign("on", Hint(1, 6.0, 1, seq=i)) for i in range(1, 4)]
+    good = [signer.sign("on", Hint(0, 6.0, 1, seq=i)) for i in range(1, 4)]
     for raw in good[:2]:
         tb.add_hint("on", raw)  # the limiter lets one through: 1 accepted, 1 limited
     tb.add_hint("on", good[0])  # replayed
@@ -370,7 +370,8 @@ def test_bridge_decisions_reach_the_metrics(secret, sine_chunk):
     assert reg.gauge(m.STREAMS_ACTIVE, bridge="metrics-bridge") == 4
     got = {v: reg.counter(m.HINTS, verdict=v.value) - hints_before[v] for v in m.HintVerdict}
     assert got == {m.HintVerdict.ACCEPTED: 1, m.HintVerdict.LIMITED: 2, m.HintVerdict.REPLAYED: 1,
-                   m.HintVerdict.FORGED: 3, m.HintVerdict.MALFORMED: 1}
+                   m.HintVerdict.FORGED: 3, m.HintVerdict.MALFORMED: 1,
+                   m.HintVerdict.UNKNOWN_MODEL: 0}
 
     # A client that never answers (the bridge gives up: deadline), then a replica answering
     # with an outcome code no reason has (the bridge overrules it: error).
