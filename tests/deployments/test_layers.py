@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
@@ -32,10 +31,9 @@ def _core(runtime) -> CodecReplicaCore:
 
 def _batch(ids: list[str], pcm: np.ndarray, n_q: list[int] | None, seq: int) -> FrameBatch:
     b = len(ids)
-    now = time.time()
     return FrameBatch(
         op=Op.ENCODE, bridge_id="b", stream_ids=ids, epochs=np.ones(b, np.int64),
-        epoch_seqs=np.full(b, seq, np.int64), deadlines=np.full(b, now + 30.0), sent_at=now,
+        epoch_seqs=np.full(b, seq, np.int64), budgets_ms=np.full(b, 30_000.0),
         pcm=pcm, n_q=None if n_q is None else np.asarray(n_q, np.int64),
     )
 
