@@ -40,8 +40,9 @@ from aiortc.utils import random16, random32
 
 from deployments.contract import CHUNK_SAMPLES, Outcome, bandwidth_codebooks
 from models.opus import OpusCodec
-from sfu_bridge import rtp_ext
-from sfu_bridge.aic_payload import pack_payloads
+from sfu_bridge import rtcp_tap, rtp_ext
+from sfu_bridge.aic_sender import AicSender
+from sfu_bridge.rate_control import Layer, ReportBlock, wire_kbps
 from sfu_bridge.tick import Chunk, FrameOutcome, TickBatcher, TickReport
 from telemetry import metrics
 
@@ -51,6 +52,7 @@ RTP_CLOCK = 48_000
 CHUNK_48K = CHUNK_SAMPLES * 2  # 1920 samples = 40 ms at 48 kHz
 OPUS_FRAME_48K = 960  # 20 ms Opus packets, as WebRTC sends them
 IP_UDP_HEADER_BYTES = 28  # IPv4 (20) + UDP (8), added to UDP payload bytes for wire rates
+SRTP_TAG_BYTES = 10  # SRTP_AES128_CM_HMAC_SHA1_80 authentication tag
 
 
 class Chunker:
@@ -105,16 +107,20 @@ class RtpOut:
         self._ts0 = random32()
         self.packets = 0
         self.payload_bytes = 0
+        self.last_timestamp = self._ts0  # RTP timestamp of the latest packet (sender reports)
+        self.last_wire_bytes = 0  # the latest packet on the wire: SRTP tag, IPv4 and UDP included
 
     @property
     def aic(self) -> bool:
         return self.aic_pt is not None
 
     async def send(
-        self, payload_type: int, payload: bytes, timestamp: int, hint: bytes | None = None
+        self, payload_type: int, payload: bytes, timestamp: int, hint: bytes | None = None,
+        marker: bool = False,
     ) -> bool:
         pkt = RtpPacket(
             payload_type=payload_type,
+            marker=int(marker),
             sequence_number=self._seq,
             timestamp=(self._ts0 + timestamp) & 0xFFFFFFFF,
             ssrc=self.ssrc,
@@ -123,12 +129,15 @@ class RtpOut:
         pkt.extensions.mid = self.mid
         pkt.extensions.aic_hint = hint
         self._seq = (self._seq + 1) & 0xFFFF
+        data = pkt.serialize(self.ext_map)
         try:
-            await self.transceiver.sender.transport._send_rtp(pkt.serialize(self.ext_map))
+            await self.transceiver.sender.transport._send_rtp(data)
         except ConnectionError:
             return False
         self.packets += 1
         self.payload_bytes += len(payload)
+        self.last_timestamp = pkt.timestamp
+        self.last_wire_bytes = len(data) + SRTP_TAG_BYTES + IP_UDP_HEADER_BYTES
         return True
 
 
@@ -215,6 +224,7 @@ class Subscriber:
     pc: RTCPeerConnection | None
     out: RtpOut
     sent_by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    aic_sender: AicSender | None = None  # AIC subscribers: layer, packets, DTX, rate control
 
     @property
     def aic(self) -> bool:
@@ -244,9 +254,14 @@ class MediaBridge:
         max_streams: int = 2_000,
         opus_bitrate: int = 32_000,
         tick_s: float = 0.040,
+        adaptive: bool = True,
     ) -> None:
         rtp_ext.install()
         self.batcher = batcher
+        # per-subscriber rate control from RTCP; off: every AIC subscriber gets the stream's
+        # full depth in 40 ms packets (the bench's contrast)
+        self.adaptive = adaptive
+        self.layer_switches = 0
         self.tick_s = tick_s
         self.n_q = bandwidth_codebooks(batcher.bandwidth_kbps)
         self.opus = OpusCodec(max_streams, sample_rate=24_000, frame_ms=20, bitrate=opus_bitrate)
@@ -331,9 +346,43 @@ class MediaBridge:
         session_id: str | None = None,
     ) -> Subscriber:
         sub = Subscriber(session_id or uuid.uuid4().hex, stream_id, user, pc, out)
+        if out.aic:
+            sub.aic_sender = AicSender.adaptive() if self.adaptive else AicSender.fixed(Layer(self.n_q))
+            if self.adaptive and pc is not None:
+                self._tap_rtcp(sub)
         self.subscribers[stream_id][sub.session_id] = sub
         self.sessions[sub.session_id] = sub
         return sub
+
+    def _tap_rtcp(self, sub: Subscriber) -> None:
+        out, sender = sub.out, sub.aic_sender
+        assert sender is not None
+
+        def counters() -> tuple[int, int, int]:
+            return out.packets, out.payload_bytes, out.last_timestamp
+
+        def on_report(block: ReportBlock, now: float) -> None:
+            before = sender.layer
+            changed = sender.on_report(block, now, self._max_n_q(sub.stream_id))
+            if changed is not None:
+                self._count_switch(before, changed)
+
+        rtcp_tap.attach(out.transceiver.sender, counters, sender.tracker.clock, on_report)
+
+    def pin_layer(self, session_id: str, layer: Layer) -> None:
+        """Hold an AIC subscriber at one layer (no rate control): tests and benches."""
+        sub = self.sessions[session_id]
+        assert isinstance(sub, Subscriber) and sub.aic_sender is not None
+        sub.aic_sender.rate, sub.aic_sender.pinned = None, layer
+
+    def _max_n_q(self, stream_id: str) -> int:
+        st = self.batcher.streams.get(stream_id)
+        return st.adapt.max_n_q() if st is not None and st.adapt is not None else self.n_q
+
+    def _count_switch(self, before: Layer, after: Layer) -> None:
+        up = wire_kbps(after.n_q, after.packet_ms) > wire_kbps(before.n_q, before.packet_ms)
+        self.layer_switches += 1
+        metrics.record_layer_switches("up" if up else "down")
 
     # -- sessions --------------------------------------------------------------------------
     async def end_session(self, session_id: str) -> bool:
@@ -376,32 +425,54 @@ class MediaBridge:
             if not subs or fo.chunk.stream_id not in self.publishers:
                 continue
             todo.append((fo, subs))
-            if fo.outcome is not Outcome.AI:
+            if fo.outcome is Outcome.FALLBACK:
                 opus_rows.append(fo)
         opus_packets = self._encode_opus(opus_rows)
-        ai_rows = [fo for fo, _ in todo if fo.outcome is Outcome.AI and fo.codes is not None]
-        aic_payloads: dict[int, bytes] = {}
-        if ai_rows:  # the tick's AIC payloads in one vectorised packing pass
-            packed = pack_payloads(
-                np.asarray([fo.epoch % 65536 for fo in ai_rows], np.int64), self.n_q,
-                np.stack([fo.codes for fo in ai_rows]),
-                np.asarray([fo.epoch_seq == 0 for fo in ai_rows]),
-            )
-            aic_payloads = {id(fo): p for fo, p in zip(ai_rows, packed, strict=True)}
+        cache: dict = {}  # subscribers at the same layer share a payload's packing
         # sequential awaits: a send only hands a datagram to the socket, a task each would cost more
         for fo, subs in todo:
-            aic_bytes = aic_payloads.get(id(fo))
-            ts = fo.chunk.rtp_timestamp
+            max_n_q = self._max_n_q(fo.chunk.stream_id)
             for sub in subs:
-                if aic_bytes is not None:
-                    await self._send(sub, "aic", sub.out.aic_pt, [aic_bytes], ts)
-                elif sub.out.opus_pt is not None:
-                    await self._send(sub, "opus", sub.out.opus_pt, opus_packets[id(fo)], ts)
+                sender = sub.aic_sender
+                assert sender is not None
+                before = sender.layer
+                for p in sender.on_frame(fo, max_n_q, cache):
+                    if await sub.out.send(sub.out.aic_pt, p.payload, p.timestamp, marker=p.marker):
+                        sender.sent(sub.out.last_wire_bytes)
+                        kind = "aic_sid" if p.sid else "aic"
+                        sub.sent_by_kind[kind] += 1
+                        self.packets_by_kind[kind] += 1
+                        self._unrecorded_bytes["aic"] += len(p.payload)
+                if sender.layer != before:
+                    self._count_switch(before, sender.layer)
+                if fo.outcome is Outcome.FALLBACK and sub.out.opus_pt is not None:
+                    await self._send(sub, "opus", sub.out.opus_pt, opus_packets[id(fo)],
+                                     fo.chunk.rtp_timestamp)
+        self._update_needs()
         self._record_wire_bytes()
         report.overhead_ms += (time.perf_counter() - t0) * 1000.0
         self.overheads_ms.append(report.overhead_ms)
         if len(self.overheads_ms) > 10_000:
             del self.overheads_ms[:5_000]
+
+    def _update_needs(self) -> None:
+        """Each stream is encoded as deep as its deepest AIC subscriber's layer (next tick)."""
+        now = time.monotonic()
+        for stream_id, st in self.batcher.streams.items():
+            if st.adapt is None:
+                continue
+            need = None
+            for sub in self.subscribers.get(stream_id, {}).values():
+                sender = sub.aic_sender
+                if sender is None:
+                    continue
+                if sender.rate is not None:
+                    decision = sender.rate.check_timeout(now)
+                    if decision is not None:
+                        sender.choose(st.adapt.max_n_q())
+                layer = sender.choose(st.adapt.max_n_q()) if sender.pinned is not None else sender.layer
+                need = layer.n_q if need is None else max(need, layer.n_q)
+            st.adapt.need_n_q = need
 
     def _encode_opus(self, rows: list[FrameOutcome]) -> dict[int, list[bytes]]:
         """Opus packets per frame; one encoder call per round (a stream's k-th frame of the
@@ -435,6 +506,28 @@ class MediaBridge:
             metrics.record_wire_bytes(metrics.WirePath.AI if kind == "aic" else metrics.WirePath.NATIVE, n)
         self._unrecorded_bytes.clear()
 
+    def stream_stats(self) -> dict[str, Any]:
+        """Per stream: the publisher's requested bandwidth, the depth encoded, DTX, and each
+        AIC subscriber's current layer (the dashboard's bitrate view)."""
+        out: dict[str, Any] = {}
+        for stream_id, st in self.batcher.streams.items():
+            ad = st.adapt
+            if ad is None:
+                continue
+            subs = {}
+            for sid, sub in self.subscribers.get(stream_id, {}).items():
+                if sub.aic_sender is None:
+                    continue
+                layer = sub.aic_sender.layer
+                subs[sid] = {"n_q": layer.n_q, "kbps": layer.bandwidth_kbps,
+                             "packet_ms": layer.packet_ms,
+                             "wire_kbps": round(wire_kbps(layer.n_q, layer.packet_ms), 2),
+                             "adaptive": sub.aic_sender.rate is not None}
+            out[stream_id] = {"requested_kbps": ad.requested_kbps, "cap_kbps": ad.cap_kbps,
+                              "depth_n_q": ad.depth(), "dtx": ad.spurt.state.value,
+                              "dtx_enabled": ad.dtx_enabled, "subscribers": subs}
+        return out
+
     def stats(self) -> dict[str, Any]:
         ov = np.asarray(self.overheads_ms[-1500:]) if self.overheads_ms else np.zeros(1)
         return {
@@ -444,6 +537,9 @@ class MediaBridge:
             "hints": dict(self.batcher.hint_counters),
             "packets": dict(self.packets_by_kind),
             "ticks": self.batcher.ticks,
+            "encodes": self.batcher.encodes,
+            "layer_switches": self.layer_switches,
+            "streams": self.stream_stats(),
             "tick_overhead_ms_p50": float(np.percentile(ov, 50)),
             "tick_overhead_ms_p99": float(np.percentile(ov, 99)),
         }

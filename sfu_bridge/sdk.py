@@ -172,6 +172,8 @@ class SubscriberStats:
     epochs: list[int] = field(default_factory=list)
     decoded_samples: int = 0  # 24 kHz samples out of the EnCodec decoder
     out_of_sync: int = 0  # AIC payloads skipped: not part of an epoch decoded from its start
+    sid_frames: int = 0  # DTX silence descriptors (no codes; the next codes start an epoch)
+    aic_n_q: list[int] = field(default_factory=list)  # codebooks of each AIC payload, in order
     pli_sent: int = 0
     sequence_gaps: int = 0
     first_frame_at: float | None = None
@@ -273,7 +275,10 @@ class AicSubscriber:
                     self._in_sync = False  # a lost packet: the decoder state is no longer the encoder's
                 if kind == "aic":
                     parsed = self._parse_aic(payload)
-                    if parsed is not None and self._accept(parsed):
+                    if parsed is not None and parsed.is_sid:
+                        self.stats.sid_frames += 1
+                        self._in_sync = False  # whatever comes next opens a new epoch
+                    elif parsed is not None and self._accept(parsed):
                         await loop.run_in_executor(None, self._decode_aic, parsed)
                     elif parsed is not None:
                         self.stats.out_of_sync += 1
@@ -308,7 +313,11 @@ class AicSubscriber:
         except ValueError:
             self.stats.bad_payloads += 1
             return None
+        if payload.is_sid:
+            return payload
         self.stats.aic_frames += 1
+        if len(self.stats.aic_n_q) < 100_000:
+            self.stats.aic_n_q.append(payload.n_q)
         if len(self.payloads) < self.keep_payloads:
             self.payloads.append(data)
         return payload

@@ -497,11 +497,11 @@ def make_server(
     batcher = TickBatcher(
         codec, bridge_id=config.bridge_id, deadline_ms=config.deadline_ms,
         bandwidth_kbps=config.bandwidth_kbps, max_backlog=config.max_backlog_chunks,
-        limiter=limiter,
+        limiter=limiter, dtx=config.dtx,
     )
     media = MediaBridge(
         batcher, max_streams=config.max_streams, opus_bitrate=config.opus_bitrate,
-        tick_s=config.tick_ms / 1000.0,
+        tick_s=config.tick_ms / 1000.0, adaptive=config.adaptive,
     )
     return BridgeServer(config, media, TokenAuthority(secret), hint_secret)
 
