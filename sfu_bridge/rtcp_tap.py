@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiortc import clock
-from aiortc.rtcp import RtcpRrPacket, RtcpSenderInfo, RtcpSrPacket
+from aiortc.rtp import RtcpRrPacket, RtcpSenderInfo, RtcpSrPacket
 
 from sfu_bridge.rate_control import ReportBlock, SenderReportClock
 
