@@ -28,6 +28,8 @@ BENCHES: list[tuple[str, str, str]] = [
     ("batching", "cluster.bench.batching", "EDF scheduler vs @serve.batch vs no batching"),
     ("limiter", "cluster.bench.limiter", "Redis GCRA hint limiter: batched vs per-hint"),
     ("bridge", "cluster.bench.bridge", "streams per bridge worker and wire bitrate"),
+    ("adaptive", "cluster.bench.adaptive",
+     "adaptive layers, DTX and a constrained link with real WebRTC peers"),
     ("autoscaling", "cluster.bench.autoscaling", "forecast policy vs Serve's default on a 10k-stream trace"),
 ]
 

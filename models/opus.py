@@ -82,6 +82,16 @@ def _frame_length(data: bytes, pos: int) -> tuple[int, int]:
     return first + 4 * data[pos + 1], 2
 
 
+DTX_FRAME_MAX_BYTES = 3  # a TOC byte alone, or with CELT's 2-byte silence flag
+
+
+def is_dtx_frame(packet: bytes) -> bool:
+    """A frame libopus produced for silence under DTX (RFC 6716 TOC-only, or CELT's
+    "silence" frame that PyAV's libopus gives at 32 kbps): a sender transmits the first and
+    then one every 400 ms (as libwebrtc does), not every 20 ms."""
+    return len(packet) <= DTX_FRAME_MAX_BYTES
+
+
 def opus_packet_duration_ms(packet: bytes) -> float:
     """Audio duration of one Opus packet, after checking its framing (RFC 6716 3.2, R1-R7).
 
@@ -170,6 +180,7 @@ class OpusCodec:
         *,
         application: OpusApplication | str = OpusApplication.VOIP,
         vbr: OpusVbr | str = OpusVbr.CONSTRAINED,
+        dtx: bool = False,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -185,6 +196,7 @@ class OpusCodec:
         self.bitrate = bitrate
         self.application = OpusApplication(application)
         self.vbr = OpusVbr(vbr)
+        self.dtx = dtx  # libopus discontinuous transmission: silence becomes tiny frames
         self.frame_samples = sample_rate * frame_ms // 1000
         self._slots: list[_SlotState] = [_SlotState() for _ in range(capacity)]
         self._resampler_lag = self._measure_resampler_lag()
@@ -341,6 +353,8 @@ class OpusCodec:
             "application": self.application.value,
             "vbr": self.vbr.value,
         }
+        if self.dtx:
+            enc.options = {**enc.options, "dtx": "1"}
         enc.open()
         return enc
 

@@ -28,7 +28,7 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from models.opus import OpusCodec
+from models.opus import OpusCodec, is_dtx_frame
 from sfu_bridge import ice, rtp_ext
 from sfu_bridge.aic_payload import AicPayload
 from sfu_bridge.hint_auth import HintSigner
@@ -37,6 +37,7 @@ from sfu_bridge.media import OPUS_FRAME_48K, RtpOut, UdpMeter
 
 logger = logging.getLogger(__name__)
 
+DTX_REFRESH_FRAMES = 20  # Opus DTX: one 20 ms frame every 400 ms of silence
 PcmSource = Callable[[int, int], np.ndarray]  # (first sample index, n) -> float32 [n] at 48 kHz
 
 
@@ -93,6 +94,7 @@ class AicPublisher:
         bandwidth_kbps: float = 6.0,
         hints: bool = True,
         ice_servers: Sequence[ice.IceServer] = (),
+        opus_dtx: bool = False,
     ) -> None:
         rtp_ext.install()
         self.base_url = base_url.rstrip("/")
@@ -100,7 +102,11 @@ class AicPublisher:
         self.token = token
         self.signer = HintSigner(stream_keys={stream_id: hint_key}) if hint_key else None
         self.source = source or sine_source()
-        self.opus = OpusCodec(1, sample_rate=48_000, frame_ms=20, bitrate=opus_bitrate)
+        # opus_dtx: silent frames are sent once and then every 400 ms (Opus DTX, RFC 7587 3.1.3)
+        self.opus = OpusCodec(1, sample_rate=48_000, frame_ms=20, bitrate=opus_bitrate, dtx=opus_dtx)
+        self.opus_dtx = opus_dtx
+        self.dtx_skipped = 0
+        self._dtx_run = 0
         self.bandwidth_kbps = bandwidth_kbps
         self.hints = hints and self.signer is not None
         self.pc = ice.peer_connection(ice_servers)  # none: host candidates, no STUN default
@@ -141,6 +147,13 @@ class AicPublisher:
                 pcm = self.source(sample, OPUS_FRAME_48K)
                 (packets,) = self.opus.encode([0], pcm[None, :])
                 for p in packets:
+                    if self.opus_dtx and is_dtx_frame(p):
+                        self._dtx_run += 1
+                        if (self._dtx_run - 1) % DTX_REFRESH_FRAMES:
+                            self.dtx_skipped += 1
+                            continue
+                    else:
+                        self._dtx_run = 0
                     await self._out.send(self._out.opus_pt, p, sample, hint=self.next_hint())
                     self.packets += 1
                 sample += OPUS_FRAME_48K

@@ -510,11 +510,13 @@ def link_supervisor(media: MediaBridge) -> None:
     """Report outcomes to the cluster's FallbackSupervisor each second and apply its AI-off
     verdicts (needs a Ray connection, as the `serve` codec has)."""
     from deployments.supervisor import get_or_create_supervisor
-    from sfu_bridge.supervision import SupervisorLink, ray_exchange
+    from sfu_bridge.supervision import SupervisorLink, ray_exchange, ray_policies
 
+    supervisor = get_or_create_supervisor()
     media.supervision = SupervisorLink(
-        media.batcher, ray_exchange(get_or_create_supervisor()), users=media.stream_users,
+        media.batcher, ray_exchange(supervisor), users=media.stream_users,
         replica_of=getattr(media.batcher.codec, "owner", None),
+        policies=ray_policies(supervisor),
     )
 
 

@@ -25,6 +25,8 @@ from sfu_bridge.tick import TickBatcher, TickReport
 logger = logging.getLogger(__name__)
 
 Exchange = Callable[[dict[str, dict[str, Any]]], Awaitable[Mapping[str, str]]]
+# user ids -> {user: {"max_kbps": float | None, "dtx": bool}} for users with a policy
+PolicyFetch = Callable[[list[str]], Awaitable[Mapping[str, Mapping[str, Any]]]]
 
 
 class SupervisorLink:
@@ -36,6 +38,7 @@ class SupervisorLink:
         period_s: float = 1.0,
         users: Mapping[str, str] | None = None,
         replica_of: Callable[[str], str | None] | None = None,
+        policies: PolicyFetch | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.batcher = batcher
@@ -43,6 +46,7 @@ class SupervisorLink:
         self.period_s = period_s
         self.users = users if users is not None else {}  # stream id -> user id, for opt-outs
         self.replica_of = replica_of  # stream id -> the codec replica it is routed to
+        self.policies = policies  # the operator's per-user caps and DTX switches
         self.clock = clock
         self._ai: dict[str, int] = defaultdict(int)
         self._fallback: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -83,6 +87,7 @@ class SupervisorLink:
 
     async def flush(self) -> None:
         reports = self._take()
+        await self._refresh_policies()
         if not reports:
             return
         try:
@@ -94,6 +99,20 @@ class SupervisorLink:
         self.exchanges += 1
         self.batcher.apply_decisions(off)
 
+    async def _refresh_policies(self) -> None:
+        """Every stream's user policy, on the exchange's period (a silent stream in DTX
+        reports nothing, but its policy still applies)."""
+        if self.policies is None or not self.users:
+            return
+        users = dict(self.users)
+        try:
+            by_user = await self.policies(sorted(set(users.values())))
+        except Exception as exc:  # noqa: BLE001 - keep the last policies, like decisions
+            self.failures += 1
+            logger.warning("operator policy fetch failed (%s); keeping the last policies", exc)
+            return
+        self.batcher.apply_policies({sid: by_user[u] for sid, u in users.items() if u in by_user})
+
     async def close(self) -> None:
         if self._inflight is not None:
             await asyncio.gather(self._inflight, return_exceptions=True)
@@ -104,5 +123,14 @@ def ray_exchange(supervisor: Any) -> Exchange:
 
     async def _call(reports: dict[str, dict[str, Any]]) -> Mapping[str, str]:
         return await supervisor.report.remote(reports)
+
+    return _call
+
+
+def ray_policies(supervisor: Any) -> PolicyFetch:
+    """`policies` over the `FallbackSupervisor` actor."""
+
+    async def _call(user_ids: list[str]) -> Mapping[str, Mapping[str, Any]]:
+        return await supervisor.user_policies.remote(user_ids)
 
     return _call

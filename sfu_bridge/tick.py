@@ -228,6 +228,17 @@ class TickBatcher:
             st.opted_out = st.opted_out_locally or why == FallbackReason.OPTED_OUT.value
             st.unhealthy = why == FallbackReason.UNHEALTHY.value
 
+    def apply_policies(self, by_stream: Mapping[str, Mapping[str, Any]]) -> None:
+        """The operator's per-user policies, `{stream: {"max_kbps": .., "dtx": ..}}`; a
+        stream not named has none: no cap, the bridge's DTX default."""
+        for sid, st in self.streams.items():
+            if st.adapt is None:
+                continue
+            pol = by_stream.get(sid, {})
+            cap = pol.get("max_kbps")
+            st.adapt.cap_kbps = None if cap is None else float(cap)
+            st.adapt.dtx_enabled = self.dtx and bool(pol.get("dtx", True))
+
     def push(self, chunk: Chunk) -> None:
         if chunk.pcm24.shape != (CHUNK_SAMPLES,):
             raise ValueError(f"chunk must hold {CHUNK_SAMPLES} samples, got {chunk.pcm24.shape}")
