@@ -109,6 +109,9 @@ class RtpOut:
         self.payload_bytes = 0
         self.last_timestamp = self._ts0  # RTP timestamp of the latest packet (sender reports)
         self.last_wire_bytes = 0  # the latest packet on the wire: SRTP tag, IPv4 and UDP included
+        # Once the receiver has reported on this SSRC it demuxes by SSRC: the MID extension
+        # (RFC 8843) is left off from then on, 8 bytes a packet, as libwebrtc's senders do.
+        self.mid_acked = False
 
     @property
     def aic(self) -> bool:
@@ -126,7 +129,7 @@ class RtpOut:
             ssrc=self.ssrc,
             payload=payload,
         )
-        pkt.extensions.mid = self.mid
+        pkt.extensions.mid = None if self.mid_acked else self.mid
         pkt.extensions.aic_hint = hint
         self._seq = (self._seq + 1) & 0xFFFF
         data = pkt.serialize(self.ext_map)
@@ -362,6 +365,7 @@ class MediaBridge:
             return out.packets, out.payload_bytes, out.last_timestamp
 
         def on_report(block: ReportBlock, now: float) -> None:
+            out.mid_acked = True
             before = sender.layer
             changed = sender.on_report(block, now, self._max_n_q(sub.stream_id))
             if changed is not None:
