@@ -42,7 +42,7 @@ class UpState:
     temp_dir: str
     api_token: str
     config: str
-    weights: str  # "pretrained" | "random"
+    weights: str  # "pretrained" | models.weights.RANDOM_LABEL
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +131,8 @@ def up(args: argparse.Namespace) -> int:
     token = os.environ.get("AURALINK_API_TOKEN") or secrets.token_urlsafe(24)
 
     pretrained = _weights_available(args.weights_dir)
+    from models.weights import RANDOM_LABEL  # what the replicas will report
+
     if not pretrained:
         _loud([
             "No pretrained EnCodec weights found: the codec replicas run RANDOM weights.",
@@ -163,7 +165,7 @@ def up(args: argparse.Namespace) -> int:
     state = UpState(
         gcs_address=f"127.0.0.1:{gcs_port}", dashboard_url=dashboard_url,
         http_url=f"http://127.0.0.1:{http_port}", temp_dir=temp_dir, api_token=token,
-        config=str(Path(args.config).resolve()), weights="pretrained" if pretrained else "random",
+        config=str(Path(args.config).resolve()), weights="pretrained" if pretrained else RANDOM_LABEL,
     )
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps(asdict(state), indent=2))
