@@ -37,6 +37,7 @@ import ray
 from deployments.config import RAY_NAMESPACE
 from sfu_bridge.cluster_routing import ClusterRouting, RedirectMode
 from sfu_bridge.fleet import (
+    BRIDGE_RESOURCE,
     FleetPlanner,
     FleetScaling,
     Route,
@@ -53,10 +54,6 @@ logger = logging.getLogger(__name__)
 
 REGISTRY_NAME = "auralink-bridge-registry"
 WORKER_PREFIX = "auralink-bridge-"
-# Custom resource a node offers per bridge worker it may run (ray_cluster.yaml's bridge node
-# type; `auralink up` gives the local head some). A worker asks for one, so the Ray
-# autoscaler starts a bridge node when workers are wanted and none has room.
-BRIDGE_RESOURCE = "auralink_bridge"
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 
 
@@ -66,7 +63,10 @@ class WorkerSettings:
 
     codec: str = "serve"  # "serve" (the CodecReplica app) or "in-process" (random weights)
     host: str = "0.0.0.0"  # HTTP bind address
-    advertise_host: str = ""  # host in the worker's public URL; "" = public IP, else node IP
+    # host in the worker's public URL; "" = the node's public IP (--public-ip), else its IP.
+    # A template may use {public_ip}, {public_ip_dashed} and {node_ip}, e.g. a wildcard DNS
+    # name "{public_ip_dashed}.bridges.example.com" that a wildcard TLS certificate covers.
+    advertise_host: str = ""
     port_min: int = 0  # HTTP port range: first free one is taken; 0 = any free port
     port_max: int = 0
     url_scheme: str = "http"  # "https" with tls_cert/tls_key (or a TLS proxy per worker)
@@ -167,8 +167,7 @@ class BridgeWorker:
         await self.runner.setup()
         port = await self._bind(web)
         self.node_ip = ray.util.get_node_ip_address()
-        public_host = s.advertise_host or config.public_ip or (
-            self.node_ip if s.host in WILDCARD_HOSTS else s.host)
+        public_host = advertised_host(s.advertise_host, config.public_ip, self.node_ip, s.host)
         internal_host = self.node_ip if s.host in WILDCARD_HOSTS else s.host
         self.url = f"{s.url_scheme}://{_url_host(public_host)}:{port}"
         self.internal_url = f"{s.url_scheme}://{_url_host(internal_host)}:{port}"
@@ -275,6 +274,15 @@ class BridgeWorker:
         out["chunks"] = {s: p.chunker.chunks for s, p in media.publishers.items()}
         out["subscribers"] = {s: len(subs) for s, subs in media.subscribers.items() if subs}
         return out
+
+
+def advertised_host(template: str, public_ip: str, node_ip: str, bind_host: str) -> str:
+    """The host clients reach a worker at (see `WorkerSettings.advertise_host`)."""
+    fallback = public_ip or (node_ip if bind_host in WILDCARD_HOSTS else bind_host)
+    if not template:
+        return fallback
+    return template.format(public_ip=fallback, public_ip_dashed=fallback.replace(".", "-").replace(":", "-"),
+                           node_ip=node_ip)
 
 
 def _url_host(host: str) -> str:

@@ -22,13 +22,17 @@ the worker processes; tests drive it with plain values.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from autoscaling.policy import ClusterSample, PolicyConfig, plan
 from deployments.affinity import owner as rendezvous_owner
+
+# Custom resource a node offers per bridge worker it may run (ray_cluster.yaml's bridge node
+# type; `auralink up` gives the local head some). A worker asks for one, so the Ray
+# autoscaler starts a bridge node when workers are wanted and none has room.
+BRIDGE_RESOURCE = "auralink_bridge"
 
 
 class SignalKind(str, enum.Enum):
@@ -273,7 +277,3 @@ def pinned(scaling: FleetScaling, n: int) -> FleetScaling:
     """`scaling` held at exactly `n` workers (operator's `auralink bridges scale N`)."""
     n = max(0, int(n))
     return replace(scaling, min_workers=n, max_workers=n, downscale_delay_s=0.0)
-
-
-def workers_for(streams: float, per_worker: float) -> int:
-    return max(0, math.ceil(streams / per_worker - 1e-9))
