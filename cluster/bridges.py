@@ -1,4 +1,5 @@
-"""`auralink bridges`: the bridge workers of a running Ray cluster (sfu_bridge/cluster_bridge.py).
+"""`auralink bridges`: the bridge workers of a running Ray cluster (sfu_bridge/cluster_bridge.py,
+cluster/bridge_registry.py).
 
     auralink bridges up --min-workers 2 --max-workers 16 --streams-per-worker 200
     auralink bridges status [--json]
@@ -87,8 +88,9 @@ def connect(address: str | None, state_file: str) -> None:
 
 
 def fleet_settings(args: argparse.Namespace) -> Any:
-    from sfu_bridge.cluster_bridge import FleetSettings, WorkerSettings
-    from sfu_bridge.fleet import FleetScaling, pinned
+    from autoscaling.fleet import FleetScaling, pinned
+    from cluster.bridge_registry import FleetSettings
+    from sfu_bridge.cluster_bridge import WorkerSettings
 
     scaling = FleetScaling(min_workers=args.min_workers, max_workers=max(args.min_workers, args.max_workers),
                            streams_per_worker=args.streams_per_worker,
@@ -137,7 +139,7 @@ def registry_status() -> dict[str, Any] | None:
     """The registry's status, or None if this cluster has no bridge registry."""
     import ray
 
-    from sfu_bridge.cluster_bridge import get_registry
+    from cluster.bridge_registry import get_registry
 
     try:
         registry = get_registry()
@@ -149,7 +151,7 @@ def registry_status() -> dict[str, Any] | None:
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from sfu_bridge.cluster_bridge import get_or_create_registry, get_registry, wait_for_workers
+    from cluster.bridge_registry import get_or_create_registry, get_registry, wait_for_workers
 
     try:
         fleet = fleet_settings(args) if args.action == "up" else None

@@ -1,8 +1,8 @@
 """Bridge workers in the cluster, the pure part: which worker owns a stream, where a new
-stream goes, which workers drain on a scale-down, how many workers the streams need.
+stream goes, which workers drain on a scale-down.
 
-No Ray, no network: `sfu_bridge/cluster_bridge.py` runs this inside the registry actor and
-the worker processes; tests drive it with plain values.
+No Ray, no network: the registry actor (cluster/bridge_registry.py) and the worker processes
+(sfu_bridge/cluster_bridge.py) run it; tests drive it with plain values.
 
 - **Ownership.** The worker that holds a stream's publisher owns the stream; every WHIP and
   WHEP request for it must land there (publisher and subscribers meet on one worker). A
@@ -17,22 +17,27 @@ the worker processes; tests drive it with plain values.
   publishers can republish at once and land on a survivor.
 - **Draining.** A draining worker admits no new stream; its live streams (publishers and new
   subscribers of them) stay until their sessions end, then it retires.
+
+How many workers the streams need is autoscaling/fleet.py's business.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from autoscaling.policy import ClusterSample, PolicyConfig, plan
 from deployments.affinity import owner as rendezvous_owner
 
 # Custom resource a node offers per bridge worker it may run (ray_cluster.yaml's bridge node
 # type; `auralink up` gives the local head some). A worker asks for one, so the Ray
 # autoscaler starts a bridge node when workers are wanted and none has room.
 BRIDGE_RESOURCE = "auralink_bridge"
+# The registry actor (cluster/bridge_registry.py) and the workers' actor names, in the
+# `auralink` namespace: workers find the registry by name, nothing here imports it.
+REGISTRY_NAME = "auralink-bridge-registry"
+WORKER_PREFIX = "auralink-bridge-"
 
 
 class SignalKind(str, enum.Enum):
@@ -199,81 +204,3 @@ def choose_drain(records: Iterable[WorkerRecord], n: int) -> list[str]:
         return []
     ranked = sorted(records, key=lambda r: (r.report.sessions, -r.report.started_at, r.worker_id))
     return [r.worker_id for r in ranked[:n]]
-
-
-# ---- scaling ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FleetScaling:
-    """How many bridge workers: the codec replicas' forecast policy (autoscaling.policy.plan)
-    run on published streams, with a worker as the replica. `min_workers == max_workers`
-    pins the size."""
-
-    min_workers: int = 1
-    max_workers: int = 8
-    streams_per_worker: float = 200.0  # what one worker holds (auralink bench bridge)
-    target_occupancy: float = 0.8
-    headroom: float = 0.1
-    warmup_s: float = 10.0  # decision -> worker serving (actor start; a new node: minutes)
-    downscale_delay_s: float = 60.0  # a lower need must hold this long before a drain
-    window_s: float = 300.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.min_workers <= self.max_workers:
-            raise ValueError("need 0 <= min_workers <= max_workers")
-        if self.streams_per_worker <= 0 or self.downscale_delay_s < 0:
-            raise ValueError("streams_per_worker must be positive, downscale_delay_s >= 0")
-
-    def policy(self) -> PolicyConfig:
-        return PolicyConfig(
-            streams_per_replica=self.streams_per_worker, target_occupancy=self.target_occupancy,
-            headroom=self.headroom, warmup_s=self.warmup_s, window_s=self.window_s,
-            sample_interval_s=0.5, min_replicas=self.min_workers, max_replicas=self.max_workers,
-        )
-
-    @classmethod
-    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> FleetScaling:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise ValueError(f"unknown bridge scaling option(s) {unknown}; known: {sorted(known)}")
-        return cls(**kwargs)
-
-
-class FleetPlanner:
-    """Desired worker count over time: the forecast policy's answer, applied at once upward
-    and only after `downscale_delay_s` of a lower answer downward (a worker start is cheap,
-    but a drain holds a worker until its last call ends)."""
-
-    def __init__(self, scaling: FleetScaling) -> None:
-        self.scaling = scaling
-        self.window: list[ClusterSample] = []
-        self._lower_since: float | None = None
-
-    def reconfigure(self, scaling: FleetScaling) -> None:
-        self.scaling = scaling
-        self._lower_since = None
-
-    def desired(self, now: float, streams: int, active: int) -> int:
-        s = self.scaling
-        sample = ClusterSample(t=now, streams=float(streams), replicas=max(active, 1))
-        if not self.window or now >= self.window[-1].t + 0.5:
-            self.window.append(sample)
-        self.window = [x for x in self.window if x.t >= now - s.window_s]
-        want = plan(self.window, active, s.policy()).replicas
-        want = max(s.min_workers, min(s.max_workers, want))
-        if want >= active:
-            self._lower_since = None
-            return want
-        if self._lower_since is None:
-            self._lower_since = now
-        if now - self._lower_since >= s.downscale_delay_s:
-            return want
-        return active
-
-
-def pinned(scaling: FleetScaling, n: int) -> FleetScaling:
-    """`scaling` held at exactly `n` workers (operator's `auralink bridges scale N`)."""
-    n = max(0, int(n))
-    return replace(scaling, min_workers=n, max_workers=n, downscale_delay_s=0.0)

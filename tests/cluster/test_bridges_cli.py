@@ -7,8 +7,9 @@ import argparse
 
 import pytest
 
+from cluster.bridge_registry import FleetSettings
 from cluster.bridges import add_arguments, fleet_settings, format_status
-from sfu_bridge.cluster_bridge import FleetSettings, advertised_host
+from sfu_bridge.cluster_bridge import advertised_host
 
 
 def parse(*argv: str) -> argparse.Namespace:

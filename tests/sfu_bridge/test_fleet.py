@@ -1,13 +1,9 @@
-"""Bridge fleet logic without Ray: ownership, placement, liveness, drains, scaling."""
+"""Bridge fleet logic without Ray: ownership, placement, liveness, drains."""
 
 from __future__ import annotations
 
-import pytest
-
 from deployments.affinity import owner as rendezvous_owner
 from sfu_bridge.fleet import (
-    FleetPlanner,
-    FleetScaling,
     Route,
     RouteKind,
     RouteReason,
@@ -15,7 +11,6 @@ from sfu_bridge.fleet import (
     WorkerReport,
     WorkerTable,
     choose_drain,
-    pinned,
 )
 
 PUB, SUB = SignalKind.PUBLISH, SignalKind.SUBSCRIBE
@@ -111,30 +106,3 @@ def test_drain_choice_prefers_idle_then_young_workers():
                  rep("c", sessions=0, started_at=5.0)).records.values()
     assert choose_drain(recs, 2) == ["c", "b"]
     assert choose_drain(recs, 0) == []
-
-
-def test_planner_scales_up_at_once_and_down_only_after_the_delay():
-    scaling = FleetScaling(min_workers=1, max_workers=10, streams_per_worker=10, target_occupancy=1.0,
-                           headroom=0.0, warmup_s=0.0, downscale_delay_s=30.0)
-    p = FleetPlanner(scaling)
-    assert p.desired(0.0, streams=5, active=1) == 1
-    assert p.desired(1.0, streams=35, active=1) == 4  # 35 streams at 10 per worker
-    for t in range(2, 30):
-        assert p.desired(float(t), streams=5, active=4) == 4, t  # lower, but not for 30 s yet
-    assert p.desired(40.0, streams=5, active=4) == 1
-
-
-def test_planner_keeps_min_and_max_and_pinning_fixes_the_size():
-    scaling = FleetScaling(min_workers=2, max_workers=3, streams_per_worker=10)
-    p = FleetPlanner(scaling)
-    assert p.desired(0.0, streams=0, active=0) == 2
-    assert p.desired(1.0, streams=1000, active=2) == 3
-    p.reconfigure(pinned(scaling, 1))
-    assert p.desired(2.0, streams=1000, active=3) == 1  # pinned: no delay, no forecast
-
-
-def test_bad_scaling_options_are_refused():
-    with pytest.raises(ValueError, match="unknown bridge scaling option"):
-        FleetScaling.from_kwargs({"max_worker": 3})
-    with pytest.raises(ValueError, match="min_workers"):
-        FleetScaling(min_workers=4, max_workers=2)
