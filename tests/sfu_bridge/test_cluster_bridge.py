@@ -251,7 +251,9 @@ def test_a_restarted_registry_takes_the_running_workers_and_their_streams_back(r
                     status = await registry.status.remote()
                 except ray.exceptions.RayActorError:
                     status = {}
-                if [(x["worker_id"], x["streams"]) for x in status.get("workers", [])] == [
+                # the new process: its events start afresh (ray.kill returns before the old dies)
+                restarted = "joined" not in [e["event"] for e in status.get("events", [])]
+                if restarted and [(x["worker_id"], x["streams"]) for x in status["workers"]] == [
                         (w["worker_id"], ["kept"])]:
                     break
                 await asyncio.sleep(0.2)
