@@ -151,6 +151,10 @@ def docs_name(r: dict) -> str:
 
 def docs_markdown(r: dict, command: str) -> str:
     fl = r.get("flooder_allowed_hints_per_s", {})
+    fl_cell = f"{fl.get('min_per_s', '-')}-{fl.get('max_per_s', '-')}"
+    verdict = (r.get("flooder_limit") or {}).get("verdict")
+    if verdict and verdict != "held" and fl.get("count"):
+        fl_cell += f", {verdict}"
     cp = r["control_plane_cpu"]
     rec = ", ".join(_recovery_text(f) for f in r["faults"]) or "no fault injected"
     auto = r.get("autoscaling")
@@ -174,9 +178,12 @@ def docs_markdown(r: dict, command: str) -> str:
         f"| {r['frames_total']:,} | {r['frames_ai']:,} | {r['frames_fallback']:,} ({100 * r['fallback_rate']:.2f}%) "
         f"| {r['frames_unaccounted']} | {r['fallback_by_reason']} | {r['p50_ms']} / {r['p99_ms']} "
         f"| {r['hints_sent']:,} / {r['hints_limited']:,} / {r['hints_rejected_forged']:,} / {r['hints_rejected_replay']:,} "
-        f"| {fl.get('min_per_s', '-')}-{fl.get('max_per_s', '-')} | {r['wire_kbps_ai']} / {r['wire_kbps_native']} "
+        f"| {fl_cell} | {r['wire_kbps_ai']} / {r['wire_kbps_native']} "
         f"| {cp['cpu_us_per_stream_tick']} us per stream-tick{per_10k} | {rec} |",
     ]
+    lim = limiter_text(r.get("limiter_health"))
+    if lim:
+        lines += ["", lim[0].upper() + lim[1:] + "."]
     plan = r.get("capacity_plan")
     if plan:
         lines += ["", f"Capacity plan from the latency profile: {plan['verdict']}."]
@@ -191,6 +198,20 @@ def docs_markdown(r: dict, command: str) -> str:
             + (f"; policy_kwargs (wall seconds, x{r['time_dilation']:g}): {kw}" if kw else "") + ".",
         ]
     return "\n".join(lines)
+
+
+def limiter_text(h: dict | None) -> str | None:
+    """One line about a limiter that ran without Redis (None if it never did)."""
+    if not h or (not h.get("calls_without_redis") and not h.get("unavailable_s")):
+        return None
+    if h.get("policy") == "fail-closed":
+        cost = f"{h.get('hints_fail_closed', 0):,} hints dropped unchecked"
+    else:
+        cost = f"{h.get('hints_fail_open', 0):,} hints let through unchecked"
+    now = "" if h.get("available") else ", still down at the end"
+    return (f"hint limiter: Redis unavailable {h.get('unavailable_s', 0.0):.1f} s{now} "
+            f"({h.get('policy')}: {cost}; {h.get('calls_without_redis', 0):,} limiter calls decided "
+            f"without Redis, {h.get('errors', 0):,} Redis errors)")
 
 
 def _recovery_text(f: dict) -> str:
@@ -222,9 +243,14 @@ def run(args: argparse.Namespace) -> int:
             "p99_ms", "hints_sent", "hints_limited", "hints_rejected_forged", "hints_rejected_replay",
             "wire_kbps_ai", "wire_kbps_native", "fault_recovery_s")
     print(json.dumps({k: report.get(k) for k in keys}, indent=2))
-    fl = report.get("flooder_allowed_hints_per_s", {})
-    if fl.get("count"):
-        print(f"flooders: {fl['count']} held to {fl['min_per_s']}-{fl['max_per_s']} hints/s (limit {fl['target_per_s']:g})")
+    # Whether the limit held is the report's verdict (measured rate vs limit, and limiter
+    # availability), never assumed here.
+    summary = (report.get("flooder_limit") or {}).get("summary")
+    if summary:
+        print(summary)
+    lim = limiter_text(report.get("limiter_health"))
+    if lim:
+        print(lim)
     print(f"compute: {report['compute_label']}")
     plan = report.get("capacity_plan")
     if plan:

@@ -7,6 +7,10 @@ any transport failure becomes a per-frame fallback, so every frame gets exactly 
 
 `EpochTracker` is the bridge's half of the epoch rule: it numbers each stream's frames
 within an epoch and starts a new epoch after any fallback.
+
+The fallbacks the client decides itself (a replica that did not answer in time, a failed
+transport, an answer for a different batch, a malformed batch) are recorded in the metrics
+here; frames a replica answered are counted by that replica.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from deployments import metrics
 from deployments.affinity import local_view
 from deployments.contract import (
     BatchResult,
@@ -100,7 +105,13 @@ def merge_results(batch: FrameBatch, parts: list[tuple[np.ndarray, BatchResult]]
 
 
 def _fallback_part(sub: FrameBatch, reason: FallbackReason, message: str) -> BatchResult:
+    """The client's own verdict on a request's frames, counted where it is made."""
+    metrics.record_frame_outcome(_op_name(sub), "fallback", reason.value, len(sub))
     return BatchResult.all_fallback(sub, reason, error=message)
+
+
+def _op_name(batch: Any) -> str:
+    return getattr(getattr(batch, "op", None), "value", "unknown")
 
 
 class CodecClient:
@@ -178,7 +189,9 @@ class CodecClient:
             batch.validate()
         except ValueError as exc:
             self.counters.malformed += 1
-            return self._count(malformed_result(batch, str(exc)))
+            res = malformed_result(batch, str(exc))
+            metrics.record_frames(_op_name(batch), res.counts())
+            return self._count(res)
         if len(batch) == 0:
             return self._count(BatchResult.all_fallback(batch, FallbackReason.ERROR))
         groups = self.group_rows(batch.stream_ids)

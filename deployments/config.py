@@ -52,6 +52,10 @@ class ReplicaSettings:
     max_batch: int = 64
     margin_ms: float = 2.0  # safety margin added to the latency model's prediction
     max_queue: int = 4096  # frames waiting in the EDF queue before new ones are shed
+    # The scheduler may hold a batch this long for a frame its arrival forecast expects
+    # (0: never hold); streams are forecast to send one chunk per frame period.
+    max_hold_ms: float = 20.0
+    frame_period_ms: float = 40.0
     capacity: int = 256  # streaming slots (streams) per replica
     idle_timeout_s: float = 30.0  # a slot with no frame for this long is freed
     backend: Backend = Backend.TORCH
@@ -74,6 +78,8 @@ class ReplicaSettings:
             raise ValueError("deadline_ms must be > 0 and margin_ms >= 0")
         if self.max_batch < 1 or self.capacity < 1 or self.max_queue < 1:
             raise ValueError("max_batch, capacity and max_queue must be >= 1")
+        if self.max_hold_ms < 0 or self.frame_period_ms <= 0:
+            raise ValueError("max_hold_ms must be >= 0 and frame_period_ms > 0")
         if self.bandwidth_kbps not in BANDWIDTHS_KBPS:
             raise ValueError(f"bandwidth_kbps {self.bandwidth_kbps} not in {BANDWIDTHS_KBPS}")
         if not self.latency_profile or min(self.latency_profile) < 1:

@@ -2,7 +2,8 @@
 
 - `GET  /dashboard/`                       the page (static HTML/JS, no data, nothing from a CDN)
 - `GET  /dashboard/api/stats`              live streams, bitrate AI vs native, fallback rate and
-                                           reasons, replicas, per-user AI state (operator token)
+                                           reasons, replicas, hint limiter health, per-user AI
+                                           state as the supervisor decided it (operator token)
 - `POST /dashboard/api/users/{user}/ai`    `{"enabled": false}` opts the user out of AI
                                            compression, `true` back in (operator token)
 
@@ -22,11 +23,16 @@ the snapshots that are fresher than `STALE_S`.
 
 Opt-outs go to the `FallbackSupervisor` actor (persisted in the GCS KV). Bridges report to
 the supervisor every second and get back the streams whose AI is off, opted-out ones
-included, so a toggle reaches the media path within about a second.
+included, so a toggle reaches the media path within about a second. The users' AI state on
+the page is the supervisor's decision (on; off by opt-out; off as unhealthy until when),
+asked for in one call per stats request; if the supervisor does not answer, the page shows
+what the bridges last applied and says so.
 """
 
 # No `from __future__ import annotations` here: Serve pickles the ingress app, and string
 # annotations (the request model) would not resolve in the replica that unpickles it.
+import asyncio
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +48,9 @@ STATIC = Path(__file__).with_name("static")
 BOARD_NAME = "auralink-dashboard-stats"
 BOARD_NAMESPACE = "auralink"
 STALE_S = 5.0
+SUPERVISOR_TIMEOUT_S = 2.0  # the page polls every second; a stuck supervisor must not stall it
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- stats board
@@ -95,7 +104,48 @@ def aggregate(snapshots: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out["fallback_by_reason"] = reasons
     out["fallback_rate"] = out["fallback_frames_last_s"] / out["frames_last_s"] if out["frames_last_s"] else 0.0
     out["users"].sort(key=lambda u: u.get("user", ""))
+    out["limiter"] = _limiter_view([s["limiter_health"] for s in snapshots.values() if s.get("limiter_health")])
     return out
+
+
+def _limiter_view(healths: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The bridges' hint limiters in one line: how many run without Redis now, the longest
+    time any ran without it, and what the unreachable-Redis policy let through or dropped."""
+    if not healths:
+        return None
+    return {
+        "bridges": len(healths),
+        "bridges_without_redis": sum(1 for h in healths if not h.get("available", True)),
+        "unavailable_s": max(float(h.get("unavailable_s", 0.0)) for h in healths),
+        "policies": sorted({str(h.get("policy", "")) for h in healths}),
+        "hints_fail_open": sum(int(h.get("hints_fail_open", 0)) for h in healths),
+        "hints_fail_closed": sum(int(h.get("hints_fail_closed", 0)) for h in healths),
+        "calls_without_redis": sum(int(h.get("calls_without_redis", 0)) for h in healths),
+        "errors": sum(int(h.get("errors", 0)) for h in healths),
+    }
+
+
+def apply_ai_states(users: list[dict[str, Any]], statuses: dict[str, dict[str, Any]] | None) -> None:
+    """Gives each live user row the AI state of its stream: `ai_state` "on", "opted_out" or
+    "unhealthy", `ai_off_until` (unhealthy: epoch seconds of the next retry), `ai_off_cause`,
+    and `ai_state_from`: "supervisor" (its decision, from `streams_status`) or "bridge" (what
+    the bridge applied last, when the supervisor did not answer)."""
+    for u in users:
+        sid = u.get("stream")
+        if not sid or not u.get("live"):
+            u.update(ai_state=None, ai_off_until=None, ai_off_cause=None, ai_state_from=None)
+            continue
+        st = (statuses or {}).get(sid)
+        if st is not None:
+            state = st.get("reason") or "on"
+            u.update(ai_state=state, ai_state_from="supervisor",
+                     ai_off_until=st.get("off_until") if state == "unhealthy" else None,
+                     ai_off_cause=st.get("off_cause") if state == "unhealthy" else None)
+            if state == "opted_out":
+                u["ai_enabled"] = False
+        else:
+            state = u.get("bridge_state") or ("opted_out" if u.get("bridge_opted_out") else "on")
+            u.update(ai_state=state, ai_off_until=None, ai_off_cause=None, ai_state_from="bridge")
 
 
 def _board_class():
@@ -133,6 +183,22 @@ def _default_supervisor():
     return get_or_create_supervisor()
 
 
+async def _with_ai_states(agg: dict[str, Any], supervisor: Callable[[], Any]) -> None:
+    """The supervisor's decision for every listed stream, in one call; the bridges' view
+    (and `supervisor_error`) when it cannot be had in time."""
+    sids = [u["stream"] for u in agg["users"] if u.get("stream") and u.get("live")]
+    statuses = None
+    agg["supervisor_error"] = None
+    if sids:
+        try:
+            ref = supervisor().streams_status.remote(sids)
+            statuses = await asyncio.wait_for(asyncio.ensure_future(ref), SUPERVISOR_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - the page still shows what the bridges applied
+            agg["supervisor_error"] = type(exc).__name__
+            logger.info("dashboard: supervisor state unavailable (%s)", type(exc).__name__)
+    apply_ai_states(agg["users"], statuses)
+
+
 def make_router(
     board: Callable[[], Any] = get_or_create_board,
     supervisor: Callable[[], Any] = _default_supervisor,
@@ -163,7 +229,9 @@ def make_router(
     async def stats(authorization: str | None = Header(default=None)) -> dict[str, Any]:
         authorize(authorization)
         snaps = await _get("board", board).fresh.remote()
-        return aggregate(snaps)
+        agg = aggregate(snaps)
+        await _with_ai_states(agg, lambda: _get("supervisor", supervisor))
+        return agg
 
     @r.post("/api/users/{user_id}/ai")
     async def toggle(user_id: str, body: AiToggle,

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster import metrics
+from deployments import metrics
 from deployments.client import malformed_result
 from deployments.config import (
     Backend,
@@ -316,7 +316,8 @@ class CodecReplicaCore:
     @staticmethod
     def _scheduler_config(s: ReplicaSettings) -> SchedulerConfig:
         return SchedulerConfig(deadline_ms=s.deadline_ms, max_batch=s.max_batch,
-                               margin_ms=s.margin_ms, max_queue=s.max_queue)
+                               margin_ms=s.margin_ms, max_queue=s.max_queue,
+                               max_hold_ms=s.max_hold_ms, frame_period_ms=s.frame_period_ms)
 
     async def _rebuild(self, settings: ReplicaSettings) -> None:
         """Loads the model runtime in the executor (the loop keeps answering); caller holds
@@ -475,13 +476,9 @@ class CodecReplicaCore:
                 now = time.time()
                 if now - self._last_sweep >= IDLE_SWEEP_S:
                     self._sweep_idle(now)
-                if len(self.scheduler) == 0:
-                    self._wake.clear()
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), IDLE_SWEEP_S)
-                    except asyncio.TimeoutError:
-                        pass
-                    # The scheduler still holds frames shed in add(); plan them too.
+                # Cleared before deciding: a frame queued from here on sets it again, so the
+                # wait after a decision that ran nothing cannot miss an arrival.
+                self._wake.clear()
                 async with self._step_lock:
                     plan = self.scheduler.schedule(time.time())
                     if plan:
@@ -496,20 +493,16 @@ class CodecReplicaCore:
             self._exited.set()
 
     async def _idle_after_decision(self, plan: Plan) -> None:
-        """Nothing ran: let intake run. If the scheduler is holding frames for a fuller batch,
-        sleep until its `hold_until` or the next arrival; otherwise back off a millisecond
-        rather than spin on frames this instant could not batch."""
+        """Nothing ran: sleep until a frame arrives (the wake event) or until the scheduler
+        must decide again (`plan.hold_until`: frames held for an expected arrival, or the
+        moment a queued frame expires). With nothing queued the scheduler names no time: sleep
+        until an arrival or the idle sweep. Never a poll: an idle replica costs no CPU."""
         assert self._wake is not None
-        hold_until = getattr(plan, "hold_until", None)
-        if not len(self.scheduler):
-            await asyncio.sleep(0)
-            return
-        if hold_until is None:
-            await asyncio.sleep(0.001)
-            return
-        self._wake.clear()
+        timeout = IDLE_SWEEP_S
+        if plan.hold_until is not None:
+            timeout = min(IDLE_SWEEP_S, max(0.0, plan.hold_until - time.time()))
         try:
-            await asyncio.wait_for(self._wake.wait(), max(0.0, hold_until - time.time()))
+            await asyncio.wait_for(self._wake.wait(), timeout)
         except asyncio.TimeoutError:
             pass
 
@@ -524,7 +517,7 @@ class CodecReplicaCore:
         for ref in resets:
             self._answer_fallback(ref, FallbackReason.RESET, plan.now)
         if not groups:
-            self.scheduler.complete(plan, 0.0)
+            self.scheduler.complete(plan, 0.0, computed=0)
             return
         n = sum(len(g.refs) for g in groups)
         start = time.time()
@@ -537,7 +530,9 @@ class CodecReplicaCore:
             loop = asyncio.get_running_loop()
             outs, step_ms = await loop.run_in_executor(self._executor, _run_groups, self._codec, groups)
         end = time.time()
-        self.scheduler.complete(plan, step_ms)
+        # The model learns the cost of the n frames computed, not of the plan's: frames
+        # answered `reset` above took no compute.
+        self.scheduler.complete(plan, step_ms, computed=n)
         op_name = groups[0].op.value
         metrics.observe_step_latency(op_name, step_ms, self.settings.device)
         metrics.observe_batch_size(op_name, n)

@@ -4,34 +4,52 @@ The replica `add`s every frame it receives, calls `schedule(now)` whenever the m
 runs `plan.run` as one batch, answers `plan.expired` with `fallback/deadline` and `plan.shed`
 with their reasons *before* computing, then calls `complete(plan, measured_ms)`.
 
+Decisions come from the latency model's *distribution* of step times T(B) (expected goodput),
+not from a worst case: a worst-case rule sheds frames that would very likely have made it.
 Rules (why each exists):
 - The queue is ordered by (deadline, arrival): the frame closest to being useless goes first.
-- A frame that cannot finish in time even if run now alone (now + L(1) + margin > deadline) is
-  expired at once: no compute is spent on a frame the call has already moved past.
-- The batch is the longest EDF prefix of eligible frames whose predicted step fits the earliest
-  deadline in it: now + L(B) + margin <= min deadline. Larger batches use the device better,
-  and every frame in the batch is then predicted on time.
-- Under overload the head of the queue can hold frames with just enough slack for a tiny
-  batch; serving them would starve throughput and push everything else late. When the queue
-  holds more than the head-limited batch, the scheduler may skip a few head frames if that
-  buys a batch that finishes more frames per millisecond; a skipped frame that can still fit a
-  later step stays queued, one that cannot is expired (Nexus-style early drop).
+- A frame whose chance of finishing in time even if run now alone is below `min_on_time_p`
+  (P(T(1) <= deadline - now - margin)) is expired at once, and a frame whose deadline is
+  already within the margin always is: no compute goes to a frame the call has moved past.
+- The batch is the window of eligible frames in queue order (at most `max_batch` long) with
+  the most expected on-time frames: those of this step, sum of P(T(B) <= slack_i), plus those
+  it leaves behind, in one following step that starts when this one is expected to end and
+  also holds the frames expected meanwhile. The lookahead keeps a large batch from stranding
+  the frames behind it, and an urgent head frame from costing the rest more than it gains.
+- Under overload (steps sized to their head frames cannot serve every frame at mean step
+  times) the window may skip up to `max_head_skip` head frames; otherwise it starts at the
+  head, since later steps can serve what this one leaves.
+- A frame of the chosen batch whose own chance in it is below `min_on_time_p` is not computed;
+  it and any skipped head frame stay queued if a later step can still serve them, and are
+  expired otherwise (Nexus-style early drop).
+- Bridges send one request per tick, so each stream's next chunk is due about one frame period
+  after its last (arrivals.py). When holding the batch until such an expected frame arrives
+  (at most `max_hold_ms`) is worth more expected on-time frames than running now, nothing
+  runs and `plan.hold_until` says when to decide again at the latest (an arrival earlier).
+  On a device whose single step takes most of the deadline, two chunks a millisecond apart
+  must share a step: run apart, the second waits a whole step.
 - A stream's frames run in order ((epoch, epoch_seq)) and never two of one stream in a batch:
-  its streaming state advances one chunk per step. Later frames wait for the next step.
+  its streaming state advances one chunk per step. Later frames wait for the next step. A
+  stream that has fallen behind (a newer frame queued) skips a head frame less than
+  `catch_up_p` likely to make it: one frame lost instead of a backlog that drains for ticks.
 - The queue is bounded (`max_queue`): a frame beyond it is shed `overload` on arrival.
 - The model learns only from steps that run, so when everything expires and nothing has run
-  for `probe_after_s`, one frame that the median step time would still finish is run as a
-  probe: a single outlier (warm-up, GC pause) cannot turn the AI off for good.
+  for `probe_after_s`, the expiring frame with the most slack that has not yet missed is run
+  as a probe: a stretch of slow steps (warm-up, a stall) cannot turn the AI off for good.
+- Whenever frames stay queued and nothing runs, the plan names `hold_until`: the caller sleeps
+  until then or the next arrival, never polls.
 
 Every frame ever added ends in exactly one place: the queue, a plan's run/expired/shed list;
 `check_invariants()` asserts it at the end of every step (cheap counters, not a scan).
 
-Pure Python: the caller passes `now` (seconds, same clock as deadlines) and measured times.
+Pure logic (numpy for the valuation), no Ray, no clock: the caller passes `now` (seconds, the
+clock of the deadlines) and measured times.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import heapq
 import itertools
 import math
@@ -40,8 +58,27 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import numpy as np
+
+from deployments.arrivals import ArrivalForecast
 from deployments.contract import FallbackReason
 from deployments.latency_model import LatencyModel
+
+ARRIVAL_WINDOW = 256  # recent arrivals kept to estimate the arrival rate
+MAX_HOLD_OPTIONS = 2  # expected arrival times a decision weighs holding for
+
+
+@functools.lru_cache(maxsize=256)
+def _size_grid(kmax: int) -> np.ndarray:
+    """Batch sizes the scheduler values: every size up to 16, then steps of ~12.5%, and kmax."""
+    sizes = list(range(1, min(16, kmax) + 1))
+    b = 16
+    while b < kmax:
+        b = min(kmax, math.ceil(b * 1.125))
+        sizes.append(b)
+    grid = np.asarray(sizes)
+    grid.flags.writeable = False  # shared by every call
+    return grid
 
 
 @dataclass(frozen=True)
@@ -54,9 +91,21 @@ class SchedulerConfig:
     max_head_skip: int = 128
     # With frames expiring and no step for this long, run one as a probe of the model.
     probe_after_s: float = 0.25
+    # A frame less likely than this to finish in time (alone, or in its batch) is not computed.
+    min_on_time_p: float = 0.05
+    # A stream with a newer frame queued skips its head frame when that is less likely than
+    # this to finish in time (0: never).
+    catch_up_p: float = 0.7
+    # Hold a batch at most this long for frames the arrival forecast expects (0: never hold).
+    max_hold_ms: float = 20.0
+    # A stream's chunk period, and how late its chunk may come before that tick counts as skipped.
+    frame_period_ms: float = 40.0
+    arrival_grace_ms: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.deadline_ms <= 0 or self.max_batch < 1 or self.margin_ms < 0 or self.max_queue < 1:
+        if (self.deadline_ms <= 0 or self.max_batch < 1 or self.margin_ms < 0 or self.max_queue < 1
+                or not 0.0 < self.min_on_time_p < 1.0 or self.max_hold_ms < 0
+                or self.frame_period_ms <= 0 or self.arrival_grace_ms < 0):
             raise ValueError(f"invalid scheduler config: {self}")
 
     def updated(self, **changes: Any) -> SchedulerConfig:
@@ -97,8 +146,12 @@ class Plan:
     run: list[PendingFrame] = field(default_factory=list)
     expired: list[PendingFrame] = field(default_factory=list)
     shed: list[tuple[PendingFrame, ShedReason]] = field(default_factory=list)
-    predicted_ms: float = 0.0
+    predicted_ms: float = 0.0  # conservative (high-quantile) step time of `run`
+    expected_on_time: float = 0.0  # expected frames of `run` finishing in time (model's view)
     probe: bool = False  # `run` is one frame run against the model's advice (see _maybe_probe)
+    # Nothing runs but frames stay queued: when the decision must be made again at the latest
+    # (the first moment a queued frame would expire). None when something runs or nothing waits.
+    hold_until: float | None = None
 
     def __bool__(self) -> bool:
         return bool(self.run or self.expired or self.shed)
@@ -210,14 +263,21 @@ class EdfScheduler:
         self._planned_expired = 0
         self._planned_shed = 0
         self._last_run_at = -math.inf
+        self._arrivals: deque[float] = deque(maxlen=ARRIVAL_WINDOW)
+        self._forecast = self._new_forecast(self.config)
+        self._budget_ms = self.config.deadline_ms
 
     # --------------------------------------------------------------------------------- intake
     def add(self, frame: PendingFrame) -> PendingFrame | None:
         """Queue a frame. Returns it if it was shed `overload` (it is also in the next plan)."""
         self._added += 1
         self.counters["added"] += 1
+        self._arrivals.append(frame.arrival)
+        # The usual budget of a frame on arrival, for arrivals not yet seen.
+        self._budget_ms += 0.05 * ((frame.deadline - frame.arrival) * 1000.0 - self._budget_ms)
         if not math.isfinite(frame.deadline):
             frame.deadline = frame.arrival + self.config.deadline_ms / 1000.0
+        self._forecast.observe(frame.stream_id, frame.arrival, frame.deadline)
         if len(self._queue) >= self.config.max_queue:
             self._overload.append((frame, ShedReason.OVERLOAD))
             self.counters["fallback/overload"] += 1
@@ -235,59 +295,140 @@ class EdfScheduler:
 
     def reconfigure(self, config: SchedulerConfig) -> None:
         """New knobs apply from the next `schedule()`; queued frames keep their deadlines."""
+        if (config.frame_period_ms, config.arrival_grace_ms) != (
+                self.config.frame_period_ms, self.config.arrival_grace_ms):
+            self._forecast = self._new_forecast(config)
         self.config = config
+
+    @staticmethod
+    def _new_forecast(config: SchedulerConfig) -> ArrivalForecast:
+        return ArrivalForecast(config.frame_period_ms / 1000.0, config.arrival_grace_ms / 1000.0)
 
     # ------------------------------------------------------------------------------ deciding
     def schedule(self, now: float) -> Plan:
         """Decide the next step at time `now` (seconds)."""
-        cfg = self.config
-        margin_s = cfg.margin_ms / 1000.0
+        margin_s = self.config.margin_ms / 1000.0
         plan = Plan(now=now, shed=self._overload)
         self._overload = []
 
-        # 1. Expire what cannot finish even alone, before any compute.
-        one_s = self.model.predict(1) / 1000.0
-        for f in self._queue.pop_expired(now + one_s + margin_s):
+        # 1. Expire what is unlikely to finish even alone, before any compute.
+        hopeless_s = self._hopeless_s()
+        for f in self._queue.pop_expired(now + margin_s + hopeless_s):
             self._forget(f)
             plan.expired.append(f)
 
         # 2. Eligible frames in queue order: a stream's earliest queued frame, once per batch.
-        popped, candidates = self._eligible_prefix(cfg.max_batch + cfg.max_head_skip)
+        popped, candidates = self._candidates(plan, now, margin_s)
+
+        # 3. Run the most productive window of them now, or hold them all for expected frames.
         if candidates:
-            start, size = self._choose_batch(candidates, now, margin_s)
-            # Head frames skipped for a better batch: keep the ones a later step can still
-            # serve, expire the rest (they would only miss after waiting).
-            after_s = now + self.model.predict(size) / 1000.0 if size else now
-            skipped = [f for f in candidates[:start] if after_s + one_s + margin_s > f.deadline]
-            plan.run = candidates[start : start + size]
-            plan.predicted_ms = self.model.predict(len(plan.run)) if plan.run else 0.0
-            leaving = {id(f) for f in itertools.chain(plan.run, skipped)}
-            self._queue.unpop([f for f in popped if id(f) not in leaving])
-            for f in itertools.chain(plan.run, skipped):
-                self._forget(f)
-            plan.expired.extend(skipped)
+            start, size, hold_until = self._decide(candidates, now, margin_s)
+            if hold_until is None:
+                self._take(plan, popped, candidates, start, size, hopeless_s)
+            else:
+                self._queue.unpop(popped)
+                plan.hold_until = hold_until
+                self.counters["holds"] += 1
         else:
             self._queue.unpop(popped)
 
-        if not plan.run and plan.expired:
+        if not plan.run and plan.expired and plan.hold_until is None:
             self._maybe_probe(plan, now, margin_s)
         if plan.run:
             self._last_run_at = now
+            plan.predicted_ms = self.model.predict(len(plan.run))
+        elif len(self._queue) and plan.hold_until is None:
+            # Frames wait and none can run yet: name the time to decide again, 1 us past the
+            # expiry cutoff of the earliest deadline (the decision then expires it).
+            head = min(f.deadline for f in self._queue)
+            plan.hold_until = max(now, head - margin_s - hopeless_s + 1e-6)
         self._account(plan)
         self.check_invariants()
+        assert plan.run or not len(self._queue) or plan.hold_until is not None, "frames kept without a time"
         return plan
+
+    def _candidates(
+        self, plan: Plan, now: float, margin_s: float
+    ) -> tuple[list[PendingFrame], list[PendingFrame]]:
+        """(popped, eligible) as `_eligible_prefix`, after streams that fell behind caught up."""
+        limit = self.config.max_batch + self.config.max_head_skip
+        popped, candidates = self._eligible_prefix(limit)
+        behind = self._behind(candidates, now, margin_s)
+        if not behind:
+            return popped, candidates
+        # A stream that has fallen behind skips its frame least likely to make it, so its
+        # newer frame runs instead of waiting a step behind it (and the next one behind that):
+        # one frame lost instead of a backlog that takes many ticks to drain.
+        gone = {id(f) for f in behind}
+        self._queue.unpop([f for f in popped if id(f) not in gone])
+        for f in behind:
+            self._forget(f)
+        plan.expired.extend(behind)
+        self.counters["caught_up"] += len(behind)
+        return self._eligible_prefix(limit)
+
+    def _take(self, plan: Plan, popped: list[PendingFrame], candidates: list[PendingFrame],
+              start: int, size: int, hopeless_s: float) -> None:
+        """Run candidates[start:start+size] (less the frames unlikely to make it in it);
+        frames passed over stay queued if a later step can still serve them, else expire."""
+        margin_s = self.config.margin_ms / 1000.0
+        run, dropped, plan.expected_on_time = self._keep_likely(
+            candidates[start : start + size], plan.now, margin_s)
+        after_s = plan.now + float(self.model.mean_ms([len(run)])[0]) / 1000.0 if run else plan.now
+        lost = [f for f in (*candidates[:start], *dropped) if f.deadline < after_s + margin_s + hopeless_s]
+        plan.run = run
+        leaving = {id(f) for f in itertools.chain(run, lost)}
+        self._queue.unpop([f for f in popped if id(f) not in leaving])
+        for f in itertools.chain(run, lost):
+            self._forget(f)
+        plan.expired.extend(lost)
+
+    def _behind(self, cands: list[PendingFrame], now: float, margin_s: float) -> list[PendingFrame]:
+        """Candidates whose stream has a newer frame queued and that are less than
+        `catch_up_p` likely to finish in a batch of every candidate."""
+        if self.config.catch_up_p <= 0:
+            return []
+        queued = [f for f in cands if len(self._pending[f.stream_id]) > 1]
+        if not queued:
+            return []
+        k = min(len(cands), self.config.max_batch)
+        p = self.model.p_within_matrix([k], self._slack_ms(queued, now, margin_s))[0]
+        return [f for f, pf in zip(queued, p, strict=True) if pf < self.config.catch_up_p]
+
+    def _hopeless_s(self) -> float:
+        """Slack (s) below which a frame run alone now is less than `min_on_time_p` likely on time."""
+        return self.model.quantile_ms(1, self.config.min_on_time_p) / 1000.0
+
+    def _on_time_p(self, frames: list[PendingFrame], now: float, margin_s: float) -> np.ndarray:
+        return self.model.p_within_matrix([len(frames)], self._slack_ms(frames, now, margin_s))[0]
+
+    def _keep_likely(
+        self, run: list[PendingFrame], now: float, margin_s: float
+    ) -> tuple[list[PendingFrame], list[PendingFrame], float]:
+        """(kept, dropped, expected on-time frames of kept): frames of the batch less than
+        `min_on_time_p` likely to finish in it are not computed. Dropping one shortens the
+        step, so the rest are re-checked."""
+        dropped: list[PendingFrame] = []
+        while run:
+            p = self._on_time_p(run, now, margin_s)
+            low = p < self.config.min_on_time_p
+            if not low.any():
+                return run, dropped, float(p.sum())
+            dropped.extend(f for f, lo in zip(run, low, strict=True) if lo)
+            run = [f for f, lo in zip(run, low, strict=True) if not lo]
+        return run, dropped, 0.0
 
     def _maybe_probe(self, plan: Plan, now: float, margin_s: float) -> None:
         """Run one expiring frame as a probe when nothing has run for `probe_after_s`.
 
-        The model only learns from steps that run. One outlier (a warm-up step, a GC pause)
-        can push L(1) past every frame's slack; then every frame would expire, no step would
-        run, and the model would never see the device is fast again. A probe runs the frame
-        with the most slack if the *typical* (median) step would still make it."""
+        The model only learns from steps that run. A stretch of slow steps (a warm-up, a
+        stall) can fill the model's window until every frame looks hopeless; then every frame
+        would expire, no step would run, and the model would never see the device is fast
+        again. A probe runs the expiring frame with the most slack that has not yet missed:
+        at most one single-frame step per `probe_after_s` spent against the model's advice."""
         cfg = self.config
         if cfg.probe_after_s <= 0 or now - self._last_run_at < cfg.probe_after_s:
             return
-        typical_s = self.model.typical(1) / 1000.0
         earliest: dict[str, tuple[int, int]] = {}
         for f in plan.expired:
             if f.stream_id not in earliest or f.order < earliest[f.stream_id]:
@@ -296,14 +437,13 @@ class EdfScheduler:
         for f in plan.expired:
             queued = self._pending.get(f.stream_id)
             in_order = f.order == earliest[f.stream_id] and (not queued or queued[0] > f.order)
-            if in_order and now + typical_s + margin_s <= f.deadline:
+            if in_order and now + margin_s < f.deadline:
                 if best is None or f.deadline > best.deadline:
                     best = f
         if best is None:
             return
         plan.expired.remove(best)
         plan.run = [best]
-        plan.predicted_ms = self.model.predict(1)
         plan.probe = True
         self.counters["probes"] += 1
 
@@ -328,81 +468,158 @@ class EdfScheduler:
             candidates.append(f)
         return popped, candidates
 
-    def _choose_batch(
+    def _decide(
         self, cands: list[PendingFrame], now: float, margin_s: float
-    ) -> tuple[int, int]:
-        """(start, size): run cands[start:start+size].
+    ) -> tuple[int, int, float | None]:
+        """(start, size, hold_until): run cands[start:start+size] now, or (hold_until set) run
+        nothing and decide again then, because waiting for frames the arrival forecast expects
+        finishes more frames in time."""
+        cfg = self.config
+        slack = self._slack_ms(cands, now, margin_s)
+        ones = np.ones(len(cands))
+        expected = []
+        if cfg.max_hold_ms > 0 and len(cands) < cfg.max_batch:
+            # A stream with a frame queued cannot add another to the next batch.
+            expected = self._forecast.expected(now, cfg.max_hold_ms / 1000.0, exclude=self._pending.keys())
+        exp_slack = np.array([(e.deadline - now - margin_s) * 1000.0 for e in expected])
+        exp_weight = np.array([e.weight for e in expected])
+        if not expected and len(cands) == 1:
+            return 0, 1, None  # nothing to weigh: the one frame runs (expiry vetted it)
+        # Overload: steps sized to their head frames cannot serve every frame (expected ones
+        # and those the arrival rate brings meanwhile included) at mean step times. Then head frames may be skipped and device time is
+        # what a batch is valued against. Otherwise later steps can serve what this one
+        # leaves, which the one-step lookahead cannot see (it would trade head frames for more
+        # now), so the batch starts at the head.
+        overloaded = len(cands) > 1 and not self._feasible(np.sort(np.concatenate(
+            [slack, exp_slack, self._unseen_slack(float(slack.max()), len(expected))])))
+        value, start, size = self._best_window(slack, ones, exp_slack, exp_weight, overloaded)
+        if not expected:
+            return start, size, None
+        # Holding until the i-th expected arrival: those frames join the candidates (weighted
+        # by how likely they are to come), every slack shrinks by the wait. Only arrivals before
+        # the batch chosen now would end are worth waiting for: a later one finds the device free.
+        edf = getattr(self._queue, "deadline_ordered", False)
+        step_end = now + float(self.model.mean_ms([size])[0]) / 1000.0
+        arrivals = sorted({e.arrival for e in expected if e.arrival < step_end})[:MAX_HOLD_OPTIONS]
+        best_hold, best_value = None, value * (1.0 + 1e-3) + 1e-3  # a clear gain, or run now
+        for t in arrivals:
+            wait_ms = (t - now) * 1000.0
+            joins = np.array([e.arrival <= t for e in expected])
+            h_slack = np.concatenate([slack, exp_slack[joins]]) - wait_ms
+            h_weight = np.concatenate([ones, exp_weight[joins]])
+            if edf:
+                order = np.argsort(h_slack, kind="stable")
+                h_slack, h_weight = h_slack[order], h_weight[order]
+            v, _, _ = self._best_window(h_slack, h_weight, exp_slack[~joins] - wait_ms, exp_weight[~joins],
+                                        overloaded, wait_ms)
+            if v > best_value:
+                best_hold, best_value = t, v
+        if best_hold is None:
+            return start, size, None
+        # Wait for those frames at most until they are overdue; an arrival wakes the caller.
+        return 0, 0, max(e.due_by for e in expected if e.arrival == best_hold)
 
-        Default: the head-limited batch, cands[0:fit(0)]. Only when that batch is smaller than
-        the work waiting AND running it first would also shrink the next step (a cascade of
-        small steps, i.e. overload) are head frames skipped, and only if the skip finishes
-        clearly more frames per ms of compute."""
+    @staticmethod
+    def _slack_ms(frames: list[PendingFrame], now: float, margin_s: float) -> np.ndarray:
+        return np.fromiter(((f.deadline - now - margin_s) * 1000.0 for f in frames), float, len(frames))
+
+    def _best_window(
+        self, slack: np.ndarray, weight: np.ndarray, later_slack: np.ndarray, later_weight: np.ndarray,
+        overloaded: bool, wait_ms: float = 0.0,
+    ) -> tuple[float, int, int]:
+        """(value, start, size) of the best batch from frames with these slacks (ms, in queue
+        order) and weights (probability each frame is there at all).
+
+        Every window (start = head frames skipped, up to max_head_skip; size up to max_batch)
+        is valued by the expected number of frames finishing in time: this step's, sum of
+        w_i P(T(size) <= slack_i) over the window, plus the frames it leaves behind and the
+        `later` ones (frames that can only join a following step), each with
+        P(T(m) <= slack_i - E[T(size)]) in one following step of m frames (those left plus the
+        arrivals expected meanwhile). The lookahead is what stops a large batch from stranding
+        the frames behind it, and a head frame from costing the rest more than it gains.
+        Overloaded, windows may skip head frames and the value is per ms of device time
+        (`wait_ms` of holding included)."""
         cfg = self.config
         model = self.model
-        n = len(cands)
-        edf = getattr(self._queue, "deadline_ordered", False)
+        n = len(slack)
+        ks = _size_grid(min(n, cfg.max_batch))
+        nk = len(ks)
+        tau = model.mean_ms(ks)  # expected length of this step, per size
+        # Frames arriving during this step beyond the expected ones we know: they join the
+        # next step (with about the usual budget less half the step).
+        unknown = np.maximum(self._arrival_rate_per_ms() * tau - later_weight.sum(), 0.0)
+        m = np.minimum(np.maximum(np.rint(n - ks + later_weight.sum() + unknown), 1), cfg.max_batch).astype(int)
+        # One CDF evaluation for both steps: rows for this step's sizes, then the next one's.
+        all_slack = np.concatenate([slack, later_slack, [0.0]])
+        budgets = np.empty((2 * nk, len(all_slack)))
+        budgets[:nk] = all_slack
+        budgets[nk:] = all_slack[None, :] - tau[:, None]
+        budgets[nk:, -1] = self._budget_ms - cfg.margin_ms - tau / 2.0
+        p = model.p_within_matrix(np.concatenate([ks, m]), budgets)
+        now_p = p[:nk, :n] * weight
+        next_p = p[nk:, :-1] * np.concatenate([weight, later_weight])
+        nxt = next_p.sum(axis=1)  # every frame in the next step, were none run now
+        if overloaded:
+            # ... and the unknown arrivals, which a full next step serves anyway under overload
+            # (frames left behind compete with them).
+            nxt = nxt + unknown * p[nk:, -1]
+        # A window's value = its frames' chances now + everyone else's in the next step
+        #                  = nxt + sum over the window of (now - next); ties (and near-ties)
+        # go to frames finished now (x 1.001): the lookahead is an estimate.
+        diff = np.zeros((nk, n + 1))
+        np.cumsum(now_p * 1.001 - next_p[:, :n], axis=1, out=diff[:, 1:])
+        starts = np.arange(min(n - 1, cfg.max_head_skip) + 1 if overloaded else 1)[:, None]
+        end = starts + ks  # [S, K]
+        end_c = np.minimum(end, n)
+        ki = np.arange(nk)
+        window = diff[ki, end_c] - diff[ki, starts]
+        if nxt.max() > cfg.max_batch:
+            # The next step cannot take every frame left behind: cap its share.
+            cum = np.zeros((nk, n + 1))
+            np.cumsum(next_p[:, :n], axis=1, out=cum[:, 1:])
+            in_window = cum[ki, end_c] - cum[ki, starts]
+            value = window + in_window + np.minimum(nxt - in_window, cfg.max_batch)
+        else:
+            value = window + nxt
+        if overloaded:
+            # Device time is the scarce thing: on-time frames per ms over both steps (and any
+            # wait before them), or a step of a few easy frames would look as good as a full one.
+            value = value / (wait_ms + tau + model.mean_ms(m))
+        value[end > n] = -np.inf
+        # First maximum in (start, size) order: then the head first.
+        si, kj = np.unravel_index(int(np.argmax(value)), value.shape)
+        return float(value[si, kj]), int(si), int(ks[kj])
 
-        def fit(i: int, at: float = now) -> int:
-            # Largest k with at + L(k) + margin <= min deadline of cands[i:i+k]. In EDF order
-            # the min is cands[i]; a FIFO queue needs the running min, and feasibility stays
-            # monotone in k, so a binary search over k works for both.
-            hi_k = min(n - i, cfg.max_batch)
-            if hi_k <= 0:
-                return 0
-            if edf:
-                budget_ms = (cands[i].deadline - at - margin_s) * 1000.0
-                return model.max_batch_within(budget_ms, hi_k)
-            mins = list(itertools.accumulate((f.deadline for f in cands[i : i + hi_k]), min))
+    def _unseen_slack(self, horizon_ms: float, known: int) -> np.ndarray:
+        """Slacks (ms from now) of the frames the arrival rate brings within `horizon_ms`,
+        beyond `known` expected ones: evenly spaced, each with the usual budget."""
+        rate = self._arrival_rate_per_ms()
+        count = int(rate * horizon_ms) - known
+        if count <= 0:
+            return np.empty(0)
+        at = (np.arange(count) + 0.5) / rate
+        return at + self._budget_ms - self.config.margin_ms
 
-            def ok(k: int) -> bool:
-                return at + model.predict(k) / 1000.0 + margin_s <= mins[k - 1]
+    def _feasible(self, slack_sorted: np.ndarray) -> bool:
+        """Can steps run back to back, each the largest deadline-order prefix whose mean step
+        time fits its first frame's slack, serve every frame? (An EDF fluid check.)"""
+        cap = self.config.max_batch
+        means = self.model.mean_ms(np.arange(1, min(cap, len(slack_sorted)) + 1))
+        t, i, n = 0.0, 0, len(slack_sorted)
+        while i < n:
+            k = min(int(np.searchsorted(means, slack_sorted[i] - t, side="right")), n - i)
+            if k == 0:
+                return False
+            t += float(means[k - 1])
+            i += k
+        return True
 
-            if not ok(1):
-                return 0
-            lo, hi = 1, hi_k + 1  # ok(lo) holds; hi is past the end or fails
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if ok(mid):
-                    lo = mid
-                else:
-                    hi = mid
-            return lo
-
-        def full(i: int) -> int:
-            return min(n - i, cfg.max_batch)
-
-        k0 = fit(0)
-        if k0 >= full(0):
-            return 0, k0  # the head does not limit the batch
-        if k0 and fit(k0, now + model.predict(k0) / 1000.0) >= full(k0):
-            return 0, k0  # serving the head first costs the next step nothing
-        best_start, best_size = 0, k0
-        best_rate = k0 / model.predict(k0) if k0 else 0.0
-        # Skip points: geometric (1, 2, 4, ...) plus the first skip that yields a full batch
-        # (binary search; fit(s) grows with s as deadlines grow), all within max_head_skip.
-        limit = min(n - 1, cfg.max_head_skip)
-        skips = set()
-        s = 1
-        while s <= limit:
-            skips.add(s)
-            s *= 2
-        lo, hi = 0, limit + 1  # find the smallest s in [1, limit] with fit(s) >= full(s)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if fit(mid) >= full(mid):
-                hi = mid
-            else:
-                lo = mid
-        if hi <= limit:
-            skips.add(hi)
-        for skip in sorted(skips):
-            size = fit(skip)
-            if size:
-                rate = size / model.predict(size)
-                # Require a clear gain so noise does not skip urgent frames.
-                if rate > best_rate * 1.1:
-                    best_start, best_size, best_rate = skip, size, rate
-        return best_start, best_size
+    def _arrival_rate_per_ms(self) -> float:
+        """Frames per ms over the recent arrivals (0 until two distinct arrival times)."""
+        a = self._arrivals
+        if len(a) < 2 or a[-1] <= a[0]:
+            return 0.0
+        return (len(a) - 1) / ((a[-1] - a[0]) * 1000.0)
 
     def _forget(self, f: PendingFrame) -> None:
         """Remove a frame leaving the queue from its stream's order heap."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import ray
 
-from cluster import metrics
+from deployments import metrics
 from deployments.config import SupervisorSettings
 from deployments.supervisor_policy import SNAPSHOT_VERSION, SupervisorConfig, SupervisorPolicy
 
@@ -163,6 +163,11 @@ class FallbackSupervisor:
 
     def stream_status(self, stream_id: str) -> dict[str, Any]:
         return self.core.policy.stream_status(stream_id, time.time())
+
+    def streams_status(self, stream_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """`stream_status` of many streams in one call (the operator dashboard's users)."""
+        now = time.time()
+        return {sid: self.core.policy.stream_status(sid, now) for sid in stream_ids}
 
     def snapshot(self) -> dict[str, Any]:
         self.core._maybe_snapshot(time.time(), force=True)

@@ -28,7 +28,10 @@ When Redis is unreachable the limiter never raises into the media path: ``fail_o
 (default) lets every hint through, ``False`` drops them; either way it is counted, Redis is
 not retried for a short back-off (0.25 s doubling to 5 s) so a dead server costs one failed
 call per back-off rather than one per tick, and the next successful call closes the
-circuit. The connection pool reconnects by itself, and a ``NOSCRIPT`` reply (a restarted
+circuit. What an outage cost is kept in `LimiterCounters` (calls and hints decided without
+Redis by policy, errors by type, seconds from the first failed call to the next success) and
+recorded in the metrics (`deployments.metrics`): a report can then say when the limit was
+not enforced instead of implying that it held. The connection pool reconnects by itself, and a ``NOSCRIPT`` reply (a restarted
 or flushed server) loads the script again and repeats the call.
 """
 
@@ -46,6 +49,8 @@ import numpy as np
 import redis
 import redis.asyncio
 from redis.exceptions import NoScriptError
+
+from deployments import metrics
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +117,9 @@ class LimiterCounters:
     skipped_calls: int = 0  # ticks decided without Redis because the circuit was open
     fail_open: int = 0  # hints let through because Redis was unreachable
     fail_closed: int = 0  # hints dropped because Redis was unreachable
+    unavailable_calls: int = 0  # calls answered by the fail-open/closed policy, not by Redis
+    unavailable_s: float = 0.0  # time without Redis up to the last call (see `unavailable_seconds`)
+    outages: int = 0  # times Redis went from reachable to unreachable
     recoveries: int = 0  # successful calls after a failure
     last_error: str = ""
     by_error: dict[str, int] = field(default_factory=dict)
@@ -152,10 +160,53 @@ class _GcraClient:
         self._backoff_s = retry_after_s
         self._retry_at = 0.0  # monotonic time before which Redis is not tried
         self._failing = False
+        self._down_mark = 0.0  # monotonic time up to which an outage is in `unavailable_s`
         self._preload()
 
     def _preload(self) -> None:
         """Register the script up front where that can be done synchronously."""
+
+    @property
+    def policy(self) -> str:
+        """The configured unreachable-Redis policy, as metrics tag it: "open" or "closed"."""
+        return "open" if self.fail_open else "closed"
+
+    @property
+    def available(self) -> bool:
+        """False from a failed Redis call until the next successful one."""
+        return not self._failing
+
+    def unavailable_seconds(self, now: float | None = None) -> float:
+        """Seconds without Redis so far, the outage still going on included."""
+        extra = 0.0
+        if self._failing:
+            extra = max(0.0, (time.monotonic() if now is None else now) - self._down_mark)
+        return self.counters.unavailable_s + extra
+
+    def health(self) -> dict:
+        """What reports and the dashboard show: is the limit being enforced, and what did
+        running without Redis cost so far."""
+        c = self.counters
+        return {
+            "policy": f"fail-{self.policy}",
+            "available": self.available,
+            "unavailable_s": round(self.unavailable_seconds(), 3),
+            "outages": c.outages,
+            "calls_without_redis": c.unavailable_calls,
+            "hints_fail_open": c.fail_open,
+            "hints_fail_closed": c.fail_closed,
+            "errors": c.errors,
+            "errors_by_type": dict(c.by_error),
+            "last_error": c.last_error,
+        }
+
+    def _account_down(self, now: float) -> None:
+        """Moves the outage time up to `now` into the counters and the metrics."""
+        dt = now - self._down_mark
+        self._down_mark = now
+        if dt > 0:
+            self.counters.unavailable_s += dt
+            metrics.record_limiter_unavailable_seconds(self.policy, dt)
 
     def key(self, stream_id: str) -> str:
         return self.key_prefix + stream_id
@@ -221,10 +272,12 @@ class _GcraClient:
             self.counters.limited += int(off.sum()) - total
             out.append(allowed)
         if self._failing:
+            self._account_down(time.monotonic())
             self._failing = False
             self._backoff_s = self.retry_after_s
             self.counters.recoveries += 1
-            log.info("hint limiter: Redis reachable again")
+            log.info("hint limiter: Redis reachable again after %.2f s without it",
+                     self.counters.unavailable_s)
         return out
 
     def _failed(self, exc: BaseException, calls: list[tuple[Sequence[str], np.ndarray]]) -> list[np.ndarray]:
@@ -232,17 +285,26 @@ class _GcraClient:
         self.counters.errors += 1
         self.counters.by_error[name] = self.counters.by_error.get(name, 0) + 1
         self.counters.last_error = name
+        metrics.record_limiter_error(name)
+        now = time.monotonic()
         if not self._failing:
             log.warning(
                 "hint limiter: Redis unreachable (%s); failing %s, retrying in %.2f s",
-                name, "open" if self.fail_open else "closed", self._backoff_s,
+                name, self.policy, self._backoff_s,
             )
+            self.counters.outages += 1
+            self._down_mark = now
         self._failing = True
-        self._retry_at = time.monotonic() + self._backoff_s
+        self._retry_at = now + self._backoff_s
         self._backoff_s = min(self._backoff_s * 2, self.max_retry_after_s)
         return self._unreachable(calls)
 
     def _unreachable(self, calls: list[tuple[Sequence[str], np.ndarray]]) -> list[np.ndarray]:
+        n_calls = sum(1 for ids, _ in calls if len(ids))
+        self.counters.unavailable_calls += n_calls
+        metrics.record_limiter_unavailable(self.policy, n_calls)
+        if self._failing:
+            self._account_down(time.monotonic())
         out = []
         for _, off in calls:
             total = int(off.sum())

@@ -16,7 +16,8 @@ Opus packet by packet on one SSRC (both use a 48 kHz RTP clock, so timestamps ru
 transceiver's aiortc sender stays trackless: it owns the SSRC announced in SDP and RTCP.
 
 `UdpMeter` counts the bytes that cross a peer connection's UDP sockets (RTP, RTCP, STUN),
-which is what the wire-bitrate figures report.
+which is what the wire-bitrate figures report. The payload bytes sent to subscribers, by codec
+path, go to the metrics (`auralink_wire_bytes`) once per tick.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from aiortc.rtcrtpparameters import RTCRtpParameters
 from aiortc.rtp import RtpPacket
 from aiortc.utils import random16, random32
 
+from deployments import metrics
 from deployments.contract import CHUNK_SAMPLES, Outcome, bandwidth_codebooks
 from models.opus import OpusCodec
 from sfu_bridge import rtp_ext
@@ -253,6 +255,7 @@ class MediaBridge:
         self.subscribers: dict[str, dict[str, Subscriber]] = defaultdict(dict)  # stream -> sid -> sub
         self.sessions: dict[str, Publisher | Subscriber] = {}
         self.packets_by_kind: dict[str, int] = defaultdict(int)  # "aic" / "opus"
+        self._unrecorded_bytes: dict[str, int] = defaultdict(int)  # payload bytes since last tick
         self.last_reports: list[TickReport] = []
         self.overheads_ms: list[float] = []
         self.stream_users: dict[str, str] = {}  # stream id -> publishing user (supervisor opt-outs)
@@ -275,13 +278,16 @@ class MediaBridge:
 
     # -- publishers ------------------------------------------------------------------------
     def add_publisher(
-        self, stream_id: str, user: str, pc: RTCPeerConnection | None, opted_out: bool = False
+        self, stream_id: str, user: str, pc: RTCPeerConnection | None, opted_out: bool = False,
+        session_id: str | None = None,
     ) -> Publisher:
         if stream_id in self.publishers:
             raise KeyError(f"stream {stream_id!r} already has a publisher")
         if not self._free_slots:
             raise OverflowError("this worker holds its maximum number of streams")
-        pub = Publisher(uuid.uuid4().hex, stream_id, user, pc, self._free_slots.pop(), Chunker(stream_id))
+        pub = Publisher(
+            session_id or uuid.uuid4().hex, stream_id, user, pc, self._free_slots.pop(), Chunker(stream_id)
+        )
         self.batcher.join(stream_id, opted_out=opted_out)
         self.publishers[stream_id] = pub
         self.stream_users[stream_id] = user
@@ -320,8 +326,11 @@ class MediaBridge:
         return False
 
     # -- subscribers -----------------------------------------------------------------------
-    def add_subscriber(self, stream_id: str, user: str, pc: RTCPeerConnection | None, out: RtpOut) -> Subscriber:
-        sub = Subscriber(uuid.uuid4().hex, stream_id, user, pc, out)
+    def add_subscriber(
+        self, stream_id: str, user: str, pc: RTCPeerConnection | None, out: RtpOut,
+        session_id: str | None = None,
+    ) -> Subscriber:
+        sub = Subscriber(session_id or uuid.uuid4().hex, stream_id, user, pc, out)
         self.subscribers[stream_id][sub.session_id] = sub
         self.sessions[sub.session_id] = sub
         return sub
@@ -388,6 +397,7 @@ class MediaBridge:
                     await self._send(sub, "aic", sub.out.aic_pt, [aic_bytes], ts)
                 elif sub.out.opus_pt is not None:
                     await self._send(sub, "opus", sub.out.opus_pt, opus_packets[id(fo)], ts)
+        self._record_wire_bytes()
         report.overhead_ms += (time.perf_counter() - t0) * 1000.0
         self.overheads_ms.append(report.overhead_ms)
         if len(self.overheads_ms) > 10_000:
@@ -417,6 +427,13 @@ class MediaBridge:
             if await sub.out.send(pt, payload, ts + k * OPUS_FRAME_48K):
                 sub.sent_by_kind[kind] += 1
                 self.packets_by_kind[kind] += 1
+                self._unrecorded_bytes[kind] += len(payload)
+
+    def _record_wire_bytes(self) -> None:
+        """One metrics call per codec path per tick (legacy forwarding included)."""
+        for kind, n in self._unrecorded_bytes.items():
+            metrics.record_wire_bytes(metrics.WirePath.AI if kind == "aic" else metrics.WirePath.NATIVE, n)
+        self._unrecorded_bytes.clear()
 
     def stats(self) -> dict[str, Any]:
         ov = np.asarray(self.overheads_ms[-1500:]) if self.overheads_ms else np.zeros(1)

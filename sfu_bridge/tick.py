@@ -12,6 +12,11 @@ Per tick (`TickBatcher.tick`):
 4. check the tick's hints (parse + tag + replay) and count them into the limiter in one call;
 5. give every frame exactly one `FrameOutcome`, counted by outcome/reason.
 
+Metrics (`deployments.metrics`) are recorded here for what the bridge decides, once per tick:
+frames the bridge answered itself (opted_out, unhealthy, overload, a stuck or failing codec
+client, a malformed answer; frames the replica answered are counted by the replica), the
+send-to-answer latency of AI frames, hints by verdict, and the streams the bridge carries.
+
 The batcher is network-free: the media layer (media.py) pushes chunks in and sends the
 outcomes to subscribers.
 """
@@ -31,6 +36,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from deployments import metrics
 from deployments.contract import (
     AI_CODE,
     CHUNK_SAMPLES,
@@ -46,6 +52,10 @@ from deployments.contract import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The AI frames of one tick share one latency (send -> answer), so Ray's histogram gets this
+# many copies of it per tick rather than the default sample: each costs a Ray call.
+LATENCY_SAMPLE_PER_TICK = 16
 
 # How long past the frames' deadline the bridge still waits for an answer: the replica
 # should have answered `deadline` itself by then; beyond, the client is stuck.
@@ -83,6 +93,19 @@ class FrameOutcome:
 class HintDrop(str, enum.Enum):
     INVALID = "invalid"  # failed parse, tag, replay or stream binding
     RATE_LIMITED = "rate_limited"
+
+
+# A dropped hint's reason (HintDrop, or the verifier's rejection reason) -> metrics verdict.
+_HINT_VERDICT = {
+    HintDrop.RATE_LIMITED.value: metrics.HintVerdict.LIMITED,
+    "tag": metrics.HintVerdict.FORGED,
+    "replay": metrics.HintVerdict.REPLAYED,
+}
+
+
+def hint_verdict(reason: str) -> metrics.HintVerdict:
+    """Anything not rate-limited, forged or replayed failed a size/format/binding check."""
+    return _HINT_VERDICT.get(reason, metrics.HintVerdict.MALFORMED)
 
 
 @dataclass
@@ -140,6 +163,7 @@ class TickBatcher:
         self.clock = clock
         self.streams: dict[str, StreamState] = {}
         self.counters: Counter[str] = Counter()  # frames by "ai" / "fallback/<reason>"
+        self._decided: Counter[str] = Counter()  # frames the bridge answered, not yet recorded
         self.hint_counters: Counter[str] = Counter()  # "accepted" / "dropped/<why>"
         self.ticks = 0
         self.epoch_restarts = 0  # requested by subscribers (join, RTCP PLI)
@@ -192,6 +216,7 @@ class TickBatcher:
         if len(st.hints) >= self.max_hints_per_tick:
             # a flood beyond one tick's worth is dropped before any crypto work
             self.hint_counters[f"dropped/{HintDrop.RATE_LIMITED.value}"] += 1
+            metrics.record_hints(metrics.HintVerdict.LIMITED)
             return
         st.hints.append(raw)
 
@@ -202,7 +227,14 @@ class TickBatcher:
             st.new_epoch = True
         fo = FrameOutcome(chunk, Outcome.FALLBACK, reason, 0, 0)
         self.counters[fo.key] += 1
+        self._decided[fo.key] += 1
         return fo
+
+    def _record_decided(self) -> None:
+        """One metrics call per outcome key for what the bridge answered since the last one."""
+        if self._decided:
+            metrics.record_frames(Op.ENCODE.value, self._decided)
+            self._decided = Counter()
 
     async def tick(self) -> TickReport:
         t0 = time.perf_counter()
@@ -230,8 +262,15 @@ class TickBatcher:
             t_send = time.perf_counter()
             result = await self._call_codec(batch)
             codec_wait_ms = (time.perf_counter() - t_send) * 1000.0
+            ai_before = self.counters["ai"]
             frames.extend(self._apply(batch, result, send))
+            n_ai = self.counters["ai"] - ai_before
+            if n_ai:
+                metrics.observe_frame_latency(batch.op.value, np.full(n_ai, codec_wait_ms),
+                                              sample=LATENCY_SAMPLE_PER_TICK)
         accepted, dropped = await hint_task
+        self._record_decided()
+        metrics.set_streams_active(self.bridge_id, len(self.streams))
         overhead_ms = (time.perf_counter() - t0) * 1000.0 - codec_wait_ms
         return TickReport(
             tick=self.ticks, started_at=started_at, frames=frames, batch_size=len(send),
@@ -270,11 +309,13 @@ class TickBatcher:
         try:
             return await asyncio.wait_for(self.codec.process(batch), timeout)
         except asyncio.TimeoutError:
+            self._decided[f"fallback/{FallbackReason.DEADLINE.value}"] += len(batch)
             return BatchResult.all_fallback(batch, FallbackReason.DEADLINE)
         except Exception as exc:  # the client promises not to raise; the media path must not stop
             logger.warning(
                 "codec client raised %s; %d frames fall back", type(exc).__name__, len(batch)
             )
+            self._decided[f"fallback/{FallbackReason.ERROR.value}"] += len(batch)
             return BatchResult.all_fallback(batch, FallbackReason.ERROR)
 
     def _apply(
@@ -291,6 +332,7 @@ class TickBatcher:
         oc = np.full(b, err, np.int64)
         if have.any():
             oc[have] = np.asarray(result.outcome_codes)[row[have]]
+        answered = oc.copy()  # what the other side said (err where it said nothing)
         oc[(oc < 0) | (oc > len(REASON_CODES))] = err
         codes = None
         ai = oc == AI_CODE
@@ -312,6 +354,11 @@ class TickBatcher:
         counts = np.bincount(oc, minlength=len(keys))
         for c in np.flatnonzero(counts).tolist():
             self.counters[keys[c]] += int(counts[c])
+        overruled = (oc != answered) | ~have  # the bridge's own verdict: missing or bad answers
+        if overruled.any():
+            mine = np.bincount(oc[overruled], minlength=len(keys))
+            for c in np.flatnonzero(mine).tolist():
+                self._decided[keys[c]] += int(mine[c])
         epochs, seqs = batch.epochs.tolist(), batch.epoch_seqs.tolist()
         for i, (c, (st, chunk)) in enumerate(zip(oc.tolist(), send, strict=True)):
             epoch, seq = epochs[i], seqs[i]
@@ -352,8 +399,10 @@ class TickBatcher:
                 if n_ok and sid in self.streams:
                     self.streams[sid].last_hint = hints[n_ok - 1]
         self.hint_counters["accepted"] += accepted
+        metrics.record_hints(metrics.HintVerdict.ACCEPTED, accepted)
         for k, v in dropped.items():
             self.hint_counters[f"dropped/{k}"] += v
+            metrics.record_hints(hint_verdict(k), v)
         return accepted, dict(dropped)
 
     async def _allow(self, stream_ids: list[str], counts: list[int]) -> list[int]:

@@ -1,15 +1,19 @@
 """`auralink bench batching`: EDF deadline-aware batching vs Ray Serve `@serve.batch` vs none.
 
-One trace, one device, one model, every scheduler side by side:
+One trace, one device, one model, every scheduler side by side, at each deadline of
+`--deadline-ms` (default 20, 40 and 100 ms: one table each):
 
-- Trace: N streams, one 960-sample chunk per stream every 40 ms. Streams are spread over
+- Trace: streams sending one 960-sample chunk every 40 ms. Streams are spread over
   `--bridges` bridges with random tick phases; a bridge sends all its streams' chunks in one
   request per tick, which reaches the replica after a transit jitter (uniform 0..`--jitter-ms`).
-  A frame's deadline is its bridge send time + `--deadline-ms`. To hit a load exactly with a
-  whole number of streams, each chunk is present with probability p (voice activity / DTX).
+  A frame's deadline is its bridge send time + the deadline. The offered load is exact: a
+  rate of x streams is floor(x) streams sending every tick plus one that sends on the
+  fraction x - floor(x) of the ticks, spread evenly (a stream in DTX between talk spurts).
 - Schedulers:
   `edf`          `deployments.scheduler.EdfScheduler`, its latency model seeded from the profile
-                 and updated from every measured step; late frames are answered fallback at once.
+                 and updated from every measured step; frames it expires are answered fallback
+                 at once; when it holds frames for an expected chunk, the clock moves to the
+                 next arrival or its `hold_until`, as the replica's loop sleeps.
   `serve_batch`  Ray Serve's `@serve.batch` semantics (ray 2.60 `serve/batching.py`), emulated
                  in the same event loop: FIFO; a batch opens when the batcher takes its first
                  item and closes at `max_batch_size` items or `batch_wait_timeout_s` after it
@@ -37,6 +41,11 @@ One trace, one device, one model, every scheduler side by side:
 - Streaming state: a batch never holds two chunks of one stream. `@serve.batch` does not know
   that, so a batch it forms with two chunks of a stream runs as sub-steps (the k-th chunk of
   each stream in sub-step k), as a correct replica behind it would have to.
+- Step times are common random numbers: at one load every scheduler and every grid point
+  draws from the same seeded stream (emulated), so rows differ by policy, not by luck.
+- Per deadline: `edf_dominates` (EDF goodput >= `serve_batch`'s at every load) and the
+  targets (EDF misses <= 1% at 95% load, goodput >= 95% of capacity at 120%), which apply
+  where the deadline leaves room for batching: capacity >= 8 streams or deadline >= 100 ms.
 - Metrics per scheduler and load: miss_rate (frames not answered `ai` within their deadline,
   of all frames), goodput_fps, p50/p99 latency (bridge send -> codes, frames answered `ai`),
   wasted_compute_s (step time spent on frames that missed their deadline anyway, pro rata),
@@ -55,7 +64,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +151,19 @@ class Profile:
             else:
                 p50[b] = p99[b] = float(v)
         device = str(data.get("device", "unknown device"))
+        if data.get("machine"):  # the codec bench names the host and its thread count apart
+            threads = f", torch threads {data['threads']}" if data.get("threads") else ""
+            device = f"{device} ({data['machine']}{threads})"
         weights = str(data.get("weights", "unknown"))
-        return cls(p50, p99, device, f"{path}", weights)
+        return cls(p50, p99, device, _repo_relative(Path(path)), weights)
+
+
+def _repo_relative(path: Path) -> str:
+    """`path` relative to the repository when inside it (what a reader can open), else as is."""
+    try:
+        return str(path.resolve().relative_to(DEFAULT_JSON.parents[2]))
+    except ValueError:
+        return str(path)
 
 
 def build_codec(threads: int | None, capacity: int):
@@ -234,16 +254,26 @@ class Trace:
 
 def make_trace(rate_fps: float, duration_s: float, bridges: int, jitter_ms: float,
                deadline_ms: float, seed: int) -> Trace:
-    n_streams = max(1, math.ceil(rate_fps * TICK_S))
-    p_present = rate_fps * TICK_S / n_streams
+    """Exactly `rate_fps` offered: floor(rate x 40 ms) streams send a chunk every tick, and one
+    more stream (when the rate asks for a fraction of a stream) sends on that fraction of the
+    ticks, spread evenly (as a stream in DTX between talk spurts would)."""
+    streams_f = rate_fps * TICK_S
+    n_full = math.floor(streams_f + 1e-9)
+    frac = max(0.0, streams_f - n_full)
+    if frac < 1e-9:
+        frac = 0.0
+    n_streams = max(1, n_full + (1 if frac else 0))
     # Bridge tick phases depend on the seed only, so every load sees the same bridges.
     phase = np.random.default_rng(seed).uniform(0, TICK_S, size=max(1, bridges))
     rng = np.random.default_rng([seed, round(rate_fps * 1000)])
     bridge_of = np.arange(n_streams) % max(1, bridges)
     ticks = int(duration_s / TICK_S)
+    frac_phase = rng.random()
     sends, arrs, streams, seqs = [], [], [], []
     for k in range(ticks):
-        present = rng.random(n_streams) < p_present
+        present = np.ones(n_streams, bool)
+        if frac:  # the fractional stream: present when the running count of its share steps up
+            present[-1] = math.floor((k + 1) * frac + frac_phase) > math.floor(k * frac + frac_phase)
         for br in range(max(1, bridges)):
             members = np.nonzero(present & (bridge_of == br))[0]
             if not len(members):
@@ -327,12 +357,13 @@ def run_edf(tr: Trace, step_ms: StepCost, profile: Profile, cfg: SchedulerConfig
             rl.ran([f.ref for f in plan.run], t, end, tr.deadline)
             sched.complete(plan, ms)
             t = end
-        elif k < n:
-            t = max(t, float(tr.arrival[k]))
-        elif not len(sched):
+        elif k < n or plan.hold_until is not None:
+            # Idle until the next arrival or the scheduler's next decision, as the replica does.
+            wake = min(float(tr.arrival[k]) if k < n else math.inf,
+                       plan.hold_until if plan.hold_until is not None else math.inf)
+            t = max(t, wake)
+        else:
             break
-        else:  # only frames waiting behind their stream's earlier frame: next decision
-            t += 0.0005
     rl.queue_max = max(rl.queue_max, len(sched))
     return rl
 
@@ -430,58 +461,71 @@ def summarize(rl: RunLog, tr: Trace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ driver
+DEFAULT_DEADLINES_MS = (20.0, 40.0, 100.0)
+TARGET_MIN_STREAMS = 8  # the targets hold where capacity is at least this many streams
+TARGET_DEADLINE_MS = 100.0  # ... or at this deadline and above
+
+
 @dataclass
 class BenchConfig:
     compute: str = "emulated"
     loads: tuple[float, ...] = (0.5, 0.8, 0.95, 1.2)
     duration_s: float = 10.0
-    deadline_ms: float = 20.0
+    deadlines_ms: tuple[float, ...] = DEFAULT_DEADLINES_MS
     margin_ms: float = 1.0
     max_batch: int = 128
     bridges: int = 8
     jitter_ms: float = 2.0
     seed: int = 0
     serve_max_batch_sizes: tuple[int, ...] = ()  # empty: derived from the capacity batch
-    serve_wait_ms: tuple[float, ...] = (0.0, 2.0, 5.0, 10.0)
+    # batch_wait_timeout grid as fractions of the deadline (or absolute ms, see serve_wait_ms)
+    serve_wait_fractions: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5)
+    serve_wait_ms: tuple[float, ...] = ()  # non-empty: this grid (ms) at every deadline
     torch_threads: int | None = None
     clock: str = "wall"
 
 
-def serve_grid(cfg: BenchConfig, cap_batch: int) -> list[tuple[int, float]]:
+def serve_grid(cfg: BenchConfig, cap_batch: int, deadline_ms: float) -> list[tuple[int, float]]:
     sizes = cfg.serve_max_batch_sizes or tuple(sorted({max(1, cap_batch // 2), max(1, cap_batch),
                                                         min(cfg.max_batch, 2 * max(1, cap_batch))}))
-    return [(s, w / 1000.0) for s in sizes for w in cfg.serve_wait_ms]
+    waits = cfg.serve_wait_ms or tuple(round(f * deadline_ms, 3) for f in cfg.serve_wait_fractions)
+    return [(s, w / 1000.0) for s in sizes for w in waits]
 
 
-def run_bench(cfg: BenchConfig, profile: Profile, real: RealCompute | None) -> dict[str, Any]:
-    cap_fps, cap_b = capacity(profile, cfg.deadline_ms, cfg.margin_ms, cfg.jitter_ms, cfg.max_batch)
+def run_deadline(cfg: BenchConfig, deadline_ms: float, profile: Profile,
+                 real: RealCompute | None) -> dict[str, Any]:
+    """Every scheduler at every load for one deadline."""
+    cap_fps, cap_b = capacity(profile, deadline_ms, cfg.margin_ms, cfg.jitter_ms, cfg.max_batch)
     if cap_fps <= 0:
         raise SystemExit(
-            f"no batch size fits a {cfg.deadline_ms} ms deadline on this profile "
+            f"no batch size fits a {deadline_ms} ms deadline on this profile "
             f"(p99 at B=1 is {profile.p99_ms(1):.1f} ms): raise --deadline-ms or use a faster device")
-    half_fps, _ = capacity(profile, cfg.deadline_ms, cfg.margin_ms, cfg.jitter_ms, cfg.max_batch, 2)
+    half_fps, _ = capacity(profile, deadline_ms, cfg.margin_ms, cfg.jitter_ms, cfg.max_batch, 2)
     peak = max(b / profile.mean_ms(b) * 1000.0 for b in range(1, cfg.max_batch + 1))
-    sched_cfg = SchedulerConfig(deadline_ms=cfg.deadline_ms, max_batch=cfg.max_batch,
+    sched_cfg = SchedulerConfig(deadline_ms=deadline_ms, max_batch=cfg.max_batch,
                                 margin_ms=cfg.margin_ms, max_queue=1 << 20)
     results: list[dict[str, Any]] = []
-    grid = serve_grid(cfg, cap_b)
+    grid = serve_grid(cfg, cap_b, deadline_ms)
     for li, load in enumerate(cfg.loads):
-        tr = make_trace(load * cap_fps, cfg.duration_s, cfg.bridges, cfg.jitter_ms,
-                        cfg.deadline_ms, cfg.seed)
+        tr = make_trace(load * cap_fps, cfg.duration_s, cfg.bridges, cfg.jitter_ms, deadline_ms, cfg.seed)
 
-        def step_fn(tag: int, li: int = li) -> StepCost:
+        def step_fn(li: int = li) -> StepCost:
+            # Common random numbers: every scheduler (and grid point) at this load draws its
+            # step times from the same stream, so rows differ by policy, not by luck (and the
+            # best of the @serve.batch grid is not the luckiest of many draws).
             if real is not None:
                 return real
-            rng = np.random.default_rng(cfg.seed * 1000 + li * 10 + tag)
+            rng = np.random.default_rng([cfg.seed, round(deadline_ms * 1000), li])
             return lambda b: profile.sample_ms(b, rng)
 
-        common = {"load": load, "offered_fps": round(tr.offered_fps, 2), "n_streams": tr.n_streams}
+        common = {"load": load, "offered_fps": round(tr.offered_fps, 2), "n_streams": tr.n_streams,
+                  "offered_streams": round(load * cap_fps * TICK_S, 3)}
         t0 = time.perf_counter()
-        edf = summarize(run_edf(tr, step_fn(0), profile, sched_cfg, add_overhead=real is not None), tr)
+        edf = summarize(run_edf(tr, step_fn(), profile, replace(sched_cfg), add_overhead=real is not None), tr)
         results.append({"scheduler": "edf", **common, **edf})
         best: dict[str, Any] | None = None
-        for gi, (mbs, wait_s) in enumerate(grid):
-            rl = run_fifo_batches(tr, step_fn(1 + gi), serve_batches(tr.arrival, mbs, wait_s), cfg.deadline_ms)
+        for mbs, wait_s in grid:
+            rl = run_fifo_batches(tr, step_fn(), serve_batches(tr.arrival, mbs, wait_s), deadline_ms)
             s = summarize(rl, tr)
             s["max_batch_size"], s["batch_wait_timeout_s"] = mbs, wait_s
             if best is None or (s["goodput_fps"], -s["miss_rate"]) > (best["goodput_fps"], -best["miss_rate"]):
@@ -489,39 +533,62 @@ def run_bench(cfg: BenchConfig, profile: Profile, real: RealCompute | None) -> d
         assert best is not None
         best["grid"] = [[m, w] for m, w in grid]
         results.append({"scheduler": "serve_batch", **common, **best})
-        none = summarize(run_fifo_batches(tr, step_fn(99), serve_batches(tr.arrival, 1, 0.0),
-                                          cfg.deadline_ms), tr)
+        none = summarize(run_fifo_batches(tr, step_fn(), serve_batches(tr.arrival, 1, 0.0), deadline_ms), tr)
         results.append({"scheduler": "none", **common, **none})
-        log.info("load %.2f: %d streams, %.0f fps offered, edf miss %.4f goodput %.1f; "
-                 "serve_batch miss %.4f (bs=%d wait=%.3f); none miss %.4f  [%.1fs]",
-                 load, tr.n_streams, tr.offered_fps, edf["miss_rate"], edf["goodput_fps"],
-                 best["miss_rate"], best["max_batch_size"], best["batch_wait_timeout_s"],
-                 none["miss_rate"], time.perf_counter() - t0)
+        log.info("deadline %g ms, load %.2f: %.2f streams, %.1f fps offered, edf miss %.4f goodput "
+                 "%.1f; serve_batch miss %.4f goodput %.1f (bs=%d wait=%.3f); none miss %.4f  [%.1fs]",
+                 deadline_ms, load, common["offered_streams"], tr.offered_fps, edf["miss_rate"],
+                 edf["goodput_fps"], best["miss_rate"], best["goodput_fps"], best["max_batch_size"],
+                 best["batch_wait_timeout_s"], none["miss_rate"], time.perf_counter() - t0)
+    cap_streams = cap_fps * TICK_S
+    section = {
+        "deadline_ms": deadline_ms,
+        "capacity_fps": round(cap_fps, 2),
+        "capacity_batch": cap_b,
+        "capacity_streams": round(cap_streams, 2),
+        "half_deadline_capacity_fps": round(half_fps, 2),
+        "peak_fps": round(peak, 2),
+        "edf_dominates": dominates(results),
+        "targets": targets(results, cap_fps, deadline_ms),
+        "results": results,
+    }
+    return section
+
+
+def dominates(results: list[dict[str, Any]]) -> bool:
+    """EDF's goodput >= @serve.batch's (best grid point) at every load run."""
+    edf = {r["load"]: r["goodput_fps"] for r in results if r["scheduler"] == "edf"}
+    sb = {r["load"]: r["goodput_fps"] for r in results if r["scheduler"] == "serve_batch"}
+    return all(edf[load] >= sb[load] for load in sb)
+
+
+def run_bench(cfg: BenchConfig, profile: Profile, real: RealCompute | None) -> dict[str, Any]:
+    sections = [run_deadline(cfg, d, profile, real) for d in cfg.deadlines_ms]
     return {
-        "targets": targets(results, cap_fps),
         "device": profile.device,
         "compute": cfg.compute,
         "weights": profile.weights,
         "profile_source": profile.source,
         "latency_profile_ms": profile.as_json(),
-        "capacity_fps": round(cap_fps, 2),
-        "capacity_batch": cap_b,
         "capacity_definition": "max over B <= max_batch with p99(B) + margin + jitter <= deadline and mean(B) <= 40 ms of B / mean step time(B)",
-        "half_deadline_capacity_fps": round(half_fps, 2),
-        "peak_fps": round(peak, 2),
+        "edf_dominates_everywhere": all(d["edf_dominates"] for d in sections),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "host": machine_description(),
         "host_load_avg_1m": round(os.getloadavg()[0], 2),
         "torch_threads": cfg.torch_threads if real is not None or cfg.compute == "real" else None,
         "git": git_revision(),
-        "results": results,
+        "deadlines": sections,
     }
 
 
-def targets(results: list[dict[str, Any]], cap_fps: float) -> dict[str, Any]:
-    """The issue's targets, checked on this run's EDF rows (None where a load was not run)."""
+def targets(results: list[dict[str, Any]], cap_fps: float, deadline_ms: float) -> dict[str, Any]:
+    """The targets, checked on this deadline's EDF rows (absent where a load was not run).
+    They apply where the deadline leaves room for batching: a capacity of at least
+    TARGET_MIN_STREAMS streams, or a deadline of TARGET_DEADLINE_MS or more."""
     edf = {r["load"]: r for r in results if r["scheduler"] == "edf"}
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {
+        "apply": cap_fps * TICK_S >= TARGET_MIN_STREAMS or deadline_ms >= TARGET_DEADLINE_MS,
+    }
     if 0.95 in edf:
         out["edf_miss_rate_at_95"] = edf[0.95]["miss_rate"]
         out["edf_miss_at_95_le_1pct"] = edf[0.95]["miss_rate"] <= 0.01
@@ -534,15 +601,29 @@ def targets(results: list[dict[str, Any]], cap_fps: float) -> dict[str, Any]:
     return out
 
 
+def sections_of(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-deadline sections of a results file (a file from before per-deadline runs is one)."""
+    if "deadlines" in data:
+        return data["deadlines"]
+    legacy = {k: data[k] for k in ("capacity_fps", "capacity_batch", "half_deadline_capacity_fps",
+                                   "peak_fps", "targets", "results") if k in data}
+    legacy["deadline_ms"] = data["config"]["deadline_ms"]
+    legacy["capacity_streams"] = round(data["capacity_fps"] * TICK_S, 2)
+    legacy["edf_dominates"] = dominates(data["results"])
+    return [legacy]
+
+
 # ------------------------------------------------------------------------------------ docs
 SECTION_INTRO = """## batching
 
 EDF deadline-aware batching (`deployments/scheduler.py`) against Ray Serve's `@serve.batch`
-policy and no batching, on the same trace, device and model. Rows per offered load (fraction
-of capacity). Definitions (module docstring of `cluster/bench/batching.py`):
+policy and no batching, on the same trace, device and model, at each deadline. Rows per
+offered load (fraction of that deadline's capacity). Definitions (module docstring of
+`cluster/bench/batching.py`):
 
 - **capacity**: max over B <= max_batch with p99 step(B) + margin + jitter <= deadline and
-  mean step(B) <= 40 ms (one chunk per stream per step) of B / mean step(B).
+  mean step(B) <= 40 ms (one chunk per stream per step) of B / mean step(B). **streams**: the
+  offered load in 40 ms streams (a fractional stream sends on that fraction of the ticks).
 - **miss rate**: frames not answered `ai` within their deadline (late, fallback, or still
   queued when the run ends), of all frames. **goodput**: frames answered `ai` in time per s.
 - **p50/p99**: bridge send -> codes, frames answered `ai`. **wasted compute**: step time spent
@@ -552,26 +633,66 @@ of capacity). Definitions (module docstring of `cluster/bench/batching.py`):
   previous one runs and run one at a time; it computes every frame; a batch with two chunks of
   one stream runs as sub-steps (streaming state). The best grid point per load is shown.
   `none`: one frame per step, FIFO.
+- **EDF dominates**: EDF's goodput >= `serve_batch`'s at every load of that deadline. The
+  targets (EDF misses <= 1% at 95% load, EDF goodput >= 95% of capacity at 120%) apply where
+  the deadline leaves room for batching: capacity >= 8 streams, or a deadline >= 100 ms.
 """
+
+
+def markdown_section(sec: dict[str, Any]) -> list[str]:
+    t = sec.get("targets", {})
+    applies = t.get("apply", True)
+    lines = [
+        f"#### deadline {sec['deadline_ms']:g} ms",
+        "",
+        f"- capacity {sec['capacity_fps']} frames/s ({sec['capacity_streams']} streams) at "
+        f"B={sec['capacity_batch']}; if every frame had to fit one step in half the deadline: "
+        f"{sec['half_deadline_capacity_fps']} frames/s; device peak ignoring deadlines: "
+        f"{sec['peak_fps']} frames/s",
+        f"- EDF goodput >= `serve_batch`'s at every load: **{'yes' if sec['edf_dominates'] else 'no'}**",
+    ]
+    na = "does not apply: capacity below 8 streams"
+    if "edf_miss_rate_at_95" in t:
+        verdict = ("met" if t["edf_miss_at_95_le_1pct"] else "not met") if applies else na
+        lines.append(f"- target at 95% load, EDF misses <= 1%: **{t['edf_miss_rate_at_95']:.2%}** "
+                     f"({verdict})")
+    if "edf_goodput_over_capacity_at_120" in t:
+        verdict = ("met" if t["edf_goodput_at_120_ge_95pct"] else "not met") if applies else na
+        lines.append(f"- target at 120% load, EDF goodput >= 95% of capacity: "
+                     f"**{t['edf_goodput_over_capacity_at_120']:.1%}** ({verdict}); wasted "
+                     f"compute {t['edf_wasted_compute_s_at_120']} s; queue when arrivals stop "
+                     f"{t['edf_queue_end_at_120']} frames")
+    lines += [
+        "",
+        "| load | scheduler | streams | miss rate | goodput fps | p50 ms | p99 ms | wasted compute s | mean batch | queue max / at end | params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sec["results"]:
+        params = (f"bs={r['max_batch_size']}, wait={r['batch_wait_timeout_s'] * 1000:g} ms"
+                  if r["scheduler"] == "serve_batch" else "")
+        streams = r.get("offered_streams", r["n_streams"])
+        lines.append(
+            f"| {r['load']:.0%} | {r['scheduler']} | {streams:g} | {r['miss_rate']:.2%} | "
+            f"{r['goodput_fps']:.1f} | {r['p50_ms']} | {r['p99_ms']} | {r['wasted_compute_s']:.3f} | "
+            f"{r['mean_batch']} | {r['queue_max']} / {r['queue_end']} | {params} |")
+    return lines
 
 
 def markdown_run(data: dict[str, Any]) -> str:
     c = data["config"]
     title = "emulated compute (virtual clock)" if data["compute"] == "emulated" else "real compute"
+    label = ("emulated compute calibrated from the profile measured on " + data["device"]
+             if data["compute"] == "emulated" else "real compute on " + data["device"])
     lines = [
         f"### {title}",
         "",
         f"Command: `{data.get('command', 'auralink bench batching')}`",
         "",
-        f"- compute: **{data['compute']}**; step times from {data['device']} "
-        f"({data['profile_source']}); weights: **{data['weights']}**; run on {data['host']} "
-        f"(1-min load average {data.get('host_load_avg_1m')}) at {data['git']}",
+        f"- {label}; weights: **{data['weights']}**; profile from {data['profile_source']}; run "
+        f"on {data['host']} (1-min load average {data.get('host_load_avg_1m')}) at {data['git']}",
         f"- trace: 40 ms chunks, {c['bridges']} bridges with random phases, transit jitter "
-        f"0-{c['jitter_ms']} ms, deadline {c['deadline_ms']} ms from bridge send, margin "
-        f"{c['margin_ms']} ms, max batch {c['max_batch']}, {c['duration_s']} s per run, seed {c['seed']}",
-        f"- capacity {data['capacity_fps']} frames/s at B={data['capacity_batch']}; if every frame "
-        f"had to fit one step in half the deadline: {data['half_deadline_capacity_fps']} frames/s; "
-        f"device peak ignoring deadlines: {data['peak_fps']} frames/s",
+        f"0-{c['jitter_ms']} ms, deadline from bridge send, margin {c['margin_ms']} ms, max batch "
+        f"{c['max_batch']}, {c['duration_s']} s per run, seed {c['seed']}",
         "- step-time profile (ms): " + ", ".join(
             f"B={b}: p50 {v['p50']:.2f} / p99 {v['p99']:.2f}" for b, v in data["latency_profile_ms"].items()),
     ]
@@ -579,33 +700,11 @@ def markdown_run(data: dict[str, Any]) -> str:
         lines.append("- schedulers run one after another on the same machine; on a shared CPU "
                      "their step times move with other processes' load, so rows are not taken "
                      "under identical conditions (the emulated table replays one profile for all)")
-    p1 = data["latency_profile_ms"].get("1")
-    if c["deadline_ms"] != 20.0 and p1:
-        lines.append(f"- the deadline is {c['deadline_ms']:g} ms, not the 20 ms default: on this "
-                     f"device one chunk alone takes p50 {p1['p50']:.1f} / p99 {p1['p99']:.1f} ms, so "
-                     f"at 20 ms no batch size fits")
-    t = data.get("targets", {})
-    if "edf_miss_rate_at_95" in t:
-        lines.append(f"- target at 95% load, EDF misses <= 1%: **{t['edf_miss_rate_at_95']:.2%}** "
-                     f"({'met' if t['edf_miss_at_95_le_1pct'] else 'not met'})")
-    if "edf_goodput_over_capacity_at_120" in t:
-        lines.append(f"- target at 120% load, EDF goodput >= 95% of capacity: "
-                     f"**{t['edf_goodput_over_capacity_at_120']:.1%}** "
-                     f"({'met' if t['edf_goodput_at_120_ge_95pct'] else 'not met'}); wasted compute "
-                     f"{t['edf_wasted_compute_s_at_120']} s; queue when arrivals stop "
-                     f"{t['edf_queue_end_at_120']} frames")
-    lines += [
-        "",
-        "| load | scheduler | streams | miss rate | goodput fps | p50 ms | p99 ms | wasted compute s | mean batch | queue max / at end | params |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in data["results"]:
-        params = (f"bs={r['max_batch_size']}, wait={r['batch_wait_timeout_s'] * 1000:g} ms"
-                  if r["scheduler"] == "serve_batch" else "")
-        lines.append(
-            f"| {r['load']:.0%} | {r['scheduler']} | {r['n_streams']} | {r['miss_rate']:.2%} | "
-            f"{r['goodput_fps']:.1f} | {r['p50_ms']} | {r['p99_ms']} | {r['wasted_compute_s']:.3f} | "
-            f"{r['mean_batch']} | {r['queue_max']} / {r['queue_end']} | {params} |")
+    if "deadlines" not in data:
+        lines.append(f"- recorded at {data['git']}, before the scheduler decided from the step-time "
+                     "distribution; rerun the command to refresh it")
+    for sec in sections_of(data):
+        lines += [""] + markdown_section(sec)
     return "\n".join(lines)
 
 
@@ -630,7 +729,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "docs/bench/codec.json if present, else measure one here)")
     p.add_argument("--loads", default="0.5,0.8,0.95,1.2", help="comma-separated fractions of capacity")
     p.add_argument("--duration-s", type=float, default=None, help="trace length (default 10 emulated, 3 real)")
-    p.add_argument("--deadline-ms", type=float, default=20.0)
+    p.add_argument("--deadline-ms", default=",".join(f"{d:g}" for d in DEFAULT_DEADLINES_MS),
+                   help="comma-separated deadlines (ms); one table each")
     p.add_argument("--margin-ms", type=float, default=1.0)
     p.add_argument("--max-batch", type=int, default=None, help="default 128 emulated, 16 real")
     p.add_argument("--bridges", type=int, default=8)
@@ -643,13 +743,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "shared machine; needs --threads 1)")
     p.add_argument("--profile-reps", type=int, default=30, help="steps per batch size when measuring")
     p.add_argument("--serve-wait-ms", default="",
-                   help="batch_wait_timeout grid in ms (default 0, 10, 25, 50%% of the deadline)")
+                   help="batch_wait_timeout grid in ms (default 0, 10, 25, 50%% of each deadline)")
     p.add_argument("--serve-max-batch", default="", help="max_batch_size grid (default from capacity)")
     p.add_argument("--no-docs", action="store_true", help="do not refresh docs/benchmarks.md")
 
 
 def _floats(s: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in s.split(",") if x.strip())
+    return tuple(float(x) for x in str(s).split(",") if x.strip())
+
+
+def print_tables(data: dict[str, Any]) -> None:
+    for sec in data["deadlines"]:
+        t = sec["targets"]
+        print(f"\ndeadline {sec['deadline_ms']:g} ms: capacity {sec['capacity_fps']} fps "
+              f"({sec['capacity_streams']} streams, B={sec['capacity_batch']}); EDF dominates: "
+              f"{sec['edf_dominates']}; targets apply: {t['apply']}")
+        print(f"{'load':>5} {'scheduler':<12} {'streams':>8} {'miss':>8} {'goodput':>8} "
+              f"{'p99 ms':>8} {'wasted s':>9} {'batch':>6}  queue")
+        for r in sec["results"]:
+            print(f"{r['load']:>5.0%} {r['scheduler']:<12} {r['offered_streams']:>8.2f} "
+                  f"{r['miss_rate']:>8.4f} {r['goodput_fps']:>8.1f} {r['p99_ms']!s:>8} "
+                  f"{r['wasted_compute_s']:>9.3f} {r['mean_batch']:>6}  {r['queue_max']}/{r['queue_end']}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -658,12 +772,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(
         compute=args.compute, loads=_floats(args.loads),
         duration_s=args.duration_s or (3.0 if real_mode else 10.0),
-        deadline_ms=args.deadline_ms, margin_ms=args.margin_ms, max_batch=max_batch,
+        deadlines_ms=_floats(args.deadline_ms), margin_ms=args.margin_ms, max_batch=max_batch,
         bridges=args.bridges, jitter_ms=args.jitter_ms, seed=args.seed,
         serve_max_batch_sizes=tuple(int(x) for x in _floats(args.serve_max_batch)),
-        serve_wait_ms=_floats(args.serve_wait_ms) or tuple(
-            round(f * args.deadline_ms, 3) for f in (0.0, 0.1, 0.25, 0.5)), torch_threads=args.threads, clock=args.clock,
+        serve_wait_ms=_floats(args.serve_wait_ms), torch_threads=args.threads, clock=args.clock,
     )
+    if not cfg.deadlines_ms:
+        raise SystemExit("--deadline-ms needs at least one deadline")
     real: RealCompute | None = None
     profile: Profile | None = None
     profile_path = args.profile or (DEFAULT_PROFILE if DEFAULT_PROFILE.exists() and not real_mode else None)
@@ -689,9 +804,6 @@ def run(args: argparse.Namespace) -> int:
             refresh_docs()
         else:
             print("docs/benchmarks.md not refreshed: it is built from the default JSON paths")
-    for r in data["results"]:
-        print(f"{r['load']:>5.0%} {r['scheduler']:<12} miss {r['miss_rate']:.4f} goodput "
-              f"{r['goodput_fps']:.1f} p99 {r['p99_ms']} wasted {r['wasted_compute_s']:.3f} "
-              f"queue {r['queue_max']}/{r['queue_end']}")
-    print(f"capacity {data['capacity_fps']} fps; wrote {out}")
+    print_tables(data)
+    print(f"\nEDF dominates @serve.batch at every deadline: {data['edf_dominates_everywhere']}; wrote {out}")
     return 0

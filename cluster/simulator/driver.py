@@ -25,7 +25,8 @@ the report; ticks that started late are counted (`late_ticks`), not hidden.
 
 Dashboard. About once a wall second the run publishes a stats snapshot (live streams,
 replicas, frames and fallback reasons over the last second, egress kbit/s AI vs all-native,
-the first users and every opted-out one) to the dashboard's `StatsBoard` actor
+the hint limiter's health, the first users and every opted-out one, each with the AI state
+the bridge applies) to the dashboard's `StatsBoard` actor
 (deployments/dashboard.py); the dashboard URL is logged at start.
 
 Compact frames. In emulated compute the replica never looks at the PCM, so the bridge's
@@ -59,6 +60,7 @@ from cluster.simulator.report import (
     Accounting,
     TickRecord,
     fallback_amplification,
+    flooder_limit,
     percentile_from_hist,
     recovery_time,
     summarize_rates,
@@ -81,6 +83,7 @@ logger = logging.getLogger(__name__)
 
 TICK_S = CHUNK_SAMPLES / SAMPLE_RATE  # 40 ms of audio per stream per tick
 HINT_LIMIT_PER_S = 100.0
+HINT_BURST = 10  # the limiter's default burst (sfu_bridge.limiter.DEFAULT_BURST)
 SLOW_FOR_S = 5.0  # simulated seconds a slow-replica fault lasts
 # Streams per simulated bridge. A real bridge worker takes up to 2,000 (BridgeConfig); the
 # simulator packs up to 5,000 into one TickBatcher to spend fewer Serve calls per tick on a
@@ -561,10 +564,21 @@ class Simulation:
             "frames_total": self.acc.frames_total,
             "frames_ai": self.acc.frames_ai,
             "frames_fallback": self.acc.frames_fallback,
+            "limiter_health": self.limiter_health(),
             "users": users,
         }
         if self.cfg.publish_stats:
             self.env.publish_stats(self.bridges[0].bridge_id, self.last_stats)
+
+    def limiter_health(self) -> dict | None:
+        """The hint limiter's `health()` with its seconds in simulated time (None: no limiter)."""
+        lim = self.env.limiter
+        if lim is None or not hasattr(lim, "health"):
+            return None
+        h = lim.health()
+        h["unavailable_wall_s"] = h["unavailable_s"]
+        h["unavailable_s"] = round(h["unavailable_s"] / self.dilation, 3)
+        return h
 
     def _user_rows(self, limit: int = 40) -> list[dict]:
         """The first live users (by id) plus every opted-out one, for the dashboard's list."""
@@ -584,6 +598,10 @@ class Simulation:
                 "live": bool(st is not None),
                 "ai_enabled": user not in self.opted_out_users,
                 "bridge_opted_out": bool(st.opted_out) if st is not None else None,
+                # What the bridge applies now (the dashboard shows the supervisor's decision,
+                # this when the supervisor cannot be asked).
+                "bridge_state": None if st is None else (
+                    "opted_out" if st.opted_out else "unhealthy" if st.unhealthy else "on"),
                 "kind": StreamKind(int(self.pop.kind[slot])).name.lower(),
             })
         return rows
@@ -621,6 +639,8 @@ class Simulation:
         # Flooders: allowed hints per simulated second over the run; the first second is left
         # out of the steady-state figure because the limiter's burst allowance lands there.
         rates = {sid: self.limiter.allowed[sid] / max(sim_s, 1e-9) for sid in self.flooder_ids} if self.limiter else {}
+        limiter_health = self.limiter_health()
+        burst = int(getattr(self.env.limiter, "burst", HINT_BURST))
         frames_ai = acc.frames_ai
         frames_fb = acc.frames_fallback
         fallback_rate = frames_fb / acc.frames_total if acc.frames_total else 0.0
@@ -705,6 +725,12 @@ class Simulation:
             "limiter": self.env.limiter_label,
             "limiter_calls": self.limiter.calls if self.limiter else 0,
             "flooder_allowed_hints_per_s": summarize_rates(rates, HINT_LIMIT_PER_S),
+            # Fail-open/closed decisions, Redis errors and the time without Redis (simulated
+            # seconds), and whether the limit held, computed from both.
+            "limiter_health": limiter_health,
+            "flooder_limit": flooder_limit(
+                rates, HINT_LIMIT_PER_S, burst, sim_s, limiter_health,
+                flooders=len(self.flooder_ids)),
             # The limiter runs on Redis' clock: per wall second x D. Equal to the line above
             # when no tick ran late; if ticks lagged, simulated time stretched past wall/D.
             "flooder_allowed_hints_per_s_limiter_clock": summarize_rates(

@@ -27,6 +27,7 @@ from deployments.config import (
     DEFAULT_PROFILE_DEVICE,
     RAY_NAMESPACE,
     REPLICA_DEPLOYMENT,
+    ReplicaSettings,
     profile_ms,
 )
 from deployments.contract import CHUNK_SAMPLES, SAMPLE_RATE
@@ -309,6 +310,8 @@ class Environment:
             "latency_profile_device": self.profile_device,
             "deadline_ms": cfg.deadline_ms * dilation,
             "margin_ms": margin * dilation,
+            "frame_period_ms": ReplicaSettings().frame_period_ms * dilation,
+            "max_hold_ms": ReplicaSettings().max_hold_ms * dilation,
             "max_batch": max(64, 2 * streams_each),
             "capacity": max(64, int(streams_each * 2)),
             "max_queue": max(4096, 8 * streams_each),

@@ -193,3 +193,63 @@ def fallback_amplification(by_reason: dict[str, int]) -> dict:
     value = round((failed + unhealthy) / failed, 3) if failed else None
     return {"value": value, "deadline": deadline, "error": error, "unhealthy": unhealthy,
             "definition": AMPLIFICATION_NOTE}
+
+# A flooder's measured rate may exceed the limit by this much (plus the burst the limiter
+# grants once, spread over the run) and still count as held: GCRA is exact, the rest is
+# where the run's seconds were cut.
+HELD_TOLERANCE = 0.02
+
+
+def _rate_range(lo: float, hi: float) -> str:
+    return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+
+
+def flooder_limit(rates: dict[str, float], limit: float, burst: int, duration_s: float,
+                  limiter: dict | None, flooders: int | None = None) -> dict:
+    """Was the per-stream hint limit enforced on the flooders? Computed, never assumed: held
+    only if every flooder's measured rate is within `HELD_TOLERANCE` of the limit (plus the
+    one-off burst over `duration_s`) AND the limiter had Redis for the whole run (`limiter`
+    is `HintLimiter.health()` with seconds in the run's time; None = no limiter at all).
+
+    `summary` is the line the CLI prints and `verdict` the short form for tables, e.g.
+    "NOT held (limiter unavailable 12.3 s, fail-open)". `flooders`: how many there were,
+    when no limiter measured their rates."""
+    n = len(rates) or (flooders or 0)
+    if not n:
+        return {"count": 0, "held": None, "verdict": "no flooders", "summary": None}
+    if limiter is None or not rates:
+        verdict = "NOT held (no hint limiter)"
+        return {"count": n, "held": False, "verdict": verdict, "limit_per_s": limit,
+                "summary": f"flooders: {n} {verdict} (limit {limit:g})"}
+    lo, hi = min(rates.values()), max(rates.values())
+    ceiling = limit * (1 + HELD_TOLERANCE) + burst / max(duration_s, 1e-9)
+    within = hi <= ceiling
+    down_s = float(limiter.get("unavailable_s", 0.0))
+    available = down_s <= 0 and not limiter.get("calls_without_redis")
+    if not available and limiter.get("policy") == "fail-closed":
+        verdict = (f"NOT rate limited for {down_s:.1f} s (limiter unavailable, fail-closed: "
+                   "their hints were dropped)")
+    elif not available:
+        verdict = f"NOT held (limiter unavailable {down_s:.1f} s, {limiter.get('policy', 'fail-open')})"
+    elif not within:
+        verdict = f"NOT held ({100 * (hi / limit - 1):+.1f}% over the limit)"
+    else:
+        verdict = "held"
+    held = available and within
+    rate = _rate_range(round(lo, 2), round(hi, 2))
+    summary = (f"flooders: {n} held to {rate} hints/s (limit {limit:g})" if held
+               else f"flooders: {n} {verdict}: {rate} hints/s (limit {limit:g})")
+    return {
+        "count": n,
+        "held": held,
+        "within_limit": within,
+        "limiter_available_whole_run": available,
+        "limiter_unavailable_s": round(down_s, 3),
+        "limit_per_s": limit,
+        "held_ceiling_per_s": round(ceiling, 3),
+        "max_per_s": round(hi, 2),
+        "verdict": verdict,
+        "summary": summary,
+        "rule": f"held = every flooder within +{100 * HELD_TOLERANCE:g}% of the limit (plus the "
+                "burst over the run) AND the limiter reached Redis for the whole run",
+    }

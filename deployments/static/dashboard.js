@@ -42,20 +42,51 @@
 
   function fmt(n, digits) { return Number(n || 0).toLocaleString(undefined, { maximumFractionDigits: digits || 0 }); }
 
+  // The graph's y axis: at most `target` steps of 1, 2, 2.5 or 5 x 10^k from 0 to the first
+  // step at or above `maxKbps`, in kb/s below 1 Mb/s and in Mb/s above, with as many decimals
+  // as the step needs, so no two labels are the same. -> {top (kb/s), ticks: [{kbps, label}]}
+  function axisTicks(maxKbps, target) {
+    target = target || 4;
+    function nice(span) { // -> [step, steps]
+      const raw = span / target;
+      const mag = Math.pow(10, Math.floor(Math.log10(raw)));
+      const step = [1, 2, 2.5, 5, 10].map(m => m * mag).find(s => s >= raw * (1 - 1e-9));
+      return [step, Math.max(1, Math.ceil(span / step - 1e-9))];
+    }
+    let scale = 1, unit = "kb/s";
+    let [step, n] = nice(Math.max(maxKbps, 1));
+    if (n * step >= 1000) { // the top label would read 1,000 kb/s or more: use Mb/s
+      scale = 1000; unit = "Mb/s";
+      [step, n] = nice(maxKbps / scale);
+    }
+    let digits = 0;
+    while (digits < 6 && Math.abs(Math.round(step * Math.pow(10, digits)) - step * Math.pow(10, digits)) > 1e-6) digits++;
+    const ticks = [];
+    for (let i = 0; i <= n; i++) {
+      const v = i * step;
+      const text = i === 0 ? "0" : v.toLocaleString(undefined, { minimumFractionDigits: digits, maximumFractionDigits: digits });
+      ticks.push({ kbps: v * scale, label: text + " " + unit });
+    }
+    return { top: n * step * scale, ticks: ticks };
+  }
+  window.AuralinkDashboard = Object.freeze({ axisTicks: axisTicks });
+
   function draw() {
     const c = document.getElementById("graph");
     const ctx = c.getContext("2d");
     const w = c.width, h = c.height, pad = 40;
     ctx.clearRect(0, 0, w, h);
     ctx.strokeStyle = "#e3e7ec"; ctx.fillStyle = "#5b6675"; ctx.font = "11px sans-serif";
-    let max = 1;
-    for (const p of points) max = Math.max(max, p.sent, p.native);
-    max *= 1.15;
-    for (let i = 0; i <= 4; i++) {
-      const y = h - pad / 2 - (h - pad) * i / 4;
+    let peak = 1;
+    for (const p of points) peak = Math.max(peak, p.sent, p.native);
+    const axis = axisTicks(peak * 1.05);
+    const max = axis.top;
+    for (const t of axis.ticks) {
+      const y = h - pad / 2 - (h - pad) * t.kbps / max;
       ctx.beginPath(); ctx.moveTo(pad, y); ctx.lineTo(w - 8, y); ctx.stroke();
-      ctx.fillText(fmt(max * i / 4 / 1000, 1) + " Mb/s", 0, y - 2);
+      ctx.fillText(t.label, 0, y - 2);
     }
+    c.dataset.ticks = JSON.stringify(axis.ticks.map(t => t.label));
     function line(key, color) {
       ctx.strokeStyle = color; ctx.lineWidth = 2; ctx.beginPath();
       points.forEach((p, i) => {
@@ -95,14 +126,18 @@
     for (const u of rows) {
       const tr = document.createElement("tr");
       tr.dataset.user = u.user;
-      const state = !u.live ? "offline" : (u.bridge_opted_out ? "AI off (opted out)" : "AI on");
+      const s = aiState(u);
       tr.innerHTML = '<td class="user"></td><td class="stream"></td><td class="state"></td>' +
         '<td><label><input type="checkbox" class="ai-toggle"> AI compression</label></td>';
       tr.querySelector(".user").textContent = u.user;
       tr.querySelector(".stream").textContent = u.stream || "-";
       const st = tr.querySelector(".state");
-      st.textContent = state;
-      st.className = "state " + (u.live && !u.bridge_opted_out ? "state-on" : "state-off");
+      st.textContent = s.text;
+      st.className = "state " + (s.state === "on" ? "state-on" : "state-off");
+      st.dataset.state = s.state;
+      st.dataset.bridge = u.bridge_state || ""; // what the media path applies (up to ~1 s behind)
+      if (u.ai_state_from === "bridge") st.title = "the supervisor did not answer: what the bridge applies";
+      else if (u.bridge_state && u.bridge_state !== s.state && s.state !== "offline") st.title = "the bridge still applies: " + u.bridge_state;
       const box = tr.querySelector(".ai-toggle");
       const known = u.ai_enabled !== false;
       if (desired.has(u.user) && desired.get(u.user) === known) desired.delete(u.user);
@@ -111,6 +146,31 @@
       box.addEventListener("change", () => toggle(u.user, box.checked, box));
       body.appendChild(tr);
     }
+  }
+
+  // The supervisor's decision for a live user's stream (the bridge's, if it did not answer).
+  function aiState(u) {
+    if (!u.live) return { state: "offline", text: "offline" };
+    const state = u.ai_state || (u.bridge_opted_out ? "opted_out" : "on");
+    if (state === "opted_out") return { state: state, text: "AI off (opted out)" };
+    if (state === "unhealthy") {
+      const until = u.ai_off_until ? " until " + new Date(u.ai_off_until * 1000).toLocaleTimeString() : "";
+      return { state: state, text: "AI off (unhealthy)" + until };
+    }
+    return { state: "on", text: "AI on" };
+  }
+
+  function renderLimiter(lim) {
+    const el = document.getElementById("limiter");
+    if (!lim || (!lim.bridges_without_redis && !lim.unavailable_s)) { el.hidden = true; el.textContent = ""; return; }
+    const open = (lim.policies || []).includes("fail-open");
+    const cost = open ? fmt(lim.hints_fail_open) + " hints let through with no rate limit"
+                      : fmt(lim.hints_fail_closed) + " hints dropped";
+    el.textContent = "Hint limiter: " + (lim.bridges_without_redis
+      ? "Redis unavailable on " + lim.bridges_without_redis + " of " + lim.bridges + " bridge(s), "
+      : "Redis was unavailable, ") + fmt(lim.unavailable_s, 1) + " s without it (" +
+      (lim.policies || []).join(", ") + "): " + cost + ", " + fmt(lim.errors) + " Redis errors.";
+    el.hidden = false;
   }
 
   async function toggle(user, enabled, box) {
@@ -146,6 +206,7 @@
       while (points.length > HISTORY) points.shift();
       draw();
       renderReasons(s.fallback_by_reason);
+      renderLimiter(s.limiter);
       renderUsers(s.users || []);
       setStatus("live: " + new Date().toLocaleTimeString(), true);
     } catch (e) {

@@ -38,6 +38,40 @@ def test_aggregate_sums_bridges_and_drops_stale_snapshots():
     assert aggregate({})["fallback_rate"] == 0.0
 
 
+def test_users_get_the_supervisors_decision_else_the_bridges():
+    from deployments.dashboard import apply_ai_states
+
+    users = [
+        {"user": "u1", "stream": "u1-0", "live": True, "ai_enabled": True, "bridge_state": "on"},
+        {"user": "u2", "stream": "u2-0", "live": True, "ai_enabled": True, "bridge_state": "on"},
+        {"user": "u3", "stream": "u3-0", "live": True, "ai_enabled": True, "bridge_state": "unhealthy"},
+        {"user": "u4", "stream": None, "live": False, "ai_enabled": False},
+    ]
+    statuses = {
+        "u1-0": {"ai": False, "reason": "unhealthy", "off_until": 1234.5, "off_cause": "bad_rate"},
+        "u2-0": {"ai": False, "reason": "opted_out", "off_until": None, "off_cause": None},
+    }
+    apply_ai_states(users, statuses)
+    got = [(u["ai_state"], u["ai_off_until"], u["ai_state_from"]) for u in users]
+    assert got == [("unhealthy", 1234.5, "supervisor"), ("opted_out", None, "supervisor"),
+                   ("unhealthy", None, "bridge"), (None, None, None)]
+    assert users[0]["ai_off_cause"] == "bad_rate" and users[1]["ai_enabled"] is False
+    apply_ai_states(users, None)  # no answer from the supervisor: what the bridges apply
+    assert [u["ai_state"] for u in users] == ["on", "on", "unhealthy", None]
+
+
+def test_limiter_outage_is_in_the_stats():
+    ok = {"policy": "fail-open", "available": True, "unavailable_s": 0.0, "hints_fail_open": 0,
+          "hints_fail_closed": 0, "calls_without_redis": 0, "errors": 0}
+    down = dict(ok, available=False, unavailable_s=12.3, hints_fail_open=4321, calls_without_redis=300,
+                errors=3)
+    agg = aggregate({"b1": {"limiter_health": ok}, "b2": {"limiter_health": down}, "b3": {}})
+    assert agg["limiter"] == {"bridges": 2, "bridges_without_redis": 1, "unavailable_s": 12.3,
+                              "policies": ["fail-open"], "hints_fail_open": 4321, "hints_fail_closed": 0,
+                              "calls_without_redis": 300, "errors": 3}
+    assert aggregate({"b1": {}})["limiter"] is None
+
+
 def test_page_loads_nothing_from_elsewhere():
     for name in ("dashboard.html", "dashboard.js", "dashboard.css"):
         text = (STATIC / name).read_text()
@@ -178,3 +212,28 @@ def test_toggle_reaches_the_supervisor(server):
     assert off == {"u00042-0": "opted_out"}
     assert _call(f"{server['base']}/api/users/u00042/ai", token=op, body={"enabled": True})[0] == 200
     assert ray.get(sup.report.remote({"u00042-0": {"ai": 25, "fallback": {}, "user_id": "u00042"}})) == {}
+
+
+def test_stats_show_the_supervisors_decision_per_user(server):
+    """A stream the supervisor switched off as unhealthy is shown so, with when AI is retried,
+    even while the bridge's snapshot still says it applied nothing yet."""
+    import ray
+
+    sup = server["sup"]
+    for u in ("u7", "u8", "u9"):
+        ray.get(sup.register.remote(f"{u}-0", u))
+    t0 = time.time()
+    off = ray.get(sup.report.remote({"u7-0": {"ai": 10, "fallback": {"deadline": 40}}}))
+    assert off == {"u7-0": "unhealthy"}
+    ray.get(sup.opt_out.remote(user_id="u8"))
+    rows = [{"user": u, "stream": f"{u}-0", "live": True, "ai_enabled": True, "bridge_opted_out": False,
+             "bridge_state": "on"} for u in ("u7", "u8", "u9")]
+    ray.get(server["board"].publish.remote("bridge-users", {"streams_live": 3, "users": rows}))
+    status, stats = _call(f"{server['base']}/api/stats", token=_token("operator"))
+    assert status == 200 and stats["supervisor_error"] is None
+    by_user = {u["user"]: u for u in stats["users"]}
+    assert by_user["u7"]["ai_state"] == "unhealthy" and by_user["u7"]["ai_state_from"] == "supervisor"
+    assert t0 < by_user["u7"]["ai_off_until"] <= time.time() + 1.0  # the first backoff is 1 s
+    assert by_user["u8"]["ai_state"] == "opted_out" and by_user["u8"]["ai_enabled"] is False
+    assert by_user["u9"]["ai_state"] == "on"
+    ray.get(sup.opt_in.remote(user_id="u8"))

@@ -1,10 +1,13 @@
 """The dashboard in a real headless Chromium, end to end against a running `auralink simulate`:
-the bitrate graph updates, and the per-user toggle turns AI off in the simulated bridge
-(browser -> ingress -> FallbackSupervisor -> bridge -> stats board -> browser) and on again."""
+the bitrate graph updates with an axis a person can read, users switched off as unhealthy by
+the supervisor (a stalled replica) are shown so with when AI is retried, the per-user toggle
+turns AI off in the simulated bridge (browser -> ingress -> FallbackSupervisor -> bridge ->
+stats board -> browser) and on again, and a stopped Redis shows as a limiter warning."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -39,6 +42,31 @@ def _wait_for_url(proc: subprocess.Popen, log: Path, timeout_s: float) -> str:
     pytest.fail(f"no dashboard URL within {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
+# Records the text the page draws on canvases since the last clearRect: the graph's axis labels.
+CANVAS_TEXT_HOOK = """
+(() => {
+  const proto = CanvasRenderingContext2D.prototype;
+  const clear = proto.clearRect, fill = proto.fillText;
+  window.__canvasText = [];
+  proto.clearRect = function (...a) { window.__canvasText = []; return clear.apply(this, a); };
+  proto.fillText = function (text, ...a) { window.__canvasText.push(String(text)); return fill.call(this, text, ...a); };
+})();
+"""
+
+
+def _assert_readable_axis(labels: list[str]) -> None:
+    assert len(labels) >= 2, labels
+    assert len(set(labels)) == len(labels), f"duplicate axis labels: {labels}"
+    units = {lab.rsplit(" ", 1)[-1] for lab in labels}
+    assert len(units) == 1 and units <= {"kb/s", "Mb/s"}, labels
+    values = [float(lab.rsplit(" ", 1)[0].replace(",", "")) for lab in labels]
+    steps = {round(b - a, 9) for a, b in zip(values[:-1], values[1:], strict=True)}
+    assert values[0] == 0 and len(steps) == 1, labels  # from 0, evenly spaced
+    step = steps.pop()
+    mantissa = step / 10 ** math.floor(math.log10(step))
+    assert round(mantissa, 6) in (1, 2, 2.5, 5), labels
+
+
 def test_dashboard_graph_and_toggle_in_chromium(tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (bash scripts/setup.sh --test)")
@@ -50,8 +78,17 @@ def test_dashboard_graph_and_toggle_in_chromium(tmp_path):
     env.pop("REDIS_URL", None)
     out = tmp_path / "sim"
     log = tmp_path / "simulate.log"
+    # A latency profile one replica serves 8 streams with (the repository's CPU profile does
+    # not: its streams would be unhealthy all along). The replica stalls from 4 s to 9 s (its
+    # streams miss deadlines: the supervisor turns their AI off as unhealthy, then back on),
+    # and Redis stops at 30 s.
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"latency_profile_ms": {"1": 1.0, "8": 1.5, "64": 4.0},
+                                   "machine": "browser-test profile", "weights": "random"}))
     cmd = [sys.executable, "-m", "cluster.cli", "simulate", "--compute", "emulated", "--streams", "8", "--duration", "45", "--time-dilation", "1",
            "--replicas", "1", "--flooders", "0", "--forgers", "0", "--replayers", "0",
+           "--profile", str(profile), "--deadline-ms", "40",
+           "--fault", "slow-replica@4", "--fault", "stop-redis@30",
            "--no-progress", "--out", str(out)]
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
@@ -61,6 +98,7 @@ def test_dashboard_graph_and_toggle_in_chromium(tmp_path):
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.add_init_script(CANVAS_TEXT_HOOK)
             page.goto(f"{url}#token={token}")
             # The graph updates: its point count grows while the simulation runs.
             page.wait_for_function("Number(document.getElementById('graph').dataset.points) >= 2",
@@ -69,14 +107,30 @@ def test_dashboard_graph_and_toggle_in_chromium(tmp_path):
             page.wait_for_function(f"Number(document.getElementById('graph').dataset.points) > {first}",
                                    timeout=10_000)
             assert page.is_visible("#experimental")
+            # The axis as drawn: nice steps from 0, one unit, no label twice.
+            _assert_readable_axis(page.evaluate("window.__canvasText"))
+            # ... and at other ranges, among them the one that used to print 0.1, 0.1, 0.2, 0.2 Mb/s.
+            for peak, unit in ((57.5, "kb/s"), (172.5, "kb/s"), (230.0, "kb/s"), (999.0, "Mb/s"),
+                               (1234.0, "Mb/s"), (31_000.0, "Mb/s")):
+                axis = page.evaluate(f"window.AuralinkDashboard.axisTicks({peak})")
+                labels = [t["label"] for t in axis["ticks"]]
+                _assert_readable_axis(labels)
+                assert labels[-1].endswith(unit) and axis["top"] >= peak, (peak, labels)
+            # The supervisor's verdict while the replica stalls: AI off as unhealthy, and until when.
+            page.wait_for_function(
+                "[...document.querySelectorAll('#users tbody .state')].some("
+                "e => /^AI off \\(unhealthy\\) until \\d/.test(e.textContent))", timeout=40_000)
             page.wait_for_selector("#users tbody tr[data-user] .state-on", timeout=30_000)
             user = page.get_attribute("#users tbody tr[data-user]:has(.state-on)", "data-user")
             row = f"#users tbody tr[data-user='{user}']"
             page.uncheck(f"{row} .ai-toggle")
-            # Off in the bridge: the bridge reports the stream opted out in its next snapshot.
+            # The supervisor's decision at once, then off in the bridge: the bridge reports the
+            # stream opted out in a later snapshot.
             page.wait_for_function(
                 f"document.querySelector(\"{row} .state\")?.textContent === 'AI off (opted out)'",
                 timeout=20_000)
+            page.wait_for_function(
+                f"document.querySelector(\"{row} .state\")?.dataset.bridge === 'opted_out'", timeout=20_000)
             page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
             shot = os.environ.get("AURALINK_DASHBOARD_SCREENSHOT")
             if shot:
@@ -84,12 +138,20 @@ def test_dashboard_graph_and_toggle_in_chromium(tmp_path):
             page.check(f"{row} .ai-toggle")
             page.wait_for_function(
                 f"document.querySelector(\"{row} .state\")?.textContent === 'AI on'", timeout=20_000)
+            page.wait_for_function(
+                f"document.querySelector(\"{row} .state\")?.dataset.bridge === 'on'", timeout=20_000)
+            # Redis stops at 30 s: the page says the hint limit is not being enforced.
+            page.wait_for_selector("#limiter:not([hidden])", timeout=40_000)
+            warning = page.text_content("#limiter")
+            assert "Redis unavailable" in warning and "fail-open" in warning, warning
             browser.close()
         proc.wait(timeout=180)
         assert proc.returncode == 0, log.read_text()[-3000:]
         report = json.loads((out / "report.json").read_text())
         assert report["frames_unaccounted"] == 0
         assert report["fallback_by_reason"].get("opted_out", 0) > 0  # the toggle reached the media path
+        assert report["fallback_by_reason"].get("unhealthy", 0) > 0  # so did the supervisor's verdict
+        assert not report["limiter_health"]["available"]
     finally:
         if proc.poll() is None:
             proc.terminate()

@@ -1,7 +1,9 @@
-"""Metrics: local registry semantics, real Ray export to Prometheus, Grafana dashboard names."""
+"""Metrics: local registry semantics, real Ray export to Prometheus, Grafana dashboard names,
+and that every declared metric is recorded somewhere in the product."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -16,7 +18,9 @@ import pytest
 
 from cluster import metrics as m
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "cluster" / "grafana" / "auralink.json"
+REPO = Path(__file__).resolve().parents[2]
+DASHBOARD = REPO / "cluster" / "grafana" / "auralink.json"
+PRODUCT_PACKAGES = ("models", "deployments", "sfu_bridge", "autoscaling", "cluster")
 
 
 @pytest.fixture()
@@ -109,6 +113,94 @@ def test_grafana_dashboard_uses_only_defined_metrics() -> None:
     used = _dashboard_metric_names()
     for name in (m.FRAMES, m.STEP_LATENCY, m.BATCH_SIZE, m.SLOTS_IN_USE, m.HINTS, m.WIRE_BYTES):
         assert set(m.SPECS[name].prometheus_names()) & used, f"{name} not charted"
+
+
+def _metrics_recorded_by_helper() -> dict[str, set[str]]:
+    """Public helper of the metrics module -> the metrics (SPECS names) a call to it records,
+    read from the module's source: `_emit(..., NAME, ...)` / `_observe_many(NAME, ...)`, or a
+    call to another public helper."""
+    tree = ast.parse(Path(m.__file__).read_text())
+    consts = {
+        node.targets[0].id: node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and len(node.targets) == 1
+        and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Constant)
+        and node.value.value in m.SPECS
+    }
+    direct: dict[str, set[str]] = {}
+    calls: dict[str, set[str]] = {}
+    for fn in tree.body:
+        if not isinstance(fn, ast.FunctionDef) or fn.name.startswith("_"):
+            continue
+        direct[fn.name], calls[fn.name] = set(), set()
+        for node in ast.walk(fn):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+                continue
+            if node.func.id in ("_emit", "_observe_many"):
+                direct[fn.name] |= {consts[a.id] for a in node.args if isinstance(a, ast.Name) and a.id in consts}
+            else:
+                calls[fn.name].add(node.func.id)
+    recorded = {name: set(v) for name, v in direct.items()}
+    for _ in range(len(recorded)):  # helpers calling helpers (e.g. record_frame_outcome)
+        for name, callees in calls.items():
+            for c in callees & recorded.keys():
+                recorded[name] |= recorded[c]
+    return {name: v for name, v in recorded.items() if v}
+
+
+def _calls_in_product_code() -> dict[str, list[str]]:
+    """Every function name called in the product packages (not tests) -> where."""
+    found: dict[str, list[str]] = {}
+    for pkg in PRODUCT_PACKAGES:
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            if path.resolve() == Path(m.__file__).resolve():
+                continue  # the helpers calling each other record nothing by themselves
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Call):
+                    f = node.func
+                    name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", None)
+                    if name:
+                        found.setdefault(name, []).append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+def _recorded_in_product_code() -> dict[str, list[str]]:
+    """Metric name -> product call sites of helpers that record it."""
+    helpers = _metrics_recorded_by_helper()
+    calls = _calls_in_product_code()
+    out: dict[str, list[str]] = {}
+    for helper, names in helpers.items():
+        for name in names:
+            out.setdefault(name, []).extend(calls.get(helper, []))
+    return {k: v for k, v in out.items() if v}
+
+
+def test_every_declared_metric_is_recorded_by_product_code() -> None:
+    """A metric declared but never recorded is a Grafana panel that stays empty and a doc
+    that promises what the system does not show."""
+    helpers = _metrics_recorded_by_helper()
+    recorded = _recorded_in_product_code()
+    missing = {
+        name: sorted(h for h, names in helpers.items() if name in names)
+        for name in m.SPECS if name not in recorded
+    }
+    assert not missing, f"declared but never recorded outside tests (metric: its helpers): {missing}"
+
+
+def test_every_grafana_panel_charts_metrics_the_product_records() -> None:
+    by_series = {series: spec.name for spec in m.SPECS.values() for series in spec.prometheus_names()}
+    recorded = _recorded_in_product_code()
+    dash = json.loads(DASHBOARD.read_text())
+    empty = {}
+    for panel in (p for p in dash["panels"] if p.get("type") != "row"):
+        names = {by_series[s] for t in panel.get("targets", [])
+                 for s in re.findall(r"\bray_auralink_[a-z_]+", t["expr"]) if s in by_series}
+        assert names, f"panel {panel['title']!r} names no declared metric"
+        if not names & recorded.keys():
+            empty[panel["title"]] = sorted(names)
+    assert not empty, f"panels whose metrics nothing records: {empty}"
+    charted = {by_series[s] for s in _dashboard_metric_names() if s in by_series}
+    assert charted == set(m.SPECS), f"declared but not charted: {sorted(set(m.SPECS) - charted)}"
 
 
 def _free_port() -> int:

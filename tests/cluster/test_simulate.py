@@ -81,6 +81,44 @@ def test_fallback_amplification_counts_the_miss_and_what_the_supervisor_added():
     assert fallback_amplification({"deadline": 3, "error": 1, "unhealthy": 2})["value"] == 1.5
     assert fallback_amplification({"reset": 5})["value"] is None
 
+def _health(down_s: float = 0.0, policy: str = "fail-open", calls: int = 0) -> dict:
+    return {"policy": policy, "available": down_s == 0, "unavailable_s": down_s,
+            "calls_without_redis": calls, "hints_fail_open": 40 * calls, "hints_fail_closed": 0,
+            "errors": 3 if calls else 0}
+
+
+def test_flooder_summary_says_held_only_when_the_limit_was_enforced():
+    """'held' is computed from the measured rate vs the limit AND limiter availability."""
+    from cluster.simulate import limiter_text
+    from cluster.simulator.report import flooder_limit
+
+    # 20 s runs: the ceiling is 100 * 1.02 + 10 / 20 = 102.5 hints/s.
+    ok = flooder_limit({"f1": 100.08, "f2": 100.1}, 100.0, 10, 20.0, _health())
+    assert ok["held"] is True and ok["summary"] == "flooders: 2 held to 100.08-100.1 hints/s (limit 100)"
+    assert flooder_limit({"f1": 102.4}, 100.0, 10, 20.0, _health())["held"] is True
+    over = flooder_limit({"f1": 103.0}, 100.0, 10, 20.0, _health())
+    assert over["held"] is False
+    assert over["summary"] == "flooders: 1 NOT held (+3.0% over the limit): 103 hints/s (limit 100)"
+    # Redis went away: the limit was not enforced, whatever the measured rate.
+    outage = flooder_limit({"f1": 178.9}, 100.0, 10, 45.0, _health(12.3, calls=300))
+    assert outage["held"] is False and outage["limiter_unavailable_s"] == 12.3
+    assert outage["summary"] == (
+        "flooders: 1 NOT held (limiter unavailable 12.3 s, fail-open): 178.9 hints/s (limit 100)")
+    short = flooder_limit({"f1": 100.0}, 100.0, 10, 20.0, _health(0.4, calls=2))
+    assert short["held"] is False and "held to" not in short["summary"]
+    closed = flooder_limit({"f1": 60.0}, 100.0, 10, 20.0, _health(8.0, "fail-closed", calls=9))
+    assert closed["held"] is False and closed["summary"] == (
+        "flooders: 1 NOT rate limited for 8.0 s (limiter unavailable, fail-closed: their hints "
+        "were dropped): 60 hints/s (limit 100)")
+    none = flooder_limit({}, 100.0, 10, 20.0, None, flooders=2)
+    assert none["held"] is False and none["summary"] == "flooders: 2 NOT held (no hint limiter) (limit 100)"
+    assert flooder_limit({}, 100.0, 10, 20.0, _health())["summary"] is None
+    # The limiter line: only when it ran without Redis, with what that cost.
+    assert limiter_text(_health()) is None
+    assert limiter_text(_health(12.3, calls=300)) == (
+        "hint limiter: Redis unavailable 12.3 s, still down at the end (fail-open: 12,000 hints "
+        "let through unchecked; 300 limiter calls decided without Redis, 3 Redis errors)")
+
 
 def test_ramp_population_is_an_event_floor_trickle_burst_and_nobody_leaves():
     from cluster.simulator.traces import Ramp
@@ -169,11 +207,31 @@ def test_simulate_emulated_with_abusers_and_a_killed_replica(tmp_path):
     # 100/s plus the limiter's burst (10) spread over the run.
     assert fl["max_per_s"] <= 100 + 10 / 4.0 + 5
     assert fl["min_per_s"] >= 100 - 5
+    assert rep["limiter_health"]["available"] and rep["limiter_health"]["calls_without_redis"] == 0
+    assert rep["flooder_limit"]["held"] == (fl["max_per_s"] <= rep["flooder_limit"]["held_ceiling_per_s"])
     # The fault fired and is reported.
     assert [f["fault"] for f in rep["faults"]] == ["kill-replica@1.5"]
     assert "killed" in rep["faults"][0]["detail"]
     for name in ("latency_cdf", "outcomes", "replicas", "bandwidth"):
         assert Path(rep["plots"][name]).stat().st_size > 5000
+
+
+@pytest.mark.ray
+def test_simulate_reports_a_redis_outage_truthfully(tmp_path):
+    """Redis stops mid-run: the media keeps flowing, the limiter fails open, and the report
+    counts it and does not claim the flooder was held."""
+    rep = _run(tmp_path, streams=8, duration_s=4.0, compute="emulated", replicas=1, flooders=1,
+               forgers=0, replayers=0, faults=["stop-redis@1.5"], seed=2, time_dilation=3.0)
+    assert rep["frames_unaccounted"] == 0 and rep["frames_ai"] > 0
+    h = rep["limiter_health"]
+    assert h["policy"] == "fail-open" and not h["available"] and h["outages"] == 1
+    assert h["errors"] >= 1 and h["calls_without_redis"] > 0 and h["hints_fail_open"] > 0
+    # Down from its first failed call (just after 1.5 s) to the end (4 s), in simulated time.
+    assert 1.5 <= h["unavailable_s"] <= 2.5 + 0.5, h
+    fl = rep["flooder_limit"]
+    assert fl["held"] is False and not fl["limiter_available_whole_run"]
+    assert fl["summary"].startswith(f"flooders: 1 NOT held (limiter unavailable {h['unavailable_s']:.1f} s, fail-open): ")
+    assert rep["flooder_allowed_hints_per_s"]["max_per_s"] > 110  # 250/s offered, unchecked for 2.5 s
 
 
 @pytest.mark.ray

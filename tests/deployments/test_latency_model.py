@@ -1,9 +1,11 @@
-"""LatencyModel: conservative, monotone, learns from measured steps, round-trips."""
+"""LatencyModel: the step-time distribution and its conservative estimate; monotone, learns
+from measured steps, round-trips."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from deployments.latency_model import LatencyModel, bucket_of, bucket_sizes
@@ -19,14 +21,51 @@ def test_bucket_grid_is_geometric_and_floor():
         bucket_of(0)
 
 
-def test_profile_seeds_p99_and_margin_applies():
+def test_profile_seeds_a_log_normal_through_p50_and_p99_and_margin_applies():
     m = LatencyModel.from_profile({"1": {"p50": 2.0, "p99": 3.0}, "8": {"p50": 6.0, "p99": 8.0}},
                                   rel_margin=0.1)
-    assert m.estimate(1) == 3.0
-    assert m.predict(1) == pytest.approx(3.3)
-    assert m.estimate(8) == 8.0
-    # interpolated between buckets, constant below the first
-    assert m.estimate(4) == pytest.approx(3.0 + 5.0 * 3 / 7)
+    # the distribution goes through the profile's quantiles (32 seeds: the top one is p98.4)
+    assert m.quantile_ms(1, 0.5) == pytest.approx(2.0, rel=0.01)
+    assert m.quantile_ms(1, 0.9) == pytest.approx(2.0 * 1.5 ** (1.2816 / 2.3263), rel=0.02)
+    assert 0.98 <= m.p_within(1, 3.0) and m.p_within(1, 2.5) < 0.95
+    assert m.quantile_ms(8, 0.5) == pytest.approx(6.0, rel=0.01)
+    # the conservative estimate is the seeds' p95, between p50 and p99; margin on top
+    assert 2.0 < m.estimate(1) < 3.0
+    assert m.predict(1) == pytest.approx(1.1 * m.estimate(1))
+    # bare numbers seed one sample each: estimate = the number, a deterministic step
+    d = LatencyModel.from_profile({1: 3.0, 8: 8.0}, rel_margin=0.0)
+    assert d.estimate(1) == 3.0 and d.estimate(8) == 8.0
+    assert d.estimate(4) == pytest.approx(3.0 + 5.0 * 3 / 7)
+    assert d.p_within(1, 3.0) == 1.0 and d.p_within(1, 2.999) == 0.0
+
+
+def test_on_time_probability_follows_the_distribution_not_a_worst_case():
+    m = LatencyModel.from_profile({1: {"p50": 10.0, "p99": 16.0}, 8: {"p50": 30.0, "p99": 49.0}})
+    # a budget between the median and the p99 of one frame is likely, not hopeless
+    assert 0.5 < m.p_within(1, 13.0) < 0.99
+    assert m.p_within(1, 10.0) == pytest.approx(0.5, abs=0.02)
+    assert m.p_within(1, 5.0) == 0.0 and m.p_within(1, 100.0) == 1.0
+    # monotone: more time helps, more frames cost
+    budgets = [5.0, 9.0, 11.0, 14.0, 20.0, 35.0, 60.0]
+    grid = m.p_within_matrix([1, 2, 4, 8, 16], np.array(budgets))
+    assert (np.diff(grid, axis=1) >= 0).all() and (np.diff(grid, axis=0) <= 0).all()
+    assert grid[0] == pytest.approx([m.p_within(1, b) for b in budgets])
+    # a matrix of budgets, one row per size, reads each row against its own size
+    rows = m.p_within_matrix([1, 8], np.array([[12.0, 13.0], [31.0, 40.0]]))
+    assert rows[1, 1] == pytest.approx(m.p_within(8, 40.0))
+
+
+def test_a_bucket_first_measured_at_run_time_starts_from_the_interpolated_prior():
+    m = LatencyModel.from_profile({1: {"p50": 10.0, "p99": 16.0}, 8: {"p50": 30.0, "p99": 49.0}})
+    before = m.p_within(2, 15.0)
+    assert 0.3 < before < 1.0
+    m.observe(2, 25.0)  # one slow step of 2 frames
+    # one sample does not make "25 ms" the only possible outcome at B=2
+    assert m.p_within(2, 15.0) > 0.5 * before
+    assert m.to_dict()["samples"]["2"] == 33  # the 32-level prior + the measurement
+    for _ in range(200):
+        m.observe(2, 25.0)  # ... but a bucket that keeps measuring 25 ms learns it
+    assert m.p_within(2, 15.0) == 0.0 and m.quantile_ms(2, 0.5) == pytest.approx(25.0)
 
 
 def test_extrapolation_is_never_cheaper_than_per_frame_average():

@@ -152,11 +152,17 @@ def test_malformed_batches_get_clear_errors_and_replica_keeps_serving(codec_hand
 
 
 def test_client_answers_a_malformed_batch_without_raising(client, loop):
+    from deployments import metrics
+
+    reg = metrics.local_registry()
+    errors0 = reg.counter(metrics.FRAMES, op="encode", reason="error")
     b = _good(["c-a", "c-b"])
     b.deadlines = np.zeros(5)
     res = loop.run_until_complete(client.process(b))
     assert res.stream_ids == ["c-a", "c-b"]
     assert res.counts() == {"fallback/error": 2}
+    # decided by the client, so counted by the client (no replica saw these frames)
+    assert reg.counter(metrics.FRAMES, op="encode", reason="error") - errors0 == 2
     assert "deadlines must be an array of shape (2,)" in res.errors["c-a"]
 
 

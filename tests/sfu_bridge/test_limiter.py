@@ -206,6 +206,58 @@ def test_unreachable_redis_is_counted_never_raised_and_recovers(own_server, fail
     assert lim.counters.recoveries == 1 and lim.counters.last_error
 
 
+def test_outage_counts_decisions_errors_and_time_without_redis(own_server):
+    """What running without Redis cost is counted (calls and hints decided by the policy,
+    errors, seconds from the first failed call to the next success) and reaches the
+    metrics, so a report can say the limit was not enforced."""
+    from deployments import metrics as m
+
+    reg = m.local_registry()
+    calls0 = reg.counter(m.LIMITER_UNAVAILABLE, policy="open")
+    secs0 = reg.counter(m.LIMITER_UNAVAILABLE_SECONDS, policy="open")
+    lim = HintLimiter(own_server.client(), rate_per_s=1, burst=2, retry_after_s=0.05)
+    errs0 = reg.counter(m.LIMITER_ERRORS)  # all error types
+    assert lim.allow(["s"], [5]).tolist() == [2]
+    assert lim.available and lim.unavailable_seconds() == 0.0
+    own_server.stop()
+    t0 = time.monotonic()
+    assert lim.allow(["s", "t"], [3, 4]).tolist() == [3, 4]  # fail-open
+    t1 = time.monotonic()
+    calls = 1
+    while time.monotonic() - t1 < 0.2:  # Redis stays down: every call is the policy's
+        assert lim.allow(["s"], [1]).tolist() == [1]
+        calls += 1
+    before = time.monotonic()
+    down = lim.unavailable_seconds()  # the outage still going on is included
+    after = time.monotonic()
+    assert before - t1 <= down <= after - t0
+    h = lim.health()
+    assert h["policy"] == "fail-open" and not h["available"] and h["outages"] == 1
+    assert h["calls_without_redis"] == calls and lim.counters.unavailable_calls == calls
+    assert h["hints_fail_open"] == 7 + calls - 1 and h["hints_fail_closed"] == 0
+    assert h["errors"] >= 1 and sum(h["errors_by_type"].values()) == h["errors"]
+
+    own_server.start()
+    assert _wait_for(lambda: lim.allow(["s"], [5]).tolist() == [2])
+    t_up = time.monotonic()
+    assert lim.available and lim.counters.recoveries == 1
+    total = lim.unavailable_seconds()
+    assert down < total <= t_up - t0
+    assert lim.unavailable_seconds() == total  # the clock stopped with the outage
+    assert reg.counter(m.LIMITER_UNAVAILABLE, policy="open") - calls0 == lim.counters.unavailable_calls
+    assert reg.counter(m.LIMITER_UNAVAILABLE_SECONDS, policy="open") - secs0 == pytest.approx(total)
+    assert reg.counter(m.LIMITER_ERRORS) - errs0 == lim.counters.errors
+
+
+def test_fail_closed_outage_drops_hints_and_says_so(own_server):
+    lim = HintLimiter(own_server.client(), rate_per_s=1, burst=2, fail_open=False, retry_after_s=0.05)
+    own_server.stop()
+    assert lim.allow(["s", "t"], [3, 4]).tolist() == [0, 0]
+    h = lim.health()
+    assert h["policy"] == "fail-closed" and not h["available"]
+    assert h["hints_fail_closed"] == 7 and h["hints_fail_open"] == 0 and h["calls_without_redis"] == 1
+
+
 def test_limiter_built_while_redis_is_down(tmp_path):
     srv = EmbeddedRedis(tmp_path / "late")
     try:

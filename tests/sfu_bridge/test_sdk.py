@@ -33,8 +33,13 @@ class SeenStreams:
 
 
 def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, streaming_codec, secret, caplog):
+    from deployments import metrics as m
+    from sfu_bridge.aic_payload import payload_size
+
     caplog.set_level(logging.DEBUG)
     codec = SeenStreams(InProcessCodec(streaming_codec))
+    reg = m.local_registry()
+    wire0 = {p: reg.counter(m.WIRE_BYTES, path=p) for p in ("ai", "native")}
 
     async def go():
         limiter = AsyncHintLimiter(connect_async(), bridge_id="test-sdk")  # embedded Redis
@@ -65,13 +70,14 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
             received = aic.stats.aic_frames
             stats = server.media.stats()
             stats["aic_received"] = received
+            wire = {p: reg.counter(m.WIRE_BYTES, path=p) - wire0[p] for p in ("ai", "native")}
             lim = dataclasses.replace(limiter.counters)  # snapshot with the stats
             ticks = server.media.batcher.ticks
             statuses = [await aic.stop(), await plain.stop(), await pub.stop()]
         await limiter.aclose()
-        return ok, ok_plain, aic, plain, pub, stats, statuses, lim, ticks, late, restarts
+        return ok, ok_plain, aic, plain, pub, stats, statuses, lim, ticks, late, restarts, wire
 
-    ok, ok_plain, aic, plain, pub, stats, statuses, lim, ticks, late, restarts = asyncio.run(go())
+    ok, ok_plain, aic, plain, pub, stats, statuses, lim, ticks, late, restarts, wire = asyncio.run(go())
     assert ok and ok_plain, (aic.stats, plain.stats)
     assert statuses == [200, 200, 200]
     # the AIC subscriber decoded every AIC frame to 40 ms of 24 kHz audio, epoch by epoch
@@ -102,6 +108,11 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
     opus_kind = next(k for k in plain.meter.rx if k.startswith("rtp/"))
     opus_bytes = plain.meter.bytes_per_datagram("rx", opus_kind)
     assert 0 < aic_bytes < opus_bytes
+    # the payload bytes sent reach the metrics by codec path (AIC payloads have one size;
+    # the last tick's bytes may still be waiting for the end of its fan-out)
+    ai_payload = payload_size(8, 3)
+    assert 0 < wire["ai"] <= stats["packets"]["aic"] * ai_payload and wire["ai"] % ai_payload == 0
+    assert wire["native"] > 0  # the plain subscriber's forwarded Opus
     assert aic_bytes * 25 < opus_bytes * 50 / 2  # AIC needs < half of Opus's wire rate
     # privacy: no hint, code or audio bytes in any log record (DEBUG, all loggers)
     text = "\n".join(r.getMessage() for r in caplog.records)

@@ -316,3 +316,72 @@ def test_supervisor_decisions_switch_streams_off_and_back_on(streaming_codec):
     }
     assert tick({}) == {"a": "ai", "b": "ai", "c": "fallback/opted_out"}
     assert tb.streams["a"].epoch > first_epoch  # the gap started a new epoch
+
+
+def test_bridge_decisions_reach_the_metrics(secret, sine_chunk):
+    """What the bridge decides is recorded where it decides it, once per tick: its own
+    fallbacks (opted_out, unhealthy, overload, a stuck client, a bad answer) but not the
+    frames a replica answered (the replica counts those), AI frames' latency, hints by
+    verdict, and the streams it carries."""
+    from deployments import metrics as m
+
+    reg = m.local_registry()
+
+    def frames(**tags):
+        return reg.counter(m.FRAMES, op="encode", **tags)
+
+    before = {r: frames(reason=r) for r in ("opted_out", "unhealthy", "overload", "deadline", "error")}
+    ai_before = frames(outcome="ai")
+    lat_before = reg.histogram_count(m.FRAME_LATENCY, op="encode")
+    hints_before = {v: reg.counter(m.HINTS, verdict=v.value) for v in m.HintVerdict}
+
+    verifiers = {s: HintVerifier(secret, s) for s in ("on", "busy")}
+    signer = HintSigner(secret)
+    tb = TickBatcher(
+        ScriptedClient(_answer), bridge_id="metrics-bridge", deadline_ms=500.0, max_backlog=1,
+        hint_checker=lambda sid, raw: verifiers[sid].verify(sid, raw),
+        limiter=type("OnePerStream", (), {"allow": lambda self, ids, counts: [1] * len(ids)})(),
+        max_hints_per_tick=4,
+    )
+    tb.join("opt", opted_out=True)
+    for sid in ("on", "sick", "busy"):
+        tb.join(sid)
+    tb.apply_decisions({"sick": "unhealthy"})
+    for sid in ("on", "opt", "sick"):
+        tb.push(Chunk(sid, sine_chunk(100, 0)))
+    for i in range(3):  # two beyond the backlog limit: shed as overload
+        tb.push(Chunk("busy", sine_chunk(100, i)))
+    good = [signer.sign("on", Hint(1, 6.0, 1, seq=i)) for i in range(1, 4)]
+    for raw in good[:2]:
+        tb.add_hint("on", raw)  # the limiter lets one through: 1 accepted, 1 limited
+    tb.add_hint("on", good[0])  # replayed
+    tb.add_hint("busy", good[2])  # signed for another stream: forged
+    tb.add_hint("busy", b"\x00" * 3)  # malformed
+    for _ in range(3):  # forged (right size, no valid tag); the one beyond
+        tb.add_hint("busy", b"\x01" * 16)  # max_hints_per_tick is limited before any check
+    report = run(tb.tick())
+    assert sorted(f.key for f in report.frames) == sorted(
+        ["ai", "ai", "fallback/opted_out", "fallback/unhealthy", "fallback/overload", "fallback/overload"])
+    assert frames(reason="opted_out") - before["opted_out"] == 1
+    assert frames(reason="unhealthy") - before["unhealthy"] == 1
+    assert frames(reason="overload") - before["overload"] == 2
+    assert frames(outcome="ai") == ai_before  # answered by the replica, counted there
+    assert reg.histogram_count(m.FRAME_LATENCY, op="encode") - lat_before == 2
+    assert reg.gauge(m.STREAMS_ACTIVE, bridge="metrics-bridge") == 4
+    got = {v: reg.counter(m.HINTS, verdict=v.value) - hints_before[v] for v in m.HintVerdict}
+    assert got == {m.HintVerdict.ACCEPTED: 1, m.HintVerdict.LIMITED: 2, m.HintVerdict.REPLAYED: 1,
+                   m.HintVerdict.FORGED: 3, m.HintVerdict.MALFORMED: 1}
+
+    # A client that never answers (the bridge gives up: deadline), then a replica answering
+    # with an outcome code no reason has (the bridge overrules it: error).
+    tb.codec, tb.deadline_ms = StuckClient(), 5.0
+    tb.push(Chunk("on", sine_chunk(100, 1)))
+    run(tb.tick())
+    assert frames(reason="deadline") - before["deadline"] == 1
+    tb.codec, tb.deadline_ms = ScriptedClient(lambda b: _answer(b, outcome=[250])), 500.0
+    tb.push(Chunk("on", sine_chunk(100, 2)))
+    run(tb.tick())
+    assert frames(reason="error") - before["error"] == 1
+    tb.leave("sick")
+    run(tb.tick())
+    assert reg.gauge(m.STREAMS_ACTIVE, bridge="metrics-bridge") == 3
