@@ -2,8 +2,10 @@
 
 `up` starts a Ray head node (`ray start --head`, dashboard on, every port chosen free unless
 given, its own temp dir so several clusters can share a machine), then deploys
-serve_config.yaml through the real `serve deploy`, waits until the app is RUNNING, and prints
-how to check it (`serve status`) and how to stop it. It writes a small state file (ports,
+serve_config.yaml through the real `serve deploy`, waits until the app is RUNNING, starts
+`--bridges` bridge workers next to it (`auralink bridges up`: Ray actors under the bridge
+registry, cluster/bridge_registry.py), and prints how to check it (`auralink status`, `serve
+status`) and how to stop it. It writes a small state file (ports,
 temp dir, where the secret is) that `--down` uses to stop exactly this cluster's processes.
 
 The cluster secret (operator tokens, WHIP/WHEP tokens, hint keys) reaches the Serve app as a

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,9 @@ def test_up_with_bridges_any_worker_url_reaches_the_stream(tmp_path, secret, tok
         if state_file.exists():
             down = _cli("up", "--down", "--state-file", str(state_file), env=env, timeout=180)
             assert down.returncode == 0, down.stderr[-2000:]
+    import psutil
+
+    time.sleep(1.0)
+    left = [w["pid"] for w in workers if psutil.pid_exists(w["pid"])
+            and psutil.Process(w["pid"]).status() != psutil.STATUS_ZOMBIE]
+    assert left == [], f"bridge worker processes outlived `up --down`: {left}"
