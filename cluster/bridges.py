@@ -83,8 +83,37 @@ def connect(address: str | None, state_file: str) -> None:
 
     from deployments.config import RAY_NAMESPACE
 
-    ray.init(address=address or "auto", namespace=RAY_NAMESPACE, log_to_driver=False,
-             logging_level=logging.WARNING, configure_logging=False)
+    problem = _unreachable(address or "auto")
+    if problem:
+        raise NoCluster(problem)
+    try:
+        ray.init(address=address or "auto", namespace=RAY_NAMESPACE, log_to_driver=False,
+                 logging_level=logging.WARNING, configure_logging=False)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise NoCluster(f"no Ray cluster at {address or 'auto'}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _unreachable(address: str) -> str | None:
+    """Why no GCS answers at `address` (None: one does). Checked first: ray.init would retry
+    an unreachable address for minutes."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    try:
+        resolved = canonicalize_bootstrap_address_or_die(address)
+    except (ConnectionError, ValueError) as exc:
+        return f"no Ray cluster at {address}: {exc}"
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3.0).close()
+    except (OSError, ValueError) as exc:
+        return f"no Ray cluster answers at {resolved} ({exc})"
+    return None
+
+
+class NoCluster(RuntimeError):
+    """`connect` found no Ray cluster to join."""
 
 
 def fleet_settings(args: argparse.Namespace) -> Any:
@@ -158,7 +187,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"auralink bridges: {exc}", file=sys.stderr)
         return 2
-    connect(args.address, args.state_file)
+    try:
+        connect(args.address, args.state_file)
+    except NoCluster as exc:
+        print(f"auralink bridges: {exc} (start one with `auralink up`, or give --address)", file=sys.stderr)
+        return 1
     if args.action == "up":
         if not fleet.secret_file:
             from auth.secret import SecretUnavailable, provision_secret

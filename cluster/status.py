@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ def format_serve(status: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster.bridges import connect, format_status, registry_status
+    from cluster.bridges import NoCluster, connect, format_status, registry_status
 
     dashboard = args.dashboard
     if Path(args.state_file).exists():
@@ -52,8 +53,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         serve = serve_status(dashboard)
     except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
-        serve, rc = {"error": str(exc)[-300:]}, 1
-    connect(args.address, args.state_file)
+        serve, rc = {"error": (str(exc).strip().splitlines() or [""])[-1][-300:]}, 1
+    try:
+        connect(args.address, args.state_file)
+    except NoCluster as exc:
+        if "error" in serve:
+            print(f"serve status failed: {serve['error']}", file=sys.stderr)
+        print(f"auralink status: {exc}", file=sys.stderr)
+        return 1
     bridges = registry_status()
     if args.json:
         print(json.dumps({"serve": serve, "bridges": bridges}, indent=2, default=str))
