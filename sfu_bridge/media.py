@@ -38,12 +38,12 @@ from aiortc.rtcrtpparameters import RTCRtpParameters
 from aiortc.rtp import RtpPacket
 from aiortc.utils import random16, random32
 
-from deployments import metrics
 from deployments.contract import CHUNK_SAMPLES, Outcome, bandwidth_codebooks
 from models.opus import OpusCodec
 from sfu_bridge import rtp_ext
 from sfu_bridge.aic_payload import pack_payloads
 from sfu_bridge.tick import Chunk, FrameOutcome, TickBatcher, TickReport
+from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
