@@ -38,6 +38,7 @@ Pure logic (numpy for the distribution), no Ray, no clock: the caller passes mea
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -93,6 +94,17 @@ def bucket_of(batch: int) -> int:
     if batch < 1:
         raise ValueError(f"batch size must be >= 1, got {batch}")
     return _BUCKETS[bisect.bisect_right(_BUCKETS, batch) - 1]
+
+
+@functools.lru_cache(maxsize=1024)
+def _order_statistics(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lo, hi, frac): the levels' positions among n sorted samples, interpolated linearly."""
+    pos = _LEVELS * (n - 1)
+    lo = np.floor(pos).astype(np.intp)
+    out = (lo, np.minimum(lo + 1, n - 1), pos - lo)
+    for a in out:
+        a.flags.writeable = False
+    return out
 
 
 def _quantile(samples: Iterable[float], q: float) -> float:
@@ -161,6 +173,7 @@ class LatencyModel:
         self._cdf_offset = np.zeros(0)
         self._cdf_x = np.zeros(0)
         self._cdf_p = np.zeros(0)
+        self._cdf_half = 0.0
         self._cdf_ok = False
 
     # ----------------------------------------------------------------------------- building
@@ -262,9 +275,9 @@ class LatencyModel:
         self.version += 1
         if self._rows is None:
             return
-        self._cdf_ok = False
         if old is None or old.sizes != env.sizes:
             self._rows = self._row_means = None
+            self._cdf_ok = False
             return
         sizes, n, cached = env.sizes, len(env.sizes), len(self._rows)
         moved = np.flatnonzero((old.dist != env.dist).any(axis=1))
@@ -281,9 +294,15 @@ class LatencyModel:
         if lo > hi:
             return
         b = np.arange(lo, hi + 1)
-        self._rows[lo - 1:hi] = self._interpolate_rows(b)
+        rows = self._rows[lo - 1:hi] = self._interpolate_rows(b)
         assert self._row_means is not None
-        self._row_means[lo - 1:hi] = self._rows[lo - 1:hi, 1:-1].mean(axis=1)
+        self._row_means[lo - 1:hi] = rows[:, 1:-1].mean(axis=1)
+        if self._cdf_ok and float(rows[:, -1].max()) < self._cdf_half - BUDGET_LIMIT_MS - 1.0:
+            # The same rows of the CDF axis, in place (same offsets, same arithmetic).
+            axis = self._cdf_x.reshape(len(self._rows), len(_LEVELS) + 2)
+            axis[lo - 1:hi, 1:-1] = rows - _RAMP + self._cdf_offset[lo - 1:hi, None]
+        else:
+            self._cdf_ok = False
 
     def _stale(self) -> bool:
         """Samples are waiting and due: a new bucket, nothing built yet, or refresh_every
@@ -323,20 +342,21 @@ class LatencyModel:
         """(quantile estimate, distribution row) of one bucket's samples, cached until it changes."""
         cached = self._bucket_stats.get(bucket)
         if cached is None:
-            xs = np.sort(np.fromiter(self._samples[bucket], float))
-            n = len(xs)
+            samples = self._samples[bucket]
+            n = len(samples)
+            xs = np.array(samples)
+            xs.sort()
             k = min(n - 1, max(0, math.ceil(self.quantile * n) - 1))  # nearest rank above
-            pos = _LEVELS * (n - 1)  # linear interpolation between order statistics
-            lo = np.floor(pos).astype(int)
-            hi = np.minimum(lo + 1, n - 1)
-            row = xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
+            lo, hi, frac = _order_statistics(n)  # linear interpolation between them
+            row = xs.take(lo)
+            row += frac * (xs.take(hi) - row)
             # The tail beyond the top level: a window's largest sample is not the largest step
             # the device takes. Spread the last 1/(2 DIST_LEVELS) of probability up to
             # q_top * sqrt(q_top / median) (about a log-normal's p99.9 from its p98.4), so a
             # budget just above the largest sample is "very likely", not certain.
-            q_top, q_med = row[-2], float(np.interp(0.5, _LEVELS, row))
+            q_top, q_med = float(row[-2]), float(np.interp(0.5, _LEVELS, row))
             if q_med > 0:
-                row[-1] = max(row[-1], q_top * math.sqrt(q_top / q_med))
+                row[-1] = max(float(row[-1]), q_top * math.sqrt(q_top / q_med))
             cached = self._bucket_stats[bucket] = (float(xs[k]), row)
         return cached
 
@@ -425,7 +445,8 @@ class LatencyModel:
         rows = self._rows
         assert rows is not None
         n_rows = len(rows)
-        half = BUDGET_LIMIT_MS + float(rows[:, -1].max()) + 1.0
+        # Room for the rows to double before the axis must be laid out again.
+        half = self._cdf_half = BUDGET_LIMIT_MS + 2.0 * float(rows[:, -1].max()) + 1.0
         width = 2.0 * half
         offset = np.arange(n_rows) * width
         x = np.empty((n_rows, len(_LEVELS) + 2))

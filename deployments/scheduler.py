@@ -119,11 +119,14 @@ def _first_best(value: np.ndarray) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _windows(n: int, n_starts: int, kmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For windows of the grid sizes up to kmax starting at 0..n_starts-1 over n frames:
-    (starts [S, 1], ends clipped to n [S, K], windows running past the last frame [S, K])."""
+    """For windows of the grid sizes up to kmax starting at 0..n_starts-1 over n frames, as
+    flat indices into a [sizes, n + 1] array of cumulative sums: (first [S, K], end [S, K]),
+    and 0 for a window within the frames, -inf for one running past the last [S, K]."""
+    ks = _size_grid(kmax)
     starts = np.arange(n_starts)[:, None]
-    end = starts + _size_grid(kmax)
-    out = (starts, np.minimum(end, n), end > n)
+    end = starts + ks
+    row = np.arange(len(ks)) * (n + 1)
+    out = (row + starts, row + np.minimum(end, n), np.where(end > n, -np.inf, 0.0))
     for a in out:
         a.flags.writeable = False
     return out
@@ -524,9 +527,11 @@ class EdfScheduler:
         queued = [f for f in cands if len(self._pending[f.stream_id]) > 1]
         if not queued:
             return []
+        view = self._view
+        assert view is not None
         k = min(len(cands), self.config.max_batch)
-        p = self.model.p_within_matrix([k], self._slack_ms(queued, now, margin_s))[0]
-        return [f for f, pf in zip(queued, p, strict=True) if pf < self.config.catch_up_p]
+        p = np.interp(self._slack_ms(queued, now, margin_s) + view.offset[k - 1], view.x, view.p)
+        return [f for f, pf in zip(queued, p.tolist(), strict=True) if pf < self.config.catch_up_p]
 
     def _hopeless_s(self) -> float:
         """Slack (s) below which a frame run alone now is less than `min_on_time_p` likely on time."""
@@ -602,8 +607,7 @@ class EdfScheduler:
         # frames may be skipped and device time is what a batch is valued against. Otherwise
         # later steps can serve what this one leaves, which the one-step lookahead cannot see
         # (it would trade head frames for more now), so the batch starts at the head.
-        overloaded = n > 1 and not self._feasible(sorted(itertools.chain(
-            slack_list, exp_list, self._unseen_slack(max(slack_list), len(expected)))))
+        overloaded = n > 1 and not self._feasible(slack_list, exp_list, len(expected))
         exp_weight = [e.weight for e in expected]
         if not overloaded and self._all_on_time(slack_list, exp_list, exp_weight):
             return _Choice(0, n, None, np.ones(n))
@@ -777,38 +781,47 @@ class EdfScheduler:
             return float(value[j]), 0, size, p[j, :size]
         cum = np.zeros((nk, n + 1))
         np.add.accumulate(gain, axis=1, out=cum[:, 1:])
-        starts, end_c, invalid = _windows(n, min(n - 1, cfg.max_head_skip) + 1, min(n, cfg.max_batch))
-        ki = _arange(nk)
-        window = cum[ki, end_c] - cum[ki, starts]
+        first, end, invalid = _windows(n, min(n - 1, cfg.max_head_skip) + 1, min(n, cfg.max_batch))
+        window = cum.take(end)
+        window -= cum.take(first)
         if capped:
             # The next step cannot take every frame left behind: cap its share.
             ncum = np.zeros((nk, n + 1))
             np.add.accumulate(next_p[:, :n], axis=1, out=ncum[:, 1:])
-            in_window = ncum[ki, end_c] - ncum[ki, starts]
+            in_window = ncum.take(end) - ncum.take(first)
             value = window + in_window + np.minimum(nxt - in_window, cfg.max_batch)
         else:
             value = window + nxt
         # Device time is the scarce thing: on-time frames per ms over both steps (and any
         # wait before them), or a step of a few easy frames would look as good as a full one.
         value /= (wait_ms + means) + view.means[m - 1]
-        value[invalid] = -np.inf
+        value += invalid
         si, kj = divmod(_first_best(value.ravel()), nk)
         size = int(ks[kj])
         return float(value[si, kj]), si, size, p[kj, si : si + size]
 
-    def _unseen_slack(self, horizon_ms: float, known: int) -> list[float]:
+    def _unseen_slack(self, horizon_ms: float, known: int) -> np.ndarray:
         """Slacks (ms from now) of the frames the arrival rate brings within `horizon_ms`,
         beyond `known` expected ones: evenly spaced, each with the usual budget."""
         rate = self._rate
         count = int(rate * horizon_ms) - known
         if count <= 0:
-            return []
-        budget = self._budget_ms - self.config.margin_ms
-        return [(i + 0.5) / rate + budget for i in range(count)]
+            return _zeros(0)
+        return (np.arange(count) + 0.5) / rate + (self._budget_ms - self.config.margin_ms)
 
-    def _feasible(self, slack_sorted: list[float]) -> bool:
+    def _feasible(self, slack: list[float], expected: list[float], n_expected: int) -> bool:
         """Can steps run back to back, each the largest deadline-order prefix whose mean step
-        time fits its first frame's slack, serve every frame? (An EDF fluid check.)"""
+        time fits its first frame's slack, serve every frame: the candidates, the expected
+        ones and those the arrival rate brings meanwhile? (An EDF fluid check.) With many
+        streams the unseen frames are many: they are merged as an array, and the loop runs
+        once per step, not per frame."""
+        unseen = self._unseen_slack(max(slack), n_expected)
+        if len(unseen):
+            merged = np.concatenate((np.array(slack + expected), unseen))
+            merged.sort(kind="stable")
+            slack_sorted = merged.tolist()
+        else:
+            slack_sorted = sorted(slack + expected)
         n = len(slack_sorted)
         means = self._view.means_list  # type: ignore[union-attr]
         top = min(self.config.max_batch, n)

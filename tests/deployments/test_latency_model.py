@@ -175,5 +175,7 @@ def test_rebuilding_only_the_sizes_whose_buckets_moved_matches_a_full_rebuild(re
         batch.observe(b, ms)
     live.to_dict(), batch.to_dict()  # both apply every step
     assert np.array_equal(live.dist_rows(sizes), batch.dist_rows(sizes))
-    assert np.array_equal(live.p_within_matrix(sizes, budgets), batch.p_within_matrix(sizes, budgets))
+    # (the CDF axis may be laid out with other offsets: equal up to rounding)
+    assert np.allclose(live.p_within_matrix(sizes, budgets), batch.p_within_matrix(sizes, budgets),
+                       rtol=0.0, atol=1e-9)
     assert np.array_equal(live.mean_ms(sizes), batch.mean_ms(sizes))
