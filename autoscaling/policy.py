@@ -275,6 +275,6 @@ class StreamForecastPolicy:
 
 
 def _record(deployment: str, decision: Decision) -> None:
-    from cluster.metrics import set_autoscale_decision
+    from telemetry.metrics import set_autoscale_decision
 
     set_autoscale_decision(deployment, decision.forecast_streams, decision.replicas)

@@ -23,10 +23,12 @@ COMMANDS: list[tuple[str, str, str]] = [
 
 BENCHES: list[tuple[str, str, str]] = [
     ("codec", "cluster.bench.codec", "streaming EnCodec throughput and latency vs offline"),
+    ("model-profile", "cluster.bench.model_profile",
+     "a modelled (not measured) latency profile from FLOPs, a device's peak and an efficiency"),
     ("batching", "cluster.bench.batching", "EDF scheduler vs @serve.batch vs no batching"),
     ("limiter", "cluster.bench.limiter", "Redis GCRA hint limiter: batched vs per-hint"),
     ("bridge", "cluster.bench.bridge", "streams per bridge worker and wire bitrate"),
-    ("autoscaling", "autoscaling.evaluate", "forecast policy vs Serve's default on a 10k-stream trace"),
+    ("autoscaling", "cluster.bench.autoscaling", "forecast policy vs Serve's default on a 10k-stream trace"),
 ]
 
 

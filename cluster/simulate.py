@@ -20,6 +20,7 @@ import logging
 import time
 from pathlib import Path
 
+from cluster.bench.model_profile import PROFILE_MEASURED, PROFILE_MODELLED, parameters_text
 from cluster.simulator.driver import SimConfig, Simulation, choose_dilation
 from cluster.simulator.faults import FaultPlan
 
@@ -49,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="report folder (default runs/sim-<timestamp>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fault", action="append", default=[], metavar="KIND@SECONDS",
-                   help="kill-replica@T, stop-redis@T or slow-replica@T (repeatable)")
+                   help="kill-replica@T, stop-redis@T, slow-replica@T (late answers) or stall-replica@T (no answers for 5 s) (repeatable)")
     p.add_argument("--time-dilation", type=float, default=None,
                    help="wall seconds per simulated second (default: from the stream count)")
     p.add_argument("--replicas", type=int, default=None, help="codec replicas (default: from the profile)")
@@ -68,7 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--forgers", type=int, default=None)
     p.add_argument("--replayers", type=int, default=None)
     p.add_argument("--profile", type=Path, default=None,
-                   help="codec benchmark JSON with latency_profile_ms (default docs/bench/codec.json)")
+                   help="latency profile JSON: measured by `auralink bench codec` (default "
+                        "docs/bench/codec.json) or modelled by `auralink bench model-profile` "
+                        "(e.g. docs/bench/profile-h100-modelled.json; the report says which)")
     p.add_argument("--weights-dir", default=None, help="EnCodec checkpoint folder (else random weights)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--docs", action="store_true",
@@ -84,13 +87,19 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     if args.autoscale != "off" and args.replicas is not None:
         raise SystemExit("--replicas fixes the replica count; with --autoscale use --max-replicas")
     profile = device = weights = None
+    kind, parameters = PROFILE_MEASURED, None
     if args.profile is not None:
-        from cluster.simulator.environment import load_profile
+        from cluster.simulator.environment import load_profile_file
 
-        loaded = load_profile(args.profile)
+        try:
+            loaded = load_profile_file(args.profile)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from exc
         if loaded is None:
             raise SystemExit(f"{args.profile}: no latency_profile_ms in it")
-        profile, device, weights = loaded
+        profile, device, weights = loaded.ms, loaded.device, loaded.weights
+        kind, parameters = loaded.kind, loaded.parameters
+        print(profile_banner(kind, parameters, device))
     deadline_ms = args.deadline_ms
     if deadline_ms is None:
         deadline_ms = GPU_DEADLINE_MS
@@ -104,10 +113,19 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         deadline_ms=deadline_ms, replicas=args.replicas, bridges=args.bridges,
         flooders=args.flooders, forgers=args.forgers, replayers=args.replayers,
         latency_profile=profile, profile_device=device, profile_weights=weights or "unknown",
+        profile_kind=kind, profile_parameters=parameters,
         weights_dir=args.weights_dir,
         progress=not args.no_progress, trace=args.trace, autoscale=args.autoscale,
         max_replicas=args.max_replicas,
     )
+
+
+def profile_banner(kind: str, parameters: dict | None, device: str) -> str:
+    """What the run's latency profile is, and for a modelled one every input of it."""
+    lines = [f"profile: {kind} ({device})"]
+    if parameters:
+        lines += parameters_text(parameters)
+    return "\n".join(lines)
 
 
 async def simulate(cfg: SimConfig) -> dict:
@@ -170,7 +188,8 @@ def docs_markdown(r: dict, command: str) -> str:
     lines = [
         title,
         "",
-        f"`{command}` - {r['compute_label']}; weights: {r['weights']}; time dilation x{r['time_dilation']:g} "
+        f"`{command}` - {r['compute_label']}; profile: {r.get('profile', PROFILE_MEASURED)}; "
+        f"weights: {r['weights']}; time dilation x{r['time_dilation']:g} "
         f"(achieved x{r['achieved_dilation']:g}, {r['late_ticks']} late ticks); machine: {_machine()}.",
         "",
         "| frames | AI | fallback | unaccounted | fallback by reason | p50 / p99 ms | hints sent / limited / forged rejected / replays rejected | flooders allowed/s | wire kbps AI / Opus | control plane CPU | fault recovery |",
@@ -181,6 +200,12 @@ def docs_markdown(r: dict, command: str) -> str:
         f"| {fl_cell} | {r['wire_kbps_ai']} / {r['wire_kbps_native']} "
         f"| {cp['cpu_us_per_stream_tick']} us per stream-tick{per_10k} | {rec} |",
     ]
+    if r.get("profile") == PROFILE_MODELLED and r.get("profile_parameters"):
+        p = r["profile_parameters"]
+        lines += ["", f"Latency profile **{PROFILE_MODELLED}**: `{p['formula']}` with "
+                      f"{p['device_name']} at {p['peak_tflops']:g} TFLOPS ({p['precision']}), "
+                      f"efficiency {p['efficiency']:g}, overhead {p['overhead_ms']:g} ms, "
+                      f"{p['gflop_per_chunk']:.4f} GFLOP per frame."]
     lim = limiter_text(r.get("limiter_health"))
     if lim:
         lines += ["", lim[0].upper() + lim[1:] + "."]
@@ -252,6 +277,8 @@ def run(args: argparse.Namespace) -> int:
     if lim:
         print(lim)
     print(f"compute: {report['compute_label']}")
+    print(profile_banner(report.get("profile", PROFILE_MEASURED), report.get("profile_parameters"),
+                         report.get("latency_profile_device", "")))
     plan = report.get("capacity_plan")
     if plan:
         print(f"capacity plan: {plan['verdict']}")
@@ -264,7 +291,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"autoscaling ({auto['policy']}): {auto['replica_seconds']} replica-seconds, replicas "
               f"{auto['replicas_start']} -> max {auto['replicas_max']}, {auto['frames_fallback_capacity']} "
               f"frames fell back for lack of capacity ({100 * auto['fallback_capacity_rate']:.2f}%)")
-    if report["compute"] == "emulated" and not report.get("latency_profile_measured", True):
+    if report["compute"] == "emulated" and report.get("profile") == PROFILE_MODELLED:
+        print("NOTE: the latency profile is modelled, not measured; pass a profile from `auralink "
+              "bench codec` on the target device with --profile to replace it")
+    elif report["compute"] == "emulated" and not report.get("latency_profile_measured", True):
         print("WARNING: the latency profile is the built-in unmeasured seed; run `auralink bench codec "
               "--json docs/bench/codec.json` on the target device (a GPU for 10,000 streams) or pass --profile")
     print(f"report: {report['report_path']}")

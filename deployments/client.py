@@ -8,6 +8,11 @@ any transport failure becomes a per-frame fallback, so every frame gets exactly 
 `EpochTracker` is the bridge's half of the epoch rule: it numbers each stream's frames
 within an epoch and starts a new epoch after any fallback.
 
+Deadlines (contract.py): a batch arrives here with each frame's budget as of the tick; each
+request leaves with that budget less the time spent here since and less the estimated one-way
+transit to the replica (`TransitEstimate`), so the replica's deadline, stamped on its own
+clock on arrival, falls where the bridge's does whatever either host's clock says.
+
 The fallbacks the client decides itself (a replica that did not answer in time, a failed
 transport, an answer for a different batch, a malformed batch) are recorded in the metrics
 here; frames a replica answered are counted by that replica.
@@ -17,14 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from deployments import metrics
 from deployments.affinity import local_view
 from deployments.contract import (
     BatchResult,
@@ -33,6 +38,7 @@ from deployments.contract import (
     Op,
     reason_code,
 )
+from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +56,36 @@ class ClientCounters:
     frames_by_outcome: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
-def _take(batch: FrameBatch, rows: np.ndarray) -> FrameBatch:
+class TransitEstimate:
+    """One-way bridge -> replica transit (ms), NTP-style: a request's round trip on the
+    bridge's clock less the time the replica held it on its own clock (`held_ms`), halved
+    (the path is taken as symmetric). Each side measures only a duration on its own clock, so
+    clock offsets cancel. The estimate is the median of recent requests (0 before the first)."""
+
+    def __init__(self, window: int = 32) -> None:
+        self._samples: deque[float] = deque(maxlen=window)
+        self._median = 0.0
+
+    def observe(self, round_trip_ms: float, held_ms: float) -> None:
+        if held_ms <= 0.0 or round_trip_ms < held_ms:
+            return  # a reply without a held time (or from a stopped clock) says nothing
+        self._samples.append((round_trip_ms - held_ms) / 2.0)
+        self._median = statistics.median(self._samples)
+
+    @property
+    def one_way_ms(self) -> float:
+        return self._median
+
+
+def _take(batch: FrameBatch, rows: np.ndarray, spent_ms: float = 0.0) -> FrameBatch:
+    """The rows of `batch` for one replica, their budgets less `spent_ms`."""
     return FrameBatch(
         op=batch.op,
         bridge_id=batch.bridge_id,
         stream_ids=[batch.stream_ids[i] for i in rows.tolist()],
         epochs=batch.epochs[rows],
         epoch_seqs=batch.epoch_seqs[rows],
-        deadlines=batch.deadlines[rows],
-        sent_at=batch.sent_at,
+        budgets_ms=np.asarray(batch.budgets_ms[rows], np.float64) - spent_ms,
         pcm=None if batch.pcm is None else batch.pcm[rows],
         codes=None if batch.codes is None else batch.codes[rows],
         bandwidth_kbps=batch.bandwidth_kbps,
@@ -85,6 +112,7 @@ def merge_results(batch: FrameBatch, parts: list[tuple[np.ndarray, BatchResult]]
         seen[rows] = True
         if res.replica_id:
             replica_ids.append(res.replica_id)
+        out.held_ms = max(out.held_ms, res.held_ms)
         out.errors.update(res.errors)
         if res.codes is not None:
             if out.codes is None:
@@ -127,6 +155,7 @@ class CodecClient:
         self._app = handle.app_name
         self._deployment = handle.deployment_name
         self.counters = ClientCounters()
+        self.transit = TransitEstimate()
         # Any call makes the handle build its router, which then learns the replica set from
         # the controller; by the first tick the client can usually group streams by owner.
         try:
@@ -194,14 +223,21 @@ class CodecClient:
             return self._count(res)
         if len(batch) == 0:
             return self._count(BatchResult.all_fallback(batch, FallbackReason.ERROR))
+        t0 = time.monotonic()
         groups = self.group_rows(batch.stream_ids)
-        timeout = max(0.05, float(np.max(batch.deadlines)) - time.time() + self._grace)
-        subs = [(key, rows, _take(batch, rows)) for key, rows in groups]
+        budgets = np.asarray(batch.budgets_ms, np.float64)
+        longest_s = float(np.nanmax(budgets)) / 1000.0 if not np.isnan(budgets).all() else 0.0
+        timeout = max(0.05, longest_s + self._grace)
+        # What the budgets lose before they reach a replica: this client's own work since the
+        # tick handed the batch over, and the way there.
+        spent_ms = (time.monotonic() - t0) * 1000.0 + self.transit.one_way_ms
+        subs = [(key, rows, _take(batch, rows, spent_ms)) for key, rows in groups]
         results = await asyncio.gather(*(self._send(key, sub, timeout) for key, _, sub in subs))
         return self._count(merge_results(batch, [(rows, res) for (_, rows, _), res in zip(subs, results, strict=True)]))
 
     async def _send(self, key: str, sub: FrameBatch, timeout: float) -> BatchResult:
         self.counters.requests += 1
+        sent = time.monotonic()
         response = self._handle.options(method_name="process", session_id=key).remote(sub)
         try:
             res = await asyncio.wait_for(response, timeout)
@@ -217,6 +253,7 @@ class CodecClient:
         if not isinstance(res, BatchResult) or len(res) != len(sub) or res.stream_ids != sub.stream_ids:
             self.counters.transport_errors += 1
             return _fallback_part(sub, FallbackReason.ERROR, "replica answered a different batch")
+        self.transit.observe((time.monotonic() - sent) * 1000.0, float(res.held_ms))
         return res
 
     async def leave(self, stream_ids: list[str]) -> int:
@@ -313,7 +350,6 @@ class EpochTracker:
         bandwidth_kbps: float = 6.0,
     ) -> FrameBatch:
         """A FrameBatch for one tick with each stream's next (epoch, seq) filled in."""
-        now = time.time()
         pairs = [self.next_frame(s) for s in stream_ids]
         return FrameBatch(
             op=op,
@@ -321,8 +357,7 @@ class EpochTracker:
             stream_ids=list(stream_ids),
             epochs=np.asarray([p[0] for p in pairs], np.int64),
             epoch_seqs=np.asarray([p[1] for p in pairs], np.int64),
-            deadlines=np.full(len(stream_ids), now + deadline_ms / 1000.0),
-            sent_at=now,
+            budgets_ms=np.full(len(stream_ids), float(deadline_ms)),
             pcm=payload if op is Op.ENCODE else None,
             codes=payload if op is Op.DECODE else None,
             bandwidth_kbps=bandwidth_kbps,

@@ -13,6 +13,13 @@ replica resets a stream's slot when it sees a new epoch; a frame that would cont
 epoch the replica does not hold (after a restart or a move) is answered `fallback/reset`, and
 the bridge starts a new epoch. Any fallback of a stream makes the bridge start a new epoch on
 its next frame, so no decoder ever runs on a state that its encoder did not produce.
+
+Deadline rule: hosts' clocks differ, so no absolute time crosses the wire. Each frame carries
+its *budget*, the milliseconds left until its deadline when the batch is sent; the replica
+stamps it on its own monotonic clock on arrival (deadline = arrival + budget). The sender
+deducts what it knows was spent before the send (its own work since the tick, the estimated
+one-way transit to the replica, see client.py), so only durations measured on one clock each
+are ever combined.
 """
 
 from __future__ import annotations
@@ -79,8 +86,7 @@ class FrameBatch:
     stream_ids: list[str]  # [B], unique within a batch
     epochs: np.ndarray  # int64 [B]
     epoch_seqs: np.ndarray  # int64 [B]; 0 = first frame of the epoch
-    deadlines: np.ndarray  # float64 [B], absolute time.time() seconds
-    sent_at: float  # time.time() when the bridge sent the batch
+    budgets_ms: np.ndarray  # float [B]: ms left to each frame's deadline at send; NaN = default
     pcm: np.ndarray | None = None  # encode: float32 or int16 [B, T], T % 320 == 0
     codes: np.ndarray | None = None  # decode: int [B, n_q, F]
     bandwidth_kbps: float = 6.0
@@ -95,10 +101,12 @@ class FrameBatch:
             raise ValueError(f"unknown op {self.op!r}; expected one of {[o.value for o in Op]}")
         if len(set(self.stream_ids)) != b:
             raise ValueError("duplicate stream id in one batch")
-        for name in ("epochs", "epoch_seqs", "deadlines"):
+        for name in ("epochs", "epoch_seqs", "budgets_ms"):
             arr = getattr(self, name)
             if not isinstance(arr, np.ndarray) or arr.shape != (b,):
                 raise ValueError(f"{name} must be an array of shape ({b},)")
+        if self.budgets_ms.dtype.kind not in "fiu" or np.isinf(self.budgets_ms).any():
+            raise ValueError("budgets_ms must be finite numbers of milliseconds (NaN = default)")
         bandwidth_codebooks(self.bandwidth_kbps)
         if self.op is Op.ENCODE:
             pcm = self.pcm
@@ -114,6 +122,11 @@ class FrameBatch:
                 raise ValueError(f"decode needs codes of shape ({b}, n_q, F)")
             if not np.issubdtype(codes.dtype, np.integer):
                 raise ValueError(f"codes must be integers, got {codes.dtype}")
+
+    def deadlines(self, arrival: float) -> np.ndarray:
+        """Each frame's deadline on the receiver's clock, stamped at `arrival` (same clock);
+        NaN where the frame left the budget to the receiver's default."""
+        return arrival + np.asarray(self.budgets_ms, np.float64) / 1000.0
 
     def pcm_float(self) -> np.ndarray:
         """PCM as float32 in [-1, 1] (int16 input is scaled by 1/32768)."""
@@ -137,6 +150,7 @@ class BatchResult:
     replica_id: str = ""
     errors: dict[str, str] = field(default_factory=dict)  # stream id -> message for `error`
     compute: str = "real"  # "real" | "emulated" (load tests); merged results may say "emulated,real"
+    held_ms: float = 0.0  # arrival at the replica -> its reply, on the replica's clock
 
     def __len__(self) -> int:
         return len(self.stream_ids)

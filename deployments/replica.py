@@ -21,12 +21,12 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from deployments import metrics
 from deployments.client import malformed_result
 from deployments.config import (
     Backend,
@@ -46,6 +46,7 @@ from deployments.contract import (
 )
 from deployments.latency_model import LatencyModel
 from deployments.scheduler import EdfScheduler, PendingFrame, Plan, SchedulerConfig
+from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ class _Request:
         b = len(batch)
         self.batch = batch
         self.arrival = arrival
+        # The frames' relative budgets stamped on this replica's clock (the deadline rule).
+        self.deadlines = batch.deadlines(arrival)
         self.result = BatchResult(
             stream_ids=list(batch.stream_ids),
             outcome_codes=np.zeros(b, np.uint8),
@@ -285,12 +288,15 @@ class CodecReplicaCore:
     """Everything the Serve deployment does, without Serve: constructible in a plain test.
 
     Bound to the event loop it first runs on; `stop()` ends the step loop deterministically.
+    Every time it keeps is on `clock` (monotonic by default): frames arrive with relative
+    budgets, stamped on this clock at arrival, so no other host's clock is ever compared.
     """
 
     def __init__(self, settings: ReplicaSettings | None = None, replica_id: str = "local",
-                 build: bool = True) -> None:
+                 build: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings or ReplicaSettings()
         self.replica_id = replica_id
+        self.clock = clock
         self.weights_kind = "none"
         self._codec = None
         self._fresh_state(self.settings)
@@ -303,7 +309,7 @@ class CodecReplicaCore:
         self._exited = asyncio.Event()
         self._stopping = False
         self._step_lock = asyncio.Lock()  # a rebuild never swaps the codec under a running step
-        self._last_sweep = time.time()
+        self._last_sweep = self.clock()
         self._recent: deque[tuple[bool, float]] = deque(maxlen=STATS_WINDOW)  # (missed, slack_ms)
         self.counters: dict[str, int] = {}
 
@@ -355,7 +361,7 @@ class CodecReplicaCore:
 
     # -- intake
     async def process(self, batch: FrameBatch) -> BatchResult:
-        arrival = time.time()
+        arrival = self.clock()
         try:
             if not isinstance(batch, FrameBatch):
                 raise ValueError(f"expected a FrameBatch, got {type(batch).__name__}")
@@ -377,7 +383,7 @@ class CodecReplicaCore:
         bad_rows = _bad_rows(batch)
         queued = 0
         for row, sid in enumerate(batch.stream_ids):
-            reason, error = self._admit(batch, row, sid, arrival, bad_rows)
+            reason, error = self._admit(batch, row, sid, arrival, float(req.deadlines[row]), bad_rows)
             if reason is not None:
                 req.answer(row, reason, error=error)
                 continue
@@ -387,7 +393,7 @@ class CodecReplicaCore:
                 stream_id=f"{sid}\x1f{batch.op.value}",
                 epoch=int(batch.epochs[row]),
                 epoch_seq=int(batch.epoch_seqs[row]),
-                deadline=float(batch.deadlines[row]),
+                deadline=float(req.deadlines[row]),
                 arrival=arrival,
                 ref=_FrameRef(req, row, batch.op, slot),
             ))
@@ -396,15 +402,15 @@ class CodecReplicaCore:
             self._wake.set()
         res = await req.future
         metrics.record_frames(batch.op.value, res.counts())
+        res.held_ms = (self.clock() - arrival) * 1000.0  # lets the sender measure the transit
         return res
 
-    def _admit(self, batch: FrameBatch, row: int, sid: str, now: float,
+    def _admit(self, batch: FrameBatch, row: int, sid: str, now: float, deadline: float,
                bad_rows: dict[int, str]) -> tuple[FallbackReason | None, str]:
         """Admission half of the epoch rule; returns a fallback reason or None to queue."""
         if row in bad_rows:
             self._break(sid, batch.op)
             return FallbackReason.ERROR, bad_rows[row]
-        deadline = float(batch.deadlines[row])
         if not math.isnan(deadline) and deadline <= now:
             self._break(sid, batch.op)
             return FallbackReason.DEADLINE, ""
@@ -473,14 +479,14 @@ class CodecReplicaCore:
         assert self._wake is not None
         try:
             while not self._stopping:
-                now = time.time()
+                now = self.clock()
                 if now - self._last_sweep >= IDLE_SWEEP_S:
                     self._sweep_idle(now)
                 # Cleared before deciding: a frame queued from here on sets it again, so the
                 # wait after a decision that ran nothing cannot miss an arrival.
                 self._wake.clear()
                 async with self._step_lock:
-                    plan = self.scheduler.schedule(time.time())
+                    plan = self.scheduler.schedule(self.clock())
                     if plan:
                         try:
                             await self._execute(plan)
@@ -500,7 +506,7 @@ class CodecReplicaCore:
         assert self._wake is not None
         timeout = IDLE_SWEEP_S
         if plan.hold_until is not None:
-            timeout = min(IDLE_SWEEP_S, max(0.0, plan.hold_until - time.time()))
+            timeout = min(IDLE_SWEEP_S, max(0.0, plan.hold_until - self.clock()))
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
         except asyncio.TimeoutError:
@@ -520,16 +526,16 @@ class CodecReplicaCore:
             self.scheduler.complete(plan, 0.0, computed=0)
             return
         n = sum(len(g.refs) for g in groups)
-        start = time.time()
+        start = self.clock()
         if self.settings.compute is ComputeMode.EMULATED:
             step_ms = profile_ms(self.settings.latency_profile, n)
             await asyncio.sleep(step_ms / 1000.0)
             outs: list[np.ndarray | Exception] = [None] * len(groups)  # type: ignore[list-item]
-            step_ms = (time.time() - start) * 1000.0
+            step_ms = (self.clock() - start) * 1000.0
         else:
             loop = asyncio.get_running_loop()
             outs, step_ms = await loop.run_in_executor(self._executor, _run_groups, self._codec, groups)
-        end = time.time()
+        end = self.clock()
         # The model learns the cost of the n frames computed, not of the plan's: frames
         # answered `reset` above took no compute.
         self.scheduler.complete(plan, step_ms, computed=n)
@@ -540,7 +546,7 @@ class CodecReplicaCore:
         for g, out in zip(groups, outs, strict=True):
             for i, ref in enumerate(g.refs):
                 queue_ms = (start - ref.req.arrival) * 1000.0
-                deadline = float(ref.req.batch.deadlines[ref.row])
+                deadline = float(ref.req.deadlines[ref.row])
                 if isinstance(out, Exception):
                     ref.slot.ops[g.op].break_epoch()
                     ref.req.answer(ref.row, FallbackReason.ERROR, queue_ms, step_ms,

@@ -24,9 +24,9 @@ from typing import Any
 
 import ray
 
-from deployments import metrics
 from deployments.config import SupervisorSettings
 from deployments.supervisor_policy import SNAPSHOT_VERSION, SupervisorConfig, SupervisorPolicy
+from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 

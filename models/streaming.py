@@ -1030,14 +1030,3 @@ def _choice(kind: type[enum.Enum], value: Any, what: str) -> Any:
     except ValueError:
         raise ValueError(f"{what} must be one of {[k.value for k in kind]}, got {value!r}") from None
 
-
-def open_codec(model: nn.Module, backend: str = "torch", **kwargs: Any):
-    """A slot codec on the configured backend: ``"torch"`` (StreamingEncodec) or ``"onnx"``
-    (``models.onnx_step.OnnxStreamingEncodec``, onnxruntime). Same encode/decode/reset API."""
-    if backend == "torch":
-        return StreamingEncodec(model, **kwargs)
-    if backend == "onnx":
-        from models.onnx_step import OnnxStreamingEncodec
-
-        return OnnxStreamingEncodec(model, **kwargs)
-    raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")

@@ -31,6 +31,11 @@ class BridgeConfig:
     max_body_bytes: int = 64 * 1024  # SDP offers are a few KB; anything bigger is refused
     max_backlog_chunks: int = 3  # per stream; older chunks are answered fallback/overload
     max_streams: int = 2_000  # published streams one worker accepts (503 beyond)
+    # session lifecycle (sfu_bridge/sessions.py): an answered session not connected (ICE +
+    # DTLS) by then is closed; subscriber caps per stream and per bearer token, 0 = none
+    connect_timeout_s: float = 30.0
+    max_subscribers_per_stream: int = 200
+    max_subscribers_per_token: int = 10
     public_url: str = ""  # base URL for Location headers; empty = relative paths
     opted_out_users: frozenset[str] = frozenset()  # users whose streams never touch the AI
     limiter_fail_open: bool = True  # Redis unreachable: let hints through (counted) or drop
@@ -47,6 +52,13 @@ class BridgeConfig:
             port=int(env.get("AURALINK_BRIDGE_PORT", cls.port)),
             deadline_ms=float(env.get("AURALINK_DEADLINE_MS", cls.deadline_ms)),
             bandwidth_kbps=float(env.get("AURALINK_BANDWIDTH_KBPS", cls.bandwidth_kbps)),
+            connect_timeout_s=float(env.get("AURALINK_CONNECT_TIMEOUT_S", cls.connect_timeout_s)),
+            max_subscribers_per_stream=int(
+                env.get("AURALINK_MAX_SUBSCRIBERS_PER_STREAM", cls.max_subscribers_per_stream)
+            ),
+            max_subscribers_per_token=int(
+                env.get("AURALINK_MAX_SUBSCRIBERS_PER_TOKEN", cls.max_subscribers_per_token)
+            ),
             opted_out_users=frozenset(
                 u for u in env.get("AURALINK_OPTED_OUT_USERS", "").split(",") if u
             ),

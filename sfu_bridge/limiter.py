@@ -30,7 +30,7 @@ not retried for a short back-off (0.25 s doubling to 5 s) so a dead server costs
 call per back-off rather than one per tick, and the next successful call closes the
 circuit. What an outage cost is kept in `LimiterCounters` (calls and hints decided without
 Redis by policy, errors by type, seconds from the first failed call to the next success) and
-recorded in the metrics (`deployments.metrics`): a report can then say when the limit was
+recorded in the metrics (`telemetry.metrics`): a report can then say when the limit was
 not enforced instead of implying that it held. The connection pool reconnects by itself, and a ``NOSCRIPT`` reply (a restarted
 or flushed server) loads the script again and repeats the call.
 """
@@ -50,7 +50,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import NoScriptError
 
-from deployments import metrics
+from telemetry import metrics
 
 log = logging.getLogger(__name__)
 

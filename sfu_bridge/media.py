@@ -38,12 +38,12 @@ from aiortc.rtcrtpparameters import RTCRtpParameters
 from aiortc.rtp import RtpPacket
 from aiortc.utils import random16, random32
 
-from deployments import metrics
 from deployments.contract import CHUNK_SAMPLES, Outcome, bandwidth_codebooks
 from models.opus import OpusCodec
 from sfu_bridge import rtp_ext
 from sfu_bridge.aic_payload import pack_payloads
 from sfu_bridge.tick import Chunk, FrameOutcome, TickBatcher, TickReport
+from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -278,13 +278,16 @@ class MediaBridge:
 
     # -- publishers ------------------------------------------------------------------------
     def add_publisher(
-        self, stream_id: str, user: str, pc: RTCPeerConnection | None, opted_out: bool = False
+        self, stream_id: str, user: str, pc: RTCPeerConnection | None, opted_out: bool = False,
+        session_id: str | None = None,
     ) -> Publisher:
         if stream_id in self.publishers:
             raise KeyError(f"stream {stream_id!r} already has a publisher")
         if not self._free_slots:
             raise OverflowError("this worker holds its maximum number of streams")
-        pub = Publisher(uuid.uuid4().hex, stream_id, user, pc, self._free_slots.pop(), Chunker(stream_id))
+        pub = Publisher(
+            session_id or uuid.uuid4().hex, stream_id, user, pc, self._free_slots.pop(), Chunker(stream_id)
+        )
         self.batcher.join(stream_id, opted_out=opted_out)
         self.publishers[stream_id] = pub
         self.stream_users[stream_id] = user
@@ -323,8 +326,11 @@ class MediaBridge:
         return False
 
     # -- subscribers -----------------------------------------------------------------------
-    def add_subscriber(self, stream_id: str, user: str, pc: RTCPeerConnection | None, out: RtpOut) -> Subscriber:
-        sub = Subscriber(uuid.uuid4().hex, stream_id, user, pc, out)
+    def add_subscriber(
+        self, stream_id: str, user: str, pc: RTCPeerConnection | None, out: RtpOut,
+        session_id: str | None = None,
+    ) -> Subscriber:
+        sub = Subscriber(session_id or uuid.uuid4().hex, stream_id, user, pc, out)
         self.subscribers[stream_id][sub.session_id] = sub
         self.sessions[sub.session_id] = sub
         return sub

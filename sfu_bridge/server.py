@@ -2,9 +2,16 @@
 
 - ``POST /whip/{stream}`` (RFC 9725): ``Content-Type: application/sdp`` offer, ``Authorization:
   Bearer <token>`` with the ``publish`` scope for that stream -> ``201 Created``, ``Location``
-  of the session and the SDP answer. ``DELETE <Location>`` ends it.
+  of the session and the SDP answer. ``DELETE <Location>`` ends it. A publish by the user
+  already publishing the stream (or an operator) replaces that session at once (a crashed
+  publisher's session would otherwise hold the stream until consent expires); the answer
+  then carries ``Auralink-Replaced: publisher``. Another user gets 409.
 - ``POST /whep/{stream}``: the same for subscribers (``subscribe`` scope). An offer that lists
   the AIC payload type (``a=rtpmap:<pt> AIC/48000``) gets EnCodec codes; others get Opus.
+  Subscribers are capped per stream (503) and per bearer token (429).
+- Sessions not connected (ICE + DTLS) within ``connect_timeout_s`` of their answer, and
+  sessions whose peer fails (consent expiry) or closes, are closed and counted
+  (sfu_bridge/sessions.py). A session is ended only by its user's token or an operator's.
 - ``PATCH`` on a session: 405 (no trickle ICE: send a complete offer, as WHIP allows).
 - ``OPTIONS``: CORS preflight for browser clients on another origin.
 - ICE: the bridge's connections use only the configured STUN/TURN servers (``--ice-server``,
@@ -13,9 +20,11 @@
   DTLS: the bridge is the DTLS server when the offer lets it choose (sfu_bridge/ice.py).
 - ``GET /health``: liveness and the worker's counters (no media content).
 
-Errors are 4xx with a one-line text message: 400 malformed SDP or stream id, 401/403 token,
-404 unknown session or stream, 409 stream already published, 413 body too large, 415 not
-application/sdp, 503 worker full.
+Errors are 4xx with a one-line text message: 400 malformed SDP (sfu_bridge/sdp_guard.py
+checks it before aiortc does) or stream id, 401/403 token, 404 unknown session or stream,
+409 stream published by another user, 413 body too large, 415 not application/sdp, 429
+subscriber cap of the token, 503 worker full or subscriber cap of the stream. The access log
+shows session URLs cut to a prefix: a full one is a capability.
 
 Scaling: one worker process per core, each its own event loop and port (``--workers N``
 listens on ``--port`` .. ``--port + N - 1``); a front proxy routes by stream id so a stream's
@@ -26,14 +35,20 @@ publisher and subscribers meet on one worker. How many streams a worker holds is
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import multiprocessing
 import re
 import signal
 import sys
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import SessionDescription
 from multidict import CIMultiDict
@@ -43,13 +58,25 @@ from sfu_bridge import ice, rtp_ext
 from sfu_bridge.config import BridgeConfig
 from sfu_bridge.hint_auth import HintVerifier
 from sfu_bridge.media import MediaBridge, Publisher, RtpOut
+from sfu_bridge.sdp_guard import SdpRejected, check_offer
+from sfu_bridge.sessions import (
+    EndReason,
+    Refusal,
+    SessionKind,
+    SessionLimits,
+    SessionRefused,
+    SessionRegistry,
+)
 from sfu_bridge.tick import TickBatcher
-from sfu_bridge.tokens import Scope, TokenAuthority, TokenError, load_secret
+from sfu_bridge.tokens import Scope, Token, TokenAuthority, TokenError, TokenFailure, load_secret
 
 logger = logging.getLogger(__name__)
 
 SDP_TYPE = "application/sdp"
 STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+REPLACED_HEADER = "Auralink-Replaced"
+SESSION_PATH_RE = re.compile(r"^(/whi[pe]/[^/?]*/)([^/?]+)")
+SESSION_PREFIX_CHARS = 8  # what logs show of a session id (the rest is the capability)
 
 
 class SignalingError(Exception):
@@ -67,8 +94,13 @@ def parse_offer(body: bytes) -> str:
     if not text.lstrip().startswith("v=0"):
         raise SignalingError(400, "malformed SDP: an SDP offer starts with 'v=0'")
     try:
+        check_offer(text)
+    except SdpRejected as exc:
+        raise SignalingError(400, f"malformed SDP: {exc}"[:200]) from None
+    try:
         desc = SessionDescription.parse(text)
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+    except Exception as exc:  # aiortc's parser asserts and raises anything on bad input
+        logger.warning("SDP passed sdp_guard but not aiortc's parser: %s", type(exc).__name__)
         raise SignalingError(400, f"malformed SDP: {type(exc).__name__}: {exc}"[:200]) from None
     audio = [m for m in desc.media if m.kind == "audio"]
     if not audio:
@@ -79,6 +111,36 @@ def parse_offer(body: bytes) -> str:
         if m.ice is None or not m.ice.usernameFragment or m.dtls is None or not m.dtls.fingerprints:
             raise SignalingError(400, "malformed SDP: ICE credentials or DTLS fingerprint missing")
     return text
+
+
+def redact_path(raw_path: str) -> str:
+    """A request path fit for logs: a session id is cut to its first characters."""
+    m = SESSION_PATH_RE.match(raw_path)
+    if m is None:
+        return raw_path
+    return f"{m.group(1)}{m.group(2)[:SESSION_PREFIX_CHARS]}...{raw_path[m.end():]}"
+
+
+class RedactingAccessLogger(AbstractAccessLogger):
+    """aiohttp's access log without full session URLs (each one is a bearer capability).
+    The path is logged percent-encoded, so a hostile path cannot forge log lines."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s HTTP/%d.%d" %d %d %.3fs', request.remote, request.method,
+            redact_path(request.rel_url.raw_path), request.version.major, request.version.minor,
+            response.status, response.body_length, time,
+        )
+
+
+@dataclass
+class OfferRequest:
+    """A WHIP/WHEP POST that passed the token and SDP checks."""
+
+    stream: str
+    token: Token
+    bearer: str  # the token as sent: the registry keeps only its digest
+    sdp: str
 
 
 class BridgeServer:
@@ -92,6 +154,12 @@ class BridgeServer:
         self.hint_secret = hint_secret
         self.verifiers: dict[str, HintVerifier] = {}
         self.http_errors: dict[int, int] = {}
+        self.sessions = SessionRegistry(SessionLimits(
+            connect_timeout_s=config.connect_timeout_s,
+            max_subscribers_per_stream=config.max_subscribers_per_stream,
+            max_subscribers_per_token=config.max_subscribers_per_token,
+        ))
+        self._reaper: asyncio.Task | None = None
         media.batcher.hint_checker = self._check_hint
         self.app = web.Application(client_max_size=config.max_body_bytes, middlewares=[self._errors])
         self.app.add_routes([
@@ -113,8 +181,16 @@ class BridgeServer:
     # -- plumbing --------------------------------------------------------------------------
     async def _on_startup(self, app: web.Application) -> None:
         self.media.start()
+        self._reaper = asyncio.ensure_future(self._reap())
 
     async def _on_shutdown(self, app: web.Application) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        for sid in list(self.sessions.records):
+            await self.end_session(sid, EndReason.SHUTDOWN)
         await self.media.stop()
 
     @web.middleware
@@ -122,7 +198,7 @@ class BridgeServer:
         resp = await self._handle(request, handler)
         # browsers on another origin (RFC 9725 section 4.1 expects CORS support)
         resp.headers["Access-Control-Allow-Origin"] = "*"
-        resp.headers["Access-Control-Expose-Headers"] = "Location, Link"
+        resp.headers["Access-Control-Expose-Headers"] = "Location, Link, Auralink-Replaced"
         return resp
 
     async def _handle(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -132,6 +208,8 @@ class BridgeServer:
             return self._error(exc.status, str(exc))
         except TokenError as exc:
             return self._error(exc.status, str(exc), bearer=exc.status == 401)
+        except SessionRefused as exc:
+            return self._error(exc.status, str(exc))
         except web.HTTPRequestEntityTooLarge:
             return self._error(413, f"request body exceeds {self.config.max_body_bytes} bytes")
         except web.HTTPException as exc:
@@ -150,17 +228,32 @@ class BridgeServer:
             raise ValueError("no hint key for this stream")
         return verifier.verify(stream_id, raw)
 
-    async def _read_offer(self, request: web.Request, scope: Scope) -> tuple[str, str, str]:
+    def _authorize(self, request: web.Request, scope: Scope, stream: str | None = None) -> Token:
+        """The request's bearer token with `scope` (for `stream`); TokenError 401/403 else."""
+        try:
+            return self.authority.authorize_header(request.headers.get("Authorization"), scope, stream)
+        except TokenError:
+            raise
+        except Exception:  # hostile bytes must be a bad token, never a 500
+            raise TokenError(TokenFailure.MALFORMED, "malformed token") from None
+
+    async def _read_offer(self, request: web.Request, scope: Scope) -> OfferRequest:
         stream = request.match_info["stream"]
         if not STREAM_ID_RE.match(stream):
             raise SignalingError(400, "bad stream id: use 1-128 of [A-Za-z0-9_.-]")
-        token = self.authority.authorize_header(request.headers.get("Authorization"), scope, stream)
+        token = self._authorize(request, scope, stream)
+        bearer = request.headers["Authorization"].strip().partition(" ")[2].strip()
         ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if ctype != SDP_TYPE:
             raise SignalingError(415, f"Content-Type must be {SDP_TYPE}")
         if request.content_length is not None and request.content_length > self.config.max_body_bytes:
             raise SignalingError(413, f"request body exceeds {self.config.max_body_bytes} bytes")
-        return stream, token.user, parse_offer(await request.read())
+        try:
+            body = await request.read()
+        except (ConnectionError, HttpProcessingError) as exc:
+            # the client left mid-body or broke its chunked encoding: nobody to answer, no 500
+            raise SignalingError(400, f"request body unreadable: {type(exc).__name__}") from None
+        return OfferRequest(stream, token, bearer, parse_offer(body))
 
     def _location(self, kind: str, stream: str, session: str) -> str:
         return f"{self.config.public_url.rstrip('/')}/{kind}/{stream}/{session}"
@@ -179,11 +272,63 @@ class BridgeServer:
         await pc.setLocalDescription(RTCSessionDescription(sdp=sdp, type="answer"))
         return pc.localDescription.sdp
 
+    # -- session lifecycle -------------------------------------------------------------------
     def _watch(self, pc: RTCPeerConnection, session_id: str) -> None:
+        """Follow the peer connection: connected, or gone (consent expiry fails ICE)."""
+
         @pc.on("connectionstatechange")
         async def _state() -> None:
-            if pc.connectionState in ("failed", "closed"):
-                await self.media.end_session(session_id)
+            if pc.connectionState == "connected":
+                self.sessions.connected(session_id)
+            elif pc.connectionState in ("failed", "closed"):  # no-op if we closed it
+                await self.end_session(session_id, EndReason.PEER_GONE)
+
+        self.sessions.answered(session_id)
+
+    async def end_session(self, session_id: str, reason: EndReason) -> bool:
+        """Close a session's peer connection, release its slot and count why; False if gone."""
+        rec = self.sessions.close(session_id, reason)
+        s = self.media.sessions.get(session_id)
+        if isinstance(s, Publisher) and self.media.publishers.get(s.stream_id) is s:
+            self.verifiers.pop(s.stream_id, None)
+        ended = await self.media.end_session(session_id)
+        if rec is not None:
+            logger.info(
+                "%s left stream=%s session=%s reason=%s", rec.kind.value, rec.stream_id,
+                session_id[:SESSION_PREFIX_CHARS], reason.value,
+            )
+        return rec is not None or ended
+
+    async def _reap(self) -> None:
+        """Close answered sessions whose peer never connected (the ICE/DTLS deadline)."""
+        period = min(1.0, max(0.05, self.sessions.limits.connect_timeout_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            for sid in self.sessions.overdue():
+                try:
+                    await self.end_session(sid, EndReason.CONNECT_TIMEOUT)
+                except Exception as exc:  # one bad close must not stop the reaper
+                    logger.warning("closing session %s failed: %s", sid[:SESSION_PREFIX_CHARS],
+                                   type(exc).__name__)
+
+    async def _take_stream(self, req: OfferRequest) -> bool:
+        """Make room for a publish: end the stream's publisher if the same user (or an
+        operator) publishes again, else 409. True if a session was replaced. The old session
+        ends before the new offer is negotiated (one stream, one slot); the offer has passed
+        the token and SDP checks by then."""
+        old = self.media.publishers.get(req.stream)
+        if old is None:
+            return False
+        if not (old.user == req.token.user or Scope.OPERATOR in req.token.scopes):
+            raise self.sessions.refuse(
+                Refusal.STREAM_TAKEN, "stream already has a publisher (another user's)"
+            )
+        await self.end_session(old.session_id, EndReason.REPLACED)
+        logger.info("publisher replaced stream=%s old_session=%s by a new publish of user %s",
+                    req.stream, old.session_id[:SESSION_PREFIX_CHARS], req.token.user)
+        if req.stream in self.media.publishers:  # a concurrent publish took it meanwhile
+            raise self.sessions.refuse(Refusal.STREAM_TAKEN, "stream already has a publisher")
+        return True
 
     def _created(self, kind: str, stream: str, session: str, answer: str) -> web.Response:
         """201 with the answer, the session's Location and the ICE servers (RFC 9725 4.6)."""
@@ -196,14 +341,16 @@ class BridgeServer:
 
     # -- handlers --------------------------------------------------------------------------
     async def whip(self, request: web.Request) -> web.Response:
-        stream, user, offer = await self._read_offer(request, Scope.PUBLISH)
-        if stream in self.media.publishers:
-            raise SignalingError(409, "stream already has a publisher")
+        req = await self._read_offer(request, Scope.PUBLISH)
+        stream, user, offer = req.stream, req.token.user, req.sdp
+        replaced = await self._take_stream(req)
         if self.media.full:
-            raise SignalingError(503, "this bridge worker is full")
+            raise self.sessions.refuse(Refusal.WORKER_FULL, "this bridge worker is full")
         pc = ice.peer_connection(self.config.ice_servers)
+        sid = uuid.uuid4().hex
+        self.sessions.open(sid, SessionKind.PUBLISHER, stream, user, req.bearer)
         pub = self.media.add_publisher(
-            stream, user, pc, opted_out=user in self.config.opted_out_users
+            stream, user, pc, opted_out=user in self.config.opted_out_users, session_id=sid
         )
 
         @pc.on("track")
@@ -217,6 +364,7 @@ class BridgeServer:
             if not audio or audio[0].currentDirection not in ("recvonly", "sendrecv"):
                 raise SignalingError(400, "the offer does not send audio")
         except BaseException:
+            self.sessions.discard(pub.session_id)
             await self.media.end_session(pub.session_id)
             raise
         pub.opus_pt = next((c.payloadType for c in audio[0]._codecs if c.name.lower() == "opus"), None)
@@ -228,12 +376,19 @@ class BridgeServer:
             )
         self._watch(pc, pub.session_id)
         logger.info("publisher joined stream=%s session=%s", stream, pub.session_id[:8])
-        return self._created("whip", stream, pub.session_id, answer)
+        resp = self._created("whip", stream, pub.session_id, answer)
+        if replaced:
+            resp.headers[REPLACED_HEADER] = "publisher"
+        return resp
 
     async def whep(self, request: web.Request) -> web.Response:
-        stream, user, offer = await self._read_offer(request, Scope.SUBSCRIBE)
+        req = await self._read_offer(request, Scope.SUBSCRIBE)
+        stream, user, offer = req.stream, req.token.user, req.sdp
         if stream not in self.media.publishers:
             raise SignalingError(404, "stream has no publisher on this bridge")
+        self.sessions.admit_subscriber(stream, req.bearer)
+        sid = uuid.uuid4().hex
+        self.sessions.open(sid, SessionKind.SUBSCRIBER, stream, user, req.bearer)
         pc = ice.peer_connection(self.config.ice_servers)
         transceiver = pc.addTransceiver("audio", direction="sendonly")
         try:
@@ -244,6 +399,7 @@ class BridgeServer:
             if out.opus_pt is None and out.aic_pt is None:
                 raise SignalingError(400, "the offer accepts neither AIC nor Opus")
         except BaseException:
+            self.sessions.discard(sid)
             await pc.close()
             raise
         if out.aic:
@@ -253,7 +409,7 @@ class BridgeServer:
             transceiver.sender._send_keyframe = (
                 lambda s=stream: self.media.batcher.restart_epoch(s)
             )
-        sub = self.media.add_subscriber(stream, user, pc, out)
+        sub = self.media.add_subscriber(stream, user, pc, out, session_id=sid)
         self._watch(pc, sub.session_id)
         logger.info(
             "subscriber joined stream=%s session=%s aic=%s", stream, sub.session_id[:8], out.aic
@@ -261,15 +417,29 @@ class BridgeServer:
         return self._created("whep", stream, sub.session_id, answer)
 
     async def delete(self, request: web.Request) -> web.Response:
+        """End a session: a token of the user who opened it (with the WHIP/WHEP scope for
+        the stream), or an operator token; 403 for anyone else."""
         stream, session = request.match_info["stream"], request.match_info["session"]
-        scope = Scope.PUBLISH if request.path.startswith("/whip/") else Scope.SUBSCRIBE
-        self.authority.authorize_header(request.headers.get("Authorization"), scope, stream)
-        s = self.media.sessions.get(session)
-        if s is None or s.stream_id != stream or isinstance(s, Publisher) != (scope is Scope.PUBLISH):
+        publish = request.path.startswith("/whip/")
+        scope = Scope.PUBLISH if publish else Scope.SUBSCRIBE
+        try:
+            token = self._authorize(request, scope, stream)
+        except TokenError as exc:
+            if exc.status != 403:
+                raise
+            try:
+                token = self._authorize(request, Scope.OPERATOR)
+            except TokenError:
+                raise exc from None
+        rec = self.sessions.get(session)
+        kind = SessionKind.PUBLISHER if publish else SessionKind.SUBSCRIBER
+        if rec is None or rec.stream_id != stream or rec.kind is not kind:
             raise SignalingError(404, "no such session")
-        await self.media.end_session(session)
-        if isinstance(s, Publisher):
-            self.verifiers.pop(stream, None)
+        if not self.sessions.may_end(rec, token.user, Scope.OPERATOR in token.scopes):
+            raise SignalingError(
+                403, "this session belongs to another user: only its owner or an operator may end it"
+            )
+        await self.end_session(session, EndReason.DELETED)
         return web.Response(status=200, text="session ended\n")
 
     async def options(self, request: web.Request) -> web.Response:
@@ -287,7 +457,10 @@ class BridgeServer:
         )
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", **self.media.stats(), "http_errors": self.http_errors})
+        return web.json_response({
+            "status": "ok", **self.media.stats(), "sessions": self.sessions.stats(),
+            "http_errors": self.http_errors,
+        })
 
 
 def build_codec(kind: str, capacity: int, bandwidth_kbps: float) -> Any:
@@ -358,6 +531,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deadline-ms", type=float, default=d.deadline_ms)
     parser.add_argument("--bandwidth-kbps", type=float, default=d.bandwidth_kbps)
     parser.add_argument("--max-streams", type=int, default=d.max_streams)
+    parser.add_argument("--connect-timeout-s", type=float, default=d.connect_timeout_s,
+                        help="close sessions not connected (ICE + DTLS) this long after the answer")
+    parser.add_argument("--max-subscribers-per-stream", type=int, default=d.max_subscribers_per_stream,
+                        help="WHEP sessions per stream on one worker (503 beyond; 0 = no cap)")
+    parser.add_argument("--max-subscribers-per-token", type=int, default=d.max_subscribers_per_token,
+                        help="WHEP sessions one bearer token may hold (429 beyond; 0 = no cap)")
     parser.add_argument("--public-url", default="", help="base URL for Location headers")
     parser.add_argument(
         "--ice-server", action="append", metavar="URL", type=_ice_server,
@@ -400,6 +579,9 @@ def _serve_worker(args: argparse.Namespace, port: int) -> None:
     config = BridgeConfig.from_env(
         host=args.host, port=port, deadline_ms=args.deadline_ms,
         bandwidth_kbps=args.bandwidth_kbps, max_streams=args.max_streams, public_url=args.public_url,
+        connect_timeout_s=args.connect_timeout_s,
+        max_subscribers_per_stream=args.max_subscribers_per_stream,
+        max_subscribers_per_token=args.max_subscribers_per_token,
         **ice_overrides(args),
     )
     secret = load_secret()
@@ -408,7 +590,8 @@ def _serve_worker(args: argparse.Namespace, port: int) -> None:
     if args.codec == "serve":
         link_supervisor(server.media)
     logger.info("bridge worker listening on %s:%d", config.host, port)
-    web.run_app(server.app, host=config.host, port=port, print=None)
+    web.run_app(server.app, host=config.host, port=port, print=None,
+                access_log_class=RedactingAccessLogger)
 
 
 def ray_cluster_problem() -> str | None:

@@ -12,7 +12,7 @@ Per tick (`TickBatcher.tick`):
 4. check the tick's hints (parse + tag + replay) and count them into the limiter in one call;
 5. give every frame exactly one `FrameOutcome`, counted by outcome/reason.
 
-Metrics (`deployments.metrics`) are recorded here for what the bridge decides, once per tick:
+Metrics (`telemetry.metrics`) are recorded here for what the bridge decides, once per tick:
 frames the bridge answered itself (opted_out, unhealthy, overload, a stuck or failing codec
 client, a malformed answer; frames the replica answered are counted by the replica), the
 send-to-answer latency of AI frames, hints by verdict, and the streams the bridge carries.
@@ -36,7 +36,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from deployments import metrics
 from deployments.contract import (
     AI_CODE,
     CHUNK_SAMPLES,
@@ -50,6 +49,7 @@ from deployments.contract import (
     bandwidth_codebooks,
     reason_code,
 )
+from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -291,15 +291,14 @@ class TickBatcher:
             seqs.append(st.next_seq)
             st.next_seq += 1
         pcm = np.stack([chunk.pcm24 for _, chunk in send]).astype(np.float32, copy=False)
-        now = self.clock()
         return FrameBatch(
             op=Op.ENCODE,
             bridge_id=self.bridge_id,
             stream_ids=[st.stream_id for st, _ in send],
             epochs=np.asarray(epochs, np.int64),
             epoch_seqs=np.asarray(seqs, np.int64),
-            deadlines=np.full(b, now + self.deadline_ms / 1000.0),
-            sent_at=now,
+            # Relative: the replica stamps it on its own clock (hosts' clocks differ).
+            budgets_ms=np.full(b, self.deadline_ms),
             pcm=pcm,
             bandwidth_kbps=self.bandwidth_kbps,
         )
@@ -504,7 +503,7 @@ class InProcessCodec:
             self._free.append(slot)
 
     def process_sync(self, batch: FrameBatch) -> BatchResult:
-        t_arrive = time.time()
+        t_arrive = time.monotonic()
         try:
             batch.validate()
         except ValueError as exc:
@@ -533,7 +532,7 @@ class InProcessCodec:
                 outcome[i] = reason_code(FallbackReason.RESET)
         n_q = bandwidth_codebooks(batch.bandwidth_kbps)
         codes = np.zeros((b, n_q, batch.pcm.shape[1] // 320), np.int16)
-        t0 = time.time()
+        t0 = time.monotonic()
         compute_ms = 0.0
         if run:
             idx = np.asarray(run)
@@ -542,9 +541,9 @@ class InProcessCodec:
                 self.codec.reset_encoder(np.asarray(fresh, np.int64))
             out = self.codec.encode(slots, batch.pcm_float()[idx], batch.bandwidth_kbps)
             codes[idx] = np.asarray(out, np.int16)
-            t1 = time.time()
+            t1 = time.monotonic()
             compute_ms = (t1 - t0) * 1000.0
-            late = idx[batch.deadlines[idx] < t1]
+            late = idx[batch.deadlines(t_arrive)[idx] < t1]
             outcome[late] = reason_code(FallbackReason.DEADLINE)
         for i in np.flatnonzero(outcome).tolist():
             sid = batch.stream_ids[i]

@@ -53,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from cluster.bench.model_profile import PROFILE_MEASURED
 from cluster.simulator.abusers import HintKind, HintRates, HintTraffic
 from cluster.simulator.audio import SpeechSource
 from cluster.simulator.faults import Fault, FaultKind, FaultPlan
@@ -66,7 +67,6 @@ from cluster.simulator.report import (
     summarize_rates,
 )
 from cluster.simulator.traces import Ramp, StreamKind, StreamPopulation, TraceConfig
-from deployments.config import DEFAULT_PROFILE_DEVICE
 from deployments.contract import (
     CHUNK_FRAMES,
     CHUNK_SAMPLES,
@@ -123,6 +123,8 @@ class SimConfig:
     latency_profile: dict[int, float] | None = None
     profile_device: str | None = None
     profile_weights: str = "unknown"  # weights the given profile was measured with
+    profile_kind: str = "measured"  # of the given profile: measured | modelled (not measured)
+    profile_parameters: dict[str, Any] | None = None  # a modelled profile's inputs
     weights_dir: str | None = None
     progress: bool = True
     publish_stats: bool = True
@@ -622,10 +624,14 @@ class Simulation:
         pid = self.env.replica_pid()
         if pid is None:
             return "no local replica process to slow down"
-        s = SlowReplica(pid, period_s=0.1 * self.dilation, for_s=SLOW_FOR_S * self.dilation)
+        # slow: the replica still answers, late (a shared stall: EDF answers frame by frame);
+        # stall: it answers nothing (a failing replica: the supervisor switches its streams off)
+        duty = 1.0 if fault.kind is FaultKind.STALL_REPLICA else 0.6
+        s = SlowReplica(pid, duty=duty, period_s=0.1 * self.dilation,
+                        for_s=SLOW_FOR_S * self.dilation)
         s.start()
         self._slow.append(s)
-        return f"one replica process stopped 60% of the time for {SLOW_FOR_S:g} s"
+        return f"one replica process stopped {duty:.0%} of the time for {SLOW_FOR_S:g} s"
 
     # -- report
     def report(self) -> dict[str, Any]:
@@ -676,7 +682,9 @@ class Simulation:
             "weights": self.env.weights,
             "latency_profile_device": self.env.profile_device,
             "latency_profile_ms": {str(k): v for k, v in sorted(self.env.profile.items())},
-            "latency_profile_measured": self.env.profile_device != DEFAULT_PROFILE_DEVICE,
+            "latency_profile_measured": self.env.profile_kind == PROFILE_MEASURED,
+            "profile": self.env.profile_kind,
+            "profile_parameters": self.env.profile_parameters,
             "capacity_plan": self.env.capacity_plan,
             "trace": cfg.trace,
             "autoscaling": self._autoscaling_summary(cols),

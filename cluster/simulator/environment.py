@@ -15,11 +15,13 @@ import math
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cluster.bench.model_profile import PROFILE_MEASURED, PROFILE_MODELLED, PROFILE_SEED
 from cluster.simulator.audio import SpeechSource
 from deployments.config import (
     APP_NAME,
@@ -40,23 +42,50 @@ MAX_LOCAL_REPLICAS = 6  # replica processes on one 2-core machine (a real one ho
 TRANSPORT_ALLOWANCE_MS = 4.0  # bridge -> replica -> bridge, per tick, on top of L(B)
 
 
-def load_profile(path: Path = CODEC_BENCH_JSON) -> tuple[dict[int, float], str, str] | None:
-    """The latency profile (p50 step ms by batch), device label and the weights it was measured
-    with, from `auralink bench codec`."""
+@dataclass(frozen=True)
+class LatencyProfile:
+    """A latency profile file: step ms by batch, what it describes, and whether it was measured
+    (`auralink bench codec`) or modelled (`auralink bench model-profile`)."""
+
+    ms: dict[int, float]
+    device: str  # label for reports: machine, command, weights or model parameters
+    weights: str
+    kind: str  # PROFILE_MEASURED | PROFILE_MODELLED
+    parameters: dict[str, Any] | None = None  # every input of a modelled profile
+
+
+def load_profile_file(path: Path = CODEC_BENCH_JSON) -> LatencyProfile | None:
+    """The profile in `path`, or None if there is none. A modelled profile must carry its
+    parameters; a file without `modelled: true` is a measurement."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    prof = doc.get("latency_profile_ms")
+    prof = doc.get("latency_profile_ms") if isinstance(doc, dict) else None
     if not isinstance(prof, dict) or not prof:
         return None
     out = {}
     for b, v in prof.items():
         out[int(b)] = float(v["p50"] if isinstance(v, dict) else v)
+    if doc.get("modelled") is True:
+        params = doc.get("profile_parameters")
+        if not isinstance(params, dict) or not params:
+            raise ValueError(f"{path}: a modelled profile needs its profile_parameters")
+        label = str(doc.get("machine") or doc.get("device") or "unnamed device")
+        if PROFILE_MODELLED not in label:
+            label += f", {PROFILE_MODELLED}"
+        return LatencyProfile(out, label, "none (modelled profile)", PROFILE_MODELLED, params)
     device = doc.get("machine") or doc.get("device") or "unknown device"
     weights = doc.get("weights")
     label = f"{device}, `auralink bench codec`" + (f", {weights} weights" if weights else "")
-    return out, label, str(weights or "unknown")
+    return LatencyProfile(out, label, str(weights or "unknown"), PROFILE_MEASURED)
+
+
+def load_profile(path: Path = CODEC_BENCH_JSON) -> tuple[dict[int, float], str, str] | None:
+    """The latency profile (p50 step ms by batch), device label and the weights it was measured
+    with (see `load_profile_file` for what kind of profile it is)."""
+    p = load_profile_file(path)
+    return None if p is None else (p.ms, p.device, p.weights)
 
 
 def max_batch_within(profile: dict[int, float], deadline_ms: float, margin_ms: float) -> int:
@@ -185,6 +214,8 @@ class Environment:
         self.native_frame_bytes = 0.0
         self.profile: dict[int, float] = {}
         self.profile_device = ""
+        self.profile_kind = PROFILE_SEED
+        self.profile_parameters: dict[str, Any] | None = None
         self.compute_label = ""
         self.weights = "unknown"
         self.dashboard_url: str | None = None
@@ -229,10 +260,15 @@ class Environment:
         if cfg.latency_profile:
             env.profile, env.profile_device = dict(cfg.latency_profile), cfg.profile_device or "given"
             profile_weights = cfg.profile_weights
+            env.profile_kind, env.profile_parameters = cfg.profile_kind, cfg.profile_parameters
         else:
-            loaded = load_profile() or load_profile(REPO / "runs" / "bench-codec.json")
-            env.profile, env.profile_device, profile_weights = loaded or (
-                dict(DEFAULT_LATENCY_PROFILE), DEFAULT_PROFILE_DEVICE, "unknown")
+            loaded = load_profile_file() or load_profile_file(REPO / "runs" / "bench-codec.json")
+            if loaded is not None:
+                env.profile, env.profile_device, profile_weights = loaded.ms, loaded.device, loaded.weights
+                env.profile_kind, env.profile_parameters = loaded.kind, loaded.parameters
+            else:
+                env.profile, env.profile_device, profile_weights = (
+                    dict(DEFAULT_LATENCY_PROFILE), DEFAULT_PROFILE_DEVICE, "unknown")
         if cfg.address:
             await env._attach_app()
         else:

@@ -14,6 +14,7 @@ class FaultKind(str, enum.Enum):
     KILL_REPLICA = "kill-replica"  # ray.kill one codec replica; Serve replaces it
     STOP_REDIS = "stop-redis"  # stop the limiter's Redis; the limiter's configured policy applies
     SLOW_REPLICA = "slow-replica"  # one replica's steps take longer than the latency profile
+    STALL_REPLICA = "stall-replica"  # one replica answers nothing for a while (a hung node)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from autoscaling.evaluate import (
     EventTrace,
     capacity_from_profile,
     evaluate,
-    main,
     markdown,
 )
+from cluster.bench.autoscaling import main
 
 SMALL = EventTrace(peak_streams=2_000, burst_streams=400, ramp_s=200, burst_s=5, hold_s=200,
                    ramp_down_s=100, floor_streams=100, tail_s=100)
@@ -50,7 +50,7 @@ def test_forecast_loses_fewer_frames_than_serve_default(report: dict) -> None:
 
 def test_report_is_labelled(report: dict) -> None:
     assert report["label"] == "policy evaluation on a trace, capacity per replica from test capacity"
-    md = markdown(report, "python -m autoscaling.evaluate --json x.json")
+    md = markdown(report, "auralink bench autoscaling --json x.json")
     assert md.startswith("## autoscaling") and report["label"] in md
     assert md.count("\n| ") == len(report["results"]) + 2  # header + rows + oracle
 

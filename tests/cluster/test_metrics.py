@@ -20,7 +20,7 @@ from cluster import metrics as m
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "cluster" / "grafana" / "auralink.json"
-PRODUCT_PACKAGES = ("models", "deployments", "sfu_bridge", "autoscaling", "cluster")
+PRODUCT_PACKAGES = ("models", "auth", "telemetry", "deployments", "sfu_bridge", "autoscaling", "cluster")
 
 
 @pytest.fixture()

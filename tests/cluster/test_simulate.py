@@ -189,6 +189,9 @@ def test_simulate_emulated_with_abusers_and_a_killed_replica(tmp_path):
     for k in REQUIRED_KEYS:
         assert k in rep, k
     assert rep["compute"] == "emulated" and "emulated" in rep["compute_label"]
+    # The default profile is the codec benchmark's measurement, and the report says so.
+    assert rep["profile"] == "measured" and rep["profile_parameters"] is None
+    assert rep["latency_profile_measured"] is True
     # Emulated replicas run no model; the label is that of the model the profile timed.
     assert rep["weights"] == json.loads(Path("docs/bench/codec.json").read_text())["weights"]
     plan = rep["capacity_plan"]
@@ -214,6 +217,23 @@ def test_simulate_emulated_with_abusers_and_a_killed_replica(tmp_path):
     assert "killed" in rep["faults"][0]["detail"]
     for name in ("latency_cdf", "outcomes", "replicas", "bandwidth"):
         assert Path(rep["plots"][name]).stat().st_size > 5000
+
+
+@pytest.mark.ray
+def test_simulate_with_a_modelled_profile_labels_the_report(tmp_path):
+    from cluster.simulator.environment import load_profile_file
+
+    modelled = load_profile_file(Path("docs/bench/profile-h100-modelled.json"))
+    rep = _run(tmp_path, streams=20, duration_s=3.0, compute="emulated", replicas=1, flooders=0,
+               forgers=0, replayers=0, time_dilation=3.0, latency_profile=modelled.ms,
+               profile_device=modelled.device, profile_weights=modelled.weights,
+               profile_kind=modelled.kind, profile_parameters=modelled.parameters)
+    assert rep["profile"] == "modelled (not measured)"
+    assert rep["profile_parameters"] == modelled.parameters
+    assert rep["latency_profile_measured"] is False
+    assert "modelled (not measured)" in rep["compute_label"]
+    assert rep["capacity_plan"]["holds"] and rep["capacity_plan"]["streams_per_replica"] > 1000
+    assert rep["frames_unaccounted"] == 0 and rep["frames_ai"] > 0
 
 
 @pytest.mark.ray

@@ -4,7 +4,6 @@ reconfigure, health; plus the pure stream-affinity hashing and the client's merg
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
@@ -81,7 +80,7 @@ def test_idle_streams_are_freed(core):
         tr = EpochTracker()
         await _tick(core, tr, ["x", "y"])
         core.pool.get("x").last_seen -= SETTINGS.idle_timeout_s + 1
-        core._sweep_idle(time.time())
+        core._sweep_idle(core.clock())
         assert core.pool.streams() == ["y"]
         assert core.counters["slots_idle_freed"] == 1
         res = await _tick(core, tr, ["x"])  # its state is gone: the epoch cannot continue
@@ -95,11 +94,9 @@ def test_gap_in_an_epoch_resets_and_stale_frames_do_not_break_the_new_epoch(core
     async def go():
         tr = EpochTracker()
         assert (await _tick(core, tr, ["s"])).counts() == {"ai": 1}
-        now = time.time()
-
         def frame(epoch: int, seq: int) -> FrameBatch:
             return FrameBatch(Op.ENCODE, "b", ["s"], np.array([epoch]), np.array([seq]),
-                              np.array([now + 5.0]), now, pcm=_pcm(1))
+                              np.array([5000.0]), pcm=_pcm(1))
 
         assert (await core.process(frame(1, 2))).outcome(0)[1] is FallbackReason.RESET  # seq 1 skipped
         assert (await core.process(frame(1, 3))).outcome(0)[1] is FallbackReason.RESET  # still broken
@@ -274,10 +271,8 @@ def test_backend_switch_to_onnx_resets_streams_and_decodes_alike(core):
     codes = np.random.default_rng(9).integers(0, 1024, size=(1, 8, 3))
 
     async def decode(seq: int, epoch: int) -> BatchResult:
-        now = time.time()
         return await core.process(FrameBatch(Op.DECODE, "b", ["d"], np.array([epoch]),
-                                             np.array([seq]), np.array([now + 30.0]), now,
-                                             codes=codes))
+                                             np.array([seq]), np.array([30_000.0]), codes=codes))
 
     async def go():
         torch_out = await decode(0, 1)

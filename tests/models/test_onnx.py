@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.onnx_step import OnnxStreamingEncodec
-from models.streaming import StreamingEncodec, open_codec
+from models.streaming import StreamingEncodec
 
 SR = 24_000
 
@@ -117,12 +117,7 @@ def test_export_is_cached_per_weights(model, onnx_codec, cache_dir):
     files = sorted(onnx_codec.cache_dir.glob("*.onnx"))
     assert {f.name for f in files} >= {"encode-q8-f3.onnx", "decode-q8-f3.onnx"}
     stamps = {f: f.stat().st_mtime_ns for f in files}
-    again = open_codec(model, backend="onnx", capacity=2, cache_dir=cache_dir)
-    assert isinstance(again, OnnxStreamingEncodec)
+    again = OnnxStreamingEncodec(model, capacity=2, cache_dir=cache_dir)
     assert again.cache_dir == onnx_codec.cache_dir
     assert {f: f.stat().st_mtime_ns for f in files} == stamps, "re-exported despite the cache"
 
-
-def test_backend_choice():
-    with pytest.raises(ValueError, match="backend"):
-        open_codec(None, backend="tensorrt")

@@ -65,7 +65,7 @@ def running_bridge(secret):
     from aiohttp import web
 
     from sfu_bridge.config import BridgeConfig
-    from sfu_bridge.server import make_server
+    from sfu_bridge.server import RedactingAccessLogger, make_server
 
     @contextlib.asynccontextmanager
     async def run(codec, extra_routes=None, limiter=None, **overrides):
@@ -75,7 +75,7 @@ def running_bridge(secret):
         server = make_server(cfg, codec, secret, hint_secret=secret, limiter=limiter)
         for method, path, handler in extra_routes or []:
             server.app.router.add_route(method, path, handler)
-        runner = web.AppRunner(server.app)
+        runner = web.AppRunner(server.app, access_log_class=RedactingAccessLogger)
         await runner.setup()
         await web.TCPSite(runner, cfg.host, cfg.port).start()
         try:

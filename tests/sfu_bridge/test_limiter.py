@@ -210,7 +210,7 @@ def test_outage_counts_decisions_errors_and_time_without_redis(own_server):
     """What running without Redis cost is counted (calls and hints decided by the policy,
     errors, seconds from the first failed call to the next success) and reaches the
     metrics, so a report can say the limit was not enforced."""
-    from deployments import metrics as m
+    from telemetry import metrics as m
 
     reg = m.local_registry()
     calls0 = reg.counter(m.LIMITER_UNAVAILABLE, policy="open")

@@ -33,8 +33,8 @@ class SeenStreams:
 
 
 def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, streaming_codec, secret, caplog):
-    from deployments import metrics as m
     from sfu_bridge.aic_payload import payload_size
+    from telemetry import metrics as m
 
     caplog.set_level(logging.DEBUG)
     codec = SeenStreams(InProcessCodec(streaming_codec))

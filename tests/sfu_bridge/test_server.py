@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import aiohttp
 import pytest
@@ -42,6 +43,7 @@ def auth(token: str, ctype: str = "application/sdp") -> dict[str, str]:
 
 def test_whip_publish_and_delete(scenario, tokens):
     token = tokens.issue("alice", "room1", ["publish"])
+    other_user = tokens.issue("bob", "room1", ["publish"])
 
     async def body(http, base, server):
         pc, offer = await aiortc_offer()
@@ -53,7 +55,7 @@ def test_whip_publish_and_delete(scenario, tokens):
         assert location.startswith("/whip/room1/")
         assert answer.startswith("v=0") and "a=recvonly" in answer
         assert "room1" in server.media.publishers
-        async with http.post(f"{base}/whip/room1", data=offer, headers=auth(token)) as r:
+        async with http.post(f"{base}/whip/room1", data=offer, headers=auth(other_user)) as r:
             assert r.status == 409 and "already has a publisher" in await r.text()
         async with http.patch(base + location, headers=auth(token)) as r:
             assert r.status == 405
@@ -173,3 +175,82 @@ def test_whep_answers_aic_only_to_offers_that_list_it(scenario, tokens):
     answers = scenario(body)
     assert "AIC/48000" in answers[True] and "a=sendonly" in answers[True]
     assert "AIC/48000" not in answers[False] and "opus/48000" in answers[False]
+
+
+def _offer_with(offer: str, old: str, new: str) -> str:
+    assert old in offer, old
+    return offer.replace(old, new)
+
+
+# Each of these answered 500 (an aiortc assert, a payload type out of the 7-bit range, an
+# a=fmtp for a payload type without a=rtpmap) before the SDP guard.
+BAD_SDP = {
+    "m-line port": (lambda o: _offer_with(o, o.split("m=audio", 1)[1].split("\r\n", 1)[0], " x"),
+                    "m-line is not"),
+    "payload type 200": (lambda o: o.replace(" 96 ", " 200 ").replace("a=rtpmap:96 ", "a=rtpmap:200 "),
+                         "payload type 200 is outside 0-127"),
+    "fmtp unknown pt": (lambda o: _offer_with(o, "a=rtpmap:96 ", "a=fmtp:99 a=1\r\na=rtpmap:96 "),
+                        "a=fmtp payload type 99 is not listed"),
+}
+
+
+@pytest.mark.parametrize("kind", ["whip", "whep"])
+@pytest.mark.parametrize("case", list(BAD_SDP))
+def test_bad_sdp_is_400_never_500(scenario, tokens, kind, case):
+    token = tokens.issue("alice", "*", ["publish", "subscribe"])
+    mutate, message = BAD_SDP[case]
+
+    async def body(http, base, server):
+        pc, offer = await aiortc_offer("sendonly" if kind == "whip" else "recvonly")
+        await pc.close()
+        assert " 96 " in offer  # aiortc's Opus payload type, which the mutations rely on
+        async with http.post(f"{base}/{kind}/room1", data=mutate(offer), headers=auth(token)) as r:
+            text = await r.text()
+        assert r.status == 400, text
+        assert text.startswith("malformed SDP: line ") and message in text
+        async with http.get(f"{base}/health") as r:
+            assert r.status == 200
+        assert server.media.sessions == {} and server.sessions.records == {}
+
+    scenario(body)
+
+
+@pytest.mark.parametrize("method", ["post", "delete"])
+def test_token_with_non_ascii_bytes_is_401(scenario, tokens, method):
+    good = tokens.issue("alice", "room1", ["publish"])
+    claims = good.split(".")[1]
+    hostile = f"al1.{claims[:5]}\u00e9\u00ff{claims[5:]}.abc"
+
+    async def body(http, base, server):
+        _, offer = await aiortc_offer()
+        url = f"{base}/whip/room1" + ("/0123abcd" if method == "delete" else "")
+        async with http.request(method.upper(), url, data=offer, headers=auth(hostile)) as r:
+            text = await r.text()
+        assert r.status == 401, text
+        assert "malformed token" in text
+
+    scenario(body)
+
+
+def test_client_leaving_mid_body_is_a_counted_400_not_a_crash(scenario, tokens, caplog):
+    token = tokens.issue("alice", "room1", ["publish"])
+    caplog.set_level(logging.ERROR, logger="aiohttp.server")
+
+    async def body(http, base, server):
+        host, port = base.rsplit("/", 1)[1].split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /whip/room1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\n"
+            b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: 500\r\n\r\nv=0\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the server now waits for the rest of the body
+        writer.close()
+        for _ in range(100):
+            if server.http_errors.get(400):
+                break
+            await asyncio.sleep(0.05)
+        assert server.http_errors.get(400) == 1
+
+    scenario(body)
+    assert not [r for r in caplog.records if r.name == "aiohttp.server"], caplog.text

@@ -323,7 +323,7 @@ def test_bridge_decisions_reach_the_metrics(secret, sine_chunk):
     fallbacks (opted_out, unhealthy, overload, a stuck client, a bad answer) but not the
     frames a replica answered (the replica counts those), AI frames' latency, hints by
     verdict, and the streams it carries."""
-    from deployments import metrics as m
+    from telemetry import metrics as m
 
     reg = m.local_registry()
 

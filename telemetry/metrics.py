@@ -1,0 +1,443 @@
+"""AuraLink metrics: one table of names and tags, recorded the same way from every layer.
+
+This module sits low (it imports neither Ray nor any other AuraLink package) so that every
+process that makes a decision records it where it is made: codec replicas and the supervisor
+(deployments), bridges and the hint limiter (sfu_bridge), the autoscaling policy. `cluster.metrics`
+(the name the CLI and operators use) and `deployments.metrics` are the same module.
+
+Every metric is declared once in `SPECS`. Callers use the typed helpers below
+(`record_frames`, `observe_step_latency`, ...) and never build metric objects themselves.
+
+Two sinks receive each recording:
+
+* a process-local `LocalRegistry` (always on, a dict under a lock) so pure code paths, tests,
+  the simulator and the operator dashboard can read counts without Ray;
+* `ray.util.metrics` objects, created lazily on first use and only when the process is
+  connected to Ray (a driver after `ray.init`, a Serve replica, an actor), because Ray's
+  metric objects need a core worker. Ray exports them to Prometheus with a `ray_` prefix;
+  counters get a `_total` suffix and histograms `_bucket`/`_sum`/`_count`
+  (`prometheus_names`). `cluster/grafana/auralink.json` charts exactly those names.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import logging
+import sys
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class MetricKind(str, enum.Enum):
+    COUNTER = "counter"
+    HISTOGRAM = "histogram"
+    GAUGE = "gauge"
+
+
+class HintVerdict(str, enum.Enum):
+    """What became of one AIC hint (RTP header extension) at the bridge."""
+
+    ACCEPTED = "accepted"
+    LIMITED = "limited"  # over the per-stream rate (GCRA)
+    FORGED = "forged"  # tag did not verify
+    REPLAYED = "replayed"  # outside or already seen in the replay window
+    MALFORMED = "malformed"  # failed size/format checks
+
+
+class WirePath(str, enum.Enum):
+    """Which codec carried a frame on the wire."""
+
+    AI = "ai"  # EnCodec codes in the AIC payload
+    NATIVE = "native"  # Opus
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # Ray metric name; Prometheus adds `ray_` (and `_total` for counters)
+    kind: MetricKind
+    description: str
+    tag_keys: tuple[str, ...] = ()
+    boundaries: tuple[float, ...] = ()  # histograms only; Ray needs them positive
+
+    def prometheus_names(self) -> tuple[str, ...]:
+        """The series names Prometheus shows for this metric when scraped from Ray."""
+        base = f"ray_{self.name}"
+        if self.kind is MetricKind.COUNTER:
+            return (f"{base}_total",)
+        if self.kind is MetricKind.HISTOGRAM:
+            return (f"{base}_bucket", f"{base}_sum", f"{base}_count")
+        return (base,)
+
+
+_LATENCY_MS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 40, 60, 100, 200, 500)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_SLACK_MS = (1, 2, 5, 10, 15, 20, 30, 40)
+
+FRAMES = "auralink_frames"
+FRAME_LATENCY = "auralink_frame_latency_ms"
+STEP_LATENCY = "auralink_step_latency_ms"
+BATCH_SIZE = "auralink_batch_size"
+DEADLINE_SLACK = "auralink_deadline_slack_ms"
+SLOTS_IN_USE = "auralink_slots_in_use"
+SLOT_CAPACITY = "auralink_slot_capacity"
+STREAMS_ACTIVE = "auralink_streams_active"
+HINTS = "auralink_hints"
+WIRE_BYTES = "auralink_wire_bytes"
+LIMITER_UNAVAILABLE = "auralink_limiter_unavailable"
+LIMITER_UNAVAILABLE_SECONDS = "auralink_limiter_unavailable_seconds"
+LIMITER_ERRORS = "auralink_limiter_errors"
+SUPERVISOR_TRANSITIONS = "auralink_supervisor_transitions"
+AUTOSCALE_FORECAST = "auralink_autoscale_forecast_streams"
+AUTOSCALE_DESIRED = "auralink_autoscale_desired_replicas"
+
+SPECS: dict[str, MetricSpec] = {
+    s.name: s
+    for s in (
+        MetricSpec(FRAMES, MetricKind.COUNTER,
+                   "Frames by op, outcome (ai|fallback) and fallback reason ('' for ai)",
+                   ("op", "outcome", "reason")),
+        MetricSpec(FRAME_LATENCY, MetricKind.HISTOGRAM,
+                   "Bridge send to result, per frame that got an AI outcome (ms)",
+                   ("op",), _LATENCY_MS),
+        MetricSpec(STEP_LATENCY, MetricKind.HISTOGRAM,
+                   "Model step compute time on a replica (ms)", ("op", "device"), _LATENCY_MS),
+        MetricSpec(BATCH_SIZE, MetricKind.HISTOGRAM,
+                   "Streams per model step on a replica", ("op",), _BATCH),
+        MetricSpec(DEADLINE_SLACK, MetricKind.HISTOGRAM,
+                   "Deadline minus completion time for frames that met it (ms)", ("op",),
+                   _SLACK_MS),
+        MetricSpec(SLOTS_IN_USE, MetricKind.GAUGE,
+                   "Stream slots holding state on a replica", ("replica",)),
+        MetricSpec(SLOT_CAPACITY, MetricKind.GAUGE,
+                   "Stream slots a replica has", ("replica",)),
+        MetricSpec(STREAMS_ACTIVE, MetricKind.GAUGE,
+                   "Streams a bridge is carrying", ("bridge",)),
+        MetricSpec(HINTS, MetricKind.COUNTER,
+                   "AIC hints by verdict (accepted|limited|forged|replayed|malformed)",
+                   ("verdict",)),
+        MetricSpec(WIRE_BYTES, MetricKind.COUNTER,
+                   "Payload bytes sent to subscribers by codec path (ai|native)", ("path",)),
+        MetricSpec(LIMITER_UNAVAILABLE, MetricKind.COUNTER,
+                   "Limiter calls answered without Redis, by configured policy (open|closed)",
+                   ("policy",)),
+        MetricSpec(LIMITER_UNAVAILABLE_SECONDS, MetricKind.COUNTER,
+                   "Seconds the limiter ran without Redis (first failed call to the next "
+                   "success), by configured policy (open|closed)", ("policy",)),
+        MetricSpec(LIMITER_ERRORS, MetricKind.COUNTER,
+                   "Failed limiter calls to Redis, by exception type", ("error",)),
+        MetricSpec(SUPERVISOR_TRANSITIONS, MetricKind.COUNTER,
+                   "Per-stream AI health transitions by new state (on|off)", ("state",)),
+        MetricSpec(AUTOSCALE_FORECAST, MetricKind.GAUGE,
+                   "Streams the autoscaling policy expects at the end of its horizon",
+                   ("deployment",)),
+        MetricSpec(AUTOSCALE_DESIRED, MetricKind.GAUGE,
+                   "Replicas the autoscaling policy asked for", ("deployment",)),
+    )
+}
+
+
+def _tag_tuple(spec: MetricSpec, tags: Mapping[str, str]) -> tuple[str, ...]:
+    if set(tags) != set(spec.tag_keys):
+        raise ValueError(
+            f"metric {spec.name} takes tags {sorted(spec.tag_keys)}, got {sorted(tags)}"
+        )
+    return tuple(str(tags[k]) for k in spec.tag_keys)
+
+
+@dataclass
+class HistogramState:
+    boundaries: tuple[float, ...]
+    buckets: list[int]  # len(boundaries) + 1; last is +Inf
+    count: int = 0
+    total: float = 0.0
+
+
+@dataclass
+class LocalRegistry:
+    """In-process sink: counters, gauges and histograms keyed by (name, tag values)."""
+
+    counters: dict[tuple[str, tuple[str, ...]], float] = field(default_factory=dict)
+    gauges: dict[tuple[str, tuple[str, ...]], float] = field(default_factory=dict)
+    histograms: dict[tuple[str, tuple[str, ...]], HistogramState] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def inc(self, spec: MetricSpec, value: float, tags: Mapping[str, str]) -> None:
+        key = (spec.name, _tag_tuple(spec, tags))
+        with self._lock:
+            self.counters[key] = self.counters.get(key, 0.0) + value
+
+    def set(self, spec: MetricSpec, value: float, tags: Mapping[str, str]) -> None:
+        key = (spec.name, _tag_tuple(spec, tags))
+        with self._lock:
+            self.gauges[key] = float(value)
+
+    def observe(self, spec: MetricSpec, value: float, tags: Mapping[str, str]) -> None:
+        key = (spec.name, _tag_tuple(spec, tags))
+        i = bisect.bisect_left(spec.boundaries, value)  # bucket `le` semantics: value <= bound
+        with self._lock:
+            h = self._hist(key, spec)
+            h.buckets[i] += 1
+            h.count += 1
+            h.total += value
+
+    def observe_many(self, spec: MetricSpec, values: np.ndarray, tags: Mapping[str, str]) -> None:
+        key = (spec.name, _tag_tuple(spec, tags))
+        idx = np.searchsorted(np.asarray(spec.boundaries, np.float64), values, side="left")
+        counts = np.bincount(idx, minlength=len(spec.boundaries) + 1)
+        with self._lock:
+            h = self._hist(key, spec)
+            for i, c in enumerate(counts.tolist()):
+                h.buckets[i] += c
+            h.count += int(values.size)
+            h.total += float(values.sum())
+
+    def _hist(self, key: tuple[str, tuple[str, ...]], spec: MetricSpec) -> HistogramState:
+        h = self.histograms.get(key)
+        if h is None:
+            h = HistogramState(spec.boundaries, [0] * (len(spec.boundaries) + 1))
+            self.histograms[key] = h
+        return h
+
+    def counter(self, name: str, **tags: str) -> float:
+        """Sum of a counter over every series matching the given tags."""
+        return self._sum(self.counters, name, tags)
+
+    def gauge(self, name: str, **tags: str) -> float:
+        return self._sum(self.gauges, name, tags)
+
+    def histogram_count(self, name: str, **tags: str) -> int:
+        spec = SPECS[name]
+        with self._lock:
+            return sum(
+                h.count for (n, tv), h in self.histograms.items()
+                if n == name and _matches(spec, tv, tags)
+            )
+
+    def _sum(self, table: dict, name: str, tags: Mapping[str, str]) -> float:
+        spec = SPECS[name]
+        with self._lock:
+            return sum(v for (n, tv), v in table.items() if n == name and _matches(spec, tv, tags))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain-data copy (JSON-able) for reports and the operator dashboard."""
+        def key(name: str, tv: tuple[str, ...]) -> str:
+            spec = SPECS[name]
+            return name + "".join(f",{k}={v}" for k, v in zip(spec.tag_keys, tv, strict=True))
+
+        with self._lock:
+            return {
+                "counters": {key(*k): v for k, v in self.counters.items()},
+                "gauges": {key(*k): v for k, v in self.gauges.items()},
+                "histograms": {
+                    key(*k): {"count": h.count, "sum": h.total, "buckets": list(h.buckets)}
+                    for k, h in self.histograms.items()
+                },
+            }
+
+    def clear(self) -> None:
+        with self._lock:
+            self.counters.clear()
+            self.gauges.clear()
+            self.histograms.clear()
+
+
+def _matches(spec: MetricSpec, tag_values: tuple[str, ...], want: Mapping[str, str]) -> bool:
+    for k, v in want.items():
+        if k not in spec.tag_keys:
+            raise ValueError(f"metric {spec.name} has no tag {k!r}")
+        if tag_values[spec.tag_keys.index(k)] != str(v):
+            return False
+    return True
+
+
+class RayMetrics:
+    """`ray.util.metrics` objects for `SPECS`, built on first use in a Ray-connected process."""
+
+    def __init__(self) -> None:
+        self._objects: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _get(self, spec: MetricSpec) -> Any:
+        obj = self._objects.get(spec.name)
+        if obj is not None:
+            return obj
+        from ray.util import metrics as ray_metrics
+
+        with self._lock:
+            obj = self._objects.get(spec.name)
+            if obj is None:
+                if spec.kind is MetricKind.COUNTER:
+                    obj = ray_metrics.Counter(spec.name, spec.description, spec.tag_keys)
+                elif spec.kind is MetricKind.GAUGE:
+                    obj = ray_metrics.Gauge(spec.name, spec.description, spec.tag_keys)
+                else:
+                    obj = ray_metrics.Histogram(
+                        spec.name, spec.description, list(spec.boundaries), spec.tag_keys
+                    )
+                self._objects[spec.name] = obj
+        return obj
+
+    def inc(self, spec: MetricSpec, value: float, tags: Mapping[str, str]) -> None:
+        self._get(spec).inc(value, dict(tags))
+
+    def set(self, spec: MetricSpec, value: float, tags: Mapping[str, str]) -> None:
+        self._get(spec).set(value, dict(tags))
+
+    def observe(self, spec: MetricSpec, value: float, tags: Mapping[str, str]) -> None:
+        self._get(spec).observe(value, dict(tags))
+
+
+_local = LocalRegistry()
+_ray = RayMetrics()
+_ray_failed = False
+
+
+def local_registry() -> LocalRegistry:
+    """The process-local registry every recording also lands in."""
+    return _local
+
+
+def _ray_sink() -> RayMetrics | None:
+    if _ray_failed:
+        return None
+    # A process that never imported ray is not connected to it; importing it here would
+    # cost a second on the first recording of a pure code path.
+    ray = sys.modules.get("ray")
+    if ray is None or not hasattr(ray, "is_initialized"):
+        return None
+    return _ray if ray.is_initialized() else None
+
+
+def _emit(method: str, name: str, value: float, tags: Mapping[str, str]) -> None:
+    global _ray_failed
+    spec = SPECS[name]
+    getattr(_local, method)(spec, value, tags)
+    sink = _ray_sink()
+    if sink is None:
+        return
+    try:
+        getattr(sink, method)(spec, value, tags)
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        # Recording must never break a media path; one warning, then local-only.
+        _ray_failed = True
+        logger.warning("Ray metrics disabled in this process after error: %s", exc)
+
+
+# ---- typed helpers (the only API callers need) -------------------------------------------
+
+
+def record_frames(op: str, counts: Mapping[str, int]) -> None:
+    """Counts keyed as `BatchResult.counts()` gives them: 'ai' or 'fallback/<reason>'."""
+    for key, n in counts.items():
+        if n <= 0:
+            continue
+        outcome, _, reason = key.partition("/")
+        if outcome not in ("ai", "fallback"):
+            raise ValueError(f"outcome key {key!r} is not 'ai' or 'fallback/<reason>'")
+        _emit("inc", FRAMES, n, {"op": op, "outcome": outcome, "reason": reason})
+
+
+def record_frame_outcome(op: str, outcome: str, reason: str | None = None, n: int = 1) -> None:
+    record_frames(op, {outcome if not reason else f"{outcome}/{reason}": n})
+
+
+# Ray histograms take one value per call (~10-25 us each); a tick can carry thousands of
+# frames. The local registry takes every value (vectorised); Ray gets a uniform sample of at
+# most this many per call, which keeps quantiles unbiased. Counts come from `frames_total`.
+RAY_HISTOGRAM_SAMPLE = 128
+
+
+def _observe_many(name: str, values: Iterable[float] | np.ndarray, tags: Mapping[str, str],
+                  sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
+    global _ray_failed
+    arr = np.asarray(values if isinstance(values, np.ndarray) else list(values), np.float64).ravel()
+    if arr.size == 0:
+        return
+    spec = SPECS[name]
+    _local.observe_many(spec, arr, tags)
+    sink = _ray_sink()
+    if sink is None:
+        return
+    if arr.size > sample:
+        arr = arr[np.linspace(0, arr.size - 1, sample).astype(np.int64)]
+    try:
+        for v in arr.tolist():
+            sink.observe(spec, v, tags)
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        _ray_failed = True
+        logger.warning("Ray metrics disabled in this process after error: %s", exc)
+
+
+def observe_frame_latency(op: str, latencies_ms: Iterable[float] | np.ndarray,
+                          sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
+    """Per-frame latencies of one batch (all kept locally; at most `sample` of them for Ray:
+    a caller whose frames share one latency per call can ask for fewer)."""
+    _observe_many(FRAME_LATENCY, latencies_ms, {"op": op}, max(1, int(sample)))
+
+
+def observe_step_latency(op: str, ms: float, device: str = "cpu") -> None:
+    _emit("observe", STEP_LATENCY, float(ms), {"op": op, "device": device})
+
+
+def observe_batch_size(op: str, size: int) -> None:
+    _emit("observe", BATCH_SIZE, float(size), {"op": op})
+
+
+def observe_deadline_slack(op: str, slack_ms: Iterable[float] | np.ndarray) -> None:
+    """Slack of frames that met their deadline; misses are counted as fallback/deadline."""
+    arr = np.asarray(slack_ms if isinstance(slack_ms, np.ndarray) else list(slack_ms), np.float64)
+    _observe_many(DEADLINE_SLACK, arr[arr >= 0], {"op": op})
+
+
+def set_slots(replica: str, in_use: int, capacity: int) -> None:
+    _emit("set", SLOTS_IN_USE, float(in_use), {"replica": replica})
+    _emit("set", SLOT_CAPACITY, float(capacity), {"replica": replica})
+
+
+def set_streams_active(bridge: str, n: int) -> None:
+    _emit("set", STREAMS_ACTIVE, float(n), {"bridge": bridge})
+
+
+def record_hints(verdict: HintVerdict | str, n: int = 1) -> None:
+    if n > 0:
+        _emit("inc", HINTS, n, {"verdict": HintVerdict(verdict).value})
+
+
+def record_wire_bytes(path: WirePath | str, nbytes: int) -> None:
+    if nbytes > 0:
+        _emit("inc", WIRE_BYTES, nbytes, {"path": WirePath(path).value})
+
+
+def record_limiter_unavailable(policy: str, n: int = 1) -> None:
+    if n > 0:
+        _emit("inc", LIMITER_UNAVAILABLE, n, {"policy": policy})
+
+
+def record_limiter_unavailable_seconds(policy: str, seconds: float) -> None:
+    if seconds > 0:
+        _emit("inc", LIMITER_UNAVAILABLE_SECONDS, float(seconds), {"policy": policy})
+
+
+def record_limiter_error(error: str) -> None:
+    _emit("inc", LIMITER_ERRORS, 1, {"error": error})
+
+
+def record_supervisor_transition(state: str) -> None:
+    _emit("inc", SUPERVISOR_TRANSITIONS, 1, {"state": state})
+
+
+def set_autoscale_decision(deployment: str, forecast_streams: float, desired: int) -> None:
+    _emit("set", AUTOSCALE_FORECAST, float(forecast_streams), {"deployment": deployment})
+    _emit("set", AUTOSCALE_DESIRED, float(desired), {"deployment": deployment})
+
+
+def prometheus_names() -> set[str]:
+    """Every series name Ray exports for `SPECS` (what dashboards may query)."""
+    return {n for spec in SPECS.values() for n in spec.prometheus_names()}
