@@ -27,10 +27,11 @@ How it works (Clockwork-style predictability, kept small):
   cannot inflate every prediction), which lets `max_batch_within` binary-search. The
   distribution is built the same way, level by level (quantile functions interpolated in B).
 
-For a scheduler that asks many (B, budget) questions per decision: every size's CDF is laid on
-one axis (`cdf_axis`), so one np.interp call answers any mix of sizes and budgets; the
-distribution is rebuilt every `refresh_every` measured steps (at once for a new bucket), and
-then only the sizes whose bucket rows moved are re-interpolated. `version` changes with it.
+For a scheduler that asks many (B, budget) questions per decision: the CDFs of a set of sizes
+are laid on one axis (`cdf_axis`), so one np.interp call answers any mix of those sizes and
+budgets; the distribution is rebuilt every `refresh_every` measured steps (at once for a new
+bucket), and then only the cached sizes whose bucket rows moved are re-interpolated.
+`version` changes with it.
 
 Pure logic (numpy for the distribution), no Ray, no clock: the caller passes measured ms.
 """
@@ -72,6 +73,8 @@ _RAMP = (len(_LEVELS) - 1 - np.arange(len(_LEVELS))) * 1e-9
 _STEPS = np.diff(_LEVELS)
 # Budgets are clamped to +-BUDGET_LIMIT_MS before a CDF lookup (far beyond any deadline).
 BUDGET_LIMIT_MS = 1e5
+# Rows are kept for every batch size up to this many; larger sizes are interpolated when asked.
+ROW_CACHE_SIZES = 1024
 
 
 def bucket_sizes(limit: int = 1 << 16) -> list[int]:
@@ -167,14 +170,6 @@ class LatencyModel:
         self._dirty: set[int] = set()
         self._unapplied = 0  # measured steps recorded since the last rebuild
         self._new_bucket = False  # a bucket appeared since the last rebuild: rebuild at once
-        self._mean_list: list[float] = []  # row means for B = 1..len, as floats (see mean_list)
-        # Every cached row's CDF on one axis (see _build_cdf): row B - 1 is shifted by
-        # _cdf_offset[B - 1]; _cdf_x / _cdf_p are the breakpoints and their probabilities.
-        self._cdf_offset = np.zeros(0)
-        self._cdf_x = np.zeros(0)
-        self._cdf_p = np.zeros(0)
-        self._cdf_half = 0.0
-        self._cdf_ok = False
 
     # ----------------------------------------------------------------------------- building
     @classmethod
@@ -271,13 +266,11 @@ class LatencyModel:
         self._env = None
         env = self._envelope()
         self._quantiles.clear()
-        self._mean_list = []
         self.version += 1
         if self._rows is None:
             return
         if old is None or old.sizes != env.sizes:
             self._rows = self._row_means = None
-            self._cdf_ok = False
             return
         sizes, n, cached = env.sizes, len(env.sizes), len(self._rows)
         moved = np.flatnonzero((old.dist != env.dist).any(axis=1))
@@ -297,12 +290,6 @@ class LatencyModel:
         rows = self._rows[lo - 1:hi] = self._interpolate_rows(b)
         assert self._row_means is not None
         self._row_means[lo - 1:hi] = rows[:, 1:-1].mean(axis=1)
-        if self._cdf_ok and float(rows[:, -1].max()) < self._cdf_half - BUDGET_LIMIT_MS - 1.0:
-            # The same rows of the CDF axis, in place (same offsets, same arithmetic).
-            axis = self._cdf_x.reshape(len(self._rows), len(_LEVELS) + 2)
-            axis[lo - 1:hi, 1:-1] = rows - _RAMP + self._cdf_offset[lo - 1:hi, None]
-        else:
-            self._cdf_ok = False
 
     def _stale(self) -> bool:
         """Samples are waiting and due: a new bucket, nothing built yet, or refresh_every
@@ -396,21 +383,26 @@ class LatencyModel:
         return self._cached_rows(batches)[0]
 
     def _cached_rows(self, batches: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, means) for `batches`, from rows kept for every B up to the largest asked."""
+        """(rows, means) for `batches`: from the rows kept for every B up to the largest asked
+        (at most ROW_CACHE_SIZES of them), interpolated on the spot beyond."""
         k = np.maximum(np.asarray(batches, np.intp), 1)
-        self._ensure_rows(int(k.max()) if len(k) else 1)
+        top = int(k.max()) if len(k) else 1
+        self._ensure_rows(min(top, ROW_CACHE_SIZES))
         assert self._rows is not None and self._row_means is not None
-        return self._rows[k - 1], self._row_means[k - 1]
+        if top <= len(self._rows):
+            return self._rows[k - 1], self._row_means[k - 1]
+        rows = self._interpolate_rows(k)
+        return rows, rows[:, 1:-1].mean(axis=1)
 
     def _ensure_rows(self, top: int) -> None:
-        """Rows (and room for CDF tables) for every B up to at least `top`, current."""
+        """Rows for every B up to at least `top`, current."""
         if self._stale():
             self._refresh()
         if self._rows is None or len(self._rows) < top:
             have = 0 if self._rows is None else len(self._rows)
-            self._rows = self._interpolate_rows(np.arange(1, max(top, 2 * have, 16) + 1))
+            n = min(max(top, 2 * have, 16), max(top, ROW_CACHE_SIZES))
+            self._rows = self._interpolate_rows(np.arange(1, n + 1))
             self._row_means = self._rows[:, 1:-1].mean(axis=1)
-            self._cdf_ok = False
 
     def _interpolate_rows(self, batches: np.ndarray) -> np.ndarray:
         env = self._envelope()
@@ -427,36 +419,28 @@ class LatencyModel:
             out[beyond] = env.dist[-1] + (k[beyond] - sizes[-1])[:, None] * env.dist_tail[None, :]
         return out
 
-    def cdf_axis(self, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(offset, x, p): the CDF of T(B) for every B up to at least `top` laid end to end on
-        one axis, so that P(T(B) <= t) = np.interp(t + offset[B - 1], x, p) for |t| <=
-        BUDGET_LIMIT_MS: one np.interp call evaluates any mix of sizes and budgets. Valid until
-        `version` changes."""
-        self._ensure_rows(top)
-        if not self._cdf_ok:
-            self._build_cdf()
-        return self._cdf_offset, self._cdf_x, self._cdf_p
+    def cdf_axis(self, sizes: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(offset, x, p, means): the CDF of T(B) for each B in `sizes` laid end to end on one axis,
+        so that P(T(sizes[i]) <= t) = np.interp(t + offset[i], x, p) for |t| <=
+        BUDGET_LIMIT_MS: one np.interp call evaluates any mix of these sizes and budgets.
+        Valid until `version` changes (callers keep it per version).
 
-    def _build_cdf(self) -> None:
-        """Row B - 1 (its quantiles, strictly increasing) is shifted by (B - 1) x width and
-        framed by a 0 a half width below and a 1 just under a half width above, so a budget
-        within the limit never reaches a neighbouring row: np.interp then gives the
-        piecewise-linear CDF through the row's quantiles, 0 below its min, 1 from its max."""
-        rows = self._rows
-        assert rows is not None
+        Row i (its quantiles, strictly increasing) is shifted by i x width and framed by a 0
+        a half width below and a 1 just under a half width above, so a budget within the
+        limit never reaches a neighbouring row: np.interp then gives the piecewise-linear CDF
+        through the row's quantiles, 0 below its min, 1 from its max. `means`: each size's
+        mean step time."""
+        rows, means = self._cached_rows(sizes)
         n_rows = len(rows)
-        # Room for the rows to double before the axis must be laid out again.
-        half = self._cdf_half = BUDGET_LIMIT_MS + 2.0 * float(rows[:, -1].max()) + 1.0
-        width = 2.0 * half
-        offset = np.arange(n_rows) * width
+        half = BUDGET_LIMIT_MS + float(rows[:, -1].max()) + 1.0
+        offset = np.arange(n_rows) * (2.0 * half)
         x = np.empty((n_rows, len(_LEVELS) + 2))
         x[:, 0] = offset - half
         x[:, 1:-1] = rows - _RAMP + offset[:, None]
         x[:, -1] = offset + half * (1.0 - 1e-9)
         p = np.empty_like(x)
         p[:, 0], p[:, 1:-1], p[:, -1] = 0.0, _LEVELS, 1.0
-        self._cdf_offset, self._cdf_x, self._cdf_p = offset, x.ravel(), p.ravel()
-        self._cdf_ok = True
+        return offset, x.ravel(), p.ravel(), means
 
     def p_within_matrix(self, batches: Sequence[int] | np.ndarray, budgets_ms: np.ndarray) -> np.ndarray:
         """P(T(B) <= budget) for every B in `batches` (rows) and budget (columns). `budgets_ms`
@@ -465,9 +449,10 @@ class LatencyModel:
         The piecewise-linear CDF through the size's quantile row: 0 below the smallest
         sample, 1 from the largest on. Each entry depends on its own (B, budget) only."""
         k = np.maximum(np.asarray(batches, np.intp), 1)
-        offset, x, p = self.cdf_axis(int(k.max()) if len(k) else 1)
+        sizes, row = np.unique(k, return_inverse=True)
+        offset, x, p, _ = self.cdf_axis(sizes)
         t = np.minimum(np.maximum(np.asarray(budgets_ms, float), -BUDGET_LIMIT_MS), BUDGET_LIMIT_MS)
-        return np.interp(t + offset[k - 1][:, None], x, p)
+        return np.interp(t + offset[row][:, None], x, p)
 
     def p_within(self, batch: int, budget_ms: float) -> float:
         """P(a step of `batch` frames takes <= budget_ms), from the recent samples."""
@@ -484,21 +469,10 @@ class LatencyModel:
             q = self._quantiles[(batch, p)] = float(np.interp(p, _LEVELS, self.dist_rows([batch])[0]))
         return q
 
-    def mean_list(self, top: int) -> list[float]:
-        """Mean step times (ms) for B = 1..top as floats, non-decreasing in B (for scalar
-        lookups and bisection without numpy calls). Valid until `version` changes."""
-        if len(self._mean_list) < top or self._stale():
-            self._ensure_rows(top)
-            assert self._row_means is not None
-            self._mean_list = self._row_means.tolist()
-        return self._mean_list
-
     def max_ms(self, batch: int) -> float:
         """The largest step time the distribution of T(batch) allows: P(T(batch) <= t) = 1
         from here on."""
-        self._ensure_rows(batch)
-        assert self._rows is not None
-        return float(self._rows[batch - 1, -1])
+        return float(self._cached_rows([batch])[0][0, -1])
 
     def mean_ms(self, batches: Sequence[int] | np.ndarray) -> np.ndarray:
         """Mean step time (ms) for each B in `batches` (the average of its quantile row)."""

@@ -76,6 +76,10 @@ from deployments.latency_model import BUDGET_LIMIT_MS, LatencyModel
 
 ARRIVAL_WINDOW = 256  # recent arrivals kept to estimate the arrival rate
 MAX_HOLD_OPTIONS = 2  # expected arrival times a decision weighs holding for
+# Holding is weighed with fewer frames than this waiting, for at most this many expected ones
+# (the earliest): it pays on a device whose step takes most of the deadline, with few streams;
+# with thousands, the forecast must not cost a scan.
+MAX_HOLD_FRAMES = 64
 
 
 @functools.lru_cache(maxsize=256)
@@ -117,12 +121,40 @@ def _first_best(value: np.ndarray) -> int:
     return int((value >= best - 1e-9 * (1.0 + abs(best))).argmax())
 
 
-@functools.lru_cache(maxsize=64)
-def _windows(n: int, n_starts: int, kmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For windows of the grid sizes up to kmax starting at 0..n_starts-1 over n frames, as
-    flat indices into a [sizes, n + 1] array of cumulative sums: (first [S, K], end [S, K]),
-    and 0 for a window within the frames, -inf for one running past the last [S, K]."""
+# Batch sizes up to this many are valued one by one; larger ones on the size grid (a window of
+# a size between grid points is valued as the grid size below, a next step of one as the grid
+# size above), so a replica with a very large max_batch keeps per-size data for few sizes.
+EXACT_SIZES = 256
+
+
+@functools.lru_cache(maxsize=32)
+def _axis_sizes(cap: int, exact: int) -> np.ndarray:
+    """The sizes whose step-time distributions a decision reads: every size up to
+    min(cap, exact), then the size grid up to cap."""
+    grid = _size_grid(cap)
+    sizes = np.unique(np.concatenate((np.arange(1, min(cap, exact) + 1), grid[grid > exact])))
+    sizes.flags.writeable = False
+    return sizes
+
+
+@functools.lru_cache(maxsize=256)
+def _window_sizes(kmax: int, cap: int, exact: int) -> np.ndarray:
+    """Window sizes valued for up to kmax frames: the size grid, each size beyond `exact`
+    taken down to an axis size."""
     ks = _size_grid(kmax)
+    if kmax > exact:
+        axis = _axis_sizes(cap, exact)
+        ks = np.unique(axis[np.searchsorted(axis, ks, side="right") - 1])
+        ks.flags.writeable = False
+    return ks
+
+
+@functools.lru_cache(maxsize=64)
+def _windows(n: int, n_starts: int, ks_key: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For windows of the sizes _window_sizes(*ks_key) starting at 0..n_starts-1 over n
+    frames, as flat indices into a [sizes, n + 1] array of cumulative sums: (first [S, K],
+    end [S, K]), and 0 for a window within the frames, -inf for one running past the last."""
+    ks = _window_sizes(*ks_key)
     starts = np.arange(n_starts)[:, None]
     end = starts + ks
     row = np.arange(len(ks)) * (n + 1)
@@ -133,9 +165,9 @@ def _windows(n: int, n_starts: int, kmax: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 @functools.lru_cache(maxsize=64)
-def _prefix_ends(n: int, kmax: int) -> np.ndarray:
-    """Flat indices into a [sizes, n] array of each grid size's last frame (size - 1)."""
-    ks = _size_grid(kmax)
+def _prefix_ends(n: int, ks_key: tuple[int, int, int]) -> np.ndarray:
+    """Flat indices into a [sizes, n] array of each window size's last frame (size - 1)."""
+    ks = _window_sizes(*ks_key)
     idx = np.arange(len(ks)) * n + ks - 1
     idx.flags.writeable = False
     return idx
@@ -147,13 +179,25 @@ class _ModelView:
 
     model: LatencyModel
     version: int
-    cap: int  # sizes covered: 1..cap
-    offset: np.ndarray  # CDF axis (LatencyModel.cdf_axis)
+    cap: int  # max_batch
+    exact: int  # EXACT_SIZES when built
+    sizes: np.ndarray  # _axis_sizes(cap, exact): what the rest is indexed by
+    sizes_list: list[int]
+    offset: np.ndarray  # their CDFs on one axis (LatencyModel.cdf_axis)
     x: np.ndarray
     p: np.ndarray
-    means: np.ndarray  # mean step time for B = 1..cap
+    means: np.ndarray  # their mean step times
     means_list: list[float]
-    grids: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    grids: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int]]]
+
+    def index_up(self, batch: int) -> int:
+        """Index of the smallest axis size >= batch (the size itself up to `exact`)."""
+        return batch - 1 if batch <= self.exact else bisect.bisect_left(self.sizes_list, batch)
+
+    def indices_up(self, batches: np.ndarray) -> np.ndarray:
+        if len(batches) and int(batches.max()) <= self.exact:
+            return batches - 1
+        return np.searchsorted(self.sizes, batches)
 
 
 @functools.lru_cache(maxsize=64)
@@ -292,6 +336,14 @@ class EdfQueue:
         if not frames:
             return
         entries = self._entries
+        k = len(frames)
+        if k <= len(entries) and all(e[3] is f for e, f in zip(entries, frames, strict=False)):
+            # The usual case: the batch is the head of the queue, in order.
+            del entries[:k]
+            key = self._key
+            for f in frames:
+                del key[f]
+            return
         at = sorted(bisect.bisect_left(entries, self._key.pop(f)) for f in frames)
         if at[-1] == len(at) - 1:  # the first len(frames) entries: one slice
             del entries[: len(at)]
@@ -514,9 +566,9 @@ class EdfScheduler:
         cutoff = after_s + margin_s + hopeless_s
         lost = [f for f in itertools.chain(candidates[:start], dropped) if f.deadline < cutoff]
         plan.run = run
-        self._queue.remove(run + lost)
-        for f in itertools.chain(run, lost):
-            self._forget(f)
+        leaving = run + lost
+        self._queue.remove(leaving)
+        self._forget_all(leaving)
         plan.expired.extend(lost)
 
     def _behind(self, cands: list[PendingFrame], now: float, margin_s: float) -> list[PendingFrame]:
@@ -530,7 +582,7 @@ class EdfScheduler:
         view = self._view
         assert view is not None
         k = min(len(cands), self.config.max_batch)
-        p = np.interp(self._slack_ms(queued, now, margin_s) + view.offset[k - 1], view.x, view.p)
+        p = np.interp(self._slack_ms(queued, now, margin_s) + view.offset[view.index_up(k)], view.x, view.p)
         return [f for f, pf in zip(queued, p.tolist(), strict=True) if pf < self.config.catch_up_p]
 
     def _hopeless_s(self) -> float:
@@ -592,9 +644,12 @@ class EdfScheduler:
         self._rate = self._arrival_rate_per_ms()
         expected = []
         # A stream with a frame queued cannot add another to the next batch: with every
-        # stream the forecast knows queued, there is nothing to wait for.
-        if cfg.max_hold_ms > 0 and n < cfg.max_batch and len(self._forecast) > len(self._pending):
-            expected = self._forecast.expected(now, cfg.max_hold_ms / 1000.0, exclude=self._pending.keys())
+        # stream the forecast knows queued, there is nothing to wait for; with a batch's
+        # worth of frames waiting (MAX_HOLD_FRAMES), a step runs.
+        if (cfg.max_hold_ms > 0 and n < min(cfg.max_batch, MAX_HOLD_FRAMES)
+                and len(self._forecast) > len(self._pending)):
+            expected = self._forecast.expected(now, cfg.max_hold_ms / 1000.0, exclude=self._pending.keys(),
+                                               limit=MAX_HOLD_FRAMES)
         if not expected and n == 1:
             return _Choice(0, 1, None, None)  # nothing to weigh: the one frame runs (expiry vetted it)
         base = now + margin_s
@@ -609,8 +664,8 @@ class EdfScheduler:
         # (it would trade head frames for more now), so the batch starts at the head.
         overloaded = n > 1 and not self._feasible(slack_list, exp_list, len(expected))
         exp_weight = [e.weight for e in expected]
-        if not overloaded and self._all_on_time(slack_list, exp_list, exp_weight):
-            return _Choice(0, n, None, np.ones(n))
+        if not overloaded and (k := self._all_on_time(slack_list, exp_list, exp_weight)):
+            return _Choice(0, k, None, _ones(k))
         slack = np.array(slack_list)
         exp_slack, exp_w = np.array(exp_list), np.array(exp_weight)
         value, start, size, p_run = self._best_window(slack, None, exp_slack, exp_w, overloaded)
@@ -655,24 +710,30 @@ class EdfScheduler:
         # Wait for those frames at most until they are overdue; an arrival wakes the caller.
         return _Choice(0, 0, max(e.due_by for e in expected if e.arrival == best_hold), None)
 
-    def _all_on_time(self, slack: list[float], later: list[float], later_weight: list[float]) -> bool:
-        """Are every candidate (in one batch of all of them, if max_batch allows) and every
-        later frame (in the step after it) certain to finish in time? Then that batch is the
-        best window (a smaller one finishes no more frames) and no hold can do better, so the
-        valuation is skipped. Pure Python: the common case of a lightly loaded replica."""
+    def _all_on_time(self, slack: list[float], later: list[float], later_weight: list[float]) -> int:
+        """The largest window (k frames from the head) when every one of its frames is
+        certain to finish in time in it and every other frame (candidates left and later
+        ones) certain in the step after it; else 0. Then that window is the best (a smaller
+        one finishes no more frames) and no hold can do better, so the valuation is skipped.
+        Pure Python: the common case of a lightly loaded replica."""
         n = len(slack)
+        cfg = self.config
         later_w = sum(later_weight)
-        if n > self.config.max_batch or n + later_w > self.config.max_batch:
-            return False
+        if n > cfg.max_batch or n + later_w > cfg.max_batch:
+            return 0
+        view = self._view
+        assert view is not None
+        k = n if n <= view.exact else view.sizes_list[bisect.bisect_right(view.sizes_list, n) - 1]
         model = self.model
-        if min(slack) < model.max_ms(n):
-            return False
-        if not later:
-            return True
-        tau = self._mean(n)
+        if min(slack[:k]) < model.max_ms(k):
+            return 0
+        rest = slack[k:] + later
+        if not rest:
+            return k
+        tau = self._mean(k)
         unknown = max(self._rate * tau - later_w, 0.0)
-        m = min(max(round(later_w + unknown), 1), self.config.max_batch)
-        return min(later) - tau >= model.max_ms(m)
+        m = min(max(round((n - k) + later_w + unknown), 1), cfg.max_batch)
+        return k if min(rest) - tau >= model.max_ms(view.sizes_list[view.index_up(m)]) else 0
 
     @staticmethod
     def _slack_ms(frames: list[PendingFrame], now: float, margin_s: float) -> np.ndarray:
@@ -680,28 +741,37 @@ class EdfScheduler:
         return np.array([(f.deadline - base) * 1000.0 for f in frames])
 
     def _sync_model(self) -> _ModelView:
-        """What decisions read from the latency model, refreshed when the model changed (a
-        new version, or another model object): the CDF axis for sizes up to max_batch, the
-        mean step times (array and list) and the size grids already asked for."""
+        """What decisions read from the latency model, rebuilt when the model changed (a new
+        version, another model object, another max_batch): the CDFs of the axis sizes on one
+        axis, their mean step times (array and list) and the window-size grids asked for."""
         model, cap = self.model, self.config.max_batch
-        offset, x, p = model.cdf_axis(cap)  # brings the model up to date first
+        model.estimate(1)  # applies measured steps that are due (may bump the version)
         view = self._view
-        if view is None or view.model is not model or view.version != model.version or view.cap != cap:
-            means_list = model.mean_list(cap)
-            view = self._view = _ModelView(model, model.version, cap, offset, x, p,
-                                           np.asarray(means_list[:cap]), means_list, {})
+        if (view is None or view.model is not model or view.version != model.version or view.cap != cap
+                or view.exact != EXACT_SIZES):
+            sizes = _axis_sizes(cap, EXACT_SIZES)
+            offset, x, p, means = model.cdf_axis(sizes)
+            view = self._view = _ModelView(model, model.version, cap, EXACT_SIZES, sizes, sizes.tolist(),
+                                           offset, x, p, means, means.tolist(), {})
         return view
 
     def _mean(self, batch: int) -> float:
-        """Mean step time (ms) of `batch` frames (batch <= max_batch)."""
-        return self._view.means_list[batch - 1]  # type: ignore[union-attr]
+        """Mean step time (ms) of `batch` frames."""
+        view = self._view
+        assert view is not None
+        if batch <= view.exact:
+            return view.means_list[batch - 1]
+        return float(self.model.mean_ms([batch])[0])
 
-    def _grid(self, view: _ModelView, kmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(sizes, their mean step times, their CDF offsets) for batches of up to kmax."""
+    def _grid(self, view: _ModelView, kmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int]]:
+        """(window sizes, their mean step times, their CDF offsets, cache key) for up to kmax
+        frames."""
         grid = view.grids.get(kmax)
         if grid is None:
-            ks = _size_grid(kmax)
-            grid = view.grids[kmax] = (ks, view.means[ks - 1], view.offset[ks - 1])
+            key = (kmax, view.cap, view.exact)
+            ks = _window_sizes(*key)
+            i = view.indices_up(ks)
+            grid = view.grids[kmax] = (ks, view.means[i], view.offset[i], key)
         return grid
 
     def _best_window(
@@ -731,7 +801,7 @@ class EdfScheduler:
         assert view is not None
         n = len(slack)
         n_later = len(later_slack)
-        ks, means, offset_now = self._grid(view, min(n, cfg.max_batch))
+        ks, means, offset_now, ks_key = self._grid(view, min(n, cfg.max_batch))
         nk = len(ks)
         later_w = float(np.add.reduce(later_weight)) if n_later else 0.0
         # Frames arriving during this step beyond the expected ones we know: they join the
@@ -740,7 +810,8 @@ class EdfScheduler:
         unknown = np.maximum(rate * means - later_w, 0.0) if rate > 0 else _zeros(nk)
         m = np.rint((n - ks) + later_w + unknown).astype(np.intp)
         np.minimum(np.maximum(m, 1, out=m), cfg.max_batch, out=m)
-        offset_next = view.offset[m - 1]
+        m_at = view.indices_up(m)  # a next step's size as the axis size at or above it
+        offset_next = view.offset[m_at]
         cols = np.concatenate((slack, later_slack)) if n_later else slack
         # CDF arguments (budget + the size's offset): this step's sizes, then the next step's.
         x = np.empty((2 * nk, len(cols)))
@@ -769,7 +840,7 @@ class EdfScheduler:
         capped = n + later_w > cfg.max_batch and float(np.maximum.reduce(nxt)) > cfg.max_batch
         if not overloaded:
             # The window starts at the head: its frames are the first `size`.
-            last = _prefix_ends(n, min(n, cfg.max_batch))
+            last = _prefix_ends(n, ks_key)
             window = np.add.accumulate(gain, axis=1).take(last)
             if capped:
                 in_window = np.add.accumulate(next_p[:, :n], axis=1).take(last)
@@ -781,7 +852,7 @@ class EdfScheduler:
             return float(value[j]), 0, size, p[j, :size]
         cum = np.zeros((nk, n + 1))
         np.add.accumulate(gain, axis=1, out=cum[:, 1:])
-        first, end, invalid = _windows(n, min(n - 1, cfg.max_head_skip) + 1, min(n, cfg.max_batch))
+        first, end, invalid = _windows(n, min(n - 1, cfg.max_head_skip) + 1, ks_key)
         window = cum.take(end)
         window -= cum.take(first)
         if capped:
@@ -794,7 +865,7 @@ class EdfScheduler:
             value = window + nxt
         # Device time is the scarce thing: on-time frames per ms over both steps (and any
         # wait before them), or a step of a few easy frames would look as good as a full one.
-        value /= (wait_ms + means) + view.means[m - 1]
+        value /= (wait_ms + means) + view.means[m_at]
         value += invalid
         si, kj = divmod(_first_best(value.ravel()), nk)
         size = int(ks[kj])
@@ -823,14 +894,20 @@ class EdfScheduler:
         else:
             slack_sorted = sorted(slack + expected)
         n = len(slack_sorted)
-        means = self._view.means_list  # type: ignore[union-attr]
-        top = min(self.config.max_batch, n)
+        view = self._view
+        assert view is not None
+        means, sizes = view.means_list, view.sizes_list
+        top = bisect.bisect_right(sizes, min(self.config.max_batch, n))  # axis sizes usable
         t, i = 0.0, 0
         while i < n:
-            k = min(bisect.bisect_right(means, slack_sorted[i] - t, 0, top), n - i)
-            if k == 0:
+            j = bisect.bisect_right(means, slack_sorted[i] - t, 0, top)
+            if j == 0:
                 return False
-            t += means[k - 1]
+            k = sizes[j - 1]
+            if k > n - i:  # the last step: just the frames left
+                k = n - i
+                j = view.index_up(k) + 1
+            t += means[j - 1]
             i += k
         return True
 
@@ -840,6 +917,17 @@ class EdfScheduler:
         if len(a) < 2 or a[-1] <= a[0]:
             return 0.0
         return (len(a) - 1) / ((a[-1] - a[0]) * 1000.0)
+
+    def _forget_all(self, frames: list[PendingFrame]) -> None:
+        """_forget for each frame (inlined for the usual case: its stream's only frame)."""
+        pending = self._pending
+        for f in frames:
+            h = pending[f.stream_id]
+            if len(h) == 1 and h[0] == f.order:
+                del pending[f.stream_id]
+                self._pending_n -= 1
+            else:
+                self._forget(f)
 
     def _forget(self, f: PendingFrame) -> None:
         """Remove a frame leaving the queue from its stream's order heap."""

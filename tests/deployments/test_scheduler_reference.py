@@ -18,6 +18,7 @@ import math
 import numpy as np
 import pytest
 
+import deployments.scheduler as scheduler_module
 from deployments.latency_model import LatencyModel
 from deployments.scheduler import (
     _NOW_BONUS,
@@ -36,6 +37,20 @@ CPU_PROFILE = {1: {"p50": 9.86, "p99": 16.62}, 8: {"p50": 30.59, "p99": 49.32},
 
 
 # --------------------------------------------------------------------------------- reference
+def ref_axis(cap: int) -> list[int]:
+    """Sizes valued one by one up to EXACT_SIZES, then the size grid."""
+    exact = scheduler_module.EXACT_SIZES
+    return sorted(set(range(1, min(cap, exact) + 1)) | {g for g in _size_grid(cap).tolist() if g > exact})
+
+
+def ref_up(cap: int, b: int) -> int:
+    return min(a for a in ref_axis(cap) if a >= b)
+
+
+def ref_down(cap: int, b: int) -> int:
+    return max(a for a in ref_axis(cap) if a <= b)
+
+
 def ref_first_best(values: list[float]) -> int:
     best = max(values)
     return next(i for i, v in enumerate(values) if v >= best - 1e-9 * (1.0 + abs(best)))
@@ -50,12 +65,12 @@ def ref_best_window(s: EdfScheduler, slack: list[float], weight: list[float], la
     later_w = sum(later_weight)
     frames = list(zip(slack, weight, strict=True)) + list(zip(later, later_weight, strict=True))
     n_starts = min(n - 1, cfg.max_head_skip) + 1 if overloaded else 1
-    sizes = _size_grid(min(n, cfg.max_batch)).tolist()
+    sizes = sorted({ref_down(cfg.max_batch, k) for k in _size_grid(min(n, cfg.max_batch)).tolist()})
     values: dict[tuple[int, int], float] = {}
     for k in sizes:
         tau = float(model.mean_ms([k])[0])
         unknown = max(rate * tau - later_w, 0.0) if rate > 0 else 0.0
-        m = min(max(round((n - k) + later_w + unknown), 1), cfg.max_batch)
+        m = ref_up(cfg.max_batch, min(max(round((n - k) + later_w + unknown), 1), cfg.max_batch))
         now_p = [model.p_within(k, x) * w for x, w in zip(slack, weight, strict=True)]
         next_p = [model.p_within(m, x - tau) * w for x, w in frames]
         nxt = sum(next_p)
@@ -82,20 +97,30 @@ def ref_best_window(s: EdfScheduler, slack: list[float], weight: list[float], la
 
 
 def ref_feasible(s: EdfScheduler, slack_sorted: list[float]) -> bool:
-    means = s.model.mean_ms(np.arange(1, s.config.max_batch + 1))
-    t, i, n = 0.0, 0, len(slack_sorted)
-    top = min(s.config.max_batch, n)
+    """Steps back to back, each the largest (axis) size whose mean fits the head's slack."""
+    cap, n = s.config.max_batch, len(slack_sorted)
+    usable = [a for a in ref_axis(cap) if a <= min(cap, n)]
+    t, i = 0.0, 0
     while i < n:
-        k = min(int(np.searchsorted(means[:top], slack_sorted[i] - t, side="right")), n - i)
-        if k == 0:
+        fits = [a for a in usable if float(s.model.mean_ms([a])[0]) <= slack_sorted[i] - t]
+        if not fits:
             return False
-        t += float(means[k - 1])
+        k = min(max(fits), n - i)
+        t += float(s.model.mean_ms([ref_up(cap, k)])[0])
         i += k
     return True
 
 
 class ReferenceScheduler(EdfScheduler):
     """The same decisions, computed the slow and obvious way."""
+
+    def _behind(self, cands, now, margin_s):
+        if self.config.catch_up_p <= 0:
+            return []
+        k = ref_up(self.config.max_batch, min(len(cands), self.config.max_batch))
+        base = now + margin_s
+        return [f for f in cands if len(self._pending[f.stream_id]) > 1
+                and self.model.p_within(k, (f.deadline - base) * 1000.0) < self.config.catch_up_p]
 
     def _candidates(self, plan, now, margin_s):
         limit = self.config.max_batch + self.config.max_head_skip
@@ -125,8 +150,9 @@ class ReferenceScheduler(EdfScheduler):
         n = len(cands)
         rate = self._arrival_rate_per_ms()
         expected = []
-        if cfg.max_hold_ms > 0 and n < cfg.max_batch:
-            expected = self._forecast.expected(now, cfg.max_hold_ms / 1000.0, exclude=self._pending.keys())
+        if cfg.max_hold_ms > 0 and n < min(cfg.max_batch, scheduler_module.MAX_HOLD_FRAMES):
+            expected = self._forecast.expected(now, cfg.max_hold_ms / 1000.0, exclude=self._pending.keys(),
+                                               limit=scheduler_module.MAX_HOLD_FRAMES)
         if not expected and n == 1:
             return _Choice(0, 1, None, None)
         base = now + margin_s
@@ -185,6 +211,7 @@ def compare(s: EdfScheduler, now: float, seen: dict[str, int]):
     seen["ran"] += bool(got.run)
     seen["expired"] += len(got.expired)
     seen["batch>1"] += len(got.run) > 1
+    seen["largest"] = max(seen.get("largest", 0), len(got.run))
     return got
 
 
@@ -305,3 +332,26 @@ def test_large_queues_decide_as_the_reference():
                 s.complete(plan, plan.predicted_ms)
                 now += plan.predicted_ms * MS
         assert seen["batch>1"] >= 1
+
+
+def test_sizes_beyond_exact_sizes_are_valued_on_the_size_grid(monkeypatch):
+    # A replica with a very large max_batch keeps per-size data for few sizes: beyond
+    # EXACT_SIZES a window is valued at the grid size below it, a next step at the one above.
+    # Made small here so a queue of a hundred frames goes past it.
+    monkeypatch.setattr(scheduler_module, "EXACT_SIZES", 20)
+    seen = dict.fromkeys(("decisions", "held", "ran", "expired", "batch>1"), 0)
+    for seed, (n_frames, max_batch, lo, hi) in enumerate([(90, 64, 0.01, 0.06), (150, 128, 0.02, 0.09)]):
+        rng = np.random.default_rng(200 + seed)
+        profile = {b: {"p50": 2.0 + 0.25 * b, "p99": 3.0 + 0.4 * b} for b in (1, 8, 32, 128)}
+        s = EdfScheduler(LatencyModel.from_profile(profile), SchedulerConfig(
+            deadline_ms=100.0, max_batch=max_batch, margin_ms=1.0, max_hold_ms=0.0))
+        for i in range(n_frames):
+            at = float(rng.uniform(0.0, 0.02))
+            s.add(PendingFrame(f"s{i}", 1, 0, at + float(rng.uniform(lo, hi)), at, ref=(f"s{i}", 0)))
+        now = 0.02
+        for _ in range(3):
+            plan = compare(s, now, seen)
+            if plan.run:
+                s.complete(plan, plan.predicted_ms)
+                now += plan.predicted_ms * MS
+    assert seen["ran"] >= 4 and seen["largest"] > 20  # batches past EXACT_SIZES were chosen
