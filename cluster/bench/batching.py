@@ -872,8 +872,8 @@ Definitions (module docstring of `cluster/bench/batching.py`):
   answered `ai` in time per s.
 - **p50/p99**: bridge send -> codes, frames answered `ai`. **wasted compute**: step time spent
   on frames that missed anyway (pro rata, per run). **queue**: frames waiting, max / when
-  arrivals stop. **decision us**: wall time of each `EdfScheduler.schedule()` call in the run
-  (this machine, shared).
+  arrivals stop. **decision us**: CPU time of this thread per `EdfScheduler.schedule()` call
+  in the run (emulated; with real compute, the step's clock), on this shared machine.
 - `serve_batch` emulates `@serve.batch` (ray 2.60) in the same event loop: FIFO, a batch
   closes at `max_batch_size` or `batch_wait_timeout_s` after it opens, batches form while the
   previous one runs and run one at a time; it computes every frame; a batch with two chunks of
