@@ -58,7 +58,7 @@ class UpState:
     http_url: str
     temp_dir: str
     config: str
-    weights: str  # "pretrained" | "random"
+    weights: str  # "pretrained" | models.weights.RANDOM_LABEL
     secret_file: str = ""  # the cluster secret's file (a path; the secret is never in here)
     client_server_port: int = 0  # Ray Client server: the one Ray process without temp_dir
 
@@ -161,6 +161,8 @@ def up(args: argparse.Namespace) -> int:
     client_port = _free_port()
 
     pretrained = _weights_available(args.weights_dir)
+    from models.weights import RANDOM_LABEL  # what the replicas will report
+
     if not pretrained:
         _loud([
             "No pretrained EnCodec weights found: the codec replicas run RANDOM weights.",
@@ -193,7 +195,7 @@ def up(args: argparse.Namespace) -> int:
     state = UpState(
         gcs_address=f"127.0.0.1:{gcs_port}", dashboard_url=dashboard_url,
         http_url=f"http://127.0.0.1:{http_port}", temp_dir=temp_dir,
-        config=str(Path(args.config).resolve()), weights="pretrained" if pretrained else "random",
+        config=str(Path(args.config).resolve()), weights="pretrained" if pretrained else RANDOM_LABEL,
         secret_file=secret_file, client_server_port=client_port,
     )
     state_file.parent.mkdir(parents=True, exist_ok=True)
