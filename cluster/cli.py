@@ -19,6 +19,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("token", "sfu_bridge.tokens", "issue a signed WHIP/WHEP/operator bearer token"),
     ("certs", "cluster.certs", "create a CA and node certificates for Ray mTLS"),
     ("bridge", "sfu_bridge.server", "run the WHIP/WHEP SFU bridge"),
+    ("bridges", "cluster.bridges", "bridge workers on the Ray cluster: up, status, scale, drain, down"),
+    ("status", "cluster.status", "Serve's status and the bridge workers with their streams"),
 ]
 
 BENCHES: list[tuple[str, str, str]] = [

@@ -76,15 +76,25 @@ class ArrivalForecast:
             c.last_arrival, c.budget_s = arrival, deadline - arrival
             c.version += 1
         heapq.heappush(self._heap, (arrival + self.period_s, next(self._seq), stream_id, c.version))
+        if len(self._heap) > 4 * len(self._streams) + 64:
+            # Superseded entries pile up when no lookup pops them: keep each stream's current one.
+            self._heap = [e for e in self._heap if (c := self._streams.get(e[2])) is not None
+                          and c.version == e[3]]
+            heapq.heapify(self._heap)
 
-    def expected(self, now: float, horizon_s: float, exclude: Container[str] = frozenset()
-                 ) -> list[ExpectedFrame]:
+    def expected(self, now: float, horizon_s: float, exclude: Container[str] = frozenset(),
+                 limit: int | None = None) -> list[ExpectedFrame]:
         """Frames expected from now to now + horizon_s (one per stream, earliest first), except
-        from the streams in `exclude`. A frame up to `grace_s` late is still expected (now)."""
+        from the streams in `exclude`. A frame up to `grace_s` late is still expected (now).
+        With `limit`, at most that many, looking at no more than 4 x limit + 64 heap entries:
+        the cost of a lookup stays bounded however many streams there are."""
         out: list[ExpectedFrame] = []
         keep: list[tuple[float, int, str, int]] = []
         heap = self._heap
-        while heap and heap[0][0] <= now + horizon_s:
+        budget = 4 * limit + 64 if limit is not None else -1
+        while (heap and heap[0][0] <= now + horizon_s and budget != 0
+               and (limit is None or len(out) < limit)):
+            budget -= 1
             entry = heapq.heappop(heap)
             t, _, sid, version = entry
             c = self._streams.get(sid)

@@ -226,7 +226,7 @@ def _load_codec(settings: ReplicaSettings):
 
     model, info = load_encodec(settings.weights_dir, allow_random=settings.allow_random_weights,
                                device=settings.device)
-    kind = str(getattr(getattr(info, "kind", info), "value", info))
+    kind = info.label  # "pretrained" or "random (codebooks k-means initialised)"
     if kind != "pretrained":
         logger.warning(
             "CodecReplica is running RANDOM EnCodec weights (%s): timings are real, audio is "

@@ -42,12 +42,22 @@ Rules (why each exists):
 Every frame ever added ends in exactly one place: the queue, a plan's run/expired/shed list;
 `check_invariants()` asserts it at the end of every step (cheap counters, not a scan).
 
+Cost: a decision runs on the replica's event loop before every step, so it is kept to a fixed
+number of numpy calls over [batch sizes x candidates] (one CDF lookup for every size and both
+steps, window sums by cumulative sums), reads the queue's head without popping, skips the
+valuation when every frame is certain to make it in one batch, and skips a hold option whose
+upper bound cannot beat running now. The candidates are bounded (max_batch + max_head_skip),
+so a long queue costs its expiry and removal (bisection, slices), not a decision per frame.
+`tests/deployments/test_scheduler_reference.py` checks it against a plain frame-by-frame
+reference; `auralink bench batching` reports the time per decision.
+
 Pure logic (numpy for the valuation), no Ray, no clock: the caller passes `now` (seconds, the
 clock of the deadlines) and measured times.
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 import functools
 import heapq
@@ -62,10 +72,14 @@ import numpy as np
 
 from deployments.arrivals import ArrivalForecast
 from deployments.contract import FallbackReason
-from deployments.latency_model import LatencyModel
+from deployments.latency_model import BUDGET_LIMIT_MS, LatencyModel
 
 ARRIVAL_WINDOW = 256  # recent arrivals kept to estimate the arrival rate
 MAX_HOLD_OPTIONS = 2  # expected arrival times a decision weighs holding for
+# Holding is weighed with fewer frames than this waiting, for at most this many expected ones
+# (the earliest): it pays on a device whose step takes most of the deadline, with few streams;
+# with thousands, the forecast must not cost a scan.
+MAX_HOLD_FRAMES = 64
 
 
 @functools.lru_cache(maxsize=256)
@@ -79,6 +93,129 @@ def _size_grid(kmax: int) -> np.ndarray:
     grid = np.asarray(sizes)
     grid.flags.writeable = False  # shared by every call
     return grid
+
+
+# Frames finished now count this much more than the same chance in the next step: ties (and
+# near-ties) go to frames finished now, the lookahead being an estimate.
+_NOW_BONUS = 1.001
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(n: int) -> np.ndarray:
+    a = np.arange(n)
+    a.flags.writeable = False
+    return a
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(n: int) -> np.ndarray:
+    a = np.zeros(n)
+    a.flags.writeable = False
+    return a
+
+
+def _first_best(value: np.ndarray) -> int:
+    """Index of the first entry within a relative 1e-9 of the maximum: what counts as the best
+    does not hang on the order numpy happens to add in."""
+    best = float(np.maximum.reduce(value))
+    return int((value >= best - 1e-9 * (1.0 + abs(best))).argmax())
+
+
+# Batch sizes up to this many are valued one by one; larger ones on the size grid (a window of
+# a size between grid points is valued as the grid size below, a next step of one as the grid
+# size above), so a replica with a very large max_batch keeps per-size data for few sizes.
+EXACT_SIZES = 256
+
+
+@functools.lru_cache(maxsize=32)
+def _axis_sizes(cap: int, exact: int) -> np.ndarray:
+    """The sizes whose step-time distributions a decision reads: every size up to
+    min(cap, exact), then the size grid up to cap."""
+    grid = _size_grid(cap)
+    sizes = np.unique(np.concatenate((np.arange(1, min(cap, exact) + 1), grid[grid > exact])))
+    sizes.flags.writeable = False
+    return sizes
+
+
+@functools.lru_cache(maxsize=256)
+def _window_sizes(kmax: int, cap: int, exact: int) -> np.ndarray:
+    """Window sizes valued for up to kmax frames: the size grid, each size beyond `exact`
+    taken down to an axis size."""
+    ks = _size_grid(kmax)
+    if kmax > exact:
+        axis = _axis_sizes(cap, exact)
+        ks = np.unique(axis[np.searchsorted(axis, ks, side="right") - 1])
+        ks.flags.writeable = False
+    return ks
+
+
+@functools.lru_cache(maxsize=64)
+def _windows(n: int, n_starts: int, ks_key: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For windows of the sizes _window_sizes(*ks_key) starting at 0..n_starts-1 over n
+    frames, as flat indices into a [sizes, n + 1] array of cumulative sums: (first [S, K],
+    end [S, K]), and 0 for a window within the frames, -inf for one running past the last."""
+    ks = _window_sizes(*ks_key)
+    starts = np.arange(n_starts)[:, None]
+    end = starts + ks
+    row = np.arange(len(ks)) * (n + 1)
+    out = (row + starts, row + np.minimum(end, n), np.where(end > n, -np.inf, 0.0))
+    for a in out:
+        a.flags.writeable = False
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _prefix_ends(n: int, ks_key: tuple[int, int, int]) -> np.ndarray:
+    """Flat indices into a [sizes, n] array of each window size's last frame (size - 1)."""
+    ks = _window_sizes(*ks_key)
+    idx = np.arange(len(ks)) * n + ks - 1
+    idx.flags.writeable = False
+    return idx
+
+
+@dataclass
+class _ModelView:
+    """One version of the latency model as decisions read it (see EdfScheduler._sync_model)."""
+
+    model: LatencyModel
+    version: int
+    cap: int  # max_batch
+    exact: int  # EXACT_SIZES when built
+    sizes: np.ndarray  # _axis_sizes(cap, exact): what the rest is indexed by
+    sizes_list: list[int]
+    offset: np.ndarray  # their CDFs on one axis (LatencyModel.cdf_axis)
+    x: np.ndarray
+    p: np.ndarray
+    means: np.ndarray  # their mean step times
+    means_list: list[float]
+    grids: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int]]]
+
+    def index_up(self, batch: int) -> int:
+        """Index of the smallest axis size >= batch (the size itself up to `exact`)."""
+        return batch - 1 if batch <= self.exact else bisect.bisect_left(self.sizes_list, batch)
+
+    def indices_up(self, batches: np.ndarray) -> np.ndarray:
+        if len(batches) and int(batches.max()) <= self.exact:
+            return batches - 1
+        return np.searchsorted(self.sizes, batches)
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n: int) -> np.ndarray:
+    a = np.ones(n)
+    a.flags.writeable = False
+    return a
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """A decision: run candidates[start:start + size] (p: each one's chance in that batch,
+    when known), or run nothing and decide again by hold_until."""
+
+    start: int
+    size: int
+    hold_until: float | None
+    p_run: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -162,49 +299,78 @@ class FrameQueue(Protocol):
     """The ordering a scheduler serves frames in."""
 
     def push(self, frame: PendingFrame) -> None: ...
-    def pop(self) -> PendingFrame: ...
     def peek(self) -> PendingFrame | None: ...
+    def head(self, limit: int) -> list[PendingFrame]:
+        """The first `limit` frames in serving order, left queued."""
+    def remove(self, frames: list[PendingFrame]) -> None:
+        """Take these (queued) frames out."""
     def pop_expired(self, cutoff: float) -> list[PendingFrame]: ...
-    def unpop(self, frames: list[PendingFrame]) -> None:
-        """Return frames popped (in pop order) and not used, to their places."""
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[PendingFrame]: ...
 
 
 class EdfQueue:
-    """Heap on (deadline, arrival); ties broken by insertion order."""
+    """Frames sorted by (deadline, arrival), ties by insertion order: a sorted list, so a
+    decision reads its head without popping, and expiry is one bisection and one slice."""
 
-    deadline_ordered = True  # pops come out by deadline: a batch's earliest deadline is its first
+    deadline_ordered = True  # the head has the earliest deadline
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, float, int, PendingFrame]] = []
+        self._entries: list[tuple[float, float, int, PendingFrame]] = []
         self._seq = itertools.count()
+        self._key: dict[PendingFrame, tuple[float, float, int]] = {}  # frame -> its sort key
 
     def push(self, frame: PendingFrame) -> None:
-        heapq.heappush(self._heap, (frame.deadline, frame.arrival, next(self._seq), frame))
-
-    def pop(self) -> PendingFrame:
-        return heapq.heappop(self._heap)[3]
-
-    def unpop(self, frames: list[PendingFrame]) -> None:
-        for f in frames:
-            self.push(f)
+        key = (frame.deadline, frame.arrival, next(self._seq))
+        self._key[frame] = key
+        # Frames mostly arrive in deadline order: the insertion point is near the end.
+        bisect.insort(self._entries, (*key, frame))
 
     def peek(self) -> PendingFrame | None:
-        return self._heap[0][3] if self._heap else None
+        return self._entries[0][3] if self._entries else None
+
+    def head(self, limit: int) -> list[PendingFrame]:
+        return [e[3] for e in self._entries[:limit]]
+
+    def remove(self, frames: list[PendingFrame]) -> None:
+        if not frames:
+            return
+        entries = self._entries
+        k = len(frames)
+        if k <= len(entries) and all(e[3] is f for e, f in zip(entries, frames, strict=False)):
+            # The usual case: the batch is the head of the queue, in order.
+            del entries[:k]
+            key = self._key
+            for f in frames:
+                del key[f]
+            return
+        at = sorted(bisect.bisect_left(entries, self._key.pop(f)) for f in frames)
+        if at[-1] == len(at) - 1:  # the first len(frames) entries: one slice
+            del entries[: len(at)]
+            return
+        kept, prev = [], 0
+        for i in at:
+            kept.append(entries[prev:i])
+            prev = i + 1
+        kept.append(entries[prev:])
+        self._entries = list(itertools.chain.from_iterable(kept))
 
     def pop_expired(self, cutoff: float) -> list[PendingFrame]:
-        """Frames whose deadline is before `cutoff`: all at the head of the heap."""
-        out = []
-        while self._heap and self._heap[0][0] < cutoff:
-            out.append(heapq.heappop(self._heap)[3])
+        """Frames whose deadline is before `cutoff`: all at the head."""
+        i = bisect.bisect_left(self._entries, (cutoff,))
+        if not i:
+            return []
+        out = [e[3] for e in self._entries[:i]]
+        del self._entries[:i]
+        for f in out:
+            del self._key[f]
         return out
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._entries)
 
     def __iter__(self) -> Iterator[PendingFrame]:
-        return (e[3] for e in self._heap)
+        return (e[3] for e in self._entries)
 
 
 class FifoQueue:
@@ -216,14 +382,15 @@ class FifoQueue:
     def push(self, frame: PendingFrame) -> None:
         self._q.append(frame)
 
-    def pop(self) -> PendingFrame:
-        return self._q.popleft()
-
-    def unpop(self, frames: list[PendingFrame]) -> None:
-        self._q.extendleft(reversed(frames))
-
     def peek(self) -> PendingFrame | None:
         return self._q[0] if self._q else None
+
+    def head(self, limit: int) -> list[PendingFrame]:
+        return list(itertools.islice(self._q, limit))
+
+    def remove(self, frames: list[PendingFrame]) -> None:
+        gone = {id(f) for f in frames}
+        self._q = deque(f for f in self._q if id(f) not in gone)
 
     def pop_expired(self, cutoff: float) -> list[PendingFrame]:
         if not any(f.deadline < cutoff for f in self._q):
@@ -266,6 +433,8 @@ class EdfScheduler:
         self._arrivals: deque[float] = deque(maxlen=ARRIVAL_WINDOW)
         self._forecast = self._new_forecast(self.config)
         self._budget_ms = self.config.deadline_ms
+        self._view: _ModelView | None = None
+        self._rate = 0.0  # arrival rate (frames/ms) as of the decision under way
 
     # --------------------------------------------------------------------------------- intake
     def add(self, frame: PendingFrame) -> PendingFrame | None:
@@ -310,6 +479,7 @@ class EdfScheduler:
         margin_s = self.config.margin_ms / 1000.0
         plan = Plan(now=now, shed=self._overload)
         self._overload = []
+        self._sync_model()
 
         # 1. Expire what is unlikely to finish even alone, before any compute.
         hopeless_s = self._hopeless_s()
@@ -318,19 +488,16 @@ class EdfScheduler:
             plan.expired.append(f)
 
         # 2. Eligible frames in queue order: a stream's earliest queued frame, once per batch.
-        popped, candidates = self._candidates(plan, now, margin_s)
+        candidates = self._candidates(plan, now, margin_s)
 
         # 3. Run the most productive window of them now, or hold them all for expected frames.
         if candidates:
-            start, size, hold_until = self._decide(candidates, now, margin_s)
-            if hold_until is None:
-                self._take(plan, popped, candidates, start, size, hopeless_s)
+            choice = self._decide(candidates, now, margin_s)
+            if choice.hold_until is None:
+                self._take(plan, candidates, choice, hopeless_s)
             else:
-                self._queue.unpop(popped)
-                plan.hold_until = hold_until
+                plan.hold_until = choice.hold_until
                 self.counters["holds"] += 1
-        else:
-            self._queue.unpop(popped)
 
         if not plan.run and plan.expired and plan.hold_until is None:
             self._maybe_probe(plan, now, margin_s)
@@ -340,47 +507,68 @@ class EdfScheduler:
         elif len(self._queue) and plan.hold_until is None:
             # Frames wait and none can run yet: name the time to decide again, 1 us past the
             # expiry cutoff of the earliest deadline (the decision then expires it).
-            head = min(f.deadline for f in self._queue)
+            if getattr(self._queue, "deadline_ordered", False):
+                head = self._queue.peek().deadline  # type: ignore[union-attr]
+            else:
+                head = min(f.deadline for f in self._queue)
             plan.hold_until = max(now, head - margin_s - hopeless_s + 1e-6)
         self._account(plan)
         self.check_invariants()
         assert plan.run or not len(self._queue) or plan.hold_until is not None, "frames kept without a time"
         return plan
 
-    def _candidates(
-        self, plan: Plan, now: float, margin_s: float
-    ) -> tuple[list[PendingFrame], list[PendingFrame]]:
-        """(popped, eligible) as `_eligible_prefix`, after streams that fell behind caught up."""
+    def _candidates(self, plan: Plan, now: float, margin_s: float) -> list[PendingFrame]:
+        """Eligible frames in queue order (a stream's earliest queued frame, one per stream),
+        after streams that fell behind caught up."""
         limit = self.config.max_batch + self.config.max_head_skip
-        popped, candidates = self._eligible_prefix(limit)
+        if self._pending_n == len(self._pending):
+            # Every queued stream has exactly one frame: all are eligible, none is behind.
+            return self._queue.head(limit)
+        candidates = self._eligible_prefix(limit)
         behind = self._behind(candidates, now, margin_s)
         if not behind:
-            return popped, candidates
+            return candidates
         # A stream that has fallen behind skips its frame least likely to make it, so its
         # newer frame runs instead of waiting a step behind it (and the next one behind that):
         # one frame lost instead of a backlog that takes many ticks to drain.
-        gone = {id(f) for f in behind}
-        self._queue.unpop([f for f in popped if id(f) not in gone])
+        self._queue.remove(behind)
         for f in behind:
             self._forget(f)
         plan.expired.extend(behind)
         self.counters["caught_up"] += len(behind)
         return self._eligible_prefix(limit)
 
-    def _take(self, plan: Plan, popped: list[PendingFrame], candidates: list[PendingFrame],
-              start: int, size: int, hopeless_s: float) -> None:
-        """Run candidates[start:start+size] (less the frames unlikely to make it in it);
+    def _eligible_prefix(self, limit: int) -> list[PendingFrame]:
+        """The first `limit` eligible frames in queue order (a stream's earliest queued frame,
+        one per stream)."""
+        candidates: list[PendingFrame] = []
+        seen: set[str] = set()
+        pending = self._pending
+        # Bound the scan: a queue full of one stream's frames must not make a step O(queue).
+        for f in itertools.islice(self._queue, 4 * limit + 64):
+            sid = f.stream_id
+            if sid in seen or pending[sid][0] != f.order:
+                continue
+            seen.add(sid)
+            candidates.append(f)
+            if len(candidates) == limit:
+                break
+        return candidates
+
+    def _take(self, plan: Plan, candidates: list[PendingFrame], choice: _Choice, hopeless_s: float) -> None:
+        """Run the chosen window of candidates (less the frames unlikely to make it in it);
         frames passed over stay queued if a later step can still serve them, else expire."""
         margin_s = self.config.margin_ms / 1000.0
+        start, size = choice.start, choice.size
         run, dropped, plan.expected_on_time = self._keep_likely(
-            candidates[start : start + size], plan.now, margin_s)
-        after_s = plan.now + float(self.model.mean_ms([len(run)])[0]) / 1000.0 if run else plan.now
-        lost = [f for f in (*candidates[:start], *dropped) if f.deadline < after_s + margin_s + hopeless_s]
+            candidates[start : start + size], choice.p_run, plan.now, margin_s)
+        after_s = plan.now + self._mean(len(run)) / 1000.0 if run else plan.now
+        cutoff = after_s + margin_s + hopeless_s
+        lost = [f for f in itertools.chain(candidates[:start], dropped) if f.deadline < cutoff]
         plan.run = run
-        leaving = {id(f) for f in itertools.chain(run, lost)}
-        self._queue.unpop([f for f in popped if id(f) not in leaving])
-        for f in itertools.chain(run, lost):
-            self._forget(f)
+        leaving = run + lost
+        self._queue.remove(leaving)
+        self._forget_all(leaving)
         plan.expired.extend(lost)
 
     def _behind(self, cands: list[PendingFrame], now: float, margin_s: float) -> list[PendingFrame]:
@@ -391,31 +579,32 @@ class EdfScheduler:
         queued = [f for f in cands if len(self._pending[f.stream_id]) > 1]
         if not queued:
             return []
+        view = self._view
+        assert view is not None
         k = min(len(cands), self.config.max_batch)
-        p = self.model.p_within_matrix([k], self._slack_ms(queued, now, margin_s))[0]
-        return [f for f, pf in zip(queued, p, strict=True) if pf < self.config.catch_up_p]
+        p = np.interp(self._slack_ms(queued, now, margin_s) + view.offset[view.index_up(k)], view.x, view.p)
+        return [f for f, pf in zip(queued, p.tolist(), strict=True) if pf < self.config.catch_up_p]
 
     def _hopeless_s(self) -> float:
         """Slack (s) below which a frame run alone now is less than `min_on_time_p` likely on time."""
         return self.model.quantile_ms(1, self.config.min_on_time_p) / 1000.0
 
-    def _on_time_p(self, frames: list[PendingFrame], now: float, margin_s: float) -> np.ndarray:
-        return self.model.p_within_matrix([len(frames)], self._slack_ms(frames, now, margin_s))[0]
-
     def _keep_likely(
-        self, run: list[PendingFrame], now: float, margin_s: float
+        self, run: list[PendingFrame], p: np.ndarray | None, now: float, margin_s: float
     ) -> tuple[list[PendingFrame], list[PendingFrame], float]:
         """(kept, dropped, expected on-time frames of kept): frames of the batch less than
         `min_on_time_p` likely to finish in it are not computed. Dropping one shortens the
-        step, so the rest are re-checked."""
+        step, so the rest are re-checked. `p`: each frame's chance in this batch, if known."""
         dropped: list[PendingFrame] = []
         while run:
-            p = self._on_time_p(run, now, margin_s)
+            if p is None:
+                p = self.model.p_within_matrix([len(run)], self._slack_ms(run, now, margin_s))[0]
             low = p < self.config.min_on_time_p
             if not low.any():
                 return run, dropped, float(p.sum())
             dropped.extend(f for f, lo in zip(run, low, strict=True) if lo)
             run = [f for f, lo in zip(run, low, strict=True) if not lo]
+            p = None
         return run, dropped, 0.0
 
     def _maybe_probe(self, plan: Plan, now: float, margin_s: float) -> None:
@@ -447,170 +636,278 @@ class EdfScheduler:
         plan.probe = True
         self.counters["probes"] += 1
 
-    def _eligible_prefix(self, limit: int) -> tuple[list[PendingFrame], list[PendingFrame]]:
-        """Pop frames in queue order until `limit` eligible ones are found (a stream's
-        earliest queued frame, one per stream). Returns (all popped, eligible subset)."""
-        popped: list[PendingFrame] = []
-        candidates: list[PendingFrame] = []
-        seen: set[str] = set()
-        # Bound the scan: a queue full of one stream's frames must not make a step O(queue).
-        scan_budget = 4 * limit + 64
-        queue = self._queue
-        remaining = len(queue)
-        while remaining and len(candidates) < limit and len(popped) < scan_budget:
-            f = queue.pop()
-            remaining -= 1
-            popped.append(f)
-            sid = f.stream_id
-            if sid in seen or self._pending[sid][0] != f.order:
-                continue
-            seen.add(sid)
-            candidates.append(f)
-        return popped, candidates
-
-    def _decide(
-        self, cands: list[PendingFrame], now: float, margin_s: float
-    ) -> tuple[int, int, float | None]:
-        """(start, size, hold_until): run cands[start:start+size] now, or (hold_until set) run
-        nothing and decide again then, because waiting for frames the arrival forecast expects
-        finishes more frames in time."""
+    def _decide(self, cands: list[PendingFrame], now: float, margin_s: float) -> _Choice:
+        """Run a window of cands now, or (hold_until set) run nothing and decide again then,
+        because waiting for frames the arrival forecast expects finishes more frames in time."""
         cfg = self.config
-        slack = self._slack_ms(cands, now, margin_s)
-        ones = np.ones(len(cands))
+        n = len(cands)
+        self._rate = self._arrival_rate_per_ms()
         expected = []
-        if cfg.max_hold_ms > 0 and len(cands) < cfg.max_batch:
-            # A stream with a frame queued cannot add another to the next batch.
-            expected = self._forecast.expected(now, cfg.max_hold_ms / 1000.0, exclude=self._pending.keys())
-        exp_slack = np.array([(e.deadline - now - margin_s) * 1000.0 for e in expected])
-        exp_weight = np.array([e.weight for e in expected])
-        if not expected and len(cands) == 1:
-            return 0, 1, None  # nothing to weigh: the one frame runs (expiry vetted it)
+        # A stream with a frame queued cannot add another to the next batch: with every
+        # stream the forecast knows queued, there is nothing to wait for; with a batch's
+        # worth of frames waiting (MAX_HOLD_FRAMES), a step runs.
+        if (cfg.max_hold_ms > 0 and n < min(cfg.max_batch, MAX_HOLD_FRAMES)
+                and len(self._forecast) > len(self._pending)):
+            expected = self._forecast.expected(now, cfg.max_hold_ms / 1000.0, exclude=self._pending.keys(),
+                                               limit=MAX_HOLD_FRAMES)
+        if not expected and n == 1:
+            return _Choice(0, 1, None, None)  # nothing to weigh: the one frame runs (expiry vetted it)
+        base = now + margin_s
+        slack_list = [(f.deadline - base) * 1000.0 for f in cands]
+        if max(slack_list) > BUDGET_LIMIT_MS:  # a deadline far beyond any step: as good as none
+            slack_list = [min(x, BUDGET_LIMIT_MS) for x in slack_list]
+        exp_list = [min((e.deadline - base) * 1000.0, BUDGET_LIMIT_MS) for e in expected]
         # Overload: steps sized to their head frames cannot serve every frame (expected ones
-        # and those the arrival rate brings meanwhile included) at mean step times. Then head frames may be skipped and device time is
-        # what a batch is valued against. Otherwise later steps can serve what this one
-        # leaves, which the one-step lookahead cannot see (it would trade head frames for more
-        # now), so the batch starts at the head.
-        overloaded = len(cands) > 1 and not self._feasible(np.sort(np.concatenate(
-            [slack, exp_slack, self._unseen_slack(float(slack.max()), len(expected))])))
-        value, start, size = self._best_window(slack, ones, exp_slack, exp_weight, overloaded)
+        # and those the arrival rate brings meanwhile included) at mean step times. Then head
+        # frames may be skipped and device time is what a batch is valued against. Otherwise
+        # later steps can serve what this one leaves, which the one-step lookahead cannot see
+        # (it would trade head frames for more now), so the batch starts at the head.
+        overloaded = n > 1 and not self._feasible(slack_list, exp_list, len(expected))
+        exp_weight = [e.weight for e in expected]
+        if not overloaded and (k := self._all_on_time(slack_list, exp_list, exp_weight)):
+            return _Choice(0, k, None, _ones(k))
+        slack = np.array(slack_list)
+        exp_slack, exp_w = np.array(exp_list), np.array(exp_weight)
+        value, start, size, p_run = self._best_window(slack, None, exp_slack, exp_w, overloaded)
         if not expected:
-            return start, size, None
+            return _Choice(start, size, None, p_run)
         # Holding until the i-th expected arrival: those frames join the candidates (weighted
         # by how likely they are to come), every slack shrinks by the wait. Only arrivals before
         # the batch chosen now would end are worth waiting for: a later one finds the device free.
         edf = getattr(self._queue, "deadline_ordered", False)
-        step_end = now + float(self.model.mean_ms([size])[0]) / 1000.0
+        step_end = now + self._mean(size) / 1000.0
         arrivals = sorted({e.arrival for e in expected if e.arrival < step_end})[:MAX_HOLD_OPTIONS]
         best_hold, best_value = None, value * (1.0 + 1e-3) + 1e-3  # a clear gain, or run now
+        # A hold's value is at most _NOW_BONUS x each frame's weight x its chance alone after
+        # the wait (a larger batch or a later step is no faster), per the least device time
+        # when overloaded (plus what unknown arrivals can add): a hold that cannot beat
+        # running now even so is not valued.
+        view = self._view
+        assert view is not None
+        s_all = np.concatenate((slack, exp_slack))
+        w_all = np.concatenate((_ones(n), exp_w))
+        one = view.offset[0]
+        arrival = np.array([e.arrival for e in expected])
         for t in arrivals:
             wait_ms = (t - now) * 1000.0
-            joins = np.array([e.arrival <= t for e in expected])
-            h_slack = np.concatenate([slack, exp_slack[joins]]) - wait_ms
-            h_weight = np.concatenate([ones, exp_weight[joins]])
+            bound = _NOW_BONUS * float(np.dot(np.interp(s_all - wait_ms + one, view.x, view.p), w_all))
+            if overloaded:
+                bound = bound / (wait_ms + 2.0 * self._mean(1)) + self._rate
+            if bound * (1.0 + 1e-9) + 1e-12 <= best_value:
+                continue
+            joins = arrival <= t
+            h_slack = np.concatenate((slack, exp_slack[joins])) - wait_ms
+            h_weight = np.concatenate((_ones(n), exp_w[joins]))
             if edf:
                 order = np.argsort(h_slack, kind="stable")
                 h_slack, h_weight = h_slack[order], h_weight[order]
-            v, _, _ = self._best_window(h_slack, h_weight, exp_slack[~joins] - wait_ms, exp_weight[~joins],
-                                        overloaded, wait_ms)
+            v = self._best_window(h_slack, h_weight, exp_slack[~joins] - wait_ms, exp_w[~joins],
+                                  overloaded, wait_ms)[0]
             if v > best_value:
                 best_hold, best_value = t, v
         if best_hold is None:
-            return start, size, None
+            return _Choice(start, size, None, p_run)
         # Wait for those frames at most until they are overdue; an arrival wakes the caller.
-        return 0, 0, max(e.due_by for e in expected if e.arrival == best_hold)
+        return _Choice(0, 0, max(e.due_by for e in expected if e.arrival == best_hold), None)
+
+    def _all_on_time(self, slack: list[float], later: list[float], later_weight: list[float]) -> int:
+        """The largest window (k frames from the head) when every one of its frames is
+        certain to finish in time in it and every other frame (candidates left and later
+        ones) certain in the step after it; else 0. Then that window is the best (a smaller
+        one finishes no more frames) and no hold can do better, so the valuation is skipped.
+        Pure Python: the common case of a lightly loaded replica."""
+        n = len(slack)
+        cfg = self.config
+        later_w = sum(later_weight)
+        if n > cfg.max_batch or n + later_w > cfg.max_batch:
+            return 0
+        view = self._view
+        assert view is not None
+        k = n if n <= view.exact else view.sizes_list[bisect.bisect_right(view.sizes_list, n) - 1]
+        model = self.model
+        if min(slack[:k]) < model.max_ms(k):
+            return 0
+        rest = slack[k:] + later
+        if not rest:
+            return k
+        tau = self._mean(k)
+        unknown = max(self._rate * tau - later_w, 0.0)
+        m = min(max(round((n - k) + later_w + unknown), 1), cfg.max_batch)
+        return k if min(rest) - tau >= model.max_ms(view.sizes_list[view.index_up(m)]) else 0
 
     @staticmethod
     def _slack_ms(frames: list[PendingFrame], now: float, margin_s: float) -> np.ndarray:
-        return np.fromiter(((f.deadline - now - margin_s) * 1000.0 for f in frames), float, len(frames))
+        base = now + margin_s
+        return np.array([(f.deadline - base) * 1000.0 for f in frames])
+
+    def _sync_model(self) -> _ModelView:
+        """What decisions read from the latency model, rebuilt when the model changed (a new
+        version, another model object, another max_batch): the CDFs of the axis sizes on one
+        axis, their mean step times (array and list) and the window-size grids asked for."""
+        model, cap = self.model, self.config.max_batch
+        model.estimate(1)  # applies measured steps that are due (may bump the version)
+        view = self._view
+        if (view is None or view.model is not model or view.version != model.version or view.cap != cap
+                or view.exact != EXACT_SIZES):
+            sizes = _axis_sizes(cap, EXACT_SIZES)
+            offset, x, p, means = model.cdf_axis(sizes)
+            view = self._view = _ModelView(model, model.version, cap, EXACT_SIZES, sizes, sizes.tolist(),
+                                           offset, x, p, means, means.tolist(), {})
+        return view
+
+    def _mean(self, batch: int) -> float:
+        """Mean step time (ms) of `batch` frames."""
+        view = self._view
+        assert view is not None
+        if batch <= view.exact:
+            return view.means_list[batch - 1]
+        return float(self.model.mean_ms([batch])[0])
+
+    def _grid(self, view: _ModelView, kmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int]]:
+        """(window sizes, their mean step times, their CDF offsets, cache key) for up to kmax
+        frames."""
+        grid = view.grids.get(kmax)
+        if grid is None:
+            key = (kmax, view.cap, view.exact)
+            ks = _window_sizes(*key)
+            i = view.indices_up(ks)
+            grid = view.grids[kmax] = (ks, view.means[i], view.offset[i], key)
+        return grid
 
     def _best_window(
-        self, slack: np.ndarray, weight: np.ndarray, later_slack: np.ndarray, later_weight: np.ndarray,
-        overloaded: bool, wait_ms: float = 0.0,
-    ) -> tuple[float, int, int]:
-        """(value, start, size) of the best batch from frames with these slacks (ms, in queue
-        order) and weights (probability each frame is there at all).
+        self, slack: np.ndarray, weight: np.ndarray | None, later_slack: np.ndarray,
+        later_weight: np.ndarray, overloaded: bool, wait_ms: float = 0.0,
+    ) -> tuple[float, int, int, np.ndarray]:
+        """(value, start, size, p) of the best batch from frames with these slacks (ms, in
+        queue order) and weights (probability each frame is there at all; None: all 1); p is
+        each chosen frame's chance to finish in time in that batch (times its weight).
 
-        Every window (start = head frames skipped, up to max_head_skip; size up to max_batch)
-        is valued by the expected number of frames finishing in time: this step's, sum of
-        w_i P(T(size) <= slack_i) over the window, plus the frames it leaves behind and the
-        `later` ones (frames that can only join a following step), each with
-        P(T(m) <= slack_i - E[T(size)]) in one following step of m frames (those left plus the
-        arrivals expected meanwhile). The lookahead is what stops a large batch from stranding
-        the frames behind it, and a head frame from costing the rest more than it gains.
+        Every window (start = head frames skipped, up to max_head_skip; size from the size
+        grid, up to max_batch) is valued by the expected number of frames finishing in time:
+        this step's, sum of w_i P(T(size) <= slack_i) over the window, plus the frames it
+        leaves behind and the `later` ones (frames that can only join a following step), each
+        with P(T(m) <= slack_i - E[T(size)]) in one following step of m frames (those left
+        plus the arrivals expected meanwhile). The lookahead is what stops a large batch from
+        stranding the frames behind it, and a head frame from costing the rest more than it
+        gains. Frames finished now count x _NOW_BONUS (the lookahead is an estimate).
         Overloaded, windows may skip head frames and the value is per ms of device time
-        (`wait_ms` of holding included)."""
+        (`wait_ms` of holding included). The first window (by start, then size) within a
+        relative 1e-9 of the best value wins.
+
+        All sizes and both steps in one CDF lookup ([2 x sizes, frames]), window sums by
+        cumulative sums: O(sizes x frames) work in a fixed number of numpy calls."""
         cfg = self.config
-        model = self.model
+        view = self._view
+        assert view is not None
         n = len(slack)
-        ks = _size_grid(min(n, cfg.max_batch))
+        n_later = len(later_slack)
+        ks, means, offset_now, ks_key = self._grid(view, min(n, cfg.max_batch))
         nk = len(ks)
-        tau = model.mean_ms(ks)  # expected length of this step, per size
+        later_w = float(np.add.reduce(later_weight)) if n_later else 0.0
         # Frames arriving during this step beyond the expected ones we know: they join the
         # next step (with about the usual budget less half the step).
-        unknown = np.maximum(self._arrival_rate_per_ms() * tau - later_weight.sum(), 0.0)
-        m = np.minimum(np.maximum(np.rint(n - ks + later_weight.sum() + unknown), 1), cfg.max_batch).astype(int)
-        # One CDF evaluation for both steps: rows for this step's sizes, then the next one's.
-        all_slack = np.concatenate([slack, later_slack, [0.0]])
-        budgets = np.empty((2 * nk, len(all_slack)))
-        budgets[:nk] = all_slack
-        budgets[nk:] = all_slack[None, :] - tau[:, None]
-        budgets[nk:, -1] = self._budget_ms - cfg.margin_ms - tau / 2.0
-        p = model.p_within_matrix(np.concatenate([ks, m]), budgets)
-        now_p = p[:nk, :n] * weight
-        next_p = p[nk:, :-1] * np.concatenate([weight, later_weight])
-        nxt = next_p.sum(axis=1)  # every frame in the next step, were none run now
+        rate = self._rate
+        unknown = np.maximum(rate * means - later_w, 0.0) if rate > 0 else _zeros(nk)
+        m = np.rint((n - ks) + later_w + unknown).astype(np.intp)
+        np.minimum(np.maximum(m, 1, out=m), cfg.max_batch, out=m)
+        m_at = view.indices_up(m)  # a next step's size as the axis size at or above it
+        offset_next = view.offset[m_at]
+        cols = np.concatenate((slack, later_slack)) if n_later else slack
+        # CDF arguments (budget + the size's offset): this step's sizes, then the next step's.
+        x = np.empty((2 * nk, len(cols)))
+        np.add(cols, offset_now[:, None], out=x[:nk])
+        np.subtract(cols, means[:, None], out=x[nk:])
+        x[nk:] += offset_next[:, None]
+        p = np.interp(x, view.x, view.p)
+        now_p = p[:nk, :n]
+        next_p = p[nk:]
+        if weight is not None:
+            now_p *= weight
+            next_p[:, :n] *= weight
+        if n_later:
+            next_p[:, n:] *= later_weight
+        nxt = np.add.reduce(next_p, axis=1)  # every frame in the next step, were none run now
         if overloaded:
             # ... and the unknown arrivals, which a full next step serves anyway under overload
             # (frames left behind compete with them).
-            nxt = nxt + unknown * p[nk:, -1]
+            unknown_budget = (self._budget_ms - cfg.margin_ms) - 0.5 * means
+            nxt += unknown * np.interp(unknown_budget + offset_next, view.x, view.p)
         # A window's value = its frames' chances now + everyone else's in the next step
-        #                  = nxt + sum over the window of (now - next); ties (and near-ties)
-        # go to frames finished now (x 1.001): the lookahead is an estimate.
-        diff = np.zeros((nk, n + 1))
-        np.cumsum(now_p * 1.001 - next_p[:, :n], axis=1, out=diff[:, 1:])
-        starts = np.arange(min(n - 1, cfg.max_head_skip) + 1 if overloaded else 1)[:, None]
-        end = starts + ks  # [S, K]
-        end_c = np.minimum(end, n)
-        ki = np.arange(nk)
-        window = diff[ki, end_c] - diff[ki, starts]
-        if nxt.max() > cfg.max_batch:
+        #                  = nxt + sum over the window of (now - next). (now_p is a copy when
+        # weighted, else p's own rows: p is not read again but for the chosen window.)
+        gain = now_p * _NOW_BONUS
+        gain -= next_p[:, :n]
+        capped = n + later_w > cfg.max_batch and float(np.maximum.reduce(nxt)) > cfg.max_batch
+        if not overloaded:
+            # The window starts at the head: its frames are the first `size`.
+            last = _prefix_ends(n, ks_key)
+            window = np.add.accumulate(gain, axis=1).take(last)
+            if capped:
+                in_window = np.add.accumulate(next_p[:, :n], axis=1).take(last)
+                value = window + in_window + np.minimum(nxt - in_window, cfg.max_batch)
+            else:
+                value = window + nxt
+            j = _first_best(value)
+            size = int(ks[j])
+            return float(value[j]), 0, size, p[j, :size]
+        cum = np.zeros((nk, n + 1))
+        np.add.accumulate(gain, axis=1, out=cum[:, 1:])
+        first, end, invalid = _windows(n, min(n - 1, cfg.max_head_skip) + 1, ks_key)
+        window = cum.take(end)
+        window -= cum.take(first)
+        if capped:
             # The next step cannot take every frame left behind: cap its share.
-            cum = np.zeros((nk, n + 1))
-            np.cumsum(next_p[:, :n], axis=1, out=cum[:, 1:])
-            in_window = cum[ki, end_c] - cum[ki, starts]
+            ncum = np.zeros((nk, n + 1))
+            np.add.accumulate(next_p[:, :n], axis=1, out=ncum[:, 1:])
+            in_window = ncum.take(end) - ncum.take(first)
             value = window + in_window + np.minimum(nxt - in_window, cfg.max_batch)
         else:
             value = window + nxt
-        if overloaded:
-            # Device time is the scarce thing: on-time frames per ms over both steps (and any
-            # wait before them), or a step of a few easy frames would look as good as a full one.
-            value = value / (wait_ms + tau + model.mean_ms(m))
-        value[end > n] = -np.inf
-        # First maximum in (start, size) order: then the head first.
-        si, kj = np.unravel_index(int(np.argmax(value)), value.shape)
-        return float(value[si, kj]), int(si), int(ks[kj])
+        # Device time is the scarce thing: on-time frames per ms over both steps (and any
+        # wait before them), or a step of a few easy frames would look as good as a full one.
+        value /= (wait_ms + means) + view.means[m_at]
+        value += invalid
+        si, kj = divmod(_first_best(value.ravel()), nk)
+        size = int(ks[kj])
+        return float(value[si, kj]), si, size, p[kj, si : si + size]
 
     def _unseen_slack(self, horizon_ms: float, known: int) -> np.ndarray:
         """Slacks (ms from now) of the frames the arrival rate brings within `horizon_ms`,
         beyond `known` expected ones: evenly spaced, each with the usual budget."""
-        rate = self._arrival_rate_per_ms()
+        rate = self._rate
         count = int(rate * horizon_ms) - known
         if count <= 0:
-            return np.empty(0)
-        at = (np.arange(count) + 0.5) / rate
-        return at + self._budget_ms - self.config.margin_ms
+            return _zeros(0)
+        return (np.arange(count) + 0.5) / rate + (self._budget_ms - self.config.margin_ms)
 
-    def _feasible(self, slack_sorted: np.ndarray) -> bool:
+    def _feasible(self, slack: list[float], expected: list[float], n_expected: int) -> bool:
         """Can steps run back to back, each the largest deadline-order prefix whose mean step
-        time fits its first frame's slack, serve every frame? (An EDF fluid check.)"""
-        cap = self.config.max_batch
-        means = self.model.mean_ms(np.arange(1, min(cap, len(slack_sorted)) + 1))
-        t, i, n = 0.0, 0, len(slack_sorted)
+        time fits its first frame's slack, serve every frame: the candidates, the expected
+        ones and those the arrival rate brings meanwhile? (An EDF fluid check.) With many
+        streams the unseen frames are many: they are merged as an array, and the loop runs
+        once per step, not per frame."""
+        unseen = self._unseen_slack(max(slack), n_expected)
+        if len(unseen):
+            merged = np.concatenate((np.array(slack + expected), unseen))
+            merged.sort(kind="stable")
+            slack_sorted = merged.tolist()
+        else:
+            slack_sorted = sorted(slack + expected)
+        n = len(slack_sorted)
+        view = self._view
+        assert view is not None
+        means, sizes = view.means_list, view.sizes_list
+        top = bisect.bisect_right(sizes, min(self.config.max_batch, n))  # axis sizes usable
+        t, i = 0.0, 0
         while i < n:
-            k = min(int(np.searchsorted(means, slack_sorted[i] - t, side="right")), n - i)
-            if k == 0:
+            j = bisect.bisect_right(means, slack_sorted[i] - t, 0, top)
+            if j == 0:
                 return False
-            t += float(means[k - 1])
+            k = sizes[j - 1]
+            if k > n - i:  # the last step: just the frames left
+                k = n - i
+                j = view.index_up(k) + 1
+            t += means[j - 1]
             i += k
         return True
 
@@ -620,6 +917,17 @@ class EdfScheduler:
         if len(a) < 2 or a[-1] <= a[0]:
             return 0.0
         return (len(a) - 1) / ((a[-1] - a[0]) * 1000.0)
+
+    def _forget_all(self, frames: list[PendingFrame]) -> None:
+        """_forget for each frame (inlined for the usual case: its stream's only frame)."""
+        pending = self._pending
+        for f in frames:
+            h = pending[f.stream_id]
+            if len(h) == 1 and h[0] == f.order:
+                del pending[f.stream_id]
+                self._pending_n -= 1
+            else:
+                self._forget(f)
 
     def _forget(self, f: PendingFrame) -> None:
         """Remove a frame leaving the queue from its stream's order heap."""

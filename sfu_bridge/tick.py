@@ -639,14 +639,11 @@ class InProcessCodec:
         )
 
 
-def random_streaming_codec(capacity: int, bandwidth_kbps: float = 6.0, seed: int = 1234) -> Any:
-    """`models.StreamingEncodec` over the 24 kHz EnCodec with random weights from `seed`
-    (tests and load tests: real compute, noise audio; nothing is downloaded)."""
-    import torch
-    from encodec import EncodecModel
-
+def random_streaming_codec(capacity: int, bandwidth_kbps: float = 6.0) -> Any:
+    """`models.StreamingEncodec` over the 24 kHz EnCodec with random weights (seed 1234,
+    codebooks k-means initialised: real codes, noise audio; nothing is downloaded)."""
     from models.streaming import StreamingEncodec
+    from models.weights import random_encodec
 
-    torch.manual_seed(seed)
-    model = EncodecModel.encodec_model_24khz(pretrained=False).eval()
+    model, _ = random_encodec()
     return StreamingEncodec(model, capacity=capacity, bandwidth_kbps=bandwidth_kbps)

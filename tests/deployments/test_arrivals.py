@@ -46,3 +46,19 @@ def test_a_silent_stream_is_forgotten_and_a_new_chunk_replaces_its_forecast():
     assert len(f) == 0
     with pytest.raises(ValueError):
         ArrivalForecast(period_s=0.0)
+
+
+def test_a_lookup_is_bounded_and_superseded_entries_do_not_pile_up():
+    f = ArrivalForecast(period_s=0.040)
+    for tick in range(30):  # 500 streams, never looked up: each chunk supersedes the last
+        for i in range(500):
+            f.observe(f"s{i}", tick * 0.040 + i * 1e-5, tick * 0.040 + 0.1)
+    assert len(f._heap) <= 4 * 500 + 64
+    every = f.expected(29 * 0.040 + 0.030, 0.020)
+    assert len(every) == 500
+    f2 = ArrivalForecast(period_s=0.040)
+    for i in range(500):
+        f2.observe(f"s{i}", i * 1e-5, 0.1)
+    some = f2.expected(0.030, 0.020, limit=16)
+    assert [e.stream_id for e in some] == [f"s{i}" for i in range(16)]  # the earliest ones
+    assert len(f2.expected(0.030, 0.020)) == 500  # the others were kept for later lookups

@@ -27,7 +27,8 @@ CLUSTER_SECRET = b"test-cluster-secret-0123456789abcdef"
 
 @pytest.fixture(scope="session")
 def streaming_codec():
-    """`models.StreamingEncodec` over random weights (seed 1234), 16 slots, 6 kbps."""
+    """`models.StreamingEncodec` over random weights (seed 1234, codebooks k-means
+    initialised), 16 slots, 6 kbps."""
     from sfu_bridge.tick import random_streaming_codec
 
     return random_streaming_codec(capacity=16, bandwidth_kbps=6.0)

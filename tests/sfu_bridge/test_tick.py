@@ -11,6 +11,7 @@ from deployments.contract import CHUNK_SAMPLES, BatchResult, FallbackReason, Fra
 from sfu_bridge.hint_auth import HintSigner, HintVerifier
 from sfu_bridge.hint_ext import Hint
 from sfu_bridge.tick import Chunk, InProcessCodec, TickBatcher
+from tests.models.equivalence import assert_codes_equivalent, quantizer_input
 
 
 class CountingClient:
@@ -83,9 +84,11 @@ def test_streaming_through_batcher_equals_one_pass(streaming_codec, sine_chunk):
         return np.concatenate(codes, axis=1)
 
     got = run(go())
+    pcm = np.concatenate(chunks)[None, :]
     streaming_codec.reset(np.array([15]))
-    want = np.asarray(streaming_codec.encode(np.array([15]), np.concatenate(chunks)[None, :]))[0]
-    np.testing.assert_array_equal(got, want)
+    want = np.asarray(streaming_codec.encode(np.array([15]), pcm))[0]
+    # Equal up to quantizer near-ties: one call of 9 frames and three of 3 use other kernels.
+    assert_codes_equivalent(got[None], want[None], quantizer_input(streaming_codec, pcm))
 
 
 def test_fallback_bumps_the_epoch_and_a_restarted_codec_answers_reset(streaming_codec, sine_chunk):
