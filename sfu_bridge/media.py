@@ -350,9 +350,13 @@ class MediaBridge:
     ) -> Subscriber:
         sub = Subscriber(session_id or uuid.uuid4().hex, stream_id, user, pc, out)
         if out.aic:
-            sub.aic_sender = AicSender.adaptive() if self.adaptive else AicSender.fixed(Layer(self.n_q))
+            # rate control needs the subscriber's RTCP; without it (or with adaptation off)
+            # the subscriber gets its stream's full depth in 40 ms packets
             if self.adaptive and pc is not None:
+                sub.aic_sender = AicSender.adaptive()
                 self._tap_rtcp(sub)
+            else:
+                sub.aic_sender = AicSender.fixed(Layer(32))
         self.subscribers[stream_id][sub.session_id] = sub
         self.sessions[sub.session_id] = sub
         return sub
