@@ -38,7 +38,6 @@ from sfu_bridge.media import OPUS_FRAME_48K, RtpOut, UdpMeter
 
 logger = logging.getLogger(__name__)
 
-DTX_REFRESH_FRAMES = 20  # Opus DTX: one 20 ms frame every 400 ms of silence
 PcmSource = Callable[[int, int], np.ndarray]  # (first sample index, n) -> float32 [n] at 48 kHz
 
 
@@ -150,7 +149,8 @@ class AicPublisher:
         self.trusted_hosts = trusted_hosts  # None: follow the bridge's redirects (see _post_offer)
         self.signer = HintSigner(stream_keys={stream_id: hint_key}) if hint_key else None
         self.source = source or sine_source()
-        # opus_dtx: silent frames are sent once and then every 400 ms (Opus DTX, RFC 7587 3.1.3)
+        # opus_dtx: libopus DTX; its TOC-only silence frames are not sent after the first
+        # (libopus sends a comfort-noise update every 400 ms; RFC 7587 section 3.1.3)
         self.opus = OpusCodec(1, sample_rate=48_000, frame_ms=20, bitrate=opus_bitrate, dtx=opus_dtx)
         self.opus_dtx = opus_dtx
         self.dtx_skipped = 0
@@ -198,7 +198,7 @@ class AicPublisher:
                 for p in packets:
                     if self.opus_dtx and is_dtx_frame(p):
                         self._dtx_run += 1
-                        if (self._dtx_run - 1) % DTX_REFRESH_FRAMES:
+                        if self._dtx_run > 1:  # the first tells the receiver DTX began
                             self.dtx_skipped += 1
                             continue
                     else:
