@@ -58,6 +58,8 @@ class AicSender:
     packets: int = 0
     sids: int = 0
     bytes_by_n_q: dict[int, int] = field(default_factory=dict)  # payload bytes per depth
+    wire_bytes: int = 0  # on the wire (SRTP tag, IPv4 and UDP included), cumulative
+    trace: list[dict] | None = None  # when a list: one entry per receiver report (benches)
     _pending: list[Any] = field(default_factory=list)  # FrameOutcome of the packet being built
     _sid_wait: int = 0
     _last_epoch: int = 0
@@ -133,6 +135,7 @@ class AicSender:
 
     # -- feedback ----------------------------------------------------------------------------
     def sent(self, wire_bytes: int) -> None:
+        self.wire_bytes += wire_bytes
         self.tracker.sent(wire_bytes)
 
     def on_report(self, block: ReportBlock, now: float, max_n_q: int) -> Layer | None:
@@ -140,6 +143,17 @@ class AicSender:
         if self.rate is None:
             return None
         before = self.layer
-        self.rate.update(self.tracker.feedback(block, now), max_n_q)
+        fb = self.tracker.feedback(block, now)
+        decision = self.rate.update(fb, max_n_q)
         after = self.choose(max_n_q)
+        if self.trace is not None and len(self.trace) < 10_000:
+            loss, lost = self.rate.smoothed_loss()
+            qd = self.rate.queue_delay_ms(fb.rtt_s)
+            self.trace.append({
+                "t": now, "expected": fb.expected, "lost": fb.lost, "loss_window": round(loss, 4),
+                "rtt_ms": None if fb.rtt_s is None else round(fb.rtt_s * 1000, 1),
+                "queue_ms": None if qd is None else round(qd, 1),
+                "received_kbps": None if fb.received_kbps is None else round(fb.received_kbps, 2),
+                "reason": decision.reason.value, "target_kbps": round(decision.target_kbps, 2),
+                "n_q": after.n_q, "packet_ms": after.packet_ms})
         return after if after != before else None

@@ -149,9 +149,11 @@ class RateControlConfig:
     loss_decrease: float = 0.10  # GCC's "high loss" bound
     min_lost: int = 3  # ...and at least this many packets lost in the window
     loss_increase: float = 0.02  # at or below: "low loss"
-    delay_decrease_ms: float = 120.0  # queueing delay that, twice in a row, means congestion
+    delay_decrease_ms: float = 150.0  # queueing delay that, twice in a row, means congestion
     delay_spike_ms: float = 300.0  # ...or once, this much
-    delay_increase_ms: float = 40.0  # below: the queue is empty enough to probe upward
+    # below: the queue is empty enough to probe upward (RTTs measured by an event loop on a
+    # busy host wobble by tens of ms; a standing queue on a narrow link is hundreds)
+    delay_increase_ms: float = 80.0
     min_rtt_window_s: float = 30.0
     decrease_factor: float = 0.85  # new target = this x the received rate
     blind_decrease_factor: float = 0.7  # ...or this x the old target when that rate is unknown
@@ -267,6 +269,12 @@ class RateController:
         rung = best_layer(self.target_kbps, max_n_q, cfg.overhead_bytes)
         if rung != self._rung:
             self._rung, self._rung_since = rung, now
+        elif (self._capacity_kbps is not None and reason is not Reason.LOSS
+              and reason is not Reason.DELAY and now - self._rung_since >= cfg.confirm_s
+              and wire_kbps(rung.n_q, rung.packet_ms, cfg.overhead_bytes)
+              > self._capacity_kbps * cfg.capacity_margin):
+            # a rung well above the old estimate held: that estimate is stale (the link grew)
+            self._capacity_kbps = None
         self.last_reason = reason
         return Decision(self.layer(max_n_q), self.target_kbps, reason)
 

@@ -287,7 +287,8 @@ async def _constrained_run(pcm: np.ndarray, codec: Any, adaptive: bool, link_kbi
         proc.stdin.write((br.tokens.issue("netns-peer", stream, ["subscribe"]) + "\n").encode())
         await proc.stdin.drain()
         samples: list[dict[str, Any]] = []
-        layers: list[tuple[float, int, int, float]] = []
+        layers: list[tuple[float, int, int, float]] = []  # (time, n_q, packet ms, sent kbit/s)
+        trace: list[dict[str, Any]] = []  # the controller, per receiver report
 
         async def read() -> None:
             while True:
@@ -297,11 +298,21 @@ async def _constrained_run(pcm: np.ndarray, codec: Any, adaptive: bool, link_kbi
                 with contextlib.suppress(ValueError):
                     samples.append(json.loads(line))
 
+        sent: list[tuple[float, int]] = []  # (time, wire bytes the bridge sent the subscriber)
+
         async def watch() -> None:
             while True:
-                subs = br.media.stream_stats().get(stream, {}).get("subscribers", {})
-                for s in subs.values():
-                    layers.append((time.time(), s["n_q"], s["packet_ms"], s["wire_kbps"]))
+                for sub in br.media.subscribers.get(stream, {}).values():
+                    tx = sub.aic_sender
+                    if tx is None:
+                        continue
+                    if tx.trace is None and tx.rate is not None:
+                        tx.trace = trace
+                    now = time.time()
+                    sent.append((now, tx.wire_bytes))
+                    back = [b for t, b in sent if t >= now - 1.0]
+                    kbps = (sent[-1][1] - back[0]) * 8 / 1000.0 if len(back) > 1 else 0.0
+                    layers.append((now, tx.layer.n_q, tx.layer.packet_ms, kbps))
                 await asyncio.sleep(0.1)
 
         reader = asyncio.ensure_future(read())
@@ -323,7 +334,12 @@ async def _constrained_run(pcm: np.ndarray, codec: Any, adaptive: bool, link_kbi
         await reader
         await proc.wait()
         await pub.stop()
-    return _constrained_figures(samples, layers, t_limit, t_lift, link_kbit, requested_n_q=8)
+    out = _constrained_figures(samples, layers, t_limit, t_lift, link_kbit, requested_n_q=8)
+    if adaptive:
+        t0 = t_limit
+        out["controller"] = [{**e, "t": round(e["t"] - (time.monotonic() - time.time() + t0), 2)}
+                             for e in trace]
+    return out
 
 
 def _window(samples: list[dict[str, Any]], t0: float, t1: float) -> tuple[float, float]:
@@ -340,6 +356,7 @@ def _window(samples: list[dict[str, Any]], t0: float, t1: float) -> tuple[float,
 
 def _constrained_figures(samples, layers, t_limit, t_lift, link_kbit, requested_n_q) -> dict[str, Any]:
     def sent_kbps_at(t: float) -> float | None:
+        """What the bridge sent the subscriber over the second before t (wire bytes)."""
         before = [x for x in layers if x[0] <= t]
         return before[-1][3] if before else None
 
@@ -355,6 +372,8 @@ def _constrained_figures(samples, layers, t_limit, t_lift, link_kbit, requested_
     loss_after = _window(samples, t_limit + converge, t_lift)[1] if converge is not None else None
     recover = next((x[0] - t_lift for x in layers if x[0] >= t_lift and x[1] >= requested_n_q
                     and x[2] == 40), None)
+    recover_n_q = next((x[0] - t_lift for x in layers if x[0] >= t_lift and x[1] >= requested_n_q),
+                       None)
     free_kbps, free_loss = _window(samples, t_limit - 5.0, t_limit)
     lim_kbps, lim_loss = _window(samples, t_limit, t_lift)
     after_kbps, after_loss = _window(samples, t_lift + 2.0, samples[-1]["t"] if samples else t_lift)
@@ -364,6 +383,7 @@ def _constrained_figures(samples, layers, t_limit, t_lift, link_kbit, requested_
         "converge_s": None if converge is None else round(converge, 2),
         "loss_after": None if loss_after is None else round(loss_after, 4),
         "recover_s": None if recover is None else round(recover, 2),
+        "recover_n_q_s": None if recover_n_q is None else round(recover_n_q, 2),
         "received_kbps_free": round(free_kbps, 2), "loss_free": round(free_loss, 4),
         "received_kbps_limited": round(lim_kbps, 2), "loss_limited": round(lim_loss, 4),
         "received_kbps_lifted": round(after_kbps, 2), "loss_lifted": round(after_loss, 4),
@@ -426,6 +446,14 @@ def _vad(seconds: float) -> dict[str, Any]:
     return {"chosen": "energy", "hangover_ms": TalkSpurt().hangover_chunks * 40, "rows": rows}
 
 
+def _turns_only(pcm: np.ndarray, speech: np.ndarray) -> np.ndarray:
+    """The speech chunks of the conversation, back to back (no pauses, no DTX)."""
+    from cluster.bench.conversation import CHUNK_48K
+
+    chunks = pcm[: speech.size * CHUNK_48K].reshape(-1, CHUNK_48K)[speech]
+    return np.ascontiguousarray(chunks.reshape(-1))
+
+
 # -- CLI ---------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the JSON report")
@@ -454,9 +482,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     speech, truth = conversation(max(60.0, args.wire_s + 10.0))
     wire = asyncio.run(_wire(speech, args.wire_s, _codec(4)))
-    layers = asyncio.run(_layers(speech, args.layers_s, _codec(4)))
+    # continuous speech (the talker's turns back to back): every tick has a frame to encode
+    talk = _turns_only(speech, truth)
+    layers = asyncio.run(_layers(talk, args.layers_s, _codec(4)))
     constrained = ({"skipped": "--skip-constrained"} if args.skip_constrained
-                   else asyncio.run(_constrained(speech, lambda: _codec(2), args)))
+                   else asyncio.run(_constrained(talk, lambda: _codec(2), args)))
     vad = _vad(60.0)
     data = {
         "bench": "adaptive",

@@ -64,8 +64,9 @@ def test_layers_reports_and_dtx_over_webrtc(running_bridge, tokens, streaming_co
     assert set(subs[1].stats.aic_n_q) == {8}
     assert max(subs[2].stats.aic_n_q) == 32  # a clean loopback: the adaptive one stays on top
     assert senders[1].packets * 2 >= senders[0].packets - 4  # 80 ms packets: about half as many
-    # one encode per chunk for three subscribers: codec rows == AI frames of the stream
-    assert codec.rows == frames["ai"]
+    # one encode per chunk for three subscribers: codec rows == AI frames of the stream (one
+    # tick may be at the codec when the counters are read)
+    assert 0 <= codec.rows - frames["ai"] <= 1
     # the tap saw receiver reports and measured RTT against the bridge's own sender reports
     tracker = senders[2].tracker
     assert tracker.reports >= 2
