@@ -21,8 +21,10 @@ layer that fits. Loss- and delay-based, with hysteresis:
 
 - decrease when the smoothed loss is high (>= `loss_decrease` with at least `min_lost`
   packets lost in the window) or when the queueing delay (RTT above the lowest RTT seen)
-  stays above `delay_decrease_ms` for two reports in a row, or is far above it once: the
-  target drops to `decrease_factor` x the rate the subscriber actually received;
+  stays above `delay_decrease_ms` for two reports in a row, or is far above it once, while
+  the receiver gets clearly less than we send (a bottleneck both queues and caps the rate;
+  a busy event loop only delays): the target drops to `decrease_factor` x the rate the
+  subscriber actually received;
 - increase, one rung per report, only when loss is low AND the queueing delay is small AND
   `hold_s` has passed since the last decrease; an increase that is followed by a decrease
   within `probe_window_s` doubles the hold (up to `max_hold_s`), so a link at its limit is
@@ -140,6 +142,7 @@ class Feedback:
     rtt_s: float | None = None
     jitter_s: float = 0.0
     received_kbps: float | None = None
+    sent_kbps: float | None = None  # what we sent over the same interval
 
 
 @dataclass
@@ -154,6 +157,9 @@ class RateControlConfig:
     # below: the queue is empty enough to probe upward (RTTs measured by an event loop on a
     # busy host wobble by tens of ms; a standing queue on a narrow link is hundreds)
     delay_increase_ms: float = 80.0
+    # ...and a delay rise counts as congestion only while the receiver gets less than this
+    # share of what we send (a bottleneck queues; a slow event loop delays without losing rate)
+    delay_rate_ratio: float = 0.95
     min_rtt_window_s: float = 30.0
     decrease_factor: float = 0.85  # new target = this x the received rate
     blind_decrease_factor: float = 0.7  # ...or this x the old target when that rate is unknown
@@ -247,7 +253,7 @@ class RateController:
             self._decrease(fb, now)
             self._losses.clear()  # the next decision sees the new rate's loss only
             reason = Reason.LOSS
-        elif qd is not None and (self._delay_high >= 2 or qd > cfg.delay_spike_ms):
+        elif qd is not None and (self._delay_high >= 2 or qd > cfg.delay_spike_ms) and self._rate_short(fb):
             self._decrease(fb, now)
             self._delay_high = 0
             reason = Reason.DELAY
@@ -277,6 +283,11 @@ class RateController:
             self._capacity_kbps = None
         self.last_reason = reason
         return Decision(self.layer(max_n_q), self.target_kbps, reason)
+
+    def _rate_short(self, fb: Feedback) -> bool:
+        if fb.received_kbps is None or not fb.sent_kbps:
+            return True  # no rates to compare: the delay alone decides
+        return fb.received_kbps < self.config.delay_rate_ratio * fb.sent_kbps
 
     def _decrease(self, fb: Feedback, now: float) -> None:
         cfg = self.config
@@ -395,6 +406,7 @@ class ReceiverReportTracker:
         frac = block.fraction_lost / 256.0
         prev, self._prev = self._prev, (now, block.highest_sequence, block.packets_lost)
         per_packet = self._wire_bytes / self._packets if self._packets else 0.0
+        sent_bytes = self._wire_bytes
         self._wire_bytes = self._packets = 0
         if prev is None:
             return Feedback(now, frac, rtt_s=rtt, jitter_s=jitter_s)
@@ -406,5 +418,6 @@ class ReceiverReportTracker:
         received = expected - lost
         dt = now - at0
         kbps = received * per_packet * 8.0 / dt / 1000.0 if dt > 0 and per_packet else None
+        sent = sent_bytes * 8.0 / dt / 1000.0 if dt > 0 else None
         loss = lost / expected if expected else frac
-        return Feedback(now, loss, expected, lost, rtt, jitter_s, kbps)
+        return Feedback(now, loss, expected, lost, rtt, jitter_s, kbps, sent)

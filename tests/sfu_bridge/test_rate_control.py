@@ -71,7 +71,8 @@ def drive(ctl: RateController, capacity, seconds: float, *, max_n_q: int = 8, se
             recv *= (sent - lost) / max(1, sent - lost + extra)
         t += dt
         fb = Feedback(at=t, loss_fraction=lost / sent if sent else 0.0, expected=sent, lost=lost,
-                      rtt_s=rtt + rng.uniform(-rtt_noise_s, rtt_noise_s), received_kbps=recv)
+                      rtt_s=rtt + rng.uniform(-rtt_noise_s, rtt_noise_s), received_kbps=recv,
+                      sent_kbps=wire_kbps(layer.n_q, layer.packet_ms))
         layer = ctl.update(fb, max_n_q).layer
         out.append((t, layer, lost, sent))
     return out
@@ -152,10 +153,22 @@ def test_delay_rise_alone_steps_down_before_any_loss():
                              received_kbps=12.0), 8)
     assert d1.reason is Reason.STEADY  # one high sample is not yet congestion
     d2 = ctl.update(Feedback(at=6.0, loss_fraction=0.0, expected=25, lost=0, rtt_s=0.25,
-                             received_kbps=12.0), 8)
+                             received_kbps=12.0, sent_kbps=18.4), 8)
     assert d2.reason is Reason.DELAY
     assert d2.target_kbps == pytest.approx(0.85 * 12.0)
     assert d2.layer == Layer(8, 120)
+
+
+def test_delay_without_a_rate_shortfall_is_not_congestion():
+    """A slow event loop delays reports; a bottleneck also caps what arrives."""
+    ctl = RateController(start_kbps=18.4)
+    for i in range(3):
+        ctl.update(Feedback(at=float(i), loss_fraction=0.0, expected=25, lost=0, rtt_s=0.03,
+                            received_kbps=18.0, sent_kbps=18.4), 8)
+    for i in range(3, 8):
+        d = ctl.update(Feedback(at=float(i), loss_fraction=0.0, expected=25, lost=0, rtt_s=0.45,
+                                received_kbps=18.2, sent_kbps=18.4), 8)
+        assert d.reason is Reason.STEADY and d.layer == Layer(8, 40)
 
 
 def test_feedback_timeout_backs_off():
