@@ -99,10 +99,15 @@ class Bridge:
         self.base = f"http://{host}:{port}"
         self.cfg = cfg
         self.ticks: list[tuple[int, dict[str, tuple[str, int]]]] = []
+        # (tick, codec rows per stream, AI frames per stream) at each tick's end: consistent
+        self.tallies: list[tuple[int, Counter, Counter]] = []
+        self._ai: Counter[str] = Counter()
         dispatch = self.media.dispatch
 
         async def recording(report: Any) -> None:
             self.ticks.append((report.tick, {f.chunk.stream_id: (f.key, f.n_q) for f in report.frames}))
+            self._ai.update(f.chunk.stream_id for f in report.frames if f.key == "ai")
+            self.tallies.append((report.tick, Counter(self.codec.rows), Counter(self._ai)))
             await dispatch(report)
 
         self.media.dispatch = recording  # before start: the tick loop binds it then
@@ -201,13 +206,12 @@ async def _layers(pcm: np.ndarray, seconds: float, codec: Any) -> dict[str, Any]
         await asyncio.sleep(1.0)
         for s in subs:
             s.meter.reset()
-        rows0 = br.codec.rows["layers"]
-        ai0 = br.media.batcher.counters["ai"]
+        first = len(br.tallies)
         payload0 = [s.stats.aic_frames for s in subs]
         n_q0 = [len(s.stats.aic_n_q) for s in subs]
         await asyncio.sleep(seconds)
-        rows = br.codec.rows["layers"] - rows0
-        ai = br.media.batcher.counters["ai"] - ai0
+        (_, r0, a0), (_, r1, a1) = br.tallies[first], br.tallies[-1]
+        rows, ai = r1["layers"] - r0["layers"], a1["layers"] - a0["layers"]
         layer_kbps = {}
         for s, k, p0, q0 in zip(subs, kbps, payload0, n_q0, strict=True):
             n_qs = Counter(s.stats.aic_n_q[q0:])
@@ -225,8 +229,8 @@ async def _layers(pcm: np.ndarray, seconds: float, codec: Any) -> dict[str, Any]
             await asyncio.sleep(0.005)
         accepted = st.adapt.hint_tick
         await asyncio.sleep(0.5)
-        first = next((t for t, fr in br.ticks if accepted is not None and t > accepted
-                      and fr.get("layers", ("", 0))[1] == 8), None)
+        first_at = next((t for t, fr in br.ticks if accepted is not None and t > accepted
+                         and fr.get("layers", ("", 0))[1] == 8), None)
         for s in (*subs, pub):
             await s.stop()
     return {
@@ -235,7 +239,7 @@ async def _layers(pcm: np.ndarray, seconds: float, codec: Any) -> dict[str, Any]
         "codec_rows": rows,
         "ai_chunks": ai,
         "layer_kbps": layer_kbps,
-        "hint_effect_ticks": None if first is None or accepted is None else first - accepted,
+        "hint_effect_ticks": None if first_at is None or accepted is None else first_at - accepted,
     }
 
 
