@@ -263,16 +263,22 @@ def _namespace():
         _sh("ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up")
         yield
     finally:
+        _sh("tc", "qdisc", "del", "dev", VETH_HOST, "root", check=False)
         _sh("ip", "link", "del", VETH_HOST, check=False)
         _sh("ip", "netns", "del", NETNS, check=False)
 
 
 def _limit(kbit: int | None, latency_ms: int) -> None:
-    _sh("tc", "qdisc", "del", "dev", VETH_HOST, "root", check=False)
+    """Limit the bridge -> subscriber direction to `kbit`; None lifts the limit by raising the
+    rate (`tc qdisc change`: the queued packets drain instead of being dropped, as a link that
+    frees up does)."""
+    # burst: one MTU-sized packet's worth; latency bounds the queue (then drops)
+    rate = f"{kbit}kbit" if kbit is not None else "100mbit"
+    verb = "add" if kbit is not None else "change"
     if kbit is not None:
-        # burst: one MTU-sized packet's worth; latency bounds the queue (then drops)
-        _sh("tc", "qdisc", "add", "dev", VETH_HOST, "root", "tbf", "rate", f"{kbit}kbit",
-            "burst", "1600", "latency", f"{latency_ms}ms")
+        _sh("tc", "qdisc", "del", "dev", VETH_HOST, "root", check=False)
+    _sh("tc", "qdisc", verb, "dev", VETH_HOST, "root", "tbf", "rate", rate, "burst", "1600",
+        "latency", f"{latency_ms}ms")
 
 
 async def _constrained_run(pcm: np.ndarray, codec: Any, adaptive: bool, link_kbit: int,
