@@ -20,7 +20,7 @@ is noise) and SDK peers (aiortc) on loopback. Four parts:
    from the tick that accepted the hint to the first frame encoded at the new depth.
 4. **Constrained link** (`constrained`): an AIC subscriber in a network namespace the bench
    creates (veth pair; `tc qdisc ... tbf rate 12kbit` on the bridge's side), first free, then
-   limited to 12 kbit/s, then lifted; received bitrate and loss from the subscriber's side.
+   limited to 12 kbit/s, then lifted (the tbf rate raised to 100 Mbit/s); received bitrate and loss from the subscriber's side.
    `converge_s`: from the limit until the rate the bridge sends fits the link and loss from
    then until the lift stays < 2%; `loss_after`: that loss; `recover_s`: from the lift until
    the subscriber is back at the requested layer. The same link with adaptation off is the
@@ -542,7 +542,8 @@ def _markdown(d: dict) -> str:
         a, off = c["adaptive"], c["adaptation_off"]
         cons = f"""Constrained link: an AIC subscriber (aiortc) in a network namespace behind a veth
 pair, `tc qdisc add dev {VETH_HOST} root tbf rate {c['link_kbit']}kbit burst 1600 latency
-{c['tbf_latency_ms']}ms` on the bridge's side for {c['limit_s']} s, then lifted; the
+{c['tbf_latency_ms']}ms` on the bridge's side for {c['limit_s']} s, then lifted (`tc qdisc
+change ... rate 100mbit`: the queue drains); the
 publisher asks for {c['requested_kbps']} kbps (8 codebooks). From the subscriber's side:
 
 | | adaptive | adaptation off |
