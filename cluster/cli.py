@@ -19,6 +19,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("token", "sfu_bridge.tokens", "issue a signed WHIP/WHEP/operator bearer token"),
     ("certs", "cluster.certs", "create a CA and node certificates for Ray mTLS"),
     ("bridge", "sfu_bridge.server", "run the WHIP/WHEP SFU bridge"),
+    ("bridges", "cluster.bridges", "bridge workers on the Ray cluster: up, status, scale, drain, down"),
+    ("status", "cluster.status", "Serve's status and the bridge workers with their streams"),
 ]
 
 BENCHES: list[tuple[str, str, str]] = [
@@ -28,6 +30,8 @@ BENCHES: list[tuple[str, str, str]] = [
     ("batching", "cluster.bench.batching", "EDF scheduler vs @serve.batch vs no batching"),
     ("limiter", "cluster.bench.limiter", "Redis GCRA hint limiter: batched vs per-hint"),
     ("bridge", "cluster.bench.bridge", "streams per bridge worker and wire bitrate"),
+    ("adaptive", "cluster.bench.adaptive",
+     "adaptive layers, DTX and a constrained link with real WebRTC peers"),
     ("autoscaling", "cluster.bench.autoscaling", "forecast policy vs Serve's default on a 10k-stream trace"),
 ]
 

@@ -2,8 +2,10 @@
 
 `up` starts a Ray head node (`ray start --head`, dashboard on, every port chosen free unless
 given, its own temp dir so several clusters can share a machine), then deploys
-serve_config.yaml through the real `serve deploy`, waits until the app is RUNNING, and prints
-how to check it (`serve status`) and how to stop it. It writes a small state file (ports,
+serve_config.yaml through the real `serve deploy`, waits until the app is RUNNING, starts
+`--bridges` bridge workers next to it (`auralink bridges up`: Ray actors under the bridge
+registry, cluster/bridge_registry.py), and prints how to check it (`auralink status`, `serve
+status`) and how to stop it. It writes a small state file (ports,
 temp dir, where the secret is) that `--down` uses to stop exactly this cluster's processes.
 
 The cluster secret (operator tokens, WHIP/WHEP tokens, hint keys) reaches the Serve app as a
@@ -44,6 +46,7 @@ from auth.secret import (
     provision_secret,
     write_secret_file,
 )
+from sfu_bridge.fleet import BRIDGE_RESOURCE
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "serve_config.yaml"
@@ -58,7 +61,7 @@ class UpState:
     http_url: str
     temp_dir: str
     config: str
-    weights: str  # "pretrained" | "random"
+    weights: str  # "pretrained" | models.weights.RANDOM_LABEL
     secret_file: str = ""  # the cluster secret's file (a path; the secret is never in here)
     client_server_port: int = 0  # Ray Client server: the one Ray process without temp_dir
 
@@ -78,6 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=0, help="Serve HTTP port (0 = a free one)")
     parser.add_argument("--weights-dir", default=None, help="EnCodec checkpoint directory")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="wait this long for RUNNING")
+    parser.add_argument("--bridges", type=int, default=1,
+                        help="bridge workers (Ray actors, one core each) started next to the app; 0: none")
+    parser.add_argument("--bridge-host", default="127.0.0.1",
+                        help="bind address of the bridge workers (0.0.0.0: reachable from the network)")
+    parser.add_argument("--bridge-codec", choices=["serve", "in-process"], default="serve",
+                        help="the workers' codec: the deployed app, or in-process random weights")
 
 
 def _free_port() -> int:
@@ -161,6 +170,8 @@ def up(args: argparse.Namespace) -> int:
     client_port = _free_port()
 
     pretrained = _weights_available(args.weights_dir)
+    from models.weights import RANDOM_LABEL  # what the replicas will report
+
     if not pretrained:
         _loud([
             "No pretrained EnCodec weights found: the codec replicas run RANDOM weights.",
@@ -182,6 +193,8 @@ def up(args: argparse.Namespace) -> int:
         "--metrics-export-port", str(_free_port()),
         "--temp-dir", temp_dir,
         "--disable-usage-stats",
+        # bridge worker slots of this node (sfu_bridge/cluster_bridge.py: one per worker)
+        "--resources", json.dumps({BRIDGE_RESOURCE: max(args.bridges, args.num_cpus)}),
     ]
     print(f"starting Ray head: GCS 127.0.0.1:{gcs_port}, dashboard {dash_port}, temp {temp_dir}")
     _ensure_ray_token()
@@ -193,7 +206,7 @@ def up(args: argparse.Namespace) -> int:
     state = UpState(
         gcs_address=f"127.0.0.1:{gcs_port}", dashboard_url=dashboard_url,
         http_url=f"http://127.0.0.1:{http_port}", temp_dir=temp_dir,
-        config=str(Path(args.config).resolve()), weights="pretrained" if pretrained else "random",
+        config=str(Path(args.config).resolve()), weights="pretrained" if pretrained else RANDOM_LABEL,
         secret_file=secret_file, client_server_port=client_port,
     )
     state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -223,6 +236,9 @@ def up(args: argparse.Namespace) -> int:
         print(f"app is {app_status} ({deps}); see `serve status --address {dashboard_url}`",
               file=sys.stderr)
         return 1
+    bridges = start_bridges(args, state, end - time.monotonic()) if args.bridges > 0 else ""
+    if bridges is None:
+        return 1
     print(f"""
 AuraLink is up ({'pretrained' if pretrained else 'RANDOM'} weights, {args.num_cpus} CPUs).
   The cluster uses Ray token auth (~/.ray/auth_token): export RAY_AUTH_MODE=token first.
@@ -231,11 +247,26 @@ AuraLink is up ({'pretrained' if pretrained else 'RANDOM'} weights, {args.num_cp
   Dashboard:  {dashboard_url}   (Ray)   {state.http_url}/dashboard/   (AuraLink)
   Control API {state.http_url}/v1/...   Authorization: Bearer <operator token from
               {SECRET_FILE_ENV}={secret_file} auralink token --user ops --stream '*' --scope operator>
-  Bridges:    ray.init(address="{state.gcs_address}") and
-              serve.get_deployment_handle("CodecReplica", "{APP}")
+ {bridges}
+  Status:     auralink status      (Serve's status and the bridge workers with their streams)
 Stop it:      auralink up --down      (or `ray stop`, which stops EVERY Ray cluster on this machine)
 """)
     return 0
+
+
+def start_bridges(args: argparse.Namespace, state: UpState, timeout_s: float) -> str | None:
+    """`auralink bridges up` against the new cluster: `--bridges` workers, pinned. Returns
+    the lines for the summary (None: they did not start)."""
+    cmd = [sys.executable, "-m", "cluster.cli", "bridges", "up", "--address", state.gcs_address,
+           "--workers", str(args.bridges), "--codec", args.bridge_codec, "--host", args.bridge_host,
+           "--secret-file", state.secret_file, "--wait-s", str(max(60.0, timeout_s)), "--json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_ray_env(), cwd=REPO)
+    if res.returncode != 0:
+        print(f"bridge workers did not start: {(res.stderr or res.stdout)[-1500:]}", file=sys.stderr)
+        return None
+    print(res.stdout, end="")
+    return (f"Bridges:    {args.bridges} worker(s); publish to any of them (WHIP POST /whip/<stream>,\n"
+            f"              WHEP POST /whep/<stream>); `auralink bridges scale N` resizes the fleet")
 
 
 def _deploy_when_dashboard_ready(config: Path, dashboard_url: str, timeout_s: float) -> int:

@@ -33,6 +33,7 @@ from deployments.config import INGRESS_DEPLOYMENT, ReplicaSettings, SupervisorSe
 from deployments.operator_auth import require_operator
 from deployments.replica import CodecReplica
 from deployments.supervisor import get_or_create_supervisor
+from deployments.user_policy import UserPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,12 @@ api = FastAPI(title="AuraLink AIC control API", docs_url=None, redoc_url=None, o
 class OptRequest(BaseModel):
     user_id: str | None = None
     stream_id: str | None = None
+
+
+class PolicyRequest(BaseModel):
+    user_id: str
+    max_kbps: float | None = None  # bitrate cap for the user's streams (1.5-24), None = none
+    dtx: bool = True  # silent streams send no AI frames
 
 
 def mount_dashboard(app: FastAPI) -> None:
@@ -107,6 +114,25 @@ class Ingress:
             raise HTTPException(422, "give a user_id or a stream_id")
         await self.supervisor.opt_in.remote(user_id=body.user_id, stream_id=body.stream_id)
         return {"opted_in": body.model_dump(exclude_none=True)}
+
+
+    @api.post("/v1/policy")
+    async def set_policy(self, body: PolicyRequest,
+                         authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        """An operator's bitrate cap and DTX switch for one user, kept with the opt-outs."""
+        self._auth(authorization)
+        try:
+            UserPolicy(max_kbps=body.max_kbps, dtx=body.dtx).validate()
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        await self.supervisor.set_user_policy.remote(body.user_id, body.max_kbps, body.dtx)
+        return {"policy": body.model_dump()}
+
+    @api.get("/v1/policy/{user_id}")
+    async def get_policy(self, user_id: str,
+                         authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        self._auth(authorization)
+        return {"user_id": user_id, **await self.supervisor.user_policy.remote(user_id)}
 
 
 @dataclass

@@ -91,6 +91,7 @@ def _take(batch: FrameBatch, rows: Rows, spent_ms: float = 0.0) -> FrameBatch:
         budgets_ms=np.asarray(batch.budgets_ms[rows], np.float64) - spent_ms,
         pcm=None if batch.pcm is None else batch.pcm[rows],
         bandwidth_kbps=batch.bandwidth_kbps,
+        n_q=None if batch.n_q is None else batch.n_q[rows],
     )
 
 
@@ -116,11 +117,14 @@ def merge_results(batch: FrameBatch, parts: list[tuple[Rows, BatchResult]]) -> B
             replica_ids.append(res.replica_id)
         out.held_ms = max(out.held_ms, res.held_ms)
         out.errors.update(res.errors)
-        if res.codes is not None:
+        if res.codes is not None and res.codes.ndim == 3:
             if out.codes is None:
-                out.codes = np.zeros((b,) + res.codes.shape[1:], res.codes.dtype)
-            if out.codes.shape[1:] == res.codes.shape[1:]:
-                out.codes[rows] = res.codes
+                # as deep as the batch's deepest row (parts hold their own deepest row's)
+                n_q = max(int(batch.depths().max()) if b else 0, res.codes.shape[1])
+                out.codes = np.zeros((b, n_q, res.codes.shape[2]), res.codes.dtype)
+            k = min(out.codes.shape[1], res.codes.shape[1])
+            if out.codes.shape[2] == res.codes.shape[2]:
+                out.codes[rows, :k] = res.codes[:, :k]
     assert seen.all(), "every row must come back from exactly one part"
     out.replica_id = ",".join(sorted(set(replica_ids)))
     if modes:

@@ -33,6 +33,7 @@ from models.constants import (  # noqa: F401 - the contract's units, re-exported
     CODEBOOK_SIZE,
     DEFAULT_BANDWIDTH_KBPS,
     FRAME_SAMPLES,
+    N_Q_BY_BANDWIDTH,
     SAMPLE_RATE,
     bandwidth_codebooks,
 )
@@ -48,6 +49,7 @@ class Op(str, enum.Enum):
 class Outcome(str, enum.Enum):
     AI = "ai"
     FALLBACK = "fallback"
+    DTX = "dtx"  # bridge only: the stream is silent (DTX); no AI frame, no replica compute
 
 
 class FallbackReason(str, enum.Enum):
@@ -73,6 +75,21 @@ def decode_reason(code: int) -> FallbackReason | None:
     return None if code == AI_CODE else REASON_CODES[code - 1]
 
 
+VALID_N_Q = N_Q_BY_BANDWIDTH  # codebooks of BANDWIDTHS_KBPS, in order
+
+
+def codebooks_bandwidth(n_q: int) -> float:
+    """The bandwidth (kbps) of `n_q` codebooks; the inverse of `bandwidth_codebooks`."""
+    if n_q not in VALID_N_Q:
+        raise ValueError(f"{n_q} codebooks is not one of {VALID_N_Q}")
+    return BANDWIDTHS_KBPS[VALID_N_Q.index(n_q)]
+
+
+# Models a replica can run, by the hint's 4-bit model id (sfu_bridge/hint_ext.py). A hint
+# naming an id not listed here is dropped and counted (`dropped/unknown_model`).
+MODEL_REGISTRY: dict[int, str] = {0: "encodec_24khz"}
+
+
 @dataclass
 class FrameBatch:
     """All frames one bridge sends one replica in one tick (B rows)."""
@@ -85,6 +102,10 @@ class FrameBatch:
     budgets_ms: np.ndarray  # float [B]: ms left to each frame's deadline at send; NaN = default
     pcm: np.ndarray | None = None  # float32 or int16 [B, T], T % 320 == 0
     bandwidth_kbps: float = DEFAULT_BANDWIDTH_KBPS
+    # encode: codebooks per stream (int [B], each in VALID_N_Q): how deep the replica
+    # quantizes that row, the deepest any subscriber of the stream needs; None = every row
+    # at `bandwidth_kbps`. Result rows carry codes up to their depth, zeros below it.
+    n_q: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.stream_ids)
@@ -103,6 +124,11 @@ class FrameBatch:
         if self.budgets_ms.dtype.kind not in "fiu" or np.isinf(self.budgets_ms).any():
             raise ValueError("budgets_ms must be finite numbers of milliseconds (NaN = default)")
         bandwidth_codebooks(self.bandwidth_kbps)
+        if self.n_q is not None:
+            if not isinstance(self.n_q, np.ndarray) or self.n_q.shape != (b,):
+                raise ValueError(f"n_q must be an array of shape ({b},)")
+            if b and not np.isin(self.n_q, VALID_N_Q).all():
+                raise ValueError(f"n_q values must be in {VALID_N_Q}")
         pcm = self.pcm
         if not isinstance(pcm, np.ndarray) or pcm.ndim != 2 or pcm.shape[0] != b:
             raise ValueError(f"encode needs pcm of shape ({b}, T)")
@@ -110,6 +136,12 @@ class FrameBatch:
             raise ValueError(f"pcm dtype must be float32 or int16, got {pcm.dtype}")
         if pcm.shape[1] == 0 or pcm.shape[1] % FRAME_SAMPLES:
             raise ValueError(f"pcm length {pcm.shape[1]} is not a multiple of {FRAME_SAMPLES}")
+
+    def depths(self) -> np.ndarray:
+        """Codebooks per row: `n_q` when given, else `bandwidth_kbps`'s for every row."""
+        if self.n_q is not None:
+            return np.asarray(self.n_q, np.int64)
+        return np.full(len(self.stream_ids), bandwidth_codebooks(self.bandwidth_kbps), np.int64)
 
     def deadlines(self, arrival: float) -> np.ndarray:
         """Each frame's deadline on the receiver's clock, stamped at `arrival` (same clock);

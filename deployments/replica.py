@@ -47,6 +47,7 @@ from deployments.contract import (
     FrameBatch,
     Op,
     bandwidth_codebooks,
+    codebooks_bandwidth,
     reason_code,
 )
 from deployments.cpu_meter import CpuMeter
@@ -155,6 +156,7 @@ class _Request:
         b = len(batch)
         self.rid = rid
         self.batch = batch
+        self.depths = batch.depths()  # codebooks per row (encode)
         self.arrival = arrival
         self.slots = np.full(b, -1, np.int64)
         self.generation = np.zeros(b, np.int64)  # of each frame's slot when it was admitted
@@ -236,7 +238,7 @@ def _load_codec(settings: ReplicaSettings):
 
     model, info = load_encodec(settings.weights_dir, allow_random=settings.allow_random_weights,
                                device=settings.device)
-    kind = str(getattr(getattr(info, "kind", info), "value", info))
+    kind = info.label  # "pretrained" or "random (codebooks k-means initialised)"
     if kind != "pretrained":
         logger.warning(
             "CodecReplica is running RANDOM EnCodec weights (%s): timings are real, audio is "
@@ -267,9 +269,11 @@ class _Part:
 
 @dataclass
 class _Group:
-    """Frames of one step that share a model call (same chunk length and bandwidth)."""
+    """Frames of one step that share a model call (same chunk length). The group quantizes
+    as deep as its deepest row (`n_q`): the SEANet encoder, most of the cost, runs once for
+    all rows, and each row keeps the prefix its stream needs."""
 
-    bandwidth_kbps: float
+    n_q: int
     parts: list[_Part]
     slots: np.ndarray  # one per frame, in the parts' order
     opens: np.ndarray  # bool: the frame opens a new epoch (its state is zeroed first)
@@ -277,6 +281,10 @@ class _Group:
     @property
     def size(self) -> int:
         return int(self.slots.size)
+
+    @property
+    def bandwidth_kbps(self) -> float:
+        return codebooks_bandwidth(self.n_q)
 
 
 def _run_groups(codec, groups: list[_Group]) -> tuple[list[np.ndarray | Exception], float]:
@@ -388,7 +396,14 @@ class CodecReplicaCore:
         if batch.bandwidth_kbps > self.settings.max_bandwidth_kbps:
             raise ValueError(f"bandwidth {batch.bandwidth_kbps} kbps is above this replica's "
                              f"max_bandwidth_kbps {self.settings.max_bandwidth_kbps}")
-        return bandwidth_codebooks(batch.bandwidth_kbps)
+        depths = batch.depths()
+        if not len(depths):
+            return bandwidth_codebooks(batch.bandwidth_kbps)
+        n_q = int(depths.max())
+        if n_q > bandwidth_codebooks(self.settings.max_bandwidth_kbps):
+            raise ValueError(f"{n_q} codebooks is above this replica's max_bandwidth_kbps "
+                             f"{self.settings.max_bandwidth_kbps}")
+        return n_q
 
     async def process(self, batch: FrameBatch) -> BatchResult:
         arrival = self.clock()
@@ -643,8 +658,12 @@ class CodecReplicaCore:
             self._retire(req)
             return np.empty(0)
         if out is not None:  # emulated: zero codes, already zero-filled
-            n_q = req.result.codes.shape[1]
-            req.result.codes[rows] = out[at : at + rows.size, :n_q].astype(np.int16)
+            n_q = min(req.result.codes.shape[1], out.shape[1])
+            block = out[at : at + rows.size, :n_q].astype(np.int16)
+            depth = req.depths[rows]
+            if (depth < n_q).any():  # each row keeps its stream's prefix, zeros below it
+                block[np.arange(n_q)[None, :] >= depth[:, None]] = 0
+            req.result.codes[rows, :n_q] = block
         slack = (req.deadlines[rows] - end) * 1000.0
         late = slack < 0
         # Finished, but after the call moved on: the bridge has sent the native codec for
@@ -693,13 +712,16 @@ class CodecReplicaCore:
             self._retire(req)
             if not rows.size:
                 continue
-            key = (req.batch.pcm.shape[1], req.batch.bandwidth_kbps)
-            g = groups.setdefault(key, ([], [], []))
-            g[0].append(_Part(req, rows))
-            g[1].append(slots)
-            g[2].append(seqs == 0)
-        return [_Group(bw, ps, np.concatenate(ss), np.concatenate(os_))
-                for (_, bw), (ps, ss, os_) in groups.items()]
+            key = req.batch.pcm.shape[1]
+            g = groups.setdefault(key, (2, [], [], []))
+            depth = int(req.depths[rows].max())
+            if depth > g[0]:
+                g = groups[key] = (depth, *g[1:])
+            g[1].append(_Part(req, rows))
+            g[2].append(slots)
+            g[3].append(seqs == 0)
+        return [_Group(n_q, ps, np.concatenate(ss), np.concatenate(os_))
+                for n_q, ps, ss, os_ in groups.values()]
 
     def _drain(self, reason: FallbackReason, message: str) -> None:
         """Answers every queued frame (used when the runtime goes away)."""

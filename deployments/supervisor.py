@@ -33,6 +33,7 @@ from deployments.supervisor_policy import (
     SupervisorConfig,
     SupervisorPolicy,
 )
+from deployments.user_policy import UserPolicies, UserPolicy
 from telemetry import metrics
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class FallbackSupervisorCore:
         self._put, self._get = put, get
         self._last_snapshot = 0.0
         self.policy = self._restore(policy_config)
+        self.user_policies = self._restore_user_policies()
         # CPU of the supervisor's own work (judging reports, snapshots, forgetting), for load
         # tests' control-plane figures; Ray's transport and runtime are not in it
         self.cpu = CpuMeter()
@@ -88,10 +90,24 @@ class FallbackSupervisorCore:
                     len(s["opted_out_users"]), len(s["opted_out_streams"]), len(s["streams"]))
         return policy
 
+    def _restore_user_policies(self) -> UserPolicies:
+        raw = self._get(_OPTOUTS_KEY)
+        try:
+            return UserPolicies.from_dict(json.loads(raw).get("policies", {}) if raw else {})
+        except (ValueError, TypeError, AttributeError) as exc:
+            logger.error("operator policies unreadable, starting without caps: %s", exc)
+            return UserPolicies()
+
     def _persist_opt_outs(self) -> None:
         snap = self.policy.snapshot()
-        rec = {"users": snap["opted_out_users"], "streams": snap["opted_out_streams"]}
+        rec = {"users": snap["opted_out_users"], "streams": snap["opted_out_streams"],
+               "policies": self.user_policies.to_dict()}
         self._put(_OPTOUTS_KEY, json.dumps(rec).encode())
+
+    def set_user_policy(self, user_id: str, max_kbps: float | None, dtx: bool) -> None:
+        """An operator's cap and DTX switch for a user, written through like an opt-out."""
+        self.user_policies.set(user_id, UserPolicy(max_kbps=max_kbps, dtx=dtx))
+        self._persist_opt_outs()
 
     def _maybe_snapshot(self, now: float, force: bool = False) -> None:
         if force or now - self._last_snapshot >= self.settings.snapshot_interval_s:
@@ -176,6 +192,16 @@ class FallbackSupervisor:
 
     def opt_in(self, user_id: str | None = None, stream_id: str | None = None) -> None:
         self.core.opt_in(user_id=user_id, stream_id=stream_id)
+
+    def set_user_policy(self, user_id: str, max_kbps: float | None = None, dtx: bool = True) -> None:
+        self.core.set_user_policy(user_id, max_kbps, dtx)
+
+    def user_policy(self, user_id: str) -> dict[str, Any]:
+        return asdict(self.core.user_policies.get(user_id))
+
+    def user_policies(self, user_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The non-default policies of these users (a bridge asks for its publishers')."""
+        return self.core.user_policies.for_users(user_ids)
 
     def forget(self, stream_ids: list[str]) -> None:
         with self.core.cpu:

@@ -30,6 +30,7 @@ import enum
 import fractions
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import av
 import numpy as np
@@ -80,6 +81,79 @@ def _frame_length(data: bytes, pos: int) -> tuple[int, int]:
     if pos + 1 >= len(data):
         raise ValueError("truncated two-byte frame length")
     return first + 4 * data[pos + 1], 2
+
+
+DTX_FRAME_MAX_BYTES = 2  # libopus under DTX: a TOC-only frame (libwebrtc's test, too)
+
+
+def is_dtx_frame(packet: bytes) -> bool:
+    """A frame libopus emitted for silence under DTX. A sender transmits the first of a run
+    and no more (libopus itself emits a comfort-noise update every 400 ms, RFC 7587 3.1.3)."""
+    return len(packet) <= DTX_FRAME_MAX_BYTES
+
+
+class LibopusDtxEncoder:
+    """One libopus encoder with DTX on, through ctypes on the libopus that PyAV ships (or the
+    system's): PyAV's encoder does not expose OPUS_SET_DTX."""
+
+    _APPLICATION = {"voip": 2048, "audio": 2049, "lowdelay": 2051}
+    _SET_BITRATE, _SET_VBR, _SET_VBR_CONSTRAINT, _SET_DTX = 4002, 4006, 4020, 4016
+    _lib: Any = None
+
+    @classmethod
+    def _load(cls) -> Any:
+        if cls._lib is None:
+            import ctypes
+            import ctypes.util
+            import glob
+            import os
+
+            libs = os.path.join(os.path.dirname(av.__file__), os.pardir, "av.libs", "libopus*.so*")
+            path = next(iter(sorted(glob.glob(libs))), None) or ctypes.util.find_library("opus")
+            if path is None:
+                raise RuntimeError("libopus not found (PyAV's av.libs or the system's)")
+            lib = ctypes.CDLL(path)
+            lib.opus_encoder_create.restype = ctypes.c_void_p
+            lib.opus_encoder_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                                ctypes.POINTER(ctypes.c_int)]
+            lib.opus_encoder_ctl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+            lib.opus_encode_float.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float),
+                                              ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+            lib.opus_encoder_destroy.argtypes = [ctypes.c_void_p]
+            cls._lib = lib
+        return cls._lib
+
+    def __init__(self, sample_rate: int, bitrate: int, application: OpusApplication,
+                 vbr: OpusVbr) -> None:
+        import ctypes
+
+        self._ctypes = ctypes
+        lib = self._load()
+        err = ctypes.c_int()
+        self._enc = lib.opus_encoder_create(sample_rate, 1, self._APPLICATION[application.value],
+                                            ctypes.byref(err))
+        if err.value != 0 or not self._enc:
+            raise RuntimeError(f"opus_encoder_create failed ({err.value})")
+        lib.opus_encoder_ctl(self._enc, self._SET_BITRATE, bitrate)
+        lib.opus_encoder_ctl(self._enc, self._SET_VBR, int(vbr is not OpusVbr.OFF))
+        lib.opus_encoder_ctl(self._enc, self._SET_VBR_CONSTRAINT, int(vbr is OpusVbr.CONSTRAINED))
+        lib.opus_encoder_ctl(self._enc, self._SET_DTX, 1)
+        self._buf = ctypes.create_string_buffer(MAX_FRAME_BYTES)
+
+    def encode(self, pcm: np.ndarray) -> bytes:
+        x = np.ascontiguousarray(pcm, np.float32)
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        ptr = x.ctypes.data_as(self._ctypes.POINTER(self._ctypes.c_float))
+        n = self._lib.opus_encode_float(self._enc, ptr, x.size, self._buf, MAX_FRAME_BYTES)
+        if n < 0:
+            raise RuntimeError(f"opus_encode_float failed ({n})")
+        return self._buf.raw[:n]
+
+    def __del__(self) -> None:
+        if getattr(self, "_enc", None):
+            self._lib.opus_encoder_destroy(self._enc)
+            self._enc = None
 
 
 def opus_packet_duration_ms(packet: bytes) -> float:
@@ -170,6 +244,7 @@ class OpusCodec:
         *,
         application: OpusApplication | str = OpusApplication.VOIP,
         vbr: OpusVbr | str = OpusVbr.CONSTRAINED,
+        dtx: bool = False,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -185,6 +260,9 @@ class OpusCodec:
         self.bitrate = bitrate
         self.application = OpusApplication(application)
         self.vbr = OpusVbr(vbr)
+        # libopus DTX (OPUS_SET_DTX): PyAV's encoder has no such option, so a DTX slot
+        # encodes through libopus directly (`LibopusDtxEncoder`); decoding is unchanged.
+        self.dtx = dtx
         self.frame_samples = sample_rate * frame_ms // 1000
         self._slots: list[_SlotState] = [_SlotState() for _ in range(capacity)]
         self._resampler_lag = self._measure_resampler_lag()
@@ -203,6 +281,13 @@ class OpusCodec:
         n = self.frame_samples
         for row, slot in enumerate(idx):
             state = self._slots[slot]
+            if self.dtx:
+                if state.encoder is None:
+                    state.encoder = LibopusDtxEncoder(self.sample_rate, self.bitrate, self.application,
+                                                      self.vbr)
+                out.append([state.encoder.encode(pcm[row, s:s + n])
+                            for s in range(0, pcm.shape[1], n)])
+                continue
             if state.encoder is None:
                 state.encoder = self._new_encoder()
             packets: list[bytes] = []
@@ -336,11 +421,12 @@ class OpusCodec:
         enc.format = "flt"
         enc.bit_rate = self.bitrate
         enc.time_base = fractions.Fraction(1, self.sample_rate)
-        enc.options = {
+        options = {
             "frame_duration": str(self.frame_ms),
             "application": self.application.value,
             "vbr": self.vbr.value,
         }
+        enc.options = options
         enc.open()
         return enc
 

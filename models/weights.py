@@ -17,13 +17,19 @@ loaded strictly into `EncodecModel.encodec_model_24khz(pretrained=False)`.
 
 Without a checkpoint, `load_encodec` raises `WeightsUnavailable` saying where to put one,
 unless `allow_random=True`: then it logs a loud warning and returns random weights from a
-fixed seed (the same weights as `torch.manual_seed(1234)` + the reference constructor), with
-`WeightsInfo.kind == "random"`. Timings with random weights are real; the audio is noise.
+fixed seed (the weights of `torch.manual_seed(1234)` + the reference constructor), with
+`WeightsInfo.kind == "random"`. Their codebooks, all zero in a random-init model (every code
+would be 0), are k-means initialised on the model's own latents of a built-in speech-like
+signal, as EnCodec initialises them, after a data-dependent init of the encoder's output layer
+(`models.codebook_init`), so codes, packing and decode see real values; `WeightsInfo.label`
+says so. Timings with random
+weights are real; the audio is noise.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import logging
 import os
@@ -36,6 +42,8 @@ import torch
 from encodec import EncodecModel
 from encodec.model import ROOT_URL
 
+from models.codebook_init import CodebookInit, init_codebooks_
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "encodec_24khz-d7cc33bc.th"
@@ -45,6 +53,8 @@ RANDOM_SEED = 1234
 _STEM = "encodec_24khz"
 _HASHED_NAME = re.compile(rf"^{_STEM}-([0-9a-f]{{6,64}})\.th$")
 _PLAIN_NAME = f"{_STEM}.th"
+# What reports print for random weights (starts with "random", so they stay plainly labelled).
+RANDOM_LABEL = "random (codebooks k-means initialised)"
 
 
 class WeightsKind(str, enum.Enum):
@@ -59,6 +69,12 @@ class WeightsInfo:
     kind: WeightsKind
     source: str
     sha256: str | None  # full hex digest of the checkpoint file; None for random weights
+    codebooks: str | None = None  # how random weights' codebooks were initialised
+
+    @property
+    def label(self) -> str:
+        """`"pretrained"`, or `RANDOM_LABEL` for random weights: the value reports show."""
+        return RANDOM_LABEL if self.kind is WeightsKind.RANDOM else self.kind.value
 
 
 class WeightsUnavailable(RuntimeError):
@@ -154,11 +170,27 @@ def _unavailable_message(location: Path, how: str) -> str:
     )
 
 
-def _random_model() -> EncodecModel:
+def _seeded_model() -> EncodecModel:
     # Fork the RNG so that the seed gives fixed weights without touching the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         return EncodecModel.encodec_model_24khz(pretrained=False)
+
+
+@functools.cache
+def _random_state() -> tuple[dict[str, torch.Tensor], CodebookInit]:
+    # Computed once per process (a few seconds): every later load copies it.
+    model = _seeded_model().eval()
+    how = init_codebooks_(model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, how
+
+
+def random_encodec() -> tuple[EncodecModel, CodebookInit]:
+    """The seeded random model with data-initialised codebooks (eval mode, CPU, a fresh copy)."""
+    state, how = _random_state()
+    model = _seeded_model()
+    model.load_state_dict(state, strict=True)
+    return model.eval(), how
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -192,8 +224,9 @@ def load_encodec(
         log.warning(
             "RANDOM WEIGHTS: timings are real, audio is noise (seed %d). %s", RANDOM_SEED, message
         )
-        model = _random_model()
-        info = WeightsInfo(WeightsKind.RANDOM, f"random(seed={RANDOM_SEED})", None)
+        model, how = random_encodec()
+        info = WeightsInfo(WeightsKind.RANDOM, f"random(seed={RANDOM_SEED})", None,
+                           codebooks=how.describe())
     else:
         digest = verify_checkpoint(path)
         state = _load_state_dict(path)

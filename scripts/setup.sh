@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs AuraLink AIC into ./.venv (editable, with the dev tools).
-#   bash scripts/setup.sh          Python packages only (main job)
+#   bash scripts/setup.sh          Python packages and Debian's espeak-ng (the adaptive bench's speech)
 #   bash scripts/setup.sh --test   also Debian's chromium (browser tests) and GStreamer (interop test)
 # Idempotent: a second run only checks what is there.
 set -euo pipefail
@@ -19,6 +19,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 else
   echo "[setup] .venv is up to date"
+fi
+
+# espeak-ng: `auralink bench adaptive` synthesises its conversational speech with it
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  echo "[setup] installing Debian's espeak-ng (speech for the adaptive bench)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null
 fi
 
 if [ "${1:-}" = "--test" ]; then

@@ -23,7 +23,10 @@ without a timestamp jump). The layout, in network byte order:
 - ``BW`` (3 bits): bandwidth index into ``BANDWIDTHS_KBPS`` (0 = 1.5 kbps ... 4 = 24 kbps),
   which fixes n_q = 2, 4, 8, 16, 32 codebooks; 5-7 are invalid.
 - ``R`` (2 bits): reserved, zero on send, rejected if set (a newer sender needs a new V).
-- ``F`` (8 bits): EnCodec frames in the packet, 1..255 (a 40 ms bridge tick is 3).
+- ``F`` (8 bits): EnCodec frames in the packet, 1..255 (a 40 ms bridge tick is 3; a
+  subscriber whose rate controller asks for 80 or 120 ms packets gets 6 or 9).
+  ``F = 0`` is a silence descriptor (SID): the stream is in DTX, the payload is the 4-byte
+  header alone with S = 0 and BW = 0; the next payload with codes starts a new epoch.
 - ``epoch`` (16 bits): the stream's epoch modulo 2**16.
 - codes: ``models.bitpack.pack_codes`` layout, ceil(F * n_q * 10 / 8) bytes, zero padded.
 
@@ -79,6 +82,11 @@ class AicPayload:
         return int(self.codes.shape[1])
 
     @property
+    def is_sid(self) -> bool:
+        """A silence descriptor: no codes, the stream is in DTX."""
+        return self.n_frames == 0
+
+    @property
     def bandwidth_kbps(self) -> float:
         return BANDWIDTHS_KBPS[bandwidth_index(self.n_q)]
 
@@ -98,7 +106,9 @@ class AicPayload:
         if first & 0x03:
             raise ValueError("AIC payload reserved bits are set")
         if n_frames == 0:
-            raise ValueError("AIC payload carries 0 frames")
+            if len(data) != HEADER_BYTES or first & 0x3C:
+                raise ValueError("AIC silence descriptor must be the 4-byte header with S = 0, BW = 0")
+            return cls(epoch=epoch, n_q=N_Q_BY_INDEX[0], codes=np.zeros((N_Q_BY_INDEX[0], 0), np.int16))
         n_q = N_Q_BY_INDEX[bw]
         expected = payload_size(n_q, n_frames)
         if len(data) < expected:
@@ -130,6 +140,14 @@ class AicPayload:
         # pack_codes rejects non-integer codes and values outside [0, CODEBOOK_SIZE).
         first = (VERSION << 6) | (int(self.start) << 5) | (bw << 2)
         return _HEADER.pack(first, n_frames, self.epoch) + pack_codes(codes)
+
+
+def silence_descriptor(epoch: int) -> bytes:
+    """The DTX silence descriptor (F = 0): sent when a talk spurt ends and every 400 ms of
+    silence after, as Opus DTX sends its comfort-noise updates (RFC 7587 section 3.1.3)."""
+    if not 0 <= epoch < EPOCH_MODULUS:
+        raise ValueError(f"epoch {epoch} out of range [0, {EPOCH_MODULUS})")
+    return _HEADER.pack(VERSION << 6, 0, epoch)
 
 
 def pack_payloads(epochs: np.ndarray, n_q: int, codes: np.ndarray, starts: np.ndarray) -> list[bytes]:

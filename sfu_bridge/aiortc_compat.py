@@ -20,6 +20,8 @@ from aiortc import codecs as _codecs
 from aiortc import rtcrtpreceiver as _receiver
 from aiortc import rtp as _rtp
 
+from models.constants import RTP_CLOCK_HZ
+
 SUPPORTED_AIORTC = ("1.16.0",)
 
 
@@ -90,10 +92,23 @@ def tap_receiver(receiver: Any, on_packet: Callable[[_rtp.RtpPacket], Any]) -> N
         if inspect.isawaitable(consumed):
             consumed = await consumed
         if consumed:
+            # still counted for the receiver reports aiortc sends (RFC 3550 6.4.2): the
+            # sender's rate control lives on them
+            count_for_receiver_reports(receiver, packet)
             return
         await original(packet, arrival_time_ms=arrival_time_ms)
 
     receiver._handle_rtp_packet = handle
+
+
+def count_for_receiver_reports(receiver: Any, packet: _rtp.RtpPacket) -> None:
+    """Feed aiortc's per-source statistics (loss, jitter, highest sequence) with a packet
+    that bypassed `_handle_rtp_packet`, as that method would."""
+    streams = receiver._RTCRtpReceiver__remote_streams
+    stats = streams.get(packet.ssrc)
+    if stats is None:
+        stats = streams[packet.ssrc] = _receiver.StreamStatistics(RTP_CLOCK_HZ)
+    stats.add(packet)
 
 
 def receive_extensions_map(transceiver: Any) -> Any:

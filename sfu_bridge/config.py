@@ -26,7 +26,9 @@ class BridgeConfig:
     )
     tick_ms: float = 1000.0 * TICK_S  # 40 ms: one chunk per stream per tick
     deadline_ms: float = DEFAULT_DEADLINE_MS  # bridge send -> codes back
-    bandwidth_kbps: float = DEFAULT_BANDWIDTH_KBPS  # EnCodec bandwidth for AIC subscribers
+    bandwidth_kbps: float = DEFAULT_BANDWIDTH_KBPS  # a stream's bandwidth until its publisher's BW hint says otherwise
+    dtx: bool = True  # silent streams send no AI frames (per-user switch: operator policy)
+    adaptive: bool = True  # per-subscriber layers from RTCP; off: full depth, 40 ms packets
     opus_bitrate: int = 32_000  # Opus for legacy subscribers and fallback frames
     max_body_bytes: int = 64 * 1024  # SDP offers are a few KB; anything bigger is refused
     max_backlog_chunks: int = 3  # per stream; older chunks are answered fallback/overload
@@ -63,6 +65,8 @@ class BridgeConfig:
                 u for u in env.get("AURALINK_OPTED_OUT_USERS", "").split(",") if u
             ),
             limiter_fail_open=env.get("AURALINK_LIMITER_FAIL", "open").lower() != "closed",
+            dtx=env.get("AURALINK_DTX", "on").lower() not in ("off", "0", "false"),
+            adaptive=env.get("AURALINK_ADAPTIVE", "on").lower() not in ("off", "0", "false"),
             ice_servers=parse_ice_servers(env.get(ENV_ICE_SERVERS, "")),
             public_ip=check_public_ip(env[ENV_PUBLIC_IP]) if env.get(ENV_PUBLIC_IP) else "",
         )

@@ -15,10 +15,20 @@ out) and the load simulator (`cluster.simulator`, emulated publishers) drive thi
   to the codec in ONE `FrameBatch` (the Serve `CodecClient` splits it by replica), bounded by
   the frames' deadline plus a grace, so a stuck client yields `fallback/deadline`, not a stall;
 - **hints**: checked (size, tag, replay: `sfu_bridge.hint_auth`, per-stream keys derived on
-  first use) and counted into the limiter in one call per tick, concurrently with the codec;
+  first use; a model id no replica runs is dropped `unknown_model`) and counted into the
+  limiter in one call per tick, concurrently with the codec; accepted hints take effect: BW
+  from the next tick, R opens a new epoch with the stream's next AI frame;
+- **adaptation** (columns of the table): each AI frame is quantized as deep as its stream
+  needs - the deepest AIC subscriber's layer (`set_need`, from the media adapter's rate
+  controllers), capped by the publisher's requested bandwidth and the operator's per-user cap
+  (`apply_policies`) - and a stream with DTX on whose talk spurt has ended (`sfu_bridge.vad`)
+  is answered `dtx` locally: no AI frame, no replica compute, and its next AI frame opens a
+  new epoch;
 - **outcomes**: every frame gets exactly one, counted by outcome code and tallied per stream;
   the tallies go to the fallback supervisor once per `period_s` in one background call whose
-  verdicts switch streams' AI off and on (a slow supervisor delays decisions, never a tick).
+  verdicts switch streams' AI off and on (a slow supervisor delays decisions, never a tick);
+  the same exchange fetches the operator's policies (cap, DTX switch) of the streams' users.
+  DTX frames are not tallied: silence says nothing about the AI path's health.
 
 Per-tick work is array operations over the stream table, not a Python step per stream: a
 tick of thousands of streams costs a fraction of a microsecond of CPU per stream, and that
@@ -47,6 +57,7 @@ from deployments.contract import (
     CODEBOOK_SIZE,
     DEFAULT_BANDWIDTH_KBPS,
     FRAME_SAMPLES,
+    MODEL_REGISTRY,
     REASON_CODES,
     BatchResult,
     FallbackReason,
@@ -54,16 +65,19 @@ from deployments.contract import (
     Op,
     Outcome,
     bandwidth_codebooks,
+    codebooks_bandwidth,
     decode_reason,
     reason_code,
 )
 from deployments.cpu_meter import CpuMeter
 from deployments.epochs import BridgeEpochs
 from deployments.supervisor_policy import StreamReports
-from models.constants import DEFAULT_DEADLINE_MS, TICK_S
+from models.constants import DEFAULT_DEADLINE_MS, N_Q_BY_BANDWIDTH, TICK_S
+from sfu_bridge import adaptation
 from sfu_bridge.hint_auth import HintRejected, HintVerifier
 from sfu_bridge.hint_ext import Hint, HintElement
 from sfu_bridge.limiter import DEFAULT_BURST, DEFAULT_RATE_PER_S, GcraParams, gcra_allow
+from sfu_bridge.vad import EnergyVad, VadConfig, chunk_levels_db, talk_spurts
 from telemetry import metrics
 
 logger = logging.getLogger(__name__)
@@ -72,12 +86,18 @@ logger = logging.getLogger(__name__)
 # should have answered `deadline` itself by then; beyond, the client is stuck.
 DEADLINE_GRACE_MS = 10.0
 N_CODES = len(REASON_CODES) + 1  # outcome codes: 0 = ai, 1.. = fallback reasons
+# The bridge's own code for a frame of a silent stream (DTX): never on the wire, never in a
+# supervisor report (the report's columns are the N_CODES above).
+DTX_CODE = N_CODES
+N_KEYS = N_CODES + 1
 _OVERLOAD = reason_code(FallbackReason.OVERLOAD)
 _ERROR = reason_code(FallbackReason.ERROR)
 _DEADLINE = reason_code(FallbackReason.DEADLINE)
 _OPTED_OUT = reason_code(FallbackReason.OPTED_OUT)
 _UNHEALTHY = reason_code(FallbackReason.UNHEALTHY)
-_KEY_OF_CODE = ["ai", *(f"fallback/{r.value}" for r in REASON_CODES)]
+_KEY_OF_CODE = ["ai", *(f"fallback/{r.value}" for r in REASON_CODES), Outcome.DTX.value]
+_N_Q_OF_BW = np.asarray(N_Q_BY_BANDWIDTH, np.int64)  # a hint's BW index -> codebooks
+_MAX_N_Q = int(N_Q_BY_BANDWIDTH[-1])
 _EMPTY_I = np.empty(0, np.int64)
 # The AI frames of one tick share one latency (send -> answer), so Ray's histogram gets this
 # many copies of it per tick rather than the default sample: each costs a Ray call.
@@ -103,11 +123,13 @@ class HintDrop(str, enum.Enum):
 
     INVALID = "invalid"  # no hint key configured on this bridge
     RATE_LIMITED = "rate_limited"
+    UNKNOWN_MODEL = "unknown_model"  # authentic, but names no model a replica runs (MODEL_REGISTRY)
 
 
 # A dropped hint's reason (HintDrop, or the verifier's rejection reason) -> metrics verdict.
 _HINT_VERDICT = {
     HintDrop.RATE_LIMITED.value: metrics.HintVerdict.LIMITED,
+    HintDrop.UNKNOWN_MODEL.value: metrics.HintVerdict.UNKNOWN_MODEL,
     "tag": metrics.HintVerdict.FORGED,
     "replay": metrics.HintVerdict.REPLAYED,
 }
@@ -123,19 +145,23 @@ class SupervisorLink:
     """The fallback supervisor as the core sees it: `report` gets each stream's outcome
     counts since the last call (`StreamReports`: one row per stream, a column per outcome
     code, its user the first time, its replica when known) and returns the streams whose AI
-    is off (`{stream: "opted_out" | "unhealthy"}`); `forget` is told which streams ended. `owners` (the codec client's, when
-    it knows them) names the replica each stream is routed to, so the supervisor can tell
-    misses a replica's streams share (a stall: kept on AI) from a stream's own."""
+    is off (`{stream: "opted_out" | "unhealthy"}`); `forget` is told which streams ended.
+    `owners` (the codec client's, when it knows them) names the replica each stream is routed
+    to, so the supervisor can tell misses a replica's streams share (a stall: kept on AI) from
+    a stream's own. `policies` (user ids -> `{user: {"max_kbps": float | None, "dtx": bool}}`
+    for the users with a policy) is asked on the same period for the streams' users."""
 
     report: Callable[[StreamReports], Awaitable[Mapping[str, str]]]
     forget: Callable[[list[str]], Awaitable[Any]] | None = None
     period_s: float = 1.0
     owners: Callable[[list[str]], Mapping[str, str]] | None = None
+    policies: Callable[[list[str]], Awaitable[Mapping[str, Mapping[str, Any]]]] | None = None
 
 
 def ray_supervisor_link(actor: Any, period_s: float = 1.0,
                         owners: Callable[[list[str]], Mapping[str, str]] | None = None,
-                        clock: Callable[[], float] | None = None) -> SupervisorLink:
+                        clock: Callable[[], float] | None = None,
+                        policies: bool = True) -> SupervisorLink:
     """`SupervisorLink` over the `FallbackSupervisor` actor (deployments.supervisor).
     `clock`: the time the supervisor judges reports at (default: its own wall clock; a
     dilated load test passes its simulated one, so windows and back-offs stay in simulated
@@ -149,7 +175,10 @@ def ray_supervisor_link(actor: Any, period_s: float = 1.0,
     async def forget(stream_ids: list[str]) -> None:
         await actor.forget.remote(stream_ids)
 
-    return SupervisorLink(report, forget, period_s, owners)
+    async def user_policies(user_ids: list[str]) -> Mapping[str, Mapping[str, Any]]:
+        return await actor.user_policies.remote(user_ids)
+
+    return SupervisorLink(report, forget, period_s, owners, user_policies if policies else None)
 
 
 @dataclass
@@ -163,11 +192,18 @@ class FrameOutcome:
     epoch_seq: int
     rtp_timestamp: int
     pcm24: np.ndarray | None  # the chunk (None when publishers push no audio)
-    codes: np.ndarray | None = None  # int16 [n_q, F] when outcome is ai
+    codes: np.ndarray | None = None  # int16 [n_q, F] when outcome is ai (its stream's depth)
 
     @property
     def key(self) -> str:
+        if self.outcome is Outcome.DTX:
+            return Outcome.DTX.value
         return "ai" if self.reason is None else f"fallback/{self.reason.value}"
+
+    @property
+    def n_q(self) -> int:
+        """Codebooks this frame's codes hold (0 unless ai)."""
+        return 0 if self.codes is None else int(self.codes.shape[0])
 
 
 @dataclass
@@ -178,7 +214,7 @@ class TickReport:
     started_at: float
     stream_ids: list[str]
     rows: np.ndarray  # int64: the stream's row (-1: the stream had left)
-    codes: np.ndarray  # uint8 outcome codes: 0 = ai, else deployments.contract.reason_code
+    codes: np.ndarray  # uint8 outcome codes: 0 = ai, DTX_CODE = dtx, else reason_code(reason)
     epochs: np.ndarray  # int64 (0 = never sent to the AI)
     epoch_seqs: np.ndarray  # int64
     rtp_ts: np.ndarray  # int64, 48 kHz clock, first sample of the chunk
@@ -191,27 +227,35 @@ class TickReport:
     replica_ms: np.ndarray | None = None  # float32 [batch]: replica queue + compute of sent frames
     hints_accepted: int = 0
     hints_dropped: dict[str, int] = field(default_factory=dict)
+    n_q: np.ndarray | None = None  # int64 per frame: codebooks of its AI codes (0 unless ai)
 
     def __len__(self) -> int:
         return len(self.stream_ids)
 
     def counts(self) -> dict[str, int]:
-        """Frames by outcome key: 'ai' or 'fallback/<reason>'."""
-        n = np.bincount(self.codes, minlength=N_CODES)
+        """Frames by outcome key: 'ai', 'dtx' or 'fallback/<reason>'."""
+        n = np.bincount(self.codes, minlength=N_KEYS)
         return {_KEY_OF_CODE[c]: int(n[c]) for c in np.flatnonzero(n).tolist()}
 
     def frames(self) -> list[FrameOutcome]:
-        out = []
-        for i, sid in enumerate(self.stream_ids):
-            c = int(self.codes[i])
+        return [self.frame(i) for i in range(len(self.stream_ids))]
+
+    def frame(self, i: int) -> FrameOutcome:
+        """Frame i as an object (the media adapter builds them for frames it sends only)."""
+        c = int(self.codes[i])
+        if c == DTX_CODE:
+            outcome, reason = Outcome.DTX, None
+        else:
             reason = decode_reason(c)
-            out.append(FrameOutcome(
-                sid, Outcome.AI if reason is None else Outcome.FALLBACK, reason,
-                int(self.epochs[i]), int(self.epoch_seqs[i]), int(self.rtp_ts[i]),
-                None if self.pcm is None else self.pcm[i],
-                self.ai_codes[i] if reason is None and self.ai_codes is not None else None,
-            ))
-        return out
+            outcome = Outcome.AI if reason is None else Outcome.FALLBACK
+        codes = None
+        if outcome is Outcome.AI and self.ai_codes is not None:
+            d = int(self.n_q[i]) if self.n_q is not None else self.ai_codes.shape[1]
+            codes = self.ai_codes[i, :d]  # its stream's own depth: a view
+        return FrameOutcome(
+            self.stream_ids[i], outcome, reason, int(self.epochs[i]), int(self.epoch_seqs[i]),
+            int(self.rtp_ts[i]), None if self.pcm is None else self.pcm[i], codes,
+        )
 
 
 @dataclass(frozen=True)
@@ -228,6 +272,14 @@ class StreamView:
     pinned_off: bool  # opted out in the bridge's own config (never lifted remotely)
     pending: int  # chunks waiting for a tick
     last_hint: Hint | None  # the latest accepted hint
+    requested_kbps: float  # the publisher's BW hint (the bridge's default until one)
+    cap_kbps: float | None  # the operator's cap for its user (None: none)
+    need_n_q: int | None  # the deepest layer its AIC subscribers ask for (None: none)
+    depth_n_q: int  # codebooks its AI frames are quantized at
+    model_id: int  # from its latest accepted hint
+    hint_tick: int | None  # the tick that accepted its latest bandwidth change
+    dtx_enabled: bool  # the bridge's DTX default and its user's switch
+    dtx_silent: bool  # in DTX now (its talk spurt ended)
 
 
 @dataclass
@@ -277,6 +329,8 @@ class BridgeCore:
         supervisor: SupervisorLink | None = None,
         opted_out_users: frozenset[str] = frozenset(),
         audio: bool = True,
+        dtx: bool = False,
+        vad: VadConfig | None = None,
         capacity: int = 256,
         clock: Callable[[], float] = time.time,
         period_clock: Callable[[], float] = time.monotonic,
@@ -298,6 +352,10 @@ class BridgeCore:
         self._guard_params = GcraParams.from_rate(hint_guard_per_s, DEFAULT_BURST)
         self.supervisor = supervisor
         self.opted_out_users = frozenset(opted_out_users)  # this bridge's own config: pinned
+        # DTX: the default for new streams (BridgeConfig.dtx); the operator's policy per user
+        self.dtx = dtx
+        self.vad_config = vad or VadConfig()
+        self.vad = EnergyVad(self.vad_config)
         # Without audio (load generators against emulated replicas, which never read PCM) a
         # batch carries one EnCodec frame of int16 silence per row: same rows, epochs and
         # deadlines, a sixth of the bytes of 960 float samples.
@@ -331,6 +389,17 @@ class BridgeCore:
         self._registered = np.zeros(0, bool)  # its user id went to the supervisor
         self._owner = np.zeros(0, np.int64)  # its codec replica (owner_index), -1 = not known
         self._owners_version: Any = None  # the replica set `_owner` holds owners for
+        # -- adaptation (sfu_bridge/adaptation.py's rules, column by column)
+        self.req_n_q = np.zeros(0, np.int64)  # the publisher's requested depth (BW hint)
+        self.cap_kbps = np.zeros(0, np.float64)  # the operator's cap (NaN: none)
+        self.cap_n_q = np.zeros(0, np.int64)  # ... as codebooks (_MAX_N_Q: none)
+        self.need_n_q = np.zeros(0, np.int64)  # the deepest AIC subscriber's layer (0: none)
+        self.model_id = np.zeros(0, np.int64)
+        self.hint_tick = np.zeros(0, np.int64)  # the tick that accepted the last BW change (-1)
+        self.dtx_on = np.zeros(0, bool)
+        self.vad_floor = np.zeros(0, np.float64)  # the VAD's noise floor (dBFS)
+        self.vad_left = np.zeros(0, np.int64)  # chunks the talk spurt still sends without speech
+        self.dtx_silent = np.zeros(0, bool)
         self._grow(capacity)
         # -- per-tick buffers
         self._spilled = _Spilled()
@@ -341,13 +410,16 @@ class BridgeCore:
         self._forgetting: list[str] = []
         self._remote_opted_users: set[str] = set()
         # -- counters
-        self.counts = np.zeros(N_CODES, np.int64)  # frames by outcome code
+        self.counts = np.zeros(N_KEYS, np.int64)  # frames by outcome code (DTX_CODE included)
         # frames the bridge answered itself this tick (the replica counts what it answers)
         self._decided = np.zeros(N_CODES, np.int64)
         self._hints_dropped_early = 0  # beyond max_hints_per_tick, since the last tick
         self.hint_counters: Counter[str] = Counter()  # "accepted" / "dropped/<why>"
         self.ticks = 0
         self.epoch_restarts = 0  # requested by subscribers (join, RTCP PLI)
+        self.hint_resets = 0  # epochs restarted by a hint's R flag
+        self.encodes = 0  # AI frames computed by the codec: one per stream per chunk sent
+        self.dtx_spurts = 0  # talk spurts that ended a DTX silence
         self.tick_errors = 0
         self.exchanges = 0
         self.exchange_failures = 0
@@ -384,6 +456,16 @@ class BridgeCore:
         self.tally = grow(self.tally)
         self._registered = grow(self._registered, False)
         self._owner = grow(self._owner, -1)
+        self.req_n_q = grow(self.req_n_q, self.n_q)
+        self.cap_kbps = grow(self.cap_kbps, np.nan)
+        self.cap_n_q = grow(self.cap_n_q, _MAX_N_Q)
+        self.need_n_q = grow(self.need_n_q)
+        self.model_id = grow(self.model_id)
+        self.hint_tick = grow(self.hint_tick, -1)
+        self.dtx_on = grow(self.dtx_on, False)
+        self.vad_floor = grow(self.vad_floor, self.vad_config.initial_floor_db)
+        self.vad_left = grow(self.vad_left)
+        self.dtx_silent = grow(self.dtx_silent, False)
         self.epochs.ensure(cap)
         extra = cap - self._cap
         self.users.extend([None] * extra)
@@ -433,6 +515,16 @@ class BridgeCore:
             self._owner[row] = -1
             self._verifiers[row] = None
             self.last_hint[row] = None
+            self.req_n_q[row] = self.n_q
+            self.cap_kbps[row] = np.nan
+            self.cap_n_q[row] = _MAX_N_Q
+            self.need_n_q[row] = 0
+            self.model_id[row] = 0
+            self.hint_tick[row] = -1
+            self.dtx_on[row] = self.dtx
+            self.vad_floor[row] = self.vad_config.initial_floor_db
+            self.vad_left[row] = 0
+            self.dtx_silent[row] = False
             return row
 
     def leave(self, stream_id: str) -> bool:
@@ -473,12 +565,84 @@ class BridgeCore:
         if row is None:
             return None
         off = int(self.ai_off[row])
+        cap = float(self.cap_kbps[row])
+        need = int(self.need_n_q[row])
+        tick = int(self.hint_tick[row])
         return StreamView(
             stream_id, row, self.users[row], int(self.epochs.epoch[row]),
             int(self.epochs.next_seq[row]), bool(self.epochs.fresh[row]),
             decode_reason(off) if off else None, bool(self.pinned[row]), int(self.q_n[row]),
             _parse_hint(self.last_hint[row]),
+            requested_kbps=codebooks_bandwidth(int(self.req_n_q[row])),
+            cap_kbps=None if np.isnan(cap) else cap, need_n_q=need or None,
+            depth_n_q=int(self.depths(np.array([row]))[0]), model_id=int(self.model_id[row]),
+            hint_tick=None if tick < 0 else tick, dtx_enabled=bool(self.dtx_on[row]),
+            dtx_silent=bool(self.dtx_silent[row]),
         )
+
+    # ------------------------------------------------------------------------ adaptation
+    def max_n_q(self, rows: np.ndarray) -> np.ndarray:
+        """The deepest layer each row may be sent at: its publisher's request under its
+        user's cap."""
+        return adaptation.max_depth(self.req_n_q[rows], self.cap_n_q[rows])
+
+    def depths(self, rows: np.ndarray) -> np.ndarray:
+        """Codebooks the replica computes for each row: its deepest AIC subscriber's need
+        (when it has one) under `max_n_q`."""
+        return adaptation.depth(self.req_n_q[rows], self.cap_n_q[rows], self.need_n_q[rows])
+
+    def stream_max_n_q(self, stream_id: str) -> int:
+        row = self._row_of.get(stream_id)
+        return self.n_q if row is None else int(self.max_n_q(np.array([row]))[0])
+
+    def set_need(self, stream_id: str, n_q: int | None) -> None:
+        """The deepest layer the stream's AIC subscribers ask for (None: it has none); its
+        AI frames are quantized that deep from the next tick."""
+        row = self._row_of.get(stream_id)
+        if row is not None:
+            self.need_n_q[row] = 0 if n_q is None else int(n_q)
+
+    def set_policy(self, stream_id: str, max_kbps: float | None = None, dtx: bool = True) -> None:
+        """The operator's policy for the stream's user: a bitrate cap (None: none) and the
+        DTX switch (in effect only where the bridge's DTX is on)."""
+        row = self._row_of.get(stream_id)
+        if row is None:
+            return
+        with self.cpu:
+            self._set_policy(row, max_kbps, dtx)
+
+    def _set_policy(self, row: int, max_kbps: float | None, dtx: bool) -> None:
+        if max_kbps is None:
+            self.cap_kbps[row], self.cap_n_q[row] = np.nan, _MAX_N_Q
+        else:
+            self.cap_kbps[row] = float(max_kbps)
+            self.cap_n_q[row] = adaptation.cap_codebooks(float(max_kbps))
+        self.dtx_on[row] = self.dtx and bool(dtx)
+
+    def apply_policies(self, by_stream: Mapping[str, Mapping[str, Any]]) -> None:
+        """The operator's per-user policies, `{stream: {"max_kbps": .., "dtx": ..}}`; a
+        stream not named has none: no cap, the bridge's DTX default."""
+        with self.cpu:
+            n = self._top
+            self.cap_kbps[:n] = np.nan
+            self.cap_n_q[:n] = _MAX_N_Q
+            self.dtx_on[:n] = self.live[:n] & self.dtx
+            for sid, pol in by_stream.items():
+                row = self._row_of.get(sid)
+                if row is not None:
+                    cap = pol.get("max_kbps")
+                    self._set_policy(row, None if cap is None else float(cap), bool(pol.get("dtx", True)))
+
+    def _dtx_silent(self, rows: np.ndarray, pcm: np.ndarray) -> np.ndarray:
+        """Voice activity of these rows' chunks in one pass, then each row's talk spurt
+        (sfu_bridge/vad.py's `TalkSpurt`, column by column): bool, in DTX now."""
+        speech, self.vad_floor[rows] = self.vad.decide(chunk_levels_db(pcm), self.vad_floor[rows])
+        was = self.dtx_silent[rows]
+        self.dtx_spurts += int(np.count_nonzero(speech & was))
+        silent, self.vad_left[rows] = talk_spurts(speech, was, self.vad_left[rows],
+                                                  self.vad_config.hangover_chunks)
+        self.dtx_silent[rows] = silent
+        return silent
 
     def apply_decisions(self, off: Mapping[str, str]) -> None:
         """The fallback supervisor's verdicts, `{stream: "opted_out" | "unhealthy"}`; a stream
@@ -658,6 +822,20 @@ class BridgeCore:
             keep = ~local
             rows, ts = rows[keep], ts[keep]
             pcm = pcm[keep] if pcm is not None else None
+        if pcm is not None and rows.size:
+            on = self.dtx_on[rows]
+            if on.any():  # DTX: chunks of streams whose talk spurt has ended are answered here
+                at = np.flatnonzero(on)
+                quiet = at[self._dtx_silent(rows[at], pcm[at])]
+                if quiet.size:
+                    qr = rows[quiet]
+                    self.epochs.fell_back(qr)  # speech resumes in a new epoch: both ends reset
+                    parts.append((self.ids[qr].tolist(), qr, np.full(quiet.size, DTX_CODE, np.uint8),
+                                  ts[quiet], pcm[quiet]))
+                    metrics.record_dtx_seconds(quiet.size * TICK_S)
+                    keep = np.ones(rows.size, bool)
+                    keep[quiet] = False
+                    rows, ts, pcm = rows[keep], ts[keep], pcm[keep]
         if not rows.size:
             return _Taken(parts)
         epochs, seqs = self.epochs.number(rows)
@@ -672,6 +850,7 @@ class BridgeCore:
             budgets_ms=np.full(b, float(self.deadline_ms)),
             pcm=pcm if pcm is not None else self._silence(b),
             bandwidth_kbps=self.bandwidth_kbps,
+            n_q=self.depths(rows),
         )
         owners = None if version is None else (version, self._owner[rows])
         return _Taken(parts, rows, self.generation[rows].copy(), ts, batch, owners)
@@ -716,6 +895,7 @@ class BridgeCore:
         replica_ms = None
         if batch is not None:
             oc, ai_codes = self._check_result(batch, result)
+            self.encodes += int(np.count_nonzero(oc == AI_CODE))
             replica_ms = self._replica_ms(batch, result)
             ids = batch.stream_ids
             still = self.generation[rows] == taken.generation  # a stream that left meanwhile
@@ -739,15 +919,18 @@ class BridgeCore:
         codes = np.asarray(codes, np.uint8)
         ep = np.zeros(len(sids), np.int64)
         sq = np.zeros(len(sids), np.int64)
+        nq = np.zeros(len(sids), np.int64)
         if batch is not None:
             ep[n_local:] = epochs
             sq[n_local:] = seqs
+            nq[n_local:] = np.where(codes[n_local:] == AI_CODE, batch.n_q, 0)
             if ai_codes is not None and n_local:
                 full = np.zeros((len(sids),) + ai_codes.shape[1:], np.int16)
                 full[n_local:] = ai_codes
                 ai_codes = full
-        self.counts += np.bincount(codes, minlength=N_CODES)
-        mine = rr >= 0
+        self.counts += np.bincount(codes, minlength=N_KEYS)
+        # DTX frames are not health reports: silence says nothing about the AI path
+        mine = (rr >= 0) & (codes != DTX_CODE)
         t_rows, t_codes = (rr, codes) if mine.all() else (rr[mine], codes[mine])
         if t_rows.size:  # tally[row, code] += 1 per frame (a row may have several a tick)
             top = int(t_rows.max()) + 1
@@ -757,16 +940,17 @@ class BridgeCore:
             tick=self.ticks, started_at=started_at, stream_ids=sids, rows=rr, codes=codes,
             epochs=ep, epoch_seqs=sq, rtp_ts=ts, pcm=pcm if self.audio else None,
             ai_codes=ai_codes, batch_size=len(batch) if batch is not None else 0,
-            codec_wait_ms=0.0, replica_ms=replica_ms,
+            codec_wait_ms=0.0, replica_ms=replica_ms, n_q=nq,
         )
 
     def _check_result(self, batch: FrameBatch, result: BatchResult | None
                       ) -> tuple[np.ndarray, np.ndarray | None]:
         """The result's outcome code per sent frame, checked array-wide: a row the result
         lacks, an unknown outcome code, or AI codes that are missing, too few or out of
-        range all become `fallback/error`. Also the AI frames' codes (int16 [b, n_q, F])."""
+        range all become `fallback/error`. Also the AI frames' codes (int16 [b, n_q, F], n_q
+        the batch's deepest row; each row valid up to its own depth)."""
         b = len(batch)
-        n_q = self.n_q
+        n_q = int(batch.n_q.max()) if batch.n_q is not None and b else self.n_q
         row = _result_rows(batch.stream_ids, result)  # -1 = no row for this frame
         have = row >= 0
         oc = np.full(b, _ERROR, np.int64)
@@ -838,6 +1022,9 @@ class BridgeCore:
                     except HintRejected as exc:  # size, tag, field or replay
                         dropped[exc.reason.value] += 1
                         continue
+                    if raw[0] >> 4 not in MODEL_REGISTRY:  # authentic, but no replica runs it
+                        dropped[HintDrop.UNKNOWN_MODEL.value] += 1
+                        continue
                     v_rows.append(row)
                     v_hints.append((index, raw))
             if v_rows:
@@ -855,15 +1042,40 @@ class BridgeCore:
                     dropped[HintDrop.RATE_LIMITED.value] += len(v_rows) - accepted
                 # each stream's latest allowed hint: (index, raw), parsed when read
                 live = self.live
-                for j in np.flatnonzero(rank == n_ok[inv] - 1).tolist():
+                last = np.flatnonzero(rank == n_ok[inv] - 1)
+                for j in last.tolist():
                     row = v_rows[j]
                     if live[row]:
                         self.last_hint[row] = v_hints[j]
+                self._hint_effects(np.asarray(v_rows, np.int64), v_hints, rank < n_ok[inv], last)
         with self.cpu:
             self.hint_counters["accepted"] += accepted
             for k, v in dropped.items():
                 self.hint_counters[f"dropped/{k}"] += v
         return accepted, dict(dropped)
+
+    def _hint_effects(self, rows: np.ndarray, hints: list[tuple[int, bytes]], allowed: np.ndarray,
+                      last: np.ndarray) -> None:
+        """Accepted hints take effect (docs/protocol.md, "Hint semantics"): the latest one's
+        BW and model (this tick's batch has gone: from the next tick), and any R opens a new
+        epoch with the stream's next AI frame. `last`: each stream's latest allowed hint."""
+        first = np.frombuffer(bytes(raw[0] for _, raw in hints), np.uint8).astype(np.int64)
+        live = self.live
+        r = rows[last]
+        ok = live[r]
+        r, fb = r[ok], first[last][ok]
+        if r.size:
+            req = _N_Q_OF_BW[(fb >> 1) & 0x07]
+            changed = req != self.req_n_q[r]
+            self.hint_tick[r[changed]] = self.ticks
+            self.req_n_q[r] = req
+            self.model_id[r] = fb >> 4
+        reset = allowed & (first & 0x01 == 1)
+        if reset.any():
+            rr = np.unique(rows[reset])
+            rr = rr[live[rr] & ~self.epochs.fresh[rr]]
+            self.epochs.fell_back(rr)
+            self.hint_resets += int(rr.size)
 
     def _guard(self, rows: np.ndarray, dropped: Counter[str]) -> np.ndarray:
         """True for the hints (in arrival order) the pre-crypto guard lets through."""
@@ -971,6 +1183,7 @@ class BridgeCore:
         failed exchange keeps the last decisions (counted)."""
         assert self.supervisor is not None
         reports = self.take_reports()
+        await self._refresh_policies()
         if not reports:
             return
         try:
@@ -981,6 +1194,25 @@ class BridgeCore:
             return
         self.exchanges += 1
         self.apply_decisions(off)
+
+    async def _refresh_policies(self) -> None:
+        """Every stream's user policy, on the exchange's period (a silent stream in DTX
+        reports nothing, but its policy still applies). A failed fetch keeps the last ones."""
+        fetch = self.supervisor.policies if self.supervisor is not None else None
+        if fetch is None:
+            return
+        with self.cpu:
+            users = {self.ids[r]: u for r in np.flatnonzero(self.live[: self._top]).tolist()
+                     if (u := self.users[r]) is not None}
+        if not users:
+            return
+        try:
+            by_user = await fetch(sorted(set(users.values())))
+        except Exception as exc:  # noqa: BLE001 - keep the last policies, like decisions
+            self.exchange_failures += 1
+            logger.warning("operator policy fetch failed (%s); keeping the last policies", exc)
+            return
+        self.apply_policies({sid: by_user[u] for sid, u in users.items() if u in by_user})
 
     # ------------------------------------------------------------------------ the loop
     async def run(self, on_report: Callable[[TickReport], Any], tick_s: float = TICK_S) -> None:
@@ -1035,6 +1267,9 @@ class BridgeCore:
             "hints": dict(self.hint_counters),
             "ticks": self.ticks,
             "epoch_restarts": self.epoch_restarts,
+            "hint_resets": self.hint_resets,
+            "encodes": self.encodes,
+            "dtx_spurts": self.dtx_spurts,
             "supervisor_exchanges": self.exchanges,
             "supervisor_failures": self.exchange_failures,
             "cpu_s": round(self.cpu.seconds, 6),

@@ -41,6 +41,7 @@ from aiortc.rtcrtpparameters import RTCRtpParameters
 from aiortc.rtp import RtpPacket
 from aiortc.utils import random16, random32
 
+from deployments.contract import Outcome
 from models.constants import (
     CHUNK_RTP_TICKS,
     CHUNK_SAMPLES,
@@ -49,14 +50,16 @@ from models.constants import (
     TICK_S,
 )
 from models.opus import OpusCodec
-from sfu_bridge import aiortc_compat, rtp_ext
-from sfu_bridge.aic_payload import pack_payloads
-from sfu_bridge.core import BridgeCore, TickReport
+from sfu_bridge import aiortc_compat, rtcp_tap, rtp_ext
+from sfu_bridge.aic_sender import AicSender
+from sfu_bridge.core import BridgeCore, FrameOutcome, TickReport
+from sfu_bridge.rate_control import Layer, ReportBlock, wire_kbps
 from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
 IP_UDP_HEADER_BYTES = 28  # IPv4 (20) + UDP (8), added to UDP payload bytes for wire rates
+SRTP_TAG_BYTES = 10  # SRTP_AES128_CM_HMAC_SHA1_80 authentication tag
 
 
 class Chunker:
@@ -113,30 +116,40 @@ class RtpOut:
         self._ts0 = random32()
         self.packets = 0
         self.payload_bytes = 0
+        self.last_timestamp = self._ts0  # RTP timestamp of the latest packet (sender reports)
+        self.last_wire_bytes = 0  # the latest packet on the wire: SRTP tag, IPv4 and UDP included
+        # Once the receiver has reported on this SSRC it demuxes by SSRC: the MID extension
+        # (RFC 8843) is left off from then on, 8 bytes a packet, as libwebrtc's senders do.
+        self.mid_acked = False
 
     @property
     def aic(self) -> bool:
         return self.aic_pt is not None
 
     async def send(
-        self, payload_type: int, payload: bytes, timestamp: int, hint: bytes | None = None
+        self, payload_type: int, payload: bytes, timestamp: int, hint: bytes | None = None,
+        marker: bool = False,
     ) -> bool:
         pkt = RtpPacket(
             payload_type=payload_type,
+            marker=int(marker),
             sequence_number=self._seq,
             timestamp=(self._ts0 + timestamp) & 0xFFFFFFFF,
             ssrc=self.ssrc,
             payload=payload,
         )
-        pkt.extensions.mid = self.mid
+        pkt.extensions.mid = None if self.mid_acked else self.mid
         pkt.extensions.aic_hint = hint
         self._seq = (self._seq + 1) & 0xFFFF
+        data = pkt.serialize(self.ext_map)
         try:
-            await aiortc_compat.send_rtp(self.transceiver, pkt.serialize(self.ext_map))
+            await aiortc_compat.send_rtp(self.transceiver, data)
         except ConnectionError:
             return False
         self.packets += 1
         self.payload_bytes += len(payload)
+        self.last_timestamp = pkt.timestamp
+        self.last_wire_bytes = len(data) + SRTP_TAG_BYTES + IP_UDP_HEADER_BYTES
         return True
 
 
@@ -217,6 +230,7 @@ class Subscriber:
     pc: RTCPeerConnection | None
     out: RtpOut
     sent_by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    aic_sender: AicSender | None = None  # AIC subscribers: layer, packets, DTX, rate control
 
     @property
     def aic(self) -> bool:
@@ -247,9 +261,14 @@ class MediaBridge:
         max_streams: int = 2_000,
         opus_bitrate: int = 32_000,
         tick_s: float = TICK_S,
+        adaptive: bool = True,
     ) -> None:
         rtp_ext.install()
         self.core = core
+        # per-subscriber rate control from RTCP; off: every AIC subscriber gets the stream's
+        # full depth in 40 ms packets (the bench's contrast)
+        self.adaptive = adaptive
+        self.layer_switches = 0
         self.tick_s = tick_s
         self.opus = OpusCodec(max_streams, sample_rate=SAMPLE_RATE, frame_ms=20, bitrate=opus_bitrate)
         self._free_slots = list(range(max_streams - 1, -1, -1))
@@ -328,9 +347,44 @@ class MediaBridge:
         session_id: str | None = None,
     ) -> Subscriber:
         sub = Subscriber(session_id or uuid.uuid4().hex, stream_id, user, pc, out)
+        if out.aic:
+            # rate control needs the subscriber's RTCP; without it (or with adaptation off)
+            # the subscriber gets its stream's full depth in 40 ms packets
+            if self.adaptive and pc is not None:
+                sub.aic_sender = AicSender.adaptive()
+                self._tap_rtcp(sub)
+            else:
+                sub.aic_sender = AicSender.fixed(Layer(32))
         self.subscribers[stream_id][sub.session_id] = sub
         self.sessions[sub.session_id] = sub
         return sub
+
+    def _tap_rtcp(self, sub: Subscriber) -> None:
+        out, sender = sub.out, sub.aic_sender
+        assert sender is not None
+
+        def counters() -> tuple[int, int, int]:
+            return out.packets, out.payload_bytes, out.last_timestamp
+
+        def on_report(block: ReportBlock, now: float) -> None:
+            out.mid_acked = True
+            before = sender.layer
+            changed = sender.on_report(block, now, self.core.stream_max_n_q(sub.stream_id))
+            if changed is not None:
+                self._count_switch(before, changed)
+
+        rtcp_tap.attach(out.transceiver.sender, counters, sender.tracker.clock, on_report)
+
+    def pin_layer(self, session_id: str, layer: Layer) -> None:
+        """Hold an AIC subscriber at one layer (no rate control): tests and benches."""
+        sub = self.sessions[session_id]
+        assert isinstance(sub, Subscriber) and sub.aic_sender is not None
+        sub.aic_sender.rate, sub.aic_sender.pinned = None, layer
+
+    def _count_switch(self, before: Layer, after: Layer) -> None:
+        up = wire_kbps(after.n_q, after.packet_ms) > wire_kbps(before.n_q, before.packet_ms)
+        self.layer_switches += 1
+        metrics.record_layer_switches("up" if up else "down")
 
     # -- sessions --------------------------------------------------------------------------
     async def end_session(self, session_id: str) -> bool:
@@ -358,58 +412,77 @@ class MediaBridge:
         """Send a tick's outcomes to AIC subscribers: codes for `ai` frames, else Opus."""
         t0 = time.perf_counter()
         # frames of streams with AIC subscribers (legacy ones are served by `forward`)
-        todo: list[tuple[int, list[Subscriber]]] = []
+        todo: list[tuple[FrameOutcome, list[Subscriber]]] = []
         for i, sid in enumerate(report.stream_ids):
             subs = self.subscribers.get(sid)
             if not subs or sid not in self.publishers:
                 continue
             aic = [s for s in subs.values() if s.aic]
             if aic:
-                todo.append((i, aic))
-        if todo:
-            idx = np.asarray([i for i, _ in todo], np.int64)
-            ai = report.codes[idx] == 0
-            opus_packets = self._encode_opus(report, idx[~ai])
-            aic_payloads: dict[int, bytes] = {}
-            ai_idx = idx[ai]
-            if ai_idx.size and report.ai_codes is not None:  # one vectorised packing pass
-                packed = pack_payloads(report.epochs[ai_idx] % 65536, self.core.n_q,
-                                       report.ai_codes[ai_idx], report.epoch_seqs[ai_idx] == 0)
-                aic_payloads = dict(zip(ai_idx.tolist(), packed, strict=True))
-            # sequential awaits: a send only hands a datagram to the socket, a task each would cost more
-            for i, subs in todo:
-                aic_bytes = aic_payloads.get(i)
-                ts = int(report.rtp_ts[i])
-                for sub in subs:
-                    if aic_bytes is not None:
-                        await self._send(sub, "aic", sub.out.aic_pt, [aic_bytes], ts)
-                    elif sub.out.opus_pt is not None and i in opus_packets:
-                        await self._send(sub, "opus", sub.out.opus_pt, opus_packets[i], ts)
+                todo.append((report.frame(i), aic))
+        opus_packets = self._encode_opus([fo for fo, _ in todo if fo.outcome is Outcome.FALLBACK])
+        cache: dict = {}  # subscribers at the same layer share a payload's packing
+        # sequential awaits: a send only hands a datagram to the socket, a task each would cost more
+        for fo, subs in todo:
+            max_n_q = self.core.stream_max_n_q(fo.stream_id)
+            for sub in subs:
+                sender = sub.aic_sender
+                assert sender is not None
+                before = sender.layer
+                for p in sender.on_frame(fo, max_n_q, cache):
+                    if await sub.out.send(sub.out.aic_pt, p.payload, p.timestamp, marker=p.marker):
+                        sender.sent(sub.out.last_wire_bytes)
+                        kind = "aic_sid" if p.sid else "aic"
+                        sub.sent_by_kind[kind] += 1
+                        self.packets_by_kind[kind] += 1
+                        self._unrecorded_bytes["aic"] += len(p.payload)
+                if sender.layer != before:
+                    self._count_switch(before, sender.layer)
+                if fo.outcome is Outcome.FALLBACK and sub.out.opus_pt is not None and id(fo) in opus_packets:
+                    await self._send(sub, "opus", sub.out.opus_pt, opus_packets[id(fo)], fo.rtp_timestamp)
+        self._update_needs()
         self._record_wire_bytes()
         report.overhead_ms += (time.perf_counter() - t0) * 1000.0
         self.overheads_ms.append(report.overhead_ms)
         if len(self.overheads_ms) > 10_000:
             del self.overheads_ms[:5_000]
 
-    def _encode_opus(self, report: TickReport, idx: np.ndarray) -> dict[int, list[bytes]]:
+    def _update_needs(self) -> None:
+        """Each stream is encoded as deep as its deepest AIC subscriber's layer (next tick)."""
+        now = time.monotonic()
+        for stream_id, subs in self.subscribers.items():
+            if stream_id not in self.core:
+                continue
+            top = self.core.stream_max_n_q(stream_id)
+            need = None
+            for sub in subs.values():
+                sender = sub.aic_sender
+                if sender is None:
+                    continue
+                if sender.rate is not None and sender.rate.check_timeout(now) is not None:
+                    sender.choose(top)
+                layer = sender.choose(top) if sender.pinned is not None else sender.layer
+                need = layer.n_q if need is None else max(need, layer.n_q)
+            self.core.set_need(stream_id, need)
+
+    def _encode_opus(self, rows: list[FrameOutcome]) -> dict[int, list[bytes]]:
         """Opus packets per frame; one encoder call per round (a stream's k-th frame of the
         tick in round k: a stream with a shed backlog has several frames, in order)."""
         out: dict[int, list[bytes]] = {}
-        if not idx.size or report.pcm is None:
-            return out
-        rounds: list[list[int]] = []
+        rows = [fo for fo in rows if fo.pcm24 is not None]
+        rounds: list[list[FrameOutcome]] = []
         seen: dict[str, int] = defaultdict(int)
-        for i in idx.tolist():
-            sid = report.stream_ids[i]
-            k = seen[sid]
-            seen[sid] += 1
+        for fo in rows:
+            k = seen[fo.stream_id]
+            seen[fo.stream_id] += 1
             if k == len(rounds):
                 rounds.append([])
-            rounds[k].append(i)
+            rounds[k].append(fo)
         for batch in rounds:
-            slots = [self.publishers[report.stream_ids[i]].opus_slot for i in batch]
-            for i, packets in zip(batch, self.opus.encode(slots, report.pcm[batch]), strict=True):
-                out[i] = packets
+            slots = [self.publishers[fo.stream_id].opus_slot for fo in batch]
+            pcm = np.stack([fo.pcm24 for fo in batch])
+            for fo, packets in zip(batch, self.opus.encode(slots, pcm), strict=True):
+                out[id(fo)] = packets
         return out
 
     async def _send(self, sub: Subscriber, kind: str, pt: int, payloads: list[bytes], ts: int) -> None:
@@ -425,6 +498,28 @@ class MediaBridge:
             metrics.record_wire_bytes(metrics.WirePath.AI if kind == "aic" else metrics.WirePath.NATIVE, n)
         self._unrecorded_bytes.clear()
 
+    def stream_stats(self) -> dict[str, Any]:
+        """Per stream: the publisher's requested bandwidth, the depth encoded, DTX, and each
+        AIC subscriber's current layer (the dashboard's bitrate view)."""
+        out: dict[str, Any] = {}
+        for stream_id in list(self.publishers):
+            ad = self.core.stream(stream_id)
+            if ad is None:
+                continue
+            subs = {}
+            for sid, sub in self.subscribers.get(stream_id, {}).items():
+                if sub.aic_sender is None:
+                    continue
+                layer = sub.aic_sender.layer
+                subs[sid] = {"n_q": layer.n_q, "kbps": layer.bandwidth_kbps,
+                             "packet_ms": layer.packet_ms,
+                             "wire_kbps": round(wire_kbps(layer.n_q, layer.packet_ms), 2),
+                             "adaptive": sub.aic_sender.rate is not None}
+            out[stream_id] = {"requested_kbps": ad.requested_kbps, "cap_kbps": ad.cap_kbps,
+                              "depth_n_q": ad.depth_n_q, "dtx": "silent" if ad.dtx_silent else "active",
+                              "dtx_enabled": ad.dtx_enabled, "subscribers": subs}
+        return out
+
     def stats(self) -> dict[str, Any]:
         ov = np.asarray(self.overheads_ms[-1500:]) if self.overheads_ms else np.zeros(1)
         core = self.core.stats()
@@ -435,6 +530,9 @@ class MediaBridge:
             "hints": core["hints"],
             "packets": dict(self.packets_by_kind),
             "ticks": core["ticks"],
+            "encodes": core["encodes"],
+            "layer_switches": self.layer_switches,
+            "streams": self.stream_stats(),
             "tick_overhead_ms_p50": float(np.percentile(ov, 50)),
             "tick_overhead_ms_p99": float(np.percentile(ov, 99)),
         }

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +27,11 @@ import aiohttp
 import numpy as np
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from yarl import URL
 
 from deployments.epochs import DecoderEpoch
 from models.constants import DEFAULT_BANDWIDTH_KBPS, OPUS_FRAME_RTP_TICKS, RTP_CLOCK_HZ, SAMPLE_RATE
-from models.opus import OpusCodec
+from models.opus import OpusCodec, is_dtx_frame
 from sfu_bridge import aiortc_compat, ice, rtp_ext
 from sfu_bridge.aic_payload import AicPayload
 from sfu_bridge.hint_auth import HintSigner
@@ -56,20 +57,64 @@ class WhipError(RuntimeError):
         self.status = status
 
 
-async def _post_offer(url: str, token: str, sdp: str) -> tuple[str, str]:
+REDIRECT_STATUSES = (307, 308)  # method and body kept (RFC 9110 15.4.8/15.4.9)
+MAX_REDIRECTS = 5
+
+
+def _redirect_target(current: str, location: str, trusted_hosts: Container[str] | None) -> str:
+    """The absolute URL a 307/308 points to, if the bearer token may follow it there."""
+    target = URL(current).join(URL(location))
+    if target.scheme not in ("http", "https") or not target.host:
+        raise WhipError(502, f"redirect to a non-HTTP URL: {location[:100]}")
+    if URL(current).scheme == "https" and target.scheme != "https":
+        raise WhipError(502, "redirect from https to http refused: the token would travel in clear")
+    if trusted_hosts is not None and target.host not in trusted_hosts:
+        raise WhipError(502, f"redirect to an untrusted host {target.host!r}")
+    return str(target)
+
+
+async def _post_offer(
+    url: str, token: str, sdp: str, *, trusted_hosts: Container[str] | None = None,
+    retry_s: float = 3.0,
+) -> tuple[str, str]:
+    """POST an offer; (absolute session URL, SDP answer).
+
+    Redirects (RFC 9725 section 4.5: any bridge worker of a cluster may answer 307 with the
+    worker that owns the stream) are followed here with the same method, body and
+    Authorization header. aiohttp's own redirect handling drops Authorization when the
+    origin changes (so do browsers), and a cluster's workers are different origins. The
+    token goes where the bridge it was sent to says, which could use it anyway; only a
+    downgrade from https to http is refused, and `trusted_hosts` can narrow it further.
+    A redirect target that does not answer (a worker that just died, before the cluster
+    noticed) is retried from `url` for up to `retry_s`.
+    """
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/sdp"}
+    give_up = time.monotonic() + retry_s
     async with aiohttp.ClientSession() as http:
-        async with http.post(url, data=sdp.encode(), headers=headers) as resp:
-            text = await resp.text()
-            if resp.status != 201:
-                raise WhipError(resp.status, text.strip())
-            location = resp.headers["Location"]
-    return location, text
+        while True:
+            target = url
+            try:
+                for _ in range(MAX_REDIRECTS + 1):
+                    async with http.post(target, data=sdp.encode(), headers=headers,
+                                         allow_redirects=False) as resp:
+                        text = await resp.text()
+                        if resp.status in REDIRECT_STATUSES and "Location" in resp.headers:
+                            target = _redirect_target(target, resp.headers["Location"], trusted_hosts)
+                            continue
+                        if resp.status != 201:
+                            raise WhipError(resp.status, text.strip())
+                        location = str(URL(target).join(URL(resp.headers["Location"])))
+                        return location, text
+                raise WhipError(508, f"more than {MAX_REDIRECTS} redirects")
+            except aiohttp.ClientConnectionError:
+                if target == url or time.monotonic() > give_up:
+                    raise
+                await asyncio.sleep(0.1)  # the cluster drops a dead worker within seconds
 
 
-async def _delete(base_url: str, location: str, token: str) -> int:
+async def _delete(base_url: str, location: str, token: str, timeout_s: float = 10.0) -> int:
     url = location if location.startswith("http") else base_url.rstrip("/") + location
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
         async with http.delete(url, headers={"Authorization": f"Bearer {token}"}) as resp:
             return resp.status
 
@@ -95,14 +140,23 @@ class AicPublisher:
         bandwidth_kbps: float = DEFAULT_BANDWIDTH_KBPS,
         hints: bool = True,
         ice_servers: Sequence[ice.IceServer] = (),
+        opus_dtx: bool = False,
+        trusted_hosts: Container[str] | None = None,
     ) -> None:
         rtp_ext.install()
         self.base_url = base_url.rstrip("/")
         self.stream_id = stream_id
         self.token = token
+        self.ice_servers = tuple(ice_servers)
+        self.trusted_hosts = trusted_hosts  # None: follow the bridge's redirects (see _post_offer)
         self.signer = HintSigner(stream_keys={stream_id: hint_key}) if hint_key else None
         self.source = source or sine_source()
-        self.opus = OpusCodec(1, sample_rate=RTP_CLOCK_HZ, frame_ms=20, bitrate=opus_bitrate)
+        # opus_dtx: libopus DTX; its TOC-only silence frames are not sent after the first
+        # (libopus sends a comfort-noise update every 400 ms; RFC 7587 section 3.1.3)
+        self.opus = OpusCodec(1, sample_rate=RTP_CLOCK_HZ, frame_ms=20, bitrate=opus_bitrate, dtx=opus_dtx)
+        self.opus_dtx = opus_dtx
+        self.dtx_skipped = 0
+        self._dtx_run = 0
         self.bandwidth_kbps = bandwidth_kbps
         self.hints = hints and self.signer is not None
         self.pc = ice.peer_connection(ice_servers)  # none: host candidates, no STUN default
@@ -119,7 +173,8 @@ class AicPublisher:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         self.meter.attach(self.pc)
         self.location, answer = await _post_offer(
-            f"{self.base_url}/whip/{self.stream_id}", self.token, self.pc.localDescription.sdp
+            f"{self.base_url}/whip/{self.stream_id}", self.token, self.pc.localDescription.sdp,
+            trusted_hosts=self.trusted_hosts,
         )
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         await wait_connected(self.pc)
@@ -143,6 +198,13 @@ class AicPublisher:
                 pcm = self.source(sample, OPUS_FRAME_RTP_TICKS)
                 (packets,) = self.opus.encode([0], pcm[None, :])
                 for p in packets:
+                    if self.opus_dtx and is_dtx_frame(p):
+                        self._dtx_run += 1
+                        if self._dtx_run > 1:  # the first tells the receiver DTX began
+                            self.dtx_skipped += 1
+                            continue
+                    else:
+                        self._dtx_run = 0
                     await self._out.send(self._out.opus_pt, p, sample, hint=self.next_hint())
                     self.packets += 1
                 sample += OPUS_FRAME_RTP_TICKS
@@ -150,6 +212,29 @@ class AicPublisher:
                 await asyncio.sleep(max(0.0, next_at - loop.time()))
         except asyncio.CancelledError:
             pass
+
+    async def republish(self, base_url: str | None = None, delete_timeout_s: float = 0.5) -> float:
+        """Publish again on a new peer connection, through `base_url` (any bridge worker of
+        the cluster; default: the first URL), e.g. after the worker holding the stream died.
+        The old session is ended if its worker still answers. Returns the seconds it took."""
+        t0 = time.monotonic()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.location:
+            try:
+                await _delete(self.base_url, self.location, self.token, timeout_s=delete_timeout_s)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass  # its worker is gone: so is the session
+        await self.pc.close()
+        if base_url is not None:
+            self.base_url = base_url.rstrip("/")
+        self.pc = ice.peer_connection(self.ice_servers)
+        self.meter = UdpMeter()
+        self.location = None
+        await self.start()
+        return time.monotonic() - t0
 
     async def stop(self) -> int | None:
         if self._task is not None:
@@ -174,6 +259,8 @@ class SubscriberStats:
     epochs: list[int] = field(default_factory=list)
     decoded_samples: int = 0  # 24 kHz samples out of the EnCodec decoder
     out_of_sync: int = 0  # AIC payloads skipped: not part of an epoch decoded from its start
+    sid_frames: int = 0  # DTX silence descriptors (no codes; the next codes start an epoch)
+    aic_n_q: list[int] = field(default_factory=list)  # codebooks of each AIC payload, in order
     pli_sent: int = 0
     sequence_gaps: int = 0
     first_frame_at: float | None = None
@@ -191,11 +278,13 @@ class AicSubscriber:
         slot: int = 0,
         keep_payloads: int = 0,
         ice_servers: Sequence[ice.IceServer] = (),
+        trusted_hosts: Container[str] | None = None,
     ) -> None:
         rtp_ext.install()
         self.base_url = base_url.rstrip("/")
         self.stream_id = stream_id
         self.token = token
+        self.trusted_hosts = trusted_hosts
         self.aic = aic
         self.codec = codec  # models.StreamingEncodec (decode side); None = count, don't decode
         self.slot = slot
@@ -235,7 +324,8 @@ class AicSubscriber:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         self.meter.attach(self.pc)
         self.location, answer = await _post_offer(
-            f"{self.base_url}/whep/{self.stream_id}", self.token, self.pc.localDescription.sdp
+            f"{self.base_url}/whep/{self.stream_id}", self.token, self.pc.localDescription.sdp,
+            trusted_hosts=self.trusted_hosts,
         )
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         codecs = aiortc_compat.negotiated_codecs(transceiver)
@@ -274,7 +364,10 @@ class AicSubscriber:
                     self._epoch.lost()  # a lost packet: the decoder state is no longer the encoder's
                 if kind == "aic":
                     parsed = self._parse_aic(payload)
-                    if parsed is not None and self._accept(parsed):
+                    if parsed is not None and parsed.is_sid:
+                        self.stats.sid_frames += 1
+                        self._in_sync = False  # whatever comes next opens a new epoch
+                    elif parsed is not None and self._accept(parsed):
                         await loop.run_in_executor(None, self._decode_aic, parsed)
                     elif parsed is not None:
                         self.stats.out_of_sync += 1
@@ -309,7 +402,11 @@ class AicSubscriber:
         except ValueError:
             self.stats.bad_payloads += 1
             return None
+        if payload.is_sid:
+            return payload
         self.stats.aic_frames += 1
+        if len(self.stats.aic_n_q) < 100_000:
+            self.stats.aic_n_q.append(payload.n_q)
         if len(self.payloads) < self.keep_payloads:
             self.payloads.append(data)
         return payload

@@ -482,11 +482,11 @@ def make_server(
         codec, bridge_id=config.bridge_id, deadline_ms=config.deadline_ms,
         bandwidth_kbps=config.bandwidth_kbps, max_backlog=config.max_backlog_chunks,
         hint_secret=hint_secret, limiter=limiter, opted_out_users=config.opted_out_users,
-        capacity=min(config.max_streams, 256),
+        capacity=min(config.max_streams, 256), dtx=config.dtx,
     )
     media = MediaBridge(
         core, max_streams=config.max_streams, opus_bitrate=config.opus_bitrate,
-        tick_s=config.tick_ms / 1000.0,
+        tick_s=config.tick_ms / 1000.0, adaptive=config.adaptive,
     )
     return BridgeServer(config, media, TokenAuthority(secret))
 

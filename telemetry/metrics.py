@@ -49,6 +49,7 @@ class HintVerdict(str, enum.Enum):
     FORGED = "forged"  # tag did not verify
     REPLAYED = "replayed"  # outside or already seen in the replay window
     MALFORMED = "malformed"  # failed size/format checks
+    UNKNOWN_MODEL = "unknown_model"  # names a model no replica runs
 
 
 class WirePath(str, enum.Enum):
@@ -94,6 +95,8 @@ LIMITER_UNAVAILABLE = "auralink_limiter_unavailable"
 LIMITER_UNAVAILABLE_SECONDS = "auralink_limiter_unavailable_seconds"
 LIMITER_ERRORS = "auralink_limiter_errors"
 SUPERVISOR_TRANSITIONS = "auralink_supervisor_transitions"
+LAYER_SWITCHES = "auralink_layer_switches"
+DTX_SECONDS = "auralink_dtx_seconds"
 AUTOSCALE_FORECAST = "auralink_autoscale_forecast_streams"
 AUTOSCALE_DESIRED = "auralink_autoscale_desired_replicas"
 
@@ -120,8 +123,15 @@ SPECS: dict[str, MetricSpec] = {
         MetricSpec(STREAMS_ACTIVE, MetricKind.GAUGE,
                    "Streams a bridge is carrying", ("bridge",)),
         MetricSpec(HINTS, MetricKind.COUNTER,
-                   "AIC hints by verdict (accepted|limited|forged|replayed|malformed)",
-                   ("verdict",)),
+                   "AIC hints by verdict (accepted|limited|forged|replayed|malformed|"
+                   "unknown_model)", ("verdict",)),
+        MetricSpec(LAYER_SWITCHES, MetricKind.COUNTER,
+                   "AIC subscribers' layer changes by the rate controller, by direction "
+                   "(up|down: deeper or shallower codebooks / shorter or longer packets)",
+                   ("direction",)),
+        MetricSpec(DTX_SECONDS, MetricKind.COUNTER,
+                   "Seconds of stream audio not encoded nor sent as AI frames because the "
+                   "stream was silent (DTX)"),
         MetricSpec(WIRE_BYTES, MetricKind.COUNTER,
                    "Payload bytes sent to subscribers by codec path (ai|native)", ("path",)),
         MetricSpec(LIMITER_UNAVAILABLE, MetricKind.COUNTER,
@@ -410,6 +420,16 @@ def set_streams_active(bridge: str, n: int) -> None:
 def record_hints(verdict: HintVerdict | str, n: int = 1) -> None:
     if n > 0:
         _emit("inc", HINTS, n, {"verdict": HintVerdict(verdict).value})
+
+
+def record_layer_switches(direction: str, n: int = 1) -> None:
+    if n > 0:
+        _emit("inc", LAYER_SWITCHES, n, {"direction": direction})
+
+
+def record_dtx_seconds(seconds: float) -> None:
+    if seconds > 0:
+        _emit("inc", DTX_SECONDS, float(seconds), {})
 
 
 def record_wire_bytes(path: WirePath | str, nbytes: int) -> None:

@@ -75,25 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- model
 
 
-def random_codebooks_(model: Any, seed: int = 4321) -> None:
-    """Fill the RVQ codebooks with random entries.
-
-    A random-init `encodec` model has all-zero codebooks (they are set by k-means on the
-    first training batch), which would make every code 0; compute is the same either way,
-    but codes that vary keep the benchmark's decode input realistic.
-    """
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in model.quantizer.vq.layers:
-            embed = layer._codebook.embed
-            embed.copy_(0.05 * torch.randn(embed.shape, generator=gen))
-
-
 def load_model(weights: str) -> tuple[Any, str]:
     """(model, label): pretrained when asked for or found, else random with a loud warning."""
-    from models.weights import WeightsKind, WeightsUnavailable, load_encodec
+    from models.weights import RANDOM_LABEL, WeightsKind, WeightsUnavailable, load_encodec
 
     if weights == "random":
         model, _ = load_encodec(allow_random=True, repository=_nowhere())
@@ -108,9 +92,9 @@ def load_model(weights: str) -> tuple[Any, str]:
             return model, "pretrained"
     banner = "#" * 78
     print(f"{banner}\n# WARNING: RANDOM EnCodec WEIGHTS. Timings are real, audio is noise.\n"
-          f"# Results are labelled \"weights\": \"random\".\n{banner}", file=sys.stderr, flush=True)
-    random_codebooks_(model)
-    return model, "random"
+          f"# Results are labelled \"weights\": \"{RANDOM_LABEL}\".\n{banner}", file=sys.stderr,
+          flush=True)
+    return model, RANDOM_LABEL
 
 
 def _nowhere() -> Path:
@@ -328,7 +312,7 @@ def _docs_markdown(data: dict[str, Any], command: str) -> str:
         f"Command: `{command}`  ",
         f"Machine: {data['machine']}; torch threads: {data['threads']}  ",
         f"Weights: **{data['weights']}**"
-        + (" (timings are real, audio is noise)" if data["weights"] == "random" else "")
+        + (" (timings are real, audio is noise)" if data["weights"].startswith("random") else "")
         + f"; bandwidth {data['bandwidth_kbps']} kbps ({data['n_q']} codebooks); "
         f"40 ms chunks; real compute (not emulated); revision {data['revision']}.",
         "",

@@ -54,7 +54,7 @@ class HintTraffic:
     def _sign(self, sid: str) -> bytes:
         idx = self.next_index.get(sid, 0)
         self.next_index[sid] = idx + 1
-        return self.signer.sign(sid, Hint(model_id=1, bandwidth_kbps=6.0, epoch=1, seq=idx))
+        return self.signer.sign(sid, Hint(model_id=0, bandwidth_kbps=6.0, epoch=1, seq=idx))
 
     def forget(self, stream_ids: list[str]) -> None:
         for sid in stream_ids:

@@ -81,3 +81,24 @@ def test_validation_catches_a_broken_config(config: dict) -> None:
     bad["head_node_type"] = "head_gpu"
     with pytest.raises(ValueError, match="head_node_type"):
         validate_config(prepare_config(bad))
+
+
+def test_bridge_node_type_opens_what_its_workers_bind_and_announces_its_public_ip(config: dict) -> None:
+    from sfu_bridge.fleet import BRIDGE_RESOURCE
+
+    bridge = config["available_node_types"]["bridge_cpu"]
+    res = bridge["resources"]
+    assert res.get("GPU", 0) == 0 and res[BRIDGE_RESOURCE] == res["CPU"]  # one worker per vCPU
+    assert 1 <= bridge["min_workers"] <= bridge["max_workers"] <= config["max_workers"]
+    other = [t for n, t in config["available_node_types"].items() if n != "bridge_cpu"]
+    assert all(BRIDGE_RESOURCE not in t["resources"] for t in other)  # workers land only here
+    rules = {r["IpProtocol"]: r for r in config["provider"]["security_group"]["IpPermissions"]}
+    init = " ".join(bridge["initialization_commands"])
+    lo, hi = re.search(r'ip_local_port_range="(\d+) (\d+)"', init).groups()
+    assert (rules["udp"]["FromPort"], rules["udp"]["ToPort"]) == (int(lo), int(hi))  # media
+    assert rules["tcp"]["ToPort"] - rules["tcp"]["FromPort"] + 1 >= res[BRIDGE_RESOURCE]  # a port each
+    # the node's public IPv4 reaches the workers' environment as AURALINK_PUBLIC_IP
+    assert "meta-data/public-ipv4" in init and "AURALINK_PUBLIC_IP=" in init
+    env_file = re.search(r"tee (\S+)", init).group(1)
+    assert bridge["docker"]["worker_run_options"] == [f"--env-file {env_file}"]
+    assert config["file_mounts"]["/home/ray/auralink-secret"] == "./secrets"

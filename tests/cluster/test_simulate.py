@@ -289,7 +289,7 @@ def test_simulate_real_compute_few_streams(tmp_path):
     rep = _run(tmp_path, streams=3, duration_s=3.0, compute="real", replicas=1, flooders=0,
                forgers=0, replayers=0, time_dilation=1.0, deadline_ms=CPU_REAL_DEADLINE_MS)
     assert rep["compute"] == "real" and rep["compute_label"].startswith("real")
-    assert rep["weights"] == "random"
+    assert rep["weights"] == "random (codebooks k-means initialised)"
     assert rep["frames_unaccounted"] == 0
     assert rep["frames_total"] >= 3 * 3 / 0.04 * 0.8
     assert rep["compact_frames"] is False

@@ -78,3 +78,14 @@ def test_a_tick_exactly_due_counts_as_skipped_whatever_the_rounding():
     due = 0.02140625 + 0.04 + 0.002
     assert len(f.expected(due, 0.02)) == 0
     assert f.expected(due + 0.001, 0.05).arrival[0] == pytest.approx(0.02140625 + 0.08)
+
+
+def test_many_observations_do_not_pile_up_and_a_lookup_lists_every_stream_earliest_first():
+    f = ArrivalForecast(period_s=0.040)
+    keys = np.arange(500)
+    for tick in range(30):  # 500 streams, never looked up: each chunk replaces the last
+        f.observe(keys, tick * 0.040, np.full(500, tick * 0.040 + 0.1))
+    assert len(f) == 500 and f._next.size <= 2 * 512  # one entry per stream key, however many chunks
+    every = f.expected(29 * 0.040 + 0.030, 0.020)
+    assert sorted(every.keys.tolist()) == keys.tolist()
+    assert (np.diff(every.arrival) >= 0).all()

@@ -157,6 +157,18 @@ def test_measured_steps_are_applied_every_refresh_every_steps():
     m.observe(16, 30.0)  # a new bucket (with its prior): applied at once
     m.estimate(16)
     assert m.version > v and not m._dirty
+
+
+def test_the_distribution_is_rebuilt_every_refresh_every_steps_and_at_once_for_a_new_bucket():
+    m = LatencyModel.from_profile({4: {"p50": 10.0, "p99": 14.0}}, refresh_every=8)
+    before, version = m.p_within(4, 12.0), m.version
+    for _ in range(7):
+        m.observe(4, 40.0)
+    assert m.p_within(4, 12.0) == before and m.version == version  # not yet applied
+    m.observe(4, 40.0)
+    assert m.p_within(4, 12.0) < before and m.version > version
+    m.observe(16, 30.0)  # a new bucket: applied at once, with its prior
+    assert m.to_dict()["samples"]["16"] == 33 and m.quantile_ms(16, 0.99) >= 30.0
     with pytest.raises(ValueError, match="refresh_every"):
         LatencyModel(refresh_every=0)
 
@@ -173,3 +185,30 @@ def test_mean_step_times_are_the_means_of_the_rows():
     k = np.arange(1, 300)
     assert np.allclose(m.mean_ms(k), m.dist_rows(k)[:, 1:-1].mean(axis=1), rtol=1e-12, atol=1e-12)
     assert np.allclose(m.max_ms(k), m.dist_rows(k)[:, -1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("refresh_every", "small_share"), [(1, 0.9), (3, 0.9), (1, 0.0), (3, 0.0)])
+def test_rebuilding_only_the_sizes_whose_buckets_moved_matches_a_full_rebuild(refresh_every, small_share):
+    prof = {1: {"p50": 10.0, "p99": 16.0}, 8: {"p50": 30.0, "p99": 49.0}, 32: {"p50": 73.0, "p99": 89.0}}
+    rng = np.random.default_rng(3)
+    # Step time grows with the batch, so a measured step moves its own bucket's row only;
+    # with mostly small batches the last buckets (and the extrapolation beyond) mostly stay.
+    steps = []
+    for _ in range(400):
+        b = int(rng.integers(1, 8)) if rng.random() < small_share else int(rng.integers(1, 60))
+        steps.append((b, (8.0 + 2.0 * b) * float(rng.lognormal(0.0, 0.15))))
+    sizes, budgets = np.arange(1, 200), np.linspace(-5.0, 400.0, 97)
+    live = LatencyModel.from_profile(prof, refresh_every=refresh_every)
+    for i, (b, ms) in enumerate(steps):
+        live.observe(b, ms)
+        if i % 5 == 0:  # reads in between: rows rebuilt piecewise as buckets move
+            live.p_within_matrix(sizes, budgets)
+    batch = LatencyModel.from_profile(prof, refresh_every=refresh_every)
+    for b, ms in steps:
+        batch.observe(b, ms)
+    live.to_dict(), batch.to_dict()  # both apply every step
+    assert np.array_equal(live.dist_rows(sizes), batch.dist_rows(sizes))
+    # (the CDF axis may be laid out with other offsets: equal up to rounding)
+    assert np.allclose(live.p_within_matrix(sizes, budgets), batch.p_within_matrix(sizes, budgets),
+                       rtol=0.0, atol=1e-9)
+    assert np.array_equal(live.mean_ms(sizes), batch.mean_ms(sizes))

@@ -113,7 +113,8 @@ def test_control_api_requires_an_operator_token(app_url):
     assert status == 403 and body["detail"] == "token lacks the 'operator' scope"
     status, info = _http("GET", f"{app_url}/v1/replica")
     assert status == 200
-    assert info["compute"] == "real" and info["weights"] == "random" and info["capacity"] == 8
+    assert info["compute"] == "real" and info["weights"] == "random (codebooks k-means initialised)"
+    assert info["capacity"] == 8
     status, body = _http("POST", f"{app_url}/v1/opt-out", body={})
     assert status == 422
 

@@ -13,7 +13,7 @@ def test_bench_codec_writes_json(tmp_path, capsys):
                "--budget", "1", "--weights", "random", "--device", "cpu", "--no-docs"])
     assert rc == 0
     data = json.loads(out.read_text())
-    assert data["device"] == "cpu" and data["weights"] == "random"
+    assert data["device"] == "cpu" and data["weights"] == "random (codebooks k-means initialised)"
     assert data["bandwidth_kbps"] == 6.0 and data["n_q"] == 8
     assert [r["batch"] for r in data["results"]] == [1, 2]
     for row in data["results"]:

@@ -310,7 +310,7 @@ def test_bench_codec_measures_both_paths_and_writes_the_profile(tmp_path):
     assert row["p50_ms"] == row["paths"][CPU_DEFAULT_STEP.value]["p50_ms"]
     # The profile is what `auralink simulate --profile` and serve_config.yaml take.
     profile, label, weights = load_profile(out)
-    assert profile == {2: row["p50_ms"]} and weights == "random" and "cpu" in label
+    assert profile == {2: row["p50_ms"]} and weights.startswith("random") and "cpu" in label
     settings = ReplicaSettings.from_dict(data["serve_user_config"])
     assert settings.latency_profile == {2: row["p99_ms"]} and settings.profile_is_measured
 

@@ -243,3 +243,19 @@ def test_packet_framing_errors(packet: bytes, message: str) -> None:
 def test_constructor_rejects_bad_config(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         OpusCodec(**kwargs)
+
+
+def test_dtx_turns_silence_into_toc_only_frames_and_speech_stays():
+    from models.opus import OpusCodec, is_dtx_frame
+
+    codec = OpusCodec(1, sample_rate=48_000, frame_ms=20, bitrate=32_000, dtx=True)
+    t = np.arange(960 * 25) / 48_000
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    loud = codec.encode([0], tone[None])[0]
+    quiet = codec.encode([0], np.zeros((1, 960 * 50), np.float32))[0]
+    assert not any(is_dtx_frame(p) for p in loud)
+    dtx = [is_dtx_frame(p) for p in quiet]
+    assert sum(dtx) >= 30  # most of 1 s of silence is TOC-only frames
+    assert not all(dtx)  # ...and libopus still refreshes comfort noise now and then
+    plain = OpusCodec(1, sample_rate=48_000, frame_ms=20, bitrate=32_000)
+    assert not any(is_dtx_frame(p) for p in plain.encode([0], np.zeros((1, 960 * 50), np.float32))[0])

@@ -19,6 +19,7 @@ from models.weights import (
     CHECKPOINT_NAME,
     CHECKPOINT_URL,
     ENV_REPOSITORY,
+    RANDOM_LABEL,
     WeightsInfo,
     WeightsKind,
     WeightsUnavailable,
@@ -78,7 +79,7 @@ def test_loads_hash_named_checkpoint_from_directory(
     path = write_hashed(tmp_path / "repo", checkpoint_bytes)
     model, info = load_encodec(tmp_path / "repo")
     assert info == WeightsInfo(WeightsKind.PRETRAINED, str(path), sha256_of(path))
-    assert info.kind == "pretrained"
+    assert info.kind == "pretrained" and info.label == "pretrained"
     assert not model.training
     assert_same_weights(model, source_model)
 
@@ -193,21 +194,77 @@ def test_missing_weights_raise_with_instructions(
         load_encodec()
 
 
+# What the random path changes in the seeded model: the codebooks (k-means) and the encoder's
+# output layer (data-dependent init of its gain and bias).
+_DATA_INITIALISED = ("quantizer.", "encoder.model.15.conv.conv.weight_g",
+                     "encoder.model.15.conv.conv.bias")
+
+
 def test_allow_random_warns_and_is_seeded(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, encodec_model_24k: EncodecModel
 ) -> None:
     rng_before = torch.random.get_rng_state()
     with caplog.at_level(logging.WARNING, logger="models.weights"):
         model, info = load_encodec(tmp_path / "empty", allow_random=True)
-    assert info == WeightsInfo(WeightsKind.RANDOM, "random(seed=1234)", None)
+    assert (info.kind, info.source, info.sha256) == (WeightsKind.RANDOM, "random(seed=1234)", None)
     assert info.kind == "random"
+    assert info.label == RANDOM_LABEL == "random (codebooks k-means initialised)"
+    assert info.codebooks is not None and "k-means" in info.codebooks
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "RANDOM WEIGHTS: timings are real, audio is noise" in warnings[0].getMessage()
-    # the caller's RNG is untouched, and the weights are the test suite's seeded model
+    # the caller's RNG is untouched, and the weights are the test suite's seeded model except
+    # for what the codebook initialisation sets
     assert torch.equal(torch.random.get_rng_state(), rng_before)
-    assert_same_weights(model, encodec_model_24k)
+    seeded, got = encodec_model_24k.state_dict(), model.state_dict()
+    assert seeded.keys() == got.keys()
+    changed = {k for k in seeded if not torch.equal(seeded[k], got[k])}
+    assert changed and all(k.startswith(_DATA_INITIALISED) for k in changed), changed
+    assert "quantizer.vq.layers.31._codebook.embed" in changed
     assert not model.training
+
+
+def _speech(seconds: float = 2.0) -> torch.Tensor:
+    from models.codebook_init import speech_like
+
+    return torch.from_numpy(speech_like(voices=3, seconds=seconds, seed=99))  # not the init's
+
+
+def test_random_weights_give_real_codes(tmp_path: Path) -> None:
+    """Codebooks are no longer all zero: codes of speech-like audio use many values in every
+    codebook, down to the 32nd, and decode to audio that depends on them (not silence, and
+    not one fixed waveform whatever the codes)."""
+    from models.streaming import StreamingEncodec
+
+    model, _ = load_encodec(tmp_path / "empty", allow_random=True)
+    codec = StreamingEncodec(model, capacity=3, bandwidth_kbps=24.0)
+    pcm = _speech()
+    codes = codec.encode([0, 1, 2], pcm)  # [3, 32, 150]
+    assert codes.shape == (3, 32, 150) and codes.any()
+    distinct = [len(torch.unique(codes[:, q])) for q in range(32)]
+    assert min(distinct) >= 50, distinct  # of 450 frames; measured >= 100
+    audio = StreamingEncodec(model, capacity=3).decode([0, 1, 2], codes[:, :8])
+    other = StreamingEncodec(model, capacity=3).decode([0, 1, 2], codes[[1, 2, 0], :8])
+    rms = audio.pow(2).mean().sqrt()
+    assert rms > 1e-3
+    assert ((audio - other).pow(2).mean().sqrt() / rms) > 1e-2  # measured ~4e-2
+
+
+def test_random_weights_are_deterministic_across_loads(tmp_path: Path) -> None:
+    """Two loads (the second recomputing the k-means, with another torch thread count) give
+    the same weights bit for bit, hence the same codes."""
+    from models import weights
+
+    first, _ = load_encodec(tmp_path / "empty", allow_random=True)
+    threads = torch.get_num_threads()
+    weights._random_state.cache_clear()
+    torch.set_num_threads(1 if threads > 1 else 2)
+    try:
+        second, _ = load_encodec(tmp_path / "empty", allow_random=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads  # the init restores the caller's setting
+    assert_same_weights(first, second)
 
 
 def test_allow_random_still_prefers_real_weights(

@@ -58,7 +58,9 @@ def test_round_trip_every_bandwidth(n_q):
         (b"\x64" + FIXTURE_START[1:], None),  # BW 1 (n_q 4) -> wrong length, see below
         (b"\x58\x01\x00\x00\x00\x40\x20", "AIC payload bandwidth index 6 is invalid (0..4)"),
         (b"\x61\x01\x00\x00\x00\x40\x20", "AIC payload reserved bits are set"),
-        (b"\x60\x00\x00\x00", "AIC payload carries 0 frames"),
+        (b"\x60\x00\x00\x00", "AIC silence descriptor must be the 4-byte header with S = 0, BW = 0"),
+        (b"\x44\x00\x00\x00", "AIC silence descriptor must be the 4-byte header with S = 0, BW = 0"),
+        (b"\x40\x00\x00\x00\x00", "AIC silence descriptor must be the 4-byte header with S = 0, BW = 0"),
         (FIXTURE_START[:-1], "AIC payload is truncated: 6 bytes, expected 7 for n_q=2, frames=1"),
         (FIXTURE_START + b"\x00", "AIC payload is oversized: 8 bytes, expected 7 for n_q=2, frames=1"),
         (b"\x60\x01\x12\x34\x00\x40\x21", "nonzero padding bits in the last 4 bits of the payload"),
@@ -104,3 +106,14 @@ def test_pack_payloads_equals_one_at_a_time():
         pack_payloads(np.array([65536]), 8, codes[:1], starts[:1])
     with pytest.raises(ValueError, match=r"codes must have shape \[B, n_q=4, F\]"):
         pack_payloads(epochs, 4, codes, starts)
+
+
+def test_silence_descriptor_round_trip():
+    from sfu_bridge.aic_payload import silence_descriptor
+
+    sid = silence_descriptor(0x1234)
+    assert sid == b"\x40\x00\x12\x34"
+    p = AicPayload.parse(sid)
+    assert p.is_sid and p.epoch == 0x1234 and not p.start and p.n_frames == 0
+    with pytest.raises(ValueError, match="epoch 65536 out of range"):
+        silence_descriptor(65536)

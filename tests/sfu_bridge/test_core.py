@@ -15,6 +15,7 @@ from deployments.supervisor_policy import SupervisorConfig
 from sfu_bridge.core import BridgeCore, SupervisorLink
 from sfu_bridge.hint_auth import HintSigner
 from sfu_bridge.hint_ext import Hint
+from tests.models.equivalence import assert_codes_equivalent, quantizer_input
 
 SILENCE = np.zeros(CHUNK_SAMPLES, np.float32)
 
@@ -140,8 +141,10 @@ def test_streaming_through_the_core_equals_one_pass(replica_core, codec_runtime,
     codec = codec_runtime[0]
     spare = np.array([16])  # the replica's reserved health slot
     codec.reset_encoder(spare)
-    want = np.asarray(codec.encode(spare, np.concatenate(chunks)[None, :]))[0]
-    np.testing.assert_array_equal(got, want)
+    pcm = np.concatenate(chunks)[None, :]
+    want = np.asarray(codec.encode(spare, pcm))[0]
+    # Equal up to quantizer near-ties: one call of 9 frames and three of 3 use other kernels.
+    assert_codes_equivalent(got[None], want[None], quantizer_input(codec, pcm))
 
 
 def test_fallback_bumps_the_epoch_and_a_restarted_codec_answers_reset(replica_core, sine_chunk):
@@ -287,11 +290,11 @@ def test_hints_verified_and_counted_once_per_tick(replica_core, secret):
     core = BridgeCore(replica_core(), deadline_ms=5_000, hint_secret=secret, limiter=Limiter())
     core.join("a")
     core.join("b")
-    good = [signer.sign("a", Hint(1, 6.0, 1, seq=i)) for i in range(1, 5)]
+    good = [signer.sign("a", Hint(0, 6.0, 1, seq=i)) for i in range(1, 5)]
     for raw in good:
         core.add_hint("a", raw)
     core.add_hint("a", good[0])  # replay
-    core.add_hint("b", signer.sign("a", Hint(1, 6.0, 1, seq=1)))  # signed for another stream
+    core.add_hint("b", signer.sign("a", Hint(0, 6.0, 1, seq=1)))  # signed for another stream
     core.add_hint("b", b"\x00" * 3)  # garbage
     core.add_hint("nobody", good[1])  # not a stream here: ignored
     report = run(core.tick())
@@ -687,7 +690,7 @@ def test_bridge_decisions_reach_the_metrics(secret, sine_chunk):
         core.push(sid, sine_chunk(100, 0))
     for i in range(3):  # two beyond the backlog limit: shed as overload
         core.push("busy", sine_chunk(100, i))
-    good = [signer.sign("on", Hint(1, 6.0, 1, seq=i)) for i in range(1, 4)]
+    good = [signer.sign("on", Hint(0, 6.0, 1, seq=i)) for i in range(1, 4)]
     for raw in good[:2]:
         core.add_hint("on", raw)  # the limiter lets one through: 1 accepted, 1 limited
     core.add_hint("on", good[0])  # replayed
@@ -706,7 +709,8 @@ def test_bridge_decisions_reach_the_metrics(secret, sine_chunk):
     assert reg.gauge(m.STREAMS_ACTIVE, bridge="metrics-bridge") == 4
     got = {v: reg.counter(m.HINTS, verdict=v.value) - hints_before[v] for v in m.HintVerdict}
     assert got == {m.HintVerdict.ACCEPTED: 1, m.HintVerdict.LIMITED: 2, m.HintVerdict.REPLAYED: 1,
-                   m.HintVerdict.FORGED: 3, m.HintVerdict.MALFORMED: 1}
+                   m.HintVerdict.FORGED: 3, m.HintVerdict.MALFORMED: 1,
+                   m.HintVerdict.UNKNOWN_MODEL: 0}
 
     # A client that never answers (the bridge gives up: deadline), then a replica answering
     # with an outcome code no reason has (the bridge overrules it: error).

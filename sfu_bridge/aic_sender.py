@@ -1,0 +1,159 @@
+"""What one AIC subscriber is sent: its layer of each frame, packetised, and DTX signalling.
+
+The bridge core encodes a stream once per chunk, as deep as its deepest subscriber needs.
+`AicSender` turns those frames into one subscriber's RTP payloads:
+
+- **layer**: the first k codebooks of each frame, k from the subscriber's rate controller
+  (rate_control.py) under the stream's cap, or a pinned layer; k may change on any packet
+  without an epoch change (the decoder's state does not depend on k);
+- **packet duration**: 40, 80 or 120 ms of codes per packet, as the controller asks; a packet
+  never spans two epochs or a gap, so a pending packet is sent early at an epoch change,
+  before a fallback (Opus) frame or when DTX starts;
+- **DTX**: when the stream's talk spurt ends, a silence descriptor (aic_payload.py, F = 0),
+  then one every `SID_INTERVAL_TICKS` (400 ms, as Opus DTX refreshes comfort noise); the first
+  packet with codes after silence has the RTP marker bit (RFC 3551 section 4.1) and starts a
+  new epoch.
+
+Pure logic: `on_frame` returns the packets to send; media.py sends them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from deployments.contract import Outcome
+from sfu_bridge.aic_payload import AicPayload, silence_descriptor
+from sfu_bridge.rate_control import (
+    Layer,
+    RateControlConfig,
+    RateController,
+    ReceiverReportTracker,
+    ReportBlock,
+)
+
+SID_INTERVAL_TICKS = 10  # 400 ms
+EPOCH_MODULUS = 1 << 16
+
+
+@dataclass
+class OutPacket:
+    payload: bytes
+    timestamp: int  # 48 kHz RTP clock of the first sample
+    marker: bool = False
+    sid: bool = False
+    n_q: int = 0
+    chunks: int = 0
+
+
+@dataclass
+class AicSender:
+    rate: RateController | None = field(default_factory=RateController)
+    pinned: Layer | None = None  # a fixed layer (tests, benches): no rate control
+    tracker: ReceiverReportTracker = field(default_factory=ReceiverReportTracker)
+    layer: Layer = field(default_factory=lambda: Layer(32))
+    silent: bool = False
+    packets: int = 0
+    sids: int = 0
+    bytes_by_n_q: dict[int, int] = field(default_factory=dict)  # payload bytes per depth
+    wire_bytes: int = 0  # on the wire (SRTP tag, IPv4 and UDP included), cumulative
+    trace: list[dict] | None = None  # when a list: one entry per receiver report (benches)
+    _pending: list[Any] = field(default_factory=list)  # FrameOutcome of the packet being built
+    _sid_wait: int = 0
+    _last_epoch: int = 0
+    _marker: bool = False
+
+    @classmethod
+    def adaptive(cls, config: RateControlConfig | None = None) -> AicSender:
+        return cls(rate=RateController(config or RateControlConfig()))
+
+    @classmethod
+    def fixed(cls, layer: Layer) -> AicSender:
+        return cls(rate=None, pinned=layer, layer=layer)
+
+    def choose(self, max_n_q: int) -> Layer:
+        """The layer for the next frame under the stream's cap `max_n_q`."""
+        if self.pinned is not None:
+            self.layer = Layer(min(self.pinned.n_q, max_n_q), self.pinned.packet_ms)
+        elif self.rate is not None:
+            self.layer = self.rate.layer(max_n_q)
+        return self.layer
+
+    def on_frame(self, fo: Any, max_n_q: int, cache: dict | None = None) -> list[OutPacket]:
+        """A tick's frame of this subscriber's stream -> the packets to send now (an Opus
+        frame's own packets are the caller's; this only flushes what was pending)."""
+        out: list[OutPacket] = []
+        if fo.outcome is Outcome.AI and fo.codes is not None:
+            if self._pending:
+                last = self._pending[-1]
+                if fo.epoch != last.epoch or fo.epoch_seq != last.epoch_seq + 1:
+                    out += self.flush(cache)
+            if self.silent:
+                self.silent, self._marker = False, True
+            layer = self.choose(max_n_q)
+            self._pending.append(fo)
+            if len(self._pending) >= layer.chunks_per_packet:
+                out += self.flush(cache)
+            return out
+        out += self.flush(cache)
+        if fo.outcome is Outcome.DTX:
+            if not self.silent:
+                self.silent, self._sid_wait = True, 0
+            if self._sid_wait == 0:
+                out.append(OutPacket(silence_descriptor(self._last_epoch), fo.rtp_timestamp,
+                                     sid=True))
+                self.sids += 1
+                self._sid_wait = SID_INTERVAL_TICKS
+            self._sid_wait -= 1
+        else:
+            self.silent = False
+        return out
+
+    def flush(self, cache: dict | None = None) -> list[OutPacket]:
+        """The pending frames as one packet. `cache` (one per tick) lets subscribers at the
+        same layer and packet duration share the packing of a payload."""
+        if not self._pending:
+            return []
+        frames, self._pending = self._pending, []
+        n_q = min([self.layer.n_q] + [f.n_q for f in frames])
+        epoch = frames[0].epoch % EPOCH_MODULUS
+        self._last_epoch = epoch
+        key = (tuple(id(f) for f in frames), n_q)
+        payload = cache.get(key) if cache is not None else None
+        if payload is None:
+            codes = np.concatenate([f.codes[:n_q] for f in frames], axis=1)
+            payload = bytes(AicPayload(epoch, n_q, codes, start=frames[0].epoch_seq == 0))
+            if cache is not None:
+                cache[key] = payload
+        marker, self._marker = self._marker, False
+        self.packets += 1
+        self.bytes_by_n_q[n_q] = self.bytes_by_n_q.get(n_q, 0) + len(payload)
+        return [OutPacket(payload, frames[0].rtp_timestamp, marker, n_q=n_q,
+                          chunks=len(frames))]
+
+    # -- feedback ----------------------------------------------------------------------------
+    def sent(self, wire_bytes: int) -> None:
+        self.wire_bytes += wire_bytes
+        self.tracker.sent(wire_bytes)
+
+    def on_report(self, block: ReportBlock, now: float, max_n_q: int) -> Layer | None:
+        """A receiver report about our SSRC -> the new layer when it changed."""
+        if self.rate is None:
+            return None
+        before = self.layer
+        fb = self.tracker.feedback(block, now)
+        decision = self.rate.update(fb, max_n_q)
+        after = self.choose(max_n_q)
+        if self.trace is not None and len(self.trace) < 10_000:
+            loss, lost = self.rate.smoothed_loss()
+            qd = self.rate.queue_delay_ms(fb.rtt_s)
+            self.trace.append({
+                "t": now, "expected": fb.expected, "lost": fb.lost, "loss_window": round(loss, 4),
+                "rtt_ms": None if fb.rtt_s is None else round(fb.rtt_s * 1000, 1),
+                "queue_ms": None if qd is None else round(qd, 1),
+                "received_kbps": None if fb.received_kbps is None else round(fb.received_kbps, 2),
+                "reason": decision.reason.value, "target_kbps": round(decision.target_kbps, 2),
+                "n_q": after.n_q, "packet_ms": after.packet_ms})
+        return after if after != before else None

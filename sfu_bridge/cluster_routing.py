@@ -1,0 +1,184 @@
+"""Any bridge URL works: the routing step a bridge worker in the cluster puts in front of its
+WHIP/WHEP handlers (an aiohttp middleware; sfu_bridge/server.py itself is unchanged).
+
+A ``POST /whip/<stream>`` or ``POST /whep/<stream>`` that reaches a worker which does not
+own the stream is sent to the owner (sfu_bridge/fleet.py says who that is):
+
+- **307 Temporary Redirect** with ``Location: <owner URL>/whip/<stream>`` (RFC 9725 section
+  4.5). The client repeats the POST there with the same method, body and Authorization
+  header (sfu_bridge/sdk.py does; so do HTTP clients told to trust the cluster's hosts).
+- **Forwarded** to the owner over the cluster network, its answer relayed, for browsers:
+  the Fetch standard drops ``Authorization`` when a redirect crosses origins, so a browser
+  that followed a 307 would arrive without its token. A request with an ``Origin`` header
+  (browsers send one on every cross-origin and every POST request) is forwarded in the
+  default ``auto`` mode. The answer's ``Location`` names the owner's own URL, so the
+  session's DELETE goes straight there; the media flows to the owner's ICE candidates.
+- **503 + Retry-After** when no live worker admits new streams (all draining, or none).
+- **404** for a WHEP request of a stream nobody publishes.
+
+The token is checked before anything is revealed about where a stream lives: a request
+without a valid one goes to the local handler, which answers 401/403 as always. A request
+already forwarded by another worker (``Auralink-Forwarded``) and a stream whose publisher
+is here are handled locally without asking anyone. If the registry cannot be asked, the
+worker serves the request itself (a draining worker refuses new streams with 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import re
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from sfu_bridge.fleet import Route, RouteKind, RouteReason, SignalKind
+
+logger = logging.getLogger(__name__)
+
+FORWARDED_HEADER = "Auralink-Forwarded"
+# the collection URLs only; session URLs (DELETE/PATCH) carry their worker in Location
+OFFER_PATH_RE = re.compile(r"^/(whip|whep)/([A-Za-z0-9][A-Za-z0-9_.\-]{0,127})/?$")
+# headers of the owner's answer a forwarded request relays to the client
+RELAYED = ("Location", "Link", "Content-Type", "Retry-After", "WWW-Authenticate", "Auralink-Replaced")
+
+
+class RedirectMode(str, enum.Enum):
+    AUTO = "auto"  # forward browser requests (Origin header), 307 for the others
+    REDIRECT = "redirect"  # always 307
+    FORWARD = "forward"  # always forward
+
+
+class RoutingOutcome(str, enum.Enum):
+    LOCAL = "local"
+    REDIRECTED = "redirected"
+    FORWARDED = "forwarded"
+    REFUSED_NO_WORKER = "refused/no_worker"
+    REFUSED_NO_PUBLISHER = "refused/no_publisher"
+    REFUSED_DRAINING = "refused/draining"
+    FORWARD_FAILED = "forward_failed"
+    REGISTRY_UNAVAILABLE = "registry_unavailable"
+
+
+RouteFn = Callable[[str, SignalKind], Awaitable[Route]]
+
+
+class ClusterRouting:
+    """The routing middleware of one worker.
+
+    `route(stream, kind)` asks the registry (it raises if the registry is unreachable);
+    `holds(stream)` says whether this worker holds the stream's publisher; `authorized(
+    header, kind, stream)` whether the request's token would be accepted here.
+    """
+
+    def __init__(
+        self,
+        worker_id: str,
+        route: RouteFn,
+        holds: Callable[[str], bool],
+        authorized: Callable[[str | None, SignalKind, str], bool],
+        mode: RedirectMode = RedirectMode.AUTO,
+        route_timeout_s: float = 2.0,
+        forward_timeout_s: float = 15.0,
+        retry_after_s: int = 2,
+    ) -> None:
+        self.worker_id = worker_id
+        self.route = route
+        self.holds = holds
+        self.authorized = authorized
+        self.mode = mode
+        self.route_timeout_s = route_timeout_s
+        self.forward_timeout_s = forward_timeout_s
+        self.retry_after_s = retry_after_s
+        self.draining = False
+        self.counters: Counter[str] = Counter()
+        self._http: aiohttp.ClientSession | None = None
+
+    def install(self, app: web.Application) -> None:
+        """Run inside the app's error/CORS middleware (it must be called before startup)."""
+        app.middlewares.append(self.middleware)
+        app.on_cleanup.append(self._close)
+
+    async def _close(self, app: web.Application) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        m = OFFER_PATH_RE.match(request.path) if request.method == "POST" else None
+        if m is None or FORWARDED_HEADER in request.headers:
+            return await handler(request)
+        kind, stream = SignalKind(m.group(1)), m.group(2)
+        if self.holds(stream) or not self.authorized(request.headers.get("Authorization"), kind, stream):
+            return await self._local(request, handler)
+        try:
+            route = await asyncio.wait_for(self.route(stream, kind), self.route_timeout_s)
+        except Exception as exc:  # registry restarting or unreachable: decide alone
+            self.counters[RoutingOutcome.REGISTRY_UNAVAILABLE.value] += 1
+            logger.warning("bridge registry unavailable (%s): serving stream=%s here",
+                           type(exc).__name__, stream)
+            if self.draining and kind is SignalKind.PUBLISH:
+                return self._refuse(RoutingOutcome.REFUSED_DRAINING, "this bridge worker is draining")
+            return await self._local(request, handler)
+        if route.kind is RouteKind.LOCAL:
+            if self.draining and kind is SignalKind.PUBLISH and route.reason is RouteReason.PLACED:
+                return self._refuse(RoutingOutcome.REFUSED_DRAINING, "this bridge worker is draining")
+            return await self._local(request, handler)
+        if route.kind is RouteKind.REFUSE:
+            if route.reason is RouteReason.NO_PUBLISHER:
+                self.counters[RoutingOutcome.REFUSED_NO_PUBLISHER.value] += 1
+                return web.Response(status=404, text="stream has no publisher\n")
+            return self._refuse(RoutingOutcome.REFUSED_NO_WORKER,
+                                "no bridge worker admits new streams now", route.retry_after_s)
+        assert route.url is not None
+        if self.mode is RedirectMode.FORWARD or (
+            self.mode is RedirectMode.AUTO and "Origin" in request.headers
+        ):
+            return await self._forward(request, route)
+        self.counters[RoutingOutcome.REDIRECTED.value] += 1
+        return web.Response(
+            status=307, text="stream is served by another bridge worker\n",
+            headers={"Location": route.url.rstrip("/") + request.path_qs},
+        )
+
+    async def _local(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.counters[RoutingOutcome.LOCAL.value] += 1
+        return await handler(request)
+
+    def _refuse(self, outcome: RoutingOutcome, message: str, retry_after_s: int | None = None) -> web.Response:
+        self.counters[outcome.value] += 1
+        return web.Response(status=503, text=message + "\n",
+                            headers={"Retry-After": str(retry_after_s or self.retry_after_s)})
+
+    async def _forward(self, request: web.Request, route: Route) -> web.Response:
+        """POST the offer to the owner inside the cluster and relay its answer."""
+        body = await request.read()  # the app's client_max_size applies (413 beyond)
+        headers = {FORWARDED_HEADER: self.worker_id}
+        for name in ("Authorization", "Content-Type"):
+            if name in request.headers:
+                headers[name] = request.headers[name]
+        target = (route.internal_url or route.url or "").rstrip("/") + request.path_qs
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        try:
+            async with self._http.post(
+                target, data=body, headers=headers, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=self.forward_timeout_s),
+            ) as resp:
+                text = await resp.read()
+                out = CIMultiDict()
+                for name in RELAYED:
+                    for value in resp.headers.getall(name, []):
+                        out.add(name, value)
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            logger.warning("forwarding to bridge worker %s failed: %s", route.worker_id, type(exc).__name__)
+            return self._refuse(RoutingOutcome.FORWARD_FAILED, "the stream's bridge worker did not answer", 1)
+        self.counters[RoutingOutcome.FORWARDED.value] += 1
+        return web.Response(status=status, body=text, headers=out)

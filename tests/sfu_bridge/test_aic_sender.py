@@ -1,0 +1,75 @@
+"""One AIC subscriber's packets: its layer of each frame, 40/80/120 ms packets, DTX signalling."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from deployments.contract import FallbackReason, Outcome
+from sfu_bridge.aic_payload import AicPayload
+from sfu_bridge.aic_sender import SID_INTERVAL_TICKS, AicSender
+from sfu_bridge.core import FrameOutcome
+from sfu_bridge.rate_control import Layer
+
+
+def _ai(epoch: int, seq: int, n_q: int = 32, t: int = 0) -> FrameOutcome:
+    codes = (np.arange(n_q * 3, dtype=np.int16).reshape(n_q, 3) + 7 * seq) % 1024
+    return FrameOutcome("s", Outcome.AI, None, epoch, seq, t * 1920, np.zeros(960, np.float32), codes)
+
+
+def _other(outcome: Outcome, t: int) -> FrameOutcome:
+    reason = FallbackReason.DEADLINE if outcome is Outcome.FALLBACK else None
+    return FrameOutcome("s", outcome, reason, 0, 0, t * 1920, np.zeros(960, np.float32))
+
+
+def test_each_packet_carries_the_subscribers_prefix():
+    tx = AicSender.fixed(Layer(4))
+    frames = [_ai(1, i, t=i) for i in range(3)]
+    packets = [p for f in frames for p in tx.on_frame(f, max_n_q=32)]
+    assert len(packets) == 3
+    for f, p in zip(frames, packets, strict=True):
+        parsed = AicPayload.parse(p.payload)
+        assert parsed.n_q == 4 and parsed.epoch == 1
+        np.testing.assert_array_equal(parsed.codes, f.codes[:4])
+    assert AicPayload.parse(packets[0].payload).start and not AicPayload.parse(packets[1].payload).start
+    # the stream's cap (publisher's request / operator) bounds a pinned layer too
+    p = tx.on_frame(_ai(1, 3, t=3), max_n_q=2)[0]
+    assert AicPayload.parse(p.payload).n_q == 2
+
+
+def test_longer_packets_aggregate_and_never_span_an_epoch():
+    tx = AicSender.fixed(Layer(8, 120))
+    out = []
+    for i in range(4):
+        out += tx.on_frame(_ai(1, i, t=i), 32)
+    assert len(out) == 1 and out[0].chunks == 3  # 120 ms: three chunks in one packet
+    p = AicPayload.parse(out[0].payload)
+    assert p.n_frames == 9 and p.start and out[0].timestamp == 0
+    np.testing.assert_array_equal(p.codes[:, 3:6], _ai(1, 1).codes[:8])
+    # a new epoch starts: the pending chunk goes out alone first
+    out = tx.on_frame(_ai(2, 0, t=4), 32)
+    assert [AicPayload.parse(x.payload).n_frames for x in out] == [3]
+    assert AicPayload.parse(out[0].payload).epoch == 1
+    # a fallback frame flushes too (its Opus packets are sent by the caller after these)
+    out = tx.on_frame(_other(Outcome.FALLBACK, 5), 32)
+    assert len(out) == 1 and AicPayload.parse(out[0].payload).start
+
+
+def test_a_frame_shallower_than_the_layer_sends_what_it_has():
+    tx = AicSender.fixed(Layer(32, 80))
+    out = tx.on_frame(_ai(1, 0, n_q=32), 32) + tx.on_frame(_ai(1, 1, n_q=8, t=1), 32)
+    assert AicPayload.parse(out[0].payload).n_q == 8
+
+
+def test_dtx_sends_a_silence_descriptor_every_400_ms_and_marks_the_next_talk_spurt():
+    tx = AicSender.fixed(Layer(8))
+    tx.on_frame(_ai(3, 0), 32)
+    sids = []
+    for t in range(1, 1 + 2 * SID_INTERVAL_TICKS + 1):
+        sids += tx.on_frame(_other(Outcome.DTX, t), 32)
+    assert len(sids) == 3 and all(p.sid for p in sids)
+    assert [p.timestamp // 1920 for p in sids] == [1, 1 + SID_INTERVAL_TICKS, 1 + 2 * SID_INTERVAL_TICKS]
+    assert all(AicPayload.parse(p.payload).is_sid and AicPayload.parse(p.payload).epoch == 3 for p in sids)
+    (back,) = tx.on_frame(_ai(4, 0, t=40), 32)
+    assert back.marker and AicPayload.parse(back.payload).start
+    (next_,) = tx.on_frame(_ai(4, 1, t=41), 32)
+    assert not next_.marker

@@ -1,0 +1,108 @@
+"""Bridge fleet logic without Ray: ownership, placement, liveness, drains."""
+
+from __future__ import annotations
+
+from deployments.affinity import owner as rendezvous_owner
+from sfu_bridge.fleet import (
+    Route,
+    RouteKind,
+    RouteReason,
+    SignalKind,
+    WorkerReport,
+    WorkerTable,
+    choose_drain,
+)
+
+PUB, SUB = SignalKind.PUBLISH, SignalKind.SUBSCRIBE
+
+
+def rep(wid: str, streams: dict[str, float] | None = None, seq: int = 1, sessions: int | None = None,
+        started_at: float = 0.0) -> WorkerReport:
+    streams = streams or {}
+    return WorkerReport(
+        worker_id=wid, actor_name=f"auralink-bridge-{wid}", url=f"http://pub-{wid}:8100",
+        internal_url=f"http://10.0.0.{len(wid)}:8100", node_ip="10.0.0.1", pid=1,
+        streams=streams, sessions=len(streams) if sessions is None else sessions, seq=seq,
+        started_at=started_at,
+    )
+
+
+def table(*reports: WorkerReport, now: float = 0.0) -> WorkerTable:
+    t = WorkerTable(dead_after_s=3.0)
+    for r in reports:
+        t.report(r, now)
+    return t
+
+
+def test_the_owner_is_the_worker_holding_the_publisher_and_gets_both_kinds():
+    t = table(rep("a"), rep("b", {"room": 1.0}), rep("c"))
+    for kind in (PUB, SUB):
+        r = t.route("room", kind, asking="a", now=1.0)
+        assert (r.kind, r.reason, r.worker_id, r.url) == (
+            RouteKind.REDIRECT, RouteReason.OWNER, "b", "http://pub-b:8100")
+        assert r.internal_url == "http://10.0.0.1:8100"
+    assert t.route("room", SUB, asking="b", now=1.0).kind is RouteKind.LOCAL
+
+
+def test_a_new_stream_is_placed_by_rendezvous_hash_and_every_worker_names_the_same():
+    t = table(rep("a"), rep("b"), rep("c"))
+    streams = [f"s{i}" for i in range(60)]
+    for s in streams:
+        routes = {t.route(s, PUB, asking=w, now=1.0) for w in "abc"}
+        winners = {r.worker_id for r in routes}
+        assert winners == {rendezvous_owner(s, ["a", "b", "c"])}
+        assert all(r.reason is RouteReason.PLACED for r in routes)
+    assert len({rendezvous_owner(s, ["a", "b", "c"]) for s in streams}) == 3  # spread over all
+
+
+def test_a_subscriber_of_a_stream_nobody_publishes_is_refused():
+    r = table(rep("a")).route("ghost", SUB, asking="a", now=1.0)
+    assert (r.kind, r.reason) == (RouteKind.REFUSE, RouteReason.NO_PUBLISHER)
+
+
+def test_draining_workers_take_no_new_stream_but_keep_their_own():
+    t = table(rep("a", {"old": 1.0}), rep("b"))
+    t.set_draining("a", True, now=1.0)
+    for s in (f"new{i}" for i in range(20)):
+        assert t.route(s, PUB, asking="a", now=1.0).worker_id == "b"
+    assert t.route("old", SUB, asking="b", now=1.0).worker_id == "a"
+    assert t.route("old", PUB, asking="a", now=1.0).kind is RouteKind.LOCAL  # republish stays
+    t.set_draining("b", True, now=1.0)
+    r = t.route("new0", PUB, asking="a", now=1.0, retry_after_s=5)
+    assert (r.kind, r.reason, r.retry_after_s) == (RouteKind.REFUSE, RouteReason.NO_WORKER, 5)
+
+
+def test_a_silent_worker_owns_nothing_so_its_publisher_lands_on_a_survivor():
+    t = table(rep("a", {"room": 1.0}), rep("b"), now=0.0)
+    t.report(rep("b", seq=2), now=3.5)  # b keeps reporting, a went silent at 0.0
+    assert t.route("room", SUB, asking="b", now=2.9).worker_id == "a"
+    r = t.route("room", PUB, asking="b", now=3.5)
+    assert (r.kind, r.reason) == (RouteKind.LOCAL, RouteReason.PLACED)
+    assert [w.worker_id for w in t.stale(3.5)] == ["a"]
+
+
+def test_two_workers_reporting_a_stream_the_newest_publisher_wins():
+    t = table(rep("a", {"room": 5.0}), rep("b", {"room": 9.0}))
+    assert t.route("room", SUB, asking="a", now=1.0).worker_id == "b"
+
+
+def test_an_older_report_never_overwrites_a_newer_one():
+    t = table(rep("a", {"room": 1.0}, seq=5))
+    t.report(rep("a", {}, seq=4), now=1.0)
+    assert t.owner_of("room", now=1.0) is not None
+    t.report(rep("a", {}, seq=6), now=1.0)
+    assert t.owner_of("room", now=1.0) is None
+
+
+def test_route_round_trips_as_plain_data():
+    r = Route(RouteKind.REDIRECT, RouteReason.OWNER, "b", "http://x:1", "http://y:1", 0)
+    assert Route.from_dict(r.to_dict()) == r
+    w = rep("a", {"s": 2.0})
+    assert WorkerReport.from_dict({**w.to_dict(), "unknown_future_field": 1}) == w
+
+
+def test_drain_choice_prefers_idle_then_young_workers():
+    recs = table(rep("a", sessions=3, started_at=1.0), rep("b", sessions=0, started_at=1.0),
+                 rep("c", sessions=0, started_at=5.0)).records.values()
+    assert choose_drain(recs, 2) == ["c", "b"]
+    assert choose_drain(recs, 0) == []
