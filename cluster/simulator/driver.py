@@ -482,11 +482,6 @@ class Simulation:
             "flooder_limit": flooder_limit(
                 rates, HINT_LIMIT_PER_S, HINT_BURST, sim_s, limiter_health,
                 flooders=sum(s.flooders for s in self.specs)),
-            # The limiter runs on Redis' clock: per wall second x D. Equal to the line above
-            # when no tick ran late; if ticks lagged, simulated time stretched past wall/D.
-            "flooder_allowed_hints_per_s_limiter_clock": summarize_rates(
-                {sid: n * self.dilation / max(self.wall_s, 1e-9) for sid, n in allowed.items()},
-                HINT_LIMIT_PER_S),
             "wire_kbps_ai": round(self.specs[0].ai_frame_bytes * 8 / TICK_S / 1000, 3),
             "wire_kbps_native": round(self.env.native_frame_bytes * 8 / TICK_S / 1000, 3),
             "wire_note": (

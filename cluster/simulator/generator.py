@@ -167,9 +167,11 @@ class LoadGenerator:
             logger.warning("hint limiter not installed (%s): hints are not rate limited", exc)
             return None
         client = redis_store.connect(self.spec.redis_url)
-        # 100 hints per simulated second: the limiter runs on Redis' (wall) clock
-        return HintLimiter(client, rate_per_s=HINT_LIMIT_PER_S / self.spec.dilation,
-                           bridge_id=self.spec.bridge_id)
+        # 100 hints per simulated second, on the simulated clock: ticks that run late (the
+        # run fell behind its dilation) must not stretch the limiter's seconds, or flooders
+        # would get more than the limit per simulated second
+        return HintLimiter(client, rate_per_s=HINT_LIMIT_PER_S, bridge_id=self.spec.bridge_id,
+                           clock=self.sim_clock, clock_rate=1.0 / self.spec.dilation)
 
     # ------------------------------------------------------------------------ population
     def _join(self, slots: np.ndarray) -> None:
