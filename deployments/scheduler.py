@@ -668,8 +668,9 @@ class EdfScheduler:
             # wait before them), or a step of a few easy frames would look as good as a full one.
             value = value / (wait_ms + tau + model.mean_ms(m))
         value[end > n] = -np.inf
-        # First maximum in (start, size) order: then the head first.
-        si, kj = np.unravel_index(int(np.argmax(value)), value.shape)
+        # The first window in (start, size) order within a relative 1e-9 of the best: the head
+        # first, and what counts as the best does not hang on the order numpy adds in.
+        si, kj = np.unravel_index(_first_best(value.ravel()), value.shape)
         return float(value[si, kj]), int(si), int(ks[kj])
 
     def _unseen_slack(self, horizon_ms: float, known: int) -> np.ndarray:
@@ -777,6 +778,12 @@ class EdfScheduler:
 
     def snapshot_counters(self) -> dict[str, int]:
         return dict(self.counters)
+
+
+def _first_best(value: np.ndarray) -> int:
+    """Index of the first entry within a relative 1e-9 of the maximum."""
+    best = float(value.max())
+    return int((value >= best - 1e-9 * (1.0 + abs(best))).argmax())
 
 
 def _prefix(per_run: np.ndarray, run_start: np.ndarray, run_w: np.ndarray, cw: np.ndarray,
