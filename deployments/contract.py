@@ -76,6 +76,7 @@ def decode_reason(code: int) -> FallbackReason | None:
 
 
 VALID_N_Q = N_Q_BY_BANDWIDTH  # codebooks of BANDWIDTHS_KBPS, in order
+_N_Q_OK = np.isin(np.arange(max(VALID_N_Q) + 1), VALID_N_Q)  # n -> n is a valid depth
 
 
 def codebooks_bandwidth(n_q: int) -> float:
@@ -127,7 +128,8 @@ class FrameBatch:
         if self.n_q is not None:
             if not isinstance(self.n_q, np.ndarray) or self.n_q.shape != (b,):
                 raise ValueError(f"n_q must be an array of shape ({b},)")
-            if b and not np.isin(self.n_q, VALID_N_Q).all():
+            if b and not (self.n_q.dtype.kind in "iu" and 0 <= self.n_q.min() and self.n_q.max() < _N_Q_OK.size
+                          and _N_Q_OK[self.n_q].all()):
                 raise ValueError(f"n_q values must be in {VALID_N_Q}")
         pcm = self.pcm
         if not isinstance(pcm, np.ndarray) or pcm.ndim != 2 or pcm.shape[0] != b:

@@ -47,6 +47,9 @@ def test_key_derivation_matches_rfc5869_and_binds_the_stream():
     assert key_a == _hkdf_reference(SECRET, "stream-a")
     assert key_a != derive_stream_key(SECRET, "stream-b")
     assert key_a != derive_stream_key(SECRET + b"x", "stream-a")
+    for secret in (SECRET, b"k", bytes(range(200))):  # short, long (beyond a block) secrets
+        for sid in ("s", "ström-ü", "x" * 300):
+            assert derive_stream_key(secret, sid) == _hkdf_reference(secret, sid)
 
 
 def test_tag_is_truncated_hmac_over_index_and_body():
