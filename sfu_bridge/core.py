@@ -1178,6 +1178,10 @@ class BridgeCore:
             self._last_exchange = self.period_clock()
             return StreamReports(ids, outcomes, users, replicas)
 
+    def discard_tallies(self) -> None:
+        """Forget the outcomes not yet reported (a load test's warm-up ticks)."""
+        self.tally[: self._top] = 0
+
     async def exchange(self) -> None:
         """One report to the supervisor; its verdicts are applied when they come back. A
         failed exchange keeps the last decisions (counted)."""

@@ -262,6 +262,12 @@ def test_simulate_with_a_modelled_profile_labels_the_report(tmp_path):
     assert "modelled (not measured)" in rep["compute_label"]
     assert rep["capacity_plan"]["holds"] and rep["capacity_plan"]["streams_per_replica"] > 1000
     assert rep["frames_unaccounted"] == 0 and rep["frames_ai"] > 0
+    # the warm-up ticks before t = 0 are reported, and none of their frames is in a figure
+    from cluster.simulator.generator import WARMUP_TICKS
+
+    assert rep["warmup_ticks"] == WARMUP_TICKS
+    assert rep["frames_total"] == rep["frames_ai"] + rep["frames_fallback"]
+    assert rep["frames_total"] <= 20 * 2 * int(3.0 / 0.040)  # the measured ticks' frames only
 
 
 @pytest.mark.ray
