@@ -52,7 +52,9 @@ RTP_CLOCK = 48_000
 CHUNK_48K = CHUNK_SAMPLES * 2  # 1920 samples = 40 ms at 48 kHz
 OPUS_FRAME_48K = 960  # 20 ms Opus packets, as WebRTC sends them
 IP_UDP_HEADER_BYTES = 28  # IPv4 (20) + UDP (8), added to UDP payload bytes for wire rates
-SRTP_TAG_BYTES = 10  # SRTP_AES128_CM_HMAC_SHA1_80 authentication tag
+# SRTP authentication tag: AEAD_AES_256_GCM / AEAD_AES_128_GCM, the profiles aiortc prefers
+# and browsers negotiate (SRTP_AES128_CM_HMAC_SHA1_80's tag would be 10)
+SRTP_TAG_BYTES = 16
 
 
 class Chunker:
@@ -351,12 +353,13 @@ class MediaBridge:
         sub = Subscriber(session_id or uuid.uuid4().hex, stream_id, user, pc, out)
         if out.aic:
             # rate control needs the subscriber's RTCP; without it (or with adaptation off)
-            # the subscriber gets its stream's full depth in 40 ms packets
+            # the subscriber gets its stream's full depth, packets as long as that depth's
+            # default duration (rate_control.min_packet_ms)
             if self.adaptive and pc is not None:
                 sub.aic_sender = AicSender.adaptive()
                 self._tap_rtcp(sub)
             else:
-                sub.aic_sender = AicSender.fixed(Layer(32))
+                sub.aic_sender = AicSender.full_depth()
         self.subscribers[stream_id][sub.session_id] = sub
         self.sessions[sub.session_id] = sub
         return sub
@@ -382,6 +385,7 @@ class MediaBridge:
         sub = self.sessions[session_id]
         assert isinstance(sub, Subscriber) and sub.aic_sender is not None
         sub.aic_sender.rate, sub.aic_sender.pinned = None, layer
+        sub.aic_sender.pinned_default_ms = False
 
     def _max_n_q(self, stream_id: str) -> int:
         st = self.batcher.streams.get(stream_id)
