@@ -46,6 +46,9 @@ layer that fits. Loss- and delay-based, with hysteresis:
   rung up to `capacity_margin` above it is tried after the hold, a rung far above it only
   after the current rung has held for `confirm_s` (a small step whose queue builds slowly
   must show itself in the delay before a big step overflows the queue);
+- after a decrease, reports are not judged for `min_decrease_interval_s` plus the RTT they
+  measure: the queue that caused the decrease drains meanwhile, and its delay and drops are
+  not news (GCC likewise decreases at most once per 300 ms + RTT);
 - in between nothing moves: noise that crosses neither threshold never flips the layer, and
   since the layer is a function of the target, which only moves on decisions, the choice
   cannot flap between two rungs.
@@ -158,6 +161,7 @@ class Reason(str, enum.Enum):
     LOSS = "loss"
     DELAY = "delay"
     INCREASE = "increase"
+    SETTLING = "settling"  # just after a decrease: its queue drains, nothing is judged
     HOLD = "hold"  # low loss and delay, but inside the hold after a decrease
     STEADY = "steady"  # between thresholds, or already at the top
     TIMEOUT = "timeout"  # no feedback for `feedback_timeout_s` while sending
@@ -192,6 +196,8 @@ class RateControlConfig:
     rate_decrease_ratio: float = 0.7
     rate_decrease_ratio_2: float = 0.85  # ...or this over two reports in a row
     rate_min_packets: int = 8
+    # after a decrease, nothing is judged for this long plus the RTT now measured
+    min_decrease_interval_s: float = 1.0
     loss_window_s: float = 2.5  # loss is smoothed over the reports of this window
     loss_decrease: float = 0.10  # GCC's "high loss" bound
     min_lost: int = 3  # ...and at least this many packets lost in the window
@@ -301,7 +307,14 @@ class RateController:
             self._delay_high = 0
 
         top = self._ladder(max_n_q)[-1][1]
-        if self._rate_shortfall(fb):
+        if self._settling(now, fb.rtt_s):
+            # the queue that caused the last decrease is still draining: what this report shows
+            # is that queue's, not the new rate's (GCC: one decrease per 300 ms + RTT)
+            self._prev_rates = None
+            self._losses.clear()
+            self._delay_high = 0
+            reason = Reason.SETTLING
+        elif self._rate_shortfall(fb):
             self._decrease(fb, now)
             # the drops and delay that follow are that same queue's: judge the new rate afresh
             self._losses.clear()
@@ -363,6 +376,9 @@ class RateController:
         share = ((fb.expected * fb.received_kbps / fb.sent_kbps + prev[2] * prev[0] / prev[1])
                  / (fb.expected + prev[2]))
         return share < cfg.rate_decrease_ratio_2
+
+    def _settling(self, now: float, rtt_s: float | None) -> bool:
+        return now - self._last_decrease < self.config.min_decrease_interval_s + (rtt_s or 0.0)
 
     def _probing(self, now: float) -> bool:
         """Just after an increase the new rung is on trial: one high delay sample ends it

@@ -259,3 +259,33 @@ def test_receiver_reports_become_feedback():
     assert fb.received_kbps == pytest.approx(20 * 92 * 8 / 1.0 / 1000.0)
     # a report with no SR echoed (LSR 0) gives no RTT either
     assert clock.rtt(0, 0, 200.0) is None
+
+
+# Receiver reports from `auralink bench adaptive`'s constrained link (12 kbit/s tbf, the
+# publisher asking for 12 kbps): (s after the limit, expected, lost, RTT ms, received kbit/s,
+# sent kbit/s). The sender reports wait in the same queue, so the RTT shows the queue a
+# report after the rate does.
+BENCH_LIMIT_TRACE = [
+    (-3.77, 15, 0, 7.2, 17.33, 17.33), (-2.5, 16, 0, 1.5, 18.13, 18.13),
+    (-1.31, 15, 0, 0.9, 18.14, 18.14), (0.03, 17, 0, 1.1, 18.35, 18.35),
+    (0.83, 10, 0, 0.9, 17.93, 17.93), (1.46, 7, 0, 0.9, 16.13, 18.43),
+    (2.94, 11, 0, 46.0, 10.7, 17.52), (4.13, 9, 0, 898.0, 6.35, 7.05),
+    (5.4, 13, 0, 890.8, 6.79, 5.23), (6.64, 17, 0, 264.6, 9.08, 5.87),
+    (7.26, 5, 0, 264.3, 5.38, 5.38),
+]
+
+
+def test_one_decrease_per_congestion_event_on_a_bench_trace():
+    ctl = RateController()
+    decisions = [ctl.update(Feedback(at=t, loss_fraction=lost / exp, expected=exp, lost=lost,
+                                     rtt_s=rtt / 1000.0, received_kbps=rx, sent_kbps=tx), 16)
+                 for t, exp, lost, rtt, rx, tx in BENCH_LIMIT_TRACE]
+    reasons = [d.reason for d in decisions]
+    assert reasons[:6] == [Reason.STEADY] * 6
+    # the first report whose rate falls short steps down, to 0.85 x what arrived...
+    assert reasons[6] is Reason.RATE and decisions[6].target_kbps == pytest.approx(0.85 * 10.7)
+    assert decisions[6].layer == Layer(4, 120)
+    # ...and the old queue's delay, seen a report later, is not a second congestion event
+    assert reasons[7] is Reason.SETTLING
+    assert Reason.DELAY not in reasons and Reason.LOSS not in reasons
+    assert {d.layer for d in decisions[6:]} == {Layer(4, 120)}
