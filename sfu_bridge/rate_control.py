@@ -215,7 +215,7 @@ class RateControlConfig:
     blind_decrease_factor: float = 0.7  # ...or this x the old target when that rate is unknown
     increase_factor: float = 1.25  # at least one rung per increase
     hold_s: float = 2.0
-    max_hold_s: float = 6.0
+    max_hold_s: float = 5.0
     probe_window_s: float = 4.0  # a decrease this soon after an increase: the probe failed
     capacity_margin: float = 1.1
     confirm_s: float = 2.5

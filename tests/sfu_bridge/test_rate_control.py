@@ -187,7 +187,7 @@ def test_failed_probes_back_off():
     trace = drive(ctl, lambda t: 11.0, 120.0, t0=120.0, link=Link(11.0), seed=3)
     probes = sum(1 for a, b in zip(trace, trace[1:], strict=False) if wire_kbps(b[1].n_q, b[1].packet_ms) > 11.0
                  and wire_kbps(a[1].n_q, a[1].packet_ms) <= 11.0)
-    # the hold doubles to `max_hold_s` (6 s): at most one probe per ~6 s plus its recovery
+    # the hold doubles to `max_hold_s` (5 s): at most one probe per ~5 s plus its recovery
     assert probes <= 120.0 / 6.0
     lost = sum(r[2] for r in trace)
     assert lost / sum(r[3] for r in trace) < 0.02
