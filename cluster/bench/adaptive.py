@@ -619,7 +619,8 @@ machine). Real bridge and aiortc peers on this machine; codec: in-process stream
 
 AIC is {d['aic_below_opus']:.0%} below forwarded Opus (goal: >= 80% below, and below Opus DTX).
 The publisher asks for 6 kbps: 8 codebooks in 120 ms packets (the default packet duration at
-that depth, docs/protocol.md section 9), one silence descriptor per pause. Where the AIC
+that depth, docs/protocol.md section 9: 80 ms more packetisation delay than 40 ms packets),
+one silence descriptor per pause. Where the AIC
 subscriber's kbit/s go - AIC payload / RTP header + SRTP tag / IPv4+UDP / RTCP / STUN:
 {bits_md} ({bits.get('rtp_packets_per_s')} RTP packets/s).
 
