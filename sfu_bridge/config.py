@@ -28,7 +28,7 @@ class BridgeConfig:
     deadline_ms: float = 20.0  # bridge send -> codes back
     bandwidth_kbps: float = 6.0  # a stream's bandwidth until its publisher's BW hint says otherwise
     dtx: bool = True  # silent streams send no AI frames (per-user switch: operator policy)
-    adaptive: bool = True  # per-subscriber layers from RTCP; off: full depth, 40 ms packets
+    adaptive: bool = True  # per-subscriber layers from RTCP; off: full depth, its default packets
     opus_bitrate: int = 32_000  # Opus for legacy subscribers and fallback frames
     max_body_bytes: int = 64 * 1024  # SDP offers are a few KB; anything bigger is refused
     max_backlog_chunks: int = 3  # per stream; older chunks are answered fallback/overload
