@@ -29,6 +29,7 @@ import numpy as np
 from deployments.contract import Outcome
 from sfu_bridge.aic_payload import AicPayload, silence_descriptor
 from sfu_bridge.rate_control import (
+    DEFAULT_MAX_HEADER_SHARE,
     Layer,
     RateControlConfig,
     RateController,
@@ -57,6 +58,7 @@ class AicSender:
     pinned: Layer | None = None  # a fixed layer (tests, benches): no rate control
     # a pinned depth in its default packet duration (min_packet_ms) instead of pinned.packet_ms
     pinned_default_ms: bool = False
+    max_header_share: float = DEFAULT_MAX_HEADER_SHARE  # ...under this policy
     # silence descriptors after the first one of a silence: None = none, else every N ticks
     sid_interval_ticks: int | None = None
     tracker: ReceiverReportTracker = field(default_factory=ReceiverReportTracker)
@@ -81,16 +83,18 @@ class AicSender:
         return cls(rate=None, pinned=layer, layer=layer)
 
     @classmethod
-    def full_depth(cls) -> AicSender:
+    def full_depth(cls, max_header_share: float = DEFAULT_MAX_HEADER_SHARE) -> AicSender:
         """No rate control: the stream's full depth (its cap), in that depth's default packet
         duration."""
-        return cls(rate=None, pinned=Layer(32), pinned_default_ms=True)
+        return cls(rate=None, pinned=Layer(32), pinned_default_ms=True, max_header_share=max_header_share)
 
     def choose(self, max_n_q: int) -> Layer:
         """The layer for the next frame under the stream's cap `max_n_q`."""
         if self.pinned is not None:
             n_q = min(self.pinned.n_q, max_n_q)
-            self.layer = Layer(n_q, min_packet_ms(n_q) if self.pinned_default_ms else self.pinned.packet_ms)
+            ms = (min_packet_ms(n_q, max_header_share=self.max_header_share) if self.pinned_default_ms
+                  else self.pinned.packet_ms)
+            self.layer = Layer(n_q, ms)
         elif self.rate is not None:
             self.layer = self.rate.layer(max_n_q)
         return self.layer

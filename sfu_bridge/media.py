@@ -42,7 +42,13 @@ from deployments.contract import CHUNK_SAMPLES, Outcome, bandwidth_codebooks
 from models.opus import OpusCodec
 from sfu_bridge import rtcp_tap, rtp_ext
 from sfu_bridge.aic_sender import AicSender
-from sfu_bridge.rate_control import Layer, ReportBlock, wire_kbps
+from sfu_bridge.rate_control import (
+    DEFAULT_MAX_HEADER_SHARE,
+    Layer,
+    RateControlConfig,
+    ReportBlock,
+    wire_kbps,
+)
 from sfu_bridge.tick import Chunk, FrameOutcome, TickBatcher, TickReport
 from telemetry import metrics
 
@@ -260,12 +266,14 @@ class MediaBridge:
         opus_bitrate: int = 32_000,
         tick_s: float = 0.040,
         adaptive: bool = True,
+        max_header_share: float = DEFAULT_MAX_HEADER_SHARE,
     ) -> None:
         rtp_ext.install()
         self.batcher = batcher
         # per-subscriber rate control from RTCP; off: every AIC subscriber gets the stream's
-        # full depth in 40 ms packets (the bench's contrast)
+        # full depth in that depth's default packet duration (the bench's contrast)
         self.adaptive = adaptive
+        self.max_header_share = max_header_share  # the packet duration policy
         self.layer_switches = 0
         self.tick_s = tick_s
         self.n_q = bandwidth_codebooks(batcher.bandwidth_kbps)
@@ -356,10 +364,10 @@ class MediaBridge:
             # the subscriber gets its stream's full depth, packets as long as that depth's
             # default duration (rate_control.min_packet_ms)
             if self.adaptive and pc is not None:
-                sub.aic_sender = AicSender.adaptive()
+                sub.aic_sender = AicSender.adaptive(RateControlConfig(max_header_share=self.max_header_share))
                 self._tap_rtcp(sub)
             else:
-                sub.aic_sender = AicSender.full_depth()
+                sub.aic_sender = AicSender.full_depth(self.max_header_share)
         self.subscribers[stream_id][sub.session_id] = sub
         self.sessions[sub.session_id] = sub
         return sub

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from deployments.contract import FallbackReason, Outcome
 from sfu_bridge.aic_payload import AicPayload
 from sfu_bridge.aic_sender import SID_INTERVAL_TICKS, AicSender
-from sfu_bridge.rate_control import Layer
+from sfu_bridge.rate_control import Layer, RateControlConfig
 from sfu_bridge.tick import Chunk, FrameOutcome
 
 
@@ -100,3 +101,20 @@ def test_without_rate_control_the_full_depth_goes_in_its_default_packet_duration
     assert tx.layer == Layer(32, 40) and len(out) == 1
     # a pinned layer keeps its own packet duration
     assert AicSender.fixed(Layer(8, 40)).choose(8) == Layer(8, 40)
+
+
+def test_the_packet_policy_is_an_operator_setting(monkeypatch):
+    """AURALINK_MAX_HEADER_SHARE=1: 40 ms packets whenever the link allows (lowest latency)."""
+    from sfu_bridge.config import BridgeConfig
+    from sfu_bridge.rate_control import DEFAULT_MAX_HEADER_SHARE
+
+    assert BridgeConfig.from_env().max_header_share == DEFAULT_MAX_HEADER_SHARE
+    monkeypatch.setenv("AURALINK_MAX_HEADER_SHARE", "1")
+    share = BridgeConfig.from_env().max_header_share
+    assert share == 1.0
+    assert AicSender.full_depth(share).choose(8) == Layer(8, 40)
+    assert AicSender.adaptive(RateControlConfig(max_header_share=share)).choose(8) == Layer(8, 40)
+    assert AicSender.adaptive().choose(8) == Layer(8, 120)
+    monkeypatch.setenv("AURALINK_MAX_HEADER_SHARE", "0")
+    with pytest.raises(ValueError, match=r"AURALINK_MAX_HEADER_SHARE must be in \(0, 1\]"):
+        BridgeConfig.from_env()
