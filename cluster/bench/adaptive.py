@@ -622,7 +622,9 @@ The publisher asks for 6 kbps: 8 codebooks in 120 ms packets (the default packet
 that depth, docs/protocol.md section 9: 80 ms more packetisation delay than 40 ms packets),
 one silence descriptor per pause. Where the AIC
 subscriber's kbit/s go - AIC payload / RTP header + SRTP tag / IPv4+UDP / RTCP / STUN:
-{bits_md} ({bits.get('rtp_packets_per_s')} RTP packets/s).
+{bits_md} ({bits.get('rtp_packets_per_s')} RTP packets/s). The stream's chunks in the window:
+{d['wire']['frames_in_window']} (a fallback frame reaches the AIC subscriber as Opus packets, 50/s,
+so fallback on a busy machine raises `wire_kbps_aic`).
 
 One publisher asking for 24 kbps, three AIC subscribers held at three layers:
 `encodes_per_chunk` = **{d['encodes_per_chunk']}** (codec rows for the stream per chunk).
