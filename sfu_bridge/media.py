@@ -53,13 +53,21 @@ from models.opus import OpusCodec
 from sfu_bridge import aiortc_compat, rtcp_tap, rtp_ext
 from sfu_bridge.aic_sender import AicSender
 from sfu_bridge.core import BridgeCore, FrameOutcome, TickReport
-from sfu_bridge.rate_control import Layer, ReportBlock, wire_kbps
+from sfu_bridge.rate_control import (
+    DEFAULT_MAX_HEADER_SHARE,
+    Layer,
+    RateControlConfig,
+    ReportBlock,
+    wire_kbps,
+)
 from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
 IP_UDP_HEADER_BYTES = 28  # IPv4 (20) + UDP (8), added to UDP payload bytes for wire rates
-SRTP_TAG_BYTES = 10  # SRTP_AES128_CM_HMAC_SHA1_80 authentication tag
+# SRTP authentication tag: AEAD_AES_256_GCM / AEAD_AES_128_GCM, the profiles aiortc prefers
+# and browsers negotiate (SRTP_AES128_CM_HMAC_SHA1_80's tag would be 10)
+SRTP_TAG_BYTES = 16
 
 
 class Chunker:
@@ -262,12 +270,14 @@ class MediaBridge:
         opus_bitrate: int = 32_000,
         tick_s: float = TICK_S,
         adaptive: bool = True,
+        max_header_share: float = DEFAULT_MAX_HEADER_SHARE,
     ) -> None:
         rtp_ext.install()
         self.core = core
         # per-subscriber rate control from RTCP; off: every AIC subscriber gets the stream's
-        # full depth in 40 ms packets (the bench's contrast)
+        # full depth in that depth's default packet duration (the bench's contrast)
         self.adaptive = adaptive
+        self.max_header_share = max_header_share  # the packet duration policy
         self.layer_switches = 0
         self.tick_s = tick_s
         self.opus = OpusCodec(max_streams, sample_rate=SAMPLE_RATE, frame_ms=20, bitrate=opus_bitrate)
@@ -349,12 +359,13 @@ class MediaBridge:
         sub = Subscriber(session_id or uuid.uuid4().hex, stream_id, user, pc, out)
         if out.aic:
             # rate control needs the subscriber's RTCP; without it (or with adaptation off)
-            # the subscriber gets its stream's full depth in 40 ms packets
+            # the subscriber gets its stream's full depth, packets as long as that depth's
+            # default duration (rate_control.min_packet_ms)
             if self.adaptive and pc is not None:
-                sub.aic_sender = AicSender.adaptive()
+                sub.aic_sender = AicSender.adaptive(RateControlConfig(max_header_share=self.max_header_share))
                 self._tap_rtcp(sub)
             else:
-                sub.aic_sender = AicSender.fixed(Layer(32))
+                sub.aic_sender = AicSender.full_depth(self.max_header_share)
         self.subscribers[stream_id][sub.session_id] = sub
         self.sessions[sub.session_id] = sub
         return sub
@@ -380,6 +391,7 @@ class MediaBridge:
         sub = self.sessions[session_id]
         assert isinstance(sub, Subscriber) and sub.aic_sender is not None
         sub.aic_sender.rate, sub.aic_sender.pinned = None, layer
+        sub.aic_sender.pinned_default_ms = False
 
     def _count_switch(self, before: Layer, after: Layer) -> None:
         up = wire_kbps(after.n_q, after.packet_ms) > wire_kbps(before.n_q, before.packet_ms)

@@ -258,6 +258,8 @@ class SubscriberStats:
     decoder_resets: int = 0
     epochs: list[int] = field(default_factory=list)
     decoded_samples: int = 0  # 24 kHz samples out of the EnCodec decoder
+    # EnCodec frames (320 samples) in the AIC payloads taken in sync (3, 6 or 9 a payload)
+    in_sync_frames: int = 0
     out_of_sync: int = 0  # AIC payloads skipped: not part of an epoch decoded from its start
     sid_frames: int = 0  # DTX silence descriptors (no codes; the next codes start an epoch)
     aic_n_q: list[int] = field(default_factory=list)  # codebooks of each AIC payload, in order
@@ -368,6 +370,7 @@ class AicSubscriber:
                         self.stats.sid_frames += 1
                         self._in_sync = False  # whatever comes next opens a new epoch
                     elif parsed is not None and self._accept(parsed):
+                        self.stats.in_sync_frames += parsed.n_frames
                         await loop.run_in_executor(None, self._decode_aic, parsed)
                     elif parsed is not None:
                         self.stats.out_of_sync += 1

@@ -487,6 +487,7 @@ def make_server(
     media = MediaBridge(
         core, max_streams=config.max_streams, opus_bitrate=config.opus_bitrate,
         tick_s=config.tick_ms / 1000.0, adaptive=config.adaptive,
+        max_header_share=config.max_header_share,
     )
     return BridgeServer(config, media, TokenAuthority(secret))
 

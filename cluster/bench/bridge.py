@@ -285,8 +285,10 @@ async def _wire(seconds: float) -> dict:
         }
         aic_pt = aic._aic_pt
         opus_kind = next(k for k in plain.meter.rx if k.startswith("rtp/"))
+        aic_sender = next(s.aic_sender for s in server.media.subscribers["bench"].values() if s.aic)
         res = {
             "window_s": seconds,
+            "aic_packet_ms": aic_sender.layer.packet_ms,
             "aic_kbps": round(aic.meter.kbps("rx"), 2),
             "opus_kbps": round(plain.meter.kbps("rx"), 2),
             "aic_media_kbps": round(aic.meter.kbps("rx", (f"rtp/{aic_pt}",)), 2),
@@ -410,10 +412,11 @@ within budget wall-clock was {d['streams_per_worker_wall_measured']} streams. Me
 
 | path | kbps on the wire | media packets only | RTP payload only | bytes per packet on the wire |
 |---|---|---|---|---|
-| AIC (EnCodec 6 kbps codes, 40 ms packets) | {d['wire_kbps_aic']} | {w['aic_media_kbps']} | {w['aic_payload_kbps']} | {w['aic_packet_bytes_on_wire']} |
+| AIC (EnCodec 6 kbps codes, {w.get('aic_packet_ms', 40)} ms packets) | {d['wire_kbps_aic']} | {w['aic_media_kbps']} | {w['aic_payload_kbps']} | {w['aic_packet_bytes_on_wire']} |
 | Opus (32 kbps, 20 ms packets, forwarded) | {d['wire_kbps_opus']} | {w['opus_media_kbps']} | {w['opus_payload_kbps']} | {w['opus_packet_bytes_on_wire']} |
 
-Per packet, headers cost the same on both paths (IPv4+UDP 28, RTP 12, extension 8, SRTP tag
-10 bytes), so AIC's 40 ms packets carry half of Opus's per-second header overhead; the
+Per packet, headers cost the same on both paths (IPv4+UDP 28, RTP 12, SRTP tag 16 bytes with
+the GCM profiles aiortc negotiates, plus whatever extensions the sender adds), so AIC's
+{w.get('aic_packet_ms', 40)} ms packets carry {20 / w.get('aic_packet_ms', 40):.2g} x Opus's per-second header overhead; the
 frames in the AIC window were {w['frames_in_window']} (fallback frames go out as Opus).
 """
