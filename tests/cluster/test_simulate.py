@@ -312,6 +312,9 @@ def test_simulate_autoscales_a_ramp_with_the_forecast_policy(tmp_path):
     auto = rep["autoscaling"]
     assert rep["trace"] == "ramp" and auto["policy"] == "forecast"
     assert auto["serve_autoscaling_config"]["policy"]["policy_kwargs"]["warmup_s"] == 6.0
-    assert auto["replicas_start"] == 1 and auto["replicas_max"] >= 2
+    # Serve starts the deployment at one replica; the policy adds more as the ramp arrives
+    # (possibly during the uncounted warm-up ticks, so the first counted tick may see 2)
+    assert auto["serve_autoscaling_config"]["initial_replicas"] == 1
+    assert auto["replicas_start"] <= 2 and auto["replicas_max"] >= 2
     assert auto["replica_seconds"] > 12.0
     assert rep["frames_unaccounted"] == 0 and rep["streams_peak"] == 12
