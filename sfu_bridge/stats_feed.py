@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 PUBLISH_EVERY_S = 1.0
 MAX_USER_ROWS = 40
+PUBLISH_TIMEOUT_S = 30.0
 
 
 class StatsFeed:
@@ -119,10 +120,12 @@ class StatsFeed:
         try:
             ref = self._publish(self.bridge_id, self.snapshot())
             if asyncio.isfuture(ref) or asyncio.iscoroutine(ref) or hasattr(ref, "__await__"):
-                await asyncio.wait_for(ref, timeout=max(self.every_s, 1.0))
+                # the board's first call may wait for the actor to start (seconds); the feed's
+                # own loop waits, never a tick
+                await asyncio.wait_for(ref, timeout=PUBLISH_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - the dashboard must never stop a call
             self.failures += 1
-            logger.info("dashboard stats publish failed: %s", type(exc).__name__)
+            logger.info("dashboard stats publish failed: %s: %s", type(exc).__name__, exc)
             return False
         self.published += 1
         return True
