@@ -346,6 +346,8 @@ class Simulation:
             # what the replicas' schedulers and intake decided (summed at the end of the run)
             "replica_counters": _sum_counters([{**r.get("scheduler", {}), **r.get("counters", {})}
                                                for r in replicas]),
+            # each replica's collector pauses since it started (GcWatch; warm-up included)
+            "replica_gc": {r["replica_id"]: r.get("gc") for r in replicas},
             "redis": self.env.redis_cpu_s(),
             "supervisor": sup,
             "supervisor_process": sup_process,
@@ -446,6 +448,10 @@ class Simulation:
                 "late_ticks": r["late_ticks"], "max_lag_ms": round(float(r["max_lag_s"]) * 1000, 1),
                 "wall_s": r["wall_s"], "cpu_s": r["cpu"],
                 "supervisor_calls": r["supervisor_calls"], "supervisor_failures": r["supervisor_failures"],
+                # why ticks ran long: the codec call's timeout, the tick's own work, the collector
+                "long_ticks": r.get("long_ticks"), "tick_wall_max_ms": r.get("tick_wall_max_ms"),
+                "codec_timeouts": r.get("codec_timeouts"), "codec_wait_max_ms": r.get("codec_wait_max_ms"),
+                "gc": r.get("gc"),
             } for r in res],
             "replicas_start": int(cols["replicas"][0]) if len(acc.ticks) else 0,
             "replicas_max": int(cols["replicas"].max()) if len(acc.ticks) else 0,
@@ -502,6 +508,7 @@ class Simulation:
             "transport_and_runtime_cpu": self._transport(stream_ticks),
             "replica_counters": {k: v - self._cpu0.get("replica_counters", {}).get(k, 0)
                                  for k, v in self._cpu1.get("replica_counters", {}).items()},
+            "replica_gc": self._cpu1.get("replica_gc", {}),
             "simulator_cpu_s": round(sum(float(r["cpu"]["simulator_s"]) for r in res), 3),
             "supervisor": self.env.supervisor_label,
             "supervisor_calls": sum(int(r["supervisor_calls"]) for r in res),
