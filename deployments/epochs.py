@@ -102,25 +102,31 @@ class ReplicaEpochs:
         slots of ok frames advance (a seq-0 frame opens its epoch)."""
         opens = seqs == 0
         ok = opens | ((held[slots] == epochs) & (nxt[slots] == seqs))
-        held[slots[opens]] = epochs[opens]
-        nxt[slots[ok]] = seqs[ok] + 1
+        if opens.any():
+            held[slots[opens]] = epochs[opens]
+        if ok.all():  # the usual tick: every frame continues its epoch
+            nxt[slots] = seqs + 1
+        else:
+            nxt[slots[ok]] = seqs[ok] + 1
         return ok
 
     def admit(self, slots: np.ndarray, epochs: np.ndarray, seqs: np.ndarray) -> np.ndarray:
         """Intake: True where the frame may be queued (slots distinct, all >= 0)."""
         held = self.admitted_epoch[slots]
         ok = self._step(self.admitted_epoch, self.admitted_next, slots, epochs, seqs)
-        # Refused: a gap or a newer epoch ends what the slot holds; a stale frame of an
-        # older epoch is refused without touching it (frames of the old epoch may still be
-        # on their way).
-        self.end(slots[~ok & ((held == NONE) | (epochs >= held))])
+        if not ok.all():
+            # Refused: a gap or a newer epoch ends what the slot holds; a stale frame of an
+            # older epoch is refused without touching it (frames of the old epoch may still
+            # be on their way).
+            self.end(slots[~ok & ((held == NONE) | (epochs >= held))])
         return ok
 
     def run_check(self, slots: np.ndarray, epochs: np.ndarray, seqs: np.ndarray) -> np.ndarray:
         """Run time: True where the model state continues, or a seq-0 frame opens an epoch
         (its state is zeroed before the step); a refused frame ends what the slot held."""
         ok = self._step(self.ran_epoch, self.ran_next, slots, epochs, seqs)
-        self.end(slots[~ok])
+        if not ok.all():
+            self.end(slots[~ok])
         return ok
 
 

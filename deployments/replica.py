@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import itertools
 import logging
 import os
@@ -50,7 +51,7 @@ from deployments.contract import (
     codebooks_bandwidth,
     reason_code,
 )
-from deployments.cpu_meter import CpuMeter
+from deployments.cpu_meter import CpuMeter, GcWatch
 from deployments.epochs import ReplicaEpochs
 from deployments.latency_model import LatencyModel
 from deployments.scheduler import EdfScheduler, Plan, SchedulerConfig
@@ -337,6 +338,7 @@ class CodecReplicaCore:
         self._recent_n = 0
         self._recent_at = 0
         self.cpu = CpuMeter()  # bookkeeping: intake, planning, answering (not the model)
+        self.gc_watch = GcWatch()  # the collector's pauses in this process (load tests read them)
         self.frames_in = 0
         self.counters: dict[str, int] = {}
 
@@ -795,6 +797,7 @@ class CodecReplicaCore:
             "frames_in": self.frames_in,
             "bookkeeping_cpu_s": round(self.cpu.seconds, 6),
             "process_cpu_s": round(t.user + t.system, 3),
+            "gc": self.gc_watch.snapshot(),
             "settings": {k: v for k, v in self.settings.to_dict().items() if k != "latency_profile"},
         }
 
@@ -830,9 +833,18 @@ class CodecReplica:
         # the replica takes traffic, so init-time defaults never load the wrong runtime.
         self._core = CodecReplicaCore(ReplicaSettings.from_dict(settings, base), replica_id,
                                       build=False)
+        self._core.gc_watch.start()
+        self._frozen = False
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         await self._core.reconfigure(user_config)
+        if not self._frozen:
+            # Everything alive now (Ray, Serve, the runtime just built) lives as long as the
+            # replica: moved out of the collector's generations, a full collection no longer
+            # walks it, so none stops a step or an intake for tens of ms under load.
+            gc.collect()
+            gc.freeze()
+            self._frozen = True
 
     async def process(self, batch: FrameBatch) -> BatchResult:
         return await self._core.process(batch)

@@ -360,6 +360,8 @@ class Simulation:
             # what the replicas' schedulers and intake decided (summed at the end of the run)
             "replica_counters": _sum_counters([{**r.get("scheduler", {}), **r.get("counters", {})}
                                                for r in replicas]),
+            # each replica's collector pauses since it started (GcWatch; warm-up included)
+            "replica_gc": {r["replica_id"]: r.get("gc") for r in replicas},
             "redis": self.env.redis_cpu_s(),
             "supervisor": sup,
             "supervisor_process": sup_process,
@@ -460,6 +462,10 @@ class Simulation:
                 "late_ticks": r["late_ticks"], "max_lag_ms": round(float(r["max_lag_s"]) * 1000, 1),
                 "wall_s": r["wall_s"], "cpu_s": r["cpu"],
                 "supervisor_calls": r["supervisor_calls"], "supervisor_failures": r["supervisor_failures"],
+                # why ticks ran long: the codec call's timeout, the tick's own work, the collector
+                "long_ticks": r.get("long_ticks"), "tick_wall_max_ms": r.get("tick_wall_max_ms"),
+                "codec_timeouts": r.get("codec_timeouts"), "codec_wait_max_ms": r.get("codec_wait_max_ms"),
+                "gc": r.get("gc"),
             } for r in res],
             "replicas_start": int(cols["replicas"][0]) if len(acc.ticks) else 0,
             "replicas_max": int(cols["replicas"].max()) if len(acc.ticks) else 0,
@@ -520,6 +526,7 @@ class Simulation:
             "transport_and_runtime_cpu": self._transport(stream_ticks),
             "replica_counters": {k: v - self._cpu0.get("replica_counters", {}).get(k, 0)
                                  for k, v in self._cpu1.get("replica_counters", {}).items()},
+            "replica_gc": _gc_delta(self._cpu0.get("replica_gc", {}), self._cpu1.get("replica_gc", {})),
             "simulator_cpu_s": round(sum(float(r["cpu"]["simulator_s"]) for r in res), 3),
             "supervisor": self.env.supervisor_label,
             "supervisor_calls": sum(int(r["supervisor_calls"]) for r in res),
@@ -667,6 +674,22 @@ def _sum_counters(dicts: list[dict[str, Any]]) -> dict[str, int]:
 
 def _delta(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else max(0.0, b - a)
+
+
+def _gc_delta(gc0: dict, gc1: dict) -> dict[str, Any]:
+    """Each replica's collector pauses during the measured run (collections and seconds by
+    generation; the longest pause is since the replica started)."""
+    out: dict[str, Any] = {}
+    for rid, end in gc1.items():
+        if not end:
+            continue
+        start = gc0.get(rid) or {"collections": [0, 0, 0], "pause_s": [0.0, 0.0, 0.0]}
+        out[rid] = {
+            "collections": [b - a for a, b in zip(start["collections"], end["collections"], strict=True)],
+            "pause_s": [round(b - a, 4) for a, b in zip(start["pause_s"], end["pause_s"], strict=True)],
+            "max_pause_ms_since_start": end["max_pause_ms"],
+        }
+    return out
 
 
 def _replica_delta(cpu0: dict, cpu1: dict, which: int) -> tuple[float, int, int]:

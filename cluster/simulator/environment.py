@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 CODEC_BENCH_JSON = REPO / "docs" / "bench" / "codec.json"
 MAX_LOCAL_REPLICAS = 6  # replica processes on one 2-core machine (a real one holds ~1 GB of model)
 TRANSPORT_ALLOWANCE_MS = 4.0  # bridge -> replica -> bridge, per tick, on top of L(B)
+WORKER_NICENESS_ENV = "RAY_worker_niceness"  # Ray's own setting: the nice value of its workers
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,13 @@ class Environment:
         if cfg.address:
             ray.init(address=cfg.address, namespace=RAY_NAMESPACE, log_to_driver=False)
         else:
+            # Ray starts its workers at nice 15, below its own daemons (GCS, raylet, log
+            # monitor, agents) and every other process here, which then preempt the bridges
+            # and replicas ~30:1 whenever they wake: on a few shared cores, ticks stall for
+            # 100s of ms and whole batches miss their deadline. The media path runs at the
+            # priority of the rest (0).
+            env._env_restore.setdefault(WORKER_NICENESS_ENV, os.environ.get(WORKER_NICENESS_ENV))
+            os.environ[WORKER_NICENESS_ENV] = "0"
             ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
                      namespace=RAY_NAMESPACE, log_to_driver=False)
             env._own_ray = True

@@ -36,6 +36,7 @@ from cluster.simulator.audio import SpeechSource
 from cluster.simulator.report import Accounting, TickRecord
 from cluster.simulator.traces import Ramp, StreamKind, StreamPopulation, TraceConfig
 from deployments.contract import FallbackReason, codebooks_bandwidth, reason_code
+from deployments.cpu_meter import GcWatch
 from models.constants import CHUNK_FRAMES, TICK_S
 from models.constants import N_Q_BY_BANDWIDTH as _N_Q_LAYERS
 from sfu_bridge.aic_payload import payload_size
@@ -131,6 +132,13 @@ class LoadGenerator:
         self._board: Any = None
         self._t0_wall = time.time()  # the run's start: simulated time 0 as a wall-clock time
         self.warmup_cpu_s = (0.0, 0.0)  # (bridge core, codec client) CPU of the warm-up ticks
+        # Why a tick ran long: its codec call hit the bridge's timeout, or its own work, or
+        # the collector (the run's pace figures name the cause, not only the lag).
+        self.gc_watch = GcWatch()
+        self.codec_timeouts = 0  # ticks whose codec call ended at the bridge's timeout
+        self.long_ticks = 0  # ticks that took longer than one wall tick, codec wait included
+        self.tick_wall_max_s = 0.0
+        self.codec_wait_max_ms = 0.0
 
     def sim_clock(self) -> float:
         """Simulated time as a wall-clock-like reading (the run's start + simulated seconds)."""
@@ -236,6 +244,7 @@ class LoadGenerator:
         gc.set_threshold(50_000, 20, 1000)
         p0 = _process_cpu()
         w0 = time.time()
+        self.gc_watch.start()
         try:
             for k in range(self.n_ticks):
                 target = start + k * wall_tick
@@ -249,9 +258,15 @@ class LoadGenerator:
                         self.late_ticks += 1
                 self.k = k
                 self.t_sim = k * TICK_S
+                t_tick = loop.time()
                 await self._tick(self.t_sim)
+                took = loop.time() - t_tick
+                self.tick_wall_max_s = max(self.tick_wall_max_s, took)
+                if took > wall_tick:
+                    self.long_ticks += 1
             await self._drain(self.n_ticks * TICK_S)
         finally:
+            self.gc_watch.stop()
             gc.set_threshold(*old_threshold)
             gc.unfreeze()
             self.wall_s = time.time() - w0
@@ -275,12 +290,18 @@ class LoadGenerator:
         if sent:
             core.add_hints([h[0] for h in sent], [h[1] for h in sent])
         report = await core.tick()
+        self._note_codec_wait(report.codec_wait_ms)
         self._account(report, t_sim, int(live.size))
         c1 = time.thread_time()
         # the simulator's own CPU: the tick's thread time less the bridge's and the client's
         self.sim_cpu_s += (c1 - c0) - (core.cpu.seconds - core0) - (self.client.cpu.seconds - client0)
         if time.monotonic() - self._last_publish >= PUBLISH_EVERY_S:
             self._publish(t_sim)
+
+    def _note_codec_wait(self, wait_ms: float) -> None:
+        self.codec_wait_max_ms = max(self.codec_wait_max_ms, wait_ms)
+        if wait_ms >= self.core.deadline_ms + self.core.deadline_grace_ms - 1.0:
+            self.codec_timeouts += 1
 
     def _account(self, report: Any, t_sim: float, produced: int) -> None:
         d = self.spec.dilation
@@ -444,6 +465,11 @@ class LoadGenerator:
             "warmup_ticks": WARMUP_TICKS,
             "late_ticks": self.late_ticks,
             "max_lag_s": round(self.max_lag_s, 4),
+            "long_ticks": self.long_ticks,
+            "tick_wall_max_ms": round(self.tick_wall_max_s * 1000.0, 1),
+            "codec_timeouts": self.codec_timeouts,
+            "codec_wait_max_ms": round(self.codec_wait_max_ms, 1),
+            "gc": self.gc_watch.snapshot(),
             "wall_s": round(self.wall_s, 3),
             "cpu": {
                 "bridge_core_s": round(core.cpu.seconds - self.warmup_cpu_s[0], 4),
