@@ -97,23 +97,27 @@ class LoopbackOut:
         self._seq = 0
         self.packets = 0
         self.payload_bytes = 0
+        self.last_wire_bytes = 0
 
     @property
     def aic(self) -> bool:
         return self.aic_pt is not None
 
-    async def send(self, payload_type: int, payload: bytes, timestamp: int, hint: bytes | None = None) -> bool:
+    async def send(self, payload_type: int, payload: bytes, timestamp: int, hint: bytes | None = None,
+                   marker: bool = False) -> bool:
         from aiortc.rtp import RtpPacket
 
-        pkt = RtpPacket(payload_type=payload_type, sequence_number=self._seq,
+        pkt = RtpPacket(payload_type=payload_type, marker=int(marker), sequence_number=self._seq,
                         timestamp=timestamp & 0xFFFFFFFF, ssrc=self.ssrc, payload=payload)
         pkt.extensions.mid = self.mid
         self._seq = (self._seq + 1) & 0xFFFF
+        data = self._srtp.protect(pkt.serialize(self.ext_map))
         try:
-            self._sock.sendto(self._srtp.protect(pkt.serialize(self.ext_map)), self._sink)
+            self._sock.sendto(data, self._sink)
         except BlockingIOError:
             return False  # sink buffer full: counted as not sent, like a congested socket
         self.packets += 1
+        self.last_wire_bytes = len(data) + 28
         self.payload_bytes += len(payload)
         return True
 
