@@ -123,7 +123,8 @@ class AicSender:
         key = (tuple(id(f) for f in frames), n_q)
         payload = cache.get(key) if cache is not None else None
         if payload is None:
-            codes = np.concatenate([f.codes[:n_q] for f in frames], axis=1)
+            codes = (frames[0].codes[:n_q] if len(frames) == 1
+                     else np.concatenate([f.codes[:n_q] for f in frames], axis=1))
             payload = bytes(AicPayload(epoch, n_q, codes, start=frames[0].epoch_seq == 0))
             if cache is not None:
                 cache[key] = payload

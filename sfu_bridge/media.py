@@ -42,6 +42,8 @@ from deployments.contract import CHUNK_SAMPLES, Outcome, bandwidth_codebooks
 from models.opus import OpusCodec
 from sfu_bridge import rtcp_tap, rtp_ext
 from sfu_bridge.aic_sender import AicSender
+from sfu_bridge.aiortc_compat import DatagramPath
+from sfu_bridge.fastpath import OpusIngest, RtpWriter
 from sfu_bridge.rate_control import Layer, ReportBlock, wire_kbps
 from sfu_bridge.tick import Chunk, FrameOutcome, TickBatcher, TickReport
 from telemetry import metrics
@@ -103,7 +105,9 @@ class RtpOut:
         self.aic_pt = next((c.payloadType for c in codecs if rtp_ext.is_aic(c)), None)
         self.ext_map = rtp_ext.AicHeaderExtensionsMap()
         self.ext_map.configure(RTCRtpParameters(headerExtensions=list(transceiver._headerExtensions)))
-        self._seq = random16() % 32768  # lower half: avoids an early wrap, like aiortc
+        # lower half of the sequence space: avoids an early wrap, like aiortc
+        self.writer = RtpWriter(self.ssrc, self.ext_map, self.mid, random16() % 32768)
+        self.path = DatagramPath(transceiver.sender.transport)
         self._ts0 = random32()
         self.packets = 0
         self.payload_bytes = 0
@@ -121,27 +125,48 @@ class RtpOut:
         self, payload_type: int, payload: bytes, timestamp: int, hint: bytes | None = None,
         marker: bool = False,
     ) -> bool:
+        if hint is None:
+            return self.send_now(payload_type, payload, timestamp, marker)
+        # a hint extension (SDK publishers): aiortc's serializer and send path
         pkt = RtpPacket(
             payload_type=payload_type,
             marker=int(marker),
-            sequence_number=self._seq,
+            sequence_number=self.writer.seq,
             timestamp=(self._ts0 + timestamp) & 0xFFFFFFFF,
             ssrc=self.ssrc,
             payload=payload,
         )
         pkt.extensions.mid = None if self.mid_acked else self.mid
         pkt.extensions.aic_hint = hint
-        self._seq = (self._seq + 1) & 0xFFFF
+        self.writer.seq = (self.writer.seq + 1) & 0xFFFF
         data = pkt.serialize(self.ext_map)
         try:
             await self.transceiver.sender.transport._send_rtp(data)
         except ConnectionError:
             return False
-        self.packets += 1
-        self.payload_bytes += len(payload)
-        self.last_timestamp = pkt.timestamp
-        self.last_wire_bytes = len(data) + SRTP_TAG_BYTES + IP_UDP_HEADER_BYTES
+        self._sent(len(payload), pkt.timestamp, len(data) + SRTP_TAG_BYTES)
         return True
+
+    def send_now(self, payload_type: int, payload: bytes, timestamp: int, marker: bool = False) -> bool:
+        """The fast path (fastpath.py): header template + SRTP in place + the socket's sendto,
+        no coroutine. False when the connection is not (or no longer) up."""
+        path = self.path
+        if not path.ready():
+            return False
+        ts = (self._ts0 + timestamp) & 0xFFFFFFFF
+        data = self.writer.write(path.srtp, payload_type, payload, ts, marker, not self.mid_acked)
+        try:
+            path.sendto(data, path.addr)
+        except OSError:
+            return False
+        self._sent(len(payload), ts, len(data))
+        return True
+
+    def _sent(self, payload_bytes: int, timestamp: int, srtp_bytes: int) -> None:
+        self.packets += 1
+        self.payload_bytes += payload_bytes
+        self.last_timestamp = timestamp
+        self.last_wire_bytes = srtp_bytes + IP_UDP_HEADER_BYTES
 
 
 def datagram_kind(data: bytes) -> str:
@@ -245,6 +270,7 @@ class Publisher:
     task: asyncio.Task | None = None
     opus_pt: int | None = None  # the publisher's negotiated Opus payload type
     ts_base: int | None = None  # first RTP timestamp seen (forwarded timestamps start at 0)
+    ingest: OpusIngest | None = None  # fast receive path: Opus RTP -> 24 kHz chunks, inline
 
 
 class MediaBridge:
@@ -258,8 +284,12 @@ class MediaBridge:
         opus_bitrate: int = 32_000,
         tick_s: float = 0.040,
         adaptive: bool = True,
+        fast_ingest: bool = True,
     ) -> None:
         rtp_ext.install()
+        # decode publishers' Opus inline at 24 kHz (fastpath.OpusIngest) instead of aiortc's
+        # jitter buffer, decoder thread, 48 kHz frames and resampler
+        self.fast_ingest = fast_ingest
         self.batcher = batcher
         # per-subscriber rate control from RTCP; off: every AIC subscriber gets the stream's
         # full depth in 40 ms packets (the bench's contrast)
@@ -306,6 +336,8 @@ class MediaBridge:
         pub = Publisher(
             session_id or uuid.uuid4().hex, stream_id, user, pc, self._free_slots.pop(), Chunker(stream_id)
         )
+        if self.fast_ingest:
+            pub.ingest = OpusIngest(stream_id)
         self.batcher.join(stream_id, opted_out=opted_out)
         self.publishers[stream_id] = pub
         self.stream_users[stream_id] = user
@@ -329,9 +361,10 @@ class MediaBridge:
         for chunk in self.publishers[stream_id].chunker.add(frame):
             self.batcher.push(chunk)
 
-    async def forward(self, stream_id: str, packet: RtpPacket) -> bool:
+    def forward(self, stream_id: str, packet: RtpPacket) -> bool:
         """A publisher's Opus packet -> every legacy subscriber of the stream, untouched.
-        Returns False: the packet also goes on to aiortc's decoder (the AIC path)."""
+        With the fast ingest the packet is also decoded here, and True says it is consumed;
+        False: it goes on to aiortc's decoder (the AIC path)."""
         pub = self.publishers.get(stream_id)
         if pub is None or packet.payload_type != pub.opus_pt or not packet.payload:
             return False
@@ -340,8 +373,12 @@ class MediaBridge:
         ts = (packet.timestamp - pub.ts_base) & 0xFFFFFFFF
         for sub in list(self.subscribers.get(stream_id, {}).values()):
             if not sub.aic and sub.out.opus_pt is not None:
-                await self._send(sub, "opus", sub.out.opus_pt, [packet.payload], ts)
-        return False
+                self._send(sub, "opus", sub.out.opus_pt, [packet.payload], ts)
+        if pub.ingest is None:
+            return False
+        for chunk in pub.ingest.packet(packet.sequence_number, packet.payload):
+            self.batcher.push(chunk)
+        return True
 
     # -- subscribers -----------------------------------------------------------------------
     def add_subscriber(
@@ -411,6 +448,8 @@ class MediaBridge:
             self._free_slots.append(s.opus_slot)
             if s.task is not None:
                 s.task.cancel()
+            if s.ingest is not None:
+                s.ingest.close()
         else:
             self.subscribers[s.stream_id].pop(session_id, None)
             if not self.subscribers[s.stream_id]:
@@ -437,7 +476,7 @@ class MediaBridge:
                 opus_rows.append(fo)
         opus_packets = self._encode_opus(opus_rows)
         cache: dict = {}  # subscribers at the same layer share a payload's packing
-        # sequential awaits: a send only hands a datagram to the socket, a task each would cost more
+        # plain calls: a send only hands a datagram to the socket (fastpath.py), no coroutine
         for fo, subs in todo:
             max_n_q = self._max_n_q(fo.chunk.stream_id)
             for sub in subs:
@@ -445,7 +484,7 @@ class MediaBridge:
                 assert sender is not None
                 before = sender.layer
                 for p in sender.on_frame(fo, max_n_q, cache):
-                    if await sub.out.send(sub.out.aic_pt, p.payload, p.timestamp, marker=p.marker):
+                    if sub.out.send_now(sub.out.aic_pt, p.payload, p.timestamp, p.marker):
                         sender.sent(sub.out.last_wire_bytes)
                         kind = "aic_sid" if p.sid else "aic"
                         sub.sent_by_kind[kind] += 1
@@ -454,7 +493,7 @@ class MediaBridge:
                 if sender.layer != before:
                     self._count_switch(before, sender.layer)
                 if fo.outcome is Outcome.FALLBACK and sub.out.opus_pt is not None:
-                    await self._send(sub, "opus", sub.out.opus_pt, opus_packets[id(fo)],
+                    self._send(sub, "opus", sub.out.opus_pt, opus_packets[id(fo)],
                                      fo.chunk.rtp_timestamp)
         self._update_needs()
         self._record_wire_bytes()
@@ -501,9 +540,9 @@ class MediaBridge:
                 out[id(fo)] = packets
         return out
 
-    async def _send(self, sub: Subscriber, kind: str, pt: int, payloads: list[bytes], ts: int) -> None:
+    def _send(self, sub: Subscriber, kind: str, pt: int, payloads: list[bytes], ts: int) -> None:
         for k, payload in enumerate(payloads):
-            if await sub.out.send(pt, payload, ts + k * OPUS_FRAME_48K):
+            if sub.out.send_now(pt, payload, ts + k * OPUS_FRAME_48K):
                 sub.sent_by_kind[kind] += 1
                 self.packets_by_kind[kind] += 1
                 self._unrecorded_bytes[kind] += len(payload)

@@ -4,10 +4,11 @@
 each with ``--aic-subs`` AIC subscribers and ``--opus-subs`` legacy subscribers, run the
 bridge's real per-tick work back to back for ``--ticks`` ticks:
 
-  SRTP unprotect + RTP parse of the publisher's two 20 ms Opus packets -> forwarded to the
-  legacy subscribers (RTP + SRTP protect + UDP ``sendto`` to a local sink socket) -> aiortc's
-  Opus decoder -> `Chunker` (24 kHz resampling, 40 ms chunks) -> `TickBatcher.tick`
-  (one FrameBatch) -> `MediaBridge.dispatch` (AIC payloads to the AIC subscribers).
+  SRTP unprotect + RTP parse of the publisher's two 20 ms Opus packets -> `MediaBridge.forward`:
+  forwarded to the legacy subscribers (header template + SRTP in place + UDP ``sendto`` to a
+  local sink socket, fastpath.py) and decoded inline by libopus at 24 kHz (`OpusIngest`, 40 ms
+  chunks) -> `TickBatcher.tick` (one FrameBatch) -> `MediaBridge.dispatch` (AIC payloads to
+  the AIC subscribers, same send path).
 
 The codec is EMULATED (answers every frame ``ai`` after ``--codec-ms`` of sleep, no CPU):
 the figure is the bridge's own cost; the codec's compute lives on the Serve replicas and is
@@ -92,9 +93,13 @@ class LoopbackOut:
         self.ext_map.configure(RTCRtpParameters(headerExtensions=[
             RTCRtpHeaderExtensionParameters(id=1, uri="urn:ietf:params:rtp-hdrext:sdes:mid"),
         ]))
-        self._srtp, _ = _srtp_pair()
+        from sfu_bridge.aiortc_compat import FastSrtp
+        from sfu_bridge.fastpath import RtpWriter
+
+        tx, _ = _srtp_pair()
+        self._srtp = FastSrtp(tx)
+        self.writer = RtpWriter(self.ssrc, self.ext_map, self.mid)
         self._sock, self._sink = sock, sink
-        self._seq = 0
         self.packets = 0
         self.payload_bytes = 0
         self.last_wire_bytes = 0
@@ -105,13 +110,10 @@ class LoopbackOut:
 
     async def send(self, payload_type: int, payload: bytes, timestamp: int, hint: bytes | None = None,
                    marker: bool = False) -> bool:
-        from aiortc.rtp import RtpPacket
+        return self.send_now(payload_type, payload, timestamp, marker)
 
-        pkt = RtpPacket(payload_type=payload_type, marker=int(marker), sequence_number=self._seq,
-                        timestamp=timestamp & 0xFFFFFFFF, ssrc=self.ssrc, payload=payload)
-        pkt.extensions.mid = self.mid
-        self._seq = (self._seq + 1) & 0xFFFF
-        data = self._srtp.protect(pkt.serialize(self.ext_map))
+    def send_now(self, payload_type: int, payload: bytes, timestamp: int, marker: bool = False) -> bool:
+        data = self.writer.write(self._srtp, payload_type, payload, timestamp, marker, True)
         try:
             self._sock.sendto(data, self._sink)
         except BlockingIOError:
@@ -126,10 +128,7 @@ class PublisherFeed:
     """One publisher's inbound side: SRTP-protected Opus RTP packets, replayed in a loop."""
 
     def __init__(self, opus_packets: list[bytes]) -> None:
-        from aiortc.codecs.opus import OpusDecoder
-
         self.tx, self.rx = _srtp_pair()
-        self.decoder = OpusDecoder()  # what aiortc's receiver runs per inbound audio track
         self.packets = opus_packets
         self.ssrc = int.from_bytes(os.urandom(4), "big")
         self.seq = 0
@@ -167,8 +166,6 @@ def _opus_loop(seconds: float = 2.0) -> list[bytes]:
 
 
 async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_ms: float) -> dict:
-    import av
-    from aiortc.jitterbuffer import JitterFrame
     from aiortc.rtp import RtpPacket
 
     from sfu_bridge.media import MediaBridge
@@ -204,11 +201,10 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
         for sid, packets in wire.items():
             feed = feeds[sid]
             for data in packets:
+                # what aiortc's DTLS transport does with a datagram before the bridge's tap
                 pkt = RtpPacket.parse(feed.rx.unprotect(data))
-                await media.forward(sid, pkt)  # legacy subscribers: forwarded as received
-                for frame in feed.decoder.decode(JitterFrame(pkt.payload, pkt.timestamp)):
-                    assert isinstance(frame, av.AudioFrame)
-                    media.push_audio(sid, frame)
+                # legacy subscribers: forwarded as received; the AIC path: decoded inline
+                media.forward(sid, pkt)
         ingest_ms = (time.perf_counter() - t0) * 1000.0
         report = await batcher.tick()
         await media.dispatch(report)
