@@ -16,7 +16,6 @@ Internals used (aiortc 1.x, aioice 0.9+, pylibsrtp 0.10+), checked by tests/sfu_
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from pylibsrtp._binding import ffi, lib
@@ -84,10 +83,3 @@ class DatagramPath:
             self.addr = pair.remote_addr
         return True
 
-
-_HDR = struct.Struct("!BHI")  # byte 1 (marker, payload type), sequence number, timestamp
-
-
-def patch_header(buf: Any, marker: bool, payload_type: int, seq: int, timestamp: int) -> None:
-    """Write the per-packet fields of an RTP header (RFC 3550 5.1) into a template copy."""
-    _HDR.pack_into(buf, 1, (marker << 7) | payload_type, seq, timestamp)
