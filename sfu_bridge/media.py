@@ -307,6 +307,7 @@ class MediaBridge:
         self.last_reports: list[TickReport] = []
         self.overheads_ms: list[float] = []
         self.stream_users: dict[str, str] = {}  # stream id -> publishing user (supervisor opt-outs)
+        self.cascade: Any = None  # sfu_bridge.cascade.CascadeRelay, when workers cascade
         self.supervision: Any = None  # sfu_bridge.supervision.SupervisorLink, when a cluster runs one
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -374,6 +375,8 @@ class MediaBridge:
         for sub in list(self.subscribers.get(stream_id, {}).values()):
             if not sub.aic and sub.out.opus_pt is not None:
                 self._send(sub, "opus", sub.out.opus_pt, [packet.payload], ts)
+        if self.cascade is not None:  # legacy subscribers on other workers (cascade.py)
+            self.cascade.on_forward(stream_id, ts, packet.payload)
         if pub.ingest is None:
             return False
         for chunk in pub.ingest.packet(packet.sequence_number, packet.payload):
@@ -460,21 +463,28 @@ class MediaBridge:
 
     # -- fan-out ---------------------------------------------------------------------------
     async def dispatch(self, report: TickReport) -> None:
+        self.dispatch_now(report)
+
+    def dispatch_now(self, report: TickReport) -> None:
         """Send a tick's outcomes to AIC subscribers: codes for `ai` frames, else Opus."""
         t0 = time.perf_counter()
         if self.supervision is not None:
             self.supervision.observe(report)
         todo: list[tuple[FrameOutcome, list[Subscriber]]] = []
         opus_rows: list[FrameOutcome] = []
+        relayed = self.cascade.subscriptions if self.cascade is not None else {}
         for fo in report.frames:
             # legacy subscribers are served by `forward`, not by the tick
             subs = [s for s in self.subscribers.get(fo.chunk.stream_id, {}).values() if s.aic]
-            if not subs or fo.chunk.stream_id not in self.publishers:
+            if not (subs or fo.chunk.stream_id in relayed) or fo.chunk.stream_id not in self.publishers:
                 continue
-            todo.append((fo, subs))
+            if subs:
+                todo.append((fo, subs))
             if fo.outcome is Outcome.FALLBACK:
                 opus_rows.append(fo)
         opus_packets = self._encode_opus(opus_rows)
+        if self.cascade is not None:  # cascade.py: the tick's output, once to each other worker
+            self.cascade.on_tick(report, opus_packets)
         cache: dict = {}  # subscribers at the same layer share a payload's packing
         # plain calls: a send only hands a datagram to the socket (fastpath.py), no coroutine
         for fo, subs in todo:
@@ -519,6 +529,10 @@ class MediaBridge:
                         sender.choose(st.adapt.max_n_q())
                 layer = sender.choose(st.adapt.max_n_q()) if sender.pinned is not None else sender.layer
                 need = layer.n_q if need is None else max(need, layer.n_q)
+            if self.cascade is not None:  # subscribers on other workers (cascade.py)
+                remote = self.cascade.remote_need(stream_id)
+                if remote is not None:
+                    need = remote if need is None else max(need, remote)
             st.adapt.need_n_q = need
 
     def _encode_opus(self, rows: list[FrameOutcome]) -> dict[int, list[bytes]]:
@@ -528,6 +542,10 @@ class MediaBridge:
         rounds: list[list[FrameOutcome]] = []
         seen: dict[str, int] = defaultdict(int)
         for fo in rows:
+            relayed = getattr(fo, "opus", None)  # cascade.RelayedFrame: the owner's packets
+            if relayed is not None:
+                out[id(fo)] = relayed
+                continue
             k = seen[fo.chunk.stream_id]
             seen[fo.chunk.stream_id] += 1
             if k == len(rounds):
