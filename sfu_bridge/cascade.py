@@ -31,13 +31,18 @@ local or remote.
     FEEDBACK count records: sid_len u8 | sid | need_n_q u8 | flags u8 (bit 0: restart epoch)
 
 `age_us` is the time since the owner received the chunk (or packet): a relative age, as
-deadlines are relative budgets, because hosts' clocks differ. Anything malformed is a counted
-drop (`RelayDrop`), never an exception out of the datagram handler.
+deadlines are relative budgets, because hosts' clocks differ. With a relay key (derived from
+the cluster secret, `relay_key`) every datagram ends in a 10-byte truncated HMAC-SHA256 tag
+over the rest, checked before parsing: only workers of the cluster can feed a worker's
+subscribers. Anything malformed or unauthenticated is a counted drop (`RelayDrop`), never an
+exception out of the datagram handler.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import logging
 import struct
 import time
@@ -57,6 +62,7 @@ MAGIC = b"AL"
 VERSION = 1
 HEADER = struct.Struct("!2sBBHIBBH")  # 14 bytes
 MAX_DATAGRAM = 1200
+TAG_BYTES = 10
 MAX_SID_BYTES = 255
 MAX_N_Q = 32
 MAX_FRAMES = 9  # 120 ms of EnCodec frames
@@ -83,6 +89,7 @@ class RelayDrop(str, enum.Enum):
     BAD_RECORD = "bad_record"  # unknown kind, sizes out of range, bad stream id, bad codes
     TRAILING = "trailing"  # bytes after the last record
     UNKNOWN_STREAM = "unknown_stream"  # a stream this worker has no subscribers for
+    TAG = "tag"  # missing or wrong authentication tag
 
 
 class RelayError(ValueError):
@@ -121,6 +128,15 @@ class RelayDatagram:
     records: list[Any]
 
 
+def relay_key(cluster_secret: bytes) -> bytes:
+    """The key relay datagrams are tagged with: the cluster secret, bound to this use."""
+    return hmac.new(cluster_secret, b"auralink cascade relay v1", hashlib.sha256).digest()
+
+
+def _tag(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()[:TAG_BYTES]
+
+
 # -- serialise -----------------------------------------------------------------------------
 def _sid(stream_id: str) -> bytes:
     b = stream_id.encode()
@@ -154,11 +170,13 @@ def encode_record(r: FrameRecord | FeedbackRecord) -> bytes:
 
 
 def serialise(type_: RelayType, worker: int, tick: int, records: list[Any],
-              max_datagram: int = MAX_DATAGRAM) -> list[bytes]:
+              max_datagram: int = MAX_DATAGRAM, key: bytes | None = None) -> list[bytes]:
     """One tick's records -> datagrams of at most `max_datagram` bytes (a record larger than
-    that goes alone in its datagram)."""
+    that goes alone in its datagram), each tagged when a key is given."""
     bodies = [encode_record(r) for r in records]
     groups: list[list[bytes]] = [[]]
+    if key is not None:
+        max_datagram -= TAG_BYTES
     size = HEADER.size
     for b in bodies:
         if groups[-1] and size + len(b) > max_datagram:
@@ -168,8 +186,9 @@ def serialise(type_: RelayType, worker: int, tick: int, records: list[Any],
         size += len(b)
     if len(groups) > 255:
         raise ValueError("a tick's relay batch needs more than 255 datagrams")
-    return [HEADER.pack(MAGIC, VERSION, type_, worker & 0xFFFF, tick & 0xFFFFFFFF, i, len(groups), len(g))
-            + b"".join(g) for i, g in enumerate(groups)]
+    out = [HEADER.pack(MAGIC, VERSION, type_, worker & 0xFFFF, tick & 0xFFFFFFFF, i, len(groups), len(g))
+           + b"".join(g) for i, g in enumerate(groups)]
+    return out if key is None else [d + _tag(key, d) for d in out]
 
 
 # -- parse ---------------------------------------------------------------------------------
@@ -179,8 +198,14 @@ def _take(data: bytes, pos: int, n: int) -> int:
     return pos + n
 
 
-def parse(data: bytes) -> RelayDatagram:
+def parse(data: bytes, key: bytes | None = None) -> RelayDatagram:
     """One relay datagram; raises `RelayError` (a `ValueError` with a `reason`) on bad input."""
+    if key is not None:
+        if len(data) < HEADER.size + TAG_BYTES:
+            raise RelayError(RelayDrop.TRUNCATED, f"datagram of {len(data)} bytes is shorter than the header")
+        data, tag = data[:-TAG_BYTES], data[-TAG_BYTES:]
+        if not hmac.compare_digest(tag, _tag(key, data)):
+            raise RelayError(RelayDrop.TAG, "authentication tag does not match")
     if len(data) < HEADER.size:
         raise RelayError(RelayDrop.TRUNCATED, f"datagram of {len(data)} bytes is shorter than the header")
     magic, version, type_, worker, tick, part, parts, count = HEADER.unpack_from(data)
@@ -278,8 +303,10 @@ class CascadeRelay:
     """A worker's relay endpoint: owner side (send tick batches to subscribed workers) and
     subscriber side (fan relayed frames out locally, send feedback to the owners)."""
 
-    def __init__(self, worker: int, media: Any, clock: Any = time.monotonic) -> None:
+    def __init__(self, worker: int, media: Any, key: bytes | None = None,
+                 clock: Any = time.monotonic) -> None:
         self.worker = worker
+        self.key = key  # `relay_key(cluster secret)`; None: untagged (tests, a closed network)
         self.media = media  # sfu_bridge.media.MediaBridge
         self.clock = clock
         self.transport: Any = None  # asyncio DatagramTransport (`open`), or anything with sendto
@@ -355,7 +382,7 @@ class CascadeRelay:
                     for ts, at, p in packets)
         self._opus.clear()
         for addr, records in by_peer.items():
-            for dgram in serialise(RelayType.FRAMES, self.worker, report.tick, records):
+            for dgram in serialise(RelayType.FRAMES, self.worker, report.tick, records, key=self.key):
                 self.transport.sendto(dgram, addr)
                 self.sent["datagrams"] += 1
                 self.sent["bytes"] += len(dgram)
@@ -417,7 +444,7 @@ class CascadeRelay:
                 self._fed_back[sid] = state
                 by_owner.setdefault(owner, []).append(FeedbackRecord(sid, need, restart))
         for owner, records in by_owner.items():
-            for dgram in serialise(RelayType.FEEDBACK, self.worker, 0, records):
+            for dgram in serialise(RelayType.FEEDBACK, self.worker, 0, records, key=self.key):
                 self.transport.sendto(dgram, owner)
         if periodic:
             self._fed_back_at = now
@@ -462,7 +489,7 @@ class CascadeRelay:
     # both ------------------------------------------------------------------------------------
     def datagram_received(self, data: bytes, addr: Any) -> None:
         try:
-            d = parse(data)
+            d = parse(data, self.key)
         except RelayError as exc:
             self.drops[exc.reason.value] += 1
             return

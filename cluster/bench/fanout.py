@@ -185,7 +185,7 @@ async def _worker(conn: Any, cfg: dict) -> None:
     from aiortc.rtp import RtpPacket
 
     from cluster.bench.bridge import EmulatedCodec, PublisherFeed, _opus_loop
-    from sfu_bridge.cascade import CascadeRelay
+    from sfu_bridge.cascade import CascadeRelay, relay_key
     from sfu_bridge.config import BridgeConfig
     from sfu_bridge.rate_control import Layer
     from sfu_bridge.server import make_server
@@ -201,7 +201,7 @@ async def _worker(conn: Any, cfg: dict) -> None:
     runner = web.AppRunner(server.app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    relay = CascadeRelay(idx, media)
+    relay = CascadeRelay(idx, media, key=relay_key(cfg["secret"]))
     media.cascade = relay
     relay_addr = await relay.open("127.0.0.1", 0)
     loop = asyncio.get_running_loop()

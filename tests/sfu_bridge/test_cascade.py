@@ -25,6 +25,7 @@ from sfu_bridge.cascade import (
     RelayError,
     RelayType,
     parse,
+    relay_key,
     serialise,
 )
 
@@ -59,6 +60,19 @@ def test_frames_round_trip_byte_exact() -> None:
     assert serialise(RelayType.FRAMES, 7, 42, d.records) == [dgram]
     # a fixture: header bytes as specified
     assert dgram[:HEADER.size] == b"AL\x01\x01\x00\x07\x00\x00\x00\x2a\x00\x01\x00\x05"
+
+
+def test_tagged_datagrams_authenticate() -> None:
+    key, other = relay_key(b"k" * 32), relay_key(b"x" * 32)
+    (dgram,) = serialise(RelayType.FRAMES, 1, 2, [_ai()], key=key)
+    assert _same(parse(dgram, key).records[0], _ai())
+    for bad, k in ((dgram, other), (dgram[:-1] + bytes([dgram[-1] ^ 1]), key),
+                   (serialise(RelayType.FRAMES, 1, 2, [_ai()])[0], key)):
+        with pytest.raises(RelayError, match="tag") as err:
+            parse(bad, k)
+        assert err.value.reason is RelayDrop.TAG
+    big = serialise(RelayType.FRAMES, 1, 2, [_ai(f"s{i}", 32, 3, i) for i in range(40)], key=key)
+    assert all(len(g) <= MAX_DATAGRAM for g in big)
 
 
 def test_feedback_round_trip() -> None:
@@ -163,7 +177,8 @@ def test_two_workers_every_frame_exactly_once_at_each_layer() -> None:
     async def go() -> tuple[list, list, CascadeRelay, CascadeRelay]:
         owner = MediaBridge(TickBatcher(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2)
         peer = MediaBridge(TickBatcher(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2)
-        r0, r1 = CascadeRelay(0, owner), CascadeRelay(1, peer)
+        key = relay_key(b"cluster secret")
+        r0, r1 = CascadeRelay(0, owner, key), CascadeRelay(1, peer, key)
         owner.cascade, peer.cascade = r0, r1
         a0 = await r0.open("127.0.0.1", 0)
         await r1.open("127.0.0.1", 0)
