@@ -76,7 +76,9 @@ class AicSender:
     def choose(self, max_n_q: int) -> Layer:
         """The layer for the next frame under the stream's cap `max_n_q`."""
         if self.pinned is not None:
-            self.layer = Layer(min(self.pinned.n_q, max_n_q), self.pinned.packet_ms)
+            pinned = self.pinned
+            # no new Layer per frame when the cap allows the pinned one (the common case)
+            self.layer = pinned if pinned.n_q <= max_n_q else Layer(max_n_q, pinned.packet_ms)
         elif self.rate is not None:
             self.layer = self.rate.layer(max_n_q)
         return self.layer

@@ -475,7 +475,8 @@ class MediaBridge:
         relayed = self.cascade.subscriptions if self.cascade is not None else {}
         for fo in report.frames:
             # legacy subscribers are served by `forward`, not by the tick
-            subs = [s for s in self.subscribers.get(fo.chunk.stream_id, {}).values() if s.aic]
+            subs = [s for s in self.subscribers.get(fo.chunk.stream_id, {}).values()
+                    if s.out.aic_pt is not None]  # `s.aic`, without two property calls a subscriber
             if not (subs or fo.chunk.stream_id in relayed) or fo.chunk.stream_id not in self.publishers:
                 continue
             if subs:
@@ -519,6 +520,7 @@ class MediaBridge:
             if st.adapt is None:
                 continue
             need = None
+            cap = st.adapt.max_n_q()  # once per stream: this loop runs over every subscriber
             for sub in self.subscribers.get(stream_id, {}).values():
                 sender = sub.aic_sender
                 if sender is None:
@@ -526,8 +528,8 @@ class MediaBridge:
                 if sender.rate is not None:
                     decision = sender.rate.check_timeout(now)
                     if decision is not None:
-                        sender.choose(st.adapt.max_n_q())
-                layer = sender.choose(st.adapt.max_n_q()) if sender.pinned is not None else sender.layer
+                        sender.choose(cap)
+                layer = sender.choose(cap) if sender.pinned is not None else sender.layer
                 need = layer.n_q if need is None else max(need, layer.n_q)
             if self.cascade is not None:  # subscribers on other workers (cascade.py)
                 remote = self.cascade.remote_need(stream_id)
