@@ -319,6 +319,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-ms", type=float, default=20.0,
                         help="p99 tick overhead allowed (of the 40 ms tick)")
     parser.add_argument("--wire-s", type=float, default=10.0, help="wire measurement window")
+    parser.add_argument("--fanout-streams", type=int, default=20,
+                        help="streams of the fan-out cost measurement")
+    parser.add_argument("--extra-subs", type=int, default=10,
+                        help="extra AIC subscribers per stream in the fan-out cost measurement")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
 
 
@@ -345,6 +349,14 @@ def run(args: argparse.Namespace) -> int:
     best = fit[-1] if fit else steps[0]
     per_stream_us = float(np.median([s["per_stream_us_mean"] for s in steps]))
     cpu_us = float(np.median([s["cpu_us_per_stream"] for s in steps]))
+    # Fan-out cost: the same streams with `--extra-subs` more AIC subscribers each; the CPU
+    # difference per tick over the extra packets is what one more subscriber packet costs.
+    n_fan = args.fanout_streams
+    base = asyncio.run(_run_streams(n_fan, args.ticks, args.aic_subs, args.opus_subs, args.codec_ms))
+    more = asyncio.run(_run_streams(n_fan, args.ticks, args.aic_subs + args.extra_subs, args.opus_subs,
+                                    args.codec_ms))
+    extra_packets = n_fan * args.extra_subs  # one 40 ms AIC packet per subscriber per tick
+    us_per_extra = (more["cpu_ms_per_tick_mean"] - base["cpu_ms_per_tick_mean"]) * 1000.0 / extra_packets
     wire = asyncio.run(_wire(args.wire_s))
     data = {
         "bench": "bridge",
@@ -364,6 +376,10 @@ def run(args: argparse.Namespace) -> int:
         "cpu_us_per_stream_per_tick": cpu_us,
         "streams_per_core_cpu_derived": int(args.budget_ms * 1000 / cpu_us),
         "ladder": steps,
+        "fanout_us_per_extra_packet": round(us_per_extra, 2),
+        "fanout_measurement": {"streams": n_fan, "extra_aic_subscribers_per_stream": args.extra_subs,
+                               "cpu_ms_per_tick_base": base["cpu_ms_per_tick_mean"],
+                               "cpu_ms_per_tick_with_extra": more["cpu_ms_per_tick_mean"]},
         "wire_kbps_aic": wire["aic_kbps"],
         "wire_kbps_opus": wire["opus_kbps"],
         "wire": wire,
@@ -374,6 +390,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_docs:
         update_docs_section("bridge", _markdown(data))
     print(f"streams_per_worker={data['streams_per_worker']} p99_tick_overhead_ms={data['p99_tick_overhead_ms']} "
+          f"fanout_us_per_extra_packet={data['fanout_us_per_extra_packet']} "
           f"wire_kbps_aic={data['wire_kbps_aic']} wire_kbps_opus={data['wire_kbps_opus']}")
     return 0
 
@@ -400,6 +417,12 @@ p99 wall overhead at that step was {d['p99_tick_overhead_wall_ms']} ms, and the 
 within budget wall-clock was {d['streams_per_worker_wall_measured']} streams. Mean cost:
 {d['cpu_us_per_stream_per_tick']} us CPU per stream per tick. Run one worker per core
 (`auralink bridge --workers N`: one port each, a front proxy routes by stream id).
+
+**Fan-out: {d['fanout_us_per_extra_packet']} us CPU per extra subscriber packet** -
+{d['fanout_measurement']['streams']} streams with {d['fanout_measurement']['extra_aic_subscribers_per_stream']}
+more AIC subscribers each: {d['fanout_measurement']['cpu_ms_per_tick_base']} ->
+{d['fanout_measurement']['cpu_ms_per_tick_with_extra']} ms CPU per tick (mean), over the extra
+packets (AicSender, RTP header template, SRTP in place, `sendto`; fastpath.py).
 
 | streams | p50 wall overhead ms | p99 wall overhead ms | p99 CPU ms / tick | wall us / stream | CPU us / stream |
 |---|---|---|---|---|---|
