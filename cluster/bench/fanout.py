@@ -15,7 +15,9 @@ Setup (all on this host, loopback):
   packets by the worker's fast path (`RtpWriter` + `FastSrtp`, one SRTP context each), which
   check RTP sequence continuity but do not decrypt. Every 10th emulated subscriber is a legacy
   Opus one; AIC subscribers are pinned to layers of 2..32 codebooks (40 ms packets), each
-  worker to its own maximum, so the relay carries a different depth to each.
+  worker to its own maximum (the real subscribers adapt, and on loopback climb to 32). By
+  default (``--owner-share 0``) the emulated subscribers are on the non-owning workers: the
+  publisher's worker ticks and relays, as a large call would be laid out.
 
 The publisher sends ``--ticks`` chunks (40 ms each); then the bench waits for the workers to
 drain. Figures:
