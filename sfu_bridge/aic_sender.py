@@ -119,10 +119,16 @@ class AicSender:
         if not self._pending:
             return []
         frames, self._pending = self._pending, []
-        n_q = min([self.layer.n_q] + [f.n_q for f in frames])
-        epoch = frames[0].epoch % EPOCH_MODULUS
+        first = frames[0]
+        # one frame per packet is the common case: no list or generator per subscriber
+        if len(frames) == 1:
+            n_q = min(self.layer.n_q, first.n_q)
+            key: tuple = (id(first), n_q)
+        else:
+            n_q = min([self.layer.n_q] + [f.n_q for f in frames])
+            key = (tuple(id(f) for f in frames), n_q)
+        epoch = first.epoch % EPOCH_MODULUS
         self._last_epoch = epoch
-        key = (tuple(id(f) for f in frames), n_q)
         payload = cache.get(key) if cache is not None else None
         if payload is None:
             codes = (frames[0].codes[:n_q] if len(frames) == 1
