@@ -46,7 +46,7 @@ import hmac
 import logging
 import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -321,6 +321,7 @@ class CascadeRelay:
         self.sent = Counter()  # datagrams / bytes / records
         self.received = Counter()
         self.send_cpu_s = 0.0  # CPU time spent building and sending relay batches
+        self.send_cpu_us: deque[float] = deque(maxlen=1000)  # per tick (benches: median, p99)
         self.last_tick_out: dict[int, float] = {}  # relayed tick -> monotonic time its fan-out ended
 
     async def open(self, host: str, port: int) -> tuple[str, int]:
@@ -387,7 +388,9 @@ class CascadeRelay:
                 self.sent["datagrams"] += 1
                 self.sent["bytes"] += len(dgram)
             self.sent["records"] += len(records)
-        self.send_cpu_s += time.thread_time() - c0
+        dt = time.thread_time() - c0
+        self.send_cpu_s += dt
+        self.send_cpu_us.append(dt * 1e6)
 
     @staticmethod
     def _record(fo: FrameOutcome, need: int, age: int, opus_packets: dict[int, list[bytes]]) -> FrameRecord:

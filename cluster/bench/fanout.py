@@ -247,6 +247,7 @@ async def _worker(conn: Any, cfg: dict) -> None:
         elif cmd == "mark":
             cpu0, pkts0 = time.process_time(), sum(media.packets_by_kind.values())
             relay.send_cpu_s = 0.0
+            relay.send_cpu_us.clear()
             fanout.clear()
             conn.send(True)
         elif cmd == "go":  # owner: the publisher sends `arg` chunks' worth of packets
@@ -268,6 +269,7 @@ async def _worker(conn: Any, cfg: dict) -> None:
                 "fanout_ms": dict(fanout),
                 "relay_sent": dict(relay.sent), "relay_received": dict(relay.received),
                 "relay_drops": dict(relay.drops), "relay_send_cpu_s": relay.send_cpu_s,
+                "relay_send_cpu_us": list(relay.send_cpu_us),
                 "frames": dict(media.batcher.counters),
                 "subscribers": sum(len(v) for v in media.subscribers.values()),
             })
@@ -290,8 +292,24 @@ async def _real_subscribers(bases: list[str], n: int, secret: bytes) -> list[Any
     subs = [AicSubscriber(bases[i % len(bases)], STREAM, ta.issue(f"real{i}", STREAM, ["subscribe"]))
             for i in range(n)]
     for s in subs:
+        _count_chunks(s)
         await s.start()
     return subs
+
+
+def _count_chunks(sub: Any) -> None:
+    """Count a real subscriber's 40 ms frames: an adaptive one may get 80 or 120 ms packets
+    (2 or 3 chunks in one AIC payload), which its `aic_frames` counts once."""
+    parse = sub._parse_aic
+    sub.chunks = 0
+
+    def counting(data: bytes) -> Any:
+        payload = parse(data)
+        if payload is not None and not payload.is_sid:
+            sub.chunks += payload.codes.shape[1] // 3  # 3 EnCodec frames per 40 ms
+        return payload
+
+    sub._parse_aic = counting
 
 
 def _layer_plan(workers: int) -> list[int]:
@@ -360,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
             a.send("stats")
             a.recv()
         for s in real:
-            s.stats.aic_frames = s.stats.opus_frames = 0
+            s.stats.aic_frames = s.stats.opus_frames = s.chunks = 0
         t0 = time.time()
         workers[0][1].send(("go", args.ticks))
         while not workers[0][1].poll():  # the real subscribers' event loop keeps running
@@ -379,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
             last = total
         wall = time.time() - t0
         # a fallback frame reaches an AIC subscriber as two 20 ms Opus packets
-        real_frames = [s.stats.aic_frames + s.stats.opus_frames / 2.0 for s in real]
+        real_frames = [s.chunks + s.stats.opus_frames / 2.0 for s in real]
         real_gaps = [s.stats.sequence_gaps for s in real]
         for s in real:
             await s.stop()
@@ -446,6 +464,8 @@ def run(args: argparse.Namespace) -> int:
             "received": [w["relay_received"] for w in wstats[1:]],
             "drops": [w["relay_drops"] for w in wstats],
             "owner_cpu_us_per_tick": round(wstats[0]["relay_send_cpu_s"] * 1e6 / max(chunks, 1), 1),
+            "owner_cpu_us_per_tick_p50": round(float(np.median(wstats[0]["relay_send_cpu_us"] or [0])), 1),
+            "owner_cpu_us_per_tick_p99": round(float(np.percentile(wstats[0]["relay_send_cpu_us"] or [0], 99)), 1),
             "bytes_per_tick": round(wstats[0]["relay_sent"].get("bytes", 0) / max(chunks, 1), 1),
             "datagrams_per_tick": round(wstats[0]["relay_sent"].get("datagrams", 0) / max(chunks, 1), 2),
         },
@@ -503,6 +523,8 @@ p50 fan-out {d['p50_fanout_ms']} ms, max {d['max_fanout_ms']} ms (chunk complete
 last packet of that tick out of the last worker); real time (p99 < 40 ms): {d['realtime']}.
 Sequence gaps at the emulated receivers: {d['emulated_sequence_gaps']}; packets a worker's
 socket refused: {d['worker_send_dropped']}. Relay: {r['datagrams_per_tick']} datagrams and
-{r['bytes_per_tick']} bytes per tick from the owner, {r['owner_cpu_us_per_tick']} us of the
-owner's CPU per tick to build and send them; drops {r['drops']}.
+{r['bytes_per_tick']} bytes per tick from the owner, {r['owner_cpu_us_per_tick_p50']} us of the
+owner's CPU per tick to build, tag and send them (median; p99 {r['owner_cpu_us_per_tick_p99']},
+mean {r['owner_cpu_us_per_tick']} us); drops {r['drops']}. Real subscribers' 40 ms frames:
+{d['real_webrtc_frames']} (they adapt: 80/120 ms packets count as 2/3 frames).
 """
