@@ -82,9 +82,9 @@ def _pack_rows(flat: np.ndarray, nbytes: int) -> np.ndarray:
     return out.reshape(b, groups * _GROUP_BYTES)[:, :nbytes]
 
 
-# Up to this many codes (a 40 ms packet at 12 kbps), one Python integer packs faster than the
+# Up to this many codes (a 40 ms packet at 24 kbps), one Python integer packs faster than the
 # vectorised path: a bridge packs one payload per subscriber layer per frame.
-_SMALL_PACK_CODES = 64
+_SMALL_PACK_CODES = 96
 
 
 def _pack_small(arr: np.ndarray) -> bytes:

@@ -171,9 +171,10 @@ def encode_record(r: FrameRecord | FeedbackRecord) -> bytes:
 
 def serialise(type_: RelayType, worker: int, tick: int, records: list[Any],
               max_datagram: int = MAX_DATAGRAM, key: bytes | None = None) -> list[bytes]:
-    """One tick's records -> datagrams of at most `max_datagram` bytes (a record larger than
-    that goes alone in its datagram), each tagged when a key is given."""
-    bodies = [encode_record(r) for r in records]
+    """One tick's records (or records already encoded, `bytes`) -> datagrams of at most
+    `max_datagram` bytes (a record larger than that goes alone in its datagram), each tagged
+    when a key is given."""
+    bodies = [r if isinstance(r, bytes) else encode_record(r) for r in records]
     groups: list[list[bytes]] = [[]]
     if key is not None:
         max_datagram -= TAG_BYTES
@@ -365,7 +366,8 @@ class CascadeRelay:
             return
         c0 = time.thread_time()
         now = self.clock()
-        by_peer: dict[Any, list[FrameRecord]] = {}
+        by_peer: dict[Any, list[bytes]] = {}
+        encoded: dict[tuple[int, int], bytes] = {}  # a frame at one depth is encoded once
         for fo in report.frames:
             subs = self.subscriptions.get(fo.chunk.stream_id)
             if not subs:
@@ -375,12 +377,18 @@ class CascadeRelay:
                 if now - sub.seen_at > SUBSCRIPTION_TTL_S:
                     del subs[addr]
                     continue
-                by_peer.setdefault(addr, []).append(self._record(fo, sub.need_n_q, age, opus_packets))
+                key = (id(fo), sub.need_n_q)
+                body = encoded.get(key)
+                if body is None:
+                    body = encoded[key] = encode_record(self._record(fo, sub.need_n_q, age, opus_packets))
+                by_peer.setdefault(addr, []).append(body)
         for sid, packets in self._opus.items():
-            for addr in self.subscriptions.get(sid, {}):
-                by_peer.setdefault(addr, []).extend(
-                    FrameRecord(sid, RecordKind.OPUS, ts, int((now - at) * 1e6), opus=[p])
-                    for ts, at, p in packets)
+            peers = self.subscriptions.get(sid, {})
+            if peers:
+                bodies = [encode_record(FrameRecord(sid, RecordKind.OPUS, ts, int((now - at) * 1e6), opus=[p]))
+                          for ts, at, p in packets]
+                for addr in peers:
+                    by_peer.setdefault(addr, []).extend(bodies)
         self._opus.clear()
         for addr, records in by_peer.items():
             for dgram in serialise(RelayType.FRAMES, self.worker, report.tick, records, key=self.key):
