@@ -322,7 +322,7 @@ class CascadeRelay:
         self.sent = Counter()  # datagrams / bytes / records
         self.received = Counter()
         self.send_cpu_s = 0.0  # CPU time spent building and sending relay batches
-        self.send_cpu_us: deque[float] = deque(maxlen=1000)  # per tick (benches: median, p99)
+        self.send_cpu_us: deque[float] = deque(maxlen=1000)  # per tick with frames (benches)
         self.last_tick_out: dict[int, float] = {}  # relayed tick -> monotonic time its fan-out ended
 
     async def open(self, host: str, port: int) -> tuple[str, int]:
@@ -398,7 +398,8 @@ class CascadeRelay:
             self.sent["records"] += len(records)
         dt = time.thread_time() - c0
         self.send_cpu_s += dt
-        self.send_cpu_us.append(dt * 1e6)
+        if encoded:  # ticks that carried frames (not only forwarded Opus)
+            self.send_cpu_us.append(dt * 1e6)
 
     @staticmethod
     def _record(fo: FrameOutcome, need: int, age: int, opus_packets: dict[int, list[bytes]]) -> FrameRecord:

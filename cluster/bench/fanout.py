@@ -523,8 +523,9 @@ p50 fan-out {d['p50_fanout_ms']} ms, max {d['max_fanout_ms']} ms (chunk complete
 last packet of that tick out of the last worker); real time (p99 < 40 ms): {d['realtime']}.
 Sequence gaps at the emulated receivers: {d['emulated_sequence_gaps']}; packets a worker's
 socket refused: {d['worker_send_dropped']}. Relay: {r['datagrams_per_tick']} datagrams and
-{r['bytes_per_tick']} bytes per tick from the owner, {r['owner_cpu_us_per_tick_p50']} us of the
-owner's CPU per tick to build, tag and send them (median; p99 {r['owner_cpu_us_per_tick_p99']},
-mean {r['owner_cpu_us_per_tick']} us); drops {r['drops']}. Real subscribers' 40 ms frames:
-{d['real_webrtc_frames']} (they adapt: 80/120 ms packets count as 2/3 frames).
+{r['bytes_per_tick']} bytes per chunk from the owner, {r['owner_cpu_us_per_tick_p50']} us of the
+owner's CPU per tick with a frame to build, tag and send them (median; p99
+{r['owner_cpu_us_per_tick_p99']} us); drops {r['drops']}. Real subscribers' 40 ms frames:
+{d['real_webrtc_frames']} (they adapt: 80/120 ms packets count as 2/3 frames, and frames still
+waiting for their 80/120 ms packet when the publisher stops are never sent).
 """
