@@ -1,5 +1,6 @@
-"""`auralink simulate`: N publishers through the real bridge batching, limiter, replicas and
-supervisor, without WebRTC sockets; writes a JSON report and PNG plots.
+"""`auralink simulate`: N publishers through the real bridge core, limiter, replicas and
+supervisor, without WebRTC sockets; writes a JSON report and PNG plots. Load generators are
+Ray actors, each driving its share of the streams through its own `BridgeCore`.
 
     auralink simulate                                   # 200 streams, 20 s, emulated, local
     auralink simulate --streams 10000 --duration 60 --compute emulated
@@ -54,7 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-dilation", type=float, default=None,
                    help="wall seconds per simulated second (default: from the stream count)")
     p.add_argument("--replicas", type=int, default=None, help="codec replicas (default: from the profile)")
-    p.add_argument("--bridges", type=int, default=None, help="simulated bridges (default: one per 5000 streams)")
+    p.add_argument("--bridges", type=int, default=None,
+                   help="load generators, each a Ray actor with its own bridge core "
+                        "(default: one per 5000 streams)")
     p.add_argument("--deadline-ms", type=float, default=None,
                    help=f"inference deadline per chunk (default {GPU_DEADLINE_MS:g} ms; {CPU_REAL_DEADLINE_MS:g} ms "
                         "for real compute without a GPU, where one 40 ms chunk takes ~25 ms end to end)")
@@ -263,10 +266,11 @@ def run(args: argparse.Namespace) -> int:
         write_json(Path(__file__).resolve().parents[1] / "docs" / "bench" / f"{name}.json", report)
         command = "auralink " + " ".join(a for a in sys.argv[1:] if a != "--no-progress")
         update_docs_section(name, docs_markdown(report, command))
-    keys = ("streams", "duration_s", "compute", "weights", "time_dilation", "frames_total", "frames_ai",
-            "frames_fallback", "frames_unaccounted", "fallback_rate", "fallback_by_reason", "p50_ms",
-            "p99_ms", "hints_sent", "hints_limited", "hints_rejected_forged", "hints_rejected_replay",
-            "wire_kbps_ai", "wire_kbps_native", "fault_recovery_s")
+    keys = ("streams", "duration_s", "compute", "weights", "time_dilation", "wall_s", "frames_total",
+            "frames_ai", "frames_fallback", "frames_unaccounted", "fallback_rate", "fallback_by_reason",
+            "p50_ms", "p99_ms", "hints_sent", "hints_limited", "hints_rejected_forged",
+            "hints_rejected_replay", "all_forged_rejected", "all_replays_rejected", "wire_kbps_ai",
+            "wire_kbps_native", "control_plane_us_per_stream_tick", "late_ticks", "fault_recovery_s")
     print(json.dumps({k: report.get(k) for k in keys}, indent=2))
     # Whether the limit held is the report's verdict (measured rate vs limit, and limiter
     # availability), never assumed here.
@@ -277,6 +281,11 @@ def run(args: argparse.Namespace) -> int:
     if lim:
         print(lim)
     print(f"compute: {report['compute_label']}")
+    print(f"pace: {report['pace_note']}")
+    cp = report["control_plane_cpu"]
+    print(f"control plane: {cp['cpu_us_per_stream_tick']} us CPU per stream-tick ({cp['cores_per_10k_streams']} "
+          f"cores per 10k streams); transport and runtime besides: "
+          f"{report['transport_and_runtime_cpu']['cpu_us_per_stream_tick']} us")
     print(profile_banner(report.get("profile", PROFILE_MEASURED), report.get("profile_parameters"),
                          report.get("latency_profile_device", "")))
     plan = report.get("capacity_plan")

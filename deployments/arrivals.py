@@ -6,45 +6,43 @@ the forecast to decide whether holding a small batch for a frame about to arrive
 frames in time than running it now (two chunks arriving 1 ms apart on a CPU whose single step
 takes most of the deadline: run the first alone and the second waits a whole step).
 
-Per stream: the last arrival, its deadline budget (deadline - arrival) and a presence
-probability (EWMA over ticks of "a chunk came"). A heap of next expected arrivals keeps a
-lookup at O(frames in the horizon), not O(streams). Streams silent for `forget_after` periods
-are dropped.
+Per stream (a small integer key: a replica's state slot): the last arrival, its deadline
+budget (deadline - arrival) and a presence probability (EWMA over ticks of "a chunk came").
+A stream's next chunk is expected one period after its last; a tick that passes without it
+(more than `grace_s` late) counts as skipped and the next tick is expected instead, and a
+stream silent for `forget_after` periods is dropped when next looked at.
 
-Pure Python, no clock: the caller passes arrival times and `now` (seconds, one clock).
+Columnar: a request's frames are observed and the expected frames listed with array
+operations over the keys, never a Python step per stream.
+
+Pure numpy, no clock: the caller passes arrival times and `now` (seconds, one clock).
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
-from collections.abc import Container
 from dataclasses import dataclass
+
+import numpy as np
 
 FRAME_PERIOD_S = 0.040  # one 960-sample chunk at 24 kHz
 
 
 @dataclass(frozen=True)
-class ExpectedFrame:
-    """A frame the forecast expects: when, due when, and how likely it is to come at all."""
+class Expected:
+    """The frames the forecast expects, one per stream, earliest first (arrays)."""
 
-    stream_id: str
-    arrival: float  # seconds; never before the `now` it was forecast at
-    deadline: float  # seconds
-    weight: float  # probability the stream sends this tick (its presence)
-    due_by: float  # seconds; from then on this tick counts as skipped
+    keys: np.ndarray  # int64
+    arrival: np.ndarray  # seconds; never before the `now` they were forecast at
+    deadline: np.ndarray  # seconds
+    weight: np.ndarray  # probability the stream sends this tick (its presence)
+    due_by: np.ndarray  # seconds; from then on that tick counts as skipped
 
-
-@dataclass
-class _StreamClock:
-    last_arrival: float
-    budget_s: float
-    presence: float
-    version: int
+    def __len__(self) -> int:
+        return int(self.keys.size)
 
 
 class ArrivalForecast:
-    """Expected arrivals of periodic streams."""
+    """Expected arrivals of periodic streams, keyed by small non-negative integers."""
 
     def __init__(self, period_s: float = FRAME_PERIOD_S, grace_s: float = 0.002, alpha: float = 0.1,
                  forget_after: int = 50) -> None:
@@ -54,63 +52,89 @@ class ArrivalForecast:
         self.grace_s = grace_s  # how late an expected frame may be before its tick counts as skipped
         self.alpha = alpha
         self.forget_after = forget_after
-        self._streams: dict[str, _StreamClock] = {}
-        self._heap: list[tuple[float, int, str, int]] = []  # (expected arrival, seq, stream, version)
-        self._seq = itertools.count()
+        self._known = np.zeros(0, bool)
+        self._last = np.zeros(0, np.float64)
+        self._budget = np.zeros(0, np.float64)
+        self._presence = np.zeros(0, np.float64)
+        self._next = np.zeros(0, np.float64)  # the tick expected next (last + k periods)
 
     def __len__(self) -> int:
-        return len(self._streams)
+        return int(np.count_nonzero(self._known))
 
-    def observe(self, stream_id: str, arrival: float, deadline: float) -> None:
-        """A frame of `stream_id` arrived."""
-        c = self._streams.get(stream_id)
-        if c is None:
-            c = self._streams[stream_id] = _StreamClock(arrival, deadline - arrival, 1.0, 0)
+    def _grow(self, top: int) -> None:
+        if top <= self._known.size:
+            return
+        n = max(top, 2 * self._known.size, 64)
+        for name, fill in (("_known", False), ("_last", 0.0), ("_budget", 0.0), ("_presence", 0.0),
+                           ("_next", 0.0)):
+            old = getattr(self, name)
+            new = np.full(n, fill, old.dtype)
+            new[: old.size] = old
+            setattr(self, name, new)
+
+    def observe(self, keys: np.ndarray, arrival: float, deadlines: np.ndarray) -> None:
+        """Frames of `keys` (distinct) arrived at `arrival` with these deadlines."""
+        keys = np.asarray(keys, np.int64)
+        if not keys.size:
+            return
+        self._grow(int(keys.max()) + 1)
+        budget = np.asarray(deadlines, np.float64) - arrival
+        known = self._known[keys]
+        if known.all():  # the usual tick: every stream seen before
+            old, old_budget = keys, budget
         else:
-            gap = arrival - c.last_arrival
-            if gap < 0.5 * self.period_s:
-                return  # the same tick (a late duplicate or a burst): the forecast stands
-            ticks = max(1, round(gap / self.period_s))
-            # Ticks skipped (DTX) lower the presence; this tick's chunk raises it.
-            c.presence = c.presence * (1.0 - self.alpha) ** ticks + self.alpha
-            c.last_arrival, c.budget_s = arrival, deadline - arrival
-            c.version += 1
-        heapq.heappush(self._heap, (arrival + self.period_s, next(self._seq), stream_id, c.version))
-        if len(self._heap) > 4 * len(self._streams) + 64:
-            # Superseded entries pile up when no lookup pops them: keep each stream's current one.
-            self._heap = [e for e in self._heap if (c := self._streams.get(e[2])) is not None
-                          and c.version == e[3]]
-            heapq.heapify(self._heap)
+            new = keys[~known]
+            self._known[new] = True
+            self._last[new] = arrival
+            self._budget[new] = budget[~known]
+            self._presence[new] = 1.0
+            self._next[new] = arrival + self.period_s
+            old, old_budget = keys[known], budget[known]
+        if not old.size:
+            return
+        gap = arrival - self._last[old]
+        # the same tick (a late duplicate or a burst) leaves the forecast as it stands
+        step = gap >= 0.5 * self.period_s
+        if not step.all():
+            old, gap, old_budget = old[step], gap[step], old_budget[step]
+        # ticks skipped (DTX) lower the presence; this tick's chunk raises it
+        keep = 1.0 - self.alpha
+        presence = self._presence[old]
+        ticks = np.rint(gap / self.period_s)
+        skipped = ticks > 1
+        if skipped.any():  # decay by keep ** ticks (at least one), computed where it is not 1
+            presence[skipped] *= keep ** (ticks[skipped] - 1.0)
+        self._presence[old] = presence * keep + self.alpha
+        self._last[old] = arrival
+        self._budget[old] = old_budget
+        self._next[old] = arrival + self.period_s
 
-    def expected(self, now: float, horizon_s: float, exclude: Container[str] = frozenset(),
-                 limit: int | None = None) -> list[ExpectedFrame]:
+    def expected(self, now: float, horizon_s: float, exclude: np.ndarray | None = None) -> Expected:
         """Frames expected from now to now + horizon_s (one per stream, earliest first), except
-        from the streams in `exclude`. A frame up to `grace_s` late is still expected (now).
-        With `limit`, at most that many, looking at no more than 4 x limit + 64 heap entries:
-        the cost of a lookup stays bounded however many streams there are."""
-        out: list[ExpectedFrame] = []
-        keep: list[tuple[float, int, str, int]] = []
-        heap = self._heap
-        budget = 4 * limit + 64 if limit is not None else -1
-        while (heap and heap[0][0] <= now + horizon_s and budget != 0
-               and (limit is None or len(out) < limit)):
-            budget -= 1
-            entry = heapq.heappop(heap)
-            t, _, sid, version = entry
-            c = self._streams.get(sid)
-            if c is None or c.version != version:
-                continue  # superseded by a later arrival
-            if t + self.grace_s <= now:
-                # The tick passed without its chunk: expect the next one, unless the stream
-                # has gone quiet for good.
-                if now - c.last_arrival > self.forget_after * self.period_s:
-                    del self._streams[sid]
-                else:
-                    heapq.heappush(heap, (t + self.period_s, next(self._seq), sid, version))
-                continue
-            keep.append(entry)
-            if sid not in exclude:
-                out.append(ExpectedFrame(sid, max(t, now), t + c.budget_s, c.presence, t + self.grace_s))
-        for entry in keep:
-            heapq.heappush(heap, entry)
-        return out
+        from the keys where the boolean array `exclude` is set. A frame up to `grace_s` late is
+        still expected (now)."""
+        cand = np.flatnonzero(self._known & (self._next <= now + horizon_s))
+        if cand.size:
+            nxt = self._next[cand]
+            overdue = nxt + self.grace_s <= now
+            if overdue.any():
+                od = cand[overdue]
+                # the tick passed without its chunk: expect the next one, unless the stream
+                # has gone quiet for good
+                quiet = now - self._last[od] > self.forget_after * self.period_s
+                self._known[od[quiet]] = False
+                late = od[~quiet]
+                # (at least one tick: rounding can put an exactly-due tick a hair early)
+                skip = np.maximum(1.0, np.floor((now - self.grace_s - self._next[late]) / self.period_s) + 1)
+                self._next[late] += skip * self.period_s
+                cand = cand[self._known[cand] & (self._next[cand] <= now + horizon_s)]
+        if exclude is not None and cand.size:
+            ex = np.zeros(cand.size, bool)
+            inside = cand < exclude.size
+            ex[inside] = exclude[cand[inside]]
+            cand = cand[~ex]
+        t = self._next[cand]
+        order = np.argsort(t, kind="stable")
+        cand, t = cand[order], t[order]
+        return Expected(cand, np.maximum(t, now), t + self._budget[cand], self._presence[cand].copy(),
+                        t + self.grace_s)

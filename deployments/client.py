@@ -1,12 +1,9 @@
-"""The bridge side of the frame-batch contract: `CodecClient` and `EpochTracker`.
+"""The bridge side of the frame-batch contract: `CodecClient`.
 
 `CodecClient.process(batch)` splits a tick's `FrameBatch` by the replica that owns each
 stream (stream affinity, see router.py), sends ONE request per replica, and merges the
 replies back in row order. It never raises: a malformed batch, a dead replica, a timeout or
 any transport failure becomes a per-frame fallback, so every frame gets exactly one outcome.
-
-`EpochTracker` is the bridge's half of the epoch rule: it numbers each stream's frames
-within an epoch and starts a new epoch after any fallback.
 
 Deadlines (contract.py): a batch arrives here with each frame's budget as of the tick; each
 request leaves with that budget less the time spent here since and less the estimated one-way
@@ -25,7 +22,8 @@ import logging
 import statistics
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -35,9 +33,9 @@ from deployments.contract import (
     BatchResult,
     FallbackReason,
     FrameBatch,
-    Op,
     reason_code,
 )
+from deployments.cpu_meter import CpuMeter
 from telemetry import metrics
 
 logger = logging.getLogger(__name__)
@@ -77,22 +75,27 @@ class TransitEstimate:
         return self._median
 
 
-def _take(batch: FrameBatch, rows: np.ndarray, spent_ms: float = 0.0) -> FrameBatch:
-    """The rows of `batch` for one replica, their budgets less `spent_ms`."""
+Rows = np.ndarray | slice  # a replica's rows of a batch: indexes, or one contiguous range
+
+
+def _take(batch: FrameBatch, rows: Rows, spent_ms: float = 0.0) -> FrameBatch:
+    """The rows of `batch` for one replica, their budgets less `spent_ms`. A range of rows
+    (a batch ordered by owner) is taken as views, without copying its PCM."""
+    ids = batch.stream_ids[rows] if isinstance(rows, slice) else [batch.stream_ids[i] for i in rows.tolist()]
     return FrameBatch(
         op=batch.op,
         bridge_id=batch.bridge_id,
-        stream_ids=[batch.stream_ids[i] for i in rows.tolist()],
+        stream_ids=ids,
         epochs=batch.epochs[rows],
         epoch_seqs=batch.epoch_seqs[rows],
         budgets_ms=np.asarray(batch.budgets_ms[rows], np.float64) - spent_ms,
         pcm=None if batch.pcm is None else batch.pcm[rows],
-        codes=None if batch.codes is None else batch.codes[rows],
         bandwidth_kbps=batch.bandwidth_kbps,
+        n_q=None if batch.n_q is None else batch.n_q[rows],
     )
 
 
-def merge_results(batch: FrameBatch, parts: list[tuple[np.ndarray, BatchResult]]) -> BatchResult:
+def merge_results(batch: FrameBatch, parts: list[tuple[Rows, BatchResult]]) -> BatchResult:
     """Scatter per-replica results back into the batch's row order."""
     b = len(batch)
     out = BatchResult(
@@ -114,16 +117,14 @@ def merge_results(batch: FrameBatch, parts: list[tuple[np.ndarray, BatchResult]]
             replica_ids.append(res.replica_id)
         out.held_ms = max(out.held_ms, res.held_ms)
         out.errors.update(res.errors)
-        if res.codes is not None:
+        if res.codes is not None and res.codes.ndim == 3:
             if out.codes is None:
-                out.codes = np.zeros((b,) + res.codes.shape[1:], res.codes.dtype)
-            if out.codes.shape[1:] == res.codes.shape[1:]:
-                out.codes[rows] = res.codes
-        if res.pcm is not None:
-            if out.pcm is None:
-                out.pcm = np.zeros((b,) + res.pcm.shape[1:], res.pcm.dtype)
-            if out.pcm.shape[1:] == res.pcm.shape[1:]:
-                out.pcm[rows] = res.pcm
+                # as deep as the batch's deepest row (parts hold their own deepest row's)
+                n_q = max(int(batch.depths().max()) if b else 0, res.codes.shape[1])
+                out.codes = np.zeros((b, n_q, res.codes.shape[2]), res.codes.dtype)
+            k = min(out.codes.shape[1], res.codes.shape[1])
+            if out.codes.shape[2] == res.codes.shape[2]:
+                out.codes[rows, :k] = res.codes[:, :k]
     assert seen.all(), "every row must come back from exactly one part"
     out.replica_id = ",".join(sorted(set(replica_ids)))
     if modes:
@@ -155,7 +156,12 @@ class CodecClient:
         self._app = handle.app_name
         self._deployment = handle.deployment_name
         self.counters = ClientCounters()
+        # CPU of this client's own work (validating, splitting by replica, merging; not the
+        # Serve handle call, which is transport), for load tests' control-plane figures
+        self.cpu = CpuMeter()
         self.transit = TransitEstimate()
+        self._owner_uids: tuple[str, ...] = ()  # the replica set `_owner_ix` was computed for
+        self._owner_ix: dict[str, int] = {}  # stream id -> its owner's place in that set
         # Any call makes the handle build its router, which then learns the replica set from
         # the controller; by the first tick the client can usually group streams by owner.
         try:
@@ -181,19 +187,60 @@ class CodecClient:
             await asyncio.sleep(0.05)
         return False
 
-    def group_rows(self, stream_ids: list[str]) -> list[tuple[str, np.ndarray]]:
-        """(routing key, rows) per owning replica. Without a router view yet (first tick of a
-        fresh process), everything goes in one request keyed by its first stream."""
+    def group_rows(self, stream_ids: list[str], owners: tuple[Any, np.ndarray] | None = None
+                   ) -> list[tuple[str, Rows]]:
+        """(routing key, rows) per owning replica: a range of rows each when the batch is
+        ordered by owner (a bridge orders it, see `owner_index`), else index arrays. Without a
+        router view yet (first tick of a fresh process), everything goes in one request keyed
+        by its first stream. `owners`: (replica set, owner of each row) as the caller knows
+        them; used while that is still the replica set."""
+        n = len(stream_ids)
+        if not n:
+            return []
+        if owners is not None and owners[0] == self.owners_version() and len(owners[1]) == n:
+            owners = owners[1]
+        else:
+            owners = self.owner_index(stream_ids)
+        if owners is None or (owners == owners[0]).all():
+            return [(stream_ids[0], slice(0, n))]
+        if (owners[1:] >= owners[:-1]).all():
+            bounds = [0, *(np.flatnonzero(np.diff(owners)) + 1).tolist(), n]
+            return [(stream_ids[a], slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        order = np.argsort(owners, kind="stable")
+        cuts = np.flatnonzero(np.diff(owners[order])) + 1
+        return [(stream_ids[int(rows[0])], rows) for rows in np.split(order, cuts)]
+
+    def owners_version(self) -> tuple[str, ...] | None:
+        """The replica set `owner_index` answers for: the router's replica ids, or None
+        while it knows at most one (nothing to split)."""
         view = local_view(self._app, self._deployment)
-        if view is None or not view.replica_uids():
-            return [(stream_ids[0], np.arange(len(stream_ids)))] if stream_ids else []
-        groups: dict[str, list[int]] = defaultdict(list)
-        keys: dict[str, str] = {}
-        for i, sid in enumerate(stream_ids):
-            uid = view.owner(sid) or ""
-            groups[uid].append(i)
-            keys.setdefault(uid, sid)
-        return [(keys[uid], np.asarray(rows, np.int64)) for uid, rows in groups.items()]
+        uids = tuple(view.replica_uids()) if view is not None else ()
+        return uids if len(uids) > 1 else None
+
+    def owner_index(self, stream_ids: list[str]) -> np.ndarray | None:
+        """Each stream's owning replica, as its place in the router's replica set (streams
+        whose owner is unknown share one more), or None while at most one replica is known.
+        The router's answer is kept per stream until the replica set changes, so a tick costs
+        one dictionary lookup per stream. A bridge orders each tick's batch by it, so each
+        replica's frames go as one contiguous range of the batch."""
+        view = local_view(self._app, self._deployment)
+        uids = tuple(view.replica_uids()) if view is not None else ()
+        if len(uids) <= 1:
+            return None
+        n = len(stream_ids)
+        if uids != self._owner_uids or len(self._owner_ix) > 2 * n + 100_000:
+            # a new replica set moves streams; entries of streams long gone are dropped too
+            self._owner_uids, self._owner_ix = uids, {}
+        cache = self._owner_ix
+        out = np.fromiter(map(cache.get, stream_ids, repeat(-1)), np.int64, n)
+        missing = np.flatnonzero(out < 0)
+        if missing.size:
+            place = {u: i for i, u in enumerate(uids)}
+            owner = view.owner
+            for i in missing.tolist():
+                sid = stream_ids[i]
+                out[i] = cache[sid] = place.get(owner(sid), len(uids))
+        return out
 
     def owner(self, stream_id: str) -> str | None:
         """The replica (its unique id) this process routes the stream to now, or None while
@@ -203,41 +250,51 @@ class CodecClient:
 
     def owners(self, stream_ids: list[str]) -> dict[str, str]:
         """`owner` for many streams at once (one router lookup); unknown ones left out."""
-        view = local_view(self._app, self._deployment)
-        if view is None or not view.replica_uids():
-            return {}
-        out = {}
-        for sid in stream_ids:
-            uid = view.owner(sid)
-            if uid:
-                out[sid] = uid
-        return out
+        ix = self.owner_index(stream_ids)
+        if ix is None:  # one replica (or none known yet)
+            view = local_view(self._app, self._deployment)
+            uids = view.replica_uids() if view is not None else []
+            return dict.fromkeys(stream_ids, uids[0]) if len(uids) == 1 else {}
+        uids = self._owner_uids
+        return {sid: uids[k] for sid, k in zip(stream_ids, ix.tolist(), strict=True) if k < len(uids)}
 
-    async def process(self, batch: FrameBatch) -> BatchResult:
-        try:
-            batch.validate()
-        except ValueError as exc:
-            self.counters.malformed += 1
-            res = malformed_result(batch, str(exc))
-            metrics.record_frames(_op_name(batch), res.counts())
-            return self._count(res)
-        if len(batch) == 0:
-            return self._count(BatchResult.all_fallback(batch, FallbackReason.ERROR))
-        t0 = time.monotonic()
-        groups = self.group_rows(batch.stream_ids)
-        budgets = np.asarray(batch.budgets_ms, np.float64)
-        longest_s = float(np.nanmax(budgets)) / 1000.0 if not np.isnan(budgets).all() else 0.0
-        timeout = max(0.05, longest_s + self._grace)
-        # What the budgets lose before they reach a replica: this client's own work since the
-        # tick handed the batch over, and the way there.
-        spent_ms = (time.monotonic() - t0) * 1000.0 + self.transit.one_way_ms
-        subs = [(key, rows, _take(batch, rows, spent_ms)) for key, rows in groups]
-        results = await asyncio.gather(*(self._send(key, sub, timeout) for key, _, sub in subs))
-        return self._count(merge_results(batch, [(rows, res) for (_, rows, _), res in zip(subs, results, strict=True)]))
+    async def process(self, batch: FrameBatch, owners: tuple[Any, np.ndarray] | None = None) -> BatchResult:
+        """One tick's batch -> one result, one request per owning replica. `owners`: (replica
+        set, owner of each row) when the caller keeps them (see `group_rows`)."""
+        with self.cpu:
+            t0 = time.monotonic()
+            try:
+                batch.validate()
+            except ValueError as exc:
+                self.counters.malformed += 1
+                res = malformed_result(batch, str(exc))
+                metrics.record_frames(_op_name(batch), res.counts())
+                return self._count(res)
+            if len(batch) == 0:
+                return self._count(BatchResult.all_fallback(batch, FallbackReason.ERROR))
+            groups = self.group_rows(batch.stream_ids, owners)
+            budgets = np.asarray(batch.budgets_ms, np.float64)
+            longest_s = float(np.nanmax(budgets)) / 1000.0 if not np.isnan(budgets).all() else 0.0
+            timeout = max(0.05, longest_s + self._grace)
+            # What the budgets lose before they reach a replica: this client's own work since
+            # the tick handed the batch over, and the way there.
+            spent_ms = (time.monotonic() - t0) * 1000.0 + self.transit.one_way_ms
+            if len(groups) == 1:  # one owner (or no view yet): the batch goes whole
+                sends = [self._send(groups[0][0], replace(batch, budgets_ms=budgets - spent_ms), timeout)]
+            else:
+                subs = [(key, rows, _take(batch, rows, spent_ms)) for key, rows in groups]
+                sends = [self._send(key, sub, timeout) for key, _, sub in subs]
+        results = await asyncio.gather(*sends)
+        with self.cpu:
+            if len(groups) == 1:
+                return self._count(results[0])
+            return self._count(merge_results(
+                batch, [(rows, res) for (_, rows, _), res in zip(subs, results, strict=True)]))
 
     async def _send(self, key: str, sub: FrameBatch, timeout: float) -> BatchResult:
         self.counters.requests += 1
         sent = time.monotonic()
+        # the handle call itself is transport (Serve's own budget), not this client's work
         response = self._handle.options(method_name="process", session_id=key).remote(sub)
         try:
             res = await asyncio.wait_for(response, timeout)
@@ -259,8 +316,9 @@ class CodecClient:
     async def leave(self, stream_ids: list[str]) -> int:
         """Frees the streams' slots on their replicas; returns how many were freed."""
         freed = 0
-        for key, rows in self.group_rows(list(stream_ids)):
-            ids = [stream_ids[i] for i in rows.tolist()]
+        stream_ids = list(stream_ids)
+        for key, rows in self.group_rows(stream_ids):
+            ids = stream_ids[rows] if isinstance(rows, slice) else [stream_ids[i] for i in rows.tolist()]
             try:
                 freed += int(await self._handle.options(method_name="leave", session_id=key).remote(ids))
             except Exception as exc:  # noqa: BLE001 - a dead replica has freed them already
@@ -298,67 +356,3 @@ def malformed_result(batch: Any, message: str) -> BatchResult:
         compute_ms=np.zeros(b, np.float32),
         errors={s: f"malformed batch: {message}" for s in ids},
     )
-
-
-@dataclass
-class _StreamEpoch:
-    epoch: int = 0
-    next_seq: int = 0
-
-
-class EpochTracker:
-    """Per-stream (epoch, epoch_seq) numbering for the frames a bridge sends.
-
-    A stream's first frame opens epoch 1 with seq 0; each frame answered `ai` lets the next
-    continue the epoch; any fallback (or a leave) makes the next frame open a new epoch.
-    """
-
-    def __init__(self) -> None:
-        self._streams: dict[str, _StreamEpoch] = {}
-
-    def next_frame(self, stream_id: str) -> tuple[int, int]:
-        st = self._streams.get(stream_id)
-        if st is None:
-            st = self._streams[stream_id] = _StreamEpoch(epoch=1, next_seq=0)
-        seq = st.next_seq
-        st.next_seq += 1
-        return st.epoch, seq
-
-    def observe(self, stream_id: str, epoch: int, ai: bool) -> None:
-        st = self._streams.get(stream_id)
-        if st is None or epoch != st.epoch:
-            return  # an answer for an epoch already abandoned
-        if not ai:
-            st.epoch += 1
-            st.next_seq = 0
-
-    def observe_result(self, result: BatchResult) -> None:
-        ai = result.outcome_codes == 0
-        for i, sid in enumerate(result.stream_ids):
-            self.observe(sid, int(result.epochs[i]), bool(ai[i]))
-
-    def forget(self, stream_id: str) -> None:
-        self._streams.pop(stream_id, None)
-
-    def make_batch(
-        self,
-        op: Op,
-        bridge_id: str,
-        stream_ids: list[str],
-        payload: np.ndarray,
-        deadline_ms: float,
-        bandwidth_kbps: float = 6.0,
-    ) -> FrameBatch:
-        """A FrameBatch for one tick with each stream's next (epoch, seq) filled in."""
-        pairs = [self.next_frame(s) for s in stream_ids]
-        return FrameBatch(
-            op=op,
-            bridge_id=bridge_id,
-            stream_ids=list(stream_ids),
-            epochs=np.asarray([p[0] for p in pairs], np.int64),
-            epoch_seqs=np.asarray([p[1] for p in pairs], np.int64),
-            budgets_ms=np.full(len(stream_ids), float(deadline_ms)),
-            pcm=payload if op is Op.ENCODE else None,
-            codes=payload if op is Op.DECODE else None,
-            bandwidth_kbps=bandwidth_kbps,
-        )

@@ -12,7 +12,16 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from deployments.contract import BANDWIDTHS_KBPS
+from models.constants import (
+    BANDWIDTHS_KBPS,
+    DEFAULT_DEADLINE_MS,
+    DEFAULT_FRAME_PERIOD_MS,
+    DEFAULT_MARGIN_MS,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_HOLD_MS,
+    DEFAULT_MAX_QUEUE,
+    MAX_BANDWIDTH_KBPS,
+)
 
 APP_NAME = "auralink"
 REPLICA_DEPLOYMENT = "CodecReplica"
@@ -40,7 +49,7 @@ class Backend(str, enum.Enum):
 
 # Knobs whose change needs a new model/slot pool (slots are dropped; streams reset by epoch).
 # `compute` too: an emulated replica holds no model, a real one loads it.
-_REBUILD_KNOBS = ("backend", "capacity", "device", "bandwidth_kbps", "weights_dir",
+_REBUILD_KNOBS = ("backend", "capacity", "device", "max_bandwidth_kbps", "weights_dir",
                   "allow_random_weights", "torch_threads", "compute")
 
 
@@ -48,20 +57,23 @@ _REBUILD_KNOBS = ("backend", "capacity", "device", "bandwidth_kbps", "weights_di
 class ReplicaSettings:
     """Everything a `CodecReplica` can be told; all of it may arrive as `user_config`."""
 
-    deadline_ms: float = 20.0  # default budget when a frame's own deadline is absent
-    max_batch: int = 64
-    margin_ms: float = 2.0  # safety margin added to the latency model's prediction
-    max_queue: int = 4096  # frames waiting in the EDF queue before new ones are shed
+    deadline_ms: float = DEFAULT_DEADLINE_MS  # budget when a frame's own deadline is absent
+    max_batch: int = DEFAULT_MAX_BATCH
+    margin_ms: float = DEFAULT_MARGIN_MS  # safety margin added to the latency model's prediction
+    max_queue: int = DEFAULT_MAX_QUEUE  # frames waiting in the EDF queue before new ones are shed
     # The scheduler may hold a batch this long for a frame its arrival forecast expects
     # (0: never hold); streams are forecast to send one chunk per frame period.
-    max_hold_ms: float = 20.0
-    frame_period_ms: float = 40.0
+    max_hold_ms: float = DEFAULT_MAX_HOLD_MS
+    frame_period_ms: float = DEFAULT_FRAME_PERIOD_MS
     capacity: int = 256  # streaming slots (streams) per replica
     idle_timeout_s: float = 30.0  # a slot with no frame for this long is freed
     backend: Backend = Backend.TORCH
     compute: ComputeMode = ComputeMode.REAL
     device: str = "cpu"
-    bandwidth_kbps: float = 24.0  # model bandwidth; lower requests take a codebook prefix
+    # The deepest quantization the replica computes; a request for a lower bandwidth gets a
+    # prefix of the codebooks. (Which bandwidth subscribers get is the bridge's setting,
+    # $AURALINK_BANDWIDTH_KBPS; this one is $AURALINK_MAX_BANDWIDTH_KBPS.)
+    max_bandwidth_kbps: float = MAX_BANDWIDTH_KBPS
     weights_dir: str | None = None
     allow_random_weights: bool = False
     torch_threads: int = 0  # 0 = leave torch's default
@@ -80,8 +92,8 @@ class ReplicaSettings:
             raise ValueError("max_batch, capacity and max_queue must be >= 1")
         if self.max_hold_ms < 0 or self.frame_period_ms <= 0:
             raise ValueError("max_hold_ms must be >= 0 and frame_period_ms > 0")
-        if self.bandwidth_kbps not in BANDWIDTHS_KBPS:
-            raise ValueError(f"bandwidth_kbps {self.bandwidth_kbps} not in {BANDWIDTHS_KBPS}")
+        if self.max_bandwidth_kbps not in BANDWIDTHS_KBPS:
+            raise ValueError(f"max_bandwidth_kbps {self.max_bandwidth_kbps} not in {BANDWIDTHS_KBPS}")
         if not self.latency_profile or min(self.latency_profile) < 1:
             raise ValueError("latency_profile needs at least one batch size >= 1")
 

@@ -2,17 +2,14 @@
 
 A bridge sends ONE `FrameBatch` per tick per replica carrying every frame it has for that
 replica's streams; the replica answers with one `BatchResult` giving every frame exactly one
-outcome: `ai` (codes for encode, PCM for decode) or `fallback` with a `FallbackReason`.
+outcome: `ai` (the frame's codes) or `fallback` with a `FallbackReason`.
 
 Arrays are numpy, column-wise (one array per field, B rows) so that a batch of thousands of
 frames pickles as a handful of buffers, never one object per frame.
 
-Epoch rule (see docs/protocol.md): encoder and decoder state of a stream advance together.
-Each frame carries its stream's `epoch` and `epoch_seq` (0 = first frame of that epoch). A
-replica resets a stream's slot when it sees a new epoch; a frame that would continue an
-epoch the replica does not hold (after a restart or a move) is answered `fallback/reset`, and
-the bridge starts a new epoch. Any fallback of a stream makes the bridge start a new epoch on
-its next frame, so no decoder ever runs on a state that its encoder did not produce.
+Each frame carries its stream's `epoch` and `epoch_seq` (0 = first frame of that epoch); what
+the bridge, the replica and a decoder do with them is the epoch rule, written once in
+`deployments/epochs.py` (and described in docs/protocol.md).
 
 Deadline rule: hosts' clocks differ, so no absolute time crosses the wire. Each frame carries
 its *budget*, the milliseconds left until its deadline when the batch is sent; the replica
@@ -29,17 +26,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-SAMPLE_RATE = 24_000
-FRAME_SAMPLES = 320  # one EnCodec frame (hop) at 24 kHz = 13.33 ms
-CHUNK_SAMPLES = 960  # one bridge chunk: 40 ms = 3 EnCodec frames
-CHUNK_FRAMES = CHUNK_SAMPLES // FRAME_SAMPLES
-CODEBOOK_SIZE = 1024
-BANDWIDTHS_KBPS = (1.5, 3.0, 6.0, 12.0, 24.0)
+from models.constants import (  # noqa: F401 - the contract's units, re-exported
+    BANDWIDTHS_KBPS,
+    CHUNK_FRAMES,
+    CHUNK_SAMPLES,
+    CODEBOOK_SIZE,
+    DEFAULT_BANDWIDTH_KBPS,
+    FRAME_SAMPLES,
+    N_Q_BY_BANDWIDTH,
+    SAMPLE_RATE,
+    bandwidth_codebooks,
+)
 
 
 class Op(str, enum.Enum):
+    """What a batch asks of the replica (the metrics' `op` label). Bridges encode; decoding
+    runs at the subscribers (the SDK), never on a replica."""
+
     ENCODE = "encode"
-    DECODE = "decode"
 
 
 class Outcome(str, enum.Enum):
@@ -71,14 +75,8 @@ def decode_reason(code: int) -> FallbackReason | None:
     return None if code == AI_CODE else REASON_CODES[code - 1]
 
 
-def bandwidth_codebooks(bandwidth_kbps: float) -> int:
-    """Number of RVQ codebooks for a bandwidth: 1.5 kbps = 2 books of 10 bits at 75 Hz."""
-    if bandwidth_kbps not in BANDWIDTHS_KBPS:
-        raise ValueError(f"bandwidth {bandwidth_kbps} kbps not in {BANDWIDTHS_KBPS}")
-    return int(round(bandwidth_kbps * 1000 / (75 * 10)))
-
-
-VALID_N_Q = (2, 4, 8, 16, 32)  # codebooks of BANDWIDTHS_KBPS, in order
+VALID_N_Q = N_Q_BY_BANDWIDTH  # codebooks of BANDWIDTHS_KBPS, in order
+_N_Q_OK = np.isin(np.arange(max(VALID_N_Q) + 1), VALID_N_Q)  # n -> n is a valid depth
 
 
 def codebooks_bandwidth(n_q: int) -> float:
@@ -103,9 +101,8 @@ class FrameBatch:
     epochs: np.ndarray  # int64 [B]
     epoch_seqs: np.ndarray  # int64 [B]; 0 = first frame of the epoch
     budgets_ms: np.ndarray  # float [B]: ms left to each frame's deadline at send; NaN = default
-    pcm: np.ndarray | None = None  # encode: float32 or int16 [B, T], T % 320 == 0
-    codes: np.ndarray | None = None  # decode: int [B, n_q, F]
-    bandwidth_kbps: float = 6.0
+    pcm: np.ndarray | None = None  # float32 or int16 [B, T], T % 320 == 0
+    bandwidth_kbps: float = DEFAULT_BANDWIDTH_KBPS
     # encode: codebooks per stream (int [B], each in VALID_N_Q): how deep the replica
     # quantizes that row, the deepest any subscriber of the stream needs; None = every row
     # at `bandwidth_kbps`. Result rows carry codes up to their depth, zeros below it.
@@ -131,22 +128,16 @@ class FrameBatch:
         if self.n_q is not None:
             if not isinstance(self.n_q, np.ndarray) or self.n_q.shape != (b,):
                 raise ValueError(f"n_q must be an array of shape ({b},)")
-            if b and not np.isin(self.n_q, VALID_N_Q).all():
+            if b and not (self.n_q.dtype.kind in "iu" and 0 <= self.n_q.min() and self.n_q.max() < _N_Q_OK.size
+                          and _N_Q_OK[self.n_q].all()):
                 raise ValueError(f"n_q values must be in {VALID_N_Q}")
-        if self.op is Op.ENCODE:
-            pcm = self.pcm
-            if not isinstance(pcm, np.ndarray) or pcm.ndim != 2 or pcm.shape[0] != b:
-                raise ValueError(f"encode needs pcm of shape ({b}, T)")
-            if pcm.dtype not in (np.float32, np.int16):
-                raise ValueError(f"pcm dtype must be float32 or int16, got {pcm.dtype}")
-            if pcm.shape[1] == 0 or pcm.shape[1] % FRAME_SAMPLES:
-                raise ValueError(f"pcm length {pcm.shape[1]} is not a multiple of {FRAME_SAMPLES}")
-        else:
-            codes = self.codes
-            if not isinstance(codes, np.ndarray) or codes.ndim != 3 or codes.shape[0] != b:
-                raise ValueError(f"decode needs codes of shape ({b}, n_q, F)")
-            if not np.issubdtype(codes.dtype, np.integer):
-                raise ValueError(f"codes must be integers, got {codes.dtype}")
+        pcm = self.pcm
+        if not isinstance(pcm, np.ndarray) or pcm.ndim != 2 or pcm.shape[0] != b:
+            raise ValueError(f"encode needs pcm of shape ({b}, T)")
+        if pcm.dtype not in (np.float32, np.int16):
+            raise ValueError(f"pcm dtype must be float32 or int16, got {pcm.dtype}")
+        if pcm.shape[1] == 0 or pcm.shape[1] % FRAME_SAMPLES:
+            raise ValueError(f"pcm length {pcm.shape[1]} is not a multiple of {FRAME_SAMPLES}")
 
     def depths(self) -> np.ndarray:
         """Codebooks per row: `n_q` when given, else `bandwidth_kbps`'s for every row."""
@@ -176,8 +167,7 @@ class BatchResult:
     epochs: np.ndarray  # int64 [B], echoed
     queue_ms: np.ndarray  # float32 [B]: arrival at replica -> compute start (or decision)
     compute_ms: np.ndarray  # float32 [B]: compute time of the step the frame ran in (0 if none)
-    codes: np.ndarray | None = None  # encode: int16 [B, n_q, F]; rows valid where ai
-    pcm: np.ndarray | None = None  # decode: float32 [B, T]; rows valid where ai
+    codes: np.ndarray | None = None  # int16 [B, n_q, F]; rows valid where ai
     replica_id: str = ""
     errors: dict[str, str] = field(default_factory=dict)  # stream id -> message for `error`
     compute: str = "real"  # "real" | "emulated" (load tests); merged results may say "emulated,real"

@@ -1,9 +1,11 @@
 """Operator dashboard: a FastAPI router (mounted by the ingress under /dashboard) + one page.
 
 - `GET  /dashboard/`                       the page (static HTML/JS, no data, nothing from a CDN)
-- `GET  /dashboard/api/stats`              live streams, bitrate AI vs native, fallback rate and
-                                           reasons, replicas, hint limiter health, per-user AI
-                                           state as the supervisor decided it (operator token)
+- `GET  /dashboard/api/stats`              live streams, bitrate AI vs native, per stream the
+                                           publisher's requested bandwidth and its subscribers'
+                                           layers, fallback rate and reasons, replicas, hint
+                                           limiter health, per-user AI state as the supervisor
+                                           decided it (operator token)
 - `POST /dashboard/api/users/{user}/ai`    `{"enabled": false}` opts the user out of AI
                                            compression, `true` back in (operator token)
 
@@ -48,6 +50,7 @@ STATIC = Path(__file__).with_name("static")
 BOARD_NAME = "auralink-dashboard-stats"
 BOARD_NAMESPACE = "auralink"
 STALE_S = 5.0
+MAX_STREAM_ROWS = 200  # the per-stream bitrate table: enough for a page, bounded for a big fleet
 SUPERVISOR_TIMEOUT_S = 2.0  # the page polls every second; a stuck supervisor must not stall it
 
 logger = logging.getLogger(__name__)
@@ -83,12 +86,13 @@ def aggregate(snapshots: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "kbps_all_native": 0.0,
         "fallback_by_reason": {},
         "users": [],
+        "streams": [],
         "compute": None,
         "time_dilation": None,
         "at": time.time(),
     }
     reasons: dict[str, int] = {}
-    for snap in snapshots.values():
+    for bridge_id, snap in snapshots.items():
         out["streams_live"] += int(snap.get("streams_live", 0))
         out["replicas"] = max(out["replicas"], int(snap.get("replicas", 0)))
         frames = int(snap.get("frames_last_s", 0))
@@ -99,13 +103,33 @@ def aggregate(snapshots: dict[str, dict[str, Any]]) -> dict[str, Any]:
         for r, n in (snap.get("fallback_by_reason") or {}).items():
             reasons[r] = reasons.get(r, 0) + int(n)
         out["users"].extend(snap.get("users") or [])
+        out["streams"].extend(_stream_rows(bridge_id, snap.get("streams") or {}))
         out["compute"] = out["compute"] or snap.get("compute")
         out["time_dilation"] = out["time_dilation"] or snap.get("time_dilation")
     out["fallback_by_reason"] = reasons
     out["fallback_rate"] = out["fallback_frames_last_s"] / out["frames_last_s"] if out["frames_last_s"] else 0.0
     out["users"].sort(key=lambda u: u.get("user", ""))
+    out["streams"].sort(key=lambda r: r["stream"])
+    del out["streams"][MAX_STREAM_ROWS:]
     out["limiter"] = _limiter_view([s["limiter_health"] for s in snapshots.values() if s.get("limiter_health")])
     return out
+
+
+def _stream_rows(bridge_id: str, streams: dict[str, Any]) -> list[dict[str, Any]]:
+    """The bitrate view per stream (a bridge's `MediaBridge.stream_stats()`): the publisher's
+    requested bandwidth, the operator's cap, the depth encoded, DTX, and each AIC subscriber's
+    current layer (codebooks, codec kbit/s, packet duration, wire kbit/s)."""
+    rows = []
+    for stream, st in streams.items():
+        subs = [{"n_q": int(x.get("n_q", 0)), "kbps": float(x.get("kbps", 0.0)),
+                 "packet_ms": int(x.get("packet_ms", 0)), "wire_kbps": float(x.get("wire_kbps", 0.0)),
+                 "adaptive": bool(x.get("adaptive", False))}
+                for x in (st.get("subscribers") or {}).values()]
+        subs.sort(key=lambda x: (-x["kbps"], x["packet_ms"]))
+        rows.append({"stream": str(stream), "bridge": bridge_id, "requested_kbps": st.get("requested_kbps"),
+                     "cap_kbps": st.get("cap_kbps"), "depth_n_q": st.get("depth_n_q"), "dtx": st.get("dtx"),
+                     "subscribers": subs})
+    return rows
 
 
 def _limiter_view(healths: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -27,11 +27,10 @@ How it works (Clockwork-style predictability, kept small):
   cannot inflate every prediction), which lets `max_batch_within` binary-search. The
   distribution is built the same way, level by level (quantile functions interpolated in B).
 
-For a scheduler that asks many (B, budget) questions per decision: the CDFs of a set of sizes
-are laid on one axis (`cdf_axis`), so one np.interp call answers any mix of those sizes and
-budgets; the distribution is rebuilt every `refresh_every` measured steps (at once for a new
-bucket), and then only the cached sizes whose bucket rows moved are re-interpolated.
-`version` changes with it.
+A scheduler reads the model before every step, and a rebuild after every measured step would
+cost more than the decision it serves: measured steps are applied every `refresh_every` (8)
+steps (at once for a bucket's first one, and before `to_dict`); one step moves a 128-sample
+window's quantiles by one order statistic at most. `version` changes with every rebuild.
 
 Pure logic (numpy for the distribution), no Ray, no clock: the caller passes measured ms.
 """
@@ -39,11 +38,10 @@ Pure logic (numpy for the distribution), no Ray, no clock: the caller passes mea
 from __future__ import annotations
 
 import bisect
-import functools
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
 
@@ -52,11 +50,7 @@ import numpy as np
 DEFAULT_QUANTILE = 0.95
 DEFAULT_WINDOW = 128
 DEFAULT_REL_MARGIN = 0.05
-# The distribution is rebuilt from the samples after this many new measured steps (at once for
-# a bucket's first one). One step moves a 128-sample window's quantiles by one order statistic
-# at most, while a rebuild costs more than a scheduling decision: rebuilding every step would
-# make the model the largest part of a replica's control-plane time.
-DEFAULT_REFRESH_EVERY = 8
+DEFAULT_REFRESH_EVERY = 8  # measured steps between rebuilds of the distribution (see above)
 # With nothing measured yet, assume a slow device: 10 ms per frame, linear. The scheduler then
 # runs small batches until real steps teach it better.
 UNSEEDED_MS_PER_FRAME = 10.0
@@ -71,10 +65,9 @@ _LEVELS = np.array([0.0, *((m + 0.5) / DIST_LEVELS for m in range(DIST_LEVELS)),
 # budget exactly equal to a deterministic step time counts as met.
 _RAMP = (len(_LEVELS) - 1 - np.arange(len(_LEVELS))) * 1e-9
 _STEPS = np.diff(_LEVELS)
-# Budgets are clamped to +-BUDGET_LIMIT_MS before a CDF lookup (far beyond any deadline).
-BUDGET_LIMIT_MS = 1e5
-# Rows are kept for every batch size up to this many; larger sizes are interpolated when asked.
-ROW_CACHE_SIZES = 1024
+# Above this many (budget, level) pairs a CDF evaluation loops over rows instead of comparing
+# every budget with every level at once (fewer numpy calls win on small inputs, less work on large).
+_BROADCAST_LIMIT = 40_000
 
 
 def bucket_sizes(limit: int = 1 << 16) -> list[int]:
@@ -99,14 +92,15 @@ def bucket_of(batch: int) -> int:
     return _BUCKETS[bisect.bisect_right(_BUCKETS, batch) - 1]
 
 
-@functools.lru_cache(maxsize=1024)
-def _order_statistics(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(lo, hi, frac): the levels' positions among n sorted samples, interpolated linearly."""
-    pos = _LEVELS * (n - 1)
-    lo = np.floor(pos).astype(np.intp)
-    out = (lo, np.minimum(lo + 1, n - 1), pos - lo)
-    for a in out:
-        a.flags.writeable = False
+def _on_line(line: tuple[np.ndarray, np.ndarray, float], batches: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Values at batch sizes of a quantity linear in B between bucket sizes (the first one's
+    below them) and with the given slope beyond the last."""
+    sizes, values, tail = line
+    k = np.maximum(np.asarray(batches, float), 1.0)
+    out = np.interp(k, sizes, values)
+    beyond = k > sizes[-1]
+    if beyond.any():
+        out[beyond] = values[-1] + (k[beyond] - sizes[-1]) * tail
     return out
 
 
@@ -131,6 +125,17 @@ class _Envelope:
     tail_slope: float  # ms per extra frame beyond the last size
     dist: np.ndarray  # [len(sizes), len(_LEVELS)] quantile rows, non-decreasing along both axes
     dist_tail: np.ndarray  # [len(_LEVELS)] ms per extra frame beyond the last size, per level
+    # (sizes, their rows' means, the tail's mean slope): a row is linear in B between sizes
+    # and beyond the last, so its mean is too (see `LatencyModel.mean_ms`); and the same for
+    # the rows' largest values (`LatencyModel.max_ms`)
+    mean_line: tuple[np.ndarray, np.ndarray, float] = field(init=False)
+    max_line: tuple[np.ndarray, np.ndarray, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        sizes = np.asarray(self.sizes, float)
+        object.__setattr__(self, "mean_line", (sizes, self.dist[:, 1:-1].mean(axis=1),
+                                               float(self.dist_tail[1:-1].mean())))
+        object.__setattr__(self, "max_line", (sizes, self.dist[:, -1].copy(), float(self.dist_tail[-1])))
 
 
 class LatencyModel:
@@ -155,21 +160,18 @@ class LatencyModel:
         self.window = window
         self.rel_margin = rel_margin
         self.refresh_every = refresh_every
-        # Bumped whenever the distribution changes: callers cache what they derive from it.
-        self.version = 0
+        self.version = 0  # bumped by every rebuild: callers may cache what they derive
+        self._dirty = False  # samples recorded since the last rebuild
+        self._unapplied = 0  # measured steps among them
+        self._new_bucket = False  # a bucket appeared since the last rebuild: rebuild at once
         self._samples: dict[int, deque[float]] = {}
         self._observed = 0
         self._env: _Envelope | None = None
         # Per bucket (estimate, distribution row), recomputed only for the bucket that changed.
         self._bucket_stats: dict[int, tuple[float, np.ndarray]] = {}
         self._rows: np.ndarray | None = None  # dist rows for B = 1..len(_rows), from _env
-        self._row_means: np.ndarray | None = None  # their means
+        self._row_known: np.ndarray | None = None  # which of them are computed
         self._quantiles: dict[tuple[int, float], float] = {}
-        # Buckets recorded into since the envelope was built: the next read rebuilds only the
-        # rows (and CDF tables) of the batch sizes those buckets shape (see _refresh).
-        self._dirty: set[int] = set()
-        self._unapplied = 0  # measured steps recorded since the last rebuild
-        self._new_bucket = False  # a bucket appeared since the last rebuild: rebuild at once
 
     # ----------------------------------------------------------------------------- building
     @classmethod
@@ -233,11 +235,11 @@ class LatencyModel:
             # A bucket's first measurement joins a prior: the distribution interpolated there
             # so far. One sample alone would make the bucket's distribution a single point,
             # so one slow step would look like the only possible outcome at that size.
-            if self._dirty:
-                self._refresh()  # the prior includes every step measured so far
+            self._refresh()  # the prior includes every step measured so far
             for prior_ms in self.dist_rows([b])[0, 1:-1]:
                 self._record(b, float(prior_ms))
         self._record(batch, ms)
+        self._unapplied += 1
 
     def _record(self, batch: int, ms: float) -> None:
         b = bucket_of(batch)
@@ -247,56 +249,28 @@ class LatencyModel:
             self._new_bucket = True
         d.append(ms)
         self._bucket_stats.pop(b, None)
-        self._dirty.add(b)
-        self._unapplied += 1
+        self._dirty = True
+
+    def _stale(self) -> bool:
+        """Samples wait and are due: nothing built yet, a new bucket, or `refresh_every`
+        measured steps since the last rebuild."""
+        return self._dirty and (self._env is None or self._new_bucket
+                                or self._unapplied >= self.refresh_every)
+
+    def _refresh(self) -> None:
+        """Apply the samples recorded so far: everything derived is rebuilt when next read."""
+        self._dirty, self._unapplied, self._new_bucket = False, 0, False
+        self._env = None
+        if self._row_known is not None:
+            self._row_known.fill(False)
+        self._quantiles.clear()
+        self.version += 1
 
     @property
     def observed_steps(self) -> int:
         return self._observed
 
     # ----------------------------------------------------------------------------- predicting
-    def _refresh(self) -> None:
-        """Rebuild the envelope after new samples, and re-interpolate the cached rows of the
-        batch sizes whose distribution changed: those read from a bucket row that moved (and,
-        when the extrapolation moved, every size beyond the last bucket)."""
-        old = self._env
-        self._dirty.clear()
-        self._unapplied = 0
-        self._new_bucket = False
-        self._env = None
-        env = self._envelope()
-        self._quantiles.clear()
-        self.version += 1
-        if self._rows is None:
-            return
-        if old is None or old.sizes != env.sizes:
-            self._rows = self._row_means = None
-            return
-        sizes, n, cached = env.sizes, len(env.sizes), len(self._rows)
-        moved = np.flatnonzero((old.dist != env.dist).any(axis=1))
-        if not len(moved):
-            return
-        # Sizes between a moved bucket's neighbours read its row; the last two buckets' rows
-        # also shape everything beyond the last (the extrapolation slope).
-        i0, i1 = int(moved[0]), int(moved[-1])
-        lo = sizes[i0 - 1] + 1 if i0 > 0 else 1
-        hi = sizes[i1 + 1] if i1 < n - 1 else cached
-        if (old.dist_tail != env.dist_tail).any():
-            hi = cached
-        hi = min(hi, cached)
-        if lo > hi:
-            return
-        b = np.arange(lo, hi + 1)
-        rows = self._rows[lo - 1:hi] = self._interpolate_rows(b)
-        assert self._row_means is not None
-        self._row_means[lo - 1:hi] = rows[:, 1:-1].mean(axis=1)
-
-    def _stale(self) -> bool:
-        """Samples are waiting and due: a new bucket, nothing built yet, or refresh_every
-        measured steps since the last rebuild."""
-        return bool(self._dirty) and (self._env is None or self._new_bucket
-                                      or self._unapplied >= self.refresh_every)
-
     def _envelope(self) -> _Envelope:
         if self._stale():
             self._refresh()
@@ -329,21 +303,20 @@ class LatencyModel:
         """(quantile estimate, distribution row) of one bucket's samples, cached until it changes."""
         cached = self._bucket_stats.get(bucket)
         if cached is None:
-            samples = self._samples[bucket]
-            n = len(samples)
-            xs = np.array(samples)
-            xs.sort()
+            xs = np.sort(np.fromiter(self._samples[bucket], float))
+            n = len(xs)
             k = min(n - 1, max(0, math.ceil(self.quantile * n) - 1))  # nearest rank above
-            lo, hi, frac = _order_statistics(n)  # linear interpolation between them
-            row = xs.take(lo)
-            row += frac * (xs.take(hi) - row)
+            pos = _LEVELS * (n - 1)  # linear interpolation between order statistics
+            lo = np.floor(pos).astype(int)
+            hi = np.minimum(lo + 1, n - 1)
+            row = xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
             # The tail beyond the top level: a window's largest sample is not the largest step
             # the device takes. Spread the last 1/(2 DIST_LEVELS) of probability up to
             # q_top * sqrt(q_top / median) (about a log-normal's p99.9 from its p98.4), so a
             # budget just above the largest sample is "very likely", not certain.
-            q_top, q_med = float(row[-2]), float(np.interp(0.5, _LEVELS, row))
+            q_top, q_med = row[-2], float(np.interp(0.5, _LEVELS, row))
             if q_med > 0:
-                row[-1] = max(float(row[-1]), q_top * math.sqrt(q_top / q_med))
+                row[-1] = max(row[-1], q_top * math.sqrt(q_top / q_med))
             cached = self._bucket_stats[bucket] = (float(xs[k]), row)
         return cached
 
@@ -380,29 +353,29 @@ class LatencyModel:
         """Quantile rows of T(B) for each B in `batches`: [len(batches), len(levels)], at the
         levels 0 (min), (m + 0.5) / DIST_LEVELS, 1 (max) of the samples. Linear in B between
         buckets, the first bucket's row below it, extrapolated per level above the last."""
-        return self._cached_rows(batches)[0]
+        return self._cached_rows(batches)
 
-    def _cached_rows(self, batches: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, means) for `batches`: from the rows kept for every B up to the largest asked
-        (at most ROW_CACHE_SIZES of them), interpolated on the spot beyond."""
-        k = np.maximum(np.asarray(batches, np.intp), 1)
-        top = int(k.max()) if len(k) else 1
-        self._ensure_rows(min(top, ROW_CACHE_SIZES))
-        assert self._rows is not None and self._row_means is not None
-        if top <= len(self._rows):
-            return self._rows[k - 1], self._row_means[k - 1]
-        rows = self._interpolate_rows(k)
-        return rows, rows[:, 1:-1].mean(axis=1)
-
-    def _ensure_rows(self, top: int) -> None:
-        """Rows for every B up to at least `top`, current."""
+    def _cached_rows(self, batches: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows for `batches`. Rows are kept per B once computed, and only the B asked for
+        are computed (a replica asks for a few sizes up to thousands after every step)."""
         if self._stale():
             self._refresh()
+        k = np.maximum(np.asarray(batches, int), 1)
+        top = int(k.max()) if len(k) else 1
         if self._rows is None or len(self._rows) < top:
-            have = 0 if self._rows is None else len(self._rows)
-            n = min(max(top, 2 * have, 16), max(top, ROW_CACHE_SIZES))
-            self._rows = self._interpolate_rows(np.arange(1, n + 1))
-            self._row_means = self._rows[:, 1:-1].mean(axis=1)
+            size = max(top, 16, 2 * (0 if self._rows is None else len(self._rows)))
+            rows = np.zeros((size, len(_LEVELS)))
+            known = np.zeros(size, bool)
+            if self._rows is not None:
+                n = len(self._rows)
+                rows[:n], known[:n] = self._rows, self._row_known
+            self._rows, self._row_known = rows, known
+        assert self._row_known is not None
+        missing = np.unique(k[~self._row_known[k - 1]])
+        if missing.size:
+            self._rows[missing - 1] = self._interpolate_rows(missing)
+            self._row_known[missing - 1] = True
+        return self._rows[k - 1]
 
     def _interpolate_rows(self, batches: np.ndarray) -> np.ndarray:
         env = self._envelope()
@@ -419,40 +392,29 @@ class LatencyModel:
             out[beyond] = env.dist[-1] + (k[beyond] - sizes[-1])[:, None] * env.dist_tail[None, :]
         return out
 
-    def cdf_axis(self, sizes: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(offset, x, p, means): the CDF of T(B) for each B in `sizes` laid end to end on one axis,
-        so that P(T(sizes[i]) <= t) = np.interp(t + offset[i], x, p) for |t| <=
-        BUDGET_LIMIT_MS: one np.interp call evaluates any mix of these sizes and budgets.
-        Valid until `version` changes (callers keep it per version).
-
-        Row i (its quantiles, strictly increasing) is shifted by i x width and framed by a 0
-        a half width below and a 1 just under a half width above, so a budget within the
-        limit never reaches a neighbouring row: np.interp then gives the piecewise-linear CDF
-        through the row's quantiles, 0 below its min, 1 from its max. `means`: each size's
-        mean step time."""
-        rows, means = self._cached_rows(sizes)
-        n_rows = len(rows)
-        half = BUDGET_LIMIT_MS + float(rows[:, -1].max()) + 1.0
-        offset = np.arange(n_rows) * (2.0 * half)
-        x = np.empty((n_rows, len(_LEVELS) + 2))
-        x[:, 0] = offset - half
-        x[:, 1:-1] = rows - _RAMP + offset[:, None]
-        x[:, -1] = offset + half * (1.0 - 1e-9)
-        p = np.empty_like(x)
-        p[:, 0], p[:, 1:-1], p[:, -1] = 0.0, _LEVELS, 1.0
-        return offset, x.ravel(), p.ravel(), means
-
     def p_within_matrix(self, batches: Sequence[int] | np.ndarray, budgets_ms: np.ndarray) -> np.ndarray:
         """P(T(B) <= budget) for every B in `batches` (rows) and budget (columns). `budgets_ms`
-        is one vector for every row, or a matrix with one row of budgets per batch size.
-
-        The piecewise-linear CDF through the size's quantile row: 0 below the smallest
-        sample, 1 from the largest on. Each entry depends on its own (B, budget) only."""
-        k = np.maximum(np.asarray(batches, np.intp), 1)
-        sizes, row = np.unique(k, return_inverse=True)
-        offset, x, p, _ = self.cdf_axis(sizes)
-        t = np.minimum(np.maximum(np.asarray(budgets_ms, float), -BUDGET_LIMIT_MS), BUDGET_LIMIT_MS)
-        return np.interp(t + offset[row][:, None], x, p)
+        is one vector for every row, or a matrix with one row of budgets per batch size."""
+        xp = self.dist_rows(batches) - _RAMP  # [K, L], strictly increasing along L
+        budgets = np.asarray(budgets_ms, float)
+        if budgets.ndim == 1:
+            budgets = np.broadcast_to(budgets, (len(xp), len(budgets)))
+        if budgets.size * len(_LEVELS) > _BROADCAST_LIMIT:  # large: one interpolation per row
+            out = np.empty(budgets.shape)
+            for i in range(len(xp)):
+                out[i] = np.interp(budgets[i], xp[i], _LEVELS)
+            return out
+        # Piecewise-linear CDF through (xp[k, j], level j), all rows at once: 0 below the
+        # smallest sample, 1 from the largest on.
+        above = (xp[:, None, :] <= budgets[:, :, None]).sum(axis=2)  # levels at or below budget
+        lo = np.minimum(np.maximum(above - 1, 0), len(_LEVELS) - 2)
+        row = np.arange(len(xp))[:, None]
+        x0 = xp[row, lo]
+        frac = np.minimum(np.maximum((budgets - x0) / (xp[row, lo + 1] - x0), 0.0), 1.0)
+        p = _LEVELS[lo] + frac * _STEPS[lo]
+        p[above == 0] = 0.0
+        p[above >= len(_LEVELS)] = 1.0
+        return p
 
     def p_within(self, batch: int, budget_ms: float) -> float:
         """P(a step of `batch` frames takes <= budget_ms), from the recent samples."""
@@ -464,19 +426,24 @@ class LatencyModel:
         """The p-quantile of T(batch) (ms), without the margin."""
         if batch <= 0:
             return 0.0
+        if self._stale():
+            self._refresh()
         q = self._quantiles.get((batch, p))
         if q is None:
             q = self._quantiles[(batch, p)] = float(np.interp(p, _LEVELS, self.dist_rows([batch])[0]))
         return q
 
-    def max_ms(self, batch: int) -> float:
-        """The largest step time the distribution of T(batch) allows: P(T(batch) <= t) = 1
-        from here on."""
-        return float(self._cached_rows([batch])[0][0, -1])
-
     def mean_ms(self, batches: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Mean step time (ms) for each B in `batches` (the average of its quantile row)."""
-        return self._cached_rows(batches)[1]
+        """Mean step time (ms) for each B in `batches` (the average of its quantile row).
+        Rows are linear in B between buckets and beyond the last, so the means are read off
+        the buckets' means directly: any number of sizes at the cost of one interpolation."""
+        return _on_line(self._envelope().mean_line, batches)
+
+    def max_ms(self, batches: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The largest step time (ms) the distribution of T(B) allows, for each B in
+        `batches` (its row's top level, read off the buckets as `mean_ms` does): a budget
+        at least this long is certain to be met."""
+        return _on_line(self._envelope().max_line, batches)
 
     def max_batch_within(self, budget_ms: float, limit: int = 1 << 16) -> int:
         """Largest B <= limit with predict(B) <= budget_ms; 0 if not even one frame fits."""

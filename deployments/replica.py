@@ -2,11 +2,16 @@
 
 One replica owns a `StreamingEncodec` with a fixed pool of per-stream state slots. A bridge
 sends it one `FrameBatch` per tick; the replica validates it, applies the epoch rule
-(contract.py), queues every frame in the EDF scheduler (scheduler.py), and one background step
-loop turns scheduler plans into model calls: frames that cannot make their deadline are
-answered `fallback/deadline` before any compute, the batch runs in an executor thread (the
-event loop never waits on the model), the measured time feeds the online latency model, and
-every frame is answered exactly once.
+(deployments/epochs.py), queues every frame in the EDF scheduler (scheduler.py), and one
+background step loop turns scheduler plans into model calls: frames that cannot make their
+deadline are answered `fallback/deadline` before any compute, the batch runs in an executor
+thread (the event loop never waits on the model), the measured time feeds the online latency
+model, and every frame is answered exactly once.
+
+The bookkeeping is columnar: a request's frames are admitted, queued, checked against the
+state slots and answered with array operations over the request's rows and the slot table
+(a Python step per request, never per frame), and its CPU time is counted
+(`info()["bookkeeping_cpu_s"]`) so load tests can report what the control plane costs.
 
 Compute modes: `real` runs the model; `emulated` (load tests only) spends exactly the latency
 profile's L(B) - measured from the real model on the device named in the settings - in an
@@ -17,12 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
-import math
+import os
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,90 +50,116 @@ from deployments.contract import (
     codebooks_bandwidth,
     reason_code,
 )
+from deployments.cpu_meter import CpuMeter
+from deployments.epochs import ReplicaEpochs
 from deployments.latency_model import LatencyModel
-from deployments.scheduler import EdfScheduler, PendingFrame, Plan, SchedulerConfig
+from deployments.scheduler import EdfScheduler, Plan, SchedulerConfig
 from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
 IDLE_SWEEP_S = 1.0
-STATS_WINDOW = 2048  # recent frames kept for the autoscaling miss rate / slack
+STATS_WINDOW = 2048
+SLACK_SAMPLE_PER_STEP = 16  # deadline slacks of one step exported to Ray (each is a call)  # recent frames kept for the autoscaling miss rate / slack
+_ROW_BITS = 32  # a scheduler ref is (request id << 32) | row
+_ROW_MASK = (1 << _ROW_BITS) - 1
+_ERROR = reason_code(FallbackReason.ERROR)
+_DEADLINE = reason_code(FallbackReason.DEADLINE)
+_OVERLOAD = reason_code(FallbackReason.OVERLOAD)
+_RESET = reason_code(FallbackReason.RESET)
 
 
 # ----------------------------------------------------------------------------- slot pool
-@dataclass
-class _OpEpoch:
-    """Where one direction (encode or decode) of a stream stands.
-
-    `admitted` is what the replica has accepted into its queue; `ran` is what its model state
-    holds. A frame continues an epoch only if it is the next one in both."""
-
-    admitted_epoch: int | None = None
-    admitted_next: int = 0
-    ran_epoch: int | None = None
-    ran_next: int = 0
-
-    def break_epoch(self) -> None:
-        self.admitted_epoch = None
-        self.ran_epoch = None
-
-
-@dataclass
-class StreamSlot:
-    stream_id: str
-    index: int
-    last_seen: float
-    ops: dict[Op, _OpEpoch] = field(default_factory=lambda: {Op.ENCODE: _OpEpoch(), Op.DECODE: _OpEpoch()})
-
-
 class SlotPool:
-    """Stream id -> state slot index, for `capacity` slots. Pure bookkeeping."""
+    """Stream id -> state slot, for `capacity` slots, plus per-slot columns: when the stream
+    was last seen, a generation (bumped whenever the slot changes hands, so a queued frame
+    can tell its slot was given away) and the replica half of the epoch rule."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._free: deque[int] = deque(range(capacity))
-        self._by_stream: dict[str, StreamSlot] = {}
+        self._free = list(range(capacity - 1, -1, -1))  # a stack: freed slots are reused first
+        self._slot_of: dict[str, int] = {}
+        self._sid = np.full(capacity, None, object)  # slot -> its stream id (None: free)
+        self.last_seen = np.zeros(capacity, np.float64)
+        self.generation = np.zeros(capacity, np.int64)
+        self.epochs = ReplicaEpochs(capacity)
 
     def __len__(self) -> int:
-        return len(self._by_stream)
+        return len(self._slot_of)
 
-    def get(self, stream_id: str) -> StreamSlot | None:
-        return self._by_stream.get(stream_id)
+    def get(self, stream_id: str) -> int | None:
+        return self._slot_of.get(stream_id)
 
-    def acquire(self, stream_id: str, now: float) -> StreamSlot | None:
+    def lookup(self, stream_ids: list[str]) -> np.ndarray:
+        """Slot of each stream, -1 where it holds none."""
+        return np.fromiter(map(self._slot_of.get, stream_ids, itertools.repeat(-1)), np.int64,
+                           len(stream_ids))
+
+    def acquire(self, stream_id: str, now: float) -> int | None:
         """The stream's slot, assigning a free one if needed; None if the pool is full."""
-        slot = self._by_stream.get(stream_id)
+        slot = self._slot_of.get(stream_id)
         if slot is not None:
             return slot
         if not self._free:
             return None
-        slot = StreamSlot(stream_id, self._free.popleft(), now)
-        self._by_stream[stream_id] = slot
+        slot = self._free.pop()
+        self._slot_of[stream_id] = slot
+        self._sid[slot] = stream_id
+        self.generation[slot] += 1
+        self.last_seen[slot] = now
+        self.epochs.end(np.array([slot]))
         return slot
 
-    def release(self, stream_id: str) -> StreamSlot | None:
-        slot = self._by_stream.pop(stream_id, None)
+    def acquire_new(self, stream_ids: list[str], now: float) -> np.ndarray:
+        """`acquire` for streams (distinct) that hold no slot yet, all at once: their new
+        slots, in order, -1 for those the pool had no free slot left for."""
+        out = np.full(len(stream_ids), -1, np.int64)
+        k = min(len(stream_ids), len(self._free))
+        if k:
+            top = len(self._free) - k
+            slots = self._free[top:][::-1]  # popped off the stack's top, as `acquire` does
+            del self._free[top:]
+            self._slot_of.update(zip(stream_ids[:k], slots, strict=True))
+            got = np.asarray(slots, np.int64)
+            self._sid[got] = stream_ids[:k]
+            self.generation[got] += 1
+            self.last_seen[got] = now
+            self.epochs.end(got)
+            out[:k] = got
+        return out
+
+    def release(self, stream_id: str) -> int | None:
+        slot = self._slot_of.pop(stream_id, None)
         if slot is not None:
-            self._free.append(slot.index)
+            self._sid[slot] = None
+            self.generation[slot] += 1
+            self.epochs.end(np.array([slot]))
+            self._free.append(slot)
         return slot
 
     def idle(self, now: float, timeout_s: float) -> list[str]:
-        return [s for s, slot in self._by_stream.items() if now - slot.last_seen > timeout_s]
+        """Streams with no frame for longer than `timeout_s`."""
+        gone = np.flatnonzero((now - self.last_seen > timeout_s) & (self._sid != None))  # noqa: E711
+        return self._sid[gone].tolist()
 
     def streams(self) -> list[str]:
-        return list(self._by_stream)
+        return list(self._slot_of)
 
 
 # ----------------------------------------------------------------------------- requests
 class _Request:
-    """One `process` call: its result arrays, filled row by row, and the future it awaits."""
+    """One `process` call: its frames' columns, the result arrays filled as frames are
+    answered, and the future the call awaits."""
 
-    def __init__(self, batch: FrameBatch, arrival: float, replica_id: str, compute: str,
-                 n_q: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, rid: int, batch: FrameBatch, arrival: float, replica_id: str,
+                 compute: str, n_q: int, loop: asyncio.AbstractEventLoop) -> None:
         b = len(batch)
+        self.rid = rid
         self.batch = batch
         self.depths = batch.depths()  # codebooks per row (encode)
         self.arrival = arrival
+        self.slots = np.full(b, -1, np.int64)
+        self.generation = np.zeros(b, np.int64)  # of each frame's slot when it was admitted
         # The frames' relative budgets stamped on this replica's clock (the deadline rule).
         self.deadlines = batch.deadlines(arrival)
         self.result = BatchResult(
@@ -137,53 +168,36 @@ class _Request:
             epochs=np.asarray(batch.epochs, np.int64).copy(),
             queue_ms=np.zeros(b, np.float32),
             compute_ms=np.zeros(b, np.float32),
+            codes=np.zeros((b, n_q, batch.pcm.shape[1] // FRAME_SAMPLES), np.int16),
             replica_id=replica_id,
+            compute=compute,  # the reply names its compute mode: emulated is never mistaken
         )
-        _label(self.result, compute)
-        if batch.op is Op.ENCODE:
-            assert batch.pcm is not None
-            frames = batch.pcm.shape[1] // FRAME_SAMPLES
-            self.result.codes = np.zeros((b, n_q, frames), np.int16)
-        else:
-            assert batch.codes is not None
-            self.result.pcm = np.zeros((b, batch.codes.shape[2] * FRAME_SAMPLES), np.float32)
         self._answered = np.zeros(b, bool)
-        self._remaining = b
+        self.remaining = b
         self.future: asyncio.Future[BatchResult] = loop.create_future()
         if b == 0:
             self.future.set_result(self.result)
 
-    def answered(self, row: int) -> bool:
-        return bool(self._answered[row])
-
-    def answer(self, row: int, reason: FallbackReason | None, queue_ms: float = 0.0,
+    def answer(self, rows: np.ndarray, code: int | np.ndarray, queue_ms: float | np.ndarray = 0.0,
                compute_ms: float = 0.0, error: str = "") -> None:
-        """Gives frame `row` its one outcome (None = ai); a second answer is a bug."""
-        assert not self._answered[row], f"frame {row} answered twice"
-        self._answered[row] = True
+        """Gives frames `rows` their one outcome (code 0 = ai); a second answer is a bug."""
+        if not rows.size:
+            return
+        assert not self._answered[rows].any(), "a frame answered twice"
+        self._answered[rows] = True
         res = self.result
-        res.outcome_codes[row] = 0 if reason is None else reason_code(reason)
-        res.queue_ms[row] = queue_ms
-        res.compute_ms[row] = compute_ms
+        res.outcome_codes[rows] = code
+        res.queue_ms[rows] = queue_ms
+        res.compute_ms[rows] = compute_ms
         if error:
-            res.errors[res.stream_ids[row]] = error
-        self._remaining -= 1
-        if self._remaining == 0 and not self.future.done():
+            for r in rows.tolist():
+                res.errors[res.stream_ids[r]] = error
+        self.remaining -= int(rows.size)
+        if self.remaining == 0 and not self.future.done():
             self.future.set_result(res)
 
-
-@dataclass(eq=False)
-class _FrameRef:
-    req: _Request
-    row: int
-    op: Op
-    slot: StreamSlot
-
-
-def _label(result: BatchResult, compute: str) -> None:
-    # The reply names the compute mode that produced it, so an emulated number is never
-    # mistaken for a real one downstream.
-    result.compute = compute
+    def unanswered(self, rows: np.ndarray) -> np.ndarray:
+        return rows[~self._answered[rows]]
 
 
 # ----------------------------------------------------------------------------- codec runtime
@@ -196,10 +210,8 @@ class EmulatedRuntime:
         self.capacity = capacity
         self.n_q = bandwidth_codebooks(bandwidth_kbps)
 
-    def reset(self, slots: np.ndarray) -> None:
+    def reset_encoder(self, slots: np.ndarray) -> None:
         self._check(slots)
-
-    reset_encoder = reset_decoder = reset
 
     def encode(self, slots: np.ndarray, pcm: np.ndarray, bandwidth_kbps: float | None = None) -> np.ndarray:
         self._check(slots)
@@ -217,7 +229,7 @@ EMULATED_WEIGHTS = "none (emulated compute)"
 def _load_codec(settings: ReplicaSettings):
     """(StreamingEncodec-like runtime with one extra health slot, weights kind)."""
     if settings.compute is ComputeMode.EMULATED:
-        return EmulatedRuntime(settings.capacity + 1, settings.bandwidth_kbps), EMULATED_WEIGHTS
+        return EmulatedRuntime(settings.capacity + 1, settings.max_bandwidth_kbps), EMULATED_WEIGHTS
     import torch
 
     if settings.torch_threads > 0:
@@ -237,26 +249,38 @@ def _load_codec(settings: ReplicaSettings):
         from models.onnx_step import OnnxStreamingEncodec
 
         codec = OnnxStreamingEncodec(model, capacity, device=settings.device,
-                                     bandwidth_kbps=settings.bandwidth_kbps,
+                                     bandwidth_kbps=settings.max_bandwidth_kbps,
                                      threads=settings.torch_threads or None)
     else:
         from models.streaming import StreamingEncodec
 
         codec = StreamingEncodec(model, capacity, device=settings.device,
-                                 bandwidth_kbps=settings.bandwidth_kbps)
+                                 bandwidth_kbps=settings.max_bandwidth_kbps)
     return codec, kind
 
 
 @dataclass
-class _Group:
-    """Frames of one step that share a model call (same op and shape). An encode group
-    quantizes as deep as its deepest row (`n_q`): the SEANet encoder, most of the cost,
-    runs once for all rows, and each row keeps the prefix its stream needs."""
+class _Part:
+    """The frames of one request in one step."""
 
-    op: Op
+    req: _Request
+    rows: np.ndarray  # the request's rows, in plan order
+
+
+@dataclass
+class _Group:
+    """Frames of one step that share a model call (same chunk length). The group quantizes
+    as deep as its deepest row (`n_q`): the SEANet encoder, most of the cost, runs once for
+    all rows, and each row keeps the prefix its stream needs."""
+
     n_q: int
-    refs: list[_FrameRef]
-    reset_rows: list[int]  # rows that open a new epoch (state zeroed before the call)
+    parts: list[_Part]
+    slots: np.ndarray  # one per frame, in the parts' order
+    opens: np.ndarray  # bool: the frame opens a new epoch (its state is zeroed first)
+
+    @property
+    def size(self) -> int:
+        return int(self.slots.size)
 
     @property
     def bandwidth_kbps(self) -> float:
@@ -268,32 +292,20 @@ def _run_groups(codec, groups: list[_Group]) -> tuple[list[np.ndarray | Exceptio
     t0 = time.perf_counter()
     outs: list[np.ndarray | Exception] = []
     for g in groups:
-        slots = np.asarray([r.slot.index for r in g.refs], np.int64)
         try:
-            if g.reset_rows:
-                reset = slots[g.reset_rows]
-                (codec.reset_encoder if g.op is Op.ENCODE else codec.reset_decoder)(reset)
-            if g.op is Op.ENCODE:
-                pcm = np.stack([_pcm_row(r) for r in g.refs])
-                outs.append(np.asarray(codec.encode(slots, pcm, g.bandwidth_kbps)))
-            else:
-                codes = np.stack([r.req.batch.codes[r.row] for r in g.refs]).astype(np.int64)
-                outs.append(np.asarray(codec.decode(slots, codes)))
+            if g.opens.any():
+                codec.reset_encoder(g.slots[g.opens])
+            pcm = np.concatenate([p.req.batch.pcm_float()[p.rows] for p in g.parts])
+            outs.append(np.asarray(codec.encode(g.slots, pcm, g.bandwidth_kbps)))
         except Exception as exc:  # noqa: BLE001 - a model error answers its frames, never the loop
             outs.append(exc)
     return outs, (time.perf_counter() - t0) * 1000.0
 
 
-def _pcm_row(ref: _FrameRef) -> np.ndarray:
-    pcm = ref.req.batch.pcm
-    assert pcm is not None
-    row = pcm[ref.row]
-    return row.astype(np.float32) / 32768.0 if row.dtype == np.int16 else row.astype(np.float32, copy=False)
-
-
 # ----------------------------------------------------------------------------- the replica
 class CodecReplicaCore:
-    """Everything the Serve deployment does, without Serve: constructible in a plain test.
+    """Everything the Serve deployment does, without Serve: constructible in a plain test,
+    and the in-process codec of the bridge tests and tools (`process(batch)`, `leave(ids)`).
 
     Bound to the event loop it first runs on; `stop()` ends the step loop deterministically.
     Every time it keeps is on `clock` (monotonic by default): frames arrive with relative
@@ -318,7 +330,14 @@ class CodecReplicaCore:
         self._stopping = False
         self._step_lock = asyncio.Lock()  # a rebuild never swaps the codec under a running step
         self._last_sweep = self.clock()
-        self._recent: deque[tuple[bool, float]] = deque(maxlen=STATS_WINDOW)  # (missed, slack_ms)
+        self._rids = itertools.count(1)
+        # recent frames for the autoscaling stats: (missed, slack ms) in a ring
+        self._recent_missed = np.zeros(STATS_WINDOW, bool)
+        self._recent_slack = np.zeros(STATS_WINDOW, np.float64)
+        self._recent_n = 0
+        self._recent_at = 0
+        self.cpu = CpuMeter()  # bookkeeping: intake, planning, answering (not the model)
+        self.frames_in = 0
         self.counters: dict[str, int] = {}
 
     # -- configuration
@@ -326,6 +345,7 @@ class CodecReplicaCore:
         self.pool = SlotPool(settings.capacity)
         self.latency = LatencyModel.from_profile(settings.latency_profile)
         self.scheduler = EdfScheduler(self.latency, self._scheduler_config(settings))
+        self._requests: dict[int, _Request] = {}
 
     @staticmethod
     def _scheduler_config(s: ReplicaSettings) -> SchedulerConfig:
@@ -368,88 +388,113 @@ class CodecReplicaCore:
         logger.info("replica settings: %s", {k: v for k, v in new.to_dict().items() if k != "latency_profile"})
 
     # -- intake
+    def _check(self, batch: Any) -> int:
+        """Validates a request; returns its codebook count (ValueError names the problem)."""
+        if not isinstance(batch, FrameBatch):
+            raise ValueError(f"expected a FrameBatch, got {type(batch).__name__}")
+        batch.validate()
+        if batch.bandwidth_kbps > self.settings.max_bandwidth_kbps:
+            raise ValueError(f"bandwidth {batch.bandwidth_kbps} kbps is above this replica's "
+                             f"max_bandwidth_kbps {self.settings.max_bandwidth_kbps}")
+        depths = batch.depths()
+        if not len(depths):
+            return bandwidth_codebooks(batch.bandwidth_kbps)
+        n_q = int(depths.max())
+        if n_q > bandwidth_codebooks(self.settings.max_bandwidth_kbps):
+            raise ValueError(f"{n_q} codebooks is above this replica's max_bandwidth_kbps "
+                             f"{self.settings.max_bandwidth_kbps}")
+        return n_q
+
     async def process(self, batch: FrameBatch) -> BatchResult:
         arrival = self.clock()
         try:
-            if not isinstance(batch, FrameBatch):
-                raise ValueError(f"expected a FrameBatch, got {type(batch).__name__}")
-            batch.validate()
-            depths = batch.depths()
-            n_q = int(depths.max()) if len(depths) else bandwidth_codebooks(batch.bandwidth_kbps)
-            if batch.op is Op.DECODE and batch.codes is not None and batch.codes.shape[1] not in (2, 4, 8, 16, 32):
-                raise ValueError(f"codes have {batch.codes.shape[1]} codebooks; expected 2, 4, 8, 16 or 32")
+            with self.cpu:
+                n_q = self._check(batch)
         except ValueError as exc:
             self._count("malformed_batches")
             res = malformed_result(batch, str(exc))
             res.replica_id = self.replica_id
-            _label(res, self.settings.compute.value)
-            metrics.record_frames(getattr(getattr(batch, "op", None), "value", "unknown"), res.counts())
+            res.compute = self.settings.compute.value
+            metrics.record_frames(Op.ENCODE.value, res.counts())
             return res
         await self.ensure_built()
         self._ensure_loop()
-        loop = asyncio.get_running_loop()
-        req = _Request(batch, arrival, self.replica_id, self.settings.compute.value, n_q, loop)
-        bad_rows = _bad_rows(batch)
-        queued = 0
-        for row, sid in enumerate(batch.stream_ids):
-            reason, error = self._admit(batch, row, sid, arrival, float(req.deadlines[row]), bad_rows)
-            if reason is not None:
-                req.answer(row, reason, error=error)
-                continue
-            slot = self.pool.get(sid)
-            assert slot is not None
-            self.scheduler.add(PendingFrame(
-                stream_id=f"{sid}\x1f{batch.op.value}",
-                epoch=int(batch.epochs[row]),
-                epoch_seq=int(batch.epoch_seqs[row]),
-                deadline=float(req.deadlines[row]),
-                arrival=arrival,
-                ref=_FrameRef(req, row, batch.op, slot),
-            ))
-            queued += 1
-        if queued and self._wake is not None:
-            self._wake.set()
+        with self.cpu:
+            req = _Request(next(self._rids), batch, arrival, self.replica_id,
+                           self.settings.compute.value, n_q, asyncio.get_running_loop())
+            if self._admit(req) and self._wake is not None:
+                self._wake.set()
         res = await req.future
-        metrics.record_frames(batch.op.value, res.counts())
+        metrics.record_frames(Op.ENCODE.value, res.counts())
         res.held_ms = (self.clock() - arrival) * 1000.0  # lets the sender measure the transit
         return res
 
-    def _admit(self, batch: FrameBatch, row: int, sid: str, now: float, deadline: float,
-               bad_rows: dict[int, str]) -> tuple[FallbackReason | None, str]:
-        """Admission half of the epoch rule; returns a fallback reason or None to queue."""
-        if row in bad_rows:
-            self._break(sid, batch.op)
-            return FallbackReason.ERROR, bad_rows[row]
-        if not math.isnan(deadline) and deadline <= now:
-            self._break(sid, batch.op)
-            return FallbackReason.DEADLINE, ""
-        epoch, seq = int(batch.epochs[row]), int(batch.epoch_seqs[row])
-        if seq < 0:
-            return FallbackReason.ERROR, f"epoch_seq {seq} is negative"
-        if seq == 0:
-            slot = self.pool.acquire(sid, now)
-            if slot is None:
-                return FallbackReason.OVERLOAD, ""
-            st = slot.ops[batch.op]
-            st.admitted_epoch, st.admitted_next = epoch, 1
-        else:
-            slot = self.pool.get(sid)
-            st = slot.ops[batch.op] if slot is not None else None
-            if st is None or st.admitted_epoch != epoch or st.admitted_next != seq:
-                # Continuing an epoch this replica does not hold (moved, restarted, or a gap).
-                # A gap inside the current epoch ends it; a stale frame of an older epoch is
-                # refused without touching the current one.
-                if st is not None and (st.admitted_epoch is None or epoch >= st.admitted_epoch):
-                    st.break_epoch()
-                return FallbackReason.RESET, ""
-            st.admitted_next += 1
-        slot.last_seen = now
-        return None, ""
+    def _admit(self, req: _Request) -> int:
+        """Intake half of the epoch rule and the queue, for all of a request's frames at
+        once; frames refused here are answered now. Returns how many were queued."""
+        batch, now = req.batch, req.arrival
+        b = len(batch)
+        self.frames_in += b
+        epochs = np.asarray(batch.epochs, np.int64)
+        seqs = np.asarray(batch.epoch_seqs, np.int64)
+        deadlines = req.deadlines
+        slots = self.pool.lookup(batch.stream_ids)
+        if ((batch.pcm.dtype != np.float32 or np.isfinite(batch.pcm).all())
+                and not (deadlines <= now).any()
+                and int(slots.min(initial=0)) >= 0 and int(seqs.min(initial=0)) >= 0
+                and int(epochs.min(initial=0)) >= 0):
+            # The usual request: known streams, budgets left, nothing malformed. Only the
+            # epoch rule can refuse a frame (the full path below does the same, check by check).
+            ok = self.pool.epochs.admit(slots, epochs, seqs)
+            if ok.all():
+                return self._queue(req, np.arange(b), slots, epochs, seqs, deadlines, now)
+            req.answer(np.flatnonzero(~ok), _RESET)
+            rows = np.flatnonzero(ok)
+            return self._queue(req, rows, slots[rows], epochs[rows], seqs[rows], deadlines[rows], now)
+        todo = np.ones(b, bool)
+        # A frame the model cannot take (NaN/inf) is that frame's `error`, not its batch's.
+        bad = ~np.isfinite(batch.pcm).all(axis=1) if batch.pcm.dtype == np.float32 else np.zeros(b, bool)
+        late = ~bad & (deadlines <= now)  # NaN: no deadline of its own, never late here
+        ended = (bad | late) & (slots >= 0)
+        self.pool.epochs.end(slots[ended])
+        req.answer(np.flatnonzero(bad), _ERROR, error="pcm has NaN or infinite samples")
+        req.answer(np.flatnonzero(late), _DEADLINE)
+        todo &= ~(bad | late)
+        negative = todo & ((seqs < 0) | (epochs < 0))
+        req.answer(np.flatnonzero(negative), _ERROR, error="epoch and epoch_seq must be >= 0")
+        todo &= ~negative
+        # A stream's first frame of an epoch takes a slot (a new stream: a free one, if any).
+        need = np.flatnonzero(todo & (seqs == 0) & (slots < 0))
+        if need.size:
+            ids = batch.stream_ids
+            got = self.pool.acquire_new([ids[r] for r in need.tolist()], now)
+            slots[need] = got
+            full_rows = need[got < 0]
+            req.answer(full_rows, _OVERLOAD)
+            todo[full_rows] = False
+        # Continuing an epoch this replica does not hold (moved, restarted, or a gap).
+        orphan = todo & (slots < 0)
+        req.answer(np.flatnonzero(orphan), _RESET)
+        todo &= ~orphan
+        rows = np.flatnonzero(todo)
+        ok = self.pool.epochs.admit(slots[rows], epochs[rows], seqs[rows])
+        req.answer(rows[~ok], _RESET)
+        rows = rows[ok]
+        return self._queue(req, rows, slots[rows], epochs[rows], seqs[rows], deadlines[rows], now)
 
-    def _break(self, sid: str, op: Op) -> None:
-        slot = self.pool.get(sid)
-        if slot is not None:
-            slot.ops[op].break_epoch()
+    def _queue(self, req: _Request, rows: np.ndarray, slots: np.ndarray, epochs: np.ndarray,
+               seqs: np.ndarray, deadlines: np.ndarray, now: float) -> int:
+        """Queues the admitted frames (`rows` of the request, with their slots, epochs,
+        seqs and deadlines); returns how many."""
+        if not rows.size:
+            return 0
+        req.slots[rows] = slots
+        req.generation[rows] = self.pool.generation[slots]
+        self.pool.last_seen[slots] = now
+        self._requests[req.rid] = req
+        refs = (req.rid << _ROW_BITS) | rows
+        self.scheduler.add_many(slots, epochs, seqs, deadlines, now, refs)
+        return int(rows.size)
 
     async def leave(self, stream_ids: list[str]) -> int:
         """Frees the streams' slots now. Their queued frames are answered `reset` when they
@@ -463,15 +508,20 @@ class CodecReplicaCore:
 
     # -- the step loop
     def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            if self._loop_task is not None and self._loop_task.done() and not self._stopping:
-                exc = self._loop_task.exception() if not self._loop_task.cancelled() else None
-                logger.error("step loop had exited (%r); restarting it", exc)
-            self._stopping = False
-            self._wake = asyncio.Event()
-            self._started.clear()
-            self._exited.clear()
-            self._loop_task = asyncio.get_running_loop().create_task(self._step_loop())
+        loop = asyncio.get_running_loop()
+        task = self._loop_task
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        if task is not None and task.done() and not self._stopping and task.get_loop() is loop:
+            exc = task.exception() if not task.cancelled() else None
+            logger.error("step loop had exited (%r); restarting it", exc)
+        # (a loop of an earlier event loop - an in-process codec reused across
+        # asyncio.run calls - is simply started again on this one)
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self._started = asyncio.Event()
+        self._exited = asyncio.Event()
+        self._loop_task = loop.create_task(self._step_loop())
 
     async def stop(self) -> None:
         """Stops the step loop; frames still queued are answered `reset`."""
@@ -495,14 +545,15 @@ class CodecReplicaCore:
                 # wait after a decision that ran nothing cannot miss an arrival.
                 self._wake.clear()
                 async with self._step_lock:
-                    plan = self.scheduler.schedule(self.clock())
+                    with self.cpu:
+                        plan = self.scheduler.schedule(self.clock())
                     if plan:
                         try:
                             await self._execute(plan)
                         except Exception:  # noqa: BLE001 - a bug must not strand frames or the loop
                             logger.exception("codec step failed; its frames are answered `error`")
                             self._fail_plan(plan)
-                if not plan.run:
+                if not plan.run_refs.size:
                     await self._idle_after_decision(plan)
         finally:
             self._exited.set()
@@ -521,126 +572,164 @@ class CodecReplicaCore:
         except asyncio.TimeoutError:
             pass
 
+    def _parts(self, refs: np.ndarray) -> list[_Part]:
+        """Frames of a plan list grouped by request (a few requests per step: one per bridge)."""
+        if not refs.size:
+            return []
+        rids = refs >> _ROW_BITS
+        rows = refs & _ROW_MASK
+        if (rids == rids[0]).all():
+            req = self._requests.get(int(rids[0]))
+            return [] if req is None else [_Part(req, rows)]
+        out = []
+        for rid in np.unique(rids).tolist():
+            req = self._requests.get(rid)
+            if req is not None:
+                out.append(_Part(req, rows[rids == rid]))
+        return out
+
+    def _end_epochs(self, part: _Part, rows: np.ndarray) -> None:
+        """The frames fell back: their slots' epochs end, unless a slot changed hands."""
+        slots = part.req.slots[rows]
+        mine = self.pool.generation[slots] == part.req.generation[rows]
+        self.pool.epochs.end(slots[mine])
+
+    def _fallback(self, refs: np.ndarray, code: int, now: float) -> None:
+        for p in self._parts(refs):
+            self._end_epochs(p, p.rows)
+            if code == _DEADLINE:
+                self._record_recent(np.ones(p.rows.size, bool), np.zeros(p.rows.size))
+            p.req.answer(p.rows, code, (now - p.req.arrival) * 1000.0)
+            self._retire(p.req)
+
+    def _retire(self, req: _Request) -> None:
+        if req.remaining == 0:
+            self._requests.pop(req.rid, None)
+
     async def _execute(self, plan: Plan) -> None:
-        for f in plan.expired:
-            self._answer_fallback(f.ref, FallbackReason.DEADLINE, plan.now)
-        for f, why in plan.shed:
-            self._answer_fallback(f.ref, why.fallback, plan.now)
-        if not plan.run:
-            return
-        groups, resets = self._group(plan.run)
-        for ref in resets:
-            self._answer_fallback(ref, FallbackReason.RESET, plan.now)
-        if not groups:
-            self.scheduler.complete(plan, 0.0, computed=0)
-            return
-        n = sum(len(g.refs) for g in groups)
+        with self.cpu:
+            self._fallback(plan.expired_refs, _DEADLINE, plan.now)
+            self._fallback(plan.shed_refs, _OVERLOAD, plan.now)
+            if not plan.run_refs.size:
+                return
+            groups = self._group(self._parts(plan.run_refs), plan.now)
+            if not groups:
+                self.scheduler.complete(plan, 0.0, computed=0)
+                return
+            n = sum(g.size for g in groups)
         start = self.clock()
         if self.settings.compute is ComputeMode.EMULATED:
-            step_ms = profile_ms(self.settings.latency_profile, n)
-            await asyncio.sleep(step_ms / 1000.0)
-            outs: list[np.ndarray | Exception] = [None] * len(groups)  # type: ignore[list-item]
+            await asyncio.sleep(profile_ms(self.settings.latency_profile, n) / 1000.0)
+            outs: list[np.ndarray | Exception | None] = [None] * len(groups)
             step_ms = (self.clock() - start) * 1000.0
         else:
             loop = asyncio.get_running_loop()
             outs, step_ms = await loop.run_in_executor(self._executor, _run_groups, self._codec, groups)
         end = self.clock()
-        # The model learns the cost of the n frames computed, not of the plan's: frames
-        # answered `reset` above took no compute.
-        self.scheduler.complete(plan, step_ms, computed=n)
-        op_name = groups[0].op.value
-        metrics.observe_step_latency(op_name, step_ms, self.settings.device)
-        metrics.observe_batch_size(op_name, n)
-        slacks = []
-        for g, out in zip(groups, outs, strict=True):
-            for i, ref in enumerate(g.refs):
-                queue_ms = (start - ref.req.arrival) * 1000.0
-                deadline = float(ref.req.deadlines[ref.row])
-                if isinstance(out, Exception):
-                    ref.slot.ops[g.op].break_epoch()
-                    ref.req.answer(ref.row, FallbackReason.ERROR, queue_ms, step_ms,
-                                   error=f"model error: {type(out).__name__}: {out}"[:300])
-                    continue
-                self._write_output(ref, g, out, i)
-                if end > deadline:
-                    # Finished, but after the call moved on: the bridge has sent the native
-                    # codec for it, so the stream starts a new epoch.
-                    ref.slot.ops[g.op].break_epoch()
-                    self._recent.append((True, (deadline - end) * 1000.0))
-                    ref.req.answer(ref.row, FallbackReason.DEADLINE, queue_ms, step_ms)
-                else:
-                    slack = (deadline - end) * 1000.0
-                    slacks.append(slack)
-                    self._recent.append((False, slack))
-                    ref.req.answer(ref.row, None, queue_ms, step_ms)
-        if slacks:
-            metrics.observe_deadline_slack(op_name, slacks[:64])
+        with self.cpu:
+            # The model learns the cost of the frames computed, not of the plan's: frames
+            # answered `reset` above took no compute.
+            self.scheduler.complete(plan, step_ms, computed=n)
+            op = Op.ENCODE.value
+            metrics.observe_step_latency(op, step_ms, self.settings.device)
+            metrics.observe_batch_size(op, n)
+            slacks = []
+            for g, out in zip(groups, outs, strict=True):
+                at = 0
+                for p in g.parts:
+                    k = p.rows.size
+                    slacks.append(self._answer_step(p, out, at, start, end, step_ms))
+                    at += k
+            slack = np.concatenate(slacks)
+            if slack.size:
+                # every frame's slack locally; an even sample of a step's for Ray's histogram
+                metrics.observe_deadline_slack(op, slack, sample=SLACK_SAMPLE_PER_STEP)
+
+    def _answer_step(self, p: _Part, out: np.ndarray | Exception | None, at: int, start: float,
+                     end: float, step_ms: float) -> np.ndarray:
+        """Answers one request's frames of a finished step; returns the slack (ms) of those
+        that met their deadline."""
+        req, rows = p.req, p.rows
+        queue_ms = (start - req.arrival) * 1000.0
+        if isinstance(out, Exception):
+            self._end_epochs(p, rows)
+            req.answer(rows, _ERROR, queue_ms, step_ms,
+                       error=f"model error: {type(out).__name__}: {out}"[:300])
+            self._retire(req)
+            return np.empty(0)
+        if out is not None:  # emulated: zero codes, already zero-filled
+            n_q = min(req.result.codes.shape[1], out.shape[1])
+            block = out[at : at + rows.size, :n_q].astype(np.int16)
+            depth = req.depths[rows]
+            if (depth < n_q).any():  # each row keeps its stream's prefix, zeros below it
+                block[np.arange(n_q)[None, :] >= depth[:, None]] = 0
+            req.result.codes[rows, :n_q] = block
+        slack = (req.deadlines[rows] - end) * 1000.0
+        late = slack < 0
+        # Finished, but after the call moved on: the bridge has sent the native codec for
+        # it, so the stream starts a new epoch.
+        if late.any():
+            self._end_epochs(p, rows[late])
+            req.answer(rows[late], _DEADLINE, queue_ms, step_ms)
+        req.answer(rows[~late], 0, queue_ms, step_ms)
+        self._record_recent(late, slack)
+        self._retire(req)
+        return slack[~late]
+
+    def _record_recent(self, missed: np.ndarray, slack_ms: np.ndarray) -> None:
+        n = missed.size
+        if n >= STATS_WINDOW:
+            missed, slack_ms, n = missed[-STATS_WINDOW:], slack_ms[-STATS_WINDOW:], STATS_WINDOW
+        idx = (self._recent_at + np.arange(n)) % STATS_WINDOW
+        self._recent_missed[idx] = missed
+        self._recent_slack[idx] = slack_ms
+        self._recent_at = (self._recent_at + n) % STATS_WINDOW
+        self._recent_n = min(STATS_WINDOW, self._recent_n + n)
 
     def _fail_plan(self, plan: Plan) -> None:
-        frames = [*plan.run, *plan.expired, *(f for f, _ in plan.shed)]
-        for f in frames:
-            ref: _FrameRef = f.ref
-            ref.slot.ops[ref.op].break_epoch()
-            if not ref.req.answered(ref.row):
-                ref.req.answer(ref.row, FallbackReason.ERROR, error="replica step failed")
+        for refs in (plan.run_refs, plan.expired_refs, plan.shed_refs):
+            for p in self._parts(refs):
+                self._end_epochs(p, p.rows)
+                p.req.answer(p.req.unanswered(p.rows), _ERROR, error="replica step failed")
+                self._retire(p.req)
 
-    def _group(self, run: list[PendingFrame]) -> tuple[list[_Group], list[_FrameRef]]:
+    def _group(self, parts: list[_Part], now: float) -> list[_Group]:
         """Run-time half of the epoch rule, then frames grouped into shared model calls."""
-        groups: dict[tuple, _Group] = {}
-        resets: list[_FrameRef] = []
-        for f in run:
-            ref: _FrameRef = f.ref
-            slot = ref.slot
-            if self.pool.get(slot.stream_id) is not slot:
-                resets.append(ref)  # the stream left (or idled out) while this frame waited
+        groups: dict[tuple[int, float], tuple[list[_Part], list[np.ndarray], list[np.ndarray]]] = {}
+        for p in parts:
+            req, rows = p.req, p.rows
+            slots = req.slots[rows]
+            # The stream left (or idled out) while this frame waited: its slot is not its own.
+            mine = self.pool.generation[slots] == req.generation[rows]
+            if not mine.all():
+                req.answer(rows[~mine], _RESET, (now - req.arrival) * 1000.0)
+                rows, slots = rows[mine], slots[mine]
+            seqs = np.asarray(req.batch.epoch_seqs, np.int64)[rows]
+            ok = self.pool.epochs.run_check(slots, np.asarray(req.batch.epochs, np.int64)[rows], seqs)
+            if not ok.all():
+                req.answer(rows[~ok], _RESET, (now - req.arrival) * 1000.0)
+                rows, slots, seqs = rows[ok], slots[ok], seqs[ok]
+            self._retire(req)
+            if not rows.size:
                 continue
-            st = slot.ops[ref.op]
-            new_epoch = f.epoch_seq == 0
-            if new_epoch:
-                st.ran_epoch, st.ran_next = f.epoch, 1
-            elif st.ran_epoch == f.epoch and st.ran_next == f.epoch_seq:
-                st.ran_next += 1
-            else:
-                st.break_epoch()
-                resets.append(ref)
-                continue
-            batch = ref.req.batch
-            shape = batch.pcm.shape[1] if ref.op is Op.ENCODE else batch.codes.shape[1:]
-            key = (ref.op, shape)
-            depth = int(ref.req.depths[ref.row]) if ref.op is Op.ENCODE else int(batch.codes.shape[1])
-            g = groups.get(key)
-            if g is None:
-                g = groups[key] = _Group(ref.op, depth, [], [])
-            g.n_q = max(g.n_q, depth)
-            if new_epoch:
-                g.reset_rows.append(len(g.refs))
-            g.refs.append(ref)
-        return list(groups.values()), resets
-
-    def _write_output(self, ref: _FrameRef, g: _Group, out: np.ndarray | None, i: int) -> None:
-        res = ref.req.result
-        if out is None:  # emulated: zero codes / silence, already zero-filled
-            return
-        if g.op is Op.ENCODE:
-            assert res.codes is not None
-            depth = int(ref.req.depths[ref.row])
-            res.codes[ref.row, :depth] = out[i, :depth].astype(np.int16)
-        else:
-            assert res.pcm is not None
-            res.pcm[ref.row] = out[i]
-
-    def _answer_fallback(self, ref: _FrameRef, reason: FallbackReason, now: float) -> None:
-        ref.slot.ops[ref.op].break_epoch()
-        if reason is FallbackReason.DEADLINE:
-            self._recent.append((True, 0.0))
-        ref.req.answer(ref.row, reason, (now - ref.req.arrival) * 1000.0)
+            key = req.batch.pcm.shape[1]
+            g = groups.setdefault(key, (2, [], [], []))
+            depth = int(req.depths[rows].max())
+            if depth > g[0]:
+                g = groups[key] = (depth, *g[1:])
+            g[1].append(_Part(req, rows))
+            g[2].append(slots)
+            g[3].append(seqs == 0)
+        return [_Group(n_q, ps, np.concatenate(ss), np.concatenate(os_))
+                for n_q, ps, ss, os_ in groups.values()]
 
     def _drain(self, reason: FallbackReason, message: str) -> None:
         """Answers every queued frame (used when the runtime goes away)."""
-        for f in self.scheduler.queued():
-            ref: _FrameRef = f.ref
-            if not ref.req.answered(ref.row):
-                ref.req.answer(ref.row, reason, error=message if reason is FallbackReason.ERROR else "")
+        code = reason_code(reason)
+        error = message if reason is FallbackReason.ERROR else ""
+        for req in self._requests.values():  # queued frames, and those shed but not planned
+            req.answer(req.unanswered(np.arange(len(req.batch))), code, error=error)
+        self._requests.clear()
         self.scheduler = EdfScheduler(self.latency, self._scheduler_config(self.settings))
 
     def _sweep_idle(self, now: float) -> None:
@@ -666,7 +755,7 @@ class CodecReplicaCore:
         codec = self._codec
 
         def step() -> None:
-            codec.reset(np.asarray([health]))
+            codec.reset_encoder(np.asarray([health]))
             codes = np.asarray(codec.encode(np.asarray([health]), np.zeros((1, FRAME_SAMPLES), np.float32)))
             if codes.shape[0] != 1 or codes.shape[2] != 1 or codes.min() < 0 or codes.max() >= CODEBOOK_SIZE:
                 raise RuntimeError(f"health step returned codes of shape {codes.shape}")
@@ -674,19 +763,21 @@ class CodecReplicaCore:
         await asyncio.get_running_loop().run_in_executor(self._executor, step)
 
     def autoscaling_stats(self) -> dict[str, float]:
-        recent = list(self._recent)
-        missed = sum(1 for m, _ in recent if m)
-        slack = sorted(s for m, s in recent if not m)
+        n = self._recent_n
+        missed = self._recent_missed[:n] if n < STATS_WINDOW else self._recent_missed
+        slack = (self._recent_slack[:n] if n < STATS_WINDOW else self._recent_slack)[~missed]
         return {
             "slot_occupancy": len(self.pool) / self.pool.capacity,
             "slots_in_use": float(len(self.pool)),
             "slot_capacity": float(self.pool.capacity),
             "queue_len": float(len(self.scheduler)),
-            "miss_rate": missed / len(recent) if recent else 0.0,
-            "deadline_slack_p10_ms": slack[len(slack) // 10] if slack else float(self.settings.deadline_ms),
+            "miss_rate": float(missed.mean()) if n else 0.0,
+            "deadline_slack_p10_ms": (float(np.sort(slack)[slack.size // 10]) if slack.size
+                                      else float(self.settings.deadline_ms)),
         }
 
     def info(self) -> dict[str, Any]:
+        t = os.times()
         return {
             "replica_id": self.replica_id,
             "compute": self.settings.compute.value,
@@ -700,23 +791,12 @@ class CodecReplicaCore:
             "queue_len": len(self.scheduler),
             "scheduler": self.scheduler.snapshot_counters(),
             "counters": dict(self.counters),
+            # what the control-plane figures of a load test count for the replica
+            "frames_in": self.frames_in,
+            "bookkeeping_cpu_s": round(self.cpu.seconds, 6),
+            "process_cpu_s": round(t.user + t.system, 3),
             "settings": {k: v for k, v in self.settings.to_dict().items() if k != "latency_profile"},
         }
-
-
-def _bad_rows(batch: FrameBatch) -> dict[int, str]:
-    """Rows whose payload cannot be trusted: non-finite PCM, codes out of range."""
-    bad: dict[int, str] = {}
-    if batch.op is Op.ENCODE and batch.pcm is not None and batch.pcm.dtype == np.float32:
-        rows = np.flatnonzero(~np.isfinite(batch.pcm).all(axis=1))
-        for r in rows.tolist():
-            bad[r] = "pcm has NaN or infinite samples"
-    elif batch.op is Op.DECODE and batch.codes is not None:
-        c = batch.codes.reshape(len(batch), -1)
-        rows = np.flatnonzero((c < 0).any(axis=1) | (c >= CODEBOOK_SIZE).any(axis=1))
-        for r in rows.tolist():
-            bad[r] = f"codes outside [0, {CODEBOOK_SIZE})"
-    return bad
 
 
 # ----------------------------------------------------------------------------- Serve

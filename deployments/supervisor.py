@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -25,7 +26,13 @@ from typing import Any
 import ray
 
 from deployments.config import SupervisorSettings
-from deployments.supervisor_policy import SNAPSHOT_VERSION, SupervisorConfig, SupervisorPolicy
+from deployments.cpu_meter import CpuMeter
+from deployments.supervisor_policy import (
+    SNAPSHOT_VERSION,
+    StreamReports,
+    SupervisorConfig,
+    SupervisorPolicy,
+)
 from deployments.user_policy import UserPolicies, UserPolicy
 from telemetry import metrics
 
@@ -51,6 +58,9 @@ class FallbackSupervisorCore:
         self._last_snapshot = 0.0
         self.policy = self._restore(policy_config)
         self.user_policies = self._restore_user_policies()
+        # CPU of the supervisor's own work (judging reports, snapshots, forgetting), for load
+        # tests' control-plane figures; Ray's transport and runtime are not in it
+        self.cpu = CpuMeter()
 
     def _restore(self, config: SupervisorConfig | None) -> SupervisorPolicy:
         snap: dict[str, Any] = {"version": SNAPSHOT_VERSION}
@@ -104,27 +114,39 @@ class FallbackSupervisorCore:
             self._last_snapshot = now
             self._put(_SNAPSHOT_KEY, json.dumps(self.policy.snapshot()).encode())
 
-    def report(self, reports: Mapping[str, Mapping[str, Any]], now: float | None = None) -> dict[str, str]:
-        """`{stream_id: {"ai": n, "fallback": {reason: n}, "user_id": optional, "replica":
-        optional}}` since the last report -> `{stream_id: reason}` for every reported stream
+    def report(self, reports: StreamReports | Mapping[str, Mapping[str, Any]],
+               now: float | None = None) -> dict[str, str]:
+        """A bridge's outcome counts since its last report, in columns (`StreamReports`, what
+        bridges send) or as `{stream_id: {"ai": n, "fallback": {reason: n}, "user_id":
+        optional, "replica": optional}}` -> `{stream_id: reason}` for every reported stream
         whose AI is off. `replica` (the codec replica serving the stream) lets the policy
-        tell a replica-wide stall from a stream's own failures."""
-        now = time.time() if now is None else now
-        off: dict[str, str] = {}
-        before = {sid: self.policy.decision(sid, now) for sid in reports}
-        excused = self.policy.counters["excused/deadline"]
-        decisions = self.policy.report_many(reports, now)
-        excused = self.policy.counters["excused/deadline"] - excused
+        tell a replica-wide stall from a stream's own failures. A malformed report is a
+        ValueError, and changes nothing."""
+        with self.cpu:
+            batch = reports if isinstance(reports, StreamReports) else StreamReports.from_mapping(reports)
+            batch.validate()
+            return self._report(batch, time.time() if now is None else now)
+
+    def _report(self, batch: StreamReports, now: float) -> dict[str, str]:
+        policy = self.policy
+        # Streams already off (or opted out) before this report: nearly always a few, so the
+        # transitions are counted from them and the verdicts, not from a decision per stream.
+        streams, opted_s, opted_u = policy._streams, policy._opted_streams, policy._opted_users
+        was_off = {
+            sid for sid in batch.stream_ids
+            if sid in opted_s or ((st := streams.get(sid)) is not None and (
+                st.off_until is not None or (st.user_id is not None and st.user_id in opted_u)))
+        }
+        was_off = {sid for sid in was_off if not policy.decision(sid, now)}
+        excused = policy.counters["excused/deadline"]
+        reasons = policy.report_columns(batch, now)
+        excused = policy.counters["excused/deadline"] - excused
         if excused:
             logger.info("shared stall: %d deadline misses excused (streams kept on AI)", excused)
-        for sid, on in decisions.items():
-            if on != before[sid]:
-                metrics.record_supervisor_transition("on" if on else "off")
-            if not on:
-                reason = self.policy.reason(sid, now)
-                off[sid] = reason.value if reason is not None else "unhealthy"
+        metrics.record_supervisor_transition("off", sum(1 for sid in reasons if sid not in was_off))
+        metrics.record_supervisor_transition("on", sum(1 for sid in was_off if sid not in reasons))
         self._maybe_snapshot(now)
-        return off
+        return {sid: r.value for sid, r in reasons.items()}
 
     def opt_out(self, user_id: str | None = None, stream_id: str | None = None) -> None:
         self.policy.opt_out(user_id=user_id, stream_id=stream_id)
@@ -155,7 +177,8 @@ class FallbackSupervisor:
         self.core = FallbackSupervisorCore(self.settings, cfg, put, get)
         self.started_at = time.time()
 
-    def report(self, reports: dict[str, dict[str, Any]], now: float | None = None) -> dict[str, str]:
+    def report(self, reports: StreamReports | dict[str, dict[str, Any]],
+               now: float | None = None) -> dict[str, str]:
         return self.core.report(reports, now)
 
     def register(self, stream_id: str, user_id: str | None) -> None:
@@ -181,8 +204,9 @@ class FallbackSupervisor:
         return self.core.user_policies.for_users(user_ids)
 
     def forget(self, stream_ids: list[str]) -> None:
-        for sid in stream_ids:
-            self.core.policy.forget(sid)
+        with self.core.cpu:
+            for sid in stream_ids:
+                self.core.policy.forget(sid)
 
     def decision(self, stream_id: str) -> bool:
         return self.core.policy.decision(stream_id, time.time())
@@ -209,6 +233,8 @@ class FallbackSupervisor:
             "counters": snap["counters"],
             "replicas": self.core.policy.replica_status(time.time()),
             "settings": asdict(self.settings),
+            "cpu_s": round(self.core.cpu.seconds, 6),  # its own work (see FallbackSupervisorCore)
+            "process_cpu_s": round(sum(os.times()[:2]), 3),
         }
 
 

@@ -44,9 +44,11 @@ import math
 from collections import Counter, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from deployments.contract import FallbackReason
+import numpy as np
+
+from deployments.contract import REASON_CODES, FallbackReason
 
 SNAPSHOT_VERSION = 1
 
@@ -55,6 +57,64 @@ BAD_REASONS = frozenset({FallbackReason.DEADLINE.value, FallbackReason.ERROR.val
 # Fallback reasons for frames that never tried the AI (not counted at all).
 NOT_ATTEMPTED = frozenset({FallbackReason.OPTED_OUT.value, FallbackReason.UNHEALTHY.value,
                            FallbackReason.RATE_LIMITED.value})
+
+
+# A columnar report's outcome columns: 0 = ai, c = fallback reason REASON_CODES[c - 1] (the
+# contract's outcome codes), and which of them count as attempts, as bad, as deadline misses.
+OUTCOME_COLUMNS: tuple[str, ...] = ("ai", *(r.value for r in REASON_CODES))
+_ATTEMPTED = np.array([c not in NOT_ATTEMPTED for c in OUTCOME_COLUMNS], np.int64)
+_BAD = np.array([c in BAD_REASONS for c in OUTCOME_COLUMNS], np.int64)
+_MISS = OUTCOME_COLUMNS.index(FallbackReason.DEADLINE.value)
+
+
+@dataclass
+class StreamReports:
+    """One bridge's report in columns (what a bridge sends each second for thousands of
+    streams): row i is `stream_ids[i]`, its frames by outcome since its last report in
+    `outcomes[i]` (OUTCOME_COLUMNS order), its replica in `replicas[i]` (None: unknown); a
+    stream's user goes in `user_ids` once, with its first report."""
+
+    stream_ids: list[str]
+    outcomes: np.ndarray  # int [n, len(OUTCOME_COLUMNS)]
+    user_ids: dict[str, str] = field(default_factory=dict)
+    replicas: list[str | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.stream_ids)
+
+    def validate(self) -> None:
+        """ValueError naming the first problem (a report is another process's data)."""
+        n = len(self.stream_ids)
+        o = self.outcomes
+        if not isinstance(o, np.ndarray) or o.shape != (n, len(OUTCOME_COLUMNS)) or o.dtype.kind not in "iu":
+            raise ValueError(f"outcomes must be integers of shape ({n}, {len(OUTCOME_COLUMNS)})")
+        if len(set(self.stream_ids)) != n:
+            raise ValueError("a stream is reported twice in one report")
+        if self.replicas is not None and len(self.replicas) != n:
+            raise ValueError(f"replicas must name one replica (or None) per stream, got {len(self.replicas)}")
+
+    @classmethod
+    def from_mapping(cls, reports: Mapping[str, Mapping[str, Any]]) -> StreamReports:
+        """From `{stream: {"ai": n, "fallback": {reason: n}, "user_id": optional, "replica":
+        optional}}` (reasons by name or as FallbackReason; unknown names are ignored)."""
+        ids = list(reports)
+        out = np.zeros((len(ids), len(OUTCOME_COLUMNS)), np.int64)
+        users: dict[str, str] = {}
+        replicas: list[str | None] = []
+        for i, (sid, rep) in enumerate(reports.items()):
+            out[i, 0] = int(rep.get("ai", 0))
+            for reason, n in (rep.get("fallback") or {}).items():
+                key = reason.value if isinstance(reason, FallbackReason) else str(reason)
+                if key in _COLUMN_OF:
+                    out[i, _COLUMN_OF[key]] += int(n)
+            if rep.get("user_id") is not None:
+                users[sid] = rep["user_id"]
+            replica = rep.get("replica")
+            replicas.append(str(replica) if replica else None)
+        return cls(ids, out, users, replicas)
+
+
+_COLUMN_OF = {c: i for i, c in enumerate(OUTCOME_COLUMNS) if i}
 
 
 class OffCause(str, enum.Enum):
@@ -128,9 +188,9 @@ class StreamHealth:
         )
 
 
-@dataclass(frozen=True)
-class Interval:
-    """One stream's outcomes in one report, as the shared-stall test needs them."""
+class Interval(NamedTuple):
+    """One stream's outcomes in one report, as the shared-stall test needs them (a tuple:
+    one is built per stream per report)."""
 
     t: float  # when it was reported
     attempts: int
@@ -149,29 +209,6 @@ class ReplicaGroup:
 
     def failing(self, now: float, cfg: SupervisorConfig) -> bool:
         return self.no_ai_since is not None and now - self.no_ai_since >= cfg.replica_failure_s
-
-
-@dataclass(frozen=True)
-class _Counts:
-    attempts: int
-    bad: int
-    misses: int
-    ai: int
-
-
-def _count(ai: int, fallback_by_reason: Mapping[str, int]) -> _Counts:
-    bad = attempts = misses = 0
-    for reason, n in fallback_by_reason.items():
-        key = reason.value if isinstance(reason, FallbackReason) else str(reason)
-        if key in NOT_ATTEMPTED or n <= 0:
-            continue
-        attempts += n
-        if key in BAD_REASONS:
-            bad += n
-        if key == FallbackReason.DEADLINE.value:
-            misses += n
-    ai = max(0, ai)
-    return _Counts(attempts + ai, bad, misses, ai)
 
 
 class SupervisorPolicy:
@@ -207,36 +244,87 @@ class SupervisorPolicy:
 
     def report_many(self, reports: Mapping[str, Mapping[str, Any]], now: float) -> dict[str, bool]:
         """One bridge's report for all its streams: `{stream: {"ai": n, "fallback": {reason:
-        n}, "user_id": optional, "replica": optional}}`. Every stream's outcomes are recorded
-        before any is judged, so streams on one replica see each other's misses. Returns
-        `{stream: decision}`."""
-        counts: dict[str, _Counts] = {}
-        starts: dict[str, float] = {}
-        for sid, rep in reports.items():
-            st = self._state(sid)
-            if rep.get("user_id") is not None:
-                st.user_id = rep["user_id"]
-            c = counts[sid] = _count(int(rep.get("ai", 0)), rep.get("fallback") or {})
-            starts[sid] = st.last_report if st.last_report is not None else now
+        n}, "user_id": optional, "replica": optional}}`. Returns `{stream: decision}` (see
+        `report_columns`, which this is)."""
+        batch = StreamReports.from_mapping(reports)
+        off = self.report_columns(batch, now)
+        return {sid: sid not in off for sid in batch.stream_ids}
+
+    def report_columns(self, batch: StreamReports, now: float) -> dict[str, FallbackReason]:
+        """One bridge's report for all its streams, in columns. Every stream's outcomes are
+        recorded before any is judged, so streams on one replica see each other's misses.
+        Returns the reported streams whose AI is off now, and why.
+
+        A bridge reports thousands of streams a second, nearly all of them all-AI: the counts
+        are summed by column for every stream at once, and the loops below do for each stream
+        exactly what the helpers they inline do (the cross-report tally is built only when
+        some stream missed a deadline, the only case that reads it)."""
+        o = np.maximum(np.asarray(batch.outcomes, np.int64), 0)  # a negative count is no count
+        attempts = (o @ _ATTEMPTED).tolist()
+        bads = (o @ _BAD).tolist()
+        misses = o[:, _MISS].tolist()
+        ais = o[:, 0].tolist()
+        ids = batch.stream_ids
+        replicas = batch.replicas if batch.replicas is not None else [None] * len(ids)
+        users = batch.user_ids
+        streams = self._streams
+        replica_of = self._replica_of
+        groups = self._replicas
+        # per replica in this report: (attempts, ai, earliest start) for the liveness check
+        seen: dict[str, tuple[int, int, float]] = {}
+        for i, sid in enumerate(ids):
+            st = streams.get(sid)
+            if st is None:
+                st = streams[sid] = StreamHealth()
+            if users:
+                user_id = users.get(sid)
+                if user_id is not None:
+                    st.user_id = user_id
+            start = st.last_report if st.last_report is not None else now
             st.last_report = now
-            self.counters["reports"] += 1
-            replica = rep.get("replica")
-            self._place(sid, str(replica) if replica else None, Interval(now, c.attempts, c.ai, c.misses))
-        self._update_liveness(counts, starts, now)
-        tally = self._tally(counts, now)
-        decisions: dict[str, bool] = {}
-        for sid, c in counts.items():
-            st = self._streams[sid]
-            excused = c.misses if self._shared_stall(sid, c, tally, now) else 0
+            a = attempts[i]
+            replica = replicas[i]
+            iv = Interval(now, a, ais[i], misses[i])
+            if replica is not None and replica_of.get(sid) == replica:
+                groups[replica].members[sid] = iv  # _place's common case: it stayed
+            else:
+                self._place(sid, replica, iv)
+            if replica is not None and a:
+                was = seen.get(replica)
+                seen[replica] = ((a, ais[i], start) if was is None else
+                                 (was[0] + a, was[1] + ais[i], min(was[2], start)))
+        self.counters["reports"] += len(ids)
+        self._update_liveness(seen, now)
+        tally = self._tally(ids, attempts, misses, now) if any(misses) else {}
+        off: dict[str, FallbackReason] = {}
+        cfg = self.config
+        horizon = now - cfg.window_s
+        min_bad = cfg.min_bad
+        opted_streams, opted_users = self._opted_streams, self._opted_users
+        for i, sid in enumerate(ids):
+            st = streams[sid]
+            a, b, m = attempts[i], bads[i], misses[i]
+            excused = m if m and self._shared_stall(sid, a, m, tally, now) else 0
             if excused:
                 self.counters["excused/deadline"] += excused
-            if c.attempts - excused:
-                st.window.append((now, c.attempts - excused, c.bad - excused))
-            self._evict(st, now)
-            if self._is_on(st, now) and self._window_unhealthy(st):
-                self._trip(sid, st, now, OffCause.BAD_RATE)
-            decisions[sid] = self.decision(sid, now)
-        return decisions
+            window = st.window
+            if a - excused:
+                window.append((now, a - excused, b - excused))
+            while window and window[0][0] <= horizon:  # _evict
+                window.popleft()
+            if st.off_until is None or now >= st.off_until:  # _is_on, then _window_unhealthy
+                bad = 0
+                for entry in window:
+                    bad += entry[2]
+                if bad >= min_bad and self._window_unhealthy(st):
+                    self._trip(sid, st, now, OffCause.BAD_RATE)
+            if st.off_until is None and sid not in opted_streams and (
+                    st.user_id is None or st.user_id not in opted_users):
+                continue  # on (what `reason` would find, without its calls)
+            why = self.reason(sid, now)
+            if why is not None:
+                off[sid] = why
+        return off
 
     def quality_probe_failed(self, stream_id: str, now: float) -> None:
         st = self._state(stream_id)
@@ -282,6 +370,10 @@ class SupervisorPolicy:
     # ----------------------------------------------------------------------------- outputs
     def decision(self, stream_id: str, now: float) -> bool:
         """True: use the AI for this stream now."""
+        st = self._streams.get(stream_id)
+        if st is not None and st.off_until is None and stream_id not in self._opted_streams:
+            # on, unless its user opted out (what `reason` would find, without its calls)
+            return st.user_id is None or st.user_id not in self._opted_users
         return self.reason(stream_id, now) is None
 
     def reason(self, stream_id: str, now: float) -> FallbackReason | None:
@@ -369,6 +461,9 @@ class SupervisorPolicy:
 
     def _place(self, stream_id: str, replica: str | None, interval: Interval | None) -> None:
         """Record the stream's latest interval under its replica (None: under none)."""
+        if replica is not None and interval is not None and self._replica_of.get(stream_id) == replica:
+            self._replicas[replica].members[stream_id] = interval  # the common case: it stayed
+            return
         old = self._replica_of.pop(stream_id, None)
         if old is not None and old != replica:
             g = self._replicas.get(old)
@@ -380,17 +475,10 @@ class SupervisorPolicy:
             self._replicas.setdefault(replica, ReplicaGroup()).members[stream_id] = interval
             self._replica_of[stream_id] = replica
 
-    def _update_liveness(self, counts: Mapping[str, _Counts], starts: Mapping[str, float],
-                         now: float) -> None:
-        """Per replica named in this report: did it answer any frame with codes? A run of
-        reports without one, from whichever bridges, is how a failing replica looks."""
-        seen: dict[str, tuple[int, int, float]] = {}  # replica -> (attempts, ai, earliest start)
-        for sid, c in counts.items():
-            r = self._replica_of.get(sid)
-            if r is None or not c.attempts:
-                continue
-            a, ai, start = seen.get(r, (0, 0, now))
-            seen[r] = (a + c.attempts, ai + c.ai, min(start, starts[sid]))
+    def _update_liveness(self, seen: Mapping[str, tuple[int, int, float]], now: float) -> None:
+        """Per replica named in this report (`seen`: its streams' attempts, AI answers and
+        earliest interval start): did it answer any frame with codes? A run of reports
+        without one, from whichever bridges, is how a failing replica looks."""
         for r, (_, ai, start) in seen.items():
             g = self._replicas[r]
             if g.attempted_at is not None and start - g.attempted_at > self.config.correlation_s:
@@ -402,18 +490,19 @@ class SupervisorPolicy:
                 g.no_ai_since = start
                 self.counters["replica_no_ai"] += 1
 
-    def _tally(self, counts: Mapping[str, _Counts], now: float) -> dict[str, tuple[int, int, int, int]]:
+    def _tally(self, ids: list[str], attempts: list[int], misses: list[int],
+               now: float) -> dict[str, tuple[int, int, int, int]]:
         """Per replica in this report: (streams that tried the AI, those that missed) in this
         report, then the same among all reports within `correlation_s` (other bridges').
         Once per report, so judging n streams stays O(n)."""
         horizon = now - self.config.correlation_s
         here: dict[str, list[int]] = {}
-        for sid, c in counts.items():
+        for sid, a, m in zip(ids, attempts, misses, strict=True):
             r = self._replica_of.get(sid)
-            if r is not None and c.attempts:
+            if r is not None and a:
                 h = here.setdefault(r, [0, 0])
                 h[0] += 1
-                h[1] += c.misses > 0
+                h[1] += m > 0
         out: dict[str, tuple[int, int, int, int]] = {}
         for r, (tried_here, missed_here) in here.items():
             tried = missed = 0
@@ -424,7 +513,7 @@ class SupervisorPolicy:
             out[r] = (tried_here, missed_here, tried, missed)
         return out
 
-    def _shared_stall(self, stream_id: str, c: _Counts,
+    def _shared_stall(self, stream_id: str, attempts: int, misses: int,
                       tally: Mapping[str, tuple[int, int, int, int]], now: float) -> bool:
         """True if the stream's misses in this report are its replica's, not its own: at
         least `shared_frac` of the other streams that tried the AI there missed too, among
@@ -432,7 +521,7 @@ class SupervisorPolicy:
         bridges report at other moments; the first to report a stall still sees their
         intervals from before it)."""
         r = self._replica_of.get(stream_id)
-        if r is None or not c.misses or not c.attempts:
+        if r is None or not misses or not attempts:
             return False
         g = self._replicas[r]
         if g.failing(now, self.config):

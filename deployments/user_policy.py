@@ -2,7 +2,7 @@
 
 Kept by the fallback supervisor beside the opt-outs, in the same write-through record of
 its persistent store (deployments/supervisor.py), and fetched by each bridge with its
-health exchange (sfu_bridge/supervision.py): a cap bounds how deep the user's streams are
+health exchange (sfu_bridge/core.py, `SupervisorLink.policies`): a cap bounds how deep the user's streams are
 encoded and sent (sfu_bridge/adaptation.py), whatever the publisher's hints ask; `dtx`
 off keeps the user's silent streams on the AI path. Pure data, no I/O.
 """

@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import numpy as np
 
-CODE_BITS = 10
-CODEBOOK_SIZE = 1 << CODE_BITS  # 1024
-FRAME_RATE_HZ = 75  # EnCodec 24 kHz: 24000 / 320
-BANDWIDTHS_KBPS = (1.5, 3.0, 6.0, 12.0, 24.0)
+from models.constants import (  # noqa: F401 - re-exported for bit-level callers
+    BANDWIDTHS_KBPS,
+    CODE_BITS,
+    CODEBOOK_SIZE,
+    FRAME_RATE_HZ,
+    bandwidth_codebooks,
+)
 
 _GROUP_CODES = 4  # 4 codes x 10 bits = 40 bits = 5 bytes
 _GROUP_BYTES = 5
@@ -35,9 +38,7 @@ _BYTE_SHIFTS = np.array([32, 24, 16, 8, 0], dtype=np.uint64)
 
 def codebooks_for_bandwidth(bandwidth_kbps: float) -> int:
     """RVQ codebooks used at a bandwidth: kbps * 1000 / (75 Hz * 10 bits), e.g. 6 kbps -> 8."""
-    if bandwidth_kbps not in BANDWIDTHS_KBPS:
-        raise ValueError(f"bandwidth {bandwidth_kbps} kbps not in {BANDWIDTHS_KBPS}")
-    return int(round(bandwidth_kbps * 1000 / (FRAME_RATE_HZ * CODE_BITS)))
+    return bandwidth_codebooks(bandwidth_kbps)
 
 
 def payload_bits(bandwidth_kbps: float, n_frames: int = 1) -> int:

@@ -45,13 +45,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.constants import (
+    BANDWIDTHS_KBPS,
+    CODEBOOK_SIZE,
+    FRAME_SAMPLES,
+    N_Q_BY_BANDWIDTH,
+    SAMPLE_RATE,
+)
+
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 24_000
-FRAME_SAMPLES = 320  # encoder hop: strides 2*4*5*8
-CODEBOOK_SIZE = 1024
+
 # Bandwidth (kbps) -> number of RVQ codebooks (10 bits each at 75 frames/s).
-BANDWIDTH_CODEBOOKS: dict[float, int] = {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}
+BANDWIDTH_CODEBOOKS: dict[float, int] = dict(zip(BANDWIDTHS_KBPS, N_Q_BY_BANDWIDTH, strict=True))
 VALID_N_Q: frozenset[int] = frozenset(BANDWIDTH_CODEBOOKS.values())
 # Convolutions with at most this many output frames per call run as one GEMM.
 GEMM_MAX_FRAMES = 16
@@ -1029,4 +1035,3 @@ def _choice(kind: type[enum.Enum], value: Any, what: str) -> Any:
         return kind(value)
     except ValueError:
         raise ValueError(f"{what} must be one of {[k.value for k in kind]}, got {value!r}") from None
-

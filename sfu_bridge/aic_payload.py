@@ -42,13 +42,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.bitpack import pack_codes, pack_codes_batch, packed_size, unpack_codes
+from models.constants import BANDWIDTHS_KBPS, N_Q_BY_BANDWIDTH, RTP_CLOCK_HZ
 
 VERSION = 1
 HEADER_BYTES = 4
 ENCODING_NAME = "AIC"
-CLOCK_RATE = 48_000
-BANDWIDTHS_KBPS = (1.5, 3.0, 6.0, 12.0, 24.0)
-N_Q_BY_INDEX = (2, 4, 8, 16, 32)
+CLOCK_RATE = RTP_CLOCK_HZ
+N_Q_BY_INDEX = N_Q_BY_BANDWIDTH
 MAX_FRAMES = 255
 EPOCH_MODULUS = 1 << 16
 # Keep one packet below a conservative path MTU (1200 B payload, like WebRTC data channels).

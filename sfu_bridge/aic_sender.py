@@ -1,6 +1,6 @@
 """What one AIC subscriber is sent: its layer of each frame, packetised, and DTX signalling.
 
-The tick batcher encodes a stream once per chunk, as deep as its deepest subscriber needs.
+The bridge core encodes a stream once per chunk, as deep as its deepest subscriber needs.
 `AicSender` turns those frames into one subscriber's RTP payloads:
 
 - **layer**: the first k codebooks of each frame, k from the subscriber's rate controller
@@ -9,10 +9,12 @@ The tick batcher encodes a stream once per chunk, as deep as its deepest subscri
 - **packet duration**: 40, 80 or 120 ms of codes per packet, as the controller asks; a packet
   never spans two epochs or a gap, so a pending packet is sent early at an epoch change,
   before a fallback (Opus) frame or when DTX starts;
-- **DTX**: when the stream's talk spurt ends, a silence descriptor (aic_payload.py, F = 0),
-  then one every `SID_INTERVAL_TICKS` (400 ms, as Opus DTX refreshes comfort noise); the first
-  packet with codes after silence has the RTP marker bit (RFC 3551 section 4.1) and starts a
-  new epoch.
+- **DTX**: when the stream's talk spurt ends, one silence descriptor (aic_payload.py, F = 0)
+  and then nothing until speech returns. Opus DTX refreshes its comfort noise every 400 ms
+  because its DTX frames carry the noise's shape; an AIC descriptor carries no parameters
+  (the receiver makes its own comfort noise), so a repeat would only cost a packet
+  (`sid_interval_ticks` turns repeats on). The first packet with codes after silence has
+  the RTP marker bit (RFC 3551 section 4.1) and starts a new epoch.
 
 Pure logic: `on_frame` returns the packets to send; media.py sends them.
 """
@@ -27,14 +29,16 @@ import numpy as np
 from deployments.contract import Outcome
 from sfu_bridge.aic_payload import AicPayload, silence_descriptor
 from sfu_bridge.rate_control import (
+    DEFAULT_MAX_HEADER_SHARE,
     Layer,
     RateControlConfig,
     RateController,
     ReceiverReportTracker,
     ReportBlock,
+    min_packet_ms,
 )
 
-SID_INTERVAL_TICKS = 10  # 400 ms
+SID_INTERVAL_TICKS = 10  # 400 ms: Opus DTX's refresh, for a sender that wants repeats
 EPOCH_MODULUS = 1 << 16
 
 
@@ -52,6 +56,11 @@ class OutPacket:
 class AicSender:
     rate: RateController | None = field(default_factory=RateController)
     pinned: Layer | None = None  # a fixed layer (tests, benches): no rate control
+    # a pinned depth in its default packet duration (min_packet_ms) instead of pinned.packet_ms
+    pinned_default_ms: bool = False
+    max_header_share: float = DEFAULT_MAX_HEADER_SHARE  # ...under this policy
+    # silence descriptors after the first one of a silence: None = none, else every N ticks
+    sid_interval_ticks: int | None = None
     tracker: ReceiverReportTracker = field(default_factory=ReceiverReportTracker)
     layer: Layer = field(default_factory=lambda: Layer(32))
     silent: bool = False
@@ -73,12 +82,25 @@ class AicSender:
     def fixed(cls, layer: Layer) -> AicSender:
         return cls(rate=None, pinned=layer, layer=layer)
 
+    @classmethod
+    def full_depth(cls, max_header_share: float = DEFAULT_MAX_HEADER_SHARE) -> AicSender:
+        """No rate control: the stream's full depth (its cap), in that depth's default packet
+        duration."""
+        return cls(rate=None, pinned=Layer(32), pinned_default_ms=True, max_header_share=max_header_share)
+
     def choose(self, max_n_q: int) -> Layer:
         """The layer for the next frame under the stream's cap `max_n_q`."""
         if self.pinned is not None:
             pinned = self.pinned
-            # no new Layer per frame when the cap allows the pinned one (the common case)
-            self.layer = pinned if pinned.n_q <= max_n_q else Layer(max_n_q, pinned.packet_ms)
+            if not self.pinned_default_ms and pinned.n_q <= max_n_q:
+                # no new Layer per frame when the cap allows the pinned one (the common case)
+                self.layer = pinned
+            else:
+                n_q = min(pinned.n_q, max_n_q)
+                ms = (min_packet_ms(n_q, max_header_share=self.max_header_share)
+                      if self.pinned_default_ms else pinned.packet_ms)
+                if self.layer.n_q != n_q or self.layer.packet_ms != ms:
+                    self.layer = Layer(n_q, ms)
         elif self.rate is not None:
             self.layer = self.rate.layer(max_n_q)
         return self.layer
@@ -104,10 +126,10 @@ class AicSender:
             if not self.silent:
                 self.silent, self._sid_wait = True, 0
             if self._sid_wait == 0:
-                out.append(OutPacket(silence_descriptor(self._last_epoch), fo.chunk.rtp_timestamp,
+                out.append(OutPacket(silence_descriptor(self._last_epoch), fo.rtp_timestamp,
                                      sid=True))
                 self.sids += 1
-                self._sid_wait = SID_INTERVAL_TICKS
+                self._sid_wait = self.sid_interval_ticks or -1  # -1: never again this silence
             self._sid_wait -= 1
         else:
             self.silent = False
@@ -139,7 +161,7 @@ class AicSender:
         marker, self._marker = self._marker, False
         self.packets += 1
         self.bytes_by_n_q[n_q] = self.bytes_by_n_q.get(n_q, 0) + len(payload)
-        return [OutPacket(payload, frames[0].chunk.rtp_timestamp, marker, n_q=n_q,
+        return [OutPacket(payload, frames[0].rtp_timestamp, marker, n_q=n_q,
                           chunks=len(frames))]
 
     # -- feedback ----------------------------------------------------------------------------
@@ -163,6 +185,7 @@ class AicSender:
                 "rtt_ms": None if fb.rtt_s is None else round(fb.rtt_s * 1000, 1),
                 "queue_ms": None if qd is None else round(qd, 1),
                 "received_kbps": None if fb.received_kbps is None else round(fb.received_kbps, 2),
+                "sent_kbps": None if fb.sent_kbps is None else round(fb.sent_kbps, 2),
                 "reason": decision.reason.value, "target_kbps": round(decision.target_kbps, 2),
                 "n_q": after.n_q, "packet_ms": after.packet_ms})
         return after if after != before else None

@@ -54,7 +54,7 @@ import numpy as np
 
 from deployments.contract import REASON_CODES, FallbackReason, Outcome, reason_code
 from models.bitpack import pack_codes, packed_size, unpack_codes
-from sfu_bridge.tick import Chunk, FrameOutcome, TickReport
+from sfu_bridge.core import FrameOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,6 @@ MAX_N_Q = 32
 MAX_FRAMES = 9  # 120 ms of EnCodec frames
 FEEDBACK_INTERVAL_S = 1.0
 SUBSCRIPTION_TTL_S = 5.0
-_EMPTY_PCM = np.zeros(0, np.float32)
 
 
 class RelayType(enum.IntEnum):
@@ -292,12 +291,15 @@ class _Subscription:
 
 
 class RelayedFrame(FrameOutcome):
-    """A frame that came over the relay: no PCM; a fallback frame carries the owner's Opus."""
+    """A frame that came over the relay: no PCM; a fallback frame carries the owner's Opus,
+    and `received_at` is when the owner had the chunk, on this host's clock."""
 
-    def __init__(self, chunk: Chunk, outcome: Outcome, reason: FallbackReason | None, epoch: int,
-                 epoch_seq: int, codes: np.ndarray | None, opus: list[bytes] | None) -> None:
-        super().__init__(chunk, outcome, reason, epoch, epoch_seq, codes)
+    def __init__(self, stream_id: str, outcome: Outcome, reason: FallbackReason | None,
+                 epoch: int, epoch_seq: int, rtp_timestamp: int, codes: np.ndarray | None,
+                 opus: list[bytes] | None, received_at: float) -> None:
+        super().__init__(stream_id, outcome, reason, epoch, epoch_seq, rtp_timestamp, None, codes)
         self.opus = opus
+        self.received_at = received_at
 
 
 class CascadeRelay:
@@ -360,19 +362,22 @@ class CascadeRelay:
         if stream_id in self.subscriptions:
             self._opus.setdefault(stream_id, []).append((rtp_timestamp, self.clock(), payload))
 
-    def on_tick(self, report: TickReport, opus_packets: dict[int, list[bytes]]) -> None:
-        """The tick's frames -> one batch per subscribed worker (the media layer's hook)."""
+    def on_tick(self, tick: int, frames: list[FrameOutcome], opus_packets: dict[int, list[bytes]]) -> None:
+        """A tick's frames (those of streams with subscribers anywhere) -> one batch per
+        subscribed worker (the media layer's hook)."""
         if not self.subscriptions or self.transport is None:
             return
         c0 = time.thread_time()
         now = self.clock()
+        wall = time.time()
         by_peer: dict[Any, list[bytes]] = {}
         encoded: dict[tuple[int, int], bytes] = {}  # a frame at one depth is encoded once
-        for fo in report.frames:
-            subs = self.subscriptions.get(fo.chunk.stream_id)
+        for fo in frames:
+            subs = self.subscriptions.get(fo.stream_id)
             if not subs:
                 continue
-            age = int((time.time() - fo.chunk.received_at) * 1e6) if fo.chunk.received_at else 0
+            at = self.media.chunk_received_at(fo.stream_id, fo.rtp_timestamp)
+            age = int((wall - at) * 1e6) if at else 0
             for addr, sub in list(subs.items()):
                 if now - sub.seen_at > SUBSCRIPTION_TTL_S:
                     del subs[addr]
@@ -391,7 +396,7 @@ class CascadeRelay:
                     by_peer.setdefault(addr, []).extend(bodies)
         self._opus.clear()
         for addr, records in by_peer.items():
-            for dgram in serialise(RelayType.FRAMES, self.worker, report.tick, records, key=self.key):
+            for dgram in serialise(RelayType.FRAMES, self.worker, tick, records, key=self.key):
                 self.transport.sendto(dgram, addr)
                 self.sent["datagrams"] += 1
                 self.sent["bytes"] += len(dgram)
@@ -403,7 +408,7 @@ class CascadeRelay:
 
     @staticmethod
     def _record(fo: FrameOutcome, need: int, age: int, opus_packets: dict[int, list[bytes]]) -> FrameRecord:
-        sid, ts = fo.chunk.stream_id, fo.chunk.rtp_timestamp
+        sid, ts = fo.stream_id, fo.rtp_timestamp
         if fo.outcome is Outcome.AI and fo.codes is not None and need > 0:
             return FrameRecord(sid, RecordKind.AI, ts, age, fo.epoch, fo.epoch_seq,
                                fo.codes[:min(need, fo.n_q)])
@@ -421,7 +426,7 @@ class CascadeRelay:
                 continue
             self.subscriptions.setdefault(r.stream_id, {})[addr] = _Subscription(r.need_n_q, now)
             if r.restart:
-                self.media.batcher.restart_epoch(r.stream_id)
+                self.media.core.restart_epoch(r.stream_id)
 
     # subscriber side -------------------------------------------------------------------------
     def follow(self, stream_id: str, owner_addr: Any, user: str = "relay") -> None:
@@ -441,16 +446,19 @@ class CascadeRelay:
         now = self.clock()
         periodic = now - self._fed_back_at >= FEEDBACK_INTERVAL_S
         by_owner: dict[Any, list[FeedbackRecord]] = {}
+        core = self.media.core
         for sid, owner in self.owners.items():
-            st = self.media.batcher.streams.get(sid)
+            st = core.stream(sid)
             subs = self.media.subscribers.get(sid, {})
             if st is None or not subs:
                 continue
-            if st.adapt is not None and st.adapt.need_n_q is None and any(s.aic for s in subs.values()):
+            if st.need_n_q is None and any(s.aic for s in subs.values()):
                 self.media._update_needs()  # AIC subscribers before their first relayed tick
-            need = st.adapt.need_n_q if st.adapt is not None and st.adapt.need_n_q else 0
-            restart = bool(st.new_epoch)
-            st.new_epoch = False  # the owner opens the epoch; this worker numbers nothing
+                st = core.stream(sid)
+                assert st is not None
+            need = st.need_n_q or 0
+            # the owner opens the epoch; this worker numbers nothing
+            restart = core.take_epoch_request(sid)
             state = (need, restart)
             if force or periodic or restart or self._fed_back.get(sid) != state:
                 self._fed_back[sid] = state
@@ -482,19 +490,19 @@ class CascadeRelay:
             if r.kind is RecordKind.OPUS:
                 media.forward(r.stream_id, _RelayedRtp(r.rtp_timestamp, r.opus[0]))
                 continue
-            chunk = Chunk(r.stream_id, _EMPTY_PCM, r.rtp_timestamp, now_wall - r.age_us / 1e6)
+            at = now_wall - r.age_us / 1e6
             if r.kind is RecordKind.AI:
                 self.received["codebooks"] += len(r.codes)  # the depth relayed (tests, benches)
-                frames.append(RelayedFrame(chunk, Outcome.AI, None, r.epoch, r.epoch_seq, r.codes, None))
+                frames.append(RelayedFrame(r.stream_id, Outcome.AI, None, r.epoch, r.epoch_seq,
+                                           r.rtp_timestamp, r.codes, None, at))
             elif r.kind is RecordKind.FALLBACK:
-                frames.append(RelayedFrame(chunk, Outcome.FALLBACK, r.reason, r.epoch, r.epoch_seq,
-                                           None, r.opus))
+                frames.append(RelayedFrame(r.stream_id, Outcome.FALLBACK, r.reason, r.epoch,
+                                           r.epoch_seq, r.rtp_timestamp, None, r.opus, at))
             else:
-                frames.append(RelayedFrame(chunk, Outcome.DTX, None, 0, 0, None, None))
+                frames.append(RelayedFrame(r.stream_id, Outcome.DTX, None, 0, 0, r.rtp_timestamp,
+                                           None, None, at))
         if frames:
-            report = TickReport(tick=d.tick, started_at=now_wall, frames=frames, batch_size=0,
-                                codec_wait_ms=0.0)
-            media.dispatch_now(report)
+            media.dispatch_frames(d.tick, frames)
         self.last_tick_out[d.tick] = self.clock()
         self.feedback()
 

@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from deployments.contract import CHUNK_SAMPLES, SAMPLE_RATE
+from models.constants import DEFAULT_BANDWIDTH_KBPS, DEFAULT_DEADLINE_MS, TICK_S
 from sfu_bridge.ice import (
     ENV_ICE_SERVERS,
     ENV_PUBLIC_IP,
@@ -14,6 +14,7 @@ from sfu_bridge.ice import (
     check_public_ip,
     parse_ice_servers,
 )
+from sfu_bridge.rate_control import DEFAULT_MAX_HEADER_SHARE
 
 
 @dataclass
@@ -24,11 +25,14 @@ class BridgeConfig:
     bridge_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}".replace("{", "").replace("}", "")
     )
-    tick_ms: float = 1000.0 * CHUNK_SAMPLES / SAMPLE_RATE  # 40 ms: one chunk per stream per tick
-    deadline_ms: float = 20.0  # bridge send -> codes back
-    bandwidth_kbps: float = 6.0  # a stream's bandwidth until its publisher's BW hint says otherwise
+    tick_ms: float = 1000.0 * TICK_S  # 40 ms: one chunk per stream per tick
+    deadline_ms: float = DEFAULT_DEADLINE_MS  # bridge send -> codes back
+    bandwidth_kbps: float = DEFAULT_BANDWIDTH_KBPS  # a stream's bandwidth until its publisher's BW hint says otherwise
     dtx: bool = True  # silent streams send no AI frames (per-user switch: operator policy)
-    adaptive: bool = True  # per-subscriber layers from RTCP; off: full depth, 40 ms packets
+    adaptive: bool = True  # per-subscriber layers from RTCP; off: full depth, its default packets
+    # default packet duration of a depth: the shortest whose headers are at most this share of
+    # its wire bytes (docs/protocol.md section 9); 1 = 40 ms whenever the link allows
+    max_header_share: float = DEFAULT_MAX_HEADER_SHARE
     opus_bitrate: int = 32_000  # Opus for legacy subscribers and fallback frames
     max_body_bytes: int = 64 * 1024  # SDP offers are a few KB; anything bigger is refused
     max_backlog_chunks: int = 3  # per stream; older chunks are answered fallback/overload
@@ -67,9 +71,20 @@ class BridgeConfig:
             limiter_fail_open=env.get("AURALINK_LIMITER_FAIL", "open").lower() != "closed",
             dtx=env.get("AURALINK_DTX", "on").lower() not in ("off", "0", "false"),
             adaptive=env.get("AURALINK_ADAPTIVE", "on").lower() not in ("off", "0", "false"),
+            max_header_share=_share(env.get("AURALINK_MAX_HEADER_SHARE", "")),
             ice_servers=parse_ice_servers(env.get(ENV_ICE_SERVERS, "")),
             public_ip=check_public_ip(env[ENV_PUBLIC_IP]) if env.get(ENV_PUBLIC_IP) else "",
         )
         for k, v in overrides.items():
             setattr(cfg, k, v)
         return cfg
+
+
+def _share(text: str) -> float:
+    """AURALINK_MAX_HEADER_SHARE: a share in (0, 1]; empty = the default policy."""
+    if not text.strip():
+        return DEFAULT_MAX_HEADER_SHARE
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"AURALINK_MAX_HEADER_SHARE must be in (0, 1], got {text!r}")
+    return value

@@ -7,8 +7,10 @@
   object, no extension map walk, no coroutine per packet.
 - `OpusIngest`: a publisher's Opus packets decoded by libopus straight to 24 kHz mono float
   (the codec's input rate: libopus decodes at 8/12/16/24/48 kHz natively, RFC 6716 2), into
-  40 ms `Chunk`s - no 48 kHz stereo `AudioFrame`, no resampler, no decoder thread. Gaps in
-  the sequence are concealed by libopus (PLC), late or duplicate packets are counted drops.
+  40 ms chunks - no 48 kHz stereo `AudioFrame`, no resampler, no decoder thread. Gaps in
+  the sequence are concealed by libopus (PLC) at once: there is no jitter buffer, so a packet
+  that arrives after its place was concealed (reordered) is a counted drop (`reordered`), as
+  are duplicates and packets older than a resynchronisation (`late`).
 """
 
 from __future__ import annotations
@@ -17,17 +19,16 @@ import ctypes
 import enum
 import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 import numpy as np
 
-from deployments.contract import CHUNK_SAMPLES
+from models.constants import CHUNK_RTP_TICKS, CHUNK_SAMPLES
 from sfu_bridge.aiortc_compat import BUFFER_BYTES, SRTP_MAX_TRAILER, FastSrtp
-from sfu_bridge.tick import Chunk
 
 RTP_HEADER = struct.Struct("!BBHII")
-CHUNK_48K = CHUNK_SAMPLES * 2  # 40 ms on the 48 kHz RTP clock
+CHUNK_48K = CHUNK_RTP_TICKS  # 40 ms on the 48 kHz RTP clock
 INGEST_RATE = 24_000
 MAX_PACKET_SAMPLES = INGEST_RATE * 120 // 1000  # an Opus packet holds at most 120 ms
 MAX_CONCEALED_PACKETS = 5  # a longer gap resynchronises without concealment (a new talk spurt)
@@ -72,7 +73,8 @@ class RtpWriter:
 
 
 class IngestDrop(str, enum.Enum):
-    LATE = "late"  # older than the last packet decoded (reordered beyond it, or duplicate)
+    REORDERED = "reordered"  # arrived after its place in the sequence was concealed
+    LATE = "late"  # older than the last packet decoded otherwise (duplicate, or before a resync)
     MALFORMED = "malformed"  # libopus refused the payload
     RESYNC = "resync"  # a gap too long to conceal: the timeline restarts
 
@@ -97,7 +99,8 @@ class _Libopus:
 
 
 class OpusIngest:
-    """A publisher's Opus RTP payloads -> 40 ms chunks of 24 kHz mono float PCM."""
+    """A publisher's Opus RTP payloads -> 40 ms chunks of 24 kHz mono float PCM, each with
+    its RTP timestamp (48 kHz clock, 0 at the first chunk) and the wall time it completed."""
 
     def __init__(self, stream_id: str) -> None:
         self.stream_id = stream_id
@@ -115,18 +118,23 @@ class OpusIngest:
         self.packets = 0
         self.concealed = 0
         self.drops: Counter[str] = Counter()
+        # sequence numbers concealed lately: one of them arriving now was reordered
+        self._concealed_seqs: deque[int] = deque(maxlen=2 * MAX_CONCEALED_PACKETS)
 
-    def packet(self, seq: int, payload: bytes) -> list[Chunk]:
+    def packet(self, seq: int, payload: bytes) -> list[tuple[np.ndarray, int, float]]:
+        """The chunks this packet completes: (pcm24 float32 [960], RTP timestamp, wall time)."""
         nxt = self._next_seq
         if nxt is not None:
             gap = (seq - nxt) & 0xFFFF
             if gap >= 0x8000:
-                self.drops[IngestDrop.LATE.value] += 1
+                why = IngestDrop.REORDERED if seq in self._concealed_seqs else IngestDrop.LATE
+                self.drops[why.value] += 1
                 return []
             if gap:
                 if gap <= MAX_CONCEALED_PACKETS:
-                    for _ in range(gap):
+                    for k in range(gap):
                         self._decode(None, self._last_samples)
+                        self._concealed_seqs.append((nxt + k) & 0xFFFF)
                         self.concealed += 1
                 else:
                     self.drops[IngestDrop.RESYNC.value] += 1
@@ -146,12 +154,11 @@ class OpusIngest:
             self._last_samples = n
         return True
 
-    def _take(self) -> list[Chunk]:
+    def _take(self) -> list[tuple[np.ndarray, int, float]]:
         out = []
         now = time.time()
         while self._fill >= CHUNK_SAMPLES:
-            out.append(Chunk(self.stream_id, self._buf[:CHUNK_SAMPLES].copy(),
-                             self.chunks * CHUNK_48K, now))
+            out.append((self._buf[:CHUNK_SAMPLES].copy(), self.chunks * CHUNK_48K, now))
             self.chunks += 1
             rest = self._fill - CHUNK_SAMPLES
             if rest:

@@ -7,7 +7,10 @@ Strategy and storage are separate:
 - `HintLimiter` runs that script on Redis for *all* of a bridge's streams in ONE call per
   tick (``EVALSHA``; KEYS = per-stream keys, ARGV = interval, tolerance, per-stream counts).
   Time comes from the server (``TIME``), never from a client clock. `AsyncHintLimiter` is
-  the same on ``redis.asyncio`` for code that must not block its event loop.
+  the same on ``redis.asyncio`` for code that must not block its event loop. The one
+  exception is a load test's simulated clock (`clock`): a dilated simulation must limit
+  hints per *simulated* second, or ticks that run late (simulated time stretched over more
+  wall time) would let flooders through faster than the limit in the run's own time.
 
 GCRA with emission interval ``T = 1/rate`` and tolerance ``tau = burst * T``: a stream's
 state is its theoretical arrival time ``tat``; at time ``now`` it may send
@@ -41,7 +44,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +57,7 @@ from telemetry import metrics
 
 log = logging.getLogger(__name__)
 
-SCRIPT_VERSION = 1
+SCRIPT_VERSION = 2
 SCRIPT_PATH = Path(__file__).with_name("lua") / "gcra.lua"
 KEY_PREFIX = f"auralink:gcra{SCRIPT_VERSION}"
 DEFAULT_RATE_PER_S = 100.0
@@ -142,7 +145,12 @@ class _GcraClient:
         prefix: str = KEY_PREFIX,
         retry_after_s: float = 0.25,
         max_retry_after_s: float = 5.0,
+        clock: Callable[[], float] | None = None,
+        clock_rate: float = 1.0,
     ) -> None:
+        """`clock` (seconds) is the time the limit runs on: None = the Redis server's clock
+        (bridges); a load test passes its simulated clock, which runs `clock_rate` clock
+        seconds per wall second (1 / its time dilation; keys then expire in wall time)."""
         if "{" in bridge_id or "}" in bridge_id or not bridge_id:
             raise ValueError(f"bridge id {bridge_id!r} must be non-empty without braces (it is the hash tag)")
         self.redis = redis_client
@@ -156,6 +164,10 @@ class _GcraClient:
         self.script = SCRIPT_PATH.read_text()
         self.sha = hashlib.sha1(self.script.encode()).hexdigest()
         self._params_frag = _bulk(b"%d" % self.params.interval_us) + _bulk(b"%d" % self.params.tolerance_us)
+        if clock_rate <= 0:
+            raise ValueError(f"clock_rate must be > 0, got {clock_rate}")
+        self.clock = clock
+        self._px_frag = _bulk(repr(0.001 / clock_rate).encode())
         self._key_frags: dict[str, bytes] = {}
         self._backoff_s = retry_after_s
         self._retry_at = 0.0  # monotonic time before which Redis is not tried
@@ -223,9 +235,13 @@ class _GcraClient:
         """The RESP bytes of one EVALSHA deciding `offered[i]` hints of `stream_ids[i]`."""
         n = len(stream_ids)
         counts = np.minimum(offered, _MAX_COUNT).astype(">u2").tobytes()
-        head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (n + 6) + _bulk(self.sha.encode()) + _bulk(b"%d" % n)
         frags = [self._key_frag(s) for s in stream_ids]
-        return b"".join((head, *frags, self._params_frag, _bulk(counts)))
+        if self.clock is None:
+            head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (n + 6) + _bulk(self.sha.encode()) + _bulk(b"%d" % n)
+            return b"".join((head, *frags, self._params_frag, _bulk(counts)))
+        now = _bulk(b"%d" % round(self.clock() * 1_000_000))
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (n + 8) + _bulk(self.sha.encode()) + _bulk(b"%d" % n)
+        return b"".join((head, *frags, self._params_frag, _bulk(counts), now, self._px_frag))
 
     def _check_sha(self, sha: str | bytes) -> None:
         if isinstance(sha, bytes):

@@ -2,9 +2,12 @@
 
 publisher track (aiortc decodes Opus to 48 kHz PCM)
   -> `Chunker`: 24 kHz mono float, 40 ms chunks (codec input, and Opus input on fallback)
-  -> `TickBatcher` (tick.py): one FrameBatch per tick, one outcome per frame
+  -> `BridgeCore` (core.py, network-free; the simulator drives the same object): one
+     FrameBatch per tick, hints, the supervisor link, one outcome per frame
   -> `MediaBridge.dispatch`: AIC subscribers get an AIC RTP payload for each `ai` frame, and
      Opus (encoded from the 24 kHz chunk at 32 kbps, 20 ms packets) for each fallback frame.
+
+This module is the thin aiortc adapter around the core: sessions, tracks, RTP out.
 
 Legacy (Opus-only) subscribers never wait for a tick: the publisher's own Opus packets are
 forwarded to them as they arrive (`MediaBridge.forward`), as a selective forwarding unit
@@ -26,7 +29,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,27 +41,40 @@ from aiortc.rtcrtpparameters import RTCRtpParameters
 from aiortc.rtp import RtpPacket
 from aiortc.utils import random16, random32
 
-from deployments.contract import CHUNK_SAMPLES, Outcome, bandwidth_codebooks
+from deployments.contract import Outcome
+from models.constants import (
+    CHUNK_RTP_TICKS,
+    CHUNK_SAMPLES,
+    OPUS_FRAME_RTP_TICKS,
+    SAMPLE_RATE,
+    TICK_S,
+)
 from models.opus import OpusCodec
-from sfu_bridge import rtcp_tap, rtp_ext
+from sfu_bridge import aiortc_compat, rtcp_tap, rtp_ext
 from sfu_bridge.aic_sender import AicSender
 from sfu_bridge.aiortc_compat import DatagramPath
+from sfu_bridge.core import BridgeCore, FrameOutcome, TickReport
 from sfu_bridge.fastpath import OpusIngest, RtpWriter
-from sfu_bridge.rate_control import Layer, ReportBlock, wire_kbps
-from sfu_bridge.tick import Chunk, FrameOutcome, TickBatcher, TickReport
+from sfu_bridge.rate_control import (
+    DEFAULT_MAX_HEADER_SHARE,
+    Layer,
+    RateControlConfig,
+    ReportBlock,
+    wire_kbps,
+)
 from telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
-RTP_CLOCK = 48_000
-CHUNK_48K = CHUNK_SAMPLES * 2  # 1920 samples = 40 ms at 48 kHz
-OPUS_FRAME_48K = 960  # 20 ms Opus packets, as WebRTC sends them
 IP_UDP_HEADER_BYTES = 28  # IPv4 (20) + UDP (8), added to UDP payload bytes for wire rates
-SRTP_TAG_BYTES = 10  # SRTP_AES128_CM_HMAC_SHA1_80 authentication tag
+# SRTP authentication tag: AEAD_AES_256_GCM / AEAD_AES_128_GCM, the profiles aiortc prefers
+# and browsers negotiate (SRTP_AES128_CM_HMAC_SHA1_80's tag would be 10)
+SRTP_TAG_BYTES = 16
+CHUNK_TIMES = 8  # chunk completion times kept per publisher (a tick takes one or two)
 
 
 class Chunker:
-    """aiortc audio frames (any rate/layout) -> 40 ms `Chunk`s of 24 kHz mono float PCM.
+    """aiortc audio frames (any rate/layout) -> 40 ms chunks of 24 kHz mono float PCM.
 
     One resampler per stream: the codec takes 24 kHz, and Opus for fallback frames is encoded
     from the same 24 kHz PCM (RFC 7587 keeps the RTP clock at 48 kHz whatever the input rate).
@@ -66,12 +82,13 @@ class Chunker:
 
     def __init__(self, stream_id: str) -> None:
         self.stream_id = stream_id
-        self._r24 = av.AudioResampler(format="flt", layout="mono", rate=24_000)
+        self._r24 = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         self._b24: list[np.ndarray] = []
         self._n24 = 0
         self.chunks = 0
 
-    def add(self, frame: av.AudioFrame) -> list[Chunk]:
+    def add(self, frame: av.AudioFrame) -> list[tuple[np.ndarray, int]]:
+        """The chunks `frame` completes: (pcm24 float32 [960], RTP timestamp at 48 kHz)."""
         for f in self._r24.resample(frame):
             a = f.to_ndarray().reshape(-1)
             self._b24.append(a)
@@ -80,7 +97,7 @@ class Chunker:
         while self._n24 >= CHUNK_SAMPLES:
             pcm24 = self._take(self._b24, CHUNK_SAMPLES)
             self._n24 -= CHUNK_SAMPLES
-            out.append(Chunk(self.stream_id, pcm24, self.chunks * CHUNK_48K, time.time()))
+            out.append((pcm24, self.chunks * CHUNK_RTP_TICKS))
             self.chunks += 1
         return out
 
@@ -98,13 +115,14 @@ class RtpOut:
 
     def __init__(self, transceiver: Any) -> None:
         self.transceiver = transceiver
-        self.ssrc: int = transceiver.sender._ssrc
+        self.ssrc: int = aiortc_compat.sender_ssrc(transceiver)
         self.mid: str | None = transceiver.mid
-        codecs = transceiver._codecs
+        codecs = aiortc_compat.negotiated_codecs(transceiver)
         self.opus_pt = next((c.payloadType for c in codecs if c.name.lower() == "opus"), None)
         self.aic_pt = next((c.payloadType for c in codecs if rtp_ext.is_aic(c)), None)
         self.ext_map = rtp_ext.AicHeaderExtensionsMap()
-        self.ext_map.configure(RTCRtpParameters(headerExtensions=list(transceiver._headerExtensions)))
+        self.ext_map.configure(RTCRtpParameters(
+            headerExtensions=aiortc_compat.negotiated_header_extensions(transceiver)))
         # lower half of the sequence space: avoids an early wrap, like aiortc
         self.writer = RtpWriter(self.ssrc, self.ext_map, self.mid, random16() % 32768)
         self.path = DatagramPath(transceiver.sender.transport)
@@ -141,7 +159,7 @@ class RtpOut:
         self.writer.seq = (self.writer.seq + 1) & 0xFFFF
         data = pkt.serialize(self.ext_map)
         try:
-            await self.transceiver.sender.transport._send_rtp(data)
+            await aiortc_compat.send_rtp(self.transceiver, data)
         except ConnectionError:
             return False
         self._sent(len(payload), pkt.timestamp, len(data) + SRTP_TAG_BYTES)
@@ -190,14 +208,8 @@ class UdpMeter:
         self._t0 = time.monotonic()
 
     def attach(self, pc: RTCPeerConnection) -> UdpMeter:
-        seen: set[int] = set()
-        for t in pc.getTransceivers():
-            conn = t.receiver.transport.transport._connection  # aioice.Connection
-            if id(conn) in seen:
-                continue
-            seen.add(id(conn))
-            for proto in conn._protocols:
-                self._wrap(proto)
+        for proto in aiortc_compat.ice_datagram_protocols(pc):
+            self._wrap(proto)
         return self
 
     def _wrap(self, proto: Any) -> None:
@@ -271,55 +283,55 @@ class Publisher:
     opus_pt: int | None = None  # the publisher's negotiated Opus payload type
     ts_base: int | None = None  # first RTP timestamp seen (forwarded timestamps start at 0)
     ingest: OpusIngest | None = None  # fast receive path: Opus RTP -> 24 kHz chunks, inline
+    # (rtp timestamp, wall time) of its latest chunks, fast path: when each was complete
+    chunk_times: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=CHUNK_TIMES))
 
 
 class MediaBridge:
-    """One worker's media plane: publishers, subscribers, the tick loop and the fan-out."""
+    """One worker's aiortc side: publishers' tracks into the core, the core's outcomes out
+    to the subscribers (the tick loop, batching, hints and supervisor link are the core's)."""
 
     def __init__(
         self,
-        batcher: TickBatcher,
+        core: BridgeCore,
         *,
         max_streams: int = 2_000,
         opus_bitrate: int = 32_000,
-        tick_s: float = 0.040,
+        tick_s: float = TICK_S,
         adaptive: bool = True,
+        max_header_share: float = DEFAULT_MAX_HEADER_SHARE,
         fast_ingest: bool = True,
     ) -> None:
         rtp_ext.install()
+        self.core = core
         # decode publishers' Opus inline at 24 kHz (fastpath.OpusIngest) instead of aiortc's
         # jitter buffer, decoder thread, 48 kHz frames and resampler
         self.fast_ingest = fast_ingest
-        self.batcher = batcher
         # per-subscriber rate control from RTCP; off: every AIC subscriber gets the stream's
-        # full depth in 40 ms packets (the bench's contrast)
+        # full depth in that depth's default packet duration (the bench's contrast)
         self.adaptive = adaptive
+        self.max_header_share = max_header_share  # the packet duration policy
         self.layer_switches = 0
         self.tick_s = tick_s
-        self.n_q = bandwidth_codebooks(batcher.bandwidth_kbps)
-        self.opus = OpusCodec(max_streams, sample_rate=24_000, frame_ms=20, bitrate=opus_bitrate)
+        self.opus = OpusCodec(max_streams, sample_rate=SAMPLE_RATE, frame_ms=20, bitrate=opus_bitrate)
         self._free_slots = list(range(max_streams - 1, -1, -1))
         self.publishers: dict[str, Publisher] = {}  # by stream id
         self.subscribers: dict[str, dict[str, Subscriber]] = defaultdict(dict)  # stream -> sid -> sub
         self.sessions: dict[str, Publisher | Subscriber] = {}
         self.packets_by_kind: dict[str, int] = defaultdict(int)  # "aic" / "opus"
         self._unrecorded_bytes: dict[str, int] = defaultdict(int)  # payload bytes since last tick
-        self.last_reports: list[TickReport] = []
         self.overheads_ms: list[float] = []
-        self.stream_users: dict[str, str] = {}  # stream id -> publishing user (supervisor opt-outs)
         self.cascade: Any = None  # sfu_bridge.cascade.CascadeRelay, when workers cascade
-        self.supervision: Any = None  # sfu_bridge.supervision.SupervisorLink, when a cluster runs one
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        self.batcher.start(self.dispatch, self.tick_s)
+        self.core.start(self.dispatch, self.tick_s)
 
     async def stop(self) -> None:
-        await self.batcher.stop()
-        if self.supervision is not None:
-            await self.supervision.close()
+        await self.core.stop()
         for sid in list(self.sessions):
             await self.end_session(sid)
+        await self.core.close()
 
     @property
     def full(self) -> bool:
@@ -339,9 +351,8 @@ class MediaBridge:
         )
         if self.fast_ingest:
             pub.ingest = OpusIngest(stream_id)
-        self.batcher.join(stream_id, opted_out=opted_out)
+        self.core.join(stream_id, user, opted_out=opted_out)
         self.publishers[stream_id] = pub
-        self.stream_users[stream_id] = user
         self.sessions[pub.session_id] = pub
         return pub
 
@@ -352,15 +363,15 @@ class MediaBridge:
         try:
             while True:
                 frame = await track.recv()
-                for chunk in pub.chunker.add(frame):
-                    self.batcher.push(chunk)
+                for pcm24, ts in pub.chunker.add(frame):
+                    self.core.push(pub.stream_id, pcm24, ts)
         except (MediaStreamError, asyncio.CancelledError):
             pass
 
     def push_audio(self, stream_id: str, frame: av.AudioFrame) -> None:
         """Feed a publisher's decoded audio directly (bench, tools)."""
-        for chunk in self.publishers[stream_id].chunker.add(frame):
-            self.batcher.push(chunk)
+        for pcm24, ts in self.publishers[stream_id].chunker.add(frame):
+            self.core.push(stream_id, pcm24, ts)
 
     def forward(self, stream_id: str, packet: RtpPacket) -> bool:
         """A publisher's Opus packet -> every legacy subscriber of the stream, untouched.
@@ -379,9 +390,20 @@ class MediaBridge:
             self.cascade.on_forward(stream_id, ts, packet.payload)
         if pub.ingest is None:
             return False
-        for chunk in pub.ingest.packet(packet.sequence_number, packet.payload):
-            self.batcher.push(chunk)
+        for pcm24, ts, at in pub.ingest.packet(packet.sequence_number, packet.payload):
+            self.core.push(stream_id, pcm24, ts)
+            pub.chunk_times.append((ts, at))
         return True
+
+    def chunk_received_at(self, stream_id: str, rtp_timestamp: int) -> float | None:
+        """The wall time a recent chunk of the stream was complete (fan-out latency, the
+        relay's record age); None when not known."""
+        pub = self.publishers.get(stream_id)
+        if pub is not None:
+            for ts, at in reversed(pub.chunk_times):
+                if ts == rtp_timestamp:
+                    return at
+        return None
 
     # -- subscribers -----------------------------------------------------------------------
     def add_subscriber(
@@ -391,12 +413,13 @@ class MediaBridge:
         sub = Subscriber(session_id or uuid.uuid4().hex, stream_id, user, pc, out)
         if out.aic:
             # rate control needs the subscriber's RTCP; without it (or with adaptation off)
-            # the subscriber gets its stream's full depth in 40 ms packets
+            # the subscriber gets its stream's full depth, packets as long as that depth's
+            # default duration (rate_control.min_packet_ms)
             if self.adaptive and pc is not None:
-                sub.aic_sender = AicSender.adaptive()
+                sub.aic_sender = AicSender.adaptive(RateControlConfig(max_header_share=self.max_header_share))
                 self._tap_rtcp(sub)
             else:
-                sub.aic_sender = AicSender.fixed(Layer(32))
+                sub.aic_sender = AicSender.full_depth(self.max_header_share)
         self.subscribers[stream_id][sub.session_id] = sub
         self.sessions[sub.session_id] = sub
         return sub
@@ -411,7 +434,7 @@ class MediaBridge:
         def on_report(block: ReportBlock, now: float) -> None:
             out.mid_acked = True
             before = sender.layer
-            changed = sender.on_report(block, now, self._max_n_q(sub.stream_id))
+            changed = sender.on_report(block, now, self.core.stream_max_n_q(sub.stream_id))
             if changed is not None:
                 self._count_switch(before, changed)
 
@@ -422,10 +445,7 @@ class MediaBridge:
         sub = self.sessions[session_id]
         assert isinstance(sub, Subscriber) and sub.aic_sender is not None
         sub.aic_sender.rate, sub.aic_sender.pinned = None, layer
-
-    def _max_n_q(self, stream_id: str) -> int:
-        st = self.batcher.streams.get(stream_id)
-        return st.adapt.max_n_q() if st is not None and st.adapt is not None else self.n_q
+        sub.aic_sender.pinned_default_ms = False
 
     def _count_switch(self, before: Layer, after: Layer) -> None:
         up = wire_kbps(after.n_q, after.packet_ms) > wire_kbps(before.n_q, before.packet_ms)
@@ -439,14 +459,8 @@ class MediaBridge:
             return False
         if isinstance(s, Publisher):
             self.publishers.pop(s.stream_id, None)
-            self.stream_users.pop(s.stream_id, None)
-            self.batcher.leave(s.stream_id)  # its pending chunks are answered and counted
-            leave = getattr(self.batcher.codec, "leave", None)
-            if leave is not None:
-                try:
-                    await leave([s.stream_id])
-                except Exception as exc:  # a departing stream must not break the others
-                    logger.warning("codec leave failed: %s", type(exc).__name__)
+            # its pending chunks are answered in the next tick; its codec slot is freed
+            self.core.leave(s.stream_id)
             self.opus.reset([s.opus_slot])
             self._free_slots.append(s.opus_slot)
             if s.task is not None:
@@ -468,28 +482,46 @@ class MediaBridge:
     def dispatch_now(self, report: TickReport) -> None:
         """Send a tick's outcomes to AIC subscribers: codes for `ai` frames, else Opus."""
         t0 = time.perf_counter()
-        if self.supervision is not None:
-            self.supervision.observe(report)
-        todo: list[tuple[FrameOutcome, list[Subscriber]]] = []
-        opus_rows: list[FrameOutcome] = []
         relayed = self.cascade.subscriptions if self.cascade is not None else {}
-        for fo in report.frames:
-            # legacy subscribers are served by `forward`, not by the tick
-            subs = [s for s in self.subscribers.get(fo.chunk.stream_id, {}).values()
-                    if s.out.aic_pt is not None]  # `s.aic`, without two property calls a subscriber
-            if not (subs or fo.chunk.stream_id in relayed) or fo.chunk.stream_id not in self.publishers:
-                continue
-            if subs:
-                todo.append((fo, subs))
-            if fo.outcome is Outcome.FALLBACK:
-                opus_rows.append(fo)
-        opus_packets = self._encode_opus(opus_rows)
+        subscribers, publishers = self.subscribers, self.publishers
+        # frames of streams with AIC subscribers here or on other workers (legacy ones are
+        # served by `forward`); a frame becomes an object only when it is sent
+        todo: list[tuple[FrameOutcome, list[Subscriber]]] = []
+        for i, sid in enumerate(report.stream_ids):
+            subs = subscribers.get(sid)
+            # `s.out.aic_pt`: `s.aic` without two property calls a subscriber
+            aic = [s for s in subs.values() if s.out.aic_pt is not None] if subs else []
+            if (aic or sid in relayed) and sid in publishers:
+                todo.append((report.frame(i), aic))
+        self._fan_out(report.tick, todo)
+        report.overhead_ms += (time.perf_counter() - t0) * 1000.0
+        self.overheads_ms.append(report.overhead_ms)
+        if len(self.overheads_ms) > 10_000:
+            del self.overheads_ms[:5_000]
+
+    def dispatch_frames(self, tick: int, frames: list[FrameOutcome]) -> None:
+        """Frames decided elsewhere (another worker's tick, cascade.py) -> this worker's AIC
+        subscribers, exactly as `dispatch_now` sends its own tick's."""
+        todo = []
+        for fo in frames:
+            subs = self.subscribers.get(fo.stream_id)
+            if subs and fo.stream_id in self.publishers:
+                aic = [s for s in subs.values() if s.out.aic_pt is not None]
+                if aic:
+                    todo.append((fo, aic))
+        self._fan_out(tick, todo)
+
+    def _fan_out(self, tick: int, todo: list[tuple[FrameOutcome, list[Subscriber]]]) -> None:
+        opus_packets = self._encode_opus([fo for fo, _ in todo if fo.outcome is Outcome.FALLBACK])
         if self.cascade is not None:  # cascade.py: the tick's output, once to each other worker
-            self.cascade.on_tick(report, opus_packets)
+            self.cascade.on_tick(tick, [fo for fo, _ in todo], opus_packets)
         cache: dict = {}  # subscribers at the same layer share a payload's packing
         # plain calls: a send only hands a datagram to the socket (fastpath.py), no coroutine
         for fo, subs in todo:
-            max_n_q = self._max_n_q(fo.chunk.stream_id)
+            if not subs:
+                continue
+            max_n_q = self.core.stream_max_n_q(fo.stream_id)
+            fallback = opus_packets.get(id(fo)) if fo.outcome is Outcome.FALLBACK else None
             for sub in subs:
                 sender = sub.aic_sender
                 assert sender is not None
@@ -503,39 +535,36 @@ class MediaBridge:
                         self._unrecorded_bytes["aic"] += len(p.payload)
                 if sender.layer != before:
                     self._count_switch(before, sender.layer)
-                if fo.outcome is Outcome.FALLBACK and sub.out.opus_pt is not None:
-                    self._send(sub, "opus", sub.out.opus_pt, opus_packets[id(fo)],
-                                     fo.chunk.rtp_timestamp)
+                if fallback is not None and sub.out.opus_pt is not None:
+                    self._send(sub, "opus", sub.out.opus_pt, fallback, fo.rtp_timestamp)
         self._update_needs()
         self._record_wire_bytes()
-        report.overhead_ms += (time.perf_counter() - t0) * 1000.0
-        self.overheads_ms.append(report.overhead_ms)
-        if len(self.overheads_ms) > 10_000:
-            del self.overheads_ms[:5_000]
 
     def _update_needs(self) -> None:
-        """Each stream is encoded as deep as its deepest AIC subscriber's layer (next tick)."""
+        """Each stream is encoded as deep as its deepest AIC subscriber's layer (next tick),
+        here or on another worker (cascade.py)."""
         now = time.monotonic()
-        for stream_id, st in self.batcher.streams.items():
-            if st.adapt is None:
+        streams: Any = self.subscribers
+        if self.cascade is not None and self.cascade.subscriptions:
+            streams = set(self.subscribers) | set(self.cascade.subscriptions)
+        for stream_id in streams:
+            if stream_id not in self.core:
                 continue
+            top = self.core.stream_max_n_q(stream_id)  # once per stream: the loop is per subscriber
             need = None
-            cap = st.adapt.max_n_q()  # once per stream: this loop runs over every subscriber
             for sub in self.subscribers.get(stream_id, {}).values():
                 sender = sub.aic_sender
                 if sender is None:
                     continue
-                if sender.rate is not None:
-                    decision = sender.rate.check_timeout(now)
-                    if decision is not None:
-                        sender.choose(cap)
-                layer = sender.choose(cap) if sender.pinned is not None else sender.layer
+                if sender.rate is not None and sender.rate.check_timeout(now) is not None:
+                    sender.choose(top)
+                layer = sender.choose(top) if sender.pinned is not None else sender.layer
                 need = layer.n_q if need is None else max(need, layer.n_q)
-            if self.cascade is not None:  # subscribers on other workers (cascade.py)
+            if self.cascade is not None:
                 remote = self.cascade.remote_need(stream_id)
                 if remote is not None:
                     need = remote if need is None else max(need, remote)
-            st.adapt.need_n_q = need
+            self.core.set_need(stream_id, need)
 
     def _encode_opus(self, rows: list[FrameOutcome]) -> dict[int, list[bytes]]:
         """Opus packets per frame; one encoder call per round (a stream's k-th frame of the
@@ -548,21 +577,23 @@ class MediaBridge:
             if relayed is not None:
                 out[id(fo)] = relayed
                 continue
-            k = seen[fo.chunk.stream_id]
-            seen[fo.chunk.stream_id] += 1
+            if fo.pcm24 is None:
+                continue
+            k = seen[fo.stream_id]
+            seen[fo.stream_id] += 1
             if k == len(rounds):
                 rounds.append([])
             rounds[k].append(fo)
         for batch in rounds:
-            slots = [self.publishers[fo.chunk.stream_id].opus_slot for fo in batch]
-            pcm = np.stack([fo.chunk.pcm24 for fo in batch])
+            slots = [self.publishers[fo.stream_id].opus_slot for fo in batch]
+            pcm = np.stack([fo.pcm24 for fo in batch])
             for fo, packets in zip(batch, self.opus.encode(slots, pcm), strict=True):
                 out[id(fo)] = packets
         return out
 
     def _send(self, sub: Subscriber, kind: str, pt: int, payloads: list[bytes], ts: int) -> None:
         for k, payload in enumerate(payloads):
-            if sub.out.send_now(pt, payload, ts + k * OPUS_FRAME_48K):
+            if sub.out.send_now(pt, payload, ts + k * OPUS_FRAME_RTP_TICKS):
                 sub.sent_by_kind[kind] += 1
                 self.packets_by_kind[kind] += 1
                 self._unrecorded_bytes[kind] += len(payload)
@@ -577,8 +608,8 @@ class MediaBridge:
         """Per stream: the publisher's requested bandwidth, the depth encoded, DTX, and each
         AIC subscriber's current layer (the dashboard's bitrate view)."""
         out: dict[str, Any] = {}
-        for stream_id, st in self.batcher.streams.items():
-            ad = st.adapt
+        for stream_id in list(self.publishers):
+            ad = self.core.stream(stream_id)
             if ad is None:
                 continue
             subs = {}
@@ -591,20 +622,21 @@ class MediaBridge:
                              "wire_kbps": round(wire_kbps(layer.n_q, layer.packet_ms), 2),
                              "adaptive": sub.aic_sender.rate is not None}
             out[stream_id] = {"requested_kbps": ad.requested_kbps, "cap_kbps": ad.cap_kbps,
-                              "depth_n_q": ad.depth(), "dtx": ad.spurt.state.value,
+                              "depth_n_q": ad.depth_n_q, "dtx": "silent" if ad.dtx_silent else "active",
                               "dtx_enabled": ad.dtx_enabled, "subscribers": subs}
         return out
 
     def stats(self) -> dict[str, Any]:
         ov = np.asarray(self.overheads_ms[-1500:]) if self.overheads_ms else np.zeros(1)
+        core = self.core.stats()
         return {
             "publishers": len(self.publishers),
             "subscribers": sum(len(v) for v in self.subscribers.values()),
-            "frames": dict(self.batcher.counters),
-            "hints": dict(self.batcher.hint_counters),
+            "frames": core["frames"],
+            "hints": core["hints"],
             "packets": dict(self.packets_by_kind),
-            "ticks": self.batcher.ticks,
-            "encodes": self.batcher.encodes,
+            "ticks": core["ticks"],
+            "encodes": core["encodes"],
             "layer_switches": self.layer_switches,
             "streams": self.stream_stats(),
             "tick_overhead_ms_p50": float(np.percentile(ov, 50)),

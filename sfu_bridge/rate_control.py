@@ -4,9 +4,18 @@ EnCodec's codes are residual: the first k of a frame's codebooks are a valid str
 bitrate (k = 2, 4, 8, 16, 32 for 1.5 ... 24 kbps). The bridge encodes a stream once and sends
 each AIC subscriber a prefix; this module decides, for one subscriber, how deep that prefix is
 and how many 40 ms chunks go in one RTP packet (40/80/120 ms). At 1.5-6 kbps the packet
-headers (IPv4+UDP 28, RTP 12, extensions, SRTP tag 10) are most of the bits, so a longer
-packet is the cheaper lever before a shallower layer - libwebrtc's audio network adaptor
-(frame-length and bitrate controllers) moves the same two levers.
+headers (IPv4+UDP 28, RTP 12, SRTP tag 16) are most of the bits, so a longer packet is the
+cheaper lever before a shallower layer - libwebrtc's audio network adaptor (frame-length and
+bitrate controllers) moves the same two levers.
+
+Packet duration policy: each depth has a shortest packet duration, the shortest whose headers
+are at most `max_header_share` (a third) of its wire bytes, or 120 ms when none is (1.5-6
+kbps: 120 ms, 12 kbps: 80 ms, 24 kbps: 40 ms). A publisher asking for 6 kbps gets ~10 kbit/s
+on the wire instead of ~18 at 40 ms, for 80 ms more packetisation delay. libwebrtc's
+frame-length controller (v2) decides the same way - the shortest frame whose payload keeps a
+minimum share of the bitrate after the per-packet overhead - with the network's target
+bitrate where this uses the depth the stream is sent at. The controller may still choose
+longer packets than the minimum under congestion.
 
 Inputs are what the subscriber's RTCP says (RFC 3550 section 6.4): each receiver-report block
 for our SSRC gives the cumulative loss and the extended highest sequence number (so the
@@ -19,6 +28,10 @@ does not negotiate it for audio, so nothing produces one today.)
 The controller keeps a target wire rate (kbit/s, headers included) and maps it to the best
 layer that fits. Loss- and delay-based, with hysteresis:
 
+- decrease when the receiver got clearly less than we sent over a report interval with
+  enough packets in it (`rate_decrease_ratio`): a bottleneck's queue is filling; this is
+  the earliest signal, a report or two before its delay (the sender reports that measure
+  the RTT wait in the same queue) or its drops show;
 - decrease when the smoothed loss is high (>= `loss_decrease` with at least `min_lost`
   packets lost in the window) or when the queueing delay (RTT above the lowest RTT seen)
   stays above `delay_decrease_ms` for two reports in a row, or is far above it once, while
@@ -33,6 +46,9 @@ layer that fits. Loss- and delay-based, with hysteresis:
   rung up to `capacity_margin` above it is tried after the hold, a rung far above it only
   after the current rung has held for `confirm_s` (a small step whose queue builds slowly
   must show itself in the delay before a big step overflows the queue);
+- after a decrease, reports are not judged for `min_decrease_interval_s` plus the RTT they
+  measure: the queue that caused the decrease drains meanwhile, and its delay and drops are
+  not news (GCC likewise decreases at most once per 300 ms + RTT);
 - in between nothing moves: noise that crosses neither threshold never flips the layer, and
   since the layer is a function of the target, which only moves on decisions, the choice
   cannot flap between two rungs.
@@ -54,9 +70,13 @@ PACKET_MS = (40, 80, 120)  # whole 40 ms chunks per RTP packet: 1, 2 or 3
 CHUNK_MS = 40
 FRAMES_PER_CHUNK = 3  # EnCodec frames (13.33 ms) in one 40 ms chunk
 AIC_HEADER_BYTES = 4  # sfu_bridge/aic_payload.py
-# IPv4 (20) + UDP (8) + RTP fixed header (12) + one-byte extension block with the MID
-# (4 + 4) + SRTP auth tag (10): what every packet costs beyond its payload.
-DEFAULT_OVERHEAD_BYTES = 58
+# IPv4 (20) + UDP (8) + RTP fixed header (12) + SRTP tag (16: AEAD_AES_*_GCM, which aiortc
+# and browsers negotiate): what every packet costs beyond its payload. The MID extension
+# (8 more) is only sent until the subscriber's first receiver report (media.RtpOut).
+DEFAULT_OVERHEAD_BYTES = 56
+# the shortest packet duration of a depth is the shortest whose headers are at most this
+# share of its wire bytes (payload at least twice the headers)
+DEFAULT_MAX_HEADER_SHARE = 1.0 / 3.0
 RTP_SEQ_MODULUS = 1 << 16
 
 
@@ -69,6 +89,15 @@ def payload_bytes(n_q: int, packet_ms: int) -> int:
 def wire_kbps(n_q: int, packet_ms: int, overhead_bytes: int = DEFAULT_OVERHEAD_BYTES) -> float:
     """Wire rate of a layer, headers included, in kbit/s."""
     return (overhead_bytes + payload_bytes(n_q, packet_ms)) * 8.0 / packet_ms
+
+
+def min_packet_ms(n_q: int, overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
+                  max_header_share: float = DEFAULT_MAX_HEADER_SHARE) -> int:
+    """The shortest packet duration for depth `n_q` (module docstring: packet duration policy)."""
+    for ms in sorted(PACKET_MS):
+        if overhead_bytes <= max_header_share * (overhead_bytes + payload_bytes(n_q, ms)):
+            return ms
+    return max(PACKET_MS)
 
 
 @dataclass(frozen=True)
@@ -87,17 +116,26 @@ class Layer:
         return self.n_q * 0.75  # 75 Hz x 10 bits per codebook
 
 
-def ladder(max_n_q: int = 32, overhead_bytes: int = DEFAULT_OVERHEAD_BYTES) -> list[tuple[Layer, float]]:
+def default_layer(n_q: int, overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
+                  max_header_share: float = DEFAULT_MAX_HEADER_SHARE) -> Layer:
+    """Depth `n_q` in its shortest packet duration: what a subscriber with room gets."""
+    return Layer(n_q, min_packet_ms(n_q, overhead_bytes, max_header_share))
+
+
+def ladder(max_n_q: int = 32, overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
+           max_header_share: float = DEFAULT_MAX_HEADER_SHARE) -> list[tuple[Layer, float]]:
     """The layers worth using up to `max_n_q`, worst first, with their wire rates.
 
-    Quality ranks depth first (a deeper layer beats a shallower one whatever its packet
-    duration), then shorter packets (less latency). A rung that costs at least as much as a
-    better one is dropped, so the ladder rises in quality AND in wire rate, and
-    `best_layer` picks the highest rung that fits.
+    Each depth comes in its packet durations from `min_packet_ms` up (`max_header_share`
+    = 1 allows every duration). Quality ranks depth first (a deeper layer beats a shallower
+    one whatever its packet duration), then shorter packets (less latency). A rung that
+    costs at least as much as a better one is dropped, so the ladder rises in quality AND
+    in wire rate, and `best_layer` picks the highest rung that fits.
     """
     ranked = [(Layer(n_q, ms), wire_kbps(n_q, ms, overhead_bytes))
               for n_q in N_Q_LADDER if n_q <= max_n_q
-              for ms in sorted(PACKET_MS, reverse=True)]
+              for ms in sorted(PACKET_MS, reverse=True)
+              if ms >= min_packet_ms(n_q, overhead_bytes, max_header_share)]
     out: list[tuple[Layer, float]] = []
     cheapest_above = math.inf
     for layer, kbps in reversed(ranked):
@@ -108,9 +146,10 @@ def ladder(max_n_q: int = 32, overhead_bytes: int = DEFAULT_OVERHEAD_BYTES) -> l
 
 
 def best_layer(target_kbps: float, max_n_q: int = 32,
-               overhead_bytes: int = DEFAULT_OVERHEAD_BYTES) -> Layer:
+               overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
+               max_header_share: float = DEFAULT_MAX_HEADER_SHARE) -> Layer:
     """The best rung whose wire rate fits `target_kbps` (the lowest rung if none does)."""
-    rungs = ladder(max_n_q, overhead_bytes)
+    rungs = ladder(max_n_q, overhead_bytes, max_header_share)
     fit = [layer for layer, kbps in rungs if kbps <= target_kbps + 1e-9]
     return fit[-1] if fit else rungs[0][0]
 
@@ -118,9 +157,11 @@ def best_layer(target_kbps: float, max_n_q: int = 32,
 class Reason(str, enum.Enum):
     """Why the target moved (or did not) on a feedback sample."""
 
+    RATE = "rate"  # the receiver got clearly less than was sent
     LOSS = "loss"
     DELAY = "delay"
     INCREASE = "increase"
+    SETTLING = "settling"  # just after a decrease: its queue drains, nothing is judged
     HOLD = "hold"  # low loss and delay, but inside the hold after a decrease
     STEADY = "steady"  # between thresholds, or already at the top
     TIMEOUT = "timeout"  # no feedback for `feedback_timeout_s` while sending
@@ -148,6 +189,15 @@ class Feedback:
 @dataclass
 class RateControlConfig:
     overhead_bytes: int = DEFAULT_OVERHEAD_BYTES
+    max_header_share: float = DEFAULT_MAX_HEADER_SHARE  # packet duration policy (docstring)
+    # received < this x sent over one report interval of at least `rate_min_packets`
+    # packets: congestion (a receiver or event-loop hiccup of a few hundred ms shifts
+    # packets between two intervals by less; DTX intervals have too few packets to count)
+    rate_decrease_ratio: float = 0.7
+    rate_decrease_ratio_2: float = 0.85  # ...or this over two reports in a row
+    rate_min_packets: int = 8
+    # after a decrease, nothing is judged for this long plus the RTT now measured
+    min_decrease_interval_s: float = 1.0
     loss_window_s: float = 2.5  # loss is smoothed over the reports of this window
     loss_decrease: float = 0.10  # GCC's "high loss" bound
     min_lost: int = 3  # ...and at least this many packets lost in the window
@@ -165,7 +215,7 @@ class RateControlConfig:
     blind_decrease_factor: float = 0.7  # ...or this x the old target when that rate is unknown
     increase_factor: float = 1.25  # at least one rung per increase
     hold_s: float = 2.0
-    max_hold_s: float = 6.0
+    max_hold_s: float = 5.0
     probe_window_s: float = 4.0  # a decrease this soon after an increase: the probe failed
     capacity_margin: float = 1.1
     confirm_s: float = 2.5
@@ -202,11 +252,19 @@ class RateController:
     _capacity_kbps: float | None = None  # received rate at the last decrease
     _rung: Layer | None = None  # the target's rung, and since when
     _rung_since: float = 0.0
+    _prev_rates: tuple[float, float, int] | None = None  # last report: received, sent kbit/s, expected
 
     def __post_init__(self) -> None:
-        top = ladder(32, self.config.overhead_bytes)[-1][1]
+        top = self._ladder(32)[-1][1]
         self.target_kbps = top if self.start_kbps is None else float(self.start_kbps)
         self._hold_s = self.config.hold_s
+
+    def _ladder(self, max_n_q: int) -> list[tuple[Layer, float]]:
+        return ladder(max_n_q, self.config.overhead_bytes, self.config.max_header_share)
+
+    def _best(self, max_n_q: int) -> Layer:
+        return best_layer(self.target_kbps, max_n_q, self.config.overhead_bytes,
+                          self.config.max_header_share)
 
     # -- derived signals ---------------------------------------------------------------------
     def smoothed_loss(self) -> tuple[float, int]:
@@ -248,12 +306,28 @@ class RateController:
         elif qd is not None:
             self._delay_high = 0
 
-        top = ladder(max_n_q, cfg.overhead_bytes)[-1][1]
-        if loss >= cfg.loss_decrease and lost >= cfg.min_lost:
+        top = self._ladder(max_n_q)[-1][1]
+        if self._settling(now, fb.rtt_s):
+            # the queue that caused the last decrease is still draining: what this report shows
+            # is that queue's, not the new rate's (GCC: one decrease per 300 ms + RTT)
+            self._prev_rates = None
+            self._losses.clear()
+            self._delay_high = 0
+            reason = Reason.SETTLING
+        elif self._rate_shortfall(fb):
+            self._decrease(fb, now)
+            # the drops and delay that follow are that same queue's: judge the new rate afresh
+            self._losses.clear()
+            self._delay_high = 0
+            self._prev_rates = None
+            reason = Reason.RATE
+        elif loss >= cfg.loss_decrease and lost >= cfg.min_lost:
             self._decrease(fb, now)
             self._losses.clear()  # the next decision sees the new rate's loss only
             reason = Reason.LOSS
-        elif qd is not None and (self._delay_high >= 2 or qd > cfg.delay_spike_ms) and self._rate_short(fb):
+        elif (qd is not None and self._rate_short(fb)
+              and (self._delay_high >= 2 or qd > cfg.delay_spike_ms
+                   or (self._delay_high and self._probing(now)))):
             self._decrease(fb, now)
             self._delay_high = 0
             reason = Reason.DELAY
@@ -272,17 +346,44 @@ class RateController:
         if now - self._last_decrease >= cfg.quiet_reset_s:
             self._hold_s = cfg.hold_s
         self.target_kbps = min(self.target_kbps, top)
-        rung = best_layer(self.target_kbps, max_n_q, cfg.overhead_bytes)
+        rung = self._best(max_n_q)
         if rung != self._rung:
             self._rung, self._rung_since = rung, now
-        elif (self._capacity_kbps is not None and reason is not Reason.LOSS
-              and reason is not Reason.DELAY and now - self._rung_since >= cfg.confirm_s
+        elif (self._capacity_kbps is not None
+              and reason not in (Reason.RATE, Reason.LOSS, Reason.DELAY) and now - self._rung_since >= cfg.confirm_s
               and wire_kbps(rung.n_q, rung.packet_ms, cfg.overhead_bytes)
               > self._capacity_kbps * cfg.capacity_margin):
             # a rung well above the old estimate held: that estimate is stale (the link grew)
             self._capacity_kbps = None
         self.last_reason = reason
         return Decision(self.layer(max_n_q), self.target_kbps, reason)
+
+    def _rate_shortfall(self, fb: Feedback) -> bool:
+        """The receiver got clearly less than we sent: over this report's interval, or a
+        little less over this one and the previous one together (a hiccup that moves packets
+        from one interval to the next cancels out over the two; a queue that fills does not)."""
+        cfg = self.config
+        prev, self._prev_rates = self._prev_rates, None
+        if fb.received_kbps is None or not fb.sent_kbps or not fb.expected:
+            return False
+        self._prev_rates = (fb.received_kbps, fb.sent_kbps, fb.expected)
+        if (fb.expected >= cfg.rate_min_packets
+                and fb.received_kbps < cfg.rate_decrease_ratio * fb.sent_kbps):
+            return True
+        if prev is None or fb.expected + prev[2] < cfg.rate_min_packets:
+            return False
+        # each interval's received share, weighted by its packets
+        share = ((fb.expected * fb.received_kbps / fb.sent_kbps + prev[2] * prev[0] / prev[1])
+                 / (fb.expected + prev[2]))
+        return share < cfg.rate_decrease_ratio_2
+
+    def _settling(self, now: float, rtt_s: float | None) -> bool:
+        return now - self._last_decrease < self.config.min_decrease_interval_s + (rtt_s or 0.0)
+
+    def _probing(self, now: float) -> bool:
+        """Just after an increase the new rung is on trial: one high delay sample ends it
+        (before the queue it builds overflows) where a steady rung needs two."""
+        return now - self._last_increase <= self.config.probe_window_s and self._last_increase > self._last_decrease
 
     def _rate_short(self, fb: Feedback) -> bool:
         if fb.received_kbps is None or not fb.sent_kbps:
@@ -303,8 +404,8 @@ class RateController:
         self._last_decrease = now
 
     def _next_rung_kbps(self, max_n_q: int) -> float:
-        rungs = ladder(max_n_q, self.config.overhead_bytes)
-        current = best_layer(self.target_kbps, max_n_q, self.config.overhead_bytes)
+        rungs = self._ladder(max_n_q)
+        current = self._best(max_n_q)
         rank = next(i for i, (layer, _) in enumerate(rungs) if layer == current)
         return rungs[rank + 1][1] if rank + 1 < len(rungs) else rungs[-1][1]
 
@@ -336,7 +437,7 @@ class RateController:
 
     def layer(self, max_n_q: int = 32) -> Layer:
         """The layer to send now under the cap `max_n_q`; counts a switch when it changes."""
-        chosen = best_layer(self.target_kbps, max_n_q, self.config.overhead_bytes)
+        chosen = self._best(max_n_q)
         if self._last_layer is not None and chosen != self._last_layer:
             self.switches += 1
         self._last_layer = chosen

@@ -2,7 +2,8 @@
 
 aiortc knows a closed list of RTP header extensions (`aiortc.rtp.HeaderExtensionsMap`,
 `aiortc.codecs.HEADER_EXTENSIONS`) and codecs (`aiortc.codecs.CODECS`). `install()` extends
-them in this one place, idempotently:
+them, idempotently, through `sfu_bridge.aiortc_compat` (the one module touching aiortc's
+internals):
 
 - the hint extension (RFC 8285, URI `HINT_URI`) joins the audio header extensions, so it is
   offered and accepted in SDP like aiortc's own ones;
@@ -18,13 +19,10 @@ them in this one place, idempotently:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiortc import codecs as _codecs
-from aiortc import rtcrtpreceiver as _receiver
 from aiortc import rtp as _rtp
 from aiortc.codecs.base import Decoder
 from aiortc.jitterbuffer import JitterFrame
@@ -34,16 +32,15 @@ from aiortc.rtcrtpparameters import (
     RTCRtpParameters,
 )
 
-try:  # the wire-format module owns the URI; keep one spelling.
-    from sfu_bridge.hint_ext import HINT_URI  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - hint_ext always ships with the package
-    HINT_URI = "urn:auralink:aic-hint:1"
+from models.constants import RTP_CLOCK_HZ
+from sfu_bridge import aiortc_compat
+from sfu_bridge.hint_ext import HINT_URI
 
 # aiortc uses ids 1-3 (mid, audio level, abs-send-time); BUNDLE shares the id space
 # across media, so the hint takes an id no aiortc extension uses. Answers use the offerer's id.
 HINT_EXT_ID = 10
 AIC_MIME = "audio/AIC"
-AIC_CLOCK_RATE = 48_000
+AIC_CLOCK_RATE = RTP_CLOCK_HZ
 AIC_PAYLOAD_TYPE = 120  # our offers; answers take the offerer's dynamic PT
 
 
@@ -107,76 +104,21 @@ def is_aic(codec: RTCRtpCodecParameters) -> bool:
     return codec.mimeType.lower() == AIC_MIME.lower()
 
 
-_installed = False
-_aiortc_get_decoder = _receiver.get_decoder
-
-
-def _get_decoder(codec: RTCRtpCodecParameters) -> Decoder:
-    return AicPassthroughDecoder() if is_aic(codec) else _aiortc_get_decoder(codec)
-
-
 def install() -> None:
     """Extend aiortc's closed lists (idempotent; call before creating peer connections)."""
-    global _installed
-    if _installed:
-        return
-    _rtp.HeaderExtensions = AicHeaderExtensions  # RtpPacket() and map.get() build ours
-    _rtp.HeaderExtensionsMap = AicHeaderExtensionsMap  # transports and senders build ours
-    audio_ext = _codecs.HEADER_EXTENSIONS["audio"]
-    if not any(e.uri == HINT_URI for e in audio_ext):
-        audio_ext.append(RTCRtpHeaderExtensionParameters(id=HINT_EXT_ID, uri=HINT_URI))
-    audio = _codecs.CODECS["audio"]
-    if not any(is_aic(c) for c in audio):
-        audio.append(
-            RTCRtpCodecParameters(
-                mimeType=AIC_MIME, clockRate=AIC_CLOCK_RATE, channels=1,
-                payloadType=AIC_PAYLOAD_TYPE,
-            )
-        )
-    _receiver.get_decoder = _get_decoder
-    _installed = True
+    aiortc_compat.install_extensions(
+        AicHeaderExtensions, AicHeaderExtensionsMap,
+        RTCRtpHeaderExtensionParameters(id=HINT_EXT_ID, uri=HINT_URI),
+        RTCRtpCodecParameters(mimeType=AIC_MIME, clockRate=AIC_CLOCK_RATE, channels=1,
+                              payloadType=AIC_PAYLOAD_TYPE),
+        is_aic, AicPassthroughDecoder,
+    )
 
 
-def tap_receiver(receiver: Any, on_packet: Callable[[_rtp.RtpPacket], Any]) -> None:
-    """Let `on_packet` (plain or async) see each RTP packet a receiver gets, before aiortc's
-    jitter buffer; a packet it returns True for is consumed there. Used by the bridge to
-    forward a publisher's Opus packets untouched, and by the SDK subscriber (below).
-
-    Needed by a subscriber that gets AIC and Opus packets interleaved on one SSRC: aiortc's
-    audio path assigns each reassembled frame the payload type of the packet that completed
-    it (the next one), so frames at a codec switch would reach the wrong decoder.
-    """
-    original = receiver._handle_rtp_packet
-
-    async def handle(packet: _rtp.RtpPacket, arrival_time_ms: int) -> None:
-        consumed = on_packet(packet)
-        if inspect.isawaitable(consumed):
-            consumed = await consumed
-        if consumed:
-            # still counted for the receiver reports aiortc sends (RFC 3550 6.4.2): the
-            # sender's rate control lives on them
-            count_for_receiver_reports(receiver, packet)
-            return
-        await original(packet, arrival_time_ms=arrival_time_ms)
-
-    receiver._handle_rtp_packet = handle
-
-
-def count_for_receiver_reports(receiver: Any, packet: _rtp.RtpPacket) -> None:
-    """Feed aiortc's per-source statistics (loss, jitter, highest sequence) with a packet
-    that bypassed `_handle_rtp_packet`, as that method would (aiortc 1.16 internals)."""
-    from aiortc.rtcrtpreceiver import StreamStatistics
-
-    streams = receiver._RTCRtpReceiver__remote_streams
-    stats = streams.get(packet.ssrc)
-    if stats is None:
-        stats = streams[packet.ssrc] = StreamStatistics(AIC_CLOCK_RATE)
-    stats.add(packet)
-
-
-def transport_extensions_map(pc_transceiver) -> AicHeaderExtensionsMap:
-    """The map a transceiver's DTLS transport parses received packets with."""
-    ext_map = pc_transceiver.receiver.transport._rtp_header_extensions_map
+def hint_map(transceiver: Any) -> AicHeaderExtensionsMap:
+    """The map a transceiver's DTLS transport parses received packets with (its `hint_sink`
+    sees every received hint element)."""
+    ext_map = aiortc_compat.receive_extensions_map(transceiver)
     if not isinstance(ext_map, AicHeaderExtensionsMap):
         raise RuntimeError("aiortc extensions not installed: call rtp_ext.install() first")
     return ext_map

@@ -29,19 +29,21 @@ from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from yarl import URL
 
+from deployments.epochs import DecoderEpoch
+from models.constants import DEFAULT_BANDWIDTH_KBPS, OPUS_FRAME_RTP_TICKS, RTP_CLOCK_HZ, SAMPLE_RATE
 from models.opus import OpusCodec, is_dtx_frame
-from sfu_bridge import ice, rtp_ext
+from sfu_bridge import aiortc_compat, ice, rtp_ext
 from sfu_bridge.aic_payload import AicPayload
 from sfu_bridge.hint_auth import HintSigner
 from sfu_bridge.hint_ext import Hint
-from sfu_bridge.media import OPUS_FRAME_48K, RtpOut, UdpMeter
+from sfu_bridge.media import RtpOut, UdpMeter
 
 logger = logging.getLogger(__name__)
 
 PcmSource = Callable[[int, int], np.ndarray]  # (first sample index, n) -> float32 [n] at 48 kHz
 
 
-def sine_source(freq: float = 440.0, amp: float = 0.3, rate: int = 48_000) -> PcmSource:
+def sine_source(freq: float = 440.0, amp: float = 0.3, rate: int = RTP_CLOCK_HZ) -> PcmSource:
     def src(start: int, n: int) -> np.ndarray:
         t = (np.arange(n) + start) / rate
         return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
@@ -135,7 +137,7 @@ class AicPublisher:
         hint_key: bytes | None = None,
         source: PcmSource | None = None,
         opus_bitrate: int = 32_000,
-        bandwidth_kbps: float = 6.0,
+        bandwidth_kbps: float = DEFAULT_BANDWIDTH_KBPS,
         hints: bool = True,
         ice_servers: Sequence[ice.IceServer] = (),
         opus_dtx: bool = False,
@@ -151,7 +153,7 @@ class AicPublisher:
         self.source = source or sine_source()
         # opus_dtx: libopus DTX; its TOC-only silence frames are not sent after the first
         # (libopus sends a comfort-noise update every 400 ms; RFC 7587 section 3.1.3)
-        self.opus = OpusCodec(1, sample_rate=48_000, frame_ms=20, bitrate=opus_bitrate, dtx=opus_dtx)
+        self.opus = OpusCodec(1, sample_rate=RTP_CLOCK_HZ, frame_ms=20, bitrate=opus_bitrate, dtx=opus_dtx)
         self.opus_dtx = opus_dtx
         self.dtx_skipped = 0
         self._dtx_run = 0
@@ -193,7 +195,7 @@ class AicPublisher:
         assert self._out is not None and self._out.opus_pt is not None
         try:
             while True:
-                pcm = self.source(sample, OPUS_FRAME_48K)
+                pcm = self.source(sample, OPUS_FRAME_RTP_TICKS)
                 (packets,) = self.opus.encode([0], pcm[None, :])
                 for p in packets:
                     if self.opus_dtx and is_dtx_frame(p):
@@ -205,8 +207,8 @@ class AicPublisher:
                         self._dtx_run = 0
                     await self._out.send(self._out.opus_pt, p, sample, hint=self.next_hint())
                     self.packets += 1
-                sample += OPUS_FRAME_48K
-                next_at += OPUS_FRAME_48K / 48_000
+                sample += OPUS_FRAME_RTP_TICKS
+                next_at += OPUS_FRAME_RTP_TICKS / RTP_CLOCK_HZ
                 await asyncio.sleep(max(0.0, next_at - loop.time()))
         except asyncio.CancelledError:
             pass
@@ -256,6 +258,8 @@ class SubscriberStats:
     decoder_resets: int = 0
     epochs: list[int] = field(default_factory=list)
     decoded_samples: int = 0  # 24 kHz samples out of the EnCodec decoder
+    # EnCodec frames (320 samples) in the AIC payloads taken in sync (3, 6 or 9 a payload)
+    in_sync_frames: int = 0
     out_of_sync: int = 0  # AIC payloads skipped: not part of an epoch decoded from its start
     sid_frames: int = 0  # DTX silence descriptors (no codes; the next codes start an epoch)
     aic_n_q: list[int] = field(default_factory=list)  # codebooks of each AIC payload, in order
@@ -293,8 +297,7 @@ class AicSubscriber:
         self.pcm: list[np.ndarray] = []  # decoded 24 kHz audio (AIC and Opus frames)
         self.keep_payloads = keep_payloads  # keep the first N AIC payloads (tests inspect them)
         self.payloads: list[bytes] = []
-        self._epoch: int | None = None
-        self._in_sync = False
+        self._epoch = DecoderEpoch()
         self._reset_pending = False
         self._last_seq: int | None = None
         self._last_pli = 0.0
@@ -306,10 +309,10 @@ class AicSubscriber:
         transceiver = self.pc.addTransceiver("audio", direction="recvonly")
         if self.aic:
             # AIC and Opus packets interleave on one SSRC: take them before aiortc's jitter
-            # buffer (see rtp_ext.tap_receiver) and decode both here, in arrival order.
-            self._opus = OpusCodec(1, sample_rate=24_000, frame_ms=20)
+            # buffer (see aiortc_compat.tap_receiver) and decode both here, in arrival order.
+            self._opus = OpusCodec(1, sample_rate=SAMPLE_RATE, frame_ms=20)
             self._queue: asyncio.Queue = asyncio.Queue()
-            rtp_ext.tap_receiver(transceiver.receiver, self._on_packet)
+            aiortc_compat.tap_receiver(transceiver.receiver, self._on_packet)
             self._task = asyncio.ensure_future(self._decode_loop())
         else:  # a plain WebRTC receiver: Opus only, no AIC payload type, aiortc's decoder
             caps = RTCRtpSender.getCapabilities("audio").codecs
@@ -327,7 +330,7 @@ class AicSubscriber:
             trusted_hosts=self.trusted_hosts,
         )
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-        codecs = transceiver._codecs
+        codecs = aiortc_compat.negotiated_codecs(transceiver)
         self._aic_pt = next((c.payloadType for c in codecs if rtp_ext.is_aic(c)), None)
         await wait_connected(self.pc)
 
@@ -350,7 +353,7 @@ class AicSubscriber:
             return
         self._last_pli = now
         self.stats.pli_sent += 1
-        await self._transceiver.receiver._send_rtcp_pli(ssrc)
+        await aiortc_compat.send_pli(self._transceiver.receiver, ssrc)
 
     async def _decode_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -360,13 +363,14 @@ class AicSubscriber:
                 if self.stats.first_frame_at is None:
                     self.stats.first_frame_at = time.monotonic()
                 if gap:
-                    self._in_sync = False  # a lost packet: the decoder state is no longer the encoder's
+                    self._epoch.lost()  # a lost packet: the decoder state is no longer the encoder's
                 if kind == "aic":
                     parsed = self._parse_aic(payload)
                     if parsed is not None and parsed.is_sid:
                         self.stats.sid_frames += 1
                         self._in_sync = False  # whatever comes next opens a new epoch
                     elif parsed is not None and self._accept(parsed):
+                        self.stats.in_sync_frames += parsed.n_frames
                         await loop.run_in_executor(None, self._decode_aic, parsed)
                     elif parsed is not None:
                         self.stats.out_of_sync += 1
@@ -411,15 +415,15 @@ class AicSubscriber:
         return payload
 
     def _accept(self, payload: AicPayload) -> bool:
-        """The epoch rule: decode from an epoch's first payload on, in sequence, else wait."""
+        """The epoch rule (deployments/epochs.py): decode from an epoch's first payload on,
+        in sequence, else wait."""
+        if not self._epoch.accept(payload.epoch, payload.start):
+            return False
         if payload.start:
-            self._epoch = payload.epoch
-            self._in_sync = True
             self._reset_pending = True
             self.stats.epochs.append(payload.epoch)
             self.stats.decoder_resets += 1
-            return True
-        return self._in_sync and payload.epoch == self._epoch
+        return True
 
     def _decode_aic(self, payload: AicPayload) -> None:
         if self.codec is None:

@@ -54,10 +54,10 @@ from aiortc.sdp import SessionDescription
 from multidict import CIMultiDict
 
 from auth.secret import SecretUnavailable, provision_secret
-from sfu_bridge import ice, rtp_ext
+from sfu_bridge import aiortc_compat, ice, rtp_ext
 from sfu_bridge.config import BridgeConfig
-from sfu_bridge.hint_auth import HintVerifier
-from sfu_bridge.media import MediaBridge, Publisher, RtpOut
+from sfu_bridge.core import BridgeCore
+from sfu_bridge.media import MediaBridge, RtpOut
 from sfu_bridge.sdp_guard import SdpRejected, check_offer
 from sfu_bridge.sessions import (
     EndReason,
@@ -67,7 +67,6 @@ from sfu_bridge.sessions import (
     SessionRefused,
     SessionRegistry,
 )
-from sfu_bridge.tick import TickBatcher
 from sfu_bridge.tokens import Scope, Token, TokenAuthority, TokenError, TokenFailure, load_secret
 
 logger = logging.getLogger(__name__)
@@ -144,15 +143,10 @@ class OfferRequest:
 
 
 class BridgeServer:
-    def __init__(
-        self, config: BridgeConfig, media: MediaBridge, authority: TokenAuthority,
-        hint_secret: bytes | None = None,
-    ) -> None:
+    def __init__(self, config: BridgeConfig, media: MediaBridge, authority: TokenAuthority) -> None:
         self.config = config
         self.media = media
         self.authority = authority
-        self.hint_secret = hint_secret
-        self.verifiers: dict[str, HintVerifier] = {}
         self.http_errors: dict[int, int] = {}
         self.sessions = SessionRegistry(SessionLimits(
             connect_timeout_s=config.connect_timeout_s,
@@ -160,7 +154,6 @@ class BridgeServer:
             max_subscribers_per_token=config.max_subscribers_per_token,
         ))
         self._reaper: asyncio.Task | None = None
-        media.batcher.hint_checker = self._check_hint
         self.app = web.Application(client_max_size=config.max_body_bytes, middlewares=[self._errors])
         self.app.add_routes([
             web.post("/whip/{stream}", self.whip),
@@ -222,12 +215,6 @@ class BridgeServer:
         headers = {"WWW-Authenticate": 'Bearer realm="auralink"'} if bearer else None
         return web.Response(status=status, text=message + "\n", headers=headers)
 
-    def _check_hint(self, stream_id: str, raw: bytes) -> Any:
-        verifier = self.verifiers.get(stream_id)
-        if verifier is None:
-            raise ValueError("no hint key for this stream")
-        return verifier.verify(stream_id, raw)
-
     def _authorize(self, request: web.Request, scope: Scope, stream: str | None = None) -> Token:
         """The request's bearer token with `scope` (for `stream`); TokenError 401/403 else."""
         try:
@@ -288,10 +275,7 @@ class BridgeServer:
     async def end_session(self, session_id: str, reason: EndReason) -> bool:
         """Close a session's peer connection, release its slot and count why; False if gone."""
         rec = self.sessions.close(session_id, reason)
-        s = self.media.sessions.get(session_id)
-        if isinstance(s, Publisher) and self.media.publishers.get(s.stream_id) is s:
-            self.verifiers.pop(s.stream_id, None)
-        ended = await self.media.end_session(session_id)
+        ended = await self.media.end_session(session_id)  # a publisher's stream leaves the core
         if rec is not None:
             logger.info(
                 "%s left stream=%s session=%s reason=%s", rec.kind.value, rec.stream_id,
@@ -349,9 +333,8 @@ class BridgeServer:
         pc = ice.peer_connection(self.config.ice_servers)
         sid = uuid.uuid4().hex
         self.sessions.open(sid, SessionKind.PUBLISHER, stream, user, req.bearer)
-        pub = self.media.add_publisher(
-            stream, user, pc, opted_out=user in self.config.opted_out_users, session_id=sid
-        )
+        # the core pins this bridge's configured opt-outs (BridgeConfig.opted_out_users)
+        pub = self.media.add_publisher(stream, user, pc, session_id=sid)
 
         @pc.on("track")
         def _on_track(track: Any) -> None:
@@ -367,13 +350,11 @@ class BridgeServer:
             self.sessions.discard(pub.session_id)
             await self.media.end_session(pub.session_id)
             raise
-        pub.opus_pt = next((c.payloadType for c in audio[0]._codecs if c.name.lower() == "opus"), None)
-        rtp_ext.tap_receiver(audio[0].receiver, lambda pkt, s=stream: self.media.forward(s, pkt))
-        if self.hint_secret is not None:
-            self.verifiers[stream] = HintVerifier(self.hint_secret, stream)
-            rtp_ext.transport_extensions_map(audio[0]).hint_sink = (
-                lambda raw, s=stream: self.media.batcher.add_hint(s, raw)
-            )
+        pub.opus_pt = next((c.payloadType for c in aiortc_compat.negotiated_codecs(audio[0])
+                            if c.name.lower() == "opus"), None)
+        aiortc_compat.tap_receiver(audio[0].receiver, lambda pkt, s=stream: self.media.forward(s, pkt))
+        # hints are checked by the core under the stream's key (none configured: dropped)
+        rtp_ext.hint_map(audio[0]).hint_sink = lambda raw, s=stream: self.media.core.add_hint(s, raw)
         self._watch(pc, pub.session_id)
         logger.info("publisher joined stream=%s session=%s", stream, pub.session_id[:8])
         resp = self._created("whip", stream, pub.session_id, answer)
@@ -405,10 +386,9 @@ class BridgeServer:
         if out.aic:
             # A decoder must start at an epoch start: open a new epoch now, and again whenever
             # this subscriber loses sync and asks with RTCP PLI/FIR (its "keyframe request").
-            self.media.batcher.restart_epoch(stream)
-            transceiver.sender._send_keyframe = (
-                lambda s=stream: self.media.batcher.restart_epoch(s)
-            )
+            self.media.core.restart_epoch(stream)
+            aiortc_compat.on_keyframe_request(
+                transceiver, lambda s=stream: self.media.core.restart_epoch(s))
         sub = self.media.add_subscriber(stream, user, pc, out, session_id=sid)
         self._watch(pc, sub.session_id)
         logger.info(
@@ -464,7 +444,8 @@ class BridgeServer:
 
 
 def build_codec(kind: str, capacity: int, bandwidth_kbps: float) -> Any:
-    """The codec client: `serve` (the Ray Serve CodecReplica app) or `in-process`."""
+    """The codec client: `serve` (the Ray Serve CodecReplica app) or `in-process` (a
+    `CodecReplicaCore` in this process, random weights: a bridge without a cluster)."""
     if kind == "serve":
         import ray
         from ray import serve
@@ -474,10 +455,12 @@ def build_codec(kind: str, capacity: int, bandwidth_kbps: float) -> Any:
 
         ray.init(address="auto", ignore_reinit_error=True)
         return CodecClient(serve.get_deployment_handle(REPLICA_DEPLOYMENT, APP_NAME))
-    from sfu_bridge.tick import InProcessCodec, random_streaming_codec
+    from deployments.config import ReplicaSettings
+    from deployments.replica import CodecReplicaCore
 
     logger.warning("in-process codec with RANDOM weights: real timings, noise audio")
-    return InProcessCodec(random_streaming_codec(capacity, bandwidth_kbps))
+    return CodecReplicaCore(ReplicaSettings(capacity=capacity, max_batch=capacity,
+                                            allow_random_weights=True), "in-process")
 
 
 def make_limiter(config: BridgeConfig) -> Any:
@@ -492,32 +475,32 @@ def make_server(
     config: BridgeConfig, codec: Any, secret: bytes, hint_secret: bytes | None = None,
     limiter: Any = None,
 ) -> BridgeServer:
-    """A bridge worker: signaling + media plane. `limiter` None = hints are not rate limited."""
+    """A bridge worker: signaling + media plane. `limiter` None = hints are not rate
+    limited; `hint_secret` None = no hint keys, every hint is dropped (counted)."""
     rtp_ext.install()
-    batcher = TickBatcher(
+    core = BridgeCore(
         codec, bridge_id=config.bridge_id, deadline_ms=config.deadline_ms,
         bandwidth_kbps=config.bandwidth_kbps, max_backlog=config.max_backlog_chunks,
-        limiter=limiter, dtx=config.dtx,
+        hint_secret=hint_secret, limiter=limiter, opted_out_users=config.opted_out_users,
+        capacity=min(config.max_streams, 256), dtx=config.dtx,
     )
     media = MediaBridge(
-        batcher, max_streams=config.max_streams, opus_bitrate=config.opus_bitrate,
+        core, max_streams=config.max_streams, opus_bitrate=config.opus_bitrate,
         tick_s=config.tick_ms / 1000.0, adaptive=config.adaptive,
+        max_header_share=config.max_header_share,
     )
-    return BridgeServer(config, media, TokenAuthority(secret), hint_secret)
+    return BridgeServer(config, media, TokenAuthority(secret))
 
 
 def link_supervisor(media: MediaBridge) -> None:
     """Report outcomes to the cluster's FallbackSupervisor each second and apply its AI-off
     verdicts (needs a Ray connection, as the `serve` codec has)."""
     from deployments.supervisor import get_or_create_supervisor
-    from sfu_bridge.supervision import SupervisorLink, ray_exchange, ray_policies
+    from sfu_bridge.core import ray_supervisor_link
 
-    supervisor = get_or_create_supervisor()
-    media.supervision = SupervisorLink(
-        media.batcher, ray_exchange(supervisor), users=media.stream_users,
-        replica_of=getattr(media.batcher.codec, "owner", None),
-        policies=ray_policies(supervisor),
-    )
+    codec = media.core.codec
+    media.core.supervisor = ray_supervisor_link(
+        get_or_create_supervisor(), owners=getattr(codec, "owners", None))
 
 
 # ---- CLI: `auralink bridge` ------------------------------------------------------------

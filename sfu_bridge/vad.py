@@ -95,3 +95,11 @@ class TalkSpurt:
         if self.state is DtxState.SILENT:
             self.silent_chunks += 1
         return self.state
+
+
+def talk_spurts(speech: np.ndarray, silent: np.ndarray, left: np.ndarray,
+                hangover_chunks: int) -> tuple[np.ndarray, np.ndarray]:
+    """`TalkSpurt.step` for many streams at once: (speech, in DTX, chunks of hangover left)
+    per stream -> (in DTX now, hangover left now)."""
+    now_silent = np.where(speech, False, np.where(left > 0, silent, True))
+    return now_silent, np.where(speech, hangover_chunks, np.maximum(left - 1, 0))

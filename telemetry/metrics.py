@@ -400,10 +400,12 @@ def observe_batch_size(op: str, size: int) -> None:
     _emit("observe", BATCH_SIZE, float(size), {"op": op})
 
 
-def observe_deadline_slack(op: str, slack_ms: Iterable[float] | np.ndarray) -> None:
-    """Slack of frames that met their deadline; misses are counted as fallback/deadline."""
+def observe_deadline_slack(op: str, slack_ms: Iterable[float] | np.ndarray,
+                           sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
+    """Slack of frames that met their deadline; misses are counted as fallback/deadline.
+    (All kept locally; at most `sample` of them for Ray, as `observe_frame_latency`.)"""
     arr = np.asarray(slack_ms if isinstance(slack_ms, np.ndarray) else list(slack_ms), np.float64)
-    _observe_many(DEADLINE_SLACK, arr[arr >= 0], {"op": op})
+    _observe_many(DEADLINE_SLACK, arr[arr >= 0], {"op": op}, max(1, int(sample)))
 
 
 def set_slots(replica: str, in_use: int, capacity: int) -> None:
@@ -449,8 +451,9 @@ def record_limiter_error(error: str) -> None:
     _emit("inc", LIMITER_ERRORS, 1, {"error": error})
 
 
-def record_supervisor_transition(state: str) -> None:
-    _emit("inc", SUPERVISOR_TRANSITIONS, 1, {"state": state})
+def record_supervisor_transition(state: str, n: int = 1) -> None:
+    if n > 0:
+        _emit("inc", SUPERVISOR_TRANSITIONS, n, {"state": state})
 
 
 def set_autoscale_decision(deployment: str, forecast_streams: float, desired: int) -> None:

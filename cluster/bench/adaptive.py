@@ -7,8 +7,8 @@ is noise) and SDK peers (aiortc) on loopback. Four parts:
 1. **Wire bitrate on a conversation** (`wire_kbps_aic`, `wire_kbps_opus`, `wire_kbps_opus_dtx`):
    one talker's side of a conversation synthesised at run time with espeak-ng (speech turns
    with the other party's turns as pauses, cluster/bench/conversation.py). Stream "conv" is
-   published with Opus at 32 kbps and its hints ask for 6 kbps; an AIC subscriber (adaptive
-   layers + DTX) and a plain Opus subscriber (the publisher's packets forwarded) receive it.
+   published with Opus at 32 kbps and its hints ask for 6 kbps (120 ms packets by default);
+   an AIC subscriber (adaptive layers + DTX) and a plain Opus subscriber (the publisher's packets forwarded) receive it.
    Stream "conv-dtx" is the same audio published with Opus DTX (silent frames sent once and
    then every 400 ms, as browsers do) and received by a plain Opus subscriber. Each figure is
    one subscriber's bytes on its UDP sockets (RTP/SRTP, RTCP, STUN, IPv4+UDP headers) over the
@@ -19,7 +19,8 @@ is noise) and SDK peers (aiortc) on loopback. Four parts:
 3. **Hint to effect** (`hint_effect_ticks`): that publisher's hints switch to 6 kbps; ticks
    from the tick that accepted the hint to the first frame encoded at the new depth.
 4. **Constrained link** (`constrained`): an AIC subscriber in a network namespace the bench
-   creates (veth pair; `tc qdisc ... tbf rate 12kbit` on the bridge's side), first free, then
+   creates (veth pair; `tc qdisc ... tbf rate 12kbit` on the bridge's side), its publisher
+   asking for 12 kbps (18 kbit/s on the wire; 6 kbps, ~10 kbit/s, would fit), first free, then
    limited to 12 kbit/s, then lifted (the tbf rate raised to 100 Mbit/s); received bitrate and loss from the subscriber's side.
    `converge_s`: from the limit until the rate the bridge sends fits the link and loss from
    then until the lift stays < 2%; `loss_after`: that loss; `recover_s`: from the lift until
@@ -105,8 +106,9 @@ class Bridge:
         dispatch = self.media.dispatch
 
         async def recording(report: Any) -> None:
-            self.ticks.append((report.tick, {f.chunk.stream_id: (f.key, f.n_q) for f in report.frames}))
-            self._ai.update(f.chunk.stream_id for f in report.frames if f.key == "ai")
+            frames = report.frames()
+            self.ticks.append((report.tick, {f.stream_id: (f.key, f.n_q) for f in frames}))
+            self._ai.update(f.stream_id for f in frames if f.key == "ai")
             self.tallies.append((report.tick, Counter(self.codec.rows), Counter(self._ai)))
             await dispatch(report)
 
@@ -143,9 +145,12 @@ class Bridge:
 
 
 def _codec(capacity: int) -> Any:
-    from sfu_bridge.tick import InProcessCodec, random_streaming_codec
+    """An in-process codec replica (`CodecReplicaCore`, no Serve) on random weights."""
+    from deployments.config import ReplicaSettings
+    from deployments.replica import CodecReplicaCore
 
-    return InProcessCodec(random_streaming_codec(capacity=capacity, bandwidth_kbps=24.0))
+    return CodecReplicaCore(ReplicaSettings(capacity=capacity, max_batch=capacity, max_bandwidth_kbps=24.0,
+                                            allow_random_weights=True), "bench-adaptive")
 
 
 # -- 1. wire bitrate on a conversation -------------------------------------------------------
@@ -164,9 +169,13 @@ async def _wire(pcm: np.ndarray, seconds: float, codec: Any) -> dict[str, Any]:
         await asyncio.sleep(1.0)
         for s in (aic, opus, opus_dtx):
             s.meter.reset()
-        c0 = Counter(br.media.batcher.counters)
+        c0 = Counter(br.media.core.stats()["frames"])
+        tx = br.media.subscribers["conv"][br.session_of("conv", 0)]
+        sent0, payload0 = Counter(tx.sent_by_kind), tx.out.payload_bytes
         await asyncio.sleep(seconds)
-        frames = Counter(br.media.batcher.counters) - c0
+        frames = Counter(br.media.core.stats()["frames"]) - c0
+        sent = Counter(tx.sent_by_kind) - sent0
+        payload = tx.out.payload_bytes - payload0
         res = {
             "window_s": seconds,
             "wire_kbps_aic": round(aic.meter.kbps("rx"), 2),
@@ -178,6 +187,8 @@ async def _wire(pcm: np.ndarray, seconds: float, codec: Any) -> dict[str, Any]:
             "frames_in_window": dict(frames),
             "dtx_fraction_of_chunks": round(frames.get("dtx", 0) / max(1, sum(frames.values())), 3),
             "aic_layers": _mode_layer(br, "conv"),
+            "aic_packets_sent": dict(sent),
+            "aic_bits": _where_the_bits_go(aic.meter, payload, seconds),
             "publisher_dtx_frames_not_sent": pub_dtx.dtx_skipped,
         }
         for s in (aic, opus, opus_dtx, pub, pub_dtx):
@@ -189,9 +200,28 @@ def _mode_layer(br: Bridge, stream: str) -> dict[str, Any]:
     return br.media.stream_stats().get(stream, {})
 
 
+def _where_the_bits_go(meter: Any, payload_bytes: int, seconds: float) -> dict[str, float]:
+    """The AIC subscriber's received kbit/s split: AIC payloads (what the bridge sent; SIDs
+    included), RTP header + extensions + SRTP tag, IPv4+UDP headers, RTCP, STUN."""
+    from sfu_bridge.media import IP_UDP_HEADER_BYTES
+
+    def kbps(n_bytes: float) -> float:
+        return round(n_bytes * 8 / seconds / 1000.0, 2)
+
+    rtp = [v for k, v in meter.rx.items() if k.startswith("rtp/")]
+    rtp_packets, rtp_bytes = sum(v[0] for v in rtp), sum(v[1] for v in rtp)
+    rtcp, stun = meter.rx.get("rtcp", [0, 0]), meter.rx.get("stun", [0, 0])
+    datagrams = sum(v[0] for v in meter.rx.values())
+    return {"payload_kbps": kbps(payload_bytes),
+            "rtp_srtp_headers_kbps": kbps(rtp_bytes - payload_bytes),
+            "ip_udp_kbps": kbps(datagrams * IP_UDP_HEADER_BYTES),
+            "rtcp_kbps": kbps(rtcp[1]), "stun_kbps": kbps(stun[1]),
+            "rtp_packets_per_s": round(rtp_packets / seconds, 2)}
+
+
 # -- 2 + 3. one encode for three layers; hint to effect ----------------------------------------
 async def _layers(pcm: np.ndarray, seconds: float, codec: Any) -> dict[str, Any]:
-    from sfu_bridge.rate_control import Layer
+    from sfu_bridge.rate_control import default_layer
 
     async with Bridge(codec) as br:
         pub = br.publisher("layers", pcm, bandwidth_kbps=24.0)
@@ -201,7 +231,7 @@ async def _layers(pcm: np.ndarray, seconds: float, codec: Any) -> dict[str, Any]
             await s.start()
         kbps = (1.5, 6.0, 24.0)
         for i, k in enumerate(kbps):
-            br.media.pin_layer(br.session_of("layers", i), Layer(int(k / 0.75)))
+            br.media.pin_layer(br.session_of("layers", i), default_layer(int(k / 0.75)))
         await subs[0].wait_frames(n_aic=5, timeout_s=30)
         await asyncio.sleep(1.0)
         for s in subs:
@@ -217,17 +247,18 @@ async def _layers(pcm: np.ndarray, seconds: float, codec: Any) -> dict[str, Any]
             n_qs = Counter(s.stats.aic_n_q[q0:])
             layer_kbps[str(k)] = {
                 "n_q": n_qs.most_common(1)[0][0] if n_qs else 0,
+                "packet_ms": default_layer(int(k / 0.75)).packet_ms,
                 "codec_kbps": (n_qs.most_common(1)[0][0] * 0.75) if n_qs else 0.0,
                 "wire_kbps": round(s.meter.kbps("rx"), 2),
                 "packets": s.stats.aic_frames - p0,
             }
         # 3. the publisher now asks for 6 kbps: from the accepting tick to the first frame at 8 books
-        st = br.media.batcher.streams["layers"]
+        core = br.media.core
         pub.bandwidth_kbps = 6.0
         t_end = time.monotonic() + 5.0
-        while st.adapt.requested_kbps != 6.0 and time.monotonic() < t_end:
+        while core.stream("layers").requested_kbps != 6.0 and time.monotonic() < t_end:
             await asyncio.sleep(0.005)
-        accepted = st.adapt.hint_tick
+        accepted = core.stream("layers").hint_tick
         await asyncio.sleep(0.5)
         first_at = next((t for t, fr in br.ticks if accepted is not None and t > accepted
                          and fr.get("layers", ("", 0))[1] == 8), None)
@@ -282,10 +313,13 @@ def _limit(kbit: int | None, latency_ms: int) -> None:
 
 
 async def _constrained_run(pcm: np.ndarray, codec: Any, adaptive: bool, link_kbit: int,
-                           free_s: float, limit_s: float, after_s: float, latency_ms: int) -> dict[str, Any]:
+                           free_s: float, limit_s: float, after_s: float, latency_ms: int,
+                           requested_kbps: float) -> dict[str, Any]:
+    from sfu_bridge.rate_control import default_layer
+
     async with Bridge(codec, host=HOST_IP, adaptive=adaptive) as br:
         stream = "link"
-        pub = br.publisher(stream, pcm, bandwidth_kbps=6.0)
+        pub = br.publisher(stream, pcm, bandwidth_kbps=requested_kbps)
         await pub.start()
         total = free_s + limit_s + after_s + 5.0
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -344,7 +378,8 @@ async def _constrained_run(pcm: np.ndarray, codec: Any, adaptive: bool, link_kbi
         await reader
         await proc.wait()
         await pub.stop()
-    out = _constrained_figures(samples, layers, t_limit, t_lift, link_kbit, requested_n_q=8)
+    out = _constrained_figures(samples, layers, t_limit, t_lift, link_kbit,
+                               default_layer(int(requested_kbps / 0.75)))
     if adaptive:
         t0 = t_limit
         out["controller"] = [{**e, "t": round(e["t"] - (time.monotonic() - time.time() + t0), 2)}
@@ -364,7 +399,10 @@ def _window(samples: list[dict[str, Any]], t0: float, t1: float) -> tuple[float,
     return kbps, (1 - got / exp) if exp > 0 else 0.0
 
 
-def _constrained_figures(samples, layers, t_limit, t_lift, link_kbit, requested_n_q) -> dict[str, Any]:
+def _constrained_figures(samples, layers, t_limit, t_lift, link_kbit, requested) -> dict[str, Any]:
+    """`requested`: the layer a subscriber with room gets (the requested depth in its default
+    packet duration); recovering means being back at it."""
+    requested_n_q = requested.n_q
     def sent_kbps_at(t: float) -> float | None:
         """What the bridge sent the subscriber over the second before t (wire bytes)."""
         before = [x for x in layers if x[0] <= t]
@@ -381,7 +419,7 @@ def _constrained_figures(samples, layers, t_limit, t_lift, link_kbit, requested_
             break
     loss_after = _window(samples, t_limit + converge, t_lift)[1] if converge is not None else None
     recover = next((x[0] - t_lift for x in layers if x[0] >= t_lift and x[1] >= requested_n_q
-                    and x[2] == 40), None)
+                    and x[2] <= requested.packet_ms), None)
     recover_n_q = next((x[0] - t_lift for x in layers if x[0] >= t_lift and x[1] >= requested_n_q),
                        None)
     free_kbps, free_loss = _window(samples, t_limit - 5.0, t_limit)
@@ -404,12 +442,18 @@ def _constrained_figures(samples, layers, t_limit, t_lift, link_kbit, requested_
 async def _constrained(pcm: np.ndarray, codec_of, args: argparse.Namespace) -> dict[str, Any]:
     if os.geteuid() != 0 or not shutil.which("tc") or not shutil.which("ip"):
         return {"skipped": "needs root with iproute2 (ip netns, tc)"}
+    from sfu_bridge.rate_control import default_layer, wire_kbps
+
+    top = default_layer(int(args.constrained_kbps / 0.75))
     out: dict[str, Any] = {"link_kbit": args.link_kbit, "tbf_latency_ms": args.tbf_latency_ms,
-                           "limit_s": args.limit_s, "requested_kbps": 6.0}
+                           "limit_s": args.limit_s, "requested_kbps": args.constrained_kbps,
+                           "requested_n_q": top.n_q, "requested_packet_ms": top.packet_ms,
+                           "requested_wire_kbps": round(wire_kbps(top.n_q, top.packet_ms), 2)}
     with _namespace():
         for adaptive in (True, False):
             r = await _constrained_run(pcm, codec_of(), adaptive, args.link_kbit, args.free_s,
-                                       args.limit_s, args.after_s, args.tbf_latency_ms)
+                                       args.limit_s, args.after_s, args.tbf_latency_ms,
+                                       args.constrained_kbps)
             out["adaptive" if adaptive else "adaptation_off"] = r
     a = out["adaptive"]
     out.update({"converge_s": a["converge_s"], "loss_after": a["loss_after"], "recover_s": a["recover_s"]})
@@ -470,6 +514,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wire-s", type=float, default=30.0, help="conversation window")
     parser.add_argument("--layers-s", type=float, default=5.0, help="three-layer window")
     parser.add_argument("--link-kbit", type=int, default=12)
+    # 6 kbps goes out in 120 ms packets, ~10 kbit/s on the wire: under a 12 kbit/s link. At
+    # 12 kbps (80 ms packets, 18 kbit/s) the link constrains the stream.
+    parser.add_argument("--constrained-kbps", type=float, default=12.0,
+                        help="bandwidth the constrained-link publisher asks for")
     parser.add_argument("--tbf-latency-ms", type=int, default=400,
                         help="tbf queue bound (then it drops)")
     parser.add_argument("--free-s", type=float, default=5.0)
@@ -532,8 +580,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _markdown(d: dict) -> str:
     c = d["constrained"]
-    lk = "\n".join(f"| {k} kbps | {v['n_q']} | {v['codec_kbps']} | {v['wire_kbps']} |"
+    lk = "\n".join(f"| {k} kbps | {v['n_q']} | {v.get('packet_ms', 40)} | {v['codec_kbps']} | {v['wire_kbps']} |"
                    for k, v in d["layer_kbps"].items())
+    bits = d["wire"].get("aic_bits", {})
+    bits_md = " / ".join(f"{bits[k]}" for k in ("payload_kbps", "rtp_srtp_headers_kbps", "ip_udp_kbps",
+                                                 "rtcp_kbps", "stun_kbps") if k in bits)
     vad = "\n".join(f"| {r['detector']} | {r['noise_dbfs'] if r['noise_dbfs'] is not None else 'none'} "
                     f"| {r['speech_chunks_sent']} | {r['silent_chunks_in_dtx']} |" for r in d["vad"]["rows"])
     if "skipped" in c:
@@ -544,7 +595,9 @@ def _markdown(d: dict) -> str:
 pair, `tc qdisc add dev {VETH_HOST} root tbf rate {c['link_kbit']}kbit burst 1600 latency
 {c['tbf_latency_ms']}ms` on the bridge's side for {c['limit_s']} s, then lifted (`tc qdisc
 change ... rate 100mbit`: the queue drains); the
-publisher asks for {c['requested_kbps']} kbps (8 codebooks). From the subscriber's side:
+publisher asks for {c['requested_kbps']} kbps ({c.get('requested_n_q')} codebooks in {c.get('requested_packet_ms')} ms
+packets, {c.get('requested_wire_kbps')} kbit/s on the wire; at 6 kbps the stream's 120 ms packets would fit
+the link unadapted). From the subscriber's side:
 
 | | adaptive | adaptation off |
 |---|---|---|
@@ -569,12 +622,19 @@ machine). Real bridge and aiortc peers on this machine; codec: in-process stream
 | Opus with DTX, `wire_kbps_opus_dtx` | {d['wire_kbps_opus_dtx']} |
 
 AIC is {d['aic_below_opus']:.0%} below forwarded Opus (goal: >= 80% below, and below Opus DTX).
+The publisher asks for 6 kbps: 8 codebooks in 120 ms packets (the default packet duration at
+that depth, docs/protocol.md section 9: 80 ms more packetisation delay than 40 ms packets),
+one silence descriptor per pause. Where the AIC
+subscriber's kbit/s go - AIC payload / RTP header + SRTP tag / IPv4+UDP / RTCP / STUN:
+{bits_md} ({bits.get('rtp_packets_per_s')} RTP packets/s). The stream's chunks in the window:
+{d['wire']['frames_in_window']} (a fallback frame reaches the AIC subscriber as Opus packets, 50/s,
+so fallback on a busy machine raises `wire_kbps_aic`).
 
 One publisher asking for 24 kbps, three AIC subscribers held at three layers:
 `encodes_per_chunk` = **{d['encodes_per_chunk']}** (codec rows for the stream per chunk).
 
-| held at | codebooks received | codec kbps | wire kbit/s |
-|---|---|---|---|
+| held at | codebooks received | packet ms | codec kbps | wire kbit/s |
+|---|---|---|---|---|
 {lk}
 
 `hint_effect_ticks` = **{d['hint_effect_ticks']}** (the publisher's hints switch 24 -> 6 kbps:

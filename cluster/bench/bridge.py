@@ -7,7 +7,7 @@ bridge's real per-tick work back to back for ``--ticks`` ticks:
   SRTP unprotect + RTP parse of the publisher's two 20 ms Opus packets -> `MediaBridge.forward`:
   forwarded to the legacy subscribers (header template + SRTP in place + UDP ``sendto`` to a
   local sink socket, fastpath.py) and decoded inline by libopus at 24 kHz (`OpusIngest`, 40 ms
-  chunks) -> `TickBatcher.tick` (one FrameBatch) -> `MediaBridge.dispatch` (AIC payloads to
+  chunks) -> `BridgeCore.tick` (one FrameBatch) -> `MediaBridge.dispatch` (AIC payloads to
   the AIC subscribers, same send path).
 
 The codec is EMULATED (answers every frame ``ai`` after ``--codec-ms`` of sleep, no CPU):
@@ -168,8 +168,8 @@ def _opus_loop(seconds: float = 2.0) -> list[bytes]:
 async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_ms: float) -> dict:
     from aiortc.rtp import RtpPacket
 
+    from sfu_bridge.core import BridgeCore
     from sfu_bridge.media import MediaBridge
-    from sfu_bridge.tick import TickBatcher
 
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
@@ -180,8 +180,8 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
     addr = sink.getsockname()
 
     codec = EmulatedCodec(codec_ms)
-    batcher = TickBatcher(codec, deadline_ms=20.0, max_backlog=3)
-    media = MediaBridge(batcher, max_streams=max(n, 1), opus_bitrate=32_000)
+    core = BridgeCore(codec, deadline_ms=20.0, max_backlog=3, capacity=max(n, 1))
+    media = MediaBridge(core, max_streams=max(n, 1), opus_bitrate=32_000)
     loop_packets = _opus_loop()
     feeds = {}
     for i in range(n):
@@ -206,7 +206,7 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
                 # legacy subscribers: forwarded as received; the AIC path: decoded inline
                 media.forward(sid, pkt)
         ingest_ms = (time.perf_counter() - t0) * 1000.0
-        report = await batcher.tick()
+        report = await core.tick()
         await media.dispatch(report)
         total_ms = (time.perf_counter() - t0) * 1000.0
         cpu_ms = (time.thread_time() - c0) * 1000.0  # the emulated codec sleeps: no CPU
@@ -232,7 +232,7 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
         "cpu_ms_per_tick_p99": round(float(np.percentile(np.asarray(cpus), 99)), 3),
         "cpu_us_per_stream": round(float(np.mean(cpus)) * 1000.0 / max(n, 1), 1),
         "tick_wall_ms_p99": round(float(np.percentile(np.asarray(totals), 99)), 3),
-        "frames": dict(batcher.counters),
+        "frames": core.stats()["frames"],
     }
 
 
@@ -275,18 +275,20 @@ async def _wire(seconds: float) -> dict:
         await plain.wait_frames(n_opus=20, timeout_s=30)
         for m in (aic.meter, plain.meter, pub.meter):
             m.reset()
-        counts0 = dict(server.media.batcher.counters)
+        counts0 = server.media.core.stats()["frames"]
         outs = {s.aic: s.out for s in server.media.subscribers["bench"].values()}
         payload0 = {k: o.payload_bytes for k, o in outs.items()}
         await asyncio.sleep(seconds)
-        counts1 = dict(server.media.batcher.counters)
+        counts1 = server.media.core.stats()["frames"]
         payload_kbps = {
             k: (o.payload_bytes - payload0[k]) * 8 / seconds / 1000 for k, o in outs.items()
         }
         aic_pt = aic._aic_pt
         opus_kind = next(k for k in plain.meter.rx if k.startswith("rtp/"))
+        aic_sender = next(s.aic_sender for s in server.media.subscribers["bench"].values() if s.aic)
         res = {
             "window_s": seconds,
+            "aic_packet_ms": aic_sender.layer.packet_ms,
             "aic_kbps": round(aic.meter.kbps("rx"), 2),
             "opus_kbps": round(plain.meter.kbps("rx"), 2),
             "aic_media_kbps": round(aic.meter.kbps("rx", (f"rtp/{aic_pt}",)), 2),
@@ -433,10 +435,11 @@ packets (AicSender, RTP header template, SRTP in place, `sendto`; fastpath.py).
 
 | path | kbps on the wire | media packets only | RTP payload only | bytes per packet on the wire |
 |---|---|---|---|---|
-| AIC (EnCodec 6 kbps codes, 40 ms packets) | {d['wire_kbps_aic']} | {w['aic_media_kbps']} | {w['aic_payload_kbps']} | {w['aic_packet_bytes_on_wire']} |
+| AIC (EnCodec 6 kbps codes, {w.get('aic_packet_ms', 40)} ms packets) | {d['wire_kbps_aic']} | {w['aic_media_kbps']} | {w['aic_payload_kbps']} | {w['aic_packet_bytes_on_wire']} |
 | Opus (32 kbps, 20 ms packets, forwarded) | {d['wire_kbps_opus']} | {w['opus_media_kbps']} | {w['opus_payload_kbps']} | {w['opus_packet_bytes_on_wire']} |
 
-Per packet, headers cost the same on both paths (IPv4+UDP 28, RTP 12, extension 8, SRTP tag
-10 bytes), so AIC's 40 ms packets carry half of Opus's per-second header overhead; the
+Per packet, headers cost the same on both paths (IPv4+UDP 28, RTP 12, SRTP tag 16 bytes with
+the GCM profiles aiortc negotiates, plus whatever extensions the sender adds), so AIC's
+{w.get('aic_packet_ms', 40)} ms packets carry {20 / w.get('aic_packet_ms', 40):.2g} x Opus's per-second header overhead; the
 frames in the AIC window were {w['frames_in_window']} (fallback frames go out as Opus).
 """

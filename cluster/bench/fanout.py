@@ -226,17 +226,27 @@ async def _worker(conn: Any, cfg: dict) -> None:
         fb_task = asyncio.ensure_future(relay.run_feedback(0.1))
 
     fanout: dict[int, float] = {}  # tick -> ms from chunk complete to this worker's last packet
-    orig = media.dispatch_now
+    own, relayed = media.dispatch_now, media.dispatch_frames
 
-    def timed(report: Any) -> None:
-        orig(report)
+    def timed_own(report: Any) -> None:  # the owner: its core's tick
+        own(report)
         done = time.time()
-        for fo in report.frames:
-            if fo.chunk.received_at:
-                fanout[report.tick] = (done - fo.chunk.received_at) * 1000.0
+        for sid, ts in zip(report.stream_ids, report.rtp_ts.tolist(), strict=True):
+            at = media.chunk_received_at(sid, ts)
+            if at:
+                fanout[report.tick] = (done - at) * 1000.0
                 break
 
-    media.dispatch_now = timed  # type: ignore[method-assign]
+    def timed_relayed(tick: int, frames: list[Any]) -> None:  # the other workers: relay batches
+        relayed(tick, frames)
+        done = time.time()
+        for fo in frames:
+            if fo.received_at:
+                fanout[tick] = (done - fo.received_at) * 1000.0
+                break
+
+    media.dispatch_now = timed_own  # type: ignore[method-assign]
+    media.dispatch_frames = timed_relayed  # type: ignore[method-assign]
     conn.send({"http": f"http://127.0.0.1:{port}", "relay": relay_addr})
     cpu0 = time.process_time()
     pkts0 = 0
@@ -270,7 +280,7 @@ async def _worker(conn: Any, cfg: dict) -> None:
                 "relay_sent": dict(relay.sent), "relay_received": dict(relay.received),
                 "relay_drops": dict(relay.drops), "relay_send_cpu_s": relay.send_cpu_s,
                 "relay_send_cpu_us": list(relay.send_cpu_us),
-                "frames": dict(media.batcher.counters),
+                "frames": media.core.stats()["frames"],
                 "subscribers": sum(len(v) for v in media.subscribers.values()),
             })
         elif cmd == "stop":

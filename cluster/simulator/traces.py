@@ -108,10 +108,14 @@ class Change:
 
 
 class StreamPopulation:
-    """Slots, their kind, whether connected, and the current stream id of each."""
+    """Slots, their kind, whether connected, and the current stream id of each.
 
-    def __init__(self, config: TraceConfig) -> None:
+    `user_offset` numbers this population's users after those of others (several load
+    generators each drive a share of one run's users: `u00000`.. then `u05000`..)."""
+
+    def __init__(self, config: TraceConfig, user_offset: int = 0) -> None:
         self.config = config
+        self.user_offset = user_offset
         self.rng = np.random.default_rng(config.seed)
         n = config.slots
         self.n_slots = n
@@ -122,7 +126,7 @@ class StreamPopulation:
         self.kind[abusive[:cut1]] = StreamKind.FLOODER
         self.kind[abusive[cut1:cut2]] = StreamKind.FORGER
         self.kind[abusive[cut2:]] = StreamKind.REPLAYER
-        self.user_ids = [f"u{i:05d}" for i in range(n)]
+        self.user_ids = [f"u{user_offset + i:05d}" for i in range(n)]
         self.sessions = np.zeros(n, np.int64)  # sessions started so far per slot
         on_frac = config.mean_session_s / (config.mean_session_s + config.mean_gap_s)
         normal = self.kind == StreamKind.NORMAL
@@ -184,5 +188,5 @@ class StreamPopulation:
     def slot_of_user(self, user_id: str) -> int | None:
         if not (user_id.startswith("u") and user_id[1:].isdigit()):
             return None
-        i = int(user_id[1:])
+        i = int(user_id[1:]) - self.user_offset
         return i if 0 <= i < self.n_slots else None

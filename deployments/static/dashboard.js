@@ -160,6 +160,33 @@
     return { state: "on", text: "AI on" };
   }
 
+  // Per stream: the publisher's requested bandwidth (and the operator's cap), the depth the
+  // stream is encoded at, DTX, and each AIC subscriber's current layer.
+  function renderStreams(rows) {
+    const body = document.querySelector("#stream-layers tbody");
+    body.textContent = "";
+    if (!rows.length) {
+      const tr = body.insertRow();
+      const td = tr.insertCell();
+      td.colSpan = 4;
+      td.className = "muted";
+      td.textContent = "no adaptive streams";
+      return;
+    }
+    for (const r of rows) {
+      const tr = body.insertRow();
+      tr.insertCell().textContent = r.stream;
+      tr.insertCell().textContent = (r.requested_kbps == null ? "-" : fmt(r.requested_kbps, 1) + " kbps") +
+        (r.cap_kbps == null ? "" : " (cap " + fmt(r.cap_kbps, 1) + ")");
+      tr.insertCell().textContent = (r.depth_n_q == null ? "-" : r.depth_n_q + " books") +
+        (r.dtx ? ", " + r.dtx : "");
+      tr.insertCell().textContent = r.subscribers.length
+        ? r.subscribers.map(x => fmt(x.kbps, 1) + " kbps / " + x.packet_ms + " ms (" +
+            fmt(x.wire_kbps, 1) + " on the wire" + (x.adaptive ? "" : ", fixed") + ")").join("; ")
+        : "no AIC subscriber";
+    }
+  }
+
   function renderLimiter(lim) {
     const el = document.getElementById("limiter");
     if (!lim || (!lim.bridges_without_redis && !lim.unavailable_s)) { el.hidden = true; el.textContent = ""; return; }
@@ -207,6 +234,7 @@
       draw();
       renderReasons(s.fallback_by_reason);
       renderLimiter(s.limiter);
+      renderStreams(s.streams || []);
       renderUsers(s.users || []);
       setStatus("live: " + new Date().toLocaleTimeString(), true);
     } catch (e) {

@@ -1,4 +1,4 @@
--- AuraLink hint limiter: GCRA over many streams in one atomic call.  Version 1.
+-- AuraLink hint limiter: GCRA over many streams in one atomic call.  Version 2.
 -- (Bump SCRIPT_VERSION in sfu_bridge/limiter.py, which is also part of the key prefix.)
 --
 -- KEYS[i]  per-stream state: the stream's TAT (theoretical arrival time) in microseconds
@@ -8,6 +8,10 @@
 -- ARGV[2]  burst tolerance in microseconds (burst * T), an integer
 -- ARGV[3]  hints offered per stream this tick: #KEYS unsigned 16-bit big-endian integers
 --          (one binary argument instead of #KEYS arguments keeps client packing cheap)
+-- ARGV[4]  optional: "now" in microseconds of the caller's clock, and
+-- ARGV[5]  the key expiry in milliseconds per microsecond of that clock. Only a load test
+--          passes them (its simulated clock, so the limit holds per simulated second however
+--          late its ticks run); bridges never do: their time is the server's.
 -- returns  a string of #KEYS unsigned 16-bit big-endian integers: how many of each
 --          stream's hints pass (the first ones offered)
 --
@@ -15,8 +19,13 @@
 -- allowed = clamp(offered, 0, room); tat += allowed * T. Granting `allowed` hints at
 -- once equals granting them one by one at the same instant, so batching a tick does not
 -- change any decision.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now, px_per_us
+if ARGV[4] then
+  now, px_per_us = tonumber(ARGV[4]), tonumber(ARGV[5])
+else
+  local t = redis.call('TIME')
+  now, px_per_us = tonumber(t[1]) * 1000000 + tonumber(t[2]), 0.001
+end
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local counts = ARGV[3]
@@ -44,7 +53,7 @@ while first <= n do
     if allowed > 0 then
       tat = tat + allowed * interval
       -- '%d' keeps all 16 digits (tostring would round to 14 significant digits).
-      call('SET', KEYS[i], fmt('%d', tat), 'PX', ceil((tat - now) / 1000))
+      call('SET', KEYS[i], fmt('%d', tat), 'PX', math.max(1, ceil((tat - now) * px_per_us)))
     end
     out[i] = char(floor(allowed / 256), allowed % 256)
   end

@@ -237,3 +237,21 @@ def test_stats_show_the_supervisors_decision_per_user(server):
     assert by_user["u8"]["ai_state"] == "opted_out" and by_user["u8"]["ai_enabled"] is False
     assert by_user["u9"]["ai_state"] == "on"
     ray.get(sup.opt_in.remote(user_id="u8"))
+
+
+def test_streams_show_the_requested_bandwidth_and_each_subscribers_layer():
+    """The bitrate view per stream, from the bridges' `MediaBridge.stream_stats()`."""
+    streams = {"room": {"requested_kbps": 6.0, "cap_kbps": None, "depth_n_q": 8, "dtx": "active",
+                        "dtx_enabled": True, "subscribers": {
+                            "s1": {"n_q": 4, "kbps": 3.0, "packet_ms": 120, "wire_kbps": 7.0, "adaptive": True},
+                            "s2": {"n_q": 8, "kbps": 6.0, "packet_ms": 120, "wire_kbps": 10.0, "adaptive": True}}}}
+    agg = aggregate({"b2": {"streams": streams}, "b1": {"streams": {"alpha": {"requested_kbps": 24.0,
+                                                                             "subscribers": {}}}},
+                     "b3": {}})
+    assert [(r["stream"], r["bridge"]) for r in agg["streams"]] == [("alpha", "b1"), ("room", "b2")]
+    room = agg["streams"][1]
+    assert (room["requested_kbps"], room["depth_n_q"], room["dtx"]) == (6.0, 8, "active")
+    assert [(x["n_q"], x["packet_ms"], x["wire_kbps"]) for x in room["subscribers"]] == [(8, 120, 10.0), (4, 120, 7.0)]
+    assert aggregate({})["streams"] == []
+    page = (STATIC / "dashboard.js").read_text()
+    assert "renderStreams(s.streams" in page and 'id="stream-layers"' in (STATIC / "dashboard.html").read_text()

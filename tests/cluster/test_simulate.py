@@ -1,5 +1,6 @@
-"""`auralink simulate` end to end at a tiny size, against the real components: the tick
-batcher, hint verification, Redis limiter, Serve codec replicas and supervisor."""
+"""`auralink simulate` end to end at a tiny size, against the real components: load
+generators on Ray actors driving the bridge core (hint verification included), the Redis
+limiter, Serve codec replicas and the supervisor."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ REQUIRED_KEYS = (
     "frames_unaccounted", "fallback_by_reason", "p50_ms", "p99_ms", "hints_sent", "hints_limited",
     "hints_rejected_forged", "hints_rejected_replay", "wire_kbps_ai", "wire_kbps_native",
     "control_plane_cpu", "flooder_allowed_hints_per_s", "fault_recovery_s", "time_dilation",
-    "fallback_amplification",
+    "fallback_amplification", "control_plane_us_per_stream_tick", "transport_and_runtime_cpu",
+    "late_ticks", "max_lag_ms", "fell_behind", "pace_note", "bridge_runs",
 )
 
 
@@ -170,6 +172,32 @@ def test_capacity_plan_says_whether_the_profile_holds_the_load():
     assert capacity_plan(profile, "dev", 1000, 20.0, 2.0, 28)["holds"]
 
 
+def test_generators_split_the_run_and_tick_staggered():
+    from cluster.simulator.driver import SimConfig, generator_specs
+
+    cfg = SimConfig(streams=10_001, flooders=7, forgers=3, replayers=2, bridges=3)
+    specs = generator_specs(cfg, dilation=6.0, redis_url=None, native_frame_bytes=80.0)
+    assert [s.streams for s in specs] == [3334, 3334, 3333]
+    assert [s.flooders for s in specs] == [3, 2, 2] and sum(s.forgers for s in specs) == 3
+    assert [s.phase for s in specs] == [0.0, 1 / 3, 2 / 3]
+    # users numbered after the previous generators': no two generators share a user
+    assert specs[0].user_offset == 0 < specs[1].user_offset < specs[2].user_offset
+    assert len({s.bridge_id for s in specs}) == 3 and {s.dilation for s in specs} == {6.0}
+
+
+def test_replica_cpu_is_counted_from_each_replicas_own_start():
+    from cluster.simulator.driver import _replica_delta, merge_limiter_health
+
+    start = {"replicas": {"a": (1.0, 10.0), "gone": (2.0, 5.0)}}
+    end = {"replicas": {"a": (4.0, 30.0), "new": (0.5, 3.0), "lost": (None, None)}}
+    # a: 3 s of bookkeeping; new (started during the run): all of its 0.5 s; gone: counted as lost
+    assert _replica_delta(start, end, 0) == (3.5, 3, 1)
+    assert _replica_delta(start, end, 1) == (23.0, 3, 1)
+    merged = merge_limiter_health([_health(), _health(2.0, calls=4), None])
+    assert merged["available"] is False and merged["calls_without_redis"] == 4
+    assert merged["unavailable_s"] == 2.0 and merge_limiter_health([None]) is None
+
+
 # ----------------------------------------------------------------------------- end to end
 def _run(tmp_path: Path, **kw) -> dict:
     from cluster.simulate import simulate
@@ -234,6 +262,12 @@ def test_simulate_with_a_modelled_profile_labels_the_report(tmp_path):
     assert "modelled (not measured)" in rep["compute_label"]
     assert rep["capacity_plan"]["holds"] and rep["capacity_plan"]["streams_per_replica"] > 1000
     assert rep["frames_unaccounted"] == 0 and rep["frames_ai"] > 0
+    # the warm-up ticks before t = 0 are reported, and none of their frames is in a figure
+    from cluster.simulator.generator import WARMUP_TICKS
+
+    assert rep["warmup_ticks"] == WARMUP_TICKS
+    assert rep["frames_total"] == rep["frames_ai"] + rep["frames_fallback"]
+    assert rep["frames_total"] <= 20 * 2 * int(3.0 / 0.040)  # the measured ticks' frames only
 
 
 @pytest.mark.ray

@@ -9,7 +9,7 @@ advance the stream's state on a frame the bridge has already sent as Opus). The 
 one deliberate exception, a probe frame run against its model's advice when nothing has run
 for a while (deployments/scheduler.py), is counted and still answered `deadline`.
 
-The bridge is the real `TickBatcher` with a skewed injected clock; the replica is the real
+The bridge is the real `BridgeCore` with a skewed injected clock; the replica is the real
 `CodecReplicaCore` in emulated compute (each step costs the profile's time), called in-process.
 """
 
@@ -32,7 +32,7 @@ from deployments.contract import (
     Outcome,
 )
 from deployments.replica import CodecReplicaCore
-from sfu_bridge.tick import Chunk, TickBatcher
+from sfu_bridge.core import BridgeCore
 
 DEADLINE_MS = 20.0
 SKEW_S = 0.050
@@ -43,7 +43,7 @@ TICKS = 5
 def _core(step_ms: float, **kw) -> CodecReplicaCore:
     # No holding for expected arrivals: each tick's batch runs (or is refused) as it comes.
     settings = ReplicaSettings(
-        compute="emulated", capacity=16, max_batch=16, margin_ms=1.0, bandwidth_kbps=6.0,
+        compute="emulated", capacity=16, max_batch=16, margin_ms=1.0, max_bandwidth_kbps=6.0,
         latency_profile={1: step_ms, 16: step_ms}, latency_profile_device="test: fixed step",
         max_hold_ms=0.0,
     )
@@ -54,28 +54,38 @@ class ReplicaLink:
     """The bridge's codec client here: hands each batch to the replica in-process and keeps
     the replica's own answer, even one that arrives after the bridge stopped waiting."""
 
-    def __init__(self, core: CodecReplicaCore) -> None:
+    def __init__(self, core: CodecReplicaCore, spend_ms: dict[int, float] | None = None) -> None:
         self.core = core
+        self.spend_ms = spend_ms or {}  # row -> budget already used up before the send
         self.answers: list[BatchResult] = []
         self.sent = 0
 
     async def process(self, batch: FrameBatch) -> BatchResult:
         self.sent += 1
+        for row, ms in self.spend_ms.items():
+            batch.budgets_ms[row] = ms
         task = asyncio.ensure_future(self.core.process(batch))
         task.add_done_callback(lambda t: self.answers.append(t.result()))
         return await asyncio.shield(task)
 
 
-async def _run(core: CodecReplicaCore, bridge_skew_s: float) -> tuple[TickBatcher, ReplicaLink, int]:
+def _frames(bridge: BridgeCore) -> dict[str, int]:
+    """The bridge's frames by outcome key ('ai', 'fallback/<reason>')."""
+    return bridge.stats()["frames"]
+
+
+async def _run(core: CodecReplicaCore, bridge_skew_s: float) -> tuple[BridgeCore, ReplicaLink, int]:
     """Ticks the bridge; returns it, the replica's answers and how many probes it ran."""
     link = ReplicaLink(core)
-    bridge = TickBatcher(link, bridge_id="skewed", deadline_ms=DEADLINE_MS,
-                         clock=lambda: time.time() + bridge_skew_s)
+    bridge = BridgeCore(link, bridge_id="skewed", deadline_ms=DEADLINE_MS,
+                        clock=lambda: time.time() + bridge_skew_s)
     ids = [f"s{i}" for i in range(STREAMS)]
+    for sid in ids:
+        bridge.join(sid)
     loop = asyncio.get_running_loop()
     for k in range(TICKS):
         for sid in ids:
-            bridge.push(Chunk(sid, np.zeros(CHUNK_SAMPLES, np.float32)))
+            bridge.push(sid, np.zeros(CHUNK_SAMPLES, np.float32))
         t0 = loop.time()
         await bridge.tick()
         if k < TICKS - 1:  # one tick per 40 ms, as the bridge runs
@@ -120,13 +130,14 @@ def _late_ai(answers: list[BatchResult]) -> list[str]:
     return out
 
 
-def _check_time_to_spare(bridge: TickBatcher, answers: list[BatchResult], step_ms: float) -> None:
+def _check_time_to_spare(bridge: BridgeCore, answers: list[BatchResult], step_ms: float) -> None:
     """Every verdict is right; and, stalls of this shared machine aside, the frames are `ai`."""
     assert _spurious_misses(answers, step_ms) == []
     assert _late_ai(answers) == []
-    assert set(bridge.counters) <= {"ai", "fallback/deadline"}
-    assert sum(bridge.counters.values()) == STREAMS * TICKS
-    assert bridge.counters["ai"] >= STREAMS * TICKS // 2, dict(bridge.counters)
+    frames = _frames(bridge)
+    assert set(frames) <= {"ai", "fallback/deadline"}
+    assert sum(frames.values()) == STREAMS * TICKS
+    assert frames.get("ai", 0) >= STREAMS * TICKS // 2, frames
 
 
 @pytest.mark.parametrize("skew_s", [-SKEW_S, SKEW_S])
@@ -142,7 +153,7 @@ def test_frames_without_time_are_refused_not_computed_late(skew_s):
     """A 30 ms step cannot meet a 20 ms budget: the replica answers `deadline` before any
     compute (but for the scheduler's probes), whatever the bridge's clock says."""
     bridge, link, probes = asyncio.run(_run(_core(step_ms=30.0), skew_s))
-    assert dict(bridge.counters) == {"fallback/deadline": STREAMS * TICKS}
+    assert _frames(bridge) == {"fallback/deadline": STREAMS * TICKS}
     for res in link.answers:
         assert res.counts() == {"fallback/deadline": STREAMS}  # the replica's own verdict
     assert _computed(link.answers) == probes <= 1  # refused, not computed
@@ -156,7 +167,7 @@ def test_the_replica_judges_on_its_own_clock(skew_s):
     bridge, link, _ = asyncio.run(_run(_core(step_ms=2.0, clock=clock), 0.0))
     _check_time_to_spare(bridge, link.answers, step_ms=2.0)
     bridge, link, probes = asyncio.run(_run(_core(step_ms=30.0, clock=clock), 0.0))
-    assert dict(bridge.counters) == {"fallback/deadline": STREAMS * TICKS}
+    assert _frames(bridge) == {"fallback/deadline": STREAMS * TICKS}
     assert all(r.counts() == {"fallback/deadline": STREAMS} for r in link.answers)
     assert _computed(link.answers) == probes <= 1
 
@@ -165,15 +176,15 @@ def test_a_budget_already_spent_on_arrival_is_a_deadline_fallback():
     core = _core(step_ms=1.0)
 
     async def go() -> BatchResult:
-        bridge = TickBatcher(ReplicaLink(core), deadline_ms=DEADLINE_MS)
-        bridge.push(Chunk("late", np.zeros(CHUNK_SAMPLES, np.float32)))
-        bridge.push(Chunk("fine", np.zeros(CHUNK_SAMPLES, np.float32)))
-        st = list(bridge.streams.values())
-        batch = bridge._make_batch([(s, s.backlog.popleft()) for s in st])
-        batch.budgets_ms[0] = -1.0  # the sender had already used it up
-        res = await core.process(batch)
+        link = ReplicaLink(core, spend_ms={0: -1.0})  # the sender had already used it up
+        bridge = BridgeCore(link, deadline_ms=DEADLINE_MS)
+        for sid in ("late", "fine"):
+            bridge.join(sid)
+            bridge.push(sid, np.zeros(CHUNK_SAMPLES, np.float32))
+        await bridge.tick()
         await core.stop()
-        return res
+        assert link.answers[0].stream_ids == ["late", "fine"]
+        return link.answers[0]
 
     res = asyncio.run(go())
     assert res.outcome(0)[1] is FallbackReason.DEADLINE

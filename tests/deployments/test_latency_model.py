@@ -140,6 +140,25 @@ def test_one_outlier_in_a_small_bucket_does_not_inflate_larger_batches():
     assert m.estimate(1) == 4.0
 
 
+def test_measured_steps_are_applied_every_refresh_every_steps():
+    """A rebuild per step would cost more than the decisions it serves: steps are applied in
+    groups of `refresh_every`, at once for a bucket's first step, and all before to_dict."""
+    m = LatencyModel.from_profile({4: 5.0}, quantile=1.0, rel_margin=0.0, refresh_every=4)
+    assert m.estimate(4) == 5.0
+    v = m.version
+    for _ in range(3):
+        m.observe(4, 9.0)
+    assert m.estimate(4) == 5.0 and m.version == v  # not applied yet
+    m.observe(4, 9.0)
+    assert m.estimate(4) == 9.0 and m.version == v + 1
+    m.observe(4, 12.0)
+    assert m.to_dict()["profile_ms"]["4"] == 12.0  # to_dict applies what is waiting
+    v = m.version
+    m.observe(16, 30.0)  # a new bucket (with its prior): applied at once
+    m.estimate(16)
+    assert m.version > v and not m._dirty
+
+
 def test_the_distribution_is_rebuilt_every_refresh_every_steps_and_at_once_for_a_new_bucket():
     m = LatencyModel.from_profile({4: {"p50": 10.0, "p99": 14.0}}, refresh_every=8)
     before, version = m.p_within(4, 12.0), m.version
@@ -152,6 +171,20 @@ def test_the_distribution_is_rebuilt_every_refresh_every_steps_and_at_once_for_a
     assert m.to_dict()["samples"]["16"] == 33 and m.quantile_ms(16, 0.99) >= 30.0
     with pytest.raises(ValueError, match="refresh_every"):
         LatencyModel(refresh_every=0)
+
+
+def test_mean_step_times_are_the_means_of_the_rows():
+    """mean_ms reads the means off the buckets (rows are linear in B): the same as averaging
+    each size's quantile row, between buckets, below the first and beyond the last."""
+    import numpy as np
+
+    m = LatencyModel.from_profile({1: {"p50": 2.0, "p99": 3.0}, 8: {"p50": 4.0, "p99": 6.0},
+                                   64: {"p50": 9.0, "p99": 14.0}})
+    for i in range(50):
+        m.observe(20, 5.0 + i % 3)
+    k = np.arange(1, 300)
+    assert np.allclose(m.mean_ms(k), m.dist_rows(k)[:, 1:-1].mean(axis=1), rtol=1e-12, atol=1e-12)
+    assert np.allclose(m.max_ms(k), m.dist_rows(k)[:, -1], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(("refresh_every", "small_share"), [(1, 0.9), (3, 0.9), (1, 0.0), (3, 0.0)])

@@ -12,7 +12,7 @@ from deployments.contract import CHUNK_SAMPLES, FrameBatch, Op
 from deployments.replica import CodecReplicaCore
 
 SETTINGS = ReplicaSettings(capacity=4, allow_random_weights=True, torch_threads=1,
-                           bandwidth_kbps=6.0, max_batch=8)
+                           max_bandwidth_kbps=24.0, max_batch=8)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 
-from deployments.client import EpochTracker
 from deployments.config import ReplicaSettings
-from deployments.contract import CHUNK_SAMPLES, FallbackReason, Op
+from deployments.contract import CHUNK_SAMPLES, FallbackReason, FrameBatch, Op
+from deployments.epochs import BridgeEpochs
 from deployments.replica import CodecReplicaCore
 
 
@@ -26,14 +26,28 @@ def pcm(n: int) -> np.ndarray:
     return np.zeros((n, CHUNK_SAMPLES), np.float32)
 
 
+class Frames:
+    """Batches numbered as a bridge numbers them (deployments/epochs.py)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+        self.epochs = BridgeEpochs(16)
+
+    def batch(self, bridge: str, ids: list[str], budget_ms: float) -> FrameBatch:
+        rows = np.array([self.rows.setdefault(s, len(self.rows)) for s in ids])
+        epochs, seqs = self.epochs.number(rows)
+        return FrameBatch(Op.ENCODE, bridge, list(ids), epochs, seqs,
+                          np.full(len(ids), float(budget_ms)), pcm=pcm(len(ids)))
+
+
 def test_an_idle_replica_uses_no_cpu():
     # 10 s with streams in their slots and no frame: the step loop must sleep, not poll.
     # CPU time of the event loop's thread (where the loop runs), not wall time, so a busy
     # machine does not move the figure.
     async def go():
         core = emulated()
-        tr = EpochTracker()
-        res = await core.process(tr.make_batch(Op.ENCODE, "b", ["a", "b"], pcm(2), 500.0))
+        tr = Frames()
+        res = await core.process(tr.batch("b", ["a", "b"], 500.0))
         assert res.counts() == {"ai": 2}
         cpu0, wall0 = time.thread_time(), time.monotonic()
         await asyncio.sleep(10.0)
@@ -55,13 +69,13 @@ def test_the_loop_waits_out_a_hold_instead_of_polling():
     async def go():
         core = emulated(latency_profile={1: 100.0, 2: 101.0, 8: 110.0}, frame_period_ms=200.0,
                         max_hold_ms=100.0, margin_ms=1.0)
-        tr = EpochTracker()
+        tr = Frames()
         ticks = 4
         for _ in range(ticks):
             start = time.monotonic()
-            a = asyncio.ensure_future(core.process(tr.make_batch(Op.ENCODE, "b1", ["a"], pcm(1), 150.0)))
+            a = asyncio.ensure_future(core.process(tr.batch("b1", ["a"], 150.0)))
             await asyncio.sleep(0.030)
-            b = asyncio.ensure_future(core.process(tr.make_batch(Op.ENCODE, "b2", ["b"], pcm(1), 150.0)))
+            b = asyncio.ensure_future(core.process(tr.batch("b2", ["b"], 150.0)))
             await asyncio.gather(a, b)
             await asyncio.sleep(max(0.0, 0.200 - (time.monotonic() - start)))
         counters = core.scheduler.snapshot_counters()
@@ -79,13 +93,13 @@ def test_the_latency_model_learns_only_from_frames_computed():
     # a step of 1, not of 2.
     async def go():
         core = emulated()
-        tr = EpochTracker()
-        first = await core.process(tr.make_batch(Op.ENCODE, "b", ["a", "b"], pcm(2), 500.0))
+        tr = Frames()
+        first = await core.process(tr.batch("b", ["a", "b"], 500.0))
         assert first.counts() == {"ai": 2}
         before = dict(core.latency.to_dict()["samples"])
         async with core._step_lock:  # the loop cannot plan until both frames are queued
             task = asyncio.ensure_future(
-                core.process(tr.make_batch(Op.ENCODE, "b", ["a", "b"], pcm(2), 500.0)))
+                core.process(tr.batch("b", ["a", "b"], 500.0)))
             while len(core.scheduler) < 2:
                 await asyncio.sleep(0.001)
             assert await core.leave(["b"]) == 1

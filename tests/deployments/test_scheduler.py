@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from deployments.latency_model import LatencyModel
 from deployments.scheduler import (
     EdfScheduler,
-    FifoQueue,
     PendingFrame,
     SchedulerConfig,
     ShedReason,
@@ -269,18 +268,6 @@ def test_complete_feeds_the_model_and_counts_late_frames():
     assert s.counters["steps_over_prediction"] == 1
 
 
-def test_fifo_queue_serves_arrival_order_and_respects_min_deadline():
-    s = EdfScheduler(linear_model(), SchedulerConfig(margin_ms=0.0), queue=FifoQueue())
-    s.add(frame("first", 50, arrival_ms=0))
-    s.add(frame("tight", 4.5, arrival_ms=1))
-    s.add(frame("third", 50, arrival_ms=2))
-    s.add(frame("fourth", 50, arrival_ms=3))
-    plan = s.schedule(0.0)
-    # 1 + B <= 4.5 for any batch that includes "tight" -> first 3 arrivals
-    assert [f.stream_id for f in plan.run] == ["first", "tight", "third"]
-    assert [f.stream_id for f in s.schedule(4 * MS).run] == ["fourth"]
-
-
 # ----------------------------------------------------------------------------- property test
 frames_strategy = st.lists(
     st.tuples(
@@ -295,12 +282,11 @@ frames_strategy = st.lists(
 
 
 @settings(max_examples=60, deadline=None)
-@given(frames_strategy, st.integers(1, 16), st.integers(1, 40), st.booleans())
-def test_every_frame_gets_exactly_one_outcome(work, max_batch, max_queue, fifo):
+@given(frames_strategy, st.integers(1, 16), st.integers(1, 40))
+def test_every_frame_gets_exactly_one_outcome(work, max_batch, max_queue):
     s = EdfScheduler(
         linear_model(0.5, 0.7),
         SchedulerConfig(margin_ms=0.5, max_batch=max_batch, max_queue=max_queue),
-        queue=FifoQueue() if fifo else None,
     )
     outcome: dict[int, str] = {}
     seqs: dict[str, int] = {}
@@ -431,3 +417,27 @@ def test_no_probe_while_steps_run():
     s.add(frame("ok", 20))
     s.schedule(0.0)
     assert s.counters["probes"] == 0
+
+
+def test_a_batch_certain_to_make_it_skips_the_valuation_and_decides_the_same():
+    """With time to spare for every frame (each slack above the step's largest possible time),
+    the decision is the whole batch at once, without valuing windows; and it is the batch
+    the valuation picks."""
+
+    def plan(fast: bool):
+        s = EdfScheduler(LatencyModel.from_profile({1: {"p50": 2.0, "p99": 3.0}, 64: {"p50": 4.0, "p99": 6.0}}),
+                         SchedulerConfig(max_batch=64, max_hold_ms=0.0))
+        if not fast:
+            s._all_on_time = lambda *a: False  # the full valuation
+        keys = np.arange(40)
+        s.add_many(keys, np.ones(40), np.zeros(40), np.full(40, 0.050), 0.0, keys)
+        return s.schedule(0.0)
+
+    fast, valued = plan(True), plan(False)
+    assert fast.run_refs.tolist() == valued.run_refs.tolist() == list(range(40))
+    assert fast.expected_on_time == pytest.approx(valued.expected_on_time) == pytest.approx(40.0)
+    # not certain (a slack within the step's spread): the valuation decides
+    s = EdfScheduler(LatencyModel.from_profile({1: {"p50": 2.0, "p99": 3.0}, 64: {"p50": 4.0, "p99": 6.0}}),
+                     SchedulerConfig(max_batch=64, max_hold_ms=0.0))
+    assert not s._all_on_time(np.full(40, 4.5), np.empty(0), np.empty(0))
+    assert s._all_on_time(np.full(40, 50.0), np.empty(0), np.empty(0))

@@ -1,13 +1,14 @@
 """EdfScheduler's fast decision path against a slow reference kept here.
 
-The scheduler values windows with one vectorised CDF lookup, cumulative sums, cached size
-grids, a pure-Python shortcut when every frame is certain to make it, an upper bound that
-skips holds which cannot win, and a sorted-list queue read without popping. The reference
-below is the same decision written plainly: one `LatencyModel.p_within` call per frame and
-batch size, Python sums per window, every hold option valued, eligibility by a scan of the
-queue. On queues from bench-like traces (three deadlines, normal and overload, CPU-like
-step times), from random traces and on large queues, both must make the same plan: the same
-frames run, the same expire, the same hold.
+The scheduler keeps its queue in numpy columns and values windows over runs of frames that
+share a deadline (a request's frames do), with cumulative sums, one CDF lookup for every
+size and both steps, and a shortcut when every frame is certain to make it in one batch.
+The reference below is the same decision written plainly: one `LatencyModel.p_within` call
+per frame and batch size, Python sums per window, the full valuation every time, the
+feasibility check size by size, eligibility by a scan of the queue. On queues from
+bench-like traces (three deadlines, normal and overload, CPU-like step times), from random
+traces and settings and on large queues, both must make the same plan: the same frames run,
+the same expire, the same hold.
 """
 
 from __future__ import annotations
@@ -18,37 +19,19 @@ import math
 import numpy as np
 import pytest
 
-import deployments.scheduler as scheduler_module
 from deployments.latency_model import LatencyModel
-from deployments.scheduler import (
-    _NOW_BONUS,
-    EdfScheduler,
-    FifoQueue,
-    PendingFrame,
-    SchedulerConfig,
-    _Choice,
-    _size_grid,
-)
+from deployments.scheduler import EdfScheduler, PendingFrame, SchedulerConfig, _size_grid
 
 MS = 1e-3
+NOW_BONUS = 1.001  # frames finished now count this much more than in the next step
 # docs/bench/codec.json's profile (random weights, a 2-core CPU): step time p50/p99 (ms) by batch.
 CPU_PROFILE = {1: {"p50": 9.86, "p99": 16.62}, 8: {"p50": 30.59, "p99": 49.32},
                32: {"p50": 73.33, "p99": 89.04}, 128: {"p50": 265.96, "p99": 304.82}}
 
 
 # --------------------------------------------------------------------------------- reference
-def ref_axis(cap: int) -> list[int]:
-    """Sizes valued one by one up to EXACT_SIZES, then the size grid."""
-    exact = scheduler_module.EXACT_SIZES
-    return sorted(set(range(1, min(cap, exact) + 1)) | {g for g in _size_grid(cap).tolist() if g > exact})
-
-
-def ref_up(cap: int, b: int) -> int:
-    return min(a for a in ref_axis(cap) if a >= b)
-
-
-def ref_down(cap: int, b: int) -> int:
-    return max(a for a in ref_axis(cap) if a <= b)
+def mean(s: EdfScheduler, k: int) -> float:
+    return float(s.model.mean_ms([k])[0])
 
 
 def ref_first_best(values: list[float]) -> int:
@@ -65,48 +48,53 @@ def ref_best_window(s: EdfScheduler, slack: list[float], weight: list[float], la
     later_w = sum(later_weight)
     frames = list(zip(slack, weight, strict=True)) + list(zip(later, later_weight, strict=True))
     n_starts = min(n - 1, cfg.max_head_skip) + 1 if overloaded else 1
-    sizes = sorted({ref_down(cfg.max_batch, k) for k in _size_grid(min(n, cfg.max_batch)).tolist()})
-    values: dict[tuple[int, int], float] = {}
+    sizes = _size_grid(min(n, cfg.max_batch)).tolist()
+    per_size = {}
     for k in sizes:
-        tau = float(model.mean_ms([k])[0])
-        unknown = max(rate * tau - later_w, 0.0) if rate > 0 else 0.0
-        m = ref_up(cfg.max_batch, min(max(round((n - k) + later_w + unknown), 1), cfg.max_batch))
+        tau = mean(s, k)
+        unknown = max(rate * tau - later_w, 0.0)
+        m = min(max(round((n - k) + later_w + unknown), 1), cfg.max_batch)
         now_p = [model.p_within(k, x) * w for x, w in zip(slack, weight, strict=True)]
         next_p = [model.p_within(m, x - tau) * w for x, w in frames]
         nxt = sum(next_p)
         if overloaded:
-            nxt += unknown * model.p_within(m, (s._budget_ms - cfg.margin_ms) - 0.5 * tau)
-        for start in range(n_starts):
+            nxt += unknown * model.p_within(m, s._budget_ms - cfg.margin_ms - tau / 2.0)
+        per_size[k] = (tau, m, now_p, next_p, nxt)
+    capped = max(v[4] for v in per_size.values()) > cfg.max_batch
+    values: list[float] = []
+    order: list[tuple[int, int]] = []
+    for start in range(n_starts):
+        for k in sizes:
+            tau, m, now_p, next_p, nxt = per_size[k]
+            order.append((start, k))
             if start + k > n:
-                values[(start, k)] = -math.inf
+                values.append(-math.inf)
                 continue
             inside = range(start, start + k)
-            window = sum(now_p[i] * _NOW_BONUS - next_p[i] for i in inside)
-            if n + later_w > cfg.max_batch and nxt > cfg.max_batch:
+            value = sum(now_p[i] * NOW_BONUS - next_p[i] for i in inside)
+            if capped:
                 in_window = sum(next_p[i] for i in inside)
-                value = window + in_window + min(nxt - in_window, cfg.max_batch)
+                value += in_window + min(nxt - in_window, cfg.max_batch)
             else:
-                value = window + nxt
+                value += nxt
             if overloaded:
-                value /= (wait_ms + tau) + float(model.mean_ms([m])[0])
-            values[(start, k)] = value
-    # the first window by start, then size
-    order = [(start, k) for start in range(n_starts) for k in sizes]
-    j = ref_first_best([values[key] for key in order])
-    return values[order[j]], order[j][0], order[j][1]
+                value /= wait_ms + tau + mean(s, m)
+            values.append(value)
+    j = ref_first_best(values)
+    return values[j], order[j][0], order[j][1]
 
 
 def ref_feasible(s: EdfScheduler, slack_sorted: list[float]) -> bool:
-    """Steps back to back, each the largest (axis) size whose mean fits the head's slack."""
-    cap, n = s.config.max_batch, len(slack_sorted)
-    usable = [a for a in ref_axis(cap) if a <= min(cap, n)]
+    """Steps back to back, each the largest size whose mean fits the head's slack."""
+    n = len(slack_sorted)
+    top = min(s.config.max_batch, n)
     t, i = 0.0, 0
     while i < n:
-        fits = [a for a in usable if float(s.model.mean_ms([a])[0]) <= slack_sorted[i] - t]
+        fits = [k for k in range(1, top + 1) if mean(s, k) <= slack_sorted[i] - t]
         if not fits:
             return False
         k = min(max(fits), n - i)
-        t += float(s.model.mean_ms([ref_up(cap, k)])[0])
+        t += mean(s, k)
         i += k
     return True
 
@@ -114,77 +102,63 @@ def ref_feasible(s: EdfScheduler, slack_sorted: list[float]) -> bool:
 class ReferenceScheduler(EdfScheduler):
     """The same decisions, computed the slow and obvious way."""
 
+    def _eligible(self, limit):
+        live = [i for i in range(self._n) if self._live[i]]
+        first: dict[int, int] = {}
+        for i in live:
+            k = int(self._key[i])
+            if k not in first or (self._ep[i], self._sq[i]) < (self._ep[first[k]], self._sq[first[k]]):
+                first[k] = i
+        out = sorted(first.values(), key=lambda i: (self._dl[i], self._arr[i], i))
+        return np.asarray(out[:limit], np.int64)
+
     def _behind(self, cands, now, margin_s):
         if self.config.catch_up_p <= 0:
-            return []
-        k = ref_up(self.config.max_batch, min(len(cands), self.config.max_batch))
+            return np.empty(0, np.int64)
+        k = min(len(cands), self.config.max_batch)
         base = now + margin_s
-        return [f for f in cands if len(self._pending[f.stream_id]) > 1
-                and self.model.p_within(k, (f.deadline - base) * 1000.0) < self.config.catch_up_p]
-
-    def _candidates(self, plan, now, margin_s):
-        limit = self.config.max_batch + self.config.max_head_skip
-        cands = self._scan(limit)
-        behind = self._behind(cands, now, margin_s)
-        if not behind:
-            return cands
-        self._queue.remove(behind)
-        for f in behind:
-            self._forget(f)
-        plan.expired.extend(behind)
-        self.counters["caught_up"] += len(behind)
-        return self._scan(limit)
-
-    def _scan(self, limit):
-        out, seen = [], set()
-        for f in list(self._queue)[: 4 * limit + 64]:
-            if f.stream_id not in seen and min(self._pending[f.stream_id]) == f.order:
-                seen.add(f.stream_id)
-                out.append(f)
-                if len(out) == limit:
-                    break
-        return out
+        return np.asarray([i for i in cands.tolist() if self._kq[self._key[i]] > 1
+                           and self.model.p_within(k, (self._dl[i] - base) * 1000.0) < self.config.catch_up_p],
+                          np.int64)
 
     def _decide(self, cands, now, margin_s):
-        cfg, model = self.config, self.model
+        cfg = self.config
         n = len(cands)
         rate = self._arrival_rate_per_ms()
-        expected = []
-        if cfg.max_hold_ms > 0 and n < min(cfg.max_batch, scheduler_module.MAX_HOLD_FRAMES):
-            expected = self._forecast.expected(now, cfg.max_hold_ms / 1000.0, exclude=self._pending.keys(),
-                                               limit=scheduler_module.MAX_HOLD_FRAMES)
-        if not expected and n == 1:
-            return _Choice(0, 1, None, None)
         base = now + margin_s
-        slack = [(f.deadline - base) * 1000.0 for f in cands]
-        exp_slack = [(e.deadline - base) * 1000.0 for e in expected]
-        exp_w = [e.weight for e in expected]
+        slack = [(float(self._dl[i]) - base) * 1000.0 for i in cands.tolist()]
+        expected = None
+        if cfg.max_hold_ms > 0 and n < cfg.max_batch:
+            expected = self._forecast.expected(now, cfg.max_hold_ms / 1000.0, exclude=self._kq > 0)
+        exp = [] if expected is None else list(zip(
+            expected.arrival.tolist(), ((expected.deadline - base) * 1000.0).tolist(),
+            expected.weight.tolist(), expected.due_by.tolist(), strict=True))
+        if not exp and n == 1:
+            return 0, 1, None, False
+        exp_slack, exp_w = [e[1] for e in exp], [e[2] for e in exp]
         unseen = []
-        horizon = max(slack)
-        count = int(rate * horizon) - len(expected)
+        count = int(rate * max(slack)) - len(exp)
         for i in range(max(count, 0)):
-            unseen.append((i + 0.5) / rate + (self._budget_ms - cfg.margin_ms))
+            unseen.append((i + 0.5) / rate + self._budget_ms - cfg.margin_ms)
         overloaded = n > 1 and not ref_feasible(self, sorted(slack + exp_slack + unseen))
         value, start, size = ref_best_window(self, slack, [1.0] * n, exp_slack, exp_w, overloaded, rate)
-        if not expected:
-            return _Choice(start, size, None, None)
-        step_end = now + float(model.mean_ms([size])[0]) / 1000.0
-        arrivals = sorted({e.arrival for e in expected if e.arrival < step_end})[:2]
+        if not exp:
+            return start, size, None, False
+        step_end = now + mean(self, size) / 1000.0
+        arrivals = sorted({a for a, *_ in exp if a < step_end})[:2]
         best_hold, best_value = None, value * (1.0 + 1e-3) + 1e-3
         for t in arrivals:
             wait = (t - now) * 1000.0
-            joined = [(x - wait, 1.0) for x in slack] + [
-                (x - wait, w) for x, w, e in zip(exp_slack, exp_w, expected, strict=True) if e.arrival <= t]
-            if getattr(self._queue, "deadline_ordered", False):
-                joined.sort(key=lambda xw: xw[0])  # stable: ties keep queue order
-            rest = [(x - wait, w) for x, w, e in zip(exp_slack, exp_w, expected, strict=True) if e.arrival > t]
+            joined = [(x - wait, 1.0) for x in slack] + [(x - wait, w) for a, x, w, _ in exp if a <= t]
+            joined.sort(key=lambda xw: xw[0])  # stable: ties keep queue order
+            rest = [(x - wait, w) for a, x, w, _ in exp if a > t]
             v = ref_best_window(self, [x for x, _ in joined], [w for _, w in joined],
                                 [x for x, _ in rest], [w for _, w in rest], overloaded, rate, wait)[0]
             if v > best_value:
                 best_hold, best_value = t, v
         if best_hold is None:
-            return _Choice(start, size, None, None)
-        return _Choice(0, 0, max(e.due_by for e in expected if e.arrival == best_hold), None)
+            return start, size, None, False
+        return 0, 0, max(d for a, _, _, d in exp if a == best_hold), False
 
 
 # --------------------------------------------------------------------------------- comparing
@@ -296,8 +270,7 @@ def test_random_traces_and_settings_decide_as_the_reference():
             min_on_time_p=float(rng.choice([0.05, 0.3])))
         model = (LatencyModel.from_profile(CPU_PROFILE) if seed % 2 else
                  LatencyModel.from_profile({b: 1.0 + 0.8 * b for b in (1, 2, 4, 8, 16, 32)}, rel_margin=0.0))
-        fifo = seed % 5 == 4
-        s = EdfScheduler(model, cfg, queue=FifoQueue() if fifo else None)
+        s = EdfScheduler(model, cfg)
         arrivals = []
         t = 0.0
         for i in range(int(rng.integers(20, 90))):
@@ -334,11 +307,9 @@ def test_large_queues_decide_as_the_reference():
         assert seen["batch>1"] >= 1
 
 
-def test_sizes_beyond_exact_sizes_are_valued_on_the_size_grid(monkeypatch):
-    # A replica with a very large max_batch keeps per-size data for few sizes: beyond
-    # EXACT_SIZES a window is valued at the grid size below it, a next step at the one above.
-    # Made small here so a queue of a hundred frames goes past it.
-    monkeypatch.setattr(scheduler_module, "EXACT_SIZES", 20)
+def test_windows_beyond_the_exact_sizes_are_valued_on_the_size_grid():
+    # A queue of a hundred frames and more with a linear step time: windows past 16 frames
+    # come from the size grid, and batches that large are chosen.
     seen = dict.fromkeys(("decisions", "held", "ran", "expired", "batch>1"), 0)
     for seed, (n_frames, max_batch, lo, hi) in enumerate([(90, 64, 0.01, 0.06), (150, 128, 0.02, 0.09)]):
         rng = np.random.default_rng(200 + seed)
@@ -354,4 +325,4 @@ def test_sizes_beyond_exact_sizes_are_valued_on_the_size_grid(monkeypatch):
             if plan.run:
                 s.complete(plan, plan.predicted_ms)
                 now += plan.predicted_ms * MS
-    assert seen["ran"] >= 4 and seen["largest"] > 20  # batches past EXACT_SIZES were chosen
+    assert seen["ran"] >= 4 and seen["largest"] > 20

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from deployments.affinity import local_view
-from deployments.client import CodecClient, EpochTracker
+from deployments.client import CodecClient
 from deployments.contract import (
     CHUNK_SAMPLES,
     BatchResult,
@@ -23,7 +23,8 @@ from deployments.contract import (
     Op,
     reason_code,
 )
-from tests.models.equivalence import assert_audio_close
+from deployments.epochs import BridgeEpochs
+from sfu_bridge.core import BridgeCore
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -31,7 +32,7 @@ APP = "auralink"
 DEADLINE_MS = 8000.0  # generous: correctness, not speed
 # Small pool, one torch thread, random weights from the fixed seed.
 TEST_REPLICA = {"capacity": 64, "allow_random_weights": True, "torch_threads": 1,
-                "bandwidth_kbps": 6.0, "max_batch": 16}
+                "max_bandwidth_kbps": 6.0, "max_batch": 16}
 
 
 def chunks(n_streams: int, seed: int = 0) -> np.ndarray:
@@ -40,16 +41,6 @@ def chunks(n_streams: int, seed: int = 0) -> np.ndarray:
     t = np.arange(CHUNK_SAMPLES, dtype=np.float32) / 24_000
     tone = 0.3 * np.sin(2 * np.pi * (220 + 40 * seed) * t)
     return (tone[None, :] + 0.1 * rng.standard_normal((n_streams, CHUNK_SAMPLES))).astype(np.float32)
-
-
-async def await_until(pred, timeout_s: float, what: str) -> None:
-    """Waits for an async condition with a bound."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if await pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +72,34 @@ def client(codec_handle, loop):
     return c
 
 
-def _batch(tracker: EpochTracker, ids: list[str], seed: int = 0, deadline_ms: float = DEADLINE_MS) -> FrameBatch:
-    return tracker.make_batch(Op.ENCODE, "bridge-test", ids, chunks(len(ids), seed), deadline_ms)
+def _batch(ids: list[str], seed: int = 0, deadline_ms: float = DEADLINE_MS) -> FrameBatch:
+    """First frames of `ids`, numbered as a bridge numbers them (deployments/epochs.py)."""
+    epochs, seqs = BridgeEpochs(len(ids)).number(np.arange(len(ids)))
+    return FrameBatch(Op.ENCODE, "bridge-test", list(ids), epochs, seqs,
+                      np.full(len(ids), float(deadline_ms)), pcm=chunks(len(ids), seed))
+
+
+class Bridge:
+    """A BridgeCore sending to the codec client (as a bridge worker does), keeping each
+    tick's batch and raw `BatchResult`."""
+
+    def __init__(self, client: CodecClient, loop: asyncio.AbstractEventLoop) -> None:
+        self.client = client
+        self.loop = loop
+        self.core = BridgeCore(self, bridge_id="bridge-test", deadline_ms=DEADLINE_MS)
+
+    async def process(self, batch: FrameBatch) -> BatchResult:
+        self.batch = batch
+        self.result = await self.client.process(batch)
+        return self.result
+
+    def tick(self, ids: list[str], seed: int = 0) -> tuple[FrameBatch, BatchResult]:
+        for sid, pcm in zip(ids, chunks(len(ids), seed), strict=True):
+            self.core.join(sid)
+            self.core.push(sid, pcm)
+        report = self.loop.run_until_complete(self.core.tick())
+        assert report.batch_size == len(ids) and self.batch.stream_ids == ids
+        return self.batch, self.result
 
 
 def _assert_one_outcome_each(batch: FrameBatch, res: BatchResult) -> None:
@@ -95,9 +112,8 @@ def _assert_one_outcome_each(batch: FrameBatch, res: BatchResult) -> None:
 
 
 def test_every_frame_gets_exactly_one_outcome(client, loop):
-    tr = EpochTracker()
     ids = [f"one-{i}" for i in range(6)]
-    b = _batch(tr, ids)
+    b = _batch(ids)
     # Row 1: continues an epoch no replica holds. Row 2: deadline already past.
     # Row 3: NaN samples. The rest are fine.
     b.epoch_seqs[1] = 7
@@ -126,7 +142,7 @@ def _raw(batch) -> BatchResult:
 
 
 def _good(ids: list[str]) -> FrameBatch:
-    return EpochTracker().make_batch(Op.ENCODE, "raw", ids, chunks(len(ids), 3), DEADLINE_MS)
+    return _batch(ids, seed=3)
 
 
 @pytest.mark.parametrize(
@@ -138,8 +154,7 @@ def _good(ids: list[str]) -> FrameBatch:
         (lambda b: setattr(b, "pcm", b.pcm.astype(np.float64)), "pcm dtype must be float32 or int16"),
         (lambda b: setattr(b, "pcm", b.pcm[:, :500]), "not a multiple of 320"),
         (lambda b: setattr(b, "bandwidth_kbps", 7.0), "bandwidth 7.0 kbps"),
-        (lambda b: setattr(b, "codes", np.zeros((2, 8, 3), np.float32)) or setattr(b, "op", Op.DECODE),
-         "codes must be integers"),
+        (lambda b: setattr(b, "bandwidth_kbps", 24.0), "above this replica's max_bandwidth_kbps"),
     ],
 )
 def test_malformed_batches_get_clear_errors_and_replica_keeps_serving(codec_handle, breaker, message):
@@ -174,37 +189,33 @@ def test_not_a_frame_batch_is_an_error_not_a_crash(codec_handle):
     assert ok.outcome_codes.tolist() == [0]
 
 
-def test_epoch_rule_decode_across_gap_equals_fresh_start(client, loop):
+def test_epoch_rule_across_a_gap_equals_a_fresh_start(client, loop):
+    """Through the bridge's own epoch rule: a fallback ends the epoch, the replica refuses to
+    continue it, and the next epoch's codes equal a fresh encoder's."""
     from models.streaming import StreamingEncodec
     from models.weights import load_encodec
 
     model, _ = load_encodec(None, allow_random=True)
-    ref = StreamingEncodec(model, capacity=2, bandwidth_kbps=6.0)
-    rng = np.random.default_rng(5)
-    codes = rng.integers(0, 1024, size=(7, 1, 8, 3)).astype(np.int16)
-    sid = "dec-gap"
-
-    def send(epoch: int, seq: int, k: int, budget_ms: float = DEADLINE_MS) -> BatchResult:
-        b = FrameBatch(Op.DECODE, "bridge-test", [sid], np.array([epoch]), np.array([seq]),
-                       np.array([budget_ms]), codes=codes[k], bandwidth_kbps=6.0)
-        return loop.run_until_complete(client.process(b))
-
-    for k in range(3):  # epoch 1: frames 0..2 decode
-        assert send(1, k, k).outcome_codes.tolist() == [0]
-    gap = send(1, 3, 3, budget_ms=-500.0)  # the gap: a fallback
+    ref = StreamingEncodec(model, capacity=1, bandwidth_kbps=6.0)
+    bridge = Bridge(client, loop)
+    sid = ["enc-gap"]
+    for k in range(3):  # epoch 1: frames 0..2
+        _, res = bridge.tick(sid, seed=k)
+        assert res.outcome_codes.tolist() == [0] and res.epochs.tolist() == [1]
+    bridge.core.deadline_ms = 0.0  # the gap: a frame that cannot make its deadline
+    _, gap = bridge.tick(sid, seed=3)
     assert gap.outcome(0)[1] is FallbackReason.DEADLINE
-    # Continuing the broken epoch is refused; the stale frame touches no state.
-    assert send(1, 4, 4).outcome(0)[1] is FallbackReason.RESET
-    fresh = [send(2, i, k) for i, k in enumerate((4, 5, 6))]  # new epoch after the gap
-    assert [r.outcome_codes.tolist() for r in fresh] == [[0]] * 3, [r.counts() for r in fresh]
-    got = [r.pcm[0] for r in fresh]
-    # A stale epoch-1 frame arriving late is never decoded...
-    assert send(1, 5, 5).outcome(0)[1] is FallbackReason.RESET
-    # ...and the epoch-2 stream carries on undisturbed.
-    got.append(send(2, 3, 0).pcm[0])
-    want = [ref.decode([0], codes[k])[0] for k in (4, 5, 6, 0)]
-    for g, w in zip(got, want, strict=True):
-        assert_audio_close(g, w)  # relative to the peak: the scale is the model's
+    bridge.core.deadline_ms = DEADLINE_MS
+    # Continuing the broken epoch is refused by the replica (a stale frame touches no state).
+    stale = _batch(sid, seed=4)
+    stale.epochs[:], stale.epoch_seqs[:] = 1, 4
+    assert loop.run_until_complete(client.process(stale)).outcome(0)[1] is FallbackReason.RESET
+    fresh = [bridge.tick(sid, seed=k)[1] for k in (4, 5, 6)]  # the bridge opened epoch 2
+    assert [(r.outcome_codes.tolist(), r.epochs.tolist()) for r in fresh] == [([0], [2])] * 3
+    ref.reset_encoder([0])
+    want = [ref.encode([0], chunks(1, k)) for k in (4, 5, 6)]
+    for r, w in zip(fresh, want, strict=True):
+        np.testing.assert_array_equal(r.codes[0], w[0])
 
 
 def _owner_streams(handle, sid: str) -> tuple[str, list[str]]:
@@ -213,16 +224,14 @@ def _owner_streams(handle, sid: str) -> tuple[str, list[str]]:
 
 
 def test_affinity_streams_stay_on_one_replica(codec_handle, client, loop):
-    tr = EpochTracker()
+    bridge = Bridge(client, loop)
     ids = [f"aff-{i}" for i in range(12)]
     replicas_seen: set[str] = set()
     for tick in range(5):
-        b = _batch(tr, ids, seed=tick)
-        res = loop.run_until_complete(client.process(b))
+        b, res = bridge.tick(ids, seed=tick)
         _assert_one_outcome_each(b, res)
         # A stream reaching another replica mid-epoch would be answered `reset`.
         assert res.counts() == {"ai": len(ids)}, res.counts()
-        tr.observe_result(res)
         replicas_seen |= set(res.replica_id.split(","))
     assert len(replicas_seen) == 2, "streams should spread over both replicas"
     assert client.counters.requests >= 5
@@ -238,12 +247,11 @@ def test_affinity_streams_stay_on_one_replica(codec_handle, client, loop):
 def test_replica_death_every_frame_answered_and_streams_resume(ray_local, codec_handle, client, loop):
     import ray
 
-    tr = EpochTracker()
+    bridge = Bridge(client, loop)
     ids = [f"kill-{i}" for i in range(8)]
     for tick in range(2):
-        res = loop.run_until_complete(client.process(_batch(tr, ids, seed=tick)))
+        _, res = bridge.tick(ids, seed=tick)
         assert res.counts() == {"ai": len(ids)}
-        tr.observe_result(res)
 
     victim_uid, victim_streams = _owner_streams(codec_handle, ids[0])
     victim_streams = [s for s in victim_streams if s in ids]
@@ -257,10 +265,8 @@ def test_replica_death_every_frame_answered_and_streams_resume(ray_local, codec_
     recovered_at = None
     ticks = 0
     while time.monotonic() - killed_at < 150:
-        b = _batch(tr, ids, seed=ticks)
-        res = loop.run_until_complete(client.process(b))
+        b, res = bridge.tick(ids, seed=ticks)
         _assert_one_outcome_each(b, res)
-        tr.observe_result(res)
         ticks += 1
         fell = {s for s, c in zip(res.stream_ids, res.outcome_codes.tolist(), strict=True) if c}
         affected_fallback |= fell
@@ -282,10 +288,8 @@ def test_replica_death_every_frame_answered_and_streams_resume(ray_local, codec_
     view = local_view(APP, "CodecReplica")
     moved, t_replaced = set(), None
     while time.monotonic() - killed_at < 180:
-        b = _batch(tr, ids, seed=ticks)
-        res = loop.run_until_complete(client.process(b))
+        b, res = bridge.tick(ids, seed=ticks)
         _assert_one_outcome_each(b, res)
-        tr.observe_result(res)
         ticks += 1
         fell = {s for s, c in zip(res.stream_ids, res.outcome_codes.tolist(), strict=True) if c}
         uids = view.replica_uids()
@@ -303,21 +307,13 @@ def test_replica_death_every_frame_answered_and_streams_resume(ray_local, codec_
 
 
 def test_leave_frees_slots(codec_handle, client, loop):
-    tr = EpochTracker()
+    bridge = Bridge(client, loop)
     ids = ["leave-a", "leave-b"]
-    res = loop.run_until_complete(client.process(_batch(tr, ids)))
-    assert res.counts() == {"ai": 2}
+    assert bridge.tick(ids)[1].counts() == {"ai": 2}
     assert loop.run_until_complete(client.leave(ids)) == 2
     for sid in ids:
         assert sid not in _owner_streams(codec_handle, sid)[1]
     # The next frame of the left stream continues nothing: reset, then a new epoch works.
-    res = loop.run_until_complete(client.process(_batch(tr, ids)))
+    res = bridge.tick(ids)[1]
     assert set(res.outcome_codes.tolist()) == {reason_code(FallbackReason.RESET)}
-    tr.observe_result(res)
-
-    async def back_on() -> bool:
-        r = await client.process(_batch(tr, ids))
-        tr.observe_result(r)
-        return r.counts() == {"ai": 2}
-
-    loop.run_until_complete(await_until(back_on, 30, "streams back on AI after leave"))
+    assert bridge.tick(ids)[1].counts() == {"ai": 2}

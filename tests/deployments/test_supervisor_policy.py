@@ -339,3 +339,49 @@ def test_forget_and_moves_keep_the_replica_groups_exact():
     assert status["r1"]["streams"] == 6 and status["r2"]["streams"] == 1
     p.forget("s0")
     assert "r2" not in p.replica_status(2.0)
+
+
+def test_a_columnar_report_decides_as_the_mapping_does():
+    """Bridges send `StreamReports` (a column per outcome code); the policy judges it exactly
+    as the `{stream: {...}}` form: same verdicts, same state, same counters."""
+    import numpy as np
+
+    from deployments.supervisor_policy import OUTCOME_COLUMNS, StreamReports
+
+    rng = np.random.default_rng(3)
+    by_map, by_cols = SupervisorPolicy(), SupervisorPolicy()
+    by_map.opt_out(user_id="u3")
+    by_cols.opt_out(user_id="u3")
+    for t in range(12):
+        reports = {}
+        for i in range(30):
+            fb = {"deadline": int(rng.integers(0, 3)) * (i % 4 == 0), "error": int(i == 7 and t > 4),
+                  "overload": int(rng.integers(0, 2)), "unhealthy": int(i == 9) * 25}
+            rep = {"ai": int(rng.integers(15, 26)), "fallback": {k: v for k, v in fb.items() if v},
+                   "replica": f"r{i % 3}" if i != 5 else None}
+            if t == 0:
+                rep["user_id"] = f"u{i}"
+            reports[f"s{i}"] = rep
+        cols = StreamReports.from_mapping(reports)
+        assert cols.outcomes.shape == (30, len(OUTCOME_COLUMNS))
+        decisions = by_map.report_many(reports, float(t))
+        off = by_cols.report_columns(cols, float(t))
+        assert {s for s, on in decisions.items() if not on} == set(off)
+        assert all(off[s] is by_map.reason(s, float(t)) for s in off)
+    assert by_map.snapshot() == by_cols.snapshot()
+    assert by_map.replica_status(12.0) == by_cols.replica_status(12.0)
+    assert by_map.counters["off/bad_rate"] > 0 and "s3" in off  # opted out: always off
+
+
+def test_a_malformed_columnar_report_is_refused():
+    import numpy as np
+
+    from deployments.supervisor_policy import OUTCOME_COLUMNS, StreamReports
+
+    ok = np.zeros((2, len(OUTCOME_COLUMNS)), np.int64)
+    StreamReports(["a", "b"], ok).validate()
+    for bad in (StreamReports(["a", "a"], ok), StreamReports(["a"], ok),
+                StreamReports(["a", "b"], ok.astype(float)),
+                StreamReports(["a", "b"], ok, replicas=["r1"])):
+        with pytest.raises(ValueError):
+            bad.validate()

@@ -104,6 +104,7 @@ def test_export_is_cached_per_weights(model, onnx_codec, cache_dir):
     assert {f.name for f in files} >= {"encode-q8-f3.onnx", "decode-q8-f3.onnx"}
     stamps = {f: f.stat().st_mtime_ns for f in files}
     again = OnnxStreamingEncodec(model, capacity=2, cache_dir=cache_dir)
+    assert isinstance(again, OnnxStreamingEncodec)
     assert again.cache_dir == onnx_codec.cache_dir
     assert {f: f.stat().st_mtime_ns for f in files} == stamps, "re-exported despite the cache"
 

@@ -25,13 +25,47 @@ RTCIceGatherer.getDefaultIceServers = classmethod(_no_default_ice_servers)
 CLUSTER_SECRET = b"test-cluster-secret-0123456789abcdef"
 
 
-@pytest.fixture(scope="session")
-def streaming_codec():
-    """`models.StreamingEncodec` over random weights (seed 1234, codebooks k-means
-    initialised), 16 slots, 6 kbps."""
-    from sfu_bridge.tick import random_streaming_codec
+def replica_settings(**overrides):
+    """The in-process codec of the bridge tests: 16 slots, 6 kbps, random weights."""
+    from deployments.config import ReplicaSettings
 
-    return random_streaming_codec(capacity=16, bandwidth_kbps=6.0)
+    base = dict(capacity=16, max_batch=16, max_bandwidth_kbps=6.0, allow_random_weights=True,
+                torch_threads=1)
+    return ReplicaSettings(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def codec_runtime():
+    """One random-weight model for the session: (StreamingEncodec with 16 + 1 slots, kind)."""
+    from deployments.replica import _load_codec
+
+    return _load_codec(replica_settings())
+
+
+@pytest.fixture(scope="session")
+def streaming_codec(codec_runtime):
+    """The session's `models.StreamingEncodec`: subscribers decode with it (decoder slots are
+    their own; the replicas below use its encoder slots)."""
+    return codec_runtime[0]
+
+
+@pytest.fixture(scope="session")
+def replica_core(codec_runtime):
+    """replica_core(replica_id="in-process", **settings) -> a `CodecReplicaCore` over the
+    session's model: the codec every bridge test sends its batches to."""
+    from deployments.replica import CodecReplicaCore
+
+    made = []
+
+    def make(replica_id: str = "in-process", **overrides):
+        core = CodecReplicaCore(replica_settings(**overrides), replica_id, build=False)
+        core._codec, core.weights_kind = codec_runtime
+        made.append(core)
+        return core
+
+    yield make
+    for core in made:
+        core._executor.shutdown(wait=False)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import numpy as np
 from sfu_bridge.hint_auth import derive_stream_key
 from sfu_bridge.rate_control import Layer
 from sfu_bridge.sdk import AicPublisher, AicSubscriber
-from sfu_bridge.tick import InProcessCodec
 
 CONFIG = dict(deadline_ms=2_000.0, max_backlog_chunks=200)
 
@@ -33,8 +32,8 @@ def _talk_then_silence(start: int, n: int) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * 220 * t / 48_000) * on).astype(np.float32)
 
 
-def test_layers_reports_and_dtx_over_webrtc(running_bridge, tokens, streaming_codec, secret):
-    codec = CountingCodec(InProcessCodec(streaming_codec))
+def test_layers_reports_and_dtx_over_webrtc(running_bridge, tokens, replica_core, secret):
+    codec = CountingCodec(replica_core(max_bandwidth_kbps=24.0))
 
     async def go():
         async with running_bridge(codec, bandwidth_kbps=24.0, **CONFIG) as (server, base):
@@ -56,7 +55,7 @@ def test_layers_reports_and_dtx_over_webrtc(running_bridge, tokens, streaming_co
             await asyncio.sleep(5.5)
             senders = [server.media.subscribers["room"][s].aic_sender for s in sessions]
             stats = server.media.stats()
-            frames = dict(server.media.batcher.counters)
+            frames = dict(server.media.core.stats()["frames"])
             for s in (*subs, pub):
                 await s.stop()
         return subs, senders, stats, frames, marks

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from deployments.contract import FallbackReason, Outcome
 from sfu_bridge.aic_payload import AicPayload
 from sfu_bridge.aic_sender import SID_INTERVAL_TICKS, AicSender
-from sfu_bridge.rate_control import Layer
-from sfu_bridge.tick import Chunk, FrameOutcome
+from sfu_bridge.core import FrameOutcome
+from sfu_bridge.rate_control import Layer, RateControlConfig
 
 
 def _ai(epoch: int, seq: int, n_q: int = 32, t: int = 0) -> FrameOutcome:
     codes = (np.arange(n_q * 3, dtype=np.int16).reshape(n_q, 3) + 7 * seq) % 1024
-    return FrameOutcome(Chunk("s", np.zeros(960, np.float32), t * 1920), Outcome.AI, None,
-                        epoch, seq, codes)
+    return FrameOutcome("s", Outcome.AI, None, epoch, seq, t * 1920, np.zeros(960, np.float32), codes)
 
 
 def _other(outcome: Outcome, t: int) -> FrameOutcome:
     reason = FallbackReason.DEADLINE if outcome is Outcome.FALLBACK else None
-    return FrameOutcome(Chunk("s", np.zeros(960, np.float32), t * 1920), outcome, reason, 0, 0)
+    return FrameOutcome("s", outcome, reason, 0, 0, t * 1920, np.zeros(960, np.float32))
 
 
 def test_each_packet_carries_the_subscribers_prefix():
@@ -61,8 +61,23 @@ def test_a_frame_shallower_than_the_layer_sends_what_it_has():
     assert AicPayload.parse(out[0].payload).n_q == 8
 
 
-def test_dtx_sends_a_silence_descriptor_every_400_ms_and_marks_the_next_talk_spurt():
+def test_dtx_sends_one_silence_descriptor_then_nothing_and_marks_the_next_talk_spurt():
     tx = AicSender.fixed(Layer(8))
+    tx.on_frame(_ai(3, 0), 32)
+    sids = []
+    for t in range(1, 60):
+        sids += tx.on_frame(_other(Outcome.DTX, t), 32)
+    assert len(sids) == 1 and sids[0].sid and sids[0].timestamp == 1920
+    assert AicPayload.parse(sids[0].payload).is_sid and AicPayload.parse(sids[0].payload).epoch == 3
+    (back,) = tx.on_frame(_ai(4, 0, t=60), 32)
+    assert back.marker and AicPayload.parse(back.payload).start
+    # the next silence gets its descriptor again
+    assert len(tx.on_frame(_other(Outcome.DTX, 61), 32)) == 1
+
+
+def test_dtx_can_repeat_the_silence_descriptor_every_400_ms():
+    tx = AicSender.fixed(Layer(8))
+    tx.sid_interval_ticks = SID_INTERVAL_TICKS
     tx.on_frame(_ai(3, 0), 32)
     sids = []
     for t in range(1, 1 + 2 * SID_INTERVAL_TICKS + 1):
@@ -74,3 +89,31 @@ def test_dtx_sends_a_silence_descriptor_every_400_ms_and_marks_the_next_talk_spu
     assert back.marker and AicPayload.parse(back.payload).start
     (next_,) = tx.on_frame(_ai(4, 1, t=41), 32)
     assert not next_.marker
+
+
+def test_without_rate_control_the_full_depth_goes_in_its_default_packet_duration():
+    tx = AicSender.full_depth()
+    out = [p for i in range(3) for p in tx.on_frame(_ai(1, i, t=i), max_n_q=8)]
+    assert tx.layer == Layer(8, 120)  # 6 kbps: 120 ms packets (rate_control.min_packet_ms)
+    assert len(out) == 1 and AicPayload.parse(out[0].payload).n_frames == 9
+    out = tx.on_frame(_ai(1, 3, t=3), max_n_q=32)
+    assert tx.layer == Layer(32, 40) and len(out) == 1
+    # a pinned layer keeps its own packet duration
+    assert AicSender.fixed(Layer(8, 40)).choose(8) == Layer(8, 40)
+
+
+def test_the_packet_policy_is_an_operator_setting(monkeypatch):
+    """AURALINK_MAX_HEADER_SHARE=1: 40 ms packets whenever the link allows (lowest latency)."""
+    from sfu_bridge.config import BridgeConfig
+    from sfu_bridge.rate_control import DEFAULT_MAX_HEADER_SHARE
+
+    assert BridgeConfig.from_env().max_header_share == DEFAULT_MAX_HEADER_SHARE
+    monkeypatch.setenv("AURALINK_MAX_HEADER_SHARE", "1")
+    share = BridgeConfig.from_env().max_header_share
+    assert share == 1.0
+    assert AicSender.full_depth(share).choose(8) == Layer(8, 40)
+    assert AicSender.adaptive(RateControlConfig(max_header_share=share)).choose(8) == Layer(8, 40)
+    assert AicSender.adaptive().choose(8) == Layer(8, 120)
+    monkeypatch.setenv("AURALINK_MAX_HEADER_SHARE", "0")
+    with pytest.raises(ValueError, match=r"AURALINK_MAX_HEADER_SHARE must be in \(0, 1\]"):
+        BridgeConfig.from_env()

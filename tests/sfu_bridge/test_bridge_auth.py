@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from sfu_bridge.tick import InProcessCodec
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -37,9 +35,9 @@ async def _raw_post(base: str, path: str, authorization: bytes) -> tuple[int, by
 @pytest.mark.parametrize("header", [
     b"Bearer al1.\xc3\xa9t\xc3\xa9.sig", b"Bearer al1.e30.\xe9", b"Bearer \xff\xfe\xfd",
 ])
-def test_non_ascii_token_is_401_on_whip_and_whep(running_bridge, streaming_codec, header):
+def test_non_ascii_token_is_401_on_whip_and_whep(running_bridge, replica_core, header):
     async def go():
-        async with running_bridge(InProcessCodec(streaming_codec)) as (server, base):
+        async with running_bridge(replica_core()) as (server, base):
             return [await _raw_post(base, path, header) for path in ("/whip/room1", "/whep/room1")]
 
     for status, text in asyncio.run(go()):

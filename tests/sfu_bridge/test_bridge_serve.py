@@ -1,4 +1,4 @@
-"""A bridge worker on the real cluster path: WebRTC publisher -> bridge tick batcher ->
+"""A bridge worker on the real cluster path: WebRTC publisher -> BridgeCore ->
 `CodecClient` -> Ray Serve `CodecReplica` -> AIC subscriber, with the bridge reporting to the
 `FallbackSupervisor` actor (what `auralink bridge --codec serve` runs)."""
 
@@ -14,7 +14,7 @@ from sfu_bridge.sdk import AicPublisher, AicSubscriber
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 REPLICA = {"capacity": 16, "allow_random_weights": True, "torch_threads": 1,
-           "bandwidth_kbps": 6.0, "max_batch": 8, "deadline_ms": 5_000.0}
+           "max_bandwidth_kbps": 6.0, "max_batch": 8, "deadline_ms": 5_000.0}
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +55,21 @@ def test_bridge_serves_aic_from_serve_replicas_and_reports_to_the_supervisor(
             ok = await sub.wait_frames(n_aic=10, timeout_s=120)
             # the supervisor link exchanges once a second; give it a bounded chance
             for _ in range(100):
-                if server.media.supervision.exchanges:
+                if server.media.core.exchanges:
                     break
                 await asyncio.sleep(0.05)
             stats = server.media.stats()
-            link = server.media.supervision
+            core = server.media.core
             owner = client.owner("room9")
             await sub.stop()
             await pub.stop()
-        return ok, sub.stats, stats, link, owner
+        return ok, sub.stats, stats, core, owner
 
-    ok, sub_stats, stats, link, owner = asyncio.run(go())
+    ok, sub_stats, stats, core, owner = asyncio.run(go())
     assert ok, sub_stats
     assert sub_stats.aic_frames >= 10 and sub_stats.decoded_samples > 0
     assert stats["frames"].get("ai", 0) >= 10, stats["frames"]
-    assert link.exchanges >= 1 and link.failures == 0
+    assert core.exchanges >= 1 and core.exchange_failures == 0
     # The reports named the stream's replica, so the supervisor can tell stalls from failures.
     import ray
 

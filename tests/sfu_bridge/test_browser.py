@@ -12,7 +12,6 @@ import pytest
 from aiohttp import web
 
 from sfu_bridge.sdk import AicSubscriber
-from sfu_bridge.tick import InProcessCodec
 
 pytestmark = pytest.mark.browser
 
@@ -75,7 +74,7 @@ def require_chromium() -> None:
 
 
 def test_chromium_publishes_over_whip_to_aic_and_opus_subscribers(
-    running_bridge, tokens, streaming_codec
+    running_bridge, tokens, streaming_codec, replica_core
 ):
     require_chromium()
     from playwright.async_api import async_playwright
@@ -86,7 +85,7 @@ def test_chromium_publishes_over_whip_to_aic_and_opus_subscribers(
     async def go():
         routes = [("GET", "/publish.html", page)]
         async with running_bridge(
-            InProcessCodec(streaming_codec), extra_routes=routes,
+            replica_core(), extra_routes=routes,
             deadline_ms=2_000.0, max_backlog_chunks=200,
         ) as (server, base):
             with tempfile.TemporaryDirectory() as profile:
@@ -133,12 +132,16 @@ def test_chromium_publishes_over_whip_to_aic_and_opus_subscribers(
     assert sent > 0
     assert ok, aic.stats
     assert ok_plain, plain.stats
-    assert aic.stats.decoded_samples == 960 * (aic.stats.aic_frames - aic.stats.out_of_sync) > 0
+    assert aic.stats.decoded_samples == 320 * aic.stats.in_sync_frames > 0
+    in_sync = aic.stats.aic_frames - aic.stats.out_of_sync
+    assert 3 * in_sync <= aic.stats.in_sync_frames <= 9 * in_sync
     assert plain.stats.aic_frames == 0
     assert stats["frames"].get("ai", 0) >= 5
     # same browser audio, two subscribers: wire cost per second from the packets on their
-    # UDP sockets (SRTP, RTP header + extensions, UDP/IPv4 headers included)
-    aic_wire = aic.meter.bytes_per_datagram("rx", f"rtp/{aic._aic_pt}") * 25 * 8 / 1000
+    # UDP sockets (SRTP, RTP header + extensions, UDP/IPv4 headers included); an AIC packet
+    # carries 40, 80 or 120 ms (6 kbps: 120 ms, rate_control.min_packet_ms)
+    packet_ms = 40 * aic.stats.in_sync_frames / 3 / in_sync
+    aic_wire = aic.meter.bytes_per_datagram("rx", f"rtp/{aic._aic_pt}") * 1000 / packet_ms * 8 / 1000
     opus_kind = next(k for k in plain.meter.rx if k.startswith("rtp/"))
     opus_wire = plain.meter.bytes_per_datagram("rx", opus_kind) * 50 * 8 / 1000
     assert 0 < aic_wire < opus_wire / 2, (aic_wire, opus_wire)

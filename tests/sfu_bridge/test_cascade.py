@@ -134,10 +134,10 @@ def test_fuzz_mutated_datagrams(cut: int, pos: int, junk: bytes) -> None:
 
 def test_relay_counts_bad_datagrams_as_drops() -> None:
     from cluster.bench.bridge import EmulatedCodec
+    from sfu_bridge.core import BridgeCore
     from sfu_bridge.media import MediaBridge
-    from sfu_bridge.tick import TickBatcher
 
-    relay = CascadeRelay(1, MediaBridge(TickBatcher(EmulatedCodec()), max_streams=2))
+    relay = CascadeRelay(1, MediaBridge(BridgeCore(EmulatedCodec()), max_streams=2))
     relay.datagram_received(b"garbage-garbage-garbage", ("127.0.0.1", 1))
     relay.datagram_received(serialise(RelayType.FRAMES, 0, 1, [_ai("nobody")])[0], ("127.0.0.1", 1))
     assert relay.drops == {RelayDrop.BAD_HEADER.value: 1, RelayDrop.UNKNOWN_STREAM.value: 1}
@@ -168,15 +168,15 @@ def test_two_workers_every_frame_exactly_once_at_each_layer() -> None:
     from cluster.bench.bridge import EmulatedCodec, PublisherFeed, _opus_loop, _srtp_pair
     from cluster.bench.fanout import EmulatedOut
     from sfu_bridge.aic_payload import AicPayload
+    from sfu_bridge.core import BridgeCore
     from sfu_bridge.media import MediaBridge
     from sfu_bridge.rate_control import Layer
-    from sfu_bridge.tick import TickBatcher
 
     chunks = 12
 
     async def go() -> tuple[list, list, CascadeRelay, CascadeRelay]:
-        owner = MediaBridge(TickBatcher(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2)
-        peer = MediaBridge(TickBatcher(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2)
+        owner = MediaBridge(BridgeCore(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2)
+        peer = MediaBridge(BridgeCore(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2)
         key = relay_key(b"cluster secret")
         r0, r1 = CascadeRelay(0, owner, key), CascadeRelay(1, peer, key)
         owner.cascade, peer.cascade = r0, r1
@@ -207,7 +207,7 @@ def test_two_workers_every_frame_exactly_once_at_each_layer() -> None:
         for _ in range(chunks):
             for data in feed.next_wire(2):
                 owner.forward("s", RtpPacket.parse(feed.rx.unprotect(data)))
-            report = await owner.batcher.tick()
+            report = await owner.core.tick()
             owner.dispatch_now(report)
             await asyncio.sleep(0.01)  # the relay datagram reaches the peer
             owner._update_needs()

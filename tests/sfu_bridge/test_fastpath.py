@@ -69,9 +69,10 @@ def test_opus_ingest_chunks_in_order() -> None:
     ing = OpusIngest("s")
     chunks = [c for i, p in enumerate(packets) for c in ing.packet(i, p)]
     assert len(chunks) == 10  # two 20 ms packets per 40 ms chunk
-    assert all(c.pcm24.shape == (CHUNK_SAMPLES,) and c.pcm24.dtype == np.float32 for c in chunks)
-    assert [c.rtp_timestamp for c in chunks] == [k * CHUNK_48K for k in range(10)]
-    assert float(np.abs(chunks[-1].pcm24).max()) > 0.1  # audio, not silence
+    assert all(pcm.shape == (CHUNK_SAMPLES,) and pcm.dtype == np.float32 for pcm, _, _ in chunks)
+    assert [ts for _, ts, _ in chunks] == [k * CHUNK_48K for k in range(10)]
+    assert all(at > 0 for _, _, at in chunks)  # when each chunk was complete
+    assert float(np.abs(chunks[-1][0]).max()) > 0.1  # audio, not silence
     assert not ing.drops and ing.concealed == 0
 
 
@@ -83,8 +84,10 @@ def test_opus_ingest_conceals_gaps_and_counts_drops() -> None:
         out += ing.packet(seq, packets[seq % 12])
     assert ing.concealed == 2
     assert len(out) == 3  # 7 packets' worth of 20 ms (5 received, 2 concealed) -> 3 chunks
-    out += ing.packet(1, packets[1])  # arrives after 3: too late
+    out += ing.packet(1, packets[1])  # arrives after 3, its place concealed: reordered
     out += ing.packet(3, packets[3])  # duplicate
+    out += ing.packet(65530, packets[0])  # older than anything here: late
+    assert ing.drops[IngestDrop.REORDERED.value] == 1
     assert ing.drops[IngestDrop.LATE.value] == 2
     ing.packet(4, b"\xff\xff\xff")  # not an Opus packet libopus accepts
     assert ing.drops[IngestDrop.MALFORMED.value] == 1

@@ -4,18 +4,19 @@ rejection), and everything built from valid fields round-trips byte for byte."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sfu_bridge.aic_payload import N_Q_BY_INDEX, AicPayload
-from sfu_bridge.hint_auth import HintRejected, HintSigner, HintVerifier
+from sfu_bridge.hint_auth import HintRejected, HintRejection, HintSigner, HintVerifier
 from sfu_bridge.hint_ext import (
     HINT_BANDWIDTHS_KBPS,
-    HeaderExtensionBlock,
     Hint,
     HintElement,
 )
 from sfu_bridge.tokens import Scope, TokenAuthority, TokenError
+from tests.sfu_bridge.rfc8285 import HeaderExtensionBlock
 
 SECRET = b"fuzz-cluster-secret-0123456789ab"
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -119,14 +120,14 @@ def test_hint_element_random_bytes(data):
 
 @FUZZ
 @given(st.one_of(st.binary(max_size=40), st.binary(min_size=16, max_size=16)))
-def test_verifier_random_bytes_never_raise_in_check(data):
+def test_verifier_random_bytes_only_raise_rejections(data):
     v = HintVerifier(None, "s", key=b"k" * 32)
-    assert v.check("s", data) is None  # a random 80-bit tag does not verify
-    assert v.rejected == 1
     try:
         v.verify("s", data)
-    except HintRejected:
-        pass
+    except HintRejected as exc:  # a random 80-bit tag does not verify
+        assert exc.reason in (HintRejection.SIZE, HintRejection.TAG)
+    else:
+        raise AssertionError("random bytes verified")
 
 
 @FUZZ
@@ -134,14 +135,16 @@ def test_verifier_random_bytes_never_raise_in_check(data):
 def test_hint_sign_verify_round_trip_and_any_bit_flip_rejected(hint, pos, flip):
     data = SIGNER.sign("stream-1", hint)
     v = HintVerifier(SECRET, "stream-1")
-    assert v.check("stream-1", data) == hint
-    assert v.check("stream-1", data) is None and v.counters["replay"] == 1
+    assert v.verify("stream-1", data) == hint
+    with pytest.raises(HintRejected) as replayed:
+        v.verify("stream-1", data)
+    assert replayed.value.reason is HintRejection.REPLAY
     if flip:
         mutated = bytearray(data)
         mutated[pos] ^= flip
-        fresh = HintVerifier(SECRET, "stream-1")
-        assert fresh.check("stream-1", bytes(mutated)) is None
-        assert fresh.counters["tag"] == 1
+        with pytest.raises(HintRejected) as forged:
+            HintVerifier(SECRET, "stream-1").verify("stream-1", bytes(mutated))
+        assert forged.value.reason is HintRejection.TAG
 
 
 # ---- tokens --------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sfu_bridge.tick import InProcessCodec
 from tests.sfu_bridge.test_sdp_guard import CHROMIUM_OFFER, FIREFOX_OFFER, GSTREAMER_OFFER
 
 SETTINGS = dict(
@@ -34,13 +33,13 @@ HOST = "127.0.0.1"
 
 
 @pytest.fixture(scope="module")
-def live(running_bridge, streaming_codec, tokens):
+def live(running_bridge, replica_core, tokens):
     """A bridge served from a thread; a publisher of `fuzz-sub` so WHEP offers get negotiated."""
     state: dict = {}
     ready = threading.Event()
 
     async def serve() -> None:
-        async with running_bridge(InProcessCodec(streaming_codec), connect_timeout_s=600.0,
+        async with running_bridge(replica_core(), connect_timeout_s=600.0,
                                   max_body_bytes=16_384) as (server, base):
             state.update(server=server, port=int(base.rsplit(":", 1)[1]),
                          loop=asyncio.get_running_loop(), stop=asyncio.Event())

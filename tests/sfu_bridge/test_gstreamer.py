@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from sfu_bridge.tick import InProcessCodec
-
 pytestmark = pytest.mark.interop
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, with python3-gi: the venv has no PyGObject
@@ -44,12 +42,12 @@ def require_gstreamer() -> None:
         pytest.fail(f"GStreamer WebRTC stack incomplete ({detail}): {hint}")
 
 
-def test_gstreamer_webrtcbin_publishes_over_whip(running_bridge, tokens, streaming_codec):
+def test_gstreamer_webrtcbin_publishes_over_whip(running_bridge, tokens, streaming_codec, replica_core):
     require_gstreamer()
 
     async def go():
         async with running_bridge(
-            InProcessCodec(streaming_codec), deadline_ms=2_000.0, max_backlog_chunks=200,
+            replica_core(), deadline_ms=2_000.0, max_backlog_chunks=200,
         ) as (server, base):
             env = {**os.environ, "WHIP_TOKEN": tokens.issue("gst", "gst-room", ["publish"])}
             proc = await asyncio.create_subprocess_exec(

@@ -6,10 +6,10 @@ import pytest
 
 from sfu_bridge.hint_ext import (
     HINT_BYTES,
-    HeaderExtensionBlock,
     Hint,
     HintElement,
 )
+from tests.sfu_bridge.rfc8285 import HeaderExtensionBlock
 
 TAG = bytes(range(0xA0, 0xAA))
 # model 3, 6 kbps (BW 2), reset, epoch 0x0102, seq24 0x030405:

@@ -13,7 +13,6 @@ import pytest
 from sfu_bridge import ice
 from sfu_bridge.ice import IceServer
 from sfu_bridge.sdk import wait_connected
-from sfu_bridge.tick import InProcessCodec
 
 # ---- pure functions -----------------------------------------------------------------------
 
@@ -157,12 +156,12 @@ def test_peer_connection_without_servers_gathers_host_candidates_only():
 
 
 @pytest.fixture(scope="module")
-def bridge(running_bridge, streaming_codec):
+def bridge(running_bridge, streaming_codec, replica_core):
     """bridge(body, **config): runs `body(http, base, server)` against a fresh bridge."""
 
     def run(body, **config):
         async def go():
-            async with running_bridge(InProcessCodec(streaming_codec), **config) as (server, base):
+            async with running_bridge(replica_core(), **config) as (server, base):
                 async with aiohttp.ClientSession() as http:
                     return await body(http, base, server)
 

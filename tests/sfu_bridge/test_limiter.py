@@ -156,6 +156,26 @@ def test_redis_accuracy_backlogged_stream_gets_exactly_the_rate(client):
     pytest.skip(f"this process stalled > 0.5 s in every run (last {max_gap:.2f} s)")
 
 
+def test_a_simulated_clock_limits_per_simulated_second_however_late_its_ticks_run(client):
+    """A dilated load test's flooder offers 250 hints per simulated second in 40 ms ticks.
+    On the simulated clock it gets burst + 100 per simulated second, whether the ticks run
+    early (here: back to back) or late (sleeping past their slot): the wall time they took
+    does not enter. On Redis' own clock the same run would get the burst and a trickle."""
+    sim = {"t": 1000.0}
+    dilation = 40.0
+    for late_s, bridge in ((0.0, "early"), (0.004, "late")):
+        lim = HintLimiter(client, rate_per_s=100, burst=10, bridge_id=bridge,
+                          clock=lambda: sim["t"], clock_rate=1 / dilation)
+        allowed = 0
+        for tick in range(50):  # 2 simulated seconds
+            sim["t"] = 1000.0 + tick * 0.040
+            allowed += int(lim.allow(["flood"], [10])[0])
+            time.sleep(late_s)
+        assert allowed == 10 + 196, (bridge, allowed)  # the burst, then 100/s over 1.96 s
+        # the key lives in wall time as long as its debt lasts in simulated time x dilation
+        assert client.pttl(lim.key("flood")) > 50
+
+
 def test_counts_above_uint16_are_refused(client):
     lim = HintLimiter(client, rate_per_s=1_000_000, burst=100_000, bridge_id="big")
     assert lim.allow(["s"], [70_000]).tolist() == [65_535]

@@ -12,8 +12,7 @@ from deployments.config import SupervisorSettings
 from deployments.supervisor import FallbackSupervisorCore
 from deployments.supervisor_policy import SupervisorConfig
 from deployments.user_policy import UserPolicies, UserPolicy
-from sfu_bridge.supervision import SupervisorLink
-from sfu_bridge.tick import Chunk, InProcessCodec, TickBatcher
+from sfu_bridge.core import BridgeCore, SupervisorLink
 
 
 def _core(kv):
@@ -41,34 +40,31 @@ def test_a_cap_outside_the_layers_is_refused(bad):
         UserPolicies().set("u", UserPolicy(max_kbps=bad))
 
 
-def test_the_bridge_applies_caps_and_dtx_switches_from_the_supervisor(streaming_codec, sine_chunk):
+def test_the_bridge_applies_caps_and_dtx_switches_from_the_supervisor(replica_core, sine_chunk):
     kv: dict[bytes, bytes] = {}
-    core = _core(kv)
-    core.set_user_policy("capped", 1.5, True)
-    core.set_user_policy("talky", None, False)
+    sup = _core(kv)
+    sup.set_user_policy("capped", 1.5, True)
+    sup.set_user_policy("talky", None, False)
 
-    async def exchange(reports):
-        return core.report(reports)
+    async def report(reports):
+        return sup.report(reports)
 
     async def policies(users):
-        return core.user_policies.for_users(users)
+        return sup.user_policies.for_users(users)
 
-    tb = TickBatcher(InProcessCodec(streaming_codec), deadline_ms=60_000.0, bandwidth_kbps=24.0,
-                     dtx=True)
-    link = SupervisorLink(tb, exchange, period_s=0.0, policies=policies,
-                          users={"s1": "capped", "s2": "talky", "s3": "free"})
-    for sid in ("s1", "s2", "s3"):
-        tb.join(sid)
+    core = BridgeCore(replica_core(max_bandwidth_kbps=24.0), deadline_ms=60_000.0, bandwidth_kbps=24.0,
+                      dtx=True, supervisor=SupervisorLink(report, period_s=0.0, policies=policies))
+    for sid, user in (("s1", "capped"), ("s2", "talky"), ("s3", "free")):
+        core.join(sid, user=user)
 
     async def go():
         out = []
         for i in range(3):
             for sid in ("s1", "s2", "s3"):
-                tb.push(Chunk(sid, sine_chunk(200, i) if sid != "s2" else np.zeros(960, np.float32)))
-            r = await tb.tick()
-            link.observe(r)
-            await link.close()
-            out.append({f.chunk.stream_id: (f.key, f.n_q) for f in r.frames})
+                core.push(sid, sine_chunk(200, i) if sid != "s2" else np.zeros(960, np.float32))
+            r = await core.tick()
+            await core.close()  # the exchange (reports and policies) has come back
+            out.append({f.stream_id: (f.key, f.n_q) for f in r.frames()})
         return out
 
     first, _, last = asyncio.run(go())
@@ -76,4 +72,5 @@ def test_the_bridge_applies_caps_and_dtx_switches_from_the_supervisor(streaming_
     assert last["s1"] == ("ai", 2)  # capped at 1.5 kbps though the stream asks for 24
     assert last["s3"] == ("ai", 32)
     assert last["s2"][0] == "ai"  # silent, but its user's DTX is off: still AI
-    assert tb.streams["s2"].adapt.dtx_enabled is False
+    assert core.stream("s2").dtx_enabled is False
+    assert core.stream("s1").cap_kbps == 1.5 and core.stream("s3").cap_kbps is None

@@ -103,7 +103,7 @@ def test_hint_and_aic_payload_cross_a_real_connection():
         await a.setLocalDescription(await a.createAnswer())
         await b.setRemoteDescription(a.localDescription)
         hints: list[bytes] = []
-        rtp_ext.transport_extensions_map(tb).hint_sink = hints.append
+        rtp_ext.hint_map(tb).hint_sink = hints.append
         await wait_connected(a)
         await wait_connected(b)
         out = RtpOut(ta)

@@ -14,7 +14,6 @@ from sfu_bridge.hint_ext import Hint
 from sfu_bridge.limiter import AsyncHintLimiter
 from sfu_bridge.redis_store import connect_async
 from sfu_bridge.sdk import AicPublisher, AicSubscriber
-from sfu_bridge.tick import InProcessCodec
 
 # Generous: the codec runs for real on a shared CPU; these tests check behaviour, not speed.
 CONFIG = dict(deadline_ms=2_000.0, max_backlog_chunks=200, opted_out_users=frozenset({"dave"}))
@@ -23,7 +22,7 @@ CONFIG = dict(deadline_ms=2_000.0, max_backlog_chunks=200, opted_out_users=froze
 class SeenStreams:
     """The real in-process codec, recording which streams reached it."""
 
-    def __init__(self, inner: InProcessCodec) -> None:
+    def __init__(self, inner) -> None:
         self.inner = inner
         self.seen: set[str] = set()
 
@@ -32,12 +31,13 @@ class SeenStreams:
         return await self.inner.process(batch)
 
 
-def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, streaming_codec, secret, caplog):
-    from sfu_bridge.aic_payload import payload_size
+def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, streaming_codec, replica_core, secret, caplog):
+    from sfu_bridge.aic_payload import AicPayload, payload_size
+    from sfu_bridge.rate_control import min_packet_ms
     from telemetry import metrics as m
 
     caplog.set_level(logging.DEBUG)
-    codec = SeenStreams(InProcessCodec(streaming_codec))
+    codec = SeenStreams(replica_core())
     reg = m.local_registry()
     wire0 = {p: reg.counter(m.WIRE_BYTES, path=p) for p in ("ai", "native")}
 
@@ -66,13 +66,13 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
             ok_late = await late.wait_frames(n_aic=8, timeout_s=90)
             await late.stop()
             ok = ok and ok_late and late.stats.decoded_samples > 0
-            restarts = server.media.batcher.epoch_restarts
+            restarts = server.media.core.epoch_restarts
             received = aic.stats.aic_frames
             stats = server.media.stats()
             stats["aic_received"] = received
             wire = {p: reg.counter(m.WIRE_BYTES, path=p) - wire0[p] for p in ("ai", "native")}
             lim = dataclasses.replace(limiter.counters)  # snapshot with the stats
-            ticks = server.media.batcher.ticks
+            ticks = server.media.core.ticks
             statuses = [await aic.stop(), await plain.stop(), await pub.stop()]
         await limiter.aclose()
         return ok, ok_plain, aic, plain, pub, stats, statuses, lim, ticks, late, restarts, wire
@@ -80,10 +80,13 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
     ok, ok_plain, aic, plain, pub, stats, statuses, lim, ticks, late, restarts, wire = asyncio.run(go())
     assert ok and ok_plain, (aic.stats, plain.stats)
     assert statuses == [200, 200, 200]
-    # the AIC subscriber decoded every AIC frame to 40 ms of 24 kHz audio, epoch by epoch
+    # the AIC subscriber decoded every AIC payload to 40, 80 or 120 ms of 24 kHz audio (6 kbps
+    # goes in 120 ms packets), epoch by epoch
     assert aic.stats.bad_payloads == 0
     for sub in (aic, late):  # decoded = every payload of the epochs it followed from the start
-        assert sub.stats.decoded_samples == 960 * (sub.stats.aic_frames - sub.stats.out_of_sync)
+        assert sub.stats.decoded_samples == 320 * sub.stats.in_sync_frames
+        in_sync = sub.stats.aic_frames - sub.stats.out_of_sync
+        assert 3 * in_sync <= sub.stats.in_sync_frames <= 9 * in_sync
         assert sub.stats.decoder_resets == len(sub.stats.epochs) >= 1
         assert sub.stats.epochs == sorted(set(sub.stats.epochs))  # epochs only move forward
         assert sub.stats.sequence_gaps == 0  # loopback: nothing lost
@@ -102,18 +105,22 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
     assert lim.calls < lim.allowed
     assert not any(k.startswith("dropped/") and k != "dropped/rate_limited" for k in stats["hints"])
     assert stats["frames"].get("ai", 0) >= stats["aic_received"]  # sent before received
-    # wire: an AIC packet (40 ms) is smaller than one Opus packet (20 ms), headers included
+    # wire: 6 kbps goes in 120 ms packets (rate_control.min_packet_ms); per ms of audio an AIC
+    # packet is smaller than an Opus packet (20 ms), headers included
+    aic_ms = min_packet_ms(8)
+    assert aic_ms == 120 and max(AicPayload.parse(p).n_frames for p in aic.payloads) == 9
     aic_pt = aic._aic_pt
     aic_bytes = aic.meter.bytes_per_datagram("rx", f"rtp/{aic_pt}")
     opus_kind = next(k for k in plain.meter.rx if k.startswith("rtp/"))
     opus_bytes = plain.meter.bytes_per_datagram("rx", opus_kind)
-    assert 0 < aic_bytes < opus_bytes
-    # the payload bytes sent reach the metrics by codec path (AIC payloads have one size;
-    # the last tick's bytes may still be waiting for the end of its fan-out)
-    ai_payload = payload_size(8, 3)
-    assert 0 < wire["ai"] <= stats["packets"]["aic"] * ai_payload and wire["ai"] % ai_payload == 0
+    assert 0 < aic_bytes / aic_ms < opus_bytes / 20
+    # the payload bytes sent reach the metrics by codec path (a full AIC payload is the
+    # largest; one flushed early at an epoch change is shorter; the last tick's bytes may
+    # still be waiting for the end of its fan-out)
+    ai_payload = payload_size(8, 3 * aic_ms // 40)
+    assert 0 < wire["ai"] <= stats["packets"]["aic"] * ai_payload
     assert wire["native"] > 0  # the plain subscriber's forwarded Opus
-    assert aic_bytes * 25 < opus_bytes * 50 / 2  # AIC needs < half of Opus's wire rate
+    assert aic_bytes * 1000 / aic_ms < opus_bytes * 50 / 2  # AIC needs < half of Opus's wire rate
     # privacy: no hint, code or audio bytes in any log record (DEBUG, all loggers)
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert any(r.name.startswith("aiortc") and r.levelno == logging.DEBUG for r in caplog.records)
@@ -128,9 +135,9 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
 
 
 def test_opted_out_stream_never_reaches_the_ai_and_forged_hints_are_dropped(
-    running_bridge, tokens, streaming_codec, secret
+    running_bridge, tokens, streaming_codec, replica_core, secret
 ):
-    codec = SeenStreams(InProcessCodec(streaming_codec))
+    codec = SeenStreams(replica_core())
 
     async def go():
         async with running_bridge(codec, **CONFIG) as (server, base):

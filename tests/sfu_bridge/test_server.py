@@ -10,7 +10,6 @@ import pytest
 from aiortc import RTCPeerConnection
 
 from sfu_bridge.ice import peer_connection
-from sfu_bridge.tick import InProcessCodec
 
 
 async def aiortc_offer(direction: str = "sendonly") -> tuple[RTCPeerConnection, str]:
@@ -21,12 +20,12 @@ async def aiortc_offer(direction: str = "sendonly") -> tuple[RTCPeerConnection, 
 
 
 @pytest.fixture(scope="module")
-def scenario(running_bridge, tokens, streaming_codec):
+def scenario(running_bridge, tokens, streaming_codec, replica_core):
     """Runs `body(http, base, server)` against a fresh bridge."""
 
     def run(body):
         async def go():
-            async with running_bridge(InProcessCodec(streaming_codec), max_body_bytes=16_384) as (
+            async with running_bridge(replica_core(), max_body_bytes=16_384) as (
                 server, base,
             ):
                 async with aiohttp.ClientSession() as http:

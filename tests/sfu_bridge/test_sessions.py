@@ -19,7 +19,6 @@ from sfu_bridge.sessions import (
     SessionRefused,
     SessionRegistry,
 )
-from sfu_bridge.tick import InProcessCodec
 
 # ---- the books, on a fake clock -----------------------------------------------------------
 
@@ -115,12 +114,12 @@ async def until(predicate, timeout_s: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def bridge(running_bridge, streaming_codec):
+def bridge(running_bridge, replica_core):
     """bridge(body, **config): runs `body(http, base, server)` against a fresh bridge."""
 
     def run(body, **config):
         async def go():
-            async with running_bridge(InProcessCodec(streaming_codec), **config) as (server, base):
+            async with running_bridge(replica_core(), **config) as (server, base):
                 async with aiohttp.ClientSession() as http:
                     return await body(http, base, server)
 

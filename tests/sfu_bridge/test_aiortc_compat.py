@@ -1,0 +1,77 @@
+"""Smoke test of every aiortc/aioice internal the bridge touches (sfu_bridge/aiortc_compat.py),
+on a real loopback connection: an aiortc upgrade that moves one of them fails here, by name."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiortc
+import pytest
+
+from sfu_bridge import aiortc_compat, rtp_ext
+from sfu_bridge.hint_ext import HINT_URI
+from sfu_bridge.ice import peer_connection
+from sfu_bridge.sdk import wait_connected
+
+
+def test_version_check_names_the_supported_versions():
+    assert aiortc_compat.check_version() == aiortc.__version__ == "1.16.0"
+    with pytest.raises(aiortc_compat.AiortcVersionError, match="aiortc 1.17.0 is not supported"):
+        aiortc_compat.check_version("1.17.0")
+
+
+def test_installing_twice_changes_nothing():
+    from aiortc import rtcrtpreceiver
+    from aiortc.codecs import CODECS, HEADER_EXTENSIONS
+
+    rtp_ext.install()
+    decoder = rtcrtpreceiver.get_decoder
+    rtp_ext.install()
+    assert rtcrtpreceiver.get_decoder is decoder
+    assert sum(rtp_ext.is_aic(c) for c in CODECS["audio"]) == 1
+    assert sum(e.uri == HINT_URI for e in HEADER_EXTENSIONS["audio"]) == 1
+
+
+def test_every_accessor_on_a_live_connection():
+    async def go():
+        a, b = peer_connection(), peer_connection()
+        ta = a.addTransceiver("audio", direction="sendonly")
+        tb = b.addTransceiver("audio", direction="recvonly")
+        await b.setLocalDescription(await b.createOffer())
+        await a.setRemoteDescription(b.localDescription)
+        await a.setLocalDescription(await a.createAnswer())
+        await b.setRemoteDescription(a.localDescription)
+        answer = a.localDescription.sdp
+        seen: asyncio.Queue = asyncio.Queue()
+        aiortc_compat.tap_receiver(tb.receiver, lambda pkt: seen.put_nowait(pkt) or True)
+        pli = asyncio.Event()
+        aiortc_compat.on_keyframe_request(ta, pli.set)
+        await wait_connected(a)
+        await wait_connected(b)
+
+        ssrc = aiortc_compat.sender_ssrc(ta)
+        codecs = aiortc_compat.negotiated_codecs(ta)
+        exts = aiortc_compat.negotiated_header_extensions(ta)
+        protocols = aiortc_compat.ice_datagram_protocols(a)
+        ext_map = aiortc_compat.receive_extensions_map(tb)
+
+        from aiortc.rtp import RtpPacket
+
+        aic_pt = next(c.payloadType for c in codecs if rtp_ext.is_aic(c))
+        pkt = RtpPacket(payload_type=aic_pt, sequence_number=1, timestamp=0, ssrc=ssrc, payload=b"x")
+        await aiortc_compat.send_rtp(ta, pkt.serialize())
+        got = await asyncio.wait_for(seen.get(), 10)
+        await aiortc_compat.send_pli(tb.receiver, ssrc)
+        await asyncio.wait_for(pli.wait(), 10)
+        await a.close()
+        await b.close()
+        return answer, ssrc, codecs, exts, protocols, ext_map, got
+
+    answer, ssrc, codecs, exts, protocols, ext_map, got = asyncio.run(go())
+    assert f"a=ssrc:{ssrc} " in answer  # the SSRC the sender announced
+    assert {c.mimeType.lower() for c in codecs} >= {"audio/opus", "audio/aic"}
+    assert any(e.uri == HINT_URI for e in exts)
+    assert protocols and all(hasattr(p, "datagram_received") and hasattr(p.transport, "sendto")
+                             for p in protocols)
+    assert isinstance(ext_map, rtp_ext.AicHeaderExtensionsMap)
+    assert (got.ssrc, got.payload) == (ssrc, b"x")  # tapped before the jitter buffer
