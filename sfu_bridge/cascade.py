@@ -20,9 +20,9 @@ and every `FEEDBACK_INTERVAL_S`; the owner forgets a worker's subscription after
 `SUBSCRIPTION_TTL_S` without one. The owner encodes each stream as deep as the deepest need,
 local or remote.
 
-**Framing** (big-endian; version 1)::
+**Framing** (big-endian; version 2)::
 
-    header   magic "AL" | version u8 | type u8 | worker u16 | tick u32 | part u8 | parts u8 | count u16
+    header   magic "AL" | version u8 | type u8 | worker u16 | boot u32 | tick u32 | part u8 | parts u8 | count u16
     FRAMES   count records: sid_len u8 | sid (utf-8) | kind u8 | rtp_ts u32 | age_us u32 | body
              kind AI (1):       epoch u32 | epoch_seq u32 | n_q u8 | n_frames u8 | codes (10-bit packed)
              kind FALLBACK (2): reason u8 | n u8 | n x (len u16 | Opus packet)
@@ -34,7 +34,17 @@ local or remote.
 deadlines are relative budgets, because hosts' clocks differ. With a relay key (derived from
 the cluster secret, `relay_key`) every datagram ends in a 10-byte truncated HMAC-SHA256 tag
 over the rest, checked before parsing: only workers of the cluster can feed a worker's
-subscribers. Anything malformed or unauthenticated is a counted drop (`RelayDrop`), never an
+subscribers.
+
+**Replay window.** `tick` numbers a sender's FRAMES batches (its bridge tick) and its FEEDBACK
+rounds; `boot` is the sender relay's start time (Unix seconds), so a restarted sender, whose
+ticks start again from 0, opens a new window instead of being taken for a replay. Per sender
+(address, worker id, type) the receiver keeps the latest boot, the highest tick and the parts
+seen of the last `REPLAY_WINDOW` ticks: a datagram of an older boot, of a tick below the
+window, or a part already seen is dropped (`replay`), so a captured tagged datagram cannot be
+fed to subscribers twice. Datagrams arriving out of order within the window are accepted.
+
+Anything malformed, unauthenticated or replayed is a counted drop (`RelayDrop`), never an
 exception out of the datagram handler.
 """
 
@@ -59,8 +69,8 @@ from sfu_bridge.core import FrameOutcome
 logger = logging.getLogger(__name__)
 
 MAGIC = b"AL"
-VERSION = 1
-HEADER = struct.Struct("!2sBBHIBBH")  # 14 bytes
+VERSION = 2
+HEADER = struct.Struct("!2sBBHIIBBH")  # 18 bytes
 MAX_DATAGRAM = 1200
 TAG_BYTES = 10
 MAX_SID_BYTES = 255
@@ -68,6 +78,8 @@ MAX_N_Q = 32
 MAX_FRAMES = 9  # 120 ms of EnCodec frames
 FEEDBACK_INTERVAL_S = 1.0
 SUBSCRIPTION_TTL_S = 5.0
+MAX_REPLAY_WINDOWS = 4096  # senders (address, worker, type) remembered
+REPLAY_WINDOW = 64  # ticks (2.56 s of 40 ms ticks): reordering on a cluster network is far less
 
 
 class RelayType(enum.IntEnum):
@@ -89,6 +101,7 @@ class RelayDrop(str, enum.Enum):
     TRAILING = "trailing"  # bytes after the last record
     UNKNOWN_STREAM = "unknown_stream"  # a stream this worker has no subscribers for
     TAG = "tag"  # missing or wrong authentication tag
+    REPLAY = "replay"  # seen before, from an older boot of its sender, or below the replay window
 
 
 class RelayError(ValueError):
@@ -125,6 +138,35 @@ class RelayDatagram:
     part: int
     parts: int
     records: list[Any]
+    boot: int = 0
+
+
+@dataclass
+class ReplayWindow:
+    """One sender's window (module docstring): its boot, highest tick, parts seen per tick."""
+
+    boot: int
+    top: int
+    seen: dict[int, int] = field(default_factory=dict)  # tick -> bitmask of parts seen
+
+    def accept(self, boot: int, tick: int, part: int) -> bool:
+        if boot != self.boot:
+            if boot < self.boot:
+                return False
+            self.boot, self.top, self.seen = boot, tick, {}  # the sender restarted
+        if tick <= self.top - REPLAY_WINDOW:
+            return False
+        bit = 1 << part
+        mask = self.seen.get(tick, 0)
+        if mask & bit:
+            return False
+        self.seen[tick] = mask | bit
+        if tick > self.top:
+            self.top = tick
+            floor = tick - REPLAY_WINDOW
+            for old in [t for t in self.seen if t <= floor]:
+                del self.seen[old]
+        return True
 
 
 def relay_key(cluster_secret: bytes) -> bytes:
@@ -169,10 +211,10 @@ def encode_record(r: FrameRecord | FeedbackRecord) -> bytes:
 
 
 def serialise(type_: RelayType, worker: int, tick: int, records: list[Any],
-              max_datagram: int = MAX_DATAGRAM, key: bytes | None = None) -> list[bytes]:
+              max_datagram: int = MAX_DATAGRAM, key: bytes | None = None, boot: int = 0) -> list[bytes]:
     """One tick's records (or records already encoded, `bytes`) -> datagrams of at most
     `max_datagram` bytes (a record larger than that goes alone in its datagram), each tagged
-    when a key is given."""
+    when a key is given; `boot`: the sender's start time (the replay window's)."""
     bodies = [r if isinstance(r, bytes) else encode_record(r) for r in records]
     groups: list[list[bytes]] = [[]]
     if key is not None:
@@ -186,7 +228,8 @@ def serialise(type_: RelayType, worker: int, tick: int, records: list[Any],
         size += len(b)
     if len(groups) > 255:
         raise ValueError("a tick's relay batch needs more than 255 datagrams")
-    out = [HEADER.pack(MAGIC, VERSION, type_, worker & 0xFFFF, tick & 0xFFFFFFFF, i, len(groups), len(g))
+    out = [HEADER.pack(MAGIC, VERSION, type_, worker & 0xFFFF, boot & 0xFFFFFFFF, tick & 0xFFFFFFFF,
+                       i, len(groups), len(g))
            + b"".join(g) for i, g in enumerate(groups)]
     return out if key is None else [d + _tag(key, d) for d in out]
 
@@ -208,7 +251,7 @@ def parse(data: bytes, key: bytes | None = None) -> RelayDatagram:
             raise RelayError(RelayDrop.TAG, "authentication tag does not match")
     if len(data) < HEADER.size:
         raise RelayError(RelayDrop.TRUNCATED, f"datagram of {len(data)} bytes is shorter than the header")
-    magic, version, type_, worker, tick, part, parts, count = HEADER.unpack_from(data)
+    magic, version, type_, worker, boot, tick, part, parts, count = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise RelayError(RelayDrop.BAD_HEADER, "not a relay datagram (magic)")
     if version != VERSION:
@@ -280,7 +323,7 @@ def parse(data: bytes, key: bytes | None = None) -> RelayDatagram:
             raise RelayError(RelayDrop.BAD_RECORD, f"record kind {kind} is unknown")
     if pos != len(data):
         raise RelayError(RelayDrop.TRAILING, f"{len(data) - pos} bytes after the last record")
-    return RelayDatagram(RelayType(type_), worker, tick, part, parts, records)
+    return RelayDatagram(RelayType(type_), worker, tick, part, parts, records, boot)
 
 
 # -- the owner's side ----------------------------------------------------------------------
@@ -326,6 +369,9 @@ class CascadeRelay:
         self.send_cpu_s = 0.0  # CPU time spent building and sending relay batches
         self.send_cpu_us: deque[float] = deque(maxlen=1000)  # per tick with frames (benches)
         self.last_tick_out: dict[int, float] = {}  # relayed tick -> monotonic time its fan-out ended
+        self.boot = int(time.time())  # this relay's start: the replay window's (module docstring)
+        self._feedback_rounds = 0  # FEEDBACK datagrams' tick
+        self._windows: dict[tuple[Any, int, int], ReplayWindow] = {}  # (addr, worker, type) -> window
 
     async def open(self, host: str, port: int) -> tuple[str, int]:
         import asyncio
@@ -396,7 +442,8 @@ class CascadeRelay:
                     by_peer.setdefault(addr, []).extend(bodies)
         self._opus.clear()
         for addr, records in by_peer.items():
-            for dgram in serialise(RelayType.FRAMES, self.worker, tick, records, key=self.key):
+            for dgram in serialise(RelayType.FRAMES, self.worker, tick, records, key=self.key,
+                                   boot=self.boot):
                 self.transport.sendto(dgram, addr)
                 self.sent["datagrams"] += 1
                 self.sent["bytes"] += len(dgram)
@@ -463,8 +510,11 @@ class CascadeRelay:
             if force or periodic or restart or self._fed_back.get(sid) != state:
                 self._fed_back[sid] = state
                 by_owner.setdefault(owner, []).append(FeedbackRecord(sid, need, restart))
+        if by_owner:
+            self._feedback_rounds += 1
         for owner, records in by_owner.items():
-            for dgram in serialise(RelayType.FEEDBACK, self.worker, 0, records, key=self.key):
+            for dgram in serialise(RelayType.FEEDBACK, self.worker, self._feedback_rounds, records,
+                                   key=self.key, boot=self.boot):
                 self.transport.sendto(dgram, owner)
         if periodic:
             self._fed_back_at = now
@@ -513,6 +563,9 @@ class CascadeRelay:
         except RelayError as exc:
             self.drops[exc.reason.value] += 1
             return
+        if not self._fresh(d, addr):
+            self.drops[RelayDrop.REPLAY.value] += 1
+            return
         self.received["datagrams"] += 1
         self.received["records"] += len(d.records)
         try:
@@ -523,6 +576,18 @@ class CascadeRelay:
         except Exception as exc:  # a bad batch must not stop the worker's media path
             self.drops["error"] += 1
             logger.warning("relay datagram failed: %s", type(exc).__name__)
+
+
+    def _fresh(self, d: RelayDatagram, addr: Any) -> bool:
+        """The replay window (module docstring); a sender's first datagram opens its window."""
+        key = (addr, d.worker, int(d.type))
+        w = self._windows.get(key)
+        if w is None:
+            if len(self._windows) >= MAX_REPLAY_WINDOWS:  # bounded: forget the oldest sender
+                del self._windows[next(iter(self._windows))]
+            self._windows[key] = ReplayWindow(d.boot, d.tick, {d.tick: 1 << d.part})
+            return True
+        return w.accept(d.boot, d.tick, d.part)
 
 
 # a relayed stream's Opus payload type inside this worker (its subscribers' own PTs go on the wire)

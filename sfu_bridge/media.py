@@ -29,7 +29,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -493,7 +493,7 @@ class MediaBridge:
             aic = [s for s in subs.values() if s.out.aic_pt is not None] if subs else []
             if (aic or sid in relayed) and sid in publishers:
                 todo.append((report.frame(i), aic))
-        self._fan_out(report.tick, todo)
+        self._fan_out(todo, relay_tick=report.tick)
         report.overhead_ms += (time.perf_counter() - t0) * 1000.0
         self.overheads_ms.append(report.overhead_ms)
         if len(self.overheads_ms) > 10_000:
@@ -509,12 +509,14 @@ class MediaBridge:
                 aic = [s for s in subs.values() if s.out.aic_pt is not None]
                 if aic:
                     todo.append((fo, aic))
-        self._fan_out(tick, todo)
+        self._fan_out(todo)  # never relayed on: only a stream's owner relays it
 
-    def _fan_out(self, tick: int, todo: list[tuple[FrameOutcome, list[Subscriber]]]) -> None:
+    def _fan_out(self, todo: list[tuple[FrameOutcome, list[Subscriber]]],
+                 relay_tick: int | None = None) -> None:
+        """`relay_tick`: this worker's own tick, whose output goes to the other workers too."""
         opus_packets = self._encode_opus([fo for fo, _ in todo if fo.outcome is Outcome.FALLBACK])
-        if self.cascade is not None:  # cascade.py: the tick's output, once to each other worker
-            self.cascade.on_tick(tick, [fo for fo, _ in todo], opus_packets)
+        if self.cascade is not None and relay_tick is not None:  # cascade.py: once to each other worker
+            self.cascade.on_tick(relay_tick, [fo for fo, _ in todo], opus_packets)
         cache: dict = {}  # subscribers at the same layer share a payload's packing
         # plain calls: a send only hands a datagram to the socket (fastpath.py), no coroutine
         for fo, subs in todo:
@@ -626,6 +628,14 @@ class MediaBridge:
                               "dtx_enabled": ad.dtx_enabled, "subscribers": subs}
         return out
 
+    def ingest_drops(self) -> dict[str, int]:
+        """Publishers' packets the fast receive path dropped, by reason (fastpath.IngestDrop)."""
+        out: Counter[str] = Counter()
+        for pub in self.publishers.values():
+            if pub.ingest is not None:
+                out.update(pub.ingest.drops)
+        return dict(out)
+
     def stats(self) -> dict[str, Any]:
         ov = np.asarray(self.overheads_ms[-1500:]) if self.overheads_ms else np.zeros(1)
         core = self.core.stats()
@@ -638,6 +648,7 @@ class MediaBridge:
             "ticks": core["ticks"],
             "encodes": core["encodes"],
             "layer_switches": self.layer_switches,
+            "ingest_drops": self.ingest_drops(),
             "streams": self.stream_stats(),
             "tick_overhead_ms_p50": float(np.percentile(ov, 50)),
             "tick_overhead_ms_p99": float(np.percentile(ov, 99)),

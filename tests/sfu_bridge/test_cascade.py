@@ -53,13 +53,14 @@ def test_frames_round_trip_byte_exact() -> None:
         FrameRecord("s", RecordKind.DTX, 3840, 0),
         FrameRecord("s", RecordKind.OPUS, 960, 99, opus=[b"\xfc\x01\x02"]),
     ]
-    (dgram,) = serialise(RelayType.FRAMES, 7, 42, records)
+    (dgram,) = serialise(RelayType.FRAMES, 7, 42, records, boot=0x01020304)
     d = parse(dgram)
-    assert (d.type, d.worker, d.tick, d.part, d.parts) == (RelayType.FRAMES, 7, 42, 0, 1)
+    assert (d.type, d.worker, d.boot, d.tick, d.part, d.parts) == (RelayType.FRAMES, 7, 0x01020304, 42, 0, 1)
     assert all(_same(a, b) for a, b in zip(records, d.records, strict=True))
-    assert serialise(RelayType.FRAMES, 7, 42, d.records) == [dgram]
+    assert serialise(RelayType.FRAMES, 7, 42, d.records, boot=d.boot) == [dgram]
     # a fixture: header bytes as specified
-    assert dgram[:HEADER.size] == b"AL\x01\x01\x00\x07\x00\x00\x00\x2a\x00\x01\x00\x05"
+    assert dgram[:HEADER.size] == (b"AL\x02\x01\x00\x07\x01\x02\x03\x04\x00\x00\x00\x2a"
+                                   b"\x00\x01\x00\x05")
 
 
 def test_tagged_datagrams_authenticate() -> None:
@@ -94,17 +95,17 @@ def test_large_batch_splits_into_self_contained_datagrams() -> None:
 
 @pytest.mark.parametrize("data, reason, message", [
     (b"AL\x01", RelayDrop.TRUNCATED, "shorter than the header"),
-    (b"XX" + bytes(12), RelayDrop.BAD_HEADER, "magic"),
-    (b"AL\x02\x01" + bytes(10), RelayDrop.BAD_HEADER, "version 2"),
-    (b"AL\x01\x07" + bytes(10), RelayDrop.BAD_HEADER, "type 7"),
-    (HEADER.pack(b"AL", 1, 1, 0, 0, 1, 1, 0), RelayDrop.BAD_HEADER, "part 1 of 1"),
-    (HEADER.pack(b"AL", 1, 1, 0, 0, 0, 1, 1) + b"\x01s" + struct.pack("!BII", 9, 0, 0),
+    (b"XX" + bytes(16), RelayDrop.BAD_HEADER, "magic"),
+    (b"AL\x01\x01" + bytes(14), RelayDrop.BAD_HEADER, "version 1"),
+    (b"AL\x02\x07" + bytes(14), RelayDrop.BAD_HEADER, "type 7"),
+    (HEADER.pack(b"AL", 2, 1, 0, 0, 0, 1, 1, 0), RelayDrop.BAD_HEADER, "part 1 of 1"),
+    (HEADER.pack(b"AL", 2, 1, 0, 0, 0, 0, 1, 1) + b"\x01s" + struct.pack("!BII", 9, 0, 0),
      RelayDrop.BAD_RECORD, "kind 9"),
-    (HEADER.pack(b"AL", 1, 1, 0, 0, 0, 1, 1) + b"\x00", RelayDrop.BAD_RECORD, "empty stream id"),
-    (HEADER.pack(b"AL", 1, 1, 0, 0, 0, 1, 0) + b"x", RelayDrop.TRAILING, "1 bytes after"),
-    (HEADER.pack(b"AL", 1, 1, 0, 0, 0, 1, 1) + b"\x01s" + struct.pack("!BII", 1, 0, 0)
+    (HEADER.pack(b"AL", 2, 1, 0, 0, 0, 0, 1, 1) + b"\x00", RelayDrop.BAD_RECORD, "empty stream id"),
+    (HEADER.pack(b"AL", 2, 1, 0, 0, 0, 0, 1, 0) + b"x", RelayDrop.TRAILING, "1 bytes after"),
+    (HEADER.pack(b"AL", 2, 1, 0, 0, 0, 0, 1, 1) + b"\x01s" + struct.pack("!BII", 1, 0, 0)
      + struct.pack("!IIBB", 0, 0, 33, 1), RelayDrop.BAD_RECORD, "out of range"),
-    (HEADER.pack(b"AL", 1, 2, 0, 0, 0, 1, 1) + b"\x01s\x08\x02", RelayDrop.BAD_RECORD, "flags"),
+    (HEADER.pack(b"AL", 2, 2, 0, 0, 0, 0, 1, 1) + b"\x01s\x08\x02", RelayDrop.BAD_RECORD, "flags"),
 ])
 def test_bad_input_is_a_relay_error_with_a_reason(data: bytes, reason: RelayDrop, message: str) -> None:
     with pytest.raises(RelayError, match=message) as err:
@@ -141,6 +142,37 @@ def test_relay_counts_bad_datagrams_as_drops() -> None:
     relay.datagram_received(b"garbage-garbage-garbage", ("127.0.0.1", 1))
     relay.datagram_received(serialise(RelayType.FRAMES, 0, 1, [_ai("nobody")])[0], ("127.0.0.1", 1))
     assert relay.drops == {RelayDrop.BAD_HEADER.value: 1, RelayDrop.UNKNOWN_STREAM.value: 1}
+
+
+def test_replayed_datagrams_are_dropped_and_a_restarted_sender_is_not() -> None:
+    from cluster.bench.bridge import EmulatedCodec
+    from sfu_bridge.core import BridgeCore
+    from sfu_bridge.media import MediaBridge
+
+    key = relay_key(b"cluster secret")
+    relay = CascadeRelay(1, MediaBridge(BridgeCore(EmulatedCodec()), max_streams=2), key)
+    relay.follow("s", ("127.0.0.1", 9))
+    owner = ("127.0.0.1", 9)
+
+    def tick(t: int, boot: int = 100, parts: int = 1) -> list[bytes]:
+        records = [FrameRecord("s", RecordKind.DTX, 1920 * t, 0)] * parts
+        return serialise(RelayType.FRAMES, 0, t, records, max_datagram=45, key=key, boot=boot)
+
+    def feed(dgrams: list[bytes]) -> int:
+        before = relay.received["datagrams"]
+        for d in dgrams:
+            relay.datagram_received(d, owner)
+        return relay.received["datagrams"] - before
+
+    two = tick(5, parts=2)
+    assert len(two) == 2 and feed(two) == 2  # one tick in two parts: both accepted
+    assert feed(two) == 0  # the same again: replayed
+    assert feed(tick(7)) == 1 and feed(tick(6)) == 1  # out of order within the window
+    assert feed(tick(6)) == 0
+    assert feed(tick(7 + 64)) == 1 and feed(tick(7)) == 0  # below the window now
+    assert feed(tick(0, boot=99)) == 0  # an older boot of the sender
+    assert feed(tick(0, boot=101)) == 1  # the sender restarted: its ticks start again
+    assert relay.drops == {RelayDrop.REPLAY.value: 5}
 
 
 # -- two workers ---------------------------------------------------------------------------------

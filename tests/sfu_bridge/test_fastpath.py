@@ -93,3 +93,20 @@ def test_opus_ingest_conceals_gaps_and_counts_drops() -> None:
     assert ing.drops[IngestDrop.MALFORMED.value] == 1
     ing.packet(400, packets[0])  # a long gap: not concealed, the timeline goes on
     assert ing.drops[IngestDrop.RESYNC.value] == 1 and ing.concealed == 2
+
+
+def test_bridge_reports_reordered_publisher_packets() -> None:
+    from aiortc.rtp import RtpPacket
+
+    from cluster.bench.bridge import EmulatedCodec
+    from sfu_bridge.core import BridgeCore
+    from sfu_bridge.media import MediaBridge
+
+    packets = _opus_packets(6)
+    media = MediaBridge(BridgeCore(EmulatedCodec()), max_streams=2)
+    media.add_publisher("s", "u", None).opus_pt = 111
+    for seq in (0, 1, 3, 2, 4):  # 2 arrives after 3: its place was concealed
+        media.forward("s", RtpPacket(payload_type=111, sequence_number=seq, timestamp=960 * seq,
+                                     payload=packets[seq]))
+    assert media.stats()["ingest_drops"] == {IngestDrop.REORDERED.value: 1}
+    assert len(media.core) == 1 and media.core.stream("s").pending == 2  # 5 x 20 ms: two chunks
