@@ -283,7 +283,7 @@ class Publisher:
     opus_pt: int | None = None  # the publisher's negotiated Opus payload type
     ts_base: int | None = None  # first RTP timestamp seen (forwarded timestamps start at 0)
     ingest: OpusIngest | None = None  # fast receive path: Opus RTP -> 24 kHz chunks, inline
-    # (rtp timestamp, wall time) of its latest chunks, fast path: when each was complete
+    # (rtp timestamp, wall time) of its latest chunks: when each was complete
     chunk_times: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=CHUNK_TIMES))
 
 
@@ -365,6 +365,7 @@ class MediaBridge:
                 frame = await track.recv()
                 for pcm24, ts in pub.chunker.add(frame):
                     self.core.push(pub.stream_id, pcm24, ts)
+                    pub.chunk_times.append((ts, time.time()))
         except (MediaStreamError, asyncio.CancelledError):
             pass
 
