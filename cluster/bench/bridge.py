@@ -406,8 +406,8 @@ def _markdown(d: dict) -> str:
     )
     return f"""## bridge
 
-`auralink bench bridge --json docs/bench/bridge.json` - {d['machine']}, load average
-{d['load_average']:.1f} at the end of the run (a shared machine: figures are lower bounds).
+`auralink bench bridge --json docs/bench/bridge.json` at revision {d['revision']} - {d['machine']},
+load average {d['load_average']:.1f} at the end of the run (a shared machine: figures are lower bounds).
 Codec: **{d['codec']}**; each stream has {d['subscribers_per_stream']['aic']} AIC and
 {d['subscribers_per_stream']['opus']} Opus subscriber(s). One worker process = one event loop.
 

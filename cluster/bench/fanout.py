@@ -512,7 +512,8 @@ def _markdown(d: dict) -> str:
     r = d["relay"]
     return f"""## fanout
 
-`{d['command']}` - {d['machine']}, load average {d['load_average']:.1f} at the end.
+`{d['command']}` at revision {d['revision']} - {d['machine']}, load average
+{d['load_average']:.1f} at the end.
 Codec: **{d['codec']}**. One publisher, {d['workers']} bridge worker processes cascading over
 UDP (sfu_bridge/cascade.py), {d['subscribers']} subscribers: **{d['real_webrtc_subscribers']} real
 aiortc WebRTC subscribers** and {d['emulated_subscribers']} **emulated** receivers (one UDP
