@@ -286,6 +286,11 @@ class Publisher:
     # (rtp timestamp, wall time) of its latest chunks: when each was complete
     chunk_times: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=CHUNK_TIMES))
 
+    @property
+    def chunks(self) -> int:
+        """40 ms chunks of its audio decoded so far, by whichever receive path it is on."""
+        return self.chunker.chunks + (self.ingest.chunks if self.ingest is not None else 0)
+
 
 class MediaBridge:
     """One worker's aiortc side: publishers' tracks into the core, the core's outcomes out

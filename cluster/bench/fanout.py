@@ -269,7 +269,7 @@ async def _worker(conn: Any, cfg: dict) -> None:
                     media.forward(STREAM, RtpPacket.parse(feed.rx.unprotect(data)))
                 t_next += 0.020
                 await asyncio.sleep(max(0.0, t_next - loop.time()))
-            conn.send({"chunks": pub.ingest.chunks if pub.ingest else None})
+            conn.send({"chunks": pub.chunks})
         elif cmd == "stats":
             conn.send({
                 "index": idx, "cpu_s": time.process_time() - cpu0,
