@@ -280,6 +280,11 @@ def run(args: argparse.Namespace) -> int:
     lim = limiter_text(report.get("limiter_health"))
     if lim:
         print(lim)
+    layers = report.get("ai_layers") or {}
+    if layers:
+        print("AI frames by layer (the streams' bandwidth hints): " + ", ".join(
+            f"{k} kbps {v['share']:.0%} ({v['bytes'] / 1e6:.1f} MB)" for k, v in layers.items())
+            + f"; mean AI payload {report['wire_kbps_ai']} kbps")
     print(f"compute: {report['compute_label']}")
     print(f"pace: {report['pace_note']}")
     cp = report["control_plane_cpu"]

@@ -105,6 +105,7 @@ class BridgeWorker:
                                                       limiter=limiter)
         if s.codec == "serve":
             server_mod.link_supervisor(server.media)
+            server_mod.link_dashboard(server)
         self.routing = ClusterRouting(
             self.worker_id, self._route, holds=lambda stream: stream in server.media.publishers,
             authorized=self._authorized, mode=RedirectMode(s.redirect_mode),

@@ -325,6 +325,7 @@ class MediaBridge:
         self.sessions: dict[str, Publisher | Subscriber] = {}
         self.packets_by_kind: dict[str, int] = defaultdict(int)  # "aic" / "opus"
         self._unrecorded_bytes: dict[str, int] = defaultdict(int)  # payload bytes since last tick
+        self.bytes_by_kind: dict[str, int] = defaultdict(int)  # payload bytes sent, "aic" / "opus"
         self.overheads_ms: list[float] = []
         self.cascade: Any = None  # sfu_bridge.cascade.CascadeRelay, when workers cascade
 
@@ -609,6 +610,7 @@ class MediaBridge:
     def _record_wire_bytes(self) -> None:
         """One metrics call per codec path per tick (legacy forwarding included)."""
         for kind, n in self._unrecorded_bytes.items():
+            self.bytes_by_kind[kind] += n
             metrics.record_wire_bytes(metrics.WirePath.AI if kind == "aic" else metrics.WirePath.NATIVE, n)
         self._unrecorded_bytes.clear()
 

@@ -503,6 +503,25 @@ def link_supervisor(media: MediaBridge) -> None:
         get_or_create_supervisor(), owners=getattr(codec, "owners", None))
 
 
+def link_dashboard(server: BridgeServer, compute: str = "real") -> Any:
+    """Publish this worker's stats snapshot to the dashboard's `StatsBoard` once a second,
+    from app start to shutdown (needs a Ray connection, as the `serve` codec has)."""
+    from sfu_bridge.stats_feed import StatsFeed, ray_board_publisher
+
+    feed = StatsFeed(server.media, server.config.bridge_id, ray_board_publisher(), compute=compute,
+                     opus_bitrate=server.config.opus_bitrate)
+
+    async def start(app: web.Application) -> None:
+        feed.start()
+
+    async def stop(app: web.Application) -> None:
+        await feed.stop()
+
+    server.app.on_startup.append(start)
+    server.app.on_shutdown.append(stop)
+    return feed
+
+
 # ---- CLI: `auralink bridge` ------------------------------------------------------------
 
 
@@ -574,6 +593,7 @@ def _serve_worker(args: argparse.Namespace, port: int) -> None:
                          secret, hint_secret=secret, limiter=make_limiter(config))
     if args.codec == "serve":
         link_supervisor(server.media)
+        link_dashboard(server)
     logger.info("bridge worker listening on %s:%d", config.host, port)
     web.run_app(server.app, host=config.host, port=port, print=None,
                 access_log_class=RedactingAccessLogger)

@@ -3,7 +3,9 @@
 Each tick every live stream may send hints (the 16-byte AIC hint element, signed with its
 stream key by the real `HintSigner`):
 
-- honest streams: Poisson, `normal_rate` hints/s (a bandwidth or reset request now and then);
+- honest streams: Poisson, `normal_rate` hints/s, each asking for a bandwidth drawn from the
+  EnCodec layers (1.5 ... 24 kbps; `honest_bandwidths_kbps`), so the bridge re-quantizes the
+  stream from its next tick and the report counts AI bytes per layer;
 - flooders: `flood_rate` validly signed hints/s, far above the 100/s per-stream limit;
 - forgers: `abuse_rate` hints/s whose tag was not made with the stream's key;
 - replayers: a fresh valid hint now and then, plus `abuse_rate` copies/s of hints they
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.simulator.traces import StreamKind, StreamPopulation
+from models.constants import BANDWIDTHS_KBPS
 from sfu_bridge.hint_auth import HintSigner
 from sfu_bridge.hint_ext import HINT_BODY_BYTES, HINT_TAG_BYTES, Hint
 
@@ -38,6 +41,8 @@ class HintRates:
     flood_rate: float = 250.0  # hints/s per flooder
     abuse_rate: float = 20.0  # forged (or replayed) hints/s per forger (replayer)
     replayer_fresh_rate: float = 2.0  # valid hints/s a replayer sends (what it replays)
+    # the bandwidths honest hints ask for (drawn uniformly; abusers' hints ask for 6 kbps)
+    honest_bandwidths_kbps: tuple[float, ...] = BANDWIDTHS_KBPS
 
 
 class HintTraffic:
@@ -51,10 +56,14 @@ class HintTraffic:
         self.carry = np.zeros(pop.n_slots)  # fractional hints owed to fixed-rate senders
         self.sent = np.zeros(len(HintKind), np.int64)
 
-    def _sign(self, sid: str) -> bytes:
+    def _sign(self, sid: str, bandwidth_kbps: float = 6.0) -> bytes:
         idx = self.next_index.get(sid, 0)
         self.next_index[sid] = idx + 1
-        return self.signer.sign(sid, Hint(model_id=0, bandwidth_kbps=6.0, epoch=1, seq=idx))
+        return self.signer.sign(sid, Hint(model_id=0, bandwidth_kbps=bandwidth_kbps, epoch=1, seq=idx))
+
+    def _honest(self, sid: str) -> bytes:
+        bws = self.rates.honest_bandwidths_kbps
+        return self._sign(sid, float(bws[int(self.rng.integers(len(bws)))]))
 
     def forget(self, stream_ids: list[str]) -> None:
         for sid in stream_ids:
@@ -86,7 +95,7 @@ class HintTraffic:
             k = int(kind[j])
             for _ in range(int(n[j])):
                 if k == StreamKind.NORMAL:
-                    out.append((sid, self._sign(sid), HintKind.HONEST))
+                    out.append((sid, self._honest(sid), HintKind.HONEST))
                 elif k == StreamKind.FLOODER:
                     out.append((sid, self._sign(sid), HintKind.FLOOD))
                 elif k == StreamKind.FORGER:

@@ -201,6 +201,20 @@ def _ramp(cfg: SimConfig):
     return Ramp(cfg.duration_s, floor_frac=cfg.ramp_floor_frac)
 
 
+def _ai_layers(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """AI frames and payload bytes per EnCodec layer (kbps), merged over the generators."""
+    from sfu_bridge.aic_payload import payload_size
+
+    frames: dict[float, int] = {}
+    for r in results:
+        for kbps, n in (r.get("ai_frames_by_kbps") or {}).items():
+            frames[float(kbps)] = frames.get(float(kbps), 0) + int(n)
+    total = sum(frames.values())
+    return {f"{kbps:g}": {"frames": n, "bytes": n * payload_size(bandwidth_codebooks(kbps), CHUNK_FRAMES),
+                          "share": round(n / total, 4)}
+            for kbps, n in sorted(frames.items())}
+
+
 def _ai_frame_bytes(bandwidth_kbps: float) -> int:
     from sfu_bridge.aic_payload import payload_size
 
@@ -488,12 +502,16 @@ class Simulation:
             "flooder_limit": flooder_limit(
                 rates, HINT_LIMIT_PER_S, HINT_BURST, sim_s, limiter_health,
                 flooders=sum(s.flooders for s in self.specs)),
-            "wire_kbps_ai": round(self.specs[0].ai_frame_bytes * 8 / TICK_S / 1000, 3),
+            # the AI frames' mean payload rate over the layers the streams' hints asked for
+            "wire_kbps_ai": round(float(cols["ai_bytes"].sum()) / max(acc.frames_ai, 1) * 8 / TICK_S / 1000, 3)
+            if acc.frames_ai else round(self.specs[0].ai_frame_bytes * 8 / TICK_S / 1000, 3),
+            "ai_layers": _ai_layers(res),
             "wire_kbps_native": round(self.env.native_frame_bytes * 8 / TICK_S / 1000, 3),
             "wire_note": (
-                "per stream, RTP payload only: AIC payload (4-byte header + 10-bit codes, "
-                f"{cfg.bandwidth_kbps:g} kbps EnCodec) vs Opus at the bridge's bitrate, measured "
-                "by encoding the simulator's speech-like audio"
+                "per stream, RTP payload only: AIC payload (4-byte header + 10-bit codes; AI "
+                "frames at the layers the streams' bandwidth hints asked for, "
+                f"{cfg.bandwidth_kbps:g} kbps until a stream's first hint, see ai_layers) vs Opus at "
+                "the bridge's bitrate, measured by encoding the simulator's speech-like audio"
             ),
             "egress_kbps_mean_sent": round(float((cols["ai_bytes"] + cols["native_bytes"]).sum()) * 8 / 1000 / max(sim_s, 1e-9), 1) if len(acc.ticks) else 0.0,
             "egress_kbps_mean_all_native": round(float(cols["native_all_bytes"].sum()) * 8 / 1000 / max(sim_s, 1e-9), 1) if len(acc.ticks) else 0.0,

@@ -35,8 +35,15 @@ from cluster.simulator.abusers import HintRates, HintTraffic
 from cluster.simulator.audio import SpeechSource
 from cluster.simulator.report import Accounting, TickRecord
 from cluster.simulator.traces import Ramp, StreamKind, StreamPopulation, TraceConfig
-from deployments.contract import FallbackReason, reason_code
-from models.constants import TICK_S
+from deployments.contract import FallbackReason, codebooks_bandwidth, reason_code
+from models.constants import CHUNK_FRAMES, TICK_S
+from models.constants import N_Q_BY_BANDWIDTH as _N_Q_LAYERS
+from sfu_bridge.aic_payload import payload_size
+
+MAX_N_Q = max(_N_Q_LAYERS)
+# bytes of one AI frame (a 40 ms AIC payload, header included) by its codebooks
+_AI_FRAME_BYTES = np.array([payload_size(q, CHUNK_FRAMES) if q in _N_Q_LAYERS else 0
+                            for q in range(MAX_N_Q + 1)], np.int64)
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +123,8 @@ class LoadGenerator:
         self.stream_ticks = 0
         self.sim_cpu_s = 0.0
         self.ai_off_max = 0
+        # AI frames by the codebooks they were quantized at (index n_q): the layers' share
+        self.ai_frames_by_n_q = np.zeros(MAX_N_Q + 1, np.int64)
         self.wall_s = 0.0
         self._last_publish = 0.0
         self._second_counts = np.zeros(self.acc.by_code.size, np.int64)
@@ -276,6 +285,12 @@ class LoadGenerator:
     def _account(self, report: Any, t_sim: float, produced: int) -> None:
         d = self.spec.dilation
         n_ai, n_fb = self.acc.outcomes(t_sim, report.codes, report.codec_wait_ms / d)
+        if n_ai and report.n_q is not None:
+            by_n_q = np.bincount(report.n_q[report.codes == 0], minlength=MAX_N_Q + 1)
+            self.ai_frames_by_n_q += by_n_q
+            ai_bytes = int(by_n_q @ _AI_FRAME_BYTES)
+        else:
+            ai_bytes = n_ai * self.spec.ai_frame_bytes
         if report.replica_ms is not None and report.batch_size:
             sent = report.codes[len(report) - report.batch_size:]
             ai = sent == 0
@@ -287,7 +302,7 @@ class LoadGenerator:
         self.acc.ticks.append(TickRecord(
             t=t_sim, frames=produced, ai=n_ai, fallback=n_fb, unaccounted=produced - n_ai - n_fb,
             live=produced, replicas=self._replicas(),
-            ai_bytes=n_ai * self.spec.ai_frame_bytes,
+            ai_bytes=ai_bytes,
             native_bytes=int(n_fb * self.spec.native_frame_bytes),
             native_all_bytes=int(produced * self.spec.native_frame_bytes),
         ))
@@ -422,6 +437,7 @@ class LoadGenerator:
             "supervisor_calls": core.exchanges,
             "supervisor_failures": core.exchange_failures,
             "ai_off_max": self.ai_off_max,
+            "ai_frames_by_kbps": {codebooks_bandwidth(q): int(n) for q, n in enumerate(self.ai_frames_by_n_q.tolist()) if n},
             "joins": self.pop.joins,
             "leaves": self.pop.leaves,
             "stream_ticks": self.stream_ticks,

@@ -40,6 +40,7 @@ def test_bridge_serves_aic_from_serve_replicas_and_reports_to_the_supervisor(
 ):
     from deployments.client import CodecClient
     from sfu_bridge.server import link_supervisor
+    from sfu_bridge.stats_feed import StatsFeed, ray_board_publisher
 
     async def go():
         client = CodecClient(codec_handle)
@@ -59,13 +60,15 @@ def test_bridge_serves_aic_from_serve_replicas_and_reports_to_the_supervisor(
                     break
                 await asyncio.sleep(0.05)
             stats = server.media.stats()
+            # what `auralink bridge --codec serve` publishes to the dashboard's board
+            fed = await StatsFeed(server.media, "bridge-serve", ray_board_publisher()).publish_once()
             core = server.media.core
             owner = client.owner("room9")
             await sub.stop()
             await pub.stop()
-        return ok, sub.stats, stats, core, owner
+        return ok, sub.stats, stats, core, owner, fed
 
-    ok, sub_stats, stats, core, owner = asyncio.run(go())
+    ok, sub_stats, stats, core, owner, fed = asyncio.run(go())
     assert ok, sub_stats
     assert sub_stats.aic_frames >= 10 and sub_stats.decoded_samples > 0
     assert stats["frames"].get("ai", 0) >= 10, stats["frames"]
@@ -76,3 +79,10 @@ def test_bridge_serves_aic_from_serve_replicas_and_reports_to_the_supervisor(
     from deployments.supervisor import get_or_create_supervisor
 
     assert owner and owner in ray.get(get_or_create_supervisor().info.remote())["replicas"]
+
+    from deployments.dashboard import aggregate, get_or_create_board
+
+    assert fed
+    view = aggregate(ray.get(get_or_create_board().fresh.remote()))
+    assert "bridge-serve" in view["bridges"] and view["streams_live"] == 1
+    assert [r["stream"] for r in view["streams"]] == ["room9"]

@@ -13,6 +13,8 @@ import time
 import pytest
 
 from deployments.affinity import owner as rendezvous_owner
+from models.constants import CHUNK_FRAMES
+from sfu_bridge.aic_payload import AicPayload
 from sfu_bridge.hint_auth import derive_stream_key
 from sfu_bridge.sdk import AicPublisher, AicSubscriber
 
@@ -22,15 +24,21 @@ BRIDGE = {"deadline_ms": 2_000.0, "max_backlog_chunks": 200, "max_streams": 8}
 FRAME_TS = 1920  # one 40 ms frame at the 48 kHz RTP clock
 
 
+
 class FrameLog(AicSubscriber):
-    """An SDK subscriber that also keeps (arrival, RTP seq, RTP timestamp) of each packet."""
+    """An SDK subscriber that also keeps (arrival, RTP seq, RTP timestamp, 40 ms frames
+    carried) of each packet: an AIC packet carries as many frames as its duration (40, 80 or
+    120 ms; docs/protocol.md section 9), an Opus packet part of one."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.packets: list[tuple[float, int, int]] = []
+        self.packets: list[tuple[float, int, int, int]] = []
 
     def _on_packet(self, packet) -> bool:
-        self.packets.append((time.monotonic(), packet.sequence_number, packet.timestamp))
+        span = 1
+        if packet.payload_type == self._aic_pt:
+            span = max(1, AicPayload.parse(bytes(packet.payload)).n_frames // CHUNK_FRAMES)
+        self.packets.append((time.monotonic(), packet.sequence_number, packet.timestamp, span))
         return super()._on_packet(packet)
 
     def accounting(self, since: float = 0.0) -> dict:
@@ -39,7 +47,7 @@ class FrameLog(AicSubscriber):
         pk = [p for p in self.packets if p[0] >= since]
         seq_gaps = sum((b[1] - a[1]) & 0xFFFF != 1 for a, b in zip(pk, pk[1:], strict=False))
         ts0 = pk[0][2]
-        frames = sorted({((p[2] - ts0) & 0xFFFFFFFF) // FRAME_TS for p in pk})
+        frames = sorted({((p[2] - ts0) & 0xFFFFFFFF) // FRAME_TS + i for p in pk for i in range(p[3])})
         missing = (frames[-1] - frames[0] + 1) - len(frames)
         stall = max((b[0] - a[0] for a, b in zip(pk, pk[1:], strict=False)), default=0.0)
         return {"packets": len(pk), "frames": len(frames), "seq_gaps": seq_gaps,
