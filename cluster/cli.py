@@ -30,6 +30,7 @@ BENCHES: list[tuple[str, str, str]] = [
     ("batching", "cluster.bench.batching", "EDF scheduler vs @serve.batch vs no batching"),
     ("limiter", "cluster.bench.limiter", "Redis GCRA hint limiter: batched vs per-hint"),
     ("bridge", "cluster.bench.bridge", "streams per bridge worker and wire bitrate"),
+    ("fanout", "cluster.bench.fanout", "one publisher to 10,000 subscribers over cascading bridge workers"),
     ("adaptive", "cluster.bench.adaptive",
      "adaptive layers, DTX and a constrained link with real WebRTC peers"),
     ("autoscaling", "cluster.bench.autoscaling", "forecast policy vs Serve's default on a 10k-stream trace"),

@@ -83,8 +83,30 @@ def _pack_rows(flat: np.ndarray, nbytes: int) -> np.ndarray:
     return out.reshape(b, groups * _GROUP_BYTES)[:, :nbytes]
 
 
+# Up to this many codes (a 40 ms packet at 24 kbps), one Python integer packs faster than the
+# vectorised path: a bridge packs one payload per subscriber layer per frame.
+_SMALL_PACK_CODES = 96
+
+
+def _pack_small(arr: np.ndarray) -> bytes:
+    """pack_codes for a few codes: shift them into one integer, MSB first, zero-padded."""
+    flat = arr.T.ravel().tolist()
+    if min(flat) < 0 or max(flat) >= CODEBOOK_SIZE:
+        bad = min(flat) if min(flat) < 0 else max(flat)
+        raise ValueError(f"code value {bad} out of range [0, {CODEBOOK_SIZE})")
+    acc = 0
+    for c in flat:
+        acc = (acc << CODE_BITS) | c
+    nbits = len(flat) * CODE_BITS
+    pad = -nbits % 8
+    return (acc << pad).to_bytes((nbits + pad) // 8, "big")
+
+
 def pack_codes(codes: np.ndarray) -> bytes:
     """Pack one stream's codes [n_q, F] (values in [0, 1024)) into bytes; see module doc."""
+    if (isinstance(codes, np.ndarray) and codes.ndim == 2 and codes.dtype.kind in "iu"
+            and 0 < codes.size <= _SMALL_PACK_CODES):
+        return _pack_small(codes)
     arr = _check_codes(codes, 2, "[n_q, F]")
     n_q, n_frames = arr.shape
     flat = arr.T.reshape(1, n_q * n_frames)  # frame-major, codebook-minor

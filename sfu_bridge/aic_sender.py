@@ -91,10 +91,16 @@ class AicSender:
     def choose(self, max_n_q: int) -> Layer:
         """The layer for the next frame under the stream's cap `max_n_q`."""
         if self.pinned is not None:
-            n_q = min(self.pinned.n_q, max_n_q)
-            ms = (min_packet_ms(n_q, max_header_share=self.max_header_share) if self.pinned_default_ms
-                  else self.pinned.packet_ms)
-            self.layer = Layer(n_q, ms)
+            pinned = self.pinned
+            if not self.pinned_default_ms and pinned.n_q <= max_n_q:
+                # no new Layer per frame when the cap allows the pinned one (the common case)
+                self.layer = pinned
+            else:
+                n_q = min(pinned.n_q, max_n_q)
+                ms = (min_packet_ms(n_q, max_header_share=self.max_header_share)
+                      if self.pinned_default_ms else pinned.packet_ms)
+                if self.layer.n_q != n_q or self.layer.packet_ms != ms:
+                    self.layer = Layer(n_q, ms)
         elif self.rate is not None:
             self.layer = self.rate.layer(max_n_q)
         return self.layer
@@ -135,13 +141,20 @@ class AicSender:
         if not self._pending:
             return []
         frames, self._pending = self._pending, []
-        n_q = min([self.layer.n_q] + [f.n_q for f in frames])
-        epoch = frames[0].epoch % EPOCH_MODULUS
+        first = frames[0]
+        # one frame per packet is the common case: no list or generator per subscriber
+        if len(frames) == 1:
+            n_q = min(self.layer.n_q, first.n_q)
+            key: tuple = (id(first), n_q)
+        else:
+            n_q = min([self.layer.n_q] + [f.n_q for f in frames])
+            key = (tuple(id(f) for f in frames), n_q)
+        epoch = first.epoch % EPOCH_MODULUS
         self._last_epoch = epoch
-        key = (tuple(id(f) for f in frames), n_q)
         payload = cache.get(key) if cache is not None else None
         if payload is None:
-            codes = np.concatenate([f.codes[:n_q] for f in frames], axis=1)
+            codes = (frames[0].codes[:n_q] if len(frames) == 1
+                     else np.concatenate([f.codes[:n_q] for f in frames], axis=1))
             payload = bytes(AicPayload(epoch, n_q, codes, start=frames[0].epoch_seq == 0))
             if cache is not None:
                 cache[key] = payload

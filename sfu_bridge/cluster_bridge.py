@@ -222,7 +222,7 @@ class BridgeWorker:
         media = self.server.media
         out = self._report().to_dict()
         out["media"] = media.stats()
-        out["chunks"] = {s: p.chunker.chunks for s, p in media.publishers.items()}
+        out["chunks"] = {s: p.chunks for s, p in media.publishers.items()}
         out["subscribers"] = {s: len(subs) for s, subs in media.subscribers.items() if subs}
         return out
 

@@ -560,6 +560,16 @@ class BridgeCore:
         if row is not None and self.epochs.restart(row):
             self.epoch_restarts += 1
 
+    def take_epoch_request(self, stream_id: str) -> bool:
+        """Whether the stream's next AI frame was to open a new epoch, and clears that: a
+        stream this worker only relays (sfu_bridge/cascade.py) is numbered by its owner,
+        which is asked instead."""
+        row = self._row_of.get(stream_id)
+        if row is None or not self.epochs.fresh[row]:
+            return False
+        self.epochs.fresh[row] = False
+        return True
+
     def stream(self, stream_id: str) -> StreamView | None:
         row = self._row_of.get(stream_id)
         if row is None:

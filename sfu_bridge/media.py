@@ -29,7 +29,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,9 @@ from models.constants import (
 from models.opus import OpusCodec
 from sfu_bridge import aiortc_compat, rtcp_tap, rtp_ext
 from sfu_bridge.aic_sender import AicSender
+from sfu_bridge.aiortc_compat import DatagramPath
 from sfu_bridge.core import BridgeCore, FrameOutcome, TickReport
+from sfu_bridge.fastpath import OpusIngest, RtpWriter
 from sfu_bridge.rate_control import (
     DEFAULT_MAX_HEADER_SHARE,
     Layer,
@@ -68,6 +70,7 @@ IP_UDP_HEADER_BYTES = 28  # IPv4 (20) + UDP (8), added to UDP payload bytes for 
 # SRTP authentication tag: AEAD_AES_256_GCM / AEAD_AES_128_GCM, the profiles aiortc prefers
 # and browsers negotiate (SRTP_AES128_CM_HMAC_SHA1_80's tag would be 10)
 SRTP_TAG_BYTES = 16
+CHUNK_TIMES = 8  # chunk completion times kept per publisher (a tick takes one or two)
 
 
 class Chunker:
@@ -120,7 +123,9 @@ class RtpOut:
         self.ext_map = rtp_ext.AicHeaderExtensionsMap()
         self.ext_map.configure(RTCRtpParameters(
             headerExtensions=aiortc_compat.negotiated_header_extensions(transceiver)))
-        self._seq = random16() % 32768  # lower half: avoids an early wrap, like aiortc
+        # lower half of the sequence space: avoids an early wrap, like aiortc
+        self.writer = RtpWriter(self.ssrc, self.ext_map, self.mid, random16() % 32768)
+        self.path = DatagramPath(transceiver.sender.transport)
         self._ts0 = random32()
         self.packets = 0
         self.payload_bytes = 0
@@ -138,27 +143,48 @@ class RtpOut:
         self, payload_type: int, payload: bytes, timestamp: int, hint: bytes | None = None,
         marker: bool = False,
     ) -> bool:
+        if hint is None:
+            return self.send_now(payload_type, payload, timestamp, marker)
+        # a hint extension (SDK publishers): aiortc's serializer and send path
         pkt = RtpPacket(
             payload_type=payload_type,
             marker=int(marker),
-            sequence_number=self._seq,
+            sequence_number=self.writer.seq,
             timestamp=(self._ts0 + timestamp) & 0xFFFFFFFF,
             ssrc=self.ssrc,
             payload=payload,
         )
         pkt.extensions.mid = None if self.mid_acked else self.mid
         pkt.extensions.aic_hint = hint
-        self._seq = (self._seq + 1) & 0xFFFF
+        self.writer.seq = (self.writer.seq + 1) & 0xFFFF
         data = pkt.serialize(self.ext_map)
         try:
             await aiortc_compat.send_rtp(self.transceiver, data)
         except ConnectionError:
             return False
-        self.packets += 1
-        self.payload_bytes += len(payload)
-        self.last_timestamp = pkt.timestamp
-        self.last_wire_bytes = len(data) + SRTP_TAG_BYTES + IP_UDP_HEADER_BYTES
+        self._sent(len(payload), pkt.timestamp, len(data) + SRTP_TAG_BYTES)
         return True
+
+    def send_now(self, payload_type: int, payload: bytes, timestamp: int, marker: bool = False) -> bool:
+        """The fast path (fastpath.py): header template + SRTP in place + the socket's sendto,
+        no coroutine. False when the connection is not (or no longer) up."""
+        path = self.path
+        if not path.ready():
+            return False
+        ts = (self._ts0 + timestamp) & 0xFFFFFFFF
+        data = self.writer.write(path.srtp, payload_type, payload, ts, marker, not self.mid_acked)
+        try:
+            path.sendto(data, path.addr)
+        except OSError:
+            return False
+        self._sent(len(payload), ts, len(data))
+        return True
+
+    def _sent(self, payload_bytes: int, timestamp: int, srtp_bytes: int) -> None:
+        self.packets += 1
+        self.payload_bytes += payload_bytes
+        self.last_timestamp = timestamp
+        self.last_wire_bytes = srtp_bytes + IP_UDP_HEADER_BYTES
 
 
 def datagram_kind(data: bytes) -> str:
@@ -256,6 +282,14 @@ class Publisher:
     task: asyncio.Task | None = None
     opus_pt: int | None = None  # the publisher's negotiated Opus payload type
     ts_base: int | None = None  # first RTP timestamp seen (forwarded timestamps start at 0)
+    ingest: OpusIngest | None = None  # fast receive path: Opus RTP -> 24 kHz chunks, inline
+    # (rtp timestamp, wall time) of its latest chunks: when each was complete
+    chunk_times: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=CHUNK_TIMES))
+
+    @property
+    def chunks(self) -> int:
+        """40 ms chunks of its audio decoded so far, by whichever receive path it is on."""
+        return self.chunker.chunks + (self.ingest.chunks if self.ingest is not None else 0)
 
 
 class MediaBridge:
@@ -271,9 +305,13 @@ class MediaBridge:
         tick_s: float = TICK_S,
         adaptive: bool = True,
         max_header_share: float = DEFAULT_MAX_HEADER_SHARE,
+        fast_ingest: bool = True,
     ) -> None:
         rtp_ext.install()
         self.core = core
+        # decode publishers' Opus inline at 24 kHz (fastpath.OpusIngest) instead of aiortc's
+        # jitter buffer, decoder thread, 48 kHz frames and resampler
+        self.fast_ingest = fast_ingest
         # per-subscriber rate control from RTCP; off: every AIC subscriber gets the stream's
         # full depth in that depth's default packet duration (the bench's contrast)
         self.adaptive = adaptive
@@ -289,6 +327,7 @@ class MediaBridge:
         self._unrecorded_bytes: dict[str, int] = defaultdict(int)  # payload bytes since last tick
         self.bytes_by_kind: dict[str, int] = defaultdict(int)  # payload bytes sent, "aic" / "opus"
         self.overheads_ms: list[float] = []
+        self.cascade: Any = None  # sfu_bridge.cascade.CascadeRelay, when workers cascade
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -316,6 +355,8 @@ class MediaBridge:
         pub = Publisher(
             session_id or uuid.uuid4().hex, stream_id, user, pc, self._free_slots.pop(), Chunker(stream_id)
         )
+        if self.fast_ingest:
+            pub.ingest = OpusIngest(stream_id)
         self.core.join(stream_id, user, opted_out=opted_out)
         self.publishers[stream_id] = pub
         self.sessions[pub.session_id] = pub
@@ -330,6 +371,7 @@ class MediaBridge:
                 frame = await track.recv()
                 for pcm24, ts in pub.chunker.add(frame):
                     self.core.push(pub.stream_id, pcm24, ts)
+                    pub.chunk_times.append((ts, time.time()))
         except (MediaStreamError, asyncio.CancelledError):
             pass
 
@@ -338,9 +380,10 @@ class MediaBridge:
         for pcm24, ts in self.publishers[stream_id].chunker.add(frame):
             self.core.push(stream_id, pcm24, ts)
 
-    async def forward(self, stream_id: str, packet: RtpPacket) -> bool:
+    def forward(self, stream_id: str, packet: RtpPacket) -> bool:
         """A publisher's Opus packet -> every legacy subscriber of the stream, untouched.
-        Returns False: the packet also goes on to aiortc's decoder (the AIC path)."""
+        With the fast ingest the packet is also decoded here, and True says it is consumed;
+        False: it goes on to aiortc's decoder (the AIC path)."""
         pub = self.publishers.get(stream_id)
         if pub is None or packet.payload_type != pub.opus_pt or not packet.payload:
             return False
@@ -349,8 +392,25 @@ class MediaBridge:
         ts = (packet.timestamp - pub.ts_base) & 0xFFFFFFFF
         for sub in list(self.subscribers.get(stream_id, {}).values()):
             if not sub.aic and sub.out.opus_pt is not None:
-                await self._send(sub, "opus", sub.out.opus_pt, [packet.payload], ts)
-        return False
+                self._send(sub, "opus", sub.out.opus_pt, [packet.payload], ts)
+        if self.cascade is not None:  # legacy subscribers on other workers (cascade.py)
+            self.cascade.on_forward(stream_id, ts, packet.payload)
+        if pub.ingest is None:
+            return False
+        for pcm24, ts, at in pub.ingest.packet(packet.sequence_number, packet.payload):
+            self.core.push(stream_id, pcm24, ts)
+            pub.chunk_times.append((ts, at))
+        return True
+
+    def chunk_received_at(self, stream_id: str, rtp_timestamp: int) -> float | None:
+        """The wall time a recent chunk of the stream was complete (fan-out latency, the
+        relay's record age); None when not known."""
+        pub = self.publishers.get(stream_id)
+        if pub is not None:
+            for ts, at in reversed(pub.chunk_times):
+                if ts == rtp_timestamp:
+                    return at
+        return None
 
     # -- subscribers -----------------------------------------------------------------------
     def add_subscriber(
@@ -412,6 +472,8 @@ class MediaBridge:
             self._free_slots.append(s.opus_slot)
             if s.task is not None:
                 s.task.cancel()
+            if s.ingest is not None:
+                s.ingest.close()
         else:
             self.subscribers[s.stream_id].pop(session_id, None)
             if not self.subscribers[s.stream_id]:
@@ -422,28 +484,59 @@ class MediaBridge:
 
     # -- fan-out ---------------------------------------------------------------------------
     async def dispatch(self, report: TickReport) -> None:
+        self.dispatch_now(report)
+
+    def dispatch_now(self, report: TickReport) -> None:
         """Send a tick's outcomes to AIC subscribers: codes for `ai` frames, else Opus."""
         t0 = time.perf_counter()
-        # frames of streams with AIC subscribers (legacy ones are served by `forward`)
+        relayed = self.cascade.subscriptions if self.cascade is not None else {}
+        subscribers, publishers = self.subscribers, self.publishers
+        # frames of streams with AIC subscribers here or on other workers (legacy ones are
+        # served by `forward`); a frame becomes an object only when it is sent
         todo: list[tuple[FrameOutcome, list[Subscriber]]] = []
         for i, sid in enumerate(report.stream_ids):
-            subs = self.subscribers.get(sid)
-            if not subs or sid not in self.publishers:
-                continue
-            aic = [s for s in subs.values() if s.aic]
-            if aic:
+            subs = subscribers.get(sid)
+            # `s.out.aic_pt`: `s.aic` without two property calls a subscriber
+            aic = [s for s in subs.values() if s.out.aic_pt is not None] if subs else []
+            if (aic or sid in relayed) and sid in publishers:
                 todo.append((report.frame(i), aic))
+        self._fan_out(todo, relay_tick=report.tick)
+        report.overhead_ms += (time.perf_counter() - t0) * 1000.0
+        self.overheads_ms.append(report.overhead_ms)
+        if len(self.overheads_ms) > 10_000:
+            del self.overheads_ms[:5_000]
+
+    def dispatch_frames(self, tick: int, frames: list[FrameOutcome]) -> None:
+        """Frames decided elsewhere (another worker's tick, cascade.py) -> this worker's AIC
+        subscribers, exactly as `dispatch_now` sends its own tick's."""
+        todo = []
+        for fo in frames:
+            subs = self.subscribers.get(fo.stream_id)
+            if subs and fo.stream_id in self.publishers:
+                aic = [s for s in subs.values() if s.out.aic_pt is not None]
+                if aic:
+                    todo.append((fo, aic))
+        self._fan_out(todo)  # never relayed on: only a stream's owner relays it
+
+    def _fan_out(self, todo: list[tuple[FrameOutcome, list[Subscriber]]],
+                 relay_tick: int | None = None) -> None:
+        """`relay_tick`: this worker's own tick, whose output goes to the other workers too."""
         opus_packets = self._encode_opus([fo for fo, _ in todo if fo.outcome is Outcome.FALLBACK])
+        if self.cascade is not None and relay_tick is not None:  # cascade.py: once to each other worker
+            self.cascade.on_tick(relay_tick, [fo for fo, _ in todo], opus_packets)
         cache: dict = {}  # subscribers at the same layer share a payload's packing
-        # sequential awaits: a send only hands a datagram to the socket, a task each would cost more
+        # plain calls: a send only hands a datagram to the socket (fastpath.py), no coroutine
         for fo, subs in todo:
+            if not subs:
+                continue
             max_n_q = self.core.stream_max_n_q(fo.stream_id)
+            fallback = opus_packets.get(id(fo)) if fo.outcome is Outcome.FALLBACK else None
             for sub in subs:
                 sender = sub.aic_sender
                 assert sender is not None
                 before = sender.layer
                 for p in sender.on_frame(fo, max_n_q, cache):
-                    if await sub.out.send(sub.out.aic_pt, p.payload, p.timestamp, marker=p.marker):
+                    if sub.out.send_now(sub.out.aic_pt, p.payload, p.timestamp, p.marker):
                         sender.sent(sub.out.last_wire_bytes)
                         kind = "aic_sid" if p.sid else "aic"
                         sub.sent_by_kind[kind] += 1
@@ -451,24 +544,24 @@ class MediaBridge:
                         self._unrecorded_bytes["aic"] += len(p.payload)
                 if sender.layer != before:
                     self._count_switch(before, sender.layer)
-                if fo.outcome is Outcome.FALLBACK and sub.out.opus_pt is not None and id(fo) in opus_packets:
-                    await self._send(sub, "opus", sub.out.opus_pt, opus_packets[id(fo)], fo.rtp_timestamp)
+                if fallback is not None and sub.out.opus_pt is not None:
+                    self._send(sub, "opus", sub.out.opus_pt, fallback, fo.rtp_timestamp)
         self._update_needs()
         self._record_wire_bytes()
-        report.overhead_ms += (time.perf_counter() - t0) * 1000.0
-        self.overheads_ms.append(report.overhead_ms)
-        if len(self.overheads_ms) > 10_000:
-            del self.overheads_ms[:5_000]
 
     def _update_needs(self) -> None:
-        """Each stream is encoded as deep as its deepest AIC subscriber's layer (next tick)."""
+        """Each stream is encoded as deep as its deepest AIC subscriber's layer (next tick),
+        here or on another worker (cascade.py)."""
         now = time.monotonic()
-        for stream_id, subs in self.subscribers.items():
+        streams: Any = self.subscribers
+        if self.cascade is not None and self.cascade.subscriptions:
+            streams = set(self.subscribers) | set(self.cascade.subscriptions)
+        for stream_id in streams:
             if stream_id not in self.core:
                 continue
-            top = self.core.stream_max_n_q(stream_id)
+            top = self.core.stream_max_n_q(stream_id)  # once per stream: the loop is per subscriber
             need = None
-            for sub in subs.values():
+            for sub in self.subscribers.get(stream_id, {}).values():
                 sender = sub.aic_sender
                 if sender is None:
                     continue
@@ -476,16 +569,25 @@ class MediaBridge:
                     sender.choose(top)
                 layer = sender.choose(top) if sender.pinned is not None else sender.layer
                 need = layer.n_q if need is None else max(need, layer.n_q)
+            if self.cascade is not None:
+                remote = self.cascade.remote_need(stream_id)
+                if remote is not None:
+                    need = remote if need is None else max(need, remote)
             self.core.set_need(stream_id, need)
 
     def _encode_opus(self, rows: list[FrameOutcome]) -> dict[int, list[bytes]]:
         """Opus packets per frame; one encoder call per round (a stream's k-th frame of the
         tick in round k: a stream with a shed backlog has several frames, in order)."""
         out: dict[int, list[bytes]] = {}
-        rows = [fo for fo in rows if fo.pcm24 is not None]
         rounds: list[list[FrameOutcome]] = []
         seen: dict[str, int] = defaultdict(int)
         for fo in rows:
+            relayed = getattr(fo, "opus", None)  # cascade.RelayedFrame: the owner's packets
+            if relayed is not None:
+                out[id(fo)] = relayed
+                continue
+            if fo.pcm24 is None:
+                continue
             k = seen[fo.stream_id]
             seen[fo.stream_id] += 1
             if k == len(rounds):
@@ -498,9 +600,9 @@ class MediaBridge:
                 out[id(fo)] = packets
         return out
 
-    async def _send(self, sub: Subscriber, kind: str, pt: int, payloads: list[bytes], ts: int) -> None:
+    def _send(self, sub: Subscriber, kind: str, pt: int, payloads: list[bytes], ts: int) -> None:
         for k, payload in enumerate(payloads):
-            if await sub.out.send(pt, payload, ts + k * OPUS_FRAME_RTP_TICKS):
+            if sub.out.send_now(pt, payload, ts + k * OPUS_FRAME_RTP_TICKS):
                 sub.sent_by_kind[kind] += 1
                 self.packets_by_kind[kind] += 1
                 self._unrecorded_bytes[kind] += len(payload)
@@ -534,6 +636,14 @@ class MediaBridge:
                               "dtx_enabled": ad.dtx_enabled, "subscribers": subs}
         return out
 
+    def ingest_drops(self) -> dict[str, int]:
+        """Publishers' packets the fast receive path dropped, by reason (fastpath.IngestDrop)."""
+        out: Counter[str] = Counter()
+        for pub in self.publishers.values():
+            if pub.ingest is not None:
+                out.update(pub.ingest.drops)
+        return dict(out)
+
     def stats(self) -> dict[str, Any]:
         ov = np.asarray(self.overheads_ms[-1500:]) if self.overheads_ms else np.zeros(1)
         core = self.core.stats()
@@ -546,6 +656,7 @@ class MediaBridge:
             "ticks": core["ticks"],
             "encodes": core["encodes"],
             "layer_switches": self.layer_switches,
+            "ingest_drops": self.ingest_drops(),
             "streams": self.stream_stats(),
             "tick_overhead_ms_p50": float(np.percentile(ov, 50)),
             "tick_overhead_ms_p99": float(np.percentile(ov, 99)),

@@ -4,10 +4,11 @@
 each with ``--aic-subs`` AIC subscribers and ``--opus-subs`` legacy subscribers, run the
 bridge's real per-tick work back to back for ``--ticks`` ticks:
 
-  SRTP unprotect + RTP parse of the publisher's two 20 ms Opus packets -> forwarded to the
-  legacy subscribers (RTP + SRTP protect + UDP ``sendto`` to a local sink socket) -> aiortc's
-  Opus decoder -> `Chunker` (24 kHz resampling, 40 ms chunks) -> `BridgeCore.tick`
-  (one FrameBatch) -> `MediaBridge.dispatch` (AIC payloads to the AIC subscribers).
+  SRTP unprotect + RTP parse of the publisher's two 20 ms Opus packets -> `MediaBridge.forward`:
+  forwarded to the legacy subscribers (header template + SRTP in place + UDP ``sendto`` to a
+  local sink socket, fastpath.py) and decoded inline by libopus at 24 kHz (`OpusIngest`, 40 ms
+  chunks) -> `BridgeCore.tick` (one FrameBatch) -> `MediaBridge.dispatch` (AIC payloads to
+  the AIC subscribers, same send path).
 
 The codec is EMULATED (answers every frame ``ai`` after ``--codec-ms`` of sleep, no CPU):
 the figure is the bridge's own cost; the codec's compute lives on the Serve replicas and is
@@ -92,28 +93,33 @@ class LoopbackOut:
         self.ext_map.configure(RTCRtpParameters(headerExtensions=[
             RTCRtpHeaderExtensionParameters(id=1, uri="urn:ietf:params:rtp-hdrext:sdes:mid"),
         ]))
-        self._srtp, _ = _srtp_pair()
+        from sfu_bridge.aiortc_compat import FastSrtp
+        from sfu_bridge.fastpath import RtpWriter
+
+        tx, _ = _srtp_pair()
+        self._srtp = FastSrtp(tx)
+        self.writer = RtpWriter(self.ssrc, self.ext_map, self.mid)
         self._sock, self._sink = sock, sink
-        self._seq = 0
         self.packets = 0
         self.payload_bytes = 0
+        self.last_wire_bytes = 0
 
     @property
     def aic(self) -> bool:
         return self.aic_pt is not None
 
-    async def send(self, payload_type: int, payload: bytes, timestamp: int, hint: bytes | None = None) -> bool:
-        from aiortc.rtp import RtpPacket
+    async def send(self, payload_type: int, payload: bytes, timestamp: int, hint: bytes | None = None,
+                   marker: bool = False) -> bool:
+        return self.send_now(payload_type, payload, timestamp, marker)
 
-        pkt = RtpPacket(payload_type=payload_type, sequence_number=self._seq,
-                        timestamp=timestamp & 0xFFFFFFFF, ssrc=self.ssrc, payload=payload)
-        pkt.extensions.mid = self.mid
-        self._seq = (self._seq + 1) & 0xFFFF
+    def send_now(self, payload_type: int, payload: bytes, timestamp: int, marker: bool = False) -> bool:
+        data = self.writer.write(self._srtp, payload_type, payload, timestamp, marker, True)
         try:
-            self._sock.sendto(self._srtp.protect(pkt.serialize(self.ext_map)), self._sink)
+            self._sock.sendto(data, self._sink)
         except BlockingIOError:
             return False  # sink buffer full: counted as not sent, like a congested socket
         self.packets += 1
+        self.last_wire_bytes = len(data) + 28
         self.payload_bytes += len(payload)
         return True
 
@@ -122,10 +128,7 @@ class PublisherFeed:
     """One publisher's inbound side: SRTP-protected Opus RTP packets, replayed in a loop."""
 
     def __init__(self, opus_packets: list[bytes]) -> None:
-        from aiortc.codecs.opus import OpusDecoder
-
         self.tx, self.rx = _srtp_pair()
-        self.decoder = OpusDecoder()  # what aiortc's receiver runs per inbound audio track
         self.packets = opus_packets
         self.ssrc = int.from_bytes(os.urandom(4), "big")
         self.seq = 0
@@ -163,8 +166,6 @@ def _opus_loop(seconds: float = 2.0) -> list[bytes]:
 
 
 async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_ms: float) -> dict:
-    import av
-    from aiortc.jitterbuffer import JitterFrame
     from aiortc.rtp import RtpPacket
 
     from sfu_bridge.core import BridgeCore
@@ -200,11 +201,10 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
         for sid, packets in wire.items():
             feed = feeds[sid]
             for data in packets:
+                # what aiortc's DTLS transport does with a datagram before the bridge's tap
                 pkt = RtpPacket.parse(feed.rx.unprotect(data))
-                await media.forward(sid, pkt)  # legacy subscribers: forwarded as received
-                for frame in feed.decoder.decode(JitterFrame(pkt.payload, pkt.timestamp)):
-                    assert isinstance(frame, av.AudioFrame)
-                    media.push_audio(sid, frame)
+                # legacy subscribers: forwarded as received; the AIC path: decoded inline
+                media.forward(sid, pkt)
         ingest_ms = (time.perf_counter() - t0) * 1000.0
         report = await core.tick()
         await media.dispatch(report)
@@ -321,6 +321,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-ms", type=float, default=20.0,
                         help="p99 tick overhead allowed (of the 40 ms tick)")
     parser.add_argument("--wire-s", type=float, default=10.0, help="wire measurement window")
+    parser.add_argument("--fanout-streams", type=int, default=20,
+                        help="streams of the fan-out cost measurement")
+    parser.add_argument("--extra-subs", type=int, default=10,
+                        help="extra AIC subscribers per stream in the fan-out cost measurement")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
 
 
@@ -347,6 +351,14 @@ def run(args: argparse.Namespace) -> int:
     best = fit[-1] if fit else steps[0]
     per_stream_us = float(np.median([s["per_stream_us_mean"] for s in steps]))
     cpu_us = float(np.median([s["cpu_us_per_stream"] for s in steps]))
+    # Fan-out cost: the same streams with `--extra-subs` more AIC subscribers each; the CPU
+    # difference per tick over the extra packets is what one more subscriber packet costs.
+    n_fan = args.fanout_streams
+    base = asyncio.run(_run_streams(n_fan, args.ticks, args.aic_subs, args.opus_subs, args.codec_ms))
+    more = asyncio.run(_run_streams(n_fan, args.ticks, args.aic_subs + args.extra_subs, args.opus_subs,
+                                    args.codec_ms))
+    extra_packets = n_fan * args.extra_subs  # one 40 ms AIC packet per subscriber per tick
+    us_per_extra = (more["cpu_ms_per_tick_mean"] - base["cpu_ms_per_tick_mean"]) * 1000.0 / extra_packets
     wire = asyncio.run(_wire(args.wire_s))
     data = {
         "bench": "bridge",
@@ -366,6 +378,10 @@ def run(args: argparse.Namespace) -> int:
         "cpu_us_per_stream_per_tick": cpu_us,
         "streams_per_core_cpu_derived": int(args.budget_ms * 1000 / cpu_us),
         "ladder": steps,
+        "fanout_us_per_extra_packet": round(us_per_extra, 2),
+        "fanout_measurement": {"streams": n_fan, "extra_aic_subscribers_per_stream": args.extra_subs,
+                               "cpu_ms_per_tick_base": base["cpu_ms_per_tick_mean"],
+                               "cpu_ms_per_tick_with_extra": more["cpu_ms_per_tick_mean"]},
         "wire_kbps_aic": wire["aic_kbps"],
         "wire_kbps_opus": wire["opus_kbps"],
         "wire": wire,
@@ -376,6 +392,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_docs:
         update_docs_section("bridge", _markdown(data))
     print(f"streams_per_worker={data['streams_per_worker']} p99_tick_overhead_ms={data['p99_tick_overhead_ms']} "
+          f"fanout_us_per_extra_packet={data['fanout_us_per_extra_packet']} "
           f"wire_kbps_aic={data['wire_kbps_aic']} wire_kbps_opus={data['wire_kbps_opus']}")
     return 0
 
@@ -389,8 +406,8 @@ def _markdown(d: dict) -> str:
     )
     return f"""## bridge
 
-`auralink bench bridge --json docs/bench/bridge.json` - {d['machine']}, load average
-{d['load_average']:.1f} at the end of the run (a shared machine: figures are lower bounds).
+`auralink bench bridge --json docs/bench/bridge.json` at revision {d['revision']} - {d['machine']},
+load average {d['load_average']:.1f} at the end of the run (a shared machine: figures are lower bounds).
 Codec: **{d['codec']}**; each stream has {d['subscribers_per_stream']['aic']} AIC and
 {d['subscribers_per_stream']['opus']} Opus subscriber(s). One worker process = one event loop.
 
@@ -402,6 +419,12 @@ p99 wall overhead at that step was {d['p99_tick_overhead_wall_ms']} ms, and the 
 within budget wall-clock was {d['streams_per_worker_wall_measured']} streams. Mean cost:
 {d['cpu_us_per_stream_per_tick']} us CPU per stream per tick. Run one worker per core
 (`auralink bridge --workers N`: one port each, a front proxy routes by stream id).
+
+**Fan-out: {d['fanout_us_per_extra_packet']} us CPU per extra subscriber packet** -
+{d['fanout_measurement']['streams']} streams with {d['fanout_measurement']['extra_aic_subscribers_per_stream']}
+more AIC subscribers each: {d['fanout_measurement']['cpu_ms_per_tick_base']} ->
+{d['fanout_measurement']['cpu_ms_per_tick_with_extra']} ms CPU per tick (mean), over the extra
+packets (AicSender, RTP header template, SRTP in place, `sendto`; fastpath.py).
 
 | streams | p50 wall overhead ms | p99 wall overhead ms | p99 CPU ms / tick | wall us / stream | CPU us / stream |
 |---|---|---|---|---|---|

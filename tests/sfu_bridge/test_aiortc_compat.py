@@ -61,13 +61,19 @@ def test_every_accessor_on_a_live_connection():
         pkt = RtpPacket(payload_type=aic_pt, sequence_number=1, timestamp=0, ssrc=ssrc, payload=b"x")
         await aiortc_compat.send_rtp(ta, pkt.serialize())
         got = await asyncio.wait_for(seen.get(), 10)
+        # the fast send path: SRTP in place, the nominated pair's socket
+        path = aiortc_compat.DatagramPath(ta.sender.transport)
+        assert path.ready() and path.srtp is not None
+        header = RtpPacket(payload_type=aic_pt, sequence_number=2, timestamp=960, ssrc=ssrc).serialize()
+        path.sendto(path.srtp.protect(header, b"fast"), path.addr)
+        fast = await asyncio.wait_for(seen.get(), 10)
         await aiortc_compat.send_pli(tb.receiver, ssrc)
         await asyncio.wait_for(pli.wait(), 10)
         await a.close()
         await b.close()
-        return answer, ssrc, codecs, exts, protocols, ext_map, got
+        return answer, ssrc, codecs, exts, protocols, ext_map, got, fast
 
-    answer, ssrc, codecs, exts, protocols, ext_map, got = asyncio.run(go())
+    answer, ssrc, codecs, exts, protocols, ext_map, got, fast = asyncio.run(go())
     assert f"a=ssrc:{ssrc} " in answer  # the SSRC the sender announced
     assert {c.mimeType.lower() for c in codecs} >= {"audio/opus", "audio/aic"}
     assert any(e.uri == HINT_URI for e in exts)
@@ -75,3 +81,4 @@ def test_every_accessor_on_a_live_connection():
                              for p in protocols)
     assert isinstance(ext_map, rtp_ext.AicHeaderExtensionsMap)
     assert (got.ssrc, got.payload) == (ssrc, b"x")  # tapped before the jitter buffer
+    assert (fast.ssrc, fast.sequence_number, fast.payload) == (ssrc, 2, b"fast")

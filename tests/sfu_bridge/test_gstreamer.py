@@ -60,7 +60,7 @@ def test_gstreamer_webrtcbin_publishes_over_whip(running_bridge, tokens, streami
                 while not wait.done():  # the publisher's session ends with its DELETE
                     pub = server.media.publishers.get("gst-room")
                     if pub is not None:
-                        chunks = max(chunks, pub.chunker.chunks)
+                        chunks = max(chunks, pub.chunks)
                     await asyncio.wait({wait}, timeout=0.1)
                 out, err = await asyncio.wait_for(wait, timeout=50)
             finally:

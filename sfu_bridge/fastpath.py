@@ -1,0 +1,175 @@
+"""Per-packet work of a bridge worker with the Python taken out: RTP writing and Opus ingest.
+
+- `RtpWriter`: an outbound SSRC's RTP header (with its RFC 8285 extensions) is serialised once
+  per extension set by aiortc's own serializer; each packet copies that template into the
+  SRTP buffer, patches marker/payload type/sequence/timestamp with `struct.pack_into`, copies
+  the payload behind it and is protected in place (`aiortc_compat.FastSrtp`): no `RtpPacket`
+  object, no extension map walk, no coroutine per packet.
+- `OpusIngest`: a publisher's Opus packets decoded by libopus straight to 24 kHz mono float
+  (the codec's input rate: libopus decodes at 8/12/16/24/48 kHz natively, RFC 6716 2), into
+  40 ms chunks - no 48 kHz stereo `AudioFrame`, no resampler, no decoder thread. Gaps in
+  the sequence are concealed by libopus (PLC) at once: there is no jitter buffer, so a packet
+  that arrives after its place was concealed (reordered) is a counted drop (`reordered`), as
+  are duplicates and packets older than a resynchronisation (`late`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import struct
+import time
+from collections import Counter, deque
+from typing import Any
+
+import numpy as np
+
+from models.constants import CHUNK_RTP_TICKS, CHUNK_SAMPLES
+from sfu_bridge.aiortc_compat import BUFFER_BYTES, SRTP_MAX_TRAILER, FastSrtp
+
+RTP_HEADER = struct.Struct("!BBHII")
+CHUNK_48K = CHUNK_RTP_TICKS  # 40 ms on the 48 kHz RTP clock
+INGEST_RATE = 24_000
+MAX_PACKET_SAMPLES = INGEST_RATE * 120 // 1000  # an Opus packet holds at most 120 ms
+MAX_CONCEALED_PACKETS = 5  # a longer gap resynchronises without concealment (a new talk spurt)
+
+
+class RtpWriter:
+    """One outbound SSRC: sequence numbers, header templates, SRTP in place."""
+
+    def __init__(self, ssrc: int, ext_map: Any, mid: str | None, seq0: int = 0) -> None:
+        self.ssrc = ssrc
+        self.ext_map = ext_map
+        self.mid = mid
+        self.seq = seq0 & 0xFFFF
+        self._templates: dict[bool, bytes] = {}
+
+    def template(self, with_mid: bool) -> bytes:
+        t = self._templates.get(with_mid)
+        if t is None:
+            from aiortc.rtp import RtpPacket
+
+            pkt = RtpPacket(payload_type=0, sequence_number=0, timestamp=0, ssrc=self.ssrc)
+            pkt.extensions.mid = self.mid if with_mid else None
+            t = self._templates[with_mid] = pkt.serialize(self.ext_map)
+        return t
+
+    def write(self, srtp: FastSrtp, payload_type: int, payload: bytes, timestamp: int,
+              marker: bool = False, with_mid: bool = False) -> bytes:
+        """The next SRTP packet of this SSRC (advances the sequence number)."""
+        tmpl = self.template(with_mid)
+        h = len(tmpl)
+        n = h + len(payload)
+        if n > BUFFER_BYTES - SRTP_MAX_TRAILER:
+            raise ValueError("packet is too long")
+        buf = srtp.buffer
+        buf[0:h] = tmpl
+        struct.pack_into("!BHI", buf, 1, (marker << 7) | payload_type, self.seq,
+                         timestamp & 0xFFFFFFFF)
+        buf[h:n] = payload
+        data = srtp.protect_in_place(n)
+        self.seq = (self.seq + 1) & 0xFFFF
+        return data
+
+
+class IngestDrop(str, enum.Enum):
+    REORDERED = "reordered"  # arrived after its place in the sequence was concealed
+    LATE = "late"  # older than the last packet decoded otherwise (duplicate, or before a resync)
+    MALFORMED = "malformed"  # libopus refused the payload
+    RESYNC = "resync"  # a gap too long to conceal: the timeline restarts
+
+
+class _Libopus:
+    lib: Any = None
+
+    @classmethod
+    def load(cls) -> Any:
+        if cls.lib is None:
+            from models.opus import LibopusDtxEncoder
+
+            lib = LibopusDtxEncoder._load()
+            lib.opus_decoder_create.restype = ctypes.c_void_p
+            lib.opus_decoder_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+            lib.opus_decode_float.restype = ctypes.c_int
+            lib.opus_decode_float.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32,
+                                              ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+            lib.opus_decoder_destroy.argtypes = [ctypes.c_void_p]
+            cls.lib = lib
+        return cls.lib
+
+
+class OpusIngest:
+    """A publisher's Opus RTP payloads -> 40 ms chunks of 24 kHz mono float PCM, each with
+    its RTP timestamp (48 kHz clock, 0 at the first chunk) and the wall time it completed."""
+
+    def __init__(self, stream_id: str) -> None:
+        self.stream_id = stream_id
+        self._lib = _Libopus.load()
+        err = ctypes.c_int()
+        self._dec = self._lib.opus_decoder_create(INGEST_RATE, 1, ctypes.byref(err))
+        if err.value != 0 or not self._dec:
+            raise RuntimeError(f"opus_decoder_create failed ({err.value})")
+        self._buf = np.zeros(CHUNK_SAMPLES + MAX_PACKET_SAMPLES * (MAX_CONCEALED_PACKETS + 1), np.float32)
+        self._ptr = self._buf.ctypes.data
+        self._fill = 0
+        self._next_seq: int | None = None
+        self._last_samples = INGEST_RATE // 50  # 20 ms until a packet says otherwise
+        self.chunks = 0
+        self.packets = 0
+        self.concealed = 0
+        self.drops: Counter[str] = Counter()
+        # sequence numbers concealed lately: one of them arriving now was reordered
+        self._concealed_seqs: deque[int] = deque(maxlen=2 * MAX_CONCEALED_PACKETS)
+
+    def packet(self, seq: int, payload: bytes) -> list[tuple[np.ndarray, int, float]]:
+        """The chunks this packet completes: (pcm24 float32 [960], RTP timestamp, wall time)."""
+        nxt = self._next_seq
+        if nxt is not None:
+            gap = (seq - nxt) & 0xFFFF
+            if gap >= 0x8000:
+                why = IngestDrop.REORDERED if seq in self._concealed_seqs else IngestDrop.LATE
+                self.drops[why.value] += 1
+                return []
+            if gap:
+                if gap <= MAX_CONCEALED_PACKETS:
+                    for k in range(gap):
+                        self._decode(None, self._last_samples)
+                        self._concealed_seqs.append((nxt + k) & 0xFFFF)
+                        self.concealed += 1
+                else:
+                    self.drops[IngestDrop.RESYNC.value] += 1
+        self._next_seq = (seq + 1) & 0xFFFF
+        if not self._decode(payload, MAX_PACKET_SAMPLES):
+            self.drops[IngestDrop.MALFORMED.value] += 1
+        self.packets += 1
+        return self._take() if self._fill >= CHUNK_SAMPLES else []
+
+    def _decode(self, payload: bytes | None, max_samples: int) -> bool:
+        n = self._lib.opus_decode_float(self._dec, payload, len(payload) if payload else 0,
+                                        self._ptr + 4 * self._fill, max_samples, 0)
+        if n <= 0:
+            return False
+        self._fill += n
+        if payload is not None:
+            self._last_samples = n
+        return True
+
+    def _take(self) -> list[tuple[np.ndarray, int, float]]:
+        out = []
+        now = time.time()
+        while self._fill >= CHUNK_SAMPLES:
+            out.append((self._buf[:CHUNK_SAMPLES].copy(), self.chunks * CHUNK_48K, now))
+            self.chunks += 1
+            rest = self._fill - CHUNK_SAMPLES
+            if rest:
+                self._buf[:rest] = self._buf[CHUNK_SAMPLES:self._fill]
+            self._fill = rest
+        return out
+
+    def close(self) -> None:
+        if self._dec:
+            self._lib.opus_decoder_destroy(self._dec)
+            self._dec = None
+
+    def __del__(self) -> None:
+        self.close()

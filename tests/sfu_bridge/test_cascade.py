@@ -1,0 +1,269 @@
+"""Cascading between bridge workers: the relay framing (round trips, fuzzing, counted drops)
+and two workers over real loopback UDP delivering every frame exactly once, each subscriber
+at its own layer."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deployments.contract import FallbackReason
+from sfu_bridge.cascade import (
+    HEADER,
+    MAX_DATAGRAM,
+    CascadeRelay,
+    FeedbackRecord,
+    FrameRecord,
+    RecordKind,
+    RelayDrop,
+    RelayError,
+    RelayType,
+    parse,
+    relay_key,
+    serialise,
+)
+
+
+def _ai(sid: str = "s", n_q: int = 8, frames: int = 3, seed: int = 0) -> FrameRecord:
+    codes = np.random.default_rng(seed).integers(0, 1024, (n_q, frames)).astype(np.int16)
+    return FrameRecord(sid, RecordKind.AI, 1920 * 7, 1234, epoch=3, epoch_seq=5, codes=codes)
+
+
+def _same(a: FrameRecord | FeedbackRecord, b: FrameRecord | FeedbackRecord) -> bool:
+    if isinstance(a, FeedbackRecord):
+        return a == b
+    assert isinstance(b, FrameRecord)
+    codes_equal = (a.codes is None and b.codes is None) or np.array_equal(a.codes, b.codes)
+    return (codes_equal and a.stream_id == b.stream_id and a.kind == b.kind and a.opus == b.opus
+            and (a.rtp_timestamp, a.age_us, a.epoch, a.epoch_seq, a.reason)
+            == (b.rtp_timestamp, b.age_us, b.epoch, b.epoch_seq, b.reason))
+
+
+def test_frames_round_trip_byte_exact() -> None:
+    records = [
+        _ai(), _ai("b", 32, 1, 1),
+        FrameRecord("s", RecordKind.FALLBACK, 1920, 10, reason=FallbackReason.DEADLINE,
+                    opus=[b"\x78" * 60, b"\x79" * 61]),
+        FrameRecord("s", RecordKind.DTX, 3840, 0),
+        FrameRecord("s", RecordKind.OPUS, 960, 99, opus=[b"\xfc\x01\x02"]),
+    ]
+    (dgram,) = serialise(RelayType.FRAMES, 7, 42, records, boot=0x01020304)
+    d = parse(dgram)
+    assert (d.type, d.worker, d.boot, d.tick, d.part, d.parts) == (RelayType.FRAMES, 7, 0x01020304, 42, 0, 1)
+    assert all(_same(a, b) for a, b in zip(records, d.records, strict=True))
+    assert serialise(RelayType.FRAMES, 7, 42, d.records, boot=d.boot) == [dgram]
+    # a fixture: header bytes as specified
+    assert dgram[:HEADER.size] == (b"AL\x02\x01\x00\x07\x01\x02\x03\x04\x00\x00\x00\x2a"
+                                   b"\x00\x01\x00\x05")
+
+
+def test_tagged_datagrams_authenticate() -> None:
+    key, other = relay_key(b"k" * 32), relay_key(b"x" * 32)
+    (dgram,) = serialise(RelayType.FRAMES, 1, 2, [_ai()], key=key)
+    assert _same(parse(dgram, key).records[0], _ai())
+    for bad, k in ((dgram, other), (dgram[:-1] + bytes([dgram[-1] ^ 1]), key),
+                   (serialise(RelayType.FRAMES, 1, 2, [_ai()])[0], key)):
+        with pytest.raises(RelayError, match="tag") as err:
+            parse(bad, k)
+        assert err.value.reason is RelayDrop.TAG
+    big = serialise(RelayType.FRAMES, 1, 2, [_ai(f"s{i}", 32, 3, i) for i in range(40)], key=key)
+    assert all(len(g) <= MAX_DATAGRAM for g in big)
+
+
+def test_feedback_round_trip() -> None:
+    records = [FeedbackRecord("room-1", 16, True), FeedbackRecord("é", 0, False)]
+    (dgram,) = serialise(RelayType.FEEDBACK, 1, 0, records)
+    assert parse(dgram).records == records
+
+
+def test_large_batch_splits_into_self_contained_datagrams() -> None:
+    records = [_ai(f"stream-{i}", 32, 3, i) for i in range(40)]  # ~130 bytes each
+    dgrams = serialise(RelayType.FRAMES, 1, 9, records)
+    assert len(dgrams) > 1 and all(len(g) <= MAX_DATAGRAM for g in dgrams)
+    parsed = [parse(g) for g in dgrams]
+    assert [p.part for p in parsed] == list(range(len(dgrams)))
+    assert {p.parts for p in parsed} == {len(dgrams)}
+    out = [r for p in parsed for r in p.records]
+    assert all(_same(a, b) for a, b in zip(records, out, strict=True))
+
+
+@pytest.mark.parametrize("data, reason, message", [
+    (b"AL\x01", RelayDrop.TRUNCATED, "shorter than the header"),
+    (b"XX" + bytes(16), RelayDrop.BAD_HEADER, "magic"),
+    (b"AL\x01\x01" + bytes(14), RelayDrop.BAD_HEADER, "version 1"),
+    (b"AL\x02\x07" + bytes(14), RelayDrop.BAD_HEADER, "type 7"),
+    (HEADER.pack(b"AL", 2, 1, 0, 0, 0, 1, 1, 0), RelayDrop.BAD_HEADER, "part 1 of 1"),
+    (HEADER.pack(b"AL", 2, 1, 0, 0, 0, 0, 1, 1) + b"\x01s" + struct.pack("!BII", 9, 0, 0),
+     RelayDrop.BAD_RECORD, "kind 9"),
+    (HEADER.pack(b"AL", 2, 1, 0, 0, 0, 0, 1, 1) + b"\x00", RelayDrop.BAD_RECORD, "empty stream id"),
+    (HEADER.pack(b"AL", 2, 1, 0, 0, 0, 0, 1, 0) + b"x", RelayDrop.TRAILING, "1 bytes after"),
+    (HEADER.pack(b"AL", 2, 1, 0, 0, 0, 0, 1, 1) + b"\x01s" + struct.pack("!BII", 1, 0, 0)
+     + struct.pack("!IIBB", 0, 0, 33, 1), RelayDrop.BAD_RECORD, "out of range"),
+    (HEADER.pack(b"AL", 2, 2, 0, 0, 0, 0, 1, 1) + b"\x01s\x08\x02", RelayDrop.BAD_RECORD, "flags"),
+])
+def test_bad_input_is_a_relay_error_with_a_reason(data: bytes, reason: RelayDrop, message: str) -> None:
+    with pytest.raises(RelayError, match=message) as err:
+        parse(data)
+    assert err.value.reason is reason
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_arbitrary_bytes_parse_or_raise_relay_error(data: bytes) -> None:
+    try:
+        parse(data)
+    except RelayError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 40), st.integers(0, 400), st.binary(min_size=1, max_size=8))
+def test_fuzz_mutated_datagrams(cut: int, pos: int, junk: bytes) -> None:
+    (dgram,) = serialise(RelayType.FRAMES, 1, 1, [_ai(), FrameRecord("s", RecordKind.OPUS, 0, 0, opus=[b"ab"])])
+    for mutated in (dgram[:len(dgram) - cut - 1], dgram[:pos] + junk + dgram[pos + len(junk):]):
+        try:
+            parse(mutated)
+        except RelayError:
+            pass
+
+
+def test_relay_counts_bad_datagrams_as_drops() -> None:
+    from cluster.bench.bridge import EmulatedCodec
+    from sfu_bridge.core import BridgeCore
+    from sfu_bridge.media import MediaBridge
+
+    relay = CascadeRelay(1, MediaBridge(BridgeCore(EmulatedCodec()), max_streams=2))
+    relay.datagram_received(b"garbage-garbage-garbage", ("127.0.0.1", 1))
+    relay.datagram_received(serialise(RelayType.FRAMES, 0, 1, [_ai("nobody")])[0], ("127.0.0.1", 1))
+    assert relay.drops == {RelayDrop.BAD_HEADER.value: 1, RelayDrop.UNKNOWN_STREAM.value: 1}
+
+
+def test_replayed_datagrams_are_dropped_and_a_restarted_sender_is_not() -> None:
+    from cluster.bench.bridge import EmulatedCodec
+    from sfu_bridge.core import BridgeCore
+    from sfu_bridge.media import MediaBridge
+
+    key = relay_key(b"cluster secret")
+    relay = CascadeRelay(1, MediaBridge(BridgeCore(EmulatedCodec()), max_streams=2), key)
+    relay.follow("s", ("127.0.0.1", 9))
+    owner = ("127.0.0.1", 9)
+
+    def tick(t: int, boot: int = 100, parts: int = 1) -> list[bytes]:
+        records = [FrameRecord("s", RecordKind.DTX, 1920 * t, 0)] * parts
+        return serialise(RelayType.FRAMES, 0, t, records, max_datagram=45, key=key, boot=boot)
+
+    def feed(dgrams: list[bytes]) -> int:
+        before = relay.received["datagrams"]
+        for d in dgrams:
+            relay.datagram_received(d, owner)
+        return relay.received["datagrams"] - before
+
+    two = tick(5, parts=2)
+    assert len(two) == 2 and feed(two) == 2  # one tick in two parts: both accepted
+    assert feed(two) == 0  # the same again: replayed
+    assert feed(tick(7)) == 1 and feed(tick(6)) == 1  # out of order within the window
+    assert feed(tick(6)) == 0
+    assert feed(tick(7 + 64)) == 1 and feed(tick(7)) == 0  # below the window now
+    assert feed(tick(0, boot=99)) == 0  # an older boot of the sender
+    assert feed(tick(0, boot=101)) == 1  # the sender restarted: its ticks start again
+    assert relay.drops == {RelayDrop.REPLAY.value: 5}
+
+
+# -- two workers ---------------------------------------------------------------------------------
+class _Sink:
+    """A subscriber's UDP socket; packets are checked in the clear after SRTP (see `_Out`)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.addr = self.sock.getsockname()
+
+    def drain(self) -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(self.sock.recv(2048))
+            except BlockingIOError:
+                return out
+
+
+def test_two_workers_every_frame_exactly_once_at_each_layer() -> None:
+    from aiortc.rtp import RtpPacket
+
+    from cluster.bench.bridge import EmulatedCodec, PublisherFeed, _opus_loop, _srtp_pair
+    from cluster.bench.fanout import EmulatedOut
+    from sfu_bridge.aic_payload import AicPayload
+    from sfu_bridge.core import BridgeCore
+    from sfu_bridge.media import MediaBridge
+    from sfu_bridge.rate_control import Layer
+
+    chunks = 12
+
+    async def go() -> tuple[list, list, CascadeRelay, CascadeRelay]:
+        owner = MediaBridge(BridgeCore(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2)
+        peer = MediaBridge(BridgeCore(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2)
+        key = relay_key(b"cluster secret")
+        r0, r1 = CascadeRelay(0, owner, key), CascadeRelay(1, peer, key)
+        owner.cascade, peer.cascade = r0, r1
+        a0 = await r0.open("127.0.0.1", 0)
+        await r1.open("127.0.0.1", 0)
+        owner.add_publisher("s", "pub", None).opus_pt = 111
+        r1.follow("s", a0)
+        send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        subs = []  # (worker, layer or None for Opus, sink, out, srtp rx)
+        for media, w, layers in ((owner, 0, [4, None]), (peer, 1, [2, 8, None])):
+            for layer in layers:
+                sink = _Sink()
+                out = EmulatedOut(layer is not None, send, sink.addr)
+                tx, rx = _srtp_pair()
+                from sfu_bridge.aiortc_compat import FastSrtp
+
+                out._srtp = FastSrtp(tx)
+                sub = media.add_subscriber("s", "u", None, out)
+                if layer is not None:
+                    media.pin_layer(sub.session_id, Layer(layer))
+                subs.append((w, layer, sink, out, rx))
+        for _ in range(20):  # the peer's feedback subscribes it at the owner
+            r1.feedback()
+            await asyncio.sleep(0.01)
+            if r0.subscriptions.get("s"):
+                break
+        feed = PublisherFeed(_opus_loop())
+        for _ in range(chunks):
+            for data in feed.next_wire(2):
+                owner.forward("s", RtpPacket.parse(feed.rx.unprotect(data)))
+            report = await owner.core.tick()
+            owner.dispatch_now(report)
+            await asyncio.sleep(0.01)  # the relay datagram reaches the peer
+            owner._update_needs()
+        await asyncio.sleep(0.05)
+        got = [(w, layer, [RtpPacket.parse(rx.unprotect(p)) for p in sink.drain()])
+               for w, layer, sink, _, rx in subs]
+        r0.close()
+        r1.close()
+        return got, subs, r0, r1
+
+    got, _, r0, r1 = asyncio.run(go())
+    assert r0.subscriptions["s"] and not r1.drops and not r0.drops
+    # the owner relayed each tick's frame once, at the peer's deepest layer (8), never 32
+    assert r0.sent["datagrams"] >= chunks and r1.received["datagrams"] == r0.sent["datagrams"]
+    assert r1.received["codebooks"] == 8 * chunks
+    for w, layer, packets in got:
+        seqs = [p.sequence_number for p in packets]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), (w, layer)  # no gap, no duplicate
+        if layer is None:  # Opus: both 20 ms packets of every chunk, each once
+            ts = [p.timestamp for p in packets]
+            assert len(ts) == 2 * chunks and len(set(ts)) == len(ts), (w, ts)
+        else:
+            payloads = [AicPayload.parse(p.payload) for p in packets]
+            assert len(payloads) == chunks, (w, layer, len(payloads))
+            assert {p.n_q for p in payloads} == {layer}, (w, layer)
+            ts = [p.timestamp for p in packets]
+            assert [t - ts[0] for t in ts] == [1920 * k for k in range(chunks)]  # every frame once, in order
