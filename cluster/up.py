@@ -318,6 +318,9 @@ def _ray_env() -> dict[str, str]:
     env.pop(SECRET_ENV, None)
     env.setdefault("RAY_AUTH_MODE", "token")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts its workers at nice 15 by default; here they are the media path (Serve codec
+    # replicas, bridge workers) and must not stall behind every other process of the node
+    env.setdefault("RAY_worker_niceness", "0")
     return env
 
 

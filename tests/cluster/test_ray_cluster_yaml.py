@@ -102,3 +102,14 @@ def test_bridge_node_type_opens_what_its_workers_bind_and_announces_its_public_i
     env_file = re.search(r"tee (\S+)", init).group(1)
     assert bridge["docker"]["worker_run_options"] == [f"--env-file {env_file}"]
     assert config["file_mounts"]["/home/ray/auralink-secret"] == "./secrets"
+
+
+def test_media_workers_run_at_nice_0(config: dict) -> None:
+    """Ray starts its workers at nice 15: the codec replicas and bridge workers would stall
+    behind any other process of the node. Every `ray start` (cloud and `auralink up`) sets 0."""
+    from cluster.up import _ray_env
+
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if "ray start" in c)
+        assert "export RAY_worker_niceness=0;" in start.split("ray start")[0], key
+    assert _ray_env()["RAY_worker_niceness"] == "0"
