@@ -328,8 +328,18 @@ def _layer_plan(workers: int) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    logging.getLogger("sfu_bridge.server").setLevel(logging.WARNING)
+    # quiet per-request logs during the bench, restored after (run() may be called in-process)
+    quiet = {name: logging.getLogger(name).level for name in ("aiohttp.access", "sfu_bridge.server")}
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        return _run(args)
+    finally:
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.workers < 2:
         raise SystemExit("--workers must be >= 2 (the point is cascading)")
     n_real = min(args.real_webrtc, args.subscribers)
