@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_JSON = Path(__file__).resolve().parents[2] / "docs" / "bench" / "bridge.json"
 TICK_S = 0.040
+AIC_PT, OPUS_PT = 120, 111  # the payload types the bridge negotiates for AIC and Opus
 
 
 class EmulatedCodec:
@@ -78,29 +79,32 @@ def _srtp_pair() -> tuple[Any, Any]:
 
 
 class LoopbackOut:
-    """`RtpOut` whose transport is SRTP + a UDP socket to a local sink (same per-packet work)."""
+    """`RtpOut` whose transport is SRTP + a UDP socket to a local sink (same per-packet work).
+    `with_mid`: packets carry the MID header extension (as before a subscriber's first receiver
+    report); `dropped` counts packets the socket's full buffer refused."""
 
-    def __init__(self, aic: bool, sock: socket.socket, sink: tuple[str, int]) -> None:
+    def __init__(self, aic: bool, sock: socket.socket, sink: tuple[str, int], with_mid: bool = True) -> None:
         from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 
         from sfu_bridge import rtp_ext
+        from sfu_bridge.aiortc_compat import FastSrtp
+        from sfu_bridge.fastpath import RtpWriter
 
-        self.aic_pt = 120 if aic else None
-        self.opus_pt = 111
+        self.aic_pt = AIC_PT if aic else None
+        self.opus_pt = OPUS_PT
         self.ssrc = int.from_bytes(os.urandom(4), "big")
         self.mid = "0"
         self.ext_map = rtp_ext.AicHeaderExtensionsMap()
         self.ext_map.configure(RTCRtpParameters(headerExtensions=[
             RTCRtpHeaderExtensionParameters(id=1, uri="urn:ietf:params:rtp-hdrext:sdes:mid"),
         ]))
-        from sfu_bridge.aiortc_compat import FastSrtp
-        from sfu_bridge.fastpath import RtpWriter
-
         tx, _ = _srtp_pair()
         self._srtp = FastSrtp(tx)
         self.writer = RtpWriter(self.ssrc, self.ext_map, self.mid)
+        self._with_mid = with_mid
         self._sock, self._sink = sock, sink
         self.packets = 0
+        self.dropped = 0
         self.payload_bytes = 0
         self.last_wire_bytes = 0
 
@@ -113,11 +117,12 @@ class LoopbackOut:
         return self.send_now(payload_type, payload, timestamp, marker)
 
     def send_now(self, payload_type: int, payload: bytes, timestamp: int, marker: bool = False) -> bool:
-        data = self.writer.write(self._srtp, payload_type, payload, timestamp, marker, True)
+        data = self.writer.write(self._srtp, payload_type, payload, timestamp, marker, self._with_mid)
         try:
             self._sock.sendto(data, self._sink)
         except BlockingIOError:
-            return False  # sink buffer full: counted as not sent, like a congested socket
+            self.dropped += 1  # sink buffer full: counted as not sent, like a congested socket
+            return False
         self.packets += 1
         self.last_wire_bytes = len(data) + 28
         self.payload_bytes += len(payload)

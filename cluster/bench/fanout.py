@@ -47,13 +47,13 @@ from typing import Any
 
 import numpy as np
 
+from cluster.bench.bridge import AIC_PT, OPUS_PT, LoopbackOut
 from cluster.bench.report import git_revision, machine_description, update_docs_section, write_json
 
 log = logging.getLogger(__name__)
 
 DEFAULT_JSON = Path(__file__).resolve().parents[2] / "docs" / "bench" / "fanout.json"
 STREAM = "town-hall"
-AIC_PT, OPUS_PT = 120, 111
 CHUNK_48K = 1920
 LAYERS = (2, 4, 8, 16, 32)
 
@@ -124,53 +124,6 @@ def _receiver_main(conn: Any, n: int) -> None:
 
 
 # -- bridge workers ------------------------------------------------------------------------------
-class EmulatedOut:
-    """An emulated subscriber's outbound stream: real SRTP + RTP via the fast path to its own
-    UDP socket, over the worker's one send socket. RTP timestamps start at 0."""
-
-    def __init__(self, aic: bool, sock: socket.socket, addr: tuple[str, int]) -> None:
-        from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
-
-        from cluster.bench.bridge import _srtp_pair
-        from sfu_bridge import rtp_ext
-        from sfu_bridge.aiortc_compat import FastSrtp
-        from sfu_bridge.fastpath import RtpWriter
-
-        self.aic_pt = AIC_PT if aic else None
-        self.opus_pt = OPUS_PT
-        self.ext_map = rtp_ext.AicHeaderExtensionsMap()
-        self.ext_map.configure(RTCRtpParameters(headerExtensions=[
-            RTCRtpHeaderExtensionParameters(id=1, uri="urn:ietf:params:rtp-hdrext:sdes:mid"),
-        ]))
-        self._srtp = FastSrtp(_srtp_pair()[0])
-        self.writer = RtpWriter(int.from_bytes(os.urandom(4), "big"), self.ext_map, "0")
-        self._sock, self._addr = sock, addr
-        self.packets = 0
-        self.dropped = 0
-        self.payload_bytes = 0
-        self.last_wire_bytes = 0
-
-    @property
-    def aic(self) -> bool:
-        return self.aic_pt is not None
-
-    async def send(self, payload_type: int, payload: bytes, timestamp: int, hint: bytes | None = None,
-                   marker: bool = False) -> bool:
-        return self.send_now(payload_type, payload, timestamp, marker)
-
-    def send_now(self, payload_type: int, payload: bytes, timestamp: int, marker: bool = False) -> bool:
-        data = self.writer.write(self._srtp, payload_type, payload, timestamp, marker, False)
-        try:
-            self._sock.sendto(data, self._addr)
-        except BlockingIOError:
-            self.dropped += 1  # the worker's send buffer is full: counted, as a congested socket
-            return False
-        self.packets += 1
-        self.payload_bytes += len(payload)
-        self.last_wire_bytes = len(data) + 28
-        return True
-
-
 def _worker_main(conn: Any, cfg: dict) -> None:
     logging.basicConfig(level=logging.WARNING)
     for name in ("aiohttp.access", "sfu_bridge.server"):
@@ -217,7 +170,7 @@ async def _worker(conn: Any, cfg: dict) -> None:
     sock.setblocking(False)
     outs = []
     for host, p, aic, n_q in cfg["subs"]:
-        out = EmulatedOut(aic, sock, (host, p))
+        out = LoopbackOut(aic, sock, (host, p), with_mid=False)  # an emulated subscriber's stream
         sub = media.add_subscriber(STREAM, "emulated", None, out)
         if aic:
             media.pin_layer(sub.session_id, Layer(n_q))

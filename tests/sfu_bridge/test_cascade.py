@@ -197,8 +197,13 @@ class _Sink:
 def test_two_workers_every_frame_exactly_once_at_each_layer() -> None:
     from aiortc.rtp import RtpPacket
 
-    from cluster.bench.bridge import EmulatedCodec, PublisherFeed, _opus_loop, _srtp_pair
-    from cluster.bench.fanout import EmulatedOut
+    from cluster.bench.bridge import (
+        EmulatedCodec,
+        LoopbackOut,
+        PublisherFeed,
+        _opus_loop,
+        _srtp_pair,
+    )
     from sfu_bridge.aic_payload import AicPayload
     from sfu_bridge.core import BridgeCore
     from sfu_bridge.media import MediaBridge
@@ -221,7 +226,7 @@ def test_two_workers_every_frame_exactly_once_at_each_layer() -> None:
         for media, w, layers in ((owner, 0, [4, None]), (peer, 1, [2, 8, None])):
             for layer in layers:
                 sink = _Sink()
-                out = EmulatedOut(layer is not None, send, sink.addr)
+                out = LoopbackOut(layer is not None, send, sink.addr, with_mid=False)
                 tx, rx = _srtp_pair()
                 from sfu_bridge.aiortc_compat import FastSrtp
 

@@ -81,7 +81,17 @@ def test_up_with_bridges_any_worker_url_reaches_the_stream(tmp_path, secret, tok
             assert down.returncode == 0, down.stderr[-2000:]
     import psutil
 
-    time.sleep(1.0)
-    left = [w["pid"] for w in workers if psutil.pid_exists(w["pid"])
-            and psutil.Process(w["pid"]).status() != psutil.STATUS_ZOMBIE]
+    def alive() -> list[int]:
+        out = []
+        for w in workers:
+            try:
+                if psutil.Process(w["pid"]).status() != psutil.STATUS_ZOMBIE:
+                    out.append(w["pid"])
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    end = time.monotonic() + 10.0  # their exit may trail `up --down` by a moment
+    while (left := alive()) and time.monotonic() < end:
+        time.sleep(0.1)
     assert left == [], f"bridge worker processes outlived `up --down`: {left}"
