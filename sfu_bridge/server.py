@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 SDP_TYPE = "application/sdp"
 STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 REPLACED_HEADER = "Auralink-Replaced"
-SESSION_PATH_RE = re.compile(r"^(/whi[pe]/[^/?]*/)([^/?]+)")
+SESSION_PATH_RE = re.compile(r"^(/wh(?:ip|ep)/[^/?]*/)([^/?]+)")
 SESSION_PREFIX_CHARS = 8  # what logs show of a session id (the rest is the capability)
 
 

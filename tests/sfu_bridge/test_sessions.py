@@ -288,3 +288,14 @@ def test_access_log_never_holds_a_full_session_url(bridge, tokens, caplog):
     access = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
     assert any(f"DELETE /whip/r1/{session_id[:8]}..." in line for line in access), access
     assert session_id not in caplog.text  # neither the access log nor any other log line
+
+
+def test_session_paths_are_redacted_for_publishers_and_subscribers():
+    from sfu_bridge.server import redact_path
+
+    sid = "141a2a134b68431fbcc5a7d80ce13c23"
+    for kind in ("whip", "whep"):
+        assert redact_path(f"/{kind}/room/{sid}") == f"/{kind}/room/{sid[:8]}..."
+        assert redact_path(f"/{kind}/room/{sid}?x=1") == f"/{kind}/room/{sid[:8]}...?x=1"
+    assert redact_path("/whie/room/" + sid) == "/whie/room/" + sid  # not a session URL
+    assert redact_path("/whep/room") == "/whep/room"
