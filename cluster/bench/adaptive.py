@@ -118,7 +118,9 @@ class Bridge:
     async def __aenter__(self) -> Bridge:
         from aiohttp import web
 
-        self._runner = web.AppRunner(self.server.app)
+        from sfu_bridge.server import RedactingAccessLogger
+
+        self._runner = web.AppRunner(self.server.app, access_log_class=RedactingAccessLogger)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.cfg.host, self.cfg.port).start()
         return self

@@ -248,7 +248,7 @@ async def _wire(seconds: float) -> dict:
     from sfu_bridge.config import BridgeConfig
     from sfu_bridge.hint_auth import derive_stream_key
     from sfu_bridge.sdk import AicPublisher, AicSubscriber
-    from sfu_bridge.server import make_server
+    from sfu_bridge.server import RedactingAccessLogger, make_server
     from sfu_bridge.tokens import TokenAuthority
 
     secret = os.urandom(32)
@@ -257,7 +257,7 @@ async def _wire(seconds: float) -> dict:
         port = s.getsockname()[1]
     cfg = BridgeConfig(host="127.0.0.1", port=port, bridge_id="bench")
     server = make_server(cfg, EmulatedCodec(2.0), secret, hint_secret=secret)
-    runner = web.AppRunner(server.app)
+    runner = web.AppRunner(server.app, access_log_class=RedactingAccessLogger)  # session URLs are capabilities
     await runner.setup()
     await web.TCPSite(runner, cfg.host, cfg.port).start()
     base = f"http://{cfg.host}:{cfg.port}"
