@@ -74,7 +74,7 @@ from deployments.epochs import BridgeEpochs
 from deployments.supervisor_policy import StreamReports
 from models.constants import DEFAULT_DEADLINE_MS, N_Q_BY_BANDWIDTH, TICK_S
 from sfu_bridge import adaptation
-from sfu_bridge.hint_auth import HintRejected, HintVerifier
+from sfu_bridge.hint_auth import HintVerifier, accept_many
 from sfu_bridge.hint_ext import Hint, HintElement
 from sfu_bridge.limiter import DEFAULT_BURST, DEFAULT_RATE_PER_S, GcraParams, gcra_allow
 from sfu_bridge.vad import EnergyVad, VadConfig, chunk_levels_db, talk_spurts
@@ -1022,21 +1022,23 @@ class BridgeCore:
                 dropped[HintDrop.INVALID.value] += int(np.count_nonzero(keep))
             else:
                 verifiers, ids = self._verifiers, self.ids
-                for j in np.flatnonzero(keep).tolist():
-                    row, raw = rows[j], raws[j]
+                kept = np.flatnonzero(keep).tolist()
+                k_rows = [rows[j] for j in kept]
+                k_raws = [raws[j] for j in kept]
+                vs = []
+                for row in k_rows:
                     v = verifiers[row]
                     if v is None:
                         v = verifiers[row] = HintVerifier(secret, ids[row])
-                    try:
-                        index = v.accept(v.stream_id, raw)
-                    except HintRejected as exc:  # size, tag, field or replay
-                        dropped[exc.reason.value] += 1
-                        continue
-                    if raw[0] >> 4 not in MODEL_REGISTRY:  # authentic, but no replica runs it
+                    vs.append(v)
+                for row, raw, index in zip(k_rows, k_raws, accept_many(vs, k_raws), strict=True):
+                    if type(index) is not int:  # size, tag, field or replay
+                        dropped[index.value] += 1
+                    elif raw[0] >> 4 not in MODEL_REGISTRY:  # authentic, but no replica runs it
                         dropped[HintDrop.UNKNOWN_MODEL.value] += 1
-                        continue
-                    v_rows.append(row)
-                    v_hints.append((index, raw))
+                    else:
+                        v_rows.append(row)
+                        v_hints.append((index, raw))
             if v_rows:
                 uniq, inv, counts, rank = _ranks(np.asarray(v_rows, np.int64))
         accepted = 0

@@ -15,6 +15,7 @@ from sfu_bridge.hint_auth import (
     HintSigner,
     HintVerifier,
     ReplayWindow,
+    accept_many,
     derive_stream_key,
     estimate_index,
 )
@@ -172,3 +173,60 @@ def test_the_verifiers_precomputed_hmac_equals_the_reference_tag():
             body = index.to_bytes(8, "big")[:6]
             assert mac.tag(index, body) == compute_tag(key, index, body) == hmac.digest(
                 key, index.to_bytes(6, "big") + body, "sha256")[:10]
+
+
+def test_accept_many_equals_accepting_one_by_one():
+    """The batched verifier gives every hint the verdict `accept` gives it one by one, and
+    leaves the replay windows in the same state: fresh, forged, replayed, too old, out of
+    order, the wrong size, not bytes, a bad field, several streams interleaved."""
+    import random
+
+    rng = random.Random(7)
+    signer = HintSigner(SECRET)
+    streams = ["a", "b", "c"]
+    key = derive_stream_key(SECRET, "a")
+    bad_body = bytes([0x1E, 0, 1, 0, 0, 5])  # bandwidth index 7, authentic
+    bad_field = bad_body + hmac.new(key, (5).to_bytes(6, "big") + bad_body, hashlib.sha256).digest()[:10]
+    items: list[tuple[str, object]] = []
+    sent: list[tuple[str, bytes]] = []
+    for i in range(600):
+        sid = rng.choice(streams)
+        roll = rng.random()
+        if roll < 0.55:
+            data = signer.sign(sid, _hint(i + rng.randrange(0, 200)))
+            sent.append((sid, data))
+        elif roll < 0.7 and sent:
+            sid, data = rng.choice(sent)  # a replay (or, if never accepted, a late one)
+        elif roll < 0.8:
+            data = bytearray(signer.sign(sid, _hint(i)))
+            data[-1] ^= 0x01  # forged
+            data = bytes(data)
+        elif roll < 0.85:
+            data = signer.sign(sid, _hint(i))[:15]
+        elif roll < 0.88:
+            data = None
+        elif roll < 0.91:
+            sid, data = "a", bad_field
+        elif roll < 0.95:
+            data = memoryview(signer.sign(sid, _hint(i + 1000)))
+        else:
+            data = signer.sign(sid, _hint(max(0, i - 150)))  # older than the window
+        items.append((sid, data))
+
+    one = {s: HintVerifier(SECRET, s) for s in streams}
+    expected = [_accept_or_reason(one[sid], data) for sid, data in items]
+    many = {s: HintVerifier(SECRET, s) for s in streams}
+    got = accept_many([many[sid] for sid, _ in items], [data for _, data in items])  # type: ignore[misc]
+    assert got == expected
+    kinds = {type(x) for x in expected} | {x for x in expected if isinstance(x, HintRejection)}
+    assert {int, HintRejection.TAG, HintRejection.REPLAY, HintRejection.SIZE,
+            HintRejection.FIELD} <= kinds
+    for s in streams:
+        assert (many[s].replay.highest, many[s].replay.mask) == (one[s].replay.highest, one[s].replay.mask)
+
+
+def _accept_or_reason(v: HintVerifier, data: object) -> int | HintRejection:
+    try:
+        return v.accept(v.stream_id, data)  # type: ignore[arg-type]
+    except HintRejected as exc:
+        return exc.reason
