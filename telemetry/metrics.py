@@ -208,6 +208,16 @@ class LocalRegistry:
             h.count += int(values.size)
             h.total += float(values.sum())
 
+    def observe_repeated(self, spec: MetricSpec, value: float, n: int, tags: Mapping[str, str]) -> None:
+        """`observe_many` of `n` copies of one value."""
+        key = (spec.name, _tag_tuple(spec, tags))
+        i = bisect.bisect_left(spec.boundaries, value)
+        with self._lock:
+            h = self._hist(key, spec)
+            h.buckets[i] += n
+            h.count += n
+            h.total += value * n
+
     def _hist(self, key: tuple[str, tuple[str, ...]], spec: MetricSpec) -> HistogramState:
         h = self.histograms.get(key)
         if h is None:
@@ -464,3 +474,30 @@ def set_autoscale_decision(deployment: str, forecast_streams: float, desired: in
 def prometheus_names() -> set[str]:
     """Every series name Ray exports for `SPECS` (what dashboards may query)."""
     return {n for spec in SPECS.values() for n in spec.prometheus_names()}
+
+
+
+def _observe_repeated(name: str, value: float, n: int, tags: Mapping[str, str],
+                      sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
+    """`_observe_many` of `n` copies of one value, without building them."""
+    global _ray_failed
+    if n <= 0:
+        return
+    spec = SPECS[name]
+    _local.observe_repeated(spec, float(value), int(n), tags)
+    sink = _ray_sink()
+    if sink is None:
+        return
+    try:
+        for _ in range(min(int(n), max(1, int(sample)))):
+            sink.observe(spec, float(value), tags)
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        _ray_failed = True
+        logger.warning("Ray metrics disabled in this process after error: %s", exc)
+
+
+def observe_frame_latency_repeated(op: str, ms: float, n: int, sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
+    """`n` frames that share one latency (a bridge tick's AI frames): all `n` kept locally,
+    `min(n, sample)` observations of it for Ray, as `observe_frame_latency` of `n` copies
+    records them."""
+    _observe_repeated(FRAME_LATENCY, ms, n, {"op": op}, sample)

@@ -65,6 +65,19 @@ def test_histogram_buckets_and_gauges(local: m.LocalRegistry) -> None:
     assert json.loads(json.dumps(snap)) == snap
 
 
+def test_repeated_observation_matches_its_copies(local: m.LocalRegistry) -> None:
+    """A tick's AI frames share one latency: recording it n times at once fills the same
+    buckets, count and sum as n copies (a value on a bound included)."""
+    for v, n in ((20.0, 37), (0.2, 5), (3.3, 1), (900.0, 2)):
+        m.observe_frame_latency_repeated("encode", v, n)
+        m.observe_frame_latency("decode", np.full(n, v))
+    m.observe_frame_latency_repeated("encode", 5.0, 0)  # none: nothing recorded
+    snap = local.snapshot()["histograms"]
+    rep, copies = snap["auralink_frame_latency_ms,op=encode"], snap["auralink_frame_latency_ms,op=decode"]
+    assert rep["buckets"] == copies["buckets"] and rep["count"] == copies["count"] == 45
+    assert rep["sum"] == pytest.approx(copies["sum"])
+
+
 def test_batched_observations_match_one_by_one(local: m.LocalRegistry) -> None:
     values = np.concatenate([np.linspace(0.0, 600.0, 997), [0.5, 1.0, 20.0]])  # bounds included
     m.observe_frame_latency("encode", values)
@@ -117,7 +130,8 @@ def test_grafana_dashboard_uses_only_defined_metrics() -> None:
 
 def _metrics_recorded_by_helper() -> dict[str, set[str]]:
     """Public helper of the metrics module -> the metrics (SPECS names) a call to it records,
-    read from the module's source: `_emit(..., NAME, ...)` / `_observe_many(NAME, ...)`, or a
+    read from the module's source: `_emit(..., NAME, ...)` / `_observe_many(NAME, ...)` /
+    `_observe_repeated(NAME, ...)`, or a
     call to another public helper."""
     tree = ast.parse(Path(m.__file__).read_text())
     consts = {
@@ -136,7 +150,7 @@ def _metrics_recorded_by_helper() -> dict[str, set[str]]:
         for node in ast.walk(fn):
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
                 continue
-            if node.func.id in ("_emit", "_observe_many"):
+            if node.func.id in ("_emit", "_observe_many", "_observe_repeated"):
                 direct[fn.name] |= {consts[a.id] for a in node.args if isinstance(a, ast.Name) and a.id in consts}
             else:
                 calls[fn.name].add(node.func.id)

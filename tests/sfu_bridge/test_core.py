@@ -725,3 +725,18 @@ def test_bridge_decisions_reach_the_metrics(secret, sine_chunk):
     core.leave("sick")
     run(core.tick())
     assert reg.gauge(m.STREAMS_ACTIVE, bridge="metrics-bridge") == 3
+
+
+def test_ranks_match_a_unique_based_reference():
+    """`_ranks` (one stable sort) against np.unique: distinct rows, inverse, counts, and
+    each entry's place among its row's entries in arrival order."""
+    from sfu_bridge.core import _ranks
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 365):
+        rows = rng.integers(0, max(2, n // 3), n)
+        uniq, inv, counts = np.unique(rows, return_inverse=True, return_counts=True)
+        rank = np.array([int(np.count_nonzero(rows[:i] == rows[i])) for i in range(n)])
+        got = _ranks(rows)
+        for a, b in zip(got, (uniq, inv, counts, rank), strict=True):
+            assert np.array_equal(a, b)
