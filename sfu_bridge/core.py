@@ -1105,7 +1105,8 @@ class BridgeCore:
         """One limiter call for all of the tick's hints; no limiter = everything allowed."""
         if self.limiter is None:
             return counts
-        res = self.limiter.allow(stream_ids, counts)
+        with self.cpu:  # a synchronous limiter's whole call (packing, waiting, decoding) is ours
+            res = self.limiter.allow(stream_ids, counts)
         if inspect.isawaitable(res):
             res = await res
         allowed = getattr(res, "allowed", res)

@@ -451,7 +451,8 @@ class LoadGenerator:
             "per_second_reasons": {k: dict(v) for k, v in acc.per_second_reasons.items()},
             "hints_sent": self.hints.sent.copy(),
             "hint_counters": dict(core.hint_counters),
-            "flooder_allowed": dict(self.flooder_allowed),
+            "flooder_allowed": dict(core.limiter.tally() if isinstance(core.limiter, _CountingLimiter)
+                                    else self.flooder_allowed),
             "limiter_calls": getattr(core.limiter, "calls", 0),
             "limiter_health": health,
             "opted_out_users": sorted(core._remote_opted_users),
@@ -487,16 +488,26 @@ class _CountingLimiter:
         self.limiter = limiter
         self.allowed = allowed
         self.calls = 0
+        # (stream ids, allowed) of each call, tallied when read: the bridge core meters its
+        # limiter call, and the simulator's bookkeeping is not the bridge's work
+        self._answers: list[tuple[list[str], Any]] = []
 
     def allow(self, stream_ids: list[str], counts: list[int]) -> Any:
         self.calls += 1
         res = self.limiter.allow(stream_ids, counts)
         allowed = getattr(res, "allowed", res)
-        watch = self.allowed
-        for sid, a in zip(stream_ids, np.asarray(allowed).tolist(), strict=True):
-            if sid in watch:
-                watch[sid] += int(a)
+        self._answers.append((stream_ids, allowed))
         return allowed
+
+    def tally(self) -> dict[str, int]:
+        """What each watched stream (the flooders) was allowed so far."""
+        answers, self._answers = self._answers, []
+        watch = self.allowed
+        for ids, allowed in answers:
+            for sid, a in zip(ids, np.asarray(allowed).tolist(), strict=True):
+                if sid in watch:
+                    watch[sid] += int(a)
+        return watch
 
 
 def _process_cpu() -> float:
