@@ -112,7 +112,7 @@ class FallbackSupervisorCore:
     def _maybe_snapshot(self, now: float, force: bool = False) -> None:
         if force or now - self._last_snapshot >= self.settings.snapshot_interval_s:
             self._last_snapshot = now
-            self._put(_SNAPSHOT_KEY, json.dumps(self.policy.snapshot()).encode())
+            self._put(_SNAPSHOT_KEY, self.policy.snapshot_json())
 
     def report(self, reports: StreamReports | Mapping[str, Mapping[str, Any]],
                now: float | None = None) -> dict[str, str]:

@@ -8,6 +8,8 @@ verdicts and hold the same state, call by call."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -60,6 +62,7 @@ def bridge_reports(rng: np.random.Generator, ids: list[str], t: int, new: set[st
 
 def assert_same(new: SupervisorPolicy, ref: ReferencePolicy, now: float, sample: list[str]) -> None:
     assert new.snapshot() == ref.snapshot()
+    assert new.snapshot_json() == json.dumps(new.snapshot()).encode()  # what the actor stores
     assert new.replica_status(now) == ref.replica_status(now)
     assert dict(new.counters) == dict(ref.counters)
     for sid in sample:
@@ -145,3 +148,29 @@ def test_a_small_config_and_reports_out_of_order_decide_as_the_reference() -> No
         assert new.report_columns(batch, now) == ref.report_columns(batch, now)
     assert_same(new, ref, 20.0, ids[:5])
     assert new.counters["off/bad_rate"] > 5 and new.counters["excused/deadline"] > 5
+
+
+def test_the_stored_snapshot_is_json_dumps_of_the_snapshot_byte_for_byte() -> None:
+    """`snapshot_json` formats columns instead of building a dict per stream; the bytes must
+    be json.dumps's: escaped and non-ASCII ids, every window length, off and opted-out
+    streams, and json's own spelling where a time is not finite."""
+    p = SupervisorPolicy()
+    assert p.snapshot_json() == json.dumps(p.snapshot()).encode()
+    ids = ['plain', 'quo"te', "back\\slash", "tab\tnl\n", "caf\u00e9-\U0001f600", "ctl\x01"]
+    p.opt_out(user_id='u"1')
+    p.opt_out(stream_id="caf\u00e9-\U0001f600")
+    for k in range(9):
+        o = np.zeros((len(ids), len(OUTCOME_COLUMNS)), np.int64)
+        o[:, 0] = 20 + k
+        o[1, COL["deadline"]] = 5 if k == 3 else 0
+        m = 2 + k % 5
+        users = {s: f'u"{i}' if i % 2 else "\u00fc" for i, s in enumerate(ids)}
+        batch = StreamReports(ids[:m], o[:m], users, replicas=['r"1'] * m)
+        p.report_columns(batch, 0.3 * k + 1e-7 * k)
+        p.register("only-registered", None)
+        assert p.snapshot_json() == json.dumps(p.snapshot()).encode()
+    p.quality_probe_failed("plain", 1e300)
+    assert p.snapshot_json() == json.dumps(p.snapshot()).encode()
+    p.report_columns(StreamReports(["plain"], np.ones((1, len(OUTCOME_COLUMNS)), np.int64)), float("inf"))
+    assert p.snapshot_json() == json.dumps(p.snapshot()).encode()
+    assert SupervisorPolicy.restore(json.loads(p.snapshot_json())).snapshot() == p.snapshot()
