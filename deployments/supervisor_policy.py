@@ -216,15 +216,32 @@ def _opt(x: float) -> float | None:
     return None if x != x else x
 
 
+def _interleave(n: int, parts: list[str | list[str]]) -> list[str]:
+    """Row by row, each part's string for the row (a part is a list of n strings, or one
+    string for every row): what `"".join` turns into n rows of text without a call per row."""
+    flat: list[str] = [""] * (n * len(parts))
+    for j, part in enumerate(parts):
+        flat[j :: len(parts)] = part if isinstance(part, list) else [part] * n
+    return flat
+
+
 def _json_floats(column: np.ndarray) -> list[str]:
-    """A float column as json writes it (NaN, the column's None: `null`)."""
-    missing = np.isnan(column)
-    if missing.all():
-        return ["null"] * len(column)
-    out = list(map(float.__repr__, column.tolist()))
-    for i in np.flatnonzero(missing).tolist():
-        out[i] = "null"
-    return out
+    """A float column as json writes it (NaN, the column's None: `null`). The column's values
+    repeat (a report's time is every reported stream's), so each distinct one (by its bits:
+    -0.0 is not 0.0) is formatted once."""
+    bits, inv = np.unique(np.ascontiguousarray(column, np.float64).view(np.int64), return_inverse=True)
+    text = np.array([("null" if x != x else float.__repr__(x)) for x in bits.view(np.float64).tolist()],
+                    object)
+    return text[inv.reshape(-1)].tolist()
+
+
+def _json_ints(column: np.ndarray) -> list[str]:
+    """An int column as json writes it, each distinct value formatted once."""
+    values, inv = np.unique(column, return_inverse=True)
+    return np.array(list(map(int.__repr__, values.tolist())), object)[inv.reshape(-1)].tolist()
+
+
+_CAUSE_JSON: dict[OffCause | None, str] = {None: "null", **{c: f'"{c.value}"' for c in OffCause}}
 
 
 class SupervisorPolicy:
@@ -593,28 +610,30 @@ class SupervisorPolicy:
         counters = json.dumps(dict(self.counters))
         if not ids:
             return f'{head[:-1]}, "streams": {{}}, "counters": {counters}}}'.encode()
+        n = len(ids)
         enc = json.encoder.encode_basestring_ascii
-        users = self._user
-        user_s = [enc(u) if u is not None else "null" for u in map(users.__getitem__, rows.tolist())]
-        causes = self._cause
-        cause_s = [f'"{c.value}"' if c else "null" for c in map(causes.__getitem__, rows.tolist())]
+        at = rows.tolist()
+        users = list(map(self._user.__getitem__, at))
+        user_s = list(map(enc, users)) if None not in users else [
+            "null" if u is None else enc(u) for u in users]
+        cause_s = list(map(_CAUSE_JSON.__getitem__, map(self._cause.__getitem__, at)))
         off_s, on_s, last_s = (_json_floats(c) for c in floats)
-        window_s = ["[]"] * len(ids)
+        level_s = _json_ints(self._level[rows])
+        window_s = np.full(n, "[]", object)
         wn = self._wn[rows]
         for k in np.unique(wn[wn > 0]).tolist():
-            at = np.flatnonzero(wn == k)
-            sub = rows[at]
-            cols = []
+            group = np.flatnonzero(wn == k)
+            sub = rows[group]
+            parts: list[str | list[str]] = []
             for j in range(k):
-                cols += [map(float.__repr__, self._wt[sub, j].tolist()), self._wa[sub, j].tolist(),
-                         self._wb[sub, j].tolist()]
-            fmt = ("[" + ", ".join(["[{}, {}, {}]"] * k) + "]").format
-            for i, text in zip(at.tolist(), map(fmt, *cols), strict=True):
-                window_s[i] = text
-        entry = ('{}: {{"user_id": {}, "window": {}, "off_until": {}, "off_cause": {}, "level": {}, '
-                 '"on_since": {}, "last_report": {}}}').format
-        streams = ", ".join(map(entry, map(enc, ids), user_s, window_s, off_s, cause_s,
-                                self._level[rows].tolist(), on_s, last_s))
+                parts += ["[[" if j == 0 else "], [", _json_floats(self._wt[sub, j]),
+                          ", ", _json_ints(self._wa[sub, j]), ", ", _json_ints(self._wb[sub, j])]
+            parts.append("]]\x00")  # windows hold only numbers: NUL splits them apart
+            window_s[group] = "".join(_interleave(len(sub), parts)).split("\x00")[:-1]
+        streams = "".join(_interleave(n, [
+            list(map(enc, ids)), ': {"user_id": ', user_s, ', "window": ', window_s.tolist(),
+            ', "off_until": ', off_s, ', "off_cause": ', cause_s, ', "level": ', level_s,
+            ', "on_since": ', on_s, ', "last_report": ', last_s, "}, "]))[:-2]
         return f'{head[:-1]}, "streams": {{{streams}}}, "counters": {counters}}}'.encode()
 
     @classmethod

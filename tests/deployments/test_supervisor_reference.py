@@ -169,6 +169,10 @@ def test_the_stored_snapshot_is_json_dumps_of_the_snapshot_byte_for_byte() -> No
         p.report_columns(batch, 0.3 * k + 1e-7 * k)
         p.register("only-registered", None)
         assert p.snapshot_json() == json.dumps(p.snapshot()).encode()
+    zero = SupervisorPolicy()  # -0.0 and 0.0 are equal, but json writes them apart
+    for sid, now in (("z1", -0.0), ("z2", 0.0), ("z3", -0.0)):
+        zero.report_columns(StreamReports([sid], np.ones((1, len(OUTCOME_COLUMNS)), np.int64)), now)
+        assert zero.snapshot_json() == json.dumps(zero.snapshot()).encode()
     p.quality_probe_failed("plain", 1e300)
     assert p.snapshot_json() == json.dumps(p.snapshot()).encode()
     p.report_columns(StreamReports(["plain"], np.ones((1, len(OUTCOME_COLUMNS)), np.int64)), float("inf"))
