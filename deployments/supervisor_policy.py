@@ -209,6 +209,7 @@ class ReplicaGroup:
 
 _NONE = math.nan  # a float column's "None"
 _NO_REPLICA = -1
+_MIN_WIDTH = 4  # window entries a row holds at least (a report a second, a 2 s window: 2-3)
 _NEW_REPLICA = -2  # a replica no report named before
 
 
@@ -265,7 +266,7 @@ class SupervisorPolicy:
         self.counters: Counter[str] = Counter()
         self._row: dict[str, int] = {}
         self._free: list[int] = []
-        self._alloc(64, 4)
+        self._alloc(64, _MIN_WIDTH)
 
     def _alloc(self, cap: int, width: int) -> None:
         self._cap, self._width = cap, width
@@ -288,8 +289,9 @@ class SupervisorPolicy:
         self._free = list(range(cap - 1, -1, -1))
 
     def _grow(self, cap: int, width: int) -> None:
-        """Room for `cap` streams with `width` window entries each (never shrinks)."""
-        cap, width = max(cap, self._cap), max(width, self._width)
+        """Room for `cap` streams (never fewer) with `width` window entries each (never fewer
+        than a row holds)."""
+        cap, width = max(cap, self._cap), max(width, int(self._wn.max()))
         old_cap, old_width = self._cap, self._width
         lists = (self._ids, self._user, self._cause)
         rows = (self._opted, self._last, self._off, self._on_since, self._level, self._wn, self._rep,
@@ -303,7 +305,7 @@ class SupervisorPolicy:
                               self._rep, self._iv_t, self._iv_a, self._iv_m), rows, strict=True):
             new[:old_cap] = prev
         for new, prev in zip((self._wt, self._wa, self._wb), windows, strict=True):
-            new[:old_cap, :old_width] = prev
+            new[:old_cap, : min(old_width, width)] = prev[:, : min(old_width, width)]
         self._free = [r for r in range(cap - 1, -1, -1) if r >= old_cap or r in free]
 
     def _new_row(self, stream_id: str) -> int:
@@ -417,6 +419,8 @@ class SupervisorPolicy:
             self.counters["excused/deadline"] += total_excused
         self._append(rows, now, attempts - excused, bads - excused)
         self._evict(rows, now - cfg.window_s)
+        if self._width > _MIN_WIDTH and 2 * int(self._wn.max()) <= self._width:
+            self._grow(self._cap, max(_MIN_WIDTH, self._width // 2))  # a burst is over: narrow again
         # judge: the streams on (or back from a backoff) whose window holds enough bad frames
         off = self._off[rows]
         on = np.isnan(off) | (now >= off)

@@ -123,6 +123,7 @@ def test_columnar_policy_decides_as_the_reference_on_large_mixed_reports(seed: i
             new, ref = SupervisorPolicy.restore(snap), ReferencePolicy.restore(snap)
             assert_same(new, ref, now, ["b0-s1", "b0-s8"])
     assert_same(new, ref, 130.0, ["b0-s1", "b0-s8"])
+    assert new._width == 4  # the burst's wide windows were narrowed again
     # the run exercised what it is meant to
     c = new.counters
     assert c["off/bad_rate"] > 20 and c["excused/deadline"] > 100 and c["replica_no_ai"] >= 1
