@@ -34,6 +34,7 @@ BENCHES: list[tuple[str, str, str]] = [
     ("adaptive", "cluster.bench.adaptive",
      "adaptive layers, DTX and a constrained link with real WebRTC peers"),
     ("autoscaling", "cluster.bench.autoscaling", "forecast policy vs Serve's default on a 10k-stream trace"),
+    ("supervisor-cpu", "cluster.bench.supervisor_cpu", "the fallback supervisor's CPU per report, in process"),
 ]
 
 

@@ -112,7 +112,7 @@ class FallbackSupervisorCore:
     def _maybe_snapshot(self, now: float, force: bool = False) -> None:
         if force or now - self._last_snapshot >= self.settings.snapshot_interval_s:
             self._last_snapshot = now
-            self._put(_SNAPSHOT_KEY, json.dumps(self.policy.snapshot()).encode())
+            self._put(_SNAPSHOT_KEY, self.policy.snapshot_json())
 
     def report(self, reports: StreamReports | Mapping[str, Mapping[str, Any]],
                now: float | None = None) -> dict[str, str]:
@@ -131,13 +131,7 @@ class FallbackSupervisorCore:
         policy = self.policy
         # Streams already off (or opted out) before this report: nearly always a few, so the
         # transitions are counted from them and the verdicts, not from a decision per stream.
-        streams, opted_s, opted_u = policy._streams, policy._opted_streams, policy._opted_users
-        was_off = {
-            sid for sid in batch.stream_ids
-            if sid in opted_s or ((st := streams.get(sid)) is not None and (
-                st.off_until is not None or (st.user_id is not None and st.user_id in opted_u)))
-        }
-        was_off = {sid for sid in was_off if not policy.decision(sid, now)}
+        was_off = set(policy.off_streams(batch.stream_ids, now))
         excused = policy.counters["excused/deadline"]
         reasons = policy.report_columns(batch, now)
         excused = policy.counters["excused/deadline"] - excused
