@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 IDLE_SWEEP_S = 1.0
 STATS_WINDOW = 2048
+SENDERS_KEPT = 64  # senders (bridges) whose last request's slots are kept for the next one
 SLACK_SAMPLE_PER_STEP = 16  # deadline slacks of one step exported to Ray (each is a call)  # recent frames kept for the autoscaling miss rate / slack
 _ROW_BITS = 32  # a scheduler ref is (request id << 32) | row
 _ROW_MASK = (1 << _ROW_BITS) - 1
@@ -84,6 +85,9 @@ class SlotPool:
         self.last_seen = np.zeros(capacity, np.float64)
         self.generation = np.zeros(capacity, np.int64)
         self.epochs = ReplicaEpochs(capacity)
+        # per sender: the streams of its last request, their slots and the slots' generations
+        self._last: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
+        self._unchanged: str | None = None  # the sender whose kept request `lookup_from` just matched
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -95,6 +99,65 @@ class SlotPool:
         """Slot of each stream, -1 where it holds none."""
         return np.fromiter(map(self._slot_of.get, stream_ids, itertools.repeat(-1)), np.int64,
                            len(stream_ids))
+
+    def lookup_from(self, sender: str, stream_ids: list[str]) -> np.ndarray:
+        """`lookup` for a request of `sender`, whose list of streams is mostly the one it sent
+        last (`remember`): the rows before and after the part that changed reuse that
+        request's slots, as long as each slot still belongs to its stream (its generation is
+        unchanged); only the other rows are looked up, one dictionary lookup each."""
+        last = self._last.get(sender) if isinstance(sender, str) else None
+        self._unchanged = None
+        if last is None:
+            return self.lookup(stream_ids)
+        ids, slots, gens = last
+        n, m = len(stream_ids), len(ids)
+        if ids == stream_ids:
+            head, tail = n, 0
+        else:
+            head = _common_prefix(ids, stream_ids)
+            tail = _common_suffix(ids, stream_ids, min(n, m) - head)
+        out = np.empty(n, np.int64)
+        out[:head] = slots[:head]
+        out[n - tail:] = slots[m - tail:]
+        out[head : n - tail] = -1
+        # a reused slot that changed hands since (or was none) is looked up again
+        if head == n == m:
+            stale = self.generation[out] != gens
+        else:
+            stale = self.generation[out] != np.concatenate((gens[:head], np.full(n - head - tail, -1),
+                                                            gens[m - tail:]))
+        if not stale.any():
+            self._unchanged = sender if head == n == m else None
+        else:
+            self._unchanged = None
+            todo = np.flatnonzero(stale)
+            out[todo] = np.fromiter(map(self._slot_of.get, [stream_ids[i] for i in todo.tolist()],
+                                        itertools.repeat(-1)), np.int64, todo.size)
+        return out
+
+    def remember(self, sender: str, stream_ids: list[str], slots: np.ndarray) -> None:
+        """Keeps a request's streams and slots (-1: none) for `lookup_from` the next one."""
+        if self._unchanged == sender:  # what `lookup_from` just reused, unchanged: kept as is
+            self._unchanged = None
+            return
+        if not isinstance(sender, str):
+            return
+        gens = np.where(slots >= 0, self.generation[slots], -1)  # -1: never matches, looked up
+        self._last.pop(sender, None)
+        if len(self._last) >= SENDERS_KEPT:
+            self._last.pop(next(iter(self._last)))  # the sender heard from longest ago
+        self._last[sender] = (list(stream_ids), slots.copy(), gens)
+
+    def distinct(self, stream_ids: list[str], slots: np.ndarray) -> bool:
+        """Whether the streams (with their `lookup` slots) are distinct: two rows of one known
+        stream share its slot (integer counts); only the unknown ones are compared by id."""
+        known = slots >= 0
+        if known.all():
+            return len(slots) == 0 or int(np.bincount(slots).max()) <= 1
+        if known.any() and int(np.bincount(slots[known]).max()) > 1:
+            return False
+        unknown = np.flatnonzero(~known).tolist()
+        return len({stream_ids[i] for i in unknown}) == len(unknown)
 
     def acquire(self, stream_id: str, now: float) -> int | None:
         """The stream's slot, assigning a free one if needed; None if the pool is full."""
@@ -145,6 +208,39 @@ class SlotPool:
 
     def streams(self) -> list[str]:
         return list(self._slot_of)
+
+
+def _common_prefix(a: list[str], b: list[str]) -> int:
+    """Length of the longest common prefix of two lists, by binary search over slice
+    comparisons (each element compared about once, in C)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _common_suffix(a: list[str], b: list[str], limit: int) -> int:
+    """Length of the longest common suffix of two lists, at most `limit`."""
+    na, nb = len(a), len(b)
+    if limit <= 0:
+        return 0
+    if a[na - limit:] == b[nb - limit:]:
+        return limit
+    lo, hi = 0, limit  # the last lo agree, the last hi do not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[na - mid : na - lo] == b[nb - mid : nb - lo]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 # ----------------------------------------------------------------------------- requests
@@ -390,28 +486,31 @@ class CodecReplicaCore:
         logger.info("replica settings: %s", {k: v for k, v in new.to_dict().items() if k != "latency_profile"})
 
     # -- intake
-    def _check(self, batch: Any) -> int:
-        """Validates a request; returns its codebook count (ValueError names the problem)."""
+    def _check(self, batch: Any) -> tuple[int, np.ndarray]:
+        """Validates a request; returns its codebook count and its streams' slots (-1: none)
+        (ValueError names the problem)."""
         if not isinstance(batch, FrameBatch):
             raise ValueError(f"expected a FrameBatch, got {type(batch).__name__}")
-        batch.validate()
+        slots = self.pool.lookup_from(batch.bridge_id, batch.stream_ids)
+        batch.validate(distinct=self.pool.distinct(batch.stream_ids, slots))
         if batch.bandwidth_kbps > self.settings.max_bandwidth_kbps:
             raise ValueError(f"bandwidth {batch.bandwidth_kbps} kbps is above this replica's "
                              f"max_bandwidth_kbps {self.settings.max_bandwidth_kbps}")
         depths = batch.depths()
         if not len(depths):
-            return bandwidth_codebooks(batch.bandwidth_kbps)
+            return bandwidth_codebooks(batch.bandwidth_kbps), slots
         n_q = int(depths.max())
         if n_q > bandwidth_codebooks(self.settings.max_bandwidth_kbps):
             raise ValueError(f"{n_q} codebooks is above this replica's max_bandwidth_kbps "
                              f"{self.settings.max_bandwidth_kbps}")
-        return n_q
+        return n_q, slots
 
     async def process(self, batch: FrameBatch) -> BatchResult:
         arrival = self.clock()
+        pool = self.pool
         try:
             with self.cpu:
-                n_q = self._check(batch)
+                n_q, slots = self._check(batch)
         except ValueError as exc:
             self._count("malformed_batches")
             res = malformed_result(batch, str(exc))
@@ -424,29 +523,33 @@ class CodecReplicaCore:
         with self.cpu:
             req = _Request(next(self._rids), batch, arrival, self.replica_id,
                            self.settings.compute.value, n_q, asyncio.get_running_loop())
-            if self._admit(req) and self._wake is not None:
+            # (a rebuild while this request waited for the runtime made a new slot pool)
+            if self._admit(req, slots if self.pool is pool else None) and self._wake is not None:
                 self._wake.set()
         res = await req.future
         metrics.record_frames(Op.ENCODE.value, res.counts())
         res.held_ms = (self.clock() - arrival) * 1000.0  # lets the sender measure the transit
         return res
 
-    def _admit(self, req: _Request) -> int:
+    def _admit(self, req: _Request, slots: np.ndarray | None = None) -> int:
         """Intake half of the epoch rule and the queue, for all of a request's frames at
-        once; frames refused here are answered now. Returns how many were queued."""
+        once; frames refused here are answered now. `slots`: the streams' `lookup`, when
+        known. Returns how many were queued."""
         batch, now = req.batch, req.arrival
         b = len(batch)
         self.frames_in += b
         epochs = np.asarray(batch.epochs, np.int64)
         seqs = np.asarray(batch.epoch_seqs, np.int64)
         deadlines = req.deadlines
-        slots = self.pool.lookup(batch.stream_ids)
+        if slots is None:
+            slots = self.pool.lookup(batch.stream_ids)
         if ((batch.pcm.dtype != np.float32 or np.isfinite(batch.pcm).all())
                 and not (deadlines <= now).any()
                 and int(slots.min(initial=0)) >= 0 and int(seqs.min(initial=0)) >= 0
                 and int(epochs.min(initial=0)) >= 0):
             # The usual request: known streams, budgets left, nothing malformed. Only the
             # epoch rule can refuse a frame (the full path below does the same, check by check).
+            self.pool.remember(batch.bridge_id, batch.stream_ids, slots)
             ok = self.pool.epochs.admit(slots, epochs, seqs)
             if ok.all():
                 return self._queue(req, np.arange(b), slots, epochs, seqs, deadlines, now)
@@ -474,6 +577,7 @@ class CodecReplicaCore:
             full_rows = need[got < 0]
             req.answer(full_rows, _OVERLOAD)
             todo[full_rows] = False
+        self.pool.remember(batch.bridge_id, batch.stream_ids, slots)
         # Continuing an epoch this replica does not hold (moved, restarted, or a gap).
         orphan = todo & (slots < 0)
         req.answer(np.flatnonzero(orphan), _RESET)
