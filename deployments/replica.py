@@ -60,9 +60,11 @@ from telemetry import metrics
 logger = logging.getLogger(__name__)
 
 IDLE_SWEEP_S = 1.0
-STATS_WINDOW = 2048
+STATS_WINDOW = 2048  # recent frames kept for the autoscaling miss rate / slack
 SENDERS_KEPT = 64  # senders (bridges) whose last request's slots are kept for the next one
-SLACK_SAMPLE_PER_STEP = 16  # deadline slacks of one step exported to Ray (each is a call)  # recent frames kept for the autoscaling miss rate / slack
+# Deadline slacks of one step exported to Ray: each is a call of tens of us, and at a few
+# steps per tick an even sample of 4 per step still gives Prometheus ~100 a second per replica.
+SLACK_SAMPLE_PER_STEP = 4
 _ROW_BITS = 32  # a scheduler ref is (request id << 32) | row
 _ROW_MASK = (1 << _ROW_BITS) - 1
 _ERROR = reason_code(FallbackReason.ERROR)
@@ -100,40 +102,39 @@ class SlotPool:
         return np.fromiter(map(self._slot_of.get, stream_ids, itertools.repeat(-1)), np.int64,
                            len(stream_ids))
 
-    def lookup_from(self, sender: str, stream_ids: list[str]) -> np.ndarray:
+    def lookup_from(self, sender: str, stream_ids: list[str]) -> tuple[np.ndarray, bool]:
         """`lookup` for a request of `sender`, whose list of streams is mostly the one it sent
         last (`remember`): the rows before and after the part that changed reuse that
         request's slots, as long as each slot still belongs to its stream (its generation is
-        unchanged); only the other rows are looked up, one dictionary lookup each."""
+        unchanged); only the other rows are looked up, one dictionary lookup each. Also
+        says whether the request repeats that one exactly (streams, and each one's slot)."""
         last = self._last.get(sender) if isinstance(sender, str) else None
         self._unchanged = None
         if last is None:
-            return self.lookup(stream_ids)
+            return self.lookup(stream_ids), False
         ids, slots, gens = last
         n, m = len(stream_ids), len(ids)
         if ids == stream_ids:
-            head, tail = n, 0
+            out = slots.copy()
+            stale = self.generation[out] != gens
+            if not stale.any():
+                self._unchanged = sender
+                return out, True
         else:
             head = _common_prefix(ids, stream_ids)
             tail = _common_suffix(ids, stream_ids, min(n, m) - head)
-        out = np.empty(n, np.int64)
-        out[:head] = slots[:head]
-        out[n - tail:] = slots[m - tail:]
-        out[head : n - tail] = -1
-        # a reused slot that changed hands since (or was none) is looked up again
-        if head == n == m:
-            stale = self.generation[out] != gens
-        else:
+            out = np.empty(n, np.int64)
+            out[:head] = slots[:head]
+            out[n - tail:] = slots[m - tail:]
+            out[head : n - tail] = -1
+            # a reused slot that changed hands since (or was none) is looked up again
             stale = self.generation[out] != np.concatenate((gens[:head], np.full(n - head - tail, -1),
                                                             gens[m - tail:]))
-        if not stale.any():
-            self._unchanged = sender if head == n == m else None
-        else:
-            self._unchanged = None
-            todo = np.flatnonzero(stale)
+        todo = np.flatnonzero(stale)
+        if todo.size:
             out[todo] = np.fromiter(map(self._slot_of.get, [stream_ids[i] for i in todo.tolist()],
                                         itertools.repeat(-1)), np.int64, todo.size)
-        return out
+        return out, False
 
     def remember(self, sender: str, stream_ids: list[str], slots: np.ndarray) -> None:
         """Keeps a request's streams and slots (-1: none) for `lookup_from` the next one."""
@@ -254,6 +255,7 @@ class _Request:
         self.rid = rid
         self.batch = batch
         self.depths = batch.depths()  # codebooks per row (encode)
+        self.n_q = n_q  # the deepest of them
         self.arrival = arrival
         self.slots = np.full(b, -1, np.int64)
         self.generation = np.zeros(b, np.int64)  # of each frame's slot when it was admitted
@@ -280,12 +282,21 @@ class _Request:
         """Gives frames `rows` their one outcome (code 0 = ai); a second answer is a bug."""
         if not rows.size:
             return
-        assert not self._answered[rows].any(), "a frame answered twice"
-        self._answered[rows] = True
         res = self.result
-        res.outcome_codes[rows] = code
-        res.queue_ms[rows] = queue_ms
-        res.compute_ms[rows] = compute_ms
+        if (rows.size == self.remaining == self._answered.size and isinstance(code, int)
+                and isinstance(queue_ms, float)):
+            # Every frame of the request at once (`rows` names each one once, in any order):
+            # whole columns, no indexing.
+            self._answered[:] = True
+            res.outcome_codes[:] = code
+            res.queue_ms[:] = queue_ms
+            res.compute_ms[:] = compute_ms
+        else:
+            assert not self._answered[rows].any(), "a frame answered twice"
+            self._answered[rows] = True
+            res.outcome_codes[rows] = code
+            res.queue_ms[rows] = queue_ms
+            res.compute_ms[rows] = compute_ms
         if error:
             for r in rows.tolist():
                 res.errors[res.stream_ids[r]] = error
@@ -491,8 +502,9 @@ class CodecReplicaCore:
         (ValueError names the problem)."""
         if not isinstance(batch, FrameBatch):
             raise ValueError(f"expected a FrameBatch, got {type(batch).__name__}")
-        slots = self.pool.lookup_from(batch.bridge_id, batch.stream_ids)
-        batch.validate(distinct=self.pool.distinct(batch.stream_ids, slots))
+        slots, same = self.pool.lookup_from(batch.bridge_id, batch.stream_ids)
+        # (the streams of a sender's last request, which was admitted, are distinct)
+        batch.validate(distinct=same or self.pool.distinct(batch.stream_ids, slots))
         if batch.bandwidth_kbps > self.settings.max_bandwidth_kbps:
             raise ValueError(f"bandwidth {batch.bandwidth_kbps} kbps is above this replica's "
                              f"max_bandwidth_kbps {self.settings.max_bandwidth_kbps}")
@@ -746,7 +758,7 @@ class CodecReplicaCore:
                     k = p.rows.size
                     slacks.append(self._answer_step(p, out, at, start, end, step_ms))
                     at += k
-            slack = np.concatenate(slacks)
+            slack = slacks[0] if len(slacks) == 1 else np.concatenate(slacks)
             if slack.size:
                 # every frame's slack locally; an even sample of a step's for Ray's histogram
                 metrics.observe_deadline_slack(op, slack, sample=SLACK_SAMPLE_PER_STEP)
@@ -772,13 +784,16 @@ class CodecReplicaCore:
             req.result.codes[rows, :n_q] = block
         slack = (req.deadlines[rows] - end) * 1000.0
         late = slack < 0
+        self._record_recent(late, slack)
+        if not late.any():
+            req.answer(rows, 0, queue_ms, step_ms)
+            self._retire(req)
+            return slack
         # Finished, but after the call moved on: the bridge has sent the native codec for
         # it, so the stream starts a new epoch.
-        if late.any():
-            self._end_epochs(p, rows[late])
-            req.answer(rows[late], _DEADLINE, queue_ms, step_ms)
+        self._end_epochs(p, rows[late])
+        req.answer(rows[late], _DEADLINE, queue_ms, step_ms)
         req.answer(rows[~late], 0, queue_ms, step_ms)
-        self._record_recent(late, slack)
         self._retire(req)
         return slack[~late]
 
@@ -786,10 +801,14 @@ class CodecReplicaCore:
         n = missed.size
         if n >= STATS_WINDOW:
             missed, slack_ms, n = missed[-STATS_WINDOW:], slack_ms[-STATS_WINDOW:], STATS_WINDOW
-        idx = (self._recent_at + np.arange(n)) % STATS_WINDOW
-        self._recent_missed[idx] = missed
-        self._recent_slack[idx] = slack_ms
-        self._recent_at = (self._recent_at + n) % STATS_WINDOW
+        # into the ring from `_recent_at` on, wrapping at its end: two slices
+        at = self._recent_at
+        first = min(n, STATS_WINDOW - at)
+        self._recent_missed[at : at + first] = missed[:first]
+        self._recent_slack[at : at + first] = slack_ms[:first]
+        self._recent_missed[: n - first] = missed[first:]
+        self._recent_slack[: n - first] = slack_ms[first:]
+        self._recent_at = (at + n) % STATS_WINDOW
         self._recent_n = min(STATS_WINDOW, self._recent_n + n)
 
     def _fail_plan(self, plan: Plan) -> None:
@@ -820,13 +839,14 @@ class CodecReplicaCore:
                 continue
             key = req.batch.pcm.shape[1]
             g = groups.setdefault(key, (2, [], [], []))
-            depth = int(req.depths[rows].max())
+            depth = req.n_q if rows.size == req.depths.size else int(req.depths[rows].max())
             if depth > g[0]:
                 g = groups[key] = (depth, *g[1:])
             g[1].append(_Part(req, rows))
             g[2].append(slots)
             g[3].append(seqs == 0)
-        return [_Group(n_q, ps, np.concatenate(ss), np.concatenate(os_))
+        return [_Group(n_q, ps, ss[0] if len(ss) == 1 else np.concatenate(ss),
+                       os_[0] if len(os_) == 1 else np.concatenate(os_))
                 for n_q, ps, ss, os_ in groups.values()]
 
     def _drain(self, reason: FallbackReason, message: str) -> None:
