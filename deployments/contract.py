@@ -65,6 +65,7 @@ class FallbackReason(str, enum.Enum):
 # Compact wire codes for outcome arrays (uint8): 0 = ai, 1.. = fallback reasons in order.
 REASON_CODES: tuple[FallbackReason, ...] = tuple(FallbackReason)
 AI_CODE = 0
+_COUNT_CODES = len(REASON_CODES) + 1
 
 
 def reason_code(reason: FallbackReason) -> int:
@@ -111,12 +112,14 @@ class FrameBatch:
     def __len__(self) -> int:
         return len(self.stream_ids)
 
-    def validate(self) -> None:
-        """Raises ValueError naming the first problem; a replica answers it per frame."""
+    def validate(self, distinct: bool | None = None) -> None:
+        """Raises ValueError naming the first problem; a replica answers it per frame.
+        `distinct`: whether the stream ids are distinct, when the caller already knows (a
+        replica tells from its slot table); None: checked here."""
         b = len(self.stream_ids)
         if not isinstance(self.op, Op):
             raise ValueError(f"unknown op {self.op!r}; expected one of {[o.value for o in Op]}")
-        if len(set(self.stream_ids)) != b:
+        if not (len(set(self.stream_ids)) == b if distinct is None else distinct):
             raise ValueError("duplicate stream id in one batch")
         for name in ("epochs", "epoch_seqs", "budgets_ms"):
             arr = getattr(self, name)
@@ -183,10 +186,11 @@ class BatchResult:
     def counts(self) -> dict[str, int]:
         """Frames by outcome key: 'ai' or 'fallback/<reason>'."""
         out: dict[str, int] = {}
-        codes, n = np.unique(self.outcome_codes, return_counts=True)
-        for c, k in zip(codes.tolist(), n.tolist(), strict=True):
+        # a count per code (a few small integers): cheaper than sorting thousands of rows
+        n = np.bincount(self.outcome_codes, minlength=_COUNT_CODES)
+        for c in np.flatnonzero(n).tolist():
             r = decode_reason(c)
-            out["ai" if r is None else f"fallback/{r.value}"] = k
+            out["ai" if r is None else f"fallback/{r.value}"] = int(n[c])
         return out
 
     @classmethod

@@ -60,8 +60,11 @@ from telemetry import metrics
 logger = logging.getLogger(__name__)
 
 IDLE_SWEEP_S = 1.0
-STATS_WINDOW = 2048
-SLACK_SAMPLE_PER_STEP = 16  # deadline slacks of one step exported to Ray (each is a call)  # recent frames kept for the autoscaling miss rate / slack
+STATS_WINDOW = 2048  # recent frames kept for the autoscaling miss rate / slack
+SENDERS_KEPT = 64  # senders (bridges) whose last request's slots are kept for the next one
+# Deadline slacks of one step exported to Ray: each is a call of tens of us, and at a few
+# steps per tick an even sample of 4 per step still gives Prometheus ~100 a second per replica.
+SLACK_SAMPLE_PER_STEP = 4
 _ROW_BITS = 32  # a scheduler ref is (request id << 32) | row
 _ROW_MASK = (1 << _ROW_BITS) - 1
 _ERROR = reason_code(FallbackReason.ERROR)
@@ -84,6 +87,9 @@ class SlotPool:
         self.last_seen = np.zeros(capacity, np.float64)
         self.generation = np.zeros(capacity, np.int64)
         self.epochs = ReplicaEpochs(capacity)
+        # per sender: the streams of its last request, their slots and the slots' generations
+        self._last: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
+        self._unchanged: str | None = None  # the sender whose kept request `lookup_from` just matched
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -95,6 +101,64 @@ class SlotPool:
         """Slot of each stream, -1 where it holds none."""
         return np.fromiter(map(self._slot_of.get, stream_ids, itertools.repeat(-1)), np.int64,
                            len(stream_ids))
+
+    def lookup_from(self, sender: str, stream_ids: list[str]) -> tuple[np.ndarray, bool]:
+        """`lookup` for a request of `sender`, whose list of streams is mostly the one it sent
+        last (`remember`): the rows before and after the part that changed reuse that
+        request's slots, as long as each slot still belongs to its stream (its generation is
+        unchanged); only the other rows are looked up, one dictionary lookup each. Also
+        says whether the request repeats that one exactly (streams, and each one's slot)."""
+        last = self._last.get(sender) if isinstance(sender, str) else None
+        self._unchanged = None
+        if last is None:
+            return self.lookup(stream_ids), False
+        ids, slots, gens = last
+        n, m = len(stream_ids), len(ids)
+        if ids == stream_ids:
+            out = slots.copy()
+            stale = self.generation[out] != gens
+            if not stale.any():
+                self._unchanged = sender
+                return out, True
+        else:
+            head = _common_prefix(ids, stream_ids)
+            tail = _common_suffix(ids, stream_ids, min(n, m) - head)
+            out = np.empty(n, np.int64)
+            out[:head] = slots[:head]
+            out[n - tail:] = slots[m - tail:]
+            out[head : n - tail] = -1
+            # a reused slot that changed hands since (or was none) is looked up again
+            stale = self.generation[out] != np.concatenate((gens[:head], np.full(n - head - tail, -1),
+                                                            gens[m - tail:]))
+        todo = np.flatnonzero(stale)
+        if todo.size:
+            out[todo] = np.fromiter(map(self._slot_of.get, [stream_ids[i] for i in todo.tolist()],
+                                        itertools.repeat(-1)), np.int64, todo.size)
+        return out, False
+
+    def remember(self, sender: str, stream_ids: list[str], slots: np.ndarray) -> None:
+        """Keeps a request's streams and slots (-1: none) for `lookup_from` the next one."""
+        if self._unchanged == sender:  # what `lookup_from` just reused, unchanged: kept as is
+            self._unchanged = None
+            return
+        if not isinstance(sender, str):
+            return
+        gens = np.where(slots >= 0, self.generation[slots], -1)  # -1: never matches, looked up
+        self._last.pop(sender, None)
+        if len(self._last) >= SENDERS_KEPT:
+            self._last.pop(next(iter(self._last)))  # the sender heard from longest ago
+        self._last[sender] = (list(stream_ids), slots.copy(), gens)
+
+    def distinct(self, stream_ids: list[str], slots: np.ndarray) -> bool:
+        """Whether the streams (with their `lookup` slots) are distinct: two rows of one known
+        stream share its slot (integer counts); only the unknown ones are compared by id."""
+        known = slots >= 0
+        if known.all():
+            return len(slots) == 0 or int(np.bincount(slots).max()) <= 1
+        if known.any() and int(np.bincount(slots[known]).max()) > 1:
+            return False
+        unknown = np.flatnonzero(~known).tolist()
+        return len({stream_ids[i] for i in unknown}) == len(unknown)
 
     def acquire(self, stream_id: str, now: float) -> int | None:
         """The stream's slot, assigning a free one if needed; None if the pool is full."""
@@ -147,6 +211,39 @@ class SlotPool:
         return list(self._slot_of)
 
 
+def _common_prefix(a: list[str], b: list[str]) -> int:
+    """Length of the longest common prefix of two lists, by binary search over slice
+    comparisons (each element compared about once, in C)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _common_suffix(a: list[str], b: list[str], limit: int) -> int:
+    """Length of the longest common suffix of two lists, at most `limit`."""
+    na, nb = len(a), len(b)
+    if limit <= 0:
+        return 0
+    if a[na - limit:] == b[nb - limit:]:
+        return limit
+    lo, hi = 0, limit  # the last lo agree, the last hi do not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[na - mid : na - lo] == b[nb - mid : nb - lo]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 # ----------------------------------------------------------------------------- requests
 class _Request:
     """One `process` call: its frames' columns, the result arrays filled as frames are
@@ -158,6 +255,7 @@ class _Request:
         self.rid = rid
         self.batch = batch
         self.depths = batch.depths()  # codebooks per row (encode)
+        self.n_q = n_q  # the deepest of them
         self.arrival = arrival
         self.slots = np.full(b, -1, np.int64)
         self.generation = np.zeros(b, np.int64)  # of each frame's slot when it was admitted
@@ -184,12 +282,21 @@ class _Request:
         """Gives frames `rows` their one outcome (code 0 = ai); a second answer is a bug."""
         if not rows.size:
             return
-        assert not self._answered[rows].any(), "a frame answered twice"
-        self._answered[rows] = True
         res = self.result
-        res.outcome_codes[rows] = code
-        res.queue_ms[rows] = queue_ms
-        res.compute_ms[rows] = compute_ms
+        if (rows.size == self.remaining == self._answered.size and isinstance(code, int)
+                and isinstance(queue_ms, float)):
+            # Every frame of the request at once (`rows` names each one once, in any order):
+            # whole columns, no indexing.
+            self._answered[:] = True
+            res.outcome_codes[:] = code
+            res.queue_ms[:] = queue_ms
+            res.compute_ms[:] = compute_ms
+        else:
+            assert not self._answered[rows].any(), "a frame answered twice"
+            self._answered[rows] = True
+            res.outcome_codes[rows] = code
+            res.queue_ms[rows] = queue_ms
+            res.compute_ms[rows] = compute_ms
         if error:
             for r in rows.tolist():
                 res.errors[res.stream_ids[r]] = error
@@ -390,28 +497,32 @@ class CodecReplicaCore:
         logger.info("replica settings: %s", {k: v for k, v in new.to_dict().items() if k != "latency_profile"})
 
     # -- intake
-    def _check(self, batch: Any) -> int:
-        """Validates a request; returns its codebook count (ValueError names the problem)."""
+    def _check(self, batch: Any) -> tuple[int, np.ndarray]:
+        """Validates a request; returns its codebook count and its streams' slots (-1: none)
+        (ValueError names the problem)."""
         if not isinstance(batch, FrameBatch):
             raise ValueError(f"expected a FrameBatch, got {type(batch).__name__}")
-        batch.validate()
+        slots, same = self.pool.lookup_from(batch.bridge_id, batch.stream_ids)
+        # (the streams of a sender's last request, which was admitted, are distinct)
+        batch.validate(distinct=same or self.pool.distinct(batch.stream_ids, slots))
         if batch.bandwidth_kbps > self.settings.max_bandwidth_kbps:
             raise ValueError(f"bandwidth {batch.bandwidth_kbps} kbps is above this replica's "
                              f"max_bandwidth_kbps {self.settings.max_bandwidth_kbps}")
         depths = batch.depths()
         if not len(depths):
-            return bandwidth_codebooks(batch.bandwidth_kbps)
+            return bandwidth_codebooks(batch.bandwidth_kbps), slots
         n_q = int(depths.max())
         if n_q > bandwidth_codebooks(self.settings.max_bandwidth_kbps):
             raise ValueError(f"{n_q} codebooks is above this replica's max_bandwidth_kbps "
                              f"{self.settings.max_bandwidth_kbps}")
-        return n_q
+        return n_q, slots
 
     async def process(self, batch: FrameBatch) -> BatchResult:
         arrival = self.clock()
+        pool = self.pool
         try:
             with self.cpu:
-                n_q = self._check(batch)
+                n_q, slots = self._check(batch)
         except ValueError as exc:
             self._count("malformed_batches")
             res = malformed_result(batch, str(exc))
@@ -424,29 +535,33 @@ class CodecReplicaCore:
         with self.cpu:
             req = _Request(next(self._rids), batch, arrival, self.replica_id,
                            self.settings.compute.value, n_q, asyncio.get_running_loop())
-            if self._admit(req) and self._wake is not None:
+            # (a rebuild while this request waited for the runtime made a new slot pool)
+            if self._admit(req, slots if self.pool is pool else None) and self._wake is not None:
                 self._wake.set()
         res = await req.future
         metrics.record_frames(Op.ENCODE.value, res.counts())
         res.held_ms = (self.clock() - arrival) * 1000.0  # lets the sender measure the transit
         return res
 
-    def _admit(self, req: _Request) -> int:
+    def _admit(self, req: _Request, slots: np.ndarray | None = None) -> int:
         """Intake half of the epoch rule and the queue, for all of a request's frames at
-        once; frames refused here are answered now. Returns how many were queued."""
+        once; frames refused here are answered now. `slots`: the streams' `lookup`, when
+        known. Returns how many were queued."""
         batch, now = req.batch, req.arrival
         b = len(batch)
         self.frames_in += b
         epochs = np.asarray(batch.epochs, np.int64)
         seqs = np.asarray(batch.epoch_seqs, np.int64)
         deadlines = req.deadlines
-        slots = self.pool.lookup(batch.stream_ids)
+        if slots is None:
+            slots = self.pool.lookup(batch.stream_ids)
         if ((batch.pcm.dtype != np.float32 or np.isfinite(batch.pcm).all())
                 and not (deadlines <= now).any()
                 and int(slots.min(initial=0)) >= 0 and int(seqs.min(initial=0)) >= 0
                 and int(epochs.min(initial=0)) >= 0):
             # The usual request: known streams, budgets left, nothing malformed. Only the
             # epoch rule can refuse a frame (the full path below does the same, check by check).
+            self.pool.remember(batch.bridge_id, batch.stream_ids, slots)
             ok = self.pool.epochs.admit(slots, epochs, seqs)
             if ok.all():
                 return self._queue(req, np.arange(b), slots, epochs, seqs, deadlines, now)
@@ -474,6 +589,7 @@ class CodecReplicaCore:
             full_rows = need[got < 0]
             req.answer(full_rows, _OVERLOAD)
             todo[full_rows] = False
+        self.pool.remember(batch.bridge_id, batch.stream_ids, slots)
         # Continuing an epoch this replica does not hold (moved, restarted, or a gap).
         orphan = todo & (slots < 0)
         req.answer(np.flatnonzero(orphan), _RESET)
@@ -642,7 +758,7 @@ class CodecReplicaCore:
                     k = p.rows.size
                     slacks.append(self._answer_step(p, out, at, start, end, step_ms))
                     at += k
-            slack = np.concatenate(slacks)
+            slack = slacks[0] if len(slacks) == 1 else np.concatenate(slacks)
             if slack.size:
                 # every frame's slack locally; an even sample of a step's for Ray's histogram
                 metrics.observe_deadline_slack(op, slack, sample=SLACK_SAMPLE_PER_STEP)
@@ -668,13 +784,16 @@ class CodecReplicaCore:
             req.result.codes[rows, :n_q] = block
         slack = (req.deadlines[rows] - end) * 1000.0
         late = slack < 0
+        self._record_recent(late, slack)
+        if not late.any():
+            req.answer(rows, 0, queue_ms, step_ms)
+            self._retire(req)
+            return slack
         # Finished, but after the call moved on: the bridge has sent the native codec for
         # it, so the stream starts a new epoch.
-        if late.any():
-            self._end_epochs(p, rows[late])
-            req.answer(rows[late], _DEADLINE, queue_ms, step_ms)
+        self._end_epochs(p, rows[late])
+        req.answer(rows[late], _DEADLINE, queue_ms, step_ms)
         req.answer(rows[~late], 0, queue_ms, step_ms)
-        self._record_recent(late, slack)
         self._retire(req)
         return slack[~late]
 
@@ -682,10 +801,14 @@ class CodecReplicaCore:
         n = missed.size
         if n >= STATS_WINDOW:
             missed, slack_ms, n = missed[-STATS_WINDOW:], slack_ms[-STATS_WINDOW:], STATS_WINDOW
-        idx = (self._recent_at + np.arange(n)) % STATS_WINDOW
-        self._recent_missed[idx] = missed
-        self._recent_slack[idx] = slack_ms
-        self._recent_at = (self._recent_at + n) % STATS_WINDOW
+        # into the ring from `_recent_at` on, wrapping at its end: two slices
+        at = self._recent_at
+        first = min(n, STATS_WINDOW - at)
+        self._recent_missed[at : at + first] = missed[:first]
+        self._recent_slack[at : at + first] = slack_ms[:first]
+        self._recent_missed[: n - first] = missed[first:]
+        self._recent_slack[: n - first] = slack_ms[first:]
+        self._recent_at = (at + n) % STATS_WINDOW
         self._recent_n = min(STATS_WINDOW, self._recent_n + n)
 
     def _fail_plan(self, plan: Plan) -> None:
@@ -716,13 +839,14 @@ class CodecReplicaCore:
                 continue
             key = req.batch.pcm.shape[1]
             g = groups.setdefault(key, (2, [], [], []))
-            depth = int(req.depths[rows].max())
+            depth = req.n_q if rows.size == req.depths.size else int(req.depths[rows].max())
             if depth > g[0]:
                 g = groups[key] = (depth, *g[1:])
             g[1].append(_Part(req, rows))
             g[2].append(slots)
             g[3].append(seqs == 0)
-        return [_Group(n_q, ps, np.concatenate(ss), np.concatenate(os_))
+        return [_Group(n_q, ps, ss[0] if len(ss) == 1 else np.concatenate(ss),
+                       os_[0] if len(os_) == 1 else np.concatenate(os_))
                 for n_q, ps, ss, os_ in groups.values()]
 
     def _drain(self, reason: FallbackReason, message: str) -> None:

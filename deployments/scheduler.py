@@ -290,9 +290,11 @@ class EdfScheduler:
     def _note_arrivals(self, arrival: float, n: int, budgets_ms: np.ndarray) -> None:
         """The arrival-rate window and the usual budget, as n one-by-one arrivals move them."""
         k = min(n, ARRIVAL_WINDOW)
-        idx = (self._arrivals_at + np.arange(k)) % ARRIVAL_WINDOW
-        self._arrivals[idx] = arrival
-        self._arrivals_at = (self._arrivals_at + k) % ARRIVAL_WINDOW
+        at = self._arrivals_at  # into the ring from here on, wrapping at its end: two slices
+        first = min(k, ARRIVAL_WINDOW - at)
+        self._arrivals[at : at + first] = arrival
+        self._arrivals[: k - first] = arrival
+        self._arrivals_at = (at + k) % ARRIVAL_WINDOW
         self._arrivals_n = min(ARRIVAL_WINDOW, self._arrivals_n + n)
         # b <- b + a (x - b) per frame, in closed form (older terms vanish: 0.95^700 ~ 1e-16)
         tail = budgets_ms[-_BUDGET_TAIL.size:]

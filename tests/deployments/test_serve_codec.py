@@ -182,6 +182,21 @@ def test_client_answers_a_malformed_batch_without_raising(client, loop):
     assert "budgets_ms must be an array of shape (2,)" in res.errors["c-a"]
 
 
+def test_client_finds_duplicate_ids_in_a_list_it_sent_before_when_the_list_changed(client, loop):
+    ids = ["d-a", "d-b"]
+    b = _good(ids)
+    b.stream_ids = ids
+    assert loop.run_until_complete(client.process(b)).counts() == {"ai": 2}
+    ids[1] = "d-a"  # the same list object, changed in place since
+    b = _good(["d-a", "d-b"])
+    b.stream_ids = ids
+    malformed = client.counters.malformed
+    res = loop.run_until_complete(client.process(b))
+    assert client.counters.malformed == malformed + 1  # found by the client, not sent
+    assert res.counts() == {"fallback/error": 2}
+    assert all("duplicate stream id" in e for e in res.errors.values())
+
+
 def test_not_a_frame_batch_is_an_error_not_a_crash(codec_handle):
     res = _raw({"op": "encode"})
     assert len(res) == 0 and res.counts() == {}

@@ -236,6 +236,69 @@ def test_slot_pool_reuses_freed_slots():
     assert pool.acquire("c", 0.0) == a
 
 
+def test_slot_lookup_from_a_senders_last_request_equals_a_full_lookup():
+    """A sender's request reuses the slots of its last one where the list is unchanged; rows
+    that changed, streams that left or joined and slots that changed hands in between are
+    looked up again: the answer is always the dictionary's."""
+    rng = np.random.default_rng(7)
+    pool = SlotPool(64)
+    names = [f"s{i}" for i in range(66)]  # the last few hold no slot (or, later, some other)
+    for sid in names[:60]:
+        pool.acquire(sid, 0.0)
+    ids = names[:30]
+    last, repeats = None, 0
+    for step in range(300):
+        ids = list(ids)
+        op = step % 6
+        if op == 0 and len(ids) > 1:
+            del ids[int(rng.integers(len(ids)))]  # a stream leaves the bridge
+        elif op == 1:
+            ids.insert(int(rng.integers(len(ids) + 1)), names[int(rng.integers(66))])  # joins
+        elif op == 2 and ids:
+            ids[int(rng.integers(len(ids)))] = names[int(rng.integers(66))]
+        elif op == 3:
+            pool.release(names[int(rng.integers(66))])  # its slot may go to another stream
+            pool.acquire(names[int(rng.integers(66))], 0.0)
+        elif op == 4:
+            rng.shuffle(ids)
+        ids = list(dict.fromkeys(ids))  # a sender's streams are distinct
+        sent = [str(s) for s in ids]  # new string objects, as the transport delivers them
+        got, same = pool.lookup_from("bridge-1", sent)
+        assert got.tolist() == pool.lookup(sent).tolist(), step
+        if same:  # the sender's last request again, every stream on its slot
+            assert last == (sent, got.tolist()) and got.min(initial=0) >= 0, step
+            repeats += 1
+        last = (sent, got.tolist())
+        pool.remember("bridge-1", sent, got)
+        assert pool.distinct(sent, got)
+    assert repeats >= 10
+    assert pool.lookup_from("bridge-2", ids)[0].tolist() == pool.lookup(ids).tolist()
+
+
+def test_duplicate_stream_ids_are_found_among_known_and_unknown_streams():
+    pool = SlotPool(4)
+    pool.acquire("a", 0.0)
+    pool.acquire("b", 0.0)
+    for ids, distinct in ((["a", "b", "x", "y"], True), (["a", "x", "a"], False),
+                          (["x", "b", "y", "x"], False), ([], True), (["x"], True)):
+        assert pool.distinct(ids, pool.lookup(ids)) is distinct, ids
+
+    async def go():
+        core = CodecReplicaCore(ReplicaSettings(capacity=4, compute="emulated"), "dup-test")
+        for ids in (["a", "b"], ["a", "b", "a"], ["a", "b", "c", "c"]):
+            b = _batch(ids)
+            b.epoch_seqs = np.full(len(ids), 0 if ids == ["a", "b"] else 1, np.int64)
+            res = await asyncio.wait_for(core.process(b), 10.0)
+            if ids == ["a", "b"]:
+                assert res.counts() == {"ai": 2}
+            else:  # the whole batch is malformed, however its streams stand on the replica
+                assert res.counts() == {"fallback/error": len(ids)}
+                assert all("duplicate stream id" in e for e in res.errors.values())
+        await core.stop()
+
+    run(go())
+
+
 def test_rendezvous_owner_is_stable_and_moves_few_streams():
     replicas = [f"r{i}" for i in range(4)]
     streams = [f"stream-{i}" for i in range(2000)]
