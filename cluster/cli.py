@@ -35,6 +35,8 @@ BENCHES: list[tuple[str, str, str]] = [
      "adaptive layers, DTX and a constrained link with real WebRTC peers"),
     ("autoscaling", "cluster.bench.autoscaling", "forecast policy vs Serve's default on a 10k-stream trace"),
     ("supervisor-cpu", "cluster.bench.supervisor_cpu", "the fallback supervisor's CPU per report, in process"),
+    ("control-plane", "cluster.bench.control_plane",
+     "the bridge core's and the replica's bookkeeping CPU per stream-tick, in process"),
 ]
 
 
