@@ -235,9 +235,7 @@ class _GcraClient:
         """The RESP bytes of one EVALSHA deciding `offered[i]` hints of `stream_ids[i]`."""
         n = len(stream_ids)
         counts = np.minimum(offered, _MAX_COUNT).astype(">u2").tobytes()
-        frags = list(map(self._key_frags.get, stream_ids))  # cached: a C-level lookup each
-        if None in frags:
-            frags = [self._key_frag(s) for s in stream_ids]
+        frags = [self._key_frag(s) for s in stream_ids]
         if self.clock is None:
             head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (n + 6) + _bulk(self.sha.encode()) + _bulk(b"%d" % n)
             return b"".join((head, *frags, self._params_frag, _bulk(counts)))

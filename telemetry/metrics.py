@@ -376,7 +376,6 @@ RAY_HISTOGRAM_SAMPLE = 128
 
 def _observe_many(name: str, values: Iterable[float] | np.ndarray, tags: Mapping[str, str],
                   sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
-    global _ray_failed
     arr = np.asarray(values if isinstance(values, np.ndarray) else list(values), np.float64).ravel()
     if arr.size == 0:
         return
@@ -387,8 +386,26 @@ def _observe_many(name: str, values: Iterable[float] | np.ndarray, tags: Mapping
         return
     if arr.size > sample:
         arr = arr[np.linspace(0, arr.size - 1, sample).astype(np.int64)]
+    _ray_observe(sink, spec, arr.tolist(), tags)
+
+
+def _observe_repeated(name: str, value: float, n: int, tags: Mapping[str, str],
+                      sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
+    """`_observe_many` of `n` copies of one value, without building them."""
+    if n <= 0:
+        return
+    spec = SPECS[name]
+    _local.observe_repeated(spec, float(value), int(n), tags)
+    sink = _ray_sink()
+    if sink is not None:
+        _ray_observe(sink, spec, [float(value)] * min(int(n), max(1, int(sample))), tags)
+
+
+def _ray_observe(sink: RayMetrics, spec: MetricSpec, values: list[float], tags: Mapping[str, str]) -> None:
+    """Each value to Ray's histogram (one call each); the first error turns Ray export off."""
+    global _ray_failed
     try:
-        for v in arr.tolist():
+        for v in values:
             sink.observe(spec, v, tags)
     except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
         _ray_failed = True
@@ -400,6 +417,13 @@ def observe_frame_latency(op: str, latencies_ms: Iterable[float] | np.ndarray,
     """Per-frame latencies of one batch (all kept locally; at most `sample` of them for Ray:
     a caller whose frames share one latency per call can ask for fewer)."""
     _observe_many(FRAME_LATENCY, latencies_ms, {"op": op}, max(1, int(sample)))
+
+
+def observe_frame_latency_repeated(op: str, ms: float, n: int, sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
+    """`n` frames that share one latency (a bridge tick's AI frames): all `n` kept locally,
+    `min(n, sample)` observations of it for Ray, as `observe_frame_latency` of `n` copies
+    records them."""
+    _observe_repeated(FRAME_LATENCY, ms, n, {"op": op}, sample)
 
 
 def observe_step_latency(op: str, ms: float, device: str = "cpu") -> None:
@@ -474,30 +498,3 @@ def set_autoscale_decision(deployment: str, forecast_streams: float, desired: in
 def prometheus_names() -> set[str]:
     """Every series name Ray exports for `SPECS` (what dashboards may query)."""
     return {n for spec in SPECS.values() for n in spec.prometheus_names()}
-
-
-
-def _observe_repeated(name: str, value: float, n: int, tags: Mapping[str, str],
-                      sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
-    """`_observe_many` of `n` copies of one value, without building them."""
-    global _ray_failed
-    if n <= 0:
-        return
-    spec = SPECS[name]
-    _local.observe_repeated(spec, float(value), int(n), tags)
-    sink = _ray_sink()
-    if sink is None:
-        return
-    try:
-        for _ in range(min(int(n), max(1, int(sample)))):
-            sink.observe(spec, float(value), tags)
-    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        _ray_failed = True
-        logger.warning("Ray metrics disabled in this process after error: %s", exc)
-
-
-def observe_frame_latency_repeated(op: str, ms: float, n: int, sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
-    """`n` frames that share one latency (a bridge tick's AI frames): all `n` kept locally,
-    `min(n, sample)` observations of it for Ray, as `observe_frame_latency` of `n` copies
-    records them."""
-    _observe_repeated(FRAME_LATENCY, ms, n, {"op": op}, sample)

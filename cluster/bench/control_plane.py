@@ -47,35 +47,26 @@ def _profile() -> dict[int, float]:
 
 
 def _replica_settings(streams: int) -> Any:
-    """The settings `auralink simulate` gives its replicas (cluster/simulator/environment.py)."""
+    """The settings `auralink simulate` gives a replica of `streams` streams (its margin, 2 ms)."""
+    from cluster.simulator.environment import replica_config
     from deployments.config import ReplicaSettings
 
-    d = ReplicaSettings()
-    return ReplicaSettings(
-        compute="emulated", capacity=max(64, 2 * streams), max_batch=max(64, 2 * streams),
-        max_queue=max(4096, 8 * streams), deadline_ms=d.deadline_ms * DILATION,
-        margin_ms=2.0 * DILATION, frame_period_ms=d.frame_period_ms * DILATION,
-        max_hold_ms=d.max_hold_ms * DILATION,
-        latency_profile={b: v * DILATION for b, v in _profile().items()}, max_bandwidth_kbps=24.0)
+    cfg = replica_config("emulated", _profile(), DILATION, ReplicaSettings().deadline_ms, 2.0, streams)
+    return ReplicaSettings.from_dict({**cfg, "max_bandwidth_kbps": 24.0})
 
 
 async def bridge_core(streams: int, seconds: float) -> dict[str, Any]:
     from cluster.simulator import generator as gen
     from deployments.replica import CodecReplicaCore
     from deployments.supervisor_policy import SupervisorPolicy
-    from sfu_bridge.core import DEADLINE_GRACE_MS, BridgeCore, SupervisorLink
+    from sfu_bridge.core import SupervisorLink
 
     secret = os.urandom(32)  # signs and verifies this bench's hints only
 
     class Generator(gen.LoadGenerator):
         async def prepare(self) -> dict[str, Any]:
-            spec = self.spec
-            self.hints = gen.HintTraffic(self.pop, secret, gen.HintRates(
-                normal_rate=spec.normal_hint_rate, flood_rate=spec.flood_rate,
-                abuse_rate=spec.abuse_rate), seed=spec.seed + 31)
-            self.client = CodecReplicaCore(_replica_settings(streams), replica_id="bench")
-            await self.client.ensure_built()
-            self.limiter = self._limiter()
+            client = CodecReplicaCore(_replica_settings(streams), replica_id="bench")
+            await client.ensure_built()
             policy = SupervisorPolicy()
 
             async def report(reports: Any) -> dict[str, str]:
@@ -85,14 +76,7 @@ async def bridge_core(streams: int, seconds: float) -> dict[str, Any]:
                 for sid in ids:
                     policy.forget(sid)
 
-            self.core = BridgeCore(
-                self.client, bridge_id=spec.bridge_id, deadline_ms=spec.deadline_ms * DILATION,
-                deadline_grace_ms=DEADLINE_GRACE_MS * DILATION, bandwidth_kbps=spec.bandwidth_kbps,
-                hint_secret=secret, limiter=gen._CountingLimiter(self.limiter, self.flooder_allowed),
-                supervisor=SupervisorLink(report, forget, 1.0), audio=False,
-                capacity=max(64, self.pop.n_slots), period_clock=lambda: self.t_sim)
-            self._join(self.pop.live())
-            await self._warm_up()
+            await self.start(secret, client, SupervisorLink(report, forget, 1.0))
             return {}
 
         def _publish(self, t_sim: float) -> None:  # no dashboard here

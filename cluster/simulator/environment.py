@@ -154,6 +154,25 @@ def autoscaling_config(cfg, per: int, dilation: float, capacity: int | None = No
                        "policy_kwargs": kwargs}}
 
 
+def replica_config(compute: str, profile: dict[int, float], dilation: float, deadline_ms: float,
+                   margin_ms: float, streams_each: int) -> dict[str, Any]:
+    """The `ReplicaSettings` fields a load test gives its codec replicas, `streams_each`
+    streams per replica. Every time constant the replica sees is in wall time: scaled by the
+    dilation."""
+    d = ReplicaSettings()
+    return {
+        "compute": compute,
+        "latency_profile": {int(b): v * dilation for b, v in profile.items()},
+        "deadline_ms": deadline_ms * dilation,
+        "margin_ms": margin_ms * dilation,
+        "frame_period_ms": d.frame_period_ms * dilation,
+        "max_hold_ms": d.max_hold_ms * dilation,
+        "max_batch": max(64, 2 * streams_each),
+        "capacity": max(64, int(streams_each * 2)),
+        "max_queue": max(4096, 8 * streams_each),
+    }
+
+
 def capacity_plan(profile: dict[int, float], device: str, streams: int, deadline_ms: float,
                   margin_ms: float, replicas_run: int) -> dict[str, Any]:
     """What the latency profile says about this load before a frame is sent: streams one
@@ -346,21 +365,10 @@ class Environment:
             logger.warning("capacity plan: %s", self.capacity_plan["verdict"])
         # Autoscaled: each replica is sized for what the profile says it serves.
         streams_each = per if auto is not None else math.ceil(cfg.streams / want)
-        replica = {
-            "compute": cfg.compute,
-            # Every time constant the replica sees is in wall time: scale by the dilation.
-            "latency_profile": {int(b): v * dilation for b, v in self.profile.items()},
-            "latency_profile_device": self.profile_device,
-            "deadline_ms": cfg.deadline_ms * dilation,
-            "margin_ms": margin * dilation,
-            "frame_period_ms": ReplicaSettings().frame_period_ms * dilation,
-            "max_hold_ms": ReplicaSettings().max_hold_ms * dilation,
-            "max_batch": max(64, 2 * streams_each),
-            "capacity": max(64, int(streams_each * 2)),
-            "max_queue": max(4096, 8 * streams_each),
-            "allow_random_weights": cfg.weights_dir is None,
-            "weights_dir": cfg.weights_dir,
-        }
+        replica = replica_config(cfg.compute, self.profile, dilation, cfg.deadline_ms, margin,
+                                 streams_each)
+        replica.update({"latency_profile_device": self.profile_device,
+                        "allow_random_weights": cfg.weights_dir is None, "weights_dir": cfg.weights_dir})
         if not emulated:
             replica["torch_threads"] = 1
         port = _free_port()

@@ -152,22 +152,33 @@ class LoadGenerator:
         from auth.secret import load_secret
         from deployments.client import CodecClient
         from deployments.supervisor import get_or_create_supervisor
-        from sfu_bridge.core import DEADLINE_GRACE_MS, BridgeCore, ray_supervisor_link
+        from sfu_bridge.core import ray_supervisor_link
 
         spec = self.spec
-        secret = load_secret()
-        self.hints = HintTraffic(self.pop, secret, HintRates(
-            normal_rate=spec.normal_hint_rate, flood_rate=spec.flood_rate,
-            abuse_rate=spec.abuse_rate), seed=spec.seed + 31 * spec.index)
         handle = serve.get_deployment_handle(spec.replica_deployment, spec.app_name)
-        self.client = CodecClient(handle)
-        if not await self.client.ready(timeout_s=120):
+        client = CodecClient(handle)
+        if not await client.ready(timeout_s=120):
             raise RuntimeError("codec replicas did not become ready within 120 s")
-        self.limiter = self._limiter()
         # The supervisor judges on the run's simulated clock (its windows, back-offs and
         # snapshot interval are simulated seconds, as every other time constant here).
         link = ray_supervisor_link(get_or_create_supervisor(), period_s=1.0,
-                                   owners=self.client.owners, clock=self.sim_clock)
+                                   owners=client.owners, clock=self.sim_clock)
+        await self.start(load_secret(), client, link)
+        return {"bridge_id": spec.bridge_id, "streams": int(self.pop.active.sum()),
+                "slots": self.pop.n_slots, "pid": os.getpid()}
+
+    async def start(self, secret: bytes, client: Any, link: Any) -> None:
+        """This generator's bridge core over `client` (the codec) and `link` (the supervisor),
+        its hint traffic signed with `secret` and the hint limiter; the initial streams join
+        and warm up."""
+        from sfu_bridge.core import DEADLINE_GRACE_MS, BridgeCore
+
+        spec = self.spec
+        self.hints = HintTraffic(self.pop, secret, HintRates(
+            normal_rate=spec.normal_hint_rate, flood_rate=spec.flood_rate,
+            abuse_rate=spec.abuse_rate), seed=spec.seed + 31 * spec.index)
+        self.client = client
+        self.limiter = self._limiter()
         self.core = BridgeCore(
             self.client, bridge_id=spec.bridge_id,
             deadline_ms=spec.deadline_ms * spec.dilation,
@@ -179,8 +190,6 @@ class LoadGenerator:
         )
         self._join(self.pop.live())
         await self._warm_up()
-        return {"bridge_id": spec.bridge_id, "streams": int(self.pop.active.sum()),
-                "slots": self.pop.n_slots, "pid": os.getpid()}
 
     def _limiter(self) -> Any:
         try:

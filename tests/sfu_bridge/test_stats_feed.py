@@ -37,7 +37,9 @@ def test_a_bridge_publishes_its_streams_layers_and_egress(running_bridge, tokens
             feed.snapshot()  # the baseline: the next snapshot covers what follows
             feed.start()
             await sub.wait_frames(n_aic=10, timeout_s=60)
-            await asyncio.sleep(1.2)
+            end = asyncio.get_running_loop().time() + 10.0  # the periodic publish, with a bound
+            while feed.published < 1 and asyncio.get_running_loop().time() < end:
+                await asyncio.sleep(0.05)
             await feed.stop()
             ok = await feed.publish_once()
             for s in (sub, pub):
