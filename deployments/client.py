@@ -317,6 +317,9 @@ class CodecClient:
         if not isinstance(res, BatchResult) or len(res) != len(sub) or res.stream_ids != sub.stream_ids:
             self.counters.transport_errors += 1
             return _fallback_part(sub, FallbackReason.ERROR, "replica answered a different batch")
+        # Equal to the list sent, which the caller holds: its own objects compare by identity
+        # from here on (the transport's copies compare string by string).
+        res.stream_ids = sub.stream_ids
         self.transit.observe((time.monotonic() - sent) * 1000.0, float(res.held_ms))
         return res
 

@@ -61,7 +61,6 @@ logger = logging.getLogger(__name__)
 
 IDLE_SWEEP_S = 1.0
 STATS_WINDOW = 2048  # recent frames kept for the autoscaling miss rate / slack
-SENDERS_KEPT = 64  # senders (bridges) whose last request's slots are kept for the next one
 # Deadline slacks of one step exported to Ray: each is a call of tens of us, and at a few
 # steps per tick an even sample of 4 per step still gives Prometheus ~100 a second per replica.
 SLACK_SAMPLE_PER_STEP = 4
@@ -87,12 +86,14 @@ class SlotPool:
         self.last_seen = np.zeros(capacity, np.float64)
         self.generation = np.zeros(capacity, np.int64)
         self.epochs = ReplicaEpochs(capacity)
-        # per sender: the streams of its last request, their slots and the slots' generations
-        self._last: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
-        self._unchanged: str | None = None  # the sender whose kept request `lookup_from` just matched
 
     def __len__(self) -> int:
         return len(self._slot_of)
+
+    @property
+    def free(self) -> int:
+        """Slots no stream holds."""
+        return len(self._free)
 
     def get(self, stream_id: str) -> int | None:
         return self._slot_of.get(stream_id)
@@ -101,53 +102,6 @@ class SlotPool:
         """Slot of each stream, -1 where it holds none."""
         return np.fromiter(map(self._slot_of.get, stream_ids, itertools.repeat(-1)), np.int64,
                            len(stream_ids))
-
-    def lookup_from(self, sender: str, stream_ids: list[str]) -> tuple[np.ndarray, bool]:
-        """`lookup` for a request of `sender`, whose list of streams is mostly the one it sent
-        last (`remember`): the rows before and after the part that changed reuse that
-        request's slots, as long as each slot still belongs to its stream (its generation is
-        unchanged); only the other rows are looked up, one dictionary lookup each. Also
-        says whether the request repeats that one exactly (streams, and each one's slot)."""
-        last = self._last.get(sender) if isinstance(sender, str) else None
-        self._unchanged = None
-        if last is None:
-            return self.lookup(stream_ids), False
-        ids, slots, gens = last
-        n, m = len(stream_ids), len(ids)
-        if ids == stream_ids:
-            out = slots.copy()
-            stale = self.generation[out] != gens
-            if not stale.any():
-                self._unchanged = sender
-                return out, True
-        else:
-            head = _common_prefix(ids, stream_ids)
-            tail = _common_suffix(ids, stream_ids, min(n, m) - head)
-            out = np.empty(n, np.int64)
-            out[:head] = slots[:head]
-            out[n - tail:] = slots[m - tail:]
-            out[head : n - tail] = -1
-            # a reused slot that changed hands since (or was none) is looked up again
-            stale = self.generation[out] != np.concatenate((gens[:head], np.full(n - head - tail, -1),
-                                                            gens[m - tail:]))
-        todo = np.flatnonzero(stale)
-        if todo.size:
-            out[todo] = np.fromiter(map(self._slot_of.get, [stream_ids[i] for i in todo.tolist()],
-                                        itertools.repeat(-1)), np.int64, todo.size)
-        return out, False
-
-    def remember(self, sender: str, stream_ids: list[str], slots: np.ndarray) -> None:
-        """Keeps a request's streams and slots (-1: none) for `lookup_from` the next one."""
-        if self._unchanged == sender:  # what `lookup_from` just reused, unchanged: kept as is
-            self._unchanged = None
-            return
-        if not isinstance(sender, str):
-            return
-        gens = np.where(slots >= 0, self.generation[slots], -1)  # -1: never matches, looked up
-        self._last.pop(sender, None)
-        if len(self._last) >= SENDERS_KEPT:
-            self._last.pop(next(iter(self._last)))  # the sender heard from longest ago
-        self._last[sender] = (list(stream_ids), slots.copy(), gens)
 
     def distinct(self, stream_ids: list[str], slots: np.ndarray) -> bool:
         """Whether the streams (with their `lookup` slots) are distinct: two rows of one known
@@ -209,39 +163,6 @@ class SlotPool:
 
     def streams(self) -> list[str]:
         return list(self._slot_of)
-
-
-def _common_prefix(a: list[str], b: list[str]) -> int:
-    """Length of the longest common prefix of two lists, by binary search over slice
-    comparisons (each element compared about once, in C)."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def _common_suffix(a: list[str], b: list[str], limit: int) -> int:
-    """Length of the longest common suffix of two lists, at most `limit`."""
-    na, nb = len(a), len(b)
-    if limit <= 0:
-        return 0
-    if a[na - limit:] == b[nb - limit:]:
-        return limit
-    lo, hi = 0, limit  # the last lo agree, the last hi do not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[na - mid : na - lo] == b[nb - mid : nb - lo]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 # ----------------------------------------------------------------------------- requests
@@ -502,9 +423,11 @@ class CodecReplicaCore:
         (ValueError names the problem)."""
         if not isinstance(batch, FrameBatch):
             raise ValueError(f"expected a FrameBatch, got {type(batch).__name__}")
-        slots, same = self.pool.lookup_from(batch.bridge_id, batch.stream_ids)
-        # (the streams of a sender's last request, which was admitted, are distinct)
-        batch.validate(distinct=same or self.pool.distinct(batch.stream_ids, slots))
+        # One dictionary lookup a stream: the transport delivers new string objects each
+        # request, so each costs a hash (reusing a sender's last request's slots by comparing
+        # its list measured slower under churn, as streams that join or leave shift the rest).
+        slots = self.pool.lookup(batch.stream_ids)
+        batch.validate(distinct=self.pool.distinct(batch.stream_ids, slots))
         if batch.bandwidth_kbps > self.settings.max_bandwidth_kbps:
             raise ValueError(f"bandwidth {batch.bandwidth_kbps} kbps is above this replica's "
                              f"max_bandwidth_kbps {self.settings.max_bandwidth_kbps}")
@@ -555,13 +478,21 @@ class CodecReplicaCore:
         deadlines = req.deadlines
         if slots is None:
             slots = self.pool.lookup(batch.stream_ids)
-        if ((batch.pcm.dtype != np.float32 or np.isfinite(batch.pcm).all())
-                and not (deadlines <= now).any()
-                and int(slots.min(initial=0)) >= 0 and int(seqs.min(initial=0)) >= 0
-                and int(epochs.min(initial=0)) >= 0):
+        usual = ((batch.pcm.dtype != np.float32 or np.isfinite(batch.pcm).all())
+                 and not (deadlines <= now).any()
+                 and int(seqs.min(initial=0)) >= 0 and int(epochs.min(initial=0)) >= 0)
+        if usual and int(slots.min(initial=0)) < 0:
+            # Streams new here, each with its epoch's first frame, and free slots for all of
+            # them: they take their slots as the full path below would (under churn, most
+            # requests bring a stream or two).
+            new = np.flatnonzero(slots < 0)
+            usual = new.size <= self.pool.free and not seqs[new].any()
+            if usual:
+                ids = batch.stream_ids
+                slots[new] = self.pool.acquire_new([ids[r] for r in new.tolist()], now)
+        if usual:
             # The usual request: known streams, budgets left, nothing malformed. Only the
             # epoch rule can refuse a frame (the full path below does the same, check by check).
-            self.pool.remember(batch.bridge_id, batch.stream_ids, slots)
             ok = self.pool.epochs.admit(slots, epochs, seqs)
             if ok.all():
                 return self._queue(req, np.arange(b), slots, epochs, seqs, deadlines, now)
@@ -589,7 +520,6 @@ class CodecReplicaCore:
             full_rows = need[got < 0]
             req.answer(full_rows, _OVERLOAD)
             todo[full_rows] = False
-        self.pool.remember(batch.bridge_id, batch.stream_ids, slots)
         # Continuing an epoch this replica does not hold (moved, restarted, or a gap).
         orphan = todo & (slots < 0)
         req.answer(np.flatnonzero(orphan), _RESET)
