@@ -423,9 +423,8 @@ class CodecReplicaCore:
         (ValueError names the problem)."""
         if not isinstance(batch, FrameBatch):
             raise ValueError(f"expected a FrameBatch, got {type(batch).__name__}")
-        # One dictionary lookup a stream: the transport delivers new string objects each
-        # request, so each costs a hash (reusing a sender's last request's slots by comparing
-        # its list measured slower under churn, as streams that join or leave shift the rest).
+        # One dictionary lookup a stream (the transport delivers new string objects each
+        # request, so each costs a hash); duplicates are then found from the slots.
         slots = self.pool.lookup(batch.stream_ids)
         batch.validate(distinct=self.pool.distinct(batch.stream_ids, slots))
         if batch.bandwidth_kbps > self.settings.max_bandwidth_kbps:
