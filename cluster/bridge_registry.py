@@ -62,6 +62,11 @@ class FleetSettings:
     kill_after_s: float = 30.0  # no report for this long: the worker is killed and dropped
     control_interval_s: float = 0.5
     start_timeout_s: float = 600.0  # a new bridge node may have to boot first
+    # A stream's owner holding this many sessions sends its new subscribers to other workers,
+    # which follow the stream from its relay (sfu_bridge/fleet.py, "Cascading"; 0: never).
+    # At ~25 us per extra subscriber packet (docs/benchmarks.md, bridge) 400 subscribers cost
+    # the owner about a quarter of a core.
+    cascade_after_sessions: int = 400
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,7 +90,7 @@ class BridgeRegistry:
     def __init__(self, settings: dict[str, Any]) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.settings = FleetSettings.from_dict(settings)
-        self.table = WorkerTable(self.settings.dead_after_s)
+        self.table = WorkerTable(self.settings.dead_after_s, self.settings.cascade_after_sessions)
         self.planner = FleetPlanner(self.settings.scaling)
         self.handles: dict[str, Any] = {}
         self.starting: dict[str, asyncio.Task] = {}
@@ -120,8 +125,15 @@ class BridgeRegistry:
                 return {"draining": True}
             self._adopt(report.worker_id, handle)
             self._event("adopted", report.worker_id, url=report.url)
-        rec = self.table.report(report, time.monotonic())
-        return {"draining": rec.draining}
+        now = time.monotonic()
+        rec = self.table.report(report, now)
+        # where the streams it follows are published now (a publisher that moved: follow it)
+        owners = {}
+        for stream in report.relayed:
+            owner = self.table.owner_of(stream, now)
+            if owner is not None and owner.worker_id != report.worker_id and owner.report.relay_addr:
+                owners[stream] = list(owner.report.relay_addr)
+        return {"draining": rec.draining, "owners": owners}
 
     async def route(self, stream: str, kind: str, asking: str | None = None) -> dict[str, Any]:
         self._ensure_loop()
@@ -173,12 +185,14 @@ class BridgeRegistry:
                 "streams": sorted(r.streams), "sessions": r.sessions,
                 "last_report_s_ago": round(now - rec.last_seen, 2),
                 "routing": dict(r.counters),
+                "relayed": dict(r.relayed),  # streams it follows -> its subscribers of them
             })
         return {
             "workers": workers,
             "starting": sorted(self.starting),
             "streams": self.table.total_streams(now),
             "scaling": asdict(self.settings.scaling),
+            "cascade_after_sessions": self.settings.cascade_after_sessions,
             "counters": dict(self.counters),
             "events": list(self.events)[-20:],
         }

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--streams-per-worker", type=float, default=200.0,
                    help="published streams one worker holds (measure with `auralink bench bridge`)")
     g.add_argument("--downscale-delay-s", type=float, default=60.0)
+    g.add_argument("--cascade-after", type=int, default=400, metavar="SESSIONS",
+                   help="an owner holding this many sessions sends new subscribers of its streams "
+                        "to other workers, which follow them from its relay (0: never)")
     g.add_argument("--auto", action="store_true", help="scale: back to min..max on the forecast")
     g.add_argument("--undo", action="store_true", help="drain: take the worker back")
     w = parser.add_argument_group("workers (up)")
@@ -138,7 +141,10 @@ def fleet_settings(args: argparse.Namespace) -> Any:
         tls_key=args.tls_key, redirect_mode=args.redirect_mode, hint_limiter=not args.no_hint_limiter,
         bridge=bridge,
     )
-    return FleetSettings(scaling=scaling, worker=worker, secret_file=args.secret_file)
+    if args.cascade_after < 0:
+        raise ValueError("--cascade-after must be >= 0 (0: never cascade)")
+    return FleetSettings(scaling=scaling, worker=worker, secret_file=args.secret_file,
+                         cascade_after_sessions=args.cascade_after)
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -161,6 +167,12 @@ def format_status(status: dict[str, Any]) -> str:
         if w["streams"]:
             shown = ", ".join(w["streams"][:8]) + (" ..." if len(w["streams"]) > 8 else "")
             lines.append(f"      streams: {shown}")
+        if w.get("relayed"):
+            shown = ", ".join(f"{k} ({n})" for k, n in sorted(w["relayed"].items())[:8])
+            lines.append(f"      follows (subscribers here): {shown}")
+    if status.get("cascade_after_sessions"):
+        lines.append(f"  subscribers cascade to other workers once an owner holds "
+                     f"{status['cascade_after_sessions']} sessions")
     return "\n".join(lines)
 
 

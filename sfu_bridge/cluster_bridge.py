@@ -10,6 +10,12 @@ places, drains and retires them is cluster/bridge_registry.py.
   The worker finds the registry by its name (`REGISTRY_NAME`), asks it where a stream
   lives for each POST it does not hold, and answers `wait_closed` (a call the registry
   keeps pending: Ray fails it as soon as the worker's process is gone), `retire` and `info`.
+- **Relay** (sfu_bridge/cascade.py): every worker runs one on a UDP port of its node, tagged
+  with a key derived from the cluster secret, and reports its address. It relays a stream's
+  ticks to the workers that follow it, and follows streams the registry cascades here (the
+  owner is full; sfu_bridge/fleet.py): their subscribers are served from the relayed ticks. A
+  followed stream nobody here subscribes to any more for `UNFOLLOW_AFTER_S` is dropped; one
+  whose publisher moved is followed at its new owner (the registry's answer to a report).
 
 Why actors and not a Serve deployment: docs/operations.md, section 6.
 """
@@ -20,6 +26,7 @@ import asyncio
 import logging
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +39,7 @@ from sfu_bridge.fleet import REGISTRY_NAME, Route, SignalKind, WorkerReport
 logger = logging.getLogger(__name__)
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+UNFOLLOW_AFTER_S = 5.0  # a followed stream without local subscribers this long is dropped
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,10 @@ class BridgeWorker:
         self._closed: asyncio.Event | None = None
         self._heartbeat: asyncio.Task | None = None
         self._registry: Any = None
+        self.relay: Any = None  # sfu_bridge.cascade.CascadeRelay
+        self.relay_addr: tuple[str, int] | None = None
+        self._feedback: asyncio.Task | None = None
+        self._unsubscribed: dict[str, float] = {}  # followed stream -> since when nobody here listens
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
@@ -106,9 +118,15 @@ class BridgeWorker:
         if s.codec == "serve":
             server_mod.link_supervisor(server.media)
             server_mod.link_dashboard(server)
+        from sfu_bridge.cascade import CascadeRelay, relay_key
+
+        self.relay = CascadeRelay(zlib.crc32(self.worker_id.encode()) & 0xFFFF, server.media,
+                                  key=relay_key(secret))
+        server.media.cascade = self.relay
         self.routing = ClusterRouting(
-            self.worker_id, self._route, holds=lambda stream: stream in server.media.publishers,
-            authorized=self._authorized, mode=RedirectMode(s.redirect_mode),
+            self.worker_id, self._route, holds=self._holds, authorized=self._authorized,
+            mode=RedirectMode(s.redirect_mode), follows=lambda stream: stream in self.relay.owners,
+            follow=self._follow,
         )
         self.routing.install(server.app)
         # Session URLs are capabilities: a redacting access log where the server has one.
@@ -122,6 +140,9 @@ class BridgeWorker:
         internal_host = self.node_ip if s.host in WILDCARD_HOSTS else s.host
         self.url = f"{s.url_scheme}://{_url_host(public_host)}:{port}"
         self.internal_url = f"{s.url_scheme}://{_url_host(internal_host)}:{port}"
+        _, relay_port = await self.relay.open(s.host or "0.0.0.0", 0)
+        self.relay_addr = (internal_host, int(relay_port))
+        self._feedback = asyncio.ensure_future(self.relay.run_feedback(0.1))
         config.public_url = self.url  # absolute Location headers: a session's DELETE comes here
         self._registry = ray.get_actor(REGISTRY_NAME, namespace=RAY_NAMESPACE)
         self._heartbeat = asyncio.ensure_future(self._report_loop())
@@ -157,8 +178,11 @@ class BridgeWorker:
         """Stop serving, if no session is left (False otherwise: the drain goes on)."""
         if self.server is None or self.server.media.sessions:
             return False
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        for task in (self._heartbeat, self._feedback):
+            if task is not None:
+                task.cancel()
+        if self.relay is not None:
+            self.relay.close()
         await self.runner.cleanup()
         logger.info("bridge worker %s retired", self.worker_id)
         assert self._closed is not None
@@ -168,6 +192,39 @@ class BridgeWorker:
     # -- routing and reports ---------------------------------------------------------------
     async def _route(self, stream: str, kind: SignalKind) -> Route:
         return Route.from_dict(await self._registry.route.remote(stream, kind.value, self.worker_id))
+
+    def _holds(self, stream: str) -> bool:
+        """The stream's publisher is here (not a stream followed from another worker)."""
+        return stream in self.server.media.publishers and stream not in self.relay.owners
+
+    def _follow(self, stream: str, relay_addr: tuple[str, int]) -> bool:
+        """Serve `stream` here from its owner's relay (False: no stream slot left)."""
+        media = self.server.media
+        if stream in media.publishers and stream not in self.relay.owners:
+            return True  # published here meanwhile: served as the owner
+        if stream not in media.publishers and media.full:
+            return False
+        self.relay.follow(stream, tuple(relay_addr))
+        self._unsubscribed.pop(stream, None)
+        logger.info("bridge worker %s follows stream=%s from %s:%d", self.worker_id, stream, *relay_addr)
+        return True
+
+    async def _unfollow_idle(self) -> None:
+        """Drop followed streams nobody here has subscribed to for `UNFOLLOW_AFTER_S`."""
+        media, now = self.server.media, time.monotonic()
+        for stream in list(self.relay.owners):
+            if media.subscribers.get(stream):
+                self._unsubscribed.pop(stream, None)
+                continue
+            since = self._unsubscribed.setdefault(stream, now)
+            if now - since < UNFOLLOW_AFTER_S:
+                continue
+            self.relay.owners.pop(stream, None)
+            self._unsubscribed.pop(stream, None)
+            pub = media.publishers.get(stream)
+            if pub is not None:
+                await media.end_session(pub.session_id)
+            logger.info("bridge worker %s stopped following stream=%s", self.worker_id, stream)
 
     def _authorized(self, header: str | None, kind: SignalKind, stream: str) -> bool:
         try:
@@ -180,7 +237,10 @@ class BridgeWorker:
         media = self.server.media
         now = time.time()
         since = {}
+        followed = self.relay.owners if self.relay is not None else {}
         for stream, pub in media.publishers.items():
+            if stream in followed:
+                continue
             prev = self._since.get(stream)
             since[stream] = prev if prev is not None and prev[0] == pub.session_id else (pub.session_id, now)
         self._since = since
@@ -191,6 +251,8 @@ class BridgeWorker:
             streams={s: t for s, (_, t) in since.items()}, sessions=len(media.sessions),
             draining=self.draining, seq=self.seq, started_at=self.started_at,
             counters=dict(self.routing.counters) if self.routing else {},
+            relay_addr=list(self.relay_addr) if self.relay_addr else None,
+            relayed={s: len(media.subscribers.get(s, {})) for s in followed},
         )
 
     def _publisher_sessions(self) -> dict[str, str]:
@@ -207,6 +269,9 @@ class BridgeWorker:
                     reply = await asyncio.wait_for(
                         self._registry.report.remote(self._report().to_dict()), 5.0)
                     self.draining = bool(reply.get("draining"))
+                    for stream, addr in (reply.get("owners") or {}).items():
+                        if stream in self.relay.owners and tuple(addr) != self.relay.owners[stream]:
+                            self.relay.follow(stream, (str(addr[0]), int(addr[1])))  # it moved
                     if self.routing is not None:
                         self.routing.draining = self.draining
                     last_pubs, last_sent, failing = pubs, now, False
@@ -214,6 +279,7 @@ class BridgeWorker:
                     if not failing:
                         logger.warning("bridge registry unreachable: %s", type(exc).__name__)
                     failing, last_sent = True, now
+            await self._unfollow_idle()
             await asyncio.sleep(0.05)
 
     # -- introspection -----------------------------------------------------------------------
@@ -224,6 +290,10 @@ class BridgeWorker:
         out["media"] = media.stats()
         out["chunks"] = {s: p.chunks for s, p in media.publishers.items()}
         out["subscribers"] = {s: len(subs) for s, subs in media.subscribers.items() if subs}
+        relay = self.relay
+        out["relay"] = {"sent": dict(relay.sent), "received": dict(relay.received),
+                        "drops": dict(relay.drops),
+                        "subscriptions": {s: len(p) for s, p in relay.subscriptions.items()}}
         return out
 
 

@@ -15,12 +15,19 @@ own the stream is sent to the owner (sfu_bridge/fleet.py says who that is):
   session's DELETE goes straight there; the media flows to the owner's ICE candidates.
 - **503 + Retry-After** when no live worker admits new streams (all draining, or none).
 - **404** for a WHEP request of a stream nobody publishes.
+- **Cascading** (sfu_bridge/fleet.py): when the registry sends a stream's new subscriber here
+  although the publisher is elsewhere (the owner is full), this worker follows the stream
+  from the owner's relay first; further subscribers of a stream it follows are served here
+  without asking. If it cannot follow (no stream slot left), 503 + Retry-After.
 
 The token is checked before anything is revealed about where a stream lives: a request
 without a valid one goes to the local handler, which answers 401/403 as always. A request
-already forwarded by another worker (``Auralink-Forwarded``) and a stream whose publisher
-is here are handled locally without asking anyone. If the registry cannot be asked, the
-worker serves the request itself (a draining worker refuses new streams with 503).
+already forwarded by another worker (``Auralink-Forwarded``; a cascaded subscriber's first
+asks where to follow the stream from), a WHIP request for a stream whose publisher is here
+and a WHEP request for a stream this worker follows are handled locally without asking
+anyone (the owner asks about its subscribers when it can cascade). If the registry cannot
+be asked, the worker serves the request itself (a draining worker refuses new streams with
+503).
 """
 
 from __future__ import annotations
@@ -61,6 +68,8 @@ class RoutingOutcome(str, enum.Enum):
     REFUSED_NO_WORKER = "refused/no_worker"
     REFUSED_NO_PUBLISHER = "refused/no_publisher"
     REFUSED_DRAINING = "refused/draining"
+    CASCADED = "cascaded"  # served here from the owner's relay
+    REFUSED_CASCADE = "refused/cascade"  # sent here to follow the stream, but no room to
     FORWARD_FAILED = "forward_failed"
     REGISTRY_UNAVAILABLE = "registry_unavailable"
 
@@ -73,7 +82,9 @@ class ClusterRouting:
 
     `route(stream, kind)` asks the registry (it raises if the registry is unreachable);
     `holds(stream)` says whether this worker holds the stream's publisher; `authorized(
-    header, kind, stream)` whether the request's token would be accepted here.
+    header, kind, stream)` whether the request's token would be accepted here. With a relay:
+    `follows(stream)` says whether this worker follows the stream from another worker, and
+    `follow(stream, relay_addr)` starts to (False: it cannot).
     """
 
     def __init__(
@@ -86,10 +97,14 @@ class ClusterRouting:
         route_timeout_s: float = 2.0,
         forward_timeout_s: float = 15.0,
         retry_after_s: int = 2,
+        follows: Callable[[str], bool] | None = None,
+        follow: Callable[[str, tuple[str, int]], bool] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.route = route
         self.holds = holds
+        self.follows = follows
+        self.follow = follow
         self.authorized = authorized
         self.mode = mode
         self.route_timeout_s = route_timeout_s
@@ -112,10 +127,17 @@ class ClusterRouting:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         m = OFFER_PATH_RE.match(request.path) if request.method == "POST" else None
-        if m is None or FORWARDED_HEADER in request.headers:
+        if m is None:
             return await handler(request)
         kind, stream = SignalKind(m.group(1)), m.group(2)
-        if self.holds(stream) or not self.authorized(request.headers.get("Authorization"), kind, stream):
+        if FORWARDED_HEADER in request.headers:
+            return await self._forwarded(request, handler, kind, stream)
+        if not self.authorized(request.headers.get("Authorization"), kind, stream):
+            return await self._local(request, handler)
+        if kind is SignalKind.SUBSCRIBE and self.follows is not None and self.follows(stream):
+            return await self._local(request, handler)
+        # The owner asks about its own stream's subscribers only when it could cascade them.
+        if self.holds(stream) and (kind is SignalKind.PUBLISH or self.follow is None):
             return await self._local(request, handler)
         try:
             route = await asyncio.wait_for(self.route(stream, kind), self.route_timeout_s)
@@ -126,6 +148,8 @@ class ClusterRouting:
             if self.draining and kind is SignalKind.PUBLISH:
                 return self._refuse(RoutingOutcome.REFUSED_DRAINING, "this bridge worker is draining")
             return await self._local(request, handler)
+        if route.kind is RouteKind.LOCAL and route.reason is RouteReason.CASCADE:
+            return await self._cascaded(request, handler, stream, route)
         if route.kind is RouteKind.LOCAL:
             if self.draining and kind is SignalKind.PUBLISH and route.reason is RouteReason.PLACED:
                 return self._refuse(RoutingOutcome.REFUSED_DRAINING, "this bridge worker is draining")
@@ -146,6 +170,29 @@ class ClusterRouting:
             status=307, text="stream is served by another bridge worker\n",
             headers={"Location": route.url.rstrip("/") + request.path_qs},
         )
+
+    async def _forwarded(self, request: web.Request, handler: Any, kind: SignalKind,
+                         stream: str) -> web.StreamResponse:
+        """A request another worker forwarded here is served here: a subscriber of a stream
+        cascaded here (neither published nor followed here yet) makes this worker follow the
+        stream first, at the relay the registry names (never one the request names)."""
+        if (kind is SignalKind.SUBSCRIBE and self.follow is not None and not self.holds(stream)
+                and not (self.follows is not None and self.follows(stream))):
+            try:
+                route = await asyncio.wait_for(self.route(stream, kind), self.route_timeout_s)
+            except Exception:  # noqa: BLE001 - the local handler answers (404: no publisher here)
+                route = None
+            if route is not None and route.kind is RouteKind.LOCAL and route.reason is RouteReason.CASCADE:
+                return await self._cascaded(request, handler, stream, route)
+        return await handler(request)
+
+    async def _cascaded(self, request: web.Request, handler: Any, stream: str,
+                        route: Route) -> web.StreamResponse:
+        if self.follow is None or route.relay_addr is None or not self.follow(stream, route.relay_addr):
+            return self._refuse(RoutingOutcome.REFUSED_CASCADE,
+                                "this bridge worker has no room to follow the stream")
+        self.counters[RoutingOutcome.CASCADED.value] += 1
+        return await handler(request)
 
     async def _local(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.counters[RoutingOutcome.LOCAL.value] += 1

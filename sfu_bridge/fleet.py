@@ -17,6 +17,15 @@ No Ray, no network: the registry actor (cluster/bridge_registry.py) and the work
   publishers can republish at once and land on a survivor.
 - **Draining.** A draining worker admits no new stream; its live streams (publishers and new
   subscribers of them) stay until their sessions end, then it retires.
+- **Cascading.** A stream's subscribers meet its publisher on the owner until the owner holds
+  `cascade_after` sessions (0: never cascade). From then on a new subscriber goes to the
+  asking worker, if it admits streams, runs a relay and holds fewer sessions than that, else
+  to the admitting relay worker holding the fewest sessions (when it holds fewer than the
+  owner). That worker follows the stream from the owner's relay (sfu_bridge/cascade.py: one
+  batch per tick per worker) and fans it out locally. The sessions a worker is counted with
+  are its last report's plus the subscribers routed to it since, so a burst of subscribers
+  between two reports spreads too. A worker that follows a stream reports it under
+  `relayed`, never as a stream it owns.
 
 How many workers the streams need is autoscaling/fleet.py's business.
 """
@@ -56,6 +65,7 @@ class RouteReason(str, enum.Enum):
     PLACED = "placed"  # a new stream's rendezvous placement
     NO_WORKER = "no_worker"  # no live worker admits new streams (all draining / none)
     NO_PUBLISHER = "no_publisher"  # a WHEP request for a stream nobody publishes
+    CASCADE = "cascade"  # the owner is full: another worker serves it from the owner's relay
 
 
 @dataclass(frozen=True)
@@ -66,16 +76,21 @@ class Route:
     url: str | None = None  # public base URL of the worker (clients are sent there)
     internal_url: str | None = None  # base URL inside the cluster (requests forwarded there)
     retry_after_s: int = 0
+    # CASCADE: the owner's relay (host, port), which the serving worker follows the stream from
+    relay_addr: tuple[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind.value, "reason": self.reason.value, "worker_id": self.worker_id,
                 "url": self.url, "internal_url": self.internal_url,
-                "retry_after_s": self.retry_after_s}
+                "retry_after_s": self.retry_after_s,
+                "relay_addr": list(self.relay_addr) if self.relay_addr else None}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Route:
+        relay = d.get("relay_addr")
         return cls(RouteKind(d["kind"]), RouteReason(d["reason"]), d.get("worker_id"),
-                   d.get("url"), d.get("internal_url"), int(d.get("retry_after_s") or 0))
+                   d.get("url"), d.get("internal_url"), int(d.get("retry_after_s") or 0),
+                   (str(relay[0]), int(relay[1])) if relay else None)
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,8 @@ class WorkerReport:
     seq: int = 0  # reports of one worker are numbered: an older one never overwrites a newer
     started_at: float = 0.0
     counters: Mapping[str, int] = field(default_factory=dict)  # routing decisions, refusals
+    relay_addr: tuple[str, int] | list | None = None  # its cascade relay (UDP), if it runs one
+    relayed: Mapping[str, int] = field(default_factory=dict)  # followed stream -> its subscribers here
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), Mapping) else v)
@@ -111,6 +128,12 @@ class WorkerRecord:
     last_seen: float  # registry clock (monotonic) of the newest report
     draining: bool = False  # registry's decision
     drain_since: float | None = None
+    routed: int = 0  # subscribers cascaded to it since its last report
+
+    @property
+    def load(self) -> int:
+        """Sessions it holds or will soon: its report's plus those routed to it since."""
+        return self.report.sessions + self.routed
 
     @property
     def worker_id(self) -> str:
@@ -120,10 +143,13 @@ class WorkerRecord:
 class WorkerTable:
     """The registry's view of the bridge workers (one instance, in the registry actor)."""
 
-    def __init__(self, dead_after_s: float = 3.0) -> None:
+    def __init__(self, dead_after_s: float = 3.0, cascade_after: int = 0) -> None:
         if dead_after_s <= 0:
             raise ValueError("dead_after_s must be positive")
+        if cascade_after < 0:
+            raise ValueError("cascade_after must be >= 0 (0: never cascade)")
         self.dead_after_s = dead_after_s
+        self.cascade_after = cascade_after
         self.records: dict[str, WorkerRecord] = {}
 
     # -- updates -----------------------------------------------------------------------
@@ -135,6 +161,7 @@ class WorkerTable:
         elif rep.seq >= rec.report.seq:
             rec.report = rep
             rec.last_seen = now
+            rec.routed = 0
         return rec
 
     def remove(self, worker_id: str) -> WorkerRecord | None:
@@ -189,9 +216,43 @@ class WorkerTable:
             rec, reason = self.place(stream, now), RouteReason.PLACED
             if rec is None:
                 return Route(RouteKind.REFUSE, RouteReason.NO_WORKER, retry_after_s=retry_after_s)
+        if kind is SignalKind.SUBSCRIBE and reason is RouteReason.OWNER:
+            to = self._cascade_to(rec, stream, asking, now)
+            if to is not None:
+                local = to.worker_id == asking
+                if local or stream in to.report.relayed:
+                    to.routed += 1  # (a worker redirected to asks again unless it follows already)
+                relay = rec.report.relay_addr
+                assert relay is not None
+                return Route(RouteKind.LOCAL if local else RouteKind.REDIRECT, RouteReason.CASCADE,
+                             to.worker_id, to.report.url, to.report.internal_url,
+                             relay_addr=(str(relay[0]), int(relay[1])))
+            rec.routed += 1  # the owner serves it without asking again
         if rec.worker_id == asking:
             return Route(RouteKind.LOCAL, reason, rec.worker_id, rec.report.url, rec.report.internal_url)
         return Route(RouteKind.REDIRECT, reason, rec.worker_id, rec.report.url, rec.report.internal_url)
+
+    def _cascade_to(self, owner: WorkerRecord, stream: str, asking: str | None,
+                    now: float) -> WorkerRecord | None:
+        """The worker a new subscriber of `owner`'s stream cascades to, or None (the owner
+        serves it: it has room, runs no relay, or no other worker is less loaded). The asking
+        worker keeps it while it has room or is the least loaded (so a redirected request is
+        not sent on again); else a worker already following the stream with room; else the
+        least loaded one."""
+        if not self.cascade_after or owner.load < self.cascade_after or not owner.report.relay_addr:
+            return None
+        others = [r for r in self.admitting(now)
+                  if r.worker_id != owner.worker_id and r.report.relay_addr]
+        if not others:
+            return None
+        best = min(others, key=lambda r: (r.load, r.worker_id))
+        here = next((r for r in others if r.worker_id == asking), None)
+        if here is not None and (here.load < self.cascade_after or (here is best and here.load < owner.load)):
+            return here
+        following = [r for r in others if stream in r.report.relayed and r.load < self.cascade_after]
+        if following:
+            return min(following, key=lambda r: (r.load, r.worker_id))
+        return best if best.load < owner.load else None
 
     def total_streams(self, now: float) -> int:
         return len({s for r in self.live(now) for s in r.report.streams})

@@ -72,7 +72,7 @@ def ray_cluster(tmp_path_factory, secret):
         ray.shutdown()
 
 
-def start_fleet(secret_file: str, workers: int):
+def start_fleet(secret_file: str, workers: int, **fleet):
     from autoscaling.fleet import FleetScaling, pinned
     from cluster.bridge_registry import FleetSettings, get_or_create_registry
     from sfu_bridge.cluster_bridge import WorkerSettings
@@ -81,7 +81,7 @@ def start_fleet(secret_file: str, workers: int):
         scaling=pinned(FleetScaling(), workers),
         worker=WorkerSettings(codec="in-process", host="127.0.0.1", hint_limiter=False, bridge=BRIDGE,
                               heartbeat_s=0.25),
-        secret_file=secret_file, control_interval_s=0.25,
+        secret_file=secret_file, control_interval_s=0.25, **fleet,
     )
     return get_or_create_registry(settings)
 
@@ -167,6 +167,62 @@ def test_a_killed_worker_costs_only_its_own_sessions_and_its_publisher_republish
     events = [(e["event"], e["worker_id"]) for e in status["events"]]
     assert ("died", ids[1]) in events, events
     assert any(e == "starting" for e, _ in events[events.index(("died", ids[1])):]), events
+
+
+def test_a_full_owner_cascades_new_subscribers_to_another_worker_which_follows_its_relay(
+    ray_cluster, tokens, secret, streaming_codec
+):
+    """The owner holds `cascade_after_sessions` (2: the publisher and one subscriber): the
+    next subscriber, signalling through the owner's URL, is redirected to the other worker,
+    which follows the stream from the owner's relay; it gets every frame, and the follower
+    drops the stream once its last subscriber has gone."""
+    from cluster.bridge_registry import wait_for_workers
+    from sfu_bridge.cluster_bridge import UNFOLLOW_AFTER_S
+
+    async def go():
+        registry = start_fleet(ray_cluster, 2, cascade_after_sessions=2)
+        try:
+            status = await wait_for_workers(registry, 2, timeout_s=150)
+            (w1, w2) = status["workers"]
+            ids = [w1["worker_id"], w2["worker_id"]]
+            stream = placed_on(w1["worker_id"], ids, "big")
+            pub, sub1 = await call(tokens, secret, w1["url"], stream, streaming_codec, 0)
+            sub2 = FrameLog(w1["url"], stream, tokens.issue("sub2", stream, ["subscribe"]),
+                            codec=streaming_codec, slot=1)
+            await sub2.start()
+            assert await sub2.wait_frames(n_aic=3, timeout_s=60), sub2.stats
+            t0 = time.monotonic()
+            await asyncio.sleep(3.0)
+            owner, follower = await _info(ids[0]), await _info(ids[1])
+            relayed = sub2.accounting(since=t0)
+            await sub2.stop()
+            deadline = time.monotonic() + UNFOLLOW_AFTER_S + 10.0
+            while time.monotonic() < deadline:
+                after = await _info(ids[1])
+                if not after["relayed"]:
+                    break
+                await asyncio.sleep(0.5)
+            for p in (sub1, pub):
+                await p.stop()
+            route_counts = (await registry.status.remote()).get("counters", {})
+            return sub1, sub2, owner, follower, after, relayed, route_counts, stream
+        finally:
+            await stop_fleet(registry)
+
+    sub1, sub2, owner, follower, after, relayed, counters, stream = asyncio.run(go())
+    assert sub1.location.startswith(owner["url"])  # the owner had room for the first one
+    assert sub2.location.startswith(follower["url"])  # the second was cascaded
+    # the follower serves it from the relay: it reports the stream as followed, never as owned
+    assert follower["relayed"] == {stream: 1} and stream not in follower["streams"]
+    assert follower["counters"].get("cascaded") == 1
+    assert follower["relay"]["received"].get("datagrams", 0) > 0 and not follower["relay"]["drops"]
+    assert owner["relay"]["subscriptions"] == {stream: 1} and owner["streams"].keys() == {stream}
+    # every packet and every 40 ms frame reached the cascaded subscriber, in order
+    assert relayed["seq_gaps"] == 0 and relayed["frames_missing"] == 0 and relayed["frames"] >= 40, relayed
+    assert sub2.stats.decoded_samples > 0
+    assert counters.get("route/redirect/cascade", 0) >= 1 and counters.get("route/local/cascade", 0) >= 1
+    # its last subscriber gone, the follower dropped the stream and its session
+    assert after["relayed"] == {} and after["sessions"] == 0, after
 
 
 async def _info(worker_id: str) -> dict:

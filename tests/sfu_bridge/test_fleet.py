@@ -106,3 +106,64 @@ def test_drain_choice_prefers_idle_then_young_workers():
                  rep("c", sessions=0, started_at=5.0)).records.values()
     assert choose_drain(recs, 2) == ["c", "b"]
     assert choose_drain(recs, 0) == []
+
+
+# -- cascading ---------------------------------------------------------------------------------
+def relay_rep(wid: str, streams: dict[str, float] | None = None, sessions: int = 0, seq: int = 1,
+              relayed: dict[str, int] | None = None, relay: bool = True) -> WorkerReport:
+    r = rep(wid, streams, seq=seq, sessions=sessions)
+    return WorkerReport(**{**r.to_dict(), "relay_addr": ["10.0.0.9", 7000 + len(wid)] if relay else None,
+                           "relayed": relayed or {}})
+
+
+def cascading(*reports: WorkerReport, after: int = 3) -> WorkerTable:
+    t = WorkerTable(dead_after_s=3.0, cascade_after=after)
+    for r in reports:
+        t.report(r, 0.0)
+    return t
+
+
+def test_subscribers_meet_the_publisher_until_the_owner_holds_cascade_after_sessions():
+    t = cascading(relay_rep("a", {"room": 1.0}, sessions=1), relay_rep("b"), relay_rep("c"), after=3)
+    # sessions 1 -> 2 -> 3 (the two subscribers routed to the owner count before its next report)
+    assert [t.route("room", SUB, asking="b", now=1.0).reason for _ in range(2)] == [RouteReason.OWNER] * 2
+    r = t.route("room", SUB, asking="b", now=1.0)
+    assert (r.kind, r.reason, r.worker_id) == (RouteKind.LOCAL, RouteReason.CASCADE, "b")
+    assert r.relay_addr == ("10.0.0.9", 7001)  # the owner's relay, which b follows the stream from
+    assert Route.from_dict(r.to_dict()) == r
+    # a publisher is never cascaded
+    assert t.route("room", PUB, asking="b", now=1.0).reason is RouteReason.OWNER
+
+
+def test_a_full_asking_worker_sends_subscribers_to_a_follower_with_room_then_the_least_loaded():
+    t = cascading(relay_rep("a", {"room": 1.0}, sessions=9), relay_rep("b", sessions=5),
+                  relay_rep("c", sessions=2, relayed={"room": 2}), relay_rep("d", sessions=0), after=3)
+    r = t.route("room", SUB, asking="b", now=1.0)  # b is full; c follows the stream and has room
+    assert (r.kind, r.reason, r.worker_id) == (RouteKind.REDIRECT, RouteReason.CASCADE, "c")
+    # c serves it without asking again: counted at once, so c is now full too
+    r = t.route("room", SUB, asking="b", now=1.0)
+    assert (r.kind, r.worker_id) == (RouteKind.REDIRECT, "d")  # the least loaded
+    # d asks again when the redirected request arrives: it keeps it
+    r = t.route("room", SUB, asking="d", now=1.0)
+    assert (r.kind, r.reason, r.worker_id) == (RouteKind.LOCAL, RouteReason.CASCADE, "d")
+
+
+def test_no_cascade_without_relays_without_other_admitting_workers_or_when_disabled():
+    owner = relay_rep("a", {"room": 1.0}, sessions=50)
+    assert cascading(owner, relay_rep("b", relay=False)).route("room", SUB, "b", 1.0).reason is RouteReason.OWNER
+    assert cascading(owner).route("room", SUB, "a", 1.0).reason is RouteReason.OWNER
+    assert cascading(owner, relay_rep("b"), after=0).route("room", SUB, "b", 1.0).reason is RouteReason.OWNER
+    t = cascading(owner, relay_rep("b"))
+    t.set_draining("b", True, 0.0)
+    assert t.route("room", SUB, "b", 1.0).reason is RouteReason.OWNER
+    # every other worker more loaded than the owner: the owner keeps it
+    t = cascading(relay_rep("a", {"room": 1.0}, sessions=4), relay_rep("b", sessions=6))
+    assert t.route("room", SUB, "b", 1.0).reason is RouteReason.OWNER
+
+
+def test_a_burst_between_reports_spreads_and_a_new_report_resets_the_estimate():
+    t = cascading(relay_rep("a", {"room": 1.0}, sessions=3), relay_rep("b"), relay_rep("c"), after=3)
+    served = [t.route("room", SUB, asking=w, now=1.0).worker_id for w in ("b", "b", "b", "b", "c")]
+    assert served == ["b", "b", "b", "c", "c"]  # b takes 3 (its room), then the asking c
+    t.report(relay_rep("b", sessions=0, seq=2), 1.0)
+    assert t.route("room", SUB, asking="b", now=1.0).worker_id == "b"
