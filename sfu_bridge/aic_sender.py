@@ -73,6 +73,7 @@ class AicSender:
     _sid_wait: int = 0
     _last_epoch: int = 0
     _marker: bool = False
+    _chosen: tuple[Any, int, bool] | None = None  # (pin, cap, default ms) `layer` was chosen for
 
     @classmethod
     def adaptive(cls, config: RateControlConfig | None = None) -> AicSender:
@@ -92,6 +93,11 @@ class AicSender:
         """The layer for the next frame under the stream's cap `max_n_q`."""
         if self.pinned is not None:
             pinned = self.pinned
+            chosen = self._chosen
+            if (chosen is not None and chosen[0] is pinned and chosen[1] == max_n_q
+                    and chosen[2] == self.pinned_default_ms):
+                return self.layer  # a pinned layer under an unchanged cap: chosen already
+            self._chosen = (pinned, max_n_q, self.pinned_default_ms)
             if not self.pinned_default_ms and pinned.n_q <= max_n_q:
                 # no new Layer per frame when the cap allows the pinned one (the common case)
                 self.layer = pinned
@@ -108,6 +114,12 @@ class AicSender:
     def on_frame(self, fo: Any, max_n_q: int, cache: dict | None = None) -> list[OutPacket]:
         """A tick's frame of this subscriber's stream -> the packets to send now (an Opus
         frame's own packets are the caller's; this only flushes what was pending)."""
+        if fo.outcome is Outcome.AI and fo.codes is not None and not self._pending and not self.silent:
+            # the usual frame: nothing pending, no silence to end (the path below, step for step)
+            self._pending.append(fo)
+            if self.choose(max_n_q).chunks_per_packet <= 1:
+                return self.flush(cache)
+            return []
         out: list[OutPacket] = []
         if fo.outcome is Outcome.AI and fo.codes is not None:
             if self._pending:

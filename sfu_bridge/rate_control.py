@@ -59,6 +59,7 @@ Pure logic: no aiortc, no clock of its own (every call takes `now`), no I/O.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -80,6 +81,9 @@ DEFAULT_MAX_HEADER_SHARE = 1.0 / 3.0
 RTP_SEQ_MODULUS = 1 << 16
 
 
+# The layer arithmetic below is pure and its domain tiny (5 depths x 3 durations): memoised,
+# since the rate controller asks for a layer per subscriber per tick.
+@functools.lru_cache(maxsize=1024)
 def payload_bytes(n_q: int, packet_ms: int) -> int:
     """AIC payload bytes of one packet carrying `packet_ms` of codes at depth `n_q`."""
     frames = FRAMES_PER_CHUNK * packet_ms // CHUNK_MS
@@ -91,6 +95,7 @@ def wire_kbps(n_q: int, packet_ms: int, overhead_bytes: int = DEFAULT_OVERHEAD_B
     return (overhead_bytes + payload_bytes(n_q, packet_ms)) * 8.0 / packet_ms
 
 
+@functools.lru_cache(maxsize=1024)
 def min_packet_ms(n_q: int, overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
                   max_header_share: float = DEFAULT_MAX_HEADER_SHARE) -> int:
     """The shortest packet duration for depth `n_q` (module docstring: packet duration policy)."""
@@ -122,8 +127,9 @@ def default_layer(n_q: int, overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
     return Layer(n_q, min_packet_ms(n_q, overhead_bytes, max_header_share))
 
 
+@functools.lru_cache(maxsize=1024)
 def ladder(max_n_q: int = 32, overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
-           max_header_share: float = DEFAULT_MAX_HEADER_SHARE) -> list[tuple[Layer, float]]:
+           max_header_share: float = DEFAULT_MAX_HEADER_SHARE) -> tuple[tuple[Layer, float], ...]:
     """The layers worth using up to `max_n_q`, worst first, with their wire rates.
 
     Each depth comes in its packet durations from `min_packet_ms` up (`max_header_share`
@@ -142,7 +148,7 @@ def ladder(max_n_q: int = 32, overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
         if kbps < cheapest_above:
             out.append((layer, kbps))
             cheapest_above = kbps
-    return out[::-1]
+    return tuple(out[::-1])
 
 
 def best_layer(target_kbps: float, max_n_q: int = 32,
@@ -150,8 +156,10 @@ def best_layer(target_kbps: float, max_n_q: int = 32,
                max_header_share: float = DEFAULT_MAX_HEADER_SHARE) -> Layer:
     """The best rung whose wire rate fits `target_kbps` (the lowest rung if none does)."""
     rungs = ladder(max_n_q, overhead_bytes, max_header_share)
-    fit = [layer for layer, kbps in rungs if kbps <= target_kbps + 1e-9]
-    return fit[-1] if fit else rungs[0][0]
+    for layer, kbps in reversed(rungs):
+        if kbps <= target_kbps + 1e-9:
+            return layer
+    return rungs[0][0]
 
 
 class Reason(str, enum.Enum):
@@ -259,7 +267,7 @@ class RateController:
         self.target_kbps = top if self.start_kbps is None else float(self.start_kbps)
         self._hold_s = self.config.hold_s
 
-    def _ladder(self, max_n_q: int) -> list[tuple[Layer, float]]:
+    def _ladder(self, max_n_q: int) -> tuple[tuple[Layer, float], ...]:
         return ladder(max_n_q, self.config.overhead_bytes, self.config.max_header_share)
 
     def _best(self, max_n_q: int) -> Layer:

@@ -199,7 +199,10 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
             media.add_subscriber(sid, "sub", None, LoopbackOut(False, out_sock, addr))
 
     overheads, totals, cpus = [], [], []
+    aic_at_start = 0
     for t in range(ticks + 5):  # 5 warm-up ticks
+        if t == 5:
+            aic_at_start = media.packets_by_kind["aic"]
         wire = {sid: f.next_wire(2) for sid, f in feeds.items()}
         t0 = time.perf_counter()
         c0 = time.thread_time()
@@ -238,6 +241,8 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
         "cpu_us_per_stream": round(float(np.mean(cpus)) * 1000.0 / max(n, 1), 1),
         "tick_wall_ms_p99": round(float(np.percentile(np.asarray(totals), 99)), 3),
         "frames": core.stats()["frames"],
+        # AIC packets sent per measured tick (a packet carries 40, 80 or 120 ms: its layer's)
+        "aic_packets_per_tick": round((media.packets_by_kind["aic"] - aic_at_start) / max(ticks, 1), 3),
     }
 
 
@@ -362,8 +367,12 @@ def run(args: argparse.Namespace) -> int:
     base = asyncio.run(_run_streams(n_fan, args.ticks, args.aic_subs, args.opus_subs, args.codec_ms))
     more = asyncio.run(_run_streams(n_fan, args.ticks, args.aic_subs + args.extra_subs, args.opus_subs,
                                     args.codec_ms))
-    extra_packets = n_fan * args.extra_subs  # one 40 ms AIC packet per subscriber per tick
-    us_per_extra = (more["cpu_ms_per_tick_mean"] - base["cpu_ms_per_tick_mean"]) * 1000.0 / extra_packets
+    # the extra subscribers' packets actually sent: one per packet duration of their layer
+    # (the streams' default 6 kbps: 8 codebooks in 120 ms packets, one every third tick)
+    extra_packets = more["aic_packets_per_tick"] - base["aic_packets_per_tick"]
+    extra_cpu_us = (more["cpu_ms_per_tick_mean"] - base["cpu_ms_per_tick_mean"]) * 1000.0
+    us_per_extra = extra_cpu_us / max(extra_packets, 1e-9)
+    us_per_extra_sub_tick = extra_cpu_us / (n_fan * args.extra_subs)
     wire = asyncio.run(_wire(args.wire_s))
     data = {
         "bench": "bridge",
@@ -384,9 +393,12 @@ def run(args: argparse.Namespace) -> int:
         "streams_per_core_cpu_derived": int(args.budget_ms * 1000 / cpu_us),
         "ladder": steps,
         "fanout_us_per_extra_packet": round(us_per_extra, 2),
+        "fanout_us_per_extra_subscriber_tick": round(us_per_extra_sub_tick, 2),
         "fanout_measurement": {"streams": n_fan, "extra_aic_subscribers_per_stream": args.extra_subs,
                                "cpu_ms_per_tick_base": base["cpu_ms_per_tick_mean"],
-                               "cpu_ms_per_tick_with_extra": more["cpu_ms_per_tick_mean"]},
+                               "cpu_ms_per_tick_with_extra": more["cpu_ms_per_tick_mean"],
+                               "aic_packets_per_tick_base": base["aic_packets_per_tick"],
+                               "aic_packets_per_tick_with_extra": more["aic_packets_per_tick"]},
         "wire_kbps_aic": wire["aic_kbps"],
         "wire_kbps_opus": wire["opus_kbps"],
         "wire": wire,
@@ -429,7 +441,11 @@ within budget wall-clock was {d['streams_per_worker_wall_measured']} streams. Me
 {d['fanout_measurement']['streams']} streams with {d['fanout_measurement']['extra_aic_subscribers_per_stream']}
 more AIC subscribers each: {d['fanout_measurement']['cpu_ms_per_tick_base']} ->
 {d['fanout_measurement']['cpu_ms_per_tick_with_extra']} ms CPU per tick (mean), over the extra
-packets (AicSender, RTP header template, SRTP in place, `sendto`; fastpath.py).
+packets sent ({d['fanout_measurement']['aic_packets_per_tick_base']} ->
+{d['fanout_measurement']['aic_packets_per_tick_with_extra']} AIC packets per tick: the streams'
+default 6 kbps is 8 codebooks in 120 ms packets, so a subscriber gets one every third tick).
+Per extra subscriber and 40 ms tick: {d['fanout_us_per_extra_subscriber_tick']} us (AicSender,
+RTP header template, SRTP in place, `sendto`; fastpath.py).
 
 | streams | p50 wall overhead ms | p99 wall overhead ms | p99 CPU ms / tick | wall us / stream | CPU us / stream |
 |---|---|---|---|---|---|

@@ -117,3 +117,13 @@ def test_the_packet_policy_is_an_operator_setting(monkeypatch):
     monkeypatch.setenv("AURALINK_MAX_HEADER_SHARE", "0")
     with pytest.raises(ValueError, match=r"AURALINK_MAX_HEADER_SHARE must be in \(0, 1\]"):
         BridgeConfig.from_env()
+
+
+def test_a_new_pin_or_cap_takes_effect_on_the_next_frame():
+    """`choose` remembers its choice for an unchanged pin and cap, and only for those."""
+    tx = AicSender.fixed(Layer(8, 40))
+    assert tx.on_frame(_ai(1, 0), 32)[0].n_q == 8
+    tx.pinned = Layer(4, 40)  # what MediaBridge.pin_layer does
+    assert tx.on_frame(_ai(1, 1, t=1), 32)[0].n_q == 4
+    assert tx.on_frame(_ai(1, 2, t=2), 2)[0].n_q == 2 and tx.layer == Layer(2, 40)
+    assert tx.on_frame(_ai(1, 3, t=3), 32)[0].n_q == 4 and tx.layer == Layer(4, 40)
