@@ -128,11 +128,7 @@ class BridgeRegistry:
         now = time.monotonic()
         rec = self.table.report(report, now)
         # where the streams it follows are published now (a publisher that moved: follow it)
-        owners = {}
-        for stream in report.relayed:
-            owner = self.table.owner_of(stream, now)
-            if owner is not None and owner.worker_id != report.worker_id and owner.report.relay_addr:
-                owners[stream] = list(owner.report.relay_addr)
+        owners = self.table.relay_owners(report.relayed, report.worker_id, now)
         return {"draining": rec.draining, "owners": owners}
 
     async def route(self, stream: str, kind: str, asking: str | None = None) -> dict[str, Any]:

@@ -126,7 +126,7 @@ class BridgeWorker:
         self.routing = ClusterRouting(
             self.worker_id, self._route, holds=self._holds, authorized=self._authorized,
             mode=RedirectMode(s.redirect_mode), follows=lambda stream: stream in self.relay.owners,
-            follow=self._follow,
+            follow=self._follow, unfollow=self._unfollow,
         )
         self.routing.install(server.app)
         # Session URLs are capabilities: a redacting access log where the server has one.
@@ -219,12 +219,17 @@ class BridgeWorker:
             since = self._unsubscribed.setdefault(stream, now)
             if now - since < UNFOLLOW_AFTER_S:
                 continue
-            self.relay.owners.pop(stream, None)
-            self._unsubscribed.pop(stream, None)
-            pub = media.publishers.get(stream)
-            if pub is not None:
-                await media.end_session(pub.session_id)
-            logger.info("bridge worker %s stopped following stream=%s", self.worker_id, stream)
+            await self._unfollow(stream)
+
+    async def _unfollow(self, stream: str) -> None:
+        """Stop following `stream`: the relayed publisher goes (local subscribers stay)."""
+        if self.relay.owners.pop(stream, None) is None:
+            return
+        self._unsubscribed.pop(stream, None)
+        pub = self.server.media.publishers.get(stream)
+        if pub is not None:
+            await self.server.media.end_session(pub.session_id)
+        logger.info("bridge worker %s stopped following stream=%s", self.worker_id, stream)
 
     def _authorized(self, header: str | None, kind: SignalKind, stream: str) -> bool:
         try:

@@ -99,12 +99,14 @@ class ClusterRouting:
         retry_after_s: int = 2,
         follows: Callable[[str], bool] | None = None,
         follow: Callable[[str, tuple[str, int]], bool] | None = None,
+        unfollow: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.route = route
         self.holds = holds
         self.follows = follows
         self.follow = follow
+        self.unfollow = unfollow
         self.authorized = authorized
         self.mode = mode
         self.route_timeout_s = route_timeout_s
@@ -147,12 +149,14 @@ class ClusterRouting:
                            type(exc).__name__, stream)
             if self.draining and kind is SignalKind.PUBLISH:
                 return self._refuse(RoutingOutcome.REFUSED_DRAINING, "this bridge worker is draining")
+            await self._publishing_here(kind, stream)
             return await self._local(request, handler)
         if route.kind is RouteKind.LOCAL and route.reason is RouteReason.CASCADE:
             return await self._cascaded(request, handler, stream, route)
         if route.kind is RouteKind.LOCAL:
             if self.draining and kind is SignalKind.PUBLISH and route.reason is RouteReason.PLACED:
                 return self._refuse(RoutingOutcome.REFUSED_DRAINING, "this bridge worker is draining")
+            await self._publishing_here(kind, stream)
             return await self._local(request, handler)
         if route.kind is RouteKind.REFUSE:
             if route.reason is RouteReason.NO_PUBLISHER:
@@ -193,6 +197,13 @@ class ClusterRouting:
                                 "this bridge worker has no room to follow the stream")
         self.counters[RoutingOutcome.CASCADED.value] += 1
         return await handler(request)
+
+    async def _publishing_here(self, kind: SignalKind, stream: str) -> None:
+        """A stream this worker follows is (re)published here (its owner died and it was
+        placed here): the relay lets it go, its subscribers here stay for the new publisher."""
+        if (kind is SignalKind.PUBLISH and self.unfollow is not None and self.follows is not None
+                and self.follows(stream)):
+            await self.unfollow(stream)
 
     async def _local(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.counters[RoutingOutcome.LOCAL.value] += 1

@@ -232,6 +232,16 @@ class WorkerTable:
             return Route(RouteKind.LOCAL, reason, rec.worker_id, rec.report.url, rec.report.internal_url)
         return Route(RouteKind.REDIRECT, reason, rec.worker_id, rec.report.url, rec.report.internal_url)
 
+    def relay_owners(self, streams: Iterable[str], asking: str, now: float) -> dict[str, list]:
+        """For the streams worker `asking` follows: the relay address of each one's owner now
+        (a publisher that moved is followed at its new owner; none while nobody publishes it)."""
+        out: dict[str, list] = {}
+        for stream in streams:
+            owner = self.owner_of(stream, now)
+            if owner is not None and owner.worker_id != asking and owner.report.relay_addr:
+                out[stream] = list(owner.report.relay_addr)
+        return out
+
     def _cascade_to(self, owner: WorkerRecord, stream: str, asking: str | None,
                     now: float) -> WorkerRecord | None:
         """The worker a new subscriber of `owner`'s stream cascades to, or None (the owner

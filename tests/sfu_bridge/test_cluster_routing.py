@@ -215,3 +215,55 @@ def test_redirect_targets_keep_the_token_only_where_allowed():
         _redirect_target("http://a:1/whip/s", "http://evil:2/whip/s", {"a", "b"})
     with pytest.raises(WhipError, match="non-HTTP"):
         _redirect_target("http://a:1/whip/s", "ftp://b/whip/s", None)
+
+
+def test_cascading_hooks_follow_before_serving_and_let_go_when_published_here():
+    """The routing middleware alone (a stand-in handler answers the offer): a subscriber the
+    registry cascades here makes the worker follow the stream at the owner's relay first
+    (503 when it cannot); a publisher placed here for a stream it follows makes it let go."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sfu_bridge.fleet import RouteKind, RouteReason
+
+    calls: list[tuple] = []
+    room = {"ok": True}
+
+    async def route(stream, kind):
+        if kind is SignalKind.SUBSCRIBE:
+            return Route(RouteKind.LOCAL, RouteReason.CASCADE, "b", relay_addr=("10.0.0.7", 7000))
+        return Route(RouteKind.LOCAL, RouteReason.PLACED, "b")
+
+    def follow(stream, addr):
+        calls.append(("follow", stream, addr))
+        return room["ok"]
+
+    async def unfollow(stream):
+        calls.append(("unfollow", stream))
+
+    async def offer(request):
+        calls.append(("handler", request.match_info["stream"]))
+        return web.Response(status=201)
+
+    routing = ClusterRouting("b", route, holds=lambda s: False, authorized=lambda h, k, s: True,
+                             follows=lambda s: s == "followed", follow=follow, unfollow=unfollow)
+
+    async def go():
+        app = web.Application()
+        app.router.add_post("/whep/{stream}", offer)
+        app.router.add_post("/whip/{stream}", offer)
+        routing.install(app)
+        async with TestClient(TestServer(app)) as client:
+            statuses = [(await client.post("/whep/big")).status]
+            room["ok"] = False
+            statuses.append((await client.post("/whep/other")).status)
+            statuses.append((await client.post("/whep/followed")).status)  # served, no asking
+            statuses.append((await client.post("/whip/followed")).status)
+            return statuses
+
+    statuses = asyncio.run(go())
+    assert statuses == [201, 503, 201, 201]
+    assert calls == [("follow", "big", ("10.0.0.7", 7000)), ("handler", "big"),
+                     ("follow", "other", ("10.0.0.7", 7000)),
+                     ("handler", "followed"),
+                     ("unfollow", "followed"), ("handler", "followed")]
+    assert routing.counters["cascaded"] == 1 and routing.counters["refused/cascade"] == 1

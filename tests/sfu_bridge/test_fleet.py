@@ -112,7 +112,7 @@ def test_drain_choice_prefers_idle_then_young_workers():
 def relay_rep(wid: str, streams: dict[str, float] | None = None, sessions: int = 0, seq: int = 1,
               relayed: dict[str, int] | None = None, relay: bool = True) -> WorkerReport:
     r = rep(wid, streams, seq=seq, sessions=sessions)
-    return WorkerReport(**{**r.to_dict(), "relay_addr": ["10.0.0.9", 7000 + len(wid)] if relay else None,
+    return WorkerReport(**{**r.to_dict(), "relay_addr": ["10.0.0.9", 7000 + ord(wid[0])] if relay else None,
                            "relayed": relayed or {}})
 
 
@@ -129,7 +129,7 @@ def test_subscribers_meet_the_publisher_until_the_owner_holds_cascade_after_sess
     assert [t.route("room", SUB, asking="b", now=1.0).reason for _ in range(2)] == [RouteReason.OWNER] * 2
     r = t.route("room", SUB, asking="b", now=1.0)
     assert (r.kind, r.reason, r.worker_id) == (RouteKind.LOCAL, RouteReason.CASCADE, "b")
-    assert r.relay_addr == ("10.0.0.9", 7001)  # the owner's relay, which b follows the stream from
+    assert r.relay_addr == ("10.0.0.9", 7097)  # the owner's relay, which b follows the stream from
     assert Route.from_dict(r.to_dict()) == r
     # a publisher is never cascaded
     assert t.route("room", PUB, asking="b", now=1.0).reason is RouteReason.OWNER
@@ -167,3 +167,13 @@ def test_a_burst_between_reports_spreads_and_a_new_report_resets_the_estimate():
     assert served == ["b", "b", "b", "c", "c"]  # b takes 3 (its room), then the asking c
     t.report(relay_rep("b", sessions=0, seq=2), 1.0)
     assert t.route("room", SUB, asking="b", now=1.0).worker_id == "b"
+
+
+def test_a_follower_learns_where_a_moved_publisher_is_relayed_from():
+    t = cascading(relay_rep("a", {"room": 1.0}), relay_rep("b", relayed={"room": 3, "gone": 1}))
+    assert t.relay_owners(["room", "gone"], "b", 1.0) == {"room": ["10.0.0.9", 7097]}
+    # the publisher republished on c (newer): b follows it there
+    t.report(relay_rep("c", {"room": 2.0}), 1.0)
+    assert t.relay_owners(["room"], "b", 1.0) == {"room": ["10.0.0.9", 7099]}
+    # a stream b publishes itself is never relayed to it
+    assert t.relay_owners(["room"], "c", 1.0) == {}
