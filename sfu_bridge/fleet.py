@@ -4,8 +4,8 @@ stream goes, which workers drain on a scale-down.
 No Ray, no network: the registry actor (cluster/bridge_registry.py) and the worker processes
 (sfu_bridge/cluster_bridge.py) run it; tests drive it with plain values.
 
-- **Ownership.** The worker that holds a stream's publisher owns the stream; every WHIP and
-  WHEP request for it must land there (publisher and subscribers meet on one worker). A
+- **Ownership.** The worker that holds a stream's publisher owns the stream; every WHIP
+  request for it, and WHEP requests until the owner is full (Cascading, below), land there. A
   stream reported by two workers (its publisher moved while the old session was still
   winding down) belongs to the newest publisher.
 - **Placement.** A stream no worker holds goes to the rendezvous-hash winner among the live
