@@ -129,7 +129,8 @@ class BridgeRegistry:
         rec = self.table.report(report, now)
         # where the streams it follows are published now (a publisher that moved: follow it)
         owners = self.table.relay_owners(report.relayed, report.worker_id, now)
-        return {"draining": rec.draining, "owners": owners}
+        return {"draining": rec.draining, "owners": owners,
+                "cascade_after": self.settings.cascade_after_sessions}
 
     async def route(self, stream: str, kind: str, asking: str | None = None) -> dict[str, Any]:
         self._ensure_loop()

@@ -95,6 +95,7 @@ class BridgeWorker:
         self.relay_addr: tuple[str, int] | None = None
         self._feedback: asyncio.Task | None = None
         self._unsubscribed: dict[str, float] = {}  # followed stream -> since when nobody here listens
+        self.cascade_after = 0  # the registry's threshold (its reply to our reports); 0: never
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
@@ -127,6 +128,7 @@ class BridgeWorker:
             self.worker_id, self._route, holds=self._holds, authorized=self._authorized,
             mode=RedirectMode(s.redirect_mode), follows=lambda stream: stream in self.relay.owners,
             follow=self._follow, unfollow=self._unfollow,
+            cascading=lambda: 0 < self.cascade_after <= len(server.media.sessions),
         )
         self.routing.install(server.app)
         # Session URLs are capabilities: a redacting access log where the server has one.
@@ -274,6 +276,7 @@ class BridgeWorker:
                     reply = await asyncio.wait_for(
                         self._registry.report.remote(self._report().to_dict()), 5.0)
                     self.draining = bool(reply.get("draining"))
+                    self.cascade_after = int(reply.get("cascade_after") or 0)
                     for stream, addr in (reply.get("owners") or {}).items():
                         if stream in self.relay.owners and tuple(addr) != self.relay.owners[stream]:
                             self.relay.follow(stream, (str(addr[0]), int(addr[1])))  # it moved

@@ -84,7 +84,9 @@ class ClusterRouting:
     `holds(stream)` says whether this worker holds the stream's publisher; `authorized(
     header, kind, stream)` whether the request's token would be accepted here. With a relay:
     `follows(stream)` says whether this worker follows the stream from another worker, and
-    `follow(stream, relay_addr)` starts to (False: it cannot).
+    `follow(stream, relay_addr)` starts to (False: it cannot), `unfollow(stream)` stops, and
+    `cascading()` says whether this worker, as an owner, is full enough that its streams' new
+    subscribers may go elsewhere (it asks the registry about them only then).
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class ClusterRouting:
         follows: Callable[[str], bool] | None = None,
         follow: Callable[[str, tuple[str, int]], bool] | None = None,
         unfollow: Callable[[str], Awaitable[None]] | None = None,
+        cascading: Callable[[], bool] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.route = route
@@ -107,6 +110,7 @@ class ClusterRouting:
         self.follows = follows
         self.follow = follow
         self.unfollow = unfollow
+        self.cascading = cascading  # whether this worker holds enough sessions to cascade
         self.authorized = authorized
         self.mode = mode
         self.route_timeout_s = route_timeout_s
@@ -138,8 +142,10 @@ class ClusterRouting:
             return await self._local(request, handler)
         if kind is SignalKind.SUBSCRIBE and self.follows is not None and self.follows(stream):
             return await self._local(request, handler)
-        # The owner asks about its own stream's subscribers only when it could cascade them.
-        if self.holds(stream) and (kind is SignalKind.PUBLISH or self.follow is None):
+        # The owner asks about its own stream's subscribers only when it is full enough to
+        # cascade them (the registry's threshold, as the worker last heard it).
+        if self.holds(stream) and (kind is SignalKind.PUBLISH or self.follow is None
+                                   or not (self.cascading is not None and self.cascading())):
             return await self._local(request, handler)
         try:
             route = await asyncio.wait_for(self.route(stream, kind), self.route_timeout_s)

@@ -267,3 +267,37 @@ def test_cascading_hooks_follow_before_serving_and_let_go_when_published_here():
                      ("handler", "followed"),
                      ("unfollow", "followed"), ("handler", "followed")]
     assert routing.counters["cascaded"] == 1 and routing.counters["refused/cascade"] == 1
+
+
+def test_an_owner_asks_about_its_subscribers_only_when_full_enough_to_cascade():
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sfu_bridge.fleet import RouteKind, RouteReason
+
+    asked: list[str] = []
+    full = {"now": False}
+
+    async def route(stream, kind):
+        asked.append(stream)
+        return Route(RouteKind.LOCAL, RouteReason.OWNER, "a")
+
+    async def offer(request):
+        return web.Response(status=201)
+
+    routing = ClusterRouting("a", route, holds=lambda s: True, authorized=lambda h, k, s: True,
+                             follows=lambda s: False, follow=lambda s, a: True,
+                             cascading=lambda: full["now"])
+
+    async def go():
+        app = web.Application()
+        app.router.add_post("/whep/{stream}", offer)
+        app.router.add_post("/whip/{stream}", offer)
+        routing.install(app)
+        async with TestClient(TestServer(app)) as client:
+            out = [(await client.post("/whep/mine")).status]
+            full["now"] = True
+            out += [(await client.post("/whep/mine")).status, (await client.post("/whip/mine")).status]
+            return out
+
+    assert asyncio.run(go()) == [201, 201, 201]
+    assert asked == ["mine"]  # only the subscriber that arrived once the owner was full
