@@ -217,12 +217,37 @@ def test_redirect_targets_keep_the_token_only_where_allowed():
         _redirect_target("http://a:1/whip/s", "ftp://b/whip/s", None)
 
 
+def serve_offers(routing: ClusterRouting, steps: list, log: list) -> list[int]:
+    """The routing middleware alone in front of a stand-in offer handler (201; it appends
+    ("handler", stream) to `log`): POSTs each path of `steps` (a callable among them runs in
+    its turn) and returns the statuses."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def offer(request):
+        log.append(("handler", request.match_info["stream"]))
+        return web.Response(status=201)
+
+    async def go():
+        app = web.Application()
+        app.router.add_post("/whep/{stream}", offer)
+        app.router.add_post("/whip/{stream}", offer)
+        routing.install(app)
+        statuses = []
+        async with TestClient(TestServer(app)) as client:
+            for step in steps:
+                if callable(step):
+                    step()
+                else:
+                    statuses.append((await client.post(step)).status)
+        return statuses
+
+    return asyncio.run(go())
+
+
 def test_cascading_hooks_follow_before_serving_and_let_go_when_published_here():
     """The routing middleware alone (a stand-in handler answers the offer): a subscriber the
     registry cascades here makes the worker follow the stream at the owner's relay first
     (503 when it cannot); a publisher placed here for a stream it follows makes it let go."""
-    from aiohttp.test_utils import TestClient, TestServer
-
     from sfu_bridge.fleet import RouteKind, RouteReason
 
     calls: list[tuple] = []
@@ -240,27 +265,11 @@ def test_cascading_hooks_follow_before_serving_and_let_go_when_published_here():
     async def unfollow(stream):
         calls.append(("unfollow", stream))
 
-    async def offer(request):
-        calls.append(("handler", request.match_info["stream"]))
-        return web.Response(status=201)
-
     routing = ClusterRouting("b", route, holds=lambda s: False, authorized=lambda h, k, s: True,
                              follows=lambda s: s == "followed", follow=follow, unfollow=unfollow)
-
-    async def go():
-        app = web.Application()
-        app.router.add_post("/whep/{stream}", offer)
-        app.router.add_post("/whip/{stream}", offer)
-        routing.install(app)
-        async with TestClient(TestServer(app)) as client:
-            statuses = [(await client.post("/whep/big")).status]
-            room["ok"] = False
-            statuses.append((await client.post("/whep/other")).status)
-            statuses.append((await client.post("/whep/followed")).status)  # served, no asking
-            statuses.append((await client.post("/whip/followed")).status)
-            return statuses
-
-    statuses = asyncio.run(go())
+    statuses = serve_offers(routing, ["/whep/big", lambda: room.update(ok=False), "/whep/other",
+                                      "/whep/followed",  # served, no asking
+                                      "/whip/followed"], calls)
     assert statuses == [201, 503, 201, 201]
     assert calls == [("follow", "big", ("10.0.0.7", 7000)), ("handler", "big"),
                      ("follow", "other", ("10.0.0.7", 7000)),
@@ -270,8 +279,6 @@ def test_cascading_hooks_follow_before_serving_and_let_go_when_published_here():
 
 
 def test_an_owner_asks_about_its_subscribers_only_when_full_enough_to_cascade():
-    from aiohttp.test_utils import TestClient, TestServer
-
     from sfu_bridge.fleet import RouteKind, RouteReason
 
     asked: list[str] = []
@@ -281,23 +288,10 @@ def test_an_owner_asks_about_its_subscribers_only_when_full_enough_to_cascade():
         asked.append(stream)
         return Route(RouteKind.LOCAL, RouteReason.OWNER, "a")
 
-    async def offer(request):
-        return web.Response(status=201)
-
     routing = ClusterRouting("a", route, holds=lambda s: True, authorized=lambda h, k, s: True,
                              follows=lambda s: False, follow=lambda s, a: True,
                              cascading=lambda: full["now"])
-
-    async def go():
-        app = web.Application()
-        app.router.add_post("/whep/{stream}", offer)
-        app.router.add_post("/whip/{stream}", offer)
-        routing.install(app)
-        async with TestClient(TestServer(app)) as client:
-            out = [(await client.post("/whep/mine")).status]
-            full["now"] = True
-            out += [(await client.post("/whep/mine")).status, (await client.post("/whip/mine")).status]
-            return out
-
-    assert asyncio.run(go()) == [201, 201, 201]
+    statuses = serve_offers(routing, ["/whep/mine", lambda: full.update(now=True), "/whep/mine", "/whip/mine"],
+                            [])
+    assert statuses == [201, 201, 201]
     assert asked == ["mine"]  # only the subscriber that arrived once the owner was full
