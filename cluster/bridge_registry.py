@@ -64,8 +64,8 @@ class FleetSettings:
     start_timeout_s: float = 600.0  # a new bridge node may have to boot first
     # A stream's owner holding this many sessions sends its new subscribers to other workers,
     # which follow the stream from its relay (sfu_bridge/fleet.py, "Cascading"; 0: never).
-    # At ~25 us per extra subscriber packet (docs/benchmarks.md, bridge) 400 subscribers cost
-    # the owner about a quarter of a core.
+    # At ~17 us of fan-out per subscriber and 40 ms tick (docs/benchmarks.md, bridge), 400
+    # subscribers cost the owner about a sixth of a core.
     cascade_after_sessions: int = 400
 
     def to_dict(self) -> dict[str, Any]:

@@ -114,26 +114,21 @@ class AicSender:
     def on_frame(self, fo: Any, max_n_q: int, cache: dict | None = None) -> list[OutPacket]:
         """A tick's frame of this subscriber's stream -> the packets to send now (an Opus
         frame's own packets are the caller's; this only flushes what was pending)."""
-        if fo.outcome is Outcome.AI and fo.codes is not None and not self._pending and not self.silent:
-            # the usual frame: nothing pending, no silence to end (the path below, step for step)
-            self._pending.append(fo)
-            if self.choose(max_n_q).chunks_per_packet <= 1:
-                return self.flush(cache)
-            return []
-        out: list[OutPacket] = []
         if fo.outcome is Outcome.AI and fo.codes is not None:
+            done: list[OutPacket] | None = None  # a pending packet this frame cannot extend
             if self._pending:
                 last = self._pending[-1]
                 if fo.epoch != last.epoch or fo.epoch_seq != last.epoch_seq + 1:
-                    out += self.flush(cache)
+                    done = self.flush(cache)
             if self.silent:
                 self.silent, self._marker = False, True
             layer = self.choose(max_n_q)
             self._pending.append(fo)
             if len(self._pending) >= layer.chunks_per_packet:
-                out += self.flush(cache)
-            return out
-        out += self.flush(cache)
+                packets = self.flush(cache)
+                return done + packets if done else packets
+            return done or []
+        out = self.flush(cache)
         if fo.outcome is Outcome.DTX:
             if not self.silent:
                 self.silent, self._sid_wait = True, 0
