@@ -480,11 +480,8 @@ class CascadeRelay:
         """Serve `stream_id` (published on the worker at `owner_addr`) to local subscribers."""
         self.owners[stream_id] = owner_addr
         if stream_id not in self.media.publishers:
-            pub = self.media.add_publisher(stream_id, user, None)
+            pub = self.media.add_publisher(stream_id, user, None, relayed=True)
             pub.opus_pt = RELAY_OPUS_PT
-            if pub.ingest is not None:  # relayed streams are never decoded here
-                pub.ingest.close()
-                pub.ingest = None
 
     def feedback(self, force: bool = False) -> None:
         """Tell each owner what this worker's subscribers need (on change, and periodically)."""

@@ -409,6 +409,7 @@ class BridgeCore:
         self._hint_raws: list[bytes] = []
         self._leaving: list[str] = []
         self._forgetting: list[str] = []
+        self._relayed: set[str] = set()  # streams other workers own, fanned out here (`join`)
         self._remote_opted_users: set[str] = set()
         # -- counters
         self.counts = np.zeros(N_KEYS, np.int64)  # frames by outcome code (DTX_CODE included)
@@ -483,9 +484,13 @@ class BridgeCore:
     def row(self, stream_id: str) -> int | None:
         return self._row_of.get(stream_id)
 
-    def join(self, stream_id: str, user: str | None = None, opted_out: bool = False) -> int:
+    def join(self, stream_id: str, user: str | None = None, opted_out: bool = False,
+             relayed: bool = False) -> int:
         """Adds a stream (idempotent); returns its row. `opted_out`: this bridge's own,
-        pinned opt-out (as the users it was configured with)."""
+        pinned opt-out (as the users it was configured with). `relayed`: a stream another
+        worker owns and this one only fans out (cascade.py): it is never pushed here, and
+        its codec slot, supervisor state and report belong to the owner, so leaving frees
+        neither and the supervisor never hears of it from this bridge."""
         with self.cpu:
             row = self._row_of.get(stream_id)
             if row is not None:
@@ -526,6 +531,9 @@ class BridgeCore:
             self.vad_floor[row] = self.vad_config.initial_floor_db
             self.vad_left[row] = 0
             self.dtx_silent[row] = False
+            if relayed:
+                self._relayed.add(stream_id)
+                self._registered[row] = True  # the owner reports it (and its user)
             return row
 
     def leave(self, stream_id: str) -> bool:
@@ -536,6 +544,8 @@ class BridgeCore:
             row = self._row_of.pop(stream_id, None)
             if row is None:
                 return False
+            relayed = stream_id in self._relayed
+            self._relayed.discard(stream_id)
             for k in range(int(self.q_n[row])):
                 j = (int(self.q_head[row]) + k) % self._depth
                 pcm = self.q_pcm[row, j].copy() if self.q_pcm is not None else None
@@ -550,6 +560,8 @@ class BridgeCore:
             self.tally[row] = 0
             self.ai_off[row] = 0
             self._free.append(row)
+            if relayed:  # the owner's codec slot and supervisor state: not this bridge's to end
+                return True
             self._leaving.append(stream_id)
             if self.supervisor is not None and self.supervisor.forget is not None:
                 self._forgetting.append(stream_id)
@@ -1133,7 +1145,8 @@ class BridgeCore:
             metrics.record_hints(metrics.HintVerdict.LIMITED, early)
         for k, v in report.hints_dropped.items():
             metrics.record_hints(hint_verdict(k), v)
-        metrics.set_streams_active(self.bridge_id, len(self._row_of))
+        metrics.set_streams_active(self.bridge_id, len(self._row_of) - len(self._relayed))
+        metrics.set_streams_relayed(self.bridge_id, len(self._relayed))
 
     def _housekeeping(self) -> None:
         """Per tick, after the outcomes: the batched codec leave, supervisor forget, and the
@@ -1280,7 +1293,8 @@ class BridgeCore:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "streams": len(self._row_of),
+            "streams": len(self._row_of) - len(self._relayed),
+            "relayed_streams": len(self._relayed),
             "frames": {_KEY_OF_CODE[c]: int(self.counts[c]) for c in np.flatnonzero(self.counts).tolist()},
             "hints": dict(self.hint_counters),
             "ticks": self.ticks,

@@ -346,8 +346,11 @@ class MediaBridge:
     # -- publishers ------------------------------------------------------------------------
     def add_publisher(
         self, stream_id: str, user: str, pc: RTCPeerConnection | None, opted_out: bool = False,
-        session_id: str | None = None,
+        session_id: str | None = None, relayed: bool = False,
     ) -> Publisher:
+        """`relayed`: the stream is published on another worker and arrives over its relay
+        (cascade.py): nothing is decoded here and the core leaves its codec slot and
+        supervisor state to the owner (`BridgeCore.join`)."""
         if stream_id in self.publishers:
             raise KeyError(f"stream {stream_id!r} already has a publisher")
         if not self._free_slots:
@@ -355,9 +358,9 @@ class MediaBridge:
         pub = Publisher(
             session_id or uuid.uuid4().hex, stream_id, user, pc, self._free_slots.pop(), Chunker(stream_id)
         )
-        if self.fast_ingest:
+        if self.fast_ingest and not relayed:
             pub.ingest = OpusIngest(stream_id)
-        self.core.join(stream_id, user, opted_out=opted_out)
+        self.core.join(stream_id, user, opted_out=opted_out, relayed=relayed)
         self.publishers[stream_id] = pub
         self.sessions[pub.session_id] = pub
         return pub

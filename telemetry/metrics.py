@@ -89,6 +89,7 @@ DEADLINE_SLACK = "auralink_deadline_slack_ms"
 SLOTS_IN_USE = "auralink_slots_in_use"
 SLOT_CAPACITY = "auralink_slot_capacity"
 STREAMS_ACTIVE = "auralink_streams_active"
+STREAMS_RELAYED = "auralink_streams_relayed"
 HINTS = "auralink_hints"
 WIRE_BYTES = "auralink_wire_bytes"
 LIMITER_UNAVAILABLE = "auralink_limiter_unavailable"
@@ -121,7 +122,11 @@ SPECS: dict[str, MetricSpec] = {
         MetricSpec(SLOT_CAPACITY, MetricKind.GAUGE,
                    "Stream slots a replica has", ("replica",)),
         MetricSpec(STREAMS_ACTIVE, MetricKind.GAUGE,
-                   "Streams a bridge is carrying", ("bridge",)),
+                   "Streams published on a bridge (summed over bridges: each stream once)",
+                   ("bridge",)),
+        MetricSpec(STREAMS_RELAYED, MetricKind.GAUGE,
+                   "Streams another bridge worker owns that a bridge fans out to its own "
+                   "subscribers (cascading)", ("bridge",)),
         MetricSpec(HINTS, MetricKind.COUNTER,
                    "AIC hints by verdict (accepted|limited|forged|replayed|malformed|"
                    "unknown_model)", ("verdict",)),
@@ -449,6 +454,10 @@ def set_slots(replica: str, in_use: int, capacity: int) -> None:
 
 def set_streams_active(bridge: str, n: int) -> None:
     _emit("set", STREAMS_ACTIVE, float(n), {"bridge": bridge})
+
+
+def set_streams_relayed(bridge: str, n: int) -> None:
+    _emit("set", STREAMS_RELAYED, float(n), {"bridge": bridge})
 
 
 def record_hints(verdict: HintVerdict | str, n: int = 1) -> None:

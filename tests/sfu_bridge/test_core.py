@@ -503,6 +503,59 @@ def test_supervisor_link_turns_a_failing_stream_off_and_back_on(replica_core):
     assert forgotten == ["bad"]
 
 
+def test_a_relayed_stream_leaves_the_owners_codec_slot_and_supervisor_state_alone(replica_core):
+    """A worker that only fans out a stream another worker owns (cascading) holds a row for
+    it; when it stops following, the owner's codec slot, epoch and supervisor state stay."""
+    clock = Clock()
+    kv: dict[bytes, bytes] = {}
+    sup = FallbackSupervisorCore(SupervisorSettings(), SupervisorConfig(), kv.__setitem__, kv.get)
+    forgotten: list[str] = []
+
+    async def report(reports):
+        return sup.report(reports, now=clock.t)
+
+    async def forget(ids):
+        forgotten.extend(ids)
+
+    replica = replica_core()
+    owner = BridgeCore(replica, deadline_ms=60_000.0, period_clock=clock,
+                       supervisor=SupervisorLink(report, forget, period_s=0.0))
+    follower = BridgeCore(replica, deadline_ms=60_000.0, period_clock=clock,
+                          supervisor=SupervisorLink(report, forget, period_s=0.0))
+    owner.join("call", user="u-call")
+    follower.join("call", user="relay", relayed=True)
+    assert "call" in follower and follower.stats()["streams"] == 0
+    assert follower.stats()["relayed_streams"] == 1
+
+    async def owner_tick() -> str:
+        owner.push("call", SILENCE)
+        key = keys(await owner.tick())["call"]
+        clock.t += 0.04
+        return key
+
+    async def scenario():
+        assert [await owner_tick() for _ in range(3)] == ["ai"] * 3
+        epoch = owner.stream("call").epoch
+        for _ in range(3):  # the follower's ticks: exchanges with the supervisor included
+            await follower.tick()
+            await asyncio.sleep(0)
+        assert follower.leave("call")
+        for _ in range(2):  # its housekeeping (codec leave, supervisor forget) runs here
+            await follower.tick()
+            await asyncio.sleep(0.05)
+        after = [await owner_tick() for _ in range(3)]
+        await owner.close()
+        await follower.close()
+        return epoch, after
+
+    epoch, after = asyncio.run(scenario())
+    assert after == ["ai"] * 3 and owner.stream("call").epoch == epoch  # no reset, same epoch
+    assert replica.pool.get("call") is not None
+    assert forgotten == []
+    assert sup.policy.snapshot()["streams"]["call"]["user_id"] == "u-call"
+    assert follower.stats()["relayed_streams"] == 0
+
+
 def test_a_failing_exchange_keeps_media_flowing(replica_core):
     async def broken(reports):
         raise ConnectionError("supervisor restarting")
