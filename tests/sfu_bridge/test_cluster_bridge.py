@@ -72,14 +72,14 @@ def ray_cluster(tmp_path_factory, secret):
         ray.shutdown()
 
 
-def start_fleet(secret_file: str, workers: int, **fleet):
+def start_fleet(secret_file: str, workers: int, bridge: dict | None = None, **fleet):
     from autoscaling.fleet import FleetScaling, pinned
     from cluster.bridge_registry import FleetSettings, get_or_create_registry
     from sfu_bridge.cluster_bridge import WorkerSettings
 
     settings = FleetSettings(
         scaling=pinned(FleetScaling(), workers),
-        worker=WorkerSettings(codec="in-process", host="127.0.0.1", hint_limiter=False, bridge=BRIDGE,
+        worker=WorkerSettings(codec="in-process", host="127.0.0.1", hint_limiter=False, bridge=bridge or BRIDGE,
                               heartbeat_s=0.25),
         secret_file=secret_file, control_interval_s=0.25, **fleet,
     )
@@ -180,7 +180,9 @@ def test_a_full_owner_cascades_new_subscribers_to_another_worker_which_follows_i
     from sfu_bridge.cluster_bridge import UNFOLLOW_AFTER_S
 
     async def go():
-        registry = start_fleet(ray_cluster, 2, cascade_after_sessions=2)
+        # DTX off: the publisher's steady tone would turn silent to the VAD after a while, and
+        # the owner's call is checked after the follower lets go
+        registry = start_fleet(ray_cluster, 2, {**BRIDGE, "dtx": False}, cascade_after_sessions=2)
         try:
             status = await wait_for_workers(registry, 2, timeout_s=150)
             (w1, w2) = status["workers"]
@@ -202,14 +204,18 @@ def test_a_full_owner_cascades_new_subscribers_to_another_worker_which_follows_i
                 if not after["relayed"]:
                     break
                 await asyncio.sleep(0.5)
+            t_gone = time.monotonic()
+            await asyncio.sleep(2.0)  # the owner's call goes on after the follower let go
+            owner_after = await _info(ids[0])
+            kept = sub1.accounting(since=t_gone)
             for p in (sub1, pub):
                 await p.stop()
             route_counts = (await registry.status.remote()).get("counters", {})
-            return sub1, sub2, owner, follower, after, relayed, route_counts, stream
+            return sub1, sub2, owner, follower, after, relayed, route_counts, stream, owner_after, kept
         finally:
             await stop_fleet(registry)
 
-    sub1, sub2, owner, follower, after, relayed, counters, stream = asyncio.run(go())
+    sub1, sub2, owner, follower, after, relayed, counters, stream, owner_after, kept = asyncio.run(go())
     assert sub1.location.startswith(owner["url"])  # the owner had room for the first one
     assert sub2.location.startswith(follower["url"])  # the second was cascaded
     # the follower serves it from the relay: it reports the stream as followed, never as owned
@@ -223,6 +229,12 @@ def test_a_full_owner_cascades_new_subscribers_to_another_worker_which_follows_i
     assert counters.get("route/redirect/cascade", 0) >= 1 and counters.get("route/local/cascade", 0) >= 1
     # its last subscriber gone, the follower dropped the stream and its session
     assert after["relayed"] == {} and after["sessions"] == 0, after
+    # ... and the owner's call went on: no reset, every frame still reaching its own
+    # subscriber (these workers each run an in-process codec; with a shared codec, the
+    # follower leaving the owner's slot alone is tested in test_core.py)
+    resets = [w["media"]["frames"].get("fallback/reset", 0) for w in (owner, owner_after)]
+    assert resets[1] == resets[0], resets
+    assert kept["seq_gaps"] == 0 and kept["frames_missing"] == 0 and kept["frames"] >= 25, kept
 
 
 async def _info(worker_id: str) -> dict:
