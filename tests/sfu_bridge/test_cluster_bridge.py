@@ -237,6 +237,51 @@ def test_a_full_owner_cascades_new_subscribers_to_another_worker_which_follows_i
     assert kept["seq_gaps"] == 0 and kept["frames_missing"] == 0 and kept["frames"] >= 25, kept
 
 
+def test_when_a_cascading_owner_dies_its_publisher_republishes_on_the_follower_whose_subscriber_stays(
+    ray_cluster, tokens, secret, streaming_codec
+):
+    """The owner of a cascaded stream is killed; its publisher republishes, and the stream
+    lands on the worker that followed it: that worker lets the relay go, serves the stream as
+    its owner, and its subscriber (never reconnected) gets the new publisher's frames."""
+    from cluster.bridge_registry import wait_for_workers
+
+    async def go():
+        registry = start_fleet(ray_cluster, 2, {**BRIDGE, "dtx": False}, cascade_after_sessions=2)
+        try:
+            status = await wait_for_workers(registry, 2, timeout_s=150)
+            (w1, w2) = status["workers"]
+            ids = [w1["worker_id"], w2["worker_id"]]
+            stream = placed_on(w1["worker_id"], ids, "town")
+            pub, sub1 = await call(tokens, secret, w1["url"], stream, streaming_codec, 0)
+            sub2 = FrameLog(w1["url"], stream, tokens.issue("sub2", stream, ["subscribe"]),
+                            codec=streaming_codec, slot=1)
+            await sub2.start()
+            assert await sub2.wait_frames(n_aic=3, timeout_s=60), sub2.stats
+            following = await _info(ids[1])
+            os.kill(w1["pid"], signal.SIGKILL)
+            await pub.republish(w2["url"])
+            t_back = time.monotonic()
+            await asyncio.sleep(3.0)
+            after = await _info(ids[1])
+            served = sub2.accounting(since=t_back + 1.0)
+            for p in (sub2, pub):
+                await p.stop()
+            await sub1.pc.close()
+            return sub2, pub.location, w2, following, after, served, stream
+        finally:
+            await stop_fleet(registry)
+
+    sub2, location, w2, following, after, served, stream = asyncio.run(go())
+    assert sub2.location.startswith(w2["url"]) and following["relayed"] == {stream: 1}
+    assert location.startswith(w2["url"])  # republished on the follower
+    # it owns the stream now (no relay left) and still serves the subscriber it had
+    assert after["relayed"] == {} and stream in after["streams"], after
+    assert after["subscribers"] == {stream: 1}
+    # which gets the new publisher's frames, every one of them in order
+    assert served["frames"] >= 25 and served["seq_gaps"] == 0 and served["frames_missing"] == 0, served
+    assert served["last_packet_age_s"] < 1.0, served
+
+
 async def _info(worker_id: str) -> dict:
     import ray
 
