@@ -94,6 +94,7 @@ class BridgeRegistry:
         self.planner = FleetPlanner(self.settings.scaling)
         self.handles: dict[str, Any] = {}
         self.starting: dict[str, asyncio.Task] = {}
+        self._starting_handles: dict[str, Any] = {}  # detached: killed by `shutdown` too
         self.retiring: set[str] = set()
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
         self.counters: collections.Counter[str] = collections.Counter()
@@ -202,6 +203,12 @@ class BridgeRegistry:
         for task in self.starting.values():
             task.cancel()
         n = 0
+        # a worker still starting is a detached actor too: left alone, it would outlive the
+        # fleet (and the next registry would take it back, with this fleet's settings)
+        for handle in list(self._starting_handles.values()):
+            ray.kill(handle, no_restart=True)
+            n += 1
+        self._starting_handles.clear()
         for wid, handle in list(self.handles.items()):
             ray.kill(handle, no_restart=True)
             self.table.remove(wid)
@@ -304,6 +311,7 @@ class BridgeRegistry:
             num_cpus=s.worker_num_cpus, resources=dict(s.worker_resources),
             runtime_env={"env_vars": env} if env else None,
         ).remote(worker_id, name, asdict(s.worker))
+        self._starting_handles[worker_id] = handle
         self.starting[worker_id] = asyncio.ensure_future(self._start(worker_id, handle))
         self._event("starting", worker_id)
 
@@ -312,11 +320,13 @@ class BridgeRegistry:
             rep = await asyncio.wait_for(handle.start.remote(), self.settings.start_timeout_s)
         except Exception as exc:  # noqa: BLE001 - a failed start is logged and retried by the loop
             self.starting.pop(worker_id, None)
+            self._starting_handles.pop(worker_id, None)
             ray.kill(handle, no_restart=True)
             self._event("start_failed", worker_id, error=f"{type(exc).__name__}: {exc}"[:300])
             return
         self.table.report(WorkerReport.from_dict(rep), time.monotonic())
         self.starting.pop(worker_id, None)
+        self._starting_handles.pop(worker_id, None)
         self._adopt(worker_id, handle)
         self._event("joined", worker_id, url=rep["url"])
 

@@ -282,6 +282,35 @@ def test_when_a_cascading_owner_dies_its_publisher_republishes_on_the_follower_w
     assert served["last_packet_age_s"] < 1.0, served
 
 
+def test_a_fleet_taken_down_while_a_worker_starts_leaves_no_worker_behind(ray_cluster):
+    """`auralink bridges down` during a scale-up: the worker still starting (a detached
+    actor) is killed with the rest, not left running for the next fleet to take back."""
+    import ray
+
+    from deployments.config import RAY_NAMESPACE
+    from sfu_bridge.fleet import WORKER_PREFIX
+
+    def workers() -> list[str]:
+        return [e["name"] for e in ray.util.list_named_actors(all_namespaces=True)
+                if e["namespace"] == RAY_NAMESPACE and e["name"].startswith(WORKER_PREFIX)]
+
+    async def go():
+        registry = start_fleet(ray_cluster, 1)
+        try:
+            deadline = time.monotonic() + 60
+            while not (await registry.status.remote())["starting"]:
+                assert time.monotonic() < deadline, "no worker started"
+                await asyncio.sleep(0.05)
+        finally:
+            await stop_fleet(registry)
+        deadline = time.monotonic() + 15
+        while workers() and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+        return workers()
+
+    assert asyncio.run(go()) == []
+
+
 async def _info(worker_id: str) -> dict:
     import ray
 
