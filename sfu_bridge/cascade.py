@@ -20,16 +20,19 @@ and every `FEEDBACK_INTERVAL_S`; the owner forgets a worker's subscription after
 `SUBSCRIPTION_TTL_S` without one. The owner encodes each stream as deep as the deepest need,
 local or remote.
 
-**Framing** (big-endian; version 2)::
+**Framing** (big-endian; version 3)::
 
     header   magic "AL" | version u8 | type u8 | worker u16 | boot u32 | tick u32 | part u8 | parts u8 | count u16
     FRAMES   count records: sid_len u8 | sid (utf-8) | kind u8 | rtp_ts u32 | age_us u32 | body
-             kind AI (1):       epoch u32 | epoch_seq u32 | n_q u8 | n_frames u8 | codes (10-bit packed)
+             kind AI (1):       epoch u32 | epoch_seq u32 | max_n_q u8 | n_q u8 | n_frames u8 | codes (10-bit packed)
              kind FALLBACK (2): reason u8 | n u8 | n x (len u16 | Opus packet)
              kind DTX (3):      (empty)
              kind OPUS (4):     len u16 | the publisher's Opus packet (forwarded, untouched)
     FEEDBACK count records: sid_len u8 | sid | need_n_q u8 | flags u8 (bit 0: restart epoch)
 
+`max_n_q` is the deepest layer the stream may be sent at on its owner (the publisher's
+request under its user's cap, `BridgeCore.max_n_q`): the receiving worker caps its own
+subscribers' layers by it, as the owner caps its own, whatever its default bandwidth is.
 `age_us` is the time since the owner received the chunk (or packet): a relative age, as
 deadlines are relative budgets, because hosts' clocks differ. With a relay key (derived from
 the cluster secret, `relay_key`) every datagram ends in a 10-byte truncated HMAC-SHA256 tag
@@ -57,6 +60,7 @@ import logging
 import struct
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +73,7 @@ from sfu_bridge.core import FrameOutcome
 logger = logging.getLogger(__name__)
 
 MAGIC = b"AL"
-VERSION = 2
+VERSION = 3
 HEADER = struct.Struct("!2sBBHIIBBH")  # 18 bytes
 MAX_DATAGRAM = 1200
 TAG_BYTES = 10
@@ -119,6 +123,7 @@ class FrameRecord:
     epoch: int = 0
     epoch_seq: int = 0
     codes: np.ndarray | None = None  # int16 [n_q, n_frames] (AI)
+    max_n_q: int = 0  # AI: the deepest layer the owner allows the stream (>= n_q)
     reason: FallbackReason | None = None  # FALLBACK
     opus: list[bytes] = field(default_factory=list)  # FALLBACK: its packets; OPUS: one packet
 
@@ -198,8 +203,10 @@ def encode_record(r: FrameRecord | FeedbackRecord) -> bytes:
         n_q, n_frames = r.codes.shape
         if not 1 <= n_q <= MAX_N_Q or not 1 <= n_frames <= MAX_FRAMES:
             raise ValueError(f"codes shape {r.codes.shape} out of range")
-        return head + struct.pack("!IIBB", r.epoch & 0xFFFFFFFF, r.epoch_seq & 0xFFFFFFFF,
-                                  n_q, n_frames) + pack_codes(r.codes)
+        if not n_q <= r.max_n_q <= MAX_N_Q:
+            raise ValueError(f"max_n_q {r.max_n_q} out of range [{n_q}, {MAX_N_Q}]")
+        return head + struct.pack("!IIBBB", r.epoch & 0xFFFFFFFF, r.epoch_seq & 0xFFFFFFFF,
+                                  r.max_n_q, n_q, n_frames) + pack_codes(r.codes)
     if r.kind is RecordKind.FALLBACK:
         assert r.reason is not None
         body = struct.pack("!BB", reason_code(r.reason), len(r.opus))
@@ -285,17 +292,19 @@ def parse(data: bytes, key: bytes | None = None) -> RelayDatagram:
         kind, ts, age = struct.unpack_from("!BII", data, pos)
         pos = end
         if kind == RecordKind.AI:
-            end = _take(data, pos, 10)
-            epoch, seq, n_q, n_frames = struct.unpack_from("!IIBB", data, pos)
+            end = _take(data, pos, 11)
+            epoch, seq, max_n_q, n_q, n_frames = struct.unpack_from("!IIBBB", data, pos)
             if not 1 <= n_q <= MAX_N_Q or not 1 <= n_frames <= MAX_FRAMES:
                 raise RelayError(RelayDrop.BAD_RECORD, f"codes shape ({n_q}, {n_frames}) out of range")
+            if not n_q <= max_n_q <= MAX_N_Q:
+                raise RelayError(RelayDrop.BAD_RECORD, f"max_n_q {max_n_q} out of range [{n_q}, {MAX_N_Q}]")
             size = packed_size(n_q, n_frames)
             pos = _take(data, end, size)
             try:
                 codes = unpack_codes(data[end:pos], n_q, n_frames)
             except ValueError as exc:
                 raise RelayError(RelayDrop.BAD_RECORD, f"codes: {exc}") from None
-            records.append(FrameRecord(sid, RecordKind.AI, ts, age, epoch, seq, codes))
+            records.append(FrameRecord(sid, RecordKind.AI, ts, age, epoch, seq, codes, max_n_q=max_n_q))
         elif kind == RecordKind.FALLBACK:
             end = _take(data, pos, 2)
             code, n_packets = data[pos], data[pos + 1]
@@ -431,7 +440,8 @@ class CascadeRelay:
                 key = (id(fo), sub.need_n_q)
                 body = encoded.get(key)
                 if body is None:
-                    body = encoded[key] = encode_record(self._record(fo, sub.need_n_q, age, opus_packets))
+                    body = encoded[key] = encode_record(self._record(fo, sub.need_n_q, age, opus_packets,
+                                                                     self.media.core.stream_max_n_q))
                 by_peer.setdefault(addr, []).append(body)
         for sid, packets in self._opus.items():
             peers = self.subscriptions.get(sid, {})
@@ -454,11 +464,14 @@ class CascadeRelay:
             self.send_cpu_us.append(dt * 1e6)
 
     @staticmethod
-    def _record(fo: FrameOutcome, need: int, age: int, opus_packets: dict[int, list[bytes]]) -> FrameRecord:
+    def _record(fo: FrameOutcome, need: int, age: int, opus_packets: dict[int, list[bytes]],
+                max_n_q: Callable[[str], int]) -> FrameRecord:
         sid, ts = fo.stream_id, fo.rtp_timestamp
         if fo.outcome is Outcome.AI and fo.codes is not None and need > 0:
+            n_q = min(need, fo.n_q)
+            # (a hint since the tick may have lowered the stream's maximum below its codes)
             return FrameRecord(sid, RecordKind.AI, ts, age, fo.epoch, fo.epoch_seq,
-                               fo.codes[:min(need, fo.n_q)])
+                               fo.codes[:n_q], max_n_q=max(n_q, max_n_q(sid)))
         if fo.outcome is Outcome.FALLBACK:
             opus = opus_packets.get(id(fo)) or getattr(fo, "opus", None) or []
             return FrameRecord(sid, RecordKind.FALLBACK, ts, age, reason=fo.reason or FallbackReason.ERROR,
@@ -540,6 +553,7 @@ class CascadeRelay:
             at = now_wall - r.age_us / 1e6
             if r.kind is RecordKind.AI:
                 self.received["codebooks"] += len(r.codes)  # the depth relayed (tests, benches)
+                media.core.set_relayed_max(r.stream_id, r.max_n_q)
                 frames.append(RelayedFrame(r.stream_id, Outcome.AI, None, r.epoch, r.epoch_seq,
                                            r.rtp_timestamp, r.codes, None, at))
             elif r.kind is RecordKind.FALLBACK:

@@ -618,6 +618,14 @@ class BridgeCore:
         row = self._row_of.get(stream_id)
         return self.n_q if row is None else int(self.max_n_q(np.array([row]))[0])
 
+    def set_relayed_max(self, stream_id: str, n_q: int) -> None:
+        """A followed stream's deepest layer on its owner (the relay says it with each AI
+        frame): this worker's subscribers are capped by it as the owner's are. The owner's
+        maximum already holds its user's cap, so none applies here."""
+        row = self._row_of.get(stream_id)
+        if row is not None and stream_id in self._relayed:
+            self.req_n_q[row] = n_q
+
     def set_need(self, stream_id: str, n_q: int | None) -> None:
         """The deepest layer the stream's AIC subscribers ask for (None: it has none); its
         AI frames are quantized that deep from the next tick."""
@@ -652,7 +660,7 @@ class BridgeCore:
             self.dtx_on[:n] = self.live[:n] & self.dtx
             for sid, pol in by_stream.items():
                 row = self._row_of.get(sid)
-                if row is not None:
+                if row is not None and sid not in self._relayed:  # (its owner applies its user's)
                     cap = pol.get("max_kbps")
                     self._set_policy(row, None if cap is None else float(cap), bool(pol.get("dtx", True)))
 

@@ -32,7 +32,7 @@ from sfu_bridge.cascade import (
 
 def _ai(sid: str = "s", n_q: int = 8, frames: int = 3, seed: int = 0) -> FrameRecord:
     codes = np.random.default_rng(seed).integers(0, 1024, (n_q, frames)).astype(np.int16)
-    return FrameRecord(sid, RecordKind.AI, 1920 * 7, 1234, epoch=3, epoch_seq=5, codes=codes)
+    return FrameRecord(sid, RecordKind.AI, 1920 * 7, 1234, epoch=3, epoch_seq=5, codes=codes, max_n_q=32)
 
 
 def _same(a: FrameRecord | FeedbackRecord, b: FrameRecord | FeedbackRecord) -> bool:
@@ -41,8 +41,8 @@ def _same(a: FrameRecord | FeedbackRecord, b: FrameRecord | FeedbackRecord) -> b
     assert isinstance(b, FrameRecord)
     codes_equal = (a.codes is None and b.codes is None) or np.array_equal(a.codes, b.codes)
     return (codes_equal and a.stream_id == b.stream_id and a.kind == b.kind and a.opus == b.opus
-            and (a.rtp_timestamp, a.age_us, a.epoch, a.epoch_seq, a.reason)
-            == (b.rtp_timestamp, b.age_us, b.epoch, b.epoch_seq, b.reason))
+            and (a.rtp_timestamp, a.age_us, a.epoch, a.epoch_seq, a.reason, a.max_n_q)
+            == (b.rtp_timestamp, b.age_us, b.epoch, b.epoch_seq, b.reason, b.max_n_q))
 
 
 def test_frames_round_trip_byte_exact() -> None:
@@ -59,7 +59,7 @@ def test_frames_round_trip_byte_exact() -> None:
     assert all(_same(a, b) for a, b in zip(records, d.records, strict=True))
     assert serialise(RelayType.FRAMES, 7, 42, d.records, boot=d.boot) == [dgram]
     # a fixture: header bytes as specified
-    assert dgram[:HEADER.size] == (b"AL\x02\x01\x00\x07\x01\x02\x03\x04\x00\x00\x00\x2a"
+    assert dgram[:HEADER.size] == (b"AL\x03\x01\x00\x07\x01\x02\x03\x04\x00\x00\x00\x2a"
                                    b"\x00\x01\x00\x05")
 
 
@@ -97,15 +97,18 @@ def test_large_batch_splits_into_self_contained_datagrams() -> None:
     (b"AL\x01", RelayDrop.TRUNCATED, "shorter than the header"),
     (b"XX" + bytes(16), RelayDrop.BAD_HEADER, "magic"),
     (b"AL\x01\x01" + bytes(14), RelayDrop.BAD_HEADER, "version 1"),
-    (b"AL\x02\x07" + bytes(14), RelayDrop.BAD_HEADER, "type 7"),
-    (HEADER.pack(b"AL", 2, 1, 0, 0, 0, 1, 1, 0), RelayDrop.BAD_HEADER, "part 1 of 1"),
-    (HEADER.pack(b"AL", 2, 1, 0, 0, 0, 0, 1, 1) + b"\x01s" + struct.pack("!BII", 9, 0, 0),
+    (b"AL\x02\x01" + bytes(14), RelayDrop.BAD_HEADER, "version 2"),
+    (b"AL\x03\x07" + bytes(14), RelayDrop.BAD_HEADER, "type 7"),
+    (HEADER.pack(b"AL", 3, 1, 0, 0, 0, 1, 1, 0), RelayDrop.BAD_HEADER, "part 1 of 1"),
+    (HEADER.pack(b"AL", 3, 1, 0, 0, 0, 0, 1, 1) + b"\x01s" + struct.pack("!BII", 9, 0, 0),
      RelayDrop.BAD_RECORD, "kind 9"),
-    (HEADER.pack(b"AL", 2, 1, 0, 0, 0, 0, 1, 1) + b"\x00", RelayDrop.BAD_RECORD, "empty stream id"),
-    (HEADER.pack(b"AL", 2, 1, 0, 0, 0, 0, 1, 0) + b"x", RelayDrop.TRAILING, "1 bytes after"),
-    (HEADER.pack(b"AL", 2, 1, 0, 0, 0, 0, 1, 1) + b"\x01s" + struct.pack("!BII", 1, 0, 0)
-     + struct.pack("!IIBB", 0, 0, 33, 1), RelayDrop.BAD_RECORD, "out of range"),
-    (HEADER.pack(b"AL", 2, 2, 0, 0, 0, 0, 1, 1) + b"\x01s\x08\x02", RelayDrop.BAD_RECORD, "flags"),
+    (HEADER.pack(b"AL", 3, 1, 0, 0, 0, 0, 1, 1) + b"\x00", RelayDrop.BAD_RECORD, "empty stream id"),
+    (HEADER.pack(b"AL", 3, 1, 0, 0, 0, 0, 1, 0) + b"x", RelayDrop.TRAILING, "1 bytes after"),
+    (HEADER.pack(b"AL", 3, 1, 0, 0, 0, 0, 1, 1) + b"\x01s" + struct.pack("!BII", 1, 0, 0)
+     + struct.pack("!IIBBB", 0, 0, 32, 33, 1), RelayDrop.BAD_RECORD, "out of range"),
+    (HEADER.pack(b"AL", 3, 1, 0, 0, 0, 0, 1, 1) + b"\x01s" + struct.pack("!BII", 1, 0, 0)
+     + struct.pack("!IIBBB", 0, 0, 4, 8, 1), RelayDrop.BAD_RECORD, "max_n_q 4"),
+    (HEADER.pack(b"AL", 3, 2, 0, 0, 0, 0, 1, 1) + b"\x01s\x08\x02", RelayDrop.BAD_RECORD, "flags"),
 ])
 def test_bad_input_is_a_relay_error_with_a_reason(data: bytes, reason: RelayDrop, message: str) -> None:
     with pytest.raises(RelayError, match=message) as err:
@@ -194,7 +197,11 @@ class _Sink:
                 return out
 
 
-def test_two_workers_every_frame_exactly_once_at_each_layer() -> None:
+async def _two_workers(chunks: int, layers: tuple[list, list], kbps: tuple[float, float] = (24.0, 24.0)):
+    """An owner and a peer worker (each a MediaBridge with an emulated codec and a relay) on
+    loopback; subscribers pinned at `layers` (None: Opus) on each; the publisher's `chunks`
+    40 ms chunks ticked on the owner. Returns each subscriber's packets in the clear and
+    the two relays."""
     from aiortc.rtp import RtpPacket
 
     from cluster.bench.bridge import (
@@ -204,58 +211,57 @@ def test_two_workers_every_frame_exactly_once_at_each_layer() -> None:
         _opus_loop,
         _srtp_pair,
     )
-    from sfu_bridge.aic_payload import AicPayload
+    from sfu_bridge.aiortc_compat import FastSrtp
     from sfu_bridge.core import BridgeCore
     from sfu_bridge.media import MediaBridge
     from sfu_bridge.rate_control import Layer
 
+    owner = MediaBridge(BridgeCore(EmulatedCodec(1.0), bandwidth_kbps=kbps[0]), max_streams=2)
+    peer = MediaBridge(BridgeCore(EmulatedCodec(1.0), bandwidth_kbps=kbps[1]), max_streams=2)
+    key = relay_key(b"cluster secret")
+    r0, r1 = CascadeRelay(0, owner, key), CascadeRelay(1, peer, key)
+    owner.cascade, peer.cascade = r0, r1
+    a0 = await r0.open("127.0.0.1", 0)
+    await r1.open("127.0.0.1", 0)
+    owner.add_publisher("s", "pub", None).opus_pt = 111
+    r1.follow("s", a0)
+    send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    subs = []  # (worker, layer or None for Opus, sink, srtp rx)
+    for media, w in ((owner, 0), (peer, 1)):
+        for layer in layers[w]:
+            sink = _Sink()
+            out = LoopbackOut(layer is not None, send, sink.addr, with_mid=False)
+            tx, rx = _srtp_pair()
+            out._srtp = FastSrtp(tx)
+            sub = media.add_subscriber("s", "u", None, out)
+            if layer is not None:
+                media.pin_layer(sub.session_id, Layer(layer))
+            subs.append((w, layer, sink, rx))
+    for _ in range(20):  # the peer's feedback subscribes it at the owner
+        r1.feedback()
+        await asyncio.sleep(0.01)
+        if r0.subscriptions.get("s"):
+            break
+    feed = PublisherFeed(_opus_loop())
+    for _ in range(chunks):
+        for data in feed.next_wire(2):
+            owner.forward("s", RtpPacket.parse(feed.rx.unprotect(data)))
+        report = await owner.core.tick()
+        owner.dispatch_now(report)
+        await asyncio.sleep(0.01)  # the relay datagram reaches the peer
+        owner._update_needs()
+    await asyncio.sleep(0.05)
+    got = [(w, layer, [RtpPacket.parse(rx.unprotect(p)) for p in sink.drain()]) for w, layer, sink, rx in subs]
+    r0.close()
+    r1.close()
+    return got, r0, r1
+
+
+def test_two_workers_every_frame_exactly_once_at_each_layer() -> None:
+    from sfu_bridge.aic_payload import AicPayload
+
     chunks = 12
-
-    async def go() -> tuple[list, list, CascadeRelay, CascadeRelay]:
-        owner = MediaBridge(BridgeCore(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2)
-        peer = MediaBridge(BridgeCore(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2)
-        key = relay_key(b"cluster secret")
-        r0, r1 = CascadeRelay(0, owner, key), CascadeRelay(1, peer, key)
-        owner.cascade, peer.cascade = r0, r1
-        a0 = await r0.open("127.0.0.1", 0)
-        await r1.open("127.0.0.1", 0)
-        owner.add_publisher("s", "pub", None).opus_pt = 111
-        r1.follow("s", a0)
-        send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        subs = []  # (worker, layer or None for Opus, sink, out, srtp rx)
-        for media, w, layers in ((owner, 0, [4, None]), (peer, 1, [2, 8, None])):
-            for layer in layers:
-                sink = _Sink()
-                out = LoopbackOut(layer is not None, send, sink.addr, with_mid=False)
-                tx, rx = _srtp_pair()
-                from sfu_bridge.aiortc_compat import FastSrtp
-
-                out._srtp = FastSrtp(tx)
-                sub = media.add_subscriber("s", "u", None, out)
-                if layer is not None:
-                    media.pin_layer(sub.session_id, Layer(layer))
-                subs.append((w, layer, sink, out, rx))
-        for _ in range(20):  # the peer's feedback subscribes it at the owner
-            r1.feedback()
-            await asyncio.sleep(0.01)
-            if r0.subscriptions.get("s"):
-                break
-        feed = PublisherFeed(_opus_loop())
-        for _ in range(chunks):
-            for data in feed.next_wire(2):
-                owner.forward("s", RtpPacket.parse(feed.rx.unprotect(data)))
-            report = await owner.core.tick()
-            owner.dispatch_now(report)
-            await asyncio.sleep(0.01)  # the relay datagram reaches the peer
-            owner._update_needs()
-        await asyncio.sleep(0.05)
-        got = [(w, layer, [RtpPacket.parse(rx.unprotect(p)) for p in sink.drain()])
-               for w, layer, sink, _, rx in subs]
-        r0.close()
-        r1.close()
-        return got, subs, r0, r1
-
-    got, _, r0, r1 = asyncio.run(go())
+    got, r0, r1 = asyncio.run(_two_workers(chunks, ([4, None], [2, 8, None])))
     assert r0.subscriptions["s"] and not r1.drops and not r0.drops
     # the owner relayed each tick's frame once, at the peer's deepest layer (8), never 32
     assert r0.sent["datagrams"] >= chunks and r1.received["datagrams"] == r0.sent["datagrams"]
@@ -272,3 +278,23 @@ def test_two_workers_every_frame_exactly_once_at_each_layer() -> None:
             assert {p.n_q for p in payloads} == {layer}, (w, layer)
             ts = [p.timestamp for p in packets]
             assert [t - ts[0] for t in ts] == [1920 * k for k in range(chunks)]  # every frame once, in order
+
+
+@pytest.mark.parametrize("kbps, peer_layer, expect", [
+    ((24.0, 6.0), 16, 16),  # a follower at a lower default: the owner's maximum (32) holds
+    ((6.0, 24.0), 16, 8),  # a follower at a higher default: the owner's maximum (8) holds
+])
+def test_a_follower_caps_its_subscribers_by_the_owners_maximum_not_its_own(kbps, peer_layer, expect) -> None:
+    """Each worker has its own default bandwidth (its default depth until the publisher's hints
+    say otherwise); a followed stream's subscribers get the layers the owner allows the
+    stream, as the owner's own subscribers do."""
+    from sfu_bridge.aic_payload import AicPayload
+
+    chunks = 12
+    got, r0, r1 = asyncio.run(_two_workers(chunks, ([peer_layer], [peer_layer]), kbps))
+    assert not r0.drops and not r1.drops
+    by_worker = {w: [AicPayload.parse(p.payload).n_q for p in packets] for w, _, packets in got}
+    assert by_worker[0] == [expect] * chunks  # the owner's own subscriber
+    # the follower's: the owner's maximum from the first relayed frame on (one tick for its
+    # feedback to reach the owner), every frame once
+    assert len(by_worker[1]) == chunks and by_worker[1][2:] == [expect] * (chunks - 2), by_worker
