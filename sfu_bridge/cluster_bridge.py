@@ -128,7 +128,7 @@ class BridgeWorker:
             self.worker_id, self._route, holds=self._holds, authorized=self._authorized,
             mode=RedirectMode(s.redirect_mode), follows=lambda stream: stream in self.relay.owners,
             follow=self._follow, unfollow=self._unfollow,
-            cascading=lambda: 0 < self.cascade_after <= len(server.media.sessions),
+            cascading=self._cascading,
         )
         self.routing.install(server.app)
         # Session URLs are capabilities: a redacting access log where the server has one.
@@ -195,6 +195,13 @@ class BridgeWorker:
     async def _route(self, stream: str, kind: SignalKind) -> Route:
         return Route.from_dict(await self._registry.route.remote(stream, kind.value, self.worker_id))
 
+    def _cascading(self, stream: str) -> bool:
+        """Whether a new subscriber of `stream` (published or followed here) may belong on
+        another worker: this one holds the registry's threshold of sessions, or the stream
+        its per-stream subscriber cap."""
+        return 0 < self.cascade_after and (self.cascade_after <= len(self.server.media.sessions)
+                                           or self.server.sessions.stream_full(stream))
+
     def _holds(self, stream: str) -> bool:
         """The stream's publisher is here (not a stream followed from another worker)."""
         return stream in self.server.media.publishers and stream not in self.relay.owners
@@ -260,6 +267,7 @@ class BridgeWorker:
             counters=dict(self.routing.counters) if self.routing else {},
             relay_addr=list(self.relay_addr) if self.relay_addr else None,
             relayed={s: len(media.subscribers.get(s, {})) for s in followed},
+            full=[s for s in media.publishers if self.server.sessions.stream_full(s)],
         )
 
     def _publisher_sessions(self) -> dict[str, str]:

@@ -85,8 +85,10 @@ class ClusterRouting:
     header, kind, stream)` whether the request's token would be accepted here. With a relay:
     `follows(stream)` says whether this worker follows the stream from another worker, and
     `follow(stream, relay_addr)` starts to (False: it cannot), `unfollow(stream)` stops, and
-    `cascading()` says whether this worker, as an owner, is full enough that its streams' new
-    subscribers may go elsewhere (it asks the registry about them only then).
+    `cascading(stream)` says whether this worker is full enough that the stream's new
+    subscribers may go elsewhere (it holds the cascade threshold's sessions, or the stream its
+    per-stream subscriber cap); as the stream's owner or follower it asks the registry about
+    them only then.
     """
 
     def __init__(
@@ -102,7 +104,7 @@ class ClusterRouting:
         follows: Callable[[str], bool] | None = None,
         follow: Callable[[str, tuple[str, int]], bool] | None = None,
         unfollow: Callable[[str], Awaitable[None]] | None = None,
-        cascading: Callable[[], bool] | None = None,
+        cascading: Callable[[str], bool] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.route = route
@@ -110,7 +112,7 @@ class ClusterRouting:
         self.follows = follows
         self.follow = follow
         self.unfollow = unfollow
-        self.cascading = cascading  # whether this worker holds enough sessions to cascade
+        self.cascading = cascading  # whether a stream's new subscriber may cascade from here
         self.authorized = authorized
         self.mode = mode
         self.route_timeout_s = route_timeout_s
@@ -140,12 +142,13 @@ class ClusterRouting:
             return await self._forwarded(request, handler, kind, stream)
         if not self.authorized(request.headers.get("Authorization"), kind, stream):
             return await self._local(request, handler)
-        if kind is SignalKind.SUBSCRIBE and self.follows is not None and self.follows(stream):
+        # The owner (and a follower) asks about its stream's subscribers only when it is full
+        # enough to cascade them (the registry's threshold, as the worker last heard it, or
+        # the stream's per-stream subscriber cap here).
+        full = kind is SignalKind.SUBSCRIBE and self.cascading is not None and self.cascading(stream)
+        if kind is SignalKind.SUBSCRIBE and self.follows is not None and self.follows(stream) and not full:
             return await self._local(request, handler)
-        # The owner asks about its own stream's subscribers only when it is full enough to
-        # cascade them (the registry's threshold, as the worker last heard it).
-        if self.holds(stream) and (kind is SignalKind.PUBLISH or self.follow is None
-                                   or not (self.cascading is not None and self.cascading())):
+        if self.holds(stream) and (kind is SignalKind.PUBLISH or self.follow is None or not full):
             return await self._local(request, handler)
         try:
             route = await asyncio.wait_for(self.route(stream, kind), self.route_timeout_s)

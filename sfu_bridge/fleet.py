@@ -111,6 +111,7 @@ class WorkerReport:
     counters: Mapping[str, int] = field(default_factory=dict)  # routing decisions, refusals
     relay_addr: tuple[str, int] | list | None = None  # its cascade relay (UDP), if it runs one
     relayed: Mapping[str, int] = field(default_factory=dict)  # followed stream -> its subscribers here
+    full: list[str] = field(default_factory=list)  # streams at its per-stream subscriber cap
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), Mapping) else v)
@@ -245,24 +246,32 @@ class WorkerTable:
     def _cascade_to(self, owner: WorkerRecord, stream: str, asking: str | None,
                     now: float) -> WorkerRecord | None:
         """The worker a new subscriber of `owner`'s stream cascades to, or None (the owner
-        serves it: it has room, runs no relay, or no other worker is less loaded). The asking
-        worker keeps it while it has room or is the least loaded (so a redirected request is
-        not sent on again); else a worker already following the stream with room; else the
-        least loaded one."""
-        if not self.cascade_after or owner.load < self.cascade_after or not owner.report.relay_addr:
+        serves it: it has room, runs no relay, or no other worker is less loaded). The owner
+        has no room when it holds `cascade_after` sessions or the stream holds the worker's
+        per-stream subscriber cap there (`WorkerReport.full`); a worker at that cap for the
+        stream is never chosen. The asking worker keeps it while it has room or is the least
+        loaded (so a redirected request is not sent on again); else a worker already following
+        the stream with room; else the least loaded one."""
+        owner_full = stream in owner.report.full  # it would refuse the subscriber (503)
+        if (not self.cascade_after or not owner.report.relay_addr
+                or (owner.load < self.cascade_after and not owner_full)):
             return None
         others = [r for r in self.admitting(now)
-                  if r.worker_id != owner.worker_id and r.report.relay_addr]
+                  if r.worker_id != owner.worker_id and r.report.relay_addr and stream not in r.report.full]
         if not others:
             return None
+
+        def better(r: WorkerRecord) -> bool:
+            return owner_full or r.load < owner.load
+
         best = min(others, key=lambda r: (r.load, r.worker_id))
         here = next((r for r in others if r.worker_id == asking), None)
-        if here is not None and (here.load < self.cascade_after or (here is best and here.load < owner.load)):
+        if here is not None and (here.load < self.cascade_after or (here is best and better(here))):
             return here
         following = [r for r in others if stream in r.report.relayed and r.load < self.cascade_after]
         if following:
             return min(following, key=lambda r: (r.load, r.worker_id))
-        return best if best.load < owner.load else None
+        return best if better(best) else None
 
     def total_streams(self, now: float) -> int:
         return len({s for r in self.live(now) for s in r.report.streams})

@@ -109,13 +109,19 @@ class SessionRegistry:
         self.refused[reason] += 1
         return SessionRefused(reason, message)
 
+    def stream_full(self, stream_id: str) -> bool:
+        """The stream holds its maximum of subscribers here (a fleet cascades the next one)."""
+        cap = self.limits.max_subscribers_per_stream
+        return bool(cap) and sum(r.kind is SessionKind.SUBSCRIBER and r.stream_id == stream_id
+                                 for r in self.records.values()) >= cap
+
     def admit_subscriber(self, stream_id: str, token: str) -> None:
         """Raise `SessionRefused` (counted) if one more subscriber would exceed a cap."""
         per_stream, per_token = (
             self.limits.max_subscribers_per_stream, self.limits.max_subscribers_per_token
         )
         subs = [r for r in self.records.values() if r.kind is SessionKind.SUBSCRIBER]
-        if per_stream and sum(r.stream_id == stream_id for r in subs) >= per_stream:
+        if self.stream_full(stream_id):
             raise self.refuse(
                 Refusal.STREAM_CAP,
                 f"stream has its maximum of {per_stream} subscribers on this bridge worker",

@@ -238,7 +238,7 @@ def serve_offers(routing: ClusterRouting, steps: list, log: list) -> list[int]:
                 if callable(step):
                     step()
                 else:
-                    statuses.append((await client.post(step)).status)
+                    statuses.append((await client.post(step, allow_redirects=False)).status)
         return statuses
 
     return asyncio.run(go())
@@ -290,8 +290,27 @@ def test_an_owner_asks_about_its_subscribers_only_when_full_enough_to_cascade():
 
     routing = ClusterRouting("a", route, holds=lambda s: True, authorized=lambda h, k, s: True,
                              follows=lambda s: False, follow=lambda s, a: True,
-                             cascading=lambda: full["now"])
+                             cascading=lambda s: full["now"])
     statuses = serve_offers(routing, ["/whep/mine", lambda: full.update(now=True), "/whep/mine", "/whip/mine"],
                             [])
     assert statuses == [201, 201, 201]
     assert asked == ["mine"]  # only the subscriber that arrived once the owner was full
+
+
+def test_a_follower_at_the_streams_subscriber_cap_asks_where_the_next_subscriber_goes():
+    from sfu_bridge.fleet import RouteKind, RouteReason
+
+    asked: list[str] = []
+    capped: set[str] = set()
+
+    async def route(stream, kind):
+        asked.append(stream)
+        return Route(RouteKind.REDIRECT, RouteReason.CASCADE, "c", "http://c:8100", "http://c:8100",
+                     relay_addr=("10.0.0.7", 7000))
+
+    routing = ClusterRouting("b", route, holds=lambda s: False, authorized=lambda h, k, s: True,
+                             follows=lambda s: True, follow=lambda s, a: True,
+                             cascading=lambda s: s in capped)
+    statuses = serve_offers(routing, ["/whep/room", lambda: capped.add("room"), "/whep/room", "/whep/other"], [])
+    assert statuses == [201, 307, 201]  # served here while it has room, then sent on
+    assert asked == ["room"]

@@ -177,3 +177,18 @@ def test_a_follower_learns_where_a_moved_publisher_is_relayed_from():
     assert t.relay_owners(["room"], "b", 1.0) == {"room": ["10.0.0.9", 7099]}
     # a stream b publishes itself is never relayed to it
     assert t.relay_owners(["room"], "c", 1.0) == {}
+
+
+def test_a_stream_at_its_per_stream_cap_cascades_before_the_threshold_and_never_to_a_capped_worker():
+    """A worker refuses a stream's subscribers past its per-stream cap (503): a call bigger
+    than that cap spreads even while its owner holds fewer sessions than `cascade_after`."""
+    full = WorkerReport(**{**relay_rep("a", {"room": 1.0}, sessions=201).to_dict(), "full": ["room"]})
+    capped_b = WorkerReport(**{**relay_rep("b", sessions=200, relayed={"room": 200}).to_dict(), "full": ["room"]})
+    t = cascading(full, capped_b, relay_rep("c", sessions=300), after=400)
+    r = t.route("room", SUB, asking="a", now=1.0)
+    assert (r.kind, r.reason, r.worker_id) == (RouteKind.REDIRECT, RouteReason.CASCADE, "c")
+    # b follows the stream but holds its cap: c, though busier than the owner, is asked
+    assert t.route("room", SUB, asking="b", now=1.0).worker_id == "c"
+    # without the cap reached, the owner below the threshold keeps its subscribers
+    t = cascading(relay_rep("a", {"room": 1.0}, sessions=201), relay_rep("c"), after=400)
+    assert t.route("room", SUB, asking="a", now=1.0).reason is RouteReason.OWNER
