@@ -188,7 +188,11 @@ class ClusterRouting:
                          stream: str) -> web.StreamResponse:
         """A request another worker forwarded here is served here: a subscriber of a stream
         cascaded here (neither published nor followed here yet) makes this worker follow the
-        stream first, at the relay the registry names (never one the request names)."""
+        stream first, at the relay the registry names (never one the request names); an
+        authorized publisher of a stream it follows makes it let the relay go, as a publisher
+        that signals here directly does."""
+        if kind is SignalKind.PUBLISH and self.authorized(request.headers.get("Authorization"), kind, stream):
+            await self._publishing_here(kind, stream)  # (a republish forwarded to a follower)
         if (kind is SignalKind.SUBSCRIBE and self.follow is not None and not self.holds(stream)
                 and not (self.follows is not None and self.follows(stream))):
             try:

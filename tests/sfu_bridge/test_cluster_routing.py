@@ -219,8 +219,8 @@ def test_redirect_targets_keep_the_token_only_where_allowed():
 
 def serve_offers(routing: ClusterRouting, steps: list, log: list) -> list[int]:
     """The routing middleware alone in front of a stand-in offer handler (201; it appends
-    ("handler", stream) to `log`): POSTs each path of `steps` (a callable among them runs in
-    its turn) and returns the statuses."""
+    ("handler", stream) to `log`): POSTs each path of `steps` (or (path, headers); a callable
+    among them runs in its turn) and returns the statuses."""
     from aiohttp.test_utils import TestClient, TestServer
 
     async def offer(request):
@@ -238,7 +238,8 @@ def serve_offers(routing: ClusterRouting, steps: list, log: list) -> list[int]:
                 if callable(step):
                     step()
                 else:
-                    statuses.append((await client.post(step, allow_redirects=False)).status)
+                    path, headers = step if isinstance(step, tuple) else (step, {})
+                    statuses.append((await client.post(path, headers=headers, allow_redirects=False)).status)
         return statuses
 
     return asyncio.run(go())
@@ -276,6 +277,25 @@ def test_cascading_hooks_follow_before_serving_and_let_go_when_published_here():
                      ("handler", "followed"),
                      ("unfollow", "followed"), ("handler", "followed")]
     assert routing.counters["cascaded"] == 1 and routing.counters["refused/cascade"] == 1
+
+
+def test_a_republish_forwarded_to_a_follower_lets_the_relay_go_if_authorized():
+    calls: list[tuple] = []
+
+    async def route(stream, kind):
+        raise AssertionError("a forwarded request is served where it arrives")
+
+    async def unfollow(stream):
+        calls.append(("unfollow", stream))
+
+    routing = ClusterRouting("b", route, holds=lambda s: False,
+                             authorized=lambda h, k, s: h == "Bearer ok",
+                             follows=lambda s: s == "room", follow=lambda s, a: True, unfollow=unfollow)
+    fwd = {FORWARDED_HEADER: "a"}
+    statuses = serve_offers(routing, [("/whip/room", {**fwd, "Authorization": "Bearer forged"}),
+                                      ("/whip/room", {**fwd, "Authorization": "Bearer ok"})], calls)
+    assert statuses == [201, 201]  # (the stand-in handler; the real one refuses the forged token)
+    assert calls == [("handler", "room"), ("unfollow", "room"), ("handler", "room")]
 
 
 def test_an_owner_asks_about_its_subscribers_only_when_full_enough_to_cascade():
