@@ -78,6 +78,7 @@ def aggregate(snapshots: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "bridges": sorted(snapshots),
         "streams_live": 0,
+        "streams_relayed": 0,  # followed by other workers of a cascade (not counted live twice)
         "replicas": 0,
         "frames_last_s": 0,
         "fallback_frames_last_s": 0,
@@ -94,6 +95,7 @@ def aggregate(snapshots: dict[str, dict[str, Any]]) -> dict[str, Any]:
     reasons: dict[str, int] = {}
     for bridge_id, snap in snapshots.items():
         out["streams_live"] += int(snap.get("streams_live", 0))
+        out["streams_relayed"] += int(snap.get("streams_relayed", 0))
         out["replicas"] = max(out["replicas"], int(snap.get("replicas", 0)))
         frames = int(snap.get("frames_last_s", 0))
         out["frames_last_s"] += frames

@@ -283,6 +283,7 @@ class Publisher:
     opus_pt: int | None = None  # the publisher's negotiated Opus payload type
     ts_base: int | None = None  # first RTP timestamp seen (forwarded timestamps start at 0)
     ingest: OpusIngest | None = None  # fast receive path: Opus RTP -> 24 kHz chunks, inline
+    relayed: bool = False  # published on another worker, followed here (cascade.py)
     # (rtp timestamp, wall time) of its latest chunks: when each was complete
     chunk_times: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=CHUNK_TIMES))
 
@@ -356,7 +357,8 @@ class MediaBridge:
         if not self._free_slots:
             raise OverflowError("this worker holds its maximum number of streams")
         pub = Publisher(
-            session_id or uuid.uuid4().hex, stream_id, user, pc, self._free_slots.pop(), Chunker(stream_id)
+            session_id or uuid.uuid4().hex, stream_id, user, pc, self._free_slots.pop(), Chunker(stream_id),
+            relayed=relayed,
         )
         if self.fast_ingest and not relayed:
             pub.ingest = OpusIngest(stream_id)
@@ -651,7 +653,8 @@ class MediaBridge:
         ov = np.asarray(self.overheads_ms[-1500:]) if self.overheads_ms else np.zeros(1)
         core = self.core.stats()
         return {
-            "publishers": len(self.publishers),
+            "publishers": sum(not p.relayed for p in self.publishers.values()),
+            "relayed_streams": sum(p.relayed for p in self.publishers.values()),
             "subscribers": sum(len(v) for v in self.subscribers.values()),
             "frames": core["frames"],
             "hints": core["hints"],

@@ -82,7 +82,10 @@ class StatsFeed:
             "source": "bridge",
             "at": time.time(),
             "compute": self.compute,
-            "streams_live": len(media.publishers),
+            # streams published here: a cascaded stream counts once (on its owner) when the
+            # dashboard sums bridges; those followed from another worker are apart
+            "streams_live": sum(not p.relayed for p in media.publishers.values()),
+            "streams_relayed": sum(p.relayed for p in media.publishers.values()),
             "replicas": _replicas(core.codec),
             "frames_last_s": total,
             "frames_dtx_last_s": int(sec[DTX_CODE]),
@@ -99,7 +102,7 @@ class StatsFeed:
     def user_rows(self, limit: int = MAX_USER_ROWS) -> list[dict[str, Any]]:
         """The first live users (by id) plus every one whose AI is off, as the bridge applies it."""
         rows = []
-        for stream_id in sorted(self.media.publishers):
+        for stream_id in sorted(s for s, p in self.media.publishers.items() if not p.relayed):
             st = self.media.core.stream(stream_id)
             if st is None or st.user is None:
                 continue

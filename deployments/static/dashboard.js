@@ -221,7 +221,8 @@
   async function poll() {
     try {
       const s = await api("stats");
-      document.getElementById("streams").textContent = fmt(s.streams_live);
+      document.getElementById("streams").textContent = fmt(s.streams_live) +
+        (s.streams_relayed ? " (+" + fmt(s.streams_relayed) + " relayed)" : "");
       document.getElementById("replicas").textContent = fmt(s.replicas);
       document.getElementById("fallback").textContent = (100 * (s.fallback_rate || 0)).toFixed(2) + " %";
       const sent = (s.kbps_ai || 0) + (s.kbps_native || 0);

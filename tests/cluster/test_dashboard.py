@@ -23,13 +23,13 @@ def test_aggregate_sums_bridges_and_drops_stale_snapshots():
     core.publish("b1", {"streams_live": 10, "replicas": 2, "frames_last_s": 250, "fallback_rate": 0.04,
                         "kbps_ai": 68.0, "kbps_native": 12.4, "kbps_all_native": 310.0,
                         "fallback_by_reason": {"deadline": 10}, "users": [{"user": "u2"}]}, now=now)
-    core.publish("b2", {"streams_live": 5, "replicas": 3, "frames_last_s": 125, "fallback_rate": 0.0,
+    core.publish("b2", {"streams_live": 5, "streams_relayed": 1, "replicas": 3, "frames_last_s": 125, "fallback_rate": 0.0,
                         "kbps_ai": 34.0, "fallback_by_reason": {"deadline": 1, "overload": 2},
                         "users": [{"user": "u1"}]}, now=now)
     core.publish("old", {"streams_live": 99}, now=now - 60)
     agg = aggregate(core.fresh(now=now))
     assert agg["bridges"] == ["b1", "b2"]
-    assert agg["streams_live"] == 15
+    assert agg["streams_live"] == 15 and agg["streams_relayed"] == 1
     assert agg["replicas"] == 3
     assert agg["fallback_by_reason"] == {"deadline": 11, "overload": 2}
     assert agg["fallback_rate"] == pytest.approx(10 / 375)

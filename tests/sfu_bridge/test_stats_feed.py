@@ -82,5 +82,19 @@ def test_snapshot_counts_the_interval_and_a_failing_board_never_raises(running_b
 
     first, second, failing, ok = asyncio.run(go())
     assert first["frames_last_s"] == second["frames_last_s"] == 0
+    assert first["streams_live"] == first["streams_relayed"] == 0
     assert first["kbps_ai"] == first["kbps_native"] == 0.0 and first["streams"] == {}
     assert not ok and failing.failures == 1 and failing.published == 0
+
+
+def test_a_stream_followed_from_another_worker_is_not_counted_as_published_here(replica_core):
+    from sfu_bridge.core import BridgeCore
+    from sfu_bridge.media import MediaBridge
+
+    media = MediaBridge(BridgeCore(replica_core(), audio=False), max_streams=4)
+    media.add_publisher("mine", "alice", None)
+    media.add_publisher("theirs", "relay", None, relayed=True)
+    snap = StatsFeed(media, "b", lambda b, s: None).snapshot()
+    assert snap["streams_live"] == 1 and snap["streams_relayed"] == 1
+    assert [r["stream"] for r in snap["users"]] == ["mine"]  # no phantom "relay" publisher
+    assert (media.stats()["publishers"], media.stats()["relayed_streams"]) == (1, 1)
