@@ -377,7 +377,6 @@ class CascadeRelay:
         self.received = Counter()
         self.send_cpu_s = 0.0  # CPU time spent building and sending relay batches
         self.send_cpu_us: deque[float] = deque(maxlen=1000)  # per tick with frames (benches)
-        self.last_tick_out: dict[int, float] = {}  # relayed tick -> monotonic time its fan-out ended
         self.boot = int(time.time())  # this relay's start: the replay window's (module docstring)
         self._feedback_rounds = 0  # FEEDBACK datagrams' tick
         self._windows: dict[tuple[Any, int, int], ReplayWindow] = {}  # (addr, worker, type) -> window
@@ -409,8 +408,15 @@ class CascadeRelay:
         subs = self.subscriptions.get(stream_id)
         if not subs:
             return None
-        need = max(s.need_n_q for s in subs.values())
+        now = self.clock()
+        need = max((s.need_n_q for s in subs.values() if now - s.seen_at <= SUBSCRIPTION_TTL_S), default=0)
         return need or None
+
+    def stream_ended(self, stream_id: str) -> None:
+        """The stream's publisher left this worker: its subscriptions and queued packets go
+        (a follower still feeding back is answered with counted drops until it lets go)."""
+        self.subscriptions.pop(stream_id, None)
+        self._opus.pop(stream_id, None)
 
     def on_forward(self, stream_id: str, rtp_timestamp: int, payload: bytes) -> None:
         """A publisher's Opus packet (forwarded untouched): relayed with the next tick."""
@@ -496,6 +502,11 @@ class CascadeRelay:
             pub = self.media.add_publisher(stream_id, user, None, relayed=True)
             pub.opus_pt = RELAY_OPUS_PT
 
+    def unfollow(self, stream_id: str) -> bool:
+        """Stop following `stream_id` (its relayed publisher is the caller's to end)."""
+        self._fed_back.pop(stream_id, None)
+        return self.owners.pop(stream_id, None) is not None
+
     def feedback(self, force: bool = False) -> None:
         """Tell each owner what this worker's subscribers need (on change, and periodically)."""
         if self.transport is None or not self.owners:
@@ -564,7 +575,6 @@ class CascadeRelay:
                                            None, None, at))
         if frames:
             media.dispatch_frames(d.tick, frames)
-        self.last_tick_out[d.tick] = self.clock()
         self.feedback()
 
     # both ------------------------------------------------------------------------------------

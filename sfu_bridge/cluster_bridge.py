@@ -232,7 +232,7 @@ class BridgeWorker:
 
     async def _unfollow(self, stream: str) -> None:
         """Stop following `stream`: the relayed publisher goes (local subscribers stay)."""
-        if self.relay.owners.pop(stream, None) is None:
+        if not self.relay.unfollow(stream):
             return
         self._unsubscribed.pop(stream, None)
         pub = self.server.media.publishers.get(stream)

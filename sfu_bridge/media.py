@@ -471,6 +471,8 @@ class MediaBridge:
             return False
         if isinstance(s, Publisher):
             self.publishers.pop(s.stream_id, None)
+            if self.cascade is not None and not s.relayed:
+                self.cascade.stream_ended(s.stream_id)
             # its pending chunks are answered in the next tick; its codec slot is freed
             self.core.leave(s.stream_id)
             self.opus.reset([s.opus_slot])

@@ -298,3 +298,30 @@ def test_a_follower_caps_its_subscribers_by_the_owners_maximum_not_its_own(kbps,
     # the follower's: the owner's maximum from the first relayed frame on (one tick for its
     # feedback to reach the owner), every frame once
     assert len(by_worker[1]) == chunks and by_worker[1][2:] == [expect] * (chunks - 2), by_worker
+
+
+def test_relay_state_ends_with_its_stream_and_a_silent_workers_need_expires() -> None:
+    from cluster.bench.bridge import EmulatedCodec
+    from sfu_bridge.cascade import _Subscription
+    from sfu_bridge.core import BridgeCore
+    from sfu_bridge.media import MediaBridge
+
+    clock = [100.0]
+    media = MediaBridge(BridgeCore(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=4)
+    relay = CascadeRelay(0, media, clock=lambda: clock[0])
+    media.cascade = relay
+    pub = media.add_publisher("s", "pub", None)
+    # owner side: a worker that went quiet (last feedback at 96 s) asked for 32 codebooks
+    relay.subscriptions["s"] = {("10.0.0.2", 1): _Subscription(16, 100.0), ("10.0.0.3", 1): _Subscription(32, 96.0)}
+    clock[0] = 101.5
+    assert relay.remote_need("s") == 16  # the silent one's need has expired
+    clock[0] = 106.0
+    assert relay.remote_need("s") is None
+    relay._opus["s"] = [(0, 100.0, b"x")]
+    asyncio.run(media.end_session(pub.session_id))
+    assert "s" not in relay.subscriptions and "s" not in relay._opus  # the publisher left
+    # follower side: letting a stream go forgets what was fed back about it
+    relay.follow("f", ("10.0.0.9", 7000))
+    relay._fed_back["f"] = (8, False)
+    assert relay.unfollow("f") and "f" not in relay.owners and "f" not in relay._fed_back
+    assert not relay.unfollow("f")
