@@ -487,7 +487,8 @@ class CascadeRelay:
     def _feedback_in(self, d: RelayDatagram, addr: Any) -> None:
         now = self.clock()
         for r in d.records:
-            if r.stream_id not in self.media.publishers:
+            # only a stream's owner relays it: a followed one is not this worker's to relay on
+            if r.stream_id not in self.media.publishers or r.stream_id in self.owners:
                 self.drops[RelayDrop.UNKNOWN_STREAM.value] += 1
                 continue
             self.subscriptions.setdefault(r.stream_id, {})[addr] = _Subscription(r.need_n_q, now)

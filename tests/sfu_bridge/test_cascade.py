@@ -325,3 +325,8 @@ def test_relay_state_ends_with_its_stream_and_a_silent_workers_need_expires() ->
     relay._fed_back["f"] = (8, False)
     assert relay.unfollow("f") and "f" not in relay.owners and "f" not in relay._fed_back
     assert not relay.unfollow("f")
+    # a worker asking this one for a stream it only follows is refused: never relayed on
+    relay.follow("g", ("10.0.0.9", 7000))
+    (dgram,) = serialise(RelayType.FEEDBACK, 5, 1, [FeedbackRecord("g", 8)])
+    relay._feedback_in(parse(dgram), ("10.0.0.5", 1))
+    assert "g" not in relay.subscriptions and relay.drops[RelayDrop.UNKNOWN_STREAM.value] == 1
