@@ -197,11 +197,16 @@ class ClusterRouting:
                 and not (self.follows is not None and self.follows(stream))):
             try:
                 route = await asyncio.wait_for(self.route(stream, kind), self.route_timeout_s)
-            except Exception:  # noqa: BLE001 - the local handler answers (404: no publisher here)
-                route = None
-            if route is not None and route.kind is RouteKind.LOCAL and route.reason is RouteReason.CASCADE:
+            except Exception:  # noqa: BLE001 - registry restarting or slow: the client retries
+                self.counters[RoutingOutcome.REGISTRY_UNAVAILABLE.value] += 1
+                return self._refuse(RoutingOutcome.REFUSED_CASCADE,
+                                    "bridge registry unavailable: cannot follow the stream now")
+            if route.kind is RouteKind.LOCAL and route.reason is RouteReason.CASCADE:
                 return await self._cascaded(request, handler, stream, route)
-        return await handler(request)
+            if route.kind is not RouteKind.REFUSE:  # placed elsewhere since it was forwarded
+                return self._refuse(RoutingOutcome.REFUSED_CASCADE,
+                                    "the stream's subscribers are placed on another worker now")
+        return await handler(request)  # (a refused route: no publisher anywhere, 404 here)
 
     async def _cascaded(self, request: web.Request, handler: Any, stream: str,
                         route: Route) -> web.StreamResponse:

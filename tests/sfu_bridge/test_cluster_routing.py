@@ -298,6 +298,30 @@ def test_a_republish_forwarded_to_a_follower_lets_the_relay_go_if_authorized():
     assert calls == [("handler", "room"), ("unfollow", "room"), ("handler", "room")]
 
 
+def test_a_forwarded_subscriber_the_registry_cannot_place_here_now_is_told_to_retry():
+    from sfu_bridge.fleet import RouteKind, RouteReason
+
+    answers = iter([ConnectionError("registry restarting"),
+                    Route(RouteKind.REDIRECT, RouteReason.CASCADE, "c", "http://c:8100"),
+                    Route(RouteKind.REFUSE, RouteReason.NO_PUBLISHER)])
+
+    async def route(stream, kind):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    log: list[tuple] = []
+    routing = ClusterRouting("b", route, holds=lambda s: False, authorized=lambda h, k, s: True,
+                             follows=lambda s: False, follow=lambda s, a: True)
+    fwd = ("/whep/room", {FORWARDED_HEADER: "a"})
+    # registry down, then placed elsewhere meanwhile: 503 + Retry-After (the client retries
+    # through its URL); no publisher anywhere: the handler's own answer (404 in the server)
+    assert serve_offers(routing, [fwd, fwd, fwd], log) == [503, 503, 201]
+    assert log == [("handler", "room")]
+    assert routing.counters["refused/cascade"] == 2 and routing.counters["registry_unavailable"] == 1
+
+
 def test_an_owner_asks_about_its_subscribers_only_when_full_enough_to_cascade():
     from sfu_bridge.fleet import RouteKind, RouteReason
 
