@@ -222,7 +222,8 @@ class BridgeWorker:
         """Drop followed streams nobody here has subscribed to for `UNFOLLOW_AFTER_S`."""
         media, now = self.server.media, time.monotonic()
         for stream in list(self.relay.owners):
-            if media.subscribers.get(stream):
+            # (a subscriber still negotiating has a session but is not among media's yet)
+            if media.subscribers.get(stream) or self.server.sessions.subscribers(stream):
                 self._unsubscribed.pop(stream, None)
                 continue
             since = self._unsubscribed.setdefault(stream, now)

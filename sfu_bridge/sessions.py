@@ -109,11 +109,14 @@ class SessionRegistry:
         self.refused[reason] += 1
         return SessionRefused(reason, message)
 
+    def subscribers(self, stream_id: str) -> int:
+        """The stream's subscriber sessions here, those still negotiating included."""
+        return sum(r.kind is SessionKind.SUBSCRIBER and r.stream_id == stream_id for r in self.records.values())
+
     def stream_full(self, stream_id: str) -> bool:
         """The stream holds its maximum of subscribers here (a fleet cascades the next one)."""
         cap = self.limits.max_subscribers_per_stream
-        return bool(cap) and sum(r.kind is SessionKind.SUBSCRIBER and r.stream_id == stream_id
-                                 for r in self.records.values()) >= cap
+        return bool(cap) and self.subscribers(stream_id) >= cap
 
     def admit_subscriber(self, stream_id: str, token: str) -> None:
         """Raise `SessionRefused` (counted) if one more subscriber would exceed a cap."""
