@@ -16,7 +16,9 @@ packet on a subscriber's own link would be.
 **Subscription (feedback).** A worker with subscribers of a remote stream sends the owner a
 FEEDBACK datagram for its streams: the depth its deepest AIC subscriber needs (0 = Opus only),
 and whether a subscriber asked for a new epoch (join, PLI). It is sent when anything changes
-and every `FEEDBACK_INTERVAL_S`; the owner forgets a worker's subscription after
+and every `FEEDBACK_INTERVAL_S`; a new-epoch request is sent again every
+`RESTART_RETRY_S` until a relayed frame starts an epoch (feedback travels over UDP too, and a
+decoder that waits for an epoch start must get one). The owner forgets a worker's subscription after
 `SUBSCRIPTION_TTL_S` without one. The owner encodes each stream as deep as the deepest need,
 local or remote.
 
@@ -81,6 +83,7 @@ MAX_SID_BYTES = 255
 MAX_N_Q = 32
 MAX_FRAMES = 9  # 120 ms of EnCodec frames
 FEEDBACK_INTERVAL_S = 1.0
+RESTART_RETRY_S = 0.5  # a new-epoch request not yet answered by an epoch start is sent again
 SUBSCRIPTION_TTL_S = 5.0
 MAX_REPLAY_WINDOWS = 4096  # senders (address, worker, type) remembered
 REPLAY_WINDOW = 64  # ticks (2.56 s of 40 ms ticks): reordering on a cluster network is far less
@@ -371,6 +374,7 @@ class CascadeRelay:
         # subscriber side: stream -> owner address
         self.owners: dict[str, Any] = {}
         self._fed_back: dict[str, tuple[int, bool]] = {}
+        self._restarts: dict[str, float] = {}  # stream -> when a new epoch was last asked for
         self._fed_back_at = 0.0
         self.drops: Counter[str] = Counter()
         self.sent = Counter()  # datagrams / bytes / records
@@ -506,6 +510,7 @@ class CascadeRelay:
     def unfollow(self, stream_id: str) -> bool:
         """Stop following `stream_id` (its relayed publisher is the caller's to end)."""
         self._fed_back.pop(stream_id, None)
+        self._restarts.pop(stream_id, None)
         return self.owners.pop(stream_id, None) is not None
 
     def feedback(self, force: bool = False) -> None:
@@ -528,6 +533,9 @@ class CascadeRelay:
             need = st.need_n_q or 0
             # the owner opens the epoch; this worker numbers nothing
             restart = core.take_epoch_request(sid)
+            asked = self._restarts.get(sid)
+            if restart or (asked is not None and now - asked >= RESTART_RETRY_S):
+                restart, self._restarts[sid] = True, now  # (until an epoch start arrives)
             state = (need, restart)
             if force or periodic or restart or self._fed_back.get(sid) != state:
                 self._fed_back[sid] = state
@@ -564,6 +572,8 @@ class CascadeRelay:
                 continue
             at = now_wall - r.age_us / 1e6
             if r.kind is RecordKind.AI:
+                if r.epoch_seq == 0:
+                    self._restarts.pop(r.stream_id, None)  # the epoch asked for has started
                 self.received["codebooks"] += len(r.codes)  # the depth relayed (tests, benches)
                 media.core.set_relayed_max(r.stream_id, r.max_n_q)
                 frames.append(RelayedFrame(r.stream_id, Outcome.AI, None, r.epoch, r.epoch_seq,

@@ -330,3 +330,42 @@ def test_relay_state_ends_with_its_stream_and_a_silent_workers_need_expires() ->
     (dgram,) = serialise(RelayType.FEEDBACK, 5, 1, [FeedbackRecord("g", 8)])
     relay._feedback_in(parse(dgram), ("10.0.0.5", 1))
     assert "g" not in relay.subscriptions and relay.drops[RelayDrop.UNKNOWN_STREAM.value] == 1
+
+
+def test_a_new_epoch_request_is_sent_again_until_an_epoch_start_arrives() -> None:
+    """Feedback travels over UDP: a lost request must not leave a joining decoder waiting for
+    an epoch start that never comes."""
+    from cluster.bench.bridge import EmulatedCodec, LoopbackOut
+    from sfu_bridge.core import BridgeCore
+    from sfu_bridge.media import MediaBridge
+
+    class Wire:
+        def __init__(self) -> None:
+            self.sent: list[FeedbackRecord] = []
+
+        def sendto(self, data: bytes, addr) -> None:
+            self.sent.extend(parse(data).records)
+
+    clock = [10.0]
+    media = MediaBridge(BridgeCore(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2)
+    relay = CascadeRelay(1, media, clock=lambda: clock[0])
+    relay.transport = wire = Wire()
+    relay.follow("s", ("10.0.0.9", 7000))
+    send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    media.add_subscriber("s", "u", None, LoopbackOut(True, send, ("127.0.0.1", 9), with_mid=False))
+
+    def restarts_after(dt: float) -> list[bool]:
+        clock[0] += dt
+        wire.sent.clear()
+        relay.feedback()
+        return [r.restart for r in wire.sent]
+
+    media.core.restart_epoch("s")  # a subscriber joined (or sent PLI)
+    assert restarts_after(0.0) == [True]
+    assert restarts_after(0.1) == [False]  # asked once: not again at once
+    assert restarts_after(0.5) == [True]  # no epoch start yet: asked again
+    codes = np.zeros((8, 1), np.int16)
+    (dgram,) = serialise(RelayType.FRAMES, 0, 1, [FrameRecord("s", RecordKind.AI, 0, 0, 7, 0, codes, max_n_q=32)])
+    relay._frames_in(parse(dgram))  # the owner's epoch 7 starts (its feedback: no restart)
+    assert restarts_after(0.6) in ([], [False])
+    send.close()
