@@ -169,20 +169,24 @@ def test_a_killed_worker_costs_only_its_own_sessions_and_its_publisher_republish
     assert any(e == "starting" for e, _ in events[events.index(("died", ids[1])):]), events
 
 
+@pytest.mark.parametrize("full_by", ["sessions", "stream_cap"])
 def test_a_full_owner_cascades_new_subscribers_to_another_worker_which_follows_its_relay(
-    ray_cluster, tokens, secret, streaming_codec
+    ray_cluster, tokens, secret, streaming_codec, full_by
 ):
-    """The owner holds `cascade_after_sessions` (2: the publisher and one subscriber): the
-    next subscriber, signalling through the owner's URL, is redirected to the other worker,
-    which follows the stream from the owner's relay; it gets every frame, and the follower
-    drops the stream once its last subscriber has gone."""
+    """The owner is full - it holds `cascade_after_sessions` (2: the publisher and one
+    subscriber), or the stream holds the workers' per-stream subscriber cap (1) while the
+    threshold is far off (400): the next subscriber, signalling through the owner's URL, is
+    redirected to the other worker, which follows the stream from the owner's relay; it gets
+    every frame, and the follower drops the stream once its last subscriber has gone."""
     from cluster.bridge_registry import wait_for_workers
     from sfu_bridge.cluster_bridge import UNFOLLOW_AFTER_S
 
     async def go():
         # DTX off: the publisher's steady tone would turn silent to the VAD after a while, and
         # the owner's call is checked after the follower lets go
-        registry = start_fleet(ray_cluster, 2, {**BRIDGE, "dtx": False}, cascade_after_sessions=2)
+        cap = {"max_subscribers_per_stream": 1} if full_by == "stream_cap" else {}
+        registry = start_fleet(ray_cluster, 2, {**BRIDGE, "dtx": False, **cap},
+                               cascade_after_sessions=400 if cap else 2)
         try:
             status = await wait_for_workers(registry, 2, timeout_s=150)
             (w1, w2) = status["workers"]
