@@ -109,6 +109,23 @@ async def call(tokens, secret, url: str, stream: str, streaming_codec, slot: int
     return pub, sub
 
 
+async def cascaded_call(registry, tokens, secret, streaming_codec, prefix: str):
+    """On a fleet of two workers whose owner is full after one subscriber: a call placed on
+    the first worker, its second subscriber signalling there (and cascaded to the other).
+    Returns ((w1, w2), worker ids, stream, publisher, first and second subscriber)."""
+    from cluster.bridge_registry import wait_for_workers
+
+    status = await wait_for_workers(registry, 2, timeout_s=150)
+    (w1, w2) = status["workers"]
+    ids = [w1["worker_id"], w2["worker_id"]]
+    stream = placed_on(w1["worker_id"], ids, prefix)
+    pub, sub1 = await call(tokens, secret, w1["url"], stream, streaming_codec, 0)
+    sub2 = FrameLog(w1["url"], stream, tokens.issue("sub2", stream, ["subscribe"]), codec=streaming_codec, slot=1)
+    await sub2.start()
+    assert await sub2.wait_frames(n_aic=3, timeout_s=60), sub2.stats
+    return (w1, w2), ids, stream, pub, sub1, sub2
+
+
 def test_a_killed_worker_costs_only_its_own_sessions_and_its_publisher_republishes_at_once(
     ray_cluster, tokens, secret, streaming_codec
 ):
@@ -178,7 +195,6 @@ def test_a_full_owner_cascades_new_subscribers_to_another_worker_which_follows_i
     threshold is far off (400): the next subscriber, signalling through the owner's URL, is
     redirected to the other worker, which follows the stream from the owner's relay; it gets
     every frame, and the follower drops the stream once its last subscriber has gone."""
-    from cluster.bridge_registry import wait_for_workers
     from sfu_bridge.cluster_bridge import UNFOLLOW_AFTER_S
 
     async def go():
@@ -188,15 +204,8 @@ def test_a_full_owner_cascades_new_subscribers_to_another_worker_which_follows_i
         registry = start_fleet(ray_cluster, 2, {**BRIDGE, "dtx": False, **cap},
                                cascade_after_sessions=400 if cap else 2)
         try:
-            status = await wait_for_workers(registry, 2, timeout_s=150)
-            (w1, w2) = status["workers"]
-            ids = [w1["worker_id"], w2["worker_id"]]
-            stream = placed_on(w1["worker_id"], ids, "big")
-            pub, sub1 = await call(tokens, secret, w1["url"], stream, streaming_codec, 0)
-            sub2 = FrameLog(w1["url"], stream, tokens.issue("sub2", stream, ["subscribe"]),
-                            codec=streaming_codec, slot=1)
-            await sub2.start()
-            assert await sub2.wait_frames(n_aic=3, timeout_s=60), sub2.stats
+            (w1, w2), ids, stream, pub, sub1, sub2 = await cascaded_call(registry, tokens, secret,
+                                                                         streaming_codec, "big")
             t0 = time.monotonic()
             await asyncio.sleep(3.0)
             owner, follower = await _info(ids[0]), await _info(ids[1])
@@ -247,20 +256,12 @@ def test_when_a_cascading_owner_dies_its_publisher_republishes_on_the_follower_w
     """The owner of a cascaded stream is killed; its publisher republishes, and the stream
     lands on the worker that followed it: that worker lets the relay go, serves the stream as
     its owner, and its subscriber (never reconnected) gets the new publisher's frames."""
-    from cluster.bridge_registry import wait_for_workers
 
     async def go():
         registry = start_fleet(ray_cluster, 2, {**BRIDGE, "dtx": False}, cascade_after_sessions=2)
         try:
-            status = await wait_for_workers(registry, 2, timeout_s=150)
-            (w1, w2) = status["workers"]
-            ids = [w1["worker_id"], w2["worker_id"]]
-            stream = placed_on(w1["worker_id"], ids, "town")
-            pub, sub1 = await call(tokens, secret, w1["url"], stream, streaming_codec, 0)
-            sub2 = FrameLog(w1["url"], stream, tokens.issue("sub2", stream, ["subscribe"]),
-                            codec=streaming_codec, slot=1)
-            await sub2.start()
-            assert await sub2.wait_frames(n_aic=3, timeout_s=60), sub2.stats
+            (w1, w2), ids, stream, pub, sub1, sub2 = await cascaded_call(registry, tokens, secret,
+                                                                         streaming_codec, "town")
             following = await _info(ids[1])
             os.kill(w1["pid"], signal.SIGKILL)
             await pub.republish(w2["url"])

@@ -451,7 +451,9 @@ class Clock:
         return self.t
 
 
-def test_supervisor_link_turns_a_failing_stream_off_and_back_on(replica_core):
+def supervised(period_s: float):
+    """A real supervisor core in process: (clock, supervisor, ids it was told to forget, a
+    function making a bridge core's link to it)."""
     clock = Clock()
     kv: dict[bytes, bytes] = {}
     sup = FallbackSupervisorCore(SupervisorSettings(), SupervisorConfig(), kv.__setitem__, kv.get)
@@ -463,8 +465,12 @@ def test_supervisor_link_turns_a_failing_stream_off_and_back_on(replica_core):
     async def forget(ids):
         forgotten.extend(ids)
 
-    core = BridgeCore(replica_core(), deadline_ms=60_000.0, period_clock=clock,
-                      supervisor=SupervisorLink(report, forget, period_s=1.0))
+    return clock, sup, forgotten, lambda: SupervisorLink(report, forget, period_s=period_s)
+
+
+def test_supervisor_link_turns_a_failing_stream_off_and_back_on(replica_core):
+    clock, sup, forgotten, link = supervised(1.0)
+    core = BridgeCore(replica_core(), deadline_ms=60_000.0, period_clock=clock, supervisor=link())
     for sid in ("bad", "good"):
         core.join(sid, user="u-" + sid)
 
@@ -506,22 +512,10 @@ def test_supervisor_link_turns_a_failing_stream_off_and_back_on(replica_core):
 def test_a_relayed_stream_leaves_the_owners_codec_slot_and_supervisor_state_alone(replica_core):
     """A worker that only fans out a stream another worker owns (cascading) holds a row for
     it; when it stops following, the owner's codec slot, epoch and supervisor state stay."""
-    clock = Clock()
-    kv: dict[bytes, bytes] = {}
-    sup = FallbackSupervisorCore(SupervisorSettings(), SupervisorConfig(), kv.__setitem__, kv.get)
-    forgotten: list[str] = []
-
-    async def report(reports):
-        return sup.report(reports, now=clock.t)
-
-    async def forget(ids):
-        forgotten.extend(ids)
-
+    clock, sup, forgotten, link = supervised(0.0)
     replica = replica_core()
-    owner = BridgeCore(replica, deadline_ms=60_000.0, period_clock=clock,
-                       supervisor=SupervisorLink(report, forget, period_s=0.0))
-    follower = BridgeCore(replica, deadline_ms=60_000.0, period_clock=clock,
-                          supervisor=SupervisorLink(report, forget, period_s=0.0))
+    owner = BridgeCore(replica, deadline_ms=60_000.0, period_clock=clock, supervisor=link())
+    follower = BridgeCore(replica, deadline_ms=60_000.0, period_clock=clock, supervisor=link())
     owner.join("call", user="u-call")
     follower.join("call", user="relay", relayed=True)
     assert "call" in follower and follower.stats()["streams"] == 0
