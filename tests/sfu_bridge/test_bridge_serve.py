@@ -39,6 +39,7 @@ def test_bridge_serves_aic_from_serve_replicas_and_reports_to_the_supervisor(
     codec_handle, running_bridge, tokens, streaming_codec, secret
 ):
     from deployments.client import CodecClient
+    from deployments.supervisor import get_or_create_supervisor
     from sfu_bridge.server import link_supervisor
     from sfu_bridge.stats_feed import StatsFeed, ray_board_publisher
 
@@ -54,31 +55,32 @@ def test_bridge_serves_aic_from_serve_replicas_and_reports_to_the_supervisor(
                                 codec=streaming_codec, slot=5)
             await sub.start()
             ok = await sub.wait_frames(n_aic=10, timeout_s=120)
-            # the supervisor link exchanges once a second; give it a bounded chance
-            for _ in range(100):
-                if server.media.core.exchanges:
+            owner = client.owner("room9")
+            # The supervisor link exchanges once a second: a bounded wait for a report that
+            # names the stream's replica, read while the call is live (once it ends, the
+            # stream is forgotten and a replica with no stream left with it).
+            supervisor, replicas = get_or_create_supervisor(), {}
+            for _ in range(200):
+                replicas = (await supervisor.info.remote())["replicas"]
+                if server.media.core.exchanges and owner in replicas:
                     break
                 await asyncio.sleep(0.05)
             stats = server.media.stats()
             # what `auralink bridge --codec serve` publishes to the dashboard's board
             fed = await StatsFeed(server.media, "bridge-serve", ray_board_publisher()).publish_once()
             core = server.media.core
-            owner = client.owner("room9")
             await sub.stop()
             await pub.stop()
-        return ok, sub.stats, stats, core, owner, fed
+        return ok, sub.stats, stats, core, owner, fed, replicas
 
-    ok, sub_stats, stats, core, owner, fed = asyncio.run(go())
+    ok, sub_stats, stats, core, owner, fed, replicas = asyncio.run(go())
     assert ok, sub_stats
     assert sub_stats.aic_frames >= 10 and sub_stats.decoded_samples > 0
     assert stats["frames"].get("ai", 0) >= 10, stats["frames"]
     assert core.exchanges >= 1 and core.exchange_failures == 0
     # The reports named the stream's replica, so the supervisor can tell stalls from failures.
+    assert owner and owner in replicas, (owner, replicas)
     import ray
-
-    from deployments.supervisor import get_or_create_supervisor
-
-    assert owner and owner in ray.get(get_or_create_supervisor().info.remote())["replicas"]
 
     from deployments.dashboard import aggregate, get_or_create_board
 
