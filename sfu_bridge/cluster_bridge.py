@@ -268,7 +268,7 @@ class BridgeWorker:
             counters=dict(self.routing.counters) if self.routing else {},
             relay_addr=list(self.relay_addr) if self.relay_addr else None,
             relayed={s: len(media.subscribers.get(s, {})) for s in followed},
-            full=[s for s in media.publishers if self.server.sessions.stream_full(s)],
+            full=[s for s in self.server.sessions.full_streams() if s in media.publishers],
         )
 
     def _publisher_sessions(self) -> dict[str, str]:

@@ -656,7 +656,7 @@ class MediaBridge:
         core = self.core.stats()
         return {
             "publishers": sum(not p.relayed for p in self.publishers.values()),
-            "relayed_streams": sum(p.relayed for p in self.publishers.values()),
+            "relayed_streams": core["relayed_streams"],
             "subscribers": sum(len(v) for v in self.subscribers.values()),
             "frames": core["frames"],
             "hints": core["hints"],

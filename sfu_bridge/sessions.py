@@ -118,6 +118,14 @@ class SessionRegistry:
         cap = self.limits.max_subscribers_per_stream
         return bool(cap) and self.subscribers(stream_id) >= cap
 
+    def full_streams(self) -> list[str]:
+        """Every stream at its maximum of subscribers here, in one pass over the books."""
+        cap = self.limits.max_subscribers_per_stream
+        if not cap:
+            return []
+        counts = Counter(r.stream_id for r in self.records.values() if r.kind is SessionKind.SUBSCRIBER)
+        return [s for s, n in counts.items() if n >= cap]
+
     def admit_subscriber(self, stream_id: str, token: str) -> None:
         """Raise `SessionRefused` (counted) if one more subscriber would exceed a cap."""
         per_stream, per_token = (

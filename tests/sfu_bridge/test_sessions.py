@@ -65,12 +65,13 @@ def test_caps_per_stream_and_per_token_are_counted():
     # what a fleet reads: the stream's subscribers here (negotiating ones too) and its cap
     assert (reg.subscribers("s1"), reg.stream_full("s1"), reg.subscribers("s2"), reg.stream_full("s2")) == (
         3, True, 0, False)
+    assert reg.full_streams() == ["s1"]
     assert reg.stats()["refused"] == {"stream_cap": 1, "token_cap": 1, "worker_full": 0, "stream_taken": 0}
     unlimited = SessionRegistry(SessionLimits(max_subscribers_per_stream=0, max_subscribers_per_token=0))
     for i in range(50):
         unlimited.admit_subscriber("s1", "t1")
         unlimited.open(str(i), SessionKind.SUBSCRIBER, "s1", "u", "t1")
-    assert not unlimited.stream_full("s1")
+    assert not unlimited.stream_full("s1") and unlimited.full_streams() == []
 
 
 def test_books_hold_a_digest_not_the_token():
