@@ -305,11 +305,16 @@ class BridgeRegistry:
         s = self.settings
         worker_id = uuid.uuid4().hex[:10]
         name = WORKER_PREFIX + worker_id
-        env = {"AURALINK_SECRET_FILE": s.secret_file} if s.secret_file else {}
+        # Ray starts its workers at nice 15, where anything else on the node at nice 0 takes
+        # ~28x their CPU share: a worker serves real-time media, so it runs at the node's own
+        # priority (Ray's job supervisor is started so too).
+        env = {"RAY_worker_niceness": "0"}
+        if s.secret_file:
+            env["AURALINK_SECRET_FILE"] = s.secret_file
         handle = BridgeWorker.options(
             name=name, namespace=RAY_NAMESPACE, lifetime="detached", max_restarts=0,
             num_cpus=s.worker_num_cpus, resources=dict(s.worker_resources),
-            runtime_env={"env_vars": env} if env else None,
+            runtime_env={"env_vars": env},
         ).remote(worker_id, name, asdict(s.worker))
         self._starting_handles[worker_id] = handle
         self.starting[worker_id] = asyncio.ensure_future(self._start(worker_id, handle))
