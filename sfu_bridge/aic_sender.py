@@ -29,6 +29,7 @@ import numpy as np
 from deployments.contract import Outcome
 from sfu_bridge.aic_payload import AicPayload, silence_descriptor
 from sfu_bridge.rate_control import (
+    CHUNK_MS,
     DEFAULT_MAX_HEADER_SHARE,
     Layer,
     RateControlConfig,
@@ -111,6 +112,32 @@ class AicSender:
             self.layer = self.rate.layer(max_n_q)
         return self.layer
 
+    def one_packet(self, fo: Any, max_n_q: int, cache: dict) -> tuple[bytes, bool] | None:
+        """`on_frame` for its common case, with no objects made: an AI frame, nothing pending,
+        no talk spurt starting, at a layer of one chunk per packet -> (payload, marker) of the
+        one packet to send now, at the frame's own timestamp; the sender's state moves exactly
+        as `on_frame` would move it. None: not that case (call `on_frame`)."""
+        if self._pending or self.silent or fo.outcome is not Outcome.AI:
+            return None
+        codes = fo.codes
+        if codes is None:
+            return None
+        layer = self.choose(max_n_q)  # on_frame's own choice (idempotent under one cap)
+        if layer.packet_ms != CHUNK_MS:
+            return None
+        n_q = layer.n_q
+        if codes.shape[0] < n_q:
+            n_q = codes.shape[0]
+        payload = cache.get((id(fo), n_q))
+        if payload is None:
+            payload = self._pack([fo], n_q, cache)
+        else:
+            self._last_epoch = fo.epoch % EPOCH_MODULUS
+        marker, self._marker = self._marker, False
+        self.packets += 1
+        self.bytes_by_n_q[n_q] = self.bytes_by_n_q.get(n_q, 0) + len(payload)
+        return payload, marker
+
     def on_frame(self, fo: Any, max_n_q: int, cache: dict | None = None) -> list[OutPacket]:
         """A tick's frame of this subscriber's stream -> the packets to send now (an Opus
         frame's own packets are the caller's; this only flushes what was pending)."""
@@ -156,20 +183,29 @@ class AicSender:
         else:
             n_q = min([self.layer.n_q] + [f.n_q for f in frames])
             key = (tuple(id(f) for f in frames), n_q)
-        epoch = first.epoch % EPOCH_MODULUS
-        self._last_epoch = epoch
-        payload = cache.get(key) if cache is not None else None
-        if payload is None:
-            codes = (frames[0].codes[:n_q] if len(frames) == 1
-                     else np.concatenate([f.codes[:n_q] for f in frames], axis=1))
-            payload = bytes(AicPayload(epoch, n_q, codes, start=frames[0].epoch_seq == 0))
-            if cache is not None:
-                cache[key] = payload
+        payload = self._pack(frames, n_q, cache, key)
         marker, self._marker = self._marker, False
         self.packets += 1
         self.bytes_by_n_q[n_q] = self.bytes_by_n_q.get(n_q, 0) + len(payload)
         return [OutPacket(payload, frames[0].rtp_timestamp, marker, n_q=n_q,
                           chunks=len(frames))]
+
+    def _pack(self, frames: list[Any], n_q: int, cache: dict | None, key: tuple | None = None) -> bytes:
+        """The payload of `frames` (one epoch, consecutive) at depth `n_q`; packed once per
+        tick for every subscriber at the same depth and duration (`cache`)."""
+        first = frames[0]
+        epoch = first.epoch % EPOCH_MODULUS
+        self._last_epoch = epoch
+        if key is None:
+            key = (id(first), n_q)
+        payload = cache.get(key) if cache is not None else None
+        if payload is None:
+            codes = (first.codes[:n_q] if len(frames) == 1
+                     else np.concatenate([f.codes[:n_q] for f in frames], axis=1))
+            payload = bytes(AicPayload(epoch, n_q, codes, start=first.epoch_seq == 0))
+            if cache is not None:
+                cache[key] = payload
+        return payload
 
     # -- feedback ----------------------------------------------------------------------------
     def sent(self, wire_bytes: int) -> None:

@@ -127,3 +127,55 @@ def test_a_new_pin_or_cap_takes_effect_on_the_next_frame():
     assert tx.on_frame(_ai(1, 1, t=1), 32)[0].n_q == 4
     assert tx.on_frame(_ai(1, 2, t=2), 2)[0].n_q == 2 and tx.layer == Layer(2, 40)
     assert tx.on_frame(_ai(1, 3, t=3), 32)[0].n_q == 4 and tx.layer == Layer(4, 40)
+
+
+
+def _sent(tx: AicSender, fo: FrameOutcome, cap: int, cache: dict) -> list[tuple]:
+    return [(p.payload, p.timestamp, p.marker) for p in tx.on_frame(fo, cap, cache)]
+
+
+def _sent_quick(tx: AicSender, fo: FrameOutcome, cap: int, cache: dict, taken: dict) -> list[tuple]:
+    """media.py's way: `one_packet` for the common packet, `on_frame` for the rest."""
+    one = tx.one_packet(fo, cap, cache)
+    taken[one is not None] += 1
+    if one is None:
+        return _sent(tx, fo, cap, cache)
+    return [(one[0], fo.rtp_timestamp, one[1])]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_one_packet_shortcut_sends_and_moves_state_exactly_as_on_frame(seed):
+    """On random frame sequences (talk spurts, DTX, fallbacks, epoch changes, caps, 40-120 ms
+    layers) a sender driven the way media.py drives it sends the same packets as one driven
+    by `on_frame` alone, and ends in the same state."""
+    rng = np.random.default_rng(seed)
+    layers = [Layer(4), Layer(8), Layer(2, 80), Layer(2, 120), Layer(32)]
+    plain, quick = AicSender.fixed(Layer(8)), AicSender.fixed(Layer(8))
+    plain.sid_interval_ticks = quick.sid_interval_ticks = 3
+    sent_plain: list[tuple] = []
+    sent_quick: list[tuple] = []
+    taken = {True: 0, False: 0}  # shortcut taken / not
+    epoch, seq = 1, 0
+    for t in range(400):
+        if rng.random() < 0.05:
+            plain.pinned = quick.pinned = layers[rng.integers(len(layers))]
+        cap = int(rng.choice([32, 32, 32, 4, 2]))
+        r = rng.random()
+        if r < 0.7:
+            if rng.random() < 0.05:
+                epoch, seq = epoch + 1, 0
+            fo = _ai(epoch, seq, n_q=int(rng.choice([32, 32, 16, 2])), t=t)
+            seq += 1
+        else:
+            fo = _other(Outcome.DTX if r < 0.85 else Outcome.FALLBACK, t)
+        cache: dict = {}  # one tick's packing cache, shared: the first sender packs, the other finds it
+        if t % 2:
+            sent_plain += _sent(plain, fo, cap, cache)
+            sent_quick += _sent_quick(quick, fo, cap, cache, taken)
+        else:
+            sent_quick += _sent_quick(quick, fo, cap, cache, taken)
+            sent_plain += _sent(plain, fo, cap, cache)
+    assert taken[True] > 50 and taken[False] > 50  # both paths were taken
+    assert sent_quick == sent_plain
+    for attr in ("packets", "sids", "bytes_by_n_q", "layer", "silent", "_last_epoch", "_marker", "_sid_wait"):
+        assert getattr(quick, attr) == getattr(plain, attr), attr

@@ -1,0 +1,63 @@
+"""A stream is encoded as deep as its deepest AIC subscriber's layer: the need the bridge
+hands its core follows joins, leaves, pins and caps (media.py `_update_needs`, which keeps
+fixed-layer subscribers grouped and only looks at rate-controlled ones every tick)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from cluster.bench.bridge import EmulatedCodec, LoopbackOut
+from sfu_bridge.core import BridgeCore
+from sfu_bridge.media import MediaBridge
+from sfu_bridge.rate_control import Layer, RateController
+
+
+def _need(media: MediaBridge) -> int | None:
+    media._update_needs()
+    view = media.core.stream("s")
+    assert view is not None
+    return view.need_n_q
+
+
+def test_the_need_follows_joins_leaves_pins_caps_and_rate_controlled_subscribers():
+    async def go() -> list:
+        media = MediaBridge(BridgeCore(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2)
+        media.add_publisher("s", "pub", None)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+        def join(layer: Layer | None) -> str:
+            sub = media.add_subscriber("s", "u", None, LoopbackOut(True, sock, ("127.0.0.1", 9)))
+            if layer is not None:
+                media.pin_layer(sub.session_id, layer)
+            return sub.session_id
+
+        seen = [_need(media)]  # no subscriber
+        a = join(Layer(4))
+        seen.append(_need(media))
+        b = join(Layer(8))
+        seen.append(_need(media))
+        media.pin_layer(b, Layer(2))  # a pin moves the need at once
+        seen.append(_need(media))
+        media.core.set_policy("s", max_kbps=1.5)  # a cap of 2 codebooks holds every layer under it
+        seen.append(_need(media))
+        media.core.set_policy("s", max_kbps=None)
+        seen.append(_need(media))
+        await media.end_session(a)
+        seen.append(_need(media))
+        c = join(None)  # not pinned: the stream's full depth
+        seen.append(_need(media))
+        await media.end_session(c)
+        # a rate-controlled subscriber is looked at every tick: its layer moves without a
+        # join, leave or pin
+        sender = media.sessions[b].aic_sender
+        sender.rate, sender.pinned = RateController(), None
+        media._needs.clear()  # what a new subscriber's join does
+        sender.layer = Layer(16)
+        seen.append(_need(media))
+        sender.layer = Layer(8)
+        seen.append(_need(media))
+        sock.close()
+        return seen
+
+    assert asyncio.run(go()) == [None, 4, 8, 4, 2, 4, 2, 32, 16, 8]
