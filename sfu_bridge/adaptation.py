@@ -38,6 +38,11 @@ def max_depth(requested: np.ndarray, cap: np.ndarray) -> np.ndarray:
     return np.minimum(requested, cap)
 
 
+def max_depth_of(requested: int, cap: int) -> int:
+    """`max_depth` of one stream, on Python integers (the per-frame question of media.py)."""
+    return requested if requested < cap else cap
+
+
 def depth(requested: np.ndarray, cap: np.ndarray, need: np.ndarray) -> np.ndarray:
     """Codebooks the replica computes per stream: the deepest subscriber's need (NO_NEED:
     none) under `max_depth`."""

@@ -615,8 +615,11 @@ class BridgeCore:
         return adaptation.depth(self.req_n_q[rows], self.cap_n_q[rows], self.need_n_q[rows])
 
     def stream_max_n_q(self, stream_id: str) -> int:
+        """`max_n_q` of one stream, on scalars (media.py asks once per frame and stream)."""
         row = self._row_of.get(stream_id)
-        return self.n_q if row is None else int(self.max_n_q(np.array([row]))[0])
+        if row is None:
+            return self.n_q
+        return adaptation.max_depth_of(int(self.req_n_q[row]), int(self.cap_n_q[row]))
 
     def set_relayed_max(self, stream_id: str, n_q: int) -> None:
         """A followed stream's deepest layer on its owner (the relay says it with each AI
@@ -706,8 +709,18 @@ class BridgeCore:
                 raise ValueError(f"chunk must hold {CHUNK_SAMPLES} samples, got "
                                  f"{None if pcm24 is None else pcm24.shape}")
         with self.cpu:
-            self._push(np.array([row]), None if pcm24 is None else pcm24[None, :],
-                       np.array([rtp_timestamp], np.int64))
+            n = int(self.q_n[row])
+            if n >= self._depth:  # the row overflows: `_push` spills its oldest chunk
+                self._push(np.array([row]), None if pcm24 is None else pcm24[None, :],
+                           np.array([rtp_timestamp], np.int64))
+                return
+            # `_push` for one row with room, on scalars (a publisher's chunk at a time: the
+            # WebRTC adapter's usual call, where 1-row array indexing cost 5x more)
+            slot = (int(self.q_head[row]) + n) % self._depth
+            self.q_ts[row, slot] = rtp_timestamp
+            if self.q_pcm is not None and pcm24 is not None:
+                self.q_pcm[row, slot] = pcm24
+            self.q_n[row] = n + 1
 
     def push_rows(self, rows: np.ndarray, pcm: np.ndarray | None = None,
                   rtp_ts: np.ndarray | None = None) -> None:

@@ -104,6 +104,12 @@ def test_depth_is_the_deepest_subscriber_under_request_and_operator_cap():
     assert adaptation.cap_codebooks(5.0) == 4  # a cap between layers allows the layer below it
     assert depth(2, need=32) == 2
     assert adaptation.cap_codebooks(0.5) == 2  # below the lowest layer: the lowest
+    # one stream's maximum on scalars (media.py, per frame) is the columns' rule
+    layers = [2, 4, 8, 16, 32]
+    req, cap = np.meshgrid(layers, layers)
+    want = adaptation.max_depth(req.ravel(), cap.ravel())
+    got = [adaptation.max_depth_of(int(r), int(c)) for r, c in zip(req.ravel(), cap.ravel(), strict=True)]
+    assert got == want.tolist()
 
 
 def test_depth_follows_the_subscribers_need_next_tick(replica_core, secret, sine_chunk):

@@ -391,6 +391,30 @@ def test_chunks_beyond_the_ring_between_ticks_spill_as_overload(sine_chunk):
     assert core.stream("s").pending == 1
 
 
+
+def test_one_chunk_pushes_queue_exactly_as_row_pushes(sine_chunk):
+    """`push` (a publisher's chunk, scalar indexing) and `push_rows` (the simulator's, arrays)
+    leave the same rings, spills included, and the same tick."""
+    rng = np.random.default_rng(3)
+    one, rows = BridgeCore(RaisingClient(), max_backlog=2), BridgeCore(RaisingClient(), max_backlog=2)
+    for core in (one, rows):
+        for sid in ("a", "b", "c"):
+            core.join(sid)
+    spilled = 0
+    for t in range(60):
+        sid = ["a", "b", "c"][rng.integers(3)]
+        chunk, ts = sine_chunk(100 + t, t), t * 1920
+        one.push(sid, chunk, ts)
+        rows.push_rows(np.array([rows.stream(sid).row]), chunk[None, :], np.array([ts], np.int64))
+        if t % 9 == 8:
+            a, b = run(one.tick()).frames(), run(rows.tick()).frames()
+            assert [(f.stream_id, f.key, f.rtp_timestamp) for f in a] == \
+                [(f.stream_id, f.key, f.rtp_timestamp) for f in b]
+            spilled += sum(f.key == "fallback/overload" for f in a)
+    for name in ("q_n", "q_head", "q_ts", "q_pcm"):
+        assert np.array_equal(getattr(one, name), getattr(rows, name)), name
+    assert spilled > 0  # rings overflowed: both paths spilled
+
 def test_tick_loop_delivers_reports_and_stops_deterministically(replica_core, sine_chunk):
     async def go():
         core = BridgeCore(replica_core(), deadline_ms=5_000)
