@@ -444,8 +444,9 @@ ladder whose p99 bridge CPU time per tick ({d['p99_tick_overhead_ms']} ms, threa
 the worker's event loop) stays within {d['budget_ms']} ms of the 40 ms tick - what one
 dedicated core spends. Wall-clock on this shared machine adds other processes' time slices:
 p99 wall overhead at that step was {d['p99_tick_overhead_wall_ms']} ms, and the largest step
-within budget wall-clock was {d['streams_per_worker_wall_measured']} streams. Mean cost:
-{d['cpu_us_per_stream_per_tick']} us CPU per stream per tick. Run one worker per core
+within budget wall-clock was {d['streams_per_worker_wall_measured']} streams. CPU per stream
+per tick: {d['cpu_us_per_stream_per_tick']} us (the median over the ladder's steps; the table
+has each step's, the mean over its ticks). Run one worker per core
 (`auralink bridge --workers N`: one port each, a front proxy routes by stream id).
 
 **Fan-out: {d['fanout_us_per_extra_packet']} us CPU per extra subscriber packet** -
