@@ -14,10 +14,15 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import resource
 import socket
 import struct
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster.bench.fanout import loopback_sockets  # noqa: E402
 
 
 class _Iovec(ctypes.Structure):
@@ -40,15 +45,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=10)
     args = p.parse_args()
     n = args.receivers
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < n + 64:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 64), hard))
-    rx = []
-    for _ in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("127.0.0.1", 0))
-        s.setblocking(False)
-        rx.append(s)
+    rx = loopback_sockets(n)  # the bench's own receiving sockets
     ports = [s.getsockname()[1] for s in rx]
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     tx.setblocking(False)

@@ -67,9 +67,8 @@ def raise_nofile(need: int) -> int:
     return want
 
 
-# -- emulated receivers --------------------------------------------------------------------------
-def _receiver_main(conn: Any, n: int) -> None:
-    """n UDP sockets; counts RTP packets per socket and sequence gaps (no SRTP decryption)."""
+def loopback_sockets(n: int) -> list[socket.socket]:
+    """n non-blocking UDP sockets on 127.0.0.1 (ephemeral ports), the file limit raised for them."""
     raise_nofile(n + 64)
     socks = []
     for _ in range(n):
@@ -77,6 +76,13 @@ def _receiver_main(conn: Any, n: int) -> None:
         s.bind(("127.0.0.1", 0))
         s.setblocking(False)
         socks.append(s)
+    return socks
+
+
+# -- emulated receivers --------------------------------------------------------------------------
+def _receiver_main(conn: Any, n: int) -> None:
+    """n UDP sockets; counts RTP packets per socket and sequence gaps (no SRTP decryption)."""
+    socks = loopback_sockets(n)
     conn.send([s.getsockname()[1] for s in socks])
     ep = select.epoll()
     by_fd = {}
