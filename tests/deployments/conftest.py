@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
 import pytest
+
+from cluster.simulator.environment import WORKER_NICENESS_ENV
 
 
 def _free_port() -> int:
@@ -21,11 +25,22 @@ def free_port():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A private 2-CPU Ray cluster for the module, torn down after it."""
+    """A private 2-CPU Ray cluster for the module, torn down after it. Its workers run at
+    the node's priority, as on every cluster the product starts (`auralink up`, `auralink
+    simulate`, ray_cluster.yaml): Ray's default of nice 15 would let any busy process of
+    the machine starve the codec replicas."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="auralink-test",
-             log_to_driver=False, configure_logging=False)
+    before = os.environ.get(WORKER_NICENESS_ENV)
+    os.environ[WORKER_NICENESS_ENV] = "0"  # read by the raylet ray.init starts
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, namespace="auralink-test",
+                 log_to_driver=False, configure_logging=False)
+    finally:
+        if before is None:
+            os.environ.pop(WORKER_NICENESS_ENV, None)
+        else:
+            os.environ[WORKER_NICENESS_ENV] = before
     try:
         yield ray
     finally:
@@ -35,4 +50,19 @@ def ray_local():
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def processes_titled(prefix: str) -> list[int]:
+    """Pids of this machine's processes whose title (Ray's `ray::...`) starts with `prefix`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith(prefix):
+            pids.append(int(entry.name))
+    return pids
 

@@ -8,6 +8,7 @@ targets live in the benchmarks, not here.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import numpy as np
@@ -25,6 +26,7 @@ from deployments.contract import (
 )
 from deployments.epochs import BridgeEpochs
 from sfu_bridge.core import BridgeCore
+from tests.deployments.conftest import processes_titled
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -261,6 +263,13 @@ def test_affinity_streams_stay_on_one_replica(codec_handle, client, loop):
         holders[sid] = rid
     assert len(set(holders.values())) == 2
 
+
+def test_replicas_run_at_the_nodes_priority(codec_handle, client):
+    """Not Ray's nice 15 (tests/deployments/conftest.py `ray_local`): a replica must not
+    starve behind the machine's other processes."""
+    pids = processes_titled("ray::ServeReplica:")
+    assert len(pids) >= 2, pids  # the app's two replicas
+    assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in pids} == {os.getpriority(os.PRIO_PROCESS, 0)}
 
 def test_replica_death_every_frame_answered_and_streams_resume(ray_local, codec_handle, client, loop):
     import ray
