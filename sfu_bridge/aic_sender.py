@@ -112,31 +112,34 @@ class AicSender:
             self.layer = self.rate.layer(max_n_q)
         return self.layer
 
-    def one_packet(self, fo: Any, max_n_q: int, cache: dict) -> tuple[bytes, bool] | None:
-        """`on_frame` for its common case, with no objects made: an AI frame, nothing pending,
-        no talk spurt starting, at a layer of one chunk per packet -> (payload, marker) of the
-        one packet to send now, at the frame's own timestamp; the sender's state moves exactly
-        as `on_frame` would move it. None: not that case (call `on_frame`)."""
-        if self._pending or self.silent or fo.outcome is not Outcome.AI:
+    def one_packet(self, fo: Any, max_n_q: int, cache: dict) -> tuple[bytes, int, bool] | bool | None:
+        """`on_frame` for its common case, with no objects made: an AI frame that extends
+        what is pending (or starts a packet), no talk spurt starting. Returns (payload,
+        timestamp, marker) of the one packet to send now, or False when the frame waits for
+        the rest of a longer packet; the sender's state moves exactly as `on_frame` would
+        move it. None: not that case (call `on_frame`)."""
+        if self.silent or fo.outcome is not Outcome.AI or fo.codes is None:
             return None
-        codes = fo.codes
-        if codes is None:
-            return None
-        layer = self.choose(max_n_q)  # on_frame's own choice (idempotent under one cap)
-        if layer.packet_ms != CHUNK_MS:
-            return None
-        n_q = layer.n_q
-        if codes.shape[0] < n_q:
-            n_q = codes.shape[0]
-        payload = cache.get((id(fo), n_q))
-        if payload is None:
-            payload = self._pack([fo], n_q, cache)
-        else:
-            self._last_epoch = fo.epoch % EPOCH_MODULUS
-        marker, self._marker = self._marker, False
-        self.packets += 1
-        self.bytes_by_n_q[n_q] = self.bytes_by_n_q.get(n_q, 0) + len(payload)
-        return payload, marker
+        pending = self._pending
+        if pending:
+            last = pending[-1]
+            if fo.epoch != last.epoch or fo.epoch_seq != last.epoch_seq + 1:
+                return None  # the pending packet ends first
+        layer = self.choose(max_n_q)  # on_frame's own choice
+        if not pending and layer.packet_ms == CHUNK_MS:  # one frame, one packet: keep nothing
+            n_q = layer.n_q
+            if fo.codes.shape[0] < n_q:
+                n_q = fo.codes.shape[0]
+            payload = cache.get((id(fo), n_q))
+            if payload is None:
+                payload = self._pack([fo], n_q, cache)
+            else:
+                self._last_epoch = fo.epoch % EPOCH_MODULUS
+            return payload, fo.rtp_timestamp, self._count(payload, n_q)
+        pending.append(fo)
+        if len(pending) < layer.packet_ms // CHUNK_MS:
+            return False
+        return self._take_packet(cache)[:3]
 
     def on_frame(self, fo: Any, max_n_q: int, cache: dict | None = None) -> list[OutPacket]:
         """A tick's frame of this subscriber's stream -> the packets to send now (an Opus
@@ -174,21 +177,29 @@ class AicSender:
         same layer and packet duration share the packing of a payload."""
         if not self._pending:
             return []
+        payload, timestamp, marker, n_q, chunks = self._take_packet(cache)
+        return [OutPacket(payload, timestamp, marker, n_q=n_q, chunks=chunks)]
+
+    def _take_packet(self, cache: dict | None) -> tuple[bytes, int, bool, int, int]:
+        """The pending frames (at least one) as one packet: (payload, timestamp, marker,
+        depth, chunks); nothing is pending after."""
         frames, self._pending = self._pending, []
         first = frames[0]
-        # one frame per packet is the common case: no list or generator per subscriber
-        if len(frames) == 1:
-            n_q = min(self.layer.n_q, first.n_q)
-            key: tuple = (id(first), n_q)
-        else:
-            n_q = min([self.layer.n_q] + [f.n_q for f in frames])
-            key = (tuple(id(f) for f in frames), n_q)
+        n_q = self.layer.n_q
+        for f in frames:  # pending frames are AI frames: each has its codes
+            if f.codes.shape[0] < n_q:
+                n_q = f.codes.shape[0]
+        # one frame per packet is the common case: no tuple of the frames' ids
+        key = (id(first), n_q) if len(frames) == 1 else (tuple(map(id, frames)), n_q)
         payload = self._pack(frames, n_q, cache, key)
+        return payload, first.rtp_timestamp, self._count(payload, n_q), n_q, len(frames)
+
+    def _count(self, payload: bytes, n_q: int) -> bool:
+        """A packet is made: counted; returns its marker bit (the first after silence)."""
         marker, self._marker = self._marker, False
         self.packets += 1
         self.bytes_by_n_q[n_q] = self.bytes_by_n_q.get(n_q, 0) + len(payload)
-        return [OutPacket(payload, frames[0].rtp_timestamp, marker, n_q=n_q,
-                          chunks=len(frames))]
+        return marker
 
     def _pack(self, frames: list[Any], n_q: int, cache: dict | None, key: tuple | None = None) -> bytes:
         """The payload of `frames` (one epoch, consecutive) at depth `n_q`; packed once per

@@ -540,7 +540,7 @@ class MediaBridge:
             self.cascade.on_tick(relay_tick, [fo for fo, _ in todo], opus_packets)
         cache: dict = {}  # subscribers at the same layer share a payload's packing
         # plain calls: a send only hands a datagram to the socket (fastpath.py), no coroutine;
-        # the common packet (an AI frame in a 40 ms packet) makes no object (`one_packet`)
+        # an AI frame that extends or ends a packet makes no object (`one_packet`)
         sent = sent_bytes = 0
         for fo, subs in todo:
             if not subs:
@@ -554,9 +554,11 @@ class MediaBridge:
                 out = sub.out
                 before = sender.layer
                 quick = sender.one_packet(fo, max_n_q, cache)
-                if quick is not None:
-                    payload, marker = quick
-                    if out.send_now(out.aic_pt, payload, ts, marker):
+                if quick is False:  # the frame waits in a longer packet
+                    pass
+                elif quick is not None:
+                    payload, pts, marker = quick
+                    if out.send_now(out.aic_pt, payload, pts, marker):
                         sender.sent(out.last_wire_bytes)
                         sub.sent_by_kind["aic"] += 1
                         sent += 1

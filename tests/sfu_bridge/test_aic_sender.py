@@ -140,7 +140,7 @@ def _sent_quick(tx: AicSender, fo: FrameOutcome, cap: int, cache: dict, taken: d
     taken[one is not None] += 1
     if one is None:
         return _sent(tx, fo, cap, cache)
-    return [(one[0], fo.rtp_timestamp, one[1])]
+    return [] if one is False else [one]
 
 
 @pytest.mark.parametrize("seed", range(4))
