@@ -1,0 +1,91 @@
+"""The fan-out loop alone, in one process (docs/benchmarks.md, after section "fanout"):
+
+    .venv/bin/python scripts/fanout_loop_probe.py --packet-ms 40
+    .venv/bin/python scripts/fanout_loop_probe.py --packet-ms 120
+
+A follower worker's `MediaBridge` (the stream relayed from another worker, cascade.py) with
+N AIC subscribers pinned at one layer, each an SRTP context sending through one UDP socket to
+a sink in this process (the bench's `LoopbackOut`); each tick hands it one relayed AI frame
+(`dispatch_frames`, as the relay does) and times the thread CPU of that call. Prints the
+median CPU per subscriber for each tick of a packet's period (a 120 ms packet is sent on one
+tick in three) and per packet sent. No publisher, codec, relay socket or receiver process:
+what is left is the per-subscriber work of the fan-out itself, `sendto` included."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster.bench.bridge import EmulatedCodec, LoopbackOut  # noqa: E402
+from deployments.contract import Outcome  # noqa: E402
+from sfu_bridge import rtp_ext  # noqa: E402
+from sfu_bridge.cascade import CascadeRelay, RelayedFrame  # noqa: E402
+from sfu_bridge.core import BridgeCore  # noqa: E402
+from sfu_bridge.media import MediaBridge  # noqa: E402
+from sfu_bridge.rate_control import Layer  # noqa: E402
+
+
+def _drain(sink: socket.socket) -> None:
+    try:
+        while True:
+            sink.recv(2048, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        pass
+
+
+async def probe(subscribers: int, n_q: int, packet_ms: int, ticks: int) -> None:
+    rtp_ext.install()
+    media = MediaBridge(BridgeCore(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2)
+    media.cascade = CascadeRelay(1, media)
+    media.cascade.follow("s", ("127.0.0.1", 9))  # never sent to: only its bookkeeping is used
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 24)
+    send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    send.setblocking(False)
+    for _ in range(subscribers):
+        sub = media.add_subscriber("s", "u", None, LoopbackOut(True, send, sink.getsockname(), with_mid=False))
+        media.pin_layer(sub.session_id, Layer(n_q, packet_ms))
+    codes = np.random.default_rng(0).integers(0, 1024, (32, 3)).astype(np.int16)
+    period = packet_ms // 40
+    warm = 2 * period
+    dts = []
+    p0 = 0
+    for k in range(warm + ticks):
+        if k == warm:
+            p0 = sum(media.packets_by_kind.values())
+        frame = RelayedFrame("s", Outcome.AI, None, 1, k, 1920 * k, codes, None, time.time())
+        t = time.thread_time()
+        media.dispatch_frames(k, [frame])
+        if k >= warm:
+            dts.append(time.thread_time() - t)
+        _drain(sink)
+    packets = sum(media.packets_by_kind.values()) - p0
+    phases = [round(statistics.median(dts[i::period]) * 1e6 / subscribers, 2) for i in range(period)]
+    print(f"{subscribers} subscribers at {n_q} codebooks in {packet_ms} ms packets, {ticks} ticks: "
+          f"median CPU per subscriber by tick of the packet's period {phases} us; "
+          f"{sum(dts) * 1e6 / max(packets, 1):.2f} us per packet ({packets} packets)")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--subscribers", type=int, default=2000)
+    p.add_argument("--n-q", type=int, default=8, help="the subscribers' layer: codebooks")
+    p.add_argument("--packet-ms", type=int, default=40, choices=(40, 80, 120))
+    p.add_argument("--ticks", type=int, default=60)
+    args = p.parse_args()
+    asyncio.run(probe(args.subscribers, args.n_q, args.packet_ms, args.ticks))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
