@@ -9,7 +9,12 @@ a sink in this process (the bench's `LoopbackOut`); each tick hands it one relay
 (`dispatch_frames`, as the relay does) and times the thread CPU of that call. Prints the
 median CPU per subscriber for each tick of a packet's period (a 120 ms packet is sent on one
 tick in three) and per packet sent. No publisher, codec, relay socket or receiver process:
-what is left is the per-subscriber work of the fan-out itself, `sendto` included."""
+what is left is the per-subscriber work of the fan-out itself, `sendto` included.
+
+`--without sendto|srtp|both` splits that cost: the bench sink's `sendto` and/or libsrtp's
+`srtp_protect` are skipped (the packet is still built, counted and, without SRTP, handed on
+unprotected), so the difference to a full run is what those native calls cost and the rest
+is Python."""
 
 from __future__ import annotations
 
@@ -32,6 +37,23 @@ from sfu_bridge.cascade import CascadeRelay, RelayedFrame  # noqa: E402
 from sfu_bridge.core import BridgeCore  # noqa: E402
 from sfu_bridge.media import MediaBridge  # noqa: E402
 from sfu_bridge.rate_control import Layer  # noqa: E402
+
+
+def _without(part: str) -> None:
+    """Skip `sendto` (the bench sink's) and/or `srtp_protect` in this process (module doc)."""
+    if part in ("sendto", "both"):
+        def send_now(self, payload_type, payload, timestamp, marker=False):  # LoopbackOut's, no socket
+            data = self.writer.write(self._srtp, payload_type, payload, timestamp, marker, self._with_mid)
+            self.packets += 1
+            self.last_wire_bytes = len(data) + 28
+            self.payload_bytes += len(payload)
+            return True
+
+        LoopbackOut.send_now = send_now  # type: ignore[method-assign]
+    if part in ("srtp", "both"):
+        from sfu_bridge.aiortc_compat import FastSrtp
+
+        FastSrtp.protect_in_place = lambda self, n: self.buffer[0:n]  # type: ignore[method-assign]
 
 
 def _drain(sink: socket.socket) -> None:
@@ -82,7 +104,11 @@ def main() -> int:
     p.add_argument("--n-q", type=int, default=8, help="the subscribers' layer: codebooks")
     p.add_argument("--packet-ms", type=int, default=40, choices=(40, 80, 120))
     p.add_argument("--ticks", type=int, default=60)
+    p.add_argument("--without", choices=("sendto", "srtp", "both"), help="skip native calls (module doc)")
     args = p.parse_args()
+    if args.without:
+        _without(args.without)
+        print(f"WITHOUT {args.without}: not a cost figure, one term of a split")
     asyncio.run(probe(args.subscribers, args.n_q, args.packet_ms, args.ticks))
     return 0
 
