@@ -16,6 +16,8 @@ pytestmark = pytest.mark.ray
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
+from tests import ray_local  # noqa: E402
+
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class StatsSource:
@@ -53,7 +55,7 @@ def _wait(pred, timeout_s: float) -> bool:
 def test_serve_controller_scales_with_the_forecast_policy() -> None:
     # stats reach the controller every 0.5 s instead of 10 s (read by the replica processes)
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray_local.init(num_cpus=2, include_dashboard=False)
     try:
         serve.start(proxy_location="Disabled")
         app = StatsSource.options(

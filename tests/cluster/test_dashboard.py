@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 
 from deployments.dashboard import STATIC, StatsBoardCore, aggregate
+from tests import ray_local
 
 SECRET = "dashboard-test-secret-0123456789"
 
@@ -95,7 +96,7 @@ def server():
 
     previous = os.environ.get("AURALINK_SECRET")
     os.environ["AURALINK_SECRET"] = SECRET  # module-scoped: monkeypatch is function-scoped
-    ray.init(num_cpus=1, include_dashboard=False, namespace="auralink-dashboard-test")
+    ray_local.init(num_cpus=1, include_dashboard=False, namespace="auralink-dashboard-test")
     board_cls = __import__("deployments.dashboard", fromlist=["_board_class"])._board_class()
     board = board_cls.remote()
     sup = get_or_create_supervisor(SupervisorSettings(name="dash-test-supervisor", kv_namespace="dash-test"))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from cluster import metrics as m
+from tests import ray_local
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "cluster" / "grafana" / "auralink.json"
@@ -228,7 +229,7 @@ def test_ray_exports_metrics_to_prometheus(local: m.LocalRegistry) -> None:
     import ray
     port = _free_port()
     os.environ["RAY_metrics_report_interval_ms"] = "500"  # read by the processes ray.init starts
-    ray.init(num_cpus=1, include_dashboard=False, _metrics_export_port=port)
+    ray_local.init(num_cpus=1, include_dashboard=False, _metrics_export_port=port)
     try:
         m.record_frames("encode", {"ai": 5, "fallback/deadline": 2})
         m.observe_batch_size("encode", 7)

@@ -26,7 +26,7 @@ from deployments.contract import (
 )
 from deployments.epochs import BridgeEpochs
 from sfu_bridge.core import BridgeCore
-from tests.deployments.conftest import processes_titled
+from tests.ray_local import processes_titled
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 

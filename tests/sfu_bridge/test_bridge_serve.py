@@ -10,6 +10,7 @@ import pytest
 
 from sfu_bridge.hint_auth import derive_stream_key
 from sfu_bridge.sdk import AicPublisher, AicSubscriber
+from tests import ray_local
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -24,8 +25,8 @@ def codec_handle():
 
     from deployments.replica import CodecReplica
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="auralink-bridge-test",
-             log_to_driver=False, configure_logging=False)
+    ray_local.init(num_cpus=2, include_dashboard=False, namespace="auralink-bridge-test",
+                   log_to_driver=False, configure_logging=False)
     try:
         serve.start(proxy_location="Disabled")
         app = CodecReplica.options(num_replicas=1, ray_actor_options={"num_cpus": 0}).bind(REPLICA)

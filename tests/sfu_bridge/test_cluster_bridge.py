@@ -17,6 +17,7 @@ from models.constants import CHUNK_FRAMES
 from sfu_bridge.aic_payload import AicPayload
 from sfu_bridge.hint_auth import derive_stream_key
 from sfu_bridge.sdk import AicPublisher, AicSubscriber
+from tests import ray_local
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -64,8 +65,8 @@ def ray_cluster(tmp_path_factory, secret):
     secret_file = tmp_path_factory.mktemp("secret") / "cluster-secret"
     secret_file.write_bytes(secret)
     secret_file.chmod(0o600)
-    ray.init(num_cpus=2, resources={BRIDGE_RESOURCE: 4}, include_dashboard=False,
-             namespace="auralink-fleet-test", log_to_driver=False, configure_logging=False)
+    ray_local.init(num_cpus=2, resources={BRIDGE_RESOURCE: 4}, include_dashboard=False,
+                   namespace="auralink-fleet-test", log_to_driver=False, configure_logging=False)
     try:
         yield str(secret_file)
     finally:
