@@ -17,7 +17,6 @@ from models.constants import CHUNK_FRAMES
 from sfu_bridge.aic_payload import AicPayload
 from sfu_bridge.hint_auth import derive_stream_key
 from sfu_bridge.sdk import AicPublisher, AicSubscriber
-from tests import ray_local
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -65,8 +64,10 @@ def ray_cluster(tmp_path_factory, secret):
     secret_file = tmp_path_factory.mktemp("secret") / "cluster-secret"
     secret_file.write_bytes(secret)
     secret_file.chmod(0o600)
-    ray_local.init(num_cpus=2, resources={BRIDGE_RESOURCE: 4}, include_dashboard=False,
-                   namespace="auralink-fleet-test", log_to_driver=False, configure_logging=False)
+    # Ray's default worker priority (nice 15), unlike tests/ray_local.py: the fleet test checks
+    # that the registry itself starts its workers at the node's priority, on any cluster
+    ray.init(num_cpus=2, resources={BRIDGE_RESOURCE: 4}, include_dashboard=False,
+             namespace="auralink-fleet-test", log_to_driver=False, configure_logging=False)
     try:
         yield str(secret_file)
     finally:
