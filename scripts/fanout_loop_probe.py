@@ -11,10 +11,14 @@ median CPU per subscriber for each tick of a packet's period (a 120 ms packet is
 tick in three) and per packet sent. No publisher, codec, relay socket or receiver process:
 what is left is the per-subscriber work of the fan-out itself, `sendto` included.
 
-`--without sendto|srtp|both` splits that cost: the bench sink's `sendto` and/or libsrtp's
-`srtp_protect` are skipped (the packet is still built, counted and, without SRTP, handed on
-unprotected), so the difference to a full run is what those native calls cost and the rest
-is Python."""
+`--send native` (the default, as the bridge sends where sfu_bridge._rtpsend is built) writes,
+protects and sends each packet in one C call; `--send python` takes the Python path
+(`RtpWriter.write` + the socket's `sendto`).
+
+`--without sendto|srtp|both` splits the Python path's cost (it implies `--send python`): the
+bench sink's `sendto` and/or libsrtp's `srtp_protect` are skipped (the packet is still built,
+counted and, without SRTP, handed on unprotected), so the difference to a full run is what
+those native calls cost and the rest is Python."""
 
 from __future__ import annotations
 
@@ -64,7 +68,7 @@ def _drain(sink: socket.socket) -> None:
         pass
 
 
-async def probe(subscribers: int, n_q: int, packet_ms: int, ticks: int) -> None:
+async def probe(subscribers: int, n_q: int, packet_ms: int, ticks: int, send: str) -> None:
     rtp_ext.install()
     media = MediaBridge(BridgeCore(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2)
     media.cascade = CascadeRelay(1, media)
@@ -72,10 +76,15 @@ async def probe(subscribers: int, n_q: int, packet_ms: int, ticks: int) -> None:
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
     sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 24)
-    send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    send.setblocking(False)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
     for _ in range(subscribers):
-        sub = media.add_subscriber("s", "u", None, LoopbackOut(True, send, sink.getsockname(), with_mid=False))
+        out = LoopbackOut(True, sock, sink.getsockname(), with_mid=False)
+        if send == "python":
+            out._native = None
+        elif out._native is None:
+            raise SystemExit("sfu_bridge._rtpsend is not built: only --send python is possible")
+        sub = media.add_subscriber("s", "u", None, out)
         media.pin_layer(sub.session_id, Layer(n_q, packet_ms))
     codes = np.random.default_rng(0).integers(0, 1024, (32, 3)).astype(np.int16)
     period = packet_ms // 40
@@ -93,7 +102,8 @@ async def probe(subscribers: int, n_q: int, packet_ms: int, ticks: int) -> None:
         _drain(sink)
     packets = sum(media.packets_by_kind.values()) - p0
     phases = [round(statistics.median(dts[i::period]) * 1e6 / subscribers, 2) for i in range(period)]
-    print(f"{subscribers} subscribers at {n_q} codebooks in {packet_ms} ms packets, {ticks} ticks: "
+    print(f"{subscribers} subscribers at {n_q} codebooks in {packet_ms} ms packets, {ticks} ticks, "
+          f"{send} send: "
           f"median CPU per subscriber by tick of the packet's period {phases} us; "
           f"{sum(dts) * 1e6 / max(packets, 1):.2f} us per packet ({packets} packets)")
 
@@ -104,12 +114,16 @@ def main() -> int:
     p.add_argument("--n-q", type=int, default=8, help="the subscribers' layer: codebooks")
     p.add_argument("--packet-ms", type=int, default=40, choices=(40, 80, 120))
     p.add_argument("--ticks", type=int, default=60)
-    p.add_argument("--without", choices=("sendto", "srtp", "both"), help="skip native calls (module doc)")
+    p.add_argument("--send", choices=("native", "python"), default="native",
+                   help="the packet's write+SRTP+sendto in one C call, or the Python path")
+    p.add_argument("--without", choices=("sendto", "srtp", "both"),
+                   help="skip native calls of the Python path (module doc; implies --send python)")
     args = p.parse_args()
     if args.without:
         _without(args.without)
+        args.send = "python"
         print(f"WITHOUT {args.without}: not a cost figure, one term of a split")
-    asyncio.run(probe(args.subscribers, args.n_q, args.packet_ms, args.ticks))
+    asyncio.run(probe(args.subscribers, args.n_q, args.packet_ms, args.ticks, args.send))
     return 0
 
 

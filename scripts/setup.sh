@@ -12,8 +12,15 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.auralink-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+stale=0
+[ -f "$stamp" ] || stale=1
+# the project's files that change what is installed: its metadata and the C send path (setup.py)
+for f in pyproject.toml setup.py sfu_bridge/_rtpsend.c; do
+  [ "$f" -nt "$stamp" ] && stale=1
+done
+if [ "$stale" = 1 ]; then
   echo "[setup] installing pinned dependencies (torch 2.11.0 CUDA build: a few GB, about a minute)"
+  echo "[setup] and building the bridge's C send path (sfu_bridge/_rtpsend.c, needs gcc)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"

@@ -18,11 +18,22 @@ with no coroutine and no allocation but the result. It reads `RTCDtlsTransport._
 `._tx_srtp` (a `pylibsrtp.Session`) and `.transport._connection` (`aioice.Connection`),
 `aioice.Connection._nominated[1]` (the selected pair: `.protocol.transport`, `.remote_addr`),
 `pylibsrtp.Session._srtp` (the `srtp_t *`) and `pylibsrtp._binding.{ffi, lib}`.
+
+**The native send** (`native_path`, `sfu_bridge._rtpsend`, built from `_rtpsend.c` at install).
+The same packet written, protected and sent by one C call: `srtp_protect` is pylibsrtp's own
+(its address from `ffi.addressof`, the session's `srtp_t` from `Session._srtp`), the socket is
+the nominated pair's (its file descriptor and the remote address as a `struct sockaddr`). A
+packet the socket refuses (full buffer) is dropped and counted, where asyncio's transport would
+queue it: a real-time packet late behind a queue is worth less than the next one. A transport
+whose `sendto` was wrapped (`media.UdpMeter`) keeps the Python path, so the wrapper sees every
+datagram. Without the extension (no C compiler at install) everything takes the Python path.
 """
 
 from __future__ import annotations
 
 import inspect
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +45,14 @@ from aiortc.rtcdtlstransport import State as _DtlsState
 from pylibsrtp._binding import ffi, lib
 
 from models.constants import RTP_CLOCK_HZ
+
+try:
+    from sfu_bridge import _rtpsend
+except ImportError as _exc:  # built at install (setup.py); optional
+    _rtpsend = None
+    NATIVE_SEND_MISSING: str | None = f"sfu_bridge._rtpsend is not built ({_exc})"
+else:
+    NATIVE_SEND_MISSING = None
 
 SUPPORTED_AIORTC = ("1.16.0",)
 
@@ -182,6 +201,7 @@ class FastSrtp:
     def __init__(self, session: Any) -> None:
         self._session = session  # keeps the srtp_t alive
         self._srtp = session._srtp[0]
+        self.ctx = int(ffi.cast("uintptr_t", self._srtp))  # the srtp_t, for the native send
         self._cdata = ffi.new("char[]", BUFFER_BYTES)
         self.buffer = ffi.buffer(self._cdata)  # writable: struct.pack_into works on it
         self._len = ffi.new("int *")
@@ -205,6 +225,43 @@ class FastSrtp:
         return self.protect_in_place(n)
 
 
+SRTP_PROTECT = int(ffi.cast("uintptr_t", ffi.addressof(lib, "srtp_protect")))
+
+
+def native_send_available() -> bool:
+    return _rtpsend is not None
+
+
+def sockaddr_bytes(family: int, addr: tuple) -> bytes | None:
+    """A numeric (host, port[, flowinfo, scope_id]) as the `struct sockaddr_in`/`_in6` sendto
+    takes; None for anything else (a name, a scoped link-local text address)."""
+    try:
+        if family == socket.AF_INET:
+            return struct.pack("=HH4s8x", socket.AF_INET, socket.htons(addr[1]),
+                               socket.inet_pton(socket.AF_INET, addr[0]))
+        if family == socket.AF_INET6:
+            flow, scope = (addr[2], addr[3]) if len(addr) >= 4 else (0, 0)
+            return struct.pack("=HHI16sI", socket.AF_INET6, socket.htons(addr[1]), socket.htonl(flow),
+                               socket.inet_pton(socket.AF_INET6, addr[0]), scope)
+    except (OSError, ValueError, TypeError, IndexError, struct.error):
+        return None
+    return None
+
+
+def native_path(srtp: FastSrtp, sock: socket.socket | None, addr: tuple) -> tuple | None:
+    """The `_rtpsend.send` path (srtp_protect, srtp_t, fd, sockaddr) of an SRTP context and a
+    UDP socket to `addr`; None when the extension is missing or the address is not numeric."""
+    if _rtpsend is None or sock is None or sock.fileno() < 0:
+        return None
+    sa = sockaddr_bytes(sock.family, addr)
+    return None if sa is None else (SRTP_PROTECT, srtp.ctx, sock.fileno(), sa)
+
+
+# native_send(path, template, b1, seq, timestamp, payload) -> the SRTP packet's length, or
+# -errno when the socket refused it (_rtpsend.c); None without the extension
+native_send: Callable[..., int] | None = _rtpsend.send if _rtpsend is not None else None
+
+
 class DatagramPath:
     """The socket, remote address and SRTP session an RTP sender's packets leave by."""
 
@@ -212,9 +269,11 @@ class DatagramPath:
         self.dtls = dtls_transport
         self._pair: Any = None
         self._srtp_session: Any = None
+        self._transport: Any = None
         self.srtp: FastSrtp | None = None
         self.sendto: Any = None
         self.addr: Any = None
+        self.native: tuple | None = None  # `native_path` of the pair's socket, when it has one
 
     def ready(self) -> bool:
         """True when connected; re-resolves after an ICE restart or a new DTLS session."""
@@ -228,7 +287,12 @@ class DatagramPath:
             self._pair = pair
             self._srtp_session = dtls._tx_srtp
             self.srtp = FastSrtp(dtls._tx_srtp)
-            self.sendto = pair.protocol.transport.sendto
+            transport = self._transport = pair.protocol.transport
+            self.sendto = transport.sendto
             self.addr = pair.remote_addr
-        return True
+            # a wrapped sendto (UdpMeter) must see every datagram: no native path then
+            self.native = (None if "sendto" in vars(transport)
+                           else native_path(self.srtp, transport.get_extra_info("socket"), self.addr))
+        # a closed socket's descriptor may be reused by another: never write to it
+        return not self._transport.is_closing()
 

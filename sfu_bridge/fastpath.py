@@ -4,7 +4,9 @@
   per extension set by aiortc's own serializer; each packet copies that template into the
   SRTP buffer, patches marker/payload type/sequence/timestamp with `struct.pack_into`, copies
   the payload behind it and is protected in place (`aiortc_compat.FastSrtp`): no `RtpPacket`
-  object, no extension map walk, no coroutine per packet.
+  object, no extension map walk, no coroutine per packet. `send` does all of that and the
+  `sendto` in one C call (`aiortc_compat.native_send`, sfu_bridge/_rtpsend.c) where the
+  extension is built and the socket allows it; `write` is the Python path.
 - `OpusIngest`: a publisher's Opus packets decoded by libopus straight to 24 kHz mono float
   (the codec's input rate: libopus decodes at 8/12/16/24/48 kHz natively, RFC 6716 2), into
   40 ms chunks - no 48 kHz stereo `AudioFrame`, no resampler, no decoder thread. Gaps in
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from models.constants import CHUNK_RTP_TICKS, CHUNK_SAMPLES
-from sfu_bridge.aiortc_compat import BUFFER_BYTES, SRTP_MAX_TRAILER, FastSrtp
+from sfu_bridge.aiortc_compat import BUFFER_BYTES, SRTP_MAX_TRAILER, FastSrtp, native_send
 
 RTP_HEADER = struct.Struct("!BBHII")
 CHUNK_48K = CHUNK_RTP_TICKS  # 40 ms on the 48 kHz RTP clock
@@ -70,6 +72,16 @@ class RtpWriter:
         data = srtp.protect_in_place(n)
         self.seq = (self.seq + 1) & 0xFFFF
         return data
+
+    def send(self, path: tuple, payload_type: int, payload: bytes, timestamp: int,
+             marker: bool = False, with_mid: bool = False) -> int:
+        """`write` and the `sendto` in one native call on `path` (`aiortc_compat.native_path`):
+        the SRTP packet's length, or -errno when the socket refused it (its sequence number
+        is used either way, as a packet lost on the wire)."""
+        tmpl = self._templates.get(with_mid) or self.template(with_mid)
+        n = native_send(path, tmpl, (marker << 7) | payload_type, self.seq, timestamp, payload)
+        self.seq = (self.seq + 1) & 0xFFFF
+        return n
 
 
 class IngestDrop(str, enum.Enum):

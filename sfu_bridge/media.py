@@ -128,6 +128,7 @@ class RtpOut:
         self.path = DatagramPath(transceiver.sender.transport)
         self._ts0 = random32()
         self.packets = 0
+        self.send_refused = 0  # packets the socket refused (full buffer, closed): not sent
         self.payload_bytes = 0
         self.last_timestamp = self._ts0  # RTP timestamp of the latest packet (sender reports)
         self.last_wire_bytes = 0  # the latest packet on the wire: SRTP tag, IPv4 and UDP included
@@ -167,17 +168,26 @@ class RtpOut:
 
     def send_now(self, payload_type: int, payload: bytes, timestamp: int, marker: bool = False) -> bool:
         """The fast path (fastpath.py): header template + SRTP in place + the socket's sendto,
-        no coroutine. False when the connection is not (or no longer) up."""
+        no coroutine. False when the connection is not (or no longer) up, or when the socket
+        refused the packet (counted in `send_refused`)."""
         path = self.path
         if not path.ready():
             return False
         ts = (self._ts0 + timestamp) & 0xFFFFFFFF
-        data = self.writer.write(path.srtp, payload_type, payload, ts, marker, not self.mid_acked)
-        try:
-            path.sendto(data, path.addr)
-        except OSError:
-            return False
-        self._sent(len(payload), ts, len(data))
+        if path.native is not None:  # one C call (aiortc_compat.native_send)
+            n = self.writer.send(path.native, payload_type, payload, ts, marker, not self.mid_acked)
+            if n < 0:
+                self.send_refused += 1
+                return False
+        else:
+            data = self.writer.write(path.srtp, payload_type, payload, ts, marker, not self.mid_acked)
+            try:
+                path.sendto(data, path.addr)
+            except OSError:
+                self.send_refused += 1
+                return False
+            n = len(data)
+        self._sent(len(payload), ts, n)
         return True
 
     def _sent(self, payload_bytes: int, timestamp: int, srtp_bytes: int) -> None:
@@ -309,6 +319,10 @@ class MediaBridge:
         fast_ingest: bool = True,
     ) -> None:
         rtp_ext.install()
+        if aiortc_compat.NATIVE_SEND_MISSING is not None:
+            logger.warning("%s: every RTP packet goes out through the Python path, which costs more "
+                           "CPU a packet (docs/benchmarks.md); reinstall with a C compiler (pip install -e .)",
+                           aiortc_compat.NATIVE_SEND_MISSING)
         self.core = core
         # decode publishers' Opus inline at 24 kHz (fastpath.OpusIngest) instead of aiortc's
         # jitter buffer, decoder thread, 48 kHz frames and resampler
@@ -318,6 +332,7 @@ class MediaBridge:
         self.adaptive = adaptive
         self.max_header_share = max_header_share  # the packet duration policy
         self.layer_switches = 0
+        self._refused_ended = 0  # `send_refused` of subscribers gone
         self.tick_s = tick_s
         self.opus = OpusCodec(max_streams, sample_rate=SAMPLE_RATE, frame_ms=20, bitrate=opus_bitrate)
         self._free_slots = list(range(max_streams - 1, -1, -1))
@@ -490,6 +505,7 @@ class MediaBridge:
         else:
             self.subscribers[s.stream_id].pop(session_id, None)
             self._needs.pop(s.stream_id, None)
+            self._refused_ended += getattr(s.out, "send_refused", 0)
             if not self.subscribers[s.stream_id]:
                 del self.subscribers[s.stream_id]
         if s.pc is not None:
@@ -710,6 +726,10 @@ class MediaBridge:
             "ticks": core["ticks"],
             "encodes": core["encodes"],
             "layer_switches": self.layer_switches,
+            # packets the subscribers' sockets refused (full buffer): counted, not sent
+            "send_refused": self._refused_ended + sum(
+                getattr(sub.out, "send_refused", 0) for subs in self.subscribers.values()
+                for sub in subs.values()),
             "ingest_drops": self.ingest_drops(),
             "streams": self.stream_stats(),
             "tick_overhead_ms_p50": float(np.percentile(ov, 50)),

@@ -78,16 +78,25 @@ def _srtp_pair() -> tuple[Any, Any]:
     return tx, rx
 
 
+def send_path(native: int, outs: int) -> str:
+    """How the emulated subscribers' packets were sent (`native` of `outs` on the C path)."""
+    if outs and native == outs:
+        return "native: header, SRTP and sendto in one C call (sfu_bridge/_rtpsend.c)"
+    if native == 0:
+        return "python: RtpWriter.write + socket.sendto (sfu_bridge._rtpsend not built)"
+    return f"mixed: {native} of {outs} subscribers on the native path"
+
+
 class LoopbackOut:
     """`RtpOut` whose transport is SRTP + a UDP socket to a local sink (same per-packet work).
     `with_mid`: packets carry the MID header extension (as before a subscriber's first receiver
-    report); `dropped` counts packets the socket's full buffer refused."""
+    report); `send_refused` counts packets the socket's full buffer refused."""
 
     def __init__(self, aic: bool, sock: socket.socket, sink: tuple[str, int], with_mid: bool = True) -> None:
         from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 
         from sfu_bridge import rtp_ext
-        from sfu_bridge.aiortc_compat import FastSrtp
+        from sfu_bridge.aiortc_compat import FastSrtp, native_path
         from sfu_bridge.fastpath import RtpWriter
 
         self.aic_pt = AIC_PT if aic else None
@@ -103,8 +112,9 @@ class LoopbackOut:
         self.writer = RtpWriter(self.ssrc, self.ext_map, self.mid)
         self._with_mid = with_mid
         self._sock, self._sink = sock, sink
+        self._native = native_path(self._srtp, sock, sink)
         self.packets = 0
-        self.dropped = 0
+        self.send_refused = 0
         self.payload_bytes = 0
         self.last_wire_bytes = 0
 
@@ -117,14 +127,21 @@ class LoopbackOut:
         return self.send_now(payload_type, payload, timestamp, marker)
 
     def send_now(self, payload_type: int, payload: bytes, timestamp: int, marker: bool = False) -> bool:
-        data = self.writer.write(self._srtp, payload_type, payload, timestamp, marker, self._with_mid)
-        try:
-            self._sock.sendto(data, self._sink)
-        except BlockingIOError:
-            self.dropped += 1  # sink buffer full: counted as not sent, like a congested socket
-            return False
+        if self._native is not None:  # the bridge's native send, as `RtpOut` takes it
+            n = self.writer.send(self._native, payload_type, payload, timestamp, marker, self._with_mid)
+            if n < 0:
+                self.send_refused += 1  # sink buffer full: counted as not sent, like a congested socket
+                return False
+        else:
+            data = self.writer.write(self._srtp, payload_type, payload, timestamp, marker, self._with_mid)
+            try:
+                self._sock.sendto(data, self._sink)
+            except BlockingIOError:
+                self.send_refused += 1
+                return False
+            n = len(data)
         self.packets += 1
-        self.last_wire_bytes = len(data) + 28
+        self.last_wire_bytes = n + 28
         self.payload_bytes += len(payload)
         return True
 
@@ -384,12 +401,15 @@ def run(args: argparse.Namespace) -> int:
     us_per_extra = extra_cpu_us / max(extra_packets, 1e-9)
     us_per_extra_sub_tick = extra_cpu_us / (n_fan * args.extra_subs)
     wire = asyncio.run(_wire(args.wire_s))
+    from sfu_bridge.aiortc_compat import native_send_available
+
     data = {
         "bench": "bridge",
         "machine": machine_description(),
         "revision": git_revision(),
         "codec": f"emulated ({args.codec_ms} ms, no CPU): bridge-side cost only",
         "weights": "n/a (emulated codec)",
+        "send_path": send_path(*((1, 1) if native_send_available() else (0, 1))),
         "subscribers_per_stream": {"aic": args.aic_subs, "opus": args.opus_subs},
         "tick_ms": TICK_S * 1000,
         "budget_ms": args.budget_ms,
@@ -436,7 +456,7 @@ def _markdown(d: dict) -> str:
 
 `auralink bench bridge --json docs/bench/bridge.json` at revision {d['revision']} - {d['machine']},
 load average {d['load_average']:.1f} at the end of the run (a shared machine: figures are lower bounds).
-Codec: **{d['codec']}**; each stream has {d['subscribers_per_stream']['aic']} AIC and
+Codec: **{d['codec']}**; send path: {d['send_path']}; each stream has {d['subscribers_per_stream']['aic']} AIC and
 {d['subscribers_per_stream']['opus']} Opus subscriber(s). One worker process = one event loop.
 
 **Streams per worker: {d['streams_per_worker']}** at 40 ms ticks: the largest step of the

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.bench.bridge import AIC_PT, OPUS_PT, LoopbackOut
+from cluster.bench.bridge import AIC_PT, OPUS_PT, LoopbackOut, send_path
 from cluster.bench.report import git_revision, machine_description, update_docs_section, write_json
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,8 @@ async def _worker(conn: Any, cfg: dict) -> None:
                 "index": idx, "cpu_s": time.process_time() - cpu0,
                 "packets": sum(media.packets_by_kind.values()) - pkts0,
                 "packets_by_kind": dict(media.packets_by_kind),
-                "send_dropped": sum(o.dropped for o in outs),
+                "send_dropped": sum(o.send_refused for o in outs),
+                "native_outs": sum(o._native is not None for o in outs), "outs": len(outs),
                 "fanout_ms": dict(fanout),
                 "relay_sent": dict(relay.sent), "relay_received": dict(relay.received),
                 "relay_drops": dict(relay.drops), "relay_send_cpu_s": relay.send_cpu_s,
@@ -424,6 +425,7 @@ def _run(args: argparse.Namespace) -> int:
         "emulated_subscribers": n_emu,
         "emulated_note": "emulated receivers: one real UDP socket each, real SRTP packets, "
                          "sequence continuity checked, not decrypted",
+        "send_path": send_path(sum(w["native_outs"] for w in wstats), sum(w["outs"] for w in wstats)),
         "chunks": chunks,
         "p50_fanout_ms": round(float(np.percentile(fan, 50)), 2),
         "max_fanout_ms": round(float(fan.max()), 2),
@@ -486,7 +488,8 @@ def _markdown(d: dict) -> str:
 Codec: **{d['codec']}**. One publisher, {d['workers']} bridge worker processes cascading over
 UDP (sfu_bridge/cascade.py), {d['subscribers']} subscribers: **{d['real_webrtc_subscribers']} real
 aiortc WebRTC subscribers** and {d['emulated_subscribers']} **emulated** receivers (one UDP
-socket each, real SRTP packets, sequence continuity checked, not decrypted); {d['chunks']}
+socket each, real SRTP packets, sequence continuity checked, not decrypted); send path:
+{d['send_path']}; {d['chunks']}
 chunks of 40 ms ({d['audio_s']} s of audio) took {d['wall_s']} s to deliver. Subscribers per
 worker {d['worker_subscribers']} (the owner, worker 0, holds the publisher, ticks and relays);
 the workers spent {d['worker_cpu_s']} s of CPU for {d['worker_packets']} packets: keeping real

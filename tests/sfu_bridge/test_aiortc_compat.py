@@ -67,13 +67,25 @@ def test_every_accessor_on_a_live_connection():
         header = RtpPacket(payload_type=aic_pt, sequence_number=2, timestamp=960, ssrc=ssrc).serialize()
         path.sendto(path.srtp.protect(header, b"fast"), path.addr)
         fast = await asyncio.wait_for(seen.get(), 10)
+        # the native send: the same packet by one C call on the pair's socket
+        assert path.native is not None
+        n = aiortc_compat.native_send(path.native, header, aic_pt, 3, 1920, b"native")
+        native = await asyncio.wait_for(seen.get(), 10)
+        assert n > len(header) + len(b"native")  # the SRTP packet's length, tag included
+        # a metered socket (media.UdpMeter wraps sendto) keeps the Python path: the meter
+        # sees every datagram
+        from sfu_bridge.media import UdpMeter
+
+        UdpMeter().attach(a)
+        metered = aiortc_compat.DatagramPath(ta.sender.transport)
+        assert metered.ready() and metered.native is None
         await aiortc_compat.send_pli(tb.receiver, ssrc)
         await asyncio.wait_for(pli.wait(), 10)
         await a.close()
         await b.close()
-        return answer, ssrc, codecs, exts, protocols, ext_map, got, fast
+        return answer, ssrc, codecs, exts, protocols, ext_map, got, fast, native
 
-    answer, ssrc, codecs, exts, protocols, ext_map, got, fast = asyncio.run(go())
+    answer, ssrc, codecs, exts, protocols, ext_map, got, fast, native = asyncio.run(go())
     assert f"a=ssrc:{ssrc} " in answer  # the SSRC the sender announced
     assert {c.mimeType.lower() for c in codecs} >= {"audio/opus", "audio/aic"}
     assert any(e.uri == HINT_URI for e in exts)
@@ -82,3 +94,4 @@ def test_every_accessor_on_a_live_connection():
     assert isinstance(ext_map, rtp_ext.AicHeaderExtensionsMap)
     assert (got.ssrc, got.payload) == (ssrc, b"x")  # tapped before the jitter buffer
     assert (fast.ssrc, fast.sequence_number, fast.payload) == (ssrc, 2, b"fast")
+    assert (native.ssrc, native.sequence_number, native.timestamp, native.payload) == (ssrc, 3, 1920, b"native")

@@ -5,6 +5,7 @@ counting late or malformed packets."""
 from __future__ import annotations
 
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -14,8 +15,8 @@ from pylibsrtp import Policy, Session
 
 from deployments.contract import CHUNK_SAMPLES
 from models.opus import OpusCodec
-from sfu_bridge import rtp_ext
-from sfu_bridge.aiortc_compat import FastSrtp
+from sfu_bridge import aiortc_compat, rtp_ext
+from sfu_bridge.aiortc_compat import FastSrtp, native_path
 from sfu_bridge.fastpath import CHUNK_48K, IngestDrop, OpusIngest, RtpWriter
 
 
@@ -28,8 +29,8 @@ def _ext_map() -> rtp_ext.AicHeaderExtensionsMap:
     return m
 
 
-def _srtp() -> tuple[Session, Session]:
-    key = os.urandom(30)
+def _srtp(key: bytes | None = None) -> tuple[Session, Session]:
+    key = key or os.urandom(30)
     return (Session(Policy(key=key, ssrc_type=Policy.SSRC_ANY_OUTBOUND)),
             Session(Policy(key=key, ssrc_type=Policy.SSRC_ANY_INBOUND)))
 
@@ -55,6 +56,70 @@ def test_rtp_writer_refuses_oversized_payload() -> None:
     tx, _ = _srtp()
     with pytest.raises(ValueError, match="too long"):
         RtpWriter(1, _ext_map(), None).write(FastSrtp(tx), 111, b"x" * 1400, 0)
+
+
+def test_the_native_send_is_built() -> None:
+    """setup.py builds sfu_bridge._rtpsend at install; the bridge falls back to the Python path
+    without it (and says so), but an install here must have it."""
+    assert aiortc_compat.native_send_available(), aiortc_compat.NATIVE_SEND_MISSING
+
+
+def _sink(family: int = socket.AF_INET) -> socket.socket:
+    sink = socket.socket(family, socket.SOCK_DGRAM)
+    sink.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+    sink.settimeout(5)
+    return sink
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("with_mid", [True, False])
+def test_native_send_puts_the_python_paths_bytes_on_the_wire(family: int, with_mid: bool) -> None:
+    """Two SRTP contexts on one key (SRTP is deterministic for a key, SSRC and index): the
+    datagram the C path sends is the Python path's packet, byte for byte, sequence numbers
+    and their wrap included."""
+    key = os.urandom(30)
+    (tx_py, rx), (tx_c, _) = _srtp(key), _srtp(key)
+    ext_map = _ext_map()
+    w_py = RtpWriter(0xCAFEBABE, ext_map, "audio0", seq0=65534)
+    w_c = RtpWriter(0xCAFEBABE, ext_map, "audio0", seq0=65534)
+    sink = _sink(family)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    path = native_path(FastSrtp(tx_c), sock, sink.getsockname())
+    assert path is not None
+    fast = FastSrtp(tx_py)
+    for i, (pt, payload, marker) in enumerate([(111, b"\x01" * 40, False), (120, b"ab", True),
+                                               (111, bytes(range(200)), False), (120, b"", False)]):
+        ts = (0xFFFFFF00 + i * 960) & 0xFFFFFFFF
+        want = w_py.write(fast, pt, payload, ts, marker, with_mid)
+        n = w_c.send(path, pt, payload, ts, marker, with_mid)
+        got = sink.recv(2048)
+        assert got == want and n == len(want)
+        plain = rx.unprotect(got)  # authentic under the receiver's key
+        assert plain.endswith(payload) and plain[2:4] == ((65534 + i) & 0xFFFF).to_bytes(2, "big")
+    assert w_c.seq == w_py.seq == 2  # wrapped
+    sock.close()
+    sink.close()
+
+
+def test_native_send_refusals_are_counted_and_bad_input_raises() -> None:
+    from cluster.bench.bridge import LoopbackOut
+
+    sink = _sink()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    out = LoopbackOut(True, sock, sink.getsockname(), with_mid=False)
+    assert out._native is not None
+    assert out.send_now(120, b"codes", 960)
+    assert sink.recv(2048)
+    with pytest.raises(ValueError, match="too long"):
+        out.send_now(120, b"x" * 1400, 1920)
+    with pytest.raises(TypeError):
+        aiortc_compat.native_send(out._native, b"header", 120, 0, 0, "not bytes")
+    with pytest.raises(ValueError, match="sequence"):
+        aiortc_compat.native_send(out._native, out.writer.template(False), 120, 70_000, 0, b"")
+    sock.close()  # the socket is gone: the packet is refused (EBADF) and counted, not sent
+    assert not out.send_now(120, b"codes", 2880)
+    assert (out.packets, out.send_refused) == (1, 1)
+    sink.close()
 
 
 def _opus_packets(n: int) -> list[bytes]:

@@ -61,3 +61,38 @@ def test_the_need_follows_joins_leaves_pins_caps_and_rate_controlled_subscribers
         return seen
 
     assert asyncio.run(go()) == [None, 4, 8, 4, 2, 4, 2, 32, 16, 8]
+
+
+def test_packets_a_subscribers_socket_refuses_are_counted_in_the_bridge_stats():
+    """A send the socket refuses is a counted drop (`send_refused`), before and after the
+    subscriber leaves, never a packet counted as sent."""
+    import numpy as np
+
+    from deployments.contract import Outcome
+    from sfu_bridge.cascade import RelayedFrame
+
+    async def go() -> tuple[dict, dict, int]:
+        media = MediaBridge(BridgeCore(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2)
+        media.add_publisher("s", "pub", None)
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind(("127.0.0.1", 0))
+        ok_sock, gone_sock = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+        ok = media.add_subscriber("s", "u", None, LoopbackOut(True, ok_sock, sink.getsockname(), with_mid=False))
+        gone = media.add_subscriber("s", "u", None, LoopbackOut(True, gone_sock, sink.getsockname(), with_mid=False))
+        for sub in (ok, gone):
+            media.pin_layer(sub.session_id, Layer(8))
+        gone_sock.close()
+        codes = np.zeros((32, 3), np.int16)
+        for k in range(3):
+            media.dispatch_frames(k, [RelayedFrame("s", Outcome.AI, None, 1, k, 1920 * k, codes, None, 0.0)])
+        live = media.stats()
+        await media.end_session(gone.session_id)
+        after = media.stats()
+        ok_sock.close()
+        sink.close()
+        return live, after, ok.out.packets
+
+    live, after, delivered = asyncio.run(go())
+    assert delivered == 3
+    assert live["send_refused"] == after["send_refused"] == 3
+    assert live["packets"]["aic"] == 3  # only the delivered ones count as sent

@@ -1,0 +1,12 @@
+"""The one compiled part: sfu_bridge._rtpsend (the bridge's per-packet RTP send, fastpath.py).
+
+Everything else is in pyproject.toml. The extension is optional: without a C compiler the
+install still succeeds and the bridge sends through its Python path (it logs so at start).
+"""
+
+from setuptools import Extension, setup
+
+setup(ext_modules=[
+    Extension("sfu_bridge._rtpsend", ["sfu_bridge/_rtpsend.c"], optional=True,
+              extra_compile_args=["-O2"]),
+])
