@@ -8,7 +8,10 @@
  * `sendto`. Nothing is allocated but the returned int.
  *
  * send(path, template, b1, seq, timestamp, payload) -> int
- *   path: (srtp_protect address, srtp_t, socket fd, struct sockaddr as bytes)
+ *   path: (srtp_protect address, srtp_t, socket fd, struct sockaddr as bytes, owner): `owner`
+ *   is the object that keeps the srtp_t alive (aiortc_compat.FastSrtp), held by the tuple so
+ *   the pointer cannot outlive its session; the caller keeps the socket open (a closed one
+ *   must not be passed: its descriptor may be reused)
  *   b1: the header's second byte (marker << 7 | payload type)
  *   returns the SRTP packet's length (>= 0), or -errno when the socket refused it (the
  *   packet was protected: its sequence number is used); raises ValueError for a packet
@@ -35,10 +38,10 @@ static PyObject *send_packet(PyObject *module, PyObject *const *args, Py_ssize_t
         return NULL;
     }
     PyObject *path = args[0], *tmpl = args[1], *payload = args[5];
-    if (!PyTuple_CheckExact(path) || PyTuple_GET_SIZE(path) != 4 || !PyBytes_CheckExact(tmpl)
+    if (!PyTuple_CheckExact(path) || PyTuple_GET_SIZE(path) != 5 || !PyBytes_CheckExact(tmpl)
         || !PyBytes_CheckExact(payload) || !PyBytes_CheckExact(PyTuple_GET_ITEM(path, 3))) {
         PyErr_SetString(PyExc_TypeError,
-                        "path must be (protect, srtp, fd, sockaddr bytes); template and payload bytes");
+                        "path must be (protect, srtp, fd, sockaddr bytes, owner); template and payload bytes");
         return NULL;
     }
     srtp_protect_fn protect = (srtp_protect_fn)PyLong_AsVoidPtr(PyTuple_GET_ITEM(path, 0));

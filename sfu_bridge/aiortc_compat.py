@@ -249,12 +249,14 @@ def sockaddr_bytes(family: int, addr: tuple) -> bytes | None:
 
 
 def native_path(srtp: FastSrtp, sock: socket.socket | None, addr: tuple) -> tuple | None:
-    """The `_rtpsend.send` path (srtp_protect, srtp_t, fd, sockaddr) of an SRTP context and a
-    UDP socket to `addr`; None when the extension is missing or the address is not numeric."""
+    """The `_rtpsend.send` path (srtp_protect, srtp_t, fd, sockaddr, srtp) of an SRTP context
+    and a UDP socket to `addr` (the tuple holds `srtp`, so its srtp_t lives as long as the
+    path); None when the extension is missing or the address is not numeric. The caller
+    stops using the path when the socket closes (`DatagramPath.ready`)."""
     if _rtpsend is None or sock is None or sock.fileno() < 0:
         return None
     sa = sockaddr_bytes(sock.family, addr)
-    return None if sa is None else (SRTP_PROTECT, srtp.ctx, sock.fileno(), sa)
+    return None if sa is None else (SRTP_PROTECT, srtp.ctx, sock.fileno(), sa, srtp)
 
 
 # native_send(path, template, b1, seq, timestamp, payload) -> the SRTP packet's length, or

@@ -92,7 +92,8 @@ class LoopbackOut:
     `with_mid`: packets carry the MID header extension (as before a subscriber's first receiver
     report); `send_refused` counts packets the socket's full buffer refused."""
 
-    def __init__(self, aic: bool, sock: socket.socket, sink: tuple[str, int], with_mid: bool = True) -> None:
+    def __init__(self, aic: bool, sock: socket.socket, sink: tuple[str, int], with_mid: bool = True,
+                 srtp_tx: Any = None) -> None:
         from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
 
         from sfu_bridge import rtp_ext
@@ -107,8 +108,7 @@ class LoopbackOut:
         self.ext_map.configure(RTCRtpParameters(headerExtensions=[
             RTCRtpHeaderExtensionParameters(id=1, uri="urn:ietf:params:rtp-hdrext:sdes:mid"),
         ]))
-        tx, _ = _srtp_pair()
-        self._srtp = FastSrtp(tx)
+        self._srtp = FastSrtp(srtp_tx if srtp_tx is not None else _srtp_pair()[0])
         self.writer = RtpWriter(self.ssrc, self.ext_map, self.mid)
         self._with_mid = with_mid
         self._sock, self._sink = sock, sink
@@ -127,7 +127,7 @@ class LoopbackOut:
         return self.send_now(payload_type, payload, timestamp, marker)
 
     def send_now(self, payload_type: int, payload: bytes, timestamp: int, marker: bool = False) -> bool:
-        if self._native is not None:  # the bridge's native send, as `RtpOut` takes it
+        if self._native is not None and self._sock.fileno() >= 0:  # the bridge's native send
             n = self.writer.send(self._native, payload_type, payload, timestamp, marker, self._with_mid)
             if n < 0:
                 self.send_refused += 1  # sink buffer full: counted as not sent, like a congested socket
@@ -136,7 +136,7 @@ class LoopbackOut:
             data = self.writer.write(self._srtp, payload_type, payload, timestamp, marker, self._with_mid)
             try:
                 self._sock.sendto(data, self._sink)
-            except BlockingIOError:
+            except OSError:  # full buffer, or the socket is closed
                 self.send_refused += 1
                 return False
             n = len(data)

@@ -211,7 +211,6 @@ async def _two_workers(chunks: int, layers: tuple[list, list], kbps: tuple[float
         _opus_loop,
         _srtp_pair,
     )
-    from sfu_bridge.aiortc_compat import FastSrtp
     from sfu_bridge.core import BridgeCore
     from sfu_bridge.media import MediaBridge
     from sfu_bridge.rate_control import Layer
@@ -230,9 +229,8 @@ async def _two_workers(chunks: int, layers: tuple[list, list], kbps: tuple[float
     for media, w in ((owner, 0), (peer, 1)):
         for layer in layers[w]:
             sink = _Sink()
-            out = LoopbackOut(layer is not None, send, sink.addr, with_mid=False)
             tx, rx = _srtp_pair()
-            out._srtp = FastSrtp(tx)
+            out = LoopbackOut(layer is not None, send, sink.addr, with_mid=False, srtp_tx=tx)
             sub = media.add_subscriber("s", "u", None, out)
             if layer is not None:
                 media.pin_layer(sub.session_id, Layer(layer))

@@ -101,6 +101,30 @@ def test_native_send_puts_the_python_paths_bytes_on_the_wire(family: int, with_m
     sink.close()
 
 
+def test_a_native_path_keeps_its_srtp_session_alive() -> None:
+    """The path carries a raw srtp_t: it holds the session's owner, so dropping every other
+    reference cannot free the context under it."""
+    import gc
+    import weakref
+
+    key = os.urandom(30)
+    sink = _sink()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = _srtp(key)[0]
+    session = weakref.ref(tx)
+    path = native_path(FastSrtp(tx), sock, sink.getsockname())
+    del tx
+    gc.collect()
+    assert session() is not None  # the session (and its srtp_t) lives as long as the path
+    _, rx = _srtp(key)
+    writer = RtpWriter(7, _ext_map(), None)
+    for i in range(3):
+        assert writer.send(path, 111, b"alive", 960 * i) > 0
+        assert rx.unprotect(sink.recv(2048)).endswith(b"alive")
+    sock.close()
+    sink.close()
+
+
 def test_native_send_refusals_are_counted_and_bad_input_raises() -> None:
     from cluster.bench.bridge import LoopbackOut
 
@@ -116,7 +140,7 @@ def test_native_send_refusals_are_counted_and_bad_input_raises() -> None:
         aiortc_compat.native_send(out._native, b"header", 120, 0, 0, "not bytes")
     with pytest.raises(ValueError, match="sequence"):
         aiortc_compat.native_send(out._native, out.writer.template(False), 120, 70_000, 0, b"")
-    sock.close()  # the socket is gone: the packet is refused (EBADF) and counted, not sent
+    sock.close()  # the socket is gone: the packet is refused and counted, not sent
     assert not out.send_now(120, b"codes", 2880)
     assert (out.packets, out.send_refused) == (1, 1)
     sink.close()
