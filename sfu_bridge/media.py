@@ -339,6 +339,8 @@ class MediaBridge:
         self.publishers: dict[str, Publisher] = {}  # by stream id
         self.subscribers: dict[str, dict[str, Subscriber]] = defaultdict(dict)  # stream -> sid -> sub
         self._needs: dict[str, tuple[int, int | None, list[AicSender]]] = {}  # _need_group
+        # stream -> (AIC subscribers, legacy Opus ones), kept until one joins or leaves
+        self._split_subs: dict[str, tuple[list[Subscriber], list[Subscriber]]] = {}
         self.sessions: dict[str, Publisher | Subscriber] = {}
         self.packets_by_kind: dict[str, int] = defaultdict(int)  # "aic" / "opus"
         self._unrecorded_bytes: dict[str, int] = defaultdict(int)  # payload bytes since last tick
@@ -411,11 +413,10 @@ class MediaBridge:
         if pub.ts_base is None:
             pub.ts_base = packet.timestamp
         ts = (packet.timestamp - pub.ts_base) & 0xFFFFFFFF
-        subs = self.subscribers.get(stream_id)
-        if subs:
-            # `out.aic_pt` for `sub.aic`: no two property calls a subscriber of a big call
+        legacy = self._split(stream_id)[1]
+        if legacy:
             payloads = [packet.payload]
-            for sub in [s for s in subs.values() if s.out.aic_pt is None and s.out.opus_pt is not None]:
+            for sub in legacy:
                 self._send(sub, "opus", sub.out.opus_pt, payloads, ts)
         if self.cascade is not None:  # legacy subscribers on other workers (cascade.py)
             self.cascade.on_forward(stream_id, ts, packet.payload)
@@ -454,6 +455,7 @@ class MediaBridge:
         self.subscribers[stream_id][sub.session_id] = sub
         self.sessions[sub.session_id] = sub
         self._needs.pop(stream_id, None)
+        self._split_subs.pop(stream_id, None)
         return sub
 
     def _tap_rtcp(self, sub: Subscriber) -> None:
@@ -505,6 +507,7 @@ class MediaBridge:
         else:
             self.subscribers[s.stream_id].pop(session_id, None)
             self._needs.pop(s.stream_id, None)
+            self._split_subs.pop(s.stream_id, None)
             self._refused_ended += getattr(s.out, "send_refused", 0)
             if not self.subscribers[s.stream_id]:
                 del self.subscribers[s.stream_id]
@@ -525,9 +528,7 @@ class MediaBridge:
         # served by `forward`); a frame becomes an object only when it is sent
         todo: list[tuple[FrameOutcome, list[Subscriber]]] = []
         for i, sid in enumerate(report.stream_ids):
-            subs = subscribers.get(sid)
-            # `s.out.aic_pt`: `s.aic` without two property calls a subscriber
-            aic = [s for s in subs.values() if s.out.aic_pt is not None] if subs else []
+            aic = self._split(sid)[0] if sid in subscribers else []
             if (aic or sid in relayed) and sid in publishers:
                 todo.append((report.frame(i), aic))
         self._fan_out(todo, relay_tick=report.tick)
@@ -541,12 +542,25 @@ class MediaBridge:
         subscribers, exactly as `dispatch_now` sends its own tick's."""
         todo = []
         for fo in frames:
-            subs = self.subscribers.get(fo.stream_id)
-            if subs and fo.stream_id in self.publishers:
-                aic = [s for s in subs.values() if s.out.aic_pt is not None]
+            if fo.stream_id in self.subscribers and fo.stream_id in self.publishers:
+                aic = self._split(fo.stream_id)[0]
                 if aic:
                     todo.append((fo, aic))
         self._fan_out(todo)  # never relayed on: only a stream's owner relays it
+
+    def _split(self, stream_id: str) -> tuple[list[Subscriber], list[Subscriber]]:
+        """The stream's subscribers as (AIC, legacy Opus): sorted once per join or leave, not
+        once per packet (a big call's legacy subscribers are a few among thousands)."""
+        split = self._split_subs.get(stream_id)
+        if split is None:
+            subs = self.subscribers.get(stream_id)
+            if not subs:
+                return [], []
+            # `out.aic_pt` for `sub.aic`: no two property calls a subscriber
+            split = ([s for s in subs.values() if s.out.aic_pt is not None],
+                     [s for s in subs.values() if s.out.aic_pt is None and s.out.opus_pt is not None])
+            self._split_subs[stream_id] = split
+        return split
 
     def _fan_out(self, todo: list[tuple[FrameOutcome, list[Subscriber]]],
                  relay_tick: int | None = None) -> None:

@@ -96,3 +96,54 @@ def test_packets_a_subscribers_socket_refuses_are_counted_in_the_bridge_stats():
     assert delivered == 3
     assert live["send_refused"] == after["send_refused"] == 3
     assert live["packets"]["aic"] == 3  # only the delivered ones count as sent
+
+
+def test_forwarded_opus_and_tick_output_follow_joins_and_leaves():
+    """The stream's subscribers split into AIC and legacy Opus ones once per join or leave
+    (media.py `_split`): a packet reaches exactly the legacy subscribers present when it
+    arrives, a tick's frame exactly the AIC ones."""
+    import numpy as np
+    from aiortc.rtp import RtpPacket
+
+    from deployments.contract import Outcome
+    from sfu_bridge.cascade import RelayedFrame
+
+    async def go() -> list[tuple[int, int, int]]:
+        media = MediaBridge(BridgeCore(EmulatedCodec(1.0), bandwidth_kbps=24.0), max_streams=2,
+                            fast_ingest=False)
+        media.add_publisher("s", "pub", None).opus_pt = 111
+        sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind(("127.0.0.1", 0))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        codes = np.zeros((32, 3), np.int16)
+        outs: dict[str, LoopbackOut] = {}
+
+        def join(aic: bool) -> str:
+            out = LoopbackOut(aic, sock, sink.getsockname(), with_mid=False)
+            sub = media.add_subscriber("s", "u", None, out)
+            if aic:
+                media.pin_layer(sub.session_id, Layer(8))
+            outs[sub.session_id] = out
+            return sub.session_id
+
+        def step(k: int) -> tuple[int, int, int]:
+            media.forward("s", RtpPacket(payload_type=111, sequence_number=k, timestamp=960 * k,
+                                         payload=b"opus"))
+            media.dispatch_frames(k, [RelayedFrame("s", Outcome.AI, None, 1, k, 1920 * k, codes, None, 0.0)])
+            legacy = sum(o.packets for o in outs.values() if o.aic_pt is None)
+            aic = sum(o.packets for o in outs.values() if o.aic_pt is not None)
+            return legacy, aic, len(outs)
+
+        seen = []
+        first = join(False)
+        seen.append(step(0))  # one legacy subscriber: one Opus packet, no AIC
+        join(True)
+        join(False)
+        seen.append(step(1))  # +2 Opus, +1 AIC
+        await media.end_session(first)
+        seen.append(step(2))  # the one left: +1 Opus, +1 AIC
+        sock.close()
+        sink.close()
+        return seen
+
+    assert asyncio.run(go()) == [(1, 0, 1), (3, 1, 3), (4, 2, 3)]
