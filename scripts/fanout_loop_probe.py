@@ -18,7 +18,9 @@ protects and sends each packet in one C call; `--send python` takes the Python p
 `--without sendto|srtp|both` splits the Python path's cost (it implies `--send python`): the
 bench sink's `sendto` and/or libsrtp's `srtp_protect` are skipped (the packet is still built,
 counted and, without SRTP, handed on unprotected), so the difference to a full run is what
-those native calls cost and the rest is Python."""
+those native calls cost and the rest is Python. `--without native` splits the native path's:
+its one C call (header, SRTP, `sendto`) is replaced by a Python function that returns a
+length, so what is left is the loop's Python."""
 
 from __future__ import annotations
 
@@ -44,7 +46,13 @@ from sfu_bridge.rate_control import Layer  # noqa: E402
 
 
 def _without(part: str) -> None:
-    """Skip `sendto` (the bench sink's) and/or `srtp_protect` in this process (module doc)."""
+    """Skip `sendto` (the bench sink's) and/or `srtp_protect`, or the native send, in this
+    process (module doc)."""
+    if part == "native":
+        from sfu_bridge import fastpath
+
+        fastpath.native_send = lambda path, template, b1, seq, ts, payload: len(template) + len(payload) + 16
+        return
     if part in ("sendto", "both"):
         def send_now(self, payload_type, payload, timestamp, marker=False):  # LoopbackOut's, no socket
             data = self.writer.write(self._srtp, payload_type, payload, timestamp, marker, self._with_mid)
@@ -116,12 +124,13 @@ def main() -> int:
     p.add_argument("--ticks", type=int, default=60)
     p.add_argument("--send", choices=("native", "python"), default="native",
                    help="the packet's write+SRTP+sendto in one C call, or the Python path")
-    p.add_argument("--without", choices=("sendto", "srtp", "both"),
-                   help="skip native calls of the Python path (module doc; implies --send python)")
+    p.add_argument("--without", choices=("sendto", "srtp", "both", "native"),
+                   help="skip native calls: of the Python path (sendto, srtp, both: implies --send "
+                        "python) or the native send's one call (native) (module doc)")
     args = p.parse_args()
     if args.without:
         _without(args.without)
-        args.send = "python"
+        args.send = "native" if args.without == "native" else "python"
         print(f"WITHOUT {args.without}: not a cost figure, one term of a split")
     asyncio.run(probe(args.subscribers, args.n_q, args.packet_ms, args.ticks, args.send))
     return 0
