@@ -292,8 +292,9 @@ class DatagramPath:
             transport = self._transport = pair.protocol.transport
             self.sendto = transport.sendto
             self.addr = pair.remote_addr
-            # a wrapped sendto (UdpMeter) must see every datagram: no native path then
-            self.native = (None if "sendto" in vars(transport)
+            # a wrapped sendto (UdpMeter) must see every datagram: no native path then (uvloop's
+            # transports have no instance dictionary: nothing can be wrapped there)
+            self.native = (None if "sendto" in getattr(transport, "__dict__", ())
                            else native_path(self.srtp, transport.get_extra_info("socket"), self.addr))
         # a closed socket's descriptor may be reused by another: never write to it
         return not self._transport.is_closing()
