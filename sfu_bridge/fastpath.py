@@ -73,15 +73,25 @@ class RtpWriter:
         self.seq = (self.seq + 1) & 0xFFFF
         return data
 
-    def send(self, path: tuple, payload_type: int, payload: bytes, timestamp: int,
-             marker: bool = False, with_mid: bool = False) -> int:
-        """`write` and the `sendto` in one native call on `path` (`aiortc_compat.native_path`):
-        the SRTP packet's length, or -errno when the socket refused it (its sequence number
-        is used either way, as a packet lost on the wire)."""
-        tmpl = self._templates.get(with_mid) or self.template(with_mid)
-        n = native_send(path, tmpl, (marker << 7) | payload_type, self.seq, timestamp, payload)
-        self.seq = (self.seq + 1) & 0xFFFF
-        return n
+    def send(self, path: tuple | None, payload_type: int, payload: bytes, timestamp: int,
+             marker: bool = False, with_mid: bool = False, *, srtp: FastSrtp | None = None,
+             sendto: Any = None, addr: Any = None) -> int:
+        """The next packet of this SSRC out: `write` and the `sendto` in one native call on
+        `path` (`aiortc_compat.native_path`), or, when `path` is None, `write` on `srtp` and
+        `sendto(data, addr)` in Python. Returns the SRTP packet's length, or a negative number
+        when the socket refused it (-errno on the native path; the sequence number is used
+        either way, as a packet lost on the wire)."""
+        if path is not None:
+            tmpl = self._templates.get(with_mid) or self.template(with_mid)
+            n = native_send(path, tmpl, (marker << 7) | payload_type, self.seq, timestamp, payload)
+            self.seq = (self.seq + 1) & 0xFFFF
+            return n
+        data = self.write(srtp, payload_type, payload, timestamp, marker, with_mid)
+        try:
+            sendto(data, addr)
+        except OSError:  # a full buffer, or the socket is closed
+            return -1
+        return len(data)
 
 
 class IngestDrop(str, enum.Enum):

@@ -174,19 +174,12 @@ class RtpOut:
         if not path.ready():
             return False
         ts = (self._ts0 + timestamp) & 0xFFFFFFFF
-        if path.native is not None:  # one C call (aiortc_compat.native_send)
-            n = self.writer.send(path.native, payload_type, payload, ts, marker, not self.mid_acked)
-            if n < 0:
-                self.send_refused += 1
-                return False
-        else:
-            data = self.writer.write(path.srtp, payload_type, payload, ts, marker, not self.mid_acked)
-            try:
-                path.sendto(data, path.addr)
-            except OSError:
-                self.send_refused += 1
-                return False
-            n = len(data)
+        # one C call where the path has one (aiortc_compat.native_send), else Python
+        n = self.writer.send(path.native, payload_type, payload, ts, marker, not self.mid_acked,
+                             srtp=path.srtp, sendto=path.sendto, addr=path.addr)
+        if n < 0:
+            self.send_refused += 1
+            return False
         self._sent(len(payload), ts, n)
         return True
 

@@ -127,19 +127,14 @@ class LoopbackOut:
         return self.send_now(payload_type, payload, timestamp, marker)
 
     def send_now(self, payload_type: int, payload: bytes, timestamp: int, marker: bool = False) -> bool:
-        if self._native is not None and self._sock.fileno() >= 0:  # the bridge's native send
-            n = self.writer.send(self._native, payload_type, payload, timestamp, marker, self._with_mid)
-            if n < 0:
-                self.send_refused += 1  # sink buffer full: counted as not sent, like a congested socket
-                return False
-        else:
-            data = self.writer.write(self._srtp, payload_type, payload, timestamp, marker, self._with_mid)
-            try:
-                self._sock.sendto(data, self._sink)
-            except OSError:  # full buffer, or the socket is closed
-                self.send_refused += 1
-                return False
-            n = len(data)
+        # the bridge's own send (`RtpOut.send_now`'s); a closed socket's descriptor is never
+        # handed to the native path (it may be reused)
+        native = self._native if self._sock.fileno() >= 0 else None
+        n = self.writer.send(native, payload_type, payload, timestamp, marker, self._with_mid,
+                             srtp=self._srtp, sendto=self._sock.sendto, addr=self._sink)
+        if n < 0:
+            self.send_refused += 1  # sink buffer full: counted as not sent, like a congested socket
+            return False
         self.packets += 1
         self.last_wire_bytes = n + 28
         self.payload_bytes += len(payload)
@@ -409,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
         "revision": git_revision(),
         "codec": f"emulated ({args.codec_ms} ms, no CPU): bridge-side cost only",
         "weights": "n/a (emulated codec)",
-        "send_path": send_path(*((1, 1) if native_send_available() else (0, 1))),
+        "send_path": send_path(int(native_send_available()), 1),  # its loopback subscribers
         "subscribers_per_stream": {"aic": args.aic_subs, "opus": args.opus_subs},
         "tick_ms": TICK_S * 1000,
         "budget_ms": args.budget_ms,
