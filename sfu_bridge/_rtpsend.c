@@ -1,4 +1,5 @@
-/* sfu_bridge._rtpsend: one outbound RTP packet - header template, SRTP, sendto - in C.
+/* sfu_bridge._rtpsend: one RTP packet in C - out: header template, SRTP, sendto; in: SRTP and
+ * the header's fields.
  *
  * The bridge's per-packet send (fastpath.py `RtpWriter.send`) without Python in between: the
  * SSRC's serialised header (with its RFC 8285 extensions) is copied into a stack buffer, the
@@ -16,6 +17,16 @@
  *   returns the SRTP packet's length (>= 0), or -errno when the socket refused it (the
  *   packet was protected: its sequence number is used); raises ValueError for a packet
  *   longer than the buffer, ConnectionError when libsrtp refuses to protect it.
+ *
+ * unprotect(srtp_unprotect address, srtp_t, datagram, hint_id) -> tuple or int
+ *   A publisher's SRTP packet (aiortc_compat.RtpIngress): copied into a stack buffer,
+ *   unprotected in place by libsrtp's `srtp_unprotect` (authentication, replay window and
+ *   rollover counter are the session's own, as when aiortc unprotects), then parsed exactly
+ *   as aiortc's `RtpPacket.parse` does (CSRCs, RFC 8285 one- and two-byte extensions,
+ *   padding). Returns (payload type, sequence number, timestamp, payload, hint) where hint is
+ *   the value of the first extension element with id `hint_id` (bytes) or None; or, when the
+ *   packet is dropped, an int: libsrtp's error status (> 0: authentication, replay, ...) or
+ *   -1 when the plaintext is not a well-formed RTP packet. The caller keeps the srtp_t alive.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -88,15 +99,143 @@ static PyObject *send_packet(PyObject *module, PyObject *const *args, Py_ssize_t
     return PyLong_FromLong(sent < 0 ? -(long)errno : (long)n);
 }
 
+/* libsrtp 2: srtp_err_status_t srtp_unprotect(srtp_t ctx, void *srtp_hdr, int *len_ptr) */
+typedef int (*srtp_unprotect_fn)(void *ctx, void *srtp_hdr, int *len_ptr);
+
+#define MALFORMED (-1)
+
+/* The extension block [pos, end): every element well formed (as aiortc's
+ * unpack_header_extensions); hint_at, hint_len: the first element with id hint_id. */
+static int scan_extensions(const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end, unsigned profile,
+                           long hint_id, Py_ssize_t *hint_at, Py_ssize_t *hint_len) {
+    if (profile == 0xBEDE) {
+        while (pos < end) {
+            if (buf[pos] == 0) {
+                pos++;
+                continue;
+            }
+            long id = buf[pos] >> 4;
+            Py_ssize_t len = (buf[pos] & 0x0F) + 1;
+            pos++;
+            if (end < pos + len) {
+                return MALFORMED;
+            }
+            if (id == hint_id && *hint_at < 0) {
+                *hint_at = pos;
+                *hint_len = len;
+            }
+            pos += len;
+        }
+    } else if (profile == 0x1000) {
+        while (pos < end) {
+            if (buf[pos] == 0) {
+                pos++;
+                continue;
+            }
+            if (end < pos + 2) {
+                return MALFORMED;
+            }
+            long id = buf[pos];
+            Py_ssize_t len = buf[pos + 1];
+            pos += 2;
+            if (end < pos + len) {
+                return MALFORMED;
+            }
+            if (id == hint_id && *hint_at < 0) {
+                *hint_at = pos;
+                *hint_len = len;
+            }
+            pos += len;
+        }
+    }
+    return 0;
+}
+
+static PyObject *unprotect_packet(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyBytes_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "unprotect(unprotect_fn, srtp, datagram: bytes, hint_id)");
+        return NULL;
+    }
+    srtp_unprotect_fn unprotect = (srtp_unprotect_fn)PyLong_AsVoidPtr(args[0]);
+    void *ctx = PyLong_AsVoidPtr(args[1]);
+    long hint_id = PyLong_AsLong(args[3]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (unprotect == NULL || ctx == NULL) {
+        PyErr_SetString(PyExc_ValueError, "bad unprotect function or srtp_t");
+        return NULL;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(args[2]);
+    if (n < 12 || n > BUFFER_BYTES) {
+        return PyLong_FromLong(MALFORMED);
+    }
+    unsigned char buf[BUFFER_BYTES];
+    memcpy(buf, PyBytes_AS_STRING(args[2]), (size_t)n);
+    int len = (int)n;
+    int rc = unprotect(ctx, buf, &len);
+    if (rc != 0) {
+        return PyLong_FromLong(rc);
+    }
+    n = len;
+    if (n < 12 || (buf[0] >> 6) != 2) {
+        return PyLong_FromLong(MALFORMED);
+    }
+    Py_ssize_t pos = 12 + 4 * (Py_ssize_t)(buf[0] & 0x0F);
+    if (n < pos) {
+        return PyLong_FromLong(MALFORMED);
+    }
+    Py_ssize_t hint_at = -1, hint_len = 0;
+    if (buf[0] & 0x10) {
+        if (n < pos + 4) {
+            return PyLong_FromLong(MALFORMED);
+        }
+        unsigned profile = ((unsigned)buf[pos] << 8) | buf[pos + 1];
+        Py_ssize_t ext_end = pos + 4 + 4 * (Py_ssize_t)(((unsigned)buf[pos + 2] << 8) | buf[pos + 3]);
+        if (n < ext_end) {
+            return PyLong_FromLong(MALFORMED);
+        }
+        if (scan_extensions(buf, pos + 4, ext_end, profile, hint_id, &hint_at, &hint_len) != 0) {
+            return PyLong_FromLong(MALFORMED);
+        }
+        pos = ext_end;
+    }
+    Py_ssize_t end = n;
+    if (buf[0] & 0x20) {
+        Py_ssize_t pad = buf[n - 1];
+        if (pad == 0 || pad > n - pos) {
+            return PyLong_FromLong(MALFORMED);
+        }
+        end = n - pad;
+    }
+    unsigned long ts = ((unsigned long)buf[4] << 24) | ((unsigned long)buf[5] << 16)
+                       | ((unsigned long)buf[6] << 8) | buf[7];
+    PyObject *hint = hint_at < 0 ? Py_NewRef(Py_None)
+                                 : PyBytes_FromStringAndSize((const char *)buf + hint_at, hint_len);
+    if (hint == NULL) {
+        return NULL;
+    }
+    PyObject *payload = PyBytes_FromStringAndSize((const char *)buf + pos, end - pos);
+    if (payload == NULL) {
+        Py_DECREF(hint);
+        return NULL;
+    }
+    return Py_BuildValue("(iiNNN)", buf[1] & 0x7F, ((int)buf[2] << 8) | buf[3],
+                         PyLong_FromUnsignedLong(ts), payload, hint);
+}
+
 static PyMethodDef methods[] = {
     {"send", (PyCFunction)(void (*)(void))send_packet, METH_FASTCALL,
      "send(path, template, b1, seq, timestamp, payload) -> SRTP length, or -errno"},
+    {"unprotect", (PyCFunction)(void (*)(void))unprotect_packet, METH_FASTCALL,
+     "unprotect(unprotect_fn, srtp, datagram, hint_id) -> (pt, seq, timestamp, payload, hint), "
+     "or an int: libsrtp's error status, -1 malformed"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_rtpsend",
-    "One outbound RTP packet - header template, SRTP, sendto - in C (fastpath.py).", -1, methods,
+    "One RTP packet in C: out (header template, SRTP, sendto) and in (SRTP, header fields).", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__rtpsend(void) {

@@ -27,6 +27,20 @@ packet the socket refuses (full buffer) is dropped and counted, where asyncio's 
 queue it: a real-time packet late behind a queue is worth less than the next one. A transport
 whose `sendto` was wrapped (`media.UdpMeter`) keeps the Python path, so the wrapper sees every
 datagram. Without the extension (no C compiler at install) everything takes the Python path.
+
+**The native receive** (`RtpIngress`, `fast_ingress`). aiortc receives an RTP packet through
+`StunProtocol.datagram_received` (which first tries to parse it as STUN), aioice's queue, the
+DTLS transport's receive coroutine, pylibsrtp's `unprotect`, `RtpPacket.parse`, the RTP router
+and the receiver's handler. Once the bridge has consumed a publisher's first Opus packet on
+that path (`tap_receiver`), `fast_ingress` puts `RtpIngress.take` in front of each of the
+connection's ICE protocols' `datagram_received`: a datagram of that SSRC and payload type is
+unprotected with the DTLS transport's own receive session (`._rx_srtp`: one replay window and
+rollover counter, whichever path a packet takes) and parsed by one C call (`_rtpsend.unprotect`),
+its hint handed to the extension map's `hint_sink` and the packet counted for aiortc's receiver
+reports, as on aiortc's path; anything else (STUN, DTLS, RTCP, other SSRCs or payload types)
+goes on to aioice untouched. It reads `RTCDtlsTransport._rx_srtp` and `._state`,
+`aioice.Connection._protocols`, `RTCRtpReceiver.__remote_streams` and the DTLS transport's
+received-bytes counters.
 """
 
 from __future__ import annotations
@@ -257,6 +271,113 @@ def native_path(srtp: FastSrtp, sock: socket.socket | None, addr: tuple) -> tupl
         return None
     sa = sockaddr_bytes(sock.family, addr)
     return None if sa is None else (SRTP_PROTECT, srtp.ctx, sock.fileno(), sa, srtp)
+
+
+SRTP_UNPROTECT = int(ffi.cast("uintptr_t", ffi.addressof(lib, "srtp_unprotect")))
+
+
+class _Seen:
+    """What aiortc's `StreamStatistics.add` reads of a packet."""
+
+    __slots__ = ("sequence_number", "timestamp")
+
+    def __init__(self) -> None:
+        self.sequence_number = 0
+        self.timestamp = 0
+
+
+class RtpIngress:
+    """One publisher SSRC's packets of one payload type, each unprotected and parsed by one C
+    call and handed to `on_payload(sequence number, timestamp, payload)`.
+
+    `session_of()` returns the pylibsrtp session to unprotect with (None: not connected, the
+    datagram is not taken). `hint_id`/`hint_sink`: the hint extension's negotiated id and
+    where its values go (as `rtp_ext.AicHeaderExtensionsMap` does on aiortc's path). `stats`:
+    aiortc's per-source statistics the receiver reports are built from. A packet libsrtp
+    refuses (authentication, replay) or whose plaintext is not RTP is dropped and counted in
+    `drops` ("srtp", "rtp_malformed"), as aiortc drops it."""
+
+    def __init__(self, session_of: Callable[[], Any], ssrc: int, payload_type: int,
+                 on_payload: Callable[[int, int, bytes], Any], *, hint_id: int | None = None,
+                 hint_sink: Callable[[bytes], Any] | None = None, stats: Any = None,
+                 dtls: Any = None) -> None:
+        if _rtpsend is None:
+            raise RuntimeError(NATIVE_SEND_MISSING)
+        self._session_of = session_of
+        self._session: Any = None
+        self._ctx = 0
+        self._ssrc = struct.pack("!I", ssrc)
+        self._pt = payload_type
+        self._on_payload = on_payload
+        self._hint_id = -1 if hint_id is None else hint_id
+        self._hint_sink = hint_sink
+        self._stats = stats
+        self._seen = _Seen()
+        self._dtls = dtls
+        self.packets = 0
+        self.drops: dict[str, int] = {}
+
+    def take(self, data: bytes) -> bool:
+        """True when the datagram was this ingress's (handled or dropped here); False: it is
+        someone else's (STUN, DTLS, RTCP, another SSRC or payload type) or not yet."""
+        if (len(data) < 12 or not 127 < data[0] < 192 or data[1] & 0x7F != self._pt
+                or data[8:12] != self._ssrc):
+            return False
+        session = self._session_of()
+        if session is None:
+            return False
+        if session is not self._session:  # a new DTLS session: its own srtp_t
+            self._session = session
+            self._ctx = int(ffi.cast("uintptr_t", session._srtp[0]))
+        if self._dtls is not None:  # the transport's own counters (getStats)
+            self._dtls._RTCDtlsTransport__rx_bytes += len(data)
+            self._dtls._RTCDtlsTransport__rx_packets += 1
+        got = _rtpsend.unprotect(SRTP_UNPROTECT, self._ctx, data, self._hint_id)
+        if got.__class__ is not tuple:
+            why = "srtp" if got > 0 else "rtp_malformed"
+            self.drops[why] = self.drops.get(why, 0) + 1
+            return True
+        _, seq, ts, payload, hint = got
+        self.packets += 1
+        if hint is not None and self._hint_sink is not None:
+            self._hint_sink(hint)
+        if self._stats is not None:
+            seen = self._seen
+            seen.sequence_number = seq
+            seen.timestamp = ts
+            self._stats.add(seen)
+        self._on_payload(seq, ts, payload)
+        return True
+
+
+def fast_ingress(receiver: Any, ssrc: int, payload_type: int, on_payload: Callable[[int, int, bytes], Any],
+                 *, hint_id: int | None = None, hint_sink: Callable[[bytes], Any] | None = None) -> RtpIngress | None:
+    """Route a receiver's packets of `ssrc` and `payload_type` through an `RtpIngress` in front
+    of its ICE connection's sockets (module doc); None without the extension, or when a
+    protocol's `datagram_received` is already wrapped (`media.UdpMeter` must see every
+    datagram: aiortc's path then)."""
+    dtls = receiver.transport
+    protocols = dtls.transport._connection._protocols
+    if _rtpsend is None or any("datagram_received" in vars(p) for p in protocols):
+        return None
+    streams = receiver._RTCRtpReceiver__remote_streams
+    stats = streams.get(ssrc)
+    if stats is None:
+        stats = streams[ssrc] = _receiver.StreamStatistics(RTP_CLOCK_HZ)
+
+    def session() -> Any:
+        return dtls._rx_srtp if dtls._state == _DtlsState.CONNECTED else None
+
+    ingress = RtpIngress(session, ssrc, payload_type, on_payload, hint_id=hint_id, hint_sink=hint_sink,
+                         stats=stats, dtls=dtls)
+    take = ingress.take
+    for protocol in protocols:
+        def datagram_received(data: bytes, addr: Any, _next: Any = protocol.datagram_received) -> None:
+            if not take(data):
+                _next(data, addr)
+
+        protocol.datagram_received = datagram_received
+    return ingress
 
 
 # native_send(path, template, b1, seq, timestamp, payload) -> the SRTP packet's length, or

@@ -52,7 +52,7 @@ from models.constants import (
 from models.opus import OpusCodec
 from sfu_bridge import aiortc_compat, rtcp_tap, rtp_ext
 from sfu_bridge.aic_sender import AicSender
-from sfu_bridge.aiortc_compat import DatagramPath
+from sfu_bridge.aiortc_compat import DatagramPath, RtpIngress
 from sfu_bridge.core import BridgeCore, FrameOutcome, TickReport
 from sfu_bridge.fastpath import OpusIngest, RtpWriter
 from sfu_bridge.rate_control import (
@@ -286,6 +286,8 @@ class Publisher:
     opus_pt: int | None = None  # the publisher's negotiated Opus payload type
     ts_base: int | None = None  # first RTP timestamp seen (forwarded timestamps start at 0)
     ingest: OpusIngest | None = None  # fast receive path: Opus RTP -> 24 kHz chunks, inline
+    # its Opus packets unprotected and parsed natively once the first was consumed (server.py)
+    ingress: RtpIngress | None = None
     relayed: bool = False  # published on another worker, followed here (cascade.py)
     # (rtp timestamp, wall time) of its latest chunks: when each was complete
     chunk_times: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=CHUNK_TIMES))
@@ -310,16 +312,20 @@ class MediaBridge:
         adaptive: bool = True,
         max_header_share: float = DEFAULT_MAX_HEADER_SHARE,
         fast_ingest: bool = True,
+        native_receive: bool = True,
     ) -> None:
         rtp_ext.install()
         if aiortc_compat.NATIVE_SEND_MISSING is not None:
-            logger.warning("%s: every RTP packet goes out through the Python path, which costs more "
-                           "CPU a packet (docs/benchmarks.md); reinstall with a C compiler (pip install -e .)",
-                           aiortc_compat.NATIVE_SEND_MISSING)
+            logger.warning("%s: every RTP packet goes out and comes in through the Python path, which "
+                           "costs more CPU a packet (docs/benchmarks.md); reinstall with a C compiler "
+                           "(pip install -e .)", aiortc_compat.NATIVE_SEND_MISSING)
         self.core = core
         # decode publishers' Opus inline at 24 kHz (fastpath.OpusIngest) instead of aiortc's
         # jitter buffer, decoder thread, 48 kHz frames and resampler
         self.fast_ingest = fast_ingest
+        # publishers' Opus packets unprotected and parsed by one C call each once the first
+        # was consumed on aiortc's path (server.py, aiortc_compat.fast_ingress); needs both
+        self.native_receive = native_receive and fast_ingest and aiortc_compat.native_send_available()
         # per-subscriber rate control from RTCP; off: every AIC subscriber gets the stream's
         # full depth in that depth's default packet duration (the bench's contrast)
         self.adaptive = adaptive
@@ -400,22 +406,28 @@ class MediaBridge:
         """A publisher's Opus packet -> every legacy subscriber of the stream, untouched.
         With the fast ingest the packet is also decoded here, and True says it is consumed;
         False: it goes on to aiortc's decoder (the AIC path)."""
+        return self.forward_payload(stream_id, packet.payload_type, packet.sequence_number,
+                                    packet.timestamp, packet.payload)
+
+    def forward_payload(self, stream_id: str, payload_type: int, seq: int, timestamp: int,
+                        payload: bytes) -> bool:
+        """`forward` from a packet's fields (the native receive, aiortc_compat.RtpIngress)."""
         pub = self.publishers.get(stream_id)
-        if pub is None or packet.payload_type != pub.opus_pt or not packet.payload:
+        if pub is None or payload_type != pub.opus_pt or not payload:
             return False
         if pub.ts_base is None:
-            pub.ts_base = packet.timestamp
-        ts = (packet.timestamp - pub.ts_base) & 0xFFFFFFFF
+            pub.ts_base = timestamp
+        ts = (timestamp - pub.ts_base) & 0xFFFFFFFF
         legacy = self._split(stream_id)[1]
         if legacy:
-            payloads = [packet.payload]
+            payloads = [payload]
             for sub in legacy:
                 self._send(sub, "opus", sub.out.opus_pt, payloads, ts)
         if self.cascade is not None:  # legacy subscribers on other workers (cascade.py)
-            self.cascade.on_forward(stream_id, ts, packet.payload)
+            self.cascade.on_forward(stream_id, ts, payload)
         if pub.ingest is None:
             return False
-        for pcm24, ts, at in pub.ingest.packet(packet.sequence_number, packet.payload):
+        for pcm24, ts, at in pub.ingest.packet(seq, payload):
             self.core.push(stream_id, pcm24, ts)
             pub.chunk_times.append((ts, at))
         return True
@@ -718,6 +730,8 @@ class MediaBridge:
         for pub in self.publishers.values():
             if pub.ingest is not None:
                 out.update(pub.ingest.drops)
+            if pub.ingress is not None:  # SRTP refused or not RTP (aiortc_compat.RtpIngress)
+                out.update(pub.ingress.drops)
         return dict(out)
 
     def stats(self) -> dict[str, Any]:

@@ -352,15 +352,37 @@ class BridgeServer:
             raise
         pub.opus_pt = next((c.payloadType for c in aiortc_compat.negotiated_codecs(audio[0])
                             if c.name.lower() == "opus"), None)
-        aiortc_compat.tap_receiver(audio[0].receiver, lambda pkt, s=stream: self.media.forward(s, pkt))
         # hints are checked by the core under the stream's key (none configured: dropped)
-        rtp_ext.hint_map(audio[0]).hint_sink = lambda raw, s=stream: self.media.core.add_hint(s, raw)
+        hints = rtp_ext.hint_map(audio[0])
+        hints.hint_sink = lambda raw, s=stream: self.media.core.add_hint(s, raw)
+        aiortc_compat.tap_receiver(audio[0].receiver, self._publisher_tap(pub, audio[0].receiver, hints))
         self._watch(pc, pub.session_id)
         logger.info("publisher joined stream=%s session=%s", stream, pub.session_id[:8])
         resp = self._created("whip", stream, pub.session_id, answer)
         if replaced:
             resp.headers[REPLACED_HEADER] = "publisher"
         return resp
+
+    def _publisher_tap(self, pub: Any, receiver: Any, hints: Any) -> Any:
+        """A publisher's packets on aiortc's receive path -> `MediaBridge.forward`. Once one
+        is consumed there, its SSRC's Opus packets take the native receive instead
+        (aiortc_compat.fast_ingress: no STUN parse, queue, coroutine or Python parse)."""
+        media, stream = self.media, pub.stream_id
+        armed = not media.native_receive
+
+        def on_packet(packet: Any) -> bool:
+            nonlocal armed
+            consumed = media.forward(stream, packet)
+            if consumed and not armed:
+                armed = True
+                pt = packet.payload_type
+                pub.ingress = aiortc_compat.fast_ingress(
+                    receiver, packet.ssrc, pt,
+                    lambda seq, ts, payload: media.forward_payload(stream, pt, seq, ts, payload),
+                    hint_id=hints.hint_id, hint_sink=hints.hint_sink)
+            return consumed
+
+        return on_packet
 
     async def whep(self, request: web.Request) -> web.Response:
         req = await self._read_offer(request, Scope.SUBSCRIBE)

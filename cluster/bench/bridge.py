@@ -151,13 +151,29 @@ class PublisherFeed:
         self.seq = 0
         self.ts = 0
 
+    def receiver(self, media: Any, stream_id: str) -> Any:
+        """What the bridge does with each of this publisher's datagrams once its first Opus
+        packet was consumed (server.py): the native receive (aiortc_compat.RtpIngress, with
+        aiortc's receiver statistics) when the extension is built, else aiortc's unprotect and
+        parse; then `MediaBridge.forward`."""
+        from aiortc.rtcrtpreceiver import StreamStatistics
+        from aiortc.rtp import RtpPacket
+
+        from sfu_bridge.aiortc_compat import RtpIngress, native_send_available
+
+        if media.native_receive and native_send_available():
+            return RtpIngress(lambda: self.rx, self.ssrc, OPUS_PT,
+                              lambda seq, ts, payload: media.forward_payload(stream_id, OPUS_PT, seq, ts, payload),
+                              stats=StreamStatistics(48_000)).take
+        return lambda data: media.forward(stream_id, RtpPacket.parse(self.rx.unprotect(data)))
+
     def next_wire(self, n: int) -> list[bytes]:
         """The next n packets as they arrive on the bridge's socket (prepared outside timing)."""
         from aiortc.rtp import RtpPacket
 
         out = []
         for _ in range(n):
-            pkt = RtpPacket(payload_type=111, sequence_number=self.seq & 0xFFFF, timestamp=self.ts,
+            pkt = RtpPacket(payload_type=OPUS_PT, sequence_number=self.seq & 0xFFFF, timestamp=self.ts,
                             ssrc=self.ssrc, payload=self.packets[self.seq % len(self.packets)])
             out.append(self.tx.protect(pkt.serialize()))
             self.seq += 1
@@ -183,7 +199,6 @@ def _opus_loop(seconds: float = 2.0) -> list[bytes]:
 
 
 async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_ms: float) -> dict:
-    from aiortc.rtp import RtpPacket
 
     from sfu_bridge.core import BridgeCore
     from sfu_bridge.media import MediaBridge
@@ -200,11 +215,12 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
     core = BridgeCore(codec, deadline_ms=20.0, max_backlog=3, capacity=max(n, 1))
     media = MediaBridge(core, max_streams=max(n, 1), opus_bitrate=32_000)
     loop_packets = _opus_loop()
-    feeds = {}
+    feeds, receive = {}, {}
     for i in range(n):
         sid = f"s{i}"
-        media.add_publisher(sid, f"user{i}", None).opus_pt = 111
+        media.add_publisher(sid, f"user{i}", None).opus_pt = OPUS_PT
         feeds[sid] = PublisherFeed(loop_packets)
+        receive[sid] = feeds[sid].receiver(media, sid)
         for _ in range(aic_subs):
             media.add_subscriber(sid, "sub", None, LoopbackOut(True, out_sock, addr))
         for _ in range(opus_subs):
@@ -219,12 +235,11 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
         t0 = time.perf_counter()
         c0 = time.thread_time()
         for sid, packets in wire.items():
-            feed = feeds[sid]
+            on_datagram = receive[sid]
             for data in packets:
-                # what aiortc's DTLS transport does with a datagram before the bridge's tap
-                pkt = RtpPacket.parse(feed.rx.unprotect(data))
-                # legacy subscribers: forwarded as received; the AIC path: decoded inline
-                media.forward(sid, pkt)
+                # unprotected and parsed (PublisherFeed.receiver); legacy subscribers: forwarded
+                # as received; the AIC path: decoded inline
+                on_datagram(data)
         ingest_ms = (time.perf_counter() - t0) * 1000.0
         report = await core.tick()
         await media.dispatch(report)

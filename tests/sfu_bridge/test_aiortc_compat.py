@@ -101,11 +101,37 @@ def test_every_accessor_on_a_live_connection(loop_kind: str):
             UdpMeter().attach(a)
             metered = aiortc_compat.DatagramPath(ta.sender.transport)
             assert metered.ready() and metered.native is None
+        # the native receive: this SSRC's AIC packets unprotected and parsed by one C call in
+        # front of the receiving side's sockets, hints to the map's sink, aiortc's statistics
+        # counted; anything else still reaches aiortc's path (the tap)
+        received, hints = [], []
+        ingress = aiortc_compat.fast_ingress(tb.receiver, ssrc, aic_pt,
+                                             lambda *a: received.append(a),
+                                             hint_id=ext_map.hint_id, hint_sink=hints.append)
+        stats = tb.receiver._RTCRtpReceiver__remote_streams[ssrc]
+        counted = stats.packets_received
+        send_map = rtp_ext.AicHeaderExtensionsMap()
+        send_map.configure(aiortc.RTCRtpParameters(headerExtensions=exts))
+        for seq in (4, 5):
+            hinted = RtpPacket(payload_type=aic_pt, sequence_number=seq, timestamp=960 * seq, ssrc=ssrc,
+                               payload=b"in%d" % seq)
+            hinted.extensions.aic_hint = b"hint%d" % seq
+            await aiortc_compat.send_rtp(ta, hinted.serialize(send_map))
+        opus_pt = next(c.payloadType for c in codecs if c.mimeType.lower() == "audio/opus")
+        await aiortc_compat.send_rtp(ta, RtpPacket(payload_type=opus_pt, sequence_number=6, timestamp=0,
+                                                   ssrc=ssrc, payload=b"opus").serialize())
+        other = await asyncio.wait_for(seen.get(), 10)  # the Opus packet: aiortc's path
+        natively = (list(received), list(hints), stats.packets_received - counted, ingress.packets,
+                    dict(ingress.drops))
+        if loop_kind == "asyncio":  # a metered receiving side keeps aiortc's path
+            UdpMeter().attach(b)
+            assert aiortc_compat.fast_ingress(tb.receiver, ssrc, aic_pt, print) is None
         await aiortc_compat.send_pli(tb.receiver, ssrc)
         await asyncio.wait_for(pli.wait(), 10)
-        return answer, ssrc, codecs, exts, protocols, ext_map, got, fast, native
+        assert seen.empty()  # nothing else reached the tap
+        return answer, ssrc, codecs, exts, protocols, ext_map, got, fast, native, natively, other
 
-    answer, ssrc, codecs, exts, protocols, ext_map, got, fast, native = _run(go(), loop_kind)
+    answer, ssrc, codecs, exts, protocols, ext_map, got, fast, native, natively, other = _run(go(), loop_kind)
     assert f"a=ssrc:{ssrc} " in answer  # the SSRC the sender announced
     assert {c.mimeType.lower() for c in codecs} >= {"audio/opus", "audio/aic"}
     assert any(e.uri == HINT_URI for e in exts)
@@ -115,3 +141,5 @@ def test_every_accessor_on_a_live_connection(loop_kind: str):
     assert (got.ssrc, got.payload) == (ssrc, b"x")  # tapped before the jitter buffer
     assert (fast.ssrc, fast.sequence_number, fast.payload) == (ssrc, 2, b"fast")
     assert (native.ssrc, native.sequence_number, native.timestamp, native.payload) == (ssrc, 3, 1920, b"native")
+    assert natively == ([(4, 3840, b"in4"), (5, 4800, b"in5")], [b"hint4", b"hint5"], 3, 2, {})
+    assert (other.sequence_number, other.payload) == (6, b"opus")

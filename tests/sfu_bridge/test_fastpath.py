@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 
 import numpy as np
 import pytest
@@ -144,6 +145,140 @@ def test_native_send_refusals_are_counted_and_bad_input_raises() -> None:
     assert not out.send_now(120, b"codes", 2880)
     assert (out.packets, out.send_refused) == (1, 1)
     sink.close()
+
+
+# -- the native receive (aiortc_compat.RtpIngress, _rtpsend.unprotect) -----------------------
+INGRESS_SSRC, INGRESS_PT, HINT_ID = 0x5EED1234, 111, 9
+
+
+def _hint_map() -> rtp_ext.AicHeaderExtensionsMap:
+    from sfu_bridge.hint_ext import HINT_URI
+
+    rtp_ext.install()
+    m = rtp_ext.AicHeaderExtensionsMap()
+    m.configure(RTCRtpParameters(headerExtensions=[RTCRtpHeaderExtensionParameters(id=HINT_ID, uri=HINT_URI)]))
+    return m
+
+
+def _raw_rtp(rng: np.random.Generator, seq: int, malformed: str | None = None) -> bytes:
+    """An RTP packet as a browser or a broken sender might write it: CSRCs, one- or two-byte
+    (or unknown-profile) extensions with padding bytes and the hint among other elements, RTP
+    padding; `malformed`: a truncated element or a bad padding count."""
+    cc = int(rng.integers(0, 4))
+    out = bytearray(struct.pack("!BBHII", 0x80 | cc, INGRESS_PT, seq & 0xFFFF,
+                                int(rng.integers(0, 2**32)), INGRESS_SSRC))
+    out += rng.integers(0, 256, 4 * cc, dtype=np.uint8).tobytes()
+    profile = rng.choice([None, 0xBEDE, 0x1000, 0x1234])
+    if profile is not None or malformed == "element":
+        profile = 0xBEDE if profile is None else int(profile)
+        block = bytearray()
+        ids = [int(i) for i in rng.choice(np.arange(1, 15), int(rng.integers(0, 4)), replace=False)]
+        if rng.random() < 0.6:
+            ids.insert(int(rng.integers(0, len(ids) + 1)), HINT_ID)
+        for x_id in ids:
+            block += b"\0" * int(rng.integers(0, 2))  # padding between elements
+            value = rng.integers(0, 256, int(rng.integers(1, 17)), dtype=np.uint8).tobytes()
+            block += bytes([(x_id << 4) | (len(value) - 1)]) if profile == 0xBEDE else bytes([x_id, len(value)])
+            block += value
+        if malformed == "element":  # an element claiming more bytes than the block holds
+            block += bytes([(3 << 4) | 15]) if profile == 0xBEDE else bytes([3, 40])
+        block += b"\0" * (-len(block) % 4)
+        out += struct.pack("!HH", profile, len(block) // 4) + block
+        out[0] |= 0x10
+    out += rng.integers(0, 256, int(rng.integers(1, 200)), dtype=np.uint8).tobytes()
+    if malformed == "padding" or rng.random() < 0.2:
+        k = int(rng.integers(1, 9))
+        out += b"\0" * (k - 1) + bytes([255 if malformed == "padding" else k])
+        out[0] |= 0x20
+    return bytes(out)
+
+
+def _aiortc_view(plain: bytes, ext_map: rtp_ext.AicHeaderExtensionsMap) -> tuple | None:
+    """What aiortc's receive path makes of a packet: (seq, ts, payload, hint), or None when
+    `RtpPacket.parse` refuses it."""
+    try:
+        pkt = RtpPacket.parse(plain, ext_map)
+    except ValueError:
+        return None
+    return pkt.sequence_number, pkt.timestamp, pkt.payload, pkt.extensions.aic_hint
+
+
+def _ingress(session, got: list, hints: list, stats=None) -> aiortc_compat.RtpIngress:
+    return aiortc_compat.RtpIngress(lambda: session, INGRESS_SSRC, INGRESS_PT,
+                                    lambda seq, ts, payload: got.append((seq, ts, payload)),
+                                    hint_id=HINT_ID, hint_sink=hints.append, stats=stats)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_native_receive_reads_every_packet_as_aiortc_does(seed: int) -> None:
+    """Same session key, two receive sessions: aiortc's unprotect + `RtpPacket.parse` and the
+    native one must agree on every packet - payload, sequence, timestamp, hint, and which
+    packets are refused (counted, never raised)."""
+    from aiortc.rtcrtpreceiver import StreamStatistics
+
+    rng = np.random.default_rng(seed)
+    key = os.urandom(30)
+    tx, rx_aiortc = _srtp(key)
+    rx_native = _srtp(key)[1]
+    got, hints = [], []
+    stats = StreamStatistics(48_000)
+    ingress = _ingress(rx_native, got, hints, stats)
+    ext_map = _hint_map()
+    expected, malformed = [], 0
+    for i in range(400):  # across a sequence wrap
+        kind = rng.choice([None, None, None, "element", "padding"])
+        srtp = tx.protect(_raw_rtp(rng, 65_400 + i, kind))
+        view = _aiortc_view(rx_aiortc.unprotect(srtp), ext_map)
+        if view is None:
+            malformed += 1
+        else:
+            expected.append(view)
+        assert ingress.take(srtp) is True
+    assert malformed > 50 and len(expected) > 250  # both kinds were exercised
+    assert got == [v[:3] for v in expected]
+    assert hints == [v[3] for v in expected if v[3] is not None] and len(hints) > 50
+    assert ingress.packets == len(expected)
+    assert ingress.drops == {"rtp_malformed": malformed}
+    # counted for the receiver reports as aiortc counts: every packet it parsed, in order
+    assert stats.packets_received == len(expected) and stats.max_seq == expected[-1][0]
+
+
+def test_native_receive_drops_forged_and_replayed_packets_and_passes_on_the_rest() -> None:
+    rng = np.random.default_rng(5)
+    key = os.urandom(30)
+    tx, rx = _srtp(key)
+    got, hints = [], []
+    session = {"now": rx}
+    ingress = aiortc_compat.RtpIngress(lambda: session["now"], INGRESS_SSRC, INGRESS_PT,
+                                       lambda *a: got.append(a), hint_id=HINT_ID, hint_sink=hints.append)
+    good = tx.protect(_raw_rtp(rng, 1))
+    assert ingress.take(good) and len(got) == 1
+    assert ingress.take(good) and ingress.drops == {"srtp": 1}  # a replay
+    forged = bytearray(tx.protect(_raw_rtp(rng, 2)))
+    forged[-12] ^= 1  # a payload bit: the tag no longer matches
+    assert ingress.take(bytes(forged)) and ingress.drops == {"srtp": 2}
+    for _ in range(300):  # noise with this SSRC and payload type: refused by libsrtp, counted
+        noise = bytearray(rng.integers(0, 256, int(rng.integers(12, 1500)), dtype=np.uint8).tobytes())
+        noise[0] = 0x80 | (noise[0] & 0x3F)
+        noise[1], noise[8:12] = INGRESS_PT, struct.pack("!I", INGRESS_SSRC)
+        assert ingress.take(bytes(noise))
+    assert ingress.drops["srtp"] == 302 and len(got) == 1 and ingress.packets == 1
+    # not this ingress's: STUN, DTLS, RTCP, another SSRC or payload type, a runt
+    other_ssrc = bytearray(tx.protect(_raw_rtp(rng, 3)))
+    other_ssrc[8] ^= 0xFF
+    rtcp = bytes([0x81, 200]) + bytes(26)
+    for data in (b"\0\1" + bytes(18), bytes([22, 254, 253]) + bytes(10), rtcp, bytes(other_ssrc),
+                 bytes([0x80, 0x78]) + bytes(20), b"\x80\x6f"):
+        assert not ingress.take(data)
+    session["now"] = None  # not connected: aiortc's path (which drops it)
+    assert not ingress.take(tx.protect(_raw_rtp(rng, 4)))
+    # a new DTLS session (new keys): its own srtp_t from the next packet on
+    tx2, rx2 = _srtp()
+    session["now"] = rx2
+    assert ingress.take(tx2.protect(_raw_rtp(rng, 5))) and len(got) == 2
+    with pytest.raises(TypeError):
+        ingress.take(bytearray(good))  # datagrams are bytes
+    assert sum(ingress.drops.values()) == 302
 
 
 def _opus_packets(n: int) -> list[bytes]:

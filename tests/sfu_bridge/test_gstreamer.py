@@ -55,12 +55,15 @@ def test_gstreamer_webrtcbin_publishes_over_whip(running_bridge, tokens, streami
                 env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             )
             chunks = 0
+            native = None
             wait = asyncio.ensure_future(proc.communicate())
             try:
                 while not wait.done():  # the publisher's session ends with its DELETE
                     pub = server.media.publishers.get("gst-room")
                     if pub is not None:
                         chunks = max(chunks, pub.chunks)
+                        if pub.ingress is not None:
+                            native = (pub.ingress.packets, dict(pub.ingress.drops), pub.ingest.packets)
                     await asyncio.wait({wait}, timeout=0.1)
                 out, err = await asyncio.wait_for(wait, timeout=50)
             finally:
@@ -75,9 +78,9 @@ def test_gstreamer_webrtcbin_publishes_over_whip(running_bridge, tokens, streami
                     break
                 await asyncio.sleep(0.1)
                 stats = server.media.stats()
-            return proc.returncode, out.decode(), err.decode(), chunks, stats
+            return proc.returncode, out.decode(), err.decode(), chunks, stats, native
 
-    rc, out, err, chunks, stats = asyncio.run(go())
+    rc, out, err, chunks, stats, native = asyncio.run(go())
     lines = out.strip().splitlines()
     assert lines, (rc, err[-2000:])
     result = json.loads(lines[-1])
@@ -90,3 +93,5 @@ def test_gstreamer_webrtcbin_publishes_over_whip(running_bridge, tokens, streami
     # at least half of the published seconds (ICE + DTLS take some of them)
     assert chunks >= SECONDS / 2 / 0.040, (chunks, result)
     assert sum(stats["frames"].values()) >= chunks - 3, stats
+    # webrtcbin's packets took the native receive after the first (aiortc_compat.RtpIngress)
+    assert native is not None and native[1] == {} and native[0] > 0 and native[2] - native[0] <= 5, native

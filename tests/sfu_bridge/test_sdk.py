@@ -70,6 +70,9 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
             received = aic.stats.aic_frames
             stats = server.media.stats()
             stats["aic_received"] = received
+            publisher = server.media.publishers["room1"]
+            ingress = publisher.ingress
+            stats["native_receive"] = (ingress.packets, dict(ingress.drops), publisher.ingest.packets)
             wire = {p: reg.counter(m.WIRE_BYTES, path=p) - wire0[p] for p in ("ai", "native")}
             lim = dataclasses.replace(limiter.counters)  # snapshot with the stats
             ticks = server.media.core.ticks
@@ -98,8 +101,12 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
     assert all(np.isfinite(p).all() for p in aic.pcm)
     # the plain subscriber never saw an AIC packet
     assert plain.stats.aic_frames == 0 and plain.meter.totals("rx", ("rtp/120",))[0] == 0
+    # the publisher's first consumed packet took aiortc's path; from then on its packets took
+    # the native receive (aiortc_compat.RtpIngress), hints included: nothing dropped there
+    native, native_drops, decoded = stats["native_receive"]
+    assert native_drops == {} and 0 < native and decoded - native <= 5
     # hints were signed, verified and counted; none rejected
-    assert stats["hints"].get("accepted", 0) > 0
+    assert stats["hints"].get("accepted", 0) > 5
     # ... through the Redis limiter: one call per tick that had hints, never one per hint
     assert 0 < lim.calls <= ticks and lim.allowed == stats["hints"]["accepted"]
     assert lim.calls < lim.allowed
