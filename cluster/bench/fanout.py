@@ -143,8 +143,6 @@ async def _worker(conn: Any, cfg: dict) -> None:
     from aiohttp import web
 
     torch.set_num_threads(1)
-    from aiortc.rtp import RtpPacket
-
     from cluster.bench.bridge import EmulatedCodec, PublisherFeed, _opus_loop
     from sfu_bridge.cascade import CascadeRelay, relay_key
     from sfu_bridge.config import BridgeConfig
@@ -221,11 +219,12 @@ async def _worker(conn: Any, cfg: dict) -> None:
             conn.send(True)
         elif cmd == "go":  # owner: the publisher sends `arg` chunks' worth of packets
             feed = PublisherFeed(_opus_loop())
+            receive = feed.receiver(media, STREAM)  # the bridge's receive path (native when built)
             pub = media.publishers[STREAM]
             t_next = loop.time()
             for _ in range(2 * arg):
                 for data in feed.next_wire(1):
-                    media.forward(STREAM, RtpPacket.parse(feed.rx.unprotect(data)))
+                    receive(data)
                 t_next += 0.020
                 await asyncio.sleep(max(0.0, t_next - loop.time()))
             conn.send({"chunks": pub.chunks})
