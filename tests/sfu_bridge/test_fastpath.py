@@ -243,6 +243,44 @@ def test_native_receive_reads_every_packet_as_aiortc_does(seed: int) -> None:
     assert stats.packets_received == len(expected) and stats.max_seq == expected[-1][0]
 
 
+def test_native_receive_fuzz_agrees_with_aiortc_on_random_plaintexts() -> None:
+    """Random bytes behind a valid first byte, payload type and SSRC (any CSRC count,
+    extension and padding bits, extension lengths and element bytes), authenticated by
+    libsrtp: the native parse and aiortc's agree on every one, refusals included."""
+    from pylibsrtp import Error as SrtpError
+
+    rng = np.random.default_rng(11)
+    key = os.urandom(30)
+    tx, rx_aiortc = _srtp(key)
+    rx_native = _srtp(key)[1]
+    got, hints = [], []
+    ingress = _ingress(rx_native, got, hints)
+    ext_map = _hint_map()
+    expected, protected = [], 0
+    for i in range(3000):
+        raw = bytearray(rng.integers(0, 256, int(rng.integers(12, 300)), dtype=np.uint8).tobytes())
+        raw[0] = 0x80 | (raw[0] & 0x3F)
+        raw[1], raw[2:4], raw[8:12] = INGRESS_PT, struct.pack("!H", i), struct.pack("!I", INGRESS_SSRC)
+        if raw[0] & 0x10 and rng.random() < 0.5:  # a plausible extension header, random elements
+            at = 12 + 4 * (raw[0] & 0x0F)
+            if len(raw) >= at + 4:
+                raw[at:at + 2] = struct.pack("!H", int(rng.choice([0xBEDE, 0x1000])))
+                raw[at + 2:at + 4] = struct.pack("!H", int(rng.integers(0, 8)))
+        try:
+            srtp = tx.protect(bytes(raw))
+        except SrtpError:  # libsrtp will not protect a header it cannot parse: nor unprotect it
+            continue
+        protected += 1
+        view = _aiortc_view(rx_aiortc.unprotect(srtp), ext_map)
+        if view is not None:
+            expected.append(view)
+        assert ingress.take(srtp) is True
+    assert protected > 1000 and 100 < len(expected) < protected
+    assert got == [v[:3] for v in expected]
+    assert hints == [v[3] for v in expected if v[3] is not None]
+    assert ingress.drops == {"rtp_malformed": protected - len(expected)}
+
+
 def test_native_receive_drops_forged_and_replayed_packets_and_passes_on_the_rest() -> None:
     rng = np.random.default_rng(5)
     key = os.urandom(30)
