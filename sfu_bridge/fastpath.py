@@ -144,7 +144,10 @@ class OpusIngest:
         self._concealed_seqs: deque[int] = deque(maxlen=2 * MAX_CONCEALED_PACKETS)
 
     def packet(self, seq: int, payload: bytes) -> list[tuple[np.ndarray, int, float]]:
-        """The chunks this packet completes: (pcm24 float32 [960], RTP timestamp, wall time)."""
+        """The chunks this packet completes: (pcm24 float32 [960], RTP timestamp, wall time).
+        Nothing once closed (the publisher has left; a packet may still be on its way)."""
+        if self._dec is None:
+            return []
         nxt = self._next_seq
         if nxt is not None:
             gap = (seq - nxt) & 0xFFFF

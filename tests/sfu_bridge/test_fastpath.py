@@ -355,6 +355,9 @@ def test_opus_ingest_conceals_gaps_and_counts_drops() -> None:
     assert ing.drops[IngestDrop.MALFORMED.value] == 1
     ing.packet(400, packets[0])  # a long gap: not concealed, the timeline goes on
     assert ing.drops[IngestDrop.RESYNC.value] == 1 and ing.concealed == 2
+    decoded = ing.packets
+    ing.close()  # the publisher left: a packet still on its way is not decoded (no freed decoder)
+    assert ing.packet(401, packets[1]) == [] and ing.packets == decoded
 
 
 def test_bridge_reports_reordered_publisher_packets() -> None:
