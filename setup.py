@@ -1,7 +1,9 @@
-"""The one compiled part: sfu_bridge._rtpsend (the bridge's per-packet RTP send, fastpath.py).
+"""The one compiled part: sfu_bridge._rtpsend (the bridge's per-packet RTP send and receive:
+fastpath.py, aiortc_compat.py).
 
 Everything else is in pyproject.toml. The extension is optional: without a C compiler the
-install still succeeds and the bridge sends through its Python path (it logs so at start).
+install still succeeds and the bridge sends and receives through its Python path (it logs so
+at start).
 """
 
 from setuptools import Extension, setup
