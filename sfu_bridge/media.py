@@ -752,6 +752,11 @@ class MediaBridge:
                 getattr(sub.out, "send_refused", 0) for subs in self.subscribers.values()
                 for sub in subs.values()),
             "ingest_drops": self.ingest_drops(),
+            # publishers whose packets take the native receive, and the packets it took
+            "native_receive": {
+                "publishers": sum(p.ingress is not None for p in self.publishers.values()),
+                "packets": sum(p.ingress.packets for p in self.publishers.values() if p.ingress is not None),
+            },
             "streams": self.stream_stats(),
             "tick_overhead_ms_p50": float(np.percentile(ov, 50)),
             "tick_overhead_ms_p99": float(np.percentile(ov, 99)),

@@ -87,6 +87,13 @@ def send_path(native: int, outs: int) -> str:
     return f"mixed: {native} of {outs} subscribers on the native path"
 
 
+def receive_path(native: bool) -> str:
+    """How the publishers' packets were received (`PublisherFeed.receiver`)."""
+    if native:
+        return "native: SRTP and the header's fields in one C call (aiortc_compat.RtpIngress)"
+    return "aiortc: pylibsrtp unprotect + RtpPacket.parse (the native receive is off or not built)"
+
+
 class LoopbackOut:
     """`RtpOut` whose transport is SRTP + a UDP socket to a local sink (same per-packet work).
     `with_mid`: packets carry the MID header extension (as before a subscriber's first receiver
@@ -162,9 +169,11 @@ class PublisherFeed:
         from sfu_bridge.aiortc_compat import RtpIngress, native_send_available
 
         if media.native_receive and native_send_available():
-            return RtpIngress(lambda: self.rx, self.ssrc, OPUS_PT,
-                              lambda seq, ts, payload: media.forward_payload(stream_id, OPUS_PT, seq, ts, payload),
-                              stats=StreamStatistics(48_000)).take
+            ingress = RtpIngress(lambda: self.rx, self.ssrc, OPUS_PT,
+                                 lambda seq, ts, payload: media.forward_payload(stream_id, OPUS_PT, seq, ts, payload),
+                                 stats=StreamStatistics(48_000))
+            media.publishers[stream_id].ingress = ingress  # as server.py sets it: in the bridge's stats
+            return ingress.take
         return lambda data: media.forward(stream_id, RtpPacket.parse(self.rx.unprotect(data)))
 
     def next_wire(self, n: int) -> list[bytes]:
@@ -268,6 +277,7 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
         "cpu_us_per_stream": round(float(np.mean(cpus)) * 1000.0 / max(n, 1), 1),
         "tick_wall_ms_p99": round(float(np.percentile(np.asarray(totals), 99)), 3),
         "frames": core.stats()["frames"],
+        "native_receive": media.stats()["native_receive"]["publishers"] == n,  # every publisher's
         # AIC packets sent per measured tick (a packet carries 40, 80 or 120 ms: its layer's)
         "aic_packets_per_tick": round((media.packets_by_kind["aic"] - aic_at_start) / max(ticks, 1), 3),
     }
@@ -420,6 +430,7 @@ def run(args: argparse.Namespace) -> int:
         "codec": f"emulated ({args.codec_ms} ms, no CPU): bridge-side cost only",
         "weights": "n/a (emulated codec)",
         "send_path": send_path(int(native_send_available()), 1),  # its loopback subscribers
+        "receive_path": receive_path(all(st["native_receive"] for st in steps)),
         "subscribers_per_stream": {"aic": args.aic_subs, "opus": args.opus_subs},
         "tick_ms": TICK_S * 1000,
         "budget_ms": args.budget_ms,
@@ -466,7 +477,7 @@ def _markdown(d: dict) -> str:
 
 `auralink bench bridge --json docs/bench/bridge.json` at revision {d['revision']} - {d['machine']},
 load average {d['load_average']:.1f} at the end of the run (a shared machine: figures are lower bounds).
-Codec: **{d['codec']}**; send path: {d['send_path']}; each stream has {d['subscribers_per_stream']['aic']} AIC and
+Codec: **{d['codec']}**; send path: {d['send_path']}; receive path: {d['receive_path']}; each stream has {d['subscribers_per_stream']['aic']} AIC and
 {d['subscribers_per_stream']['opus']} Opus subscriber(s). One worker process = one event loop.
 
 **Streams per worker: {d['streams_per_worker']}** at 40 ms ticks: the largest step of the

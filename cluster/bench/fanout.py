@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.bench.bridge import AIC_PT, OPUS_PT, LoopbackOut, send_path
+from cluster.bench.bridge import AIC_PT, OPUS_PT, LoopbackOut, receive_path, send_path
 from cluster.bench.report import git_revision, machine_description, update_docs_section, write_json
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,7 @@ async def _worker(conn: Any, cfg: dict) -> None:
                 "relay_drops": dict(relay.drops), "relay_send_cpu_s": relay.send_cpu_s,
                 "relay_send_cpu_us": list(relay.send_cpu_us),
                 "frames": media.core.stats()["frames"],
+                "native_receive": media.stats()["native_receive"],
                 "subscribers": sum(len(v) for v in media.subscribers.values()),
             })
         elif cmd == "stop":
@@ -425,6 +426,7 @@ def _run(args: argparse.Namespace) -> int:
         "emulated_note": "emulated receivers: one real UDP socket each, real SRTP packets, "
                          "sequence continuity checked, not decrypted",
         "send_path": send_path(sum(w["native_outs"] for w in wstats), sum(w["outs"] for w in wstats)),
+        "receive_path": receive_path(wstats[0]["native_receive"]["publishers"] == 1),  # the owner's publisher
         "chunks": chunks,
         "p50_fanout_ms": round(float(np.percentile(fan, 50)), 2),
         "max_fanout_ms": round(float(fan.max()), 2),
@@ -488,7 +490,7 @@ Codec: **{d['codec']}**. One publisher, {d['workers']} bridge worker processes c
 UDP (sfu_bridge/cascade.py), {d['subscribers']} subscribers: **{d['real_webrtc_subscribers']} real
 aiortc WebRTC subscribers** and {d['emulated_subscribers']} **emulated** receivers (one UDP
 socket each, real SRTP packets, sequence continuity checked, not decrypted); send path:
-{d['send_path']}; {d['chunks']}
+{d['send_path']}; the publisher's receive path: {d['receive_path']}; {d['chunks']}
 chunks of 40 ms ({d['audio_s']} s of audio) took {d['wall_s']} s to deliver. Subscribers per
 worker {d['worker_subscribers']} (the owner, worker 0, holds the publisher, ticks and relays);
 the workers spent {d['worker_cpu_s']} s of CPU for {d['worker_packets']} packets: keeping real

@@ -29,3 +29,5 @@ def test_fanout_small_delivers_every_frame(tmp_path) -> None:
     # the owner relayed to both other workers, nothing was dropped
     assert len(d["relay"]["received"]) == 2 and all(r["datagrams"] > 0 for r in d["relay"]["received"])
     assert d["relay"]["drops"] == [{}, {}, {}]
+    # the publisher's packets took the bridge's native receive, subscribers' the native send
+    assert d["receive_path"].startswith("native") and d["send_path"].startswith("native")

@@ -121,7 +121,7 @@ def test_chromium_publishes_over_whip_to_aic_and_opus_subscribers(
                         sent = await tab.evaluate("window.sentBytes()")
                         stats = server.media.stats()
                         publisher = server.media.publishers["browser-room"]
-                        stats["native_receive"] = (publisher.ingress.packets, dict(publisher.ingress.drops),
+                        stats["native_ingress"] = (publisher.ingress.packets, dict(publisher.ingress.drops),
                                                    publisher.ingest.packets)
                         await aic.stop()
                         await plain.stop()
@@ -141,8 +141,8 @@ def test_chromium_publishes_over_whip_to_aic_and_opus_subscribers(
     assert plain.stats.aic_frames == 0
     assert stats["frames"].get("ai", 0) >= 5
     # Chromium's packets (with its header extensions) took the native receive after the first
-    native, native_drops, decoded = stats["native_receive"]
-    assert native_drops == {} and native > 0 and decoded - native <= 5, stats["native_receive"]
+    native, native_drops, decoded = stats["native_ingress"]
+    assert native_drops == {} and native > 0 and decoded - native <= 5, stats["native_ingress"]
     # same browser audio, two subscribers: wire cost per second from the packets on their
     # UDP sockets (SRTP, RTP header + extensions, UDP/IPv4 headers included); an AIC packet
     # carries 40, 80 or 120 ms (6 kbps: 120 ms, rate_control.min_packet_ms)

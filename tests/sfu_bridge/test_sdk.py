@@ -72,7 +72,7 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
             stats["aic_received"] = received
             publisher = server.media.publishers["room1"]
             ingress = publisher.ingress
-            stats["native_receive"] = (ingress.packets, dict(ingress.drops), publisher.ingest.packets)
+            stats["native_ingress"] = (ingress.packets, dict(ingress.drops), publisher.ingest.packets)
             wire = {p: reg.counter(m.WIRE_BYTES, path=p) - wire0[p] for p in ("ai", "native")}
             lim = dataclasses.replace(limiter.counters)  # snapshot with the stats
             ticks = server.media.core.ticks
@@ -103,8 +103,10 @@ def test_sdk_publisher_to_aic_and_plain_subscribers(running_bridge, tokens, stre
     assert plain.stats.aic_frames == 0 and plain.meter.totals("rx", ("rtp/120",))[0] == 0
     # the publisher's first consumed packet took aiortc's path; from then on its packets took
     # the native receive (aiortc_compat.RtpIngress), hints included: nothing dropped there
-    native, native_drops, decoded = stats["native_receive"]
+    native, native_drops, decoded = stats["native_ingress"]
     assert native_drops == {} and 0 < native and decoded - native <= 5
+    # ... as the bridge's stats (GET /health) say
+    assert stats["native_receive"] == {"publishers": 1, "packets": native}
     # hints were signed, verified and counted; none rejected
     assert stats["hints"].get("accepted", 0) > 5
     # ... through the Redis limiter: one call per tick that had hints, never one per hint
