@@ -432,6 +432,18 @@ class MediaBridge:
             pub.chunk_times.append((ts, at))
         return True
 
+    def payload_sink(self, pub: Publisher, payload_type: int) -> Any:
+        """Where the native receive (aiortc_compat.RtpIngress) hands a publisher's packets:
+        `forward_payload`, only while `pub` holds its stream (a replacing publisher may have
+        taken it while the old connection closes)."""
+        stream_id, publishers, forward = pub.stream_id, self.publishers, self.forward_payload
+
+        def on_payload(seq: int, timestamp: int, payload: bytes) -> None:
+            if publishers.get(stream_id) is pub:
+                forward(stream_id, payload_type, seq, timestamp, payload)
+
+        return on_payload
+
     def chunk_received_at(self, stream_id: str, rtp_timestamp: int) -> float | None:
         """The wall time a recent chunk of the stream was complete (fan-out latency, the
         relay's record age); None when not known."""

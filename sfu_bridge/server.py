@@ -375,16 +375,9 @@ class BridgeServer:
             consumed = media.forward(stream, packet)
             if consumed and not armed:
                 armed = True
-                pt = packet.payload_type
-
-                def on_payload(seq: int, ts: int, payload: bytes) -> None:
-                    # only while this publisher holds the stream (a replacing one may have
-                    # taken it while this connection closes)
-                    if media.publishers.get(stream) is pub:
-                        media.forward_payload(stream, pt, seq, ts, payload)
-
-                pub.ingress = aiortc_compat.fast_ingress(receiver, packet.ssrc, pt, on_payload,
-                                                         hint_id=hints.hint_id, hint_sink=hints.hint_sink)
+                pub.ingress = aiortc_compat.fast_ingress(
+                    receiver, packet.ssrc, packet.payload_type, media.payload_sink(pub, packet.payload_type),
+                    hint_id=hints.hint_id, hint_sink=hints.hint_sink)
             return consumed
 
         return on_packet

@@ -169,11 +169,10 @@ class PublisherFeed:
         from sfu_bridge.aiortc_compat import RtpIngress, native_send_available
 
         if media.native_receive and native_send_available():
-            ingress = RtpIngress(lambda: self.rx, self.ssrc, OPUS_PT,
-                                 lambda seq, ts, payload: media.forward_payload(stream_id, OPUS_PT, seq, ts, payload),
-                                 stats=StreamStatistics(48_000))
-            media.publishers[stream_id].ingress = ingress  # as server.py sets it: in the bridge's stats
-            return ingress.take
+            pub = media.publishers[stream_id]
+            pub.ingress = RtpIngress(lambda: self.rx, self.ssrc, OPUS_PT, media.payload_sink(pub, OPUS_PT),
+                                     stats=StreamStatistics(48_000))  # as server.py sets it up
+            return pub.ingress.take
         return lambda data: media.forward(stream_id, RtpPacket.parse(self.rx.unprotect(data)))
 
     def next_wire(self, n: int) -> list[bytes]:

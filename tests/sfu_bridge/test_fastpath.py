@@ -375,3 +375,28 @@ def test_bridge_reports_reordered_publisher_packets() -> None:
                                      payload=packets[seq]))
     assert media.stats()["ingest_drops"] == {IngestDrop.REORDERED.value: 1}
     assert len(media.core) == 1 and media.core.stream("s").pending == 2  # 5 x 20 ms: two chunks
+
+
+def test_a_replaced_publishers_packets_do_not_reach_the_new_one() -> None:
+    """The native receive's sink (`MediaBridge.payload_sink`) forwards only while its publisher
+    holds the stream: the old connection of a replaced publisher may still deliver packets."""
+    import asyncio
+
+    from cluster.bench.bridge import EmulatedCodec
+    from sfu_bridge.core import BridgeCore
+    from sfu_bridge.media import MediaBridge
+
+    packets = _opus_packets(4)
+    media = MediaBridge(BridgeCore(EmulatedCodec()), max_streams=2)
+    old = media.add_publisher("s", "u", None)
+    old.opus_pt = 111
+    sink = media.payload_sink(old, 111)
+    sink(0, 0, packets[0])
+    assert old.ingest.packets == 1
+    asyncio.run(media.end_session(old.session_id))
+    new = media.add_publisher("s", "u", None)
+    new.opus_pt = 111
+    sink(1, 960, packets[1])  # the old connection's packet, still on its way
+    assert new.ingest.packets == 0 and old.ingest.packets == 1
+    media.payload_sink(new, 111)(0, 0, packets[2])
+    assert new.ingest.packets == 1
