@@ -90,6 +90,8 @@ def _take(batch: FrameBatch, rows: Rows, spent_ms: float = 0.0) -> FrameBatch:
         epoch_seqs=batch.epoch_seqs[rows],
         budgets_ms=np.asarray(batch.budgets_ms[rows], np.float64) - spent_ms,
         pcm=None if batch.pcm is None else batch.pcm[rows],
+        opus=None if batch.opus is None else (
+            batch.opus[rows] if isinstance(rows, slice) else [batch.opus[i] for i in rows.tolist()]),
         bandwidth_kbps=batch.bandwidth_kbps,
         n_q=None if batch.n_q is None else batch.n_q[rows],
     )

@@ -92,6 +92,13 @@ def codebooks_bandwidth(n_q: int) -> float:
 MODEL_REGISTRY: dict[int, str] = {0: "encodec_24khz"}
 
 
+# Opus rows (FrameBatch.opus): at most 16 packets per 40 ms chunk (2.5 ms frames), each at
+# most what RFC 6716 allows a packet (a code 3 packet of 48 frames of 1275 bytes is the
+# theoretical limit; WebRTC's are a few hundred bytes).
+MAX_CHUNK_PACKETS = 16
+MAX_OPUS_PACKET_BYTES = 1500
+
+
 @dataclass
 class FrameBatch:
     """All frames one bridge sends one replica in one tick (B rows)."""
@@ -108,6 +115,11 @@ class FrameBatch:
     # quantizes that row, the deepest any subscriber of the stream needs; None = every row
     # at `bandwidth_kbps`. Result rows carry codes up to their depth, zeros below it.
     n_q: np.ndarray | None = None
+    # Opus in place of pcm: each row's 40 ms chunk as the publisher's Opus packets (bytes;
+    # an empty one marks a packet lost from the sequence, which the replica conceals). The
+    # replica decodes them (models.opus.OpusChunkDecoder, one decoder per stream) to the
+    # CHUNK_SAMPLES of 24 kHz pcm it encodes; a bridge that sends them decodes nothing.
+    opus: list[tuple[bytes, ...]] | None = None
 
     def __len__(self) -> int:
         return len(self.stream_ids)
@@ -134,6 +146,18 @@ class FrameBatch:
             if b and not (self.n_q.dtype.kind in "iu" and 0 <= self.n_q.min() and self.n_q.max() < _N_Q_OK.size
                           and _N_Q_OK[self.n_q].all()):
                 raise ValueError(f"n_q values must be in {VALID_N_Q}")
+        if self.opus is not None:
+            if self.pcm is not None:
+                raise ValueError("a batch carries pcm or opus, not both")
+            if not isinstance(self.opus, list) or len(self.opus) != b:
+                raise ValueError(f"opus must be a list of {b} packet tuples")
+            for packets in self.opus:
+                if not isinstance(packets, (tuple, list)) or len(packets) > MAX_CHUNK_PACKETS:
+                    raise ValueError(f"each opus row is a tuple of at most {MAX_CHUNK_PACKETS} packets")
+                for p in packets:
+                    if not isinstance(p, bytes) or len(p) > MAX_OPUS_PACKET_BYTES:
+                        raise ValueError(f"an opus packet is bytes of at most {MAX_OPUS_PACKET_BYTES}")
+            return
         pcm = self.pcm
         if not isinstance(pcm, np.ndarray) or pcm.ndim != 2 or pcm.shape[0] != b:
             raise ValueError(f"encode needs pcm of shape ({b}, T)")
@@ -152,6 +176,11 @@ class FrameBatch:
         """Each frame's deadline on the receiver's clock, stamped at `arrival` (same clock);
         NaN where the frame left the budget to the receiver's default."""
         return arrival + np.asarray(self.budgets_ms, np.float64) / 1000.0
+
+    @property
+    def samples(self) -> int:
+        """Samples per row: pcm's length, or one chunk for Opus rows."""
+        return CHUNK_SAMPLES if self.pcm is None else int(self.pcm.shape[1])
 
     def pcm_float(self) -> np.ndarray:
         """PCM as float32 in [-1, 1] (int16 input is scaled by 1/32768)."""

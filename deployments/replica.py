@@ -28,7 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ from deployments.config import (
     profile_ms,
 )
 from deployments.contract import (
+    CHUNK_SAMPLES,
     CODEBOOK_SIZE,
     FRAME_SAMPLES,
     BatchResult,
@@ -188,7 +189,7 @@ class _Request:
             epochs=np.asarray(batch.epochs, np.int64).copy(),
             queue_ms=np.zeros(b, np.float32),
             compute_ms=np.zeros(b, np.float32),
-            codes=np.zeros((b, n_q, batch.pcm.shape[1] // FRAME_SAMPLES), np.int16),
+            codes=np.zeros((b, n_q, batch.samples // FRAME_SAMPLES), np.int16),
             replica_id=replica_id,
             compute=compute,  # the reply names its compute mode: emulated is never mistaken
         )
@@ -253,6 +254,50 @@ class EmulatedRuntime:
 
 
 EMULATED_WEIGHTS = "none (emulated compute)"
+
+
+class OpusIntake:
+    """The replica's Opus decoders, one per stream: `FrameBatch.opus` rows -> the 24 kHz pcm
+    the model encodes (models.opus.OpusChunkDecoder; a stream's frames arrive in order, as
+    its EnCodec state needs them). A decoder lives while its stream holds a slot here."""
+
+    def __init__(self) -> None:
+        self.decoders: dict[str, Any] = {}
+        self.rows = 0
+        self.malformed = 0  # packets libopus refused (concealed instead)
+        self.cpu_s = 0.0  # decoding (not bookkeeping: it is the codec's input stage)
+
+    def decode(self, stream_ids: list[str], rows: list[tuple[bytes, ...]]) -> np.ndarray:
+        from models.opus import OpusChunkDecoder
+
+        c0 = time.thread_time()
+        out = np.empty((len(rows), CHUNK_SAMPLES), np.float32)
+        decoders = self.decoders
+        for i, (sid, packets) in enumerate(zip(stream_ids, rows, strict=True)):
+            d = decoders.get(sid)
+            if d is None:
+                d = decoders[sid] = OpusChunkDecoder()
+            bad = d.malformed
+            out[i] = d.chunk(packets)
+            self.malformed += d.malformed - bad
+        self.rows += len(rows)
+        self.cpu_s += time.thread_time() - c0
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {"streams": len(self.decoders), "rows": self.rows, "malformed_packets": self.malformed,
+                "cpu_s": round(self.cpu_s, 6),
+                "us_per_row": round(self.cpu_s * 1e6 / self.rows, 2) if self.rows else None}
+
+    def forget(self, stream_ids: list[str]) -> None:
+        for sid in stream_ids:
+            d = self.decoders.pop(sid, None)
+            if d is not None:
+                d.close()
+
+    def keep(self, pool: SlotPool) -> None:
+        """Drops the decoders of streams that hold no slot (left, idled out, never admitted)."""
+        self.forget([sid for sid in self.decoders if pool.get(sid) is None])
 
 
 def _load_codec(settings: ReplicaSettings):
@@ -372,6 +417,7 @@ class CodecReplicaCore:
 
     # -- configuration
     def _fresh_state(self, settings: ReplicaSettings) -> None:
+        self.opus = OpusIntake()
         self.pool = SlotPool(settings.capacity)
         self.latency = LatencyModel.from_profile(settings.latency_profile)
         self.scheduler = EdfScheduler(self.latency, self._scheduler_config(settings))
@@ -445,6 +491,8 @@ class CodecReplicaCore:
         try:
             with self.cpu:
                 n_q, slots = self._check(batch)
+            if batch.opus is not None:  # the bridge sent its publishers' Opus: decoded here
+                batch = replace(batch, pcm=self.opus.decode(batch.stream_ids, batch.opus), opus=None)
         except ValueError as exc:
             self._count("malformed_batches")
             res = malformed_result(batch, str(exc))
@@ -550,6 +598,7 @@ class CodecReplicaCore:
         for sid in stream_ids:
             if self.pool.release(sid) is not None:
                 freed += 1
+        self.opus.forget(stream_ids)
         self._update_slot_gauge()
         return freed
 
@@ -792,6 +841,7 @@ class CodecReplicaCore:
         for sid in self.pool.idle(now, self.settings.idle_timeout_s):
             self.pool.release(sid)
             self._count("slots_idle_freed")
+        self.opus.keep(self.pool)
         self._update_slot_gauge()
 
     def _update_slot_gauge(self) -> None:
@@ -849,6 +899,7 @@ class CodecReplicaCore:
             # what the control-plane figures of a load test count for the replica
             "frames_in": self.frames_in,
             "bookkeeping_cpu_s": round(self.cpu.seconds, 6),
+            "opus_intake": self.opus.info(),  # decoding the bridges' Opus rows
             "process_cpu_s": round(t.user + t.system, 3),
             "gc": self.gc_watch.snapshot(),
             "settings": {k: v for k, v in self.settings.to_dict().items() if k != "latency_profile"},

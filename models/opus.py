@@ -473,3 +473,130 @@ class OpusCodec:
         frame.pts = 0
         produced = sum(f.samples for f in resampler.resample(frame))
         return self.frame_samples - produced
+
+
+# ----------------------------------------------------------------------------- chunk decoding
+CHUNK_RATE = 24_000  # the codec's input rate: libopus decodes at 8/12/16/24/48 kHz natively
+MAX_PACKET_SAMPLES = CHUNK_RATE * 120 // 1000  # an Opus packet holds at most 120 ms
+PACKET_LOST = b""  # in a chunk's packet list: one packet lost from the sequence (concealed)
+MAX_CHUNK_PACKETS = 16  # packets one 40 ms chunk may list (2 at WebRTC's 20 ms; 16 at 2.5 ms)
+
+
+def packet_samples(packet: bytes, rate: int = CHUNK_RATE) -> int:
+    """Samples one Opus packet decodes to at `rate`; 0 when its framing is invalid."""
+    try:
+        return int(round(opus_packet_duration_ms(packet) * rate / 1000.0))
+    except ValueError:
+        return 0
+
+
+def libopus_decoder_api() -> Any:
+    """libopus (PyAV's or the system's, as `LibopusDtxEncoder`) with the decoder's
+    functions typed: create, decode_float, destroy."""
+    import ctypes
+
+    lib = LibopusDtxEncoder._load()
+    if getattr(lib, "_auralink_decoder_typed", False):
+        return lib
+    lib.opus_decoder_create.restype = ctypes.c_void_p
+    lib.opus_decoder_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+    lib.opus_decode_float.restype = ctypes.c_int
+    lib.opus_decode_float.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32,
+                                      ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.opus_decoder_destroy.argtypes = [ctypes.c_void_p]
+    lib._auralink_decoder_typed = True
+    return lib
+
+
+class OpusChunkDecoder:
+    """One stream's Opus packets -> 24 kHz mono float32, in 40 ms chunks (`CHUNK_SAMPLES`).
+
+    `add(packet)` decodes one packet (`None` or `PACKET_LOST`: conceals one packet's worth,
+    libopus PLC); `take()` returns the next full chunk, if any. `chunk(packets)` is the
+    replica's call for a bridge's frame of packets: it always returns exactly one chunk,
+    concealing when the packets fall short (the stream's earlier frames were shed, or it came
+    from another replica) and dropping backlog beyond one chunk of lead, so a stream's
+    timeline never drifts. A payload libopus refuses is concealed and counted (`malformed`).
+    """
+
+    def __init__(self) -> None:
+        import ctypes
+
+        from models.constants import CHUNK_SAMPLES
+
+        self._chunk = CHUNK_SAMPLES
+        self._lib = libopus_decoder_api()
+        err = ctypes.c_int()
+        self._dec = self._lib.opus_decoder_create(CHUNK_RATE, 1, ctypes.byref(err))
+        if err.value != 0 or not self._dec:
+            raise RuntimeError(f"opus_decoder_create failed ({err.value})")
+        # one chunk of lead, a full packet and concealment headroom
+        self._buf = np.zeros(3 * CHUNK_SAMPLES + MAX_PACKET_SAMPLES * (MAX_CHUNK_PACKETS + 1), np.float32)
+        self._ptr = self._buf.ctypes.data
+        self.fill = 0
+        self._last_samples = CHUNK_RATE // 50  # 20 ms until a packet says otherwise
+        self.malformed = 0
+        self.concealed = 0
+
+    def add(self, packet: bytes | None) -> bool:
+        """Decodes one packet onto the buffer; False when libopus refused it (nothing added)."""
+        if self._dec is None:
+            return False
+        if not packet:
+            return self._conceal(self._last_samples)
+        room = (self._buf.size - self.fill)
+        n = self._lib.opus_decode_float(self._dec, packet, len(packet), self._ptr + 4 * self.fill,
+                                        min(MAX_PACKET_SAMPLES, room), 0)
+        if n <= 0:
+            return False
+        self.fill += n
+        self._last_samples = n
+        return True
+
+    def _conceal(self, samples: int) -> bool:
+        samples = min(samples, self._buf.size - self.fill)
+        n = self._lib.opus_decode_float(self._dec, None, 0, self._ptr + 4 * self.fill, samples, 0)
+        if n <= 0:
+            return False
+        self.fill += n
+        self.concealed += 1
+        return True
+
+    def take(self) -> np.ndarray | None:
+        """The next full chunk (a copy), or None."""
+        c = self._chunk
+        if self.fill < c:
+            return None
+        out = self._buf[:c].copy()
+        rest = self.fill - c
+        if rest:
+            self._buf[:rest] = self._buf[c:self.fill]
+        self.fill = rest
+        return out
+
+    def chunk(self, packets: Sequence[bytes]) -> np.ndarray:
+        """Exactly one chunk from a frame's packets (see the class doc)."""
+        for p in packets:
+            if not self.add(p):
+                self.malformed += 1
+                self._conceal(self._last_samples)
+        while self.fill < self._chunk:
+            # short: conceal in steps libopus accepts (multiples of 2.5 ms, at most 120 ms)
+            if not self._conceal(min(MAX_PACKET_SAMPLES, -(-(self._chunk - self.fill) // 60) * 60)):
+                self._buf[self.fill:self._chunk] = 0.0
+                self.fill = self._chunk
+        if self.fill > 2 * self._chunk:  # more than one chunk of lead: the oldest goes
+            drop = self.fill - 2 * self._chunk
+            self._buf[: self.fill - drop] = self._buf[drop:self.fill]
+            self.fill -= drop
+        out = self.take()
+        assert out is not None
+        return out
+
+    def close(self) -> None:
+        if self._dec:
+            self._lib.opus_decoder_destroy(self._dec)
+            self._dec = None
+
+    def __del__(self) -> None:
+        self.close()

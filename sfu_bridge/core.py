@@ -8,6 +8,10 @@ out) and the load simulator (`cluster.simulator`, emulated publishers) drive thi
   epoch (the bridge half of the epoch rule, `deployments.epochs.BridgeEpochs`), whether its
   AI is off and why (the one opt-out table: the bridge's own config, pinned, and the fallback
   supervisor's verdicts), its backlog of chunks, its hint budget, its outcome tallies;
+- **audio**: a chunk is 40 ms of 24 kHz PCM, or (`opus_in`, what a WebRTC bridge without
+  DTX runs) the publisher's Opus packets that make it up, which the codec replica decodes
+  (`FrameBatch.opus`) and which fallback frames forward as they are: the bridge decodes
+  nothing;
 - **join / leave**: a leaving stream's pending chunks are answered `fallback/overload` in the
   next tick, its codec slot is freed and the supervisor forgets it, in one batched call each;
 - the **tick** (every 40 ms): at most one chunk per stream; chunks beyond the backlog limit
@@ -194,6 +198,7 @@ class FrameOutcome:
     rtp_timestamp: int
     pcm24: np.ndarray | None  # the chunk (None when publishers push no audio)
     codes: np.ndarray | None = None  # int16 [n_q, F] when outcome is ai (its stream's depth)
+    opus: tuple[bytes, ...] | None = None  # the chunk's Opus packets (BridgeCore(opus_in=True))
 
     @property
     def key(self) -> str:
@@ -228,6 +233,7 @@ class TickReport:
     replica_ms: np.ndarray | None = None  # float32 [batch]: replica queue + compute of sent frames
     hints_accepted: int = 0
     hints_dropped: dict[str, int] = field(default_factory=dict)
+    opus: np.ndarray | None = None  # object [n]: each frame's Opus packets (BridgeCore(opus_in=True))
     n_q: np.ndarray | None = None  # int64 per frame: codebooks of its AI codes (0 unless ai)
 
     def __len__(self) -> int:
@@ -256,6 +262,7 @@ class TickReport:
         return FrameOutcome(
             self.stream_ids[i], outcome, reason, int(self.epochs[i]), int(self.epoch_seqs[i]),
             int(self.rtp_ts[i]), None if self.pcm is None else self.pcm[i], codes,
+            None if self.opus is None else self.opus[i],
         )
 
 
@@ -294,6 +301,7 @@ class _Taken:
     ts: np.ndarray = field(default_factory=lambda: _EMPTY_I)
     batch: FrameBatch | None = None
     owners: tuple[Any, np.ndarray] | None = None  # (replica set, owner of each batch row)
+    chunks: np.ndarray | None = None  # the batch rows' chunks (pcm, or Opus packet tuples)
 
 
 @dataclass
@@ -330,6 +338,7 @@ class BridgeCore:
         supervisor: SupervisorLink | None = None,
         opted_out_users: frozenset[str] = frozenset(),
         audio: bool = True,
+        opus_in: bool = False,
         dtx: bool = False,
         vad: VadConfig | None = None,
         capacity: int = 256,
@@ -361,6 +370,14 @@ class BridgeCore:
         # batch carries one EnCodec frame of int16 silence per row: same rows, epochs and
         # deadlines, a sixth of the bytes of 960 float samples.
         self.audio = audio
+        # Opus in: a chunk is the tuple of its publisher's Opus packets (fastpath.OpusIngest,
+        # decode=False) and batches carry them for the replica to decode (FrameBatch.opus);
+        # the bridge never holds PCM, so it cannot run the VAD that DTX needs.
+        if opus_in and dtx:
+            raise ValueError("DTX needs the audio decoded on the bridge: opus_in and dtx exclude each other")
+        if opus_in and not audio:
+            raise ValueError("opus_in needs audio")
+        self.opus_in = opus_in
         self._zeros = np.zeros((0, FRAME_SAMPLES), np.int16)
         self.clock = clock
         self.period_clock = period_clock
@@ -381,7 +398,11 @@ class BridgeCore:
         self.q_n = np.zeros(0, np.int64)
         self.q_head = np.zeros(0, np.int64)
         self.q_ts = np.zeros((0, self._depth), np.int64)
-        self.q_pcm = np.zeros((0, self._depth, CHUNK_SAMPLES), np.float32) if audio else None
+        # each queued chunk: pcm float32 [960], or (opus_in) a tuple of Opus packets
+        self.q_pcm: np.ndarray | None = None
+        if audio:
+            self.q_pcm = (np.empty((0, self._depth), object) if opus_in
+                          else np.zeros((0, self._depth, CHUNK_SAMPLES), np.float32))
         self.hint_n = np.zeros(0, np.int64)
         self._guard_tat = np.zeros(0, np.int64)
         self._verifiers: list[HintVerifier | None] = []
@@ -699,19 +720,24 @@ class BridgeCore:
             self._remote_opted_users = remote
 
     # ------------------------------------------------------------------------ intake
-    def push(self, stream_id: str, pcm24: np.ndarray | None, rtp_timestamp: int = 0) -> None:
-        """One 40 ms chunk of a stream (24 kHz mono float32 [960], or None without audio)."""
+    def push(self, stream_id: str, pcm24: Any, rtp_timestamp: int = 0) -> None:
+        """One 40 ms chunk of a stream: 24 kHz mono float32 [960]; with `opus_in` the tuple of
+        its Opus packets (fastpath.OpusIngest); None without audio."""
         row = self._row_of.get(stream_id)
         if row is None:
             raise KeyError(f"stream {stream_id!r} has not joined")
-        if self.audio:
+        if self.opus_in:
+            if not isinstance(pcm24, tuple):
+                raise ValueError(f"an Opus chunk is a tuple of packets, got {type(pcm24).__name__}")
+            pcm24 = _one_object(pcm24)
+        elif self.audio:
             if pcm24 is None or pcm24.shape != (CHUNK_SAMPLES,):
                 raise ValueError(f"chunk must hold {CHUNK_SAMPLES} samples, got "
                                  f"{None if pcm24 is None else pcm24.shape}")
         with self.cpu:
             n = int(self.q_n[row])
             if n >= self._depth:  # the row overflows: `_push` spills its oldest chunk
-                self._push(np.array([row]), None if pcm24 is None else pcm24[None, :],
+                self._push(np.array([row]), None if pcm24 is None else pcm24 if self.opus_in else pcm24[None, :],
                            np.array([rtp_timestamp], np.int64))
                 return
             # `_push` for one row with room, on scalars (a publisher's chunk at a time: the
@@ -719,7 +745,7 @@ class BridgeCore:
             slot = (int(self.q_head[row]) + n) % self._depth
             self.q_ts[row, slot] = rtp_timestamp
             if self.q_pcm is not None and pcm24 is not None:
-                self.q_pcm[row, slot] = pcm24
+                self.q_pcm[row, slot] = pcm24[0] if self.opus_in else pcm24
             self.q_n[row] = n + 1
 
     def push_rows(self, rows: np.ndarray, pcm: np.ndarray | None = None,
@@ -735,7 +761,9 @@ class BridgeCore:
         if full.any():  # a row that overflows between ticks spills its oldest chunk
             for r in rows[full].tolist():
                 j = int(self.q_head[r])
-                old = self.q_pcm[r, j].copy() if self.q_pcm is not None else None
+                old = self.q_pcm[r, j] if self.q_pcm is not None else None
+                if old is not None and not self.opus_in:
+                    old = old.copy()
                 self._spilled.add(str(self.ids[r]), r, int(self.q_ts[r, j]), old)
                 self.q_head[r] = (j + 1) % self._depth
                 self.q_n[r] -= 1
@@ -824,7 +852,7 @@ class BridgeCore:
             self._decided[_OVERLOAD] += len(sp.stream_ids)
             parts.append((sp.stream_ids, np.asarray(sp.rows, np.int64),
                           np.full(len(sp.rows), _OVERLOAD, np.uint8), np.asarray(sp.ts, np.int64),
-                          np.stack(sp.pcm) if sp.pcm else None))
+                          (_objects(sp.pcm) if self.opus_in else np.stack(sp.pcm)) if sp.pcm else None))
         n = self._top
         rows = np.flatnonzero(self.q_n[:n])
         over = rows[self.q_n[rows] > self.max_backlog]
@@ -866,7 +894,7 @@ class BridgeCore:
             keep = ~local
             rows, ts = rows[keep], ts[keep]
             pcm = pcm[keep] if pcm is not None else None
-        if pcm is not None and rows.size:
+        if pcm is not None and rows.size and not self.opus_in:
             on = self.dtx_on[rows]
             if on.any():  # DTX: chunks of streams whose talk spurt has ended are answered here
                 at = np.flatnonzero(on)
@@ -892,12 +920,13 @@ class BridgeCore:
             epoch_seqs=seqs,
             # Relative: the replica stamps it on its own clock (hosts' clocks differ).
             budgets_ms=np.full(b, float(self.deadline_ms)),
-            pcm=pcm if pcm is not None else self._silence(b),
+            pcm=None if self.opus_in else pcm if pcm is not None else self._silence(b),
+            opus=list(pcm) if self.opus_in else None,
             bandwidth_kbps=self.bandwidth_kbps,
             n_q=self.depths(rows),
         )
         owners = None if version is None else (version, self._owner[rows])
-        return _Taken(parts, rows, self.generation[rows].copy(), ts, batch, owners)
+        return _Taken(parts, rows, self.generation[rows].copy(), ts, batch, owners, pcm)
 
     def _owners_now(self) -> Any:
         """The codec client's replica set if it splits batches by owner (None: it does not,
@@ -946,7 +975,7 @@ class BridgeCore:
             fb = rows[(oc != AI_CODE) & still]
             self.epochs.fell_back(fb)
             rows_out = np.where(still, rows, -1)
-            parts.append((ids, rows_out, oc, taken.ts, batch.pcm if self.audio else None))
+            parts.append((ids, rows_out, oc, taken.ts, taken.chunks if self.audio else None))
             epochs, seqs = batch.epochs, batch.epoch_seqs
         n_local = sum(len(p[0]) for p in parts) - (len(batch) if batch is not None else 0)
         if len(parts) == 1:
@@ -982,7 +1011,8 @@ class BridgeCore:
                                             minlength=top * N_CODES).reshape(top, N_CODES)
         return TickReport(
             tick=self.ticks, started_at=started_at, stream_ids=sids, rows=rr, codes=codes,
-            epochs=ep, epoch_seqs=sq, rtp_ts=ts, pcm=pcm if self.audio else None,
+            epochs=ep, epoch_seqs=sq, rtp_ts=ts, pcm=pcm if self.audio and not self.opus_in else None,
+            opus=pcm if self.opus_in else None,
             ai_codes=ai_codes, batch_size=len(batch) if batch is not None else 0,
             codec_wait_ms=0.0, replica_ms=replica_ms, n_q=nq,
         )
@@ -1327,6 +1357,21 @@ class BridgeCore:
             "supervisor_failures": self.exchange_failures,
             "cpu_s": round(self.cpu.seconds, 6),
         }
+
+
+def _one_object(x: Any) -> np.ndarray:
+    """A 1-element object array holding `x` (a tuple stays one element)."""
+    out = np.empty(1, object)
+    out[0] = x
+    return out
+
+
+def _objects(items: list[Any]) -> np.ndarray:
+    """An object array of `items` (tuples stay elements)."""
+    out = np.empty(len(items), object)
+    for i, x in enumerate(items):
+        out[i] = x
+    return out
 
 
 def _ranks(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

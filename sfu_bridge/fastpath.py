@@ -7,32 +7,31 @@
   object, no extension map walk, no coroutine per packet. `send` does all of that and the
   `sendto` in one C call (`aiortc_compat.native_send`, sfu_bridge/_rtpsend.c) where the
   extension is built and the socket allows it; `write` is the Python path.
-- `OpusIngest`: a publisher's Opus packets decoded by libopus straight to 24 kHz mono float
-  (the codec's input rate: libopus decodes at 8/12/16/24/48 kHz natively, RFC 6716 2), into
-  40 ms chunks - no 48 kHz stereo `AudioFrame`, no resampler, no decoder thread. Gaps in
-  the sequence are concealed by libopus (PLC) at once: there is no jitter buffer, so a packet
-  that arrives after its place was concealed (reordered) is a counted drop (`reordered`), as
-  are duplicates and packets older than a resynchronisation (`late`).
+- `OpusIngest`: a publisher's Opus packets into 40 ms chunks, by sequence number - no 48 kHz
+  stereo `AudioFrame`, no resampler, no decoder thread. Either decoded here by libopus
+  straight to 24 kHz mono float (the codec's input rate: libopus decodes at 8/12/16/24/48 kHz
+  natively, RFC 6716 2), or - the default of a bridge without DTX - listed as packets for the
+  codec replica to decode (`models.opus.OpusChunkDecoder`). Gaps in the sequence are
+  concealed (libopus PLC; listed as lost packets for the replica) at once: there is no jitter
+  buffer, so a packet that arrives after its place was concealed (reordered) is a counted
+  drop (`reordered`), as are duplicates and packets older than a resynchronisation (`late`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import struct
 import time
 from collections import Counter, deque
 from typing import Any
 
-import numpy as np
-
 from models.constants import CHUNK_RTP_TICKS, CHUNK_SAMPLES
+from models.opus import CHUNK_RATE, PACKET_LOST, OpusChunkDecoder, packet_samples
 from sfu_bridge.aiortc_compat import BUFFER_BYTES, SRTP_MAX_TRAILER, FastSrtp, native_send
 
 RTP_HEADER = struct.Struct("!BBHII")
 CHUNK_48K = CHUNK_RTP_TICKS  # 40 ms on the 48 kHz RTP clock
-INGEST_RATE = 24_000
-MAX_PACKET_SAMPLES = INGEST_RATE * 120 // 1000  # an Opus packet holds at most 120 ms
+INGEST_RATE = CHUNK_RATE
 MAX_CONCEALED_PACKETS = 5  # a longer gap resynchronises without concealment (a new talk spurt)
 
 
@@ -101,39 +100,23 @@ class IngestDrop(str, enum.Enum):
     RESYNC = "resync"  # a gap too long to conceal: the timeline restarts
 
 
-class _Libopus:
-    lib: Any = None
-
-    @classmethod
-    def load(cls) -> Any:
-        if cls.lib is None:
-            from models.opus import LibopusDtxEncoder
-
-            lib = LibopusDtxEncoder._load()
-            lib.opus_decoder_create.restype = ctypes.c_void_p
-            lib.opus_decoder_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
-            lib.opus_decode_float.restype = ctypes.c_int
-            lib.opus_decode_float.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32,
-                                              ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-            lib.opus_decoder_destroy.argtypes = [ctypes.c_void_p]
-            cls.lib = lib
-        return cls.lib
-
-
 class OpusIngest:
-    """A publisher's Opus RTP payloads -> 40 ms chunks of 24 kHz mono float PCM, each with
-    its RTP timestamp (48 kHz clock, 0 at the first chunk) and the wall time it completed."""
+    """A publisher's Opus RTP payloads -> 40 ms chunks, each with its RTP timestamp (48 kHz
+    clock, 0 at the first chunk) and the wall time it completed.
 
-    def __init__(self, stream_id: str) -> None:
+    `decode=True`: a chunk is 24 kHz mono float PCM [960], decoded here by libopus
+    (`models.opus.OpusChunkDecoder`). `decode=False`: a chunk is the tuple of the packets
+    that completed it, counted by their TOC, not decoded (the codec replica decodes them;
+    a lost packet the sequence shows is listed as `PACKET_LOST`, which it conceals)."""
+
+    def __init__(self, stream_id: str, decode: bool = True) -> None:
         self.stream_id = stream_id
-        self._lib = _Libopus.load()
-        err = ctypes.c_int()
-        self._dec = self._lib.opus_decoder_create(INGEST_RATE, 1, ctypes.byref(err))
-        if err.value != 0 or not self._dec:
-            raise RuntimeError(f"opus_decoder_create failed ({err.value})")
-        self._buf = np.zeros(CHUNK_SAMPLES + MAX_PACKET_SAMPLES * (MAX_CONCEALED_PACKETS + 1), np.float32)
-        self._ptr = self._buf.ctypes.data
-        self._fill = 0
+        self._dec = OpusChunkDecoder() if decode else None
+        self.decodes = decode
+        self._closed = False
+        self._fill = 0  # packets mode: samples (24 kHz) listed but not yet chunked
+        self._pending: list[bytes] = []
+        self._ready: list[tuple[bytes, ...]] = []  # packets mode: chunks completed
         self._next_seq: int | None = None
         self._last_samples = INGEST_RATE // 50  # 20 ms until a packet says otherwise
         self.chunks = 0
@@ -143,10 +126,11 @@ class OpusIngest:
         # sequence numbers concealed lately: one of them arriving now was reordered
         self._concealed_seqs: deque[int] = deque(maxlen=2 * MAX_CONCEALED_PACKETS)
 
-    def packet(self, seq: int, payload: bytes) -> list[tuple[np.ndarray, int, float]]:
-        """The chunks this packet completes: (pcm24 float32 [960], RTP timestamp, wall time).
-        Nothing once closed (the publisher has left; a packet may still be on its way)."""
-        if self._dec is None:
+    def packet(self, seq: int, payload: bytes) -> list[tuple[Any, int, float]]:
+        """The chunks this packet completes: (chunk, RTP timestamp, wall time); the chunk is
+        pcm24 float32 [960] or a tuple of packets (see the class doc). Nothing once closed
+        (the publisher has left; a packet may still be on its way)."""
+        if self._closed:
             return []
         nxt = self._next_seq
         if nxt is not None:
@@ -158,43 +142,54 @@ class OpusIngest:
             if gap:
                 if gap <= MAX_CONCEALED_PACKETS:
                     for k in range(gap):
-                        self._decode(None, self._last_samples)
+                        self._add(None)
                         self._concealed_seqs.append((nxt + k) & 0xFFFF)
                         self.concealed += 1
                 else:
                     self.drops[IngestDrop.RESYNC.value] += 1
         self._next_seq = (seq + 1) & 0xFFFF
-        if not self._decode(payload, MAX_PACKET_SAMPLES):
+        if not self._add(payload):
             self.drops[IngestDrop.MALFORMED.value] += 1
         self.packets += 1
-        return self._take() if self._fill >= CHUNK_SAMPLES else []
+        if self._dec is None:
+            return self._take() if self._ready else []
+        return self._take() if self._dec.fill >= CHUNK_SAMPLES else []
 
-    def _decode(self, payload: bytes | None, max_samples: int) -> bool:
-        n = self._lib.opus_decode_float(self._dec, payload, len(payload) if payload else 0,
-                                        self._ptr + 4 * self._fill, max_samples, 0)
+    def _add(self, payload: bytes | None) -> bool:
+        """One packet (None: a lost one) onto the chunk being filled; False: malformed."""
+        if self._dec is not None:
+            return self._dec.add(payload)
+        n = self._last_samples if payload is None else packet_samples(payload)
         if n <= 0:
             return False
+        self._pending.append(PACKET_LOST if payload is None else payload)
         self._fill += n
         if payload is not None:
             self._last_samples = n
+        while self._fill >= CHUNK_SAMPLES:
+            # a chunk is the packets that completed it; a packet longer than what completes
+            # it leaves the next ones empty (the replica's decoder holds its extra samples)
+            self._ready.append(tuple(self._pending))
+            self._pending = []
+            self._fill -= CHUNK_SAMPLES
         return True
 
-    def _take(self) -> list[tuple[np.ndarray, int, float]]:
-        out = []
+    def _take(self) -> list[tuple[Any, int, float]]:
+        out: list[tuple[Any, int, float]] = []
         now = time.time()
-        while self._fill >= CHUNK_SAMPLES:
-            out.append((self._buf[:CHUNK_SAMPLES].copy(), self.chunks * CHUNK_48K, now))
+        if self._dec is None:
+            chunks: list[Any] = self._ready
+            self._ready = []
+        else:
+            chunks = []
+            while self._dec.fill >= CHUNK_SAMPLES:
+                chunks.append(self._dec.take())
+        for chunk in chunks:
+            out.append((chunk, self.chunks * CHUNK_48K, now))
             self.chunks += 1
-            rest = self._fill - CHUNK_SAMPLES
-            if rest:
-                self._buf[:rest] = self._buf[CHUNK_SAMPLES:self._fill]
-            self._fill = rest
         return out
 
     def close(self) -> None:
-        if self._dec:
-            self._lib.opus_decoder_destroy(self._dec)
-            self._dec = None
-
-    def __del__(self) -> None:
-        self.close()
+        self._closed = True
+        if self._dec is not None:
+            self._dec.close()

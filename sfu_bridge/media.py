@@ -46,10 +46,11 @@ from models.constants import (
     CHUNK_RTP_TICKS,
     CHUNK_SAMPLES,
     OPUS_FRAME_RTP_TICKS,
+    RTP_CLOCK_HZ,
     SAMPLE_RATE,
     TICK_S,
 )
-from models.opus import OpusCodec
+from models.opus import OpusCodec, packet_samples
 from sfu_bridge import aiortc_compat, rtcp_tap, rtp_ext
 from sfu_bridge.aic_sender import AicSender
 from sfu_bridge.aiortc_compat import DatagramPath, RtpIngress
@@ -326,6 +327,12 @@ class MediaBridge:
         # publishers' Opus packets unprotected and parsed by one C call each once the first
         # was consumed on aiortc's path (server.py, aiortc_compat.fast_ingress); needs both
         self.native_receive = native_receive and fast_ingest and aiortc_compat.native_send_available()
+        # where publishers' Opus is decoded: on the codec replica when the core takes Opus
+        # chunks (BridgeCore(opus_in=True): the bridge forwards and batches packets, decodes
+        # nothing, and fallback frames go out as the publisher's own packets), else here
+        if core.opus_in and not fast_ingest:
+            raise ValueError("a core that takes Opus chunks needs the fast ingest (aiortc's decoder yields pcm)")
+        self.decode_at = "replica" if core.opus_in else "bridge"
         # per-subscriber rate control from RTCP; off: every AIC subscriber gets the stream's
         # full depth in that depth's default packet duration (the bench's contrast)
         self.adaptive = adaptive
@@ -378,7 +385,7 @@ class MediaBridge:
             relayed=relayed,
         )
         if self.fast_ingest and not relayed:
-            pub.ingest = OpusIngest(stream_id)
+            pub.ingest = OpusIngest(stream_id, decode=not self.core.opus_in)
         self.core.join(stream_id, user, opted_out=opted_out, relayed=relayed)
         self.publishers[stream_id] = pub
         self.sessions[pub.session_id] = pub
@@ -391,6 +398,8 @@ class MediaBridge:
         try:
             while True:
                 frame = await track.recv()
+                if self.core.opus_in:  # chunks are Opus packets (forward_payload); not this audio
+                    continue
                 for pcm24, ts in pub.chunker.add(frame):
                     self.core.push(pub.stream_id, pcm24, ts)
                     pub.chunk_times.append((ts, time.time()))
@@ -682,9 +691,10 @@ class MediaBridge:
         rounds: list[list[FrameOutcome]] = []
         seen: dict[str, int] = defaultdict(int)
         for fo in rows:
-            relayed = getattr(fo, "opus", None)  # cascade.RelayedFrame: the owner's packets
-            if relayed is not None:
-                out[id(fo)] = relayed
+            # the publisher's own packets (opus_in) or, cascade.RelayedFrame, the owner's
+            packets = fo.opus
+            if packets is not None:
+                out[id(fo)] = list(packets)
                 continue
             if fo.pcm24 is None:
                 continue
@@ -701,8 +711,13 @@ class MediaBridge:
         return out
 
     def _send(self, sub: Subscriber, kind: str, pt: int, payloads: list[bytes], ts: int) -> None:
+        """Opus packets in order from `ts`, each after its predecessor's duration (an empty
+        one, `PACKET_LOST`, is a 20 ms gap the subscriber's decoder conceals)."""
         for k, payload in enumerate(payloads):
-            if sub.out.send_now(pt, payload, ts + k * OPUS_FRAME_RTP_TICKS):
+            if k:
+                prev = payloads[k - 1]
+                ts += (packet_samples(prev, RTP_CLOCK_HZ) if prev else 0) or OPUS_FRAME_RTP_TICKS
+            if payload and sub.out.send_now(pt, payload, ts):
                 sub.sent_by_kind[kind] += 1
                 self.packets_by_kind[kind] += 1
                 self._unrecorded_bytes[kind] += len(payload)
@@ -764,6 +779,7 @@ class MediaBridge:
                 getattr(sub.out, "send_refused", 0) for subs in self.subscribers.values()
                 for sub in subs.values()),
             "ingest_drops": self.ingest_drops(),
+            "decode_at": self.decode_at,  # where publishers' Opus is decoded: replica or bridge
             # publishers whose packets take the native receive, and the packets it took
             "native_receive": {
                 "publishers": sum(p.ingress is not None for p in self.publishers.values()),

@@ -6,9 +6,13 @@ bridge's real per-tick work back to back for ``--ticks`` ticks:
 
   SRTP unprotect + RTP parse of the publisher's two 20 ms Opus packets -> `MediaBridge.forward`:
   forwarded to the legacy subscribers (header template + SRTP in place + UDP ``sendto`` to a
-  local sink socket, fastpath.py) and decoded inline by libopus at 24 kHz (`OpusIngest`, 40 ms
-  chunks) -> `BridgeCore.tick` (one FrameBatch) -> `MediaBridge.dispatch` (AIC payloads to
-  the AIC subscribers, same send path).
+  local sink socket, fastpath.py) and gathered into 40 ms chunks (`OpusIngest`) ->
+  `BridgeCore.tick` (one FrameBatch) -> `MediaBridge.dispatch` (AIC payloads to the AIC
+  subscribers, same send path). ``--decode-at replica`` (the default; a bridge without DTX):
+  a chunk is its packets, which the batch carries and the codec replica decodes - the worker
+  decodes nothing, and what decoding costs the replica is measured apart
+  (``opus_decode_us_per_stream_tick``). ``--decode-at bridge`` (a bridge with DTX, whose VAD
+  needs the audio): the worker decodes them inline by libopus at 24 kHz.
 
 The codec is EMULATED (answers every frame ``ai`` after ``--codec-ms`` of sleep, no CPU):
 the figure is the bridge's own cost; the codec's compute lives on the Serve replicas and is
@@ -59,7 +63,7 @@ class EmulatedCodec:
         await asyncio.sleep(self.codec_ms / 1000.0)
         b = len(batch)
         n_q = bandwidth_codebooks(batch.bandwidth_kbps)
-        f = batch.pcm.shape[1] // 320
+        f = batch.samples // 320
         codes = (np.arange(b * n_q * f, dtype=np.int64).reshape(b, n_q, f) * 37 % 1024).astype(np.int16)
         return BatchResult(
             stream_ids=list(batch.stream_ids), outcome_codes=np.zeros(b, np.uint8),
@@ -206,7 +210,8 @@ def _opus_loop(seconds: float = 2.0) -> list[bytes]:
     return packets
 
 
-async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_ms: float) -> dict:
+async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_ms: float,
+                       decode_at: str = "replica") -> dict:
 
     from sfu_bridge.core import BridgeCore
     from sfu_bridge.media import MediaBridge
@@ -220,7 +225,8 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
     addr = sink.getsockname()
 
     codec = EmulatedCodec(codec_ms)
-    core = BridgeCore(codec, deadline_ms=20.0, max_backlog=3, capacity=max(n, 1))
+    core = BridgeCore(codec, deadline_ms=20.0, max_backlog=3, capacity=max(n, 1),
+                      opus_in=decode_at == "replica")
     media = MediaBridge(core, max_streams=max(n, 1), opus_bitrate=32_000)
     loop_packets = _opus_loop()
     feeds, receive = {}, {}
@@ -276,10 +282,34 @@ async def _run_streams(n: int, ticks: int, aic_subs: int, opus_subs: int, codec_
         "cpu_us_per_stream": round(float(np.mean(cpus)) * 1000.0 / max(n, 1), 1),
         "tick_wall_ms_p99": round(float(np.percentile(np.asarray(totals), 99)), 3),
         "frames": core.stats()["frames"],
+        "decode_at": media.decode_at,
         "native_receive": media.stats()["native_receive"]["publishers"] == n,  # every publisher's
         # AIC packets sent per measured tick (a packet carries 40, 80 or 120 ms: its layer's)
         "aic_packets_per_tick": round((media.packets_by_kind["aic"] - aic_at_start) / max(ticks, 1), 3),
     }
+
+
+def replica_decode_cost(streams: int = 20, ticks: int = 100) -> dict:
+    """What decoding the publishers' Opus costs the codec replica when the bridge does not
+    (`--decode-at replica`): the replica's own intake (`deployments.replica.OpusIntake`,
+    libopus at 24 kHz) on `streams` streams' 40 ms chunks of the bench's packets, one
+    batch per tick, thread CPU time."""
+    from deployments.replica import OpusIntake
+
+    intake = OpusIntake()
+    packets = _opus_loop()
+    ids = [f"s{i}" for i in range(streams)]
+    k = 0
+    cpu = 0.0
+    for t in range(ticks + 5):
+        rows = [(packets[k % len(packets)], packets[(k + 1) % len(packets)])] * streams
+        k += 2
+        c0 = time.thread_time()
+        intake.decode(ids, rows)
+        if t >= 5:
+            cpu += time.thread_time() - c0
+    return {"streams": streams, "ticks": ticks,
+            "us_per_stream_tick": round(cpu * 1e6 / (streams * ticks), 1)}
 
 
 async def _wire(seconds: float) -> dict:
@@ -358,7 +388,7 @@ async def _wire(seconds: float) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=str(DEFAULT_JSON), help="where to write the JSON report")
-    parser.add_argument("--ladder", default="5,10,20,30,40,50,60,80,120,160,240,320",
+    parser.add_argument("--ladder", default="5,10,20,30,40,50,60,80,120,160,200,240,320",
                         help="stream counts to try, ascending (stops after the first over budget)")
     parser.add_argument("--ticks", type=int, default=100, help="measured ticks per step")
     parser.add_argument("--aic-subs", type=int, default=1, help="AIC subscribers per stream")
@@ -373,6 +403,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base/extra run pairs of the fan-out measurement (the median is kept)")
     parser.add_argument("--extra-subs", type=int, default=10,
                         help="extra AIC subscribers per stream in the fan-out cost measurement")
+    parser.add_argument("--decode-at", choices=("replica", "bridge"), default="replica",
+                        help="where publishers' Opus is decoded: by the codec replica (a bridge without "
+                             "DTX: the worker forwards and batches packets) or by the worker (with DTX, "
+                             "whose VAD needs the audio)")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
 
 
@@ -386,7 +420,8 @@ def run(args: argparse.Namespace) -> int:
     ladder = [int(x) for x in args.ladder.split(",") if x.strip()]
     steps = []
     for n in ladder:
-        step = asyncio.run(_run_streams(n, args.ticks, args.aic_subs, args.opus_subs, args.codec_ms))
+        step = asyncio.run(_run_streams(n, args.ticks, args.aic_subs, args.opus_subs, args.codec_ms,
+                                        args.decode_at))
         steps.append(step)
         log.info("streams=%d p99 tick CPU %.2f ms, p99 wall overhead %.2f ms", n,
                  step["cpu_ms_per_tick_p99"], step["tick_overhead_ms_p99"])
@@ -406,9 +441,10 @@ def run(args: argparse.Namespace) -> int:
     n_fan = args.fanout_streams
     pairs = []
     for _ in range(max(1, args.fanout_repeats)):
-        b = asyncio.run(_run_streams(n_fan, args.ticks, args.aic_subs, args.opus_subs, args.codec_ms))
+        b = asyncio.run(_run_streams(n_fan, args.ticks, args.aic_subs, args.opus_subs, args.codec_ms,
+                                     args.decode_at))
         m = asyncio.run(_run_streams(n_fan, args.ticks, args.aic_subs + args.extra_subs, args.opus_subs,
-                                     args.codec_ms))
+                                     args.codec_ms, args.decode_at))
         pairs.append((m["cpu_ms_per_tick_mean"] - b["cpu_ms_per_tick_mean"], b, m))
     pairs.sort(key=lambda p: p[0])
     _, base, more = pairs[len(pairs) // 2]
@@ -419,6 +455,7 @@ def run(args: argparse.Namespace) -> int:
     extra_cpu_us = (more["cpu_ms_per_tick_mean"] - base["cpu_ms_per_tick_mean"]) * 1000.0
     us_per_extra = extra_cpu_us / max(extra_packets, 1e-9)
     us_per_extra_sub_tick = extra_cpu_us / (n_fan * args.extra_subs)
+    decode = replica_decode_cost(ticks=args.ticks)
     wire = asyncio.run(_wire(args.wire_s))
     from sfu_bridge.aiortc_compat import native_send_available
 
@@ -430,6 +467,11 @@ def run(args: argparse.Namespace) -> int:
         "weights": "n/a (emulated codec)",
         "send_path": send_path(int(native_send_available()), 1),  # its loopback subscribers
         "receive_path": receive_path(all(st["native_receive"] for st in steps)),
+        "decode_at": args.decode_at,
+        # measured apart: with --decode-at replica this CPU is the codec replica's, not in the
+        # bridge's figures; with --decode-at bridge the worker spends it and it is in them
+        "opus_decode_us_per_stream_tick": decode["us_per_stream_tick"],
+        "opus_decode_measurement": decode,
         "subscribers_per_stream": {"aic": args.aic_subs, "opus": args.opus_subs},
         "tick_ms": TICK_S * 1000,
         "budget_ms": args.budget_ms,
@@ -454,15 +496,27 @@ def run(args: argparse.Namespace) -> int:
         "wire_kbps_opus": wire["opus_kbps"],
         "wire": wire,
         "load_average": os.getloadavg()[0],
-        "command": "auralink bench bridge --json docs/bench/bridge.json",
+        "command": "auralink bench bridge --json docs/bench/bridge.json"
+                   + ("" if args.decode_at == "replica" else f" --decode-at {args.decode_at}"),
     }
     write_json(args.json, data)
     if not args.no_docs:
         update_docs_section("bridge", _markdown(data))
-    print(f"streams_per_worker={data['streams_per_worker']} p99_tick_overhead_ms={data['p99_tick_overhead_ms']} "
+    print(f"streams_per_worker={data['streams_per_worker']} decode_at={args.decode_at} "
+          f"p99_tick_overhead_ms={data['p99_tick_overhead_ms']} "
           f"fanout_us_per_extra_packet={data['fanout_us_per_extra_packet']} "
           f"wire_kbps_aic={data['wire_kbps_aic']} wire_kbps_opus={data['wire_kbps_opus']}")
     return 0
+
+
+def _decode_words(d: dict) -> str:
+    us = d["opus_decode_us_per_stream_tick"]
+    if d["decode_at"] == "replica":
+        return (f"by the codec replica** (a bridge without DTX): the worker forwards and batches the "
+                f"packets; decoding them costs the replica {us} us of CPU per stream per tick "
+                f"(`OpusIntake`, measured apart), which is not in this worker's figures below.")
+    return (f"by this worker** (a bridge with DTX, whose VAD needs the audio): {us} us of CPU per "
+            f"stream per tick of libopus (measured apart), included in the figures below.")
 
 
 def _markdown(d: dict) -> str:
@@ -474,10 +528,11 @@ def _markdown(d: dict) -> str:
     )
     return f"""## bridge
 
-`auralink bench bridge --json docs/bench/bridge.json` at revision {d['revision']} - {d['machine']},
+`{d['command']}` at revision {d['revision']} - {d['machine']},
 load average {d['load_average']:.1f} at the end of the run (a shared machine: figures are lower bounds).
 Codec: **{d['codec']}**; send path: {d['send_path']}; receive path: {d['receive_path']}; each stream has {d['subscribers_per_stream']['aic']} AIC and
 {d['subscribers_per_stream']['opus']} Opus subscriber(s). One worker process = one event loop.
+Publishers' Opus is decoded **{_decode_words(d)}**
 
 **Streams per worker: {d['streams_per_worker']}** at 40 ms ticks: the largest step of the
 ladder whose p99 bridge CPU time per tick ({d['p99_tick_overhead_ms']} ms, thread CPU time of
