@@ -224,12 +224,61 @@ static PyObject *unprotect_packet(PyObject *module, PyObject *const *args, Py_ss
                          PyLong_FromUnsignedLong(ts), payload, hint);
 }
 
+/* pack10(codes) -> bytes: int16 codes (a C-contiguous buffer, in wire order: frame-major,
+ * codebook-minor) as 10-bit fields, MSB first, zero-padded to a byte (models/bitpack.py's
+ * format). ValueError on a value outside [0, 1024). */
+static PyObject *pack10(PyObject *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return NULL;
+    if (view.itemsize != 2 || view.format == NULL || (strcmp(view.format, "h") != 0 && strcmp(view.format, "<h") != 0
+                                                       && strcmp(view.format, "=h") != 0)) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_TypeError, "pack10 needs int16 codes");
+        return NULL;
+    }
+    Py_ssize_t n = view.len / 2;
+    const int16_t *codes = (const int16_t *)view.buf;
+    Py_ssize_t nbytes = (n * 10 + 7) / 8;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, nbytes);
+    if (out == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    uint8_t *dst = (uint8_t *)PyBytes_AS_STRING(out);
+    uint32_t acc = 0;
+    int bits = 0;
+    Py_ssize_t j = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int16_t c = codes[i];
+        if (c < 0 || c >= 1024) {
+            PyBuffer_Release(&view);
+            Py_DECREF(out);
+            PyErr_Format(PyExc_ValueError, "code value %d out of range [0, 1024)", (int)c);
+            return NULL;
+        }
+        acc = (acc << 10) | (uint32_t)c;
+        bits += 10;
+        while (bits >= 8) {
+            bits -= 8;
+            dst[j++] = (uint8_t)(acc >> bits);
+        }
+        acc &= (1u << bits) - 1u;
+    }
+    if (bits)
+        dst[j++] = (uint8_t)(acc << (8 - bits));
+    PyBuffer_Release(&view);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"send", (PyCFunction)(void (*)(void))send_packet, METH_FASTCALL,
      "send(path, template, b1, seq, timestamp, payload) -> SRTP length, or -errno"},
     {"unprotect", (PyCFunction)(void (*)(void))unprotect_packet, METH_FASTCALL,
      "unprotect(unprotect_fn, srtp, datagram, hint_id) -> (pt, seq, timestamp, payload, hint), "
      "or an int: libsrtp's error status, -1 malformed"},
+    {"pack10", (PyCFunction)pack10, METH_O,
+     "pack10(int16 codes in wire order) -> bytes of 10-bit fields, MSB first"},
     {NULL, NULL, 0, NULL},
 };
 

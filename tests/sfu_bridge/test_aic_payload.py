@@ -117,3 +117,30 @@ def test_silence_descriptor_round_trip():
     assert p.is_sid and p.epoch == 0x1234 and not p.start and p.n_frames == 0
     with pytest.raises(ValueError, match="epoch 65536 out of range"):
         silence_descriptor(65536)
+
+
+def test_the_c_packer_writes_what_the_python_packer_writes():
+    """int16 codes (what replicas return) are packed by the bridge's C part when it is
+    built; every layer and packet length, and the fixture, give the same bytes."""
+    from models.bitpack import pack_codes
+    from sfu_bridge.aiortc_compat import NATIVE_SEND_MISSING
+
+    if NATIVE_SEND_MISSING is not None:
+        pytest.skip(NATIVE_SEND_MISSING)
+    from sfu_bridge._rtpsend import pack10
+
+    rng = np.random.default_rng(17)
+    for n_q in (2, 4, 8, 16, 32):
+        for frames in (1, 2, 3, 6, 9, 30):
+            codes = rng.integers(0, 1024, size=(n_q, frames)).astype(np.int16)
+            codes[0, 0], codes[-1, -1] = 1023, 0
+            assert pack10(np.ascontiguousarray(codes.T)) == pack_codes(codes)
+    fixture = np.arange(24, dtype=np.int16).reshape(3, 8).T  # codes 0..23 in wire order
+    assert bytes(AicPayload(7, 8, fixture)) == FIXTURE_6K
+    for bad in (-1, 1024):
+        codes = np.zeros((2, 3), np.int16)
+        codes[1, 2] = bad
+        with pytest.raises(ValueError, match=f"code value {bad} out of range"):
+            bytes(AicPayload(0, 2, codes))
+    with pytest.raises(TypeError):
+        pack10(np.zeros(4, np.int32))
