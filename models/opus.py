@@ -482,8 +482,15 @@ PACKET_LOST = b""  # in a chunk's packet list: one packet lost from the sequence
 MAX_CHUNK_PACKETS = 16  # packets one 40 ms chunk may list (2 at WebRTC's 20 ms; 16 at 2.5 ms)
 
 
+# samples at CHUNK_RATE of a code 0 packet (one frame) by TOC byte; codes 1 and 2 hold two
+_CODE0_SAMPLES = tuple(int(_toc_frame_ms(toc) * CHUNK_RATE // 1000) for toc in range(256))
+
+
 def packet_samples(packet: bytes, rate: int = CHUNK_RATE) -> int:
     """Samples one Opus packet decodes to at `rate`; 0 when its framing is invalid."""
+    n = len(packet)
+    if rate == CHUNK_RATE and 1 < n <= MAX_FRAME_BYTES + 1 and not packet[0] & 3:
+        return _CODE0_SAMPLES[packet[0]]  # the usual WebRTC packet: one frame, R1/R2 hold
     try:
         return int(round(opus_packet_duration_ms(packet) * rate / 1000.0))
     except ValueError:
