@@ -569,8 +569,7 @@ class BridgeCore:
             self._relayed.discard(stream_id)
             for k in range(int(self.q_n[row])):
                 j = (int(self.q_head[row]) + k) % self._depth
-                pcm = self.q_pcm[row, j].copy() if self.q_pcm is not None else None
-                self._spilled.add(stream_id, -1, int(self.q_ts[row, j]), pcm)
+                self._spilled.add(stream_id, -1, int(self.q_ts[row, j]), self._chunk_at(row, j))
             self.q_n[row] = 0
             self.live[row] = False
             self.generation[row] += 1
@@ -761,10 +760,7 @@ class BridgeCore:
         if full.any():  # a row that overflows between ticks spills its oldest chunk
             for r in rows[full].tolist():
                 j = int(self.q_head[r])
-                old = self.q_pcm[r, j] if self.q_pcm is not None else None
-                if old is not None and not self.opus_in:
-                    old = old.copy()
-                self._spilled.add(str(self.ids[r]), r, int(self.q_ts[r, j]), old)
+                self._spilled.add(str(self.ids[r]), r, int(self.q_ts[r, j]), self._chunk_at(r, j))
                 self.q_head[r] = (j + 1) % self._depth
                 self.q_n[r] -= 1
         slot = (self.q_head[rows] + self.q_n[rows]) % self._depth
@@ -772,6 +768,14 @@ class BridgeCore:
         if self.q_pcm is not None and pcm is not None:
             self.q_pcm[rows, slot] = pcm
         self.q_n[rows] += 1
+
+    def _chunk_at(self, row: int, j: int) -> Any:
+        """A queued chunk taken out of the queue: a copy of its pcm (the slot is reused), or
+        its Opus packets (an immutable tuple); None without audio."""
+        if self.q_pcm is None:
+            return None
+        chunk = self.q_pcm[row, j]
+        return chunk if self.opus_in else chunk.copy()
 
     def add_hint(self, stream_id: str, raw: bytes) -> None:
         """A hint element seen on the stream's packets; checked and limited at the next tick."""

@@ -175,6 +175,37 @@ def test_core_batches_packets_and_a_fallback_frame_keeps_them(replica_core):
     assert reports[1].pcm is None
 
 
+def test_chunks_spilled_shed_or_left_behind_keep_their_packets(replica_core):
+    """Frames answered locally (a backlog over its limit, a row that overflows, a stream that
+    left with chunks queued) carry their packets, so fallback can forward them."""
+    from sfu_bridge.core import BridgeCore
+
+    core = BridgeCore(replica_core(), opus_in=True, max_backlog=2, deadline_ms=5_000.0)
+    packets = _packets(12)
+    chunks = [(packets[2 * k], packets[2 * k + 1]) for k in range(6)]
+    core.join("a", "alice")
+    core.join("b", "bob")
+    for k in range(5):  # 5 chunks into a queue of 3: the two oldest spill
+        core.push("a", chunks[k], k * CHUNK_48K)
+    core.push("b", chunks[5], 0)
+    core.leave("b")
+
+    async def go():
+        reports = [await core.tick(), await core.tick()]
+        await core.codec.stop()
+        return reports
+
+    frames = [fo for report in asyncio.run(go()) for fo in report.frames()]
+    by = {(fo.stream_id, fo.rtp_timestamp): fo for fo in frames}
+    assert len(frames) == len(by) == 6  # every chunk, exactly one outcome
+    assert by[("b", 0)].opus == chunks[5] and by[("b", 0)].reason.value == "overload"
+    for k in range(5):
+        assert by[("a", k * CHUNK_48K)].opus == chunks[k]
+    # two spilled, one shed over the backlog, the one that left; the last two reach the AI
+    assert [fo.key for fo in frames].count("fallback/overload") == 4
+    assert [by[("a", k * CHUNK_48K)].key for k in (3, 4)] == ["ai", "ai"]
+
+
 class SeenBatches:
     def __init__(self, inner) -> None:
         self.inner = inner
