@@ -87,6 +87,7 @@ def test_chromium_publishes_over_whip_to_aic_and_opus_subscribers(
         async with running_bridge(
             replica_core(), extra_routes=routes,
             deadline_ms=2_000.0, max_backlog_chunks=200,
+            dtx=False,  # Chromium's Opus goes to the replica undecoded (test_gstreamer: decoded here)
         ) as (server, base):
             with tempfile.TemporaryDirectory() as profile:
                 async with async_playwright() as pw:
@@ -140,6 +141,8 @@ def test_chromium_publishes_over_whip_to_aic_and_opus_subscribers(
     assert 3 * in_sync <= aic.stats.in_sync_frames <= 9 * in_sync
     assert plain.stats.aic_frames == 0
     assert stats["frames"].get("ai", 0) >= 5
+    # the worker decoded nothing: the replica decoded Chromium's packets, chunk by chunk
+    assert stats["decode_at"] == "replica" and stats["ingest_drops"] == {}
     # Chromium's packets (with its header extensions) took the native receive after the first
     native, native_drops, decoded = stats["native_ingress"]
     assert native_drops == {} and native > 0 and decoded - native <= 5, stats["native_ingress"]
