@@ -33,6 +33,8 @@ from models.constants import (  # noqa: F401 - the contract's units, re-exported
     CODEBOOK_SIZE,
     DEFAULT_BANDWIDTH_KBPS,
     FRAME_SAMPLES,
+    MAX_CHUNK_PACKETS,
+    MAX_OPUS_PACKET_BYTES,
     N_Q_BY_BANDWIDTH,
     SAMPLE_RATE,
     bandwidth_codebooks,
@@ -90,13 +92,6 @@ def codebooks_bandwidth(n_q: int) -> float:
 # Models a replica can run, by the hint's 4-bit model id (sfu_bridge/hint_ext.py). A hint
 # naming an id not listed here is dropped and counted (`dropped/unknown_model`).
 MODEL_REGISTRY: dict[int, str] = {0: "encodec_24khz"}
-
-
-# Opus rows (FrameBatch.opus): at most 16 packets per 40 ms chunk (2.5 ms frames), each at
-# most what RFC 6716 allows a packet (a code 3 packet of 48 frames of 1275 bytes is the
-# theoretical limit; WebRTC's are a few hundred bytes).
-MAX_CHUNK_PACKETS = 16
-MAX_OPUS_PACKET_BYTES = 1500
 
 
 @dataclass

@@ -30,6 +30,11 @@ TICK_S = CHUNK_SAMPLES / SAMPLE_RATE  # 0.040
 RTP_CLOCK_HZ = 48_000
 CHUNK_RTP_TICKS = CHUNK_SAMPLES * RTP_CLOCK_HZ // SAMPLE_RATE  # 1920
 OPUS_FRAME_RTP_TICKS = 960  # 20 ms Opus packets, as WebRTC sends them
+# A 40 ms chunk as Opus packets (a bridge without DTX sends them to the replica undecoded):
+# at most 16 packets (2.5 ms frames), each at most 1500 bytes - a valid code 3 packet may be
+# longer (RFC 6716 3.2.5), but no WebRTC sender makes one; the bridge drops it as malformed.
+MAX_CHUNK_PACKETS = 16
+MAX_OPUS_PACKET_BYTES = 1500
 
 # -- deadlines and the replica scheduler's knobs (defaults of both the replica settings and
 # the pure scheduler, so a scheduler built in a test behaves like a deployed one)

@@ -35,6 +35,8 @@ from typing import Any
 import av
 import numpy as np
 
+from models.constants import MAX_CHUNK_PACKETS
+
 SAMPLE_RATES = (24_000, 48_000)
 FRAME_MS = (10, 20, 40, 60)
 DECODER_RATE = 48_000  # ffmpeg's libopus decoder always outputs 48 kHz
@@ -479,7 +481,6 @@ class OpusCodec:
 CHUNK_RATE = 24_000  # the codec's input rate: libopus decodes at 8/12/16/24/48 kHz natively
 MAX_PACKET_SAMPLES = CHUNK_RATE * 120 // 1000  # an Opus packet holds at most 120 ms
 PACKET_LOST = b""  # in a chunk's packet list: one packet lost from the sequence (concealed)
-MAX_CHUNK_PACKETS = 16  # packets one 40 ms chunk may list (2 at WebRTC's 20 ms; 16 at 2.5 ms)
 
 
 # samples at CHUNK_RATE of a code 0 packet (one frame) by TOC byte; codes 1 and 2 hold two

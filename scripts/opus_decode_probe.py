@@ -1,8 +1,8 @@
-"""What one publisher packet's Opus decode costs the bridge, alone in a loop:
+"""What one publisher packet's Opus decode costs (the bridge with DTX, else the replica), alone in a loop:
 
     .venv/bin/python scripts/opus_decode_probe.py
 
-The bridge's libopus (`fastpath._Libopus`, the decoder `OpusIngest` uses, 24 kHz mono) decodes
+The libopus of `models.opus.OpusChunkDecoder` (what `OpusIngest` and the replica's `OpusIntake` use, 24 kHz mono) decodes
 the bridge bench's publisher packets (`cluster.bench.bridge._opus_loop`: 32 kbps, 20 ms,
 speech-like audio) `--packets` times per round; prints the best round's microseconds per
 packet. A stream's 40 ms tick decodes two of them (docs/benchmarks.md, section "bridge")."""
@@ -20,7 +20,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.bench.bridge import _opus_loop  # noqa: E402
-from sfu_bridge.fastpath import INGEST_RATE, MAX_PACKET_SAMPLES, _Libopus  # noqa: E402
+from models.opus import CHUNK_RATE as INGEST_RATE  # noqa: E402
+from models.opus import MAX_PACKET_SAMPLES, libopus_decoder_api  # noqa: E402
 
 
 def main() -> int:
@@ -28,7 +29,7 @@ def main() -> int:
     ap.add_argument("--packets", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    lib = _Libopus.load()
+    lib = libopus_decoder_api()
     err = ctypes.c_int()
     dec = lib.opus_decoder_create(INGEST_RATE, 1, ctypes.byref(err))
     if err.value != 0 or not dec:

@@ -25,7 +25,7 @@ import time
 from collections import Counter, deque
 from typing import Any
 
-from models.constants import CHUNK_RTP_TICKS, CHUNK_SAMPLES
+from models.constants import CHUNK_RTP_TICKS, CHUNK_SAMPLES, MAX_OPUS_PACKET_BYTES
 from models.opus import CHUNK_RATE, PACKET_LOST, OpusChunkDecoder, packet_samples
 from sfu_bridge.aiortc_compat import BUFFER_BYTES, SRTP_MAX_TRAILER, FastSrtp, native_send
 
@@ -160,8 +160,8 @@ class OpusIngest:
         if self._dec is not None:
             return self._dec.add(payload)
         n = self._last_samples if payload is None else packet_samples(payload)
-        if n <= 0:
-            return False
+        if n <= 0 or (payload is not None and len(payload) > MAX_OPUS_PACKET_BYTES):
+            return False  # malformed, or longer than a batch row may carry
         self._pending.append(PACKET_LOST if payload is None else payload)
         self._fill += n
         if payload is not None:

@@ -88,6 +88,11 @@ def test_malformed_and_random_payloads_are_concealed_and_counted():
     assert dec.malformed > 0
     ingest = OpusIngest("s", decode=False)
     assert ingest.packet(0, bytes([0x03])) == [] and ingest.drops == {"malformed": 1}
+    # a valid code 3 packet longer than a batch row may carry (one such row would make the
+    # replica refuse the whole batch): dropped here, counted as malformed
+    big = bytes([0xFB, 0x83]) + bytes([200, 200]) + b"\x00" * 1600  # 3 CELT 20 ms frames, VBR
+    assert packet_samples(big) == 1440
+    assert ingest.packet(1, big) == [] and ingest.drops == {"malformed": 2}
 
 
 @pytest.mark.parametrize("bad, why", [
