@@ -12,7 +12,9 @@ publisher's Opus packets unprotected and parsed by one C call once its first was
 `--receive aiortc` keeps every packet on aiortc's path (aioice's STUN check and queue, the
 DTLS transport's coroutine, pylibsrtp, `RtpPacket.parse`, the RTP router, the bridge's tap).
 Both include the same decode, ticks and signalling, so their difference is the receive path.
-No subscribers: nothing is sent but RTCP."""
+`--dtx off` runs the worker without DTX, so it decodes nothing (the codec replica decodes
+its publishers' Opus, docs/operations.md "Where publishers' Opus is decoded"); `on`, the
+default, decodes here. No subscribers: nothing is sent but RTCP."""
 
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ asyncio.run(main())
 """
 
 
-async def probe(n: int, seconds: float, receive: str) -> dict:
+async def probe(n: int, seconds: float, receive: str, dtx: bool = True) -> dict:
     from aiohttp import web
 
     from cluster.bench.bridge import EmulatedCodec
@@ -57,7 +59,7 @@ async def probe(n: int, seconds: float, receive: str) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = BridgeConfig(host="127.0.0.1", port=port, bridge_id="probe", max_streams=max(16, n))
+    config = BridgeConfig(host="127.0.0.1", port=port, bridge_id="probe", max_streams=max(16, n), dtx=dtx)
     server = make_server(config, EmulatedCodec(5.0), secret)
     server.media.native_receive = receive == "native"
     runner = web.AppRunner(server.app, access_log=None)
@@ -82,7 +84,7 @@ async def probe(n: int, seconds: float, receive: str) -> dict:
     native = sum(p.ingress.packets for p in server.media.publishers.values() if p.ingress is not None)
     await proc.wait()
     await runner.cleanup()
-    return {"receive": receive, "publishers": n, "seconds": seconds, "packets": pkts,
+    return {"receive": receive, "decode_at": server.media.decode_at, "publishers": n, "seconds": seconds, "packets": pkts,
             "packets_native_total": native, "cpu_s": round(cpu, 3),
             "us_per_packet": round(cpu * 1e6 / max(pkts, 1), 1)}
 
@@ -92,11 +94,12 @@ def main() -> int:
     ap.add_argument("--receive", choices=("native", "aiortc"), default="native")
     ap.add_argument("--publishers", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--dtx", choices=("on", "off"), default="on")
     args = ap.parse_args()
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    print(json.dumps(asyncio.run(probe(args.publishers, args.seconds, args.receive))))
+    print(json.dumps(asyncio.run(probe(args.publishers, args.seconds, args.receive, args.dtx == "on"))))
     return 0
 
 
