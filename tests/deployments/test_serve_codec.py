@@ -199,6 +199,30 @@ def test_client_finds_duplicate_ids_in_a_list_it_sent_before_when_the_list_chang
     assert all("duplicate stream id" in e for e in res.errors.values())
 
 
+def test_opus_rows_are_split_by_replica_and_decoded_there(client, loop):
+    """A bridge without DTX sends its publishers' Opus (FrameBatch.opus): the client splits
+    the rows by owner like pcm rows, each replica decodes its streams' packets, and a
+    malformed Opus batch is answered, not raised."""
+    from models.opus import OpusCodec
+
+    ids = [f"op-{i}" for i in range(8)]
+    t48 = np.repeat(np.tile(chunks(1, seed=5), (1, 4)), 2, axis=1)  # 160 ms at 48 kHz, as WebRTC sends
+    (packets,) = OpusCodec(1, 48_000, 20, 32_000).encode([0], t48)
+    assert len(packets) == 8
+    epochs, seqs = BridgeEpochs(len(ids)).number(np.arange(len(ids)))
+    for k in range(4):
+        rows = [(packets[2 * k], packets[2 * k + 1])] * len(ids)
+        b = FrameBatch(Op.ENCODE, "bridge-test", list(ids), epochs, seqs + k,
+                       np.full(len(ids), DEADLINE_MS), opus=rows)
+        res = loop.run_until_complete(client.process(b))
+        _assert_one_outcome_each(b, res)
+        assert res.counts() == {"ai": len(ids)}, res.errors
+        assert res.codes.shape == (len(ids), 8, 3)
+    bad = FrameBatch(Op.ENCODE, "bridge-test", ["op-x"], np.ones(1, np.int64), np.zeros(1, np.int64),
+                     np.full(1, DEADLINE_MS), opus=[("not bytes",)])
+    assert _raw(bad).counts() == {"fallback/error": 1}
+
+
 def test_not_a_frame_batch_is_an_error_not_a_crash(codec_handle):
     res = _raw({"op": "encode"})
     assert len(res) == 0 and res.counts() == {}
