@@ -1,5 +1,5 @@
 """The one compiled part: sfu_bridge._rtpsend (the bridge's per-packet RTP send and receive:
-fastpath.py, aiortc_compat.py).
+fastpath.py, aiortc_compat.py; and the packing of AIC payloads' codes, aic_payload.py).
 
 Everything else is in pyproject.toml. The extension is optional: without a C compiler the
 install still succeeds and the bridge sends and receives through its Python path (it logs so
