@@ -28,7 +28,10 @@ class BridgeConfig:
     tick_ms: float = 1000.0 * TICK_S  # 40 ms: one chunk per stream per tick
     deadline_ms: float = DEFAULT_DEADLINE_MS  # bridge send -> codes back
     bandwidth_kbps: float = DEFAULT_BANDWIDTH_KBPS  # a stream's bandwidth until its publisher's BW hint says otherwise
-    dtx: bool = True  # silent streams send no AI frames (per-user switch: operator policy)
+    # silent streams send no AI frames (per-user switch: operator policy); its VAD needs the
+    # audio here, so with DTX the worker decodes publishers' Opus, without it the codec
+    # replica does (MediaBridge.decode_at)
+    dtx: bool = True
     adaptive: bool = True  # per-subscriber layers from RTCP; off: full depth, its default packets
     # default packet duration of a depth: the shortest whose headers are at most this share of
     # its wire bytes (docs/protocol.md section 9); 1 = 40 ms whenever the link allows
