@@ -532,7 +532,7 @@ def _markdown(d: dict) -> str:
 load average {d['load_average']:.1f} at the end of the run (a shared machine: figures are lower bounds).
 Codec: **{d['codec']}**; send path: {d['send_path']}; receive path: {d['receive_path']}; each stream has {d['subscribers_per_stream']['aic']} AIC and
 {d['subscribers_per_stream']['opus']} Opus subscriber(s). One worker process = one event loop.
-Publishers' Opus is decoded **{_decode_words(d)}**
+Publishers' Opus is decoded **{_decode_words(d)}
 
 **Streams per worker: {d['streams_per_worker']}** at 40 ms ticks: the largest step of the
 ladder whose p99 bridge CPU time per tick ({d['p99_tick_overhead_ms']} ms, thread CPU time of
