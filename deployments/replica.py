@@ -259,13 +259,25 @@ EMULATED_WEIGHTS = "none (emulated compute)"
 class OpusIntake:
     """The replica's Opus decoders, one per stream: `FrameBatch.opus` rows -> the 24 kHz pcm
     the model encodes (models.opus.OpusChunkDecoder; a stream's frames arrive in order, as
-    its EnCodec state needs them). A decoder lives while its stream holds a slot here."""
+    its EnCodec state needs them). A decoder lives while its stream holds a slot here.
+
+    `decode_async` runs on one thread of its own, off the event loop (libopus releases the
+    GIL, so it overlaps the model's step thread and the loop's bookkeeping): requests are
+    decoded in arrival order, so a stream's frames reach admission in order, and decoders
+    are created and closed only on that thread. One thread decodes about 550 streams' 40 ms
+    chunks in real time (docs/operations.md)."""
 
     def __init__(self) -> None:
         self.decoders: dict[str, Any] = {}
         self.rows = 0
         self.malformed = 0  # packets libopus refused (concealed instead)
         self.cpu_s = 0.0  # decoding (not bookkeeping: it is the codec's input stage)
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+
+    async def decode_async(self, stream_ids: list[str], rows: list[tuple[bytes, ...]]) -> np.ndarray:
+        if self._thread is None:
+            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="opus-decode")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self.decode, stream_ids, rows)
 
     def decode(self, stream_ids: list[str], rows: list[tuple[bytes, ...]]) -> np.ndarray:
         from models.opus import OpusChunkDecoder
@@ -290,6 +302,13 @@ class OpusIntake:
                 "us_per_row": round(self.cpu_s * 1e6 / self.rows, 2) if self.rows else None}
 
     def forget(self, stream_ids: list[str]) -> None:
+        """Closes the streams' decoders (on the decode thread, after what is queued there)."""
+        if self._thread is None:
+            self._forget(stream_ids)
+        else:
+            self._thread.submit(self._forget, list(stream_ids))
+
+    def _forget(self, stream_ids: list[str]) -> None:
         for sid in stream_ids:
             d = self.decoders.pop(sid, None)
             if d is not None:
@@ -297,7 +316,15 @@ class OpusIntake:
 
     def keep(self, pool: SlotPool) -> None:
         """Drops the decoders of streams that hold no slot (left, idled out, never admitted)."""
-        self.forget([sid for sid in self.decoders if pool.get(sid) is None])
+        gone = [sid for sid in list(self.decoders) if pool.get(sid) is None]
+        if gone:
+            self.forget(gone)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.submit(self._forget, list(self.decoders))
+            self._thread.shutdown(wait=False)
+            self._thread = None
 
 
 def _load_codec(settings: ReplicaSettings):
@@ -417,6 +444,8 @@ class CodecReplicaCore:
 
     # -- configuration
     def _fresh_state(self, settings: ReplicaSettings) -> None:
+        if getattr(self, "opus", None) is not None:
+            self.opus.close()
         self.opus = OpusIntake()
         self.pool = SlotPool(settings.capacity)
         self.latency = LatencyModel.from_profile(settings.latency_profile)
@@ -491,8 +520,6 @@ class CodecReplicaCore:
         try:
             with self.cpu:
                 n_q, slots = self._check(batch)
-            if batch.opus is not None:  # the bridge sent its publishers' Opus: decoded here
-                batch = replace(batch, pcm=self.opus.decode(batch.stream_ids, batch.opus), opus=None)
         except ValueError as exc:
             self._count("malformed_batches")
             res = malformed_result(batch, str(exc))
@@ -500,6 +527,9 @@ class CodecReplicaCore:
             res.compute = self.settings.compute.value
             metrics.record_frames(Op.ENCODE.value, res.counts())
             return res
+        if batch.opus is not None:  # the bridge sent its publishers' Opus: decoded here, off the loop
+            batch = replace(batch, pcm=await self.opus.decode_async(batch.stream_ids, batch.opus), opus=None)
+            slots = None  # slots may have moved while it decoded: looked up again at admission
         await self.ensure_built()
         self._ensure_loop()
         with self.cpu:
@@ -628,6 +658,7 @@ class CodecReplicaCore:
             await self._exited.wait()
         self._drain(FallbackReason.RESET, "replica stopping")
         self._executor.shutdown(wait=False)
+        self.opus.close()
 
     async def _step_loop(self) -> None:
         self._started.set()

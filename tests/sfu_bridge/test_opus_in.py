@@ -128,23 +128,25 @@ def test_the_replica_encodes_opus_rows_as_it_encodes_their_audio(replica_core):
         return FrameBatch(op=Op.ENCODE, bridge_id="b", stream_ids=["s"], epochs=np.ones(1, np.int64),
                           epoch_seqs=np.full(1, k, np.int64), budgets_ms=np.full(1, 5_000.0), **audio)
 
-    async def run(audio_of) -> tuple[list[np.ndarray], dict]:
+    async def run(audio_of, together: bool = False) -> tuple[list[np.ndarray], dict]:
         rep = replica_core()
         try:
-            out = []
-            for k in range(len(chunks)):
-                res = await rep.process(batch(k, **audio_of(k)))
-                assert res.counts() == {"ai": 1}
-                out.append(res.codes[0].copy())
-            return out, rep.info()["opus_intake"]
+            if together:  # a bridge's next ticks in flight at once: decoded and admitted in order
+                results = await asyncio.gather(*(rep.process(batch(k, **audio_of(k))) for k in range(len(chunks))))
+            else:
+                results = [await rep.process(batch(k, **audio_of(k))) for k in range(len(chunks))]
+            assert [r.counts() for r in results] == [{"ai": 1}] * len(chunks)
+            return [r.codes[0].copy() for r in results], rep.info()["opus_intake"]
         finally:
             await rep.stop()
 
     # one after the other: the session's model is shared, and a first frame resets its slot
     from_opus, intake = asyncio.run(run(lambda k: {"opus": [chunks[k]]}))
     from_pcm, none = asyncio.run(run(lambda k: {"pcm": pcm[k][None, :]}))
-    for a, b in zip(from_opus, from_pcm, strict=True):
+    at_once, _ = asyncio.run(run(lambda k: {"opus": [chunks[k]]}, together=True))
+    for a, b, c in zip(from_opus, from_pcm, at_once, strict=True):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(c, b)
     assert intake["rows"] == 6 and intake["streams"] == 1 and intake["malformed_packets"] == 0
     assert none["rows"] == 0
 
