@@ -94,6 +94,8 @@ def _take(batch: FrameBatch, rows: Rows, spent_ms: float = 0.0) -> FrameBatch:
             batch.opus[rows] if isinstance(rows, slice) else [batch.opus[i] for i in rows.tolist()]),
         bandwidth_kbps=batch.bandwidth_kbps,
         n_q=None if batch.n_q is None else batch.n_q[rows],
+        vad=None if batch.vad is None else batch.vad[rows],
+        vad_config=batch.vad_config,
     )
 
 
@@ -119,6 +121,10 @@ def merge_results(batch: FrameBatch, parts: list[tuple[Rows, BatchResult]]) -> B
             replica_ids.append(res.replica_id)
         out.held_ms = max(out.held_ms, res.held_ms)
         out.errors.update(res.errors)
+        if res.vad is not None and batch.vad is not None:
+            if out.vad is None:
+                out.vad = batch.vad.copy()  # a part without a verdict keeps its rows' state
+            out.vad[rows] = res.vad
         if res.codes is not None and res.codes.ndim == 3:
             if out.codes is None:
                 # as deep as the batch's deepest row (parts hold their own deepest row's)

@@ -51,7 +51,7 @@ class Op(str, enum.Enum):
 class Outcome(str, enum.Enum):
     AI = "ai"
     FALLBACK = "fallback"
-    DTX = "dtx"  # bridge only: the stream is silent (DTX); no AI frame, no replica compute
+    DTX = "dtx"  # the stream is silent (DTX): no AI frame, no model compute
 
 
 class FallbackReason(str, enum.Enum):
@@ -67,7 +67,10 @@ class FallbackReason(str, enum.Enum):
 # Compact wire codes for outcome arrays (uint8): 0 = ai, 1.. = fallback reasons in order.
 REASON_CODES: tuple[FallbackReason, ...] = tuple(FallbackReason)
 AI_CODE = 0
-_COUNT_CODES = len(REASON_CODES) + 1
+# A frame whose stream is silent (its talk spurt ended): answered `dtx`, by the bridge's VAD
+# or, for a bridge that sends its frames' VAD state (FrameBatch.vad), by the replica's.
+DTX_CODE = len(REASON_CODES) + 1
+_COUNT_CODES = len(REASON_CODES) + 2
 
 
 def reason_code(reason: FallbackReason) -> int:
@@ -115,6 +118,14 @@ class FrameBatch:
     # replica decodes them (models.opus.OpusChunkDecoder, one decoder per stream) to the
     # CHUNK_SAMPLES of 24 kHz pcm it encodes; a bridge that sends them decodes nothing.
     opus: list[tuple[bytes, ...]] | None = None
+    # DTX decided by the replica (a bridge that does not decode): each row's voice-activity
+    # state, float [B, 3] = (noise floor dBFS - NaN: DTX off for the row -, hangover chunks
+    # left, in DTX 0/1), and the detector's settings (margin_db, absolute_db, floor_rise_db,
+    # hangover_chunks; models.vad.VadConfig). The replica runs the row's chunk through it
+    # (models.vad.vad_step): a row now in DTX is answered `dtx` (DTX_CODE) without compute,
+    # and the result carries every row's new state (BatchResult.vad).
+    vad: np.ndarray | None = None
+    vad_config: tuple[float, float, float, int] | None = None
 
     def __len__(self) -> int:
         return len(self.stream_ids)
@@ -141,6 +152,17 @@ class FrameBatch:
             if b and not (self.n_q.dtype.kind in "iu" and 0 <= self.n_q.min() and self.n_q.max() < _N_Q_OK.size
                           and _N_Q_OK[self.n_q].all()):
                 raise ValueError(f"n_q values must be in {VALID_N_Q}")
+        if self.vad is not None:
+            v = self.vad
+            if not isinstance(v, np.ndarray) or v.shape != (b, 3) or v.dtype.kind != "f":
+                raise ValueError(f"vad must be a float array of shape ({b}, 3)")
+            on = ~np.isnan(v[:, 0])
+            if not np.isfinite(v[on]).all() or (v[on, 1] < 0).any() or (v[on, 1] > 1000).any():
+                raise ValueError("vad rows must be finite, with 0..1000 hangover chunks left")
+            c = self.vad_config
+            if not (isinstance(c, tuple) and len(c) == 4 and all(isinstance(x, (int, float)) for x in c)
+                    and np.isfinite(c).all() and 0 <= c[3] <= 1000):
+                raise ValueError("vad_config must be (margin_db, absolute_db, floor_rise_db, hangover_chunks)")
         if self.opus is not None:
             if self.pcm is not None:
                 raise ValueError("a batch carries pcm or opus, not both")
@@ -190,7 +212,7 @@ class BatchResult:
     """One outcome per frame of a `FrameBatch`, in the same row order."""
 
     stream_ids: list[str]
-    outcome_codes: np.ndarray  # uint8 [B]: 0 = ai, else reason_code(reason)
+    outcome_codes: np.ndarray  # uint8 [B]: 0 = ai, DTX_CODE = dtx, else reason_code(reason)
     epochs: np.ndarray  # int64 [B], echoed
     queue_ms: np.ndarray  # float32 [B]: arrival at replica -> compute start (or decision)
     compute_ms: np.ndarray  # float32 [B]: compute time of the step the frame ran in (0 if none)
@@ -199,20 +221,26 @@ class BatchResult:
     errors: dict[str, str] = field(default_factory=dict)  # stream id -> message for `error`
     compute: str = "real"  # "real" | "emulated" (load tests); merged results may say "emulated,real"
     held_ms: float = 0.0  # arrival at the replica -> its reply, on the replica's clock
+    vad: np.ndarray | None = None  # float [B, 3]: each row's VAD state after it (FrameBatch.vad)
 
     def __len__(self) -> int:
         return len(self.stream_ids)
 
     def outcome(self, i: int) -> tuple[Outcome, FallbackReason | None]:
+        if int(self.outcome_codes[i]) == DTX_CODE:
+            return Outcome.DTX, None
         reason = decode_reason(int(self.outcome_codes[i]))
         return (Outcome.AI, None) if reason is None else (Outcome.FALLBACK, reason)
 
     def counts(self) -> dict[str, int]:
-        """Frames by outcome key: 'ai' or 'fallback/<reason>'."""
+        """Frames by outcome key: 'ai', 'dtx' or 'fallback/<reason>'."""
         out: dict[str, int] = {}
         # a count per code (a few small integers): cheaper than sorting thousands of rows
         n = np.bincount(self.outcome_codes, minlength=_COUNT_CODES)
         for c in np.flatnonzero(n).tolist():
+            if c == DTX_CODE:
+                out[Outcome.DTX.value] = int(n[c])
+                continue
             r = decode_reason(c)
             out["ai" if r is None else f"fallback/{r.value}"] = int(n[c])
         return out

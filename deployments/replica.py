@@ -43,6 +43,7 @@ from deployments.config import (
 from deployments.contract import (
     CHUNK_SAMPLES,
     CODEBOOK_SIZE,
+    DTX_CODE,
     FRAME_SAMPLES,
     BatchResult,
     FallbackReason,
@@ -530,23 +531,43 @@ class CodecReplicaCore:
         if batch.opus is not None:  # the bridge sent its publishers' Opus: decoded here, off the loop
             batch = replace(batch, pcm=await self.opus.decode_async(batch.stream_ids, batch.opus), opus=None)
             slots = None  # slots may have moved while it decoded: looked up again at admission
+        silent = vad = None
+        if batch.vad is not None:  # the bridge's DTX, decided here on the decoded audio
+            silent, vad = self._vad(batch)
         await self.ensure_built()
         self._ensure_loop()
         with self.cpu:
             req = _Request(next(self._rids), batch, arrival, self.replica_id,
                            self.settings.compute.value, n_q, asyncio.get_running_loop())
+            if silent is not None:
+                req.result.vad = vad
+                req.answer(np.flatnonzero(silent), DTX_CODE)
             # (a rebuild while this request waited for the runtime made a new slot pool)
-            if self._admit(req, slots if self.pool is pool else None) and self._wake is not None:
+            if (self._admit(req, slots if self.pool is pool else None, silent)
+                    and self._wake is not None):
                 self._wake.set()
         res = await req.future
         metrics.record_frames(Op.ENCODE.value, res.counts())
         res.held_ms = (self.clock() - arrival) * 1000.0  # lets the sender measure the transit
         return res
 
-    def _admit(self, req: _Request, slots: np.ndarray | None = None) -> int:
+    def _vad(self, batch: FrameBatch) -> tuple[np.ndarray, np.ndarray]:
+        """Each DTX row's chunk through the voice-activity detector with its stream's state
+        (FrameBatch.vad): (in DTX now, the new states)."""
+        from models.vad import VadConfig, vad_step
+
+        margin, absolute, rise, hangover = batch.vad_config or (None, None, None, None)
+        cfg = VadConfig(margin_db=float(margin), absolute_db=float(absolute), floor_rise_db=float(rise),
+                        hangover_chunks=int(hangover))
+        silent, vad = vad_step(batch.pcm_float(), batch.vad, cfg)
+        self._count("dtx_frames", int(np.count_nonzero(silent)))
+        return silent, vad
+
+    def _admit(self, req: _Request, slots: np.ndarray | None = None, skip: np.ndarray | None = None) -> int:
         """Intake half of the epoch rule and the queue, for all of a request's frames at
         once; frames refused here are answered now. `slots`: the streams' `lookup`, when
-        known. Returns how many were queued."""
+        known; `skip`: frames already answered (bool per row, `dtx`). Returns how many were
+        queued."""
         batch, now = req.batch, req.arrival
         b = len(batch)
         self.frames_in += b
@@ -555,7 +576,8 @@ class CodecReplicaCore:
         deadlines = req.deadlines
         if slots is None:
             slots = self.pool.lookup(batch.stream_ids)
-        usual = ((batch.pcm.dtype != np.float32 or np.isfinite(batch.pcm).all())
+        usual = ((skip is None or not skip.any())
+                 and (batch.pcm.dtype != np.float32 or np.isfinite(batch.pcm).all())
                  and not (deadlines <= now).any()
                  and int(seqs.min(initial=0)) >= 0 and int(epochs.min(initial=0)) >= 0)
         if usual and int(slots.min(initial=0)) < 0:
@@ -576,10 +598,11 @@ class CodecReplicaCore:
             req.answer(np.flatnonzero(~ok), _RESET)
             rows = np.flatnonzero(ok)
             return self._queue(req, rows, slots[rows], epochs[rows], seqs[rows], deadlines[rows], now)
-        todo = np.ones(b, bool)
+        todo = np.ones(b, bool) if skip is None else ~skip
         # A frame the model cannot take (NaN/inf) is that frame's `error`, not its batch's.
         bad = ~np.isfinite(batch.pcm).all(axis=1) if batch.pcm.dtype == np.float32 else np.zeros(b, bool)
-        late = ~bad & (deadlines <= now)  # NaN: no deadline of its own, never late here
+        bad &= todo
+        late = todo & ~bad & (deadlines <= now)  # NaN: no deadline of its own, never late here
         ended = (bad | late) & (slots >= 0)
         self.pool.epochs.end(slots[ended])
         req.answer(np.flatnonzero(bad), _ERROR, error="pcm has NaN or infinite samples")

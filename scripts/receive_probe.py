@@ -12,9 +12,9 @@ publisher's Opus packets unprotected and parsed by one C call once its first was
 `--receive aiortc` keeps every packet on aiortc's path (aioice's STUN check and queue, the
 DTLS transport's coroutine, pylibsrtp, `RtpPacket.parse`, the RTP router, the bridge's tap).
 Both include the same decode, ticks and signalling, so their difference is the receive path.
-`--dtx off` runs the worker without DTX, so it decodes nothing (the codec replica decodes
-its publishers' Opus, docs/operations.md "Where publishers' Opus is decoded"); `on`, the
-default, decodes here. No subscribers: nothing is sent but RTCP."""
+`--decode-at replica` (the default) is a worker that decodes nothing (the codec replica
+decodes its publishers' Opus, docs/operations.md "Where publishers' Opus is decoded");
+`--decode-at bridge` decodes here. No subscribers: nothing is sent but RTCP."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ asyncio.run(main())
 """
 
 
-async def probe(n: int, seconds: float, receive: str, dtx: bool = True) -> dict:
+async def probe(n: int, seconds: float, receive: str, decode_at: str = "replica") -> dict:
     from aiohttp import web
 
     from cluster.bench.bridge import EmulatedCodec
@@ -59,7 +59,8 @@ async def probe(n: int, seconds: float, receive: str, dtx: bool = True) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = BridgeConfig(host="127.0.0.1", port=port, bridge_id="probe", max_streams=max(16, n), dtx=dtx)
+    config = BridgeConfig(host="127.0.0.1", port=port, bridge_id="probe", max_streams=max(16, n),
+                          decode_at=decode_at)
     server = make_server(config, EmulatedCodec(5.0), secret)
     server.media.native_receive = receive == "native"
     runner = web.AppRunner(server.app, access_log=None)
@@ -94,12 +95,12 @@ def main() -> int:
     ap.add_argument("--receive", choices=("native", "aiortc"), default="native")
     ap.add_argument("--publishers", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--dtx", choices=("on", "off"), default="on")
+    ap.add_argument("--decode-at", choices=("replica", "bridge"), default="replica")
     args = ap.parse_args()
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    print(json.dumps(asyncio.run(probe(args.publishers, args.seconds, args.receive, args.dtx == "on"))))
+    print(json.dumps(asyncio.run(probe(args.publishers, args.seconds, args.receive, args.decode_at))))
     return 0
 
 

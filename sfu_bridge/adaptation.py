@@ -8,7 +8,7 @@ Per stream, the bridge core (core.py) keeps, as columns of its stream table:
   from the fallback supervisor's policy record (deployments/user_policy.py);
 - the depth its AIC subscribers **need**: the deepest layer any subscriber's rate controller
   asks for (sfu_bridge/rate_control.py); none when it has no AIC subscriber;
-- its voice-activity state (sfu_bridge/vad.py) for DTX.
+- its voice-activity state (models/vad.py) for DTX.
 
 The replica quantizes the stream `depth()` codebooks deep: what the deepest subscriber needs,
 never more than the publisher asked for or the operator allows. Subscribers then get their

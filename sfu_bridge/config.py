@@ -28,10 +28,11 @@ class BridgeConfig:
     tick_ms: float = 1000.0 * TICK_S  # 40 ms: one chunk per stream per tick
     deadline_ms: float = DEFAULT_DEADLINE_MS  # bridge send -> codes back
     bandwidth_kbps: float = DEFAULT_BANDWIDTH_KBPS  # a stream's bandwidth until its publisher's BW hint says otherwise
-    # silent streams send no AI frames (per-user switch: operator policy); its VAD needs the
-    # audio here, so with DTX the worker decodes publishers' Opus, without it the codec
-    # replica does (MediaBridge.decode_at)
-    dtx: bool = True
+    dtx: bool = True  # silent streams send no AI frames (per-user switch: operator policy)
+    # where publishers' Opus is decoded: "replica" (the worker forwards and batches packets,
+    # the codec replica decodes them and runs DTX's VAD) or "bridge" (this worker decodes,
+    # for replicas short of CPU); docs/operations.md "Where publishers' Opus is decoded"
+    decode_at: str = "replica"
     adaptive: bool = True  # per-subscriber layers from RTCP; off: full depth, its default packets
     # default packet duration of a depth: the shortest whose headers are at most this share of
     # its wire bytes (docs/protocol.md section 9); 1 = 40 ms whenever the link allows
@@ -73,6 +74,7 @@ class BridgeConfig:
             ),
             limiter_fail_open=env.get("AURALINK_LIMITER_FAIL", "open").lower() != "closed",
             dtx=env.get("AURALINK_DTX", "on").lower() not in ("off", "0", "false"),
+            decode_at=_decode_at(env.get("AURALINK_DECODE_AT", cls.decode_at)),
             adaptive=env.get("AURALINK_ADAPTIVE", "on").lower() not in ("off", "0", "false"),
             max_header_share=_share(env.get("AURALINK_MAX_HEADER_SHARE", "")),
             ice_servers=parse_ice_servers(env.get(ENV_ICE_SERVERS, "")),
@@ -81,6 +83,14 @@ class BridgeConfig:
         for k, v in overrides.items():
             setattr(cfg, k, v)
         return cfg
+
+
+def _decode_at(text: str) -> str:
+    """AURALINK_DECODE_AT: replica or bridge."""
+    value = text.strip().lower()
+    if value not in ("replica", "bridge"):
+        raise ValueError(f"AURALINK_DECODE_AT must be 'replica' or 'bridge', got {text!r}")
+    return value
 
 
 def _share(text: str) -> float:

@@ -8,10 +8,11 @@ out) and the load simulator (`cluster.simulator`, emulated publishers) drive thi
   epoch (the bridge half of the epoch rule, `deployments.epochs.BridgeEpochs`), whether its
   AI is off and why (the one opt-out table: the bridge's own config, pinned, and the fallback
   supervisor's verdicts), its backlog of chunks, its hint budget, its outcome tallies;
-- **audio**: a chunk is 40 ms of 24 kHz PCM, or (`opus_in`, what a WebRTC bridge without
-  DTX runs) the publisher's Opus packets that make it up, which the codec replica decodes
+- **audio**: a chunk is 40 ms of 24 kHz PCM, or (`opus_in`, a WebRTC bridge's default) the
+  publisher's Opus packets that make it up, which the codec replica decodes
   (`FrameBatch.opus`) and which fallback frames forward as they are: the bridge decodes
-  nothing;
+  nothing, and DTX's voice-activity detector runs on the replica, on each stream's state
+  sent with its frames (`FrameBatch.vad`; the replica answers a silent frame `dtx`);
 - **join / leave**: a leaving stream's pending chunks are answered `fallback/overload` in the
   next tick, its codec slot is freed and the supervisor forgets it, in one batched call each;
 - the **tick** (every 40 ms): at most one chunk per stream; chunks beyond the backlog limit
@@ -25,9 +26,9 @@ out) and the load simulator (`cluster.simulator`, emulated publishers) drive thi
 - **adaptation** (columns of the table): each AI frame is quantized as deep as its stream
   needs - the deepest AIC subscriber's layer (`set_need`, from the media adapter's rate
   controllers), capped by the publisher's requested bandwidth and the operator's per-user cap
-  (`apply_policies`) - and a stream with DTX on whose talk spurt has ended (`sfu_bridge.vad`)
-  is answered `dtx` locally: no AI frame, no replica compute, and its next AI frame opens a
-  new epoch;
+  (`apply_policies`) - and a stream with DTX on whose talk spurt has ended (`models.vad`)
+  is answered `dtx` (locally, or by the replica's detector with `opus_in`): no AI frame, no
+  model compute, and its next AI frame opens a new epoch;
 - **outcomes**: every frame gets exactly one, counted by outcome code and tallied per stream;
   the tallies go to the fallback supervisor once per `period_s` in one background call whose
   verdicts switch streams' AI off and on (a slow supervisor delays decisions, never a tick);
@@ -60,6 +61,7 @@ from deployments.contract import (
     CHUNK_SAMPLES,
     CODEBOOK_SIZE,
     DEFAULT_BANDWIDTH_KBPS,
+    DTX_CODE,
     FRAME_SAMPLES,
     MODEL_REGISTRY,
     REASON_CODES,
@@ -77,11 +79,11 @@ from deployments.cpu_meter import CpuMeter
 from deployments.epochs import BridgeEpochs
 from deployments.supervisor_policy import StreamReports
 from models.constants import DEFAULT_DEADLINE_MS, N_Q_BY_BANDWIDTH, TICK_S
+from models.vad import EnergyVad, VadConfig, chunk_levels_db, talk_spurts
 from sfu_bridge import adaptation
 from sfu_bridge.hint_auth import HintVerifier, accept_many
 from sfu_bridge.hint_ext import Hint, HintElement
 from sfu_bridge.limiter import DEFAULT_BURST, DEFAULT_RATE_PER_S, GcraParams, gcra_allow
-from sfu_bridge.vad import EnergyVad, VadConfig, chunk_levels_db, talk_spurts
 from telemetry import metrics
 
 logger = logging.getLogger(__name__)
@@ -90,9 +92,10 @@ logger = logging.getLogger(__name__)
 # should have answered `deadline` itself by then; beyond, the client is stuck.
 DEADLINE_GRACE_MS = 10.0
 N_CODES = len(REASON_CODES) + 1  # outcome codes: 0 = ai, 1.. = fallback reasons
-# The bridge's own code for a frame of a silent stream (DTX): never on the wire, never in a
-# supervisor report (the report's columns are the N_CODES above).
-DTX_CODE = N_CODES
+# A frame of a silent stream (DTX; the contract's code, which a replica answers when the
+# bridge sends its frames' VAD state): never in a supervisor report (its columns are the
+# N_CODES above).
+assert DTX_CODE == N_CODES
 N_KEYS = N_CODES + 1
 _OVERLOAD = reason_code(FallbackReason.OVERLOAD)
 _ERROR = reason_code(FallbackReason.ERROR)
@@ -373,8 +376,6 @@ class BridgeCore:
         # Opus in: a chunk is the tuple of its publisher's Opus packets (fastpath.OpusIngest,
         # decode=False) and batches carry them for the replica to decode (FrameBatch.opus);
         # the bridge never holds PCM, so it cannot run the VAD that DTX needs.
-        if opus_in and dtx:
-            raise ValueError("DTX needs the audio decoded on the bridge: opus_in and dtx exclude each other")
         if opus_in and not audio:
             raise ValueError("opus_in needs audio")
         self.opus_in = opus_in
@@ -687,9 +688,30 @@ class BridgeCore:
                     cap = pol.get("max_kbps")
                     self._set_policy(row, None if cap is None else float(cap), bool(pol.get("dtx", True)))
 
+    def _replica_vad(self, rows: np.ndarray, still: np.ndarray, batch: FrameBatch,
+                     result: BatchResult | None, oc: np.ndarray) -> None:
+        """The replica's DTX verdicts on a batch that carried VAD state (`opus_in`): its
+        `dtx` frames are counted as the bridge's own are, and each row's new state is kept.
+        Without a verdict (the batch timed out, or the result lacks it) the rows keep
+        theirs."""
+        n_dtx = int(np.count_nonzero((oc == DTX_CODE) & still))
+        if n_dtx:
+            metrics.record_dtx_seconds(n_dtx * TICK_S)
+        v = None if result is None else result.vad
+        if (v is None or not isinstance(v, np.ndarray) or v.shape != batch.vad.shape
+                or result.stream_ids != batch.stream_ids):
+            return
+        on = ~np.isnan(batch.vad[:, 0]) & still & np.isfinite(v).all(axis=1)
+        r, nv = rows[on], v[on]
+        now = nv[:, 2] > 0
+        self.dtx_spurts += int(np.count_nonzero(self.dtx_silent[r] & ~now))
+        self.vad_floor[r] = nv[:, 0]
+        self.vad_left[r] = np.clip(nv[:, 1], 0, self.vad_config.hangover_chunks).astype(np.int64)
+        self.dtx_silent[r] = now
+
     def _dtx_silent(self, rows: np.ndarray, pcm: np.ndarray) -> np.ndarray:
         """Voice activity of these rows' chunks in one pass, then each row's talk spurt
-        (sfu_bridge/vad.py's `TalkSpurt`, column by column): bool, in DTX now."""
+        (models/vad.py's `TalkSpurt`, column by column): bool, in DTX now."""
         speech, self.vad_floor[rows] = self.vad.decide(chunk_levels_db(pcm), self.vad_floor[rows])
         was = self.dtx_silent[rows]
         self.dtx_spurts += int(np.count_nonzero(speech & was))
@@ -929,6 +951,13 @@ class BridgeCore:
             bandwidth_kbps=self.bandwidth_kbps,
             n_q=self.depths(rows),
         )
+        if self.opus_in and self.dtx:
+            on = self.dtx_on[rows]
+            if on.any():  # DTX without the audio here: the replica's VAD, on this state
+                batch.vad = np.column_stack((np.where(on, self.vad_floor[rows], np.nan),
+                                             self.vad_left[rows], self.dtx_silent[rows])).astype(np.float64)
+                c = self.vad_config
+                batch.vad_config = (c.margin_db, c.absolute_db, c.floor_rise_db, c.hangover_chunks)
         owners = None if version is None else (version, self._owner[rows])
         return _Taken(parts, rows, self.generation[rows].copy(), ts, batch, owners, pcm)
 
@@ -977,7 +1006,9 @@ class BridgeCore:
             ids = batch.stream_ids
             still = self.generation[rows] == taken.generation  # a stream that left meanwhile
             fb = rows[(oc != AI_CODE) & still]
-            self.epochs.fell_back(fb)
+            self.epochs.fell_back(fb)  # a `dtx` answer too: speech resumes in a new epoch
+            if batch.vad is not None:
+                self._replica_vad(rows, still, batch, result, oc)
             rows_out = np.where(still, rows, -1)
             parts.append((ids, rows_out, oc, taken.ts, taken.chunks if self.audio else None))
             epochs, seqs = batch.epochs, batch.epoch_seqs
@@ -1035,7 +1066,9 @@ class BridgeCore:
         if have.any():
             oc[have] = np.asarray(result.outcome_codes)[row[have]]
         answered = oc.copy()  # what the other side said (error where it said nothing)
-        oc[(oc < 0) | (oc > len(REASON_CODES))] = _ERROR
+        # `dtx` only for a row whose VAD state was sent (the replica's DTX)
+        dtx_ok = np.zeros(b, bool) if batch.vad is None else ~np.isnan(batch.vad[:, 0])
+        oc[(oc < 0) | (oc > DTX_CODE) | ((oc == DTX_CODE) & ~dtx_ok)] = _ERROR
         codes = None
         ai = oc == AI_CODE
         if ai.any():

@@ -10,8 +10,8 @@
 - `OpusIngest`: a publisher's Opus packets into 40 ms chunks, by sequence number - no 48 kHz
   stereo `AudioFrame`, no resampler, no decoder thread. Either decoded here by libopus
   straight to 24 kHz mono float (the codec's input rate: libopus decodes at 8/12/16/24/48 kHz
-  natively, RFC 6716 2), or - the default of a bridge without DTX - listed as packets for the
-  codec replica to decode (`models.opus.OpusChunkDecoder`). Gaps in the sequence are
+  natively, RFC 6716 2), or - a WebRTC bridge's default (`BridgeConfig.decode_at`) - listed as
+  packets for the codec replica to decode (`models.opus.OpusChunkDecoder`). Gaps in the sequence are
   concealed (libopus PLC; listed as lost packets for the replica) at once: there is no jitter
   buffer, so a packet that arrives after its place was concealed (reordered) is a counted
   drop (`reordered`), as are duplicates and packets older than a resynchronisation (`late`).

@@ -503,9 +503,9 @@ def make_server(
         bandwidth_kbps=config.bandwidth_kbps, max_backlog=config.max_backlog_chunks,
         hint_secret=hint_secret, limiter=limiter, opted_out_users=config.opted_out_users,
         capacity=min(config.max_streams, 256), dtx=config.dtx,
-        # without DTX (whose VAD needs the audio here) publishers' Opus is decoded by the
-        # codec replica, not by this worker (MediaBridge.decode_at)
-        opus_in=not config.dtx,
+        # publishers' Opus decoded by the codec replica (DTX decided there on the decoded
+        # audio), not by this worker, unless configured otherwise (MediaBridge.decode_at)
+        opus_in=config.decode_at != "bridge",
     )
     media = MediaBridge(
         core, max_streams=config.max_streams, opus_bitrate=config.opus_bitrate,

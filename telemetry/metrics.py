@@ -359,13 +359,14 @@ def _emit(method: str, name: str, value: float, tags: Mapping[str, str]) -> None
 
 
 def record_frames(op: str, counts: Mapping[str, int]) -> None:
-    """Counts keyed as `BatchResult.counts()` gives them: 'ai' or 'fallback/<reason>'."""
+    """Counts keyed as `BatchResult.counts()` gives them: 'ai', 'dtx' (a replica's DTX
+    verdict) or 'fallback/<reason>'."""
     for key, n in counts.items():
         if n <= 0:
             continue
         outcome, _, reason = key.partition("/")
-        if outcome not in ("ai", "fallback"):
-            raise ValueError(f"outcome key {key!r} is not 'ai' or 'fallback/<reason>'")
+        if outcome not in ("ai", "dtx", "fallback"):
+            raise ValueError(f"outcome key {key!r} is not 'ai', 'dtx' or 'fallback/<reason>'")
         _emit("inc", FRAMES, n, {"op": op, "outcome": outcome, "reason": reason})
 
 

@@ -27,7 +27,7 @@ is noise) and SDK peers (aiortc) on loopback. Four parts:
    the subscriber is back at the requested layer. The same link with adaptation off is the
    contrast. Needs root (`ip netns`); skipped, and said so, without it.
 
-The voice-activity detector (sfu_bridge/vad.py, energy) is measured against the clean
+The voice-activity detector (models/vad.py, energy) is measured against the clean
 signal's speech chunks, with noise added, and against WebRTC's `webrtcvad` when importable.
 """
 
@@ -465,7 +465,7 @@ async def _constrained(pcm: np.ndarray, codec_of, args: argparse.Namespace) -> d
 # -- voice activity --------------------------------------------------------------------------
 def _vad(seconds: float) -> dict[str, Any]:
     from cluster.bench.conversation import CHUNK_48K, conversation
-    from sfu_bridge.vad import EnergyVad, TalkSpurt, VadConfig, chunk_levels_db
+    from models.vad import EnergyVad, TalkSpurt, VadConfig, chunk_levels_db
 
     def energy(pcm: np.ndarray) -> np.ndarray:
         ch = pcm[: pcm.size // CHUNK_48K * CHUNK_48K].reshape(-1, CHUNK_48K)[:, ::2]
@@ -554,7 +554,7 @@ def run(args: argparse.Namespace) -> int:
         "revision": git_revision(),
         "weights": "random (seed 1234): sizes and timings are real, audio is noise",
         "signal": f"espeak-ng conversation, one talker, {truth.mean():.0%} of 40 ms chunks speech",
-        "vad_detector": "energy (sfu_bridge/vad.py)",
+        "vad_detector": "energy (models/vad.py)",
         "wire_kbps_aic": wire["wire_kbps_aic"],
         "wire_kbps_opus": wire["wire_kbps_opus"],
         "wire_kbps_opus_dtx": wire["wire_kbps_opus_dtx"],

@@ -8,11 +8,11 @@ bridge's real per-tick work back to back for ``--ticks`` ticks:
   forwarded to the legacy subscribers (header template + SRTP in place + UDP ``sendto`` to a
   local sink socket, fastpath.py) and gathered into 40 ms chunks (`OpusIngest`) ->
   `BridgeCore.tick` (one FrameBatch) -> `MediaBridge.dispatch` (AIC payloads to the AIC
-  subscribers, same send path). ``--decode-at replica`` (the default; a bridge without DTX):
+  subscribers, same send path). ``--decode-at replica`` (the default, as a WebRTC bridge's):
   a chunk is its packets, which the batch carries and the codec replica decodes - the worker
   decodes nothing, and what decoding costs the replica is measured apart
-  (``opus_decode_us_per_stream_tick``). ``--decode-at bridge`` (a bridge with DTX, whose VAD
-  needs the audio): the worker decodes them inline by libopus at 24 kHz.
+  (``opus_decode_us_per_stream_tick``). ``--decode-at bridge`` (``AURALINK_DECODE_AT=bridge``):
+  the worker decodes them inline by libopus at 24 kHz. The bench's streams have DTX off.
 
 The codec is EMULATED (answers every frame ``ai`` after ``--codec-ms`` of sleep, no CPU):
 the figure is the bridge's own cost; the codec's compute lives on the Serve replicas and is
@@ -404,9 +404,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extra-subs", type=int, default=10,
                         help="extra AIC subscribers per stream in the fan-out cost measurement")
     parser.add_argument("--decode-at", choices=("replica", "bridge"), default="replica",
-                        help="where publishers' Opus is decoded: by the codec replica (a bridge without "
-                             "DTX: the worker forwards and batches packets) or by the worker (with DTX, "
-                             "whose VAD needs the audio)")
+                        help="where publishers' Opus is decoded: by the codec replica (a WebRTC bridge's "
+                             "default: the worker forwards and batches packets) or by the worker "
+                             "(AURALINK_DECODE_AT=bridge)")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
 
 
@@ -512,10 +512,10 @@ def run(args: argparse.Namespace) -> int:
 def _decode_words(d: dict) -> str:
     us = d["opus_decode_us_per_stream_tick"]
     if d["decode_at"] == "replica":
-        return (f"by the codec replica** (a bridge without DTX): the worker forwards and batches the "
+        return (f"by the codec replica** (a WebRTC bridge's default): the worker forwards and batches the "
                 f"packets; decoding them costs the replica {us} us of CPU per stream per tick "
                 f"(`OpusIntake`, measured apart), which is not in this worker's figures below.")
-    return (f"by this worker** (a bridge with DTX, whose VAD needs the audio): {us} us of CPU per "
+    return (f"by this worker** (`AURALINK_DECODE_AT=bridge`): {us} us of CPU per "
             f"stream per tick of libopus (measured apart), included in the figures below.")
 
 

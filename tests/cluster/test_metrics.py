@@ -43,7 +43,7 @@ def test_frames_by_outcome_and_reason(local: m.LocalRegistry) -> None:
 
 
 def test_bad_outcome_key_and_tags_rejected(local: m.LocalRegistry) -> None:
-    with pytest.raises(ValueError, match="is not 'ai' or 'fallback/<reason>'"):
+    with pytest.raises(ValueError, match="is not 'ai', 'dtx' or 'fallback/<reason>'"):
         m.record_frames("encode", {"dropped": 1})
     with pytest.raises(ValueError, match=r"takes tags \['op'\]"):
         local.inc(m.SPECS[m.BATCH_SIZE], 1, {"op": "encode", "x": "y"})

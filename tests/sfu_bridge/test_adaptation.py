@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from deployments.contract import BatchResult, FrameBatch, Outcome
+from models.vad import DtxState, TalkSpurt, talk_spurts
 from sfu_bridge import adaptation
 from sfu_bridge.core import BridgeCore, SupervisorLink
 from sfu_bridge.hint_auth import HintSigner
 from sfu_bridge.hint_ext import Hint
-from sfu_bridge.vad import DtxState, TalkSpurt, talk_spurts
 
 SILENCE = np.zeros(960, np.float32)
 

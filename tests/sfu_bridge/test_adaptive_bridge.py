@@ -68,11 +68,13 @@ def test_layers_reports_and_dtx_over_webrtc(running_bridge, tokens, replica_core
     assert set(subs[1].stats.aic_n_q[marks[1]:]) == {8}
     assert max(subs[2].stats.aic_n_q) == 32  # a clean loopback: the adaptive one stays on top
     assert senders[1].packets * 2 >= senders[0].packets - 4  # 80 ms packets: about half as many
-    # one encode per chunk for three subscribers: codec rows == AI frames of the stream, except
-    # the last batches, which may be at the codec or not yet tallied when the counters are read
-    # (a late tick catches up, so one batch can carry two chunks of the stream)
+    # one encode per chunk for three subscribers: codec rows == AI frames of the stream, plus
+    # its silent ones (the replica decodes them and answers `dtx`, no compute), except the last
+    # batches, which may be at the codec or not yet tallied when the counters are read (a
+    # late tick catches up, so one batch can carry two chunks of the stream)
     in_flight = {sum(codec.batches[len(codec.batches) - k:]) for k in range(3)}
-    assert codec.rows - frames["ai"] in in_flight, (codec.rows, frames["ai"], codec.batches[-3:])
+    sent = frames["ai"] + frames.get("dtx", 0)
+    assert codec.rows - sent in in_flight, (codec.rows, frames, codec.batches[-3:])
     # the tap saw receiver reports and measured RTT against the bridge's own sender reports
     tracker = senders[2].tracker
     assert tracker.reports >= 2

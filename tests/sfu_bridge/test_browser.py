@@ -87,7 +87,7 @@ def test_chromium_publishes_over_whip_to_aic_and_opus_subscribers(
         async with running_bridge(
             replica_core(), extra_routes=routes,
             deadline_ms=2_000.0, max_backlog_chunks=200,
-            dtx=False,  # Chromium's Opus goes to the replica undecoded (test_gstreamer: decoded here)
+            # the default: Chromium's Opus goes to the replica undecoded (test_gstreamer: decoded here)
         ) as (server, base):
             with tempfile.TemporaryDirectory() as profile:
                 async with async_playwright() as pw:

@@ -48,6 +48,7 @@ def test_gstreamer_webrtcbin_publishes_over_whip(running_bridge, tokens, streami
     async def go():
         async with running_bridge(
             replica_core(), deadline_ms=2_000.0, max_backlog_chunks=200,
+            decode_at="bridge",  # the worker decodes (test_browser: the replica does)
         ) as (server, base):
             env = {**os.environ, "WHIP_TOKEN": tokens.issue("gst", "gst-room", ["publish"])}
             proc = await asyncio.create_subprocess_exec(
@@ -93,6 +94,6 @@ def test_gstreamer_webrtcbin_publishes_over_whip(running_bridge, tokens, streami
     # at least half of the published seconds (ICE + DTLS take some of them)
     assert chunks >= SECONDS / 2 / 0.040, (chunks, result)
     assert sum(stats["frames"].values()) >= chunks - 3, stats
-    assert stats["decode_at"] == "bridge"  # DTX on (the default): its VAD needs the audio here
+    assert stats["decode_at"] == "bridge"  # AURALINK_DECODE_AT=bridge: webrtcbin's Opus decoded here
     # webrtcbin's packets took the native receive after the first (aiortc_compat.RtpIngress)
     assert native is not None and native[1] == {} and native[0] > 0 and native[2] - native[0] <= 5, native

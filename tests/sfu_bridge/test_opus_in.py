@@ -101,10 +101,17 @@ def test_malformed_and_random_payloads_are_concealed_and_counted():
     ([(b"x",), (1, 2)], "bytes of at most"),
     ([(b"x",), (b"y" * 2000,)], "bytes of at most"),
     ([(b"x",), (b"y",) * 17], "tuple of at most"),
+    ({"vad": np.zeros((2, 2))}, "vad must be a float array of shape"),
+    ({"vad": np.array([[-40.0, 3.0, 0.0], [np.nan, 0.0, 0.0]])}, "vad_config must be"),
+    ({"vad": np.array([[np.inf, 3.0, 0.0], [np.nan, 0.0, 0.0]]), "vad_config": (9.0, -55.0, 0.25, 8)},
+     "vad rows must be finite"),
 ])
 def test_a_malformed_opus_batch_is_answered_not_raised(replica_core, bad, why):
+    fields = bad if isinstance(bad, dict) else {"opus": bad}
+    if "opus" not in fields:
+        fields["opus"] = [(b"x",), (b"y",)]
     batch = FrameBatch(op=Op.ENCODE, bridge_id="b", stream_ids=["a", "b"], epochs=np.ones(2, np.int64),
-                       epoch_seqs=np.zeros(2, np.int64), budgets_ms=np.full(2, 1000.0), opus=bad)
+                       epoch_seqs=np.zeros(2, np.int64), budgets_ms=np.full(2, 1000.0), **fields)
     with pytest.raises(ValueError, match=why):
         batch.validate()
     res = asyncio.run(replica_core().process(batch))
@@ -156,8 +163,6 @@ def test_core_batches_packets_and_a_fallback_frame_keeps_them(replica_core):
 
     codec = SeenBatches(replica_core())
     core = BridgeCore(codec, opus_in=True, opted_out_users=frozenset({"dave"}), deadline_ms=5_000.0)
-    with pytest.raises(ValueError, match="exclude"):
-        BridgeCore(codec, opus_in=True, dtx=True)
     core.join("on", "alice")
     core.join("off", "dave")
     packets = _packets(4)
@@ -213,6 +218,88 @@ def test_chunks_spilled_shed_or_left_behind_keep_their_packets(replica_core):
     assert [by[("a", k * CHUNK_48K)].key for k in (3, 4)] == ["ai", "ai"]
 
 
+def _talk_and_pause_packets(seconds: float = 4.0) -> list[bytes]:
+    """Opus packets (20 ms, 48 kHz) of 0.6 s of tone, 1 s of silence, repeating."""
+    t = np.arange(int(seconds * 48_000))
+    on = (t % 76_800) < 28_800
+    pcm = (0.3 * np.sin(2 * np.pi * 220 * t / 48_000) * on).astype(np.float32)
+    (packets,) = OpusCodec(1, 48_000, 20, 32_000).encode([0], pcm[None, :])
+    return packets
+
+
+def test_dtx_decided_by_the_replica_matches_the_bridges_own(replica_core):
+    """DTX on a bridge that decodes nothing: the batch carries each stream's VAD state, the
+    replica runs the same detector on the audio it decoded and answers `dtx` without
+    compute. Frame for frame, the outcomes are the ones a bridge decoding the same packets
+    itself decides, and the streams' DTX state and talk spurts agree."""
+    from sfu_bridge.core import BridgeCore
+
+    packets = _talk_and_pause_packets()
+    chunks = [tuple(packets[k:k + 2]) for k in range(0, len(packets) - 1, 2)]
+    ref = OpusChunkDecoder()
+    pcm = [ref.chunk(c) for c in chunks]
+
+    def run(opus_in: bool) -> tuple[list[str], BridgeCore, dict]:
+        codec = SeenBatches(replica_core())
+        core = BridgeCore(codec, opus_in=opus_in, dtx=True, deadline_ms=5_000.0)
+        core.join("s", "alice")
+
+        async def go() -> list[str]:
+            keys = []
+            for k, chunk in enumerate(chunks):
+                core.push("s", chunk if opus_in else pcm[k], k * CHUNK_48K)
+                keys += [fo.key for fo in (await core.tick()).frames()]
+            info = codec.inner.info()
+            await codec.inner.stop()
+            return keys, info
+
+        keys, info = asyncio.run(go())
+        return keys, core, {"info": info, "batches": codec.batches}
+
+    on_bridge, bridge_core, _ = run(False)
+    on_replica, replica_side, seen = run(True)
+    assert on_replica == on_bridge
+    assert on_bridge.count("dtx") >= 20 and on_bridge.count("ai") >= 20
+    assert replica_side.dtx_spurts == bridge_core.dtx_spurts >= 1
+    assert replica_side.stream("s").dtx_silent == bridge_core.stream("s").dtx_silent
+    # the replica saw every frame (to decode it) and answered the silent ones itself
+    assert len(seen["batches"]) == len(chunks) and all(b.vad is not None for b in seen["batches"])
+    assert seen["info"]["counters"]["dtx_frames"] == on_replica.count("dtx")
+
+
+def test_a_dtx_state_that_gets_no_verdict_is_kept(replica_core):
+    """A batch that times out (or a result without VAD states) leaves the streams' DTX state
+    as it was; a `dtx` answer for a row that sent no state is the replica's error."""
+    from deployments.contract import DTX_CODE, BatchResult
+    from sfu_bridge.core import BridgeCore
+
+    class Answers:
+        def __init__(self, code: int, with_vad: bool) -> None:
+            self.code, self.with_vad = code, with_vad
+
+        async def process(self, batch):
+            b = len(batch)
+            return BatchResult(list(batch.stream_ids), np.full(b, self.code, np.uint8), batch.epochs.copy(),
+                               np.zeros(b, np.float32), np.zeros(b, np.float32),
+                               vad=np.array([[-40.0, 0.0, 1.0]] * b) if self.with_vad else None)
+
+    packets = _packets(2)
+    core = BridgeCore(Answers(DTX_CODE, False), opus_in=True, dtx=True)
+    core.join("s", "alice")
+    core.push("s", (packets[0], packets[1]), 0)
+    report = asyncio.run(core.tick())
+    assert [fo.key for fo in report.frames()] == ["dtx"]
+    assert not core.stream("s").dtx_silent  # no state came back: unchanged
+    core.codec = Answers(DTX_CODE, True)
+    core.push("s", (packets[0], packets[1]), CHUNK_48K)
+    asyncio.run(core.tick())
+    assert core.stream("s").dtx_silent
+    plain = BridgeCore(Answers(DTX_CODE, True), opus_in=True, dtx=False)  # DTX off: no state sent
+    plain.join("s", "alice")
+    plain.push("s", (packets[0], packets[1]), 0)
+    assert [fo.key for fo in asyncio.run(plain.tick()).frames()] == ["fallback/error"]
+
+
 class SeenBatches:
     def __init__(self, inner) -> None:
         self.inner = inner
@@ -223,17 +310,18 @@ class SeenBatches:
         return await self.inner.process(batch)
 
 
-def test_sdk_publisher_without_dtx_is_decoded_by_the_replica(running_bridge, tokens, streaming_codec,
+def test_sdk_publishers_are_decoded_by_the_replica(running_bridge, tokens, streaming_codec,
                                                              replica_core):
-    """A bridge without DTX: the worker decodes nothing, AIC subscribers decode the replica's
-    codes, and an opted-out stream's AIC subscriber gets the publisher's own Opus packets."""
+    """A WebRTC bridge as configured by default (DTX on): the worker decodes nothing, AIC
+    subscribers decode the replica's codes, and an opted-out stream's AIC subscriber gets the
+    publisher's own Opus packets."""
     from sfu_bridge.sdk import AicPublisher, AicSubscriber
 
     replica = replica_core()
     codec = SeenStreams(replica)
 
     async def go():
-        async with running_bridge(codec, dtx=False, **CONFIG) as (server, base):
+        async with running_bridge(codec, **CONFIG) as (server, base):
             assert server.media.decode_at == "replica" and server.media.core.opus_in
             pub = AicPublisher(base, "r1", tokens.issue("alice", "r1", ["publish"]))
             out_pub = AicPublisher(base, "r2", tokens.issue("dave", "r2", ["publish"]))
@@ -279,3 +367,14 @@ def test_sdk_publisher_without_dtx_is_decoded_by_the_replica(running_bridge, tok
     assert len(got) >= 20 and set(got) <= set(sent)
     assert stats["frames"].get("fallback/opted_out", 0) > 0
 
+
+
+def test_decode_at_is_configured_from_the_environment(monkeypatch):
+    from sfu_bridge.config import BridgeConfig
+
+    assert BridgeConfig.from_env().decode_at == "replica"
+    monkeypatch.setenv("AURALINK_DECODE_AT", "Bridge")
+    assert BridgeConfig.from_env().decode_at == "bridge"
+    monkeypatch.setenv("AURALINK_DECODE_AT", "gpu")
+    with pytest.raises(ValueError, match="AURALINK_DECODE_AT must be 'replica' or 'bridge'"):
+        BridgeConfig.from_env()

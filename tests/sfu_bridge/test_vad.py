@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sfu_bridge.vad import DtxState, EnergyVad, TalkSpurt, VadConfig, chunk_levels_db
+from models.vad import DtxState, EnergyVad, TalkSpurt, VadConfig, chunk_levels_db
 
 
 def _noise(db: float, n: int = 960, seed: int = 0) -> np.ndarray:

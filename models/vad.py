@@ -103,3 +103,22 @@ def talk_spurts(speech: np.ndarray, silent: np.ndarray, left: np.ndarray,
     per stream -> (in DTX now, hangover left now)."""
     now_silent = np.where(speech, False, np.where(left > 0, silent, True))
     return now_silent, np.where(speech, hangover_chunks, np.maximum(left - 1, 0))
+
+
+def vad_step(pcm: np.ndarray, state: np.ndarray, config: VadConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One chunk of each row through the detector and its talk spurt, with each row's state
+    carried in `state` (float [B, 3]: noise floor dBFS - NaN: DTX off for the row, which
+    keeps its state -, hangover chunks left, in DTX 0/1): what a replica decides for a
+    bridge that sends the state with its frames (FrameBatch.vad). Returns (in DTX now bool
+    [B], the new state [B, 3])."""
+    state = np.asarray(state, np.float64)
+    out = state.copy()
+    silent = np.zeros(state.shape[0], bool)
+    on = np.flatnonzero(~np.isnan(state[:, 0]))
+    if on.size:
+        speech, floors = EnergyVad(config).decide(chunk_levels_db(pcm[on]), state[on, 0])
+        now, left = talk_spurts(speech, state[on, 2] > 0, state[on, 1].astype(np.int64),
+                                config.hangover_chunks)
+        out[on, 0], out[on, 1], out[on, 2] = floors, left, now
+        silent[on] = now
+    return silent, out
