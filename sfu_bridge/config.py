@@ -37,7 +37,7 @@ class BridgeConfig:
     # default packet duration of a depth: the shortest whose headers are at most this share of
     # its wire bytes (docs/protocol.md section 9); 1 = 40 ms whenever the link allows
     max_header_share: float = DEFAULT_MAX_HEADER_SHARE
-    opus_bitrate: int = 32_000  # Opus for legacy subscribers and fallback frames
+    opus_bitrate: int = 32_000  # fallback frames re-encoded on the worker (decode_at="bridge" only)
     max_body_bytes: int = 64 * 1024  # SDP offers are a few KB; anything bigger is refused
     max_backlog_chunks: int = 3  # per stream; older chunks are answered fallback/overload
     max_streams: int = 2_000  # published streams one worker accepts (503 beyond)
