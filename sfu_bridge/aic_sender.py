@@ -8,7 +8,11 @@ The bridge core encodes a stream once per chunk, as deep as its deepest subscrib
   without an epoch change (the decoder's state does not depend on k);
 - **packet duration**: 40, 80 or 120 ms of codes per packet, as the controller asks; a packet
   never spans two epochs or a gap, so a pending packet is sent early at an epoch change,
-  before a fallback (Opus) frame or when DTX starts;
+  before a fallback (Opus) frame or when DTX starts. With a `phase`, a multi-chunk packet
+  ends where its stream's frame number plus the phase completes one (the first packet of an
+  epoch may be shorter): a bridge gives its subscribers successive phases, so their 80 and
+  120 ms packets leave on different ticks instead of all on the same one when they started
+  together (a call's start, a worker's restart);
 - **DTX**: when the stream's talk spurt ends, one silence descriptor (aic_payload.py, F = 0)
   and then nothing until speech returns. Opus DTX refreshes its comfort noise every 400 ms
   because its DTX frames carry the noise's shape; an AIC descriptor carries no parameters
@@ -75,6 +79,9 @@ class AicSender:
     _last_epoch: int = 0
     _marker: bool = False
     _chosen: tuple[Any, int, bool] | None = None  # (pin, cap, default ms) `layer` was chosen for
+    # multi-chunk packets end where (epoch_seq + phase) completes one (module doc); None:
+    # after as many chunks as the packet holds, counted from the sender's first frame
+    phase: int | None = None
 
     @classmethod
     def adaptive(cls, config: RateControlConfig | None = None) -> AicSender:
@@ -137,9 +144,15 @@ class AicSender:
                 self._last_epoch = fo.epoch % EPOCH_MODULUS
             return payload, fo.rtp_timestamp, self._count(payload, n_q)
         pending.append(fo)
-        if len(pending) < layer.packet_ms // CHUNK_MS:
+        if not self._ends_packet(len(pending), layer.packet_ms // CHUNK_MS, fo):
             return False
         return self._take_packet(cache)[:3]
+
+    def _ends_packet(self, n: int, per_packet: int, fo: Any) -> bool:
+        """Whether the frame `fo`, the n-th pending one, completes the packet."""
+        if n >= per_packet:
+            return True
+        return self.phase is not None and (fo.epoch_seq + self.phase) % per_packet == per_packet - 1
 
     def on_frame(self, fo: Any, max_n_q: int, cache: dict | None = None) -> list[OutPacket]:
         """A tick's frame of this subscriber's stream -> the packets to send now (an Opus
@@ -154,7 +167,7 @@ class AicSender:
                 self.silent, self._marker = False, True
             layer = self.choose(max_n_q)
             self._pending.append(fo)
-            if len(self._pending) >= layer.chunks_per_packet:
+            if self._ends_packet(len(self._pending), layer.chunks_per_packet, fo):
                 packets = self.flush(cache)
                 return done + packets if done else packets
             return done or []

@@ -26,6 +26,7 @@ path, go to the metrics (`auralink_wire_bytes`) once per tick.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -348,6 +349,7 @@ class MediaBridge:
         # stream -> (AIC subscribers, legacy Opus ones), kept until one joins or leaves
         self._split_subs: dict[str, tuple[list[Subscriber], list[Subscriber]]] = {}
         self.sessions: dict[str, Publisher | Subscriber] = {}
+        self._phases = itertools.count()  # AicSender.phase of each new AIC subscriber
         self.packets_by_kind: dict[str, int] = defaultdict(int)  # "aic" / "opus"
         self._unrecorded_bytes: dict[str, int] = defaultdict(int)  # payload bytes since last tick
         self.bytes_by_kind: dict[str, int] = defaultdict(int)  # payload bytes sent, "aic" / "opus"
@@ -478,6 +480,8 @@ class MediaBridge:
                 self._tap_rtcp(sub)
             else:
                 sub.aic_sender = AicSender.full_depth(self.max_header_share)
+            # successive subscribers' long packets leave on successive ticks (aic_sender.py)
+            sub.aic_sender.phase = next(self._phases)
         self.subscribers[stream_id][sub.session_id] = sub
         self.sessions[sub.session_id] = sub
         self._needs.pop(stream_id, None)

@@ -55,6 +55,32 @@ def test_longer_packets_aggregate_and_never_span_an_epoch():
     assert len(out) == 1 and AicPayload.parse(out[0].payload).start
 
 
+def test_phased_senders_send_their_long_packets_on_different_ticks():
+    """Three subscribers that start together at 120 ms packets, with the phases a bridge
+    gives them: each tick one of them sends, every packet after its first holds three chunks,
+    all frames reach each one in order, and the fast path agrees with `on_frame`."""
+    senders = [AicSender.fixed(Layer(8, 120)) for _ in range(3)]
+    quick = [AicSender.fixed(Layer(8, 120)) for _ in range(3)]
+    for k, (a, b) in enumerate(zip(senders, quick, strict=True)):
+        a.phase = b.phase = k
+    sent: list[list[int]] = [[] for _ in range(3)]  # ticks each one sent on
+    frames_sent = [0, 0, 0]
+    for t in range(12):
+        fo = _ai(1, t, t=t)
+        for k in range(3):
+            out = senders[k].on_frame(fo, 32)
+            q = quick[k].one_packet(fo, 32, {})
+            assert (q is False) == (out == [])
+            if out:
+                assert q[0] == out[0].payload and q[1] == out[0].timestamp
+                sent[k].append(t)
+                frames_sent[k] += out[0].chunks
+                assert out[0].chunks == 3 or len(sent[k]) == 1  # only the first is shorter
+    assert sent == [[2, 5, 8, 11], [1, 4, 7, 10], [0, 3, 6, 9]]
+    assert [len({t % 3 for t in s}) for s in sent] == [1, 1, 1]
+    assert frames_sent == [12, 11, 10]  # the rest wait for their packet
+
+
 def test_a_frame_shallower_than_the_layer_sends_what_it_has():
     tx = AicSender.fixed(Layer(32, 80))
     out = tx.on_frame(_ai(1, 0, n_q=32), 32) + tx.on_frame(_ai(1, 1, n_q=8, t=1), 32)
