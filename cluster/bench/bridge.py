@@ -52,11 +52,15 @@ AIC_PT, OPUS_PT = 120, 111  # the payload types the bridge negotiates for AIC an
 
 
 class EmulatedCodec:
-    """Codec-client stand-in for load tests: every frame `ai` after a fixed sleep, no CPU."""
+    """Codec-client stand-in for load tests: every frame `ai` after a fixed sleep, no model
+    compute. A batch that carries DTX state (`FrameBatch.vad`) is answered as a replica
+    answers it: its Opus rows decoded and run through the detector (`dtx` for silent rows),
+    which costs CPU in this process; the streams-per-worker ladder sends none."""
 
     def __init__(self, codec_ms: float = 5.0) -> None:
         self.codec_ms = codec_ms
         self.calls = 0
+        self._intake: Any = None
 
     async def process(self, batch: FrameBatch) -> BatchResult:
         self.calls += 1
@@ -65,11 +69,24 @@ class EmulatedCodec:
         n_q = bandwidth_codebooks(batch.bandwidth_kbps)
         f = batch.samples // 320
         codes = (np.arange(b * n_q * f, dtype=np.int64).reshape(b, n_q, f) * 37 % 1024).astype(np.int16)
+        outcome, vad = np.zeros(b, np.uint8), None
+        if batch.vad is not None:
+            from deployments.contract import DTX_CODE
+            from deployments.replica import OpusIntake
+            from models.vad import VadConfig, vad_step
+
+            if self._intake is None:
+                self._intake = OpusIntake()
+            pcm = self._intake.decode(batch.stream_ids, batch.opus) if batch.opus is not None else batch.pcm_float()
+            m, a, r, h = batch.vad_config
+            silent, vad = vad_step(pcm, batch.vad, VadConfig(margin_db=m, absolute_db=a, floor_rise_db=r,
+                                                             hangover_chunks=int(h)))
+            outcome[silent] = DTX_CODE
         return BatchResult(
-            stream_ids=list(batch.stream_ids), outcome_codes=np.zeros(b, np.uint8),
+            stream_ids=list(batch.stream_ids), outcome_codes=outcome,
             epochs=batch.epochs.copy(), queue_ms=np.zeros(b, np.float32),
             compute_ms=np.full(b, self.codec_ms, np.float32), codes=codes,
-            replica_id="emulated",
+            replica_id="emulated", vad=vad,
         )
 
 
