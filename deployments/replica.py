@@ -265,7 +265,7 @@ class OpusIntake:
     `decode_async` runs on one thread of its own, off the event loop (libopus releases the
     GIL, so it overlaps the model's step thread and the loop's bookkeeping): requests are
     decoded in arrival order, so a stream's frames reach admission in order, and decoders
-    are created and closed only on that thread. One thread decodes about 550 streams' 40 ms
+    are created and closed only on that thread. One thread decodes 550-780 streams' 40 ms
     chunks in real time (docs/operations.md)."""
 
     def __init__(self) -> None:
