@@ -556,10 +556,7 @@ class CodecReplicaCore:
         (FrameBatch.vad): (in DTX now, the new states)."""
         from models.vad import VadConfig, vad_step
 
-        margin, absolute, rise, hangover = batch.vad_config or (None, None, None, None)
-        cfg = VadConfig(margin_db=float(margin), absolute_db=float(absolute), floor_rise_db=float(rise),
-                        hangover_chunks=int(hangover))
-        silent, vad = vad_step(batch.pcm_float(), batch.vad, cfg)
+        silent, vad = vad_step(batch.pcm_float(), batch.vad, VadConfig.from_wire(batch.vad_config))
         self._count("dtx_frames", int(np.count_nonzero(silent)))
         return silent, vad
 

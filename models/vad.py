@@ -40,6 +40,16 @@ class VadConfig:
     initial_floor_db: float = -70.0
     hangover_chunks: int = 8  # 320 ms of tail after the last speech chunk
 
+    def wire(self) -> tuple[float, float, float, int]:
+        """The detector's settings as a bridge sends them with its frames (FrameBatch.vad_config)."""
+        return (self.margin_db, self.absolute_db, self.floor_rise_db, self.hangover_chunks)
+
+    @classmethod
+    def from_wire(cls, wire: tuple[float, float, float, int]) -> VadConfig:
+        margin, absolute, rise, hangover = wire
+        return cls(margin_db=float(margin), absolute_db=float(absolute), floor_rise_db=float(rise),
+                   hangover_chunks=int(hangover))
+
 
 def chunk_levels_db(pcm: np.ndarray) -> np.ndarray:
     """float [B, T] chunks -> the level (dBFS, mean square) of each chunk's loudest sub-frame."""

@@ -1,4 +1,5 @@
-"""What one publisher packet's Opus decode costs (the bridge with DTX, else the replica), alone in a loop:
+"""What one publisher packet's Opus decode costs (the replica's by default; the worker's with
+AURALINK_DECODE_AT=bridge), alone in a loop:
 
     .venv/bin/python scripts/opus_decode_probe.py
 

@@ -375,7 +375,7 @@ class BridgeCore:
         self.audio = audio
         # Opus in: a chunk is the tuple of its publisher's Opus packets (fastpath.OpusIngest,
         # decode=False) and batches carry them for the replica to decode (FrameBatch.opus);
-        # the bridge never holds PCM, so it cannot run the VAD that DTX needs.
+        # the bridge never holds PCM, so DTX's detector runs there too (FrameBatch.vad).
         if opus_in and not audio:
             raise ValueError("opus_in needs audio")
         self.opus_in = opus_in
@@ -750,7 +750,7 @@ class BridgeCore:
         if self.opus_in:
             if not isinstance(pcm24, tuple):
                 raise ValueError(f"an Opus chunk is a tuple of packets, got {type(pcm24).__name__}")
-            pcm24 = _one_object(pcm24)
+            pcm24 = _objects([pcm24])
         elif self.audio:
             if pcm24 is None or pcm24.shape != (CHUNK_SAMPLES,):
                 raise ValueError(f"chunk must hold {CHUNK_SAMPLES} samples, got "
@@ -956,8 +956,7 @@ class BridgeCore:
             if on.any():  # DTX without the audio here: the replica's VAD, on this state
                 batch.vad = np.column_stack((np.where(on, self.vad_floor[rows], np.nan),
                                              self.vad_left[rows], self.dtx_silent[rows])).astype(np.float64)
-                c = self.vad_config
-                batch.vad_config = (c.margin_db, c.absolute_db, c.floor_rise_db, c.hangover_chunks)
+                batch.vad_config = self.vad_config.wire()
         owners = None if version is None else (version, self._owner[rows])
         return _Taken(parts, rows, self.generation[rows].copy(), ts, batch, owners, pcm)
 
@@ -1394,13 +1393,6 @@ class BridgeCore:
             "supervisor_failures": self.exchange_failures,
             "cpu_s": round(self.cpu.seconds, 6),
         }
-
-
-def _one_object(x: Any) -> np.ndarray:
-    """A 1-element object array holding `x` (a tuple stays one element)."""
-    out = np.empty(1, object)
-    out[0] = x
-    return out
 
 
 def _objects(items: list[Any]) -> np.ndarray:

@@ -112,7 +112,6 @@ class OpusIngest:
     def __init__(self, stream_id: str, decode: bool = True) -> None:
         self.stream_id = stream_id
         self._dec = OpusChunkDecoder() if decode else None
-        self.decodes = decode
         self._closed = False
         self._fill = 0  # packets mode: samples (24 kHz) listed but not yet chunked
         self._pending: list[bytes] = []
@@ -125,6 +124,11 @@ class OpusIngest:
         self.drops: Counter[str] = Counter()
         # sequence numbers concealed lately: one of them arriving now was reordered
         self._concealed_seqs: deque[int] = deque(maxlen=2 * MAX_CONCEALED_PACKETS)
+
+    @property
+    def decodes(self) -> bool:
+        """Whether chunks are decoded here (pcm) or listed as packets for the replica."""
+        return self._dec is not None
 
     def packet(self, seq: int, payload: bytes) -> list[tuple[Any, int, float]]:
         """The chunks this packet completes: (chunk, RTP timestamp, wall time); the chunk is

@@ -78,9 +78,7 @@ class EmulatedCodec:
             if self._intake is None:
                 self._intake = OpusIntake()
             pcm = self._intake.decode(batch.stream_ids, batch.opus) if batch.opus is not None else batch.pcm_float()
-            m, a, r, h = batch.vad_config
-            silent, vad = vad_step(pcm, batch.vad, VadConfig(margin_db=m, absolute_db=a, floor_rise_db=r,
-                                                             hangover_chunks=int(h)))
+            silent, vad = vad_step(pcm, batch.vad, VadConfig.from_wire(batch.vad_config))
             outcome[silent] = DTX_CODE
         return BatchResult(
             stream_ids=list(batch.stream_ids), outcome_codes=outcome,
