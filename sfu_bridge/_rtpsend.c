@@ -27,6 +27,9 @@
  *   the value of the first extension element with id `hint_id` (bytes) or None; or, when the
  *   packet is dropped, an int: libsrtp's error status (> 0: authentication, replay, ...) or
  *   -1 when the plaintext is not a well-formed RTP packet. The caller keeps the srtp_t alive.
+ *
+ * Also: pack10 (AIC payload codes, aic_payload.py) and hint_pads / hint_accept (the hint
+ * tags and replay windows of a bridge's streams, hint_auth.py `HintTable`), below.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -271,6 +274,267 @@ static PyObject *pack10(PyObject *self, PyObject *arg) {
     return out;
 }
 
+
+/* ---------------------------------------------------------------------- hint tags (SHA-256)
+ * hint_auth.py's tag, HMAC-SHA256(key, index (6 bytes) || body (6 bytes)) truncated to 10
+ * bytes, from the key's pads hashed once (RFC 2104): a pad's SHA-256 state after its one
+ * 64-byte block (a "midstate"), so a tag costs two compressions. FIPS 180-4. */
+static const uint32_t K256[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+};
+static const uint32_t SHA256_IV[8] = {
+    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+};
+
+#define ROTR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void sha256_block(uint32_t st[8], const uint8_t blk[64]) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)blk[4 * i] << 24 | (uint32_t)blk[4 * i + 1] << 16 | (uint32_t)blk[4 * i + 2] << 8
+               | (uint32_t)blk[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ROTR(w[i - 15], 7) ^ ROTR(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ROTR(w[i - 2], 17) ^ ROTR(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = st[0], b = st[1], c = st[2], d = st[3], e = st[4], f = st[5], g = st[6], h = st[7];
+    for (int i = 0; i < 64; i++) {
+        uint32_t t1 = h + (ROTR(e, 6) ^ ROTR(e, 11) ^ ROTR(e, 25)) + ((e & f) ^ (~e & g)) + K256[i] + w[i];
+        uint32_t t2 = (ROTR(a, 2) ^ ROTR(a, 13) ^ ROTR(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+        h = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+    }
+    st[0] += a; st[1] += b; st[2] += c; st[3] += d; st[4] += e; st[5] += f; st[6] += g; st[7] += h;
+}
+
+static void put_be32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
+}
+
+/* The 10-byte tag of `msg` (12 bytes: index || body) under the pads' midstates. */
+static void hint_tag(const uint32_t pads[16], const uint8_t msg[12], uint8_t tag[10]) {
+    uint8_t blk[64];
+    uint32_t st[8];
+    memset(blk, 0, sizeof blk);
+    memcpy(blk, msg, 12);
+    blk[12] = 0x80;
+    blk[62] = (uint8_t)((64 + 12) * 8 >> 8); /* length in bits: the pad's block and the message */
+    blk[63] = (uint8_t)((64 + 12) * 8);
+    memcpy(st, pads, 32);
+    sha256_block(st, blk);
+    memset(blk, 0, sizeof blk);
+    for (int i = 0; i < 8; i++)
+        put_be32(blk + 4 * i, st[i]);
+    blk[32] = 0x80;
+    blk[62] = (uint8_t)((64 + 32) * 8 >> 8);
+    blk[63] = (uint8_t)((64 + 32) * 8);
+    memcpy(st, pads + 8, 32);
+    sha256_block(st, blk);
+    uint8_t full[32];
+    for (int i = 0; i < 8; i++)
+        put_be32(full + 4 * i, st[i]);
+    memcpy(tag, full, 10);
+}
+
+/* hint_pads(key) -> bytes: the key's (<= 64 bytes) HMAC-SHA256 inner and outer midstates, 16
+ * native uint32 (64 bytes), for hint_accept. */
+static PyObject *hint_pads(PyObject *self, PyObject *arg) {
+    Py_buffer key;
+    if (PyObject_GetBuffer(arg, &key, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (key.len > 64) {
+        PyBuffer_Release(&key);
+        PyErr_SetString(PyExc_ValueError, "hint keys are at most 64 bytes");
+        return NULL;
+    }
+    uint8_t blk[64];
+    uint32_t pads[16];
+    for (int p = 0; p < 2; p++) {
+        memset(blk, 0, sizeof blk);
+        memcpy(blk, key.buf, (size_t)key.len);
+        for (int i = 0; i < 64; i++)
+            blk[i] ^= p == 0 ? 0x36 : 0x5c;
+        memcpy(pads + 8 * p, SHA256_IV, 32);
+        sha256_block(pads + 8 * p, blk);
+    }
+    PyBuffer_Release(&key);
+    return PyBytes_FromStringAndSize((const char *)pads, sizeof pads);
+}
+
+#define HINT_ELEMENT 16
+#define HINT_BODY 6
+#define HINT_SEQ_BITS 24
+#define HINT_MAX_INDEX ((1LL << 48) - 1)
+#define HINT_MAX_WORDS 16 /* replay windows up to 1024 indices */
+
+/* RFC 3711 appendix A: the 48-bit index nearest `highest` (-1: none yet) with these low bits. */
+static int64_t estimate_index(int64_t highest, int64_t seq24) {
+    if (highest < 0)
+        return seq24;
+    const int64_t half = 1LL << (HINT_SEQ_BITS - 1);
+    int64_t roc = highest >> HINT_SEQ_BITS, s_l = highest & ((1LL << HINT_SEQ_BITS) - 1), v;
+    if (s_l < half)
+        v = (seq24 - s_l > half && roc > 0) ? roc - 1 : roc;
+    else
+        v = (s_l - half > seq24) ? roc + 1 : roc;
+    int64_t idx = (v << HINT_SEQ_BITS) | seq24;
+    return idx > HINT_MAX_INDEX ? HINT_MAX_INDEX : idx;
+}
+
+static int window_bit(const uint64_t *m, int64_t d) { return (int)((m[d >> 6] >> (d & 63)) & 1); }
+
+/* mask <<= shift (shift < window), bits at and above `window` cleared */
+static void window_shift(uint64_t *m, int words, int64_t shift, int window) {
+    int64_t ws = shift >> 6, bs = shift & 63;
+    for (int i = words - 1; i >= 0; i--) {
+        uint64_t v = 0;
+        if (i - ws >= 0) {
+            v = m[i - ws] << bs;
+            if (bs && i - ws - 1 >= 0)
+                v |= m[i - ws - 1] >> (64 - bs);
+        }
+        m[i] = v;
+    }
+    if (window & 63)
+        m[words - 1] &= (1ULL << (window & 63)) - 1;
+}
+
+static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t itemsize, int writable, const char *name) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    if (view->len % itemsize) {
+        PyErr_Format(PyExc_TypeError, "%s: expected items of %zd bytes", name, itemsize);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+/* hint_accept(rows, elements, pads, highest, mask, window, n_bw, out_index, out_code) -> None
+ *
+ * HintVerifier.accept for n hints in arrival order, each a 16-byte element (`elements`: the n
+ * elements back to back) of stream table row rows[i] (int64): the 48-bit index estimated from
+ * the row's highest accepted one, the tag checked in constant time under the row's pads
+ * (uint32 [rows, 16], hint_pads), then the bandwidth field (< n_bw), then the row's replay
+ * window (highest: int64 [rows], -1 = nothing accepted yet; mask: uint64 [rows, words], bit d
+ * = index highest - d was accepted; `window` indices). An accepted hint moves its row's window
+ * (so a later hint of the same row in the same call sees it). Writes out_index (int64 [n]) and
+ * out_code (uint8 [n]: 0 accepted, 1 tag, 2 field, 3 replay). */
+static PyObject *hint_accept(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError,
+                        "hint_accept(rows, elements, pads, highest, mask, window, n_bw, out_index, out_code)");
+        return NULL;
+    }
+    long window = PyLong_AsLong(args[5]), n_bw = PyLong_AsLong(args[6]);
+    if (PyErr_Occurred())
+        return NULL;
+    Py_buffer rows, el, pads, hi, mask, oi, oc;
+    if (get_buffer(args[0], &rows, 8, 0, "rows") < 0)
+        return NULL;
+    if (get_buffer(args[1], &el, HINT_ELEMENT, 0, "elements") < 0)
+        goto r0;
+    if (get_buffer(args[2], &pads, 64, 0, "pads") < 0)
+        goto r1;
+    if (get_buffer(args[3], &hi, 8, 1, "highest") < 0)
+        goto r2;
+    if (get_buffer(args[4], &mask, 8, 1, "mask") < 0)
+        goto r3;
+    if (get_buffer(args[7], &oi, 8, 1, "out_index") < 0)
+        goto r4;
+    if (get_buffer(args[8], &oc, 1, 1, "out_code") < 0)
+        goto r5;
+    Py_ssize_t n = rows.len / 8, cap = hi.len / 8;
+    int words = (int)((window + 63) / 64);
+    if (window < 1 || words > HINT_MAX_WORDS || el.len != n * HINT_ELEMENT || pads.len != cap * 64
+        || mask.len != cap * words * 8 || oi.len != n * 8 || oc.len != n) {
+        PyErr_SetString(PyExc_ValueError, "hint_accept: array sizes do not match");
+        goto r6;
+    }
+    const int64_t *r = (const int64_t *)rows.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (r[i] < 0 || r[i] >= cap) {
+            PyErr_SetString(PyExc_IndexError, "hint_accept: row out of range");
+            goto r6;
+        }
+    }
+    const uint8_t *e = (const uint8_t *)el.buf;
+    const uint32_t *pd = (const uint32_t *)pads.buf;
+    int64_t *highest = (int64_t *)hi.buf, *out_index = (int64_t *)oi.buf;
+    uint64_t *m = (uint64_t *)mask.buf;
+    uint8_t *out_code = (uint8_t *)oc.buf;
+    for (Py_ssize_t i = 0; i < n; i++, e += HINT_ELEMENT) {
+        int64_t row = r[i];
+        uint64_t *rm = m + row * words;
+        int64_t seq24 = (int64_t)e[3] << 16 | (int64_t)e[4] << 8 | e[5];
+        int64_t index = estimate_index(highest[row], seq24);
+        uint8_t msg[12], tag[10], diff = 0;
+        for (int k = 0; k < 6; k++)
+            msg[k] = (uint8_t)(index >> (8 * (5 - k)));
+        memcpy(msg + 6, e, HINT_BODY);
+        hint_tag(pd + row * 16, msg, tag);
+        for (int k = 0; k < 10; k++)
+            diff |= tag[k] ^ e[HINT_BODY + k];
+        out_index[i] = index;
+        if (diff) {
+            out_code[i] = 1;
+            continue;
+        }
+        if (((e[0] >> 1) & 0x07) >= n_bw) {
+            out_code[i] = 2;
+            continue;
+        }
+        int64_t h = highest[row];
+        if (h >= 0 && index <= h) {
+            int64_t d = h - index;
+            if (d >= window || window_bit(rm, d)) {
+                out_code[i] = 3;
+                continue;
+            }
+            rm[d >> 6] |= 1ULL << (d & 63);
+        } else if (h < 0 || index - h >= window) {
+            memset(rm, 0, (size_t)words * 8);
+            rm[0] = 1;
+            highest[row] = index;
+        } else {
+            window_shift(rm, words, index - h, (int)window);
+            rm[0] |= 1;
+            highest[row] = index;
+        }
+        out_code[i] = 0;
+    }
+    PyBuffer_Release(&oc);
+    PyBuffer_Release(&oi);
+    PyBuffer_Release(&mask);
+    PyBuffer_Release(&hi);
+    PyBuffer_Release(&pads);
+    PyBuffer_Release(&el);
+    PyBuffer_Release(&rows);
+    Py_RETURN_NONE;
+r6:
+    PyBuffer_Release(&oc);
+r5:
+    PyBuffer_Release(&oi);
+r4:
+    PyBuffer_Release(&mask);
+r3:
+    PyBuffer_Release(&hi);
+r2:
+    PyBuffer_Release(&pads);
+r1:
+    PyBuffer_Release(&el);
+r0:
+    PyBuffer_Release(&rows);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"send", (PyCFunction)(void (*)(void))send_packet, METH_FASTCALL,
      "send(path, template, b1, seq, timestamp, payload) -> SRTP length, or -errno"},
@@ -279,6 +543,11 @@ static PyMethodDef methods[] = {
      "or an int: libsrtp's error status, -1 malformed"},
     {"pack10", (PyCFunction)pack10, METH_O,
      "pack10(int16 codes in wire order) -> bytes of 10-bit fields, MSB first"},
+    {"hint_pads", (PyCFunction)hint_pads, METH_O,
+     "hint_pads(key) -> the key's HMAC-SHA256 inner and outer midstates (64 bytes)"},
+    {"hint_accept", (PyCFunction)(void (*)(void))hint_accept, METH_FASTCALL,
+     "hint_accept(rows, elements, pads, highest, mask, window, n_bw, out_index, out_code): "
+     "hint_auth.HintVerifier.accept for many hints, columnar"},
     {NULL, NULL, 0, NULL},
 };
 

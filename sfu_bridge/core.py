@@ -81,7 +81,7 @@ from deployments.supervisor_policy import StreamReports
 from models.constants import DEFAULT_DEADLINE_MS, N_Q_BY_BANDWIDTH, TICK_S
 from models.vad import EnergyVad, VadConfig, chunk_levels_db, talk_spurts
 from sfu_bridge import adaptation
-from sfu_bridge.hint_auth import HintVerifier, accept_many
+from sfu_bridge.hint_auth import HINT_ACCEPTED, HINT_CODES, HintTable
 from sfu_bridge.hint_ext import Hint, HintElement
 from sfu_bridge.limiter import DEFAULT_BURST, DEFAULT_RATE_PER_S, GcraParams, gcra_allow
 from telemetry import metrics
@@ -105,6 +105,7 @@ _UNHEALTHY = reason_code(FallbackReason.UNHEALTHY)
 _KEY_OF_CODE = ["ai", *(f"fallback/{r.value}" for r in REASON_CODES), Outcome.DTX.value]
 _N_Q_OF_BW = np.asarray(N_Q_BY_BANDWIDTH, np.int64)  # a hint's BW index -> codebooks
 _MAX_N_Q = int(N_Q_BY_BANDWIDTH[-1])
+_KNOWN_MODEL = np.isin(np.arange(16), list(MODEL_REGISTRY))  # by a hint's 4-bit model id
 _EMPTY_I = np.empty(0, np.int64)
 # The AI frames of one tick share one latency (send -> answer), so Ray's histogram gets this
 # many copies of it per tick rather than the default sample: each costs a Ray call (~15 us),
@@ -406,7 +407,8 @@ class BridgeCore:
                           else np.zeros((0, self._depth, CHUNK_SAMPLES), np.float32))
         self.hint_n = np.zeros(0, np.int64)
         self._guard_tat = np.zeros(0, np.int64)
-        self._verifiers: list[HintVerifier | None] = []
+        # each row's hint key and replay window (None: no secret, every hint is dropped)
+        self._hints = HintTable(hint_secret) if hint_secret is not None else None
         self.last_hint: list[Any] = []
         self.tally = np.zeros((0, N_CODES), np.int64)  # outcomes since the last supervisor report
         self._registered = np.zeros(0, bool)  # its user id went to the supervisor
@@ -493,7 +495,8 @@ class BridgeCore:
         self.epochs.ensure(cap)
         extra = cap - self._cap
         self.users.extend([None] * extra)
-        self._verifiers.extend([None] * extra)
+        if self._hints is not None:
+            self._hints.grow(cap)
         self.last_hint.extend([None] * extra)
         self._cap = cap
 
@@ -541,7 +544,8 @@ class BridgeCore:
             self.tally[row] = 0
             self._registered[row] = False
             self._owner[row] = -1
-            self._verifiers[row] = None
+            if self._hints is not None:
+                self._hints.close(row)
             self.last_hint[row] = None
             self.req_n_q[row] = self.n_q
             self.cap_kbps[row] = np.nan
@@ -576,7 +580,8 @@ class BridgeCore:
             self.generation[row] += 1
             self.ids[row] = None
             self.users[row] = None
-            self._verifiers[row] = None
+            if self._hints is not None:
+                self._hints.close(row)
             self.last_hint[row] = None
             self.tally[row] = 0
             self.ai_off[row] = 0
@@ -1116,29 +1121,25 @@ class BridgeCore:
             keep &= self._guard(rows_a, dropped)
             # the hints that verified, in arrival order: their rows, indexes and elements
             v_rows: list[int] = []
-            v_hints: list[tuple[int, bytes]] = []
-            secret = self.hint_secret
-            if secret is None:
+            v_hints: list[tuple[int, bytes]] = []  # (index, element)
+            if self._hints is None:
                 dropped[HintDrop.INVALID.value] += int(np.count_nonzero(keep))
             else:
-                verifiers, ids = self._verifiers, self.ids
-                kept = np.flatnonzero(keep).tolist()
-                k_rows = [rows[j] for j in kept]
-                k_raws = [raws[j] for j in kept]
-                vs = []
-                for row in k_rows:
-                    v = verifiers[row]
-                    if v is None:
-                        v = verifiers[row] = HintVerifier(secret, ids[row])
-                    vs.append(v)
-                for row, raw, index in zip(k_rows, k_raws, accept_many(vs, k_raws), strict=True):
-                    if type(index) is not int:  # size, tag, field or replay
-                        dropped[index.value] += 1
-                    elif raw[0] >> 4 not in MODEL_REGISTRY:  # authentic, but no replica runs it
-                        dropped[HintDrop.UNKNOWN_MODEL.value] += 1
-                    else:
-                        v_rows.append(row)
-                        v_hints.append((index, raw))
+                kept = np.flatnonzero(keep)
+                k_rows = rows_a[kept]
+                k_raws = [raws[j] for j in kept.tolist()]
+                index, code = self._hints.accept_many(k_rows, self.ids[k_rows].tolist(), k_raws)
+                for c, n in zip(*np.unique(code[code != HINT_ACCEPTED], return_counts=True), strict=True):
+                    dropped[HINT_CODES[c].value] += int(n)  # size, tag, field or replay
+                good = np.flatnonzero(code == HINT_ACCEPTED)
+                # authentic, but no replica runs its model
+                known = _KNOWN_MODEL[np.fromiter((k_raws[j][0] >> 4 for j in good.tolist()), np.int64, good.size)]
+                if not known.all():
+                    dropped[HintDrop.UNKNOWN_MODEL.value] += int(np.count_nonzero(~known))
+                    good = good[known]
+                good = good.tolist()
+                v_rows = k_rows[good].tolist()
+                v_hints = [(i, k_raws[j]) for i, j in zip(index[good].tolist(), good, strict=True)]
             if v_rows:
                 uniq, inv, counts, rank = _ranks(np.asarray(v_rows, np.int64))
         accepted = 0

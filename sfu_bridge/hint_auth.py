@@ -16,6 +16,9 @@
 ``HintVerifier.verify`` returns the hint or raises `HintRejected` (a ValueError) naming the
 reason; the bridge core catches it, drops the hint and counts the reason, so nothing here
 raises into the media path.
+
+A bridge core checks its streams' hints with one `HintTable`: the same checks, column by
+column over its stream table, in C (sfu_bridge/_rtpsend.c) where the extension is built.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import functools
 import hashlib
 import hmac
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from sfu_bridge.hint_ext import (
     HINT_BANDWIDTHS_KBPS,
@@ -237,32 +242,111 @@ class HintVerifier:
         return HintElement.parse(bytes(data)).to_hint(index)
 
 
-def accept_many(verifiers: list[HintVerifier], elements: list[bytes]) -> list[int | HintRejection]:
-    """`HintVerifier.accept` for many hints (element i under `verifiers[i]`, in arrival order;
-    a stream may appear several times): each one's 48-bit index, or the reason it was
-    rejected. The same checks in the same order with the same effect on the replay windows
-    as calling `accept` one by one; the usual case (a 16-byte element whose tag verifies and
-    whose index is fresh) runs without an exception per hint."""
-    out: list[int | HintRejection] = []
-    append = out.append
-    compare = hmac.compare_digest
-    from_bytes = int.from_bytes
-    n_bw = len(HINT_BANDWIDTHS_KBPS)
-    for v, data in zip(verifiers, elements, strict=True):
-        if type(data) is not bytes or len(data) != HINT_BYTES or (data[0] >> 1) & 0x07 >= n_bw:
-            try:  # not bytes, the wrong size, or a bad field: the one-by-one path says which
-                append(v.accept(v.stream_id, data))
-            except HintRejected as exc:
-                append(exc.reason)
-            continue
-        replay = v.replay
-        index = estimate_index(replay.highest, from_bytes(data[3:HINT_BODY_BYTES], "big"))
-        if not compare(v._mac.tag(index, data[:HINT_BODY_BYTES]), data[HINT_BODY_BYTES:]):
-            append(HintRejection.TAG)
-            continue
-        if replay.seen(index):
-            append(HintRejection.REPLAY)
-            continue
-        replay.accept(index)
-        append(index)
-    return out
+try:  # the columnar verifier's C loop (sfu_bridge/_rtpsend.c); HintVerifier objects without it
+    from sfu_bridge._rtpsend import hint_accept as _c_hint_accept
+    from sfu_bridge._rtpsend import hint_pads as _c_hint_pads
+except ImportError:  # pragma: no cover - a build without the C part
+    _c_hint_accept = _c_hint_pads = None
+
+# HintTable.accept_many's answer per hint: 0 = accepted (its index is valid), else the reason
+HINT_ACCEPTED = 0
+HINT_CODES = (None, HintRejection.TAG, HintRejection.FIELD, HintRejection.REPLAY, HintRejection.SIZE)
+_SIZE_CODE = 4
+
+
+class HintTable:
+    """The hint verifiers of a stream table (a bridge core's rows), column by column: each
+    open row's key pads and replay window. `accept_many` gives what `HintVerifier.accept`
+    would for each hint, in arrival order, with the same effect on the windows; with the C
+    part built it runs as one loop over the hints (two SHA-256 compressions a tag), without
+    it through one `HintVerifier` per row. A row is opened (its stream's key derived) at its
+    first hint and closed when its stream leaves."""
+
+    def __init__(self, cluster_secret: bytes, window: int = DEFAULT_WINDOW, native: bool = True) -> None:
+        ReplayWindow(window)  # the same bounds as one stream's window
+        self._secret = bytes(cluster_secret)
+        self.window = window
+        self.native = native and _c_hint_accept is not None and window <= 1024
+        self._words = (window + 63) // 64
+        self._open = np.zeros(0, bool)
+        self._pads = np.zeros((0, 64), np.uint8)
+        self._highest = np.zeros(0, np.int64)
+        self._mask = np.zeros((0, self._words), np.uint64)
+        self._verifiers: list[HintVerifier | None] = []
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - self._open.size
+        if extra <= 0:
+            return
+        self._open = np.concatenate([self._open, np.zeros(extra, bool)])
+        if self.native:
+            self._pads = np.concatenate([self._pads, np.zeros((extra, 64), np.uint8)])
+            self._highest = np.concatenate([self._highest, np.full(extra, -1, np.int64)])
+            self._mask = np.concatenate([self._mask, np.zeros((extra, self._words), np.uint64)])
+        else:
+            self._verifiers.extend([None] * extra)
+
+    def close(self, row: int) -> None:
+        """The row's stream left: its key and window go (a new stream on the row starts afresh)."""
+        if row < self._open.size:
+            self._open[row] = False
+            if not self.native:
+                self._verifiers[row] = None
+
+    def _open_rows(self, rows: np.ndarray, stream_ids: list[str]) -> None:
+        """Opens the rows (distinct, not open) for these streams: keys derived, windows empty."""
+        if self.native:
+            secret = self._secret
+            pads = b"".join([_c_hint_pads(derive_stream_key(secret, sid)) for sid in stream_ids])
+            self._pads[rows] = np.frombuffer(pads, np.uint8).reshape(-1, 64)
+            self._highest[rows] = -1
+            self._mask[rows] = 0
+        else:
+            for row, sid in zip(rows.tolist(), stream_ids, strict=True):
+                self._verifiers[row] = HintVerifier(self._secret, sid, self.window)
+        self._open[rows] = True
+
+    def accept_many(self, rows: np.ndarray, stream_ids: list[str], elements: list[bytes]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """(index int64, code uint8) per hint: element i of stream `stream_ids[i]` on row
+        `rows[i]`, in arrival order; code 0 = accepted (index is its 48-bit index), else
+        `HINT_CODES[code]` names the rejection."""
+        rows = np.asarray(rows, np.int64)
+        n = rows.size
+        index = np.zeros(n, np.int64)
+        code = np.zeros(n, np.uint8)
+        if not n:
+            return index, code
+        new = rows[~self._open[rows]]
+        if new.size:
+            uniq, first = np.unique(new, return_index=True)
+            pos = np.flatnonzero(~self._open[rows])[first]
+            self._open_rows(uniq, [stream_ids[i] for i in pos.tolist()])
+        if not self.native:
+            for i, (row, data) in enumerate(zip(rows.tolist(), elements, strict=True)):
+                try:
+                    index[i] = self._verifiers[row].accept(stream_ids[i], data)
+                except HintRejected as exc:
+                    code[i] = HINT_CODES.index(exc.reason)
+            return index, code
+        # elements of the usual shape go through the C loop; others are a size rejection
+        # (a bytes-like element of 16 bytes is taken as its bytes)
+        good = np.fromiter((type(d) is bytes and len(d) == HINT_BYTES for d in elements), bool, n)
+        if not good.all():
+            fixed = list(elements)
+            for i in np.flatnonzero(~good).tolist():
+                d = elements[i]
+                if isinstance(d, bytes | bytearray | memoryview) and len(bytes(d)) == HINT_BYTES:
+                    fixed[i] = bytes(d)
+                    good[i] = True
+            elements = fixed
+        at = np.flatnonzero(good)
+        code[~good] = _SIZE_CODE
+        if at.size:
+            out_i = np.zeros(at.size, np.int64)
+            out_c = np.zeros(at.size, np.uint8)
+            data = b"".join(elements) if at.size == n else b"".join([elements[i] for i in at.tolist()])
+            _c_hint_accept(np.ascontiguousarray(rows[at]), data, self._pads, self._highest, self._mask,
+                           self.window, len(HINT_BANDWIDTHS_KBPS), out_i, out_c)
+            index[at], code[at] = out_i, out_c
+        return index, code
