@@ -203,6 +203,10 @@ class LocalRegistry:
             h.total += value
 
     def observe_many(self, spec: MetricSpec, values: np.ndarray, tags: Mapping[str, str]) -> None:
+        if values.size > 1 and values[0] == values[-1] and values.min() == values.max():
+            # one value repeated (a step's frames of one request share their slack)
+            self.observe_repeated(spec, float(values[0]), int(values.size), tags)
+            return
         key = (spec.name, _tag_tuple(spec, tags))
         idx = np.searchsorted(np.asarray(spec.boundaries, np.float64), values, side="left")
         counts = np.bincount(idx, minlength=len(spec.boundaries) + 1)
