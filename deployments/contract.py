@@ -133,7 +133,8 @@ class FrameBatch:
     def validate(self, distinct: bool | None = None) -> None:
         """Raises ValueError naming the first problem; a replica answers it per frame.
         `distinct`: whether the stream ids are distinct, when the caller already knows (a
-        replica tells from its slot table); None: checked here."""
+        replica tells from its slot table) or leaves them to the receiver (the codec client:
+        each replica checks its own rows); None: checked here."""
         b = len(self.stream_ids)
         if not isinstance(self.op, Op):
             raise ValueError(f"unknown op {self.op!r}; expected one of {[o.value for o in Op]}")
