@@ -96,6 +96,7 @@ def _take(batch: FrameBatch, rows: Rows, spent_ms: float = 0.0) -> FrameBatch:
         n_q=None if batch.n_q is None else batch.n_q[rows],
         vad=None if batch.vad is None else batch.vad[rows],
         vad_config=batch.vad_config,
+        stream_refs=None if batch.stream_refs is None else batch.stream_refs[rows],
     )
 
 

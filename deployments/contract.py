@@ -97,6 +97,11 @@ def codebooks_bandwidth(n_q: int) -> float:
 MODEL_REGISTRY: dict[int, str] = {0: "encodec_24khz"}
 
 
+# FrameBatch.stream_refs: rows a sender's refs may name (ref >> 32), so a receiver's table of
+# them stays bounded
+MAX_REF_ROWS = 1 << 20
+
+
 @dataclass
 class FrameBatch:
     """All frames one bridge sends one replica in one tick (B rows)."""
@@ -126,6 +131,12 @@ class FrameBatch:
     # and the result carries every row's new state (BatchResult.vad).
     vad: np.ndarray | None = None
     vad_config: tuple[float, float, float, int] | None = None
+    # The sender's handle of each row's stream (int64 [B], >= 0), when it keeps one: names
+    # exactly one of its streams for that stream's life on it (a bridge core sends its row
+    # << 32 | the row's generation, so a row's next stream gets a new one). A replica that has
+    # admitted a stream under its ref finds its slot from the ref with array operations, not
+    # a dictionary lookup of its id; the ids stay the identity (docs/protocol.md, section 8).
+    stream_refs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.stream_ids)
@@ -153,6 +164,12 @@ class FrameBatch:
             if b and not (self.n_q.dtype.kind in "iu" and 0 <= self.n_q.min() and self.n_q.max() < _N_Q_OK.size
                           and _N_Q_OK[self.n_q].all()):
                 raise ValueError(f"n_q values must be in {VALID_N_Q}")
+        if self.stream_refs is not None:
+            r = self.stream_refs
+            if not isinstance(r, np.ndarray) or r.shape != (b,) or r.dtype != np.int64:
+                raise ValueError(f"stream_refs must be an int64 array of shape ({b},)")
+            if b and not (0 <= int(r.min()) and int(r.max()) >> 32 < MAX_REF_ROWS):
+                raise ValueError(f"stream_refs must be >= 0, with a row (ref >> 32) below {MAX_REF_ROWS}")
         if self.vad is not None:
             v = self.vad
             if not isinstance(v, np.ndarray) or v.shape != (b, 3) or v.dtype.kind != "f":

@@ -66,6 +66,10 @@ STATS_WINDOW = 2048  # recent frames kept for the autoscaling miss rate / slack
 # Deadline slacks of one step exported to Ray: each is a call of tens of us, and at a few
 # steps per tick an even sample of 4 per step still gives Prometheus ~100 a second per replica.
 SLACK_SAMPLE_PER_STEP = 4
+# Stream refs (FrameBatch.stream_refs): streams found by ref whose ids are compared with
+# their slot's per request, and senders whose refs a replica keeps a table of
+REF_SAMPLE = 8
+MAX_REF_SENDERS = 256
 _ROW_BITS = 32  # a scheduler ref is (request id << 32) | row
 _ROW_MASK = (1 << _ROW_BITS) - 1
 _ERROR = reason_code(FallbackReason.ERROR)
@@ -75,6 +79,28 @@ _RESET = reason_code(FallbackReason.RESET)
 
 
 # ----------------------------------------------------------------------------- slot pool
+class _RefTable:
+    """One sender's stream refs (FrameBatch.stream_refs) by their row (ref >> 32): the ref
+    last admitted on the row, its stream's slot and the slot's generation then (a slot
+    that changed hands since no longer matches)."""
+
+    def __init__(self) -> None:
+        self.ref = np.full(0, -1, np.int64)
+        self.slot = np.zeros(0, np.int64)
+        self.slot_gen = np.zeros(0, np.int64)
+        self.used = True  # heard from since the last idle sweep
+
+    def grow(self, rows: int) -> None:
+        if rows <= self.ref.size:
+            return
+        n = max(rows, 2 * self.ref.size, 64)
+        for name, fill in (("ref", -1), ("slot", 0), ("slot_gen", -1)):
+            old = getattr(self, name)
+            new = np.full(n, fill, np.int64)
+            new[: old.size] = old
+            setattr(self, name, new)
+
+
 class SlotPool:
     """Stream id -> state slot, for `capacity` slots, plus per-slot columns: when the stream
     was last seen, a generation (bumped whenever the slot changes hands, so a queued frame
@@ -88,6 +114,7 @@ class SlotPool:
         self.last_seen = np.zeros(capacity, np.float64)
         self.generation = np.zeros(capacity, np.int64)
         self.epochs = ReplicaEpochs(capacity)
+        self._refs: dict[str | None, _RefTable] = {}  # per sender: its stream refs -> slots
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -100,10 +127,61 @@ class SlotPool:
     def get(self, stream_id: str) -> int | None:
         return self._slot_of.get(stream_id)
 
-    def lookup(self, stream_ids: list[str]) -> np.ndarray:
-        """Slot of each stream, -1 where it holds none."""
-        return np.fromiter(map(self._slot_of.get, stream_ids, itertools.repeat(-1)), np.int64,
-                           len(stream_ids))
+    def lookup(self, stream_ids: list[str], sender: str | None = None,
+               refs: np.ndarray | None = None) -> np.ndarray:
+        """Slot of each stream, -1 where it holds none. With the sender's refs of the streams
+        (FrameBatch.stream_refs), those `remember`ed for a slot still held are found from
+        them (array operations); only the others are looked up by id."""
+        t = self._refs.get(sender) if refs is not None else None
+        if t is None:
+            return self._by_id(stream_ids, np.arange(len(stream_ids)))
+        t.used = True
+        rows = refs >> 32
+        at = np.minimum(rows, t.ref.size - 1)
+        slots = t.slot[at]
+        hit = (rows < t.ref.size) & (t.ref[at] == refs) & (self.generation[slots] == t.slot_gen[at])
+        if not hit.all():
+            slots = np.where(hit, slots, -1)
+            miss = np.flatnonzero(~hit)
+            slots[miss] = self._by_id(stream_ids, miss)
+        # A sample of the streams found by ref must be the streams named: a sender whose refs
+        # do not name one stream each (a bug, two senders under one id) loses its table.
+        found = np.flatnonzero(hit)
+        for i in found[:: max(1, found.size // REF_SAMPLE)][:REF_SAMPLE].tolist():
+            if self._sid[slots[i]] != stream_ids[i]:
+                logger.warning("sender %r: a stream ref named another stream; its refs are dropped", sender)
+                del self._refs[sender]
+                return self._by_id(stream_ids, np.arange(len(stream_ids)))
+        return slots
+
+    def _by_id(self, stream_ids: list[str], rows: np.ndarray) -> np.ndarray:
+        get = self._slot_of.get
+        if rows.size == len(stream_ids):
+            return np.fromiter(map(get, stream_ids, itertools.repeat(-1)), np.int64, rows.size)
+        return np.fromiter((get(stream_ids[i], -1) for i in rows.tolist()), np.int64, rows.size)
+
+    def remember(self, sender: str, refs: np.ndarray, slots: np.ndarray) -> None:
+        """The streams in `slots` (held now) go by `refs` (FrameBatch.stream_refs) at `sender`."""
+        if not refs.size:
+            return
+        t = self._refs.get(sender)
+        if t is None:
+            if len(self._refs) >= MAX_REF_SENDERS:
+                return  # more senders than tables: the others are looked up by id
+            t = self._refs[sender] = _RefTable()
+        t.used = True
+        rows = refs >> 32
+        t.grow(int(rows.max()) + 1)
+        t.ref[rows] = refs
+        t.slot[rows] = slots
+        t.slot_gen[rows] = self.generation[slots]
+
+    def forget_idle_senders(self) -> None:
+        """Drops the ref tables of senders not heard from since the last call."""
+        for sender in [k for k, t in self._refs.items() if not t.used]:
+            del self._refs[sender]
+        for t in self._refs.values():
+            t.used = False
 
     def distinct(self, stream_ids: list[str], slots: np.ndarray) -> bool:
         """Whether the streams (with their `lookup` slots) are distinct: two rows of one known
@@ -499,10 +577,12 @@ class CodecReplicaCore:
         (ValueError names the problem)."""
         if not isinstance(batch, FrameBatch):
             raise ValueError(f"expected a FrameBatch, got {type(batch).__name__}")
-        # One dictionary lookup a stream (the transport delivers new string objects each
-        # request, so each costs a hash); duplicates are then found from the slots.
-        slots = self.pool.lookup(batch.stream_ids)
-        batch.validate(distinct=self.pool.distinct(batch.stream_ids, slots))
+        batch.validate(distinct=True)  # all but duplicate ids: found from the slots below
+        # Streams by their sender's refs where known, else one dictionary lookup a stream
+        # (the transport delivers new string objects each request, so each costs a hash).
+        slots = self.pool.lookup(batch.stream_ids, batch.bridge_id, batch.stream_refs)
+        if not self.pool.distinct(batch.stream_ids, slots):
+            raise ValueError("duplicate stream id in one batch")
         if batch.bandwidth_kbps > self.settings.max_bandwidth_kbps:
             raise ValueError(f"bandwidth {batch.bandwidth_kbps} kbps is above this replica's "
                              f"max_bandwidth_kbps {self.settings.max_bandwidth_kbps}")
@@ -572,7 +652,7 @@ class CodecReplicaCore:
         seqs = np.asarray(batch.epoch_seqs, np.int64)
         deadlines = req.deadlines
         if slots is None:
-            slots = self.pool.lookup(batch.stream_ids)
+            slots = self.pool.lookup(batch.stream_ids, batch.bridge_id, batch.stream_refs)
         usual = ((skip is None or not skip.any())
                  and (batch.pcm.dtype != np.float32 or np.isfinite(batch.pcm).all())
                  and not (deadlines <= now).any()
@@ -635,6 +715,8 @@ class CodecReplicaCore:
             return 0
         req.slots[rows] = slots
         req.generation[rows] = self.pool.generation[slots]
+        if req.batch.stream_refs is not None:
+            self.pool.remember(req.batch.bridge_id, req.batch.stream_refs[rows], slots)
         self.pool.last_seen[slots] = now
         self._requests[req.rid] = req
         refs = (req.rid << _ROW_BITS) | rows
@@ -889,6 +971,7 @@ class CodecReplicaCore:
 
     def _sweep_idle(self, now: float) -> None:
         self._last_sweep = now
+        self.pool.forget_idle_senders()
         for sid in self.pool.idle(now, self.settings.idle_timeout_s):
             self.pool.release(sid)
             self._count("slots_idle_freed")

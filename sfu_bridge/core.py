@@ -63,6 +63,7 @@ from deployments.contract import (
     DEFAULT_BANDWIDTH_KBPS,
     DTX_CODE,
     FRAME_SAMPLES,
+    MAX_REF_ROWS,
     MODEL_REGISTRY,
     REASON_CODES,
     BatchResult,
@@ -955,6 +956,8 @@ class BridgeCore:
             opus=list(pcm) if self.opus_in else None,
             bandwidth_kbps=self.bandwidth_kbps,
             n_q=self.depths(rows),
+            # the row and its generation name the stream to the replica (FrameBatch.stream_refs)
+            stream_refs=((rows << 32) | (self.generation[rows] & 0xFFFFFFFF)) if self._cap <= MAX_REF_ROWS else None,
         )
         if self.opus_in and self.dtx:
             on = self.dtx_on[rows]

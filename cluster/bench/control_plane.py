@@ -117,13 +117,14 @@ async def replica(frames: int, ticks: int) -> dict[str, Any]:
 
     async def bridge(r: int, start: float, n_ticks: int, seq0: int) -> None:
         ids = [f"b{r}-s{i}" for i in range(frames)]
+        refs = (np.arange(frames, dtype=np.int64) << 32) | 1  # as a bridge core names its rows
         pcm = np.zeros((frames, 320), np.int16)
         for t in range(n_ticks):
             await asyncio.sleep(max(0.0, start + (t + 0.5 * r) * 0.040 * DILATION - loop.time()))
             res = await core.process(FrameBatch(
                 Op.ENCODE, f"b{r}", list(ids), np.zeros(frames, np.int64),
                 np.full(frames, seq0 + t, np.int64), np.full(frames, 20.0 * DILATION), pcm, 6.0,
-                np.full(frames, 8, np.int64)))
+                np.full(frames, 8, np.int64), stream_refs=refs))
             for k, v in res.counts().items():
                 outcomes[k] = outcomes.get(k, 0) + v
 

@@ -5,6 +5,7 @@ stream-affinity hashing and the client's merge."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -404,3 +405,125 @@ def test_a_batch_above_the_replicas_bandwidth_is_refused_per_frame(core):
         await core.stop()
 
     run(go())
+
+
+def test_stream_refs_find_each_streams_own_slot():
+    """A sender's stream refs find the slots its streams were admitted to; a ref whose slot
+    changed hands since (the stream left, another took the slot) finds nothing and the id
+    decides; a sender whose ref names another stream is caught by the id sample and loses
+    its table, the ids deciding."""
+    pool = SlotPool(4)
+    ids = ["a", "b", "c"]
+    refs = (np.arange(3, dtype=np.int64) << 32) | 7
+    slots = pool.acquire_new(ids, 0.0)
+    pool.remember("br", refs, slots)
+    assert pool.lookup(ids, "br", refs).tolist() == slots.tolist()
+    assert pool.lookup(ids, "other-sender", refs).tolist() == slots.tolist()  # by id
+    assert pool.lookup(["a", "x"], "br", refs[[0, 2]]).tolist() == [slots[0], -1]  # ref of c, id x
+    pool.release("a")
+    d = pool.acquire("d", 0.0)  # a's slot, to a new stream
+    assert d == slots[0]
+    # d sent under a's old ref (a row reused without a new generation: a sender's bug) and
+    # a under its own: the slot changed hands, so the ids decide
+    assert pool.lookup(["d", "a"], "br", refs[[0, 0]]).tolist() == [d, -1]
+    pool.remember("br", refs[[1]] + 1, np.array([slots[1]]))  # b's row, a new generation
+    assert pool.lookup(["b"], "br", refs[[1]]).tolist() == [slots[1]]  # old ref: by id
+    # Among many streams (more than the id sample): a stream idled out on the replica while
+    # its sender still holds its ref, and its slot went to another stream
+    pool = SlotPool(80)
+    ids = [f"s{i}" for i in range(64)]
+    refs = np.arange(64, dtype=np.int64) << 32
+    slots = pool.acquire_new(ids, 0.0)
+    pool.remember("br", refs, slots)
+    pool.release("s5")
+    assert pool.acquire("new", 0.0) == slots[5]
+    got = pool.lookup(ids, "br", refs)
+    assert got[5] == -1 and np.delete(got, 5).tolist() == np.delete(slots, 5).tolist()
+
+
+def test_a_sender_whose_refs_name_other_streams_loses_them(caplog):
+    pool = SlotPool(40)
+    ids = [f"s{i}" for i in range(32)]
+    refs = np.arange(32, dtype=np.int64) << 32
+    slots = pool.acquire_new(ids, 0.0)
+    pool.remember("br", refs, slots)
+    swapped = refs[::-1].copy()  # every stream sent under another's ref
+    with caplog.at_level("WARNING"):
+        assert pool.lookup(ids, "br", swapped).tolist() == slots.tolist()
+    assert "ref named another stream" in caplog.text
+    assert "br" not in pool._refs
+
+
+def test_a_replica_answers_alike_with_and_without_stream_refs():
+    """A bridge core's batches (with refs) and the same batches without them get the same
+    outcomes and epochs from two replicas, tick after tick, under joins, leaves, rows reused
+    by new streams, streams idle and slots running out."""
+
+    class Twin:
+        def __init__(self) -> None:
+            settings = ReplicaSettings(capacity=6, compute="emulated", idle_timeout_s=0.05)
+            self.a = CodecReplicaCore(settings, "with-refs")
+            self.b = CodecReplicaCore(settings, "without")
+            self.pairs: list[tuple[BatchResult, BatchResult]] = []
+
+        async def process(self, batch: FrameBatch) -> BatchResult:
+            assert batch.stream_refs is not None
+            ra, rb = await asyncio.gather(self.a.process(batch),
+                                          self.b.process(replace(batch, stream_refs=None)))
+            self.pairs.append((ra, rb))
+            return ra
+
+        async def leave(self, ids: list[str]) -> int:
+            return await self.a.leave(ids) + 0 * await self.b.leave(ids)
+
+    async def go() -> None:
+        twin = Twin()
+        bridge = BridgeCore(twin, bridge_id="b", deadline_ms=DEADLINE_MS, capacity=8)
+        rng = np.random.default_rng(5)
+        live: list[str] = []
+        n = 0
+        for tick in range(60):
+            if live and rng.random() < 0.3:
+                bridge.leave(live.pop(int(rng.integers(len(live)))))
+            if rng.random() < 0.7 or not live:
+                live.append(f"s{n}")
+                bridge.join(f"s{n}")
+                n += 1
+            for sid in live:
+                if rng.random() < 0.9:
+                    bridge.push(sid, np.zeros(CHUNK_SAMPLES, np.float32))
+            if tick == 30:
+                await asyncio.sleep(1.2)  # every slot idles out (the sweep runs each second)
+            await bridge.tick()
+        for ra, rb in twin.pairs:
+            assert ra.stream_ids == rb.stream_ids
+            assert ra.outcome_codes.tolist() == rb.outcome_codes.tolist()
+            assert ra.epochs.tolist() == rb.epochs.tolist()
+        codes = np.concatenate([ra.outcome_codes for ra, _ in twin.pairs])
+        assert (codes == 0).sum() > 100
+        assert (codes == reason_code(FallbackReason.OVERLOAD)).any()  # more streams than slots
+        assert len(twin.a.pool._refs["b"].ref) >= 8  # the refs were used
+        await twin.a.stop()
+        await twin.b.stop()
+
+    run(go())
+
+
+@pytest.mark.parametrize("refs, message", [
+    (np.array([0, 1], np.int32), "stream_refs must be an int64 array"),
+    (np.array([0], np.int64), "stream_refs must be an int64 array of shape (2,)"),
+    (np.array([0, -1], np.int64), "stream_refs must be >= 0"),
+    (np.array([0, (1 << 20) << 32], np.int64), "with a row (ref >> 32) below"),
+])
+def test_malformed_stream_refs_are_answered_per_frame(refs, message):
+    async def go() -> BatchResult:
+        core = CodecReplicaCore(ReplicaSettings(capacity=4, compute="emulated"), "refs-test")
+        b = _batch(["a", "b"])
+        b.stream_refs = refs
+        res = await asyncio.wait_for(core.process(b), 10.0)
+        await core.stop()
+        return res
+
+    res = run(go())
+    assert res.counts() == {"fallback/error": 2}
+    assert all(message in e for e in res.errors.values()), res.errors
