@@ -65,7 +65,7 @@ class BridgeEpochs:
         seqs = np.where(fresh, 0, self.next_seq[rows])
         self.next_seq[rows] = seqs + 1
         self.fresh[rows] = False
-        return self.epoch[rows].copy(), seqs
+        return self.epoch[rows], seqs  # (indexing with an array copies)
 
     def fell_back(self, rows: np.ndarray) -> None:
         """These streams' frames fell back: their next AI frame opens a new epoch."""

@@ -83,7 +83,7 @@ from models.constants import DEFAULT_DEADLINE_MS, N_Q_BY_BANDWIDTH, TICK_S
 from models.vad import EnergyVad, VadConfig, chunk_levels_db, talk_spurts
 from sfu_bridge import adaptation
 from sfu_bridge.hint_auth import HINT_ACCEPTED, HINT_CODES, HintTable
-from sfu_bridge.hint_ext import Hint, HintElement
+from sfu_bridge.hint_ext import HINT_BYTES, Hint, HintElement
 from sfu_bridge.limiter import DEFAULT_BURST, DEFAULT_RATE_PER_S, GcraParams, gcra_allow
 from telemetry import metrics
 
@@ -410,6 +410,7 @@ class BridgeCore:
         self._guard_tat = np.zeros(0, np.int64)
         # each row's hint key and replay window (None: no secret, every hint is dropped)
         self._hints = HintTable(hint_secret) if hint_secret is not None else None
+        self._gauged: tuple[int, int] | None = None  # (active, relayed) streams last set
         self.last_hint: list[Any] = []
         self.tally = np.zeros((0, N_CODES), np.int64)  # outcomes since the last supervisor report
         self._registered = np.zeros(0, bool)  # its user id went to the supervisor
@@ -1134,13 +1135,13 @@ class BridgeCore:
                 index, code = self._hints.accept_many(k_rows, self.ids[k_rows].tolist(), k_raws)
                 for c, n in zip(*np.unique(code[code != HINT_ACCEPTED], return_counts=True), strict=True):
                     dropped[HINT_CODES[c].value] += int(n)  # size, tag, field or replay
-                good = np.flatnonzero(code == HINT_ACCEPTED)
-                # authentic, but no replica runs its model
-                known = _KNOWN_MODEL[np.fromiter((k_raws[j][0] >> 4 for j in good.tolist()), np.int64, good.size)]
+                good = np.flatnonzero(code == HINT_ACCEPTED).tolist()
+                # authentic, but no replica runs its model (an accepted element is 16 bytes)
+                first = np.frombuffer(b"".join([k_raws[j] for j in good]), np.uint8)[::HINT_BYTES]
+                known = _KNOWN_MODEL[first >> 4]
                 if not known.all():
                     dropped[HintDrop.UNKNOWN_MODEL.value] += int(np.count_nonzero(~known))
-                    good = good[known]
-                good = good.tolist()
+                    good = np.asarray(good, np.int64)[known].tolist()
                 v_rows = k_rows[good].tolist()
                 v_hints = [(i, k_raws[j]) for i, j in zip(index[good].tolist(), good, strict=True)]
             if v_rows:
@@ -1175,7 +1176,7 @@ class BridgeCore:
         """Accepted hints take effect (docs/protocol.md, "Hint semantics"): the latest one's
         BW and model (this tick's batch has gone: from the next tick), and any R opens a new
         epoch with the stream's next AI frame. `last`: each stream's latest allowed hint."""
-        first = np.frombuffer(bytes(raw[0] for _, raw in hints), np.uint8).astype(np.int64)
+        first = np.frombuffer(b"".join([raw for _, raw in hints]), np.uint8)[::HINT_BYTES].astype(np.int64)
         live = self.live
         r = rows[last]
         ok = live[r]
@@ -1236,8 +1237,11 @@ class BridgeCore:
             metrics.record_hints(metrics.HintVerdict.LIMITED, early)
         for k, v in report.hints_dropped.items():
             metrics.record_hints(hint_verdict(k), v)
-        metrics.set_streams_active(self.bridge_id, len(self._row_of) - len(self._relayed))
-        metrics.set_streams_relayed(self.bridge_id, len(self._relayed))
+        carried = (len(self._row_of) - len(self._relayed), len(self._relayed))
+        if carried != self._gauged:  # gauges hold their value: set when it changes
+            self._gauged = carried
+            metrics.set_streams_active(self.bridge_id, carried[0])
+            metrics.set_streams_relayed(self.bridge_id, carried[1])
 
     def _housekeeping(self) -> None:
         """Per tick, after the outcomes: the batched codec leave, supervisor forget, and the

@@ -331,21 +331,26 @@ class HintTable:
             return index, code
         # elements of the usual shape go through the C loop; others are a size rejection
         # (a bytes-like element of 16 bytes is taken as its bytes)
-        good = np.fromiter((type(d) is bytes and len(d) == HINT_BYTES for d in elements), bool, n)
-        if not good.all():
+        try:
+            data = b"".join(elements)
+            usual = len(data) == n * HINT_BYTES and all(map(HINT_BYTES.__eq__, map(len, elements)))
+        except TypeError:  # an element that is not bytes-like
+            usual = False
+        if usual:
+            at = np.arange(n)
+        else:
+            good = np.zeros(n, bool)
             fixed = list(elements)
-            for i in np.flatnonzero(~good).tolist():
-                d = elements[i]
+            for i, d in enumerate(elements):
                 if isinstance(d, bytes | bytearray | memoryview) and len(bytes(d)) == HINT_BYTES:
                     fixed[i] = bytes(d)
                     good[i] = True
-            elements = fixed
-        at = np.flatnonzero(good)
-        code[~good] = _SIZE_CODE
+            at = np.flatnonzero(good)
+            code[~good] = _SIZE_CODE
+            data = b"".join([fixed[i] for i in at.tolist()])
         if at.size:
             out_i = np.zeros(at.size, np.int64)
             out_c = np.zeros(at.size, np.uint8)
-            data = b"".join(elements) if at.size == n else b"".join([elements[i] for i in at.tolist()])
             _c_hint_accept(np.ascontiguousarray(rows[at]), data, self._pads, self._highest, self._mask,
                            self.window, len(HINT_BANDWIDTHS_KBPS), out_i, out_c)
             index[at], code[at] = out_i, out_c
