@@ -103,6 +103,8 @@ def _take(batch: FrameBatch, rows: Rows, spent_ms: float = 0.0) -> FrameBatch:
 def merge_results(batch: FrameBatch, parts: list[tuple[Rows, BatchResult]]) -> BatchResult:
     """Scatter per-replica results back into the batch's row order."""
     b = len(batch)
+    if _in_order(parts, b):
+        return _concatenate(batch, parts)
     out = BatchResult(
         stream_ids=list(batch.stream_ids),
         outcome_codes=np.zeros(b, np.uint8),
@@ -140,6 +142,51 @@ def merge_results(batch: FrameBatch, parts: list[tuple[Rows, BatchResult]]) -> B
         # "real", "emulated", or both ("emulated,real") if replicas disagree mid-reconfigure.
         out.compute = ",".join(sorted(modes))
     return out
+
+
+def _in_order(parts: list[tuple[Rows, BatchResult]], b: int) -> bool:
+    """Whether the parts are ranges of rows that follow each other from 0 to b (a batch a
+    bridge ordered by owner), each answering its rows' columns, with codes of one shape
+    (or none) and no VAD state."""
+    at = 0
+    shapes = set()
+    for rows, res in parts:
+        if (not isinstance(rows, slice) or rows.start != at or rows.step not in (None, 1)
+                or res.vad is not None or not len(res.outcome_codes) == len(res.queue_ms)
+                == len(res.compute_ms) == rows.stop - at):
+            return False
+        at = rows.stop
+        shapes.add(None if res.codes is None else res.codes.shape[1:])
+    return at == b and len(shapes) == 1
+
+
+def _concatenate(batch: FrameBatch, parts: list[tuple[Rows, BatchResult]]) -> BatchResult:
+    """`merge_results` of parts in row order: each column joined, nothing scattered."""
+    results = [res for _, res in parts]
+    codes = None
+    first = results[0].codes
+    if first is not None and first.ndim == 3:
+        n_q = int(batch.depths().max()) if len(batch) else 0
+        codes = np.concatenate([r.codes for r in results])
+        if codes.shape[1] < n_q:  # as deep as the batch's deepest row, zeros below
+            codes = np.concatenate([codes, np.zeros((codes.shape[0], n_q - codes.shape[1], codes.shape[2]),
+                                                    codes.dtype)], axis=1)
+    errors: dict[str, str] = {}
+    for r in results:
+        errors.update(r.errors)
+    modes = {r.compute for r in results}
+    return BatchResult(
+        stream_ids=list(batch.stream_ids),
+        outcome_codes=np.concatenate([r.outcome_codes for r in results]).astype(np.uint8, copy=False),
+        epochs=np.asarray(batch.epochs, np.int64).copy(),
+        queue_ms=np.concatenate([r.queue_ms for r in results]).astype(np.float32, copy=False),
+        compute_ms=np.concatenate([r.compute_ms for r in results]).astype(np.float32, copy=False),
+        codes=codes,
+        replica_id=",".join(sorted({r.replica_id for r in results if r.replica_id})),
+        errors=errors,
+        compute=",".join(sorted(modes)),
+        held_ms=max(0.0, *(r.held_ms for r in results)),
+    )
 
 
 def _fallback_part(sub: FrameBatch, reason: FallbackReason, message: str) -> BatchResult:

@@ -342,6 +342,39 @@ def test_a_batch_ordered_by_owner_is_split_into_views():
     assert merged.counts() == {"ai": 3, "fallback/overload": 1} and merged.outcome(0)[1] is FallbackReason.OVERLOAD
 
 
+def test_merging_parts_in_row_order_equals_scattering_them():
+    """Parts that are ranges of rows in order (a bridge's batch ordered by owner) are joined
+    column by column; the result is the one the general scatter gives the same rows as index
+    arrays: outcomes, times, codes padded to the batch's deepest row, errors, replica ids,
+    compute modes and held time; a part answering fewer rows than it was sent, or carrying
+    VAD state, takes the general path."""
+    batch = _batch([f"s{i}" for i in range(7)])
+    batch.n_q = np.array([2, 8, 4, 8, 2, 2, 16], np.int64)
+    rng = np.random.default_rng(1)
+
+    def part(rows: range, rid: str, n_q: int | None) -> BatchResult:
+        k = len(rows)
+        res = BatchResult([f"s{i}" for i in rows], rng.integers(0, 3, k).astype(np.uint8),
+                          np.arange(k), rng.random(k).astype(np.float32), rng.random(k).astype(np.float32),
+                          codes=None if n_q is None else rng.integers(0, 1024, (k, n_q, 3)).astype(np.int16),
+                          replica_id=rid, errors={f"s{rows[0]}": "x"}, compute="emulated", held_ms=float(k))
+        return res
+
+    for depths in ((8, 8, 8), (16, 16, 16), (None, None, None), (8, None, 8)):
+        spans = [range(0, 3), range(3, 4), range(4, 7)]
+        parts = [part(r, f"r{j}", d) for j, (r, d) in enumerate(zip(spans, depths, strict=True))]
+        fast = merge_results(batch, [(slice(r.start, r.stop), p) for r, p in zip(spans, parts, strict=True)])
+        slow = merge_results(batch, [(np.arange(r.start, r.stop), p) for r, p in zip(spans, parts, strict=True)])
+        for name in ("stream_ids", "replica_id", "errors", "compute", "held_ms"):
+            assert getattr(fast, name) == getattr(slow, name), name
+        for name in ("outcome_codes", "epochs", "queue_ms", "compute_ms", "codes"):
+            a, b = getattr(fast, name), getattr(slow, name)
+            assert (a is None) == (b is None) and (a is None or (a.dtype == b.dtype and np.array_equal(a, b))), name
+    short = part(range(0, 2), "r0", 8)  # answers 2 of the 3 rows it was sent
+    with pytest.raises(ValueError):
+        merge_results(batch, [(slice(0, 3), short), (slice(3, 7), part(range(3, 7), "r1", 8))])
+
+
 def test_settings_from_env_and_compute_mode():
     s = ReplicaSettings.from_env({"AURALINK_DEADLINE_MS": "15", "AURALINK_COMPUTE": "emulated",
                                   "AURALINK_LATENCY_PROFILE_DEVICE": "cpu: test",
