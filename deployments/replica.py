@@ -115,6 +115,9 @@ class SlotPool:
         self.generation = np.zeros(capacity, np.int64)
         self.epochs = ReplicaEpochs(capacity)
         self._refs: dict[str | None, _RefTable] = {}  # per sender: its stream refs -> slots
+        # how `lookup` found streams (GET /v1/replica: stream_lookup): by ref, by id, and the
+        # senders whose refs named another stream (their tables dropped)
+        self.by_ref = self.by_id = self.refs_dropped = 0
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -151,10 +154,14 @@ class SlotPool:
             if self._sid[slots[i]] != stream_ids[i]:
                 logger.warning("sender %r: a stream ref named another stream; its refs are dropped", sender)
                 del self._refs[sender]
+                self.refs_dropped += 1
+                self.by_id -= len(stream_ids) - int(found.size)  # the misses, looked up again below
                 return self._by_id(stream_ids, np.arange(len(stream_ids)))
+        self.by_ref += int(found.size)
         return slots
 
     def _by_id(self, stream_ids: list[str], rows: np.ndarray) -> np.ndarray:
+        self.by_id += int(rows.size)
         get = self._slot_of.get
         if rows.size == len(stream_ids):
             return np.fromiter(map(get, stream_ids, itertools.repeat(-1)), np.int64, rows.size)
@@ -1034,6 +1041,9 @@ class CodecReplicaCore:
             "frames_in": self.frames_in,
             "bookkeeping_cpu_s": round(self.cpu.seconds, 6),
             "opus_intake": self.opus.info(),  # decoding the bridges' Opus rows
+            # streams found by their sender's ref (FrameBatch.stream_refs) or by id
+            "stream_lookup": {"by_ref": self.pool.by_ref, "by_id": self.pool.by_id,
+                              "ref_senders": len(self.pool._refs), "refs_dropped": self.pool.refs_dropped},
             "process_cpu_s": round(t.user + t.system, 3),
             "gc": self.gc_watch.snapshot(),
             "settings": {k: v for k, v in self.settings.to_dict().items() if k != "latency_profile"},

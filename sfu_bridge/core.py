@@ -359,7 +359,6 @@ class BridgeCore:
         self.deadline_grace_ms = deadline_grace_ms
         self.bandwidth_kbps = bandwidth_kbps
         self.max_backlog = max_backlog
-        self.hint_secret = hint_secret
         self.limiter = limiter
         self.max_hints_per_tick = max_hints_per_tick
         # a bound on the HMACs a flood costs: above the limiter's own rate and burst, so it
@@ -1126,6 +1125,7 @@ class BridgeCore:
             # the hints that verified, in arrival order: their rows, indexes and elements
             v_rows: list[int] = []
             v_hints: list[tuple[int, bytes]] = []  # (index, element)
+            v_first = _EMPTY_I  # their first bytes (model, BW, R)
             if self._hints is None:
                 dropped[HintDrop.INVALID.value] += int(np.count_nonzero(keep))
             else:
@@ -1137,11 +1137,12 @@ class BridgeCore:
                     dropped[HINT_CODES[c].value] += int(n)  # size, tag, field or replay
                 good = np.flatnonzero(code == HINT_ACCEPTED).tolist()
                 # authentic, but no replica runs its model (an accepted element is 16 bytes)
-                first = np.frombuffer(b"".join([k_raws[j] for j in good]), np.uint8)[::HINT_BYTES]
-                known = _KNOWN_MODEL[first >> 4]
+                v_first = np.frombuffer(b"".join([k_raws[j] for j in good]), np.uint8)[::HINT_BYTES]
+                known = _KNOWN_MODEL[v_first >> 4]
                 if not known.all():
                     dropped[HintDrop.UNKNOWN_MODEL.value] += int(np.count_nonzero(~known))
                     good = np.asarray(good, np.int64)[known].tolist()
+                    v_first = v_first[known]
                 v_rows = k_rows[good].tolist()
                 v_hints = [(i, k_raws[j]) for i, j in zip(index[good].tolist(), good, strict=True)]
             if v_rows:
@@ -1164,19 +1165,19 @@ class BridgeCore:
                     row = v_rows[j]
                     if live[row]:
                         self.last_hint[row] = v_hints[j]
-                self._hint_effects(np.asarray(v_rows, np.int64), v_hints, rank < n_ok[inv], last)
+                self._hint_effects(np.asarray(v_rows, np.int64), v_first.astype(np.int64), rank < n_ok[inv], last)
         with self.cpu:
             self.hint_counters["accepted"] += accepted
             for k, v in dropped.items():
                 self.hint_counters[f"dropped/{k}"] += v
         return accepted, dict(dropped)
 
-    def _hint_effects(self, rows: np.ndarray, hints: list[tuple[int, bytes]], allowed: np.ndarray,
+    def _hint_effects(self, rows: np.ndarray, first: np.ndarray, allowed: np.ndarray,
                       last: np.ndarray) -> None:
         """Accepted hints take effect (docs/protocol.md, "Hint semantics"): the latest one's
         BW and model (this tick's batch has gone: from the next tick), and any R opens a new
-        epoch with the stream's next AI frame. `last`: each stream's latest allowed hint."""
-        first = np.frombuffer(b"".join([raw for _, raw in hints]), np.uint8)[::HINT_BYTES].astype(np.int64)
+        epoch with the stream's next AI frame. `first`: each verified hint's first byte
+        (model, BW, R); `last`: each stream's latest allowed hint."""
         live = self.live
         r = rows[last]
         ok = live[r]

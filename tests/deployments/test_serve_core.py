@@ -485,6 +485,7 @@ def test_a_sender_whose_refs_name_other_streams_loses_them(caplog):
         assert pool.lookup(ids, "br", swapped).tolist() == slots.tolist()
     assert "ref named another stream" in caplog.text
     assert "br" not in pool._refs
+    assert (pool.by_ref, pool.by_id, pool.refs_dropped) == (0, 32, 1)
 
 
 def test_a_replica_answers_alike_with_and_without_stream_refs():
@@ -536,6 +537,9 @@ def test_a_replica_answers_alike_with_and_without_stream_refs():
         assert (codes == 0).sum() > 100
         assert (codes == reason_code(FallbackReason.OVERLOAD)).any()  # more streams than slots
         assert len(twin.a.pool._refs["b"].ref) >= 8  # the refs were used
+        look = twin.a.info()["stream_lookup"]  # what GET /v1/replica shows of them
+        assert look["by_ref"] > 0 and look["by_id"] > 0 and look["refs_dropped"] == 0
+        assert twin.b.info()["stream_lookup"]["by_ref"] == 0
         await twin.a.stop()
         await twin.b.stop()
 
