@@ -91,9 +91,10 @@ def test_dashboard_graph_and_toggle_in_chromium(tmp_path):
     out = tmp_path / "sim"
     log = tmp_path / "simulate.log"
     # A latency profile one replica serves 8 streams with (the repository's CPU profile does
-    # not: its streams would be unhealthy all along). The replica answers nothing from 10 s to
-    # 15 s, late enough that the page is up on a loaded machine (a failing replica, not a
-    # shared slowdown: after the supervisor's replica_failure_s it turns its streams' AI off as
+    # not: its streams would be unhealthy all along). The replica answers nothing from 20 s to
+    # 25 s, late enough that the page is up and watching on a loaded machine (with the stall
+    # at 10 s the page missed the verdict's few seconds in 3 of 6 runs on a 2-core machine;
+    # at 20 s it caught it in 4 of 4). A failing replica, not a shared slowdown: after the supervisor's replica_failure_s it turns its streams' AI off as
     # unhealthy, then back on), and Redis stops at 30 s.
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"latency_profile_ms": {"1": 1.0, "8": 1.5, "64": 4.0},
@@ -101,7 +102,7 @@ def test_dashboard_graph_and_toggle_in_chromium(tmp_path):
     cmd = [sys.executable, "-m", "cluster.cli", "simulate", "--compute", "emulated", "--streams", "8", "--duration", "45", "--time-dilation", "1",
            "--replicas", "1", "--flooders", "0", "--forgers", "0", "--replayers", "0",
            "--profile", str(profile), "--deadline-ms", "40",
-           "--fault", "stall-replica@10", "--fault", "stop-redis@30",
+           "--fault", "stall-replica@20", "--fault", "stop-redis@30",
            "--no-progress", "--out", str(out)]
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
