@@ -113,7 +113,7 @@ class ArrivalForecast:
         """Frames expected from now to now + horizon_s (one per stream, earliest first), except
         from the keys where the boolean array `exclude` is set. A frame up to `grace_s` late is
         still expected (now)."""
-        cand = np.flatnonzero(self._known & (self._next <= now + horizon_s))
+        cand = (self._known & (self._next <= now + horizon_s)).nonzero()[0]
         if cand.size:
             nxt = self._next[cand]
             overdue = nxt + self.grace_s <= now
@@ -134,7 +134,7 @@ class ArrivalForecast:
             ex[inside] = exclude[cand[inside]]
             cand = cand[~ex]
         t = self._next[cand]
-        order = np.argsort(t, kind="stable")
+        order = t.argsort(kind="stable")
         cand, t = cand[order], t[order]
         return Expected(cand, np.maximum(t, now), t + self._budget[cand], self._presence[cand].copy(),
                         t + self.grace_s)

@@ -260,10 +260,10 @@ class CodecClient:
         if owners is None or (owners == owners[0]).all():
             return [(stream_ids[0], slice(0, n))]
         if (owners[1:] >= owners[:-1]).all():
-            bounds = [0, *(np.flatnonzero(np.diff(owners)) + 1).tolist(), n]
+            bounds = [0, *((owners[1:] != owners[:-1]).nonzero()[0] + 1).tolist(), n]
             return [(stream_ids[a], slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        order = np.argsort(owners, kind="stable")
-        cuts = np.flatnonzero(np.diff(owners[order])) + 1
+        order = owners.argsort(kind="stable")
+        cuts = ((o := owners[order])[1:] != o[:-1]).nonzero()[0] + 1
         return [(stream_ids[int(rows[0])], rows) for rows in np.split(order, cuts)]
 
     def owners_version(self) -> tuple[str, ...] | None:
@@ -289,7 +289,7 @@ class CodecClient:
             self._owner_uids, self._owner_ix = uids, {}
         cache = self._owner_ix
         out = np.fromiter(map(cache.get, stream_ids, repeat(-1)), np.int64, n)
-        missing = np.flatnonzero(out < 0)
+        missing = (out < 0).nonzero()[0]
         if missing.size:
             place = {u: i for i, u in enumerate(uids)}
             owner = view.owner

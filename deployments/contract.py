@@ -255,7 +255,7 @@ class BatchResult:
         out: dict[str, int] = {}
         # a count per code (a few small integers): cheaper than sorting thousands of rows
         n = np.bincount(self.outcome_codes, minlength=_COUNT_CODES)
-        for c in np.flatnonzero(n).tolist():
+        for c in n.nonzero()[0].tolist():
             if c == DTX_CODE:
                 out[Outcome.DTX.value] = int(n[c])
                 continue

@@ -371,7 +371,9 @@ class LatencyModel:
                 rows[:n], known[:n] = self._rows, self._row_known
             self._rows, self._row_known = rows, known
         assert self._row_known is not None
-        missing = np.unique(k[~self._row_known[k - 1]])
+        missing = k[~self._row_known[k - 1]]
+        if missing.size > 1:
+            missing = np.unique(missing)
         if missing.size:
             self._rows[missing - 1] = self._interpolate_rows(missing)
             self._row_known[missing - 1] = True
@@ -384,8 +386,8 @@ class LatencyModel:
         if len(sizes) == 1:
             out = np.repeat(env.dist, len(k), axis=0)
         else:
-            i = np.clip(np.searchsorted(sizes, k, side="right") - 1, 0, len(sizes) - 2)
-            w = np.clip((k - sizes[i]) / (sizes[i + 1] - sizes[i]), 0.0, 1.0)
+            i = np.minimum(np.maximum(sizes.searchsorted(k, side="right") - 1, 0), len(sizes) - 2)
+            w = np.minimum(np.maximum((k - sizes[i]) / (sizes[i + 1] - sizes[i]), 0.0), 1.0)
             out = env.dist[i] + w[:, None] * (env.dist[i + 1] - env.dist[i])
         beyond = k > sizes[-1]
         if beyond.any():

@@ -145,11 +145,11 @@ class SlotPool:
         hit = (rows < t.ref.size) & (t.ref[at] == refs) & (self.generation[slots] == t.slot_gen[at])
         if not hit.all():
             slots = np.where(hit, slots, -1)
-            miss = np.flatnonzero(~hit)
+            miss = (~hit).nonzero()[0]
             slots[miss] = self._by_id(stream_ids, miss)
         # A sample of the streams found by ref must be the streams named: a sender whose refs
         # do not name one stream each (a bug, two senders under one id) loses its table.
-        found = np.flatnonzero(hit)
+        found = hit.nonzero()[0]
         for i in found[:: max(1, found.size // REF_SAMPLE)][:REF_SAMPLE].tolist():
             if self._sid[slots[i]] != stream_ids[i]:
                 logger.warning("sender %r: a stream ref named another stream; its refs are dropped", sender)
@@ -198,7 +198,7 @@ class SlotPool:
             return len(slots) == 0 or int(np.bincount(slots).max()) <= 1
         if known.any() and int(np.bincount(slots[known]).max()) > 1:
             return False
-        unknown = np.flatnonzero(~known).tolist()
+        unknown = (~known).nonzero()[0].tolist()
         return len({stream_ids[i] for i in unknown}) == len(unknown)
 
     def acquire(self, stream_id: str, now: float) -> int | None:
@@ -219,7 +219,8 @@ class SlotPool:
     def acquire_new(self, stream_ids: list[str], now: float) -> np.ndarray:
         """`acquire` for streams (distinct) that hold no slot yet, all at once: their new
         slots, in order, -1 for those the pool had no free slot left for."""
-        out = np.full(len(stream_ids), -1, np.int64)
+        out = np.empty(len(stream_ids), np.int64)
+        out.fill(-1)
         k = min(len(stream_ids), len(self._free))
         if k:
             top = len(self._free) - k
@@ -245,7 +246,7 @@ class SlotPool:
 
     def idle(self, now: float, timeout_s: float) -> list[str]:
         """Streams with no frame for longer than `timeout_s`."""
-        gone = np.flatnonzero((now - self.last_seen > timeout_s) & (self._sid != None))  # noqa: E711
+        gone = ((now - self.last_seen > timeout_s) & (self._sid != None)).nonzero()[0]  # noqa: E711
         return self._sid[gone].tolist()
 
     def streams(self) -> list[str]:
@@ -265,7 +266,8 @@ class _Request:
         self.depths = batch.depths()  # codebooks per row (encode)
         self.n_q = n_q  # the deepest of them
         self.arrival = arrival
-        self.slots = np.full(b, -1, np.int64)
+        self.slots = np.empty(b, np.int64)
+        self.slots.fill(-1)
         self.generation = np.zeros(b, np.int64)  # of each frame's slot when it was admitted
         # The frames' relative budgets stamped on this replica's clock (the deadline rule).
         self.deadlines = batch.deadlines(arrival)
@@ -628,7 +630,7 @@ class CodecReplicaCore:
                            self.settings.compute.value, n_q, asyncio.get_running_loop())
             if silent is not None:
                 req.result.vad = vad
-                req.answer(np.flatnonzero(silent), DTX_CODE)
+                req.answer(silent.nonzero()[0], DTX_CODE)
             # (a rebuild while this request waited for the runtime made a new slot pool)
             if (self._admit(req, slots if self.pool is pool else None, silent)
                     and self._wake is not None):
@@ -668,7 +670,7 @@ class CodecReplicaCore:
             # Streams new here, each with its epoch's first frame, and free slots for all of
             # them: they take their slots as the full path below would (under churn, most
             # requests bring a stream or two).
-            new = np.flatnonzero(slots < 0)
+            new = (slots < 0).nonzero()[0]
             usual = new.size <= self.pool.free and not seqs[new].any()
             if usual:
                 ids = batch.stream_ids
@@ -679,8 +681,8 @@ class CodecReplicaCore:
             ok = self.pool.epochs.admit(slots, epochs, seqs)
             if ok.all():
                 return self._queue(req, np.arange(b), slots, epochs, seqs, deadlines, now)
-            req.answer(np.flatnonzero(~ok), _RESET)
-            rows = np.flatnonzero(ok)
+            req.answer((~ok).nonzero()[0], _RESET)
+            rows = ok.nonzero()[0]
             return self._queue(req, rows, slots[rows], epochs[rows], seqs[rows], deadlines[rows], now)
         todo = np.ones(b, bool) if skip is None else ~skip
         # A frame the model cannot take (NaN/inf) is that frame's `error`, not its batch's.
@@ -689,14 +691,14 @@ class CodecReplicaCore:
         late = todo & ~bad & (deadlines <= now)  # NaN: no deadline of its own, never late here
         ended = (bad | late) & (slots >= 0)
         self.pool.epochs.end(slots[ended])
-        req.answer(np.flatnonzero(bad), _ERROR, error="pcm has NaN or infinite samples")
-        req.answer(np.flatnonzero(late), _DEADLINE)
+        req.answer(bad.nonzero()[0], _ERROR, error="pcm has NaN or infinite samples")
+        req.answer(late.nonzero()[0], _DEADLINE)
         todo &= ~(bad | late)
         negative = todo & ((seqs < 0) | (epochs < 0))
-        req.answer(np.flatnonzero(negative), _ERROR, error="epoch and epoch_seq must be >= 0")
+        req.answer(negative.nonzero()[0], _ERROR, error="epoch and epoch_seq must be >= 0")
         todo &= ~negative
         # A stream's first frame of an epoch takes a slot (a new stream: a free one, if any).
-        need = np.flatnonzero(todo & (seqs == 0) & (slots < 0))
+        need = (todo & (seqs == 0) & (slots < 0)).nonzero()[0]
         if need.size:
             ids = batch.stream_ids
             got = self.pool.acquire_new([ids[r] for r in need.tolist()], now)
@@ -706,9 +708,9 @@ class CodecReplicaCore:
             todo[full_rows] = False
         # Continuing an epoch this replica does not hold (moved, restarted, or a gap).
         orphan = todo & (slots < 0)
-        req.answer(np.flatnonzero(orphan), _RESET)
+        req.answer(orphan.nonzero()[0], _RESET)
         todo &= ~orphan
-        rows = np.flatnonzero(todo)
+        rows = todo.nonzero()[0]
         ok = self.pool.epochs.admit(slots[rows], epochs[rows], seqs[rows])
         req.answer(rows[~ok], _RESET)
         rows = rows[ok]

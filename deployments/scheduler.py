@@ -304,7 +304,7 @@ class EdfScheduler:
     def _reserve(self, n: int) -> None:
         if self._n + n <= self._cap:
             return
-        live = np.flatnonzero(self._live[: self._n])
+        live = self._live[: self._n].nonzero()[0]
         cap = max(1024, 2 * (live.size + n))
         for name in ("_dl", "_arr", "_key", "_ep", "_sq", "_ref", "_live"):
             old = getattr(self, name)
@@ -318,7 +318,7 @@ class EdfScheduler:
         return self._live_n
 
     def queued_refs(self) -> np.ndarray:
-        return self._ref[np.flatnonzero(self._live[: self._n])]
+        return self._ref[self._live[: self._n].nonzero()[0]]
 
     def queued(self) -> list[PendingFrame]:
         return [self._objects[r] for r in self.queued_refs().tolist() if r in self._objects]
@@ -349,7 +349,7 @@ class EdfScheduler:
 
         # 1. Expire what is unlikely to finish even alone, before any compute.
         hopeless_s = self._hopeless_s()
-        live = np.flatnonzero(self._live[: self._n])
+        live = self._live[: self._n].nonzero()[0]
         if live.size:
             gone = live[self._dl[live] < now + margin_s + hopeless_s]
             if gone.size:
@@ -378,7 +378,7 @@ class EdfScheduler:
         elif self._live_n and plan.hold_until is None:
             # Frames wait and none can run yet: name the time to decide again, 1 us past the
             # expiry cutoff of the earliest deadline (the decision then expires it).
-            head = float(self._dl[np.flatnonzero(self._live[: self._n])].min())
+            head = float(self._dl[self._live[: self._n].nonzero()[0]].min())
             plan.hold_until = max(now, head - margin_s - hopeless_s + 1e-6)
         plan.run_refs = self._ref[run]
         plan.run_deadlines = self._dl[run]
@@ -394,18 +394,19 @@ class EdfScheduler:
         """Positions of `idx` (column indices, increasing = insertion order) sorted by
         (deadline, arrival, insertion)."""
         if self._in_arrival_order:
-            return np.argsort(self._dl[idx], kind="stable")
+            return self._dl[idx].argsort(kind="stable")
         return np.lexsort((self._arr[idx], self._dl[idx]))
 
     def _eligible(self, limit: int) -> np.ndarray:
         """Each stream's earliest queued frame (by epoch, seq), the first `limit` in EDF order."""
-        live = np.flatnonzero(self._live[: self._n])
+        live = self._live[: self._n].nonzero()[0]
         if live.size and (self._kq > 1).any():
             o = np.lexsort((self._sq[live], self._ep[live], self._key[live]))
             k = self._key[live[o]]
             first = np.ones(o.size, bool)
             first[1:] = k[1:] != k[:-1]
-            live = np.sort(live[o[first]])
+            live = live[o[first]]
+            live.sort()
         return live[self._edf_order(live)][:limit]
 
     def _remove(self, idx: np.ndarray) -> None:
@@ -513,9 +514,9 @@ class EdfScheduler:
         for k, o in zip(keys, orders, strict=True):
             if k not in earliest or o < earliest[k]:
                 earliest[k] = o
-        live = np.flatnonzero(self._live[: self._n])
+        live = self._live[: self._n].nonzero()[0]
         best = -1
-        for j in np.flatnonzero(ok).tolist():
+        for j in ok.nonzero()[0].tolist():
             k, o = keys[j], orders[j]
             if o != earliest[k]:
                 continue
@@ -571,7 +572,7 @@ class EdfScheduler:
             joins = expected.arrival <= t
             h_slack = np.concatenate([slack, exp_slack[joins]]) - wait_ms
             h_weight = np.concatenate([ones, exp_weight[joins]])
-            order = np.argsort(h_slack, kind="stable")
+            order = h_slack.argsort(kind="stable")
             v, _, _ = self._best_window(h_slack[order], h_weight[order], exp_slack[~joins] - wait_ms,
                                         exp_weight[~joins], overloaded, wait_ms)
             if v > best_value:
@@ -632,9 +633,9 @@ class EdfScheduler:
         unknown = np.maximum(self._arrival_rate_per_ms() * tau - later_total, 0.0)
         m = np.minimum(np.maximum(np.rint(n - ks + later_total + unknown), 1), cfg.max_batch).astype(int)
         # runs of equal slack among the candidates, and the later frames by distinct slack
-        run_start = np.flatnonzero(np.concatenate(([True], slack[1:] != slack[:-1])))
+        run_start = np.concatenate(([True], slack[1:] != slack[:-1])).nonzero()[0]
         run_slack = slack[run_start]
-        cw = np.concatenate(([0.0], np.cumsum(weight)))  # weight before each position
+        cw = np.concatenate(([0.0], weight.cumsum()))  # weight before each position
         run_end = np.concatenate((run_start[1:], [n]))
         run_w = cw[run_end] - cw[run_start]
         lat_slack, lat_inv = np.unique(later_slack, return_inverse=True)
@@ -702,7 +703,9 @@ class EdfScheduler:
                 tightest = min(tightest, float(unseen[0]))
             if float(self.model.mean_ms([n])[0]) <= tightest:
                 return True
-        return self._feasible(np.sort(np.concatenate([slack, exp_slack, unseen])))
+        every = np.concatenate([slack, exp_slack, unseen])
+        every.sort()
+        return self._feasible(every)
 
     def _feasible(self, slack_sorted: np.ndarray) -> bool:
         """Can steps run back to back, each the largest deadline-order prefix whose mean step
@@ -717,14 +720,14 @@ class EdfScheduler:
             # the largest k <= top with mean(k) <= slack - t (means grow with k): bracketed on
             # the size grid, then resolved among the sizes in the bracket, in two model calls
             budget = slack_sorted[i] - t
-            j = int(np.searchsorted(grid_means, budget, side="right"))
+            j = int(grid_means.searchsorted(budget, side="right"))
             if j == 0:
                 k = 0
             elif j == grid.size:
                 k = int(grid[-1])
             else:
                 ks = np.arange(grid[j - 1], grid[j])
-                k = int(ks[np.searchsorted(mean_ms(ks), budget, side="right") - 1])
+                k = int(ks[mean_ms(ks).searchsorted(budget, side="right") - 1])
             k = min(k, n - i)
             if k == 0:
                 return False

@@ -383,7 +383,7 @@ class SupervisorPolicy:
         ais = o[:, 0]
         # rows: the new streams get theirs in report order (the order snapshots list them in)
         rows = np.fromiter(map(self._row.get, ids, repeat(-1)), np.intp, n)
-        for i in np.flatnonzero(rows < 0).tolist():
+        for i in (rows < 0).nonzero()[0].tolist():
             rows[i] = self._new_row(ids[i])
         if batch.user_ids:
             here = np.zeros(self._cap, bool)
@@ -402,7 +402,7 @@ class SupervisorPolicy:
         self._iv_t[at] = now
         self._iv_a[at] = attempts[placed]
         self._iv_m[at] = misses[placed]
-        for i in np.flatnonzero(self._rep[rows] != codes).tolist():  # joined, moved, left
+        for i in (self._rep[rows] != codes).nonzero()[0].tolist():  # joined, moved, left
             self._move(int(rows[i]), int(codes[i]))
         self.counters["reports"] += n
         self._update_liveness(self._seen(codes, attempts, ais, start), now)
@@ -410,7 +410,7 @@ class SupervisorPolicy:
 
         cfg = self.config
         excused = np.zeros(n, np.int64)
-        for i in np.flatnonzero(misses).tolist():
+        for i in misses.nonzero()[0].tolist():
             a, m = int(attempts[i]), int(misses[i])
             if self._shared_stall(int(codes[i]), a, m, tally, now):
                 excused[i] = m
@@ -425,14 +425,14 @@ class SupervisorPolicy:
         off = self._off[rows]
         on = np.isnan(off) | (now >= off)
         bad = self._wb[rows].sum(axis=1)  # entries past a window's end are 0
-        for i in np.flatnonzero(on & (bad >= cfg.min_bad)).tolist():
+        for i in (on & (bad >= cfg.min_bad)).nonzero()[0].tolist():
             r = int(rows[i])
             if self._window_unhealthy(r):
                 self._trip(r, now, OffCause.BAD_RATE)
         # what `reason` would find for the rest (on, not opted out), without its calls
         check = ~np.isnan(self._off[rows]) | self._opted[rows]
         out: dict[str, FallbackReason] = {}
-        for i in np.flatnonzero(check).tolist():
+        for i in check.nonzero()[0].tolist():
             why = self.reason(ids[i], now)
             if why is not None:
                 out[ids[i]] = why
@@ -450,7 +450,7 @@ class SupervisorPolicy:
         if self._opted_streams:  # an opted-out stream the policy holds no state for
             check |= ~known & np.fromiter(map(self._opted_streams.__contains__, stream_ids), bool,
                                           len(stream_ids))
-        return [stream_ids[i] for i in np.flatnonzero(check).tolist()
+        return [stream_ids[i] for i in check.nonzero()[0].tolist()
                 if not self.decision(stream_ids[i], now)]
 
     def quality_probe_failed(self, stream_id: str, now: float) -> None:
@@ -497,7 +497,7 @@ class SupervisorPolicy:
         gone = ((np.isnan(off) | (now >= off))
                 & ((wn == 0) | (now - newest >= idle_s))
                 & (np.isnan(last) | (now - last >= idle_s)))
-        for i in np.flatnonzero(gone).tolist():
+        for i in gone.nonzero()[0].tolist():
             self._drop_row(ids[i])
         return int(gone.sum())
 
@@ -626,7 +626,7 @@ class SupervisorPolicy:
         window_s = np.full(n, "[]", object)
         wn = self._wn[rows]
         for k in np.unique(wn[wn > 0]).tolist():
-            group = np.flatnonzero(wn == k)
+            group = (wn == k).nonzero()[0]
             sub = rows[group]
             parts: list[str | list[str]] = []
             for j in range(k):
@@ -691,7 +691,7 @@ class SupervisorPolicy:
             return np.full(n, _NO_REPLICA, np.int64)
         known = self._replica_code
         codes = np.fromiter(map(known.get, replicas, repeat(_NEW_REPLICA)), np.int64, n)
-        for i in np.flatnonzero(codes == _NEW_REPLICA).tolist():
+        for i in (codes == _NEW_REPLICA).nonzero()[0].tolist():
             name = replicas[i]
             if name not in known:
                 known[name] = len(self._replica_names)
@@ -720,7 +720,7 @@ class SupervisorPolicy:
               start: np.ndarray) -> dict[str, tuple[int, int, float]]:
         """Per replica named in this report by streams that tried the AI: their attempts,
         AI answers and earliest interval start."""
-        tried = np.flatnonzero((codes != _NO_REPLICA) & (attempts > 0))
+        tried = ((codes != _NO_REPLICA) & (attempts > 0)).nonzero()[0]
         if not len(tried):
             return {}
         uniq, inv = np.unique(codes[tried], return_inverse=True)
@@ -763,7 +763,7 @@ class SupervisorPolicy:
         tried = np.bincount(self._rep[recent], minlength=k)
         missed = np.bincount(self._rep[recent], self._iv_m[recent] > 0, minlength=k)
         return {c: (int(tried_here[c]), int(missed_here[c]), int(tried[c]), int(missed[c]))
-                for c in np.flatnonzero(tried_here).tolist()}
+                for c in tried_here.nonzero()[0].tolist()}
 
     def _shared_stall(self, code: int, attempts: int, misses: int,
                       tally: Mapping[int, tuple[int, int, int, int]], now: float) -> bool:

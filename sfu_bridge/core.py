@@ -247,7 +247,7 @@ class TickReport:
     def counts(self) -> dict[str, int]:
         """Frames by outcome key: 'ai', 'dtx' or 'fallback/<reason>'."""
         n = np.bincount(self.codes, minlength=N_KEYS)
-        return {_KEY_OF_CODE[c]: int(n[c]) for c in np.flatnonzero(n).tolist()}
+        return {_KEY_OF_CODE[c]: int(n[c]) for c in n.nonzero()[0].tolist()}
 
     def frames(self) -> list[FrameOutcome]:
         return [self.frame(i) for i in range(len(self.stream_ids))]
@@ -820,7 +820,7 @@ class BridgeCore:
         with self.cpu:
             n = len(stream_ids)
             rows = np.fromiter(map(self._row_of.get, stream_ids, repeat(-1)), np.int64, n)
-            known = np.flatnonzero(rows >= 0)
+            known = (rows >= 0).nonzero()[0]
             if not known.size:
                 return
             r = rows[known]
@@ -886,7 +886,7 @@ class BridgeCore:
                           np.full(len(sp.rows), _OVERLOAD, np.uint8), np.asarray(sp.ts, np.int64),
                           (_objects(sp.pcm) if self.opus_in else np.stack(sp.pcm)) if sp.pcm else None))
         n = self._top
-        rows = np.flatnonzero(self.q_n[:n])
+        rows = self.q_n[:n].nonzero()[0]
         over = rows[self.q_n[rows] > self.max_backlog]
         if over.size:  # the oldest chunks beyond the backlog limit: answered, not sent
             shed_rows = np.repeat(over, self.q_n[over] - self.max_backlog)
@@ -909,7 +909,7 @@ class BridgeCore:
                 new = rows[unknown]
                 owners[unknown] = self._owner[new] = self.codec.owner_index(self.ids[new].tolist())
             if not (owners[1:] >= owners[:-1]).all():
-                rows = rows[np.argsort(owners, kind="stable")]
+                rows = rows[owners.argsort(kind="stable")]
         head = self.q_head[rows]
         ts = self.q_ts[rows, head]
         pcm = self.q_pcm[rows, head] if self.q_pcm is not None else None
@@ -929,7 +929,7 @@ class BridgeCore:
         if pcm is not None and rows.size and not self.opus_in:
             on = self.dtx_on[rows]
             if on.any():  # DTX: chunks of streams whose talk spurt has ended are answered here
-                at = np.flatnonzero(on)
+                at = on.nonzero()[0]
                 quiet = at[self._dtx_silent(rows[at], pcm[at])]
                 if quiet.size:
                     qr = rows[quiet]
@@ -951,7 +951,7 @@ class BridgeCore:
             epochs=epochs,
             epoch_seqs=seqs,
             # Relative: the replica stamps it on its own clock (hosts' clocks differ).
-            budgets_ms=np.full(b, float(self.deadline_ms)),
+            budgets_ms=_filled(b, float(self.deadline_ms)),
             pcm=None if self.opus_in else pcm if pcm is not None else self._silence(b),
             opus=list(pcm) if self.opus_in else None,
             bandwidth_kbps=self.bandwidth_kbps,
@@ -1069,7 +1069,8 @@ class BridgeCore:
         n_q = int(batch.n_q.max()) if batch.n_q is not None and b else self.n_q
         row = _result_rows(batch.stream_ids, result)  # -1 = no row for this frame
         have = row >= 0
-        oc = np.full(b, _ERROR, np.int64)
+        oc = np.empty(b, np.int64)
+        oc.fill(_ERROR)
         if have.any():
             oc[have] = np.asarray(result.outcome_codes)[row[have]]
         answered = oc.copy()  # what the other side said (error where it said nothing)
@@ -1129,13 +1130,15 @@ class BridgeCore:
             if self._hints is None:
                 dropped[HintDrop.INVALID.value] += int(np.count_nonzero(keep))
             else:
-                kept = np.flatnonzero(keep)
+                kept = keep.nonzero()[0]
                 k_rows = rows_a[kept]
                 k_raws = [raws[j] for j in kept.tolist()]
                 index, code = self._hints.accept_many(k_rows, self.ids[k_rows].tolist(), k_raws)
-                for c, n in zip(*np.unique(code[code != HINT_ACCEPTED], return_counts=True), strict=True):
-                    dropped[HINT_CODES[c].value] += int(n)  # size, tag, field or replay
-                good = np.flatnonzero(code == HINT_ACCEPTED).tolist()
+                verdicts = np.bincount(code, minlength=len(HINT_CODES))
+                for c in verdicts.nonzero()[0].tolist():
+                    if c != HINT_ACCEPTED:
+                        dropped[HINT_CODES[c].value] += int(verdicts[c])  # size, tag, field or replay
+                good = (code == HINT_ACCEPTED).nonzero()[0].tolist()
                 # authentic, but no replica runs its model (an accepted element is 16 bytes)
                 v_first = np.frombuffer(b"".join([k_raws[j] for j in good]), np.uint8)[::HINT_BYTES]
                 known = _KNOWN_MODEL[v_first >> 4]
@@ -1154,13 +1157,13 @@ class BridgeCore:
                 # an answer short of streams allows none of the rest
                 n_ok = np.zeros(uniq.size, np.int64)
                 n_ok[: len(allowed)] = np.asarray(allowed[: uniq.size], np.int64)
-                n_ok = np.clip(n_ok, 0, counts)
+                n_ok = np.minimum(np.maximum(n_ok, 0), counts)
                 accepted = int(n_ok.sum())
                 if accepted < len(v_rows):
                     dropped[HintDrop.RATE_LIMITED.value] += len(v_rows) - accepted
                 # each stream's latest allowed hint: (index, raw), parsed when read
                 live = self.live
-                last = np.flatnonzero(rank == n_ok[inv] - 1)
+                last = (rank == n_ok[inv] - 1).nonzero()[0]
                 for j in last.tolist():
                     row = v_rows[j]
                     if live[row]:
@@ -1226,7 +1229,7 @@ class BridgeCore:
         decided, self._decided = self._decided, np.zeros(N_CODES, np.int64)
         if decided.any():
             metrics.record_frames(Op.ENCODE.value, {_KEY_OF_CODE[c]: int(decided[c])
-                                                    for c in np.flatnonzero(decided).tolist()})
+                                                    for c in decided.nonzero()[0].tolist()})
         n_ai = int(np.count_nonzero(report.codes == AI_CODE))
         if n_ai:
             metrics.observe_frame_latency_repeated(Op.ENCODE.value, report.codec_wait_ms, n_ai,
@@ -1285,7 +1288,7 @@ class BridgeCore:
         in the columns the supervisor's `report` takes; the tallies start over."""
         with self.cpu:
             n = self._top
-            rows = np.flatnonzero(self.live[:n] & (self.tally[:n].any(axis=1) | ~self._registered[:n]))
+            rows = (self.live[:n] & (self.tally[:n].any(axis=1) | ~self._registered[:n])).nonzero()[0]
             outcomes = self.tally[rows]  # [rows, N_CODES]: column c = outcome code c
             self.tally[rows] = 0
             ids = self.ids[rows].tolist()
@@ -1329,7 +1332,7 @@ class BridgeCore:
         if fetch is None:
             return
         with self.cpu:
-            users = {self.ids[r]: u for r in np.flatnonzero(self.live[: self._top]).tolist()
+            users = {self.ids[r]: u for r in self.live[: self._top].nonzero()[0].tolist()
                      if (u := self.users[r]) is not None}
         if not users:
             return
@@ -1391,7 +1394,7 @@ class BridgeCore:
         return {
             "streams": len(self._row_of) - len(self._relayed),
             "relayed_streams": len(self._relayed),
-            "frames": {_KEY_OF_CODE[c]: int(self.counts[c]) for c in np.flatnonzero(self.counts).tolist()},
+            "frames": {_KEY_OF_CODE[c]: int(self.counts[c]) for c in self.counts.nonzero()[0].tolist()},
             "hints": dict(self.hint_counters),
             "ticks": self.ticks,
             "epoch_restarts": self.epoch_restarts,
@@ -1412,22 +1415,32 @@ def _objects(items: list[Any]) -> np.ndarray:
     return out
 
 
+def _filled(n: int, value: float) -> np.ndarray:
+    """`np.full(n, value)` without its Python layer (this runs every tick)."""
+    out = np.empty(n, np.float64)
+    out.fill(value)
+    return out
+
+
 def _ranks(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(distinct rows, each entry's index into them, their counts, each entry's place among
     the entries of its row in array order). One stable sort: a tick's few hundred hints."""
     n = rows.size
-    order = np.argsort(rows, kind="stable")
+    order = rows.argsort(kind="stable")
     srt = rows[order]
     new = np.empty(n, bool)
     new[:1] = True
     np.not_equal(srt[1:], srt[:-1], out=new[1:])
-    starts = np.flatnonzero(new)
-    gid = np.cumsum(new) - 1
+    starts = new.nonzero()[0]
+    gid = new.cumsum() - 1
     inv = np.empty(n, np.int64)
     inv[order] = gid
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n) - starts[gid]
-    return srt[starts], inv, np.diff(starts, append=n), rank
+    counts = np.empty(starts.size, np.int64)
+    counts[:-1] = starts[1:] - starts[:-1]
+    counts[-1:] = n - starts[-1:]
+    return srt[starts], inv, counts, rank
 
 
 def _parse_hint(kept: tuple[int, bytes] | None) -> Hint | None:

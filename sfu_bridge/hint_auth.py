@@ -320,7 +320,7 @@ class HintTable:
         new = rows[~self._open[rows]]
         if new.size:
             uniq, first = np.unique(new, return_index=True)
-            pos = np.flatnonzero(~self._open[rows])[first]
+            pos = (~self._open[rows]).nonzero()[0][first]
             self._open_rows(uniq, [stream_ids[i] for i in pos.tolist()])
         if not self.native:
             for i, (row, data) in enumerate(zip(rows.tolist(), elements, strict=True)):
@@ -345,7 +345,7 @@ class HintTable:
                 if isinstance(d, bytes | bytearray | memoryview) and len(bytes(d)) == HINT_BYTES:
                     fixed[i] = bytes(d)
                     good[i] = True
-            at = np.flatnonzero(good)
+            at = good.nonzero()[0]
             code[~good] = _SIZE_CODE
             data = b"".join([fixed[i] for i in at.tolist()])
         if at.size:
