@@ -5,7 +5,8 @@ Strategy and storage are separate:
 - `gcra_allow` is the math, shared by `MemoryGCRA` (explicit clock, for unit tests and
   simulations) and mirrored line for line by ``lua/gcra.lua``;
 - `HintLimiter` runs that script on Redis for *all* of a bridge's streams in ONE call per
-  tick (``EVALSHA``; KEYS = per-stream keys, ARGV = interval, tolerance, per-stream counts).
+  tick (``EVALSHA``; KEYS = the bridge's hash and its prune cursor, ARGV = interval,
+  tolerance, per-stream counts, then the stream ids).
   Time comes from the server (``TIME``), never from a client clock. `AsyncHintLimiter` is
   the same on ``redis.asyncio`` for code that must not block its event loop. The one
   exception is a load test's simulated clock (`clock`): a dilated simulation must limit
@@ -20,12 +21,15 @@ burst of ``burst``. Granting k hints in one step equals granting them one at a t
 same instant, so batching a tick changes no decision. ``T`` is rounded to whole
 microseconds (exact for 100/s).
 
-Keys are ``<prefix>:{<bridge_id>}:<stream_id>``. Redis Cluster runs a multi-key script
-only when all keys hash to one slot, so the hash tag is the *bridge*, not the stream: one
-call per tick stays legal, at the cost of placing one bridge's limiter keys on one shard
-(bounded: a bridge holds a few thousand streams; bridges spread over slots). A stream that
-moves to another bridge starts with fresh state (one extra burst at most), which is
-acceptable for a soft limit on hints.
+A bridge's state is one hash, ``<prefix>:{<bridge_id>}`` (field: stream id, value: its
+TAT), so a call is one HMGET and one HSET whatever its size, instead of a write with its own
+expiry per stream (which cost the server about twice as much per stream). The hash expires
+when its last debt is paid, and each call also deletes a few fields whose debt is paid
+(HSCAN), so streams that left stop costing memory within seconds. Redis Cluster runs a
+multi-key script only when all keys hash to one slot; the hash tag is the bridge, so one
+bridge's state sits on one shard (bounded: a bridge holds a few thousand streams; bridges
+spread over slots). A stream that moves to another bridge starts with fresh state (one
+extra burst at most), which is acceptable for a soft limit on hints.
 
 When Redis is unreachable the limiter never raises into the media path: ``fail_open=True``
 (default) lets every hint through, ``False`` drops them; either way it is counted, Redis is
@@ -57,13 +61,15 @@ from telemetry import metrics
 
 log = logging.getLogger(__name__)
 
-SCRIPT_VERSION = 2
+SCRIPT_VERSION = 3
 SCRIPT_PATH = Path(__file__).with_name("lua") / "gcra.lua"
 KEY_PREFIX = f"auralink:gcra{SCRIPT_VERSION}"
 DEFAULT_RATE_PER_S = 100.0
 DEFAULT_BURST = 10
-_MAX_CACHED_KEYS = 200_000
+_MAX_CACHED_FIELDS = 200_000
 _MAX_COUNT = 0xFFFF  # counts travel as uint16; more in one call are refused
+# a bridge's hash is pruned of paid-up streams only above this many fields (gcra.lua)
+PRUNE_ABOVE_FIELDS = 8192
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ def gcra_allow(
     """Vectorised GCRA step: -> (allowed per stream, new tat). `tat` int64 µs, 0 = none."""
     tat = np.maximum(np.asarray(tat, np.int64), now_us)
     room = (params.tolerance_us - (tat - now_us)) // params.interval_us
-    allowed = np.clip(np.asarray(offered, np.int64), 0, np.maximum(room, 0))
+    allowed = np.minimum(np.maximum(np.asarray(offered, np.int64), 0), np.maximum(room, 0))
     return allowed, tat + allowed * params.interval_us
 
 
@@ -147,10 +153,13 @@ class _GcraClient:
         max_retry_after_s: float = 5.0,
         clock: Callable[[], float] | None = None,
         clock_rate: float = 1.0,
+        prune_above: int = PRUNE_ABOVE_FIELDS,
     ) -> None:
         """`clock` (seconds) is the time the limit runs on: None = the Redis server's clock
         (bridges); a load test passes its simulated clock, which runs `clock_rate` clock
-        seconds per wall second (1 / its time dilation; keys then expire in wall time)."""
+        seconds per wall second (1 / its time dilation; keys then expire in wall time).
+        `prune_above`: the bridge's hash is pruned of streams whose debt is paid only while it
+        holds more fields than this (`PRUNE_ABOVE_FIELDS`; tests set it low)."""
         if "{" in bridge_id or "}" in bridge_id or not bridge_id:
             raise ValueError(f"bridge id {bridge_id!r} must be non-empty without braces (it is the hash tag)")
         self.redis = redis_client
@@ -158,7 +167,9 @@ class _GcraClient:
         self.rate_per_s, self.burst = rate_per_s, burst
         self.fail_open = fail_open
         self.bridge_id = bridge_id
-        self.key_prefix = f"{prefix}:{{{bridge_id}}}:"
+        self.key = f"{prefix}:{{{bridge_id}}}"  # the bridge's hash: field = stream id, value = TAT
+        self.scan_key = f"{self.key}:scan"  # the prune's HSCAN cursor
+        self._keys_frag = _bulk(b"2") + _bulk(self.key.encode("utf-8")) + _bulk(self.scan_key.encode("utf-8"))
         self.retry_after_s, self.max_retry_after_s = retry_after_s, max_retry_after_s
         self.counters = LimiterCounters()
         self.script = SCRIPT_PATH.read_text()
@@ -168,7 +179,11 @@ class _GcraClient:
             raise ValueError(f"clock_rate must be > 0, got {clock_rate}")
         self.clock = clock
         self._px_frag = _bulk(repr(0.001 / clock_rate).encode())
-        self._key_frags: dict[str, bytes] = {}
+        self._server_clock_frag = _bulk(b"") + _bulk(b"")
+        if prune_above < 0:
+            raise ValueError(f"prune_above must be >= 0, got {prune_above}")
+        self._prune_frag = _bulk(b"%d" % prune_above)
+        self._field_frags: dict[str, bytes] = {}
         self._backoff_s = retry_after_s
         self._retry_at = 0.0  # monotonic time before which Redis is not tried
         self._failing = False
@@ -220,28 +235,25 @@ class _GcraClient:
             self.counters.unavailable_s += dt
             metrics.record_limiter_unavailable_seconds(self.policy, dt)
 
-    def key(self, stream_id: str) -> str:
-        return self.key_prefix + stream_id
-
-    def _key_frag(self, stream_id: str) -> bytes:
-        frag = self._key_frags.get(stream_id)
-        if frag is None:
-            if len(self._key_frags) >= _MAX_CACHED_KEYS:
-                self._key_frags.clear()
-            frag = self._key_frags[stream_id] = _bulk(self.key(stream_id).encode("utf-8"))
+    def _field_frag(self, stream_id: str) -> bytes:
+        frag = _bulk(stream_id.encode("utf-8"))
+        if len(self._field_frags) >= _MAX_CACHED_FIELDS:
+            self._field_frags.clear()
+        self._field_frags[stream_id] = frag
         return frag
 
     def pack_call(self, stream_ids: Sequence[str], offered: np.ndarray) -> bytes:
         """The RESP bytes of one EVALSHA deciding `offered[i]` hints of `stream_ids[i]`."""
         n = len(stream_ids)
         counts = np.minimum(offered, _MAX_COUNT).astype(">u2").tobytes()
-        frags = [self._key_frag(s) for s in stream_ids]
+        cached = self._field_frags.get
+        frags = [cached(s) or self._field_frag(s) for s in stream_ids]
         if self.clock is None:
-            head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (n + 6) + _bulk(self.sha.encode()) + _bulk(b"%d" % n)
-            return b"".join((head, *frags, self._params_frag, _bulk(counts)))
-        now = _bulk(b"%d" % round(self.clock() * 1_000_000))
-        head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (n + 8) + _bulk(self.sha.encode()) + _bulk(b"%d" % n)
-        return b"".join((head, *frags, self._params_frag, _bulk(counts), now, self._px_frag))
+            clock = self._server_clock_frag
+        else:
+            clock = _bulk(b"%d" % round(self.clock() * 1_000_000)) + self._px_frag
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (n + 11) + _bulk(self.sha.encode()) + self._keys_frag
+        return b"".join((head, self._params_frag, _bulk(counts), clock, self._prune_frag, *frags))
 
     def _check_sha(self, sha: str | bytes) -> None:
         if isinstance(sha, bytes):

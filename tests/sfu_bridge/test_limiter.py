@@ -99,14 +99,46 @@ def test_redis_batch_equals_per_hint(client):
     assert batch.counters.calls == 2 and batch.counters.allowed == 15 and batch.counters.limited == 25
 
 
-def test_keys_are_prefixed_hash_tagged_and_expire(client):
+def test_one_hash_per_bridge_hash_tagged_and_expiring_with_the_last_debt(client):
     lim = HintLimiter(client, rate_per_s=100, burst=10, bridge_id="bridge-7")
+    t0 = client.time()
     lim.allow(["s1", "s2"], [10, 1])
-    assert sorted(client.keys("*")) == [f"{KEY_PREFIX}:{{bridge-7}}:s1".encode(), f"{KEY_PREFIX}:{{bridge-7}}:s2".encode()]
-    assert 0 < client.pttl(lim.key("s1")) <= 100  # 10 hints x 10 ms of debt
-    assert 0 < client.pttl(lim.key("s2")) <= 10
+    assert lim.key == f"{KEY_PREFIX}:{{bridge-7}}"
+    assert client.keys("*") == [lim.key.encode()]  # a small hash: nothing to prune, no cursor
+    tat = {k.decode(): int(v) for k, v in client.hgetall(lim.key).items()}
+    now_us = t0[0] * 1_000_000 + t0[1]
+    assert tat.keys() == {"s1", "s2"}
+    assert 0 <= tat["s1"] - now_us - 100_000 < 50_000  # 10 hints x 10 ms of debt
+    assert 0 <= tat["s2"] - now_us - 10_000 < 50_000
+    assert 0 < client.pttl(lim.key) <= 100  # the hash lives as long as the largest debt
     with pytest.raises(ValueError, match="must be non-empty without braces"):
         HintLimiter(client, bridge_id="a{b}")
+
+
+def test_streams_whose_debt_is_paid_are_pruned_from_a_large_hash(client):
+    """Fields of paid-up streams decide as absent ones; above `prune_above` fields each call
+    deletes some, so a bridge's hash does not keep every stream it ever limited."""
+    sim = {"t": 1000.0}
+    lim = HintLimiter(client, rate_per_s=100, burst=10, bridge_id="prune", clock=lambda: sim["t"],
+                      prune_above=100)
+    gone = [f"left-{i}" for i in range(400)]
+    assert lim.allow(gone, [1] * 400).tolist() == [1] * 400
+    assert client.hlen(lim.key) == 400
+    sim["t"] += 1.0  # their debts are paid
+    calls = 0
+    while client.hlen(lim.key) > 101 and calls < 100:
+        assert lim.allow(["stays"], [1]).tolist() == [1]
+        calls += 1
+        sim["t"] += 0.040
+    assert client.hlen(lim.key) <= 101 and calls < 100  # HSCAN COUNT 32 a call: 400 fields in ~15
+    assert client.hexists(lim.key, "stays")
+    # pruning never changes a decision: a pruned stream starts afresh, as it would have
+    assert lim.allow([gone[0]], [20]).tolist() == [10]
+    small = HintLimiter(client, rate_per_s=100, burst=10, bridge_id="small", clock=lambda: sim["t"])
+    small.allow(gone, [1] * 400)
+    sim["t"] += 1.0
+    small.allow(["stays"], [1])
+    assert client.hlen(small.key) == 401  # below PRUNE_ABOVE_FIELDS: kept
 
 
 def _accuracy_run(client, lim: HintLimiter, ids: list[str], seconds: float) -> tuple[np.ndarray, float, float, float]:
@@ -173,7 +205,17 @@ def test_a_simulated_clock_limits_per_simulated_second_however_late_its_ticks_ru
             time.sleep(late_s)
         assert allowed == 10 + 196, (bridge, allowed)  # the burst, then 100/s over 1.96 s
         # the key lives in wall time as long as its debt lasts in simulated time x dilation
-        assert client.pttl(lim.key("flood")) > 50
+        assert client.pttl(lim.key) > 50
+
+
+def test_a_call_larger_than_the_scripts_slices(client):
+    """Lua's unpack() is bounded by the C stack: the script reads and writes in slices of
+    4,000 values, and a call of more streams than that decides every one of them."""
+    lim = HintLimiter(client, rate_per_s=100, burst=10, bridge_id="wide")
+    ids = [f"s{i}" for i in range(4_001)]
+    assert lim.allow(ids, [3] * 4_001).tolist() == [3] * 4_001
+    assert lim.allow(ids, [9] * 4_001).tolist() == [7] * 4_001  # the rest of the burst
+    assert client.hlen(lim.key) == 4_001 and lim.counters.errors == 0
 
 
 def test_counts_above_uint16_are_refused(client):
