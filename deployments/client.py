@@ -335,7 +335,11 @@ class CodecClient:
                 return self._count(BatchResult.all_fallback(batch, FallbackReason.ERROR))
             groups = self.group_rows(batch.stream_ids, owners)
             budgets = np.asarray(batch.budgets_ms, np.float64)
-            longest_s = float(np.nanmax(budgets)) / 1000.0 if not np.isnan(budgets).all() else 0.0
+            longest = float(budgets.max())
+            if longest != longest:  # a NaN (the replica's default budget) among them
+                known = budgets[budgets == budgets]
+                longest = float(known.max()) if known.size else 0.0
+            longest_s = longest / 1000.0
             timeout = max(0.05, longest_s + self._grace)
             # What the budgets lose before they reach a replica: this client's own work since
             # the tick handed the batch over, and the way there.

@@ -346,6 +346,8 @@ def test_leave_answers_pending_chunks_frees_the_codec_slot_and_the_row(replica_c
     assert second.rows[:2].tolist() == [-1, -1]  # x is gone: its frames belong to no row
     assert replica.pool.streams() == ["y"]  # x's slot was freed
     assert (core.stream("y").epoch, core.stream("y").next_seq) == (1, 1)
+    # the same row, the same batch shape: the batch names its new stream
+    assert [b.stream_ids for b in client.batches] == [["x"], ["y"]]
 
 
 def test_a_stream_leaving_during_the_codec_call_does_not_touch_its_rows_next_owner(sine_chunk):
