@@ -392,7 +392,6 @@ class BridgeCore:
         self._free: list[int] = []
         self._top = 0  # rows ever used
         self._joined = 0  # streams that joined so far (a row's id changes only then)
-        self._limiter_pending: Any = None  # a limiter call sent and not read yet (_limit)
         self._ids_of_rows: tuple[int, np.ndarray, list[str]] | None = None  # see _stream_ids
         self.live = np.zeros(0, bool)
         self.generation = np.zeros(0, np.int64)  # bumped on join and leave
@@ -867,8 +866,7 @@ class BridgeCore:
             t_send = time.perf_counter()
             result = await self._call_codec(taken.batch, taken.owners)
             codec_wait_ms = (time.perf_counter() - t_send) * 1000.0
-        # the limiter's answer came while the codec worked: read now, it costs no wait
-        accepted, dropped = await self._apply_hints(await hint_task)
+        accepted, dropped = await hint_task
         with self.cpu:
             report = self._finish(taken, result, started_at)
             report.codec_wait_ms = codec_wait_ms
@@ -1124,18 +1122,16 @@ class BridgeCore:
         return np.asarray(result.queue_ms, np.float32) + np.asarray(result.compute_ms, np.float32)
 
     # ------------------------------------------------------------------------ hints
-    async def _check_hints(self) -> _HintCheck:
-        """The first half of the tick's hint work, while its codec call runs: verify the
-        hints, then send one limiter call for all of them (`_apply_hints` reads its answer
-        after the codec call, by when it has arrived). Before any crypto work, a per-stream
-        GCRA guard at `hint_guard_per_s` (above the limiter's rate) drops what the limiter
-        would refuse anyway, so a flood costs its bridge a bounded number of HMACs per
-        stream; what passes the guard and verifies is what the limiter decides on."""
+    async def _check_hints(self) -> tuple[int, dict[str, int]]:
+        """Verify the tick's hints, then one limiter call for all of them. Before any crypto
+        work, a per-stream GCRA guard at `hint_guard_per_s` (above the limiter's rate) drops
+        what the limiter would refuse anyway, so a flood costs its bridge a bounded number of
+        HMACs per stream; what passes the guard and verifies is what the limiter decides on."""
         with self.cpu:
             rows, gens, raws = self._hint_rows, self._hint_gens, self._hint_raws
             self._hint_rows, self._hint_gens, self._hint_raws = [], [], []
             if not rows:
-                return _HintCheck(Counter())
+                return 0, {}
             dropped: Counter[str] = Counter()
             rows_a = np.asarray(rows, np.int64)
             self.hint_n[rows_a] = 0
@@ -1167,19 +1163,11 @@ class BridgeCore:
                     v_first = v_first[known]
                 v_rows = k_rows[good].tolist()
                 v_hints = [(i, k_raws[j]) for i, j in zip(index[good].tolist(), good, strict=True)]
-            if not v_rows:
-                return _HintCheck(dropped)
-            uniq, inv, counts, rank = _ranks(np.asarray(v_rows, np.int64))
-            ids, n = self.ids[uniq].tolist(), counts.tolist()
-        return _HintCheck(dropped, v_rows, v_hints, v_first, uniq, inv, counts, rank, self._limit(ids, n))
-
-    async def _apply_hints(self, check: _HintCheck) -> tuple[int, dict[str, int]]:
-        """The second half: the limiter's answer, then the allowed hints take effect."""
-        dropped, v_rows, v_hints = check.dropped, check.v_rows, check.v_hints
+            if v_rows:
+                uniq, inv, counts, rank = _ranks(np.asarray(v_rows, np.int64))
         accepted = 0
         if v_rows:
-            allowed = await self._limited(check.decision)
-            uniq, inv, counts, rank = check.uniq, check.inv, check.counts, check.rank
+            allowed = await self._allow(self.ids[uniq].tolist(), counts.tolist())
             with self.cpu:
                 # an answer short of streams allows none of the rest
                 n_ok = np.zeros(uniq.size, np.int64)
@@ -1195,7 +1183,7 @@ class BridgeCore:
                     row = v_rows[j]
                     if live[row]:
                         self.last_hint[row] = v_hints[j]
-                self._hint_effects(np.asarray(v_rows, np.int64), check.v_first.astype(np.int64), rank < n_ok[inv], last)
+                self._hint_effects(np.asarray(v_rows, np.int64), v_first.astype(np.int64), rank < n_ok[inv], last)
         with self.cpu:
             self.hint_counters["accepted"] += accepted
             for k, v in dropped.items():
@@ -1237,31 +1225,14 @@ class BridgeCore:
             dropped[HintDrop.RATE_LIMITED.value] += n_dropped
         return ok
 
-    def _limit(self, stream_ids: list[str], counts: list[int]) -> Any:
-        """One limiter call for all of the tick's hints, started: a limiter that sends and
-        receives apart (`HintLimiter.send`) sends now; an asyncio one runs as a task; any
-        other decides now. `_limited` gives the answer. No limiter: everything allowed."""
+    async def _allow(self, stream_ids: list[str], counts: list[int]) -> list[int]:
+        """One limiter call for all of the tick's hints; no limiter = everything allowed."""
         if self.limiter is None:
             return counts
-        send = getattr(self.limiter, "send", None)
-        with self.cpu:  # a synchronous limiter's work (packing, sending, reading) is ours
-            if send is not None:
-                if self._limiter_pending is not None:  # a tick that stopped before reading it
-                    self.limiter.drop(self._limiter_pending)
-                self._limiter_pending = send([(stream_ids, counts)])
-                return self._limiter_pending
+        with self.cpu:  # a synchronous limiter's whole call (packing, waiting, decoding) is ours
             res = self.limiter.allow(stream_ids, counts)
-        return asyncio.ensure_future(res) if inspect.isawaitable(res) else res
-
-    async def _limited(self, decision: Any) -> list[int]:
-        if decision is self._limiter_pending and decision is not None:
-            self._limiter_pending = None
-            with self.cpu:
-                res = self.limiter.receive(decision)[0]
-        elif isinstance(decision, asyncio.Future):
-            res = await decision
-        else:
-            res = decision
+        if inspect.isawaitable(res):
+            res = await res
         allowed = getattr(res, "allowed", res)
         return [int(a) for a in allowed]
 
@@ -1433,9 +1404,6 @@ class BridgeCore:
         pending = [t for t in (self._inflight, *self._background) if t is not None and not t.done()]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-        if self._limiter_pending is not None:  # sent by a tick that stopped before reading it
-            self.limiter.drop(self._limiter_pending)
-            self._limiter_pending = None
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -1452,23 +1420,6 @@ class BridgeCore:
             "supervisor_failures": self.exchange_failures,
             "cpu_s": round(self.cpu.seconds, 6),
         }
-
-
-@dataclass
-class _HintCheck:
-    """A tick's hints between `_check_hints` and `_apply_hints`: the drops so far, the
-    verified hints (rows, (index, element), first bytes) in arrival order, their rows'
-    ranks (`_ranks`) and the limiter decision under way (`_limit`)."""
-
-    dropped: Counter[str]
-    v_rows: list[int] = field(default_factory=list)
-    v_hints: list[tuple[int, bytes]] = field(default_factory=list)
-    v_first: np.ndarray | None = None
-    uniq: np.ndarray | None = None
-    inv: np.ndarray | None = None
-    counts: np.ndarray | None = None
-    rank: np.ndarray | None = None
-    decision: Any = None
 
 
 def _objects(items: list[Any]) -> np.ndarray:

@@ -373,44 +373,23 @@ class HintLimiter(_GcraClient):
 
     def _roundtrip(self, packed: bytes, n_replies: int) -> list:
         """Send pipelined commands on one pooled connection; replies or ResponseErrors."""
-        return self._read(self._send(packed), n_replies)
-
-    def _send(self, packed: bytes) -> redis.connection.AbstractConnection:
-        """The commands go out on a pooled connection, which stays out of the pool until
-        `_read` has its replies (or it is dropped: `_drop`)."""
         pool = self.redis.connection_pool
         conn = pool.get_connection()
         try:
             conn.send_packed_command([packed])
-        except BaseException:
-            pool.release(conn)  # a failed send has disconnected it
-            raise
-        return conn
-
-    def _read(self, conn: redis.connection.AbstractConnection, n_replies: int) -> list:
-        try:
             replies: list = []
             for _ in range(n_replies):
                 try:
                     replies.append(conn.read_response(disable_decoding=True))
                 except redis.ResponseError as exc:  # e.g. NOSCRIPT: keep reading the others
                     replies.append(exc)
-        except BaseException:
-            self._drop(conn)
-            raise
-        self.redis.connection_pool.release(conn)
-        return replies
-
-    def _drop(self, conn: redis.connection.AbstractConnection) -> None:
-        """A connection whose replies will not be read: closed, so none is read as another's."""
-        conn.disconnect()
-        self.redis.connection_pool.release(conn)
+            return replies
+        finally:
+            pool.release(conn)
 
     def _evaluate(self, calls: list[tuple[Sequence[str], np.ndarray]]) -> list[np.ndarray]:
         """Run several calls in one round trip (raises on Redis failure)."""
-        return self._finish_evaluate(calls, self._roundtrip(b"".join(self.pack_call(*c) for c in calls), len(calls)))
-
-    def _finish_evaluate(self, calls: list[tuple[Sequence[str], np.ndarray]], replies: list) -> list[np.ndarray]:
+        replies = self._roundtrip(b"".join(self.pack_call(*c) for c in calls), len(calls))
         redo = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if redo:  # a restarted or flushed server: load once, then redo only those calls
             self._load_script()
@@ -425,57 +404,17 @@ class HintLimiter(_GcraClient):
 
     def allow_ticks(self, ticks: Sequence[tuple[Sequence[str], Sequence[int]]]) -> list[np.ndarray]:
         """Several calls (e.g. ticks, or bridges' worth of streams) in ONE round trip."""
-        return self.receive(self.send(ticks))
-
-    def send(self, ticks: Sequence[tuple[Sequence[str], Sequence[int]]]) -> PendingDecision:
-        """`allow_ticks` in two halves: the request goes out now, and `receive` reads the
-        answer. A caller with other work to do meanwhile (a bridge core: its codec call)
-        reads an answer that has long arrived instead of waiting for it. Every `send` must
-        be followed by one `receive` or `drop`. Never raises on I/O."""
         calls = self._prepare(ticks)
         todo = [c for c in calls if len(c[0])]
         if not todo:
-            return PendingDecision(calls, todo, result=[off for _, off in calls])
+            return [off for _, off in calls]
         if self._skip():
-            return PendingDecision(calls, todo, result=self._unreachable(calls))
+            return self._unreachable(calls)
         try:
-            conn = self._send(b"".join(self.pack_call(*c) for c in todo))
+            results = self._evaluate(todo)
         except (redis.RedisError, OSError) as exc:
-            return PendingDecision(calls, todo, result=self._failed(exc, calls))
-        return PendingDecision(calls, todo, conn=conn)
-
-    def receive(self, pending: PendingDecision) -> list[np.ndarray]:
-        """The decisions of a `send` (what `allow_ticks` returns). Never raises on I/O."""
-        if pending.result is not None:
-            return pending.result
-        conn, pending.conn = pending.conn, None
-        if conn is None:
-            raise RuntimeError("this decision was already received or dropped")
-        try:
-            results = self._finish_evaluate(pending.todo, self._read(conn, len(pending.todo)))
-        except (redis.RedisError, OSError) as exc:
-            pending.result = self._failed(exc, pending.calls)
-        else:
-            pending.result = self._succeeded(pending.calls, results)
-        return pending.result
-
-    def drop(self, pending: PendingDecision) -> None:
-        """A `send` whose answer will not be read (its caller stopped): the connection is
-        closed, so the answer is never read as another call's."""
-        conn, pending.conn = pending.conn, None
-        if conn is not None:
-            self._drop(conn)
-
-
-@dataclass(eq=False)
-class PendingDecision:
-    """A `HintLimiter.send` awaiting its `receive`: the calls, and the connection their
-    request went out on (None when they were decided without Redis: `result`)."""
-
-    calls: list[tuple[Sequence[str], np.ndarray]]
-    todo: list[tuple[Sequence[str], np.ndarray]]
-    conn: redis.connection.AbstractConnection | None = None
-    result: list[np.ndarray] | None = None
+            return self._failed(exc, calls)
+        return self._succeeded(calls, results)
 
 
 class AsyncHintLimiter(_GcraClient):

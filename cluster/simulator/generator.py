@@ -500,8 +500,6 @@ class _CountingLimiter:
         # (stream ids, allowed) of each call, tallied when read: the bridge core meters its
         # limiter call, and the simulator's bookkeeping is not the bridge's work
         self._answers: list[tuple[list[str], Any]] = []
-        if not callable(getattr(limiter, "send", None)):
-            self.send = None  # the bridge core then calls `allow`
 
     def allow(self, stream_ids: list[str], counts: list[int]) -> Any:
         self.calls += 1
@@ -509,20 +507,6 @@ class _CountingLimiter:
         allowed = getattr(res, "allowed", res)
         self._answers.append((stream_ids, allowed))
         return allowed
-
-    def send(self, ticks: list[tuple[list[str], list[int]]]) -> Any:
-        """`HintLimiter.send`, the bridge core's way when the limiter has it."""
-        self.calls += 1
-        return self.limiter.send(ticks), [ids for ids, _ in ticks]
-
-    def receive(self, pending: Any) -> list[Any]:
-        inner, ids = pending
-        out = self.limiter.receive(inner)
-        self._answers.extend(zip(ids, out, strict=True))
-        return out
-
-    def drop(self, pending: Any) -> None:
-        self.limiter.drop(pending[0])
 
     def tally(self) -> dict[str, int]:
         """What each watched stream (the flooders) was allowed so far."""

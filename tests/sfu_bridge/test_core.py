@@ -304,40 +304,6 @@ def test_hints_verified_and_counted_once_per_tick(replica_core, secret):
     assert core.stream("a").last_hint.seq == 2
 
 
-def test_a_redis_limiter_decides_the_same_sent_during_the_codec_call_and_read_after(
-        replica_core, secret, tmp_path):
-    """With `HintLimiter` (send and receive apart) the tick's limiter call goes out while the
-    codec works and its answer is read afterwards: the decisions are those of one call."""
-    from sfu_bridge.limiter import HintLimiter
-    from sfu_bridge.redis_store import EmbeddedRedis
-
-    server = EmbeddedRedis(tmp_path).start()
-    try:
-        limiter = HintLimiter(server.client(), rate_per_s=1, burst=2, bridge_id="core", clock=lambda: 1000.0)
-        signer = HintSigner(secret)
-        core = BridgeCore(replica_core(), deadline_ms=5_000, hint_secret=secret, limiter=limiter)
-        core.join("a")
-        core.join("b")
-        for i in range(1, 5):
-            core.add_hint("a", signer.sign("a", Hint(0, 6.0, 1, seq=i)))
-        core.add_hint("b", signer.sign("b", Hint(0, 6.0, 1, seq=1)))
-        report = run(core.tick())
-        assert limiter.counters.calls == 1 and limiter.counters.errors == 0
-        assert report.hints_accepted == 3 and report.hints_dropped == {"rate_limited": 2}
-        assert core.stream("a").last_hint.seq == 2 and core.stream("b").last_hint.seq == 1
-        assert core._limiter_pending is None  # read, its connection back in the pool
-        # a call sent by a tick that never read it is dropped, not read as the next one's
-        core.add_hint("b", signer.sign("b", Hint(0, 6.0, 1, seq=2)))
-        check = run(core._check_hints())
-        assert core._limiter_pending is check.decision
-        run(core.close())
-        assert core._limiter_pending is None
-        core.add_hint("b", signer.sign("b", Hint(0, 6.0, 1, seq=3)))
-        assert run(core.tick()).hints_dropped == {"rate_limited": 1}  # b's burst of 2 is spent
-    finally:
-        server.stop()
-
-
 def test_a_flood_beyond_one_ticks_budget_is_dropped_before_any_crypto(secret):
     core = BridgeCore(RaisingClient(), hint_secret=secret, max_hints_per_tick=4)
     core.join("f")
