@@ -304,6 +304,32 @@ def test_hints_verified_and_counted_once_per_tick(replica_core, secret):
     assert core.stream("a").last_hint.seq == 2
 
 
+def test_a_redis_limiter_limits_the_ticks_verified_hints_in_one_call(replica_core, secret, tmp_path):
+    from sfu_bridge.limiter import HintLimiter
+    from sfu_bridge.redis_store import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path).start()
+    try:
+        limiter = HintLimiter(server.client(), rate_per_s=1, burst=2, bridge_id="core", clock=lambda: 1000.0)
+        signer = HintSigner(secret)
+        core = BridgeCore(replica_core(), deadline_ms=5_000, hint_secret=secret, limiter=limiter)
+        core.join("a")
+        core.join("b")
+        for i in range(1, 5):
+            core.add_hint("a", signer.sign("a", Hint(0, 6.0, 1, seq=i)))
+        core.add_hint("b", signer.sign("b", Hint(0, 6.0, 1, seq=1)))
+        core.add_hint("b", signer.sign("a", Hint(0, 6.0, 1, seq=9)))  # signed for another stream
+        report = run(core.tick())
+        assert limiter.counters.calls == 1 and limiter.counters.errors == 0
+        assert report.hints_accepted == 3 and report.hints_dropped == {"rate_limited": 2, "tag": 1}
+        assert core.stream("a").last_hint.seq == 2 and core.stream("b").last_hint.seq == 1
+        core.add_hint("b", signer.sign("b", Hint(0, 6.0, 1, seq=2)))
+        core.add_hint("b", signer.sign("b", Hint(0, 6.0, 1, seq=3)))
+        assert run(core.tick()).hints_dropped == {"rate_limited": 1}  # b had one of its burst left
+    finally:
+        server.stop()
+
+
 def test_a_flood_beyond_one_ticks_budget_is_dropped_before_any_crypto(secret):
     core = BridgeCore(RaisingClient(), hint_secret=secret, max_hints_per_tick=4)
     core.join("f")
