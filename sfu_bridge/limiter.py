@@ -24,8 +24,9 @@ microseconds (exact for 100/s).
 A bridge's state is one hash, ``<prefix>:{<bridge_id>}`` (field: stream id, value: its
 TAT), so a call is one HMGET and one HSET whatever its size, instead of a write with its own
 expiry per stream (which cost the server about twice as much per stream). The hash expires
-when its last debt is paid, and each call also deletes a few fields whose debt is paid
-(HSCAN), so streams that left stop costing memory within seconds. Redis Cluster runs a
+when its last debt is paid, and once it holds more than `PRUNE_ABOVE_FIELDS` fields each
+call also deletes a few whose debt is paid (HSCAN), so streams that left stop costing
+memory. Redis Cluster runs a
 multi-key script only when all keys hash to one slot; the hash tag is the bridge, so one
 bridge's state sits on one shard (bounded: a bridge holds a few thousand streams; bridges
 spread over slots). A stream that moves to another bridge starts with fresh state (one
@@ -157,7 +158,7 @@ class _GcraClient:
     ) -> None:
         """`clock` (seconds) is the time the limit runs on: None = the Redis server's clock
         (bridges); a load test passes its simulated clock, which runs `clock_rate` clock
-        seconds per wall second (1 / its time dilation; keys then expire in wall time).
+        seconds per wall second (1 / its time dilation; the hash then expires in wall time).
         `prune_above`: the bridge's hash is pruned of streams whose debt is paid only while it
         holds more fields than this (`PRUNE_ABOVE_FIELDS`; tests set it low)."""
         if "{" in bridge_id or "}" in bridge_id or not bridge_id:
