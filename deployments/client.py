@@ -113,17 +113,11 @@ def merge_results(batch: FrameBatch, parts: list[tuple[Rows, BatchResult]]) -> B
         compute_ms=np.zeros(b, np.float32),
     )
     seen = np.zeros(b, bool)
-    replica_ids = []
-    modes = {res.compute for _, res in parts}
     for rows, res in parts:
         out.outcome_codes[rows] = res.outcome_codes
         out.queue_ms[rows] = res.queue_ms
         out.compute_ms[rows] = res.compute_ms
         seen[rows] = True
-        if res.replica_id:
-            replica_ids.append(res.replica_id)
-        out.held_ms = max(out.held_ms, res.held_ms)
-        out.errors.update(res.errors)
         if res.vad is not None and batch.vad is not None:
             if out.vad is None:
                 out.vad = batch.vad.copy()  # a part without a verdict keeps its rows' state
@@ -137,11 +131,20 @@ def merge_results(batch: FrameBatch, parts: list[tuple[Rows, BatchResult]]) -> B
             if out.codes.shape[2] == res.codes.shape[2]:
                 out.codes[rows, :k] = res.codes[:, :k]
     assert seen.all(), "every row must come back from exactly one part"
-    out.replica_id = ",".join(sorted(set(replica_ids)))
-    if modes:
-        # "real", "emulated", or both ("emulated,real") if replicas disagree mid-reconfigure.
-        out.compute = ",".join(sorted(modes))
+    if parts:
+        _merge_summary(out, [res for _, res in parts])
     return out
+
+
+def _merge_summary(out: BatchResult, results: list[BatchResult]) -> None:
+    """What a merged result says of its parts as a whole: their replicas, errors, compute
+    mode ("real", "emulated", or both, "emulated,real", if replicas disagree
+    mid-reconfigure) and the longest hold."""
+    out.replica_id = ",".join(sorted({r.replica_id for r in results if r.replica_id}))
+    for r in results:
+        out.errors.update(r.errors)
+    out.compute = ",".join(sorted({r.compute for r in results}))
+    out.held_ms = max(out.held_ms, *(r.held_ms for r in results))
 
 
 def _in_order(parts: list[tuple[Rows, BatchResult]], b: int) -> bool:
@@ -171,22 +174,16 @@ def _concatenate(batch: FrameBatch, parts: list[tuple[Rows, BatchResult]]) -> Ba
         if codes.shape[1] < n_q:  # as deep as the batch's deepest row, zeros below
             codes = np.concatenate([codes, np.zeros((codes.shape[0], n_q - codes.shape[1], codes.shape[2]),
                                                     codes.dtype)], axis=1)
-    errors: dict[str, str] = {}
-    for r in results:
-        errors.update(r.errors)
-    modes = {r.compute for r in results}
-    return BatchResult(
+    out = BatchResult(
         stream_ids=list(batch.stream_ids),
         outcome_codes=np.concatenate([r.outcome_codes for r in results]).astype(np.uint8, copy=False),
         epochs=np.asarray(batch.epochs, np.int64).copy(),
         queue_ms=np.concatenate([r.queue_ms for r in results]).astype(np.float32, copy=False),
         compute_ms=np.concatenate([r.compute_ms for r in results]).astype(np.float32, copy=False),
         codes=codes,
-        replica_id=",".join(sorted({r.replica_id for r in results if r.replica_id})),
-        errors=errors,
-        compute=",".join(sorted(modes)),
-        held_ms=max(0.0, *(r.held_ms for r in results)),
     )
+    _merge_summary(out, results)
+    return out
 
 
 def _fallback_part(sub: FrameBatch, reason: FallbackReason, message: str) -> BatchResult:

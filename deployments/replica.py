@@ -143,10 +143,6 @@ class SlotPool:
         at = np.minimum(rows, t.ref.size - 1)
         slots = t.slot[at]
         hit = (rows < t.ref.size) & (t.ref[at] == refs) & (self.generation[slots] == t.slot_gen[at])
-        if not hit.all():
-            slots = np.where(hit, slots, -1)
-            miss = (~hit).nonzero()[0]
-            slots[miss] = self._by_id(stream_ids, miss)
         # A sample of the streams found by ref must be the streams named: a sender whose refs
         # do not name one stream each (a bug, two senders under one id) loses its table.
         found = hit.nonzero()[0]
@@ -155,10 +151,18 @@ class SlotPool:
                 logger.warning("sender %r: a stream ref named another stream; its refs are dropped", sender)
                 del self._refs[sender]
                 self.refs_dropped += 1
-                self.by_id -= len(stream_ids) - int(found.size)  # the misses, looked up again below
                 return self._by_id(stream_ids, np.arange(len(stream_ids)))
         self.by_ref += int(found.size)
+        if found.size < len(stream_ids):
+            slots = np.where(hit, slots, -1)
+            miss = (~hit).nonzero()[0]
+            slots[miss] = self._by_id(stream_ids, miss)
         return slots
+
+    @property
+    def ref_senders(self) -> int:
+        """Senders whose stream refs this pool keeps."""
+        return len(self._refs)
 
     def _by_id(self, stream_ids: list[str], rows: np.ndarray) -> np.ndarray:
         self.by_id += int(rows.size)
@@ -219,8 +223,7 @@ class SlotPool:
     def acquire_new(self, stream_ids: list[str], now: float) -> np.ndarray:
         """`acquire` for streams (distinct) that hold no slot yet, all at once: their new
         slots, in order, -1 for those the pool had no free slot left for."""
-        out = np.empty(len(stream_ids), np.int64)
-        out.fill(-1)
+        out = np.full(len(stream_ids), -1, np.int64)
         k = min(len(stream_ids), len(self._free))
         if k:
             top = len(self._free) - k
@@ -1045,7 +1048,7 @@ class CodecReplicaCore:
             "opus_intake": self.opus.info(),  # decoding the bridges' Opus rows
             # streams found by their sender's ref (FrameBatch.stream_refs) or by id
             "stream_lookup": {"by_ref": self.pool.by_ref, "by_id": self.pool.by_id,
-                              "ref_senders": len(self.pool._refs), "refs_dropped": self.pool.refs_dropped},
+                              "ref_senders": self.pool.ref_senders, "refs_dropped": self.pool.refs_dropped},
             "process_cpu_s": round(t.user + t.system, 3),
             "gc": self.gc_watch.snapshot(),
             "settings": {k: v for k, v in self.settings.to_dict().items() if k != "latency_profile"},

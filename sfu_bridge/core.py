@@ -1084,8 +1084,7 @@ class BridgeCore:
         n_q = int(batch.n_q.max()) if batch.n_q is not None and b else self.n_q
         row = _result_rows(batch.stream_ids, result)  # -1 = no row for this frame
         have = row >= 0
-        oc = np.empty(b, np.int64)
-        oc.fill(_ERROR)
+        oc = _filled(b, _ERROR, np.int64)
         if have.any():
             oc[have] = np.asarray(result.outcome_codes)[row[have]]
         answered = oc.copy()  # what the other side said (error where it said nothing)
@@ -1430,9 +1429,9 @@ def _objects(items: list[Any]) -> np.ndarray:
     return out
 
 
-def _filled(n: int, value: float) -> np.ndarray:
-    """`np.full(n, value)` without its Python layer (this runs every tick)."""
-    out = np.empty(n, np.float64)
+def _filled(n: int, value: float, dtype: Any = np.float64) -> np.ndarray:
+    """`np.full(n, value, dtype)` without its Python layer (this runs every tick)."""
+    out = np.empty(n, dtype)
     out.fill(value)
     return out
 
