@@ -610,38 +610,53 @@ class CodecReplicaCore:
     async def process(self, batch: FrameBatch) -> BatchResult:
         arrival = self.clock()
         pool = self.pool
-        try:
-            with self.cpu:
+        req = None
+        with self.cpu:
+            try:
                 n_q, slots = self._check(batch)
-        except ValueError as exc:
+            except ValueError as exc:
+                error = str(exc)
+            else:
+                error = None
+                if self._codec is not None and batch.opus is None and batch.vad is None:
+                    # the usual request: intake in the same section, no await in between
+                    self._ensure_loop()
+                    req = self._intake(batch, arrival, n_q, slots, None, None)
+        if error is not None:
             self._count("malformed_batches")
-            res = malformed_result(batch, str(exc))
+            res = malformed_result(batch, error)
             res.replica_id = self.replica_id
             res.compute = self.settings.compute.value
             metrics.record_frames(Op.ENCODE.value, res.counts())
             return res
-        if batch.opus is not None:  # the bridge sent its publishers' Opus: decoded here, off the loop
-            batch = replace(batch, pcm=await self.opus.decode_async(batch.stream_ids, batch.opus), opus=None)
-            slots = None  # slots may have moved while it decoded: looked up again at admission
-        silent = vad = None
-        if batch.vad is not None:  # the bridge's DTX, decided here on the decoded audio
-            silent, vad = self._vad(batch)
-        await self.ensure_built()
-        self._ensure_loop()
-        with self.cpu:
-            req = _Request(next(self._rids), batch, arrival, self.replica_id,
-                           self.settings.compute.value, n_q, asyncio.get_running_loop())
-            if silent is not None:
-                req.result.vad = vad
-                req.answer(silent.nonzero()[0], DTX_CODE)
-            # (a rebuild while this request waited for the runtime made a new slot pool)
-            if (self._admit(req, slots if self.pool is pool else None, silent)
-                    and self._wake is not None):
-                self._wake.set()
+        if req is None:
+            if batch.opus is not None:  # the bridge sent its publishers' Opus: decoded here, off the loop
+                batch = replace(batch, pcm=await self.opus.decode_async(batch.stream_ids, batch.opus), opus=None)
+                slots = None  # slots may have moved while it decoded: looked up again at admission
+            silent = vad = None
+            if batch.vad is not None:  # the bridge's DTX, decided here on the decoded audio
+                silent, vad = self._vad(batch)
+            await self.ensure_built()
+            self._ensure_loop()
+            with self.cpu:
+                # (a rebuild while this request waited for the runtime made a new slot pool)
+                req = self._intake(batch, arrival, n_q, slots if self.pool is pool else None, silent, vad)
         res = await req.future
         metrics.record_frames(Op.ENCODE.value, res.counts())
         res.held_ms = (self.clock() - arrival) * 1000.0  # lets the sender measure the transit
         return res
+
+    def _intake(self, batch: FrameBatch, arrival: float, n_q: int, slots: np.ndarray | None,
+                silent: np.ndarray | None, vad: np.ndarray | None) -> _Request:
+        """A checked request's frames into the queue (or answered now); wakes the step loop."""
+        req = _Request(next(self._rids), batch, arrival, self.replica_id,
+                       self.settings.compute.value, n_q, asyncio.get_running_loop())
+        if silent is not None:
+            req.result.vad = vad
+            req.answer(silent.nonzero()[0], DTX_CODE)
+        if self._admit(req, slots, silent) and self._wake is not None:
+            self._wake.set()
+        return req
 
     def _vad(self, batch: FrameBatch) -> tuple[np.ndarray, np.ndarray]:
         """Each DTX row's chunk through the voice-activity detector with its stream's state
@@ -786,11 +801,15 @@ class CodecReplicaCore:
                 # wait after a decision that ran nothing cannot miss an arrival.
                 self._wake.clear()
                 async with self._step_lock:
-                    with self.cpu:
-                        plan = self.scheduler.schedule(self.clock())
-                    if plan:
+                    if self.scheduler.pending:
+                        with self.cpu:  # the decision and the step's intake half: one section
+                            plan = self.scheduler.schedule(self.clock())
+                            groups = self._step_groups(plan) if plan else None
+                    else:  # nothing queued: no decision to make (or to meter)
+                        plan, groups = Plan(now=self.clock()), None
+                    if groups is not None:
                         try:
-                            await self._execute(plan)
+                            await self._execute(plan, groups)
                         except Exception:  # noqa: BLE001 - a bug must not strand frames or the loop
                             logger.exception("codec step failed; its frames are answered `error`")
                             self._fail_plan(plan)
@@ -847,17 +866,26 @@ class CodecReplicaCore:
         if req.remaining == 0:
             self._requests.pop(req.rid, None)
 
-    async def _execute(self, plan: Plan) -> None:
-        with self.cpu:
+    def _step_groups(self, plan: Plan) -> list[_Group] | None:
+        """A plan's frames that fell back answered; those to run grouped into model calls
+        (None: nothing to run). The caller meters it."""
+        try:
             self._fallback(plan.expired_refs, _DEADLINE, plan.now)
             self._fallback(plan.shed_refs, _OVERLOAD, plan.now)
             if not plan.run_refs.size:
-                return
+                return None
             groups = self._group(self._parts(plan.run_refs), plan.now)
             if not groups:
                 self.scheduler.complete(plan, 0.0, computed=0)
-                return
-            n = sum(g.size for g in groups)
+                return None
+            return groups
+        except Exception:  # noqa: BLE001 - a bug must not strand frames or the loop
+            logger.exception("codec step failed; its frames are answered `error`")
+            self._fail_plan(plan)
+            return None
+
+    async def _execute(self, plan: Plan, groups: list[_Group]) -> None:
+        n = sum(g.size for g in groups)
         start = self.clock()
         if self.settings.compute is ComputeMode.EMULATED:
             await asyncio.sleep(profile_ms(self.settings.latency_profile, n) / 1000.0)
@@ -871,9 +899,6 @@ class CodecReplicaCore:
             # The model learns the cost of the frames computed, not of the plan's: frames
             # answered `reset` above took no compute.
             self.scheduler.complete(plan, step_ms, computed=n)
-            op = Op.ENCODE.value
-            metrics.observe_step_latency(op, step_ms, self.settings.device)
-            metrics.observe_batch_size(op, n)
             slacks = []
             for g, out in zip(groups, outs, strict=True):
                 at = 0
@@ -882,9 +907,9 @@ class CodecReplicaCore:
                     slacks.append(self._answer_step(p, out, at, start, end, step_ms))
                     at += k
             slack = slacks[0] if len(slacks) == 1 else np.concatenate(slacks)
-            if slack.size:
-                # every frame's slack locally; an even sample of a step's for Ray's histogram
-                metrics.observe_deadline_slack(op, slack, sample=SLACK_SAMPLE_PER_STEP)
+            # every frame's slack locally; an even sample of a step's for Ray's histogram
+            metrics.observe_step(Op.ENCODE.value, step_ms, n, self.settings.device, slack,
+                                 slack_sample=SLACK_SAMPLE_PER_STEP)
 
     def _answer_step(self, p: _Part, out: np.ndarray | Exception | None, at: int, start: float,
                      end: float, step_ms: float) -> np.ndarray:

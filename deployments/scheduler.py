@@ -317,6 +317,11 @@ class EdfScheduler:
     def __len__(self) -> int:
         return self._live_n
 
+    @property
+    def pending(self) -> bool:
+        """Frames queued or shed but not yet in a plan: `schedule()` has a decision to make."""
+        return bool(self._live_n or self._shed)
+
     def queued_refs(self) -> np.ndarray:
         return self._ref[self._live[: self._n].nonzero()[0]]
 
@@ -338,7 +343,7 @@ class EdfScheduler:
     def schedule(self, now: float) -> Plan:
         """Decide the next step at time `now` (seconds)."""
         plan = Plan(now=now)
-        if not self._live_n and not self._shed:
+        if not self.pending:
             return plan  # nothing queued, nothing to report: no decision to make
         cfg = self.config
         margin_s = cfg.margin_ms / 1000.0

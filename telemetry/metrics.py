@@ -6,7 +6,7 @@ process that makes a decision records it where it is made: codec replicas and th
 (the name the CLI and operators use) and `deployments.metrics` are the same module.
 
 Every metric is declared once in `SPECS`. Callers use the typed helpers below
-(`record_frames`, `observe_step_latency`, ...) and never build metric objects themselves.
+(`record_frames`, `observe_step`, ...) and never build metric objects themselves.
 
 Two sinks receive each recording:
 
@@ -436,20 +436,29 @@ def observe_frame_latency_repeated(op: str, ms: float, n: int, sample: int = RAY
     _observe_repeated(FRAME_LATENCY, ms, n, {"op": op}, sample)
 
 
-def observe_step_latency(op: str, ms: float, device: str = "cpu") -> None:
-    _emit("observe", STEP_LATENCY, float(ms), {"op": op, "device": device})
-
-
-def observe_batch_size(op: str, size: int) -> None:
-    _emit("observe", BATCH_SIZE, float(size), {"op": op})
-
-
-def observe_deadline_slack(op: str, slack_ms: Iterable[float] | np.ndarray,
-                           sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
-    """Slack of frames that met their deadline; misses are counted as fallback/deadline.
-    (All kept locally; at most `sample` of them for Ray, as `observe_frame_latency`.)"""
-    arr = np.asarray(slack_ms if isinstance(slack_ms, np.ndarray) else list(slack_ms), np.float64)
-    _observe_many(DEADLINE_SLACK, arr[arr >= 0], {"op": op}, max(1, int(sample)))
+def observe_step(op: str, ms: float, size: int, device: str, slack_ms: np.ndarray,
+                 slack_sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
+    """One finished replica step: its time (STEP_LATENCY), its batch size (BATCH_SIZE) and
+    the slack of its frames that met their deadline (DEADLINE_SLACK; a negative slack is a
+    miss, counted as fallback/deadline, not a sample). Every value is kept locally; Ray gets
+    at most `slack_sample` of the slacks, an even sample, as `observe_frame_latency`."""
+    sink = _ray_sink()
+    tags = {"op": op}
+    step_tags = {"op": op, "device": device}
+    _local.observe(SPECS[STEP_LATENCY], float(ms), step_tags)
+    _local.observe(SPECS[BATCH_SIZE], float(size), tags)
+    slack = slack_ms[slack_ms >= 0] if slack_ms.size else slack_ms
+    if slack.size:
+        _local.observe_many(SPECS[DEADLINE_SLACK], slack, tags)
+    if sink is None:
+        return
+    values = slack
+    if values.size > slack_sample:
+        values = values[np.linspace(0, values.size - 1, max(1, int(slack_sample))).astype(np.int64)]
+    _ray_observe(sink, SPECS[STEP_LATENCY], [float(ms)], step_tags)
+    _ray_observe(sink, SPECS[BATCH_SIZE], [float(size)], tags)
+    if values.size:
+        _ray_observe(sink, SPECS[DEADLINE_SLACK], values.tolist(), tags)
 
 
 def set_slots(replica: str, in_use: int, capacity: int) -> None:

@@ -53,8 +53,8 @@ def test_bad_outcome_key_and_tags_rejected(local: m.LocalRegistry) -> None:
 
 def test_histogram_buckets_and_gauges(local: m.LocalRegistry) -> None:
     for ms in (0.2, 4.0, 4.5, 1000.0):
-        m.observe_step_latency("decode", ms, device="cuda")
-    m.observe_deadline_slack("encode", [5.0, -1.0])  # the miss is not a slack sample
+        m.observe_step("decode", ms, 1, "cuda", np.empty(0))
+    m.observe_step("encode", 3.0, 2, "cpu", np.array([5.0, -1.0]))  # the miss is not a slack sample
     m.set_slots("replica-a", 12, 64)
     m.set_slots("replica-a", 10, 64)
     snap = local.snapshot()
@@ -83,7 +83,7 @@ def test_batched_observations_match_one_by_one(local: m.LocalRegistry) -> None:
     values = np.concatenate([np.linspace(0.0, 600.0, 997), [0.5, 1.0, 20.0]])  # bounds included
     m.observe_frame_latency("encode", values)
     for v in values.tolist():
-        m.observe_step_latency("encode", v)
+        m.observe_step("encode", v, 1, "cpu", np.empty(0))
     snap = local.snapshot()["histograms"]
     batched = snap["auralink_frame_latency_ms,op=encode"]
     single = snap["auralink_step_latency_ms,op=encode,device=cpu"]
@@ -132,8 +132,8 @@ def test_grafana_dashboard_uses_only_defined_metrics() -> None:
 def _metrics_recorded_by_helper() -> dict[str, set[str]]:
     """Public helper of the metrics module -> the metrics (SPECS names) a call to it records,
     read from the module's source: `_emit(..., NAME, ...)` / `_observe_many(NAME, ...)` /
-    `_observe_repeated(NAME, ...)`, or a
-    call to another public helper."""
+    `_observe_repeated(NAME, ...)` / `SPECS[NAME]` (a helper recording through the spec),
+    or a call to another public helper."""
     tree = ast.parse(Path(m.__file__).read_text())
     consts = {
         node.targets[0].id: node.value.value
@@ -149,6 +149,11 @@ def _metrics_recorded_by_helper() -> dict[str, set[str]]:
             continue
         direct[fn.name], calls[fn.name] = set(), set()
         for node in ast.walk(fn):
+            if (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
+                    and node.value.id == "SPECS" and isinstance(node.slice, ast.Name)
+                    and node.slice.id in consts):
+                direct[fn.name].add(consts[node.slice.id])  # recorded through its spec
+                continue
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
                 continue
             if node.func.id in ("_emit", "_observe_many", "_observe_repeated"):
@@ -232,7 +237,7 @@ def test_ray_exports_metrics_to_prometheus(local: m.LocalRegistry) -> None:
     ray_local.init(num_cpus=1, include_dashboard=False, _metrics_export_port=port)
     try:
         m.record_frames("encode", {"ai": 5, "fallback/deadline": 2})
-        m.observe_batch_size("encode", 7)
+        m.observe_step("encode", 2.0, 7, "cpu", np.array([3.0]))
         m.set_slots("replica-x", 3, 64)
         m.record_hints("replayed", 4)
         m.observe_frame_latency("decode", np.full(1000, 7.0))  # Ray gets a uniform sample
