@@ -48,10 +48,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import redis
@@ -71,6 +73,7 @@ _MAX_CACHED_FIELDS = 200_000
 _MAX_COUNT = 0xFFFF  # counts travel as uint16; more in one call are refused
 # a bridge's hash is pruned of paid-up streams only above this many fields (gcra.lua)
 PRUNE_ABOVE_FIELDS = 8192
+OWN_CHECK_AFTER_S = 1.0  # a limiter connection idle this long is checked before it is used
 
 
 @dataclass(frozen=True)
@@ -350,6 +353,24 @@ class _GcraClient:
         self._retry_at = 0.0
 
 
+def _stale(conn: Any) -> bool:
+    """A connection with bytes (or an end of file) to read before any command: not usable."""
+    try:
+        return bool(conn.can_read())
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return True
+
+
+def _read_replies(conn: Any, n_replies: int) -> list:
+    replies: list = []
+    for _ in range(n_replies):
+        try:
+            replies.append(conn.read_response(disable_decoding=True))
+        except redis.ResponseError as exc:  # e.g. NOSCRIPT: keep reading the others
+            replies.append(exc)
+    return replies
+
+
 class HintLimiter(_GcraClient):
     """Redis GCRA for all of one bridge's streams, one EVALSHA per `allow()` call.
 
@@ -358,10 +379,20 @@ class HintLimiter(_GcraClient):
     it a client for the node that owns the bridge's slot). `AsyncHintLimiter` is the same
     for asyncio code that must not block its loop on Redis.
 
-    The call is packed by hand from cached per-stream key fragments and sent on a pooled
-    redis-py connection, because redis-py's generic packer costs microseconds per argument
-    and a tick carries thousands of streams.
+    The call is packed by hand from cached per-stream key fragments, because redis-py's
+    generic packer costs microseconds per argument and a tick carries thousands of
+    streams. It goes out on the limiter's own connection (made by the client's pool, so
+    with its socket and timeout settings): taking one from the pool and giving it back
+    cost about as much CPU as the round trip itself (pool bookkeeping, a readiness poll).
+    A thread that finds that connection busy uses a pooled one.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._own: Any = None  # the limiter's connection, made on first use
+        self._own_open = False  # it has sent a command since it last (re)connected
+        self._own_lock = threading.Lock()
+        self._own_used = 0.0  # monotonic time of its last round trip
+        super().__init__(*args, **kwargs)
 
     def _preload(self) -> None:
         try:  # register once up front; NOSCRIPT later (restart, SCRIPT FLUSH) loads it again
@@ -373,20 +404,55 @@ class HintLimiter(_GcraClient):
         self._check_sha(self.redis.script_load(self.script))
 
     def _roundtrip(self, packed: bytes, n_replies: int) -> list:
-        """Send pipelined commands on one pooled connection; replies or ResponseErrors."""
+        """Send pipelined commands on the limiter's connection; replies or ResponseErrors."""
+        if not self._own_lock.acquire(blocking=False):
+            return self._pooled_roundtrip(packed, n_replies)
+        try:
+            conn = self._own
+            if conn is None:
+                conn = self._own = self.redis.connection_pool.make_connection()
+                self._own_open = False
+            now = time.monotonic()
+            if self._own_open and now - self._own_used > OWN_CHECK_AFTER_S and _stale(conn):
+                self._disconnect_own()  # idle a while and closed by the server meanwhile
+            self._own_used = now
+            try:
+                conn.send_packed_command([packed])
+            except redis.ConnectionError:
+                if not self._own_open:
+                    raise
+                # Not sent on a connection the server has closed (a unix socket fails the
+                # write): once more on a new one.
+                self._disconnect_own()
+                conn.send_packed_command([packed])
+            self._own_open = True
+            try:
+                return _read_replies(conn, n_replies)
+            except BaseException:
+                self._disconnect_own()  # a half-read reply must never be read as the next call's
+                raise
+        finally:
+            self._own_lock.release()
+
+    def _disconnect_own(self) -> None:
+        self._own.disconnect()
+        self._own_open = False
+
+    def _pooled_roundtrip(self, packed: bytes, n_replies: int) -> list:
         pool = self.redis.connection_pool
         conn = pool.get_connection()
         try:
             conn.send_packed_command([packed])
-            replies: list = []
-            for _ in range(n_replies):
-                try:
-                    replies.append(conn.read_response(disable_decoding=True))
-                except redis.ResponseError as exc:  # e.g. NOSCRIPT: keep reading the others
-                    replies.append(exc)
-            return replies
+            return _read_replies(conn, n_replies)
         finally:
             pool.release(conn)
+
+    def close(self) -> None:
+        """Closes the limiter's own connection (the client and its pool are the caller's)."""
+        with self._own_lock:
+            if self._own is not None:
+                self._disconnect_own()
+                self._own = None
 
     def _evaluate(self, calls: list[tuple[Sequence[str], np.ndarray]]) -> list[np.ndarray]:
         """Run several calls in one round trip (raises on Redis failure)."""

@@ -268,6 +268,28 @@ def test_unreachable_redis_is_counted_never_raised_and_recovers(own_server, fail
     assert lim.counters.recoveries == 1 and lim.counters.last_error
 
 
+def test_calls_go_out_on_the_limiters_connection_and_survive_a_server_restart(own_server):
+    """Calls use the limiter's own connection, not one taken from the pool each time; a call
+    that finds it busy (another thread's) uses a pooled one. A server restart between calls
+    costs no call: the write to the closed socket fails, so the call goes out again on a
+    new connection (and reloads the script the new server lacks)."""
+    client = own_server.client()
+    lim = HintLimiter(client, rate_per_s=1, burst=2)
+    assert lim.allow(["s"], [5]).tolist() == [2]
+    own = lim._own
+    assert own is not None and lim.allow(["t"], [1]).tolist() == [1] and lim._own is own
+    with lim._own_lock:  # held elsewhere: this call takes a pooled connection
+        assert lim.allow(["u"], [3]).tolist() == [2]
+    assert lim._own is own
+    own_server.stop()
+    own_server.start()  # a fresh server: empty state, no script
+    assert lim.allow(["s"], [5]).tolist() == [2]
+    assert lim.counters.errors == 0 and lim.counters.calls == 4 and lim._own is own
+    lim.close()
+    assert lim._own is None
+    client.close()
+
+
 def test_outage_counts_decisions_errors_and_time_without_redis(own_server):
     """What running without Redis cost is counted (calls and hints decided by the policy,
     errors, seconds from the first failed call to the next success) and reaches the
