@@ -17,6 +17,10 @@ Two sinks receive each recording:
   metric objects need a core worker. Ray exports them to Prometheus with a `ray_` prefix;
   counters get a `_total` suffix and histograms `_bucket`/`_sum`/`_count`
   (`prometheus_names`). `cluster/grafana/auralink.json` charts exactly those names.
+  Recordings reach them through `RayBuffer`, at most `RAY_FLUSH_S` (1 s) later, summed:
+  Ray exports every few seconds, and a media path that records every tick should not pay
+  for a handful of Ray metric calls each time. A process that dies loses at most its last
+  second of counts to Ray (never to the local registry).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import enum
 import logging
 import sys
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -323,9 +328,90 @@ class RayMetrics:
         self._get(spec).observe(value, dict(tags))
 
 
+RAY_FLUSH_S = 1.0  # the longest a recording waits in this process before Ray has it
+
+
+class RayBuffer:
+    """What this process recorded for Ray since it last handed it over: counters summed,
+    each gauge's last value, histogram values in order. Handed to Ray (`flush`) at most
+    once every `RAY_FLUSH_S`, by the next recording after that or, in a process that has
+    stopped recording, by a daemon thread; Ray itself exports every few seconds. A media
+    path records every tick and step: a handful of Ray metric calls each time cost more
+    CPU than the tick's own bookkeeping of thousands of frames, now they come once a second.
+    The local registry gets every recording at once, as before."""
+
+    def __init__(self, flush_s: float = RAY_FLUSH_S) -> None:
+        self.flush_s = flush_s
+        self._lock = threading.Lock()
+        self._inc: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._set: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._obs: dict[tuple[str, tuple[str, ...]], list[float]] = {}
+        self._due = 0.0  # monotonic time of the next flush (0: nothing pending)
+        self._thread: threading.Thread | None = None
+
+    def add(self, method: str, spec: MetricSpec, values: list[float], tags: Mapping[str, str]) -> None:
+        key = (spec.name, _tag_tuple(spec, tags))
+        now = time.monotonic()
+        with self._lock:
+            if method == "inc":
+                self._inc[key] = self._inc.get(key, 0.0) + sum(values)
+            elif method == "set":
+                self._set[key] = values[-1]
+            else:
+                self._obs.setdefault(key, []).extend(values)
+            if not self._due:
+                self._due = now + self.flush_s
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="auralink-metrics", daemon=True)
+                    self._thread.start()
+            due = now >= self._due
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hands everything pending to Ray now; the first error turns Ray export off."""
+        global _ray_failed
+        with self._lock:
+            inc, self._inc = self._inc, {}
+            sets, self._set = self._set, {}
+            obs, self._obs = self._obs, {}
+            self._due = 0.0
+        if not (inc or sets or obs) or _ray_sink() is None:
+            return  # nothing pending, or Ray is gone (shut down meanwhile): nothing to hand over
+        sink = _ray
+        try:
+            for (name, tv), v in inc.items():
+                sink.inc(SPECS[name], v, dict(zip(SPECS[name].tag_keys, tv, strict=True)))
+            for (name, tv), v in sets.items():
+                sink.set(SPECS[name], v, dict(zip(SPECS[name].tag_keys, tv, strict=True)))
+            for (name, tv), vs in obs.items():
+                tags = dict(zip(SPECS[name].tag_keys, tv, strict=True))
+                for v in vs:
+                    sink.observe(SPECS[name], v, tags)
+        except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+            # Recording must never break a media path; one warning, then local-only.
+            _ray_failed = True
+            logger.warning("Ray metrics disabled in this process after error: %s", exc)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.flush_s)
+            with self._lock:
+                due = bool(self._due) and time.monotonic() >= self._due
+            if due:
+                self.flush()
+
+
 _local = LocalRegistry()
 _ray = RayMetrics()
 _ray_failed = False
+_buffer = RayBuffer()
+
+
+def flush_ray() -> None:
+    """Hands what this process recorded to Ray now, not within `RAY_FLUSH_S` (shutdown,
+    tests)."""
+    _buffer.flush()
 
 
 def local_registry() -> LocalRegistry:
@@ -345,18 +431,10 @@ def _ray_sink() -> RayMetrics | None:
 
 
 def _emit(method: str, name: str, value: float, tags: Mapping[str, str]) -> None:
-    global _ray_failed
     spec = SPECS[name]
     getattr(_local, method)(spec, value, tags)
-    sink = _ray_sink()
-    if sink is None:
-        return
-    try:
-        getattr(sink, method)(spec, value, tags)
-    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        # Recording must never break a media path; one warning, then local-only.
-        _ray_failed = True
-        logger.warning("Ray metrics disabled in this process after error: %s", exc)
+    if _ray_sink() is not None:
+        _buffer.add(method, spec, [value], tags)
 
 
 # ---- typed helpers (the only API callers need) -------------------------------------------
@@ -412,14 +490,8 @@ def _observe_repeated(name: str, value: float, n: int, tags: Mapping[str, str],
 
 
 def _ray_observe(sink: RayMetrics, spec: MetricSpec, values: list[float], tags: Mapping[str, str]) -> None:
-    """Each value to Ray's histogram (one call each); the first error turns Ray export off."""
-    global _ray_failed
-    try:
-        for v in values:
-            sink.observe(spec, v, tags)
-    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
-        _ray_failed = True
-        logger.warning("Ray metrics disabled in this process after error: %s", exc)
+    """Each value for Ray's histogram, handed over with the next flush."""
+    _buffer.add("observe", spec, values, tags)
 
 
 def observe_frame_latency(op: str, latencies_ms: Iterable[float] | np.ndarray,

@@ -66,6 +66,67 @@ def test_histogram_buckets_and_gauges(local: m.LocalRegistry) -> None:
     assert json.loads(json.dumps(snap)) == snap
 
 
+class _FakeRay:
+    """Stands in for `ray.util.metrics` objects only to see what reaches them and when."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, float, dict]] = []
+
+    def inc(self, spec, value, tags):
+        self.calls.append(("inc", spec.name, value, dict(tags)))
+
+    def set(self, spec, value, tags):
+        self.calls.append(("set", spec.name, value, dict(tags)))
+
+    def observe(self, spec, value, tags):
+        self.calls.append(("observe", spec.name, value, dict(tags)))
+
+
+def _buffered(monkeypatch, flush_s: float) -> tuple[_FakeRay, m.RayBuffer]:
+    fake, buf = _FakeRay(), m.RayBuffer(flush_s)
+    monkeypatch.setattr(m, "_ray", fake)
+    monkeypatch.setattr(m, "_ray_sink", lambda: fake)
+    monkeypatch.setattr(m, "_buffer", buf)
+    return fake, buf
+
+
+def test_ray_gets_a_flush_a_second_with_sums_last_values_and_every_sample(local, monkeypatch) -> None:
+    """The local registry has every recording at once; Ray gets them at the next flush:
+    counters summed, a gauge's last value, each histogram value."""
+    fake, _ = _buffered(monkeypatch, flush_s=60.0)
+    m.record_frames("encode", {"ai": 5})
+    m.record_frames("encode", {"ai": 3, "fallback/deadline": 1})
+    m.set_slots("r", 3, 64)
+    m.set_slots("r", 4, 64)
+    m.observe_step("encode", 2.0, 7, "cpu", np.array([3.0, -1.0, 5.0]))
+    assert fake.calls == [] and local.counter(m.FRAMES, outcome="ai") == 8
+    m.flush_ray()
+    got = fake.calls
+    assert ("inc", m.FRAMES, 8.0, {"op": "encode", "outcome": "ai", "reason": ""}) in got
+    assert ("inc", m.FRAMES, 1.0, {"op": "encode", "outcome": "fallback", "reason": "deadline"}) in got
+    assert [c for c in got if c[1] == m.SLOTS_IN_USE] == [("set", m.SLOTS_IN_USE, 4.0, {"replica": "r"})]
+    assert sorted((c[1], c[2]) for c in got if c[0] == "observe") == sorted(
+        [(m.STEP_LATENCY, 2.0), (m.BATCH_SIZE, 7.0), (m.DEADLINE_SLACK, 3.0), (m.DEADLINE_SLACK, 5.0)])
+    fake.calls.clear()
+    m.flush_ray()
+    assert fake.calls == []  # nothing twice
+
+
+def test_ray_flush_comes_with_the_next_recording_when_due_or_from_the_thread(local, monkeypatch) -> None:
+    fake, buf = _buffered(monkeypatch, flush_s=60.0)
+    m.record_hints("forged")
+    assert fake.calls == []
+    buf._due = time.monotonic() - 1.0  # as if a minute had passed
+    m.record_hints("forged")  # due: this recording hands both over
+    assert fake.calls == [("inc", m.HINTS, 2.0, {"verdict": "forged"})]
+    fake, buf = _buffered(monkeypatch, flush_s=0.1)
+    m.record_hints("replayed")  # and then nothing more: the thread hands it over
+    deadline = time.monotonic() + 5.0
+    while not fake.calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fake.calls == [("inc", m.HINTS, 1.0, {"verdict": "replayed"})]
+
+
 def test_repeated_observation_matches_its_copies(local: m.LocalRegistry) -> None:
     """A tick's AI frames share one latency: recording it n times at once fills the same
     buckets, count and sum as n copies (a value on a bound included)."""
