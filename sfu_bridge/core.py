@@ -1162,12 +1162,19 @@ class BridgeCore:
                     v_first = v_first[known]
                 v_rows = k_rows[good].tolist()
                 v_hints = [(i, k_raws[j]) for i, j in zip(index[good].tolist(), good, strict=True)]
+            allowed: Any = None
             if v_rows:
                 uniq, inv, counts, rank = _ranks(np.asarray(v_rows, np.int64))
+                # One limiter call for the tick. A synchronous limiter's whole call (packing,
+                # waiting, decoding) is in this section; an asyncio one is awaited below.
+                allowed = (self.limiter.allow(self.ids[uniq].tolist(), counts.tolist())
+                           if self.limiter is not None else counts)
+        if inspect.isawaitable(allowed):
+            allowed = await allowed
         accepted = 0
-        if v_rows:
-            allowed = await self._allow(self.ids[uniq].tolist(), counts.tolist())
-            with self.cpu:
+        with self.cpu:
+            if v_rows:
+                allowed = [int(a) for a in getattr(allowed, "allowed", allowed)]
                 # an answer short of streams allows none of the rest
                 n_ok = np.zeros(uniq.size, np.int64)
                 n_ok[: len(allowed)] = np.asarray(allowed[: uniq.size], np.int64)
@@ -1183,7 +1190,6 @@ class BridgeCore:
                     if live[row]:
                         self.last_hint[row] = v_hints[j]
                 self._hint_effects(np.asarray(v_rows, np.int64), v_first.astype(np.int64), rank < n_ok[inv], last)
-        with self.cpu:
             self.hint_counters["accepted"] += accepted
             for k, v in dropped.items():
                 self.hint_counters[f"dropped/{k}"] += v
@@ -1223,17 +1229,6 @@ class BridgeCore:
         if n_dropped:
             dropped[HintDrop.RATE_LIMITED.value] += n_dropped
         return ok
-
-    async def _allow(self, stream_ids: list[str], counts: list[int]) -> list[int]:
-        """One limiter call for all of the tick's hints; no limiter = everything allowed."""
-        if self.limiter is None:
-            return counts
-        with self.cpu:  # a synchronous limiter's whole call (packing, waiting, decoding) is ours
-            res = self.limiter.allow(stream_ids, counts)
-        if inspect.isawaitable(res):
-            res = await res
-        allowed = getattr(res, "allowed", res)
-        return [int(a) for a in allowed]
 
     # ------------------------------------------------------------------------ background
     def _record_metrics(self, report: TickReport) -> None:
