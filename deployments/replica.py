@@ -135,9 +135,15 @@ class SlotPool:
         """Slot of each stream, -1 where it holds none. With the sender's refs of the streams
         (FrameBatch.stream_refs), those `remember`ed for a slot still held are found from
         them (array operations); only the others are looked up by id."""
+        return self.lookup_refs(stream_ids, sender, refs)[0]
+
+    def lookup_refs(self, stream_ids: list[str], sender: str | None = None,
+                    refs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """`lookup`, and which streams their refs found (None: none did). Those need no
+        `remember` again while they keep their slots."""
         t = self._refs.get(sender) if refs is not None else None
         if t is None:
-            return self._by_id(stream_ids, np.arange(len(stream_ids)))
+            return self._by_id(stream_ids, np.arange(len(stream_ids))), None
         t.used = True
         rows = refs >> 32
         at = np.minimum(rows, t.ref.size - 1)
@@ -151,13 +157,13 @@ class SlotPool:
                 logger.warning("sender %r: a stream ref named another stream; its refs are dropped", sender)
                 del self._refs[sender]
                 self.refs_dropped += 1
-                return self._by_id(stream_ids, np.arange(len(stream_ids)))
+                return self._by_id(stream_ids, np.arange(len(stream_ids))), None
         self.by_ref += int(found.size)
         if found.size < len(stream_ids):
             slots = np.where(hit, slots, -1)
             miss = (~hit).nonzero()[0]
             slots[miss] = self._by_id(stream_ids, miss)
-        return slots
+        return slots, hit
 
     @property
     def ref_senders(self) -> int:
@@ -254,6 +260,10 @@ class SlotPool:
 
     def streams(self) -> list[str]:
         return list(self._slot_of)
+
+
+# (slots of a request's streams, -1 for none; which of them the sender's refs found)
+_Found = tuple[np.ndarray, "np.ndarray | None"]
 
 
 # ----------------------------------------------------------------------------- requests
@@ -584,15 +594,16 @@ class CodecReplicaCore:
         logger.info("replica settings: %s", {k: v for k, v in new.to_dict().items() if k != "latency_profile"})
 
     # -- intake
-    def _check(self, batch: Any) -> tuple[int, np.ndarray]:
-        """Validates a request; returns its codebook count and its streams' slots (-1: none)
-        (ValueError names the problem)."""
+    def _check(self, batch: Any) -> tuple[int, np.ndarray, np.ndarray | None]:
+        """Validates a request; returns its codebook count, its streams' slots (-1: none)
+        and which of them its refs found (`SlotPool.lookup_refs`) (ValueError names the
+        problem)."""
         if not isinstance(batch, FrameBatch):
             raise ValueError(f"expected a FrameBatch, got {type(batch).__name__}")
         batch.validate(distinct=True)  # all but duplicate ids: found from the slots below
         # Streams by their sender's refs where known, else one dictionary lookup a stream
         # (the transport delivers new string objects each request, so each costs a hash).
-        slots = self.pool.lookup(batch.stream_ids, batch.bridge_id, batch.stream_refs)
+        slots, by_ref = self.pool.lookup_refs(batch.stream_ids, batch.bridge_id, batch.stream_refs)
         if not self.pool.distinct(batch.stream_ids, slots):
             raise ValueError("duplicate stream id in one batch")
         if batch.bandwidth_kbps > self.settings.max_bandwidth_kbps:
@@ -600,12 +611,12 @@ class CodecReplicaCore:
                              f"max_bandwidth_kbps {self.settings.max_bandwidth_kbps}")
         depths = batch.depths()
         if not len(depths):
-            return bandwidth_codebooks(batch.bandwidth_kbps), slots
+            return bandwidth_codebooks(batch.bandwidth_kbps), slots, by_ref
         n_q = int(depths.max())
         if n_q > bandwidth_codebooks(self.settings.max_bandwidth_kbps):
             raise ValueError(f"{n_q} codebooks is above this replica's max_bandwidth_kbps "
                              f"{self.settings.max_bandwidth_kbps}")
-        return n_q, slots
+        return n_q, slots, by_ref
 
     async def process(self, batch: FrameBatch) -> BatchResult:
         arrival = self.clock()
@@ -613,7 +624,7 @@ class CodecReplicaCore:
         req = None
         with self.cpu:
             try:
-                n_q, slots = self._check(batch)
+                n_q, slots, by_ref = self._check(batch)
             except ValueError as exc:
                 error = str(exc)
             else:
@@ -621,7 +632,7 @@ class CodecReplicaCore:
                 if self._codec is not None and batch.opus is None and batch.vad is None:
                     # the usual request: intake in the same section, no await in between
                     self._ensure_loop()
-                    req = self._intake(batch, arrival, n_q, slots, None, None)
+                    req = self._intake(batch, arrival, n_q, (slots, by_ref), None, None)
         if error is not None:
             self._count("malformed_batches")
             res = malformed_result(batch, error)
@@ -632,7 +643,7 @@ class CodecReplicaCore:
         if req is None:
             if batch.opus is not None:  # the bridge sent its publishers' Opus: decoded here, off the loop
                 batch = replace(batch, pcm=await self.opus.decode_async(batch.stream_ids, batch.opus), opus=None)
-                slots = None  # slots may have moved while it decoded: looked up again at admission
+                pool = None  # slots may have moved while it decoded: looked up again at admission
             silent = vad = None
             if batch.vad is not None:  # the bridge's DTX, decided here on the decoded audio
                 silent, vad = self._vad(batch)
@@ -640,13 +651,14 @@ class CodecReplicaCore:
             self._ensure_loop()
             with self.cpu:
                 # (a rebuild while this request waited for the runtime made a new slot pool)
-                req = self._intake(batch, arrival, n_q, slots if self.pool is pool else None, silent, vad)
+                req = self._intake(batch, arrival, n_q, (slots, by_ref) if self.pool is pool else None,
+                                   silent, vad)
         res = await req.future
         metrics.record_frames(Op.ENCODE.value, res.counts())
         res.held_ms = (self.clock() - arrival) * 1000.0  # lets the sender measure the transit
         return res
 
-    def _intake(self, batch: FrameBatch, arrival: float, n_q: int, slots: np.ndarray | None,
+    def _intake(self, batch: FrameBatch, arrival: float, n_q: int, found: _Found | None,
                 silent: np.ndarray | None, vad: np.ndarray | None) -> _Request:
         """A checked request's frames into the queue (or answered now); wakes the step loop."""
         req = _Request(next(self._rids), batch, arrival, self.replica_id,
@@ -654,7 +666,7 @@ class CodecReplicaCore:
         if silent is not None:
             req.result.vad = vad
             req.answer(silent.nonzero()[0], DTX_CODE)
-        if self._admit(req, slots, silent) and self._wake is not None:
+        if self._admit(req, found, silent) and self._wake is not None:
             self._wake.set()
         return req
 
@@ -667,19 +679,18 @@ class CodecReplicaCore:
         self._count("dtx_frames", int(np.count_nonzero(silent)))
         return silent, vad
 
-    def _admit(self, req: _Request, slots: np.ndarray | None = None, skip: np.ndarray | None = None) -> int:
+    def _admit(self, req: _Request, found: _Found | None = None, skip: np.ndarray | None = None) -> int:
         """Intake half of the epoch rule and the queue, for all of a request's frames at
-        once; frames refused here are answered now. `slots`: the streams' `lookup`, when
-        known; `skip`: frames already answered (bool per row, `dtx`). Returns how many were
-        queued."""
+        once; frames refused here are answered now. `found`: the streams' `lookup_refs`,
+        when known; `skip`: frames already answered (bool per row, `dtx`). Returns how many
+        were queued."""
         batch, now = req.batch, req.arrival
         b = len(batch)
         self.frames_in += b
         epochs = np.asarray(batch.epochs, np.int64)
         seqs = np.asarray(batch.epoch_seqs, np.int64)
         deadlines = req.deadlines
-        if slots is None:
-            slots = self.pool.lookup(batch.stream_ids, batch.bridge_id, batch.stream_refs)
+        slots, by_ref = found or self.pool.lookup_refs(batch.stream_ids, batch.bridge_id, batch.stream_refs)
         usual = ((skip is None or not skip.any())
                  and (batch.pcm.dtype != np.float32 or np.isfinite(batch.pcm).all())
                  and not (deadlines <= now).any()
@@ -698,10 +709,11 @@ class CodecReplicaCore:
             # epoch rule can refuse a frame (the full path below does the same, check by check).
             ok = self.pool.epochs.admit(slots, epochs, seqs)
             if ok.all():
-                return self._queue(req, np.arange(b), slots, epochs, seqs, deadlines, now)
+                return self._queue(req, np.arange(b), slots, epochs, seqs, deadlines, now, by_ref)
             req.answer((~ok).nonzero()[0], _RESET)
             rows = ok.nonzero()[0]
-            return self._queue(req, rows, slots[rows], epochs[rows], seqs[rows], deadlines[rows], now)
+            return self._queue(req, rows, slots[rows], epochs[rows], seqs[rows], deadlines[rows], now,
+                               None if by_ref is None else by_ref[rows])
         todo = np.ones(b, bool) if skip is None else ~skip
         # A frame the model cannot take (NaN/inf) is that frame's `error`, not its batch's.
         bad = ~np.isfinite(batch.pcm).all(axis=1) if batch.pcm.dtype == np.float32 else np.zeros(b, bool)
@@ -732,18 +744,25 @@ class CodecReplicaCore:
         ok = self.pool.epochs.admit(slots[rows], epochs[rows], seqs[rows])
         req.answer(rows[~ok], _RESET)
         rows = rows[ok]
-        return self._queue(req, rows, slots[rows], epochs[rows], seqs[rows], deadlines[rows], now)
+        return self._queue(req, rows, slots[rows], epochs[rows], seqs[rows], deadlines[rows], now,
+                           None if by_ref is None else by_ref[rows])
 
     def _queue(self, req: _Request, rows: np.ndarray, slots: np.ndarray, epochs: np.ndarray,
-               seqs: np.ndarray, deadlines: np.ndarray, now: float) -> int:
+               seqs: np.ndarray, deadlines: np.ndarray, now: float, by_ref: np.ndarray | None = None) -> int:
         """Queues the admitted frames (`rows` of the request, with their slots, epochs,
-        seqs and deadlines); returns how many."""
+        seqs and deadlines; `by_ref`: which of them their refs found); returns how many."""
         if not rows.size:
             return 0
         req.slots[rows] = slots
         req.generation[rows] = self.pool.generation[slots]
-        if req.batch.stream_refs is not None:
-            self.pool.remember(req.batch.bridge_id, req.batch.stream_refs[rows], slots)
+        sender_refs = req.batch.stream_refs
+        if sender_refs is not None:
+            # the sender's refs of the streams not found by them (those found keep theirs)
+            if by_ref is None:
+                self.pool.remember(req.batch.bridge_id, sender_refs[rows], slots)
+            elif not by_ref.all():
+                new = (~by_ref).nonzero()[0]
+                self.pool.remember(req.batch.bridge_id, sender_refs[rows[new]], slots[new])
         self.pool.last_seen[slots] = now
         self._requests[req.rid] = req
         refs = (req.rid << _ROW_BITS) | rows

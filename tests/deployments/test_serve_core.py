@@ -474,6 +474,27 @@ def test_stream_refs_find_each_streams_own_slot():
     assert got[5] == -1 and np.delete(got, 5).tolist() == np.delete(slots, 5).tolist()
 
 
+def test_streams_found_by_their_refs_are_not_remembered_again(core):
+    """A bridge's streams are found by their refs from their second frame on; a request
+    that brings new streams among known ones remembers only the new ones' refs, and those
+    are found by ref the tick after."""
+    async def go():
+        br = Bridge(core)
+        remembered = []
+        remember = core.pool.remember
+        core.pool.remember = lambda sender, refs, slots: (remembered.append(refs.size),
+                                                          remember(sender, refs, slots))
+        await _tick(br, ["a", "b"])  # new: by id, remembered
+        await _tick(br, ["a", "b", "c"])  # a, b by ref; c new
+        await _tick(br, ["a", "b", "c"])  # all by ref
+        look = core.info()["stream_lookup"]
+        assert remembered == [2, 1]
+        assert (look["by_ref"], look["by_id"]) == (2 + 3, 2 + 1)
+        await core.stop()
+
+    run(go())
+
+
 def test_a_sender_whose_refs_name_other_streams_loses_them(caplog):
     pool = SlotPool(40)
     ids = [f"s{i}" for i in range(32)]
