@@ -1082,11 +1082,15 @@ class BridgeCore:
         the batch's deepest row; each row valid up to its own depth)."""
         b = len(batch)
         n_q = int(batch.n_q.max()) if batch.n_q is not None and b else self.n_q
-        row = _result_rows(batch.stream_ids, result)  # -1 = no row for this frame
-        have = row >= 0
-        oc = _filled(b, _ERROR, np.int64)
-        if have.any():
-            oc[have] = np.asarray(result.outcome_codes)[row[have]]
+        row = _result_rows(batch.stream_ids, result)  # -1 = no row for this frame; None: in order
+        if row is None:  # the usual answer: every frame, in the batch's order
+            have = None
+            oc = np.asarray(result.outcome_codes).astype(np.int64)
+        else:
+            have = row >= 0
+            oc = _filled(b, _ERROR, np.int64)
+            if have.any():
+                oc[have] = np.asarray(result.outcome_codes)[row[have]]
         answered = oc.copy()  # what the other side said (error where it said nothing)
         # `dtx` only for a row whose VAD state was sent (the replica's DTX)
         dtx_ok = np.zeros(b, bool) if batch.vad is None else ~np.isnan(batch.vad[:, 0])
@@ -1098,14 +1102,16 @@ class BridgeCore:
             if rc is None or rc.ndim != 3 or rc.shape[0] != len(result.stream_ids) or rc.shape[1] < n_q:
                 oc[ai] = _ERROR
             else:
-                codes = rc[np.where(have, row, 0), :n_q] if not (row == np.arange(b)).all() else rc[:, :n_q]
+                codes = rc[:, :n_q] if row is None else rc[np.where(have, row, 0), :n_q]
                 codes = codes.astype(np.int16, copy=False)
                 # in range: 0 <= code < CODEBOOK_SIZE; as uint16 a negative one is >= 32768, so
                 # one max over every code finds both (the rows only when there is one)
                 flat = codes.reshape(b, -1).view(np.uint16)
                 if flat.size and int(flat.max()) >= CODEBOOK_SIZE:
                     oc[ai & (flat >= CODEBOOK_SIZE).any(axis=1)] = _ERROR
-        overruled = (oc != answered) | ~have  # the bridge's own verdict: missing or bad answers
+        overruled = oc != answered  # the bridge's own verdict: missing or bad answers
+        if have is not None:
+            overruled |= ~have
         if overruled.any():
             self._decided += np.bincount(oc[overruled], minlength=N_CODES)
         return oc.astype(np.uint8), codes
@@ -1456,13 +1462,14 @@ def _parse_hint(kept: tuple[int, bytes] | None) -> Hint | None:
     return None if kept is None else HintElement.parse(kept[1]).to_hint(kept[0])
 
 
-def _result_rows(stream_ids: list[str], result: BatchResult | None) -> np.ndarray:
-    """For each sent frame, its row in `result` (-1 where the result has none). Results
-    come back in the batch's order, so that case costs one list comparison."""
+def _result_rows(stream_ids: list[str], result: BatchResult | None) -> np.ndarray | None:
+    """For each sent frame, its row in `result` (-1 where the result has none); None when
+    the result answers every frame in the batch's order, as results come back (one list
+    comparison)."""
     b = len(stream_ids)
     if result is None or len(result.outcome_codes) != len(result.stream_ids):
         return np.full(b, -1, np.int64)  # a malformed result answers nothing
     if result.stream_ids is stream_ids or result.stream_ids == stream_ids:
-        return np.arange(b, dtype=np.int64)
+        return None
     where = {sid: j for j, sid in enumerate(result.stream_ids)}
     return np.fromiter((where.get(sid, -1) for sid in stream_ids), np.int64, b)
