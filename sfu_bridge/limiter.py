@@ -361,6 +361,23 @@ def _stale(conn: Any) -> bool:
         return True
 
 
+async def _astale(conn: Any) -> bool:
+    try:
+        return bool(await conn.can_read_destructive())
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return True
+
+
+async def _aread_replies(conn: Any, n_replies: int) -> list:
+    replies: list = []
+    for _ in range(n_replies):
+        try:
+            replies.append(await conn.read_response(disable_decoding=True))
+        except redis.ResponseError as exc:  # e.g. NOSCRIPT: keep reading the others
+            replies.append(exc)
+    return replies
+
+
 def _read_replies(conn: Any, n_replies: int) -> list:
     replies: list = []
     for _ in range(n_replies):
@@ -494,18 +511,54 @@ class AsyncHintLimiter(_GcraClient):
     async def _load_script(self) -> None:
         self._check_sha(await self.redis.script_load(self.script))
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # the limiter's own connection, as `HintLimiter`'s; a call that finds it busy (another
+        # coroutine's call awaits its reply) uses a pooled one
+        self._own: Any = None
+        self._own_open = False
+        self._own_busy = False
+        self._own_used = 0.0
+        super().__init__(*args, **kwargs)
+
     async def _roundtrip(self, packed: bytes, n_replies: int) -> list:
+        if self._own_busy:
+            return await self._pooled_roundtrip(packed, n_replies)
+        self._own_busy = True
+        try:
+            conn = self._own
+            if conn is None:
+                conn = self._own = self.redis.connection_pool.make_connection()
+                self._own_open = False
+            now = time.monotonic()
+            if self._own_open and now - self._own_used > OWN_CHECK_AFTER_S and await _astale(conn):
+                await self._disconnect_own()  # idle a while and closed by the server meanwhile
+            self._own_used = now
+            try:
+                await conn.send_packed_command([packed])
+            except redis.ConnectionError:
+                if not self._own_open:
+                    raise
+                await self._disconnect_own()  # not sent on a closed connection: once more
+                await conn.send_packed_command([packed])
+            self._own_open = True
+            try:
+                return await _aread_replies(conn, n_replies)
+            except BaseException:  # cancelled too: replies may be half read, never reuse it
+                await self._disconnect_own()
+                raise
+        finally:
+            self._own_busy = False
+
+    async def _disconnect_own(self) -> None:
+        self._own_open = False
+        await self._own.disconnect()
+
+    async def _pooled_roundtrip(self, packed: bytes, n_replies: int) -> list:
         pool = self.redis.connection_pool
         conn = await pool.get_connection()
         try:
             await conn.send_packed_command([packed])
-            replies: list = []
-            for _ in range(n_replies):
-                try:
-                    replies.append(await conn.read_response(disable_decoding=True))
-                except redis.ResponseError as exc:
-                    replies.append(exc)
-            return replies
+            return await _aread_replies(conn, n_replies)
         except asyncio.CancelledError:
             await conn.disconnect()  # replies may be half read: never reuse this connection
             raise
@@ -539,4 +592,7 @@ class AsyncHintLimiter(_GcraClient):
         return self._succeeded(calls, results)
 
     async def aclose(self) -> None:
+        if self._own is not None:
+            await self._disconnect_own()
+            self._own = None
         await self.redis.aclose()

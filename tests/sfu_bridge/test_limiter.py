@@ -400,6 +400,35 @@ def test_async_limiter_same_decisions_fail_open_and_recovery(tmp_path):
         srv.close()
 
 
+def test_async_limiter_calls_share_its_connection_and_survive_a_restart(tmp_path):
+    """As the blocking limiter: its own connection for each call, a pooled one for a call
+    made while another awaits its reply, and a server restart between calls costs none."""
+    import asyncio
+
+    srv = EmbeddedRedis(tmp_path / "c").start()
+
+    async def scenario() -> None:
+        lim = AsyncHintLimiter(srv.async_client(), rate_per_s=1, burst=2)
+        assert (await lim.allow(["s"], [5])).tolist() == [2]
+        own = lim._own
+        pooled = []
+        pooled_roundtrip = lim._pooled_roundtrip
+        lim._pooled_roundtrip = lambda *args: (pooled.append(1), pooled_roundtrip(*args))[1]
+        a, b = await asyncio.gather(lim.allow(["t"], [1]), lim.allow(["u"], [3]))
+        assert (a.tolist(), b.tolist()) == ([1], [2]) and lim._own is own and pooled == [1]
+        srv.stop()
+        srv.start()
+        assert (await lim.allow(["s"], [5])).tolist() == [2]
+        assert lim.counters.errors == 0 and lim.counters.calls == 4 and lim._own is own
+        await lim.aclose()
+        assert lim._own is None
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        srv.close()
+
+
 def test_embedded_redis_stops_when_its_owner_is_killed(tmp_path):
     import signal
     import subprocess
