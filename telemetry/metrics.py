@@ -336,9 +336,9 @@ class RayBuffer:
     each gauge's last value, histogram values in order. Handed to Ray (`flush`) at most
     once every `RAY_FLUSH_S`, by the next recording after that or, in a process that has
     stopped recording, by a daemon thread; Ray itself exports every few seconds. A media
-    path records every tick and step: a handful of Ray metric calls each time cost more
-    CPU than the tick's own bookkeeping of thousands of frames, now they come once a second.
-    The local registry gets every recording at once, as before."""
+    path records every tick and step: the handful of Ray metric calls (one per value) each
+    time now come once a second, in one burst. The local registry gets every recording at
+    once, as before."""
 
     def __init__(self, flush_s: float = RAY_FLUSH_S) -> None:
         self.flush_s = flush_s
