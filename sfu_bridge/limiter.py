@@ -167,6 +167,11 @@ class _GcraClient:
         if "{" in bridge_id or "}" in bridge_id or not bridge_id:
             raise ValueError(f"bridge id {bridge_id!r} must be non-empty without braces (it is the hash tag)")
         self.redis = redis_client
+        # the limiter's own connection (see HintLimiter), made on first use: whether it has
+        # sent since it last (re)connected, and when it was last used
+        self._own: Any = None
+        self._own_open = False
+        self._own_used = 0.0
         self.params = GcraParams.from_rate(rate_per_s, burst)
         self.rate_per_s, self.burst = rate_per_s, burst
         self.fail_open = fail_open
@@ -348,6 +353,18 @@ class _GcraClient:
                 out.append(np.zeros_like(off))
         return out
 
+    def _own_connection(self) -> tuple[Any, bool]:
+        """The limiter's connection, and whether to check it before use: open, and idle long
+        enough that the server may have closed it."""
+        conn = self._own
+        if conn is None:
+            conn = self._own = self.redis.connection_pool.make_connection()
+            self._own_open = False
+        now = time.monotonic()
+        check = self._own_open and now - self._own_used > OWN_CHECK_AFTER_S
+        self._own_used = now
+        return conn, check
+
     def retry_now(self) -> None:
         """End the back-off so the next call tries Redis (operators, tests)."""
         self._retry_at = 0.0
@@ -405,10 +422,7 @@ class HintLimiter(_GcraClient):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._own: Any = None  # the limiter's connection, made on first use
-        self._own_open = False  # it has sent a command since it last (re)connected
-        self._own_lock = threading.Lock()
-        self._own_used = 0.0  # monotonic time of its last round trip
+        self._own_lock = threading.Lock()  # held while a call uses the limiter's connection
         super().__init__(*args, **kwargs)
 
     def _preload(self) -> None:
@@ -425,14 +439,9 @@ class HintLimiter(_GcraClient):
         if not self._own_lock.acquire(blocking=False):
             return self._pooled_roundtrip(packed, n_replies)
         try:
-            conn = self._own
-            if conn is None:
-                conn = self._own = self.redis.connection_pool.make_connection()
-                self._own_open = False
-            now = time.monotonic()
-            if self._own_open and now - self._own_used > OWN_CHECK_AFTER_S and _stale(conn):
-                self._disconnect_own()  # idle a while and closed by the server meanwhile
-            self._own_used = now
+            conn, check = self._own_connection()
+            if check and _stale(conn):
+                self._disconnect_own()  # closed by the server while idle
             try:
                 conn.send_packed_command([packed])
             except redis.ConnectionError:
@@ -514,10 +523,7 @@ class AsyncHintLimiter(_GcraClient):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # the limiter's own connection, as `HintLimiter`'s; a call that finds it busy (another
         # coroutine's call awaits its reply) uses a pooled one
-        self._own: Any = None
-        self._own_open = False
         self._own_busy = False
-        self._own_used = 0.0
         super().__init__(*args, **kwargs)
 
     async def _roundtrip(self, packed: bytes, n_replies: int) -> list:
@@ -525,14 +531,9 @@ class AsyncHintLimiter(_GcraClient):
             return await self._pooled_roundtrip(packed, n_replies)
         self._own_busy = True
         try:
-            conn = self._own
-            if conn is None:
-                conn = self._own = self.redis.connection_pool.make_connection()
-                self._own_open = False
-            now = time.monotonic()
-            if self._own_open and now - self._own_used > OWN_CHECK_AFTER_S and await _astale(conn):
-                await self._disconnect_own()  # idle a while and closed by the server meanwhile
-            self._own_used = now
+            conn, check = self._own_connection()
+            if check and await _astale(conn):
+                await self._disconnect_own()  # closed by the server while idle
             try:
                 await conn.send_packed_command([packed])
             except redis.ConnectionError:

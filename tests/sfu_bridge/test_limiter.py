@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import redis
 
+from sfu_bridge import limiter as limiter_mod
 from sfu_bridge import redis_store
 from sfu_bridge.limiter import (
     KEY_PREFIX,
@@ -268,11 +269,15 @@ def test_unreachable_redis_is_counted_never_raised_and_recovers(own_server, fail
     assert lim.counters.recoveries == 1 and lim.counters.last_error
 
 
-def test_calls_go_out_on_the_limiters_connection_and_survive_a_server_restart(own_server):
+@pytest.mark.parametrize("check_after_s", [60.0, 0.0])
+def test_calls_go_out_on_the_limiters_connection_and_survive_a_server_restart(own_server, monkeypatch,
+                                                                               check_after_s):
     """Calls use the limiter's own connection, not one taken from the pool each time; a call
     that finds it busy (another thread's) uses a pooled one. A server restart between calls
     costs no call: the write to the closed socket fails, so the call goes out again on a
-    new connection (and reloads the script the new server lacks)."""
+    new connection (and reloads the script the new server lacks); or, the connection idle
+    long enough to be checked first (`check_after_s` 0), it is found closed and replaced."""
+    monkeypatch.setattr(limiter_mod, "OWN_CHECK_AFTER_S", check_after_s)
     client = own_server.client()
     lim = HintLimiter(client, rate_per_s=1, burst=2)
     assert lim.allow(["s"], [5]).tolist() == [2]
