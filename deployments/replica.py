@@ -820,18 +820,21 @@ class CodecReplicaCore:
                 # wait after a decision that ran nothing cannot miss an arrival.
                 self._wake.clear()
                 async with self._step_lock:
-                    if self.scheduler.pending:
-                        with self.cpu:  # the decision and the step's intake half: one section
-                            plan = self.scheduler.schedule(self.clock())
-                            groups = self._step_groups(plan) if plan else None
-                    else:  # nothing queued: no decision to make (or to meter)
-                        plan, groups = Plan(now=self.clock()), None
-                    if groups is not None:
-                        try:
-                            await self._execute(plan, groups)
-                        except Exception:  # noqa: BLE001 - a bug must not strand frames or the loop
-                            logger.exception("codec step failed; its frames are answered `error`")
-                            self._fail_plan(plan)
+                    plan = None
+                    try:
+                        if self.scheduler.pending:
+                            with self.cpu:  # the decision and the step's intake half: one section
+                                plan = self.scheduler.schedule(self.clock())
+                                groups = self._step_groups(plan) if plan else None
+                            if groups is not None:
+                                await self._execute(plan, groups)
+                        else:  # nothing queued: no decision to make (or to meter)
+                            plan = Plan(now=self.clock())
+                    except Exception:  # noqa: BLE001 - a bug must not strand frames or the loop
+                        if plan is None:
+                            raise  # the decision itself failed: nothing planned to answer
+                        logger.exception("codec step failed; its frames are answered `error`")
+                        self._fail_plan(plan)
                 if not plan.run_refs.size:
                     await self._idle_after_decision(plan)
         finally:
@@ -888,20 +891,15 @@ class CodecReplicaCore:
     def _step_groups(self, plan: Plan) -> list[_Group] | None:
         """A plan's frames that fell back answered; those to run grouped into model calls
         (None: nothing to run). The caller meters it."""
-        try:
-            self._fallback(plan.expired_refs, _DEADLINE, plan.now)
-            self._fallback(plan.shed_refs, _OVERLOAD, plan.now)
-            if not plan.run_refs.size:
-                return None
-            groups = self._group(self._parts(plan.run_refs), plan.now)
-            if not groups:
-                self.scheduler.complete(plan, 0.0, computed=0)
-                return None
-            return groups
-        except Exception:  # noqa: BLE001 - a bug must not strand frames or the loop
-            logger.exception("codec step failed; its frames are answered `error`")
-            self._fail_plan(plan)
+        self._fallback(plan.expired_refs, _DEADLINE, plan.now)
+        self._fallback(plan.shed_refs, _OVERLOAD, plan.now)
+        if not plan.run_refs.size:
             return None
+        groups = self._group(self._parts(plan.run_refs), plan.now)
+        if not groups:
+            self.scheduler.complete(plan, 0.0, computed=0)
+            return None
+        return groups
 
     async def _execute(self, plan: Plan, groups: list[_Group]) -> None:
         n = sum(g.size for g in groups)

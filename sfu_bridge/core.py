@@ -1182,10 +1182,11 @@ class BridgeCore:
         accepted = 0
         with self.cpu:
             if v_rows:
-                allowed = [int(a) for a in getattr(allowed, "allowed", allowed)]
+                got = np.asarray(getattr(allowed, "allowed", allowed), np.int64).ravel()
                 # an answer short of streams allows none of the rest
                 n_ok = np.zeros(uniq.size, np.int64)
-                n_ok[: len(allowed)] = np.asarray(allowed[: uniq.size], np.int64)
+                k = min(got.size, uniq.size)
+                n_ok[:k] = got[:k]
                 n_ok = np.minimum(np.maximum(n_ok, 0), counts)
                 accepted = int(n_ok.sum())
                 if accepted < len(v_rows):

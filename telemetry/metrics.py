@@ -343,6 +343,7 @@ class RayBuffer:
     def __init__(self, flush_s: float = RAY_FLUSH_S) -> None:
         self.flush_s = flush_s
         self._lock = threading.Lock()
+        self._pending = threading.Condition(self._lock)  # notified when something waits for Ray
         self._inc: dict[tuple[str, tuple[str, ...]], float] = {}
         self._set: dict[tuple[str, tuple[str, ...]], float] = {}
         self._obs: dict[tuple[str, tuple[str, ...]], list[float]] = {}
@@ -364,6 +365,7 @@ class RayBuffer:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="auralink-metrics", daemon=True)
                     self._thread.start()
+                self._pending.notify()
             due = now >= self._due
         if due:
             self.flush()
@@ -394,12 +396,13 @@ class RayBuffer:
             logger.warning("Ray metrics disabled in this process after error: %s", exc)
 
     def _run(self) -> None:
+        """Flushes what a quiet process left pending once it is due (a busy one's next
+        recording usually does first); waits without waking while nothing is pending."""
         while True:
-            time.sleep(self.flush_s)
-            with self._lock:
-                due = bool(self._due) and time.monotonic() >= self._due
-            if due:
-                self.flush()
+            with self._pending:
+                while not self._due or time.monotonic() < self._due:
+                    self._pending.wait(max(0.0, self._due - time.monotonic()) if self._due else None)
+            self.flush()
 
 
 _local = LocalRegistry()
@@ -469,12 +472,11 @@ def _observe_many(name: str, values: Iterable[float] | np.ndarray, tags: Mapping
         return
     spec = SPECS[name]
     _local.observe_many(spec, arr, tags)
-    sink = _ray_sink()
-    if sink is None:
+    if _ray_sink() is None:
         return
     if arr.size > sample:
         arr = arr[np.linspace(0, arr.size - 1, sample).astype(np.int64)]
-    _ray_observe(sink, spec, arr.tolist(), tags)
+    _buffer.add("observe", spec, arr.tolist(), tags)
 
 
 def _observe_repeated(name: str, value: float, n: int, tags: Mapping[str, str],
@@ -484,14 +486,8 @@ def _observe_repeated(name: str, value: float, n: int, tags: Mapping[str, str],
         return
     spec = SPECS[name]
     _local.observe_repeated(spec, float(value), int(n), tags)
-    sink = _ray_sink()
-    if sink is not None:
-        _ray_observe(sink, spec, [float(value)] * min(int(n), max(1, int(sample))), tags)
-
-
-def _ray_observe(sink: RayMetrics, spec: MetricSpec, values: list[float], tags: Mapping[str, str]) -> None:
-    """Each value for Ray's histogram, handed over with the next flush."""
-    _buffer.add("observe", spec, values, tags)
+    if _ray_sink() is not None:
+        _buffer.add("observe", spec, [float(value)] * min(int(n), max(1, int(sample))), tags)
 
 
 def observe_frame_latency(op: str, latencies_ms: Iterable[float] | np.ndarray,
@@ -514,23 +510,10 @@ def observe_step(op: str, ms: float, size: int, device: str, slack_ms: np.ndarra
     the slack of its frames that met their deadline (DEADLINE_SLACK; a negative slack is a
     miss, counted as fallback/deadline, not a sample). Every value is kept locally; Ray gets
     at most `slack_sample` of the slacks, an even sample, as `observe_frame_latency`."""
-    sink = _ray_sink()
-    tags = {"op": op}
-    step_tags = {"op": op, "device": device}
-    _local.observe(SPECS[STEP_LATENCY], float(ms), step_tags)
-    _local.observe(SPECS[BATCH_SIZE], float(size), tags)
-    slack = slack_ms[slack_ms >= 0] if slack_ms.size else slack_ms
-    if slack.size:
-        _local.observe_many(SPECS[DEADLINE_SLACK], slack, tags)
-    if sink is None:
-        return
-    values = slack
-    if values.size > slack_sample:
-        values = values[np.linspace(0, values.size - 1, max(1, int(slack_sample))).astype(np.int64)]
-    _ray_observe(sink, SPECS[STEP_LATENCY], [float(ms)], step_tags)
-    _ray_observe(sink, SPECS[BATCH_SIZE], [float(size)], tags)
-    if values.size:
-        _ray_observe(sink, SPECS[DEADLINE_SLACK], values.tolist(), tags)
+    _emit("observe", STEP_LATENCY, float(ms), {"op": op, "device": device})
+    _emit("observe", BATCH_SIZE, float(size), {"op": op})
+    if slack_ms.size:
+        _observe_many(DEADLINE_SLACK, slack_ms[slack_ms >= 0], {"op": op}, max(1, int(slack_sample)))
 
 
 def set_slots(replica: str, in_use: int, capacity: int) -> None:
