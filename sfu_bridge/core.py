@@ -21,7 +21,8 @@ out) and the load simulator (`cluster.simulator`, emulated publishers) drive thi
   the frames' deadline plus a grace, so a stuck client yields `fallback/deadline`, not a stall;
 - **hints**: checked (size, tag, replay: `sfu_bridge.hint_auth`, per-stream keys derived on
   first use; a model id no replica runs is dropped `unknown_model`) and counted into the
-  limiter in one call per tick, concurrently with the codec; accepted hints take effect: BW
+  limiter in one call per tick, concurrently with the codec (a blocking limiter's answer is
+  read after the codec's: `HintLimiter.send`); accepted hints take effect: BW
   from the next tick, R opens a new epoch with the stream's next AI frame;
 - **adaptation** (columns of the table): each AI frame is quantized as deep as its stream
   needs - the deepest AIC subscriber's layer (`set_need`, from the media adapter's rate
@@ -84,7 +85,13 @@ from models.vad import EnergyVad, VadConfig, chunk_levels_db, talk_spurts
 from sfu_bridge import adaptation
 from sfu_bridge.hint_auth import HINT_ACCEPTED, HINT_CODES, HintTable
 from sfu_bridge.hint_ext import HINT_BYTES, Hint, HintElement
-from sfu_bridge.limiter import DEFAULT_BURST, DEFAULT_RATE_PER_S, GcraParams, gcra_allow
+from sfu_bridge.limiter import (
+    DEFAULT_BURST,
+    DEFAULT_RATE_PER_S,
+    GcraParams,
+    PendingAllow,
+    gcra_allow,
+)
 from telemetry import metrics
 
 logger = logging.getLogger(__name__)
@@ -293,6 +300,32 @@ class StreamView:
     hint_tick: int | None  # the tick that accepted its latest bandwidth change
     dtx_enabled: bool  # the bridge's DTX default and its user's switch
     dtx_silent: bool  # in DTX now (its talk spurt ended)
+
+
+@dataclass
+class _HintCheck:
+    """A tick's verified hints (`BridgeCore._check_hints`), waiting for the limiter's answer."""
+
+    dropped: Counter[str]  # by reason, so far
+    v_rows: np.ndarray  # the verified hints' rows, in arrival order
+    v_gens: np.ndarray  # those rows' generations when checked
+    v_hints: list[tuple[int, bytes]]  # (index, element) of each
+    v_first: np.ndarray  # each one's first byte (model, BW, R)
+    uniq: np.ndarray = field(default_factory=lambda: _EMPTY_I)  # `_ranks` of v_rows
+    inv: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+    counts: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+    rank: np.ndarray = field(default_factory=lambda: _EMPTY_I)
+    allowed: Any = None  # per uniq stream: an array, or a `PendingAllow` to read
+
+
+def _drop_hint_check(task: asyncio.Task) -> None:
+    """A tick that ended without reading its limiter answer: the call is cancelled, so the
+    limiter's connection is free for the next."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    chk = task.result()
+    if chk is not None and isinstance(chk.allowed, PendingAllow):
+        chk.allowed.cancel()
 
 
 @dataclass
@@ -864,10 +897,16 @@ class BridgeCore:
         result: BatchResult | None = None
         if taken.batch is not None:
             t_send = time.perf_counter()
-            result = await self._call_codec(taken.batch, taken.owners)
+            try:
+                result = await self._call_codec(taken.batch, taken.owners)
+            except BaseException:  # cancelled: a limiter call sent meanwhile is not read
+                hint_task.add_done_callback(_drop_hint_check)
+                raise
             codec_wait_ms = (time.perf_counter() - t_send) * 1000.0
-        accepted, dropped = await hint_task
+        hints = await hint_task
         with self.cpu:
+            # a synchronous limiter's answer is read here, after the codec's: it has arrived
+            accepted, dropped = self._hint_verdicts(hints)
             report = self._finish(taken, result, started_at)
             report.codec_wait_ms = codec_wait_ms
             report.hints_accepted, report.hints_dropped = accepted, dropped
@@ -1129,16 +1168,19 @@ class BridgeCore:
         return np.asarray(result.queue_ms, np.float32) + np.asarray(result.compute_ms, np.float32)
 
     # ------------------------------------------------------------------------ hints
-    async def _check_hints(self) -> tuple[int, dict[str, int]]:
-        """Verify the tick's hints, then one limiter call for all of them. Before any crypto
-        work, a per-stream GCRA guard at `hint_guard_per_s` (above the limiter's rate) drops
-        what the limiter would refuse anyway, so a flood costs its bridge a bounded number of
-        HMACs per stream; what passes the guard and verifies is what the limiter decides on."""
+    async def _check_hints(self) -> _HintCheck | None:
+        """Verify the tick's hints, then one limiter call for all of them (None: no hints);
+        `_hint_verdicts` takes the limiter's answer. Before any crypto work, a per-stream GCRA
+        guard at `hint_guard_per_s` (above the limiter's rate) drops what the limiter would
+        refuse anyway, so a flood costs its bridge a bounded number of HMACs per stream; what
+        passes the guard and verifies is what the limiter decides on. An asyncio limiter's
+        answer is awaited here; a synchronous one's call is sent here (`HintLimiter.send`)
+        and its answer read by `_hint_verdicts`, after the codec's."""
         with self.cpu:
             rows, gens, raws = self._hint_rows, self._hint_gens, self._hint_raws
             self._hint_rows, self._hint_gens, self._hint_raws = [], [], []
             if not rows:
-                return 0, {}
+                return None
             dropped: Counter[str] = Counter()
             rows_a = np.asarray(rows, np.int64)
             self.hint_n[rows_a] = 0
@@ -1146,7 +1188,7 @@ class BridgeCore:
             keep = self.generation[rows_a] == np.asarray(gens, np.int64)
             keep &= self._guard(rows_a, dropped)
             # the hints that verified, in arrival order: their rows, indexes and elements
-            v_rows: list[int] = []
+            v_rows = _EMPTY_I
             v_hints: list[tuple[int, bytes]] = []  # (index, element)
             v_first = _EMPTY_I  # their first bytes (model, BW, R)
             if self._hints is None:
@@ -1168,40 +1210,56 @@ class BridgeCore:
                     dropped[HintDrop.UNKNOWN_MODEL.value] += int(np.count_nonzero(~known))
                     good = np.asarray(good, np.int64)[known].tolist()
                     v_first = v_first[known]
-                v_rows = k_rows[good].tolist()
+                v_rows = k_rows[good]
                 v_hints = [(i, k_raws[j]) for i, j in zip(index[good].tolist(), good, strict=True)]
-            allowed: Any = None
-            if v_rows:
-                uniq, inv, counts, rank = _ranks(np.asarray(v_rows, np.int64))
-                # One limiter call for the tick. A synchronous limiter's whole call (packing,
-                # waiting, decoding) is in this section; an asyncio one is awaited below.
-                allowed = (self.limiter.allow(self.ids[uniq].tolist(), counts.tolist())
-                           if self.limiter is not None else counts)
-        if inspect.isawaitable(allowed):
-            allowed = await allowed
+            chk = _HintCheck(dropped, v_rows, self.generation[v_rows], v_hints, v_first.astype(np.int64))
+            if v_rows.size:
+                chk.uniq, chk.inv, chk.counts, chk.rank = _ranks(v_rows)
+                # One limiter call for the tick: sent now, answered by `_hint_verdicts`.
+                lim = self.limiter
+                if lim is None:
+                    chk.allowed = chk.counts
+                else:
+                    ids, counts = self.ids[chk.uniq].tolist(), chk.counts.tolist()
+                    send = getattr(lim, "send", None)
+                    chk.allowed = send(ids, counts) if send is not None else lim.allow(ids, counts)
+        if inspect.isawaitable(chk.allowed):
+            chk.allowed = await chk.allowed
+        return chk
+
+    def _hint_verdicts(self, chk: _HintCheck | None) -> tuple[int, dict[str, int]]:
+        """The limiter's answer to a tick's `_check_hints` applied: (hints accepted, dropped by
+        reason). The caller meters it."""
+        if chk is None:
+            return 0, {}
+        dropped, v_rows = chk.dropped, chk.v_rows
         accepted = 0
-        with self.cpu:
-            if v_rows:
-                got = np.asarray(getattr(allowed, "allowed", allowed), np.int64).ravel()
-                # an answer short of streams allows none of the rest
-                n_ok = np.zeros(uniq.size, np.int64)
-                k = min(got.size, uniq.size)
-                n_ok[:k] = got[:k]
-                n_ok = np.minimum(np.maximum(n_ok, 0), counts)
-                accepted = int(n_ok.sum())
-                if accepted < len(v_rows):
-                    dropped[HintDrop.RATE_LIMITED.value] += len(v_rows) - accepted
-                # each stream's latest allowed hint: (index, raw), parsed when read
-                live = self.live
-                last = (rank == n_ok[inv] - 1).nonzero()[0]
-                for j in last.tolist():
-                    row = v_rows[j]
-                    if live[row]:
-                        self.last_hint[row] = v_hints[j]
-                self._hint_effects(np.asarray(v_rows, np.int64), v_first.astype(np.int64), rank < n_ok[inv], last)
-            self.hint_counters["accepted"] += accepted
-            for k, v in dropped.items():
-                self.hint_counters[f"dropped/{k}"] += v
+        if v_rows.size:
+            allowed = chk.allowed
+            if isinstance(allowed, PendingAllow):
+                allowed = allowed.result()
+            got = np.asarray(getattr(allowed, "allowed", allowed), np.int64).ravel()
+            # an answer short of streams allows none of the rest
+            n_ok = np.zeros(chk.uniq.size, np.int64)
+            k = min(got.size, chk.uniq.size)
+            n_ok[:k] = got[:k]
+            n_ok = np.minimum(np.maximum(n_ok, 0), chk.counts)
+            accepted = int(n_ok.sum())
+            if accepted < v_rows.size:
+                dropped[HintDrop.RATE_LIMITED.value] += int(v_rows.size) - accepted
+            # Streams still on their rows: one that left since the check (its row perhaps
+            # taken by a newer stream) takes no effect.
+            mine = self.live[v_rows] & (self.generation[v_rows] == chk.v_gens)
+            ok = chk.rank < n_ok[chk.inv]
+            # each stream's latest allowed hint: (index, raw), parsed when read
+            last = ((chk.rank == n_ok[chk.inv] - 1) & mine).nonzero()[0]
+            v_hints = chk.v_hints
+            for j, row in zip(last.tolist(), v_rows[last].tolist(), strict=True):
+                self.last_hint[row] = v_hints[j]
+            self._hint_effects(v_rows, chk.v_first, ok & mine, last)
+        self.hint_counters["accepted"] += accepted
+        for k, v in dropped.items():
+            self.hint_counters[f"dropped/{k}"] += v
         return accepted, dict(dropped)
 
     def _hint_effects(self, rows: np.ndarray, first: np.ndarray, allowed: np.ndarray,
@@ -1209,11 +1267,9 @@ class BridgeCore:
         """Accepted hints take effect (docs/protocol.md, "Hint semantics"): the latest one's
         BW and model (this tick's batch has gone: from the next tick), and any R opens a new
         epoch with the stream's next AI frame. `first`: each verified hint's first byte
-        (model, BW, R); `last`: each stream's latest allowed hint."""
-        live = self.live
-        r = rows[last]
-        ok = live[r]
-        r, fb = r[ok], first[last][ok]
+        (model, BW, R); `allowed`: the hints allowed, of streams still on their rows; `last`:
+        each such stream's latest allowed hint."""
+        r, fb = rows[last], first[last]
         if r.size:
             req = _N_Q_OF_BW[(fb >> 1) & 0x07]
             changed = req != self.req_n_q[r]
@@ -1223,7 +1279,7 @@ class BridgeCore:
         reset = allowed & (first & 0x01 == 1)
         if reset.any():
             rr = np.unique(rows[reset])
-            rr = rr[live[rr] & ~self.epochs.fresh[rr]]
+            rr = rr[~self.epochs.fresh[rr]]
             self.epochs.fell_back(rr)
             self.hint_resets += int(rr.size)
 

@@ -438,6 +438,11 @@ class HintLimiter(_GcraClient):
         """Send pipelined commands on the limiter's connection; replies or ResponseErrors."""
         if not self._own_lock.acquire(blocking=False):
             return self._pooled_roundtrip(packed, n_replies)
+        return self._read_own(self._send_own(packed), n_replies)
+
+    def _send_own(self, packed: bytes) -> Any:
+        """With `_own_lock` held: `packed` sent on the limiter's connection, which stays this
+        call's until `_read_own` (on failure the lock is released and the error raised)."""
         try:
             conn, check = self._own_connection()
             if check and _stale(conn):
@@ -452,13 +457,42 @@ class HintLimiter(_GcraClient):
                 self._disconnect_own()
                 conn.send_packed_command([packed])
             self._own_open = True
-            try:
-                return _read_replies(conn, n_replies)
-            except BaseException:
-                self._disconnect_own()  # a half-read reply must never be read as the next call's
-                raise
+            return conn
+        except BaseException:
+            self._own_lock.release()
+            raise
+
+    def _read_own(self, conn: Any, n_replies: int) -> list:
+        """The replies to what `_send_own` sent; releases `_own_lock`."""
+        try:
+            return _read_replies(conn, n_replies)
+        except BaseException:
+            self._disconnect_own()  # a half-read reply must never be read as the next call's
+            raise
         finally:
             self._own_lock.release()
+
+    def send(self, stream_ids: Sequence[str], counts: Sequence[int]) -> PendingAllow:
+        """`allow()` in two halves: the call goes out now and `result()` of what this returns
+        reads its answer, so a caller with something else to wait for (a bridge tick, its
+        codec's answer) reads it then, by when it has arrived, instead of blocking on it.
+        Until then the limiter's connection is this call's (another call meanwhile, or one
+        that finds it so, takes a pooled connection and answers at once). Redis decides when
+        the call arrives, as for `allow()`; a caller that will not read the answer must
+        `cancel()` it."""
+        calls = self._prepare([(stream_ids, counts)])
+        if not len(calls[0][0]):
+            return PendingAllow(self, calls, value=calls[0][1])
+        if not self._own_lock.acquire(blocking=False):
+            return PendingAllow(self, calls, value=self.allow(stream_ids, counts))
+        if self._skip():
+            self._own_lock.release()
+            return PendingAllow(self, calls, value=self._unreachable(calls)[0])
+        try:
+            conn = self._send_own(self.pack_call(*calls[0]))
+        except (redis.RedisError, OSError) as exc:
+            return PendingAllow(self, calls, value=self._failed(exc, calls)[0])
+        return PendingAllow(self, calls, conn=conn)
 
     def _disconnect_own(self) -> None:
         self._own.disconnect()
@@ -482,7 +516,10 @@ class HintLimiter(_GcraClient):
 
     def _evaluate(self, calls: list[tuple[Sequence[str], np.ndarray]]) -> list[np.ndarray]:
         """Run several calls in one round trip (raises on Redis failure)."""
-        replies = self._roundtrip(b"".join(self.pack_call(*c) for c in calls), len(calls))
+        return self._answers(calls, self._roundtrip(b"".join(self.pack_call(*c) for c in calls), len(calls)))
+
+    def _answers(self, calls: list[tuple[Sequence[str], np.ndarray]], replies: list) -> list[np.ndarray]:
+        """The calls' decisions from their replies (raises on Redis failure)."""
         redo = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if redo:  # a restarted or flushed server: load once, then redo only those calls
             self._load_script()
@@ -508,6 +545,43 @@ class HintLimiter(_GcraClient):
         except (redis.RedisError, OSError) as exc:
             return self._failed(exc, calls)
         return self._succeeded(calls, results)
+
+
+class PendingAllow:
+    """A `HintLimiter.send()` call: `result()` is what `allow()` would have returned (read
+    on first use; never raises on I/O); `cancel()` drops an answer that will not be read."""
+
+    def __init__(self, limiter: HintLimiter, calls: list[tuple[Sequence[str], np.ndarray]],
+                 conn: Any = None, value: np.ndarray | None = None) -> None:
+        self._limiter, self._calls, self._conn, self._value = limiter, calls, conn, value
+
+    @property
+    def pending(self) -> bool:
+        """Sent, its answer not read yet (the limiter's connection is still this call's)."""
+        return self._conn is not None
+
+    def result(self) -> np.ndarray:
+        if self._conn is None:
+            return self._value
+        lim, calls, conn, self._conn = self._limiter, self._calls, self._conn, None
+        try:
+            self._value = lim._succeeded(calls, lim._answers(calls, lim._read_own(conn, 1)))[0]
+        except (redis.RedisError, OSError) as exc:
+            self._value = lim._failed(exc, calls)[0]
+        return self._value
+
+    def cancel(self) -> None:
+        """The answer is not wanted: the connection is closed unread (a reply left on it must
+        never be read as the next call's) and the next call makes a new one. The hints were
+        decided by Redis all the same; none is counted here."""
+        if self._conn is None:
+            return
+        lim, self._conn = self._limiter, None
+        try:
+            lim._disconnect_own()
+        finally:
+            lim._own_lock.release()
+        self._value = np.zeros_like(self._calls[0][1])
 
 
 class AsyncHintLimiter(_GcraClient):

@@ -321,11 +321,66 @@ def test_a_redis_limiter_limits_the_ticks_verified_hints_in_one_call(replica_cor
         core.add_hint("b", signer.sign("a", Hint(0, 6.0, 1, seq=9)))  # signed for another stream
         report = run(core.tick())
         assert limiter.counters.calls == 1 and limiter.counters.errors == 0
+        assert not limiter._own_lock.locked()  # its answer read at the end of the tick
         assert report.hints_accepted == 3 and report.hints_dropped == {"rate_limited": 2, "tag": 1}
         assert core.stream("a").last_hint.seq == 2 and core.stream("b").last_hint.seq == 1
         core.add_hint("b", signer.sign("b", Hint(0, 6.0, 1, seq=2)))
         core.add_hint("b", signer.sign("b", Hint(0, 6.0, 1, seq=3)))
         assert run(core.tick()).hints_dropped == {"rate_limited": 1}  # b had one of its burst left
+    finally:
+        server.stop()
+
+
+def test_a_tick_cancelled_at_the_codec_drops_its_unread_limiter_call(secret, tmp_path):
+    """A synchronous limiter's call goes out with the tick's hints and is read after the
+    codec's answer; a tick cancelled before that leaves no call holding the limiter's
+    connection, and hints of a stream that left meanwhile take no effect on its row's next
+    stream."""
+    from sfu_bridge.limiter import HintLimiter
+    from sfu_bridge.redis_store import EmbeddedRedis
+
+    gate = asyncio.Event()
+
+    class Slow:
+        async def process(self, batch):
+            await gate.wait()
+            return BatchResult.all_fallback(batch, FallbackReason.ERROR)
+
+    server = EmbeddedRedis(tmp_path).start()
+    try:
+        limiter = HintLimiter(server.client(), rate_per_s=1, burst=2, bridge_id="core", clock=lambda: 1000.0)
+        signer = HintSigner(secret)
+        core = BridgeCore(Slow(), deadline_ms=5_000, hint_secret=secret, limiter=limiter)
+
+        async def go():
+            core.join("a")
+            core.push("a", np.zeros(960, np.int16))
+            core.add_hint("a", signer.sign("a", Hint(0, 24.0, 1, seq=1)))
+            tick = asyncio.ensure_future(core.tick())
+            await asyncio.sleep(0.05)
+            assert limiter._own_lock.locked()  # sent, not read: the codec has not answered
+            tick.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await tick
+            await asyncio.sleep(0)
+            assert not limiter._own_lock.locked()
+            # a stream whose hints are at the limiter when it leaves
+            core.push("a", np.zeros(960, np.int16))
+            core.add_hint("a", signer.sign("a", Hint(0, 1.5, 1, seq=2)))
+            tick = asyncio.ensure_future(core.tick())
+            await asyncio.sleep(0.05)
+            assert limiter._own_lock.locked()
+            core.leave("a")
+            row = core.join("b")
+            before = int(core.req_n_q[row])
+            gate.set()
+            report = await tick
+            return report, row, before
+
+        report, row, before = run(go())
+        assert report.hints_accepted == 1 and core.stream("b").last_hint is None
+        assert int(core.req_n_q[row]) == before  # a's 1.5 kbps hint is not b's
+        assert not limiter._own_lock.locked() and limiter.allow(["x"], [1]).tolist() == [1]
     finally:
         server.stop()
 

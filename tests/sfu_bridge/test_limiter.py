@@ -295,6 +295,59 @@ def test_calls_go_out_on_the_limiters_connection_and_survive_a_server_restart(ow
     client.close()
 
 
+def test_a_sent_call_is_answered_when_read_and_keeps_the_connection_till_then(own_server):
+    """`send()` then `result()` decides as `allow()` does. Until the answer is read the
+    limiter's connection is that call's: a call meanwhile takes a pooled one and is answered
+    at once. A server flushed of the script, or restarted, between two calls costs nothing:
+    the answer to a call that found no script is the redone call's."""
+    client = own_server.client()
+    lim = HintLimiter(client, rate_per_s=1, burst=2)
+    pending = lim.send(["s", "t"], [5, 1])
+    assert pending.pending and lim._own_lock.locked()
+    assert lim.allow(["u"], [3]).tolist() == [2]  # a pooled connection meanwhile
+    assert pending.result().tolist() == [2, 1] and not pending.pending
+    assert pending.result().tolist() == [2, 1]  # read once, kept
+    assert not lim._own_lock.locked() and lim.counters.calls == 2 and lim.counters.allowed == 5
+    assert lim.send([], []).result().tolist() == []  # nothing offered: no call
+    client.script_flush()
+    assert lim.send(["t"], [5]).result().tolist() == [1]  # loaded again, then redone
+    own_server.stop()
+    own_server.start()  # a fresh server: empty state, no script
+    assert lim.send(["s"], [5]).result().tolist() == [2]
+    assert lim.counters.errors == 0 and lim.counters.calls == 4
+    lim.close()
+    client.close()
+
+
+def test_a_cancelled_call_frees_the_connection_and_a_failed_read_answers_by_policy(own_server, monkeypatch):
+    """An answer nobody will read is dropped with its connection (never read as the next
+    call's); the next call opens a new one. A connection lost before the answer is read is
+    an error answered by the policy (fail-open here), never raised; so is a server that is
+    gone when the call is sent."""
+    lim = HintLimiter(own_server.client(), rate_per_s=1, burst=2, retry_after_s=0.0)
+    pending = lim.send(["s"], [1])
+    own = lim._own
+    pending.cancel()
+    assert not pending.pending and not lim._own_lock.locked()
+    assert lim.allow(["s"], [5]).tolist() == [1]  # the cancelled call was decided all the same
+    assert lim.counters.errors == 0 and lim._own is own and own.is_connected
+
+    def lost(conn, n):
+        raise redis.ConnectionError("connection lost")
+
+    pending = lim.send(["t"], [3])
+    monkeypatch.setattr(limiter_mod, "_read_replies", lost)
+    assert pending.result().tolist() == [3]
+    assert lim.counters.errors == 1 and lim.counters.fail_open == 3 and not lim._own_lock.locked()
+    monkeypatch.undo()
+    own_server.stop()
+    assert lim.send(["t"], [4]).result().tolist() == [4]
+    assert lim.counters.errors == 2 and lim.counters.fail_open == 7 and not lim._own_lock.locked()
+    own_server.start()
+    assert lim.send(["u"], [5]).result().tolist() == [2]  # back: Redis decides again
+    lim.close()
+
+
 def test_outage_counts_decisions_errors_and_time_without_redis(own_server):
     """What running without Redis cost is counted (calls and hints decided by the policy,
     errors, seconds from the first failed call to the next success) and reaches the
