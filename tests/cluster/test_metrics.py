@@ -63,6 +63,11 @@ def test_histogram_buckets_and_gauges(local: m.LocalRegistry) -> None:
     assert h["count"] == 4 and h["buckets"][0] == 1 and h["buckets"][-1] == 1
     assert h["buckets"][m._LATENCY_MS.index(5)] == 2
     assert local.histogram_count(m.DEADLINE_SLACK, op="encode") == 1
+    m.observe_step("encode", 3.0, 3, "cpu", np.full(3, 4.0))  # one request's frames: one slack
+    m.observe_step("encode", 3.0, 2, "cpu", np.array([-2.0, -2.0]))  # all missed: no sample
+    m.observe_step("encode", 3.0, 2, "cpu", np.array([0.5, 0.5]))
+    slack = local.snapshot()["histograms"]["auralink_deadline_slack_ms,op=encode"]
+    assert slack["count"] == 6 and slack["sum"] == pytest.approx(5.0 + 12.0 + 1.0)
     assert local.gauge(m.SLOTS_IN_USE, replica="replica-a") == 10
     assert json.loads(json.dumps(snap)) == snap
 
