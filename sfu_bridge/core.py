@@ -316,6 +316,7 @@ class _HintCheck:
     counts: np.ndarray = field(default_factory=lambda: _EMPTY_I)
     rank: np.ndarray = field(default_factory=lambda: _EMPTY_I)
     allowed: Any = None  # per uniq stream: an array, or a `PendingAllow` to read
+    verdicts: tuple[int, dict[str, int]] | None = None  # `_hint_verdicts`, once applied
 
 
 def _drop_hint_check(task: asyncio.Task) -> None:
@@ -1170,12 +1171,12 @@ class BridgeCore:
     # ------------------------------------------------------------------------ hints
     async def _check_hints(self) -> _HintCheck | None:
         """Verify the tick's hints, then one limiter call for all of them (None: no hints);
-        `_hint_verdicts` takes the limiter's answer. Before any crypto work, a per-stream GCRA
-        guard at `hint_guard_per_s` (above the limiter's rate) drops what the limiter would
-        refuse anyway, so a flood costs its bridge a bounded number of HMACs per stream; what
-        passes the guard and verifies is what the limiter decides on. An asyncio limiter's
-        answer is awaited here; a synchronous one's call is sent here (`HintLimiter.send`)
-        and its answer read by `_hint_verdicts`, after the codec's."""
+        `_hint_verdicts` applies the limiter's answer. Before any crypto work, a per-stream
+        GCRA guard at `hint_guard_per_s` (above the limiter's rate) drops what the limiter
+        would refuse anyway, so a flood costs its bridge a bounded number of HMACs per stream;
+        what passes the guard and verifies is what the limiter decides on. An asyncio
+        limiter's answer is awaited and applied here; a synchronous one's call is sent here
+        (`HintLimiter.send`) and its answer read and applied by the tick, after the codec's."""
         with self.cpu:
             rows, gens, raws = self._hint_rows, self._hint_gens, self._hint_raws
             self._hint_rows, self._hint_gens, self._hint_raws = [], [], []
@@ -1225,6 +1226,8 @@ class BridgeCore:
                     chk.allowed = send(ids, counts) if send is not None else lim.allow(ids, counts)
         if inspect.isawaitable(chk.allowed):
             chk.allowed = await chk.allowed
+            with self.cpu:  # applied as the answer comes, as the limiter counted it
+                self._hint_verdicts(chk)
         return chk
 
     def _hint_verdicts(self, chk: _HintCheck | None) -> tuple[int, dict[str, int]]:
@@ -1232,6 +1235,8 @@ class BridgeCore:
         reason). The caller meters it."""
         if chk is None:
             return 0, {}
+        if chk.verdicts is not None:  # applied already
+            return chk.verdicts
         dropped, v_rows = chk.dropped, chk.v_rows
         accepted = 0
         if v_rows.size:
@@ -1260,7 +1265,8 @@ class BridgeCore:
         self.hint_counters["accepted"] += accepted
         for k, v in dropped.items():
             self.hint_counters[f"dropped/{k}"] += v
-        return accepted, dict(dropped)
+        chk.verdicts = accepted, dict(dropped)
+        return chk.verdicts
 
     def _hint_effects(self, rows: np.ndarray, first: np.ndarray, allowed: np.ndarray,
                       last: np.ndarray) -> None:
