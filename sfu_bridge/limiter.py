@@ -508,7 +508,8 @@ class HintLimiter(_GcraClient):
             pool.release(conn)
 
     def close(self) -> None:
-        """Closes the limiter's own connection (the client and its pool are the caller's)."""
+        """Closes the limiter's own connection (the client and its pool are the caller's).
+        A `send()` whose answer is still unread holds it: read or cancel that first."""
         with self._own_lock:
             if self._own is not None:
                 self._disconnect_own()

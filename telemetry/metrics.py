@@ -512,14 +512,9 @@ def observe_step(op: str, ms: float, size: int, device: str, slack_ms: np.ndarra
     at most `slack_sample` of the slacks, an even sample, as `observe_frame_latency`."""
     _emit("observe", STEP_LATENCY, float(ms), {"op": op, "device": device})
     _emit("observe", BATCH_SIZE, float(size), {"op": op})
-    if not slack_ms.size:
-        return
-    lo, hi = float(slack_ms.min()), float(slack_ms.max())
-    if lo == hi and lo >= 0:  # one request's frames share their deadline: one value, n times
-        _observe_repeated(DEADLINE_SLACK, lo, int(slack_ms.size), {"op": op}, max(1, int(slack_sample)))
-    else:
-        _observe_many(DEADLINE_SLACK, slack_ms[slack_ms >= 0] if lo < 0 else slack_ms, {"op": op},
-                      max(1, int(slack_sample)))
+    if slack_ms.size:  # (no mask and copy when none missed, the usual step)
+        slack = slack_ms if float(slack_ms.min()) >= 0 else slack_ms[slack_ms >= 0]
+        _observe_many(DEADLINE_SLACK, slack, {"op": op}, max(1, int(slack_sample)))
 
 
 def set_slots(replica: str, in_use: int, capacity: int) -> None:
