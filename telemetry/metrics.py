@@ -189,48 +189,55 @@ class LocalRegistry:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def inc(self, spec: MetricSpec, value: float, tags: Mapping[str, str]) -> None:
-        key = (spec.name, _tag_tuple(spec, tags))
+        self.inc_key(spec, _tag_tuple(spec, tags), value)
+
+    def set(self, spec: MetricSpec, value: float, tags: Mapping[str, str]) -> None:
+        self.set_key(spec, _tag_tuple(spec, tags), value)
+
+    def observe(self, spec: MetricSpec, value: float, tags: Mapping[str, str]) -> None:
+        self.observe_key(spec, _tag_tuple(spec, tags), value)
+
+    def observe_many(self, spec: MetricSpec, values: np.ndarray, tags: Mapping[str, str]) -> None:
+        self.observe_many_key(spec, _tag_tuple(spec, tags), values)
+
+    def observe_repeated(self, spec: MetricSpec, value: float, n: int, tags: Mapping[str, str]) -> None:
+        """`observe_many` of `n` copies of one value."""
+        self.observe_key(spec, _tag_tuple(spec, tags), value, n)
+
+    # The same, by the series' tag values in `spec.tag_keys` order (`_tag_tuple`), for the
+    # typed helpers below: a media path records every tick, and building and checking a
+    # dict of tags per recording costs more than the recording.
+    def inc_key(self, spec: MetricSpec, tv: tuple[str, ...], value: float) -> None:
+        key = (spec.name, tv)
         with self._lock:
             self.counters[key] = self.counters.get(key, 0.0) + value
 
-    def set(self, spec: MetricSpec, value: float, tags: Mapping[str, str]) -> None:
-        key = (spec.name, _tag_tuple(spec, tags))
+    def set_key(self, spec: MetricSpec, tv: tuple[str, ...], value: float) -> None:
         with self._lock:
-            self.gauges[key] = float(value)
+            self.gauges[(spec.name, tv)] = float(value)
 
-    def observe(self, spec: MetricSpec, value: float, tags: Mapping[str, str]) -> None:
-        key = (spec.name, _tag_tuple(spec, tags))
+    def observe_key(self, spec: MetricSpec, tv: tuple[str, ...], value: float, n: int = 1) -> None:
+        """`n` observations of one value."""
         i = bisect.bisect_left(spec.boundaries, value)  # bucket `le` semantics: value <= bound
         with self._lock:
-            h = self._hist(key, spec)
-            h.buckets[i] += 1
-            h.count += 1
-            h.total += value
+            h = self._hist((spec.name, tv), spec)
+            h.buckets[i] += n
+            h.count += n
+            h.total += value * n
 
-    def observe_many(self, spec: MetricSpec, values: np.ndarray, tags: Mapping[str, str]) -> None:
+    def observe_many_key(self, spec: MetricSpec, tv: tuple[str, ...], values: np.ndarray) -> None:
         if values.size > 1 and values[0] == values[-1] and values.min() == values.max():
             # one value repeated (a step's frames of one request share their slack)
-            self.observe_repeated(spec, float(values[0]), int(values.size), tags)
+            self.observe_key(spec, tv, float(values[0]), int(values.size))
             return
-        key = (spec.name, _tag_tuple(spec, tags))
         idx = np.searchsorted(np.asarray(spec.boundaries, np.float64), values, side="left")
         counts = np.bincount(idx, minlength=len(spec.boundaries) + 1)
         with self._lock:
-            h = self._hist(key, spec)
+            h = self._hist((spec.name, tv), spec)
             for i, c in enumerate(counts.tolist()):
                 h.buckets[i] += c
             h.count += int(values.size)
             h.total += float(values.sum())
-
-    def observe_repeated(self, spec: MetricSpec, value: float, n: int, tags: Mapping[str, str]) -> None:
-        """`observe_many` of `n` copies of one value."""
-        key = (spec.name, _tag_tuple(spec, tags))
-        i = bisect.bisect_left(spec.boundaries, value)
-        with self._lock:
-            h = self._hist(key, spec)
-            h.buckets[i] += n
-            h.count += n
-            h.total += value * n
 
     def _hist(self, key: tuple[str, tuple[str, ...]], spec: MetricSpec) -> HistogramState:
         h = self.histograms.get(key)
@@ -351,7 +358,11 @@ class RayBuffer:
         self._thread: threading.Thread | None = None
 
     def add(self, method: str, spec: MetricSpec, values: list[float], tags: Mapping[str, str]) -> None:
-        key = (spec.name, _tag_tuple(spec, tags))
+        self.add_key(method, spec, _tag_tuple(spec, tags), values)
+
+    def add_key(self, method: str, spec: MetricSpec, tv: tuple[str, ...], values: list[float]) -> None:
+        """`add` by the series' tag values (`LocalRegistry.inc_key`)."""
+        key = (spec.name, tv)
         now = time.monotonic()
         with self._lock:
             if method == "inc":
@@ -372,12 +383,13 @@ class RayBuffer:
 
     def flush(self) -> None:
         """Hands everything pending to Ray now; the first error turns Ray export off."""
-        global _ray_failed
+        global _ray_failed, _ray_connected
         with self._lock:
             inc, self._inc = self._inc, {}
             sets, self._set = self._set, {}
             obs, self._obs = self._obs, {}
             self._due = 0.0
+        _ray_connected = False  # looked up again: Ray may have shut down since
         if not (inc or sets or obs) or _ray_sink() is None:
             return  # nothing pending, or Ray is gone (shut down meanwhile): nothing to hand over
         sink = _ray
@@ -408,6 +420,7 @@ class RayBuffer:
 _local = LocalRegistry()
 _ray = RayMetrics()
 _ray_failed = False
+_ray_connected = False  # Ray was connected at the last look (`_ray_sink`); each flush looks again
 _buffer = RayBuffer()
 
 
@@ -423,36 +436,63 @@ def local_registry() -> LocalRegistry:
 
 
 def _ray_sink() -> RayMetrics | None:
+    """Ray's metrics when this process is connected to Ray. Once it is, the answer is kept
+    until the next flush (at most `RAY_FLUSH_S`), which looks again before it hands anything
+    over: a recording does not ask Ray each time (after a quiet spell that lookup alone
+    costs tens of microseconds, about what the recording does)."""
+    global _ray_connected
     if _ray_failed:
         return None
+    if _ray_connected:
+        return _ray
     # A process that never imported ray is not connected to it; importing it here would
     # cost a second on the first recording of a pure code path.
     ray = sys.modules.get("ray")
     if ray is None or not hasattr(ray, "is_initialized"):
         return None
-    return _ray if ray.is_initialized() else None
+    _ray_connected = bool(ray.is_initialized())
+    return _ray if _ray_connected else None
 
 
 def _emit(method: str, name: str, value: float, tags: Mapping[str, str]) -> None:
     spec = SPECS[name]
-    getattr(_local, method)(spec, value, tags)
+    _emit_key(method, spec, _tag_tuple(spec, tags), value)
+
+
+def _emit_key(method: str, spec: MetricSpec, tv: tuple[str, ...], value: float) -> None:
+    """`_emit` by the series' tag values in `spec.tag_keys` order."""
+    if method == "inc":
+        _local.inc_key(spec, tv, value)
+    elif method == "set":
+        _local.set_key(spec, tv, value)
+    else:
+        _local.observe_key(spec, tv, value)
     if _ray_sink() is not None:
-        _buffer.add(method, spec, [value], tags)
+        _buffer.add_key(method, spec, tv, [value])
 
 
 # ---- typed helpers (the only API callers need) -------------------------------------------
 
 
+_FRAMES_TV: dict[tuple[str, str], tuple[str, str, str]] = {}  # (op, counts key) -> tag values
+
+
 def record_frames(op: str, counts: Mapping[str, int]) -> None:
     """Counts keyed as `BatchResult.counts()` gives them: 'ai', 'dtx' (a replica's DTX
     verdict) or 'fallback/<reason>'."""
+    spec = SPECS[FRAMES]
     for key, n in counts.items():
         if n <= 0:
             continue
-        outcome, _, reason = key.partition("/")
-        if outcome not in ("ai", "dtx", "fallback"):
-            raise ValueError(f"outcome key {key!r} is not 'ai', 'dtx' or 'fallback/<reason>'")
-        _emit("inc", FRAMES, n, {"op": op, "outcome": outcome, "reason": reason})
+        tv = _FRAMES_TV.get((op, key))
+        if tv is None:
+            outcome, _, reason = key.partition("/")
+            if outcome not in ("ai", "dtx", "fallback"):
+                raise ValueError(f"outcome key {key!r} is not 'ai', 'dtx' or 'fallback/<reason>'")
+            tv = _tag_tuple(spec, {"op": op, "outcome": outcome, "reason": reason})
+            if len(_FRAMES_TV) < 1024:  # a few ops times the fallback reasons
+                _FRAMES_TV[(op, key)] = tv
+        _emit_key("inc", spec, tv, n)
 
 
 def record_frame_outcome(op: str, outcome: str, reason: str | None = None, n: int = 1) -> None:
@@ -465,43 +505,41 @@ def record_frame_outcome(op: str, outcome: str, reason: str | None = None, n: in
 RAY_HISTOGRAM_SAMPLE = 128
 
 
-def _observe_many(name: str, values: Iterable[float] | np.ndarray, tags: Mapping[str, str],
+def _observe_many(spec: MetricSpec, tv: tuple[str, ...], values: Iterable[float] | np.ndarray,
                   sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
     arr = np.asarray(values if isinstance(values, np.ndarray) else list(values), np.float64).ravel()
     if arr.size == 0:
         return
-    spec = SPECS[name]
-    _local.observe_many(spec, arr, tags)
+    _local.observe_many_key(spec, tv, arr)
     if _ray_sink() is None:
         return
     if arr.size > sample:
         arr = arr[np.linspace(0, arr.size - 1, sample).astype(np.int64)]
-    _buffer.add("observe", spec, arr.tolist(), tags)
+    _buffer.add_key("observe", spec, tv, arr.tolist())
 
 
-def _observe_repeated(name: str, value: float, n: int, tags: Mapping[str, str],
+def _observe_repeated(spec: MetricSpec, tv: tuple[str, ...], value: float, n: int,
                       sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
     """`_observe_many` of `n` copies of one value, without building them."""
     if n <= 0:
         return
-    spec = SPECS[name]
-    _local.observe_repeated(spec, float(value), int(n), tags)
+    _local.observe_key(spec, tv, float(value), int(n))
     if _ray_sink() is not None:
-        _buffer.add("observe", spec, [float(value)] * min(int(n), max(1, int(sample))), tags)
+        _buffer.add_key("observe", spec, tv, [float(value)] * min(int(n), max(1, int(sample))))
 
 
 def observe_frame_latency(op: str, latencies_ms: Iterable[float] | np.ndarray,
                           sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
     """Per-frame latencies of one batch (all kept locally; at most `sample` of them for Ray:
     a caller whose frames share one latency per call can ask for fewer)."""
-    _observe_many(FRAME_LATENCY, latencies_ms, {"op": op}, max(1, int(sample)))
+    _observe_many(SPECS[FRAME_LATENCY], (str(op),), latencies_ms, max(1, int(sample)))
 
 
 def observe_frame_latency_repeated(op: str, ms: float, n: int, sample: int = RAY_HISTOGRAM_SAMPLE) -> None:
     """`n` frames that share one latency (a bridge tick's AI frames): all `n` kept locally,
     `min(n, sample)` observations of it for Ray, as `observe_frame_latency` of `n` copies
     records them."""
-    _observe_repeated(FRAME_LATENCY, ms, n, {"op": op}, sample)
+    _observe_repeated(SPECS[FRAME_LATENCY], (str(op),), ms, n, sample)
 
 
 def observe_step(op: str, ms: float, size: int, device: str, slack_ms: np.ndarray,
@@ -510,11 +548,12 @@ def observe_step(op: str, ms: float, size: int, device: str, slack_ms: np.ndarra
     the slack of its frames that met their deadline (DEADLINE_SLACK; a negative slack is a
     miss, counted as fallback/deadline, not a sample). Every value is kept locally; Ray gets
     at most `slack_sample` of the slacks, an even sample, as `observe_frame_latency`."""
-    _emit("observe", STEP_LATENCY, float(ms), {"op": op, "device": device})
-    _emit("observe", BATCH_SIZE, float(size), {"op": op})
+    by_op = (str(op),)
+    _emit_key("observe", SPECS[STEP_LATENCY], (by_op[0], str(device)), float(ms))
+    _emit_key("observe", SPECS[BATCH_SIZE], by_op, float(size))
     if slack_ms.size:  # (no mask and copy when none missed, the usual step)
         slack = slack_ms if float(slack_ms.min()) >= 0 else slack_ms[slack_ms >= 0]
-        _observe_many(DEADLINE_SLACK, slack, {"op": op}, max(1, int(slack_sample)))
+        _observe_many(SPECS[DEADLINE_SLACK], by_op, slack, max(1, int(slack_sample)))
 
 
 def set_slots(replica: str, in_use: int, capacity: int) -> None:
@@ -530,9 +569,14 @@ def set_streams_relayed(bridge: str, n: int) -> None:
     _emit("set", STREAMS_RELAYED, float(n), {"bridge": bridge})
 
 
+# a verdict -> its tag values (a str-enum member hashes and compares as its value)
+_HINT_TV: dict[str, tuple[str]] = {v.value: (v.value,) for v in HintVerdict}
+
+
 def record_hints(verdict: HintVerdict | str, n: int = 1) -> None:
     if n > 0:
-        _emit("inc", HINTS, n, {"verdict": HintVerdict(verdict).value})
+        tv = _HINT_TV.get(verdict) or (HintVerdict(verdict).value,)  # (an unknown one raises)
+        _emit_key("inc", SPECS[HINTS], tv, n)
 
 
 def record_layer_switches(direction: str, n: int = 1) -> None:

@@ -8,8 +8,10 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -120,6 +122,32 @@ def test_ray_gets_a_flush_a_second_with_sums_last_values_and_every_sample(local,
     assert fake.calls == []  # nothing twice
 
 
+def test_ray_connection_is_looked_up_once_per_flush_and_again_after_it(local, monkeypatch) -> None:
+    """A recording asks Ray whether it is connected only until it is; the flush asks again
+    before handing anything over, so a Ray that shut down meanwhile gets nothing."""
+    fake, buf = _FakeRay(), m.RayBuffer(60.0)
+    buf._thread = threading.Thread(target=lambda: None)  # no flusher thread: flushes by hand
+    monkeypatch.setattr(m, "_ray", fake)
+    monkeypatch.setattr(m, "_buffer", buf)
+    monkeypatch.setattr(m, "_ray_connected", False)
+    asked = []
+    ray = types.SimpleNamespace(is_initialized=lambda: asked.append(1) or ray.up, up=True)
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    m.record_hints("forged")
+    m.record_hints("forged")
+    assert len(asked) == 1  # connected: not asked again until the flush
+    m.flush_ray()
+    assert len(asked) == 2 and fake.calls == [("inc", m.HINTS, 2.0, {"verdict": "forged"})]
+    m.record_hints("replayed")  # the flush's look holds: not asked
+    ray.up = False
+    m.flush_ray()  # asks: Ray is gone by then, and gets nothing
+    assert len(asked) == 3 and len(fake.calls) == 1
+    m.record_hints("replayed")  # not connected: asked each time, nothing buffered
+    m.record_hints("replayed")
+    assert len(asked) == 5 and not buf._inc
+    assert local.counter(m.HINTS, verdict="replayed") == 3  # the local registry has every one
+
+
 def test_ray_flush_comes_with_the_next_recording_when_due_or_from_the_thread(local, monkeypatch) -> None:
     fake, buf = _buffered(monkeypatch, flush_s=60.0)
     buf._thread = threading.Thread(target=lambda: None)  # no flusher thread: recordings only
@@ -199,8 +227,9 @@ def test_grafana_dashboard_uses_only_defined_metrics() -> None:
 
 def _metrics_recorded_by_helper() -> dict[str, set[str]]:
     """Public helper of the metrics module -> the metrics (SPECS names) a call to it records,
-    read from the module's source: `_emit(..., NAME, ...)` / `_observe_many(NAME, ...)` /
-    `_observe_repeated(NAME, ...)`, or a call to another public helper."""
+    read from the module's source: `_emit(..., NAME, ...)`, or `SPECS[NAME]` in a helper that
+    calls `_emit_key` / `_observe_many` / `_observe_repeated`, or a call to another public
+    helper."""
     tree = ast.parse(Path(m.__file__).read_text())
     consts = {
         node.targets[0].id: node.value.value
@@ -215,11 +244,17 @@ def _metrics_recorded_by_helper() -> dict[str, set[str]]:
         if not isinstance(fn, ast.FunctionDef) or fn.name.startswith("_"):
             continue
         direct[fn.name], calls[fn.name] = set(), set()
+        specs_named = {consts[node.slice.id] for node in ast.walk(fn)
+                       if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name)
+                       and node.value.id == "SPECS" and isinstance(node.slice, ast.Name)
+                       and node.slice.id in consts}
         for node in ast.walk(fn):
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
                 continue
-            if node.func.id in ("_emit", "_observe_many", "_observe_repeated"):
+            if node.func.id == "_emit":
                 direct[fn.name] |= {consts[a.id] for a in node.args if isinstance(a, ast.Name) and a.id in consts}
+            elif node.func.id in ("_emit_key", "_observe_many", "_observe_repeated"):
+                direct[fn.name] |= specs_named
             else:
                 calls[fn.name].add(node.func.id)
     recorded = {name: set(v) for name, v in direct.items()}
