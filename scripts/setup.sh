@@ -6,9 +6,36 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY=${PYTHON:-python3}
+# The interpreter: $PYTHON if set, else Debian's CPython 3.11 (/usr/bin/python3.11; its
+# packages are installed if missing), else python3. Debian builds its interpreter with
+# profile-guided and link-time optimisation and a static libpython; a CPython built without
+# them (pyenv's default build, which is python3 on this kind of machine) runs the media
+# path's Python a fifth slower (docs/benchmarks.md, "Runs 32 to 35").
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+if [ -n "${PYTHON:-}" ]; then
+  PY=$PYTHON
+else
+  PY=/usr/bin/python3.11
+  if ! { [ -x "$PY" ] && "$PY" -c 'import ensurepip, venv, sysconfig, os; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' 2>/dev/null; }; then
+    echo "[setup] installing Debian's python3.11 with venv and headers"
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+           python3.11 python3.11-venv python3.11-dev >/dev/null; }; then
+      echo "[setup] no Debian python3.11: using python3 (a build without PGO/LTO is slower)"
+      PY=python3
+    fi
+  fi
+fi
+# A .venv made from another interpreter is made again (it holds nothing but installs).
+if [ -f .venv/pyvenv.cfg ]; then
+  made_with=$(sed -n 's/^executable = //p' .venv/pyvenv.cfg)
+  want=$(readlink -f "$(command -v "$PY")")
+  if [ -n "$made_with" ] && [ "$(readlink -f "$made_with")" != "$want" ]; then
+    echo "[setup] .venv was made with $made_with; making it again with $want"
+    rm -rf .venv
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
-  echo "[setup] creating .venv with $($PY --version)"
+  echo "[setup] creating .venv with $("$PY" --version) ($(readlink -f "$(command -v "$PY")"))"
   "$PY" -m venv .venv
 fi
 stamp=.venv/.auralink-installed
@@ -31,7 +58,6 @@ fi
 # espeak-ng: `auralink bench adaptive` synthesises its conversational speech with it
 if ! command -v espeak-ng >/dev/null 2>&1; then
   echo "[setup] installing Debian's espeak-ng (speech for the adaptive bench)"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null
 fi
@@ -47,7 +73,6 @@ if [ "${1:-}" = "--test" ]; then
   done
   if [ "${#missing[@]}" -gt 0 ]; then
     echo "[setup] installing Debian packages for the browser and interop tests: ${missing[*]}"
-    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
       "${missing[@]}" >/dev/null
