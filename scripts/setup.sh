@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 
 # The interpreter: $PYTHON if set, else Debian's CPython 3.11 (/usr/bin/python3.11; its
 # packages are installed if missing), else python3. Debian builds its interpreter with
-# profile-guided and link-time optimisation and a static libpython; a CPython built without
-# them (pyenv's default build, which is python3 on this kind of machine) runs the media
-# path's Python a fifth slower (docs/benchmarks.md, "Runs 32 to 35").
+# profile-guided and link-time optimisation and a static libpython; on a CPython built without
+# them (pyenv's default build, which is python3 on this kind of machine) a pure-Python loop
+# runs 35-45% slower and the replica's bookkeeping costs about 10% more CPU
+# (docs/benchmarks.md, "Runs 32 to 39").
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
 if [ -n "${PYTHON:-}" ]; then
   PY=$PYTHON

@@ -6,13 +6,16 @@ import json
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 
 
 def machine_description() -> str:
-    """E.g. 'cpu: 2 cores, Intel Xeon ...' or 'cuda: NVIDIA H100 80GB HBM3'."""
+    """E.g. 'cpu: 2 cores, Intel Xeon ..., CPython 3.11.2 (/usr/bin/python3.11)' or 'cuda:
+    NVIDIA H100 80GB HBM3'. On a CPU the interpreter is named: its build moves every CPU
+    figure of Python code (docs/benchmarks.md, "Runs 32 to 39")."""
     try:
         import torch
 
@@ -30,7 +33,8 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return f"cpu: {os.cpu_count()} cores, {model}"
+    python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    return f"cpu: {os.cpu_count()} cores, {model}, {platform.python_implementation()} {platform.python_version()} ({python})"
 
 
 def git_revision() -> str:
