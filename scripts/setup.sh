@@ -29,14 +29,14 @@ fi
 # A .venv made from another interpreter is made again (it holds nothing but installs).
 if [ -f .venv/pyvenv.cfg ]; then
   made_with=$(sed -n 's/^executable = //p' .venv/pyvenv.cfg)
-  want=$(readlink -f "$(command -v "$PY")")
+  want=$("$PY" -c 'import os, sys; print(os.path.realpath(sys.executable))')  # past shims and links
   if [ -n "$made_with" ] && [ "$(readlink -f "$made_with")" != "$want" ]; then
     echo "[setup] .venv was made with $made_with; making it again with $want"
     rm -rf .venv
   fi
 fi
 if [ ! -x .venv/bin/python ]; then
-  echo "[setup] creating .venv with $("$PY" --version) ($(readlink -f "$(command -v "$PY")"))"
+  echo "[setup] creating .venv with $("$PY" --version) ($("$PY" -c 'import os, sys; print(os.path.realpath(sys.executable))'))"
   "$PY" -m venv .venv
 fi
 stamp=.venv/.auralink-installed
