@@ -26,17 +26,18 @@ else
     fi
   fi
 fi
-# A .venv made from another interpreter is made again (it holds nothing but installs).
+# The interpreter itself says which it is (past shims and links). A .venv made from another
+# interpreter is made again (it holds nothing but installs).
+want=$("$PY" -c 'import os, sys; print(os.path.realpath(sys.executable))')
 if [ -f .venv/pyvenv.cfg ]; then
   made_with=$(sed -n 's/^executable = //p' .venv/pyvenv.cfg)
-  want=$("$PY" -c 'import os, sys; print(os.path.realpath(sys.executable))')  # past shims and links
   if [ -n "$made_with" ] && [ "$(readlink -f "$made_with")" != "$want" ]; then
     echo "[setup] .venv was made with $made_with; making it again with $want"
     rm -rf .venv
   fi
 fi
 if [ ! -x .venv/bin/python ]; then
-  echo "[setup] creating .venv with $("$PY" --version) ($("$PY" -c 'import os, sys; print(os.path.realpath(sys.executable))'))"
+  echo "[setup] creating .venv with $("$PY" --version) ($want)"
   "$PY" -m venv .venv
 fi
 stamp=.venv/.auralink-installed
