@@ -1,10 +1,16 @@
-"""The one compiled part: sfu_bridge._rtpsend (the bridge's per-packet RTP send and receive:
-fastpath.py, aiortc_compat.py; the packing of AIC payloads' codes, aic_payload.py; and the
-hint tags' and replay windows' check, hint_auth.py `HintTable`).
+"""The compiled parts, both optional (without a C compiler the install still succeeds):
 
-Everything else is in pyproject.toml. The extension is optional: without a C compiler the
-install still succeeds and the bridge sends and receives through its Python path (it logs so
-at start) and checks hints through one `HintVerifier` per stream.
+- sfu_bridge._rtpsend: the bridge's per-packet RTP send and receive (fastpath.py,
+  aiortc_compat.py), the packing of AIC payloads' codes (aic_payload.py) and the hint tags'
+  and replay windows' check (hint_auth.py `HintTable`). Without it the bridge sends and
+  receives through its Python path (it logs so at start) and checks hints through one
+  `HintVerifier` per stream.
+- sfu_bridge._ring: the bridge core's per-tick loops over its chunk queue (core.py). Without
+  it their numpy versions run (the same results).
+- deployments._columns: loops of the codec replica's per-step bookkeeping over its stream
+  columns (arrivals.py). Without it their numpy versions run (the same results).
+
+Everything else is in pyproject.toml.
 """
 
 from setuptools import Extension, setup
@@ -12,4 +18,8 @@ from setuptools import Extension, setup
 setup(ext_modules=[
     Extension("sfu_bridge._rtpsend", ["sfu_bridge/_rtpsend.c"], optional=True,
               extra_compile_args=["-O2"]),
+    Extension("sfu_bridge._ring", ["sfu_bridge/_ring.c"], optional=True, extra_compile_args=["-O2"]),
+    # no floating-point contraction: a * b + c rounds twice, as numpy's two operations do
+    Extension("deployments._columns", ["deployments/_columns.c"], optional=True,
+              extra_compile_args=["-O2", "-ffp-contract=off"], libraries=["m"]),
 ])

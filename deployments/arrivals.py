@@ -15,7 +15,11 @@ stream silent for `forget_after` periods is dropped when next looked at.
 Columnar: a request's frames are observed and the expected frames listed with array
 operations over the keys, never a Python step per stream.
 
-Pure numpy, no clock: the caller passes arrival times and `now` (seconds, one clock).
+Pure numpy, no clock: the caller passes arrival times and `now` (seconds, one clock). Where
+the optional C module deployments._columns is built, `observe` and `expected` each run as one
+loop there, with the same results (tests/deployments/test_columns.py): a replica calls them
+once a step, and each of the few dozen array operations they replace costs microseconds
+after the replica wakes.
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+try:
+    from deployments._columns import forecast_expected as _c_expected
+    from deployments._columns import forecast_observe as _c_observe
+except ImportError:  # built without a C compiler: the numpy versions below
+    _c_expected = _c_observe = None
 
 FRAME_PERIOD_S = 0.040  # one 960-sample chunk at 24 kHz
 
@@ -45,7 +55,7 @@ class ArrivalForecast:
     """Expected arrivals of periodic streams, keyed by small non-negative integers."""
 
     def __init__(self, period_s: float = FRAME_PERIOD_S, grace_s: float = 0.002, alpha: float = 0.1,
-                 forget_after: int = 50) -> None:
+                 forget_after: int = 50, native: bool | None = None) -> None:
         if period_s <= 0 or grace_s < 0 or not 0.0 < alpha <= 1.0 or forget_after < 1:
             raise ValueError("invalid arrival forecast settings")
         self.period_s = period_s
@@ -57,6 +67,11 @@ class ArrivalForecast:
         self._budget = np.zeros(0, np.float64)
         self._presence = np.zeros(0, np.float64)
         self._next = np.zeros(0, np.float64)  # the tick expected next (last + k periods)
+        self._scratch = self._out_keys = self._out_values = np.empty(0, np.int64)
+        # the C loops where built (None: if so; False: numpy, as the tests compare them)
+        self.native = _c_observe is not None if native is None else bool(native)
+        if self.native and _c_observe is None:
+            raise RuntimeError("deployments._columns is not built")
 
     def __len__(self) -> int:
         return int(np.count_nonzero(self._known))
@@ -76,6 +91,16 @@ class ArrivalForecast:
         """Frames of `keys` (distinct) arrived at `arrival` with these deadlines."""
         keys = np.asarray(keys, np.int64)
         if not keys.size:
+            return
+        if self.native:
+            cols = (self._known, self._last, self._budget, self._presence, self._next)
+            deadlines = np.ascontiguousarray(deadlines, np.float64)
+            keys = np.ascontiguousarray(keys)
+            need = _c_observe(keys, arrival, deadlines, *cols, self.period_s, 1.0 - self.alpha, self.alpha)
+            if need:  # a key beyond the columns: grown, then the same call
+                self._grow(need)
+                cols = (self._known, self._last, self._budget, self._presence, self._next)
+                _c_observe(keys, arrival, deadlines, *cols, self.period_s, 1.0 - self.alpha, self.alpha)
             return
         self._grow(int(keys.max()) + 1)
         budget = np.asarray(deadlines, np.float64) - arrival
@@ -113,6 +138,19 @@ class ArrivalForecast:
         """Frames expected from now to now + horizon_s (one per stream, earliest first), except
         from the keys where the boolean array `exclude` is set. A frame up to `grace_s` late is
         still expected (now)."""
+        if self.native:
+            cap = self._known.size
+            if self._scratch.size < 4 * cap:  # the C loop's working space, kept between calls
+                self._scratch = np.empty(4 * cap, np.int64)
+                self._out_keys, self._out_values = np.empty(cap, np.int64), np.empty(4 * cap, np.float64)
+            if exclude is not None:
+                exclude = np.ascontiguousarray(exclude, bool)
+            m = _c_expected(self._known, self._last, self._budget, self._presence, self._next, now,
+                            now + horizon_s, self.grace_s, self.forget_after * self.period_s,
+                            now - self.grace_s, self.period_s, exclude, self._scratch, self._out_keys,
+                            self._out_values)
+            v = self._out_values[: 4 * m].copy()  # the caller's to keep: one copy of each
+            return Expected(self._out_keys[:m].copy(), v[:m], v[m : 2 * m], v[2 * m : 3 * m], v[3 * m :])
         cand = (self._known & (self._next <= now + horizon_s)).nonzero()[0]
         if cand.size:
             nxt = self._next[cand]

@@ -68,6 +68,11 @@ from typing import Any
 import numpy as np
 
 from deployments.arrivals import ArrivalForecast, Expected
+
+try:
+    from deployments._columns import queue_add as _c_queue_add
+except ImportError:  # built without a C compiler: add_many's numpy version
+    _c_queue_add = None
 from deployments.contract import FallbackReason
 from deployments.latency_model import LatencyModel
 from models.constants import (
@@ -188,7 +193,12 @@ class EdfScheduler:
     model's step-time distribution."""
 
     def __init__(self, latency_model: LatencyModel | None = None,
-                 config: SchedulerConfig | None = None) -> None:
+                 config: SchedulerConfig | None = None, native: bool | None = None) -> None:
+        # add_many's column writes (and the arrival forecast) in C where built (None: if so;
+        # False: numpy, as the tests compare them; the same queue either way)
+        self.native = _c_queue_add is not None if native is None else bool(native)
+        if self.native and _c_queue_add is None:
+            raise RuntimeError("deployments._columns is not built")
         self.model = latency_model if latency_model is not None else LatencyModel()
         self.config = config if config is not None else SchedulerConfig()
         # -- the queue, column by column (live rows only count)
@@ -235,6 +245,8 @@ class EdfScheduler:
             return _EMPTY
         self._added += n
         self.counters["added"] += n
+        if self.native:
+            return self._add_native(keys, epochs, seqs, deadlines, arrival, refs)
         keys = np.asarray(keys, np.int64)
         deadlines = np.array(deadlines, np.float64)
         unset = ~np.isfinite(deadlines)
@@ -273,6 +285,43 @@ class EdfScheduler:
         if arrival < self._last_arrival:
             self._in_arrival_order = False
         self._last_arrival = arrival
+        return shed
+
+    def _add_native(self, keys: np.ndarray, epochs: np.ndarray, seqs: np.ndarray,
+                    deadlines: np.ndarray, arrival: float, refs: np.ndarray) -> np.ndarray:
+        """`add_many`'s own column work in one C loop (deployments._columns.queue_add): the same
+        queue, forecast and counters as the numpy lines above."""
+        n = len(keys)
+        keys, refs = np.ascontiguousarray(keys, np.int64), np.ascontiguousarray(refs, np.int64)
+        cols = (np.ascontiguousarray(epochs, np.int64), np.ascontiguousarray(seqs, np.int64), refs,
+                np.ascontiguousarray(deadlines, np.float64))
+        take = min(n, max(0, self.config.max_queue - self._live_n))
+        if take:
+            self._reserve(take)
+        filled, budgets = np.empty(n, np.float64), np.empty(n, np.float64)
+        args = (arrival, arrival + self.config.deadline_ms / 1000.0, filled, budgets)
+        need = _c_queue_add(keys, *cols, take, self._n, *args, self._dl, self._arr, self._key,
+                            self._ep, self._sq, self._ref, self._live, self._kq)
+        if need:  # a key beyond kq: grown, then the same call
+            grown = np.zeros(max(need, 2 * self._kq.size), np.int64)
+            grown[: self._kq.size] = self._kq
+            self._kq = grown
+            _c_queue_add(keys, *cols, take, self._n, *args, self._dl, self._arr, self._key,
+                         self._ep, self._sq, self._ref, self._live, self._kq)
+        self._note_arrivals(arrival, n, budgets)
+        self._forecast.observe(keys, arrival, filled)
+        shed = _EMPTY
+        if take < n:
+            shed = refs[take:].copy()
+            self._shed.append(shed)
+            self._shed_n += shed.size
+            self.counters["fallback/overload"] += int(shed.size)
+        if take:
+            self._n += take
+            self._live_n += take
+            if arrival < self._last_arrival:
+                self._in_arrival_order = False
+            self._last_arrival = arrival
         return shed
 
     def add(self, frame: PendingFrame) -> PendingFrame | None:
@@ -335,9 +384,9 @@ class EdfScheduler:
             self._forecast = self._new_forecast(config)
         self.config = config
 
-    @staticmethod
-    def _new_forecast(config: SchedulerConfig) -> ArrivalForecast:
-        return ArrivalForecast(config.frame_period_ms / 1000.0, config.arrival_grace_ms / 1000.0)
+    def _new_forecast(self, config: SchedulerConfig) -> ArrivalForecast:
+        return ArrivalForecast(config.frame_period_ms / 1000.0, config.arrival_grace_ms / 1000.0,
+                               native=self.native)
 
     # ------------------------------------------------------------------------------ deciding
     def schedule(self, now: float) -> Plan:

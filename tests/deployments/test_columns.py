@@ -1,0 +1,167 @@
+"""deployments._columns (the replica's per-step loops in C) against their numpy versions.
+
+Equality: every column and output that is a sum, difference, comparison, floor or rounding of
+the inputs is bit-for-bit the same (IEEE arithmetic is exact to specification and the C
+build contracts nothing). The presence is a power (`keep ** skipped ticks`), which numpy may
+compute with its own vector kernels on some CPUs: that column and the weight taken from it
+agree to 1e-12 relative.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deployments import arrivals
+from deployments.arrivals import ArrivalForecast
+
+pytestmark = pytest.mark.skipif(arrivals._c_observe is None, reason="deployments._columns is not built")
+
+P = 0.040
+
+
+def _columns(f: ArrivalForecast) -> dict[str, np.ndarray]:
+    return {name: getattr(f, name) for name in ("_known", "_last", "_budget", "_presence", "_next")}
+
+
+def _same_state(c: ArrivalForecast, py: ArrivalForecast) -> None:
+    a, b = _columns(c), _columns(py)
+    for name in a:
+        if name == "_presence":
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-12, atol=0, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def _same_expected(ec, ep) -> None:
+    np.testing.assert_array_equal(ec.keys, ep.keys)
+    assert ec.keys.dtype == ep.keys.dtype == np.int64
+    for name in ("arrival", "deadline", "due_by"):
+        np.testing.assert_array_equal(getattr(ec, name), getattr(ep, name), err_msg=name)
+    np.testing.assert_allclose(ec.weight, ep.weight, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_forecast_in_c_matches_numpy_over_a_churning_replica(seed: int) -> None:
+    """Two bridges' requests each tick (half a tick apart, jittered) over streams that join,
+    leave, go quiet for good, skip ticks (DTX), arrive twice in a tick or late; the forecast
+    asked at random moments, with and without queued streams excluded."""
+    rng = np.random.default_rng(seed)
+    c = ArrivalForecast(period_s=P, grace_s=0.002, alpha=0.1, forget_after=8, native=True)
+    py = ArrivalForecast(period_s=P, grace_s=0.002, alpha=0.1, forget_after=8, native=False)
+    live = rng.permutation(300)[:120]
+    t = 10.0
+    for tick in range(120):
+        if tick % 7 == 0:  # churn: some leave (they go quiet), new keys join, some beyond any so far
+            live = np.union1d(rng.choice(live, size=live.size - 10, replace=False),
+                              rng.integers(0, 300 + 10 * tick, size=12))
+        for half in (0, 1):
+            keys = live[live % 2 == half]
+            keys = keys[rng.random(keys.size) > 0.15]  # DTX: skipped this tick
+            if rng.random() < 0.1:  # a duplicate request of the same tick, a hair later
+                keys = keys[: keys.size // 2]
+            arrival = t + half * P / 2 + float(rng.normal(0, 0.002))
+            deadlines = arrival + rng.choice([0.020, 0.020, 0.030], size=keys.size)
+            keys = rng.permutation(keys)
+            c.observe(keys, arrival, deadlines)
+            py.observe(keys, arrival, deadlines)
+            _same_state(c, py)
+            for _ in range(2):
+                now = arrival + float(rng.uniform(0, 0.06))
+                known = py._known.nonzero()[0]
+                if known.size and rng.random() < 0.4:  # on a boundary: exactly overdue, or due
+                    k = int(rng.choice(known))
+                    now = float(py._next[k] + py.grace_s) if rng.random() < 0.5 else float(py._next[k])
+                horizon = float(rng.choice([0.0, 0.005, 0.02]))
+                exclude = None
+                if rng.random() < 0.5:
+                    exclude = rng.random(int(rng.integers(0, 400))) < 0.3
+                _same_expected(c.expected(now, horizon, exclude=exclude),
+                               py.expected(now, horizon, exclude=exclude))
+                _same_state(c, py)  # expected() moves overdue ticks and forgets quiet streams
+        t += P if rng.random() > 0.05 else 3 * P  # now and then a stall of the whole replica
+    assert len(c) == len(py) > 0
+
+
+def test_the_forecast_in_c_takes_any_integer_keys_and_refuses_negative_ones() -> None:
+    c = ArrivalForecast(native=True)
+    c.observe(np.array([5000, 3], np.int32), 1.0, np.array([1.02, 1.02]))  # grows past 64
+    assert len(c) == 2 and c._known.size >= 5001
+    e = c.expected(1.04, 0.005)
+    assert e.keys.tolist() == [3, 5000]  # equal times: by key, as numpy's stable sort
+    with pytest.raises(ValueError, match=">= 0"):
+        c.observe(np.array([-1]), 2.0, np.array([2.02]))
+    assert ArrivalForecast(native=True).expected(0.0, 1.0).keys.size == 0
+
+
+def test_the_forecast_in_c_orders_many_distinct_times_as_numpy() -> None:
+    """The C loop counts frames into a few shared times, and sorts when there are more
+    (here 60 times, ties among them): the same order as numpy's stable sort."""
+    rng = np.random.default_rng(7)
+    c, py = ArrivalForecast(native=True), ArrivalForecast(native=False)
+    for i in range(60):
+        keys = rng.choice(400, size=5, replace=False)
+        at = 1.0 + float(rng.integers(0, 45)) * 0.0005
+        for f in (c, py):
+            f.observe(keys, at, np.full(5, at + 0.02))
+    for now in (1.03, 1.045, 1.06):
+        _same_expected(c.expected(now, 0.02), py.expected(now, 0.02))
+        _same_state(c, py)
+
+
+def test_native_is_the_default_where_built() -> None:
+    assert ArrivalForecast().native
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_scheduler_in_c_plans_what_numpy_plans(seed: int) -> None:
+    """Two schedulers, one adding frames in C and one in numpy, fed the same requests (two
+    bridges half a tick apart, some frames without a deadline, a queue small enough to shed behind a replica that now and then decides late,
+    streams that join and leave) and asked at the same moments: the same plans, queue and
+    counters, step after step."""
+    from deployments.latency_model import LatencyModel
+    from deployments.scheduler import EdfScheduler, SchedulerConfig
+
+    def scheduler(native: bool) -> EdfScheduler:
+        model = LatencyModel.from_profile({1: {"p50": 2.0, "p99": 3.0}, 256: {"p50": 9.0, "p99": 14.0}})
+        return EdfScheduler(model, SchedulerConfig(max_batch=256, max_queue=150, max_hold_ms=4.0), native=native)
+
+    rng = np.random.default_rng(seed)
+    c, py = scheduler(True), scheduler(False)
+    assert c._forecast.native and not py._forecast.native
+    live = np.arange(200)
+    rid, t = 0, 5.0
+    for tick in range(60):
+        if tick % 5 == 0:
+            live = np.union1d(rng.choice(live, size=live.size - 8, replace=False),
+                              rng.integers(0, 400 + tick, size=8))
+        for half in (0, 1):
+            keys = rng.permutation(live[live % 2 == half])
+            keys = keys[rng.random(keys.size) > 0.1]
+            arrival = t + half * 0.02 + float(rng.normal(0, 0.001))
+            deadlines = arrival + rng.choice([0.02, 0.03, np.nan], size=keys.size, p=[0.6, 0.3, 0.1])
+            refs = (rid << 20) | np.arange(keys.size, dtype=np.int64)
+            rid += 1
+            seqs = np.full(keys.size, tick, np.int64)
+            shed_c = c.add_many(keys, np.ones(keys.size, np.int64), seqs, deadlines, arrival, refs)
+            shed_p = py.add_many(keys, np.ones(keys.size, np.int64), seqs, deadlines, arrival, refs)
+            np.testing.assert_array_equal(shed_c, shed_p)
+            asks = 0 if rng.random() < 0.2 else 2  # now and then a busy replica asks late
+            for now in sorted(arrival + rng.uniform(0, 0.015, size=asks)):
+                pc, pp = c.schedule(float(now)), py.schedule(float(now))
+                for name in ("run_refs", "run_deadlines", "expired_refs", "shed_refs"):
+                    np.testing.assert_array_equal(getattr(pc, name), getattr(pp, name), err_msg=name)
+                assert (pc.hold_until, pc.predicted_ms, pc.probe) == (pp.hold_until, pp.predicted_ms, pp.probe)
+                assert pc.expected_on_time == pytest.approx(pp.expected_on_time, rel=1e-9)
+                ms = float(rng.uniform(1.0, 12.0))
+                c.complete(pc, ms)
+                py.complete(pp, ms)
+        t += 0.04
+        assert c.counters == py.counters
+        assert c._budget_ms == pytest.approx(py._budget_ms, rel=1e-12)
+        n = c._n
+        assert n == py._n and c._live_n == py._live_n
+        for name in ("_dl", "_arr", "_key", "_ep", "_sq", "_ref", "_live"):
+            np.testing.assert_array_equal(getattr(c, name)[:n], getattr(py, name)[:n], err_msg=name)
+        np.testing.assert_array_equal(c._kq[: py._kq.size], py._kq)
+    assert c.counters["fallback/overload"] > 0 and c.counters["added"] > 5_000
