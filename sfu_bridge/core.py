@@ -94,6 +94,13 @@ from sfu_bridge.limiter import (
 )
 from telemetry import metrics
 
+try:  # the chunk queue's per-tick loops in C (sfu_bridge/_ring.c); else numpy, the same result
+    from sfu_bridge._ring import ring_pop as _c_ring_pop
+    from sfu_bridge._ring import ring_push as _c_ring_push
+    from sfu_bridge._ring import ring_rows as _c_ring_rows
+except ImportError:
+    _c_ring_pop = _c_ring_push = _c_ring_rows = None
+
 logger = logging.getLogger(__name__)
 
 # How long past the frames' deadline the bridge still waits for an answer: the replica
@@ -436,6 +443,7 @@ class BridgeCore:
         self.q_n = np.zeros(0, np.int64)
         self.q_head = np.zeros(0, np.int64)
         self.q_ts = np.zeros((0, self._depth), np.int64)
+        self.native_ring = _c_ring_push is not None  # (tests compare it with numpy's)
         # each queued chunk: pcm float32 [960], or (opus_in) a tuple of Opus packets
         self.q_pcm: np.ndarray | None = None
         if audio:
@@ -816,11 +824,16 @@ class BridgeCore:
                   rtp_ts: np.ndarray | None = None) -> None:
         """One chunk for each of `rows` (distinct, joined): the simulator's publishers."""
         with self.cpu:
+            rows = np.ascontiguousarray(rows, np.int64)
             if rtp_ts is None:
                 rtp_ts = np.zeros(rows.size, np.int64)
-            self._push(np.asarray(rows, np.int64), pcm, rtp_ts)
+            self._push(rows, pcm, np.ascontiguousarray(rtp_ts, np.int64))
 
     def _push(self, rows: np.ndarray, pcm: np.ndarray | None, ts: np.ndarray) -> None:
+        if self.native_ring and (pcm is None or self.q_pcm is None):
+            # (-1: a row is full; the lines below spill its oldest chunk first)
+            if _c_ring_push(rows, ts, self.q_n, self.q_head, self.q_ts, self._depth) == 0:
+                return
         full = self.q_n[rows] >= self._depth
         if full.any():  # a row that overflows between ticks spills its oldest chunk
             for r in rows[full].tolist():
@@ -929,8 +942,14 @@ class BridgeCore:
                           np.full(len(sp.rows), _OVERLOAD, np.uint8), np.asarray(sp.ts, np.int64),
                           (_objects(sp.pcm) if self.opus_in else np.stack(sp.pcm)) if sp.pcm else None))
         n = self._top
-        rows = self.q_n[:n].nonzero()[0]
-        over = rows[self.q_n[rows] > self.max_backlog]
+        if self.native_ring:
+            rows = np.empty(n, np.int64)
+            m, beyond = _c_ring_rows(self.q_n, n, self.max_backlog, rows)
+            rows = rows[:m]
+            over = rows[self.q_n[rows] > self.max_backlog] if beyond else _EMPTY_I
+        else:
+            rows = self.q_n[:n].nonzero()[0]
+            over = rows[self.q_n[rows] > self.max_backlog]
         if over.size:  # the oldest chunks beyond the backlog limit: answered, not sent
             shed_rows = np.repeat(over, self.q_n[over] - self.max_backlog)
             self._decided[_OVERLOAD] += shed_rows.size
@@ -953,11 +972,15 @@ class BridgeCore:
                 owners[unknown] = self._owner[new] = self.codec.owner_index(self.ids[new].tolist())
             if not (owners[1:] >= owners[:-1]).all():
                 rows = rows[owners.argsort(kind="stable")]
-        head = self.q_head[rows]
-        ts = self.q_ts[rows, head]
+        if self.native_ring:
+            head, ts = np.empty(rows.size, np.int64), np.empty(rows.size, np.int64)
+            _c_ring_pop(np.ascontiguousarray(rows), self.q_n, self.q_head, self.q_ts, self._depth, head, ts)
+        else:
+            head = self.q_head[rows]
+            ts = self.q_ts[rows, head]
+            self.q_head[rows] = (head + 1) % self._depth
+            self.q_n[rows] -= 1
         pcm = self.q_pcm[rows, head] if self.q_pcm is not None else None
-        self.q_head[rows] = (head + 1) % self._depth
-        self.q_n[rows] -= 1
         off = self.ai_off[rows]
         local = off != 0
         if local.any():

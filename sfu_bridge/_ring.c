@@ -1,0 +1,192 @@
+/* The bridge core's per-row chunk queue (core.py: q_n, q_head, q_ts), its per-tick loops in C.
+ *
+ * Each tick a bridge core takes one chunk from every row with a chunk queued, and its
+ * publishers push one chunk to every live row. With numpy each is a handful of array
+ * operations over thousands of rows, and each costs microseconds after the process wakes;
+ * these loops do the same in one pass. Each does exactly what its numpy version in core.py
+ * does (integers only), and tests/sfu_bridge/test_ring.py holds them to it. Optional: without
+ * a C compiler the numpy versions run.
+ *
+ *   ring_push(rows, ts, q_n, q_head, q_ts, depth) -> 0, or -1 when a row is full (nothing
+ *       done: the caller spills its oldest chunk first)
+ *   ring_rows(q_n, top, max_backlog, out_rows) -> (rows with a chunk queued, any beyond
+ *       max_backlog)
+ *   ring_pop(rows, q_n, q_head, q_ts, depth, out_head, out_ts): each row's oldest chunk
+ *       taken (its ring slot in out_head, its timestamp in out_ts)
+ *
+ * All arrays are C-contiguous int64; q_ts is [rows x depth]; rows distinct and in range.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    Py_buffer view;
+    int held;
+} Buf;
+
+static void release_all(Buf *b, int n) {
+    for (int i = 0; i < n; i++)
+        if (b[i].held) {
+            PyBuffer_Release(&b[i].view);
+            b[i].held = 0;
+        }
+}
+
+static int get(PyObject *obj, Buf *b, int writable, const char *name) {
+    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    b->held = 1;
+    if (b->view.itemsize != 8 || b->view.len % 8) {
+        PyErr_Format(PyExc_TypeError, "%s: expected int64", name);
+        return -1;
+    }
+    return 0;
+}
+
+#define N(b) ((b).view.len / 8)
+
+/* rows in [0, cap) */
+static int rows_ok(const int64_t *rows, Py_ssize_t n, Py_ssize_t cap) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (rows[i] < 0 || rows[i] >= cap) {
+            PyErr_SetString(PyExc_IndexError, "a row outside the stream table");
+            return 0;
+        }
+    return 1;
+}
+
+static PyObject *ring_push(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "ring_push(rows, ts, q_n, q_head, q_ts, depth)");
+        return NULL;
+    }
+    Py_ssize_t depth = PyLong_AsSsize_t(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    Buf b[5];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    static const char *names[] = {"rows", "ts", "q_n", "q_head", "q_ts"};
+    for (int i = 0; i < 5; i++)
+        if (get(args[i], &b[i], i >= 2, names[i]) < 0)
+            goto done;
+    Py_ssize_t n = N(b[0]), cap = N(b[2]);
+    if (depth < 1 || N(b[1]) != n || N(b[3]) != cap || N(b[4]) != cap * depth) {
+        PyErr_SetString(PyExc_ValueError, "ring_push: lengths differ");
+        goto done;
+    }
+    const int64_t *rows = b[0].view.buf, *ts = b[1].view.buf;
+    int64_t *q_n = b[2].view.buf, *q_head = b[3].view.buf, *q_ts = b[4].view.buf;
+    if (!rows_ok(rows, n, cap))
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (q_n[rows[i]] >= depth) { /* full: the caller spills first */
+            result = PyLong_FromLong(-1);
+            goto done;
+        }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t r = rows[i];
+        int64_t slot = (q_head[r] + q_n[r]) % depth;
+        q_ts[r * depth + slot] = ts[i];
+        q_n[r] += 1;
+    }
+    result = PyLong_FromLong(0);
+done:
+    release_all(b, 5);
+    return result;
+}
+
+static PyObject *ring_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "ring_rows(q_n, top, max_backlog, out_rows)");
+        return NULL;
+    }
+    Py_ssize_t top = PyLong_AsSsize_t(args[1]);
+    int64_t max_backlog = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    Buf b[2];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    if (get(args[0], &b[0], 0, "q_n") < 0 || get(args[3], &b[1], 1, "out_rows") < 0)
+        goto done;
+    if (top < 0 || top > N(b[0]) || N(b[1]) < top) {
+        PyErr_SetString(PyExc_ValueError, "ring_rows: top beyond q_n or out_rows");
+        goto done;
+    }
+    const int64_t *q_n = b[0].view.buf;
+    int64_t *out = b[1].view.buf;
+    Py_ssize_t m = 0;
+    int over = 0;
+    for (Py_ssize_t r = 0; r < top; r++)
+        if (q_n[r]) {
+            out[m++] = r;
+            over |= q_n[r] > max_backlog;
+        }
+    result = Py_BuildValue("(nO)", m, over ? Py_True : Py_False);
+done:
+    release_all(b, 2);
+    return result;
+}
+
+static PyObject *ring_pop(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "ring_pop(rows, q_n, q_head, q_ts, depth, out_head, out_ts)");
+        return NULL;
+    }
+    Py_ssize_t depth = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    Buf b[6];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    static const char *names[] = {"rows", "q_n", "q_head", "q_ts", "out_head", "out_ts"};
+    static const int at[] = {0, 1, 2, 3, 5, 6};
+    for (int i = 0; i < 6; i++)
+        if (get(args[at[i]], &b[i], i >= 1 && i != 3, names[i]) < 0)
+            goto done;
+    Py_ssize_t n = N(b[0]), cap = N(b[1]);
+    if (depth < 1 || N(b[2]) != cap || N(b[3]) != cap * depth || N(b[4]) != n || N(b[5]) != n) {
+        PyErr_SetString(PyExc_ValueError, "ring_pop: lengths differ");
+        goto done;
+    }
+    const int64_t *rows = b[0].view.buf, *q_ts = b[3].view.buf;
+    int64_t *q_n = b[1].view.buf, *q_head = b[2].view.buf, *out_head = b[4].view.buf,
+            *out_ts = b[5].view.buf;
+    if (!rows_ok(rows, n, cap))
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t r = rows[i], h = q_head[r];
+        if (h < 0 || h >= depth) {
+            PyErr_SetString(PyExc_IndexError, "ring_pop: a head outside the ring");
+            goto done;
+        }
+        out_head[i] = h;
+        out_ts[i] = q_ts[r * depth + h];
+        q_head[r] = (h + 1) % depth;
+        q_n[r] -= 1;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    release_all(b, 6);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"ring_push", (PyCFunction)(void (*)(void))ring_push, METH_FASTCALL,
+     "core.BridgeCore._push without audio: one chunk timestamp per row; -1 if a row is full"},
+    {"ring_rows", (PyCFunction)(void (*)(void))ring_rows, METH_FASTCALL,
+     "rows of q_n[:top] with a chunk queued, and whether any holds more than max_backlog"},
+    {"ring_pop", (PyCFunction)(void (*)(void))ring_pop, METH_FASTCALL,
+     "each row's oldest chunk taken from the ring: its slot and timestamp"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_ring", "The bridge core's per-row chunk queue, its per-tick loops in C.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__ring(void) { return PyModule_Create(&module); }

@@ -1,0 +1,75 @@
+"""sfu_bridge._ring (the bridge core's chunk queue loops in C) against their numpy versions:
+two bridge cores, one on each, fed the same joins, leaves, pushes (some beyond the backlog,
+some past the ring so it spills) and ticks give the same reports and queues. Integers only:
+equal means equal."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from deployments.config import ComputeMode, ReplicaSettings
+from deployments.replica import CodecReplicaCore
+from sfu_bridge import core as core_module
+from sfu_bridge.core import BridgeCore
+
+pytestmark = pytest.mark.skipif(core_module._c_ring_push is None, reason="sfu_bridge._ring is not built")
+
+
+def _bridge(native: bool) -> BridgeCore:
+    replica = CodecReplicaCore(ReplicaSettings(compute=ComputeMode.EMULATED, capacity=256, max_batch=256,
+                                               latency_profile={1: 0.5, 256: 1.0}), "ring-test")
+    bridge = BridgeCore(replica, deadline_ms=5_000, audio=False, max_backlog=2)
+    bridge.native_ring = native
+    return bridge
+
+
+def _queues(b: BridgeCore) -> tuple:
+    n = b._top
+    return b.q_n[:n].tolist(), b.q_head[:n].tolist(), b.q_ts[:n].tolist()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_chunk_queue_in_c_matches_numpy(seed: int) -> None:
+    async def main() -> None:
+        rng = np.random.default_rng(seed)
+        c, py = _bridge(True), _bridge(False)
+        live = [f"s{i}" for i in range(120)]
+        for sid in live:
+            c.join(sid)
+            py.join(sid)
+        spills = 0
+        for tick in range(30):
+            if tick % 4 == 1:  # churn: rows freed and reused
+                for sid in rng.choice(live, size=6, replace=False).tolist():
+                    live.remove(sid)
+                    c.leave(sid)
+                    py.leave(sid)
+                for k in range(5):
+                    sid = f"n{tick}-{k}"
+                    live.append(sid)
+                    c.join(sid)
+                    py.join(sid)
+            rows_c = np.array([c._row_of[s] for s in live])
+            assert rows_c.tolist() == [py._row_of[s] for s in live]
+            for _ in range(int(rng.integers(1, 4))):  # pushes between ticks: 1 to 3 per row
+                pick = rows_c[rng.random(rows_c.size) < 0.8]
+                ts = rng.integers(0, 2**32, size=pick.size)
+                full = int((c.q_n[pick] >= c._depth).sum())
+                spills += full
+                c.push_rows(pick, rtp_ts=ts)
+                py.push_rows(pick, rtp_ts=ts)
+                assert _queues(c) == _queues(py)
+            rc, rp = await c.tick(), await py.tick()
+            assert rc.stream_ids == rp.stream_ids
+            for name in ("rows", "codes", "rtp_ts", "epochs", "epoch_seqs"):
+                assert getattr(rc, name).tolist() == getattr(rp, name).tolist(), name
+            assert _queues(c) == _queues(py)
+        assert spills > 0 and c.counts.tolist() == py.counts.tolist()
+        assert int(c.counts.sum()) > 3000
+        await c.close()
+        await py.close()
+
+    asyncio.run(main())
