@@ -5,8 +5,8 @@
   and replay windows' check (hint_auth.py `HintTable`). Without it the bridge sends and
   receives through its Python path (it logs so at start) and checks hints through one
   `HintVerifier` per stream.
-- sfu_bridge._ring: the bridge core's per-tick loops over its chunk queue (core.py). Without
-  it their numpy versions run (the same results).
+- sfu_bridge._tick: the bridge core's per-tick loops over its chunk queue and a tick's hints
+  (core.py). Without it their numpy versions run (the same results).
 - deployments._columns: loops of the codec replica's per-step bookkeeping over its stream
   columns (arrivals.py). Without it their numpy versions run (the same results).
 
@@ -18,7 +18,7 @@ from setuptools import Extension, setup
 setup(ext_modules=[
     Extension("sfu_bridge._rtpsend", ["sfu_bridge/_rtpsend.c"], optional=True,
               extra_compile_args=["-O2"]),
-    Extension("sfu_bridge._ring", ["sfu_bridge/_ring.c"], optional=True, extra_compile_args=["-O2"]),
+    Extension("sfu_bridge._tick", ["sfu_bridge/_tick.c"], optional=True, extra_compile_args=["-O2"]),
     # no floating-point contraction: a * b + c rounds twice, as numpy's two operations do
     Extension("deployments._columns", ["deployments/_columns.c"], optional=True,
               extra_compile_args=["-O2", "-ffp-contract=off"], libraries=["m"]),

@@ -44,13 +44,13 @@ stamp=.venv/.auralink-installed
 stale=0
 [ -f "$stamp" ] || stale=1
 # the project's files that change what is installed: its metadata and its C parts (setup.py)
-for f in pyproject.toml setup.py sfu_bridge/_rtpsend.c sfu_bridge/_ring.c deployments/_columns.c; do
+for f in pyproject.toml setup.py sfu_bridge/_rtpsend.c sfu_bridge/_tick.c deployments/_columns.c; do
   [ "$f" -nt "$stamp" ] && stale=1
 done
 if [ "$stale" = 1 ]; then
   echo "[setup] installing pinned dependencies (torch 2.11.0 CUDA build: a few GB, about a minute)"
   echo "[setup] and building the C parts (needs gcc): the bridge's packet path, send and receive"
-  echo "[setup] (sfu_bridge/_rtpsend.c), its chunk queue (sfu_bridge/_ring.c) and the replica's queue loops (deployments/_columns.c)"
+  echo "[setup] (sfu_bridge/_rtpsend.c), its chunk queue (sfu_bridge/_tick.c) and the replica's queue loops (deployments/_columns.c)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
   touch "$stamp"

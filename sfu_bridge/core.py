@@ -94,12 +94,13 @@ from sfu_bridge.limiter import (
 )
 from telemetry import metrics
 
-try:  # the chunk queue's per-tick loops in C (sfu_bridge/_ring.c); else numpy, the same result
-    from sfu_bridge._ring import ring_pop as _c_ring_pop
-    from sfu_bridge._ring import ring_push as _c_ring_push
-    from sfu_bridge._ring import ring_rows as _c_ring_rows
+try:  # per-tick loops in C (sfu_bridge/_tick.c); else numpy, the same results
+    from sfu_bridge._tick import group_ranks as _c_group_ranks
+    from sfu_bridge._tick import ring_pop as _c_ring_pop
+    from sfu_bridge._tick import ring_push as _c_ring_push
+    from sfu_bridge._tick import ring_rows as _c_ring_rows
 except ImportError:
-    _c_ring_pop = _c_ring_push = _c_ring_rows = None
+    _c_group_ranks = _c_ring_pop = _c_ring_push = _c_ring_rows = None
 
 logger = logging.getLogger(__name__)
 
@@ -1525,10 +1526,16 @@ def _filled(n: int, value: float, dtype: Any = np.float64) -> np.ndarray:
     return out
 
 
-def _ranks(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _ranks(rows: np.ndarray, native: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(distinct rows, each entry's index into them, their counts, each entry's place among
-    the entries of its row in array order). One stable sort: a tick's few hundred hints."""
+    the entries of its row in array order). One stable sort: a tick's few hundred hints.
+    One C loop where built (`native`: the tests compare both)."""
     n = rows.size
+    if native and _c_group_ranks is not None:
+        rows = np.ascontiguousarray(rows, np.int64)
+        scratch, out = np.empty(2 * n, np.int64), np.empty((4, n), np.int64)
+        g = _c_group_ranks(rows, scratch, out[0], out[1], out[2], out[3])
+        return out[0, :g], out[1], out[2, :g], out[3]
     order = rows.argsort(kind="stable")
     srt = rows[order]
     new = np.empty(n, bool)

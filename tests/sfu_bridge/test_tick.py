@@ -1,4 +1,4 @@
-"""sfu_bridge._ring (the bridge core's chunk queue loops in C) against their numpy versions:
+"""sfu_bridge._tick (the bridge core's per-tick loops in C) against their numpy versions:
 two bridge cores, one on each, fed the same joins, leaves, pushes (some beyond the backlog,
 some past the ring so it spills) and ticks give the same reports and queues. Integers only:
 equal means equal."""
@@ -15,7 +15,7 @@ from deployments.replica import CodecReplicaCore
 from sfu_bridge import core as core_module
 from sfu_bridge.core import BridgeCore
 
-pytestmark = pytest.mark.skipif(core_module._c_ring_push is None, reason="sfu_bridge._ring is not built")
+pytestmark = pytest.mark.skipif(core_module._c_ring_push is None, reason="sfu_bridge._tick is not built")
 
 
 def _bridge(native: bool) -> BridgeCore:
@@ -73,3 +73,16 @@ def test_the_chunk_queue_in_c_matches_numpy(seed: int) -> None:
         await py.close()
 
     asyncio.run(main())
+
+
+def test_a_ticks_hints_are_grouped_by_stream_in_c_as_in_numpy() -> None:
+    """core._ranks (a tick's hints by stream: distinct rows, each hint's group, the groups'
+    sizes, each hint's place in its group in arrival order), C and numpy, on floods and
+    single hints alike."""
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 2, 7, 64, 333, 1000):
+        for spread in (1, 5, 50, 10_000):
+            rows = rng.integers(0, spread, size=n)
+            got, want = core_module._ranks(rows, native=True), core_module._ranks(rows, native=False)
+            for g, w, name in zip(got, want, ("uniq", "inv", "counts", "rank"), strict=True):
+                assert g.dtype == w.dtype == np.int64 and g.tolist() == w.tolist(), (n, spread, name)

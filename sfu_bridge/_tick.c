@@ -1,11 +1,12 @@
-/* The bridge core's per-row chunk queue (core.py: q_n, q_head, q_ts), its per-tick loops in C.
+/* The bridge core's per-tick loops in C (core.py): its per-row chunk queue (q_n, q_head,
+ * q_ts) and the grouping of a tick's hints by stream.
  *
- * Each tick a bridge core takes one chunk from every row with a chunk queued, and its
- * publishers push one chunk to every live row. With numpy each is a handful of array
- * operations over thousands of rows, and each costs microseconds after the process wakes;
- * these loops do the same in one pass. Each does exactly what its numpy version in core.py
- * does (integers only), and tests/sfu_bridge/test_ring.py holds them to it. Optional: without
- * a C compiler the numpy versions run.
+ * Each tick a bridge core takes one chunk from every row with a chunk queued, its publishers
+ * push one chunk to every live row, and its hints are grouped by stream three times. With
+ * numpy each is a handful of array operations, and each costs microseconds after the process
+ * wakes; these loops do the same in one pass. Each does exactly what its numpy version in
+ * core.py does (integers only), and tests/sfu_bridge/test_tick.py holds them to it.
+ * Optional: without a C compiler the numpy versions run.
  *
  *   ring_push(rows, ts, q_n, q_head, q_ts, depth) -> 0, or -1 when a row is full (nothing
  *       done: the caller spills its oldest chunk first)
@@ -14,7 +15,11 @@
  *   ring_pop(rows, q_n, q_head, q_ts, depth, out_head, out_ts): each row's oldest chunk
  *       taken (its ring slot in out_head, its timestamp in out_ts)
  *
- * All arrays are C-contiguous int64; q_ts is [rows x depth]; rows distinct and in range.
+ *   group_ranks(rows, scratch, out_uniq, out_inv, out_counts, out_rank) -> distinct rows:
+ *       core._ranks (scratch: 2 x len(rows) int64)
+ *
+ * All arrays are C-contiguous int64; q_ts is [rows x depth]; the ring's rows distinct and in
+ * range.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -175,6 +180,71 @@ done:
     return result;
 }
 
+/* Stable merge sort of idx[0..n) by key[idx]; tmp holds n. */
+static void sort_by_key(int64_t *idx, int64_t *tmp, const int64_t *key, Py_ssize_t n) {
+    int64_t *src = idx, *dst = tmp;
+    for (Py_ssize_t w = 1; w < n; w *= 2) {
+        for (Py_ssize_t lo = 0; lo < n; lo += 2 * w) {
+            Py_ssize_t mid = lo + w < n ? lo + w : n, hi = lo + 2 * w < n ? lo + 2 * w : n;
+            Py_ssize_t i = lo, j = mid, o = lo;
+            while (i < mid && j < hi)
+                dst[o++] = key[src[j]] < key[src[i]] ? src[j++] : src[i++];
+            while (i < mid)
+                dst[o++] = src[i++];
+            while (j < hi)
+                dst[o++] = src[j++];
+        }
+        int64_t *s = src;
+        src = dst;
+        dst = s;
+    }
+    if (src != idx)
+        memcpy(idx, src, (size_t)n * sizeof *idx);
+}
+
+static PyObject *group_ranks(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "group_ranks(rows, scratch, out_uniq, out_inv, out_counts, out_rank)");
+        return NULL;
+    }
+    Buf b[6];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    static const char *names[] = {"rows", "scratch", "out_uniq", "out_inv", "out_counts", "out_rank"};
+    for (int i = 0; i < 6; i++)
+        if (get(args[i], &b[i], i >= 1, names[i]) < 0)
+            goto done;
+    Py_ssize_t n = N(b[0]);
+    if (N(b[1]) < 2 * n || N(b[2]) < n || N(b[3]) != n || N(b[4]) < n || N(b[5]) != n) {
+        PyErr_SetString(PyExc_ValueError, "group_ranks: buffers too short");
+        goto done;
+    }
+    const int64_t *rows = b[0].view.buf;
+    int64_t *order = b[1].view.buf, *tmp = order + n, *uniq = b[2].view.buf, *inv = b[3].view.buf,
+            *counts = b[4].view.buf, *rank = b[5].view.buf;
+    for (Py_ssize_t i = 0; i < n; i++)
+        order[i] = i;
+    sort_by_key(order, tmp, rows, n); /* the entries by row, in array order within a row */
+    Py_ssize_t g = -1, start = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t e = order[i];
+        if (i == 0 || rows[e] != rows[order[i - 1]]) {
+            if (g >= 0)
+                counts[g] = i - start;
+            uniq[++g] = rows[e];
+            start = i;
+        }
+        inv[e] = g;
+        rank[e] = i - start;
+    }
+    if (g >= 0)
+        counts[g] = n - start;
+    result = PyLong_FromSsize_t(g + 1);
+done:
+    release_all(b, 6);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"ring_push", (PyCFunction)(void (*)(void))ring_push, METH_FASTCALL,
      "core.BridgeCore._push without audio: one chunk timestamp per row; -1 if a row is full"},
@@ -182,11 +252,13 @@ static PyMethodDef methods[] = {
      "rows of q_n[:top] with a chunk queued, and whether any holds more than max_backlog"},
     {"ring_pop", (PyCFunction)(void (*)(void))ring_pop, METH_FASTCALL,
      "each row's oldest chunk taken from the ring: its slot and timestamp"},
+    {"group_ranks", (PyCFunction)(void (*)(void))group_ranks, METH_FASTCALL,
+     "core._ranks: distinct rows, each entry's group, the groups' sizes, each entry's rank in it"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_ring", "The bridge core's per-row chunk queue, its per-tick loops in C.", -1, methods,
+    PyModuleDef_HEAD_INIT, "_tick", "The bridge core's per-tick loops in C.", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__ring(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__tick(void) { return PyModule_Create(&module); }
