@@ -20,9 +20,13 @@
  *             out_deadlines, out_budgets_ms, dl, arr, key, ep, sq, ref, live, kq)
  *             -> 0, or the length kq needs (the queue's columns untouched)
  *
+ * replica.py `SlotPool.lookup_refs` (a sender's stream refs -> the streams' slots):
+ *   ref_lookup(refs, t_ref, t_slot, t_slot_gen, generation, out_slots, out_hit, out_found)
+ *             -> streams found (their places in out_found; -1 in out_slots for the others)
+ *
  * Arrays are C-contiguous buffers: keys and out_keys int64, known and exclude one byte per
  * key (numpy bool), the others float64 (queue_add: keys, epochs, seqs, refs, key, ep, sq,
- * ref and kq int64; live one byte). Floating-point contraction is off (setup.py), so
+ * ref and kq int64; live one byte; ref_lookup: all int64 but out_hit, one byte). Floating-point contraction is off (setup.py), so
  * a * b + c rounds twice, as numpy's two operations do.
  */
 #define PY_SSIZE_T_CLEAN
@@ -358,6 +362,55 @@ done:
     return result;
 }
 
+static PyObject *ref_lookup(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError,
+                        "ref_lookup(refs, t_ref, t_slot, t_slot_gen, generation, out_slots, out_hit, out_found)");
+        return NULL;
+    }
+    Buf b[8];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    static const char *names[] = {"refs", "t_ref", "t_slot", "t_slot_gen", "generation", "out_slots",
+                                  "out_hit", "out_found"};
+    for (int i = 0; i < 8; i++)
+        if (get(args[i], &b[i], i == 6 ? 1 : 8, i >= 5, names[i]) < 0)
+            goto done;
+    Py_ssize_t n = N(b[0], 8), rows = N(b[1], 8), cap = N(b[4], 8);
+    if (N(b[2], 8) != rows || N(b[3], 8) != rows || rows < 1 || N(b[5], 8) != n || N(b[6], 1) != n
+        || N(b[7], 8) != n) {
+        PyErr_SetString(PyExc_ValueError, "ref_lookup: lengths differ");
+        goto done;
+    }
+    const int64_t *refs = b[0].view.buf, *t_ref = b[1].view.buf, *t_slot = b[2].view.buf,
+                  *t_gen = b[3].view.buf, *generation = b[4].view.buf;
+    int64_t *slots = b[5].view.buf, *found = b[7].view.buf;
+    uint8_t *hit = b[6].view.buf;
+    Py_ssize_t k = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t row = refs[i] >> 32;
+        int64_t at = row < rows - 1 ? row : rows - 1; /* np.minimum(rows, size - 1) */
+        if (at < 0) {
+            PyErr_SetString(PyExc_ValueError, "ref_lookup: refs must be >= 0");
+            goto done;
+        }
+        int64_t slot = t_slot[at];
+        if (slot < 0 || slot >= cap) {
+            PyErr_SetString(PyExc_IndexError, "ref_lookup: a remembered slot outside the pool");
+            goto done;
+        }
+        int ok = row < rows && t_ref[at] == refs[i] && generation[slot] == t_gen[at];
+        hit[i] = (uint8_t)ok;
+        slots[i] = ok ? slot : -1;
+        if (ok)
+            found[k++] = i;
+    }
+    result = PyLong_FromSsize_t(k);
+done:
+    release_all(b, 8);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"forecast_observe", (PyCFunction)(void (*)(void))forecast_observe, METH_FASTCALL,
      "arrivals.ArrivalForecast.observe over the forecast's columns; 0, or the capacity needed"},
@@ -365,6 +418,8 @@ static PyMethodDef methods[] = {
      "arrivals.ArrivalForecast.expected over the forecast's columns; the number of frames written"},
     {"queue_add", (PyCFunction)(void (*)(void))queue_add, METH_FASTCALL,
      "scheduler.EdfScheduler.add_many's column writes; 0, or the length kq needs"},
+    {"ref_lookup", (PyCFunction)(void (*)(void))ref_lookup, METH_FASTCALL,
+     "replica.SlotPool.lookup_refs's array part: the slots its refs find; the number found"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -59,6 +59,11 @@ from deployments.latency_model import LatencyModel
 from deployments.scheduler import EdfScheduler, Plan, SchedulerConfig
 from telemetry import metrics
 
+try:  # SlotPool.lookup_refs's array part in C (deployments/_columns.c); else numpy, the same result
+    from deployments._columns import ref_lookup as _c_ref_lookup
+except ImportError:
+    _c_ref_lookup = None
+
 logger = logging.getLogger(__name__)
 
 IDLE_SWEEP_S = 1.0
@@ -118,6 +123,7 @@ class SlotPool:
         # how `lookup` found streams (GET /v1/replica: stream_lookup): by ref, by id, and the
         # senders whose refs named another stream (their tables dropped)
         self.by_ref = self.by_id = self.refs_dropped = 0
+        self.native = _c_ref_lookup is not None  # refs looked up in C (tests compare it with numpy)
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -145,13 +151,19 @@ class SlotPool:
         if t is None:
             return self._by_id(stream_ids, np.arange(len(stream_ids))), None
         t.used = True
-        rows = refs >> 32
-        at = np.minimum(rows, t.ref.size - 1)
-        slots = t.slot[at]
-        hit = (rows < t.ref.size) & (t.ref[at] == refs) & (self.generation[slots] == t.slot_gen[at])
+        if self.native:  # the lines below in one C loop (slots already -1 where not found)
+            n = len(stream_ids)
+            slots, hit, found = np.empty(n, np.int64), np.empty(n, bool), np.empty(n, np.int64)
+            found = found[: _c_ref_lookup(np.ascontiguousarray(refs, np.int64), t.ref, t.slot, t.slot_gen,
+                                          self.generation, slots, hit, found)]
+        else:
+            rows = refs >> 32
+            at = np.minimum(rows, t.ref.size - 1)
+            slots = t.slot[at]
+            hit = (rows < t.ref.size) & (t.ref[at] == refs) & (self.generation[slots] == t.slot_gen[at])
+            found = hit.nonzero()[0]
         # A sample of the streams found by ref must be the streams named: a sender whose refs
         # do not name one stream each (a bug, two senders under one id) loses its table.
-        found = hit.nonzero()[0]
         for i in found[:: max(1, found.size // REF_SAMPLE)][:REF_SAMPLE].tolist():
             if self._sid[slots[i]] != stream_ids[i]:
                 logger.warning("sender %r: a stream ref named another stream; its refs are dropped", sender)

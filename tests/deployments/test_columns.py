@@ -165,3 +165,31 @@ def test_the_scheduler_in_c_plans_what_numpy_plans(seed: int) -> None:
             np.testing.assert_array_equal(getattr(c, name)[:n], getattr(py, name)[:n], err_msg=name)
         np.testing.assert_array_equal(c._kq[: py._kq.size], py._kq)
     assert c.counters["fallback/overload"] > 0 and c.counters["added"] > 5_000
+
+
+def test_the_slot_pool_finds_streams_by_ref_in_c_as_in_numpy() -> None:
+    """SlotPool.lookup_refs, C and numpy, on one pool: refs remembered, slots that changed
+    hands since (generation), refs beyond the sender's table, rows reused by new streams."""
+    from deployments.replica import SlotPool
+
+    rng = np.random.default_rng(11)
+    pool = SlotPool(400)
+    ids = [f"s{i}" for i in range(300)]
+    slots = pool.acquire_new(ids, 0.0)
+    refs = (np.arange(300, dtype=np.int64) << 32) | 1
+    pool.remember("bridge-a", refs[:250], slots[:250])
+    for sid in rng.choice(ids[:250], size=20, replace=False).tolist():  # slots change hands
+        pool.release(sid)
+        pool.acquire(sid + "-new", 1.0)
+    for trial in range(20):
+        pick = rng.choice(300, size=int(rng.integers(1, 300)), replace=False)
+        r = refs[pick].copy()
+        r[rng.random(r.size) < 0.1] += 1  # a row's newer stream (another generation of the ref)
+        names = [ids[i] for i in pick.tolist()]
+        pool.native = True
+        got = pool.lookup_refs(names, "bridge-a", r)
+        pool.native = False
+        want = pool.lookup_refs(names, "bridge-a", r)
+        assert got[0].tolist() == want[0].tolist()
+        assert got[1].dtype == want[1].dtype == bool and got[1].tolist() == want[1].tolist()
+        assert 0 < int(got[1].sum()) < r.size
