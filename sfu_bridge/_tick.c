@@ -17,8 +17,10 @@
  *
  *   group_ranks(rows, scratch, out_uniq, out_inv, out_counts, out_rank) -> distinct rows:
  *       core._ranks (scratch: 2 x len(rows) int64)
+ *   tally_frames(rows, codes, counts, tally, dtx_code): a tick's outcomes counted, by code
+ *       (counts) and by row and code (tally [rows x dtx_code]; rows < 0 and DTX frames not)
  *
- * All arrays are C-contiguous int64; q_ts is [rows x depth]; the ring's rows distinct and in
+ * All arrays are C-contiguous int64 (codes: uint8); q_ts is [rows x depth]; the ring's rows distinct and in
  * range.
  */
 #define PY_SSIZE_T_CLEAN
@@ -245,6 +247,53 @@ done:
     return result;
 }
 
+static PyObject *tally_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "tally_frames(rows, codes, counts, tally, dtx_code)");
+        return NULL;
+    }
+    long dtx = PyLong_AsLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    Buf b[4];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    if (get(args[0], &b[0], 0, "rows") < 0)
+        goto done;
+    if (PyObject_GetBuffer(args[1], &b[1].view, PyBUF_C_CONTIGUOUS) < 0)
+        goto done;
+    b[1].held = 1;
+    if (b[1].view.itemsize != 1) {
+        PyErr_SetString(PyExc_TypeError, "codes: expected uint8");
+        goto done;
+    }
+    if (get(args[2], &b[2], 1, "counts") < 0 || get(args[3], &b[3], 1, "tally") < 0)
+        goto done;
+    Py_ssize_t n = N(b[0]), n_counts = N(b[2]);
+    if (dtx < 1 || b[1].view.len != n || N(b[3]) % dtx) {
+        PyErr_SetString(PyExc_ValueError, "tally_frames: lengths differ");
+        goto done;
+    }
+    Py_ssize_t tally_rows = N(b[3]) / dtx;
+    const int64_t *rows = b[0].view.buf;
+    const uint8_t *codes = b[1].view.buf;
+    int64_t *counts = b[2].view.buf, *tally = b[3].view.buf;
+    for (Py_ssize_t i = 0; i < n; i++) /* checked first: nothing counted from a bad tick */
+        if (codes[i] >= n_counts || rows[i] >= tally_rows) {
+            PyErr_SetString(PyExc_IndexError, "tally_frames: a code or row outside the tables");
+            goto done;
+        }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        counts[codes[i]] += 1;
+        if (rows[i] >= 0 && codes[i] != dtx)
+            tally[rows[i] * dtx + codes[i]] += 1;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    release_all(b, 4);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"ring_push", (PyCFunction)(void (*)(void))ring_push, METH_FASTCALL,
      "core.BridgeCore._push without audio: one chunk timestamp per row; -1 if a row is full"},
@@ -254,6 +303,8 @@ static PyMethodDef methods[] = {
      "each row's oldest chunk taken from the ring: its slot and timestamp"},
     {"group_ranks", (PyCFunction)(void (*)(void))group_ranks, METH_FASTCALL,
      "core._ranks: distinct rows, each entry's group, the groups' sizes, each entry's rank in it"},
+    {"tally_frames", (PyCFunction)(void (*)(void))tally_frames, METH_FASTCALL,
+     "core.BridgeCore._finish's tallies: frames by code, and by row and code but DTX"},
     {NULL, NULL, 0, NULL},
 };
 

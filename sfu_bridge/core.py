@@ -99,8 +99,9 @@ try:  # per-tick loops in C (sfu_bridge/_tick.c); else numpy, the same results
     from sfu_bridge._tick import ring_pop as _c_ring_pop
     from sfu_bridge._tick import ring_push as _c_ring_push
     from sfu_bridge._tick import ring_rows as _c_ring_rows
+    from sfu_bridge._tick import tally_frames as _c_tally_frames
 except ImportError:
-    _c_group_ranks = _c_ring_pop = _c_ring_push = _c_ring_rows = None
+    _c_group_ranks = _c_ring_pop = _c_ring_push = _c_ring_rows = _c_tally_frames = None
 
 logger = logging.getLogger(__name__)
 
@@ -444,7 +445,7 @@ class BridgeCore:
         self.q_n = np.zeros(0, np.int64)
         self.q_head = np.zeros(0, np.int64)
         self.q_ts = np.zeros((0, self._depth), np.int64)
-        self.native_ring = _c_ring_push is not None  # (tests compare it with numpy's)
+        self.native_loops = _c_ring_push is not None  # (tests compare it with numpy's)
         # each queued chunk: pcm float32 [960], or (opus_in) a tuple of Opus packets
         self.q_pcm: np.ndarray | None = None
         if audio:
@@ -831,7 +832,7 @@ class BridgeCore:
             self._push(rows, pcm, np.ascontiguousarray(rtp_ts, np.int64))
 
     def _push(self, rows: np.ndarray, pcm: np.ndarray | None, ts: np.ndarray) -> None:
-        if self.native_ring and (pcm is None or self.q_pcm is None):
+        if self.native_loops and (pcm is None or self.q_pcm is None):
             # (-1: a row is full; the lines below spill its oldest chunk first)
             if _c_ring_push(rows, ts, self.q_n, self.q_head, self.q_ts, self._depth) == 0:
                 return
@@ -943,7 +944,7 @@ class BridgeCore:
                           np.full(len(sp.rows), _OVERLOAD, np.uint8), np.asarray(sp.ts, np.int64),
                           (_objects(sp.pcm) if self.opus_in else np.stack(sp.pcm)) if sp.pcm else None))
         n = self._top
-        if self.native_ring:
+        if self.native_loops:
             rows = np.empty(n, np.int64)
             m, beyond = _c_ring_rows(self.q_n, n, self.max_backlog, rows)
             rows = rows[:m]
@@ -973,7 +974,7 @@ class BridgeCore:
                 owners[unknown] = self._owner[new] = self.codec.owner_index(self.ids[new].tolist())
             if not (owners[1:] >= owners[:-1]).all():
                 rows = rows[owners.argsort(kind="stable")]
-        if self.native_ring:
+        if self.native_loops:
             head, ts = np.empty(rows.size, np.int64), np.empty(rows.size, np.int64)
             _c_ring_pop(np.ascontiguousarray(rows), self.q_n, self.q_head, self.q_ts, self._depth, head, ts)
         else:
@@ -1124,14 +1125,7 @@ class BridgeCore:
                 full = np.zeros((len(sids),) + ai_codes.shape[1:], np.int16)
                 full[n_local:] = ai_codes
                 ai_codes = full
-        self.counts += np.bincount(codes, minlength=N_KEYS)
-        # DTX frames are not health reports: silence says nothing about the AI path
-        mine = (rr >= 0) & (codes != DTX_CODE)
-        t_rows, t_codes = (rr, codes) if mine.all() else (rr[mine], codes[mine])
-        if t_rows.size:  # tally[row, code] += 1 per frame (a row may have several a tick)
-            top = int(t_rows.max()) + 1
-            self.tally[:top] += np.bincount(t_rows * N_CODES + t_codes,
-                                            minlength=top * N_CODES).reshape(top, N_CODES)
+        _tally(self.counts, self.tally, rr, codes, self.native_loops)
         return TickReport(
             tick=self.ticks, started_at=started_at, stream_ids=sids, rows=rr, codes=codes,
             epochs=ep, epoch_seqs=sq, rtp_ts=ts, pcm=pcm if self.audio and not self.opus_in else None,
@@ -1524,6 +1518,22 @@ def _filled(n: int, value: float, dtype: Any = np.float64) -> np.ndarray:
     out = np.empty(n, dtype)
     out.fill(value)
     return out
+
+
+def _tally(counts: np.ndarray, tally: np.ndarray, rows: np.ndarray, codes: np.ndarray, native: bool) -> None:
+    """A tick's outcomes counted: `counts` by code, `tally` by row and code (the supervisor's
+    report), except frames of streams that left (row -1) and DTX frames (silence says
+    nothing about the AI path). One C loop where built (`native`)."""
+    if native and _c_tally_frames is not None:
+        _c_tally_frames(np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(codes, np.uint8),
+                        counts, tally, DTX_CODE)
+        return
+    counts += np.bincount(codes, minlength=N_KEYS)
+    mine = (rows >= 0) & (codes != DTX_CODE)
+    t_rows, t_codes = (rows, codes) if mine.all() else (rows[mine], codes[mine])
+    if t_rows.size:  # tally[row, code] += 1 per frame (a row may have several a tick)
+        top = int(t_rows.max()) + 1
+        tally[:top] += np.bincount(t_rows * N_CODES + t_codes, minlength=top * N_CODES).reshape(top, N_CODES)
 
 
 def _ranks(rows: np.ndarray, native: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

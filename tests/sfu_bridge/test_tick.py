@@ -22,7 +22,7 @@ def _bridge(native: bool) -> BridgeCore:
     replica = CodecReplicaCore(ReplicaSettings(compute=ComputeMode.EMULATED, capacity=256, max_batch=256,
                                                latency_profile={1: 0.5, 256: 1.0}), "ring-test")
     bridge = BridgeCore(replica, deadline_ms=5_000, audio=False, max_backlog=2)
-    bridge.native_ring = native
+    bridge.native_loops = native
     return bridge
 
 
@@ -68,6 +68,7 @@ def test_the_chunk_queue_in_c_matches_numpy(seed: int) -> None:
                 assert getattr(rc, name).tolist() == getattr(rp, name).tolist(), name
             assert _queues(c) == _queues(py)
         assert spills > 0 and c.counts.tolist() == py.counts.tolist()
+        assert c.tally.tolist() == py.tally.tolist() and int(c.tally.sum()) > 0
         assert int(c.counts.sum()) > 3000
         await c.close()
         await py.close()
@@ -86,3 +87,23 @@ def test_a_ticks_hints_are_grouped_by_stream_in_c_as_in_numpy() -> None:
             got, want = core_module._ranks(rows, native=True), core_module._ranks(rows, native=False)
             for g, w, name in zip(got, want, ("uniq", "inv", "counts", "rank"), strict=True):
                 assert g.dtype == w.dtype == np.int64 and g.tolist() == w.tolist(), (n, spread, name)
+
+
+def test_a_ticks_outcomes_are_tallied_in_c_as_in_numpy() -> None:
+    """core._tally: frames by code, and by row and code for the supervisor, without streams
+    that left during the tick (row -1) and DTX frames; C and numpy on the same ticks."""
+    rng = np.random.default_rng(5)
+    n_rows = 300
+    tables = {native: (np.zeros(core_module.N_KEYS, np.int64), np.zeros((n_rows, core_module.N_CODES), np.int64))
+              for native in (True, False)}
+    for n in (0, 1, 40, 2000, 2000):
+        rows = rng.integers(-1, n_rows, size=n)
+        codes = rng.integers(0, core_module.N_KEYS, size=n).astype(np.uint8)  # DTX_CODE included
+        for native, (counts, tally) in tables.items():
+            core_module._tally(counts, tally, rows, codes, native)
+    (cc, tc), (cp, tp) = tables[True], tables[False]
+    assert cc.tolist() == cp.tolist() and tc.tolist() == tp.tolist()
+    assert int(cc[core_module.DTX_CODE]) > 0 and int(tc.sum()) < int(cc.sum())
+    with pytest.raises(IndexError):  # a code beyond the tables: nothing counted
+        core_module._tally(cc, tc, np.array([0]), np.array([core_module.N_KEYS], np.uint8), True)
+    assert cc.tolist() == cp.tolist()
