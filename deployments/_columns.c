@@ -24,6 +24,11 @@
  *   ref_lookup(refs, t_ref, t_slot, t_slot_gen, generation, out_slots, out_hit, out_found)
  *             -> streams found (their places in out_found; -1 in out_slots for the others)
  *
+ * replica.py `CodecReplicaCore._answer_step` and `_record_recent` (a finished step's frames):
+ *   step_slack(deadlines, rows, end, recent_missed, recent_slack, at, out_slack)
+ *             -> frames late: each frame's slack (ms) to its deadline, into the ring of recent
+ *             frames from `at` on (only the last len(ring) of them when more)
+ *
  * Arrays are C-contiguous buffers: keys and out_keys int64, known and exclude one byte per
  * key (numpy bool), the others float64 (queue_add: keys, epochs, seqs, refs, key, ep, sq,
  * ref and kq int64; live one byte; ref_lookup: all int64 but out_hit, one byte). Floating-point contraction is off (setup.py), so
@@ -411,6 +416,53 @@ done:
     return result;
 }
 
+static PyObject *step_slack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "step_slack(deadlines, rows, end, recent_missed, recent_slack, at, out_slack)");
+        return NULL;
+    }
+    double end = PyFloat_AsDouble(args[2]);
+    Py_ssize_t at = PyLong_AsSsize_t(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    Buf b[5];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    if (get(args[0], &b[0], 8, 0, "deadlines") < 0 || get(args[1], &b[1], 8, 0, "rows") < 0
+        || get(args[3], &b[2], 1, 1, "recent_missed") < 0 || get(args[4], &b[3], 8, 1, "recent_slack") < 0
+        || get(args[6], &b[4], 8, 1, "out_slack") < 0)
+        goto done;
+    Py_ssize_t n_dl = N(b[0], 8), n = N(b[1], 8), window = N(b[2], 1);
+    if (N(b[3], 8) != window || window < 1 || at < 0 || at >= window || N(b[4], 8) != n) {
+        PyErr_SetString(PyExc_ValueError, "step_slack: lengths differ or the ring position is outside it");
+        goto done;
+    }
+    const double *deadlines = b[0].view.buf;
+    const int64_t *rows = b[1].view.buf;
+    uint8_t *missed = b[2].view.buf;
+    double *ring = b[3].view.buf, *slack = b[4].view.buf;
+    Py_ssize_t late = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (rows[i] < 0 || rows[i] >= n_dl) {
+            PyErr_SetString(PyExc_IndexError, "step_slack: a row outside the request");
+            goto done;
+        }
+        slack[i] = (deadlines[rows[i]] - end) * 1000.0;
+        late += slack[i] < 0;
+    }
+    for (Py_ssize_t i = n > window ? n - window : 0, j = at; i < n; i++) {
+        missed[j] = slack[i] < 0;
+        ring[j] = slack[i];
+        if (++j == window)
+            j = 0;
+    }
+    result = PyLong_FromSsize_t(late);
+done:
+    release_all(b, 5);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"forecast_observe", (PyCFunction)(void (*)(void))forecast_observe, METH_FASTCALL,
      "arrivals.ArrivalForecast.observe over the forecast's columns; 0, or the capacity needed"},
@@ -420,6 +472,8 @@ static PyMethodDef methods[] = {
      "scheduler.EdfScheduler.add_many's column writes; 0, or the length kq needs"},
     {"ref_lookup", (PyCFunction)(void (*)(void))ref_lookup, METH_FASTCALL,
      "replica.SlotPool.lookup_refs's array part: the slots its refs find; the number found"},
+    {"step_slack", (PyCFunction)(void (*)(void))step_slack, METH_FASTCALL,
+     "replica._answer_step's slack and _record_recent's ring for a step's frames; frames late"},
     {NULL, NULL, 0, NULL},
 };
 

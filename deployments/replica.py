@@ -59,10 +59,11 @@ from deployments.latency_model import LatencyModel
 from deployments.scheduler import EdfScheduler, Plan, SchedulerConfig
 from telemetry import metrics
 
-try:  # SlotPool.lookup_refs's array part in C (deployments/_columns.c); else numpy, the same result
+try:  # loops of the replica's bookkeeping in C (deployments/_columns.c); else numpy, the same result
     from deployments._columns import ref_lookup as _c_ref_lookup
+    from deployments._columns import step_slack as _c_step_slack
 except ImportError:
-    _c_ref_lookup = None
+    _c_ref_lookup = _c_step_slack = None
 
 logger = logging.getLogger(__name__)
 
@@ -527,10 +528,16 @@ class CodecReplicaCore:
     """
 
     def __init__(self, settings: ReplicaSettings | None = None, replica_id: str = "local",
-                 build: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
+                 build: bool = True, clock: Callable[[], float] = time.monotonic,
+                 native: bool | None = None) -> None:
         self.settings = settings or ReplicaSettings()
         self.replica_id = replica_id
         self.clock = clock
+        # the bookkeeping's loops in C (deployments/_columns.c) where built (None: if so;
+        # False: all numpy, as the tests compare them; the same answers either way)
+        self.native = _c_step_slack is not None if native is None else bool(native)
+        if self.native and _c_step_slack is None:
+            raise RuntimeError("deployments._columns is not built")
         self.weights_kind = "none"
         self._codec = None
         self._fresh_state(self.settings)
@@ -561,8 +568,9 @@ class CodecReplicaCore:
             self.opus.close()
         self.opus = OpusIntake()
         self.pool = SlotPool(settings.capacity)
+        self.pool.native = self.native
         self.latency = LatencyModel.from_profile(settings.latency_profile)
-        self.scheduler = EdfScheduler(self.latency, self._scheduler_config(settings))
+        self.scheduler = EdfScheduler(self.latency, self._scheduler_config(settings), native=self.native)
         self._requests: dict[int, _Request] = {}
 
     @staticmethod
@@ -959,10 +967,18 @@ class CodecReplicaCore:
             if (depth < n_q).any():  # each row keeps its stream's prefix, zeros below it
                 block[np.arange(n_q)[None, :] >= depth[:, None]] = 0
             req.result.codes[rows, :n_q] = block
-        slack = (req.deadlines[rows] - end) * 1000.0
-        late = slack < 0
-        self._record_recent(late, slack)
-        if not late.any():
+        if self.native:  # the two lines below and `_record_recent` in one C loop
+            slack = np.empty(rows.size, np.float64)
+            n_late = _c_step_slack(req.deadlines, np.ascontiguousarray(rows, np.int64), end,
+                                   self._recent_missed, self._recent_slack, self._recent_at, slack)
+            self._recent_at = (self._recent_at + min(rows.size, STATS_WINDOW)) % STATS_WINDOW
+            self._recent_n = min(STATS_WINDOW, self._recent_n + min(rows.size, STATS_WINDOW))
+            late = slack < 0 if n_late else None
+        else:
+            slack = (req.deadlines[rows] - end) * 1000.0
+            late = slack < 0
+            self._record_recent(late, slack)
+        if late is None or not late.any():
             req.answer(rows, 0, queue_ms, step_ms)
             self._retire(req)
             return slack

@@ -193,3 +193,45 @@ def test_the_slot_pool_finds_streams_by_ref_in_c_as_in_numpy() -> None:
         assert got[0].tolist() == want[0].tolist()
         assert got[1].dtype == want[1].dtype == bool and got[1].tolist() == want[1].tolist()
         assert 0 < int(got[1].sum()) < r.size
+
+
+def test_the_replica_in_c_answers_every_frame_as_numpy() -> None:
+    """Two emulated replicas, one with its bookkeeping's C loops and one all numpy, on one
+    deterministic clock each, answer the same requests (two bridges, streams joining, stale
+    refs, budgets that run out before, during and after the step) the same way, frame by
+    frame, and keep the same record of recent frames."""
+    import asyncio
+    import itertools
+
+    from deployments.config import ComputeMode, ReplicaSettings
+    from deployments.contract import FrameBatch, Op
+    from deployments.replica import CodecReplicaCore
+
+    async def run(native: bool) -> tuple:
+        rng = np.random.default_rng(21)
+        ticks = itertools.count()
+        core = CodecReplicaCore(ReplicaSettings(compute=ComputeMode.EMULATED, capacity=600, max_batch=600,
+                                                latency_profile={1: 0.2, 600: 0.6}),
+                                "columns", clock=lambda: next(ticks) * 0.004, native=native)
+        answers = []
+        for tick in range(14):
+            for bridge in ("a", "b"):
+                n = 150 + 10 * tick
+                ids = [f"{bridge}{i}" for i in range(n)]
+                refs = (np.arange(n, dtype=np.int64) << 32) | (1 + (rng.random(n) < 0.05))
+                budgets = rng.choice([4.0, 8.0, 12.0, 16.0, 1e4], size=n, p=[0.05, 0.1, 0.1, 0.1, 0.65])
+                batch = FrameBatch(Op.ENCODE, bridge, ids, np.zeros(n, np.int64),
+                                   np.where(np.arange(n) >= n - 10, 0, tick).astype(np.int64), budgets,
+                                   np.zeros((n, 320), np.int16), 6.0, np.full(n, 8, np.int64), stream_refs=refs)
+                res = await core.process(batch)
+                answers.append((res.outcome_codes.tolist(), res.epochs.tolist(), res.queue_ms.tolist()))
+        counters = dict(core.scheduler.counters)  # (stop() resets them)
+        await core.stop()
+        return (answers, core._recent_missed.tolist(), core._recent_slack.tolist(), core._recent_at,
+                core._recent_n, core.pool.by_ref, core.pool.by_id, counters)
+
+    c, py = asyncio.run(run(True)), asyncio.run(run(False))
+    assert c == py
+    codes = [code for a in c[0] for code in a[0]]
+    assert 0 in codes and len(set(codes)) > 2 and any(c[1])  # AI, fallbacks, missed deadlines
+    assert c[7].get("ran_late", 0) > 0  # frames that ran and finished after their deadline
