@@ -20,6 +20,9 @@
  *             out_deadlines, out_budgets_ms, dl, arr, key, ep, sq, ref, live, kq)
  *             -> 0, or the length kq needs (the queue's columns untouched)
  *
+ *   queue_remove(idx, live, key, kq): the frames at columns idx (distinct, live) leave the
+ *             queue (`EdfScheduler._remove`)
+ *
  * replica.py `SlotPool.lookup_refs` (a sender's stream refs -> the streams' slots):
  *   ref_lookup(refs, t_ref, t_slot, t_slot_gen, generation, out_slots, out_hit, out_found)
  *             -> streams found (their places in out_found; -1 in out_slots for the others)
@@ -463,6 +466,40 @@ done:
     return result;
 }
 
+static PyObject *queue_remove(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "queue_remove(idx, live, key, kq)");
+        return NULL;
+    }
+    Buf b[4];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    if (get(args[0], &b[0], 8, 0, "idx") < 0 || get(args[1], &b[1], 1, 1, "live") < 0
+        || get(args[2], &b[2], 8, 0, "key") < 0 || get(args[3], &b[3], 8, 1, "kq") < 0)
+        goto done;
+    Py_ssize_t n = N(b[0], 8), cap = N(b[1], 1), nkq = N(b[3], 8);
+    if (N(b[2], 8) != cap) {
+        PyErr_SetString(PyExc_ValueError, "queue_remove: columns differ");
+        goto done;
+    }
+    const int64_t *idx = b[0].view.buf, *key = b[2].view.buf;
+    uint8_t *live = b[1].view.buf;
+    int64_t *kq = b[3].view.buf;
+    for (Py_ssize_t i = 0; i < n; i++) /* checked first: a bad call changes nothing */
+        if (idx[i] < 0 || idx[i] >= cap || key[idx[i]] < 0 || key[idx[i]] >= nkq) {
+            PyErr_SetString(PyExc_IndexError, "queue_remove: a column or key outside the queue");
+            goto done;
+        }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        live[idx[i]] = 0;
+        kq[key[idx[i]]] -= 1;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    release_all(b, 4);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"forecast_observe", (PyCFunction)(void (*)(void))forecast_observe, METH_FASTCALL,
      "arrivals.ArrivalForecast.observe over the forecast's columns; 0, or the capacity needed"},
@@ -474,6 +511,8 @@ static PyMethodDef methods[] = {
      "replica.SlotPool.lookup_refs's array part: the slots its refs find; the number found"},
     {"step_slack", (PyCFunction)(void (*)(void))step_slack, METH_FASTCALL,
      "replica._answer_step's slack and _record_recent's ring for a step's frames; frames late"},
+    {"queue_remove", (PyCFunction)(void (*)(void))queue_remove, METH_FASTCALL,
+     "scheduler.EdfScheduler._remove's column updates: frames out of the queue"},
     {NULL, NULL, 0, NULL},
 };
 

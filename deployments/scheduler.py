@@ -71,8 +71,9 @@ from deployments.arrivals import ArrivalForecast, Expected
 
 try:
     from deployments._columns import queue_add as _c_queue_add
-except ImportError:  # built without a C compiler: add_many's numpy version
-    _c_queue_add = None
+    from deployments._columns import queue_remove as _c_queue_remove
+except ImportError:  # built without a C compiler: the numpy versions
+    _c_queue_add = _c_queue_remove = None
 from deployments.contract import FallbackReason
 from deployments.latency_model import LatencyModel
 from models.constants import (
@@ -194,7 +195,7 @@ class EdfScheduler:
 
     def __init__(self, latency_model: LatencyModel | None = None,
                  config: SchedulerConfig | None = None, native: bool | None = None) -> None:
-        # add_many's column writes (and the arrival forecast) in C where built (None: if so;
+        # add_many's and _remove's column work (and the arrival forecast) in C where built (None: if so;
         # False: numpy, as the tests compare them; the same queue either way)
         self.native = _c_queue_add is not None if native is None else bool(native)
         if self.native and _c_queue_add is None:
@@ -466,13 +467,16 @@ class EdfScheduler:
     def _remove(self, idx: np.ndarray) -> None:
         if not idx.size:
             return
-        self._live[idx] = False
-        self._live_n -= int(idx.size)
-        keys = self._key[idx]
-        if idx.size > 64:  # a step's worth: one count over the keys beats a scatter per frame
-            self._kq -= np.bincount(keys, minlength=self._kq.size)
+        if self.native:
+            _c_queue_remove(np.ascontiguousarray(idx, np.int64), self._live, self._key, self._kq)
         else:
-            np.subtract.at(self._kq, keys, 1)
+            self._live[idx] = False
+            keys = self._key[idx]
+            if idx.size > 64:  # a step's worth: one count over the keys beats a scatter per frame
+                self._kq -= np.bincount(keys, minlength=self._kq.size)
+            else:
+                np.subtract.at(self._kq, keys, 1)
+        self._live_n -= int(idx.size)
         if self._live_n == 0:
             self._in_arrival_order = True
             self._last_arrival = -math.inf
