@@ -17,6 +17,9 @@
  *
  *   group_ranks(rows, scratch, out_uniq, out_inv, out_counts, out_rank) -> distinct rows:
  *       core._ranks (scratch: 2 x len(rows) int64)
+ *   by_owner(rows, owner, out_rows) -> 0: the rows in out_rows, stably ordered by
+ *       owner[row] (the replica each stream's frames go to); -1: a row's owner is not known,
+ *       -2: more than 64 owners (nothing written: the caller's numpy sort)
  *   tally_frames(rows, codes, counts, tally, dtx_code): a tick's outcomes counted, by code
  *       (counts) and by row and code (tally [rows x dtx_code]; rows < 0 and DTX frames not)
  *
@@ -294,6 +297,51 @@ done:
     return result;
 }
 
+#define MAX_OWNERS 64
+
+static PyObject *by_owner(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "by_owner(rows, owner, out_rows)");
+        return NULL;
+    }
+    Buf b[3];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    if (get(args[0], &b[0], 0, "rows") < 0 || get(args[1], &b[1], 0, "owner") < 0
+        || get(args[2], &b[2], 1, "out_rows") < 0)
+        goto done;
+    Py_ssize_t n = N(b[0]), cap = N(b[1]);
+    if (N(b[2]) != n) {
+        PyErr_SetString(PyExc_ValueError, "by_owner: lengths differ");
+        goto done;
+    }
+    const int64_t *rows = b[0].view.buf, *owner = b[1].view.buf;
+    int64_t *out = b[2].view.buf;
+    if (!rows_ok(rows, n, cap))
+        goto done;
+    Py_ssize_t at[MAX_OWNERS + 1] = {0};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t o = owner[rows[i]];
+        if (o < 0) {
+            result = PyLong_FromLong(-1);
+            goto done;
+        }
+        if (o >= MAX_OWNERS) {
+            result = PyLong_FromLong(-2);
+            goto done;
+        }
+        at[o + 1]++;
+    }
+    for (int o = 0; o < MAX_OWNERS; o++) /* where each owner's rows start */
+        at[o + 1] += at[o];
+    for (Py_ssize_t i = 0; i < n; i++)
+        out[at[owner[rows[i]]]++] = rows[i];
+    result = PyLong_FromLong(0);
+done:
+    release_all(b, 3);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"ring_push", (PyCFunction)(void (*)(void))ring_push, METH_FASTCALL,
      "core.BridgeCore._push without audio: one chunk timestamp per row; -1 if a row is full"},
@@ -303,6 +351,8 @@ static PyMethodDef methods[] = {
      "each row's oldest chunk taken from the ring: its slot and timestamp"},
     {"group_ranks", (PyCFunction)(void (*)(void))group_ranks, METH_FASTCALL,
      "core._ranks: distinct rows, each entry's group, the groups' sizes, each entry's rank in it"},
+    {"by_owner", (PyCFunction)(void (*)(void))by_owner, METH_FASTCALL,
+     "rows stably ordered by their owning replica; -1 if one is unknown, -2 beyond 64 owners"},
     {"tally_frames", (PyCFunction)(void (*)(void))tally_frames, METH_FASTCALL,
      "core.BridgeCore._finish's tallies: frames by code, and by row and code but DTX"},
     {NULL, NULL, 0, NULL},

@@ -95,13 +95,14 @@ from sfu_bridge.limiter import (
 from telemetry import metrics
 
 try:  # per-tick loops in C (sfu_bridge/_tick.c); else numpy, the same results
+    from sfu_bridge._tick import by_owner as _c_by_owner
     from sfu_bridge._tick import group_ranks as _c_group_ranks
     from sfu_bridge._tick import ring_pop as _c_ring_pop
     from sfu_bridge._tick import ring_push as _c_ring_push
     from sfu_bridge._tick import ring_rows as _c_ring_rows
     from sfu_bridge._tick import tally_frames as _c_tally_frames
 except ImportError:
-    _c_group_ranks = _c_ring_pop = _c_ring_push = _c_ring_rows = _c_tally_frames = None
+    _c_by_owner = _c_group_ranks = _c_ring_pop = _c_ring_push = _c_ring_rows = _c_tally_frames = None
 
 logger = logging.getLogger(__name__)
 
@@ -966,7 +967,15 @@ class BridgeCore:
         if not rows.size:
             return _Taken(parts)
         version = self._owners_now()
-        if version is not None:  # grouped by replica: the client splits it without copies
+        ordered = None
+        if version is not None and self.native_loops:
+            # the lines below in one C pass, when every row's owner is known
+            ordered = np.empty(rows.size, np.int64)
+            if _c_by_owner(np.ascontiguousarray(rows), self._owner, ordered) == 0:
+                rows = ordered
+            else:
+                ordered = None
+        if version is not None and ordered is None:  # grouped by replica: the client splits it without copies
             owners = self._owner[rows]
             unknown = owners < 0
             if unknown.any():

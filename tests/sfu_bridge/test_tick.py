@@ -1,6 +1,7 @@
 """sfu_bridge._tick (the bridge core's per-tick loops in C) against their numpy versions:
 two bridge cores, one on each, fed the same joins, leaves, pushes (some beyond the backlog,
-some past the ring so it spills) and ticks give the same reports and queues. Integers only:
+some past the ring so it spills) and ticks give the same reports (batches ordered by owning
+replica), tallies and queues. Integers only:
 equal means equal."""
 
 from __future__ import annotations
@@ -18,10 +19,30 @@ from sfu_bridge.core import BridgeCore
 pytestmark = pytest.mark.skipif(core_module._c_ring_push is None, reason="sfu_bridge._tick is not built")
 
 
+class ThreeReplicas:
+    """An emulated replica that says which of three replicas owns each stream, as the Serve
+    codec client does: the bridge core orders each tick's batch by owner."""
+
+    def __init__(self) -> None:
+        self.replica = CodecReplicaCore(ReplicaSettings(compute=ComputeMode.EMULATED, capacity=256,
+                                                        max_batch=256, latency_profile={1: 0.5, 256: 1.0}),
+                                        "tick-test")
+
+    def owners_version(self) -> tuple[str, ...]:
+        return ("r0", "r1", "r2")
+
+    def owner_index(self, stream_ids: list[str]) -> np.ndarray:
+        return np.array([sum(map(ord, s)) % 3 for s in stream_ids], np.int64)
+
+    async def process(self, batch, owners=None):
+        return await self.replica.process(batch)
+
+    async def leave(self, ids):
+        return await self.replica.leave(ids)
+
+
 def _bridge(native: bool) -> BridgeCore:
-    replica = CodecReplicaCore(ReplicaSettings(compute=ComputeMode.EMULATED, capacity=256, max_batch=256,
-                                               latency_profile={1: 0.5, 256: 1.0}), "ring-test")
-    bridge = BridgeCore(replica, deadline_ms=5_000, audio=False, max_backlog=2)
+    bridge = BridgeCore(ThreeReplicas(), deadline_ms=5_000, audio=False, max_backlog=2)
     bridge.native_loops = native
     return bridge
 
