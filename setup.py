@@ -18,8 +18,10 @@ from setuptools import Extension, setup
 setup(ext_modules=[
     Extension("sfu_bridge._rtpsend", ["sfu_bridge/_rtpsend.c"], optional=True,
               extra_compile_args=["-O2"]),
-    Extension("sfu_bridge._tick", ["sfu_bridge/_tick.c"], optional=True, extra_compile_args=["-O2"]),
+    Extension("sfu_bridge._tick", ["sfu_bridge/_tick.c"], optional=True, extra_compile_args=["-O2"],
+              include_dirs=["deployments"], depends=["deployments/_buffers.h"]),
     # no floating-point contraction: a * b + c rounds twice, as numpy's two operations do
     Extension("deployments._columns", ["deployments/_columns.c"], optional=True,
-              extra_compile_args=["-O2", "-ffp-contract=off"], libraries=["m"]),
+              extra_compile_args=["-O2", "-ffp-contract=off"], libraries=["m"],
+              depends=["deployments/_buffers.h"]),
 ])

@@ -34,42 +34,16 @@
  *
  * Arrays are C-contiguous buffers: keys and out_keys int64, known and exclude one byte per
  * key (numpy bool), the others float64 (queue_add: keys, epochs, seqs, refs, key, ep, sq,
- * ref and kq int64; live one byte; ref_lookup: all int64 but out_hit, one byte). Floating-point contraction is off (setup.py), so
- * a * b + c rounds twice, as numpy's two operations do.
+ * ref and kq int64, live one byte; ref_lookup: all int64 but out_hit, one byte).
+ * Floating-point contraction is off (setup.py), so a * b + c rounds twice, as numpy's two
+ * operations do.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_buffers.h"
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-typedef struct {
-    Py_buffer view;
-    int held;
-} Buf;
-
-static void release_all(Buf *b, int n) {
-    for (int i = 0; i < n; i++)
-        if (b[i].held) {
-            PyBuffer_Release(&b[i].view);
-            b[i].held = 0;
-        }
-}
-
-/* A C-contiguous buffer of `item`-byte elements; writable when asked. */
-static int get(PyObject *obj, Buf *b, Py_ssize_t item, int writable, const char *name) {
-    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
-    if (PyObject_GetBuffer(obj, &b->view, flags) < 0)
-        return -1;
-    b->held = 1;
-    if (b->view.itemsize != item || b->view.len % item) {
-        PyErr_Format(PyExc_TypeError, "%s: expected %zd-byte elements", name, item);
-        return -1;
-    }
-    return 0;
-}
 
 #define N(b, item) ((b).view.len / (item))
 

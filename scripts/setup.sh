@@ -44,7 +44,7 @@ stamp=.venv/.auralink-installed
 stale=0
 [ -f "$stamp" ] || stale=1
 # the project's files that change what is installed: its metadata and its C parts (setup.py)
-for f in pyproject.toml setup.py sfu_bridge/_rtpsend.c sfu_bridge/_tick.c deployments/_columns.c; do
+for f in pyproject.toml setup.py sfu_bridge/_rtpsend.c sfu_bridge/_tick.c deployments/_columns.c deployments/_buffers.h; do
   [ "$f" -nt "$stamp" ] && stale=1
 done
 if [ "$stale" = 1 ]; then

@@ -26,35 +26,13 @@
  * All arrays are C-contiguous int64 (codes: uint8); q_ts is [rows x depth]; the ring's rows distinct and in
  * range.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_buffers.h" /* deployments/_buffers.h (setup.py's include_dirs) */
 
 #include <stdint.h>
 #include <string.h>
 
-typedef struct {
-    Py_buffer view;
-    int held;
-} Buf;
-
-static void release_all(Buf *b, int n) {
-    for (int i = 0; i < n; i++)
-        if (b[i].held) {
-            PyBuffer_Release(&b[i].view);
-            b[i].held = 0;
-        }
-}
-
-static int get(PyObject *obj, Buf *b, int writable, const char *name) {
-    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
-        return -1;
-    b->held = 1;
-    if (b->view.itemsize != 8 || b->view.len % 8) {
-        PyErr_Format(PyExc_TypeError, "%s: expected int64", name);
-        return -1;
-    }
-    return 0;
-}
+/* an int64 array */
+static int get64(PyObject *obj, Buf *b, int writable, const char *name) { return get(obj, b, 8, writable, name); }
 
 #define N(b) ((b).view.len / 8)
 
@@ -81,7 +59,7 @@ static PyObject *ring_push(PyObject *self, PyObject *const *args, Py_ssize_t nar
     PyObject *result = NULL;
     static const char *names[] = {"rows", "ts", "q_n", "q_head", "q_ts"};
     for (int i = 0; i < 5; i++)
-        if (get(args[i], &b[i], i >= 2, names[i]) < 0)
+        if (get64(args[i], &b[i], i >= 2, names[i]) < 0)
             goto done;
     Py_ssize_t n = N(b[0]), cap = N(b[2]);
     if (depth < 1 || N(b[1]) != n || N(b[3]) != cap || N(b[4]) != cap * depth) {
@@ -121,7 +99,7 @@ static PyObject *ring_rows(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Buf b[2];
     memset(b, 0, sizeof b);
     PyObject *result = NULL;
-    if (get(args[0], &b[0], 0, "q_n") < 0 || get(args[3], &b[1], 1, "out_rows") < 0)
+    if (get64(args[0], &b[0], 0, "q_n") < 0 || get64(args[3], &b[1], 1, "out_rows") < 0)
         goto done;
     if (top < 0 || top > N(b[0]) || N(b[1]) < top) {
         PyErr_SetString(PyExc_ValueError, "ring_rows: top beyond q_n or out_rows");
@@ -156,7 +134,7 @@ static PyObject *ring_pop(PyObject *self, PyObject *const *args, Py_ssize_t narg
     static const char *names[] = {"rows", "q_n", "q_head", "q_ts", "out_head", "out_ts"};
     static const int at[] = {0, 1, 2, 3, 5, 6};
     for (int i = 0; i < 6; i++)
-        if (get(args[at[i]], &b[i], i >= 1 && i != 3, names[i]) < 0)
+        if (get64(args[at[i]], &b[i], i >= 1 && i != 3, names[i]) < 0)
             goto done;
     Py_ssize_t n = N(b[0]), cap = N(b[1]);
     if (depth < 1 || N(b[2]) != cap || N(b[3]) != cap * depth || N(b[4]) != n || N(b[5]) != n) {
@@ -217,7 +195,7 @@ static PyObject *group_ranks(PyObject *self, PyObject *const *args, Py_ssize_t n
     PyObject *result = NULL;
     static const char *names[] = {"rows", "scratch", "out_uniq", "out_inv", "out_counts", "out_rank"};
     for (int i = 0; i < 6; i++)
-        if (get(args[i], &b[i], i >= 1, names[i]) < 0)
+        if (get64(args[i], &b[i], i >= 1, names[i]) < 0)
             goto done;
     Py_ssize_t n = N(b[0]);
     if (N(b[1]) < 2 * n || N(b[2]) < n || N(b[3]) != n || N(b[4]) < n || N(b[5]) != n) {
@@ -261,16 +239,11 @@ static PyObject *tally_frames(PyObject *self, PyObject *const *args, Py_ssize_t 
     Buf b[4];
     memset(b, 0, sizeof b);
     PyObject *result = NULL;
-    if (get(args[0], &b[0], 0, "rows") < 0)
+    if (get64(args[0], &b[0], 0, "rows") < 0)
         goto done;
-    if (PyObject_GetBuffer(args[1], &b[1].view, PyBUF_C_CONTIGUOUS) < 0)
+    if (get(args[1], &b[1], 1, 0, "codes") < 0)
         goto done;
-    b[1].held = 1;
-    if (b[1].view.itemsize != 1) {
-        PyErr_SetString(PyExc_TypeError, "codes: expected uint8");
-        goto done;
-    }
-    if (get(args[2], &b[2], 1, "counts") < 0 || get(args[3], &b[3], 1, "tally") < 0)
+    if (get64(args[2], &b[2], 1, "counts") < 0 || get64(args[3], &b[3], 1, "tally") < 0)
         goto done;
     Py_ssize_t n = N(b[0]), n_counts = N(b[2]);
     if (dtx < 1 || b[1].view.len != n || N(b[3]) % dtx) {
@@ -307,8 +280,8 @@ static PyObject *by_owner(PyObject *self, PyObject *const *args, Py_ssize_t narg
     Buf b[3];
     memset(b, 0, sizeof b);
     PyObject *result = NULL;
-    if (get(args[0], &b[0], 0, "rows") < 0 || get(args[1], &b[1], 0, "owner") < 0
-        || get(args[2], &b[2], 1, "out_rows") < 0)
+    if (get64(args[0], &b[0], 0, "rows") < 0 || get64(args[1], &b[1], 0, "owner") < 0
+        || get64(args[2], &b[2], 1, "out_rows") < 0)
         goto done;
     Py_ssize_t n = N(b[0]), cap = N(b[1]);
     if (N(b[2]) != n) {
