@@ -37,6 +37,14 @@ except ImportError:  # built without a C compiler: the numpy versions below
 FRAME_PERIOD_S = 0.040  # one 960-sample chunk at 24 kHz
 
 
+def use_c_loops(native: bool | None) -> bool:
+    """Whether a replica part runs its loops in deployments._columns: None, where it is built;
+    False, numpy (the tests compare the two); True insists."""
+    if native and _c_observe is None:
+        raise RuntimeError("deployments._columns is not built")
+    return _c_observe is not None if native is None else bool(native)
+
+
 @dataclass(frozen=True)
 class Expected:
     """The frames the forecast expects, one per stream, earliest first (arrays)."""
@@ -69,9 +77,7 @@ class ArrivalForecast:
         self._next = np.zeros(0, np.float64)  # the tick expected next (last + k periods)
         self._scratch = self._out_keys = self._out_values = np.empty(0, np.int64)
         # the C loops where built (None: if so; False: numpy, as the tests compare them)
-        self.native = _c_observe is not None if native is None else bool(native)
-        if self.native and _c_observe is None:
-            raise RuntimeError("deployments._columns is not built")
+        self.native = use_c_loops(native)
 
     def __len__(self) -> int:
         return int(np.count_nonzero(self._known))

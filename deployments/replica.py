@@ -53,6 +53,7 @@ from deployments.contract import (
     codebooks_bandwidth,
     reason_code,
 )
+from deployments.arrivals import use_c_loops
 from deployments.cpu_meter import CpuMeter, GcWatch
 from deployments.epochs import ReplicaEpochs
 from deployments.latency_model import LatencyModel
@@ -124,7 +125,7 @@ class SlotPool:
         # how `lookup` found streams (GET /v1/replica: stream_lookup): by ref, by id, and the
         # senders whose refs named another stream (their tables dropped)
         self.by_ref = self.by_id = self.refs_dropped = 0
-        self.native = _c_ref_lookup is not None  # refs looked up in C (tests compare it with numpy)
+        self.native = use_c_loops(None)  # refs looked up in C (tests compare it with numpy)
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -535,9 +536,7 @@ class CodecReplicaCore:
         self.clock = clock
         # the bookkeeping's loops in C (deployments/_columns.c) where built (None: if so;
         # False: all numpy, as the tests compare them; the same answers either way)
-        self.native = _c_step_slack is not None if native is None else bool(native)
-        if self.native and _c_step_slack is None:
-            raise RuntimeError("deployments._columns is not built")
+        self.native = use_c_loops(native)
         self.weights_kind = "none"
         self._codec = None
         self._fresh_state(self.settings)
@@ -971,8 +970,7 @@ class CodecReplicaCore:
             slack = np.empty(rows.size, np.float64)
             n_late = _c_step_slack(req.deadlines, np.ascontiguousarray(rows, np.int64), end,
                                    self._recent_missed, self._recent_slack, self._recent_at, slack)
-            self._recent_at = (self._recent_at + min(rows.size, STATS_WINDOW)) % STATS_WINDOW
-            self._recent_n = min(STATS_WINDOW, self._recent_n + min(rows.size, STATS_WINDOW))
+            self._advance_recent(rows.size)
             late = slack < 0 if n_late else None
         else:
             slack = (req.deadlines[rows] - end) * 1000.0
@@ -1001,7 +999,12 @@ class CodecReplicaCore:
         self._recent_slack[at : at + first] = slack_ms[:first]
         self._recent_missed[: n - first] = missed[first:]
         self._recent_slack[: n - first] = slack_ms[first:]
-        self._recent_at = (at + n) % STATS_WINDOW
+        self._advance_recent(n)
+
+    def _advance_recent(self, n: int) -> None:
+        """The ring of recent frames took n more (the last STATS_WINDOW of them)."""
+        n = min(n, STATS_WINDOW)
+        self._recent_at = (self._recent_at + n) % STATS_WINDOW
         self._recent_n = min(STATS_WINDOW, self._recent_n + n)
 
     def _fail_plan(self, plan: Plan) -> None:

@@ -67,13 +67,7 @@ from typing import Any
 
 import numpy as np
 
-from deployments.arrivals import ArrivalForecast, Expected
-
-try:
-    from deployments._columns import queue_add as _c_queue_add
-    from deployments._columns import queue_remove as _c_queue_remove
-except ImportError:  # built without a C compiler: the numpy versions
-    _c_queue_add = _c_queue_remove = None
+from deployments.arrivals import ArrivalForecast, Expected, use_c_loops
 from deployments.contract import FallbackReason
 from deployments.latency_model import LatencyModel
 from models.constants import (
@@ -91,6 +85,12 @@ _BUDGET_ALPHA = 0.05  # EWMA weight of one frame's budget in the usual budget
 # the weights of the last 700 frames' budgets in it, oldest first (older ones: < 1e-16)
 _BUDGET_TAIL = _BUDGET_ALPHA * (1.0 - _BUDGET_ALPHA) ** np.arange(699, -1, -1)
 _BUDGET_TAIL.flags.writeable = False
+try:
+    from deployments._columns import queue_add as _c_queue_add
+    from deployments._columns import queue_remove as _c_queue_remove
+except ImportError:  # built without a C compiler: the numpy versions
+    _c_queue_add = _c_queue_remove = None
+
 _EMPTY = np.empty(0, np.int64)
 _EMPTY_F = np.empty(0, np.float64)
 
@@ -197,9 +197,7 @@ class EdfScheduler:
                  config: SchedulerConfig | None = None, native: bool | None = None) -> None:
         # add_many's and _remove's column work (and the arrival forecast) in C where built (None: if so;
         # False: numpy, as the tests compare them; the same queue either way)
-        self.native = _c_queue_add is not None if native is None else bool(native)
-        if self.native and _c_queue_add is None:
-            raise RuntimeError("deployments._columns is not built")
+        self.native = use_c_loops(native)
         self.model = latency_model if latency_model is not None else LatencyModel()
         self.config = config if config is not None else SchedulerConfig()
         # -- the queue, column by column (live rows only count)
@@ -246,74 +244,35 @@ class EdfScheduler:
             return _EMPTY
         self._added += n
         self.counters["added"] += n
-        if self.native:
-            return self._add_native(keys, epochs, seqs, deadlines, arrival, refs)
-        keys = np.asarray(keys, np.int64)
-        deadlines = np.array(deadlines, np.float64)
-        unset = ~np.isfinite(deadlines)
-        if unset.any():
-            deadlines[unset] = arrival + self.config.deadline_ms / 1000.0
-        self._note_arrivals(arrival, n, (deadlines - arrival) * 1000.0)
-        self._forecast.observe(keys, arrival, deadlines)
-        room = max(0, self.config.max_queue - self._live_n)
-        shed = _EMPTY
-        if n > room:
-            shed = np.asarray(refs[room:], np.int64)
-            self._shed.append(shed)
-            self._shed_n += shed.size
-            self.counters["fallback/overload"] += int(shed.size)
-            n = room
-            if n == 0:
-                return shed
-        keys = keys[:n]
-        self._reserve(n)
-        s = slice(self._n, self._n + n)
-        self._dl[s] = deadlines[:n]
-        self._arr[s] = arrival
-        self._key[s] = keys
-        self._ep[s] = np.asarray(epochs[:n], np.int64)
-        self._sq[s] = np.asarray(seqs[:n], np.int64)
-        self._ref[s] = np.asarray(refs[:n], np.int64)
-        self._live[s] = True
-        self._n += n
-        self._live_n += n
-        top = int(keys.max()) + 1
-        if top > self._kq.size:
-            grown = np.zeros(max(top, 2 * self._kq.size), np.int64)
-            grown[: self._kq.size] = self._kq
-            self._kq = grown
-        self._kq[keys] += 1
-        if arrival < self._last_arrival:
-            self._in_arrival_order = False
-        self._last_arrival = arrival
-        return shed
-
-    def _add_native(self, keys: np.ndarray, epochs: np.ndarray, seqs: np.ndarray,
-                    deadlines: np.ndarray, arrival: float, refs: np.ndarray) -> np.ndarray:
-        """`add_many`'s own column work in one C loop (deployments._columns.queue_add): the same
-        queue, forecast and counters as the numpy lines above."""
-        n = len(keys)
-        keys, refs = np.ascontiguousarray(keys, np.int64), np.ascontiguousarray(refs, np.int64)
-        cols = (np.ascontiguousarray(epochs, np.int64), np.ascontiguousarray(seqs, np.int64), refs,
-                np.ascontiguousarray(deadlines, np.float64))
-        take = min(n, max(0, self.config.max_queue - self._live_n))
+        keys = np.ascontiguousarray(keys, np.int64)
+        take = min(n, max(0, self.config.max_queue - self._live_n))  # the rest is shed
         if take:
             self._reserve(take)
-        filled, budgets = np.empty(n, np.float64), np.empty(n, np.float64)
-        args = (arrival, arrival + self.config.deadline_ms / 1000.0, filled, budgets)
-        need = _c_queue_add(keys, *cols, take, self._n, *args, self._dl, self._arr, self._key,
-                            self._ep, self._sq, self._ref, self._live, self._kq)
-        if need:  # a key beyond kq: grown, then the same call
-            grown = np.zeros(max(need, 2 * self._kq.size), np.int64)
-            grown[: self._kq.size] = self._kq
-            self._kq = grown
-            _c_queue_add(keys, *cols, take, self._n, *args, self._dl, self._arr, self._key,
-                         self._ep, self._sq, self._ref, self._live, self._kq)
+        default = arrival + self.config.deadline_ms / 1000.0  # for frames without a deadline
+        if self.native:
+            deadlines, budgets = self._write_native(keys, epochs, seqs, deadlines, arrival, refs, take, default)
+        else:
+            deadlines = np.array(deadlines, np.float64)
+            unset = ~np.isfinite(deadlines)
+            if unset.any():
+                deadlines[unset] = default
+            budgets = (deadlines - arrival) * 1000.0
+            if take:
+                s = slice(self._n, self._n + take)
+                self._dl[s] = deadlines[:take]
+                self._arr[s] = arrival
+                self._key[s] = keys[:take]
+                self._ep[s] = np.asarray(epochs[:take], np.int64)
+                self._sq[s] = np.asarray(seqs[:take], np.int64)
+                self._ref[s] = np.asarray(refs[:take], np.int64)
+                self._live[s] = True
+                self._grow_kq(int(keys[:take].max()) + 1)
+                self._kq[keys[:take]] += 1
         self._note_arrivals(arrival, n, budgets)
-        self._forecast.observe(keys, arrival, filled)
+        self._forecast.observe(keys, arrival, deadlines)
         shed = _EMPTY
         if take < n:
-            shed = refs[take:].copy()
+            shed = np.asarray(refs[take:], np.int64)
             self._shed.append(shed)
             self._shed_n += shed.size
             self.counters["fallback/overload"] += int(shed.size)
@@ -324,6 +283,30 @@ class EdfScheduler:
                 self._in_arrival_order = False
             self._last_arrival = arrival
         return shed
+
+    def _write_native(self, keys: np.ndarray, epochs: np.ndarray, seqs: np.ndarray, deadlines: np.ndarray,
+                      arrival: float, refs: np.ndarray, take: int, default: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """`add_many`'s column writes in one C loop (deployments._columns.queue_add), as its
+        numpy lines do them; returns every frame's deadline (`default` where it had none) and
+        budget (ms)."""
+        n = len(keys)
+        cols = (np.ascontiguousarray(epochs, np.int64), np.ascontiguousarray(seqs, np.int64),
+                np.ascontiguousarray(refs, np.int64), np.ascontiguousarray(deadlines, np.float64))
+        filled, budgets = np.empty(n, np.float64), np.empty(n, np.float64)
+        queue = (self._dl, self._arr, self._key, self._ep, self._sq, self._ref, self._live)
+        need = _c_queue_add(keys, *cols, take, self._n, arrival, default, filled, budgets, *queue, self._kq)
+        if need:  # a key beyond kq: grown, then the same call
+            self._grow_kq(need)
+            _c_queue_add(keys, *cols, take, self._n, arrival, default, filled, budgets, *queue, self._kq)
+        return filled, budgets
+
+    def _grow_kq(self, top: int) -> None:
+        """Room in the per-stream queued counts for keys below `top`."""
+        if top > self._kq.size:
+            grown = np.zeros(max(top, 2 * self._kq.size), np.int64)
+            grown[: self._kq.size] = self._kq
+            self._kq = grown
 
     def add(self, frame: PendingFrame) -> PendingFrame | None:
         """Queue one frame. Returns it if it was shed `overload` (it is also in the next plan)."""
