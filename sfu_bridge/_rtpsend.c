@@ -38,6 +38,11 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_SHA_NI_BUILD 1
+#include <cpuid.h>
+#include <immintrin.h>
+#endif
 #include <sys/types.h>
 
 /* libsrtp 2: srtp_err_status_t srtp_protect(srtp_t ctx, void *rtp_hdr, int *len_ptr) */
@@ -314,6 +319,62 @@ static void sha256_block(uint32_t st[8], const uint8_t blk[64]) {
     st[0] += a; st[1] += b; st[2] += c; st[3] += d; st[4] += e; st[5] += f; st[6] += g; st[7] += h;
 }
 
+#ifdef HAVE_SHA_NI_BUILD
+/* sha256_block with the x86 SHA extensions (SHA-NI: Intel since Ice Lake / Goldmont, AMD
+ * since Zen), chosen at run time when the CPU has them: the same FIPS 180-4 compression, bit
+ * for bit (an integer function: no vendor's arithmetic can differ), about eight times
+ * faster. The state is kept as the instructions want it (ABEF, CDGH); each group of four
+ * rounds adds its four K256 constants to four message words, and the message schedule
+ * (W[16..63]) is built four words at a time alongside (msg1/msg2). */
+__attribute__((target("sha,sse4.1,ssse3")))
+static void sha256_block_ni(uint32_t st[8], const uint8_t blk[64]) {
+    const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bLL, 0x0405060700010203LL);
+    __m128i tmp = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&st[0]), 0xB1); /* CDAB */
+    __m128i s1 = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&st[4]), 0x1B);  /* EFGH */
+    __m128i s0 = _mm_alignr_epi8(tmp, s1, 8);                                         /* ABEF */
+    s1 = _mm_blend_epi16(s1, tmp, 0xF0);                                             /* CDGH */
+    const __m128i abef = s0, cdgh = s1;
+    __m128i w[4];
+    for (int g = 0; g < 16; g++) { /* rounds 4g .. 4g+3 */
+        __m128i *cur = &w[g & 3], *next = &w[(g + 1) & 3], *prev = &w[(g + 3) & 3];
+        if (g < 4)
+            *cur = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(blk + 16 * g)), bswap);
+        __m128i msg = _mm_add_epi32(*cur, _mm_loadu_si128((const __m128i *)&K256[4 * g]));
+        s1 = _mm_sha256rnds2_epu32(s1, s0, msg);
+        if (g >= 3 && g <= 14) { /* W[4(g+1) .. 4(g+1)+3] */
+            *next = _mm_add_epi32(*next, _mm_alignr_epi8(*cur, *prev, 4));
+            *next = _mm_sha256msg2_epu32(*next, *cur);
+        }
+        s0 = _mm_sha256rnds2_epu32(s0, s1, _mm_shuffle_epi32(msg, 0x0E));
+        if (g >= 1 && g <= 12) /* the first half of W[4(g+3) ..] */
+            *prev = _mm_sha256msg1_epu32(*prev, *cur);
+    }
+    s0 = _mm_add_epi32(s0, abef);
+    s1 = _mm_add_epi32(s1, cdgh);
+    tmp = _mm_shuffle_epi32(s0, 0x1B);  /* FEBA */
+    s1 = _mm_shuffle_epi32(s1, 0xB1);   /* DCHG */
+    s0 = _mm_blend_epi16(tmp, s1, 0xF0); /* DCBA */
+    s1 = _mm_alignr_epi8(s1, tmp, 8);    /* HGFE */
+    _mm_storeu_si128((__m128i *)&st[0], s0);
+    _mm_storeu_si128((__m128i *)&st[4], s1);
+}
+
+/* Whether this CPU has SHA-NI (and the SSSE3/SSE4.1 the function above also uses). */
+static int cpu_has_sha_ni(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 9)) || !(c & (1u << 19)))
+        return 0;
+    if (__get_cpuid_max(0, NULL) < 7)
+        return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    return (b >> 29) & 1;
+}
+#endif
+
+/* The compression hint tags use: SHA-NI's when the CPU has it (set at import), else the
+ * portable one; `hint_sha(...)` reads or switches it (tests run both). */
+static void (*sha256_compress)(uint32_t st[8], const uint8_t blk[64]) = sha256_block;
+
 static void put_be32(uint8_t *p, uint32_t v) {
     p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
 }
@@ -328,7 +389,7 @@ static void hint_tag(const uint32_t pads[16], const uint8_t msg[12], uint8_t tag
     blk[62] = (uint8_t)((64 + 12) * 8 >> 8); /* length in bits: the pad's block and the message */
     blk[63] = (uint8_t)((64 + 12) * 8);
     memcpy(st, pads, 32);
-    sha256_block(st, blk);
+    sha256_compress(st, blk);
     memset(blk, 0, sizeof blk);
     for (int i = 0; i < 8; i++)
         put_be32(blk + 4 * i, st[i]);
@@ -336,7 +397,7 @@ static void hint_tag(const uint32_t pads[16], const uint8_t msg[12], uint8_t tag
     blk[62] = (uint8_t)((64 + 32) * 8 >> 8);
     blk[63] = (uint8_t)((64 + 32) * 8);
     memcpy(st, pads + 8, 32);
-    sha256_block(st, blk);
+    sha256_compress(st, blk);
     uint8_t full[32];
     for (int i = 0; i < 8; i++)
         put_be32(full + 4 * i, st[i]);
@@ -535,6 +596,39 @@ r0:
     return NULL;
 }
 
+/* hint_sha(use_sha_ni=None) -> str: the compression hint tags use ("sha-ni" or "portable");
+ * True/False switches to SHA-NI (ValueError where the CPU lacks it) or the portable code. */
+static PyObject *hint_sha(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "hint_sha(use_sha_ni=None)");
+        return NULL;
+    }
+    if (nargs == 1 && args[0] != Py_None) {
+        int want = PyObject_IsTrue(args[0]);
+        if (want < 0)
+            return NULL;
+        if (!want) {
+            sha256_compress = sha256_block;
+        } else {
+#ifdef HAVE_SHA_NI_BUILD
+            if (!cpu_has_sha_ni()) {
+                PyErr_SetString(PyExc_ValueError, "this CPU has no SHA extensions");
+                return NULL;
+            }
+            sha256_compress = sha256_block_ni;
+#else
+            PyErr_SetString(PyExc_ValueError, "built without the x86 SHA extensions");
+            return NULL;
+#endif
+        }
+    }
+#ifdef HAVE_SHA_NI_BUILD
+    if (sha256_compress == sha256_block_ni)
+        return PyUnicode_FromString("sha-ni");
+#endif
+    return PyUnicode_FromString("portable");
+}
+
 static PyMethodDef methods[] = {
     {"send", (PyCFunction)(void (*)(void))send_packet, METH_FASTCALL,
      "send(path, template, b1, seq, timestamp, payload) -> SRTP length, or -errno"},
@@ -548,6 +642,8 @@ static PyMethodDef methods[] = {
     {"hint_accept", (PyCFunction)(void (*)(void))hint_accept, METH_FASTCALL,
      "hint_accept(rows, elements, pads, highest, mask, window, n_bw, out_index, out_code): "
      "hint_auth.HintVerifier.accept for many hints, columnar"},
+    {"hint_sha", (PyCFunction)(void (*)(void))hint_sha, METH_FASTCALL,
+     "hint_sha(use_sha_ni=None) -> 'sha-ni' or 'portable': the SHA-256 compression of hint tags"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -557,6 +653,10 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__rtpsend(void) {
+#ifdef HAVE_SHA_NI_BUILD
+    if (cpu_has_sha_ni())
+        sha256_compress = sha256_block_ni;
+#endif
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && (PyModule_AddIntConstant(m, "BUFFER_BYTES", BUFFER_BYTES) < 0
                       || PyModule_AddIntConstant(m, "SRTP_MAX_TRAILER", SRTP_MAX_TRAILER) < 0)) {

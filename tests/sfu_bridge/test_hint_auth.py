@@ -176,9 +176,36 @@ def test_the_verifiers_precomputed_hmac_equals_the_reference_tag():
                 key, index.to_bytes(6, "big") + body, "sha256")[:10]
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
+def _use_sha(impl: str):
+    """Switches the C loop's SHA-256 compression to `impl` ("sha-ni" or "portable") for one
+    test, skipping where the C part or the CPU's SHA extensions are missing; a finalizer
+    restores the default."""
+    from sfu_bridge.hint_auth import _c_hint_accept
+
+    if _c_hint_accept is None:
+        pytest.skip("the C part (sfu_bridge/_rtpsend.c) is not built")
+    from sfu_bridge._rtpsend import hint_sha
+
+    before = hint_sha()
+    try:
+        assert hint_sha(impl == "sha-ni") == impl
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    return lambda: hint_sha(before == "sha-ni")
+
+
+@pytest.fixture(params=["sha-ni", "portable"])
+def c_sha(request):
+    """Each C-loop test runs with both SHA-256 compressions: the x86 SHA extensions' (chosen
+    at import where the CPU has them) and the portable one (every other CPU)."""
+    restore = _use_sha(request.param)
+    yield request.param
+    restore()
+
+
+@pytest.mark.parametrize("impl", ["c-sha-ni", "c-portable", "python"])
 @pytest.mark.parametrize("window", [64, 100, 128, 1024])
-def test_hint_table_equals_accepting_one_by_one(native: bool, window: int):
+def test_hint_table_equals_accepting_one_by_one(impl: str, window: int, request):
     """The bridge's columnar verifier (`HintTable`, its C loop or its per-row fallback)
     gives every hint the verdict `HintVerifier.accept` gives it one by one, over many ticks,
     with the same index: fresh, forged, replayed, too old, out of order, near the 24-bit
@@ -188,10 +215,9 @@ def test_hint_table_equals_accepting_one_by_one(native: bool, window: int):
 
     import numpy as np
 
-    from sfu_bridge.hint_auth import _c_hint_accept
-
-    if native and _c_hint_accept is None:
-        pytest.skip("the C part (sfu_bridge/_rtpsend.c) is not built")
+    native = impl != "python"
+    if native:
+        request.addfinalizer(_use_sha(impl.removeprefix("c-")))
     rng = random.Random(window)
     signer = HintSigner(SECRET)
     n_rows = 6
@@ -242,21 +268,18 @@ def test_hint_table_equals_accepting_one_by_one(native: bool, window: int):
     assert {int, HintRejection.TAG, HintRejection.REPLAY, HintRejection.SIZE, HintRejection.FIELD} <= kinds
 
 
-def test_hint_table_tags_are_hmac_sha256():
-    """The C loop's tag is the standard HMAC-SHA256 (truncated): a hint signed with hmac's
-    own tag for random keys and indexes, including 48-bit ones, verifies; one bit off fails."""
+def test_hint_table_tags_are_hmac_sha256(c_sha: str):
+    """The C loop's tag is the standard HMAC-SHA256 (truncated), with either compression: a
+    hint signed with hmac's own tag for random keys and indexes, including 48-bit ones,
+    verifies; one bit off fails."""
     import random
 
     import numpy as np
 
-    from sfu_bridge.hint_auth import _c_hint_pads
-
-    if _c_hint_pads is None:
-        pytest.skip("the C part (sfu_bridge/_rtpsend.c) is not built")
     rng = random.Random(3)
     table = HintTable(SECRET)
-    table.grow(64)
-    for row in range(64):
+    table.grow(512)
+    for row in range(512):
         sid = f"stream-{rng.getrandbits(64):x}"
         index = rng.choice([rng.randrange(1 << 24), rng.randrange(1 << 48)])
         body = bytes([0x12, rng.randrange(256), rng.randrange(256)]) + (index % (1 << 24)).to_bytes(3, "big")
