@@ -172,6 +172,7 @@ class LatencyModel:
         self._rows: np.ndarray | None = None  # dist rows for B = 1..len(_rows), from _env
         self._row_known: np.ndarray | None = None  # which of them are computed
         self._quantiles: dict[tuple[int, float], float] = {}
+        self._scalars: dict[tuple[int, int], float] = {}  # (0 mean / 1 max, B) -> ms (`mean_of`)
 
     # ----------------------------------------------------------------------------- building
     @classmethod
@@ -264,6 +265,7 @@ class LatencyModel:
         if self._row_known is not None:
             self._row_known.fill(False)
         self._quantiles.clear()
+        self._scalars.clear()
         self.version += 1
 
     @property
@@ -446,6 +448,25 @@ class LatencyModel:
         `batches` (its row's top level, read off the buckets as `mean_ms` does): a budget
         at least this long is certain to be met."""
         return _on_line(self._envelope().max_line, batches)
+
+    def mean_of(self, batch: int) -> float:
+        """`mean_ms([batch])[0]` as a float, kept until the model next changes: a scheduler
+        asks for the same few sizes several times a decision."""
+        return self._scalar(0, batch)
+
+    def max_of(self, batch: int) -> float:
+        """`max_ms([batch])[0]` as a float, kept as `mean_of` keeps it."""
+        return self._scalar(1, batch)
+
+    def _scalar(self, kind: int, batch: int) -> float:
+        if self._stale():
+            self._refresh()
+        key = (kind, batch)
+        v = self._scalars.get(key)
+        if v is None:
+            env = self._envelope()
+            v = self._scalars[key] = float(_on_line(env.max_line if kind else env.mean_line, [batch])[0])
+        return v
 
     def max_batch_within(self, budget_ms: float, limit: int = 1 << 16) -> int:
         """Largest B <= limit with predict(B) <= budget_ms; 0 if not even one frame fits."""

@@ -509,7 +509,7 @@ class EdfScheduler:
         else:
             run, dropped, plan.expected_on_time = self._keep_likely(cands[start : start + size],
                                                                     plan.now, margin_s)
-        after_s = plan.now + float(self.model.mean_ms([run.size])[0]) / 1000.0 if run.size else plan.now
+        after_s = plan.now + self.model.mean_of(run.size) / 1000.0 if run.size else plan.now
         passed = np.concatenate([cands[:start], dropped])
         lost = passed[self._dl[passed] < after_s + margin_s + hopeless_s]
         self._remove(run)
@@ -605,7 +605,7 @@ class EdfScheduler:
         # Holding until the i-th expected arrival: those frames join the candidates (weighted
         # by how likely they are to come), every slack shrinks by the wait. Only arrivals before
         # the batch chosen now would end are worth waiting for: a later one finds the device free.
-        step_end = now + float(self.model.mean_ms([size])[0]) / 1000.0
+        step_end = now + self.model.mean_of(size) / 1000.0
         arrivals = np.unique(expected.arrival[expected.arrival < step_end])[:MAX_HOLD_OPTIONS]
         best_hold, best_value = None, value * (1.0 + 1e-3) + 1e-3  # a clear gain, or run now
         for t in arrivals.tolist():
@@ -633,14 +633,14 @@ class EdfScheduler:
         later_total = float(later_weight.sum())
         if n > self.config.max_batch or n + later_total > self.config.max_batch:
             return False
-        if float(slack.min()) < float(self.model.max_ms([n])[0]):
+        if float(slack.min()) < self.model.max_of(n):
             return False
         if not later_slack.size:
             return True
-        tau = float(self.model.mean_ms([n])[0])
+        tau = self.model.mean_of(n)
         unknown = max(self._arrival_rate_per_ms() * tau - later_total, 0.0)
         m = min(max(round(later_total + unknown), 1), self.config.max_batch)
-        return float(later_slack.min()) - tau >= float(self.model.max_ms([m])[0])
+        return float(later_slack.min()) - tau >= self.model.max_of(m)
 
     def _best_window(
         self, slack: np.ndarray, weight: np.ndarray, later_slack: np.ndarray, later_weight: np.ndarray,
@@ -742,7 +742,7 @@ class EdfScheduler:
                 tightest = min(tightest, float(exp_slack.min()))
             if unseen.size:
                 tightest = min(tightest, float(unseen[0]))
-            if float(self.model.mean_ms([n])[0]) <= tightest:
+            if self.model.mean_of(n) <= tightest:
                 return True
         every = np.concatenate([slack, exp_slack, unseen])
         every.sort()
@@ -772,7 +772,7 @@ class EdfScheduler:
             k = min(k, n - i)
             if k == 0:
                 return False
-            t += float(mean_ms([k])[0])
+            t += self.model.mean_of(k)
             i += k
         return True
 

@@ -187,6 +187,22 @@ def test_mean_step_times_are_the_means_of_the_rows():
     assert np.allclose(m.max_ms(k), m.dist_rows(k)[:, -1], rtol=1e-12, atol=1e-12)
 
 
+def test_kept_means_and_maxima_follow_the_model_as_it_learns():
+    """mean_of / max_of (kept per size until the model changes) equal mean_ms / max_ms
+    exactly at every step of learning: after each observation, at rebuilds every
+    `refresh_every` steps and when a bucket appears."""
+    import random
+
+    rng = random.Random(5)
+    m = LatencyModel.from_profile({1: 2.0, 16: 3.0, 256: 6.0}, refresh_every=3)
+    sizes = [1, 5, 16, 100, 256, 700, 4000]
+    for step in range(60):
+        for k in sizes:
+            assert m.mean_of(k) == float(m.mean_ms([k])[0])
+            assert m.max_of(k) == float(m.max_ms([k])[0])
+        m.observe(rng.choice([3, 40, 300, 2000]) if step % 7 else 9000 + step, rng.uniform(1.0, 30.0))
+
+
 @pytest.mark.parametrize(("refresh_every", "small_share"), [(1, 0.9), (3, 0.9), (1, 0.0), (3, 0.0)])
 def test_rebuilding_only_the_sizes_whose_buckets_moved_matches_a_full_rebuild(refresh_every, small_share):
     prof = {1: {"p50": 10.0, "p99": 16.0}, 8: {"p50": 30.0, "p99": 49.0}, 32: {"p50": 73.0, "p99": 89.0}}
