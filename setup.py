@@ -8,7 +8,8 @@
 - sfu_bridge._tick: the bridge core's per-tick loops over its chunk queue and a tick's hints
   (core.py). Without it their numpy versions run (the same results).
 - deployments._columns: loops of the codec replica's per-step bookkeeping over its stream
-  columns (arrivals.py). Without it their numpy versions run (the same results).
+  columns (arrivals.py, scheduler.py, replica.py) and a request's value checks
+  (contract.py). Without it their numpy versions run (the same results).
 
 Everything else is in pyproject.toml.
 """

@@ -32,6 +32,13 @@
  *             -> frames late: each frame's slack (ms) to its deadline, into the ring of recent
  *             frames from `at` on (only the last len(ring) of them when more)
  *
+ * contract.py `FrameBatch.validate` (the value checks of a request's usual columns):
+ *   batch_values(budgets_ms, n_q, n_q_ok, refs, max_ref_rows)
+ *             -> 0, or the first check failed: 1 a budget is infinite, 2 a depth is not valid
+ *             (n_q_ok[depth] false, or outside it), 3 a ref is negative or its row (ref >> 32)
+ *             is max_ref_rows or more. budgets_ms float64, n_q and refs int64 or None,
+ *             n_q_ok one byte per depth.
+ *
  * Arrays are C-contiguous buffers: keys and out_keys int64, known and exclude one byte per
  * key (numpy bool), the others float64 (queue_add: keys, epochs, seqs, refs, key, ep, sq,
  * ref and kq int64, live one byte; ref_lookup: all int64 but out_hit, one byte).
@@ -474,6 +481,53 @@ done:
     return result;
 }
 
+static PyObject *batch_values(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "batch_values(budgets_ms, n_q, n_q_ok, refs, max_ref_rows)");
+        return NULL;
+    }
+    int64_t max_rows = PyLong_AsLongLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    Buf b[4];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    int has_nq = args[1] != Py_None, has_refs = args[3] != Py_None;
+    if (get(args[0], &b[0], 8, 0, "budgets_ms") < 0 || (has_nq && get(args[1], &b[1], 8, 0, "n_q") < 0)
+        || get(args[2], &b[2], 1, 0, "n_q_ok") < 0 || (has_refs && get(args[3], &b[3], 8, 0, "refs") < 0))
+        goto done;
+    long code = 0;
+    const double *budgets = b[0].view.buf;
+    for (Py_ssize_t i = 0, n = N(b[0], 8); i < n; i++)
+        if (isinf(budgets[i])) {
+            code = 1;
+            goto answer;
+        }
+    if (has_nq) {
+        const int64_t *nq = b[1].view.buf;
+        const uint8_t *ok = b[2].view.buf;
+        Py_ssize_t n_ok = N(b[2], 1);
+        for (Py_ssize_t i = 0, n = N(b[1], 8); i < n; i++)
+            if (nq[i] < 0 || nq[i] >= n_ok || !ok[nq[i]]) {
+                code = 2;
+                goto answer;
+            }
+    }
+    if (has_refs) {
+        const int64_t *refs = b[3].view.buf;
+        for (Py_ssize_t i = 0, n = N(b[3], 8); i < n; i++)
+            if (refs[i] < 0 || (refs[i] >> 32) >= max_rows) {
+                code = 3;
+                goto answer;
+            }
+    }
+answer:
+    result = PyLong_FromLong(code);
+done:
+    release_all(b, 4);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"forecast_observe", (PyCFunction)(void (*)(void))forecast_observe, METH_FASTCALL,
      "arrivals.ArrivalForecast.observe over the forecast's columns; 0, or the capacity needed"},
@@ -487,6 +541,8 @@ static PyMethodDef methods[] = {
      "replica._answer_step's slack and _record_recent's ring for a step's frames; frames late"},
     {"queue_remove", (PyCFunction)(void (*)(void))queue_remove, METH_FASTCALL,
      "scheduler.EdfScheduler._remove's column updates: frames out of the queue"},
+    {"batch_values", (PyCFunction)(void (*)(void))batch_values, METH_FASTCALL,
+     "contract.FrameBatch.validate's value checks of budgets, depths and refs; 0, or the first failed"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -84,6 +84,11 @@ def decode_reason(code: int) -> FallbackReason | None:
 VALID_N_Q = N_Q_BY_BANDWIDTH  # codebooks of BANDWIDTHS_KBPS, in order
 _N_Q_OK = np.isin(np.arange(max(VALID_N_Q) + 1), VALID_N_Q)  # n -> n is a valid depth
 
+try:  # validate's value checks in one C loop where built (deployments/_columns.c)
+    from deployments._columns import batch_values as _c_batch_values
+except ImportError:  # pragma: no cover - no compiler at install: numpy's checks run
+    _c_batch_values = None
+
 
 def codebooks_bandwidth(n_q: int) -> float:
     """The bandwidth (kbps) of `n_q` codebooks; the inverse of `bandwidth_codebooks`."""
@@ -141,11 +146,13 @@ class FrameBatch:
     def __len__(self) -> int:
         return len(self.stream_ids)
 
-    def validate(self, distinct: bool | None = None) -> None:
+    def validate(self, distinct: bool | None = None, native: bool | None = None) -> None:
         """Raises ValueError naming the first problem; a replica answers it per frame.
         `distinct`: whether the stream ids are distinct, when the caller already knows (a
         replica tells from its slot table) or leaves them to the receiver (the codec client:
-        each replica checks its own rows); None: checked here."""
+        each replica checks its own rows); None: checked here. `native`: the value checks of
+        the usual columns (float64 budgets, int64 depths and refs) in one C loop, where built
+        (None); False: numpy's (the tests compare the two)."""
         b = len(self.stream_ids)
         if not isinstance(self.op, Op):
             raise ValueError(f"unknown op {self.op!r}; expected one of {[o.value for o in Op]}")
@@ -155,20 +162,25 @@ class FrameBatch:
             arr = getattr(self, name)
             if not isinstance(arr, np.ndarray) or arr.shape != (b,):
                 raise ValueError(f"{name} must be an array of shape ({b},)")
-        if self.budgets_ms.dtype.kind not in "fiu" or np.isinf(self.budgets_ms).any():
+        # 0: every value check below passes, 1-3: the first that fails; None: numpy checks each
+        failed = self._value_check() if native is not False and _c_batch_values is not None else None
+        if self.budgets_ms.dtype.kind not in "fiu" or (
+                failed == 1 if failed is not None else np.isinf(self.budgets_ms).any()):
             raise ValueError("budgets_ms must be finite numbers of milliseconds (NaN = default)")
         bandwidth_codebooks(self.bandwidth_kbps)
         if self.n_q is not None:
             if not isinstance(self.n_q, np.ndarray) or self.n_q.shape != (b,):
                 raise ValueError(f"n_q must be an array of shape ({b},)")
-            if b and not (self.n_q.dtype.kind in "iu" and 0 <= self.n_q.min() and self.n_q.max() < _N_Q_OK.size
-                          and _N_Q_OK[self.n_q].all()):
+            if b and (failed == 2 if failed is not None else not (
+                    self.n_q.dtype.kind in "iu" and 0 <= self.n_q.min() and self.n_q.max() < _N_Q_OK.size
+                    and _N_Q_OK[self.n_q].all())):
                 raise ValueError(f"n_q values must be in {VALID_N_Q}")
         if self.stream_refs is not None:
             r = self.stream_refs
             if not isinstance(r, np.ndarray) or r.shape != (b,) or r.dtype != np.int64:
                 raise ValueError(f"stream_refs must be an int64 array of shape ({b},)")
-            if b and not (0 <= int(r.min()) and int(r.max()) >> 32 < MAX_REF_ROWS):
+            if b and (failed == 3 if failed is not None else not (
+                    0 <= int(r.min()) and int(r.max()) >> 32 < MAX_REF_ROWS)):
                 raise ValueError(f"stream_refs must be >= 0, with a row (ref >> 32) below {MAX_REF_ROWS}")
         if self.vad is not None:
             v = self.vad
@@ -200,6 +212,19 @@ class FrameBatch:
             raise ValueError(f"pcm dtype must be float32 or int16, got {pcm.dtype}")
         if pcm.shape[1] == 0 or pcm.shape[1] % FRAME_SAMPLES:
             raise ValueError(f"pcm length {pcm.shape[1]} is not a multiple of {FRAME_SAMPLES}")
+
+    def _value_check(self) -> int | None:
+        """`_c_batch_values` of the budgets, depths and refs when all three are of the usual
+        shape and dtype (else None: numpy checks them)."""
+        b = len(self.stream_ids)
+        d, nq, r = self.budgets_ms, self.n_q, self.stream_refs
+        if not (d.dtype == np.float64 and d.flags.c_contiguous
+                and (nq is None or (isinstance(nq, np.ndarray) and nq.shape == (b,) and nq.dtype == np.int64
+                                    and nq.flags.c_contiguous))
+                and (r is None or (isinstance(r, np.ndarray) and r.shape == (b,) and r.dtype == np.int64
+                                   and r.flags.c_contiguous))):
+            return None
+        return _c_batch_values(d, nq, _N_Q_OK, r, MAX_REF_ROWS)
 
     def depths(self) -> np.ndarray:
         """Codebooks per row: `n_q` when given, else `bandwidth_kbps`'s for every row."""

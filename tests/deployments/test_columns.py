@@ -235,3 +235,51 @@ def test_the_replica_in_c_answers_every_frame_as_numpy() -> None:
     codes = [code for a in c[0] for code in a[0]]
     assert 0 in codes and len(set(codes)) > 2 and any(c[1])  # AI, fallbacks, missed deadlines
     assert c[7].get("ran_late", 0) > 0  # frames that ran and finished after their deadline
+
+
+def test_batch_validation_in_c_rejects_what_numpy_rejects() -> None:
+    """FrameBatch.validate's value checks in C (budgets, depths, refs) raise the message the
+    numpy checks raise, or none, for batches with each kind of bad value (alone and together,
+    at any row) and for other dtypes, which the numpy checks take."""
+    from deployments.contract import MAX_REF_ROWS, VALID_N_Q, FrameBatch, Op
+
+    rng = np.random.default_rng(11)
+    kinds: set[str] = set()
+    for case in range(400):
+        b = int(rng.integers(0, 40))
+        batch = FrameBatch(
+            op=Op.ENCODE, bridge_id="b", stream_ids=[f"s{i}" for i in range(b)],
+            epochs=np.ones(b, np.int64), epoch_seqs=np.zeros(b, np.int64),
+            budgets_ms=rng.uniform(1.0, 40.0, b), pcm=np.zeros((b, 960), np.float32),
+            n_q=rng.choice(VALID_N_Q, b).astype(np.int64) if case % 5 else None,
+            stream_refs=rng.integers(0, MAX_REF_ROWS << 32, b, dtype=np.int64) if case % 3 else None,
+        )
+        if b:
+            at = int(rng.integers(b))
+            roll = rng.random()
+            if roll < 0.15:
+                batch.budgets_ms[at] = rng.choice([np.inf, -np.inf])
+            elif roll < 0.2:
+                batch.budgets_ms[at] = np.nan  # the receiver's default: allowed
+            if rng.random() < 0.2 and batch.n_q is not None:
+                batch.n_q[int(rng.integers(b))] = rng.choice([-1, 0, 3, 7, 100, max(VALID_N_Q) + 1])
+            if rng.random() < 0.2 and batch.stream_refs is not None:
+                batch.stream_refs[int(rng.integers(b))] = rng.choice([-1, MAX_REF_ROWS << 32, (MAX_REF_ROWS << 32) - 1])
+            if rng.random() < 0.1:  # other dtypes: numpy's checks either way
+                batch.budgets_ms = batch.budgets_ms.astype(np.float32)
+            if rng.random() < 0.1 and batch.n_q is not None:
+                batch.n_q = batch.n_q.astype(np.int32)
+        if rng.random() < 0.05:
+            batch.bandwidth_kbps = 5.0  # not a valid bandwidth: raised between budgets and depths
+
+        def outcome(native: bool) -> str:
+            try:
+                batch.validate(distinct=True, native=native)
+            except ValueError as exc:
+                return str(exc)
+            return "ok"
+
+        got = outcome(True)
+        assert got == outcome(False), case
+        kinds.add(got.split(" ")[0])
+    assert {"ok", "budgets_ms", "n_q", "stream_refs"} <= kinds, kinds
