@@ -32,6 +32,12 @@
  *             -> frames late: each frame's slack (ms) to its deadline, into the ring of recent
  *             frames from `at` on (only the last len(ring) of them when more)
  *
+ * replica.py `SlotPool.distinct` (a request's streams, by their slots):
+ *   slots_distinct(slots, mark, stamp) -> -1 when a slot (>= 0) is named twice, else how
+ *             many slots are -1 (unknown streams, compared by id by the caller). mark: int64,
+ *             one per slot, the caller's; a slot is marked with `stamp`, which must be new
+ *             (greater than any mark) each call, so the marks never need clearing.
+ *
  * contract.py `FrameBatch.validate` (the value checks of a request's usual columns):
  *   batch_values(budgets_ms, n_q, n_q_ok, refs, max_ref_rows)
  *             -> 0, or the first check failed: 1 a budget is infinite, 2 a depth is not valid
@@ -481,6 +487,44 @@ done:
     return result;
 }
 
+static PyObject *slots_distinct(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "slots_distinct(slots, mark, stamp)");
+        return NULL;
+    }
+    int64_t stamp = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    Buf b[2];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    if (get(args[0], &b[0], 8, 0, "slots") < 0 || get(args[1], &b[1], 8, 1, "mark") < 0)
+        goto done;
+    const int64_t *slots = b[0].view.buf;
+    int64_t *mark = b[1].view.buf;
+    Py_ssize_t n = N(b[0], 8), cap = N(b[1], 8), unknown = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (slots[i] >= cap || slots[i] < -1) {
+            PyErr_SetString(PyExc_IndexError, "slots_distinct: a slot outside the pool");
+            goto done;
+        }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t s = slots[i];
+        if (s < 0) {
+            unknown++;
+        } else if (mark[s] == stamp) {
+            unknown = -1;
+            break;
+        } else {
+            mark[s] = stamp;
+        }
+    }
+    result = PyLong_FromSsize_t(unknown);
+done:
+    release_all(b, 2);
+    return result;
+}
+
 static PyObject *batch_values(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError, "batch_values(budgets_ms, n_q, n_q_ok, refs, max_ref_rows)");
@@ -541,6 +585,8 @@ static PyMethodDef methods[] = {
      "replica._answer_step's slack and _record_recent's ring for a step's frames; frames late"},
     {"queue_remove", (PyCFunction)(void (*)(void))queue_remove, METH_FASTCALL,
      "scheduler.EdfScheduler._remove's column updates: frames out of the queue"},
+    {"slots_distinct", (PyCFunction)(void (*)(void))slots_distinct, METH_FASTCALL,
+     "replica.SlotPool.distinct's slot part: -1 when a slot repeats, else the unknown streams"},
     {"batch_values", (PyCFunction)(void (*)(void))batch_values, METH_FASTCALL,
      "contract.FrameBatch.validate's value checks of budgets, depths and refs; 0, or the first failed"},
     {NULL, NULL, 0, NULL},

@@ -278,8 +278,13 @@ class BatchResult:
     def counts(self) -> dict[str, int]:
         """Frames by outcome key: 'ai', 'dtx' or 'fallback/<reason>'."""
         out: dict[str, int] = {}
+        oc = self.outcome_codes
+        if not oc.any():  # the usual result: every frame `ai` (code 0), one pass to tell
+            if oc.size:
+                out["ai"] = int(oc.size)
+            return out
         # a count per code (a few small integers): cheaper than sorting thousands of rows
-        n = np.bincount(self.outcome_codes, minlength=_COUNT_CODES)
+        n = np.bincount(oc, minlength=_COUNT_CODES)
         for c in n.nonzero()[0].tolist():
             if c == DTX_CODE:
                 out[Outcome.DTX.value] = int(n[c])

@@ -62,9 +62,10 @@ from telemetry import metrics
 
 try:  # loops of the replica's bookkeeping in C (deployments/_columns.c); else numpy, the same result
     from deployments._columns import ref_lookup as _c_ref_lookup
+    from deployments._columns import slots_distinct as _c_slots_distinct
     from deployments._columns import step_slack as _c_step_slack
 except ImportError:
-    _c_ref_lookup = _c_step_slack = None
+    _c_ref_lookup = _c_slots_distinct = _c_step_slack = None
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ class SlotPool:
         # senders whose refs named another stream (their tables dropped)
         self.by_ref = self.by_id = self.refs_dropped = 0
         self.native = use_c_loops(None)  # refs looked up in C (tests compare it with numpy)
+        self._mark = np.zeros(capacity, np.int64)  # `distinct` in C: a slot's last stamp
+        self._stamp = 0
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -217,11 +220,18 @@ class SlotPool:
     def distinct(self, stream_ids: list[str], slots: np.ndarray) -> bool:
         """Whether the streams (with their `lookup` slots) are distinct: two rows of one known
         stream share its slot (integer counts); only the unknown ones are compared by id."""
-        known = slots >= 0
-        if known.all():
-            return len(slots) == 0 or int(np.bincount(slots).max()) <= 1
-        if known.any() and int(np.bincount(slots[known]).max()) > 1:
-            return False
+        if self.native:  # the slot counts in one C loop, the ids below only if any is unknown
+            self._stamp += 1
+            n_unknown = _c_slots_distinct(np.ascontiguousarray(slots, np.int64), self._mark, self._stamp)
+            if n_unknown <= 0:
+                return n_unknown == 0
+            known = slots >= 0
+        else:
+            known = slots >= 0
+            if known.all():
+                return len(slots) == 0 or int(np.bincount(slots).max()) <= 1
+            if known.any() and int(np.bincount(slots[known]).max()) > 1:
+                return False
         unknown = (~known).nonzero()[0].tolist()
         return len({stream_ids[i] for i in unknown}) == len(unknown)
 

@@ -195,6 +195,33 @@ def test_the_slot_pool_finds_streams_by_ref_in_c_as_in_numpy() -> None:
         assert 0 < int(got[1].sum()) < r.size
 
 
+def test_the_slot_pool_tells_distinct_streams_in_c_as_in_numpy() -> None:
+    """SlotPool.distinct, C and numpy: known streams repeated (adjacent or far apart),
+    unknown ones repeated or not, both kinds mixed, empty requests, many calls on one pool
+    (the C loop's marks are never cleared)."""
+    from deployments.replica import SlotPool
+
+    rng = np.random.default_rng(12)
+    pool = SlotPool(64)
+    ids = [f"s{i}" for i in range(80)]
+    slots_of = dict(zip(ids[:60], pool.acquire_new(ids[:60], 0.0).tolist(), strict=True))
+    seen: set[bool] = set()
+    for _ in range(300):
+        names = list(rng.choice(ids, size=int(rng.integers(0, 30)), replace=False))
+        if names and rng.random() < 0.4:
+            names.insert(int(rng.integers(len(names) + 1)), names[int(rng.integers(len(names)))])
+        slots = np.array([slots_of.get(n, -1) for n in names], np.int64)
+        pool.native = True
+        got = pool.distinct(names, slots)
+        pool.native = False
+        assert got == pool.distinct(names, slots) == (len(set(names)) == len(names))
+        seen.add(got)
+    assert seen == {True, False}
+    with pytest.raises(IndexError):
+        pool.native = True
+        pool.distinct(["x"], np.array([64], np.int64))
+
+
 def test_the_replica_in_c_answers_every_frame_as_numpy() -> None:
     """Two emulated replicas, one with its bookkeeping's C loops and one all numpy, on one
     deterministic clock each, answer the same requests (two bridges, streams joining, stale
