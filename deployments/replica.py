@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from deployments.arrivals import use_c_loops
 from deployments.client import malformed_result
 from deployments.config import (
     Backend,
@@ -53,7 +54,6 @@ from deployments.contract import (
     codebooks_bandwidth,
     reason_code,
 )
-from deployments.arrivals import use_c_loops
 from deployments.cpu_meter import CpuMeter, GcWatch
 from deployments.epochs import ReplicaEpochs
 from deployments.latency_model import LatencyModel
@@ -126,7 +126,7 @@ class SlotPool:
         # how `lookup` found streams (GET /v1/replica: stream_lookup): by ref, by id, and the
         # senders whose refs named another stream (their tables dropped)
         self.by_ref = self.by_id = self.refs_dropped = 0
-        self.native = use_c_loops(None)  # refs looked up in C (tests compare it with numpy)
+        self.native = use_c_loops(None)  # refs and distinct streams in C (tests compare with numpy)
         self._mark = np.zeros(capacity, np.int64)  # `distinct` in C: a slot's last stamp
         self._stamp = 0
 

@@ -29,7 +29,8 @@
  *   -1 when the plaintext is not a well-formed RTP packet. The caller keeps the srtp_t alive.
  *
  * Also: pack10 (AIC payload codes, aic_payload.py) and hint_pads / hint_accept (the hint
- * tags and replay windows of a bridge's streams, hint_auth.py `HintTable`), below.
+ * tags and replay windows of a bridge's streams, hint_auth.py `HintTable`), below; hint_sha
+ * names (or switches) the SHA-256 compression the tags use.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -322,8 +323,8 @@ static void sha256_block(uint32_t st[8], const uint8_t blk[64]) {
 #ifdef HAVE_SHA_NI_BUILD
 /* sha256_block with the x86 SHA extensions (SHA-NI: Intel since Ice Lake / Goldmont, AMD
  * since Zen), chosen at run time when the CPU has them: the same FIPS 180-4 compression, bit
- * for bit (an integer function: no vendor's arithmetic can differ), about eight times
- * faster. The state is kept as the instructions want it (ABEF, CDGH); each group of four
+ * for bit (an integer function: no vendor's arithmetic can differ); hint_accept took 215
+ * instead of 630 ns a hint with it on the Xeon it was measured on. The state is kept as the instructions want it (ABEF, CDGH); each group of four
  * rounds adds its four K256 constants to four message words, and the message schedule
  * (W[16..63]) is built four words at a time alongside (msg1/msg2). */
 __attribute__((target("sha,sse4.1,ssse3")))

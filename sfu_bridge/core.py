@@ -877,7 +877,7 @@ class BridgeCore:
             if not known.size:
                 return
             r = rows[known]
-            uniq, inv, counts, rank = _ranks(r)
+            uniq, inv, counts, rank = _ranks(r, self.native_loops)
             # a flood beyond one tick's worth is dropped before any crypto work
             ok = self.hint_n[r] + rank < self.max_hints_per_tick
             self.hint_n[uniq] = np.minimum(self.hint_n[uniq] + counts, self.max_hints_per_tick)
@@ -1242,7 +1242,7 @@ class BridgeCore:
                 v_hints = [(i, k_raws[j]) for i, j in zip(index[good].tolist(), good, strict=True)]
             chk = _HintCheck(dropped, v_rows, self.generation[v_rows], v_hints, v_first.astype(np.int64))
             if v_rows.size:
-                chk.uniq, chk.inv, chk.counts, chk.rank = _ranks(v_rows)
+                chk.uniq, chk.inv, chk.counts, chk.rank = _ranks(v_rows, self.native_loops)
                 # One limiter call for the tick: sent now, answered by `_hint_verdicts`.
                 lim = self.limiter
                 if lim is None:
@@ -1318,7 +1318,7 @@ class BridgeCore:
 
     def _guard(self, rows: np.ndarray, dropped: Counter[str]) -> np.ndarray:
         """True for the hints (in arrival order) the pre-crypto guard lets through."""
-        uniq, inv, counts, rank = _ranks(rows)
+        uniq, inv, counts, rank = _ranks(rows, self.native_loops)
         now_us = int(round(self.period_clock() * 1_000_000))
         allowed, tat = gcra_allow(self._guard_tat[uniq], now_us, counts, self._guard_params)
         self._guard_tat[uniq] = tat

@@ -99,7 +99,7 @@ def test_the_forecast_in_c_orders_many_distinct_times_as_numpy() -> None:
     (here 60 times, ties among them): the same order as numpy's stable sort."""
     rng = np.random.default_rng(7)
     c, py = ArrivalForecast(native=True), ArrivalForecast(native=False)
-    for i in range(60):
+    for _ in range(60):
         keys = rng.choice(400, size=5, replace=False)
         at = 1.0 + float(rng.integers(0, 45)) * 0.0005
         for f in (c, py):
@@ -181,7 +181,7 @@ def test_the_slot_pool_finds_streams_by_ref_in_c_as_in_numpy() -> None:
     for sid in rng.choice(ids[:250], size=20, replace=False).tolist():  # slots change hands
         pool.release(sid)
         pool.acquire(sid + "-new", 1.0)
-    for trial in range(20):
+    for _ in range(20):
         pick = rng.choice(300, size=int(rng.integers(1, 300)), replace=False)
         r = refs[pick].copy()
         r[rng.random(r.size) < 0.1] += 1  # a row's newer stream (another generation of the ref)
@@ -299,7 +299,7 @@ def test_batch_validation_in_c_rejects_what_numpy_rejects() -> None:
         if rng.random() < 0.05:
             batch.bandwidth_kbps = 5.0  # not a valid bandwidth: raised between budgets and depths
 
-        def outcome(native: bool) -> str:
+        def outcome(native: bool, batch: FrameBatch = batch) -> str:
             try:
                 batch.validate(distinct=True, native=native)
             except ValueError as exc:
